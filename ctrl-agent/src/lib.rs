@@ -1,0 +1,4 @@
+//! ctrl-agent: the control side of the mesh on one node.
+#![forbid(unsafe_code)]
+
+pub mod ca;

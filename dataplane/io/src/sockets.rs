@@ -1,0 +1,184 @@
+//! Socket creation and options: SO_REUSEPORT listeners, marked outbound sockets,
+//! SO_ORIGINAL_DST, and resets.
+
+use std::io;
+use std::mem::{size_of, MaybeUninit};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, RawFd};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// Listen backlog for every data-plane listener.
+const BACKLOG: i32 = 4096;
+
+/// A listener bound with SO_REUSEPORT so that every worker can own one on the same port and the
+/// kernel spreads connections over them.
+pub fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Starts a non-blocking connect from a fresh socket carrying `mark` (so the pod's redirect
+/// rules let it through), optionally from a given source address.
+pub fn start_connect(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    mark: u32,
+) -> io::Result<std::net::TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_nonblocking(true)?;
+    socket.set_mark(mark)?;
+    socket.set_nodelay(true)?;
+    if let Some(ip) = source {
+        // Let connect pick the port, so binding the address does not reserve ports early.
+        set_bind_address_no_port(socket.as_raw_fd())?;
+        socket.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    match socket.connect(&SockAddr::from(target)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(socket.into())
+}
+
+/// Waits for a connect started by [`start_connect`] and reports its outcome.
+pub async fn finish_connect(stream: std::net::TcpStream) -> io::Result<monoio::net::TcpStream> {
+    let stream = monoio::net::TcpStream::from_std(stream)?;
+    stream.writable(false).await?;
+    let fd = stream.as_raw_fd();
+    match take_socket_error(fd)? {
+        0 => Ok(stream),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
+fn set_bind_address_no_port(fd: RawFd) -> io::Result<()> {
+    setsockopt_int(fd, libc::SOL_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)
+}
+
+fn setsockopt_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: setsockopt with a pointer to a live i32 and its exact size.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &value as *const i32 as *const libc::c_void,
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn take_socket_error(fd: RawFd) -> io::Result<i32> {
+    let mut value: i32 = 0;
+    let mut len = size_of::<i32>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, which is that large.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            &mut value as *mut i32 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The destination a connection had before the redirect rules sent it to us.
+pub fn original_dst(fd: RawFd, local: SocketAddr) -> io::Result<SocketAddr> {
+    if local.is_ipv4() {
+        let mut addr = MaybeUninit::<libc::sockaddr_in>::zeroed();
+        let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: SO_ORIGINAL_DST writes a sockaddr_in of at most `len` bytes into `addr`.
+        #[allow(unsafe_code)]
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_IP,
+                libc::SO_ORIGINAL_DST,
+                addr.as_mut_ptr() as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: zero-initialised and (partly) written by the kernel; all bit patterns valid.
+        #[allow(unsafe_code)]
+        let addr = unsafe { addr.assume_init() };
+        Ok(SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
+            u16::from_be(addr.sin_port),
+        )))
+    } else {
+        let mut addr = MaybeUninit::<libc::sockaddr_in6>::zeroed();
+        let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        // SAFETY: IP6T_SO_ORIGINAL_DST writes a sockaddr_in6 of at most `len` bytes.
+        #[allow(unsafe_code)]
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_IPV6,
+                libc::IP6T_SO_ORIGINAL_DST,
+                addr.as_mut_ptr() as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        #[allow(unsafe_code)]
+        let addr = unsafe { addr.assume_init() };
+        Ok(SocketAddr::V6(SocketAddrV6::new(
+            Ipv6Addr::from(addr.sin6_addr.s6_addr),
+            u16::from_be(addr.sin6_port),
+            0,
+            0,
+        )))
+    }
+}
+
+/// Makes the next close send RST instead of FIN, to pass a reset on to the peer.
+pub fn reset_on_close(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt with a pointer to a live linger struct and its exact size.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
