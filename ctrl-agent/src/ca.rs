@@ -231,10 +231,17 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
 
 /// DER of the first CERTIFICATE block of a PEM file.
 fn rustls_pem_to_der(pem: &str) -> Option<Vec<u8>> {
+    pem_certificates(pem.as_bytes()).and_then(|mut v| v.drain(..).next())
+}
+
+/// DER of every CERTIFICATE block in PEM text; `None` if there is none.
+pub fn pem_certificates(pem: &[u8]) -> Option<Vec<Vec<u8>>> {
     use rustls_pki_types::pem::PemObject;
-    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
-        .ok()
+    let certs: Vec<Vec<u8>> = rustls_pki_types::CertificateDer::pem_slice_iter(pem)
+        .filter_map(Result::ok)
         .map(|c| c.to_vec())
+        .collect();
+    (!certs.is_empty()).then_some(certs)
 }
 
 #[cfg(test)]

@@ -1,1 +1,119 @@
-fn main() {}
+//! `dataplane`: parse flags, validate, log the effective config, run.
+#![forbid(unsafe_code)]
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use mesh_io::app::{self, Config};
+use mesh_io::pool::PoolTimers;
+use mesh_io::runtime::DriverChoice;
+use mesh_io::worker::WorkerSettings;
+
+/// Thread-per-core HBONE/mTLS data plane. Reads workloads, policies and certificates from the
+/// snapshot region that ctrl-agent publishes.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Snapshot region published by ctrl-agent.
+    #[arg(long, env = "DATAPLANE_SNAPSHOT", default_value = "/run/mesh/snapshot")]
+    snapshot: PathBuf,
+    /// Worker threads (default: one per core this process may run on).
+    #[arg(long, env = "DATAPLANE_WORKERS")]
+    workers: Option<usize>,
+    /// Cores to pin workers to, e.g. "2,3" or "0-3" (default: the allowed cores in order).
+    #[arg(long, env = "DATAPLANE_CORES", value_parser = parse_cores)]
+    cores: Option<Vec<usize>>,
+    /// I/O driver: auto (io_uring, else epoll), io-uring, or epoll.
+    #[arg(long, env = "DATAPLANE_DRIVER", default_value = "auto")]
+    driver: DriverChoice,
+    /// Open a SOCKS5 listener on localhost:15080 in every pod (labs and tests).
+    #[arg(long, env = "DATAPLANE_SOCKS5")]
+    socks5: bool,
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Close pooled HBONE connections idle this long.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pool_idle_timeout: Duration,
+    /// PING pooled connections this often; drop them if no PONG within --ping-timeout.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    ping_interval: Duration,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    ping_timeout: Duration,
+    /// Give up on a TCP connect, TLS handshake or tunnel dial after this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// Log lines as JSON instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
+    let mut cores = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("{part:?} is not a core number or range");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b {
+                    return Err(bad());
+                }
+                cores.extend(a..=b);
+            }
+            None => cores.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    if cores.is_empty() {
+        return Err("no cores given".into());
+    }
+    Ok(cores)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_json {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+    let cores = args.cores.unwrap_or_default();
+    let default_workers = if cores.is_empty() {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        cores.len()
+    };
+    let workers = args.workers.unwrap_or(default_workers);
+    if workers == 0 {
+        anyhow::bail!("--workers must be at least 1");
+    }
+    app::run(Config {
+        snapshot: args.snapshot,
+        workers,
+        cores,
+        driver: args.driver,
+        readiness_addr: args.readiness_addr,
+        admin_addr: args.admin_addr,
+        worker: WorkerSettings {
+            socks5: args.socks5,
+            pool: PoolTimers {
+                idle_timeout: args.pool_idle_timeout,
+                ping_interval: args.ping_interval,
+                ping_timeout: args.ping_timeout,
+                dial_timeout: args.connect_timeout,
+            },
+            handshake_timeout: args.connect_timeout,
+            connect_timeout: args.connect_timeout,
+        },
+    })?;
+    Ok(())
+}

@@ -335,6 +335,11 @@ impl<K: Hash + Eq + Clone> Pool<K> {
         self.conns.values().map(|c| u64::from(c.streams)).sum()
     }
 
+    /// The key a connection (open or being dialled) belongs to.
+    pub fn key_of(&self, id: ConnId) -> Option<&K> {
+        self.conns.get(&id).map(|c| &c.key)
+    }
+
     pub fn streams_on(&self, id: ConnId) -> Option<u32> {
         self.conns.get(&id).map(|c| c.streams)
     }

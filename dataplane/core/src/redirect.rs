@@ -16,7 +16,7 @@ pub fn pod_ruleset() -> String {
 delete table inet {TABLE}
 table inet {TABLE} {{
   chain output {{
-    type nat hook output priority dstnat; policy accept;
+    type nat hook output priority -100; policy accept;
     meta mark {mark:#x} return
     oifname \"lo\" return
     ip daddr 127.0.0.0/8 return
@@ -24,7 +24,7 @@ table inet {TABLE} {{
     meta l4proto tcp redirect to :{outbound}
   }}
   chain prerouting {{
-    type nat hook prerouting priority dstnat; policy accept;
+    type nat hook prerouting priority -100; policy accept;
     iifname \"lo\" return
     tcp dport {hbone} return
     meta l4proto tcp redirect to :{inbound}

@@ -1,4 +1,18 @@
-//! The data plane's I/O layer: everything that touches the kernel or the network.
+//! The data plane's I/O layer: everything that touches the kernel or the network: monoio
+//! workers, sockets and namespaces, TLS and HTTP/2, the admin endpoints. The decisions it acts
+//! on come from `mesh-core`.
+
+pub mod admin;
+pub mod app;
+pub mod h2glue;
+pub mod local;
 pub mod netns;
+pub mod pool;
+pub mod relay;
+pub mod runtime;
 pub mod sockets;
+pub mod stats;
 pub mod tls;
+pub mod view;
+pub mod watch;
+pub mod worker;

@@ -114,7 +114,7 @@ struct Layout {
 
 impl Layout {
     fn u64_at(&self, offset: usize) -> &AtomicU64 {
-        assert!(offset % 8 == 0 && offset + 8 <= self.len);
+        assert!(offset.is_multiple_of(8) && offset + 8 <= self.len);
         // SAFETY: in bounds and 8-aligned (mappings are page aligned, offsets are multiples of
         // 8, checked above); the memory lives as long as the mapping that `self` borrows from,
         // and AtomicU64 has the same layout as u64. Other processes only access it atomically.
@@ -125,7 +125,7 @@ impl Layout {
     }
 
     fn u32_at(&self, offset: usize) -> &AtomicU32 {
-        assert!(offset % 4 == 0 && offset + 4 <= self.len);
+        assert!(offset.is_multiple_of(4) && offset + 4 <= self.len);
         // SAFETY: as for `u64_at`, with 4-byte alignment.
         #[allow(unsafe_code)]
         unsafe {

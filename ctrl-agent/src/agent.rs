@@ -1,0 +1,217 @@
+//! The agent loop for the local file source: reread the file when it changes, keep this node's
+//! certificates fresh, publish a new snapshot generation whenever either changed. A bad file is
+//! reported (field and problem) and changes nothing: the last good snapshot stays published.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use mesh_core::identity::SpiffeId;
+use mesh_snapshot::region::{PublishOptions, Publisher, Version};
+use mesh_snapshot::schema::Identity;
+
+use crate::ca::{IssuedCert, LocalCa};
+use crate::config::{ConfigError, FileConfig, ProtocolSpec};
+use crate::translate;
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub config_path: PathBuf,
+    pub node: String,
+    pub snapshot_path: PathBuf,
+    /// (uid, gid) that owns the region: the data plane's user.
+    pub owner: Option<(u32, u32)>,
+    pub cert_ttl: Duration,
+    /// Extra trust anchors (DER) published next to the CA's root, e.g. during a root rotation.
+    pub extra_roots: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{path}: {problem}")]
+    Config { path: String, problem: ConfigError },
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("issuing a certificate for {id}: {source}")]
+    Issue {
+        id: SpiffeId,
+        #[source]
+        source: crate::ca::CaError,
+    },
+    #[error(transparent)]
+    Region(#[from] mesh_snapshot::RegionError),
+}
+
+/// What one pass of the loop did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Tick {
+    Unchanged,
+    Published(Version),
+}
+
+pub struct Agent {
+    options: AgentOptions,
+    ca: LocalCa,
+    publisher: Publisher,
+    /// Bytes of the config file last looked at (good or bad), to notice changes.
+    last_seen: Option<Vec<u8>>,
+    config: Option<FileConfig>,
+    certs: BTreeMap<SpiffeId, IssuedCert>,
+}
+
+impl Agent {
+    pub fn new(options: AgentOptions, ca: LocalCa) -> Result<Agent, AgentError> {
+        let publisher = Publisher::create(
+            &options.snapshot_path,
+            PublishOptions {
+                owner: options.owner,
+                ..PublishOptions::default()
+            },
+        )?;
+        Ok(Agent {
+            options,
+            ca,
+            publisher,
+            last_seen: None,
+            config: None,
+            certs: BTreeMap::new(),
+        })
+    }
+
+    /// Checks the file and the certificates; publishes if anything changed. An error means
+    /// the file was refused; what was published before stays.
+    pub fn tick(&mut self, now: SystemTime) -> Result<Tick, AgentError> {
+        let path = self.options.config_path.display().to_string();
+        let bytes =
+            std::fs::read(&self.options.config_path).map_err(|source| AgentError::Read {
+                path: path.clone(),
+                source,
+            })?;
+        let mut changed = false;
+        if self.last_seen.as_deref() != Some(bytes.as_slice()) {
+            self.last_seen = Some(bytes.clone());
+            let text = String::from_utf8_lossy(&bytes);
+            let config = FileConfig::parse(&text).map_err(|problem| AgentError::Config {
+                path: path.clone(),
+                problem,
+            })?;
+            self.config = Some(config);
+            changed = true;
+        }
+        if self.config.is_none() {
+            return Ok(Tick::Unchanged);
+        }
+        changed |= self.refresh_certificates(now)?;
+        if !changed {
+            return Ok(Tick::Unchanged);
+        }
+        self.publish()
+    }
+
+    /// Issues missing certificates and renews those past half their lifetime; drops those of
+    /// identities no longer on this node.
+    fn refresh_certificates(&mut self, now: SystemTime) -> Result<bool, AgentError> {
+        let Some(config) = &self.config else {
+            return Ok(false);
+        };
+        let wanted: Vec<SpiffeId> = config
+            .workloads
+            .iter()
+            .filter(|w| w.node == self.options.node && w.protocol == ProtocolSpec::Hbone)
+            .filter_map(|w| config.identity(w).ok())
+            .collect();
+        let mut changed = false;
+        let before = self.certs.len();
+        self.certs.retain(|id, _| wanted.contains(id));
+        changed |= self.certs.len() != before;
+        let now_unix = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        for id in wanted {
+            let due = match self.certs.get(&id) {
+                None => true,
+                Some(c) => {
+                    now_unix >= c.not_before_unix + (c.not_after_unix - c.not_before_unix) / 2
+                }
+            };
+            if due {
+                let cert = self
+                    .ca
+                    .issue(&id, now, self.options.cert_ttl)
+                    .map_err(|source| AgentError::Issue {
+                        id: id.clone(),
+                        source,
+                    })?;
+                tracing::info!(identity = %id, not_after_unix = cert.not_after_unix, "certificate issued");
+                self.certs.insert(id, cert);
+                changed = true;
+            }
+        }
+        Ok(changed)
+    }
+
+    fn publish(&mut self) -> Result<Tick, AgentError> {
+        let Some(config) = &self.config else {
+            return Ok(Tick::Unchanged);
+        };
+        let identities = self
+            .certs
+            .iter()
+            .map(|(id, c)| Identity {
+                spiffe_id: id.to_string(),
+                cert_chain: c.chain.clone(),
+                private_key: c.key_pkcs8.clone(),
+                not_before_unix: c.not_before_unix,
+                not_after_unix: c.not_after_unix,
+            })
+            .collect();
+        let mut roots = vec![self.ca.root_der().to_vec()];
+        roots.extend(self.options.extra_roots.iter().cloned());
+        let digest = crc32c::crc32c(self.last_seen.as_deref().unwrap_or_default());
+        let source = format!(
+            "file:{} crc32c={digest:08x}",
+            self.options.config_path.display()
+        );
+        let snapshot = translate::snapshot(config, &self.options.node, identities, roots, source);
+        let payload = mesh_snapshot::encode(&snapshot);
+        let version = self.publisher.publish(&payload)?;
+        tracing::info!(
+            generation = version.generation,
+            workloads = snapshot.workloads.len(),
+            services = snapshot.services.len(),
+            policies = snapshot.policies.len(),
+            identities = snapshot.identities.len(),
+            bytes = payload.len(),
+            "snapshot published"
+        );
+        Ok(Tick::Published(version))
+    }
+
+    /// Runs ticks every `interval` until `stop` is set. Each distinct problem is logged once.
+    pub fn run(mut self, interval: Duration, stop: Arc<AtomicBool>) {
+        let mut last_problem = String::new();
+        while !stop.load(Ordering::Acquire) {
+            match self.tick(SystemTime::now()) {
+                Ok(_) => last_problem.clear(),
+                Err(error) => {
+                    let message = error.to_string();
+                    if message != last_problem {
+                        tracing::error!(error = %message,
+                            "config refused; the last good snapshot stays published");
+                        last_problem = message;
+                    }
+                }
+            }
+            std::thread::sleep(interval);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

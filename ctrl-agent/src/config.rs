@@ -1,0 +1,425 @@
+//! The embedded default source: a local YAML file listing workloads, services, policies and
+//! peer authentication, shaped like the Kubernetes and Istio objects they stand for.
+//!
+//! Parsing is strict (unknown fields are errors, so a typo does not silently mean "default")
+//! and every error names the field: `workloads[2].ips[0]: invalid IP address syntax`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use mesh_core::identity::SpiffeId;
+use serde::Deserialize;
+
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FileConfig {
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    #[serde(default)]
+    pub workloads: Vec<WorkloadSpec>,
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+    #[serde(default)]
+    pub policies: Vec<PolicySpec>,
+    #[serde(default)]
+    pub peer_authentications: Vec<PeerAuthenticationSpec>,
+}
+
+fn default_trust_domain() -> String {
+    DEFAULT_TRUST_DOMAIN.into()
+}
+fn default_namespace() -> String {
+    "default".into()
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ProtocolSpec {
+    #[default]
+    Hbone,
+    Tcp,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadSpec {
+    pub uid: String,
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default = "default_namespace")]
+    pub service_account: String,
+    /// Defaults to the file's trust domain.
+    pub trust_domain: Option<String>,
+    pub ips: Vec<IpAddr>,
+    pub node: String,
+    #[serde(default)]
+    pub protocol: ProtocolSpec,
+    /// For pods on this node: their network namespace (e.g. /run/netns/pod-a).
+    pub netns: Option<PathBuf>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub waypoint: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePortSpec {
+    pub port: u16,
+    pub target_port: Option<u16>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    pub hostname: Option<String>,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePortSpec>,
+    /// Workload uids.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    pub waypoint: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ActionSpec {
+    #[default]
+    Allow,
+    Deny,
+    Audit,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SelectorSpec {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// An Istio AuthorizationPolicy (security.istio.io/v1), carried to the data plane.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PolicySpec {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default)]
+    pub action: ActionSpec,
+    pub selector: Option<SelectorSpec>,
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RuleSpec {
+    #[serde(default)]
+    pub from: Vec<FromSpec>,
+    #[serde(default)]
+    pub to: Vec<ToSpec>,
+    #[serde(default)]
+    pub when: Vec<ConditionSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FromSpec {
+    pub source: SourceSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ToSpec {
+    pub operation: OperationSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SourceSpec {
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub request_principals: Vec<String>,
+    #[serde(default)]
+    pub not_request_principals: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OperationSpec {
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub not_ports: Vec<String>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub not_hosts: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConditionSpec {
+    pub key: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub not_values: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsModeSpec {
+    #[default]
+    Unset,
+    Permissive,
+    Strict,
+    Disable,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MtlsSpec {
+    #[serde(default)]
+    pub mode: MtlsModeSpec,
+}
+
+/// An Istio PeerAuthentication, carried to the data plane.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PeerAuthenticationSpec {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    pub selector: Option<SelectorSpec>,
+    #[serde(default)]
+    pub mtls: MtlsSpec,
+}
+
+/// A config problem, with the path of the field it is about.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {problem}")]
+pub struct ConfigError {
+    pub field: String,
+    pub problem: String,
+}
+
+fn err(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+impl FileConfig {
+    /// Parses and validates YAML text.
+    pub fn parse(text: &str) -> Result<FileConfig, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let config: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." { "(file)".into() } else { path };
+            let message = e.into_inner().to_string();
+            // serde_yaml repeats the path in its message ("workloads[0]: unknown field");
+            // the field is already named, so keep only the problem.
+            let problem = match message.split_once(": ") {
+                Some((prefix, rest)) if !prefix.contains(' ') => rest.to_owned(),
+                _ => message,
+            };
+            err(field, problem)
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The SPIFFE identity of a workload (validated by `validate`).
+    pub fn identity(&self, w: &WorkloadSpec) -> Result<SpiffeId, ConfigError> {
+        let td = w.trust_domain.as_deref().unwrap_or(&self.trust_domain);
+        SpiffeId::new(td, &w.namespace, &w.service_account)
+            .map_err(|e| err(format!("workloads[uid={}]", w.uid), e.to_string()))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut uids = HashSet::new();
+        let mut ip_owner: HashMap<IpAddr, &str> = HashMap::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let at = |field: &str| format!("workloads[{i}].{field}");
+            if w.uid.is_empty() {
+                return Err(err(at("uid"), "must not be empty"));
+            }
+            if !uids.insert(w.uid.as_str()) {
+                return Err(err(
+                    at("uid"),
+                    format!("{:?} is used by another workload", w.uid),
+                ));
+            }
+            if w.name.is_empty() {
+                return Err(err(at("name"), "must not be empty"));
+            }
+            if w.node.is_empty() {
+                return Err(err(at("node"), "must not be empty"));
+            }
+            let td = w.trust_domain.as_deref().unwrap_or(&self.trust_domain);
+            if let Err(e) = SpiffeId::new(td, &w.namespace, &w.service_account) {
+                let field = match e {
+                    mesh_core::identity::SpiffeIdError::TrustDomain(_) => "trustDomain",
+                    mesh_core::identity::SpiffeIdError::Segment {
+                        field: "namespace", ..
+                    } => "namespace",
+                    _ => "serviceAccount",
+                };
+                return Err(err(at(field), e.to_string()));
+            }
+            if w.ips.is_empty() {
+                return Err(err(at("ips"), "a workload needs at least one address"));
+            }
+            for (j, ip) in w.ips.iter().enumerate() {
+                if let Some(other) = ip_owner.insert(*ip, &w.uid) {
+                    return Err(err(
+                        format!("workloads[{i}].ips[{j}]"),
+                        format!("{ip} is also the address of workload {other:?}"),
+                    ));
+                }
+            }
+            if let Some(ns) = &w.netns {
+                if !ns.is_absolute() {
+                    return Err(err(
+                        at("netns"),
+                        format!("{} is not an absolute path", ns.display()),
+                    ));
+                }
+            }
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            let at = |field: &str| format!("services[{i}].{field}");
+            if s.name.is_empty() {
+                return Err(err(at("name"), "must not be empty"));
+            }
+            if s.vips.is_empty() {
+                return Err(err(at("vips"), "a service needs at least one VIP"));
+            }
+            if s.ports.is_empty() {
+                return Err(err(at("ports"), "a service needs at least one port"));
+            }
+            for (j, p) in s.ports.iter().enumerate() {
+                if p.port == 0 {
+                    return Err(err(
+                        format!("services[{i}].ports[{j}].port"),
+                        "must be 1-65535",
+                    ));
+                }
+                if p.target_port == Some(0) {
+                    return Err(err(
+                        format!("services[{i}].ports[{j}].targetPort"),
+                        "must be 1-65535",
+                    ));
+                }
+            }
+            for (j, uid) in s.endpoints.iter().enumerate() {
+                if !uids.contains(uid.as_str()) {
+                    return Err(err(
+                        format!("services[{i}].endpoints[{j}]"),
+                        format!("no workload has uid {uid:?}"),
+                    ));
+                }
+            }
+        }
+        for (i, p) in self.policies.iter().enumerate() {
+            if p.name.is_empty() {
+                return Err(err(format!("policies[{i}].name"), "must not be empty"));
+            }
+            for (r, rule) in p.rules.iter().enumerate() {
+                for (t, to) in rule.to.iter().enumerate() {
+                    for (field, ports) in [
+                        ("ports", &to.operation.ports),
+                        ("notPorts", &to.operation.not_ports),
+                    ] {
+                        for (k, port) in ports.iter().enumerate() {
+                            if !matches!(port.parse::<u16>(), Ok(n) if n > 0) {
+                                return Err(err(
+                                    format!(
+                                        "policies[{i}].rules[{r}].to[{t}].operation.{field}[{k}]"
+                                    ),
+                                    format!("{port:?} is not a port number"),
+                                ));
+                            }
+                        }
+                    }
+                }
+                for (f, from) in rule.from.iter().enumerate() {
+                    let s = &from.source;
+                    for (field, blocks) in [
+                        ("ipBlocks", &s.ip_blocks),
+                        ("notIpBlocks", &s.not_ip_blocks),
+                        ("remoteIpBlocks", &s.remote_ip_blocks),
+                        ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+                    ] {
+                        for (k, block) in blocks.iter().enumerate() {
+                            if !is_ip_block(block) {
+                                return Err(err(
+                                    format!(
+                                        "policies[{i}].rules[{r}].from[{f}].source.{field}[{k}]"
+                                    ),
+                                    format!("{block:?} is not an address or CIDR block"),
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (i, pa) in self.peer_authentications.iter().enumerate() {
+            if pa.name.is_empty() {
+                return Err(err(
+                    format!("peerAuthentications[{i}].name"),
+                    "must not be empty",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_ip_block(s: &str) -> bool {
+    match s.split_once('/') {
+        None => s.parse::<IpAddr>().is_ok(),
+        Some((ip, len)) => match (ip.parse::<IpAddr>(), len.parse::<u8>()) {
+            (Ok(IpAddr::V4(_)), Ok(l)) => l <= 32,
+            (Ok(IpAddr::V6(_)), Ok(l)) => l <= 128,
+            _ => false,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests;

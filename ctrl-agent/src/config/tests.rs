@@ -1,0 +1,132 @@
+use super::*;
+
+const GOOD: &str = r#"
+trustDomain: cluster.local
+workloads:
+  - uid: client-1
+    name: client
+    serviceAccount: client
+    ips: [10.0.1.2]
+    node: node-1
+    netns: /run/netns/client
+    labels: {app: client}
+  - uid: server-1
+    name: server
+    namespace: apps
+    serviceAccount: server
+    ips: [10.0.2.2, "fd00::2"]
+    node: node-2
+  - uid: legacy-1
+    name: legacy
+    ips: [10.0.2.9]
+    node: node-2
+    protocol: TCP
+services:
+  - name: server
+    namespace: apps
+    vips: [10.96.0.10]
+    ports: [{port: 80, targetPort: 8080}]
+    endpoints: [server-1]
+policies:
+  - name: allow-client
+    namespace: apps
+    action: ALLOW
+    selector: {matchLabels: {app: server}}
+    rules:
+      - from: [{source: {principals: ["cluster.local/ns/default/sa/client"]}}]
+        to: [{operation: {ports: ["8080"]}}]
+peerAuthentications:
+  - name: strict
+    namespace: apps
+    mtls: {mode: STRICT}
+"#;
+
+#[test]
+fn a_complete_file_parses() {
+    let cfg = FileConfig::parse(GOOD).expect("valid");
+    assert_eq!(cfg.workloads.len(), 3);
+    assert_eq!(cfg.workloads[0].namespace, "default");
+    assert_eq!(cfg.workloads[2].protocol, ProtocolSpec::Tcp);
+    assert_eq!(
+        cfg.identity(&cfg.workloads[1]).expect("id").to_string(),
+        "spiffe://cluster.local/ns/apps/sa/server"
+    );
+    assert_eq!(cfg.policies[0].action, ActionSpec::Allow);
+    assert_eq!(cfg.peer_authentications[0].mtls.mode, MtlsModeSpec::Strict);
+}
+
+fn error_for(yaml: &str) -> ConfigError {
+    FileConfig::parse(yaml).expect_err("must be refused")
+}
+
+#[test]
+fn errors_name_the_field_and_the_problem() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "workloads: [{uid: a, name: a, ips: [10.0.0.300], node: n}]",
+            "workloads[0].ips[0]",
+            "invalid IP address",
+        ),
+        (
+            "workloads: [{uid: a, name: a, ips: [10.0.0.1], node: n, protocol: UDP}]",
+            "workloads[0].protocol",
+            "unknown variant `UDP`",
+        ),
+        (
+            "workloads: [{uid: a, name: a, ipz: [10.0.0.1], node: n}]",
+            "workloads[0].ipz",
+            "unknown field `ipz`",
+        ),
+        (
+            "workloads: [{uid: a, name: a, ips: [10.0.0.1], node: n}, {uid: a, name: b, ips: [10.0.0.2], node: n}]",
+            "workloads[1].uid",
+            "used by another workload",
+        ),
+        (
+            "workloads: [{uid: a, name: a, ips: [10.0.0.1], node: n}, {uid: b, name: b, ips: [10.0.0.1], node: n}]",
+            "workloads[1].ips[0]",
+            "also the address of workload \"a\"",
+        ),
+        (
+            "workloads: [{uid: a, name: a, serviceAccount: 'x/y', ips: [10.0.0.1], node: n}]",
+            "workloads[0].serviceAccount",
+            "service account",
+        ),
+        (
+            "workloads: [{uid: a, name: a, ips: [10.0.0.1], node: n, netns: relative/path}]",
+            "workloads[0].netns",
+            "not an absolute path",
+        ),
+        (
+            "services: [{name: s, vips: [10.96.0.1], ports: [{port: 80}], endpoints: [ghost]}]",
+            "services[0].endpoints[0]",
+            "no workload has uid \"ghost\"",
+        ),
+        (
+            "services: [{name: s, vips: [10.96.0.1], ports: [{port: 70000}]}]",
+            "services[0].ports[0].port",
+            "invalid value",
+        ),
+        (
+            "policies: [{name: p, rules: [{to: [{operation: {ports: [http]}}]}]}]",
+            "policies[0].rules[0].to[0].operation.ports[0]",
+            "not a port number",
+        ),
+        (
+            "policies: [{name: p, rules: [{from: [{source: {ipBlocks: [10.0.0.0/40]}}]}]}]",
+            "policies[0].rules[0].from[0].source.ipBlocks[0]",
+            "not an address or CIDR",
+        ),
+        (
+            "policies: [{name: p, action: PERMIT}]",
+            "policies[0].action",
+            "unknown variant `PERMIT`",
+        ),
+        ("workloads: 7", "workloads", "invalid type"),
+    ];
+    for (yaml, field, problem) in cases {
+        let e = error_for(yaml);
+        assert_eq!(&e.field, field, "{yaml}: {e}");
+        assert!(e.problem.contains(problem), "{yaml}: {e}");
+    }
+}

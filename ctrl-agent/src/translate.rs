@@ -1,0 +1,169 @@
+//! From the source's model to the snapshot schema: the one translation every source uses.
+
+use mesh_core::index::ip_to_bytes;
+use mesh_snapshot::schema::{
+    self, Action, AuthorizationPolicy, Condition, Identity, MtlsMode, PeerAuthentication, Protocol,
+    Rule, RuleOperation, RuleSource, Service, ServicePort, Snapshot, Workload,
+};
+
+use crate::config::{ActionSpec, FileConfig, MtlsModeSpec, PolicySpec, ProtocolSpec, SelectorSpec};
+
+fn selector(s: &Option<SelectorSpec>) -> std::collections::BTreeMap<String, String> {
+    s.as_ref()
+        .map(|s| s.match_labels.clone())
+        .unwrap_or_default()
+}
+
+fn policy(p: &PolicySpec) -> AuthorizationPolicy {
+    AuthorizationPolicy {
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        action: match p.action {
+            ActionSpec::Allow => Action::Allow,
+            ActionSpec::Deny => Action::Deny,
+            ActionSpec::Audit => Action::Audit,
+        } as i32,
+        selector: selector(&p.selector),
+        dry_run: p.dry_run,
+        rules: p
+            .rules
+            .iter()
+            .map(|r| Rule {
+                from: r
+                    .from
+                    .iter()
+                    .map(|f| {
+                        let s = &f.source;
+                        RuleSource {
+                            principals: s.principals.clone(),
+                            not_principals: s.not_principals.clone(),
+                            namespaces: s.namespaces.clone(),
+                            not_namespaces: s.not_namespaces.clone(),
+                            ip_blocks: s.ip_blocks.clone(),
+                            not_ip_blocks: s.not_ip_blocks.clone(),
+                            remote_ip_blocks: s.remote_ip_blocks.clone(),
+                            not_remote_ip_blocks: s.not_remote_ip_blocks.clone(),
+                            request_principals: s.request_principals.clone(),
+                            not_request_principals: s.not_request_principals.clone(),
+                        }
+                    })
+                    .collect(),
+                to: r
+                    .to
+                    .iter()
+                    .map(|t| {
+                        let o = &t.operation;
+                        RuleOperation {
+                            ports: o.ports.clone(),
+                            not_ports: o.not_ports.clone(),
+                            hosts: o.hosts.clone(),
+                            not_hosts: o.not_hosts.clone(),
+                            methods: o.methods.clone(),
+                            not_methods: o.not_methods.clone(),
+                            paths: o.paths.clone(),
+                            not_paths: o.not_paths.clone(),
+                        }
+                    })
+                    .collect(),
+                when: r
+                    .when
+                    .iter()
+                    .map(|c| Condition {
+                        key: c.key.clone(),
+                        values: c.values.clone(),
+                        not_values: c.not_values.clone(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// The snapshot for `node`: routing data for every workload, namespaces only for this node's
+/// pods, certificates for this node's identities.
+pub fn snapshot(
+    config: &FileConfig,
+    node: &str,
+    identities: Vec<Identity>,
+    trust_roots: Vec<Vec<u8>>,
+    source: String,
+) -> Snapshot {
+    let workloads = config
+        .workloads
+        .iter()
+        .map(|w| Workload {
+            uid: w.uid.clone(),
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            service_account: w.service_account.clone(),
+            trust_domain: w
+                .trust_domain
+                .clone()
+                .unwrap_or_else(|| config.trust_domain.clone()),
+            ips: w.ips.iter().map(|ip| ip_to_bytes(*ip)).collect(),
+            node: w.node.clone(),
+            protocol: match w.protocol {
+                ProtocolSpec::Hbone => Protocol::Hbone,
+                ProtocolSpec::Tcp => Protocol::Tcp,
+            } as i32,
+            waypoint: w.waypoint.clone().unwrap_or_default(),
+            netns_path: if w.node == node {
+                w.netns
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            },
+            labels: w.labels.clone(),
+        })
+        .collect();
+    let services = config
+        .services
+        .iter()
+        .map(|s| Service {
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+            hostname: s.hostname.clone().unwrap_or_else(|| {
+                format!("{}.{}.svc.{}", s.name, s.namespace, config.trust_domain)
+            }),
+            vips: s.vips.iter().map(|ip| ip_to_bytes(*ip)).collect(),
+            ports: s
+                .ports
+                .iter()
+                .map(|p| ServicePort {
+                    port: u32::from(p.port),
+                    target_port: u32::from(p.target_port.unwrap_or(p.port)),
+                })
+                .collect(),
+            endpoints: s.endpoints.clone(),
+            waypoint: s.waypoint.clone().unwrap_or_default(),
+        })
+        .collect();
+    let peer_authentications = config
+        .peer_authentications
+        .iter()
+        .map(|pa| PeerAuthentication {
+            name: pa.name.clone(),
+            namespace: pa.namespace.clone(),
+            selector: selector(&pa.selector),
+            mode: match pa.mtls.mode {
+                MtlsModeSpec::Unset => MtlsMode::Unset,
+                MtlsModeSpec::Permissive => MtlsMode::Permissive,
+                MtlsModeSpec::Strict => MtlsMode::Strict,
+                MtlsModeSpec::Disable => MtlsMode::Disable,
+            } as i32,
+        })
+        .collect();
+    Snapshot {
+        schema_version: schema::SCHEMA_VERSION,
+        node: node.to_owned(),
+        workloads,
+        services,
+        policies: config.policies.iter().map(policy).collect(),
+        peer_authentications,
+        identities,
+        trust_roots,
+        source,
+    }
+}

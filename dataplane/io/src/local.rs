@@ -1,0 +1,81 @@
+//! A single-threaded oneshot channel: the pool hands a connection to a waiting task on the same
+//! worker, so nothing here needs atomics or locks.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+struct Slot<T> {
+    value: Option<T>,
+    waker: Option<Waker>,
+    sender_gone: bool,
+}
+
+pub struct Sender<T>(Rc<RefCell<Slot<T>>>);
+pub struct Receiver<T>(Rc<RefCell<Slot<T>>>);
+
+pub fn oneshot<T>() -> (Sender<T>, Receiver<T>) {
+    let slot = Rc::new(RefCell::new(Slot {
+        value: None,
+        waker: None,
+        sender_gone: false,
+    }));
+    (Sender(slot.clone()), Receiver(slot))
+}
+
+impl<T> Sender<T> {
+    /// Delivers `value`; gives it back if the receiver is gone.
+    pub fn send(self, value: T) -> Result<(), T> {
+        if Rc::strong_count(&self.0) == 1 {
+            return Err(value);
+        }
+        let waker = {
+            let mut slot = self.0.borrow_mut();
+            slot.value = Some(value);
+            slot.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(())
+    }
+}
+
+impl<T> Drop for Sender<T> {
+    fn drop(&mut self) {
+        let waker = {
+            let mut slot = self.0.borrow_mut();
+            slot.sender_gone = true;
+            slot.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+impl<T> Receiver<T> {
+    /// Takes a value that was delivered but not awaited (used when the receiver gives up).
+    pub fn try_take(&self) -> Option<T> {
+        self.0.borrow_mut().value.take()
+    }
+}
+
+/// Resolves to `None` if the sender was dropped without sending.
+impl<T> Future for Receiver<T> {
+    type Output = Option<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        let mut slot = self.0.borrow_mut();
+        if let Some(v) = slot.value.take() {
+            return Poll::Ready(Some(v));
+        }
+        if slot.sender_gone {
+            return Poll::Ready(None);
+        }
+        slot.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}

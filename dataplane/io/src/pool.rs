@@ -1,0 +1,369 @@
+//! The per-worker HBONE connection pool: the core's pool state machine plus the real h2
+//! connections, dials and liveness pings.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future::{select, Either};
+use h2::client::SendRequest;
+use mesh_core::identity::SpiffeId;
+use mesh_core::pool::{Actions, Checkout, ConnId, Pool, PoolConfig, WaiterId};
+use mesh_core::DATAPLANE_MARK;
+use monoio::io::IntoPollIo;
+use rustls::ClientConfig;
+
+use crate::local;
+use crate::netns::NetNs;
+use crate::sockets::{finish_connect, start_connect};
+use crate::stats::WorkerStats;
+use crate::{h2glue, tls};
+
+/// Pool key (DESIGN section 4): streams share a connection only when all of these match.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub source: SpiffeId,
+    pub destination: SpiffeId,
+    pub tunnel: SocketAddr,
+    pub source_ip: IpAddr,
+}
+
+/// What it takes to dial a key: where to create the socket and which TLS config to use.
+#[derive(Clone)]
+pub struct DialSpec {
+    pub netns: Rc<NetNs>,
+    pub tls: Arc<ClientConfig>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct PoolTimers {
+    pub idle_timeout: Duration,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    pub dial_timeout: Duration,
+}
+
+impl Default for PoolTimers {
+    fn default() -> Self {
+        PoolTimers {
+            idle_timeout: Duration::from_secs(300),
+            ping_interval: Duration::from_secs(30),
+            ping_timeout: Duration::from_secs(10),
+            dial_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum PoolError {
+    #[error("dialling the HBONE tunnel failed: {0}")]
+    Dial(String),
+    #[error("the pool went away")]
+    Gone,
+}
+
+type Grant = Result<ConnId, PoolError>;
+
+struct Inner {
+    state: Pool<PoolKey>,
+    senders: HashMap<ConnId, SendRequest<Bytes>>,
+    waiters: HashMap<WaiterId, local::Sender<Grant>>,
+    dial_specs: HashMap<PoolKey, DialSpec>,
+}
+
+pub struct HbonePool {
+    inner: RefCell<Inner>,
+    timers: PoolTimers,
+    home: Rc<NetNs>,
+    stats: Arc<WorkerStats>,
+}
+
+/// One stream slot on a pooled connection; gives the slot back when dropped.
+pub struct Lease {
+    pool: Rc<HbonePool>,
+    conn: ConnId,
+    pub sender: SendRequest<Bytes>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.pool.release(self.conn);
+    }
+}
+
+/// Cancels a waiter that gives up (its connection was dropped) before being served.
+struct WaitGuard<'a> {
+    pool: &'a Rc<HbonePool>,
+    waiter: WaiterId,
+    receiver: Option<local::Receiver<Grant>>,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(rx) = self.receiver.take() {
+            if let Some(Ok(conn)) = rx.try_take() {
+                // Granted but never used: hand the slot back.
+                self.pool.release(conn);
+            } else {
+                self.pool.inner.borrow_mut().state.cancel(self.waiter);
+            }
+        }
+    }
+}
+
+impl HbonePool {
+    pub fn new(timers: PoolTimers, home: Rc<NetNs>, stats: Arc<WorkerStats>) -> Rc<HbonePool> {
+        Rc::new(HbonePool {
+            inner: RefCell::new(Inner {
+                state: Pool::new(PoolConfig {
+                    max_streams: mesh_core::hbone::settings::MAX_STREAMS,
+                    idle_timeout: timers.idle_timeout,
+                }),
+                senders: HashMap::new(),
+                waiters: HashMap::new(),
+                dial_specs: HashMap::new(),
+            }),
+            timers,
+            home,
+            stats,
+        })
+    }
+
+    /// A stream slot for `key`, dialling if needed.
+    pub async fn lease(self: &Rc<Self>, key: PoolKey, spec: DialSpec) -> Result<Lease, PoolError> {
+        let checkout = {
+            let mut inner = self.inner.borrow_mut();
+            inner.dial_specs.insert(key.clone(), spec);
+            inner.state.checkout(&key)
+        };
+        let conn = match checkout {
+            Checkout::Ready(conn) => conn,
+            Checkout::Wait { waiter, dial } => {
+                let (tx, rx) = local::oneshot();
+                self.inner.borrow_mut().waiters.insert(waiter, tx);
+                if let Some(conn) = dial {
+                    self.spawn_dial(conn, key.clone());
+                }
+                let mut guard = WaitGuard {
+                    pool: self,
+                    waiter,
+                    receiver: Some(rx),
+                };
+                let grant = match guard.receiver.as_mut() {
+                    Some(rx) => rx.await,
+                    None => None,
+                };
+                guard.receiver = None;
+                grant.unwrap_or(Err(PoolError::Gone))?
+            }
+        };
+        self.publish_gauges();
+        let sender = self.inner.borrow().senders.get(&conn).cloned();
+        match sender {
+            Some(sender) => Ok(Lease {
+                pool: self.clone(),
+                conn,
+                sender,
+            }),
+            None => {
+                self.release(conn);
+                Err(PoolError::Gone)
+            }
+        }
+    }
+
+    fn release(self: &Rc<Self>, conn: ConnId) {
+        let actions = self.inner.borrow_mut().state.release(conn, Instant::now());
+        self.apply(actions);
+    }
+
+    fn apply(self: &Rc<Self>, actions: Actions) {
+        let mut inner = self.inner.borrow_mut();
+        for (waiter, conn) in actions.granted {
+            if let Some(tx) = inner.waiters.remove(&waiter) {
+                if tx.send(Ok(conn)).is_err() {
+                    // The waiter vanished between grant and delivery: give the slot back.
+                    let more = inner.state.release(conn, Instant::now());
+                    drop(inner);
+                    self.apply(more);
+                    inner = self.inner.borrow_mut();
+                }
+            }
+        }
+        for waiter in actions.failed {
+            if let Some(tx) = inner.waiters.remove(&waiter) {
+                let _ = tx.send(Err(PoolError::Dial("connection attempt failed".into())));
+            }
+        }
+        if let Some(conn) = actions.close {
+            inner.senders.remove(&conn);
+        }
+        let dial = actions
+            .dial
+            .and_then(|conn| Some((conn, inner.state.key_of(conn)?.clone())));
+        drop(inner);
+        if let Some((conn, key)) = dial {
+            self.spawn_dial(conn, key);
+        }
+        self.publish_gauges();
+    }
+
+    fn publish_gauges(&self) {
+        let inner = self.inner.borrow();
+        self.stats
+            .pool_connections
+            .set(inner.state.connections() as u64);
+        self.stats.pool_streams.set(inner.state.streams());
+    }
+
+    fn spawn_dial(self: &Rc<Self>, conn: ConnId, key: PoolKey) {
+        let pool = self.clone();
+        monoio::spawn(async move {
+            let spec = pool.inner.borrow().dial_specs.get(&key).cloned();
+            let result = match spec {
+                Some(spec) => {
+                    match monoio::time::timeout(pool.timers.dial_timeout, pool.dial(&key, &spec))
+                        .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => Err(format!(
+                            "no tunnel to {} within {:?}",
+                            key.tunnel, pool.timers.dial_timeout
+                        )),
+                    }
+                }
+                None => Err("no dial parameters for key".into()),
+            };
+            match result {
+                Ok((sender, connection)) => {
+                    pool.stats.hbone_connections_dialed.inc();
+                    pool.inner.borrow_mut().senders.insert(conn, sender);
+                    let actions = pool
+                        .inner
+                        .borrow_mut()
+                        .state
+                        .connected(conn, Instant::now());
+                    pool.apply(actions);
+                    tracing::debug!(conn, tunnel = %key.tunnel, source = %key.source,
+                        destination = %key.destination, "HBONE connection established");
+                    pool.drive(conn, connection).await;
+                }
+                Err(error) => {
+                    pool.stats.hbone_dial_failures.inc();
+                    tracing::warn!(tunnel = %key.tunnel, source = %key.source,
+                        destination = %key.destination, %error, "HBONE dial failed");
+                    let actions = pool.inner.borrow_mut().state.connect_failed(conn);
+                    pool.apply(actions);
+                }
+            }
+        });
+    }
+
+    async fn dial(
+        &self,
+        key: &PoolKey,
+        spec: &DialSpec,
+    ) -> Result<(SendRequest<Bytes>, ClientConn), String> {
+        let socket = spec
+            .netns
+            .run_in(&self.home, || {
+                start_connect(key.tunnel, Some(key.source_ip), DATAPLANE_MARK)
+            })
+            .map_err(|e| format!("entering {}: {e}", spec.netns.path()))?
+            .map_err(|e| format!("socket: {e}"))?;
+        let tcp = finish_connect(socket)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let io = tcp.into_poll_io().map_err(|e| format!("poll io: {e}"))?;
+        let connector = tokio_rustls::TlsConnector::from(spec.tls.clone());
+        let tls_stream = connector
+            .connect(tls::placeholder_server_name(key.tunnel), io)
+            .await
+            .map_err(|e| {
+                self.stats.tls_handshake_failures.inc();
+                format!("TLS: {e}")
+            })?;
+        h2glue::client_builder()
+            .handshake::<_, Bytes>(tls_stream)
+            .await
+            .map_err(|e| format!("HTTP/2: {e}"))
+    }
+
+    /// Runs the connection until it ends or stops answering PINGs, then forgets it.
+    async fn drive(self: &Rc<Self>, conn: ConnId, mut connection: ClientConn) {
+        let ping_pong = connection.ping_pong();
+        let timers = self.timers;
+        let liveness = async move {
+            let Some(mut pp) = ping_pong else {
+                return std::future::pending::<String>().await;
+            };
+            loop {
+                monoio::time::sleep(timers.ping_interval).await;
+                match monoio::time::timeout(timers.ping_timeout, pp.ping(h2::Ping::opaque())).await
+                {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return format!("PING failed: {e}"),
+                    Err(_) => return format!("no PONG within {:?}", timers.ping_timeout),
+                }
+            }
+        };
+        let reason = match select(std::pin::pin!(connection), std::pin::pin!(liveness)).await {
+            Either::Left((Ok(()), _)) => None,
+            Either::Left((Err(e), _)) => Some(format!("connection error: {e}")),
+            Either::Right((why, _)) => Some(why),
+        };
+        if let Some(reason) = reason {
+            tracing::info!(conn, %reason, "HBONE connection lost");
+        }
+        let actions = {
+            let mut inner = self.inner.borrow_mut();
+            inner.senders.remove(&conn);
+            inner.state.lost(conn)
+        };
+        self.apply(actions);
+    }
+
+    /// Closes connections idle past the timeout; runs until the worker stops.
+    pub async fn sweep_idle(self: Rc<Self>) {
+        let period = (self.timers.idle_timeout / 4).max(Duration::from_millis(100));
+        loop {
+            monoio::time::sleep(period).await;
+            let expired = {
+                let mut inner = self.inner.borrow_mut();
+                let expired = inner.state.expire_idle(Instant::now());
+                for conn in &expired {
+                    // Dropping the last SendRequest lets h2 send GOAWAY and close.
+                    inner.senders.remove(conn);
+                }
+                expired
+            };
+            if !expired.is_empty() {
+                tracing::debug!(count = expired.len(), "released idle HBONE connections");
+                self.publish_gauges();
+            }
+        }
+    }
+
+    /// New streams for `source` go to new connections (its certificate changed); existing
+    /// streams finish on the old ones, which close when drained.
+    pub fn retire_source(self: &Rc<Self>, source: &SpiffeId) {
+        let closed = self
+            .inner
+            .borrow_mut()
+            .state
+            .retire_where(|k| &k.source == source);
+        let mut inner = self.inner.borrow_mut();
+        for conn in closed {
+            inner.senders.remove(&conn);
+        }
+    }
+}
+
+type ClientConn = h2::client::Connection<
+    tokio_rustls::client::TlsStream<monoio::net::tcp::stream_poll::TcpStreamPoll>,
+    Bytes,
+>;

@@ -1,0 +1,90 @@
+//! Building a worker's monoio runtime on io_uring, or on epoll when io_uring is unavailable or
+//! turned off, and saying which one runs.
+
+use std::future::Future;
+
+use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+
+/// What the operator asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DriverChoice {
+    /// io_uring if this kernel allows it, else epoll.
+    Auto,
+    /// io_uring or fail.
+    IoUring,
+    /// epoll, even where io_uring works.
+    Epoll,
+}
+
+impl std::str::FromStr for DriverChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(DriverChoice::Auto),
+            "io-uring" | "io_uring" | "uring" => Ok(DriverChoice::IoUring),
+            "epoll" | "legacy" => Ok(DriverChoice::Epoll),
+            other => Err(format!("unknown driver {other:?} (auto, io-uring, epoll)")),
+        }
+    }
+}
+
+/// What actually runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Driver {
+    IoUring,
+    Epoll,
+}
+
+impl Driver {
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::IoUring => "io_uring",
+            Driver::Epoll => "epoll",
+        }
+    }
+}
+
+/// Decides the driver once for the process (probing io_uring creates and drops a ring).
+pub fn resolve(choice: DriverChoice) -> Result<Driver, String> {
+    let available = monoio::utils::detect_uring();
+    match (choice, available) {
+        (DriverChoice::Epoll, _) => Ok(Driver::Epoll),
+        (DriverChoice::Auto, true) | (DriverChoice::IoUring, true) => Ok(Driver::IoUring),
+        (DriverChoice::Auto, false) => {
+            tracing::warn!(
+                "io_uring is not available (kernel too old, disabled by sysctl or seccomp); \
+                 falling back to the epoll driver"
+            );
+            Ok(Driver::Epoll)
+        }
+        (DriverChoice::IoUring, false) => {
+            Err("io_uring was requested but this kernel does not allow it".into())
+        }
+    }
+}
+
+/// Ring size: enough in-flight operations for thousands of connections per worker.
+const URING_ENTRIES: u32 = 4096;
+
+/// Runs `make()`'s future to completion on a fresh runtime of `driver` on this thread.
+pub fn block_on<F, Fut>(driver: Driver, make: F) -> std::io::Result<Fut::Output>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future,
+{
+    match driver {
+        Driver::IoUring => {
+            let mut rt = RuntimeBuilder::<IoUringDriver>::new()
+                .with_entries(URING_ENTRIES)
+                .enable_timer()
+                .build()?;
+            Ok(rt.block_on(make()))
+        }
+        Driver::Epoll => {
+            let mut rt = RuntimeBuilder::<LegacyDriver>::new()
+                .enable_timer()
+                .build()?;
+            Ok(rt.block_on(make()))
+        }
+    }
+}

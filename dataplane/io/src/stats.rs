@@ -1,0 +1,101 @@
+//! Per-worker counters. Each worker writes only its own block (plain load + store, no locked
+//! read-modify-write, no cache line shared with another writer); the admin thread reads them all
+//! and sums when scraped.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A counter or gauge with a single writer.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    #[inline]
+    pub fn dec(&self) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).saturating_sub(1),
+            Ordering::Relaxed,
+        );
+    }
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+macro_rules! worker_stats {
+    ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
+        /// One worker's counters, aligned so no two workers share a cache line.
+        #[derive(Debug, Default)]
+        #[repr(align(128))]
+        pub struct WorkerStats {
+            $($(#[doc = $doc])* pub $name: Counter,)*
+        }
+
+        impl WorkerStats {
+            /// Every counter by name, for the admin endpoint.
+            pub fn fields(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name.get()),)*]
+            }
+        }
+    };
+}
+
+worker_stats! {
+    /// 1 when this worker runs on io_uring, 0 on epoll.
+    driver_io_uring,
+    /// Generation of the snapshot this worker serves (gauge).
+    snapshot_generation,
+    /// Listeners open in pod namespaces (gauge).
+    listeners,
+    /// Pods whose listeners could not be opened (gauge).
+    listener_failures,
+    outbound_accepted,
+    inbound_hbone_accepted,
+    inbound_plaintext_accepted,
+    socks5_accepted,
+    /// Proxied connections in progress (gauge).
+    active_connections,
+    /// Outbound connections sent as plain TCP (destination not in the mesh).
+    passthrough_connections,
+    /// TLS connections this worker dialled for HBONE pools.
+    hbone_connections_dialed,
+    /// TLS connections this worker accepted on 15008.
+    hbone_connections_accepted,
+    /// CONNECT streams sent (client side).
+    hbone_streams_opened,
+    /// CONNECT streams received (server side).
+    hbone_streams_accepted,
+    /// CONNECT requests refused with 400.
+    hbone_bad_requests,
+    /// CONNECT requests that got 503 (upstream unreachable).
+    hbone_no_upstream,
+    /// Outbound CONNECTs that did not get a 200.
+    hbone_connect_refused,
+    tls_handshake_failures,
+    /// Dials of HBONE tunnels that failed (TCP, TLS or h2).
+    hbone_dial_failures,
+    /// Upstream TCP connects that failed.
+    upstream_connect_failures,
+    /// Pooled connections open or opening (gauge).
+    pool_connections,
+    /// Streams in use on pooled connections (gauge).
+    pool_streams,
+    /// Bytes from local applications toward the network.
+    bytes_sent,
+    /// Bytes from the network toward local applications.
+    bytes_received,
+}

@@ -1,0 +1,754 @@
+//! One data-plane worker: a pinned thread with its own monoio ring, its own listeners in every
+//! local pod's namespace (SO_REUSEPORT, one set per worker), its own HBONE pool and counters.
+//! It shares nothing mutable with other workers; a new snapshot arrives as an immutable
+//! `Arc<Index>` and is adopted between connections.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Response, StatusCode};
+use mesh_core::hbone::{self, ConnectOutcome};
+use mesh_core::index::{Index, Route};
+use mesh_core::socks5::{self, Parsed, Reply};
+use mesh_core::{ports, DATAPLANE_MARK};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, Canceller, IntoPollIo};
+use monoio::net::{TcpListener, TcpStream};
+
+use crate::netns::NetNs;
+use crate::pool::{DialSpec, HbonePool, Lease, PoolKey, PoolTimers};
+use crate::relay;
+use crate::sockets::{finish_connect, original_dst, reuseport_listener, start_connect};
+use crate::stats::WorkerStats;
+use crate::view::View;
+use crate::{h2glue, tls};
+
+/// Messages from the main thread to a worker.
+pub enum Control {
+    Adopt(Arc<Index>),
+    Shutdown,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct WorkerSettings {
+    pub socks5: bool,
+    pub pool: PoolTimers,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            socks5: false,
+            pool: PoolTimers::default(),
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Outbound,
+    InboundPlaintext,
+    Hbone,
+    Socks5,
+}
+
+impl Kind {
+    fn port(self) -> u16 {
+        match self {
+            Kind::Outbound => ports::OUTBOUND,
+            Kind::InboundPlaintext => ports::INBOUND_PLAINTEXT,
+            Kind::Hbone => ports::HBONE,
+            Kind::Socks5 => ports::SOCKS5,
+        }
+    }
+}
+
+/// The listeners a worker holds in one pod's namespace.
+struct Pod {
+    netns_path: String,
+    netns: Rc<NetNs>,
+    stop: Vec<(Canceller, Rc<Cell<bool>>)>,
+}
+
+impl Pod {
+    fn close(self) {
+        for (canceller, stopped) in self.stop {
+            stopped.set(true);
+            canceller.cancel();
+        }
+    }
+}
+
+pub struct Worker {
+    id: usize,
+    stats: Arc<WorkerStats>,
+    home: Rc<NetNs>,
+    view: RefCell<Rc<View>>,
+    pool: Rc<HbonePool>,
+    pods: RefCell<HashMap<String, Pod>>,
+    failed_pods: RefCell<HashMap<String, String>>,
+    pick: Cell<u64>,
+    settings: WorkerSettings,
+}
+
+/// Keeps the active-connections gauge honest whichever way a handler returns.
+struct ActiveGuard(Arc<WorkerStats>);
+impl ActiveGuard {
+    fn new(stats: &Arc<WorkerStats>) -> Self {
+        stats.active_connections.inc();
+        ActiveGuard(stats.clone())
+    }
+}
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active_connections.dec();
+    }
+}
+
+/// The far side of an outbound connection once established.
+enum Upstream {
+    Hbone {
+        _lease: Lease,
+        send: h2::SendStream<Bytes>,
+        recv: h2::RecvStream,
+    },
+    Tcp(TcpStream),
+}
+
+/// Why an outbound connection was not established (logged at debug; counted).
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("source workload {0} is not in the current snapshot")]
+    UnknownSource(String),
+    #[error("no listeners (namespace) for source workload {0}")]
+    NoNamespace(String),
+    #[error("service {0} has no endpoints")]
+    NoEndpoint(SocketAddr),
+    #[error("source has no address of the tunnel's family")]
+    NoSourceAddress,
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("pool: {0}")]
+    Pool(String),
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    #[error("peer answered CONNECT with {0:?}")]
+    Peer(ConnectOutcome),
+    #[error("connect to {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
+}
+
+impl Refusal {
+    fn socks5_reply(&self) -> Reply {
+        match self {
+            Refusal::Peer(ConnectOutcome::Denied) => Reply::NotAllowed,
+            Refusal::Connect(_, e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                Reply::ConnectionRefused
+            }
+            Refusal::Peer(ConnectOutcome::NoUpstream) | Refusal::NoEndpoint(_) => {
+                Reply::HostUnreachable
+            }
+            _ => Reply::GeneralFailure,
+        }
+    }
+}
+
+impl Worker {
+    pub fn new(
+        id: usize,
+        stats: Arc<WorkerStats>,
+        settings: WorkerSettings,
+    ) -> std::io::Result<Rc<Worker>> {
+        let home = Rc::new(NetNs::current()?);
+        let pool = HbonePool::new(settings.pool, home.clone(), stats.clone());
+        Ok(Rc::new(Worker {
+            id,
+            stats,
+            home,
+            view: RefCell::new(Rc::new(View::build(Arc::new(Index::empty())))),
+            pool,
+            pods: RefCell::new(HashMap::new()),
+            failed_pods: RefCell::new(HashMap::new()),
+            pick: Cell::new(0),
+            settings,
+        }))
+    }
+
+    /// Serves until told to shut down.
+    pub async fn run(self: Rc<Self>, control: flume::Receiver<Control>) {
+        monoio::spawn(self.pool.clone().sweep_idle());
+        monoio::spawn(self.clone().retry_failed_pods());
+        while let Ok(message) = control.recv_async().await {
+            match message {
+                Control::Adopt(index) => self.adopt(index),
+                Control::Shutdown => break,
+            }
+        }
+        for (_, pod) in self.pods.borrow_mut().drain() {
+            pod.close();
+        }
+        tracing::info!(worker = self.id, "worker stopped");
+    }
+
+    fn view(&self) -> Rc<View> {
+        self.view.borrow().clone()
+    }
+
+    fn adopt(self: &Rc<Self>, index: Arc<Index>) {
+        let previous = self.view();
+        let generation = index.generation();
+        // Identities whose certificate changed: their pooled connections still present the
+        // old one, so new streams must go to new connections.
+        for (id, material) in index.identities() {
+            if let Some(old) = previous.index.identity(id) {
+                if old.cert_chain != material.cert_chain {
+                    tracing::info!(worker = self.id, identity = %id, "certificate rotated");
+                    self.pool.retire_source(id);
+                }
+            }
+        }
+        let view = Rc::new(View::build(index));
+        *self.view.borrow_mut() = view.clone();
+        self.reconcile_pods(&view);
+        self.stats.snapshot_generation.set(generation.generation);
+        tracing::debug!(
+            worker = self.id,
+            generation = generation.generation,
+            "adopted snapshot"
+        );
+    }
+
+    /// Opens listeners for new local pods and closes those of pods that left.
+    fn reconcile_pods(self: &Rc<Self>, view: &View) {
+        let wanted: HashMap<&str, (&str, Vec<IpAddr>)> = view
+            .index
+            .local_workloads()
+            .map(|w| (w.uid.as_str(), (w.netns_path.as_str(), w.ips.clone())))
+            .collect();
+        let gone: Vec<String> = self
+            .pods
+            .borrow()
+            .iter()
+            .filter(|(uid, pod)| {
+                wanted
+                    .get(uid.as_str())
+                    .is_none_or(|(path, _)| *path != pod.netns_path)
+            })
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in gone {
+            if let Some(pod) = self.pods.borrow_mut().remove(&uid) {
+                tracing::info!(worker = self.id, pod = %uid, "closing pod listeners");
+                pod.close();
+            }
+        }
+        self.failed_pods
+            .borrow_mut()
+            .retain(|uid, _| wanted.contains_key(uid.as_str()));
+        for (uid, (path, ips)) in wanted {
+            if self.pods.borrow().contains_key(uid) {
+                continue;
+            }
+            match self.open_pod(uid, path, &ips) {
+                Ok(pod) => {
+                    self.failed_pods.borrow_mut().remove(uid);
+                    self.pods.borrow_mut().insert(uid.to_owned(), pod);
+                }
+                Err(error) => {
+                    tracing::error!(worker = self.id, pod = %uid, netns = %path, %error,
+                        "cannot open pod listeners; will retry");
+                    self.failed_pods
+                        .borrow_mut()
+                        .insert(uid.to_owned(), error.to_string());
+                }
+            }
+        }
+        let listeners = self
+            .pods
+            .borrow()
+            .values()
+            .map(|p| p.stop.len())
+            .sum::<usize>();
+        self.stats.listeners.set(listeners as u64);
+        self.stats
+            .listener_failures
+            .set(self.failed_pods.borrow().len() as u64);
+    }
+
+    async fn retry_failed_pods(self: Rc<Self>) {
+        loop {
+            monoio::time::sleep(Duration::from_secs(2)).await;
+            if !self.failed_pods.borrow().is_empty() {
+                let view = self.view();
+                self.reconcile_pods(&view);
+            }
+        }
+    }
+
+    fn open_pod(self: &Rc<Self>, uid: &str, path: &str, ips: &[IpAddr]) -> std::io::Result<Pod> {
+        let netns = Rc::new(NetNs::open(path)?);
+        let mut kinds = vec![Kind::Outbound, Kind::InboundPlaintext, Kind::Hbone];
+        if self.settings.socks5 {
+            kinds.push(Kind::Socks5);
+        }
+        let mut addrs = Vec::new();
+        for v4 in [true, false] {
+            if !ips.iter().any(|ip| ip.is_ipv4() == v4) {
+                continue;
+            }
+            for &kind in &kinds {
+                let ip: IpAddr = match (kind, v4) {
+                    (Kind::Socks5, true) => Ipv4Addr::LOCALHOST.into(),
+                    (Kind::Socks5, false) => Ipv6Addr::LOCALHOST.into(),
+                    (_, true) => Ipv4Addr::UNSPECIFIED.into(),
+                    (_, false) => Ipv6Addr::UNSPECIFIED.into(),
+                };
+                addrs.push((kind, SocketAddr::new(ip, kind.port())));
+            }
+        }
+        let mut pod = Pod {
+            netns_path: path.to_owned(),
+            netns: netns.clone(),
+            stop: Vec::new(),
+        };
+        let uid: Rc<str> = Rc::from(uid);
+        for (kind, addr) in addrs {
+            let opened = netns
+                .run_in(&self.home, || reuseport_listener(addr))
+                .and_then(|r| r)
+                .and_then(TcpListener::from_std);
+            let listener = match opened {
+                Ok(l) => l,
+                Err(e) => {
+                    pod.close();
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("listen on {addr}: {e}"),
+                    ));
+                }
+            };
+            let canceller = Canceller::new();
+            let stopped = Rc::new(Cell::new(false));
+            monoio::spawn(self.clone().accept_loop(
+                listener,
+                kind,
+                uid.clone(),
+                canceller.handle(),
+                stopped.clone(),
+            ));
+            pod.stop.push((canceller, stopped));
+        }
+        tracing::info!(worker = self.id, pod = %uid, netns = %path, listeners = pod.stop.len(),
+            "pod listeners open");
+        Ok(pod)
+    }
+
+    async fn accept_loop(
+        self: Rc<Self>,
+        listener: TcpListener,
+        kind: Kind,
+        uid: Rc<str>,
+        cancel: monoio::io::CancelHandle,
+        stopped: Rc<Cell<bool>>,
+    ) {
+        loop {
+            match listener.cancelable_accept(cancel.clone()).await {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    monoio::spawn(self.clone().handle(kind, stream, peer, uid.clone()));
+                }
+                Err(_) if stopped.get() => return,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(worker = self.id, pod = %uid, ?kind, %error, "accept failed");
+                    monoio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn next_pick(&self) -> u64 {
+        let n = self.pick.get();
+        self.pick.set(n.wrapping_add(1));
+        n
+    }
+
+    fn pod_netns(&self, uid: &str) -> Option<Rc<NetNs>> {
+        self.pods.borrow().get(uid).map(|p| p.netns.clone())
+    }
+
+    async fn handle(self: Rc<Self>, kind: Kind, stream: TcpStream, peer: SocketAddr, uid: Rc<str>) {
+        let view = self.view();
+        // A TLS connection on 15008 is a tunnel, not a proxied connection: its streams count.
+        let _active = (kind != Kind::Hbone).then(|| ActiveGuard::new(&self.stats));
+        match kind {
+            Kind::Outbound => {
+                self.stats.outbound_accepted.inc();
+                let dst = match stream
+                    .local_addr()
+                    .and_then(|local| original_dst(stream.as_raw_fd(), local))
+                {
+                    Ok(dst) => dst,
+                    Err(error) => {
+                        tracing::debug!(pod = %uid, %peer, %error, "no original destination");
+                        return;
+                    }
+                };
+                match self.open_upstream(&view, &uid, dst, peer).await {
+                    Ok(upstream) => self.relay(stream, upstream).await,
+                    Err(error) => {
+                        tracing::debug!(pod = %uid, %peer, %dst, %error, "outbound refused")
+                    }
+                }
+            }
+            Kind::Socks5 => {
+                self.stats.socks5_accepted.inc();
+                self.socks5(&view, stream, peer, &uid).await;
+            }
+            Kind::InboundPlaintext => {
+                self.stats.inbound_plaintext_accepted.inc();
+                self.inbound_plaintext(&view, stream, peer, &uid).await;
+            }
+            Kind::Hbone => {
+                self.stats.inbound_hbone_accepted.inc();
+                self.inbound_hbone(view, stream, peer, uid).await;
+            }
+        }
+    }
+
+    async fn relay(&self, stream: TcpStream, upstream: Upstream) {
+        let totals = match upstream {
+            Upstream::Hbone { _lease, send, recv } => relay::tcp_h2(stream, send, recv).await,
+            Upstream::Tcp(remote) => relay::tcp_tcp(stream, remote).await,
+        };
+        self.stats.bytes_sent.add(totals.sent);
+        self.stats.bytes_received.add(totals.received);
+    }
+
+    async fn connect_in(&self, netns: &NetNs, target: SocketAddr) -> Result<TcpStream, Refusal> {
+        let socket = netns
+            .run_in(&self.home, || start_connect(target, None, DATAPLANE_MARK))
+            .and_then(|r| r)
+            .map_err(|e| Refusal::Connect(target, e))?;
+        match monoio::time::timeout(self.settings.connect_timeout, finish_connect(socket)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => {
+                self.stats.upstream_connect_failures.inc();
+                Err(Refusal::Connect(target, e))
+            }
+            Err(_) => {
+                self.stats.upstream_connect_failures.inc();
+                Err(Refusal::Connect(
+                    target,
+                    std::io::Error::from(std::io::ErrorKind::TimedOut),
+                ))
+            }
+        }
+    }
+
+    async fn open_upstream(
+        &self,
+        view: &View,
+        source_uid: &str,
+        dst: SocketAddr,
+        client: SocketAddr,
+    ) -> Result<Upstream, Refusal> {
+        let source = view
+            .index
+            .workload_by_uid(source_uid)
+            .ok_or_else(|| Refusal::UnknownSource(source_uid.to_owned()))?;
+        let netns = self
+            .pod_netns(source_uid)
+            .ok_or_else(|| Refusal::NoNamespace(source_uid.to_owned()))?;
+        match view.index.route_outbound(dst, self.next_pick()) {
+            Route::Hbone {
+                destination,
+                target,
+                tunnel,
+            } => {
+                let source_ip = *source
+                    .ips
+                    .iter()
+                    .find(|ip| ip.is_ipv4() == tunnel.is_ipv4())
+                    .ok_or(Refusal::NoSourceAddress)?;
+                let tls = view
+                    .client_config(&source.identity, &destination.identity)
+                    .map_err(|e| Refusal::Tls(e.to_string()))?;
+                let key = PoolKey {
+                    source: source.identity.clone(),
+                    destination: destination.identity.clone(),
+                    tunnel,
+                    source_ip,
+                };
+                let lease = self
+                    .pool
+                    .lease(key, DialSpec { netns, tls })
+                    .await
+                    .map_err(|e| Refusal::Pool(e.to_string()))?;
+                let mut sender = lease.sender.clone().ready().await?;
+                let (response, send) =
+                    sender.send_request(hbone::connect_request(target, client, None), false)?;
+                self.stats.hbone_streams_opened.inc();
+                let response = response.await?;
+                match ConnectOutcome::from(response.status()) {
+                    ConnectOutcome::Established => Ok(Upstream::Hbone {
+                        _lease: lease,
+                        send,
+                        recv: response.into_body(),
+                    }),
+                    other => {
+                        self.stats.hbone_connect_refused.inc();
+                        Err(Refusal::Peer(other))
+                    }
+                }
+            }
+            Route::Passthrough { target } => {
+                let stream = self.connect_in(&netns, target).await?;
+                self.stats.passthrough_connections.inc();
+                Ok(Upstream::Tcp(stream))
+            }
+            Route::NoEndpoint { service } => Err(Refusal::NoEndpoint(service)),
+        }
+    }
+
+    async fn socks5(&self, view: &View, mut stream: TcpStream, peer: SocketAddr, uid: &str) {
+        let mut buf = Vec::with_capacity(64);
+        let greeting = read_parsed(&mut stream, &mut buf, socks5::parse_greeting).await;
+        if greeting.is_err() {
+            let _ = stream
+                .write_all(socks5::greeting_reply(false).to_vec())
+                .await;
+            return;
+        }
+        let (result, _) = stream
+            .write_all(socks5::greeting_reply(true).to_vec())
+            .await;
+        if result.is_err() {
+            return;
+        }
+        let dst = match read_parsed(&mut stream, &mut buf, socks5::parse_request).await {
+            Ok(dst) => dst,
+            Err(Some(reply)) => {
+                let _ = stream.write_all(socks5::reply(reply).to_vec()).await;
+                return;
+            }
+            Err(None) => return,
+        };
+        match self.open_upstream(view, uid, dst, peer).await {
+            Ok(upstream) => {
+                let (result, _) = stream
+                    .write_all(socks5::reply(Reply::Succeeded).to_vec())
+                    .await;
+                if result.is_ok() {
+                    self.relay(stream, upstream).await;
+                }
+            }
+            Err(error) => {
+                tracing::debug!(pod = %uid, %peer, %dst, %error, "SOCKS5 connect refused");
+                let _ = stream
+                    .write_all(socks5::reply(error.socks5_reply()).to_vec())
+                    .await;
+            }
+        }
+    }
+
+    async fn inbound_plaintext(&self, view: &View, stream: TcpStream, peer: SocketAddr, uid: &str) {
+        let dst = match stream
+            .local_addr()
+            .and_then(|local| original_dst(stream.as_raw_fd(), local))
+        {
+            Ok(dst) => dst,
+            Err(error) => {
+                tracing::debug!(pod = %uid, %peer, %error, "no original destination");
+                return;
+            }
+        };
+        let serves = view
+            .index
+            .workload_by_uid(uid)
+            .is_some_and(|w| w.ips.contains(&dst.ip()));
+        let Some(netns) = self.pod_netns(uid).filter(|_| serves) else {
+            tracing::debug!(pod = %uid, %peer, %dst, "plaintext inbound for an address not of this pod");
+            return;
+        };
+        match self.connect_in(&netns, dst).await {
+            Ok(app) => {
+                let totals = relay::tcp_tcp(app, stream).await;
+                // The app is the local side here: what it sent went out to the peer.
+                self.stats.bytes_sent.add(totals.sent);
+                self.stats.bytes_received.add(totals.received);
+            }
+            Err(error) => {
+                tracing::debug!(pod = %uid, %peer, %dst, %error, "plaintext inbound failed")
+            }
+        }
+    }
+
+    async fn inbound_hbone(
+        self: Rc<Self>,
+        view: Rc<View>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        uid: Rc<str>,
+    ) {
+        let Some(workload) = view.index.workload_by_uid(&uid) else {
+            return;
+        };
+        let Some(config) = view.server_config(&workload.identity) else {
+            tracing::warn!(pod = %uid, %peer, "inbound HBONE but no certificate for this pod");
+            return;
+        };
+        let io = match stream.into_poll_io() {
+            Ok(io) => io,
+            Err(error) => {
+                tracing::warn!(%error, "cannot switch socket to poll mode");
+                return;
+            }
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let tls_stream =
+            match monoio::time::timeout(self.settings.handshake_timeout, acceptor.accept(io)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(error)) => {
+                    self.stats.tls_handshake_failures.inc();
+                    tracing::warn!(pod = %uid, %peer, %error, "inbound TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    self.stats.tls_handshake_failures.inc();
+                    tracing::warn!(pod = %uid, %peer, "inbound TLS handshake timed out");
+                    return;
+                }
+            };
+        let client = match tls::peer_identity(tls_stream.get_ref().1) {
+            Ok(id) => id,
+            Err(error) => {
+                self.stats.tls_handshake_failures.inc();
+                tracing::warn!(pod = %uid, %peer, %error, "inbound peer has no usable identity");
+                return;
+            }
+        };
+        self.stats.hbone_connections_accepted.inc();
+        let mut connection = match h2glue::server_builder()
+            .handshake::<_, Bytes>(tls_stream)
+            .await
+        {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::debug!(pod = %uid, %peer, %error, "HTTP/2 handshake failed");
+                return;
+            }
+        };
+        tracing::debug!(pod = %uid, %peer, client = %client, "HBONE connection accepted");
+        while let Some(next) = connection.accept().await {
+            match next {
+                Ok((request, respond)) => {
+                    monoio::spawn(self.clone().hbone_stream(
+                        view.clone(),
+                        request,
+                        respond,
+                        uid.clone(),
+                    ));
+                }
+                Err(error) => {
+                    tracing::debug!(pod = %uid, %peer, %error, "HBONE connection ended");
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn hbone_stream(
+        self: Rc<Self>,
+        view: Rc<View>,
+        request: http::Request<h2::RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        uid: Rc<str>,
+    ) {
+        let _active = ActiveGuard::new(&self.stats);
+        self.stats.hbone_streams_accepted.inc();
+        let connect = match hbone::validate_connect(&request) {
+            Ok(c) => c,
+            Err(error) => {
+                self.stats.hbone_bad_requests.inc();
+                tracing::info!(pod = %uid, %error, "bad HBONE request");
+                send_status(&mut respond, error.status());
+                return;
+            }
+        };
+        let serves = view
+            .index
+            .workload_by_uid(&uid)
+            .is_some_and(|w| w.ips.contains(&connect.target.ip()));
+        let netns = match self.pod_netns(&uid) {
+            Some(n) if serves => n,
+            _ => {
+                self.stats.hbone_bad_requests.inc();
+                tracing::info!(pod = %uid, target = %connect.target, "HBONE target is not this pod");
+                send_status(&mut respond, StatusCode::BAD_REQUEST);
+                return;
+            }
+        };
+        let app = match self.connect_in(&netns, connect.target).await {
+            Ok(app) => app,
+            Err(error) => {
+                self.stats.hbone_no_upstream.inc();
+                tracing::debug!(pod = %uid, %error, "HBONE upstream unreachable");
+                send_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                return;
+            }
+        };
+        let send = match respond.send_response(Response::new(()), false) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let totals = relay::tcp_h2(app, send, request.into_body()).await;
+        self.stats.bytes_sent.add(totals.sent);
+        self.stats.bytes_received.add(totals.received);
+    }
+}
+
+fn send_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    let _ = respond.send_response(response, true);
+}
+
+/// Reads until `parse` accepts a message; on a protocol error returns the reply to send.
+async fn read_parsed<T>(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    parse: fn(&[u8]) -> Result<Parsed<T>, socks5::Socks5Error>,
+) -> Result<T, Option<Reply>> {
+    loop {
+        match parse(buf) {
+            Ok(Parsed::Done(value, used)) => {
+                buf.drain(..used);
+                return Ok(value);
+            }
+            Ok(Parsed::Incomplete(need)) => {
+                if need > 512 {
+                    return Err(Some(Reply::GeneralFailure));
+                }
+                let chunk = vec![0u8; need - buf.len()];
+                let (result, chunk) = stream.read(chunk).await;
+                match result {
+                    Ok(0) | Err(_) => return Err(None),
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            Err(e) => return Err(e.reply()),
+        }
+    }
+}
