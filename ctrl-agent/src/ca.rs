@@ -283,7 +283,7 @@ mod tests {
     #[test]
     fn stored_ca_is_loaded_again_with_a_private_key_file() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
         let first = LocalCa::load_or_generate(dir.path(), "cluster.local").expect("generate");
         let again = LocalCa::load_or_generate(dir.path(), "cluster.local").expect("load");
         assert_eq!(first.root_der(), again.root_der());

@@ -34,7 +34,7 @@ fn read(sub: &mut Subscriber) -> Option<Snapshot> {
 
 #[test]
 fn publishes_routing_for_all_and_namespaces_and_keys_for_this_node_only() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
     let mut agent = agent(dir.path());
     let now = SystemTime::now();
     assert!(matches!(agent.tick(now).expect("tick"), Tick::Published(v) if v.generation == 1));
@@ -64,7 +64,7 @@ fn publishes_routing_for_all_and_namespaces_and_keys_for_this_node_only() {
 
 #[test]
 fn a_bad_file_is_refused_with_the_field_named_and_the_last_good_snapshot_stays() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
     let mut agent = agent(dir.path());
     let now = SystemTime::now();
     agent.tick(now).expect("first publish");
@@ -94,7 +94,7 @@ fn a_bad_file_is_refused_with_the_field_named_and_the_last_good_snapshot_stays()
 
 #[test]
 fn certificates_are_renewed_after_half_their_lifetime() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
     let mut agent = agent(dir.path());
     let start = SystemTime::now();
     agent.tick(start).expect("publish");

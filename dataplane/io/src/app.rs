@@ -41,6 +41,10 @@ pub enum AppError {
 /// Runs the data plane until SIGTERM or SIGINT.
 pub fn run(config: Config) -> Result<(), AppError> {
     let driver = runtime::resolve(config.driver).map_err(AppError::Driver)?;
+    match crate::sockets::raise_nofile_limit() {
+        Ok(n) => tracing::debug!(open_files = n, "raised the open-files limit"),
+        Err(error) => tracing::warn!(%error, "could not raise the open-files limit"),
+    }
     let allowed: Vec<usize> = core_affinity::get_core_ids()
         .unwrap_or_default()
         .into_iter()

@@ -5,7 +5,12 @@
 //!   other direction keeps flowing until it ends too.
 //! - An error or reset on one side resets the other: RST_STREAM(CANCEL) toward h2, and an RST
 //!   (SO_LINGER 0 then close) toward TCP.
+//!
+//! Directions borrow the socket halves rather than own them: monoio's write half shuts down
+//! (sends FIN) when dropped, so the halves are reunited and closed as one socket, which lets a
+//! reset go out as a bare RST.
 
+use std::cell::Cell;
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -105,177 +110,171 @@ async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), h
     Ok(())
 }
 
-async fn tcp_to_h2(mut reader: SizedReader, mut send: SendStream<Bytes>) -> (u64, End) {
-    let mut total = 0u64;
+async fn tcp_to_h2(
+    reader: &mut SizedReader,
+    mut send: SendStream<Bytes>,
+    count: &Cell<u64>,
+) -> End {
     loop {
         match reader.next().await {
             Ok(Some(chunk)) => {
                 let n = chunk.len() as u64;
                 if send_all(&mut send, chunk).await.is_err() {
-                    return (total, End::SinkFailed);
+                    return End::SinkFailed;
                 }
-                total += n;
+                count.set(count.get() + n);
             }
             Ok(None) => {
-                let end = match send.send_data(Bytes::new(), true) {
+                return match send.send_data(Bytes::new(), true) {
                     Ok(()) => End::Closed,
                     Err(_) => End::SinkFailed,
                 };
-                return (total, end);
             }
             Err(_) => {
                 send.send_reset(Reason::CANCEL);
-                return (total, End::SourceFailed);
+                return End::SourceFailed;
             }
         }
     }
 }
 
-async fn h2_to_tcp(mut recv: RecvStream, mut writer: OwnedWriteHalf<TcpStream>) -> (u64, End) {
-    let mut total = 0u64;
+async fn h2_to_tcp(
+    mut recv: RecvStream,
+    writer: &mut OwnedWriteHalf<TcpStream>,
+    count: &Cell<u64>,
+) -> End {
     loop {
         match recv.data().await {
             Some(Ok(chunk)) => {
                 let n = chunk.len();
                 let (result, _) = writer.write_all(chunk).await;
                 if result.is_err() {
-                    // Dropping `recv` (and later the send half) resets the stream.
-                    return (total, End::SinkFailed);
+                    // Dropping `recv` and the send half resets the stream.
+                    return End::SinkFailed;
                 }
-                total += n as u64;
+                count.set(count.get() + n as u64);
                 // Give the window back only once the bytes are in the socket, so a slow
                 // reader holds back the sender instead of growing our memory.
                 let _ = recv.flow_control().release_capacity(n);
             }
             None => {
                 let _ = writer.shutdown().await;
-                return (total, End::Closed);
+                return End::Closed;
             }
-            Some(Err(_)) => return (total, End::SourceFailed),
+            Some(Err(_)) => return End::SourceFailed,
         }
     }
 }
 
-/// Relays between a local TCP connection and an HBONE stream until both directions end.
-pub async fn tcp_h2(tcp: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> Totals {
-    let fd = tcp.as_raw_fd();
-    let (rd, wr) = tcp.into_split();
-    let up = pin!(tcp_to_h2(SizedReader::new(rd), send));
-    let down = pin!(h2_to_tcp(recv, wr));
-    let (sent, received, reset) = match select(up, down).await {
-        Either::Left(((sent, end), down)) => match end {
-            End::Closed => {
-                let (received, end) = down.await;
-                (sent, received, finish_tcp_side(fd, end))
-            }
-            End::SourceFailed => (sent, 0, true),
-            End::SinkFailed => {
-                reset_on_close(fd);
-                (sent, 0, true)
-            }
-        },
-        Either::Right(((received, end), up)) => match end {
-            End::Closed => {
-                let (sent, end) = up.await;
-                let reset = match end {
-                    End::Closed => false,
-                    End::SourceFailed => true,
-                    End::SinkFailed => {
-                        reset_on_close(fd);
-                        true
-                    }
-                };
-                (sent, received, reset)
-            }
-            End::SourceFailed => {
-                reset_on_close(fd);
-                (0, received, true)
-            }
-            End::SinkFailed => (0, received, true),
-        },
-    };
-    Totals {
-        sent,
-        received,
-        reset,
-    }
-}
-
-/// After the upload finished cleanly, how the download ended decides the TCP side's fate.
-fn finish_tcp_side(fd: RawFd, down: End) -> bool {
-    match down {
-        End::Closed => false,
-        End::SourceFailed => {
-            reset_on_close(fd);
-            true
-        }
-        End::SinkFailed => true,
-    }
-}
-
-async fn tcp_to_tcp(mut reader: SizedReader, mut writer: OwnedWriteHalf<TcpStream>) -> (u64, End) {
-    let mut total = 0u64;
+async fn tcp_to_tcp(
+    reader: &mut SizedReader,
+    writer: &mut OwnedWriteHalf<TcpStream>,
+    count: &Cell<u64>,
+) -> End {
     loop {
         match reader.next().await {
             Ok(Some(chunk)) => {
                 let n = chunk.len() as u64;
                 let (result, _) = writer.write_all(chunk).await;
                 if result.is_err() {
-                    return (total, End::SinkFailed);
+                    return End::SinkFailed;
                 }
-                total += n;
+                count.set(count.get() + n);
             }
             Ok(None) => {
                 let _ = writer.shutdown().await;
-                return (total, End::Closed);
+                return End::Closed;
             }
-            Err(_) => return (total, End::SourceFailed),
+            Err(_) => return End::SourceFailed,
         }
+    }
+}
+
+/// Closes a socket from its halves, with an RST if `reset`.
+fn close(fd: RawFd, reader: SizedReader, writer: OwnedWriteHalf<TcpStream>, reset: bool) {
+    if reset {
+        reset_on_close(fd);
+    }
+    // Reunited, the socket closes without the write half's implicit shutdown.
+    match reader.half.reunite(writer) {
+        Ok(stream) => drop(stream),
+        Err(halves) => drop(halves),
+    }
+}
+
+/// Relays between a local TCP connection and an HBONE stream until both directions end.
+pub async fn tcp_h2(tcp: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> Totals {
+    let fd = tcp.as_raw_fd();
+    let (rd, mut wr) = tcp.into_split();
+    let mut reader = SizedReader::new(rd);
+    let (sent, received) = (Cell::new(0), Cell::new(0));
+    // (the relay ended in a reset, the TCP side must be reset)
+    let (reset, reset_tcp) = {
+        let up = pin!(tcp_to_h2(&mut reader, send, &sent));
+        let down = pin!(h2_to_tcp(recv, &mut wr, &received));
+        match select(up, down).await {
+            Either::Left((End::Closed, down)) => match down.await {
+                End::Closed => (false, false),
+                End::SourceFailed => (true, true),
+                End::SinkFailed => (true, false),
+            },
+            // TCP read failed: the stream was reset already.
+            Either::Left((End::SourceFailed, _)) => (true, false),
+            // The stream failed: reset the TCP side.
+            Either::Left((End::SinkFailed, _)) => (true, true),
+            Either::Right((End::Closed, up)) => match up.await {
+                End::Closed => (false, false),
+                End::SourceFailed => (true, false),
+                End::SinkFailed => (true, true),
+            },
+            // The peer reset the stream: reset the TCP side.
+            Either::Right((End::SourceFailed, _)) => (true, true),
+            // TCP write failed: dropping the stream's handles resets it.
+            Either::Right((End::SinkFailed, _)) => (true, false),
+        }
+    };
+    close(fd, reader, wr, reset_tcp);
+    Totals {
+        sent: sent.get(),
+        received: received.get(),
+        reset,
     }
 }
 
 /// Relays between two TCP connections (passthrough and plaintext inbound).
 pub async fn tcp_tcp(local: TcpStream, remote: TcpStream) -> Totals {
-    let local_fd = local.as_raw_fd();
-    let remote_fd = remote.as_raw_fd();
-    let (local_rd, local_wr) = local.into_split();
-    let (remote_rd, remote_wr) = remote.into_split();
-    let up = pin!(tcp_to_tcp(SizedReader::new(local_rd), remote_wr));
-    let down = pin!(tcp_to_tcp(SizedReader::new(remote_rd), local_wr));
-    // A failure reading one side resets the other; a failure writing one side resets it back
-    // toward the side we were reading.
-    let reset_for = |end: &End, read_fd: RawFd, write_fd: RawFd| match end {
-        End::Closed => false,
-        End::SourceFailed => {
-            reset_on_close(write_fd);
-            true
-        }
-        End::SinkFailed => {
-            reset_on_close(read_fd);
-            true
-        }
-    };
-    let (sent, received, reset) = match select(up, down).await {
-        Either::Left(((sent, end), down)) => {
-            if reset_for(&end, local_fd, remote_fd) {
-                (sent, 0, true)
-            } else {
-                let (received, end) = down.await;
-                (sent, received, reset_for(&end, remote_fd, local_fd))
-            }
-        }
-        Either::Right(((received, end), up)) => {
-            if reset_for(&end, remote_fd, local_fd) {
-                (0, received, true)
-            } else {
-                let (sent, end) = up.await;
-                (sent, received, reset_for(&end, local_fd, remote_fd))
-            }
+    let (local_fd, remote_fd) = (local.as_raw_fd(), remote.as_raw_fd());
+    let (local_rd, mut local_wr) = local.into_split();
+    let (remote_rd, mut remote_wr) = remote.into_split();
+    let mut local_reader = SizedReader::new(local_rd);
+    let mut remote_reader = SizedReader::new(remote_rd);
+    let (sent, received) = (Cell::new(0), Cell::new(0));
+    // A failed read resets the other side; a failed write resets the side we read from.
+    let (reset_local, reset_remote) = {
+        let up = pin!(tcp_to_tcp(&mut local_reader, &mut remote_wr, &sent));
+        let down = pin!(tcp_to_tcp(&mut remote_reader, &mut local_wr, &received));
+        match select(up, down).await {
+            Either::Left((End::Closed, down)) => match down.await {
+                End::Closed => (false, false),
+                End::SourceFailed => (true, false),
+                End::SinkFailed => (false, true),
+            },
+            Either::Left((End::SourceFailed, _)) => (false, true),
+            Either::Left((End::SinkFailed, _)) => (true, false),
+            Either::Right((End::Closed, up)) => match up.await {
+                End::Closed => (false, false),
+                End::SourceFailed => (false, true),
+                End::SinkFailed => (true, false),
+            },
+            Either::Right((End::SourceFailed, _)) => (true, false),
+            Either::Right((End::SinkFailed, _)) => (false, true),
         }
     };
+    close(local_fd, local_reader, local_wr, reset_local);
+    close(remote_fd, remote_reader, remote_wr, reset_remote);
     Totals {
-        sent,
-        received,
-        reset,
+        sent: sent.get(),
+        received: received.get(),
+        reset: reset_local || reset_remote,
     }
 }

@@ -431,8 +431,20 @@ impl Worker {
             Upstream::Hbone { _lease, send, recv } => relay::tcp_h2(stream, send, recv).await,
             Upstream::Tcp(remote) => relay::tcp_tcp(stream, remote).await,
         };
+        self.record(&totals, "outbound");
+    }
+
+    fn record(&self, totals: &relay::Totals, direction: &'static str) {
         self.stats.bytes_sent.add(totals.sent);
         self.stats.bytes_received.add(totals.received);
+        tracing::debug!(
+            worker = self.id,
+            direction,
+            sent = totals.sent,
+            received = totals.received,
+            reset = totals.reset,
+            "connection finished"
+        );
     }
 
     async fn connect_in(&self, netns: &NetNs, target: SocketAddr) -> Result<TcpStream, Refusal> {
@@ -583,10 +595,9 @@ impl Worker {
         };
         match self.connect_in(&netns, dst).await {
             Ok(app) => {
-                let totals = relay::tcp_tcp(app, stream).await;
                 // The app is the local side here: what it sent went out to the peer.
-                self.stats.bytes_sent.add(totals.sent);
-                self.stats.bytes_received.add(totals.received);
+                let totals = relay::tcp_tcp(app, stream).await;
+                self.record(&totals, "inbound plaintext");
             }
             Err(error) => {
                 tracing::debug!(pod = %uid, %peer, %dst, %error, "plaintext inbound failed")
@@ -714,8 +725,7 @@ impl Worker {
             Err(_) => return,
         };
         let totals = relay::tcp_h2(app, send, request.into_body()).await;
-        self.stats.bytes_sent.add(totals.sent);
-        self.stats.bytes_received.add(totals.received);
+        self.record(&totals, "inbound HBONE");
     }
 }
 

@@ -9,6 +9,8 @@
 
 pub mod region;
 pub mod schema;
+#[doc(hidden)]
+pub mod test_support;
 
 pub use region::{Publisher, ReadOutcome, RegionError, Subscriber};
 pub use schema::{decode, encode, Snapshot, SCHEMA_VERSION};

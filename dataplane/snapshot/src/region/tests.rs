@@ -1,9 +1,10 @@
 use super::*;
+use crate::test_support::ScratchDir;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-fn region_path(dir: &tempfile::TempDir) -> PathBuf {
+fn region_path(dir: &ScratchDir) -> PathBuf {
     dir.path().join("snapshot")
 }
 
@@ -23,7 +24,7 @@ fn expect_new(sub: &mut Subscriber) -> (Version, Vec<u8>) {
 
 #[test]
 fn publish_then_read_in_order_and_unchanged_in_between() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = ScratchDir::new().expect("scratch dir");
     let path = region_path(&dir);
     let mut publisher = Publisher::create(&path, small()).expect("create");
     let mut sub = Subscriber::new(&path);
@@ -43,7 +44,7 @@ fn publish_then_read_in_order_and_unchanged_in_between() {
 
 #[test]
 fn file_is_private_to_its_owner() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = ScratchDir::new().expect("scratch dir");
     let path = region_path(&dir);
     let _publisher = Publisher::create(&path, small()).expect("create");
     let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
@@ -52,7 +53,7 @@ fn file_is_private_to_its_owner() {
 
 #[test]
 fn corrupt_generation_is_reported_once_and_the_reader_moves_on_to_the_next_good_one() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = ScratchDir::new().expect("scratch dir");
     let path = region_path(&dir);
     let mut publisher = Publisher::create(&path, small()).expect("create");
     let mut sub = Subscriber::new(&path);
@@ -70,7 +71,7 @@ fn corrupt_generation_is_reported_once_and_the_reader_moves_on_to_the_next_good_
 
 #[test]
 fn a_restarted_publisher_is_picked_up_as_a_new_epoch() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = ScratchDir::new().expect("scratch dir");
     let path = region_path(&dir);
     let mut first = Publisher::create(&path, small()).expect("create");
     let mut sub = Subscriber::new(&path);
@@ -87,7 +88,7 @@ fn a_restarted_publisher_is_picked_up_as_a_new_epoch() {
 
 #[test]
 fn outgrowing_the_slots_moves_to_a_bigger_file() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = ScratchDir::new().expect("scratch dir");
     let path = region_path(&dir);
     let mut publisher = Publisher::create(&path, small()).expect("create");
     let mut sub = Subscriber::new(&path);
@@ -100,7 +101,7 @@ fn outgrowing_the_slots_moves_to_a_bigger_file() {
 
 #[test]
 fn foreign_or_incompatible_files_are_refused() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = ScratchDir::new().expect("scratch dir");
     let path = region_path(&dir);
     std::fs::write(&path, vec![0u8; 8192]).expect("write");
     assert!(matches!(
@@ -138,7 +139,7 @@ fn payload_for(generation: u64) -> Vec<u8> {
 
 #[test]
 fn concurrent_readers_never_see_a_torn_snapshot() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = ScratchDir::new().expect("scratch dir");
     let path = region_path(&dir);
     let mut publisher = Publisher::create(&path, small()).expect("create");
     publisher.publish(&payload_for(1)).expect("publish");
@@ -181,7 +182,7 @@ fn concurrent_readers_never_see_a_torn_snapshot() {
 
 #[test]
 fn wait_returns_promptly_when_something_is_published() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = ScratchDir::new().expect("scratch dir");
     let path = region_path(&dir);
     let mut publisher = Publisher::create(&path, small()).expect("create");
     publisher.publish(b"one").expect("publish");

@@ -1,0 +1,310 @@
+//! `meshlab`: the main job. Brings up two simulated nodes, pushes real traffic through the
+//! mesh and around it, prints the table, saves JSON and SVG to bench-results/.
+//!
+//! `meshlab clean` removes what an interrupted lab (killed with SIGKILL) may have left behind.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use perf::lab::{self, Lab, LabOptions, ECHO_PORT, SINK_PORT};
+use perf::load::{BulkResult, Latency};
+use perf::report::{Memory, NodeMemory, Ratios, Report, Throughput};
+use perf::{bins, sys};
+
+#[derive(Parser)]
+#[command(about = "Two-node mesh lab: throughput, latency and memory, mesh vs direct")]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the standard lab (the default).
+    Run,
+    /// Remove namespaces and processes left by labs whose process is gone.
+    Clean,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Data-plane workers per node (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// I/O driver for the data planes: auto, io-uring or epoll.
+    #[arg(long, default_value = "auto")]
+    driver: String,
+    /// Length of each bulk-stream run.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Length of each round-trip latency run.
+    #[arg(long, default_value_t = 5.0)]
+    rr_seconds: f64,
+    /// Connections to hold open for the memory measurement (0 to skip).
+    #[arg(long, default_value_t = 2000)]
+    hold: usize,
+    /// Where to write the JSON and SVG results.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// Print the table only; write nothing.
+    #[arg(long)]
+    no_save: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.command.unwrap_or(Cmd::Run) {
+        Cmd::Run => run(args.run),
+        Cmd::Clean => clean(),
+    }
+}
+
+fn step(n: usize, total: usize, what: &str) {
+    eprintln!("[{n}/{total}] {what}");
+}
+
+/// Reads the first stdout line of a meshload process (its JSON result or readiness line).
+fn first_line(child: &mut Child) -> anyhow::Result<String> {
+    let out = child.stdout.as_mut().context("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line)?;
+    if line.trim().is_empty() {
+        let status = child.wait()?;
+        bail!("meshload produced no result ({status})");
+    }
+    Ok(line)
+}
+
+fn meshload(lab: &Lab, pod: &str, args: &[&str]) -> anyhow::Result<String> {
+    let program = lab.bins.meshload.clone();
+    let mut child = lab.spawn_in(pod, &program, args)?;
+    let line = first_line(&mut child)?;
+    child.wait()?;
+    Ok(line)
+}
+
+fn bulk(lab: &Lab, pod: &str, to: SocketAddr, seconds: f64) -> anyhow::Result<Throughput> {
+    let pids: Vec<u32> = (0..2).filter_map(|n| lab.dataplane_pid(n)).collect();
+    let cpu = |pids: &[u32]| {
+        pids.iter()
+            .filter_map(|p| sys::cpu_seconds(*p))
+            .sum::<f64>()
+    };
+    let before = cpu(&pids);
+    let started = Instant::now();
+    let line = meshload(
+        lab,
+        pod,
+        &[
+            "bulk",
+            "--to",
+            &to.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ],
+    )?;
+    let wall = started.elapsed().as_secs_f64();
+    let used = cpu(&pids) - before;
+    let r: BulkResult = serde_json::from_str(&line)?;
+    Ok(Throughput {
+        gbit_per_s: r.gbit_per_s(),
+        bytes: r.bytes,
+        seconds: r.seconds,
+        dataplane_cores: used / wall,
+    })
+}
+
+fn rr(lab: &Lab, pod: &str, to: SocketAddr, seconds: f64) -> anyhow::Result<Latency> {
+    let line = meshload(
+        lab,
+        pod,
+        &[
+            "rr",
+            "--to",
+            &to.to_string(),
+            "--size",
+            "1024",
+            "--seconds",
+            &seconds.to_string(),
+        ],
+    )?;
+    Ok(serde_json::from_str(&line)?)
+}
+
+fn memory(lab: &Lab, count: usize) -> anyhow::Result<Memory> {
+    let pids: Vec<u32> = (0..2).filter_map(|n| lab.dataplane_pid(n)).collect();
+    let idle: Vec<u64> = pids
+        .iter()
+        .map(|p| sys::rss_bytes(*p).unwrap_or(0))
+        .collect();
+    let program = lab.bins.meshload.clone();
+    let to = lab.addr("n2-a", ECHO_PORT).to_string();
+    let mut holder = lab.spawn_in(
+        "n1-a",
+        &program,
+        &["hold", "--to", &to, "--count", &count.to_string()],
+    )?;
+    let line = first_line(&mut holder)?;
+    if !line.contains("held") {
+        bail!("hold failed: {line}");
+    }
+    // Let allocator and kernel settle before reading RSS.
+    std::thread::sleep(Duration::from_millis(500));
+    let loaded: Vec<u64> = pids
+        .iter()
+        .map(|p| sys::rss_bytes(*p).unwrap_or(0))
+        .collect();
+    drop(holder.stdin.take());
+    holder.wait()?;
+    Ok(Memory {
+        held_connections: count,
+        nodes: (0..pids.len())
+            .map(|i| NodeMemory {
+                node: lab::NODE_NAMES[i].into(),
+                idle_rss_bytes: idle[i],
+                loaded_rss_bytes: loaded[i],
+                bytes_per_connection: loaded[i].saturating_sub(idle[i]) as f64 / count as f64,
+            })
+            .collect(),
+    })
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    if !sys::is_root() {
+        bail!("meshlab creates network namespaces and nftables rules: run it as root");
+    }
+    let total = if args.hold > 0 { 5 } else { 4 };
+    step(
+        1,
+        total,
+        "building and starting the lab (2 nodes, 4 pods, 2 agents, 2 data planes)",
+    );
+    let bins = bins::locate()?;
+    lab::install_interrupt_cleanup()?;
+    let mut options = LabOptions {
+        driver: args.driver.clone(),
+        ..LabOptions::default()
+    };
+    if let Some(w) = args.workers {
+        options.workers = w;
+    }
+    let workers = options.workers;
+    let mut lab = Lab::up(bins, options)?;
+    let program = lab.bins.meshload.clone();
+    for pod in ["n2-a", "n2-b"] {
+        let mut server = lab.spawn_in(pod, &program, &["serve"])?;
+        first_line(&mut server)?;
+        lab.keep(server);
+    }
+    let driver = lab.stats(0)?["driver"]
+        .as_str()
+        .unwrap_or("unknown")
+        .to_owned();
+
+    step(
+        2,
+        total,
+        &format!(
+            "one bulk stream for {}s, direct then through the mesh",
+            args.seconds
+        ),
+    );
+    let direct_throughput = bulk(&lab, "n1-b", lab.addr("n2-b", SINK_PORT), args.seconds)?;
+    let mesh_throughput = bulk(&lab, "n1-a", lab.addr("n2-a", SINK_PORT), args.seconds)?;
+
+    step(
+        3,
+        total,
+        &format!(
+            "1 KiB ping-pong for {}s, direct then through the mesh",
+            args.rr_seconds
+        ),
+    );
+    let direct_latency = rr(&lab, "n1-b", lab.addr("n2-b", ECHO_PORT), args.rr_seconds)?;
+    let mesh_latency = rr(&lab, "n1-a", lab.addr("n2-a", ECHO_PORT), args.rr_seconds)?;
+
+    let memory = if args.hold > 0 {
+        step(
+            4,
+            total,
+            &format!("holding {} idle connections through the mesh", args.hold),
+        );
+        Some(memory(&lab, args.hold)?)
+    } else {
+        None
+    };
+    step(total, total, "tearing the lab down");
+    let log_dir = lab.dir.clone();
+    lab.down();
+    let _ = std::fs::remove_dir_all(&log_dir);
+
+    let started = time::OffsetDateTime::now_utc();
+    let report = Report {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        commit: sys::git_commit(),
+        started: started
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        machine: sys::machine(),
+        driver,
+        workers_per_node: workers,
+        topology: "2 namespace nodes over veth, pods behind per-pod veths, apps and data planes sharing all cores".into(),
+        ratios: Ratios::of(&direct_throughput, &mesh_throughput, &direct_latency, &mesh_latency),
+        direct_throughput,
+        mesh_throughput,
+        rr_size_bytes: 1024,
+        direct_latency,
+        mesh_latency,
+        memory,
+    };
+    println!("{}", report.table());
+    if !args.no_save {
+        let stem = format!(
+            "lab-{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+            started.year(),
+            started.month() as u8,
+            started.day(),
+            started.hour(),
+            started.minute(),
+            started.second()
+        );
+        let path = report.save(&args.out, &stem)?;
+        println!("saved {} (and .svg)", path.display());
+    }
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+fn clean() -> anyhow::Result<()> {
+    let list = sys::run("ip", &["netns", "list"])?;
+    let mut removed = 0;
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        // Lab namespaces are named ml<pid>x<n>-...; leave those of live labs alone.
+        let Some(pid) = name
+            .strip_prefix("ml")
+            .and_then(|rest| rest.split('x').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Ok(pids) = sys::run("ip", &["netns", "pids", name]) {
+            for p in pids.split_whitespace() {
+                let _ = sys::run("kill", &["-KILL", p]);
+            }
+        }
+        sys::run("ip", &["netns", "del", name])?;
+        removed += 1;
+    }
+    println!("removed {removed} leftover lab namespaces");
+    Ok(())
+}

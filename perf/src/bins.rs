@@ -1,0 +1,85 @@
+//! Finding (and, under cargo, building) the dataplane and ctrl-agent binaries the lab runs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Paths of the programs a lab starts.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub dataplane: PathBuf,
+    pub ctrl_agent: PathBuf,
+    pub meshload: PathBuf,
+}
+
+/// The target directory of the running executable (`target/<profile>`), from its path:
+/// binaries live in it, test executables in its `deps/`.
+fn profile_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("executable has no directory"))?
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+
+/// Locates the binaries next to this executable. When running under cargo (`cargo run`,
+/// `cargo test`), builds them first with the same profile so they are never stale.
+pub fn locate() -> anyhow::Result<Binaries> {
+    let dir = profile_dir()?;
+    if let Ok(cargo) = std::env::var("CARGO") {
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let built = BUILT.get_or_init(|| build(&cargo, release));
+        if let Err(e) = built {
+            anyhow::bail!("building the lab's binaries failed: {e}");
+        }
+    }
+    let find = |name: &str| -> anyhow::Result<PathBuf> {
+        let path = dir.join(name);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            anyhow::bail!(
+                "{} is missing; build it with `cargo build --workspace --bins{}`",
+                path.display(),
+                if dir.ends_with("release") {
+                    " --release"
+                } else {
+                    ""
+                }
+            )
+        }
+    };
+    Ok(Binaries {
+        dataplane: find("dataplane")?,
+        ctrl_agent: find("ctrl-agent")?,
+        meshload: find("meshload")?,
+    })
+}
+
+fn build(cargo: &str, release: bool) -> Result<(), String> {
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--workspace", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    if let Some(root) = workspace_root() {
+        cmd.current_dir(root);
+    }
+    match cmd.status() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!("cargo build exited with {s}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The workspace root, for running cargo from anywhere.
+pub fn workspace_root() -> Option<PathBuf> {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(Path::to_path_buf)
+}

@@ -1,0 +1,676 @@
+//! The lab topology and its processes.
+//!
+//! ```text
+//!  pod a (198.18.1.2, enrolled)   pod b (198.18.1.3, not in mesh)     ... same on node 2 ...
+//!        eth0 | veth                     eth0 | veth
+//!  node-1 netns (ctrl-agent publishes; dataplane runs here) ==veth== node-2 netns
+//!       198.18.0.1/30                                          198.18.0.2/30
+//! ```
+//!
+//! Enrolled pods get the data plane's nftables redirect; the others talk directly, which gives
+//! every run a no-mesh baseline over the same hops. Everything the lab creates carries its
+//! prefix and is removed on drop, on error, and on Ctrl-C.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use mesh_io::netns::NetNs;
+
+use crate::bins::Binaries;
+use crate::sys;
+
+pub const NODE_NAMES: [&str; 2] = ["node-1", "node-2"];
+/// Service VIP that the default config maps to pod a of node 2, port 80 -> 7000.
+pub const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub const ECHO_PORT: u16 = 7000;
+pub const SINK_PORT: u16 = 7001;
+const GATEWAY: &str = "169.254.1.1";
+
+#[derive(Clone, Debug)]
+pub struct Pod {
+    /// Workload uid, e.g. "n1-a".
+    pub uid: String,
+    /// 0 or 1.
+    pub node: usize,
+    pub ip: Ipv4Addr,
+    /// Network namespace name (under /run/netns).
+    pub netns: String,
+    pub enrolled: bool,
+    pub service_account: String,
+}
+
+impl Pod {
+    pub fn netns_path(&self) -> String {
+        format!("/run/netns/{}", self.netns)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    pub workers: usize,
+    /// auto, io-uring or epoll.
+    pub driver: String,
+    /// Extra flags for both data planes.
+    pub dataplane_args: Vec<String>,
+    /// Node 1's agent issues from a CA of its own (a rogue client CA) while still trusting
+    /// the mesh root; node 2 trusts only the mesh root.
+    pub rogue_client_ca: bool,
+    pub cert_ttl: String,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions {
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            driver: "auto".into(),
+            dataplane_args: Vec::new(),
+            rogue_client_ca: false,
+            cert_ttl: "24h".into(),
+        }
+    }
+}
+
+/// What to undo; shared with the Ctrl-C handler.
+#[derive(Default)]
+struct Cleanup {
+    netns: Mutex<Vec<String>>,
+    pids: Mutex<Vec<u32>>,
+}
+
+impl Cleanup {
+    fn run(&self) {
+        if let Ok(mut pids) = self.pids.lock() {
+            for pid in pids.drain(..) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+        if let Ok(mut names) = self.netns.lock() {
+            // Pods first, then nodes: deleting a namespace removes its veths.
+            for name in names.drain(..).rev() {
+                let _ = Command::new("ip")
+                    .args(["netns", "del", &name])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
+fn registry() -> &'static Mutex<Vec<Arc<Cleanup>>> {
+    static REGISTRY: OnceLock<Mutex<Vec<Arc<Cleanup>>>> = OnceLock::new();
+    REGISTRY.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+/// On SIGINT or SIGTERM, tear down every lab of this process and exit with 130.
+pub fn install_interrupt_cleanup() -> anyhow::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            eprintln!("\ninterrupted: tearing the lab down");
+            if let Ok(labs) = registry().lock() {
+                for lab in labs.iter() {
+                    lab.run();
+                }
+            }
+            std::process::exit(130);
+        }
+    });
+    Ok(())
+}
+
+pub struct Lab {
+    pub prefix: String,
+    /// Logs, configs, CA and snapshot regions of this run.
+    pub dir: PathBuf,
+    pub bins: Binaries,
+    pub options: LabOptions,
+    pub pods: Vec<Pod>,
+    agents: [Option<Child>; 2],
+    dataplanes: [Option<Child>; 2],
+    others: Vec<Child>,
+    cleanup: Arc<Cleanup>,
+    home: NetNs,
+}
+
+fn unique_prefix() -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("ml{}x{n}", std::process::id())
+}
+
+impl Lab {
+    /// Builds the topology, starts agents and data planes, and waits until both are ready.
+    pub fn up(bins: Binaries, options: LabOptions) -> anyhow::Result<Lab> {
+        if !sys::is_root() {
+            bail!("the lab creates network namespaces and nftables rules: run it as root");
+        }
+        for tool in ["ip", "nft"] {
+            sys::run("sh", &["-c", &format!("command -v {tool}")]).with_context(|| {
+                format!("{tool} is not installed (apt-get install iproute2 nftables)")
+            })?;
+        }
+        let prefix = unique_prefix();
+        let dir = std::env::temp_dir().join(format!("meshlab-{prefix}"));
+        std::fs::create_dir_all(&dir)?;
+        let cleanup = Arc::new(Cleanup::default());
+        if let Ok(mut labs) = registry().lock() {
+            labs.push(cleanup.clone());
+        }
+        let mut lab = Lab {
+            prefix,
+            dir,
+            bins,
+            options,
+            pods: Vec::new(),
+            agents: [None, None],
+            dataplanes: [None, None],
+            others: Vec::new(),
+            cleanup,
+            home: NetNs::current()?,
+        };
+        lab.build_nodes()?;
+        for (node, name, enrolled) in [
+            (0, "a", true),
+            (0, "b", false),
+            (1, "a", true),
+            (1, "b", false),
+        ] {
+            lab.add_pod(node, name, enrolled, "default")?;
+        }
+        lab.setup_ca()?;
+        let config = lab.default_config();
+        for node in 0..2 {
+            lab.write_config(node, &config)?;
+            lab.start_agent(node)?;
+            lab.start_dataplane(node)?;
+        }
+        for node in 0..2 {
+            lab.wait_ready(node, Duration::from_secs(30))?;
+        }
+        Ok(lab)
+    }
+
+    pub fn node_netns(&self, node: usize) -> String {
+        format!("{}-n{}", self.prefix, node + 1)
+    }
+
+    fn ns_add(&self, name: &str) -> anyhow::Result<()> {
+        sys::run("ip", &["netns", "add", name])?;
+        if let Ok(mut names) = self.cleanup.netns.lock() {
+            names.push(name.to_owned());
+        }
+        sys::run("ip", &["-n", name, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    fn build_nodes(&self) -> anyhow::Result<()> {
+        let (n1, n2) = (self.node_netns(0), self.node_netns(1));
+        self.ns_add(&n1)?;
+        self.ns_add(&n2)?;
+        sys::run(
+            "ip",
+            &[
+                "link", "add", "peer", "netns", &n1, "type", "veth", "peer", "name", "peer",
+                "netns", &n2,
+            ],
+        )?;
+        for (ns, addr, remote_pods, via) in [
+            (&n1, "198.18.0.1/30", "198.18.2.0/24", "198.18.0.2"),
+            (&n2, "198.18.0.2/30", "198.18.1.0/24", "198.18.0.1"),
+        ] {
+            sys::run("ip", &["-n", ns, "addr", "add", addr, "dev", "peer"])?;
+            sys::run("ip", &["-n", ns, "link", "set", "peer", "up"])?;
+            sys::run("ip", &["-n", ns, "route", "add", remote_pods, "via", via])?;
+            sys::run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.ip_forward=1",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Adds a pod namespace on `node` (0 or 1) with a veth to the node; enrolled pods get the
+    /// redirect rules. The pod is not in any config until the config says so.
+    pub fn add_pod(
+        &mut self,
+        node: usize,
+        name: &str,
+        enrolled: bool,
+        service_account: &str,
+    ) -> anyhow::Result<Pod> {
+        let index = self.pods.iter().filter(|p| p.node == node).count();
+        let ip = Ipv4Addr::new(198, 18, node as u8 + 1, index as u8 + 2);
+        let netns = format!("{}-n{}-{name}", self.prefix, node + 1);
+        let node_ns = self.node_netns(node);
+        let host_if = format!("p-{name}");
+        self.ns_add(&netns)?;
+        sys::run(
+            "ip",
+            &[
+                "link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &host_if,
+                "netns", &node_ns,
+            ],
+        )?;
+        let ip_cidr = format!("{ip}/32");
+        sys::run(
+            "ip",
+            &["-n", &netns, "addr", "add", &ip_cidr, "dev", "eth0"],
+        )?;
+        sys::run("ip", &["-n", &netns, "link", "set", "eth0", "up"])?;
+        sys::run(
+            "ip",
+            &["-n", &netns, "route", "add", GATEWAY, "dev", "eth0"],
+        )?;
+        sys::run(
+            "ip",
+            &[
+                "-n", &netns, "route", "add", "default", "via", GATEWAY, "dev", "eth0",
+            ],
+        )?;
+        sys::run(
+            "ip",
+            &[
+                "-n",
+                &node_ns,
+                "addr",
+                "add",
+                &format!("{GATEWAY}/32"),
+                "dev",
+                &host_if,
+            ],
+        )?;
+        sys::run("ip", &["-n", &node_ns, "link", "set", &host_if, "up"])?;
+        sys::run(
+            "ip",
+            &["-n", &node_ns, "route", "add", &ip_cidr, "dev", &host_if],
+        )?;
+        // Connection-rate runs open and close many sockets; let them reuse TIME_WAIT ports.
+        sys::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &netns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.tcp_tw_reuse=1",
+                "net.ipv4.ip_local_port_range=10000 65000",
+            ],
+        )?;
+        if enrolled {
+            sys::run_with_input(
+                "ip",
+                &["netns", "exec", &netns, "nft", "-f", "-"],
+                &mesh_core::redirect::pod_ruleset(),
+            )?;
+        }
+        let pod = Pod {
+            uid: format!("n{}-{name}", node + 1),
+            node,
+            ip,
+            netns,
+            enrolled,
+            service_account: service_account.to_owned(),
+        };
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    pub fn pod(&self, uid: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.uid == uid)
+            .unwrap_or_else(|| panic!("the lab has no pod {uid}"))
+    }
+
+    /// The mesh CA's directory (certificate and key).
+    pub fn mesh_ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+
+    fn ca_dir(&self, node: usize) -> PathBuf {
+        if self.options.rogue_client_ca && node == 0 {
+            self.dir.join("ca-rogue")
+        } else {
+            self.mesh_ca_dir()
+        }
+    }
+
+    /// Generates the CA(s) up front so both agents share the mesh root.
+    fn setup_ca(&self) -> anyhow::Result<()> {
+        for node in 0..2 {
+            let dir = self.ca_dir(node);
+            ctrl_agent::ca::LocalCa::load_or_generate(&dir, "cluster.local")
+                .with_context(|| format!("CA in {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The workloads and service of the lab as a ctrl-agent config file.
+    pub fn default_config(&self) -> String {
+        let mut yaml = String::from("trustDomain: cluster.local\nworkloads:\n");
+        for p in &self.pods {
+            yaml.push_str(&self.workload_yaml(p));
+        }
+        yaml.push_str(&format!(
+            "services:\n  - name: server\n    vips: [{SERVICE_VIP}]\n    ports: [{{port: 80, targetPort: {ECHO_PORT}}}]\n    endpoints: [n2-a]\n"
+        ));
+        yaml
+    }
+
+    /// One workload entry; pods outside the mesh are listed as TCP (no certificate, no tunnel).
+    pub fn workload_yaml(&self, p: &Pod) -> String {
+        format!(
+            "  - {{uid: {uid}, name: {uid}, serviceAccount: {sa}, ips: [{ip}], node: {node}, protocol: {proto}{netns}}}\n",
+            uid = p.uid,
+            sa = p.service_account,
+            ip = p.ip,
+            node = NODE_NAMES[p.node],
+            proto = if p.enrolled { "HBONE" } else { "TCP" },
+            netns = if p.enrolled {
+                format!(", netns: {}", p.netns_path())
+            } else {
+                String::new()
+            },
+        )
+    }
+
+    pub fn config_path(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("{}.yaml", NODE_NAMES[node]))
+    }
+
+    /// Replaces a node's config file atomically (the agent never sees half a file).
+    pub fn write_config(&self, node: usize, yaml: &str) -> anyhow::Result<()> {
+        let path = self.config_path(node);
+        let tmp = path.with_extension("yaml.tmp");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    fn snapshot_path(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("{}.snapshot", NODE_NAMES[node]))
+    }
+
+    fn log(&self, name: &str) -> anyhow::Result<std::fs::File> {
+        Ok(std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(name))?)
+    }
+
+    fn track(&self, child: &Child) {
+        if let Ok(mut pids) = self.cleanup.pids.lock() {
+            pids.push(child.id());
+        }
+    }
+
+    pub fn start_agent(&mut self, node: usize) -> anyhow::Result<()> {
+        let mut cmd = Command::new(&self.bins.ctrl_agent);
+        cmd.arg("--config")
+            .arg(self.config_path(node))
+            .args(["--node", NODE_NAMES[node]])
+            .arg("--snapshot")
+            .arg(self.snapshot_path(node))
+            .arg("--ca-dir")
+            .arg(self.ca_dir(node))
+            .args([
+                "--poll-interval",
+                "100ms",
+                "--cert-ttl",
+                &self.options.cert_ttl,
+            ]);
+        if self.ca_dir(node) != self.mesh_ca_dir() {
+            cmd.arg("--extra-root")
+                .arg(self.mesh_ca_dir().join("ca-cert.pem"));
+        }
+        let log = self.log(&format!("ctrl-agent-{}.log", NODE_NAMES[node]))?;
+        let child = cmd
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting ctrl-agent")?;
+        self.track(&child);
+        self.agents[node] = Some(child);
+        Ok(())
+    }
+
+    /// Kills a node's agent (SIGKILL: no chance to tidy up).
+    pub fn kill_agent(&mut self, node: usize) -> anyhow::Result<()> {
+        if let Some(mut child) = self.agents[node].take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    fn start_dataplane(&mut self, node: usize) -> anyhow::Result<()> {
+        let ns = self.node_netns(node);
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns])
+            .arg(&self.bins.dataplane)
+            .arg("--snapshot")
+            .arg(self.snapshot_path(node))
+            .args(["--workers", &self.options.workers.to_string()])
+            .args(["--driver", &self.options.driver])
+            .arg("--socks5")
+            .args(&self.options.dataplane_args)
+            .env(
+                "RUST_LOG",
+                std::env::var("MESHLAB_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        let log = self.log(&format!("dataplane-{}.log", NODE_NAMES[node]))?;
+        let child = cmd
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting dataplane")?;
+        self.track(&child);
+        self.dataplanes[node] = Some(child);
+        Ok(())
+    }
+
+    /// Pid of a node's data plane (`ip netns exec` execs it in place, so the child is it).
+    pub fn dataplane_pid(&self, node: usize) -> Option<u32> {
+        self.dataplanes[node].as_ref().map(Child::id)
+    }
+
+    fn log_tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// Waits for the node's readiness endpoint to answer 200.
+    pub fn wait_ready(&mut self, node: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Some(child) = self.dataplanes[node].as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "dataplane on {} exited ({status}):\n{}",
+                        NODE_NAMES[node],
+                        self.log_tail(&format!("dataplane-{}.log", NODE_NAMES[node]))
+                    );
+                }
+            }
+            match self.http_get(node, 15021, "/healthz/ready") {
+                Ok((200, _)) => return Ok(()),
+                Ok((_, body)) => last = body,
+                Err(e) => last = e.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "{} not ready after {timeout:?}: {last}\nagent log:\n{}\ndataplane log:\n{}",
+            NODE_NAMES[node],
+            self.log_tail(&format!("ctrl-agent-{}.log", NODE_NAMES[node])),
+            self.log_tail(&format!("dataplane-{}.log", NODE_NAMES[node]))
+        )
+    }
+
+    /// GET on a node's localhost port (admin 15000, readiness 15021).
+    pub fn http_get(&self, node: usize, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+        let mut stream = self.connect_in(
+            &self.node_netns(node),
+            SocketAddr::from(([127, 0, 0, 1], port)),
+        )?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+
+    /// The data plane's /stats JSON.
+    pub fn stats(&self, node: usize) -> anyhow::Result<serde_json::Value> {
+        let (status, body) = self.http_get(node, 15000, "/stats")?;
+        if status != 200 {
+            bail!("/stats answered {status}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// A counter summed over the node's workers.
+    pub fn total(&self, node: usize, counter: &str) -> anyhow::Result<u64> {
+        let stats = self.stats(node)?;
+        stats["totals"][counter]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("no counter {counter} in /stats"))
+    }
+
+    /// Waits until every worker on `node` serves at least `generation`.
+    pub fn wait_generation(
+        &self,
+        node: usize,
+        generation: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let stats = self.stats(node)?;
+            let done = stats["workers"].as_array().is_some_and(|ws| {
+                ws.iter()
+                    .all(|w| w["snapshot_generation"].as_u64() >= Some(generation))
+            });
+            if done {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not reach generation {generation}: {stats}",
+                    NODE_NAMES[node]
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn netns(&self, name: &str) -> anyhow::Result<NetNs> {
+        NetNs::open(format!("/run/netns/{name}")).with_context(|| format!("namespace {name}"))
+    }
+
+    /// A TCP connection created inside namespace `ns` (a pod or a node).
+    pub fn connect_in(&self, ns: &str, addr: SocketAddr) -> anyhow::Result<TcpStream> {
+        let netns = self.netns(ns)?;
+        let stream = netns
+            .run_in(&self.home, || {
+                TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            })?
+            .with_context(|| format!("connecting from {ns} to {addr}"))?;
+        Ok(stream)
+    }
+
+    /// Connects from a pod, as an application in it would (subject to its redirect rules).
+    pub fn connect_from(&self, pod: &str, addr: SocketAddr) -> anyhow::Result<TcpStream> {
+        let stream = self.connect_in(&self.pod(pod).netns, addr)?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    /// A listener inside a pod, as an application in it would open.
+    pub fn listen_in(&self, pod: &str, port: u16) -> anyhow::Result<TcpListener> {
+        let netns = self.netns(&self.pod(pod).netns)?;
+        Ok(netns.run_in(&self.home, || TcpListener::bind(("0.0.0.0", port)))??)
+    }
+
+    /// Starts a program inside a pod (it is killed when the lab goes down).
+    pub fn spawn_in(&self, pod: &str, program: &Path, args: &[&str]) -> anyhow::Result<Child> {
+        let ns = self.pod(pod).netns.clone();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {} in {ns}", program.display()))?;
+        self.track(&child);
+        Ok(child)
+    }
+
+    /// Keeps a background program alive until the lab goes down.
+    pub fn keep(&mut self, child: Child) {
+        self.others.push(child);
+    }
+
+    /// Address of a pod's port.
+    pub fn addr(&self, pod: &str, port: u16) -> SocketAddr {
+        SocketAddr::from((self.pod(pod).ip, port))
+    }
+
+    /// Tears everything down now (also done on drop).
+    pub fn down(self) {}
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for child in self
+            .agents
+            .iter_mut()
+            .chain(self.dataplanes.iter_mut())
+            .flatten()
+            .chain(self.others.iter_mut())
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.cleanup.run();
+        if let Ok(mut labs) = registry().lock() {
+            labs.retain(|c| !Arc::ptr_eq(c, &self.cleanup));
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Lab results: the table printed at the end of a run, the JSON committed to bench-results/,
+//! and an SVG plot of the same numbers. Every mesh figure sits next to its no-mesh baseline
+//! from the same run.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::load::Latency;
+use crate::sys::Machine;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Throughput {
+    pub gbit_per_s: f64,
+    pub bytes: u64,
+    pub seconds: f64,
+    /// CPU of both data planes together during the run, in cores (CPU seconds / wall second).
+    pub dataplane_cores: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Memory {
+    pub held_connections: usize,
+    /// Per node: data-plane RSS before and with the connections held, and the difference per
+    /// connection.
+    pub nodes: Vec<NodeMemory>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeMemory {
+    pub node: String,
+    pub idle_rss_bytes: u64,
+    pub loaded_rss_bytes: u64,
+    pub bytes_per_connection: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub command: String,
+    pub commit: String,
+    pub started: String,
+    pub machine: Machine,
+    pub driver: String,
+    pub workers_per_node: usize,
+    pub topology: String,
+    pub direct_throughput: Throughput,
+    pub mesh_throughput: Throughput,
+    pub rr_size_bytes: usize,
+    pub direct_latency: Latency,
+    pub mesh_latency: Latency,
+    pub memory: Option<Memory>,
+    pub ratios: Ratios,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Ratios {
+    pub throughput_mesh_over_direct: f64,
+    pub dataplane_cores_per_gbit: f64,
+    pub added_p50_us: f64,
+    pub added_p99_us: f64,
+}
+
+impl Ratios {
+    pub fn of(
+        direct: &Throughput,
+        mesh: &Throughput,
+        direct_lat: &Latency,
+        mesh_lat: &Latency,
+    ) -> Ratios {
+        Ratios {
+            throughput_mesh_over_direct: mesh.gbit_per_s / direct.gbit_per_s,
+            dataplane_cores_per_gbit: mesh.dataplane_cores / mesh.gbit_per_s,
+            added_p50_us: mesh_lat.p50_us - direct_lat.p50_us,
+            added_p99_us: mesh_lat.p99_us - direct_lat.p99_us,
+        }
+    }
+}
+
+/// Targets from DESIGN section 8, shown beside the results.
+mod target {
+    pub const GBIT: f64 = 8.7;
+    pub const CORES_PER_GBIT: f64 = 0.086;
+    pub const ADDED_P50_US: f64 = 30.0;
+    pub const ADDED_P99_US: f64 = 45.0;
+    pub const BYTES_PER_CONN: f64 = 2.5 * 1024.0;
+    pub const IDLE_RSS: f64 = 17e6;
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+impl Report {
+    pub fn table(&self) -> String {
+        let r = &self.ratios;
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "\nmeshlab: {} | {} workers/node, {} | {} ({} cores), kernel {} | commit {}",
+            self.topology,
+            self.workers_per_node,
+            self.driver,
+            self.machine.cpu_model,
+            self.machine.cores,
+            self.machine.kernel,
+            self.commit
+        );
+        let row =
+            |t: &mut String, name: &str, d: String, m: String, ratio: String, target: String| {
+                let _ = writeln!(t, "{name:<34}{d:>11}{m:>11}{ratio:>17}   {target}");
+            };
+        row(
+            &mut t,
+            "",
+            "direct".into(),
+            "mesh".into(),
+            "mesh vs direct".into(),
+            "target".into(),
+        );
+        row(
+            &mut t,
+            "one stream, Gbit/s",
+            format!("{:.2}", self.direct_throughput.gbit_per_s),
+            format!("{:.2}", self.mesh_throughput.gbit_per_s),
+            format!("x{:.2}", r.throughput_mesh_over_direct),
+            format!(
+                ">= {} Gbit/s: {}",
+                target::GBIT,
+                verdict(self.mesh_throughput.gbit_per_s >= target::GBIT)
+            ),
+        );
+        row(
+            &mut t,
+            "data planes, cores per Gbit/s",
+            "-".into(),
+            format!("{:.3}", r.dataplane_cores_per_gbit),
+            format!("{:.2} cores", self.mesh_throughput.dataplane_cores),
+            format!(
+                "<= {}: {}",
+                target::CORES_PER_GBIT,
+                verdict(r.dataplane_cores_per_gbit <= target::CORES_PER_GBIT)
+            ),
+        );
+        for (name, d, m, added, goal) in [
+            (
+                "1 KiB round trip p50, us",
+                self.direct_latency.p50_us,
+                self.mesh_latency.p50_us,
+                r.added_p50_us,
+                target::ADDED_P50_US,
+            ),
+            (
+                "1 KiB round trip p99, us",
+                self.direct_latency.p99_us,
+                self.mesh_latency.p99_us,
+                r.added_p99_us,
+                target::ADDED_P99_US,
+            ),
+        ] {
+            row(
+                &mut t,
+                name,
+                format!("{d:.1}"),
+                format!("{m:.1}"),
+                format!("{added:+.1} us"),
+                format!("<= +{goal} us: {}", verdict(added <= goal)),
+            );
+        }
+        if let Some(mem) = &self.memory {
+            for n in &mem.nodes {
+                row(
+                    &mut t,
+                    &format!("{}: KiB per held connection", n.node),
+                    "-".into(),
+                    format!("{:.2}", n.bytes_per_connection / 1024.0),
+                    format!("{} conns", mem.held_connections),
+                    format!(
+                        "<= 2.5 KiB: {}",
+                        verdict(n.bytes_per_connection <= target::BYTES_PER_CONN)
+                    ),
+                );
+                row(
+                    &mut t,
+                    &format!("{}: idle RSS, MB", n.node),
+                    "-".into(),
+                    format!("{:.1}", n.idle_rss_bytes as f64 / 1e6),
+                    String::new(),
+                    format!(
+                        "<= 17 MB: {}",
+                        verdict(n.idle_rss_bytes as f64 <= target::IDLE_RSS)
+                    ),
+                );
+            }
+        }
+        t
+    }
+
+    /// Writes `<stem>.json` and `<stem>.svg` into `dir`; returns the JSON path.
+    pub fn save(&self, dir: &Path, stem: &str) -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(dir)?;
+        let json = dir.join(format!("{stem}.json"));
+        std::fs::write(&json, serde_json::to_string_pretty(self)? + "\n")?;
+        std::fs::write(dir.join(format!("{stem}.svg")), self.svg())?;
+        Ok(json)
+    }
+
+    /// Two bar groups (throughput; latency p50/p99), direct beside mesh.
+    pub fn svg(&self) -> String {
+        let mut s = String::new();
+        let (w, h) = (760.0, 340.0);
+        let _ = write!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="20" y="22" font-size="14">meshlab {} ({} workers/node, {}) on {} ({} cores), commit {}</text>
+"#,
+            self.started,
+            self.workers_per_node,
+            self.driver,
+            self.machine.cpu_model,
+            self.machine.cores,
+            self.commit
+        );
+        let panel = |s: &mut String,
+                     x0: f64,
+                     title: &str,
+                     unit: &str,
+                     bars: &[(&str, f64, f64)]| {
+            let max = bars
+                .iter()
+                .flat_map(|(_, d, m)| [*d, *m])
+                .fold(0.0_f64, f64::max)
+                .max(1e-9);
+            let (top, bottom, bw) = (60.0, 290.0, 34.0);
+            let _ = writeln!(
+                s,
+                r#"<text x="{x0}" y="48" font-size="13">{title} ({unit})</text>"#
+            );
+            let _ = writeln!(
+                s,
+                r#"<line x1="{x0}" y1="{bottom}" x2="{}" y2="{bottom}" stroke="black"/>"#,
+                x0 + 330.0
+            );
+            for (i, (label, d, m)) in bars.iter().enumerate() {
+                let gx = x0 + 20.0 + i as f64 * 110.0;
+                for (j, (v, color, name)) in [(*d, "#9aa5b1", "direct"), (*m, "#2b6cb0", "mesh")]
+                    .iter()
+                    .enumerate()
+                {
+                    let bh = (bottom - top) * v / max;
+                    let x = gx + j as f64 * (bw + 4.0);
+                    let _ = writeln!(
+                        s,
+                        r#"<rect x="{x}" y="{}" width="{bw}" height="{bh}" fill="{color}"><title>{name} {v:.2}</title></rect>"#,
+                        bottom - bh
+                    );
+                    let _ = writeln!(
+                        s,
+                        r#"<text x="{}" y="{}" text-anchor="middle" font-size="10">{v:.1}</text>"#,
+                        x + bw / 2.0,
+                        bottom - bh - 4.0
+                    );
+                }
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{}" y="{}" text-anchor="middle">{label}</text>"#,
+                    gx + bw + 2.0,
+                    bottom + 16.0
+                );
+            }
+        };
+        panel(
+            &mut s,
+            20.0,
+            "one TCP stream",
+            "Gbit/s",
+            &[(
+                "throughput",
+                self.direct_throughput.gbit_per_s,
+                self.mesh_throughput.gbit_per_s,
+            )],
+        );
+        panel(
+            &mut s,
+            390.0,
+            "1 KiB round trip",
+            "us",
+            &[
+                ("p50", self.direct_latency.p50_us, self.mesh_latency.p50_us),
+                ("p99", self.direct_latency.p99_us, self.mesh_latency.p99_us),
+                (
+                    "p99.9",
+                    self.direct_latency.p999_us,
+                    self.mesh_latency.p999_us,
+                ),
+            ],
+        );
+        let _ = write!(
+            s,
+            r##"<rect x="20" y="312" width="12" height="12" fill="#9aa5b1"/><text x="38" y="322">direct (no mesh)</text>
+<rect x="160" y="312" width="12" height="12" fill="#2b6cb0"/><text x="178" y="322">through both data planes (HBONE, mTLS)</text>
+</svg>
+"##
+        );
+        s
+    }
+}

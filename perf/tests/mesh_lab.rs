@@ -1,0 +1,605 @@
+//! End-to-end tests in the lab topology: real namespaces, veths, nftables, real ctrl-agent and
+//! dataplane processes, real TLS and HTTP/2. They need root (CI runs as root) and fail, never
+//! skip, without it. Every scenario runs once on io_uring and once on the epoll fallback.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use perf::lab::{Lab, LabOptions, SERVICE_VIP};
+use perf::load;
+
+/// Lab tests share the machine's two cores and each starts four processes: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const ECHO: u16 = 9000;
+
+fn lab_with(driver: &str, options: LabOptions) -> Lab {
+    assert!(
+        perf::sys::is_root(),
+        "the end-to-end tests create network namespaces and must run as root"
+    );
+    let _ = mesh_io::sockets::raise_nofile_limit();
+    let bins = perf::bins::locate().expect("lab binaries");
+    Lab::up(
+        bins,
+        LabOptions {
+            driver: driver.into(),
+            ..options
+        },
+    )
+    .expect("lab comes up")
+}
+
+fn echo_server(lab: &Lab, pod: &str) {
+    load::serve_echo(lab.listen_in(pod, ECHO).expect("listen")).expect("echo server");
+}
+
+fn roundtrip(stream: &mut TcpStream, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(payload)?;
+    let mut back = vec![0u8; payload.len()];
+    stream.read_exact(&mut back)?;
+    Ok(back)
+}
+
+/// Runs `body` once per driver, each with a fresh lab.
+macro_rules! lab_test {
+    ($name:ident, $options:expr, $body:expr) => {
+        mod $name {
+            use super::*;
+            fn run(driver: &str) {
+                let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+                let lab = lab_with(driver, $options);
+                let body: fn(Lab) = $body;
+                body(lab);
+            }
+            #[test]
+            fn io_uring() {
+                run("io-uring");
+            }
+            #[test]
+            fn epoll() {
+                run("epoll");
+            }
+        }
+    };
+}
+
+lab_test!(
+    gigabyte_each_way_arrives_intact,
+    LabOptions::default(),
+    |lab| {
+        echo_server(&lab, "n2-a");
+        const TOTAL: u64 = 1 << 30;
+        let stream = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        let mut reader = stream.try_clone().expect("clone");
+        let mut writer = stream;
+        let sender = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 20];
+            let (mut seed, mut crc, mut sent) = (7u64, 0u32, 0u64);
+            while sent < TOTAL {
+                seed = load::pattern(seed, &mut buf);
+                crc = crc32c::crc32c_append(crc, &buf);
+                writer.write_all(&buf).expect("send");
+                sent += buf.len() as u64;
+            }
+            writer.shutdown(Shutdown::Write).expect("half-close");
+            crc
+        });
+        let mut buf = vec![0u8; 1 << 20];
+        let (mut crc, mut received) = (0u32, 0u64);
+        loop {
+            let n = reader.read(&mut buf).expect("receive");
+            if n == 0 {
+                break;
+            }
+            crc = crc32c::crc32c_append(crc, &buf[..n]);
+            received += n as u64;
+        }
+        let sent_crc = sender.join().expect("sender");
+        assert_eq!(received, TOTAL, "every byte came back");
+        assert_eq!(crc, sent_crc, "and unchanged");
+        // It really went through the tunnel, both ways.
+        assert!(lab.total(0, "bytes_sent").expect("stats") >= TOTAL);
+        assert!(lab.total(0, "bytes_received").expect("stats") >= TOTAL);
+        assert!(lab.total(1, "hbone_streams_accepted").expect("stats") >= 1);
+    }
+);
+
+lab_test!(
+    half_close_reaches_the_server_and_its_reply_still_arrives,
+    LabOptions::default(),
+    |lab| {
+        let listener = lab.listen_in("n2-a", ECHO).expect("listen");
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().expect("accept");
+            let mut got = Vec::new();
+            conn.read_to_end(&mut got)
+                .expect("read to the client's FIN");
+            // The client is half-closed; our direction is still open.
+            conn.write_all(format!("got {} bytes", got.len()).as_bytes())
+                .expect("reply after FIN");
+            conn.shutdown(Shutdown::Write).expect("close");
+        });
+        let mut client = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        client.write_all(&[1u8; 100_000]).expect("send");
+        client.shutdown(Shutdown::Write).expect("half-close");
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).expect("reply then EOF");
+        assert_eq!(reply, "got 100000 bytes");
+        server.join().expect("server");
+    }
+);
+
+fn reset_on_close(stream: &TcpStream) {
+    socket2::SockRef::from(stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+}
+
+lab_test!(
+    resets_are_carried_across_in_both_directions,
+    LabOptions::default(),
+    |lab| {
+        let listener = lab.listen_in("n2-a", ECHO).expect("listen");
+        let server = std::thread::spawn(move || {
+            // First connection: the server resets it.
+            let (mut conn, _) = listener.accept().expect("accept");
+            let mut b = [0u8; 1];
+            conn.read_exact(&mut b).expect("first byte");
+            reset_on_close(&conn);
+            drop(conn);
+            // Second connection: the client resets it; the server must see a reset, not EOF.
+            let (mut conn, _) = listener.accept().expect("accept");
+            conn.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            conn.read_exact(&mut b).expect("first byte");
+            conn.write_all(b"x").expect("ack");
+            let mut rest = Vec::new();
+            conn.read_to_end(&mut rest)
+        });
+        let mut client = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        client.write_all(b"x").expect("send");
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 16];
+        let err = client.read(&mut buf).expect_err("a reset, not a clean EOF");
+        assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+
+        let mut client = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        client.write_all(b"x").expect("send");
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        client.read_exact(&mut buf[..1]).expect("ack");
+        reset_on_close(&client);
+        drop(client);
+        let server_saw = server.join().expect("server");
+        assert_eq!(
+            server_saw
+                .expect_err("the server sees the client's reset")
+                .kind(),
+            ErrorKind::ConnectionReset
+        );
+    }
+);
+
+lab_test!(
+    a_server_with_the_wrong_identity_is_refused,
+    LabOptions::default(),
+    |lab| {
+        echo_server(&lab, "n2-a");
+        // Node 2 now runs n2-a under another service account than node 1 expects.
+        let impostor = lab.default_config().replace(
+            "{uid: n2-a, name: n2-a, serviceAccount: default",
+            "{uid: n2-a, name: n2-a, serviceAccount: impostor",
+        );
+        assert_ne!(impostor, lab.default_config());
+        lab.write_config(1, &impostor).expect("config");
+        lab.wait_generation(1, 2, Duration::from_secs(10))
+            .expect("node 2 adopts");
+
+        let mut client = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("the local capture accepts");
+        let result = roundtrip(&mut client, b"should not arrive");
+        assert!(
+            result.is_err(),
+            "data crossed to a server with the wrong identity"
+        );
+        assert!(lab.total(0, "hbone_dial_failures").expect("stats") >= 1);
+        assert!(lab.total(0, "tls_handshake_failures").expect("stats") >= 1);
+        assert_eq!(lab.total(1, "hbone_streams_accepted").expect("stats"), 0);
+    }
+);
+
+lab_test!(
+    a_client_certificate_from_another_ca_is_refused,
+    LabOptions {
+        rogue_client_ca: true,
+        ..LabOptions::default()
+    },
+    |lab| {
+        echo_server(&lab, "n2-a");
+        let mut client = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("the local capture accepts");
+        assert!(roundtrip(&mut client, b"nope").is_err());
+        assert!(lab.total(1, "tls_handshake_failures").expect("stats") >= 1);
+        assert_eq!(lab.total(1, "hbone_streams_accepted").expect("stats"), 0);
+        let log = std::fs::read_to_string(lab.dir.join("dataplane-node-2.log")).expect("log");
+        assert!(
+            log.contains("inbound TLS handshake refused"),
+            "the refusal is logged with its reason"
+        );
+    }
+);
+
+lab_test!(
+    thousand_concurrent_connections_share_pooled_tls_connections,
+    LabOptions::default(),
+    |lab| {
+        echo_server(&lab, "n2-a");
+        let to = lab.addr("n2-a", ECHO);
+        let held = load::hold(1000, || {
+            lab.connect_from("n1-a", to).map_err(std::io::Error::other)
+        })
+        .expect("1000 connections through the mesh");
+        assert_eq!(held.len(), 1000);
+        let stats = lab.stats(0).expect("stats");
+        let mut dialed_total = 0;
+        for w in stats["workers"].as_array().expect("workers") {
+            let streams = w["hbone_streams_opened"].as_u64().expect("streams");
+            let dialed = w["hbone_connections_dialed"].as_u64().expect("dialed");
+            // Each worker opens exactly enough connections for its share at 100 streams each.
+            assert_eq!(dialed, streams.div_ceil(100), "worker stats {w}");
+            dialed_total += dialed;
+        }
+        assert!(
+            (10..=11).contains(&dialed_total),
+            "{dialed_total} TLS connections for 1000 streams"
+        );
+        assert_eq!(
+            lab.total(1, "hbone_connections_accepted").expect("stats"),
+            dialed_total
+        );
+        assert_eq!(lab.total(1, "hbone_streams_accepted").expect("stats"), 1000);
+    }
+);
+
+lab_test!(
+    a_workload_added_while_traffic_runs_becomes_reachable,
+    LabOptions::default(),
+    |mut lab| {
+        echo_server(&lab, "n2-a");
+        // Traffic keeps flowing on an existing connection for the whole change.
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(AtomicU64::new(0));
+        let mut live = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        let background = {
+            let (stop, rounds) = (stop.clone(), rounds.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    assert_eq!(
+                        roundtrip(&mut live, b"ping").expect("live connection"),
+                        b"ping"
+                    );
+                    rounds.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let pod = lab.add_pod(1, "c", true, "newcomer").expect("new pod");
+        echo_server(&lab, "n2-c");
+        let before = lab.total(1, "hbone_streams_accepted").expect("stats");
+        let config = lab.default_config();
+        for node in 0..2 {
+            lab.write_config(node, &config).expect("config");
+        }
+        for node in 0..2 {
+            lab.wait_generation(node, 2, Duration::from_secs(10))
+                .expect("adopted");
+        }
+        let mut client = lab
+            .connect_from("n1-a", SocketAddr::from((pod.ip, ECHO)))
+            .expect("connect to the newcomer");
+        assert_eq!(
+            roundtrip(&mut client, b"hello newcomer").expect("echo"),
+            b"hello newcomer"
+        );
+        assert!(
+            lab.total(1, "hbone_streams_accepted").expect("stats") > before,
+            "via HBONE"
+        );
+        stop.store(true, Ordering::Relaxed);
+        background.join().expect("the live connection never failed");
+        assert!(rounds.load(Ordering::Relaxed) > 0);
+    }
+);
+
+lab_test!(
+    killing_the_agents_keeps_old_and_new_connections_working,
+    LabOptions::default(),
+    |mut lab| {
+        echo_server(&lab, "n2-a");
+        let mut existing = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(
+            roundtrip(&mut existing, b"before").expect("echo"),
+            b"before"
+        );
+        lab.kill_agent(0).expect("kill");
+        lab.kill_agent(1).expect("kill");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            roundtrip(&mut existing, b"after").expect("existing"),
+            b"after"
+        );
+        let mut fresh = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(
+            roundtrip(&mut fresh, b"new").expect("new connection"),
+            b"new"
+        );
+        assert_eq!(
+            lab.http_get(0, 15021, "/healthz/ready").expect("ready").0,
+            200
+        );
+    }
+);
+
+lab_test!(
+    service_vip_socks5_and_passthrough_reach_their_servers,
+    LabOptions::default(),
+    |lab| {
+        echo_server(&lab, "n2-a");
+        echo_server(&lab, "n2-b");
+        // The VIP maps port 80 to the echo port 7000 of n2-a; serve that too.
+        load::serve_echo(lab.listen_in("n2-a", perf::lab::ECHO_PORT).expect("listen"))
+            .expect("echo");
+        let mut via_vip = lab
+            .connect_from("n1-a", SocketAddr::from((SERVICE_VIP, 80)))
+            .expect("connect to the VIP");
+        assert_eq!(roundtrip(&mut via_vip, b"vip").expect("echo"), b"vip");
+
+        // SOCKS5 on the pod's localhost, no redirect involved.
+        let mut socks = lab
+            .connect_from("n1-a", SocketAddr::from(([127, 0, 0, 1], 15080)))
+            .expect("socks5 listener");
+        socks.write_all(&[5, 1, 0]).expect("greeting");
+        let mut reply = [0u8; 2];
+        socks.read_exact(&mut reply).expect("method");
+        assert_eq!(reply, [5, 0]);
+        let target = lab.pod("n2-a").ip.octets();
+        let port = ECHO.to_be_bytes();
+        socks
+            .write_all(&[
+                5, 1, 0, 1, target[0], target[1], target[2], target[3], port[0], port[1],
+            ])
+            .expect("connect request");
+        let mut reply = [0u8; 10];
+        socks.read_exact(&mut reply).expect("reply");
+        assert_eq!(reply[1], 0, "SOCKS5 CONNECT succeeded");
+        assert_eq!(roundtrip(&mut socks, b"socks").expect("echo"), b"socks");
+
+        // n2-b is not in the mesh: plain TCP, counted as passthrough.
+        let mut plain = lab
+            .connect_from("n1-a", lab.addr("n2-b", ECHO))
+            .expect("connect");
+        assert_eq!(roundtrip(&mut plain, b"plain").expect("echo"), b"plain");
+        assert_eq!(lab.total(0, "passthrough_connections").expect("stats"), 1);
+        assert_eq!(lab.total(0, "hbone_streams_opened").expect("stats"), 2);
+    }
+);
+
+/// Bytes captured on node 1's link to node 2 while `send` runs.
+fn capture_between_nodes(lab: &Lab, send: impl FnOnce()) -> Vec<u8> {
+    let pcap = lab.dir.join(format!("capture-{}.pcap", std::process::id()));
+    let mut tcpdump = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.node_netns(0),
+            "tcpdump",
+            "-i",
+            "peer",
+            "-U",
+            "-s",
+            "0",
+            "-w",
+        ])
+        .arg(&pcap)
+        .arg("tcp")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tcpdump (apt-get install tcpdump)");
+    // tcpdump says "listening on" once the capture is live.
+    let mut stderr = tcpdump.stderr.take().expect("stderr");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut byte = [0u8; 1];
+    while !String::from_utf8_lossy(&seen).contains("listening on") {
+        assert!(Instant::now() < deadline, "tcpdump did not start");
+        if stderr.read(&mut byte).expect("tcpdump stderr") == 0 {
+            panic!("tcpdump exited: {}", String::from_utf8_lossy(&seen));
+        }
+        seen.push(byte[0]);
+    }
+    send();
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &tcpdump.id().to_string()])
+        .status();
+    let _ = tcpdump.wait();
+    std::fs::read(&pcap).expect("capture file")
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+lab_test!(
+    the_bytes_between_nodes_are_tls_not_the_payload,
+    LabOptions::default(),
+    |lab| {
+        echo_server(&lab, "n2-a");
+        echo_server(&lab, "n2-b");
+        let marker = b"MESH-PLAINTEXT-MARKER-0123456789";
+        let payload: Vec<u8> = marker.iter().copied().cycle().take(256 * 1024).collect();
+        let exchange = |from: &str, to: &str| {
+            let mut s = lab.connect_from(from, lab.addr(to, ECHO)).expect("connect");
+            assert_eq!(roundtrip(&mut s, &payload).expect("echo"), payload);
+        };
+        // Control: without the mesh the marker is on the wire, so the capture can see it.
+        let plain = capture_between_nodes(&lab, || exchange("n1-b", "n2-b"));
+        assert!(
+            contains(&plain, marker),
+            "the capture works and sees plaintext"
+        );
+
+        let meshed = capture_between_nodes(&lab, || exchange("n1-a", "n2-a"));
+        assert!(meshed.len() > payload.len(), "the exchange was captured");
+        assert!(
+            !contains(&meshed, marker),
+            "payload crossed between nodes in the clear"
+        );
+        // TLS 1.3 application-data records: content type 23, legacy version 3.3.
+        assert!(
+            contains(&meshed, &[0x17, 0x03, 0x03]),
+            "TLS records on the wire"
+        );
+        assert!(
+            contains(&meshed, &15008u16.to_be_bytes()),
+            "to the HBONE port"
+        );
+    }
+);
+
+/// An HBONE client speaking to node 2's data plane directly from node 1's namespace, with a
+/// certificate from the lab's CA: for requests a well-behaved peer would not send.
+mod raw_hbone {
+    use super::*;
+    use bytes::Bytes;
+    use mesh_core::identity::SpiffeId;
+    use monoio::io::IntoPollIo;
+
+    pub struct Answers {
+        pub statuses: Vec<u16>,
+        pub echoed: Vec<u8>,
+    }
+
+    /// Sends each authority as a CONNECT on one connection; after a 200, echoes `b"after"`.
+    pub fn connect_all(lab: &Lab, authorities: &[&str]) -> Answers {
+        let ca = ctrl_agent::ca::LocalCa::load(
+            &lab.mesh_ca_dir().join("ca-cert.pem"),
+            &lab.mesh_ca_dir().join("ca-key.pem"),
+        )
+        .expect("lab CA");
+        let me: SpiffeId = "spiffe://cluster.local/ns/default/sa/default"
+            .parse()
+            .expect("id");
+        let cert = ca
+            .issue(&me, std::time::SystemTime::now(), Duration::from_secs(600))
+            .expect("issue");
+        let identity = mesh_snapshot::schema::Identity {
+            spiffe_id: me.to_string(),
+            cert_chain: cert.chain,
+            private_key: cert.key_pkcs8,
+            ..Default::default()
+        };
+        let trust = mesh_io::tls::TrustBundle::new(&[ca.root_der().to_vec()]).expect("trust");
+        let tls =
+            mesh_io::tls::client_config(&identity, &trust, me.clone()).expect("client config");
+        let tunnel = SocketAddr::from((lab.pod("n2-a").ip, 15008));
+        let tcp = lab
+            .connect_in(&lab.node_netns(0), tunnel)
+            .expect("reach 15008");
+        tcp.set_nonblocking(true).expect("nonblocking");
+        let authorities: Vec<String> = authorities.iter().map(|a| a.to_string()).collect();
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let io = monoio::net::TcpStream::from_std(tcp)
+                .expect("monoio")
+                .into_poll_io()
+                .expect("poll io");
+            let tls_stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(mesh_io::tls::placeholder_server_name(tunnel), io)
+                .await
+                .expect("TLS");
+            let (sender, connection) = mesh_io::h2glue::client_builder()
+                .handshake::<_, Bytes>(tls_stream)
+                .await
+                .expect("h2");
+            monoio::spawn(connection);
+            let mut statuses = Vec::new();
+            let mut echoed = Vec::new();
+            for authority in authorities {
+                let request = http::Request::builder()
+                    .method(http::Method::CONNECT)
+                    .uri(authority.as_str())
+                    .body(())
+                    .expect("request");
+                let mut ready = sender.clone().ready().await.expect("ready");
+                let (response, mut send) = ready.send_request(request, false).expect("send");
+                let response = response.await.expect("response");
+                statuses.push(response.status().as_u16());
+                if response.status() == 200 {
+                    send.send_data(Bytes::from_static(b"after"), true)
+                        .expect("data");
+                    let mut body = response.into_body();
+                    while let Some(chunk) = body.data().await {
+                        echoed.extend_from_slice(&chunk.expect("chunk"));
+                    }
+                }
+            }
+            Answers { statuses, echoed }
+        })
+    }
+}
+
+lab_test!(
+    malformed_hbone_requests_get_their_status_and_the_worker_goes_on,
+    LabOptions::default(),
+    |lab| {
+        echo_server(&lab, "n2-a");
+        let pod = lab.pod("n2-a").ip;
+        let good = format!("{pod}:{ECHO}");
+        let closed_port = format!("{pod}:9");
+        let answers = raw_hbone::connect_all(
+            &lab,
+            &[
+                &format!("{pod}"),          // no port
+                &format!("{pod}:0"),        // port zero
+                "reviews.default.svc:9080", // a name, not a workload address
+                "198.18.1.2:9000",          // a workload that is not on this node
+                &closed_port,               // nothing listening
+                &good,                      // and the same connection still works
+            ],
+        );
+        assert_eq!(answers.statuses, [400, 400, 400, 400, 503, 200]);
+        assert_eq!(answers.echoed, b"after");
+        assert_eq!(lab.total(1, "hbone_bad_requests").expect("stats"), 4);
+        assert_eq!(lab.total(1, "hbone_no_upstream").expect("stats"), 1);
+    }
+);
