@@ -58,6 +58,9 @@ pub struct LabOptions {
     pub driver: String,
     /// Extra flags for both data planes.
     pub dataplane_args: Vec<String>,
+    /// Pin data-plane workers to cores. Off by default: both simulated nodes share this
+    /// machine's cores, and pinning both nodes' worker 0 to core 0 would make them fight.
+    pub pin: bool,
     /// Node 1's agent issues from a CA of its own (a rogue client CA) while still trusting
     /// the mesh root; node 2 trusts only the mesh root.
     pub rogue_client_ca: bool,
@@ -70,6 +73,7 @@ impl Default for LabOptions {
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             driver: "auto".into(),
             dataplane_args: Vec::new(),
+            pin: false,
             rogue_client_ca: false,
             cert_ttl: "24h".into(),
         }
@@ -473,6 +477,7 @@ impl Lab {
             .args(["--workers", &self.options.workers.to_string()])
             .args(["--driver", &self.options.driver])
             .arg("--socks5")
+            .args((!self.options.pin).then_some("--no-pin"))
             .args(&self.options.dataplane_args)
             .env(
                 "RUST_LOG",

@@ -19,6 +19,52 @@ pub struct Throughput {
     pub dataplane_cores: f64,
 }
 
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+impl Throughput {
+    /// Median of each figure over rounds.
+    pub fn median(runs: &[Throughput]) -> Throughput {
+        Throughput {
+            gbit_per_s: median(runs.iter().map(|r| r.gbit_per_s).collect()),
+            bytes: median(runs.iter().map(|r| r.bytes as f64).collect()) as u64,
+            seconds: median(runs.iter().map(|r| r.seconds).collect()),
+            dataplane_cores: median(runs.iter().map(|r| r.dataplane_cores).collect()),
+        }
+    }
+}
+
+impl Latency {
+    /// Median of each percentile over rounds.
+    pub fn median(runs: &[Latency]) -> Latency {
+        let m = |f: fn(&Latency) -> f64| median(runs.iter().map(f).collect());
+        Latency {
+            count: runs.iter().map(|r| r.count).sum(),
+            mean_us: m(|r| r.mean_us),
+            p50_us: m(|r| r.p50_us),
+            p90_us: m(|r| r.p90_us),
+            p99_us: m(|r| r.p99_us),
+            p999_us: m(|r| r.p999_us),
+            max_us: runs.iter().map(|r| r.max_us).fold(0.0, f64::max),
+        }
+    }
+}
+
+/// Every round, for whoever wants more than the medians.
+#[derive(Clone, Debug, Serialize)]
+pub struct Rounds {
+    pub direct_throughput: Vec<Throughput>,
+    pub mesh_throughput: Vec<Throughput>,
+    pub direct_latency: Vec<Latency>,
+    pub mesh_latency: Vec<Latency>,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Memory {
     pub held_connections: usize,
@@ -43,6 +89,9 @@ pub struct Report {
     pub machine: Machine,
     pub driver: String,
     pub workers_per_node: usize,
+    pub pinned: bool,
+    /// Direct and mesh runs alternated this many times; figures are medians over rounds.
+    pub rounds: usize,
     pub topology: String,
     pub direct_throughput: Throughput,
     pub mesh_throughput: Throughput,
@@ -51,6 +100,7 @@ pub struct Report {
     pub mesh_latency: Latency,
     pub memory: Option<Memory>,
     pub ratios: Ratios,
+    pub rounds_detail: Rounds,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -101,9 +151,11 @@ impl Report {
         let mut t = String::new();
         let _ = writeln!(
             t,
-            "\nmeshlab: {} | {} workers/node, {} | {} ({} cores), kernel {} | commit {}",
+            "\nmeshlab: {} | medians of {} alternating rounds | {} workers/node ({}), {} | {} ({} cores), kernel {} | commit {}",
             self.topology,
+            self.rounds,
             self.workers_per_node,
+            if self.pinned { "pinned" } else { "unpinned" },
             self.driver,
             self.machine.cpu_model,
             self.machine.cores,

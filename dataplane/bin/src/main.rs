@@ -26,6 +26,10 @@ struct Args {
     /// Cores to pin workers to, e.g. "2,3" or "0-3" (default: the allowed cores in order).
     #[arg(long, env = "DATAPLANE_CORES", value_parser = parse_cores)]
     cores: Option<Vec<usize>>,
+    /// Leave workers unpinned (for hosts where other busy processes share the cores, such as a
+    /// lab running two simulated nodes on one machine).
+    #[arg(long, env = "DATAPLANE_NO_PIN", conflicts_with = "cores")]
+    no_pin: bool,
     /// I/O driver: auto (io_uring, else epoll), io-uring, or epoll.
     #[arg(long, env = "DATAPLANE_DRIVER", default_value = "auto")]
     driver: DriverChoice,
@@ -100,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         snapshot: args.snapshot,
         workers,
         cores,
+        pin: !args.no_pin,
         driver: args.driver,
         readiness_addr: args.readiness_addr,
         admin_addr: args.admin_addr,

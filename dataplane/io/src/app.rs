@@ -20,6 +20,8 @@ pub struct Config {
     pub workers: usize,
     /// Cores to pin workers to, in order; empty means one per allowed core, in order.
     pub cores: Vec<usize>,
+    /// Pin each worker to its core (the production default).
+    pub pin: bool,
     pub driver: DriverChoice,
     pub readiness_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -59,6 +61,7 @@ pub fn run(config: Config) -> Result<(), AppError> {
         snapshot = %config.snapshot.display(),
         workers = config.workers,
         cores = ?cores,
+        pinned = config.pin,
         driver = driver.name(),
         readiness = %config.readiness_addr,
         admin = %config.admin_addr,
@@ -75,7 +78,7 @@ pub fn run(config: Config) -> Result<(), AppError> {
         worker_stats
             .driver_io_uring
             .set(u64::from(driver == runtime::Driver::IoUring));
-        let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
+        let core = (config.pin && !cores.is_empty()).then(|| cores[id % cores.len()]);
         let settings = config.worker;
         let thread_stats = worker_stats.clone();
         let handle = std::thread::Builder::new()

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod bufio;
 pub mod h2glue;
 pub mod local;
 pub mod netns;

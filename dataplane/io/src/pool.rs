@@ -17,6 +17,7 @@ use mesh_core::DATAPLANE_MARK;
 use monoio::io::IntoPollIo;
 use rustls::ClientConfig;
 
+use crate::bufio::ReadBuffered;
 use crate::local;
 use crate::netns::NetNs;
 use crate::sockets::{finish_connect, start_connect};
@@ -278,7 +279,7 @@ impl HbonePool {
         let tcp = finish_connect(socket)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let io = tcp.into_poll_io().map_err(|e| format!("poll io: {e}"))?;
+        let io = ReadBuffered::new(tcp.into_poll_io().map_err(|e| format!("poll io: {e}"))?);
         let connector = tokio_rustls::TlsConnector::from(spec.tls.clone());
         let tls_stream = connector
             .connect(tls::placeholder_server_name(key.tunnel), io)
@@ -364,6 +365,6 @@ impl HbonePool {
 }
 
 type ClientConn = h2::client::Connection<
-    tokio_rustls::client::TlsStream<monoio::net::tcp::stream_poll::TcpStreamPoll>,
+    tokio_rustls::client::TlsStream<ReadBuffered<monoio::net::tcp::stream_poll::TcpStreamPoll>>,
     Bytes,
 >;

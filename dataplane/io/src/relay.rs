@@ -4,28 +4,37 @@
 //! - EOF on one side becomes a half-close on the other (END_STREAM, or shutdown(SHUT_WR)); the
 //!   other direction keeps flowing until it ends too.
 //! - An error or reset on one side resets the other: RST_STREAM(CANCEL) toward h2, and an RST
-//!   (SO_LINGER 0 then close) toward TCP.
+//!   (SO_LINGER 0, then close) toward TCP.
 //!
-//! Directions borrow the socket halves rather than own them: monoio's write half shuts down
-//! (sends FIN) when dropped, so the halves are reunited and closed as one socket, which lets a
-//! reset go out as a bare RST.
+//! One future per connection owns both sides and polls both directions, readiness-style (as
+//! tokio's `copy_bidirectional` does): no split halves, no second task. Reads go through a
+//! [`ReadSlot`], so a quiet connection holds no buffer.
 
-use std::cell::Cell;
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::pin::pin;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
-use futures_util::future::{select, Either};
+use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
-use mesh_core::buffers::{NextRead, ReadSizer};
-use monoio::io::{
-    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
-};
+use monoio::io::IntoPollIo;
+use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use monoio::net::TcpStream;
+use tokio::io::AsyncWrite;
 
+use crate::bufio::ReadSlot;
 use crate::sockets::reset_on_close;
+use crate::stats::Counter;
+
+/// Where a relay counts the bytes it moves, as it moves them.
+#[derive(Clone, Copy)]
+pub struct Meters<'a> {
+    /// Bytes from the local TCP side to the peer.
+    pub sent: &'a Counter,
+    /// Bytes from the peer to the local TCP side.
+    pub received: &'a Counter,
+}
 
 /// Bytes moved each way by a finished relay.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -39,6 +48,7 @@ pub struct Totals {
 }
 
 /// How one direction ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum End {
     /// EOF passed on as a half-close.
     Closed,
@@ -48,233 +58,359 @@ enum End {
     SinkFailed,
 }
 
-/// Reads a TCP half with buffers sized by [`ReadSizer`]: large while data streams, none while
-/// the connection is quiet.
-struct SizedReader {
-    half: OwnedReadHalf<TcpStream>,
-    sizer: ReadSizer,
-    buf: BytesMut,
+/// One TCP connection in poll mode, with its read slot.
+struct TcpSide {
+    io: TcpStreamPoll,
+    fd: RawFd,
+    slot: ReadSlot,
 }
 
-impl SizedReader {
-    fn new(half: OwnedReadHalf<TcpStream>) -> Self {
-        SizedReader {
-            half,
-            sizer: ReadSizer::default(),
-            buf: BytesMut::new(),
-        }
+impl TcpSide {
+    fn new(stream: TcpStream) -> io::Result<TcpSide> {
+        let fd = stream.as_raw_fd();
+        Ok(TcpSide {
+            io: stream.into_poll_io()?,
+            fd,
+            slot: ReadSlot::default(),
+        })
     }
 
-    /// The next chunk, or `None` at EOF.
-    async fn next(&mut self) -> io::Result<Option<Bytes>> {
-        let size = match self.sizer.next() {
-            NextRead::Now(size) => size,
-            NextRead::WhenReadable(size) => {
-                self.buf = BytesMut::new();
-                // SAFETY: monoio's split halves share the stream through an `UnsafeCell` and
-                // each half uses it for its own kind of operation; waiting for readability only
-                // submits a poll on the fd and touches no state the write half uses.
-                #[allow(unsafe_code)]
-                let stream = unsafe { &*self.half.0.get() };
-                stream.readable(true).await?;
-                size
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        self.slot.poll_chunk(&mut self.io, cx)
+    }
+
+    /// Writes all of `chunk` (advancing it) or fails.
+    fn poll_write_all(&mut self, cx: &mut Context<'_>, chunk: &mut Bytes) -> Poll<io::Result<()>> {
+        while !chunk.is_empty() {
+            match Pin::new(&mut self.io).poll_write(cx, chunk) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => chunk.advance(n),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
             }
-        };
-        self.buf.reserve(size);
-        let buf = std::mem::take(&mut self.buf);
-        let capacity = buf.capacity();
-        let (result, buf) = self.half.read(buf).await;
-        self.buf = buf;
-        let n = result?;
-        if n == 0 {
-            return Ok(None);
         }
-        self.sizer.observe(n, capacity);
-        Ok(Some(self.buf.split().freeze()))
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
-/// Sends `data` on an h2 stream as flow control allows.
-async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), h2::Error> {
-    while !data.is_empty() {
-        send.reserve_capacity(data.len());
-        let granted = poll_fn(|cx| send.poll_capacity(cx))
-            .await
-            .ok_or_else(|| h2::Error::from(Reason::CANCEL))??;
-        if granted == 0 {
-            continue;
-        }
-        let chunk = data.split_to(granted.min(data.len()));
-        send.send_data(chunk, false)?;
-    }
-    Ok(())
+/// A direction that reads a TCP side and writes somewhere else.
+enum Upload {
+    Reading,
+    Sending(Bytes),
+    Done(End),
 }
 
-async fn tcp_to_h2(
-    reader: &mut SizedReader,
-    mut send: SendStream<Bytes>,
-    count: &Cell<u64>,
-) -> End {
+/// A direction that writes a TCP side.
+enum Download {
+    Receiving,
+    Writing { chunk: Bytes, window: usize },
+    ShuttingDown,
+    Done(End),
+}
+
+/// TCP -> h2: read a chunk, wait for stream window, send it.
+fn poll_tcp_to_h2(
+    state: &mut Upload,
+    tcp: &mut TcpSide,
+    send: &mut SendStream<Bytes>,
+    count: &mut u64,
+    meter: &Counter,
+    cx: &mut Context<'_>,
+) -> Poll<End> {
     loop {
-        match reader.next().await {
-            Ok(Some(chunk)) => {
-                let n = chunk.len() as u64;
-                if send_all(&mut send, chunk).await.is_err() {
-                    return End::SinkFailed;
+        match state {
+            Upload::Done(end) => return Poll::Ready(*end),
+            Upload::Reading => match tcp.poll_chunk(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(Some(chunk))) => *state = Upload::Sending(chunk),
+                Poll::Ready(Ok(None)) => {
+                    let end = match send.send_data(Bytes::new(), true) {
+                        Ok(()) => End::Closed,
+                        Err(_) => End::SinkFailed,
+                    };
+                    *state = Upload::Done(end);
                 }
-                count.set(count.get() + n);
-            }
-            Ok(None) => {
-                return match send.send_data(Bytes::new(), true) {
-                    Ok(()) => End::Closed,
-                    Err(_) => End::SinkFailed,
-                };
-            }
-            Err(_) => {
-                send.send_reset(Reason::CANCEL);
-                return End::SourceFailed;
+                Poll::Ready(Err(_)) => {
+                    send.send_reset(Reason::CANCEL);
+                    *state = Upload::Done(End::SourceFailed);
+                }
+            },
+            Upload::Sending(chunk) => {
+                send.reserve_capacity(chunk.len());
+                match send.poll_capacity(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(Ok(0))) => {}
+                    Poll::Ready(Some(Ok(granted))) => {
+                        let part = chunk.split_to(granted.min(chunk.len()));
+                        let n = part.len() as u64;
+                        if send.send_data(part, false).is_err() {
+                            *state = Upload::Done(End::SinkFailed);
+                        } else {
+                            *count += n;
+                            meter.add(n);
+                            if chunk.is_empty() {
+                                *state = Upload::Reading;
+                            }
+                        }
+                    }
+                    Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                        *state = Upload::Done(End::SinkFailed)
+                    }
+                }
             }
         }
     }
 }
 
-async fn h2_to_tcp(
-    mut recv: RecvStream,
-    writer: &mut OwnedWriteHalf<TcpStream>,
-    count: &Cell<u64>,
-) -> End {
+/// h2 -> TCP: receive a chunk, write it, then give its window back (so a slow reader holds
+/// the sender back instead of growing our memory).
+fn poll_h2_to_tcp(
+    state: &mut Download,
+    recv: &mut RecvStream,
+    tcp: &mut TcpSide,
+    count: &mut u64,
+    meter: &Counter,
+    cx: &mut Context<'_>,
+) -> Poll<End> {
     loop {
-        match recv.data().await {
-            Some(Ok(chunk)) => {
-                let n = chunk.len();
-                let (result, _) = writer.write_all(chunk).await;
-                if result.is_err() {
-                    // Dropping `recv` and the send half resets the stream.
-                    return End::SinkFailed;
+        match state {
+            Download::Done(end) => return Poll::Ready(*end),
+            Download::Receiving => match recv.poll_data(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let window = chunk.len();
+                    *state = Download::Writing { chunk, window };
                 }
-                count.set(count.get() + n as u64);
-                // Give the window back only once the bytes are in the socket, so a slow
-                // reader holds back the sender instead of growing our memory.
-                let _ = recv.flow_control().release_capacity(n);
-            }
-            None => {
-                let _ = writer.shutdown().await;
-                return End::Closed;
-            }
-            Some(Err(_)) => return End::SourceFailed,
+                Poll::Ready(None) => *state = Download::ShuttingDown,
+                Poll::Ready(Some(Err(_))) => *state = Download::Done(End::SourceFailed),
+            },
+            Download::Writing { chunk, window } => match tcp.poll_write_all(cx, chunk) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) => {
+                    *count += *window as u64;
+                    meter.add(*window as u64);
+                    let _ = recv.flow_control().release_capacity(*window);
+                    *state = Download::Receiving;
+                }
+                Poll::Ready(Err(_)) => *state = Download::Done(End::SinkFailed),
+            },
+            Download::ShuttingDown => match tcp.poll_shutdown(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(_) => *state = Download::Done(End::Closed),
+            },
         }
     }
 }
 
-async fn tcp_to_tcp(
-    reader: &mut SizedReader,
-    writer: &mut OwnedWriteHalf<TcpStream>,
-    count: &Cell<u64>,
-) -> End {
+/// TCP -> TCP: read a chunk, write it, pass EOF on as a shutdown.
+fn poll_tcp_to_tcp(
+    state: &mut Download,
+    src: &mut TcpSide,
+    dst: &mut TcpSide,
+    count: &mut u64,
+    meter: &Counter,
+    cx: &mut Context<'_>,
+) -> Poll<End> {
     loop {
-        match reader.next().await {
-            Ok(Some(chunk)) => {
-                let n = chunk.len() as u64;
-                let (result, _) = writer.write_all(chunk).await;
-                if result.is_err() {
-                    return End::SinkFailed;
+        match state {
+            Download::Done(end) => return Poll::Ready(*end),
+            Download::Receiving => match src.poll_chunk(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(Some(chunk))) => {
+                    let window = chunk.len();
+                    *state = Download::Writing { chunk, window };
                 }
-                count.set(count.get() + n);
-            }
-            Ok(None) => {
-                let _ = writer.shutdown().await;
-                return End::Closed;
-            }
-            Err(_) => return End::SourceFailed,
+                Poll::Ready(Ok(None)) => *state = Download::ShuttingDown,
+                Poll::Ready(Err(_)) => *state = Download::Done(End::SourceFailed),
+            },
+            Download::Writing { chunk, window } => match dst.poll_write_all(cx, chunk) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) => {
+                    *count += *window as u64;
+                    meter.add(*window as u64);
+                    *state = Download::Receiving;
+                }
+                Poll::Ready(Err(_)) => *state = Download::Done(End::SinkFailed),
+            },
+            Download::ShuttingDown => match dst.poll_shutdown(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(_) => *state = Download::Done(End::Closed),
+            },
         }
     }
 }
 
-/// Closes a socket from its halves, with an RST if `reset`.
-fn close(fd: RawFd, reader: SizedReader, writer: OwnedWriteHalf<TcpStream>, reset: bool) {
-    if reset {
-        reset_on_close(fd);
-    }
-    // Reunited, the socket closes without the write half's implicit shutdown.
-    match reader.half.reunite(writer) {
-        Ok(stream) => drop(stream),
-        Err(halves) => drop(halves),
+/// What to do once the directions have ended (or one of them failed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Verdict {
+    finished: bool,
+    reset: bool,
+}
+
+/// Both directions ended cleanly: finished. A direction failed: finished now, as a reset.
+fn verdict(up: Poll<End>, down: Poll<End>) -> Verdict {
+    match (up, down) {
+        (Poll::Ready(End::Closed), Poll::Ready(End::Closed)) => Verdict {
+            finished: true,
+            reset: false,
+        },
+        (Poll::Ready(End::SourceFailed | End::SinkFailed), _)
+        | (_, Poll::Ready(End::SourceFailed | End::SinkFailed)) => Verdict {
+            finished: true,
+            reset: true,
+        },
+        _ => Verdict {
+            finished: false,
+            reset: false,
+        },
     }
 }
 
 /// Relays between a local TCP connection and an HBONE stream until both directions end.
-pub async fn tcp_h2(tcp: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> Totals {
-    let fd = tcp.as_raw_fd();
-    let (rd, mut wr) = tcp.into_split();
-    let mut reader = SizedReader::new(rd);
-    let (sent, received) = (Cell::new(0), Cell::new(0));
-    // (the relay ended in a reset, the TCP side must be reset)
-    let (reset, reset_tcp) = {
-        let up = pin!(tcp_to_h2(&mut reader, send, &sent));
-        let down = pin!(h2_to_tcp(recv, &mut wr, &received));
-        match select(up, down).await {
-            Either::Left((End::Closed, down)) => match down.await {
-                End::Closed => (false, false),
-                End::SourceFailed => (true, true),
-                End::SinkFailed => (true, false),
-            },
-            // TCP read failed: the stream was reset already.
-            Either::Left((End::SourceFailed, _)) => (true, false),
-            // The stream failed: reset the TCP side.
-            Either::Left((End::SinkFailed, _)) => (true, true),
-            Either::Right((End::Closed, up)) => match up.await {
-                End::Closed => (false, false),
-                End::SourceFailed => (true, false),
-                End::SinkFailed => (true, true),
-            },
-            // The peer reset the stream: reset the TCP side.
-            Either::Right((End::SourceFailed, _)) => (true, true),
-            // TCP write failed: dropping the stream's handles resets it.
-            Either::Right((End::SinkFailed, _)) => (true, false),
+pub async fn tcp_h2(
+    tcp: TcpStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+    meters: Meters<'_>,
+) -> Totals {
+    let mut tcp = match TcpSide::new(tcp) {
+        Ok(t) => t,
+        Err(_) => {
+            send.send_reset(Reason::INTERNAL_ERROR);
+            return Totals {
+                reset: true,
+                ..Totals::default()
+            };
         }
     };
-    close(fd, reader, wr, reset_tcp);
+    let (mut up, mut down) = (Upload::Reading, Download::Receiving);
+    let (mut sent, mut received) = (0u64, 0u64);
+    let (up_end, down_end) = poll_fn(|cx| {
+        let u = poll_tcp_to_h2(&mut up, &mut tcp, &mut send, &mut sent, meters.sent, cx);
+        let d = poll_h2_to_tcp(
+            &mut down,
+            &mut recv,
+            &mut tcp,
+            &mut received,
+            meters.received,
+            cx,
+        );
+        if verdict(u, d).finished {
+            Poll::Ready((u, d))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    // Who has to be told: a failed h2 side (SinkFailed up, SourceFailed down) resets the TCP
+    // side; a failed TCP side resets the stream (explicitly, or by dropping its handles).
+    let reset = verdict(up_end, down_end).reset;
+    let reset_tcp = matches!(up_end, Poll::Ready(End::SinkFailed))
+        || matches!(down_end, Poll::Ready(End::SourceFailed));
+    if reset && !reset_tcp {
+        send.send_reset(Reason::CANCEL);
+    }
+    close(tcp, reset_tcp);
     Totals {
-        sent: sent.get(),
-        received: received.get(),
+        sent,
+        received,
         reset,
     }
 }
 
 /// Relays between two TCP connections (passthrough and plaintext inbound).
-pub async fn tcp_tcp(local: TcpStream, remote: TcpStream) -> Totals {
-    let (local_fd, remote_fd) = (local.as_raw_fd(), remote.as_raw_fd());
-    let (local_rd, mut local_wr) = local.into_split();
-    let (remote_rd, mut remote_wr) = remote.into_split();
-    let mut local_reader = SizedReader::new(local_rd);
-    let mut remote_reader = SizedReader::new(remote_rd);
-    let (sent, received) = (Cell::new(0), Cell::new(0));
-    // A failed read resets the other side; a failed write resets the side we read from.
-    let (reset_local, reset_remote) = {
-        let up = pin!(tcp_to_tcp(&mut local_reader, &mut remote_wr, &sent));
-        let down = pin!(tcp_to_tcp(&mut remote_reader, &mut local_wr, &received));
-        match select(up, down).await {
-            Either::Left((End::Closed, down)) => match down.await {
-                End::Closed => (false, false),
-                End::SourceFailed => (true, false),
-                End::SinkFailed => (false, true),
-            },
-            Either::Left((End::SourceFailed, _)) => (false, true),
-            Either::Left((End::SinkFailed, _)) => (true, false),
-            Either::Right((End::Closed, up)) => match up.await {
-                End::Closed => (false, false),
-                End::SourceFailed => (false, true),
-                End::SinkFailed => (true, false),
-            },
-            Either::Right((End::SourceFailed, _)) => (true, false),
-            Either::Right((End::SinkFailed, _)) => (false, true),
+pub async fn tcp_tcp(local: TcpStream, remote: TcpStream, meters: Meters<'_>) -> Totals {
+    let (mut local, mut remote) = match (TcpSide::new(local), TcpSide::new(remote)) {
+        (Ok(l), Ok(r)) => (l, r),
+        _ => {
+            return Totals {
+                reset: true,
+                ..Totals::default()
+            }
         }
     };
-    close(local_fd, local_reader, local_wr, reset_local);
-    close(remote_fd, remote_reader, remote_wr, reset_remote);
+    let (mut up, mut down) = (Download::Receiving, Download::Receiving);
+    let (mut sent, mut received) = (0u64, 0u64);
+    let (up_end, down_end) = poll_fn(|cx| {
+        let u = poll_tcp_to_tcp(&mut up, &mut local, &mut remote, &mut sent, meters.sent, cx);
+        let d = poll_tcp_to_tcp(
+            &mut down,
+            &mut remote,
+            &mut local,
+            &mut received,
+            meters.received,
+            cx,
+        );
+        if verdict(u, d).finished {
+            Poll::Ready((u, d))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    // A failed read resets the other side; a failed write resets the side it came from.
+    let failed = |end: Poll<End>, which: End| matches!(end, Poll::Ready(e) if e == which);
+    let reset_local = failed(up_end, End::SinkFailed) || failed(down_end, End::SourceFailed);
+    let reset_remote = failed(up_end, End::SourceFailed) || failed(down_end, End::SinkFailed);
+    let reset = verdict(up_end, down_end).reset;
+    close(local, reset_local);
+    close(remote, reset_remote);
     Totals {
-        sent: sent.get(),
-        received: received.get(),
-        reset: reset_local || reset_remote,
+        sent,
+        received,
+        reset,
+    }
+}
+
+fn close(side: TcpSide, reset: bool) {
+    if reset {
+        reset_on_close(side.fd);
+    }
+    drop(side);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relay_finishes_on_two_clean_closes_or_on_the_first_failure() {
+        let closed = Poll::Ready(End::Closed);
+        let pending = Poll::Pending;
+        assert!(
+            !verdict(closed, pending).finished,
+            "the other way still flows"
+        );
+        assert!(!verdict(pending, closed).finished);
+        assert_eq!(
+            verdict(closed, closed),
+            Verdict {
+                finished: true,
+                reset: false
+            }
+        );
+        for failure in [End::SourceFailed, End::SinkFailed] {
+            let failed = Poll::Ready(failure);
+            for other in [pending, closed] {
+                assert_eq!(
+                    verdict(failed, other),
+                    Verdict {
+                        finished: true,
+                        reset: true
+                    }
+                );
+                assert_eq!(
+                    verdict(other, failed),
+                    Verdict {
+                        finished: true,
+                        reset: true
+                    }
+                );
+            }
+        }
     }
 }

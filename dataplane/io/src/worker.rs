@@ -21,6 +21,7 @@ use mesh_core::{ports, DATAPLANE_MARK};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, Canceller, IntoPollIo};
 use monoio::net::{TcpListener, TcpStream};
 
+use crate::bufio::ReadBuffered;
 use crate::netns::NetNs;
 use crate::pool::{DialSpec, HbonePool, Lease, PoolKey, PoolTimers};
 use crate::relay;
@@ -365,7 +366,17 @@ impl Worker {
             match listener.cancelable_accept(cancel.clone()).await {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    monoio::spawn(self.clone().handle(kind, stream, peer, uid.clone()));
+                    // One task per connection, each kind its own future type, so a connection's
+                    // task is no larger than what its own kind keeps while relaying.
+                    let (w, uid) = (self.clone(), uid.clone());
+                    match kind {
+                        Kind::Outbound => drop(monoio::spawn(w.outbound(stream, peer, uid))),
+                        Kind::Socks5 => drop(monoio::spawn(w.socks5(stream, peer, uid))),
+                        Kind::InboundPlaintext => {
+                            drop(monoio::spawn(w.inbound_plaintext(stream, peer, uid)))
+                        }
+                        Kind::Hbone => drop(monoio::spawn(w.inbound_hbone(stream, peer, uid))),
+                    }
                 }
                 Err(_) if stopped.get() => return,
                 Err(error) => {
@@ -387,56 +398,45 @@ impl Worker {
         self.pods.borrow().get(uid).map(|p| p.netns.clone())
     }
 
-    async fn handle(self: Rc<Self>, kind: Kind, stream: TcpStream, peer: SocketAddr, uid: Rc<str>) {
+    async fn outbound(self: Rc<Self>, stream: TcpStream, peer: SocketAddr, uid: Rc<str>) {
+        let _active = ActiveGuard::new(&self.stats);
+        self.stats.outbound_accepted.inc();
+        let dst = match stream
+            .local_addr()
+            .and_then(|local| original_dst(stream.as_raw_fd(), local))
+        {
+            Ok(dst) => dst,
+            Err(error) => {
+                tracing::debug!(pod = %uid, %peer, %error, "no original destination");
+                return;
+            }
+        };
         let view = self.view();
-        // A TLS connection on 15008 is a tunnel, not a proxied connection: its streams count.
-        let _active = (kind != Kind::Hbone).then(|| ActiveGuard::new(&self.stats));
-        match kind {
-            Kind::Outbound => {
-                self.stats.outbound_accepted.inc();
-                let dst = match stream
-                    .local_addr()
-                    .and_then(|local| original_dst(stream.as_raw_fd(), local))
-                {
-                    Ok(dst) => dst,
-                    Err(error) => {
-                        tracing::debug!(pod = %uid, %peer, %error, "no original destination");
-                        return;
-                    }
-                };
-                match self.open_upstream(&view, &uid, dst, peer).await {
-                    Ok(upstream) => self.relay(stream, upstream).await,
-                    Err(error) => {
-                        tracing::debug!(pod = %uid, %peer, %dst, %error, "outbound refused")
-                    }
-                }
-            }
-            Kind::Socks5 => {
-                self.stats.socks5_accepted.inc();
-                self.socks5(&view, stream, peer, &uid).await;
-            }
-            Kind::InboundPlaintext => {
-                self.stats.inbound_plaintext_accepted.inc();
-                self.inbound_plaintext(&view, stream, peer, &uid).await;
-            }
-            Kind::Hbone => {
-                self.stats.inbound_hbone_accepted.inc();
-                self.inbound_hbone(view, stream, peer, uid).await;
-            }
+        // Boxed: connection setup is short and large; only the relay should stay resident.
+        match Box::pin(self.open_upstream(&view, &uid, dst, peer)).await {
+            Ok(upstream) => self.relay(stream, upstream).await,
+            Err(error) => tracing::debug!(pod = %uid, %peer, %dst, %error, "outbound refused"),
         }
     }
 
     async fn relay(&self, stream: TcpStream, upstream: Upstream) {
         let totals = match upstream {
-            Upstream::Hbone { _lease, send, recv } => relay::tcp_h2(stream, send, recv).await,
-            Upstream::Tcp(remote) => relay::tcp_tcp(stream, remote).await,
+            Upstream::Hbone { _lease, send, recv } => {
+                relay::tcp_h2(stream, send, recv, self.meters()).await
+            }
+            Upstream::Tcp(remote) => relay::tcp_tcp(stream, remote, self.meters()).await,
         };
         self.record(&totals, "outbound");
     }
 
+    fn meters(&self) -> relay::Meters<'_> {
+        relay::Meters {
+            sent: &self.stats.bytes_sent,
+            received: &self.stats.bytes_received,
+        }
+    }
+
     fn record(&self, totals: &relay::Totals, direction: &'static str) {
-        self.stats.bytes_sent.add(totals.sent);
-        self.stats.bytes_received.add(totals.received);
         tracing::debug!(
             worker = self.id,
             direction,
@@ -533,48 +533,66 @@ impl Worker {
         }
     }
 
-    async fn socks5(&self, view: &View, mut stream: TcpStream, peer: SocketAddr, uid: &str) {
+    async fn socks5(self: Rc<Self>, stream: TcpStream, peer: SocketAddr, uid: Rc<str>) {
+        let _active = ActiveGuard::new(&self.stats);
+        self.stats.socks5_accepted.inc();
+        let view = self.view();
+        if let Some((stream, upstream)) =
+            Box::pin(self.socks5_handshake(&view, stream, peer, &uid)).await
+        {
+            self.relay(stream, upstream).await;
+        }
+    }
+
+    /// Reads the SOCKS5 greeting and request, opens the upstream and answers.
+    async fn socks5_handshake(
+        &self,
+        view: &View,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        uid: &str,
+    ) -> Option<(TcpStream, Upstream)> {
         let mut buf = Vec::with_capacity(64);
         let greeting = read_parsed(&mut stream, &mut buf, socks5::parse_greeting).await;
         if greeting.is_err() {
             let _ = stream
                 .write_all(socks5::greeting_reply(false).to_vec())
                 .await;
-            return;
+            return None;
         }
         let (result, _) = stream
             .write_all(socks5::greeting_reply(true).to_vec())
             .await;
-        if result.is_err() {
-            return;
-        }
+        result.ok()?;
         let dst = match read_parsed(&mut stream, &mut buf, socks5::parse_request).await {
             Ok(dst) => dst,
             Err(Some(reply)) => {
                 let _ = stream.write_all(socks5::reply(reply).to_vec()).await;
-                return;
+                return None;
             }
-            Err(None) => return,
+            Err(None) => return None,
         };
         match self.open_upstream(view, uid, dst, peer).await {
             Ok(upstream) => {
                 let (result, _) = stream
                     .write_all(socks5::reply(Reply::Succeeded).to_vec())
                     .await;
-                if result.is_ok() {
-                    self.relay(stream, upstream).await;
-                }
+                result.ok().map(|_| (stream, upstream))
             }
             Err(error) => {
                 tracing::debug!(pod = %uid, %peer, %dst, %error, "SOCKS5 connect refused");
                 let _ = stream
                     .write_all(socks5::reply(error.socks5_reply()).to_vec())
                     .await;
+                None
             }
         }
     }
 
-    async fn inbound_plaintext(&self, view: &View, stream: TcpStream, peer: SocketAddr, uid: &str) {
+    async fn inbound_plaintext(self: Rc<Self>, stream: TcpStream, peer: SocketAddr, uid: Rc<str>) {
+        let _active = ActiveGuard::new(&self.stats);
+        self.stats.inbound_plaintext_accepted.inc();
+        let view = self.view();
         let dst = match stream
             .local_addr()
             .and_then(|local| original_dst(stream.as_raw_fd(), local))
@@ -587,16 +605,16 @@ impl Worker {
         };
         let serves = view
             .index
-            .workload_by_uid(uid)
+            .workload_by_uid(&uid)
             .is_some_and(|w| w.ips.contains(&dst.ip()));
-        let Some(netns) = self.pod_netns(uid).filter(|_| serves) else {
+        let Some(netns) = self.pod_netns(&uid).filter(|_| serves) else {
             tracing::debug!(pod = %uid, %peer, %dst, "plaintext inbound for an address not of this pod");
             return;
         };
-        match self.connect_in(&netns, dst).await {
+        match Box::pin(self.connect_in(&netns, dst)).await {
             Ok(app) => {
                 // The app is the local side here: what it sent went out to the peer.
-                let totals = relay::tcp_tcp(app, stream).await;
+                let totals = relay::tcp_tcp(app, stream, self.meters()).await;
                 self.record(&totals, "inbound plaintext");
             }
             Err(error) => {
@@ -605,13 +623,9 @@ impl Worker {
         }
     }
 
-    async fn inbound_hbone(
-        self: Rc<Self>,
-        view: Rc<View>,
-        stream: TcpStream,
-        peer: SocketAddr,
-        uid: Rc<str>,
-    ) {
+    async fn inbound_hbone(self: Rc<Self>, stream: TcpStream, peer: SocketAddr, uid: Rc<str>) {
+        self.stats.inbound_hbone_accepted.inc();
+        let view = self.view();
         let Some(workload) = view.index.workload_by_uid(&uid) else {
             return;
         };
@@ -620,7 +634,7 @@ impl Worker {
             return;
         };
         let io = match stream.into_poll_io() {
-            Ok(io) => io,
+            Ok(io) => ReadBuffered::new(io),
             Err(error) => {
                 tracing::warn!(%error, "cannot switch socket to poll mode");
                 return;
@@ -711,7 +725,7 @@ impl Worker {
                 return;
             }
         };
-        let app = match self.connect_in(&netns, connect.target).await {
+        let app = match Box::pin(self.connect_in(&netns, connect.target)).await {
             Ok(app) => app,
             Err(error) => {
                 self.stats.hbone_no_upstream.inc();
@@ -724,7 +738,7 @@ impl Worker {
             Ok(s) => s,
             Err(_) => return,
         };
-        let totals = relay::tcp_h2(app, send, request.into_body()).await;
+        let totals = relay::tcp_h2(app, send, request.into_body(), self.meters()).await;
         self.record(&totals, "inbound HBONE");
     }
 }

@@ -38,15 +38,22 @@ struct RunArgs {
     /// Data-plane workers per node (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// Pin each node's workers to cores (both simulated nodes then pin to the same cores).
+    #[arg(long)]
+    pin: bool,
     /// I/O driver for the data planes: auto, io-uring or epoll.
     #[arg(long, default_value = "auto")]
     driver: String,
     /// Length of each bulk-stream run.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 5.0)]
     seconds: f64,
     /// Length of each round-trip latency run.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 3.0)]
     rr_seconds: f64,
+    /// Direct and mesh runs alternate this many times; the table shows medians over rounds
+    /// (this VM's timing drifts by tens of percent from one minute to the next).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Connections to hold open for the memory measurement (0 to skip).
     #[arg(long, default_value_t = 2000)]
     hold: usize,
@@ -190,6 +197,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     lab::install_interrupt_cleanup()?;
     let mut options = LabOptions {
         driver: args.driver.clone(),
+        pin: args.pin,
         ..LabOptions::default()
     };
     if let Some(w) = args.workers {
@@ -208,27 +216,58 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .unwrap_or("unknown")
         .to_owned();
 
+    let rounds = args.rounds.max(1);
     step(
         2,
         total,
         &format!(
-            "one bulk stream for {}s, direct then through the mesh",
+            "one bulk stream, {rounds} x ({0}s direct, {0}s mesh)",
             args.seconds
         ),
     );
-    let direct_throughput = bulk(&lab, "n1-b", lab.addr("n2-b", SINK_PORT), args.seconds)?;
-    let mesh_throughput = bulk(&lab, "n1-a", lab.addr("n2-a", SINK_PORT), args.seconds)?;
+    let (mut direct_runs, mut mesh_runs) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        direct_runs.push(bulk(
+            &lab,
+            "n1-b",
+            lab.addr("n2-b", SINK_PORT),
+            args.seconds,
+        )?);
+        mesh_runs.push(bulk(
+            &lab,
+            "n1-a",
+            lab.addr("n2-a", SINK_PORT),
+            args.seconds,
+        )?);
+    }
+    let direct_throughput = Throughput::median(&direct_runs);
+    let mesh_throughput = Throughput::median(&mesh_runs);
 
     step(
         3,
         total,
         &format!(
-            "1 KiB ping-pong for {}s, direct then through the mesh",
+            "1 KiB ping-pong, {rounds} x ({0}s direct, {0}s mesh)",
             args.rr_seconds
         ),
     );
-    let direct_latency = rr(&lab, "n1-b", lab.addr("n2-b", ECHO_PORT), args.rr_seconds)?;
-    let mesh_latency = rr(&lab, "n1-a", lab.addr("n2-a", ECHO_PORT), args.rr_seconds)?;
+    let (mut direct_rr, mut mesh_rr) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        direct_rr.push(rr(
+            &lab,
+            "n1-b",
+            lab.addr("n2-b", ECHO_PORT),
+            args.rr_seconds,
+        )?);
+        mesh_rr.push(rr(
+            &lab,
+            "n1-a",
+            lab.addr("n2-a", ECHO_PORT),
+            args.rr_seconds,
+        )?);
+    }
+    let direct_latency = Latency::median(&direct_rr);
+    let mesh_latency = Latency::median(&mesh_rr);
 
     let memory = if args.hold > 0 {
         step(
@@ -254,7 +293,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .unwrap_or_default(),
         machine: sys::machine(),
         driver,
+        rounds,
+        rounds_detail: perf::report::Rounds {
+            direct_throughput: direct_runs,
+            mesh_throughput: mesh_runs,
+            direct_latency: direct_rr,
+            mesh_latency: mesh_rr,
+        },
         workers_per_node: workers,
+        pinned: args.pin,
         topology: "2 namespace nodes over veth, pods behind per-pod veths, apps and data planes sharing all cores".into(),
         ratios: Ratios::of(&direct_throughput, &mesh_throughput, &direct_latency, &mesh_latency),
         direct_throughput,
