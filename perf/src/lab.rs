@@ -494,6 +494,20 @@ impl Lab {
         Ok(())
     }
 
+    /// Sends a signal (e.g. "STOP", "CONT") to a node's data plane.
+    pub fn signal_dataplane(&self, node: usize, signal: &str) -> anyhow::Result<()> {
+        let pid = self
+            .dataplane_pid(node)
+            .ok_or_else(|| anyhow::anyhow!("no data plane on {}", NODE_NAMES[node]))?;
+        sys::run("kill", &[&format!("-{signal}"), &pid.to_string()])?;
+        Ok(())
+    }
+
+    /// Where a node's agent publishes its snapshot region.
+    pub fn snapshot_region(&self, node: usize) -> PathBuf {
+        self.snapshot_path(node)
+    }
+
     /// Pid of a node's data plane (`ip netns exec` execs it in place, so the child is it).
     pub fn dataplane_pid(&self, node: usize) -> Option<u32> {
         self.dataplanes[node].as_ref().map(Child::id)

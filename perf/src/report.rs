@@ -288,10 +288,10 @@ impl Report {
                 .flat_map(|(_, d, m)| [*d, *m])
                 .fold(0.0_f64, f64::max)
                 .max(1e-9);
-            let (top, bottom, bw) = (60.0, 290.0, 34.0);
+            let (top, bottom, bw) = (66.0, 290.0, 34.0);
             let _ = writeln!(
                 s,
-                r#"<text x="{x0}" y="48" font-size="13">{title} ({unit})</text>"#
+                r#"<text x="{x0}" y="54" font-size="13">{title} ({unit})</text>"#
             );
             let _ = writeln!(
                 s,

@@ -603,3 +603,164 @@ lab_test!(
         assert_eq!(lab.total(1, "hbone_no_upstream").expect("stats"), 1);
     }
 );
+
+/// Polls `check` until it holds or `timeout` passes.
+fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    check()
+}
+
+lab_test!(
+    idle_pooled_connections_are_released,
+    LabOptions {
+        dataplane_args: vec!["--pool-idle-timeout".into(), "1s".into()],
+        ..LabOptions::default()
+    },
+    |lab| {
+        echo_server(&lab, "n2-a");
+        let mut client = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(roundtrip(&mut client, b"once").expect("echo"), b"once");
+        assert_eq!(lab.total(0, "pool_connections").expect("stats"), 1);
+        drop(client);
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                lab.total(0, "pool_connections").expect("stats") == 0
+            }),
+            "the idle tunnel was not released"
+        );
+        // The next connection dials a fresh tunnel.
+        let mut again = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(roundtrip(&mut again, b"again").expect("echo"), b"again");
+        assert_eq!(lab.total(0, "hbone_connections_dialed").expect("stats"), 2);
+    }
+);
+
+lab_test!(
+    a_tunnel_whose_peer_stops_answering_pings_is_dropped,
+    LabOptions {
+        dataplane_args: vec![
+            "--ping-interval".into(),
+            "300ms".into(),
+            "--ping-timeout".into(),
+            "300ms".into(),
+        ],
+        ..LabOptions::default()
+    },
+    |lab| {
+        echo_server(&lab, "n2-a");
+        let mut client = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(roundtrip(&mut client, b"ping").expect("echo"), b"ping");
+        // Freeze node 2's data plane: the tunnel stays open at the TCP level but goes silent.
+        lab.signal_dataplane(1, "STOP").expect("SIGSTOP");
+        let dropped = eventually(Duration::from_secs(5), || {
+            lab.total(0, "pool_connections").expect("stats") == 0
+        });
+        lab.signal_dataplane(1, "CONT").expect("SIGCONT");
+        assert!(
+            dropped,
+            "node 1 kept a tunnel whose peer did not answer PINGs"
+        );
+        let log = std::fs::read_to_string(lab.dir.join("dataplane-node-1.log")).expect("log");
+        assert!(log.contains("HBONE connection lost"), "the drop is logged");
+        let mut fresh = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(roundtrip(&mut fresh, b"back").expect("echo"), b"back");
+    }
+);
+
+lab_test!(
+    refused_snapshots_leave_the_last_good_one_serving,
+    LabOptions::default(),
+    |mut lab| {
+        echo_server(&lab, "n2-a");
+        // Take the region over from node 1's agent, as a buggy or hostile publisher would.
+        lab.kill_agent(0).expect("kill agent");
+        let mut publisher = mesh_snapshot::Publisher::create(
+            lab.snapshot_region(0),
+            mesh_snapshot::region::PublishOptions::default(),
+        )
+        .expect("publisher");
+        let refused = |lab: &Lab| {
+            lab.stats(0).expect("stats")["snapshot"]["refused"]
+                .as_u64()
+                .expect("refused counter")
+        };
+        // Bytes that are not a snapshot at all (checksum fine, protobuf not).
+        publisher.publish(&[0xff; 64]).expect("publish garbage");
+        assert!(eventually(Duration::from_secs(5), || refused(&lab) == 1));
+        // A well-formed snapshot that contradicts itself: two workloads on one address.
+        let mut snapshot = mesh_snapshot::Snapshot {
+            node: "node-1".into(),
+            ..Default::default()
+        };
+        for uid in ["x", "y"] {
+            snapshot.workloads.push(mesh_snapshot::schema::Workload {
+                uid: uid.into(),
+                name: uid.into(),
+                namespace: "default".into(),
+                service_account: "default".into(),
+                trust_domain: "cluster.local".into(),
+                ips: vec![vec![198, 18, 9, 9]],
+                node: "node-1".into(),
+                ..Default::default()
+            });
+        }
+        publisher
+            .publish(&mesh_snapshot::encode(&snapshot))
+            .expect("publish contradiction");
+        assert!(eventually(Duration::from_secs(5), || refused(&lab) == 2));
+        // A corrupted slot (checksum mismatch).
+        publisher.corrupt_active_slot_for_test();
+        assert!(eventually(Duration::from_secs(5), || refused(&lab) == 3));
+
+        // Node 1 still serves the agent's last good snapshot.
+        let mut client = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(roundtrip(&mut client, b"still").expect("echo"), b"still");
+        assert_eq!(
+            lab.http_get(0, 15021, "/healthz/ready").expect("ready").0,
+            200
+        );
+        let dump = lab.http_get(0, 15000, "/config_dump").expect("dump").1;
+        assert!(
+            dump.contains("\"n2-a\""),
+            "the last good workloads are still there"
+        );
+        // Identities are listed with their validity, and nothing else: no key material.
+        let dump: serde_json::Value = serde_json::from_str(&dump).expect("json");
+        let identities = dump["identities"].as_array().expect("identities");
+        assert!(!identities.is_empty());
+        for id in identities {
+            let mut fields: Vec<&str> = id
+                .as_object()
+                .expect("object")
+                .keys()
+                .map(|k| k.as_str())
+                .collect();
+            fields.sort_unstable();
+            assert_eq!(
+                fields,
+                [
+                    "chain_length",
+                    "identity",
+                    "not_after_unix",
+                    "not_before_unix"
+                ]
+            );
+        }
+    }
+);

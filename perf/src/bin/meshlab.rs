@@ -187,6 +187,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if !sys::is_root() {
         bail!("meshlab creates network namespaces and nftables rules: run it as root");
     }
+    let started = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
     let total = if args.hold > 0 { 5 } else { 4 };
     step(
         1,
@@ -284,7 +287,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     lab.down();
     let _ = std::fs::remove_dir_all(&log_dir);
 
-    let started = time::OffsetDateTime::now_utc();
     let report = Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         commit: sys::git_commit(),
