@@ -92,6 +92,8 @@ pub struct Report {
     pub pinned: bool,
     /// Direct and mesh runs alternated this many times; figures are medians over rounds.
     pub rounds: usize,
+    /// CPU time the hypervisor took from this VM during the measurements (noise indicator).
+    pub steal_percent: Option<f64>,
     pub topology: String,
     pub direct_throughput: Throughput,
     pub mesh_throughput: Throughput,
@@ -162,6 +164,12 @@ impl Report {
             self.machine.kernel,
             self.commit
         );
+        if let Some(steal) = self.steal_percent {
+            let _ = writeln!(
+                t,
+                "hypervisor steal during the runs: {steal:.1}% of CPU time"
+            );
+        }
         let row =
             |t: &mut String, name: &str, d: String, m: String, ratio: String, target: String| {
                 let _ = writeln!(t, "{name:<34}{d:>11}{m:>11}{ratio:>17}   {target}");
@@ -269,14 +277,17 @@ impl Report {
             s,
             r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>
-<text x="20" y="22" font-size="14">meshlab {} ({} workers/node, {}) on {} ({} cores), commit {}</text>
+<text x="20" y="18" font-size="13">meshlab, commit {}, {} (medians of {} rounds)</text>
+<text x="20" y="34" font-size="11">{} workers/node, {}, on {} ({} cores), kernel {}</text>
 "#,
+            self.commit,
             self.started,
+            self.rounds,
             self.workers_per_node,
             self.driver,
             self.machine.cpu_model,
             self.machine.cores,
-            self.commit
+            self.machine.kernel
         );
         let panel = |s: &mut String,
                      x0: f64,

@@ -126,3 +126,25 @@ pub fn git_commit() -> String {
         commit
     }
 }
+
+/// Machine-wide CPU time from /proc/stat: (all ticks, ticks stolen by the hypervisor).
+pub fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let total = fields.iter().take(8).sum();
+    Some((total, *fields.get(7)?))
+}
+
+/// Share of CPU time the hypervisor took from this VM between two `cpu_ticks` readings.
+pub fn steal_percent(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((t0, s0), (t1, s1)) = (before?, after?);
+    let total = t1.checked_sub(t0)?;
+    (total > 0).then(|| 100.0 * s1.saturating_sub(s0) as f64 / total as f64)
+}

@@ -219,6 +219,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .unwrap_or("unknown")
         .to_owned();
 
+    let ticks_before = sys::cpu_ticks();
     let rounds = args.rounds.max(1);
     step(
         2,
@@ -282,6 +283,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let steal_percent = sys::steal_percent(ticks_before, sys::cpu_ticks());
     step(total, total, "tearing the lab down");
     let log_dir = lab.dir.clone();
     lab.down();
@@ -296,6 +298,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         machine: sys::machine(),
         driver,
         rounds,
+        steal_percent,
         rounds_detail: perf::report::Rounds {
             direct_throughput: direct_runs,
             mesh_throughput: mesh_runs,
