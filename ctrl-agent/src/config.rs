@@ -18,6 +18,9 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub struct FileConfig {
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
+    /// Istio's root namespace: policies there without a selector apply mesh-wide.
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
     #[serde(default)]
     pub workloads: Vec<WorkloadSpec>,
     #[serde(default)]
@@ -30,6 +33,9 @@ pub struct FileConfig {
 
 fn default_trust_domain() -> String {
     DEFAULT_TRUST_DOMAIN.into()
+}
+fn default_root_namespace() -> String {
+    mesh_core::authz::DEFAULT_ROOT_NAMESPACE.into()
 }
 fn default_namespace() -> String {
     "default".into()
@@ -165,6 +171,11 @@ pub struct SourceSpec {
     pub request_principals: Vec<String>,
     #[serde(default)]
     pub not_request_principals: Vec<String>,
+    /// "namespace/name", or "name" in the policy's namespace.
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+    #[serde(default)]
+    pub not_service_accounts: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -225,6 +236,9 @@ pub struct PeerAuthenticationSpec {
     pub selector: Option<SelectorSpec>,
     #[serde(default)]
     pub mtls: MtlsSpec,
+    /// Per-port overrides; only meaningful with a workload selector (as in Istio).
+    #[serde(default)]
+    pub port_level_mtls: BTreeMap<u16, MtlsSpec>,
 }
 
 /// A config problem, with the path of the field it is about.
@@ -403,6 +417,22 @@ impl FileConfig {
                 return Err(err(
                     format!("peerAuthentications[{i}].name"),
                     "must not be empty",
+                ));
+            }
+            let has_selector = pa
+                .selector
+                .as_ref()
+                .is_some_and(|s| !s.match_labels.is_empty());
+            if !pa.port_level_mtls.is_empty() && !has_selector {
+                return Err(err(
+                    format!("peerAuthentications[{i}].portLevelMtls"),
+                    "needs a workload selector (as in Istio)",
+                ));
+            }
+            if pa.port_level_mtls.contains_key(&0) {
+                return Err(err(
+                    format!("peerAuthentications[{i}].portLevelMtls"),
+                    "port 0 is not a port",
                 ));
             }
         }

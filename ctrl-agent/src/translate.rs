@@ -14,6 +14,15 @@ fn selector(s: &Option<SelectorSpec>) -> std::collections::BTreeMap<String, Stri
         .unwrap_or_default()
 }
 
+fn mtls_mode(m: MtlsModeSpec) -> i32 {
+    (match m {
+        MtlsModeSpec::Unset => MtlsMode::Unset,
+        MtlsModeSpec::Permissive => MtlsMode::Permissive,
+        MtlsModeSpec::Strict => MtlsMode::Strict,
+        MtlsModeSpec::Disable => MtlsMode::Disable,
+    }) as i32
+}
+
 fn policy(p: &PolicySpec) -> AuthorizationPolicy {
     AuthorizationPolicy {
         name: p.name.clone(),
@@ -45,6 +54,8 @@ fn policy(p: &PolicySpec) -> AuthorizationPolicy {
                             not_remote_ip_blocks: s.not_remote_ip_blocks.clone(),
                             request_principals: s.request_principals.clone(),
                             not_request_principals: s.not_request_principals.clone(),
+                            service_accounts: s.service_accounts.clone(),
+                            not_service_accounts: s.not_service_accounts.clone(),
                         }
                     })
                     .collect(),
@@ -147,12 +158,12 @@ pub fn snapshot(
             name: pa.name.clone(),
             namespace: pa.namespace.clone(),
             selector: selector(&pa.selector),
-            mode: match pa.mtls.mode {
-                MtlsModeSpec::Unset => MtlsMode::Unset,
-                MtlsModeSpec::Permissive => MtlsMode::Permissive,
-                MtlsModeSpec::Strict => MtlsMode::Strict,
-                MtlsModeSpec::Disable => MtlsMode::Disable,
-            } as i32,
+            mode: mtls_mode(pa.mtls.mode),
+            port_level_mtls: pa
+                .port_level_mtls
+                .iter()
+                .map(|(port, m)| (u32::from(*port), mtls_mode(m.mode)))
+                .collect(),
         })
         .collect();
     Snapshot {
@@ -165,5 +176,6 @@ pub fn snapshot(
         identities,
         trust_roots,
         source,
+        root_namespace: config.root_namespace.clone(),
     }
 }

@@ -42,6 +42,7 @@ pub struct Pod {
     /// Network namespace name (under /run/netns).
     pub netns: String,
     pub enrolled: bool,
+    pub namespace: String,
     pub service_account: String,
 }
 
@@ -261,6 +262,18 @@ impl Lab {
         enrolled: bool,
         service_account: &str,
     ) -> anyhow::Result<Pod> {
+        self.add_pod_in(node, name, enrolled, "default", service_account)
+    }
+
+    /// Like [`Lab::add_pod`], in a given Kubernetes namespace.
+    pub fn add_pod_in(
+        &mut self,
+        node: usize,
+        name: &str,
+        enrolled: bool,
+        namespace: &str,
+        service_account: &str,
+    ) -> anyhow::Result<Pod> {
         let index = self.pods.iter().filter(|p| p.node == node).count();
         let ip = Ipv4Addr::new(198, 18, node as u8 + 1, index as u8 + 2);
         let netns = format!("{}-n{}-{name}", self.prefix, node + 1);
@@ -333,6 +346,7 @@ impl Lab {
             ip,
             netns,
             enrolled,
+            namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
         };
         self.pods.push(pod.clone());
@@ -381,11 +395,13 @@ impl Lab {
         yaml
     }
 
-    /// One workload entry; pods outside the mesh are listed as TCP (no certificate, no tunnel).
+    /// One workload entry, labelled `app: <uid>`; pods outside the mesh are listed as TCP
+    /// (no certificate, no tunnel).
     pub fn workload_yaml(&self, p: &Pod) -> String {
         format!(
-            "  - {{uid: {uid}, name: {uid}, serviceAccount: {sa}, ips: [{ip}], node: {node}, protocol: {proto}{netns}}}\n",
+            "  - {{uid: {uid}, name: {uid}, namespace: {ns}, serviceAccount: {sa}, labels: {{app: {uid}}}, ips: [{ip}], node: {node}, protocol: {proto}{netns}}}\n",
             uid = p.uid,
+            ns = p.namespace,
             sa = p.service_account,
             ip = p.ip,
             node = NODE_NAMES[p.node],
@@ -396,6 +412,25 @@ impl Lab {
                 String::new()
             },
         )
+    }
+
+    /// Writes the default config plus `extra` (e.g. `policies:` and `peerAuthentications:`
+    /// sections) to both nodes and waits until both data planes serve it.
+    pub fn apply(&self, extra: &str) -> anyhow::Result<()> {
+        let generations: Vec<u64> = (0..2)
+            .map(|n| {
+                self.stats(n)
+                    .map(|s| s["snapshot"]["generation"].as_u64().unwrap_or(0))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let config = format!("{}{extra}", self.default_config());
+        for node in 0..2 {
+            self.write_config(node, &config)?;
+        }
+        for (node, generation) in generations.into_iter().enumerate() {
+            self.wait_generation(node, generation + 1, Duration::from_secs(10))?;
+        }
+        Ok(())
     }
 
     pub fn config_path(&self, node: usize) -> PathBuf {

@@ -2,71 +2,18 @@
 //! dataplane processes, real TLS and HTTP/2. They need root (CI runs as root) and fail, never
 //! skip, without it. Every scenario runs once on io_uring and once on the epoll fallback.
 
+#[macro_use]
+mod common;
+
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::*;
 use perf::lab::{Lab, LabOptions, SERVICE_VIP};
 use perf::load;
-
-/// Lab tests share the machine's two cores and each starts four processes: one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-const ECHO: u16 = 9000;
-
-fn lab_with(driver: &str, options: LabOptions) -> Lab {
-    assert!(
-        perf::sys::is_root(),
-        "the end-to-end tests create network namespaces and must run as root"
-    );
-    let _ = mesh_io::sockets::raise_nofile_limit();
-    let bins = perf::bins::locate().expect("lab binaries");
-    Lab::up(
-        bins,
-        LabOptions {
-            driver: driver.into(),
-            ..options
-        },
-    )
-    .expect("lab comes up")
-}
-
-fn echo_server(lab: &Lab, pod: &str) {
-    load::serve_echo(lab.listen_in(pod, ECHO).expect("listen")).expect("echo server");
-}
-
-fn roundtrip(stream: &mut TcpStream, payload: &[u8]) -> std::io::Result<Vec<u8>> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.write_all(payload)?;
-    let mut back = vec![0u8; payload.len()];
-    stream.read_exact(&mut back)?;
-    Ok(back)
-}
-
-/// Runs `body` once per driver, each with a fresh lab.
-macro_rules! lab_test {
-    ($name:ident, $options:expr, $body:expr) => {
-        mod $name {
-            use super::*;
-            fn run(driver: &str) {
-                let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-                let lab = lab_with(driver, $options);
-                let body: fn(Lab) = $body;
-                body(lab);
-            }
-            #[test]
-            fn io_uring() {
-                run("io-uring");
-            }
-            #[test]
-            fn epoll() {
-                run("epoll");
-            }
-        }
-    };
-}
 
 lab_test!(
     gigabyte_each_way_arrives_intact,
@@ -141,12 +88,6 @@ lab_test!(
     }
 );
 
-fn reset_on_close(stream: &TcpStream) {
-    socket2::SockRef::from(stream)
-        .set_linger(Some(Duration::ZERO))
-        .expect("linger");
-}
-
 lab_test!(
     resets_are_carried_across_in_both_directions,
     LabOptions::default(),
@@ -206,8 +147,8 @@ lab_test!(
         echo_server(&lab, "n2-a");
         // Node 2 now runs n2-a under another service account than node 1 expects.
         let impostor = lab.default_config().replace(
-            "{uid: n2-a, name: n2-a, serviceAccount: default",
-            "{uid: n2-a, name: n2-a, serviceAccount: impostor",
+            "{uid: n2-a, name: n2-a, namespace: default, serviceAccount: default",
+            "{uid: n2-a, name: n2-a, namespace: default, serviceAccount: impostor",
         );
         assert_ne!(impostor, lab.default_config());
         lab.write_config(1, &impostor).expect("config");
@@ -493,91 +434,6 @@ lab_test!(
     }
 );
 
-/// An HBONE client speaking to node 2's data plane directly from node 1's namespace, with a
-/// certificate from the lab's CA: for requests a well-behaved peer would not send.
-mod raw_hbone {
-    use super::*;
-    use bytes::Bytes;
-    use mesh_core::identity::SpiffeId;
-    use monoio::io::IntoPollIo;
-
-    pub struct Answers {
-        pub statuses: Vec<u16>,
-        pub echoed: Vec<u8>,
-    }
-
-    /// Sends each authority as a CONNECT on one connection; after a 200, echoes `b"after"`.
-    pub fn connect_all(lab: &Lab, authorities: &[&str]) -> Answers {
-        let ca = ctrl_agent::ca::LocalCa::load(
-            &lab.mesh_ca_dir().join("ca-cert.pem"),
-            &lab.mesh_ca_dir().join("ca-key.pem"),
-        )
-        .expect("lab CA");
-        let me: SpiffeId = "spiffe://cluster.local/ns/default/sa/default"
-            .parse()
-            .expect("id");
-        let cert = ca
-            .issue(&me, std::time::SystemTime::now(), Duration::from_secs(600))
-            .expect("issue");
-        let identity = mesh_snapshot::schema::Identity {
-            spiffe_id: me.to_string(),
-            cert_chain: cert.chain,
-            private_key: cert.key_pkcs8,
-            ..Default::default()
-        };
-        let trust = mesh_io::tls::TrustBundle::new(&[ca.root_der().to_vec()]).expect("trust");
-        let tls =
-            mesh_io::tls::client_config(&identity, &trust, me.clone()).expect("client config");
-        let tunnel = SocketAddr::from((lab.pod("n2-a").ip, 15008));
-        let tcp = lab
-            .connect_in(&lab.node_netns(0), tunnel)
-            .expect("reach 15008");
-        tcp.set_nonblocking(true).expect("nonblocking");
-        let authorities: Vec<String> = authorities.iter().map(|a| a.to_string()).collect();
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let io = monoio::net::TcpStream::from_std(tcp)
-                .expect("monoio")
-                .into_poll_io()
-                .expect("poll io");
-            let tls_stream = tokio_rustls::TlsConnector::from(tls)
-                .connect(mesh_io::tls::placeholder_server_name(tunnel), io)
-                .await
-                .expect("TLS");
-            let (sender, connection) = mesh_io::h2glue::client_builder()
-                .handshake::<_, Bytes>(tls_stream)
-                .await
-                .expect("h2");
-            monoio::spawn(connection);
-            let mut statuses = Vec::new();
-            let mut echoed = Vec::new();
-            for authority in authorities {
-                let request = http::Request::builder()
-                    .method(http::Method::CONNECT)
-                    .uri(authority.as_str())
-                    .body(())
-                    .expect("request");
-                let mut ready = sender.clone().ready().await.expect("ready");
-                let (response, mut send) = ready.send_request(request, false).expect("send");
-                let response = response.await.expect("response");
-                statuses.push(response.status().as_u16());
-                if response.status() == 200 {
-                    send.send_data(Bytes::from_static(b"after"), true)
-                        .expect("data");
-                    let mut body = response.into_body();
-                    while let Some(chunk) = body.data().await {
-                        echoed.extend_from_slice(&chunk.expect("chunk"));
-                    }
-                }
-            }
-            Answers { statuses, echoed }
-        })
-    }
-}
-
 lab_test!(
     malformed_hbone_requests_get_their_status_and_the_worker_goes_on,
     LabOptions::default(),
@@ -603,18 +459,6 @@ lab_test!(
         assert_eq!(lab.total(1, "hbone_no_upstream").expect("stats"), 1);
     }
 );
-
-/// Polls `check` until it holds or `timeout` passes.
-fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if check() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    check()
-}
 
 lab_test!(
     idle_pooled_connections_are_released,

@@ -35,10 +35,20 @@ policies:
     rules:
       - from: [{source: {principals: ["cluster.local/ns/default/sa/client"]}}]
         to: [{operation: {ports: ["8080"]}}]
+  - name: deny-legacy
+    namespace: apps
+    action: DENY
+    rules:
+      - from: [{source: {serviceAccounts: [legacy, "other/robot"]}}]
 peerAuthentications:
   - name: strict
     namespace: apps
     mtls: {mode: STRICT}
+  - name: server-ports
+    namespace: apps
+    selector: {matchLabels: {app: server}}
+    mtls: {mode: STRICT}
+    portLevelMtls: {8081: {mode: PERMISSIVE}}
 "#;
 
 #[test]
@@ -53,6 +63,15 @@ fn a_complete_file_parses() {
     );
     assert_eq!(cfg.policies[0].action, ActionSpec::Allow);
     assert_eq!(cfg.peer_authentications[0].mtls.mode, MtlsModeSpec::Strict);
+    assert_eq!(cfg.root_namespace, "istio-system");
+    assert_eq!(
+        cfg.policies[1].rules[0].from[0].source.service_accounts,
+        ["legacy", "other/robot"]
+    );
+    assert_eq!(
+        cfg.peer_authentications[1].port_level_mtls[&8081].mode,
+        MtlsModeSpec::Permissive
+    );
 }
 
 fn error_for(yaml: &str) -> ConfigError {
@@ -123,6 +142,11 @@ fn errors_name_the_field_and_the_problem() {
             "unknown variant `PERMIT`",
         ),
         ("workloads: 7", "workloads", "invalid type"),
+        (
+            "peerAuthentications: [{name: p, portLevelMtls: {80: {mode: STRICT}}}]",
+            "peerAuthentications[0].portLevelMtls",
+            "needs a workload selector",
+        ),
     ];
     for (yaml, field, problem) in cases {
         let e = error_for(yaml);

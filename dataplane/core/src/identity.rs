@@ -7,9 +7,11 @@ use std::str::FromStr;
 /// fragments are errors, because a looser parser would let two spellings name one principal.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    trust_domain: String,
-    namespace: String,
-    service_account: String,
+    /// `<trust-domain>/ns/<namespace>/sa/<service-account>`: the form Istio policies name
+    /// principals in, kept whole so matching needs no allocation.
+    principal: String,
+    namespace_at: usize,
+    account_at: usize,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -35,21 +37,27 @@ impl SpiffeId {
         check_trust_domain(trust_domain)?;
         check_segment("namespace", namespace)?;
         check_segment("service account", service_account)?;
+        let namespace_at = trust_domain.len() + "/ns/".len();
+        let account_at = namespace_at + namespace.len() + "/sa/".len();
         Ok(SpiffeId {
-            trust_domain: trust_domain.to_owned(),
-            namespace: namespace.to_owned(),
-            service_account: service_account.to_owned(),
+            principal: format!("{trust_domain}/ns/{namespace}/sa/{service_account}"),
+            namespace_at,
+            account_at,
         })
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.principal[..self.namespace_at - "/ns/".len()]
     }
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.principal[self.namespace_at..self.account_at - "/sa/".len()]
     }
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.principal[self.account_at..]
+    }
+    /// The identity as Istio policies write principals: without the `spiffe://` scheme.
+    pub fn principal(&self) -> &str {
+        &self.principal
     }
 }
 
@@ -110,11 +118,7 @@ impl FromStr for SpiffeId {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        write!(f, "spiffe://{}", self.principal)
     }
 }
 
@@ -130,6 +134,10 @@ mod tests {
         assert_eq!(id.trust_domain(), "cluster.local");
         assert_eq!(id.namespace(), "default");
         assert_eq!(id.service_account(), "bookinfo-productpage");
+        assert_eq!(
+            id.principal(),
+            "cluster.local/ns/default/sa/bookinfo-productpage"
+        );
         assert_eq!(
             id.to_string(),
             "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"

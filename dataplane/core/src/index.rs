@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use mesh_snapshot::schema::{self, Protocol, Snapshot};
 
+use crate::authz::{self, Applicable, Decision, Mtls, PeerAuth, Policies};
 use crate::identity::{SpiffeId, SpiffeIdError};
 use crate::ports;
 
@@ -113,12 +114,22 @@ pub struct Index {
     identities: HashMap<SpiffeId, schema::Identity>,
     trust_roots: Vec<Vec<u8>>,
     source: String,
+    policies: Policies,
+    /// Per local workload: the policies that apply to it and its mTLS mode.
+    local_authz: HashMap<String, (Applicable, PeerAuth)>,
 }
 
 impl Index {
     /// Builds and checks an index. Anything malformed refuses the whole snapshot: a data plane
     /// that half-applied a config would be harder to reason about than one that kept the last.
     pub fn build(snapshot: Snapshot, generation: Generation) -> Result<Index, IndexError> {
+        let root_namespace = if snapshot.root_namespace.is_empty() {
+            authz::DEFAULT_ROOT_NAMESPACE
+        } else {
+            snapshot.root_namespace.as_str()
+        };
+        let policies = Policies::build(&snapshot.policies, root_namespace);
+        let mut local_authz = HashMap::new();
         let mut workloads = Vec::with_capacity(snapshot.workloads.len());
         let mut by_ip = HashMap::with_capacity(snapshot.workloads.len());
         let mut by_uid = HashMap::with_capacity(snapshot.workloads.len());
@@ -153,6 +164,19 @@ impl Index {
             }
             if w.node == snapshot.node && !w.netns_path.is_empty() {
                 local.push(slot);
+                // Enforcement happens at the destination: resolve scopes for local pods only.
+                local_authz.insert(
+                    w.uid.clone(),
+                    (
+                        policies.applicable(&w.namespace, &w.labels),
+                        PeerAuth::resolve(
+                            &snapshot.peer_authentications,
+                            root_namespace,
+                            &w.namespace,
+                            &w.labels,
+                        ),
+                    ),
+                );
             }
             workloads.push(Workload {
                 protocol: w.protocol(),
@@ -227,6 +251,8 @@ impl Index {
             identities,
             trust_roots: snapshot.trust_roots,
             source: snapshot.source,
+            policies,
+            local_authz,
         })
     }
 
@@ -244,6 +270,8 @@ impl Index {
             identities: HashMap::new(),
             trust_roots: Vec::new(),
             source: String::new(),
+            policies: Policies::default(),
+            local_authz: HashMap::new(),
         }
     }
 
@@ -283,6 +311,31 @@ impl Index {
 
     pub fn identities(&self) -> impl Iterator<Item = (&SpiffeId, &schema::Identity)> {
         self.identities.iter()
+    }
+
+    /// Authorizes an inbound connection to local workload `uid`. A workload this node does not
+    /// serve gets no policies resolved and is refused.
+    pub fn authorize(&self, uid: &str, connection: &authz::Connection) -> Decision {
+        match self.local_authz.get(uid) {
+            Some((applicable, _)) => self.policies.evaluate(applicable, connection),
+            None => Decision {
+                allowed: false,
+                reason: authz::Reason::NotAllowed,
+                audited: Vec::new(),
+                dry_run: None,
+            },
+        }
+    }
+
+    /// Whether plaintext to `port` of local workload `uid` is refused (PeerAuthentication).
+    pub fn inbound_mtls(&self, uid: &str, port: u16) -> Mtls {
+        self.local_authz
+            .get(uid)
+            .map_or(Mtls::Permissive, |(_, peer)| peer.mode(port))
+    }
+
+    pub fn policies(&self) -> &Policies {
+        &self.policies
     }
 
     /// Decides where an outbound connection to `dst` goes. `pick` spreads service traffic over

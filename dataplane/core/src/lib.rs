@@ -5,6 +5,7 @@
 //! without a network. The I/O layer (`mesh-io`) drives these pieces.
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod buffers;
 pub mod hbone;
 pub mod identity;

@@ -1,7 +1,7 @@
 //! A single-threaded oneshot channel: the pool hands a connection to a waiting task on the same
 //! worker, so nothing here needs atomics or locks.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -77,5 +77,35 @@ impl<T> Future for Receiver<T> {
         }
         slot.waker = Some(cx.waker().clone());
         Poll::Pending
+    }
+}
+
+/// A one-way switch a task can wait on: fired by the worker (for instance when a new policy
+/// denies a live connection), observed by the connection's relay.
+#[derive(Default)]
+pub struct Trigger {
+    fired: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Trigger {
+    pub fn fire(&self) {
+        self.fired.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    pub fn fired(&self) -> bool {
+        self.fired.get()
+    }
+
+    pub fn poll_fired(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.fired.get() {
+            Poll::Ready(())
+        } else {
+            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        }
     }
 }

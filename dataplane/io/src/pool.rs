@@ -285,8 +285,9 @@ impl HbonePool {
             .connect(tls::placeholder_server_name(key.tunnel), io)
             .await
             .map_err(|e| {
-                self.stats.tls_handshake_failures.inc();
-                format!("TLS: {e}")
+                let reason = tls::Refusal::of(&e);
+                self.stats.tls_refused(reason);
+                format!("TLS ({}): {e}", reason.name())
             })?;
         h2glue::client_builder()
             .handshake::<_, Bytes>(tls_stream)

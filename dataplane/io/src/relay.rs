@@ -24,6 +24,7 @@ use monoio::net::TcpStream;
 use tokio::io::AsyncWrite;
 
 use crate::bufio::ReadSlot;
+use crate::local::Trigger;
 use crate::sockets::reset_on_close;
 use crate::stats::Counter;
 
@@ -270,12 +271,14 @@ fn verdict(up: Poll<End>, down: Poll<End>) -> Verdict {
     }
 }
 
-/// Relays between a local TCP connection and an HBONE stream until both directions end.
+/// Relays between a local TCP connection and an HBONE stream until both directions end, or
+/// until `stop` fires (both sides are then reset).
 pub async fn tcp_h2(
     tcp: TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     meters: Meters<'_>,
+    stop: &Trigger,
 ) -> Totals {
     let mut tcp = match TcpSide::new(tcp) {
         Ok(t) => t,
@@ -289,7 +292,10 @@ pub async fn tcp_h2(
     };
     let (mut up, mut down) = (Upload::Reading, Download::Receiving);
     let (mut sent, mut received) = (0u64, 0u64);
-    let (up_end, down_end) = poll_fn(|cx| {
+    let ended = poll_fn(|cx| {
+        if stop.poll_fired(cx).is_ready() {
+            return Poll::Ready(None);
+        }
         let u = poll_tcp_to_h2(&mut up, &mut tcp, &mut send, &mut sent, meters.sent, cx);
         let d = poll_h2_to_tcp(
             &mut down,
@@ -300,12 +306,21 @@ pub async fn tcp_h2(
             cx,
         );
         if verdict(u, d).finished {
-            Poll::Ready((u, d))
+            Poll::Ready(Some((u, d)))
         } else {
             Poll::Pending
         }
     })
     .await;
+    let Some((up_end, down_end)) = ended else {
+        send.send_reset(Reason::CANCEL);
+        close(tcp, true);
+        return Totals {
+            sent,
+            received,
+            reset: true,
+        };
+    };
     // Who has to be told: a failed h2 side (SinkFailed up, SourceFailed down) resets the TCP
     // side; a failed TCP side resets the stream (explicitly, or by dropping its handles).
     let reset = verdict(up_end, down_end).reset;
@@ -322,8 +337,14 @@ pub async fn tcp_h2(
     }
 }
 
-/// Relays between two TCP connections (passthrough and plaintext inbound).
-pub async fn tcp_tcp(local: TcpStream, remote: TcpStream, meters: Meters<'_>) -> Totals {
+/// Relays between two TCP connections (passthrough and plaintext inbound), until both
+/// directions end or `stop` fires (both sides are then reset).
+pub async fn tcp_tcp(
+    local: TcpStream,
+    remote: TcpStream,
+    meters: Meters<'_>,
+    stop: &Trigger,
+) -> Totals {
     let (mut local, mut remote) = match (TcpSide::new(local), TcpSide::new(remote)) {
         (Ok(l), Ok(r)) => (l, r),
         _ => {
@@ -335,7 +356,10 @@ pub async fn tcp_tcp(local: TcpStream, remote: TcpStream, meters: Meters<'_>) ->
     };
     let (mut up, mut down) = (Download::Receiving, Download::Receiving);
     let (mut sent, mut received) = (0u64, 0u64);
-    let (up_end, down_end) = poll_fn(|cx| {
+    let ended = poll_fn(|cx| {
+        if stop.poll_fired(cx).is_ready() {
+            return Poll::Ready(None);
+        }
         let u = poll_tcp_to_tcp(&mut up, &mut local, &mut remote, &mut sent, meters.sent, cx);
         let d = poll_tcp_to_tcp(
             &mut down,
@@ -346,12 +370,21 @@ pub async fn tcp_tcp(local: TcpStream, remote: TcpStream, meters: Meters<'_>) ->
             cx,
         );
         if verdict(u, d).finished {
-            Poll::Ready((u, d))
+            Poll::Ready(Some((u, d)))
         } else {
             Poll::Pending
         }
     })
     .await;
+    let Some((up_end, down_end)) = ended else {
+        close(local, true);
+        close(remote, true);
+        return Totals {
+            sent,
+            received,
+            reset: true,
+        };
+    };
     // A failed read resets the other side; a failed write resets the side it came from.
     let failed = |end: Poll<End>, which: End| matches!(end, Poll::Ready(e) if e == which);
     let reset_local = failed(up_end, End::SinkFailed) || failed(down_end, End::SourceFailed);

@@ -85,7 +85,27 @@ worker_stats! {
     hbone_no_upstream,
     /// Outbound CONNECTs that did not get a 200.
     hbone_connect_refused,
+    /// Handshakes refused, all reasons (the tls_refused_* counters split them).
     tls_handshake_failures,
+    tls_refused_expired,
+    tls_refused_not_yet_valid,
+    tls_refused_unknown_issuer,
+    tls_refused_trust_domain,
+    tls_refused_unexpected_identity,
+    tls_refused_no_identity,
+    tls_refused_no_client_certificate,
+    tls_refused_peer_alert,
+    tls_refused_other,
+    /// Inbound connections (HBONE streams or plaintext) that policy allowed.
+    authz_allowed,
+    /// Inbound connections refused by policy (401 for HBONE, closed for plaintext).
+    authz_denied,
+    /// Live connections closed because a new snapshot's policy denies them.
+    authz_closed_live,
+    /// Plaintext refused because the destination requires mTLS (PeerAuthentication STRICT).
+    plaintext_refused_strict,
+    /// Local identities whose certificate was replaced by a newer snapshot.
+    certificates_rotated,
     /// Dials of HBONE tunnels that failed (TCP, TLS or h2).
     hbone_dial_failures,
     /// Upstream TCP connects that failed.
@@ -98,4 +118,24 @@ worker_stats! {
     bytes_sent,
     /// Bytes from the network toward local applications.
     bytes_received,
+}
+
+impl WorkerStats {
+    /// Counts a refused handshake under its reason.
+    pub fn tls_refused(&self, reason: crate::tls::Refusal) {
+        use crate::tls::Refusal;
+        self.tls_handshake_failures.inc();
+        match reason {
+            Refusal::Expired => &self.tls_refused_expired,
+            Refusal::NotYetValid => &self.tls_refused_not_yet_valid,
+            Refusal::UnknownIssuer => &self.tls_refused_unknown_issuer,
+            Refusal::TrustDomain => &self.tls_refused_trust_domain,
+            Refusal::UnexpectedIdentity => &self.tls_refused_unexpected_identity,
+            Refusal::NoIdentity => &self.tls_refused_no_identity,
+            Refusal::NoClientCertificate => &self.tls_refused_no_client_certificate,
+            Refusal::PeerAlert => &self.tls_refused_peer_alert,
+            Refusal::Other => &self.tls_refused_other,
+        }
+        .inc();
+    }
 }

@@ -382,5 +382,79 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 }
 
+/// Why a handshake was refused, for logs and per-reason counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Expired,
+    NotYetValid,
+    /// Chain does not lead to a mesh root (unknown CA, or a forged signature).
+    UnknownIssuer,
+    /// Client identity outside our trust domain.
+    TrustDomain,
+    /// Server identity is not the one expected for the destination.
+    UnexpectedIdentity,
+    /// Certificate without exactly one SPIFFE ID.
+    NoIdentity,
+    /// A client that presented no certificate.
+    NoClientCertificate,
+    /// The other side refused us (TLS alert).
+    PeerAlert,
+    Other,
+}
+
+impl Refusal {
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::Expired => "expired",
+            Refusal::NotYetValid => "not_yet_valid",
+            Refusal::UnknownIssuer => "unknown_issuer",
+            Refusal::TrustDomain => "trust_domain",
+            Refusal::UnexpectedIdentity => "unexpected_identity",
+            Refusal::NoIdentity => "no_identity",
+            Refusal::NoClientCertificate => "no_client_certificate",
+            Refusal::PeerAlert => "peer_alert",
+            Refusal::Other => "other",
+        }
+    }
+
+    /// Classifies the error a tokio-rustls handshake returned.
+    pub fn of(error: &std::io::Error) -> Refusal {
+        let Some(tls) = error
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+        else {
+            return Refusal::Other;
+        };
+        match tls {
+            rustls::Error::NoCertificatesPresented => Refusal::NoClientCertificate,
+            rustls::Error::AlertReceived(_) => Refusal::PeerAlert,
+            rustls::Error::InvalidCertificate(c) => match c {
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    Refusal::Expired
+                }
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    Refusal::NotYetValid
+                }
+                CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                    Refusal::UnknownIssuer
+                }
+                CertificateError::Other(OtherError(inner)) => {
+                    if inner.downcast_ref::<ForeignTrustDomain>().is_some() {
+                        Refusal::TrustDomain
+                    } else if inner.downcast_ref::<UnexpectedServerIdentity>().is_some() {
+                        Refusal::UnexpectedIdentity
+                    } else if inner.downcast_ref::<PeerIdentityError>().is_some() {
+                        Refusal::NoIdentity
+                    } else {
+                        Refusal::Other
+                    }
+                }
+                _ => Refusal::Other,
+            },
+            _ => Refusal::Other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -14,7 +14,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Response, StatusCode};
+use mesh_core::authz::{self, Decision, Mtls, Reason};
 use mesh_core::hbone::{self, ConnectOutcome};
+use mesh_core::identity::SpiffeId;
 use mesh_core::index::{Index, Route};
 use mesh_core::socks5::{self, Parsed, Reply};
 use mesh_core::{ports, DATAPLANE_MARK};
@@ -22,6 +24,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRentExt, Canceller, IntoPollIo};
 use monoio::net::{TcpListener, TcpStream};
 
 use crate::bufio::ReadBuffered;
+use crate::local::Trigger;
 use crate::netns::NetNs;
 use crate::pool::{DialSpec, HbonePool, Lease, PoolKey, PoolTimers};
 use crate::relay;
@@ -100,6 +103,30 @@ pub struct Worker {
     failed_pods: RefCell<HashMap<String, String>>,
     pick: Cell<u64>,
     settings: WorkerSettings,
+    /// Inbound connections in progress, re-checked against every new snapshot's policy.
+    live: RefCell<HashMap<u64, Live>>,
+    next_live: Cell<u64>,
+}
+
+/// An inbound connection as authorization saw it, and the switch that closes it.
+struct Live {
+    uid: Rc<str>,
+    connection: authz::Connection,
+    plaintext: bool,
+    stop: Rc<Trigger>,
+}
+
+/// Removes a connection from the live registry when its handler ends.
+struct LiveGuard<'a> {
+    worker: &'a Worker,
+    id: u64,
+    stop: Rc<Trigger>,
+}
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        self.worker.live.borrow_mut().remove(&self.id);
+    }
 }
 
 /// Keeps the active-connections gauge honest whichever way a handler returns.
@@ -182,6 +209,8 @@ impl Worker {
             failed_pods: RefCell::new(HashMap::new()),
             pick: Cell::new(0),
             settings,
+            live: RefCell::new(HashMap::new()),
+            next_live: Cell::new(0),
         }))
     }
 
@@ -214,12 +243,14 @@ impl Worker {
             if let Some(old) = previous.index.identity(id) {
                 if old.cert_chain != material.cert_chain {
                     tracing::info!(worker = self.id, identity = %id, "certificate rotated");
+                    self.stats.certificates_rotated.inc();
                     self.pool.retire_source(id);
                 }
             }
         }
         let view = Rc::new(View::build(index));
         *self.view.borrow_mut() = view.clone();
+        self.recheck_live(&view);
         self.reconcile_pods(&view);
         self.stats.snapshot_generation.set(generation.generation);
         tracing::debug!(
@@ -227,6 +258,87 @@ impl Worker {
             generation = generation.generation,
             "adopted snapshot"
         );
+    }
+
+    /// Applies a new snapshot's policy to connections already open: those it denies are reset,
+    /// the others are left alone.
+    fn recheck_live(&self, view: &View) {
+        for live in self.live.borrow().values() {
+            let refused_plaintext = live.plaintext
+                && view
+                    .index
+                    .inbound_mtls(&live.uid, live.connection.destination_port)
+                    == Mtls::Strict;
+            let decision = view.index.authorize(&live.uid, &live.connection);
+            if refused_plaintext || !decision.allowed {
+                let reason = if refused_plaintext {
+                    "PeerAuthentication STRICT".to_owned()
+                } else {
+                    describe(&decision.reason)
+                };
+                tracing::info!(
+                    worker = self.id,
+                    pod = %live.uid,
+                    source = %source_name(&live.connection),
+                    source_ip = %live.connection.source_ip,
+                    destination = %SocketAddr::new(live.connection.destination_ip, live.connection.destination_port),
+                    %reason,
+                    "closing a live connection the new policy denies"
+                );
+                self.stats.authz_closed_live.inc();
+                live.stop.fire();
+            }
+        }
+    }
+
+    /// Registers an inbound connection for re-checks on policy changes.
+    fn track(
+        &self,
+        uid: &Rc<str>,
+        connection: authz::Connection,
+        plaintext: bool,
+    ) -> LiveGuard<'_> {
+        let id = self.next_live.get();
+        self.next_live.set(id + 1);
+        let stop = Rc::new(Trigger::default());
+        self.live.borrow_mut().insert(
+            id,
+            Live {
+                uid: uid.clone(),
+                connection,
+                plaintext,
+                stop: stop.clone(),
+            },
+        );
+        LiveGuard {
+            worker: self,
+            id,
+            stop,
+        }
+    }
+
+    /// Logs a decision the way an operator reads them: denials, audits and dry-run
+    /// differences with the policy that decided; plain allows only at debug level.
+    fn log_decision(&self, uid: &str, c: &authz::Connection, d: &Decision) {
+        let destination = SocketAddr::new(c.destination_ip, c.destination_port);
+        for policy in &d.audited {
+            tracing::info!(pod = %uid, source = %source_name(c), source_ip = %c.source_ip,
+                %destination, policy = %policy, allowed = d.allowed, "audit");
+        }
+        if let Some(shadow) = &d.dry_run {
+            tracing::info!(pod = %uid, source = %source_name(c), source_ip = %c.source_ip,
+                %destination, would = %describe(shadow), allowed = d.allowed,
+                "dry-run policy would decide differently");
+        }
+        if d.allowed {
+            self.stats.authz_allowed.inc();
+            tracing::debug!(pod = %uid, source = %source_name(c), %destination,
+                reason = %describe(&d.reason), "allowed");
+        } else {
+            self.stats.authz_denied.inc();
+            tracing::info!(pod = %uid, source = %source_name(c), source_ip = %c.source_ip,
+                %destination, reason = %describe(&d.reason), "denied by policy");
+        }
     }
 
     /// Opens listeners for new local pods and closes those of pods that left.
@@ -420,11 +532,13 @@ impl Worker {
     }
 
     async fn relay(&self, stream: TcpStream, upstream: Upstream) {
+        // Outbound is never re-checked here: policy is enforced at the destination.
+        let never = Trigger::default();
         let totals = match upstream {
             Upstream::Hbone { _lease, send, recv } => {
-                relay::tcp_h2(stream, send, recv, self.meters()).await
+                relay::tcp_h2(stream, send, recv, self.meters(), &never).await
             }
-            Upstream::Tcp(remote) => relay::tcp_tcp(stream, remote, self.meters()).await,
+            Upstream::Tcp(remote) => relay::tcp_tcp(stream, remote, self.meters(), &never).await,
         };
         self.record(&totals, "outbound");
     }
@@ -611,10 +725,30 @@ impl Worker {
             tracing::debug!(pod = %uid, %peer, %dst, "plaintext inbound for an address not of this pod");
             return;
         };
+        if view.index.inbound_mtls(&uid, dst.port()) == Mtls::Strict {
+            self.stats.plaintext_refused_strict.inc();
+            tracing::info!(pod = %uid, source_ip = %peer.ip(), destination = %dst,
+                "plaintext refused: PeerAuthentication STRICT");
+            crate::sockets::reset_on_close(stream.as_raw_fd());
+            return;
+        }
+        let connection = authz::Connection {
+            source: None,
+            source_ip: peer.ip(),
+            destination_ip: dst.ip(),
+            destination_port: dst.port(),
+        };
+        let decision = view.index.authorize(&uid, &connection);
+        self.log_decision(&uid, &connection, &decision);
+        if !decision.allowed {
+            crate::sockets::reset_on_close(stream.as_raw_fd());
+            return;
+        }
+        let live = self.track(&uid, connection, true);
         match Box::pin(self.connect_in(&netns, dst)).await {
             Ok(app) => {
                 // The app is the local side here: what it sent went out to the peer.
-                let totals = relay::tcp_tcp(app, stream, self.meters()).await;
+                let totals = relay::tcp_tcp(app, stream, self.meters(), &live.stop).await;
                 self.record(&totals, "inbound plaintext");
             }
             Err(error) => {
@@ -646,12 +780,14 @@ impl Worker {
             {
                 Ok(Ok(s)) => s,
                 Ok(Err(error)) => {
-                    self.stats.tls_handshake_failures.inc();
-                    tracing::warn!(pod = %uid, %peer, %error, "inbound TLS handshake refused");
+                    let reason = tls::Refusal::of(&error);
+                    self.stats.tls_refused(reason);
+                    tracing::warn!(pod = %uid, %peer, reason = reason.name(), %error,
+                        "inbound TLS handshake refused");
                     return;
                 }
                 Err(_) => {
-                    self.stats.tls_handshake_failures.inc();
+                    self.stats.tls_refused(tls::Refusal::Other);
                     tracing::warn!(pod = %uid, %peer, "inbound TLS handshake timed out");
                     return;
                 }
@@ -659,7 +795,7 @@ impl Worker {
         let client = match tls::peer_identity(tls_stream.get_ref().1) {
             Ok(id) => id,
             Err(error) => {
-                self.stats.tls_handshake_failures.inc();
+                self.stats.tls_refused(tls::Refusal::NoIdentity);
                 tracing::warn!(pod = %uid, %peer, %error, "inbound peer has no usable identity");
                 return;
             }
@@ -680,10 +816,11 @@ impl Worker {
             match next {
                 Ok((request, respond)) => {
                     monoio::spawn(self.clone().hbone_stream(
-                        view.clone(),
                         request,
                         respond,
                         uid.clone(),
+                        client.clone(),
+                        peer,
                     ));
                 }
                 Err(error) => {
@@ -694,15 +831,21 @@ impl Worker {
         }
     }
 
+    /// One CONNECT on an accepted tunnel. `client` is the tunnel's verified identity and
+    /// `peer` its address (the source pod's, since tunnels are opened from inside the pod).
     async fn hbone_stream(
         self: Rc<Self>,
-        view: Rc<View>,
         request: http::Request<h2::RecvStream>,
         mut respond: SendResponse<Bytes>,
         uid: Rc<str>,
+        client: SpiffeId,
+        peer: SocketAddr,
     ) {
         let _active = ActiveGuard::new(&self.stats);
         self.stats.hbone_streams_accepted.inc();
+        // The current snapshot, not the one the tunnel was accepted under: a pooled tunnel
+        // outlives many policy changes.
+        let view = self.view();
         let connect = match hbone::validate_connect(&request) {
             Ok(c) => c,
             Err(error) => {
@@ -725,6 +868,20 @@ impl Worker {
                 return;
             }
         };
+        let connection = authz::Connection {
+            source: Some(client),
+            source_ip: peer.ip(),
+            destination_ip: connect.target.ip(),
+            destination_port: connect.target.port(),
+        };
+        let decision = view.index.authorize(&uid, &connection);
+        self.log_decision(&uid, &connection, &decision);
+        if !decision.allowed {
+            // The app never sees a connection attempt.
+            send_status(&mut respond, StatusCode::UNAUTHORIZED);
+            return;
+        }
+        let live = self.track(&uid, connection, false);
         let app = match Box::pin(self.connect_in(&netns, connect.target)).await {
             Ok(app) => app,
             Err(error) => {
@@ -738,8 +895,23 @@ impl Worker {
             Ok(s) => s,
             Err(_) => return,
         };
-        let totals = relay::tcp_h2(app, send, request.into_body(), self.meters()).await;
+        let totals = relay::tcp_h2(app, send, request.into_body(), self.meters(), &live.stop).await;
         self.record(&totals, "inbound HBONE");
+    }
+}
+
+fn source_name(c: &authz::Connection) -> String {
+    c.source
+        .as_ref()
+        .map_or_else(|| "plaintext".to_owned(), SpiffeId::to_string)
+}
+
+fn describe(reason: &Reason) -> String {
+    match reason {
+        Reason::NoPolicy => "no policy applies".into(),
+        Reason::Allowed(p) => format!("allowed by {p}"),
+        Reason::Denied(p) => format!("denied by {p}"),
+        Reason::NotAllowed => "no ALLOW policy matched".into(),
     }
 }
 

@@ -30,6 +30,9 @@ pub struct Snapshot {
     /// Where the content came from (file path and digest, or API resource version), for humans.
     #[prost(string, tag = "9")]
     pub source: String,
+    /// Istio's root namespace: policies there without a selector apply mesh-wide.
+    #[prost(string, tag = "10")]
+    pub root_namespace: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, prost::Enumeration)]
@@ -158,6 +161,11 @@ pub struct RuleSource {
     pub request_principals: Vec<String>,
     #[prost(string, repeated, tag = "10")]
     pub not_request_principals: Vec<String>,
+    /// "namespace/name" or "name" (in the policy's namespace).
+    #[prost(string, repeated, tag = "11")]
+    pub service_accounts: Vec<String>,
+    #[prost(string, repeated, tag = "12")]
+    pub not_service_accounts: Vec<String>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -210,6 +218,9 @@ pub struct PeerAuthentication {
     pub selector: std::collections::BTreeMap<String, String>,
     #[prost(enumeration = "MtlsMode", tag = "4")]
     pub mode: i32,
+    /// Per-port overrides (workload-selector policies only), values are `MtlsMode`.
+    #[prost(btree_map = "uint32, enumeration(MtlsMode)", tag = "5")]
+    pub port_level_mtls: std::collections::BTreeMap<u32, i32>,
 }
 
 /// A workload identity's certificate chain (DER, leaf first) and private key (PKCS#8 DER).

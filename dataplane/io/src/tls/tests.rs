@@ -181,3 +181,51 @@ fn several_roots_are_trusted_during_a_rotation() {
     let server = server_config(&issue(&new, SERVER), &both, "cluster.local").expect("server");
     assert_eq!(handshake(client, server).expect("handshake"), id(CLIENT));
 }
+
+#[test]
+fn refusals_are_classified_by_reason() {
+    let (ca, trust) = setup();
+    let now = SystemTime::now();
+    let as_io = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let refusal = |server_cert: Identity, client_id: &str, trust_domain: &str| {
+        let client = client_config(&issue(&ca, client_id), &trust, id(SERVER)).expect("client");
+        let server = server_config(&server_cert, &trust, trust_domain).expect("server");
+        Refusal::of(&as_io(handshake(client, server).expect_err("refused")))
+    };
+    let expired = identity(
+        ca.issue_between(&id(SERVER), now - 2 * HOUR, now - HOUR)
+            .expect("issue"),
+        SERVER,
+    );
+    assert_eq!(refusal(expired, CLIENT, "cluster.local"), Refusal::Expired);
+    let future = identity(
+        ca.issue_between(&id(SERVER), now + HOUR, now + 2 * HOUR)
+            .expect("issue"),
+        SERVER,
+    );
+    assert_eq!(
+        refusal(future, CLIENT, "cluster.local"),
+        Refusal::NotYetValid
+    );
+    let impostor = issue(&ca, "spiffe://cluster.local/ns/default/sa/impostor");
+    assert_eq!(
+        refusal(impostor, CLIENT, "cluster.local"),
+        Refusal::UnexpectedIdentity
+    );
+    assert_eq!(
+        refusal(
+            issue(&ca, SERVER),
+            "spiffe://elsewhere/ns/a/sa/b",
+            "cluster.local"
+        ),
+        Refusal::TrustDomain
+    );
+    assert_eq!(
+        Refusal::of(&as_io(rustls::Error::NoCertificatesPresented)),
+        Refusal::NoClientCertificate
+    );
+    assert_eq!(
+        Refusal::of(&std::io::Error::from(std::io::ErrorKind::TimedOut)),
+        Refusal::Other
+    );
+}

@@ -1,0 +1,279 @@
+//! What the end-to-end test files share: a lab per test, one test at a time, on both drivers,
+//! and a raw HBONE client for requests a well-behaved peer would not send.
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use perf::lab::{Lab, LabOptions};
+use perf::load;
+
+/// Lab tests share the machine's two cores and each starts four processes: one at a time.
+pub static SERIAL: Mutex<()> = Mutex::new(());
+
+pub const ECHO: u16 = 9000;
+
+pub fn lab_with(driver: &str, options: LabOptions) -> Lab {
+    assert!(
+        perf::sys::is_root(),
+        "the end-to-end tests create network namespaces and must run as root"
+    );
+    let _ = mesh_io::sockets::raise_nofile_limit();
+    let bins = perf::bins::locate().expect("lab binaries");
+    Lab::up(
+        bins,
+        LabOptions {
+            driver: driver.into(),
+            ..options
+        },
+    )
+    .expect("lab comes up")
+}
+
+pub fn echo_server(lab: &Lab, pod: &str) {
+    load::serve_echo(lab.listen_in(pod, ECHO).expect("listen")).expect("echo server");
+}
+
+pub fn roundtrip(stream: &mut TcpStream, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(payload)?;
+    let mut back = vec![0u8; payload.len()];
+    stream.read_exact(&mut back)?;
+    Ok(back)
+}
+
+/// Runs `body` once per driver, each with a fresh lab.
+#[macro_export]
+macro_rules! lab_test {
+    ($name:ident, $options:expr, $body:expr) => {
+        mod $name {
+            use super::*;
+            fn run(driver: &str) {
+                let _serial = $crate::common::SERIAL
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let lab = lab_with(driver, $options);
+                let body: fn(Lab) = $body;
+                body(lab);
+            }
+            #[test]
+            fn io_uring() {
+                run("io-uring");
+            }
+            #[test]
+            fn epoll() {
+                run("epoll");
+            }
+        }
+    };
+}
+
+pub fn reset_on_close(stream: &TcpStream) {
+    socket2::SockRef::from(stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+}
+
+/// Polls `check` until it holds or `timeout` passes.
+pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    check()
+}
+
+/// An HBONE client speaking to node 2's data plane directly from node 1's namespace, with a
+/// certificate from the lab's CA: for requests a well-behaved peer would not send.
+pub mod raw_hbone {
+    use std::sync::Arc;
+    use std::time::SystemTime;
+
+    use super::*;
+    use bytes::Bytes;
+    use mesh_core::identity::SpiffeId;
+    use monoio::io::IntoPollIo;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+    pub struct Answers {
+        pub statuses: Vec<u16>,
+        pub echoed: Vec<u8>,
+    }
+
+    /// The certificate the raw client presents.
+    pub enum Client {
+        /// A valid mesh certificate for this identity.
+        Mesh(&'static str),
+        /// A mesh-CA certificate for this identity that expired an hour ago.
+        Expired(&'static str),
+        /// No certificate at all.
+        Anonymous,
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// Sends each authority as a CONNECT on one connection, as the mesh identity
+    /// `default/default`; after a 200, echoes `b"after"`.
+    pub fn connect_all(lab: &Lab, authorities: &[&str]) -> Answers {
+        connect_as(
+            lab,
+            Client::Mesh("spiffe://cluster.local/ns/default/sa/default"),
+            authorities,
+        )
+        .expect("HBONE exchange")
+    }
+
+    /// Accepts any server: these tests are about what the server does with the client.
+    #[derive(Debug)]
+    struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+    impl ServerCertVerifier for AnyServer {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    fn client_config(lab: &Lab, client: Client) -> Arc<rustls::ClientConfig> {
+        let ca = ctrl_agent::ca::LocalCa::load(
+            &lab.mesh_ca_dir().join("ca-cert.pem"),
+            &lab.mesh_ca_dir().join("ca-key.pem"),
+        )
+        .expect("lab CA");
+        let now = SystemTime::now();
+        let (id, cert) = match client {
+            Client::Mesh(id) => {
+                let spiffe: SpiffeId = id.parse().expect("id");
+                (spiffe.clone(), ca.issue(&spiffe, now, HOUR).expect("issue"))
+            }
+            Client::Expired(id) => {
+                let spiffe: SpiffeId = id.parse().expect("id");
+                let cert = ca
+                    .issue_between(&spiffe, now - 2 * HOUR, now - HOUR)
+                    .expect("issue");
+                (spiffe, cert)
+            }
+            Client::Anonymous => {
+                let provider = mesh_io::tls::provider();
+                let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .expect("tls 1.3")
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+                    .with_no_client_auth();
+                config.alpn_protocols = vec![b"h2".to_vec()];
+                return Arc::new(config);
+            }
+        };
+        let identity = mesh_snapshot::schema::Identity {
+            spiffe_id: id.to_string(),
+            cert_chain: cert.chain,
+            private_key: cert.key_pkcs8,
+            ..Default::default()
+        };
+        let trust = mesh_io::tls::TrustBundle::new(&[ca.root_der().to_vec()]).expect("trust");
+        let server: SpiffeId = "spiffe://cluster.local/ns/default/sa/default"
+            .parse()
+            .expect("id");
+        mesh_io::tls::client_config(&identity, &trust, server).expect("client config")
+    }
+
+    /// Like [`connect_all`] with a chosen client certificate; `Err` if the tunnel is refused.
+    pub fn connect_as(lab: &Lab, client: Client, authorities: &[&str]) -> Result<Answers, String> {
+        let tls = client_config(lab, client);
+        let tunnel = SocketAddr::from((lab.pod("n2-a").ip, 15008));
+        let tcp = lab
+            .connect_in(&lab.node_netns(0), tunnel)
+            .expect("reach 15008");
+        tcp.set_nonblocking(true).expect("nonblocking");
+        let authorities: Vec<String> = authorities.iter().map(|a| a.to_string()).collect();
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let io = monoio::net::TcpStream::from_std(tcp)
+                .expect("monoio")
+                .into_poll_io()
+                .expect("poll io");
+            let tls_stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(mesh_io::tls::placeholder_server_name(tunnel), io)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            let (sender, connection) = mesh_io::h2glue::client_builder()
+                .handshake::<_, Bytes>(tls_stream)
+                .await
+                .map_err(|e| format!("h2: {e}"))?;
+            monoio::spawn(connection);
+            let mut statuses = Vec::new();
+            let mut echoed = Vec::new();
+            for authority in authorities {
+                let request = http::Request::builder()
+                    .method(http::Method::CONNECT)
+                    .uri(authority.as_str())
+                    .body(())
+                    .expect("request");
+                let mut ready = sender
+                    .clone()
+                    .ready()
+                    .await
+                    .map_err(|e| format!("h2: {e}"))?;
+                let (response, mut send) = ready
+                    .send_request(request, false)
+                    .map_err(|e| format!("h2: {e}"))?;
+                let response = response.await.map_err(|e| format!("h2: {e}"))?;
+                statuses.push(response.status().as_u16());
+                if response.status() == 200 {
+                    send.send_data(Bytes::from_static(b"after"), true)
+                        .map_err(|e| format!("h2: {e}"))?;
+                    let mut body = response.into_body();
+                    while let Some(chunk) = body.data().await {
+                        echoed.extend_from_slice(&chunk.map_err(|e| format!("h2: {e}"))?);
+                    }
+                }
+            }
+            Ok(Answers { statuses, echoed })
+        })
+    }
+}
