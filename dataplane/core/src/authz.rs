@@ -485,15 +485,19 @@ pub struct Applicable {
     dry_run_any_allow: bool,
 }
 
+/// A policy of a [`Policies`]; decisions name policies by this, not by copying their names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyId(usize);
+
 /// Why a connection was allowed or denied.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
     /// No ALLOW policy applies and no DENY matched.
     NoPolicy,
     /// This ALLOW policy matched.
-    Allowed(String),
+    Allowed(PolicyId),
     /// This DENY policy matched.
-    Denied(String),
+    Denied(PolicyId),
     /// ALLOW policies apply and none matched.
     NotAllowed,
 }
@@ -503,7 +507,7 @@ pub struct Decision {
     pub allowed: bool,
     pub reason: Reason,
     /// AUDIT policies that matched (for the log).
-    pub audited: Vec<String>,
+    pub audited: Vec<PolicyId>,
     /// What the dry-run policies would have decided, if that differs.
     pub dry_run: Option<Reason>,
 }
@@ -539,8 +543,19 @@ impl Policies {
         self.policies.is_empty()
     }
 
-    pub fn policy(&self, id: usize) -> &Policy {
-        &self.policies[id]
+    /// `namespace/name` of a policy a decision refers to.
+    pub fn name(&self, id: PolicyId) -> &str {
+        &self.policies[id.0].name
+    }
+
+    /// A decision's reason in words, for logs.
+    pub fn describe(&self, reason: &Reason) -> String {
+        match reason {
+            Reason::NoPolicy => "no policy applies".into(),
+            Reason::Allowed(p) => format!("allowed by {}", self.name(*p)),
+            Reason::Denied(p) => format!("denied by {}", self.name(*p)),
+            Reason::NotAllowed => "no ALLOW policy matched".into(),
+        }
     }
 
     /// Resolves which policies apply to a workload (done once per snapshot per local workload).
@@ -605,7 +620,7 @@ impl Policies {
                     .flatten()
             });
         if let Some(p) = denied {
-            return Reason::Denied(self.policies[p].name.clone());
+            return Reason::Denied(PolicyId(p));
         }
         let any_allow = applicable.any_allow || (with_dry_run && applicable.dry_run_any_allow);
         if !any_allow {
@@ -619,7 +634,7 @@ impl Policies {
                     .flatten()
             });
         match allowed {
-            Some(p) => Reason::Allowed(self.policies[p].name.clone()),
+            Some(p) => Reason::Allowed(PolicyId(p)),
             None => Reason::NotAllowed,
         }
     }
@@ -629,11 +644,12 @@ impl Policies {
         let principal = c.source.as_ref().map(SpiffeId::principal);
         let reason = self.decide(applicable, false, c, principal);
         let allowed = matches!(reason, Reason::NoPolicy | Reason::Allowed(_));
-        let mut audited: Vec<String> = Vec::new();
+        let mut audited: Vec<PolicyId> = Vec::new();
         for (p, r) in applicable.audit.candidates(c) {
-            let name = &self.policies[p].name;
-            if audited.last() != Some(name) && self.policies[p].rules[r].matches(c, principal) {
-                audited.push(name.clone());
+            if audited.last() != Some(&PolicyId(p))
+                && self.policies[p].rules[r].matches(c, principal)
+            {
+                audited.push(PolicyId(p));
             }
         }
         let has_dry_run = applicable.dry_run_any_allow

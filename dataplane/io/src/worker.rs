@@ -274,7 +274,7 @@ impl Worker {
                 let reason = if refused_plaintext {
                     "PeerAuthentication STRICT".to_owned()
                 } else {
-                    describe(&decision.reason)
+                    view.index.policies().describe(&decision.reason)
                 };
                 tracing::info!(
                     worker = self.id,
@@ -319,11 +319,13 @@ impl Worker {
 
     /// Logs a decision the way an operator reads them: denials, audits and dry-run
     /// differences with the policy that decided; plain allows only at debug level.
-    fn log_decision(&self, uid: &str, c: &authz::Connection, d: &Decision) {
+    fn log_decision(&self, view: &View, uid: &str, c: &authz::Connection, d: &Decision) {
+        let policies = view.index.policies();
+        let describe = |r: &Reason| policies.describe(r);
         let destination = SocketAddr::new(c.destination_ip, c.destination_port);
         for policy in &d.audited {
             tracing::info!(pod = %uid, source = %source_name(c), source_ip = %c.source_ip,
-                %destination, policy = %policy, allowed = d.allowed, "audit");
+                %destination, policy = %policies.name(*policy), allowed = d.allowed, "audit");
         }
         if let Some(shadow) = &d.dry_run {
             tracing::info!(pod = %uid, source = %source_name(c), source_ip = %c.source_ip,
@@ -739,7 +741,7 @@ impl Worker {
             destination_port: dst.port(),
         };
         let decision = view.index.authorize(&uid, &connection);
-        self.log_decision(&uid, &connection, &decision);
+        self.log_decision(&view, &uid, &connection, &decision);
         if !decision.allowed {
             crate::sockets::reset_on_close(stream.as_raw_fd());
             return;
@@ -875,7 +877,7 @@ impl Worker {
             destination_port: connect.target.port(),
         };
         let decision = view.index.authorize(&uid, &connection);
-        self.log_decision(&uid, &connection, &decision);
+        self.log_decision(&view, &uid, &connection, &decision);
         if !decision.allowed {
             // The app never sees a connection attempt.
             send_status(&mut respond, StatusCode::UNAUTHORIZED);
@@ -904,15 +906,6 @@ fn source_name(c: &authz::Connection) -> String {
     c.source
         .as_ref()
         .map_or_else(|| "plaintext".to_owned(), SpiffeId::to_string)
-}
-
-fn describe(reason: &Reason) -> String {
-    match reason {
-        Reason::NoPolicy => "no policy applies".into(),
-        Reason::Allowed(p) => format!("allowed by {p}"),
-        Reason::Denied(p) => format!("denied by {p}"),
-        Reason::NotAllowed => "no ALLOW policy matched".into(),
-    }
 }
 
 fn send_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {

@@ -82,7 +82,7 @@ const HTTPBIN_9000: Dst = Dst("default", &[("app", "httpbin")], 9000);
 const OTHER_APP: Dst = Dst("default", &[("app", "other")], 8000);
 const IN_TEST: Dst = Dst("test", &[("app", "httpbin")], 8000);
 
-fn decide(policies: &[AuthorizationPolicy], src: &Src, dst: &Dst) -> Decision {
+fn decide(policies: &[AuthorizationPolicy], src: &Src, dst: &Dst) -> (Decision, Policies) {
     let compiled = Policies::build(policies, ROOT);
     let labels: BTreeMap<String, String> = dst
         .1
@@ -90,7 +90,7 @@ fn decide(policies: &[AuthorizationPolicy], src: &Src, dst: &Dst) -> Decision {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let applicable = compiled.applicable(dst.0, &labels);
-    compiled.evaluate(
+    let decision = compiled.evaluate(
         &applicable,
         &Connection {
             source: src.0.map(|id| id.parse().expect("test id")),
@@ -98,17 +98,36 @@ fn decide(policies: &[AuthorizationPolicy], src: &Src, dst: &Dst) -> Decision {
             destination_ip: "10.0.0.10".parse().expect("ip"),
             destination_port: dst.2,
         },
-    )
+    );
+    (decision, compiled)
 }
 
 /// name, policies, source, destination, allowed, reason
+/// A reason with the policy named, as the table writes it.
+#[derive(Debug, PartialEq, Eq)]
+enum Named {
+    NoPolicy,
+    Allowed(String),
+    Denied(String),
+    NotAllowed,
+}
+
+fn named(policies: &Policies, reason: &Reason) -> Named {
+    match reason {
+        Reason::NoPolicy => Named::NoPolicy,
+        Reason::Allowed(p) => Named::Allowed(policies.name(*p).to_owned()),
+        Reason::Denied(p) => Named::Denied(policies.name(*p).to_owned()),
+        Reason::NotAllowed => Named::NotAllowed,
+    }
+}
+
 type Case = (
     &'static str,
     Vec<AuthorizationPolicy>,
     Src,
     Dst,
     bool,
-    Reason,
+    Named,
 );
 
 #[test]
@@ -130,7 +149,7 @@ fn istio_examples() {
             SLEEP,
             HTTPBIN,
             true,
-            Reason::NoPolicy,
+            Named::NoPolicy,
         ),
         (
             "allow-nothing (no rules) denies everything in the namespace",
@@ -138,7 +157,7 @@ fn istio_examples() {
             SLEEP,
             HTTPBIN,
             false,
-            Reason::NotAllowed,
+            Named::NotAllowed,
         ),
         (
             "allow-all (one empty rule)",
@@ -146,7 +165,7 @@ fn istio_examples() {
             OTHER,
             HTTPBIN,
             true,
-            Reason::Allowed("default/allow-all".into()),
+            Named::Allowed("default/allow-all".into()),
         ),
         (
             "deny-all (one empty rule)",
@@ -154,7 +173,7 @@ fn istio_examples() {
             SLEEP,
             HTTPBIN,
             false,
-            Reason::Denied("default/deny-all".into()),
+            Named::Denied("default/deny-all".into()),
         ),
         (
             "ALLOW by principal admits that principal",
@@ -162,7 +181,7 @@ fn istio_examples() {
             SLEEP,
             HTTPBIN,
             true,
-            Reason::Allowed("default/allow-sleep".into()),
+            Named::Allowed("default/allow-sleep".into()),
         ),
         (
             "ALLOW by principal refuses another",
@@ -170,7 +189,7 @@ fn istio_examples() {
             OTHER,
             HTTPBIN,
             false,
-            Reason::NotAllowed,
+            Named::NotAllowed,
         ),
         (
             "ALLOW by principal refuses plaintext",
@@ -178,7 +197,7 @@ fn istio_examples() {
             PLAIN,
             HTTPBIN,
             false,
-            Reason::NotAllowed,
+            Named::NotAllowed,
         ),
         (
             "a selector policy does not apply to other workloads",
@@ -186,7 +205,7 @@ fn istio_examples() {
             OTHER,
             OTHER_APP,
             true,
-            Reason::NoPolicy,
+            Named::NoPolicy,
         ),
         (
             "a namespace policy does not apply to other namespaces",
@@ -194,7 +213,7 @@ fn istio_examples() {
             SLEEP,
             IN_TEST,
             true,
-            Reason::NoPolicy,
+            Named::NoPolicy,
         ),
         (
             "a root-namespace policy applies mesh-wide",
@@ -210,7 +229,7 @@ fn istio_examples() {
             OTHER,
             IN_TEST,
             false,
-            Reason::Denied("istio-system/global-deny".into()),
+            Named::Denied("istio-system/global-deny".into()),
         ),
         (
             "a root-namespace selector policy applies in every namespace",
@@ -221,7 +240,7 @@ fn istio_examples() {
             SLEEP,
             IN_TEST,
             false,
-            Reason::Denied("istio-system/deny-httpbin".into()),
+            Named::Denied("istio-system/deny-httpbin".into()),
         ),
         (
             "DENY by notNamespaces: everything not from foo",
@@ -237,7 +256,7 @@ fn istio_examples() {
             SLEEP,
             HTTPBIN,
             false,
-            Reason::Denied("default/deny-not-foo".into()),
+            Named::Denied("default/deny-not-foo".into()),
         ),
         (
             "DENY by notNamespaces lets foo through",
@@ -253,7 +272,7 @@ fn istio_examples() {
             FOO_BAR,
             HTTPBIN,
             true,
-            Reason::NoPolicy,
+            Named::NoPolicy,
         ),
         (
             "DENY beats a matching ALLOW",
@@ -272,7 +291,7 @@ fn istio_examples() {
             OTHER,
             HTTPBIN,
             false,
-            Reason::Denied("default/deny-other".into()),
+            Named::Denied("default/deny-other".into()),
         ),
         (
             "any one of several ALLOW policies is enough",
@@ -291,7 +310,7 @@ fn istio_examples() {
             FOO_BAR,
             HTTPBIN,
             true,
-            Reason::Allowed("default/allow-foo".into()),
+            Named::Allowed("default/allow-foo".into()),
         ),
         (
             "principal prefix form",
@@ -304,7 +323,7 @@ fn istio_examples() {
             FOO_BAR,
             HTTPBIN,
             true,
-            Reason::Allowed("default/p".into()),
+            Named::Allowed("default/p".into()),
         ),
         (
             "principal suffix form",
@@ -317,7 +336,7 @@ fn istio_examples() {
             FOO_BAR,
             HTTPBIN,
             true,
-            Reason::Allowed("default/p".into()),
+            Named::Allowed("default/p".into()),
         ),
         (
             "principal presence form admits any mTLS peer",
@@ -330,7 +349,7 @@ fn istio_examples() {
             OTHER,
             HTTPBIN,
             true,
-            Reason::Allowed("default/p".into()),
+            Named::Allowed("default/p".into()),
         ),
         (
             "principal presence form refuses plaintext",
@@ -343,7 +362,7 @@ fn istio_examples() {
             PLAIN,
             HTTPBIN,
             false,
-            Reason::NotAllowed,
+            Named::NotAllowed,
         ),
         (
             "notPrincipals [*] denies plaintext (require mTLS)",
@@ -359,7 +378,7 @@ fn istio_examples() {
             PLAIN,
             HTTPBIN,
             false,
-            Reason::Denied("default/require-mtls".into()),
+            Named::Denied("default/require-mtls".into()),
         ),
         (
             "notPrincipals [*] lets mTLS through",
@@ -375,7 +394,7 @@ fn istio_examples() {
             SLEEP,
             HTTPBIN,
             true,
-            Reason::NoPolicy,
+            Named::NoPolicy,
         ),
         (
             "ipBlocks with a CIDR",
@@ -391,7 +410,7 @@ fn istio_examples() {
             SLEEP,
             HTTPBIN,
             true,
-            Reason::Allowed("default/ips".into()),
+            Named::Allowed("default/ips".into()),
         ),
         (
             "notIpBlocks excludes",
@@ -408,7 +427,7 @@ fn istio_examples() {
             SLEEP,
             HTTPBIN,
             false,
-            Reason::NotAllowed,
+            Named::NotAllowed,
         ),
         (
             "port-scoped rule: matching port",
@@ -424,7 +443,7 @@ fn istio_examples() {
             OTHER,
             HTTPBIN,
             true,
-            Reason::Allowed("default/ports".into()),
+            Named::Allowed("default/ports".into()),
         ),
         (
             "port-scoped rule: other port",
@@ -440,7 +459,7 @@ fn istio_examples() {
             OTHER,
             HTTPBIN_9000,
             false,
-            Reason::NotAllowed,
+            Named::NotAllowed,
         ),
         (
             "notPorts",
@@ -459,7 +478,7 @@ fn istio_examples() {
             OTHER,
             HTTPBIN_9000,
             false,
-            Reason::Denied("default/np".into()),
+            Named::Denied("default/np".into()),
         ),
         (
             "from AND to: both must hold",
@@ -476,7 +495,7 @@ fn istio_examples() {
             SLEEP,
             HTTPBIN,
             false,
-            Reason::NotAllowed,
+            Named::NotAllowed,
         ),
         (
             "serviceAccounts in the policy's namespace",
@@ -492,7 +511,7 @@ fn istio_examples() {
             SLEEP,
             HTTPBIN,
             true,
-            Reason::Allowed("default/sa".into()),
+            Named::Allowed("default/sa".into()),
         ),
         (
             "serviceAccounts with namespace/name",
@@ -508,7 +527,7 @@ fn istio_examples() {
             FOO_BAR,
             HTTPBIN,
             true,
-            Reason::Allowed("default/sa".into()),
+            Named::Allowed("default/sa".into()),
         ),
         (
             "when source.namespace",
@@ -528,7 +547,7 @@ fn istio_examples() {
             OTHER,
             HTTPBIN,
             false,
-            Reason::Denied("default/when".into()),
+            Named::Denied("default/when".into()),
         ),
         (
             "when destination.ip",
@@ -548,7 +567,7 @@ fn istio_examples() {
             OTHER,
             HTTPBIN,
             true,
-            Reason::Allowed("default/when".into()),
+            Named::Allowed("default/when".into()),
         ),
         (
             "L7: an ALLOW rule with methods never matches (fails closed)",
@@ -568,7 +587,7 @@ fn istio_examples() {
             SLEEP,
             HTTPBIN,
             false,
-            Reason::NotAllowed,
+            Named::NotAllowed,
         ),
         (
             "L7: a DENY rule with paths denies on its L4 parts alone",
@@ -588,7 +607,7 @@ fn istio_examples() {
             SLEEP,
             HTTPBIN,
             false,
-            Reason::Denied("default/deny-admin".into()),
+            Named::Denied("default/deny-admin".into()),
         ),
         (
             "L7: an HTTP when key in ALLOW fails closed",
@@ -608,7 +627,7 @@ fn istio_examples() {
             SLEEP,
             HTTPBIN,
             false,
-            Reason::NotAllowed,
+            Named::NotAllowed,
         ),
         (
             "L7: remoteIpBlocks is an HTTP attribute",
@@ -624,7 +643,7 @@ fn istio_examples() {
             SLEEP,
             HTTPBIN,
             false,
-            Reason::NotAllowed,
+            Named::NotAllowed,
         ),
         (
             "AUDIT changes nothing",
@@ -632,7 +651,7 @@ fn istio_examples() {
             SLEEP,
             HTTPBIN,
             true,
-            Reason::NoPolicy,
+            Named::NoPolicy,
         ),
         (
             "a dry-run DENY changes nothing",
@@ -645,18 +664,22 @@ fn istio_examples() {
             SLEEP,
             HTTPBIN,
             true,
-            Reason::NoPolicy,
+            Named::NoPolicy,
         ),
     ];
     for (name, policies, src, dst, allowed, reason) in cases {
-        let d = decide(&policies, &src, &dst);
-        assert_eq!((d.allowed, &d.reason), (allowed, &reason), "{name}");
+        let (d, compiled) = decide(&policies, &src, &dst);
+        assert_eq!(
+            (d.allowed, named(&compiled, &d.reason)),
+            (allowed, reason),
+            "{name}"
+        );
     }
 }
 
 #[test]
 fn audit_and_dry_run_are_reported_for_the_log() {
-    let d = decide(
+    let (d, compiled) = decide(
         &[
             policy("default", "audit", Action::Audit, vec![Rule::default()]),
             dry(policy(
@@ -670,8 +693,12 @@ fn audit_and_dry_run_are_reported_for_the_log() {
         &HTTPBIN,
     );
     assert!(d.allowed);
-    assert_eq!(d.audited, ["default/audit"]);
-    assert_eq!(d.dry_run, Some(Reason::Denied("default/try-deny".into())));
+    let audited: Vec<&str> = d.audited.iter().map(|p| compiled.name(*p)).collect();
+    assert_eq!(audited, ["default/audit"]);
+    assert_eq!(
+        d.dry_run.map(|r| named(&compiled, &r)),
+        Some(Named::Denied("default/try-deny".into()))
+    );
 }
 
 #[test]
@@ -911,22 +938,31 @@ fn the_namespace_index_never_changes_a_decision() {
             let naive = if let Some(p) =
                 enforced(PolicyAction::Deny).find(|p| p.matches(&c, principal))
             {
-                Reason::Denied(p.name.clone())
+                Named::Denied(p.name.clone())
             } else if enforced(PolicyAction::Allow).next().is_none() {
-                Reason::NoPolicy
+                Named::NoPolicy
             } else if let Some(p) = enforced(PolicyAction::Allow).find(|p| p.matches(&c, principal))
             {
-                Reason::Allowed(p.name.clone())
+                Named::Allowed(p.name.clone())
             } else {
-                Reason::NotAllowed
+                Named::NotAllowed
             };
             let audited: Vec<String> = enforced(PolicyAction::Audit)
                 .filter(|p| p.matches(&c, principal))
                 .map(|p| p.name.clone())
                 .collect();
             let d = compiled.evaluate(&applicable, &c);
-            assert_eq!(d.reason, naive, "round {round}: {policies:?} {c:?}");
-            assert_eq!(d.audited, audited, "round {round}");
+            assert_eq!(
+                named(&compiled, &d.reason),
+                naive,
+                "round {round}: {policies:?} {c:?}"
+            );
+            let got: Vec<String> = d
+                .audited
+                .iter()
+                .map(|p| compiled.name(*p).to_owned())
+                .collect();
+            assert_eq!(got, audited, "round {round}");
         }
     }
 }
