@@ -373,3 +373,50 @@ impl Report {
         s
     }
 }
+
+/// A horizontal bar chart on a log scale (values spanning orders of magnitude), as SVG.
+pub fn log_bar_chart(title: &str, subtitle: &str, unit: &str, bars: &[(String, f64)]) -> String {
+    let (label_w, chart_w, row_h, top) = (230.0, 470.0, 22.0, 52.0);
+    let height = top + row_h * bars.len() as f64 + 30.0;
+    let max = bars.iter().map(|(_, v)| *v).fold(1.0_f64, f64::max);
+    let (lo, hi) = (1.0_f64.log10(), max.log10().ceil().max(1.0));
+    let x = |v: f64| label_w + chart_w * (v.max(1.0).log10() - lo) / (hi - lo);
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="10" y="18" font-size="13">{title}</text>
+<text x="10" y="34" font-size="11">{subtitle}</text>
+"#,
+        w = label_w + chart_w + 90.0
+    );
+    let mut decade = lo.floor() as i32;
+    while f64::from(decade) <= hi {
+        let xd = x(10f64.powi(decade));
+        let _ = write!(
+            s,
+            r##"<line x1="{xd}" y1="{top}" x2="{xd}" y2="{}" stroke="#ddd"/><text x="{xd}" y="{}" text-anchor="middle" font-size="10">{}</text>
+"##,
+            height - 24.0,
+            height - 10.0,
+            10f64.powi(decade)
+        );
+        decade += 1;
+    }
+    for (i, (label, value)) in bars.iter().enumerate() {
+        let y = top + row_h * i as f64;
+        let _ = write!(
+            s,
+            r##"<text x="{}" y="{}" text-anchor="end">{label}</text><rect x="{label_w}" y="{}" width="{}" height="{}" fill="#2b6cb0"/><text x="{}" y="{}" font-size="10">{value:.0} {unit}</text>
+"##,
+            label_w - 8.0,
+            y + 14.0,
+            y + 3.0,
+            (x(*value) - label_w).max(1.0),
+            row_h - 6.0,
+            x(*value) + 4.0,
+            y + 14.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}

@@ -239,12 +239,36 @@ fn main() -> anyhow::Result<()> {
         serde_json::to_string_pretty(&serde_json::json!({
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "commit": sys::git_commit(),
-            "machine": machine,
+            "machine": &machine,
             "batches": BATCHES,
             "decisions_per_batch": DECISIONS_PER_BATCH,
             "rows": rows,
         }))? + "\n",
     )?;
-    println!("saved {}", path.display());
+    let bars: Vec<(String, f64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                format!("{} policies, {}", r.policies, r.scope),
+                r.ns_per_decision,
+            )
+        })
+        .collect();
+    std::fs::write(
+        out.join(format!("{stem}.svg")),
+        perf::report::log_bar_chart(
+            &format!("authorization decision time, commit {}", sys::git_commit()),
+            &format!(
+                "{} ({} cores); deciding with no policy: {:.0}-{:.0} ns",
+                machine.cpu_model,
+                machine.cores,
+                rows.iter().map(|r| r.no_policy_ns).fold(f64::MAX, f64::min),
+                rows.iter().map(|r| r.no_policy_ns).fold(0.0, f64::max)
+            ),
+            "ns",
+            &bars,
+        ),
+    )?;
+    println!("saved {} (and .svg)", path.display());
     Ok(())
 }
