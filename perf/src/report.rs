@@ -392,10 +392,9 @@ pub fn log_bar_chart(title: &str, subtitle: &str, unit: &str, bars: &[(String, f
     let mut decade = lo.floor() as i32;
     while f64::from(decade) <= hi {
         let xd = x(10f64.powi(decade));
-        let _ = write!(
+        let _ = writeln!(
             s,
-            r##"<line x1="{xd}" y1="{top}" x2="{xd}" y2="{}" stroke="#ddd"/><text x="{xd}" y="{}" text-anchor="middle" font-size="10">{}</text>
-"##,
+            r##"<line x1="{xd}" y1="{top}" x2="{xd}" y2="{}" stroke="#ddd"/><text x="{xd}" y="{}" text-anchor="middle" font-size="10">{}</text>"##,
             height - 24.0,
             height - 10.0,
             10f64.powi(decade)
@@ -404,10 +403,9 @@ pub fn log_bar_chart(title: &str, subtitle: &str, unit: &str, bars: &[(String, f
     }
     for (i, (label, value)) in bars.iter().enumerate() {
         let y = top + row_h * i as f64;
-        let _ = write!(
+        let _ = writeln!(
             s,
-            r##"<text x="{}" y="{}" text-anchor="end">{label}</text><rect x="{label_w}" y="{}" width="{}" height="{}" fill="#2b6cb0"/><text x="{}" y="{}" font-size="10">{value:.0} {unit}</text>
-"##,
+            r##"<text x="{}" y="{}" text-anchor="end">{label}</text><rect x="{label_w}" y="{}" width="{}" height="{}" fill="#2b6cb0"/><text x="{}" y="{}" font-size="10">{value:.0} {unit}</text>"##,
             label_w - 8.0,
             y + 14.0,
             y + 3.0,
