@@ -1,11 +1,14 @@
 //! The agent loop for the local file source: reread the file when it changes, keep this node's
-//! certificates fresh, publish a new snapshot generation whenever either changed. A bad file is
-//! reported (field and problem) and changes nothing: the last good snapshot stays published.
+//! certificates fresh, publish a new snapshot generation whenever either (or the set of pods
+//! enrolled through CNI) changed. A bad file is reported (field and problem) and changes
+//! nothing: the last good snapshot stays published.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use mesh_core::identity::SpiffeId;
@@ -14,6 +17,7 @@ use mesh_snapshot::schema::Identity;
 
 use crate::ca::{IssuedCert, LocalCa};
 use crate::config::{ConfigError, FileConfig, ProtocolSpec};
+use crate::enroll::Enrollments;
 use crate::translate;
 
 #[derive(Clone, Debug)]
@@ -26,6 +30,8 @@ pub struct AgentOptions {
     pub cert_ttl: Duration,
     /// Extra trust anchors (DER) published next to the CA's root, e.g. during a root rotation.
     pub extra_roots: Vec<Vec<u8>>,
+    /// Where pods enrolled through CNI are remembered across restarts.
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,14 +61,34 @@ pub enum Tick {
     Published(Version),
 }
 
+/// What the CNI and namespace-channel threads share with the main loop. Only control-plane
+/// threads ever take this lock.
+pub struct Shared {
+    pub node: String,
+    pub config: Option<FileConfig>,
+    pub enrollments: Enrollments,
+    /// Data planes listening for enrolled pods' namespaces.
+    pub subscribers: Vec<mesh_io::ipc::Channel>,
+    /// Enrollments changed since the last publish.
+    pub dirty: bool,
+}
+
+pub type SharedState = Arc<Mutex<Shared>>;
+
+/// Takes the lock even if a thread panicked while holding it (the state stays usable).
+pub fn lock(shared: &SharedState) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub struct Agent {
     options: AgentOptions,
     ca: LocalCa,
     publisher: Publisher,
     /// Bytes of the config file last looked at (good or bad), to notice changes.
     last_seen: Option<Vec<u8>>,
-    config: Option<FileConfig>,
+    shared: SharedState,
     certs: BTreeMap<SpiffeId, IssuedCert>,
+    wake: (mpsc::Sender<()>, mpsc::Receiver<()>),
 }
 
 impl Agent {
@@ -74,14 +100,31 @@ impl Agent {
                 ..PublishOptions::default()
             },
         )?;
+        let (enrollments, dropped) = Enrollments::load(&options.state_dir.join("enrollments.json"));
+        for why in dropped {
+            tracing::warn!(%why, "forgetting an enrollment");
+        }
+        let shared = Arc::new(Mutex::new(Shared {
+            node: options.node.clone(),
+            config: None,
+            enrollments,
+            subscribers: Vec::new(),
+            dirty: true,
+        }));
         Ok(Agent {
             options,
             ca,
             publisher,
             last_seen: None,
-            config: None,
+            shared,
             certs: BTreeMap::new(),
+            wake: mpsc::channel(),
         })
+    }
+
+    /// The state the CNI server shares, and how it asks the loop to publish.
+    pub fn handles(&self) -> (SharedState, mpsc::Sender<()>) {
+        (self.shared.clone(), self.wake.0.clone())
     }
 
     /// Checks the file and the certificates; publishes if anything changed. An error means
@@ -101,11 +144,18 @@ impl Agent {
                 path: path.clone(),
                 problem,
             })?;
-            self.config = Some(config);
+            let mut shared = lock(&self.shared);
+            shared.config = Some(config);
+            // Labels may have moved pods in or out of the mesh.
+            crate::cni_server::reconcile(&mut shared);
             changed = true;
         }
-        if self.config.is_none() {
-            return Ok(Tick::Unchanged);
+        {
+            let mut shared = lock(&self.shared);
+            if shared.config.is_none() {
+                return Ok(Tick::Unchanged);
+            }
+            changed |= std::mem::take(&mut shared.dirty);
         }
         changed |= self.refresh_certificates(now)?;
         if !changed {
@@ -117,7 +167,8 @@ impl Agent {
     /// Issues missing certificates and renews those past half their lifetime; drops those of
     /// identities no longer on this node.
     fn refresh_certificates(&mut self, now: SystemTime) -> Result<bool, AgentError> {
-        let Some(config) = &self.config else {
+        let shared = lock(&self.shared);
+        let Some(config) = &shared.config else {
             return Ok(false);
         };
         let wanted: Vec<SpiffeId> = config
@@ -126,6 +177,7 @@ impl Agent {
             .filter(|w| w.node == self.options.node && w.protocol == ProtocolSpec::Hbone)
             .filter_map(|w| config.identity(w).ok())
             .collect();
+        drop(shared);
         let mut changed = false;
         let before = self.certs.len();
         self.certs.retain(|id, _| wanted.contains(id));
@@ -133,12 +185,14 @@ impl Agent {
         let now_unix = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
+        // Renew once less than half the TTL is left. (Not half of not_after - not_before: the
+        // not-before is backdated to absorb clock skew, and with a short TTL that backdating
+        // made every certificate look due on every tick.)
+        let half_ttl = (self.options.cert_ttl.as_secs() / 2) as i64;
         for id in wanted {
             let due = match self.certs.get(&id) {
                 None => true,
-                Some(c) => {
-                    now_unix >= c.not_before_unix + (c.not_after_unix - c.not_before_unix) / 2
-                }
+                Some(c) => now_unix >= c.not_after_unix - half_ttl,
             };
             if due {
                 let cert = self
@@ -157,9 +211,17 @@ impl Agent {
     }
 
     fn publish(&mut self) -> Result<Tick, AgentError> {
-        let Some(config) = &self.config else {
+        let shared = lock(&self.shared);
+        let Some(config) = &shared.config else {
             return Ok(Tick::Unchanged);
         };
+        // Captured pods of this node, with the addresses CNI gave them.
+        let enrolled: HashMap<(String, String), Vec<IpAddr>> = shared
+            .enrollments
+            .iter()
+            .filter(|e| e.captured)
+            .map(|e| ((e.pod.namespace.clone(), e.pod.name.clone()), e.ips.clone()))
+            .collect();
         let identities = self
             .certs
             .iter()
@@ -178,7 +240,15 @@ impl Agent {
             "file:{} crc32c={digest:08x}",
             self.options.config_path.display()
         );
-        let snapshot = translate::snapshot(config, &self.options.node, identities, roots, source);
+        let snapshot = translate::snapshot(
+            config,
+            &self.options.node,
+            &enrolled,
+            identities,
+            roots,
+            source,
+        );
+        drop(shared);
         let payload = mesh_snapshot::encode(&snapshot);
         let version = self.publisher.publish(&payload)?;
         tracing::info!(
@@ -193,7 +263,8 @@ impl Agent {
         Ok(Tick::Published(version))
     }
 
-    /// Runs ticks every `interval` until `stop` is set. Each distinct problem is logged once.
+    /// Runs ticks every `interval`, or sooner when CNI changes an enrollment, until `stop` is
+    /// set. Each distinct problem is logged once.
     pub fn run(mut self, interval: Duration, stop: Arc<AtomicBool>) {
         let mut last_problem = String::new();
         while !stop.load(Ordering::Acquire) {
@@ -208,7 +279,7 @@ impl Agent {
                     }
                 }
             }
-            std::thread::sleep(interval);
+            let _ = self.wake.1.recv_timeout(interval);
         }
     }
 }

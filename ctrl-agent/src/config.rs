@@ -21,6 +21,9 @@ pub struct FileConfig {
     /// Istio's root namespace: policies there without a selector apply mesh-wide.
     #[serde(default = "default_root_namespace")]
     pub root_namespace: String,
+    /// Namespaces and their labels (`istio.io/dataplane-mode: ambient` enrolls their pods).
+    #[serde(default)]
+    pub namespaces: Vec<NamespaceSpec>,
     #[serde(default)]
     pub workloads: Vec<WorkloadSpec>,
     #[serde(default)]
@@ -39,6 +42,14 @@ fn default_root_namespace() -> String {
 }
 fn default_namespace() -> String {
     "default".into()
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NamespaceSpec {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -60,6 +71,8 @@ pub struct WorkloadSpec {
     pub service_account: String,
     /// Defaults to the file's trust domain.
     pub trust_domain: Option<String>,
+    /// May be empty for pods on this node enrolled through CNI: CNI reports their addresses.
+    #[serde(default)]
     pub ips: Vec<IpAddr>,
     pub node: String,
     #[serde(default)]
@@ -313,9 +326,6 @@ impl FileConfig {
                     _ => "serviceAccount",
                 };
                 return Err(err(at(field), e.to_string()));
-            }
-            if w.ips.is_empty() {
-                return Err(err(at("ips"), "a workload needs at least one address"));
             }
             for (j, ip) in w.ips.iter().enumerate() {
                 if let Some(other) = ip_owner.insert(*ip, &w.uid) {

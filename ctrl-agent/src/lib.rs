@@ -3,5 +3,8 @@
 
 pub mod agent;
 pub mod ca;
+pub mod cni_api;
+pub mod cni_server;
 pub mod config;
+pub mod enroll;
 pub mod translate;

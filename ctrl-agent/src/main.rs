@@ -46,6 +46,23 @@ struct Args {
     /// Extra trust anchors (PEM files) to publish with the CA's root, e.g. during rotation.
     #[arg(long)]
     extra_root: Vec<PathBuf>,
+    /// Socket where the mesh-cni plugin enrolls pods (CNI integration is off without it).
+    #[arg(long, env = "CTRL_AGENT_CNI_SOCKET")]
+    cni_socket: Option<PathBuf>,
+    /// Socket where data planes receive enrolled pods' network namespaces.
+    #[arg(
+        long,
+        env = "CTRL_AGENT_NETNS_SOCKET",
+        default_value = "/var/run/mesh/netns.sock"
+    )]
+    netns_socket: PathBuf,
+    /// Where enrollments are remembered across restarts.
+    #[arg(
+        long,
+        env = "CTRL_AGENT_STATE_DIR",
+        default_value = "/var/lib/mesh/state"
+    )]
+    state_dir: PathBuf,
     #[arg(long)]
     log_json: bool,
 }
@@ -90,9 +107,24 @@ fn main() -> anyhow::Result<()> {
             owner,
             cert_ttl: args.cert_ttl,
             extra_roots,
+            state_dir: args.state_dir,
         },
         ca,
     )?;
+    if let Some(cni_socket) = &args.cni_socket {
+        let (shared, wake) = agent.handles();
+        ctrl_agent::cni_server::start(shared, wake, cni_socket, &args.netns_socket).with_context(
+            || {
+                format!(
+                    "CNI sockets {} and {}",
+                    cni_socket.display(),
+                    args.netns_socket.display()
+                )
+            },
+        )?;
+        tracing::info!(cni = %cni_socket.display(), netns = %args.netns_socket.display(),
+            "CNI enrollment enabled");
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone())?;

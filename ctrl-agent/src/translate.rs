@@ -1,5 +1,8 @@
 //! From the source's model to the snapshot schema: the one translation every source uses.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+
 use mesh_core::index::ip_to_bytes;
 use mesh_snapshot::schema::{
     self, Action, AuthorizationPolicy, Condition, Identity, MtlsMode, PeerAuthentication, Protocol,
@@ -91,10 +94,13 @@ fn policy(p: &PolicySpec) -> AuthorizationPolicy {
 }
 
 /// The snapshot for `node`: routing data for every workload, namespaces only for this node's
-/// pods, certificates for this node's identities.
+/// pods, certificates for this node's identities. `enrolled` maps (namespace, name) of pods of
+/// this node captured through CNI to the addresses CNI gave them; the data plane gets their
+/// namespaces from the agent, not by path.
 pub fn snapshot(
     config: &FileConfig,
     node: &str,
+    enrolled: &HashMap<(String, String), Vec<IpAddr>>,
     identities: Vec<Identity>,
     trust_roots: Vec<Vec<u8>>,
     source: String,
@@ -102,7 +108,17 @@ pub fn snapshot(
     let workloads = config
         .workloads
         .iter()
-        .map(|w| Workload {
+        .map(|w| {
+            let cni = enrolled
+                .get(&(w.namespace.clone(), w.name.clone()))
+                .filter(|_| w.node == node);
+            let ips = match cni {
+                Some(ips) if !ips.is_empty() => ips.clone(),
+                _ => w.ips.clone(),
+            };
+            (w, ips, cni.is_some())
+        })
+        .map(|(w, ips, from_cni)| Workload {
             uid: w.uid.clone(),
             name: w.name.clone(),
             namespace: w.namespace.clone(),
@@ -111,7 +127,7 @@ pub fn snapshot(
                 .trust_domain
                 .clone()
                 .unwrap_or_else(|| config.trust_domain.clone()),
-            ips: w.ips.iter().map(|ip| ip_to_bytes(*ip)).collect(),
+            ips: ips.iter().map(|ip| ip_to_bytes(*ip)).collect(),
             node: w.node.clone(),
             protocol: match w.protocol {
                 ProtocolSpec::Hbone => Protocol::Hbone,
@@ -127,6 +143,7 @@ pub fn snapshot(
                 String::new()
             },
             labels: w.labels.clone(),
+            netns_from_agent: from_cni,
         })
         .collect();
     let services = config

@@ -10,6 +10,7 @@ pub struct Binaries {
     pub dataplane: PathBuf,
     pub ctrl_agent: PathBuf,
     pub meshload: PathBuf,
+    pub mesh_cni: PathBuf,
 }
 
 /// The target directory of the running executable (`target/<profile>`), from its path:
@@ -59,6 +60,7 @@ pub fn locate() -> anyhow::Result<Binaries> {
         dataplane: find("dataplane")?,
         ctrl_agent: find("ctrl-agent")?,
         meshload: find("meshload")?,
+        mesh_cni: find("mesh-cni")?,
     })
 }
 

@@ -7,9 +7,11 @@
 //!       198.18.0.1/30                                          198.18.0.2/30
 //! ```
 //!
-//! Enrolled pods get the data plane's nftables redirect; the others talk directly, which gives
-//! every run a no-mesh baseline over the same hops. Everything the lab creates carries its
-//! prefix and is removed on drop, on error, and on Ctrl-C.
+//! Pods are attached the way a kubelet attaches them: through a CNI chain of Debian's `bridge`
+//! and `host-local` plugins followed by our `mesh-cni`, which captures the pods the catalog
+//! labels ambient (pods `a`) and leaves the others alone (pods `b`, labelled out), giving every
+//! run a no-mesh baseline over the same hops. Everything the lab creates carries its prefix and
+//! is removed on drop, on error, and on Ctrl-C.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -22,7 +24,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use mesh_io::netns::NetNs;
 
+use serde_json::{json, Value};
+
 use crate::bins::Binaries;
+use crate::cni::{Runtime, Sandbox};
 use crate::sys;
 
 pub const NODE_NAMES: [&str; 2] = ["node-1", "node-2"];
@@ -30,7 +35,6 @@ pub const NODE_NAMES: [&str; 2] = ["node-1", "node-2"];
 pub const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const ECHO_PORT: u16 = 7000;
 pub const SINK_PORT: u16 = 7001;
-const GATEWAY: &str = "169.254.1.1";
 
 #[derive(Clone, Debug)]
 pub struct Pod {
@@ -136,6 +140,7 @@ pub fn install_interrupt_cleanup() -> anyhow::Result<()> {
 }
 
 pub struct Lab {
+    runtimes: Vec<Runtime>,
     pub prefix: String,
     /// Logs, configs, CA and snapshot regions of this run.
     pub dir: PathBuf,
@@ -173,7 +178,15 @@ impl Lab {
         if let Ok(mut labs) = registry().lock() {
             labs.push(cleanup.clone());
         }
+        let plugin_dirs = vec![
+            bins.mesh_cni
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+            PathBuf::from(crate::cni::DEBIAN_PLUGIN_DIR),
+        ];
         let mut lab = Lab {
+            runtimes: Vec::new(),
             prefix,
             dir,
             bins,
@@ -185,14 +198,24 @@ impl Lab {
             cleanup,
             home: NetNs::current()?,
         };
+        lab.runtimes = (0..2)
+            .map(|node| {
+                Runtime::new(
+                    lab.cni_conflist(node),
+                    plugin_dirs.clone(),
+                    &lab.node_netns(node),
+                )
+            })
+            .collect();
         lab.build_nodes()?;
+        let mut pods = Vec::new();
         for (node, name, enrolled) in [
             (0, "a", true),
             (0, "b", false),
             (1, "a", true),
             (1, "b", false),
         ] {
-            lab.add_pod(node, name, enrolled, "default")?;
+            pods.push(lab.create_pod(node, name, enrolled, "default", "default")?);
         }
         lab.setup_ca()?;
         let config = lab.default_config();
@@ -203,6 +226,9 @@ impl Lab {
         }
         for node in 0..2 {
             lab.wait_ready(node, Duration::from_secs(30))?;
+        }
+        for pod in &pods {
+            lab.attach(pod)?;
         }
         Ok(lab)
     }
@@ -274,52 +300,27 @@ impl Lab {
         namespace: &str,
         service_account: &str,
     ) -> anyhow::Result<Pod> {
+        let pod = self.create_pod(node, name, enrolled, namespace, service_account)?;
+        // The agents must know the pod (it is in the catalog) before CNI asks about it.
+        self.apply("")?;
+        self.attach(&pod)?;
+        Ok(pod)
+    }
+
+    /// A pod's namespace, before any network: what the runtime creates for a sandbox.
+    fn create_pod(
+        &mut self,
+        node: usize,
+        name: &str,
+        enrolled: bool,
+        namespace: &str,
+        service_account: &str,
+    ) -> anyhow::Result<Pod> {
         let index = self.pods.iter().filter(|p| p.node == node).count();
+        // host-local is asked for this address (CNI_ARGS IP=), so the catalog can list it.
         let ip = Ipv4Addr::new(198, 18, node as u8 + 1, index as u8 + 2);
         let netns = format!("{}-n{}-{name}", self.prefix, node + 1);
-        let node_ns = self.node_netns(node);
-        let host_if = format!("p-{name}");
         self.ns_add(&netns)?;
-        sys::run(
-            "ip",
-            &[
-                "link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &host_if,
-                "netns", &node_ns,
-            ],
-        )?;
-        let ip_cidr = format!("{ip}/32");
-        sys::run(
-            "ip",
-            &["-n", &netns, "addr", "add", &ip_cidr, "dev", "eth0"],
-        )?;
-        sys::run("ip", &["-n", &netns, "link", "set", "eth0", "up"])?;
-        sys::run(
-            "ip",
-            &["-n", &netns, "route", "add", GATEWAY, "dev", "eth0"],
-        )?;
-        sys::run(
-            "ip",
-            &[
-                "-n", &netns, "route", "add", "default", "via", GATEWAY, "dev", "eth0",
-            ],
-        )?;
-        sys::run(
-            "ip",
-            &[
-                "-n",
-                &node_ns,
-                "addr",
-                "add",
-                &format!("{GATEWAY}/32"),
-                "dev",
-                &host_if,
-            ],
-        )?;
-        sys::run("ip", &["-n", &node_ns, "link", "set", &host_if, "up"])?;
-        sys::run(
-            "ip",
-            &["-n", &node_ns, "route", "add", &ip_cidr, "dev", &host_if],
-        )?;
         // Connection-rate runs open and close many sockets; let them reuse TIME_WAIT ports.
         sys::run(
             "ip",
@@ -333,13 +334,6 @@ impl Lab {
                 "net.ipv4.ip_local_port_range=10000 65000",
             ],
         )?;
-        if enrolled {
-            sys::run_with_input(
-                "ip",
-                &["netns", "exec", &netns, "nft", "-f", "-"],
-                &mesh_core::redirect::pod_ruleset(),
-            )?;
-        }
         let pod = Pod {
             uid: format!("n{}-{name}", node + 1),
             node,
@@ -351,6 +345,103 @@ impl Lab {
         };
         self.pods.push(pod.clone());
         Ok(pod)
+    }
+
+    /// The sandbox a runtime would describe to CNI for `pod`.
+    pub fn sandbox(&self, pod: &Pod) -> Sandbox {
+        Sandbox {
+            container_id: format!("{}-{}", self.prefix, pod.uid),
+            netns_path: pod.netns_path(),
+            namespace: pod.namespace.clone(),
+            name: pod.uid.clone(),
+            args: vec![("IP".into(), pod.ip.to_string())],
+        }
+    }
+
+    /// The node's CNI runtime (its network config list: bridge, host-local, mesh-cni).
+    pub fn cni(&self, node: usize) -> &Runtime {
+        &self.runtimes[node]
+    }
+
+    /// CNI ADD for a pod, then (for a captured pod) wait until its node's data plane listens in it.
+    pub fn attach(&self, pod: &Pod) -> anyhow::Result<()> {
+        self.runtimes[pod.node]
+            .add(&self.sandbox(pod))
+            .with_context(|| format!("CNI ADD of {}", pod.uid))?;
+        self.wait_serving(pod.node, Duration::from_secs(20))
+    }
+
+    /// CNI DEL for a pod (its namespace stays; the lab removes it at the end).
+    pub fn detach(&self, pod: &Pod) -> anyhow::Result<()> {
+        self.runtimes[pod.node]
+            .del(&self.sandbox(pod))
+            .with_context(|| format!("CNI DEL of {}", pod.uid))
+    }
+
+    fn cni_conflist(&self, node: usize) -> Value {
+        let n = node + 1;
+        json!({
+            "cniVersion": "1.0.0",
+            "name": format!("{}-n{n}", self.prefix),
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": "cni0",
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": format!("198.18.{n}.0/24"), "gateway": format!("198.18.{n}.1")}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "dataDir": self.dir.join(format!("ipam-n{n}")),
+                    }
+                },
+                {
+                    "type": "mesh-cni",
+                    "agentSocket": self.cni_socket(node),
+                    "agentWaitSeconds": 10,
+                }
+            ]
+        })
+    }
+
+    pub fn cni_socket(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("{}.cni.sock", NODE_NAMES[node]))
+    }
+
+    fn netns_socket(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("{}.netns.sock", NODE_NAMES[node]))
+    }
+
+    /// Waits until `node`'s data plane is ready with listeners in every captured pod of the
+    /// node (CNI enrollment reaches it through the agent, then the snapshot).
+    pub fn wait_serving(&self, node: usize, timeout: Duration) -> anyhow::Result<()> {
+        let captured = self
+            .pods
+            .iter()
+            .filter(|p| p.node == node && p.enrolled)
+            .count() as u64;
+        let per_pod = 4 * self.options.workers as u64; // 15001, 15006, 15008, SOCKS5
+        let deadline = Instant::now() + timeout;
+        loop {
+            let listeners = self.total(node, "listeners").unwrap_or(0);
+            let ready = self
+                .http_get(node, 15021, "/healthz/ready")
+                .is_ok_and(|(s, _)| s == 200);
+            if ready && listeners == captured * per_pod {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{}: {listeners} listeners for {captured} captured pods (want {}), ready: {ready}\nagent log:\n{}\ndataplane log:\n{}",
+                    NODE_NAMES[node],
+                    captured * per_pod,
+                    self.log_tail(&format!("ctrl-agent-{}.log", NODE_NAMES[node])),
+                    self.log_tail(&format!("dataplane-{}.log", NODE_NAMES[node]))
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn pod(&self, uid: &str) -> &Pod {
@@ -385,7 +476,16 @@ impl Lab {
 
     /// The workloads and service of the lab as a ctrl-agent config file.
     pub fn default_config(&self) -> String {
-        let mut yaml = String::from("trustDomain: cluster.local\nworkloads:\n");
+        let mut namespaces: Vec<&str> = self.pods.iter().map(|p| p.namespace.as_str()).collect();
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        let mut yaml = String::from("trustDomain: cluster.local\nnamespaces:\n");
+        for ns in namespaces {
+            yaml.push_str(&format!(
+                "  - {{name: {ns}, labels: {{istio.io/dataplane-mode: ambient}}}}\n"
+            ));
+        }
+        yaml.push_str("workloads:\n");
         for p in &self.pods {
             yaml.push_str(&self.workload_yaml(p));
         }
@@ -395,22 +495,19 @@ impl Lab {
         yaml
     }
 
-    /// One workload entry, labelled `app: <uid>`; pods outside the mesh are listed as TCP
-    /// (no certificate, no tunnel).
+    /// One workload entry, labelled `app: <uid>`. Every namespace is ambient; pods outside
+    /// the mesh opt out with `istio.io/dataplane-mode: none` and are listed as TCP (no
+    /// certificate, no tunnel).
     pub fn workload_yaml(&self, p: &Pod) -> String {
         format!(
-            "  - {{uid: {uid}, name: {uid}, namespace: {ns}, serviceAccount: {sa}, labels: {{app: {uid}}}, ips: [{ip}], node: {node}, protocol: {proto}{netns}}}\n",
+            "  - {{uid: {uid}, name: {uid}, namespace: {ns}, serviceAccount: {sa}, labels: {{app: {uid}{opt_out}}}, ips: [{ip}], node: {node}, protocol: {proto}}}\n",
             uid = p.uid,
             ns = p.namespace,
             sa = p.service_account,
             ip = p.ip,
             node = NODE_NAMES[p.node],
             proto = if p.enrolled { "HBONE" } else { "TCP" },
-            netns = if p.enrolled {
-                format!(", netns: {}", p.netns_path())
-            } else {
-                String::new()
-            },
+            opt_out = if p.enrolled { "" } else { ", istio.io/dataplane-mode: none" },
         )
     }
 
@@ -424,6 +521,12 @@ impl Lab {
             })
             .collect::<anyhow::Result<_>>()?;
         let config = format!("{}{extra}", self.default_config());
+        let unchanged =
+            (0..2).all(|n| std::fs::read_to_string(self.config_path(n)).is_ok_and(|c| c == config));
+        if unchanged {
+            // The agents publish only on change: there is nothing to wait for.
+            return Ok(());
+        }
         for node in 0..2 {
             self.write_config(node, &config)?;
         }
@@ -431,6 +534,15 @@ impl Lab {
             self.wait_generation(node, generation + 1, Duration::from_secs(10))?;
         }
         Ok(())
+    }
+
+    /// Writes `yaml` as one node's config and waits until its data plane serves it.
+    pub fn apply_to(&self, node: usize, yaml: &str) -> anyhow::Result<()> {
+        let generation = self.stats(node)?["snapshot"]["generation"]
+            .as_u64()
+            .unwrap_or(0);
+        self.write_config(node, yaml)?;
+        self.wait_generation(node, generation + 1, Duration::from_secs(10))
     }
 
     pub fn config_path(&self, node: usize) -> PathBuf {
@@ -477,7 +589,13 @@ impl Lab {
                 "100ms",
                 "--cert-ttl",
                 &self.options.cert_ttl,
-            ]);
+            ])
+            .arg("--cni-socket")
+            .arg(self.cni_socket(node))
+            .arg("--netns-socket")
+            .arg(self.netns_socket(node))
+            .arg("--state-dir")
+            .arg(self.dir.join(format!("state-{}", NODE_NAMES[node])));
         if self.ca_dir(node) != self.mesh_ca_dir() {
             cmd.arg("--extra-root")
                 .arg(self.mesh_ca_dir().join("ca-cert.pem"));
@@ -493,6 +611,39 @@ impl Lab {
         Ok(())
     }
 
+    /// Kills a node's agent and starts it again (its enrollments come back from its state).
+    pub fn restart_agent(&mut self, node: usize) -> anyhow::Result<()> {
+        self.kill_agent(node)?;
+        // A killed agent leaves its socket file; wait for the new one's.
+        let _ = std::fs::remove_file(self.cni_socket(node));
+        self.start_agent(node)?;
+        // The agent answers CNI once its socket exists again.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.cni_socket(node).exists() {
+            if Instant::now() > deadline {
+                bail!("ctrl-agent on {} did not come back", NODE_NAMES[node]);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Moves a pod in or out of the mesh by its label (`istio.io/dataplane-mode: none` when
+    /// out), the way an operator relabels a running pod; waits until its node serves it so.
+    pub fn set_enrolled(&mut self, uid: &str, enrolled: bool) -> anyhow::Result<()> {
+        let node = {
+            let pod = self
+                .pods
+                .iter_mut()
+                .find(|p| p.uid == uid)
+                .ok_or_else(|| anyhow::anyhow!("no pod {uid}"))?;
+            pod.enrolled = enrolled;
+            pod.node
+        };
+        self.apply("")?;
+        self.wait_serving(node, Duration::from_secs(20))
+    }
+
     /// Kills a node's agent (SIGKILL: no chance to tidy up).
     pub fn kill_agent(&mut self, node: usize) -> anyhow::Result<()> {
         if let Some(mut child) = self.agents[node].take() {
@@ -500,6 +651,16 @@ impl Lab {
             child.wait()?;
         }
         Ok(())
+    }
+
+    /// Kills a node's data plane (SIGKILL) and starts a new one, as a crash and restart would.
+    pub fn restart_dataplane(&mut self, node: usize) -> anyhow::Result<()> {
+        if let Some(mut child) = self.dataplanes[node].take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        self.start_dataplane(node)?;
+        self.wait_ready(node, Duration::from_secs(30))
     }
 
     fn start_dataplane(&mut self, node: usize) -> anyhow::Result<()> {
@@ -512,6 +673,8 @@ impl Lab {
             .args(["--workers", &self.options.workers.to_string()])
             .args(["--driver", &self.options.driver])
             .arg("--socks5")
+            .arg("--netns-socket")
+            .arg(self.netns_socket(node))
             .args((!self.options.pin).then_some("--no-pin"))
             .args(&self.options.dataplane_args)
             .env(

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bins;
+pub mod cni;
 pub mod lab;
 pub mod load;
 pub mod report;

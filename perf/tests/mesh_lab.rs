@@ -9,7 +9,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use perf::lab::{Lab, LabOptions, SERVICE_VIP};
@@ -151,9 +151,7 @@ lab_test!(
             "{uid: n2-a, name: n2-a, namespace: default, serviceAccount: impostor",
         );
         assert_ne!(impostor, lab.default_config());
-        lab.write_config(1, &impostor).expect("config");
-        lab.wait_generation(1, 2, Duration::from_secs(10))
-            .expect("node 2 adopts");
+        lab.apply_to(1, &impostor).expect("node 2 adopts");
 
         let mut client = lab
             .connect_from("n1-a", lab.addr("n2-a", ECHO))
@@ -246,17 +244,10 @@ lab_test!(
                 }
             })
         };
+        // A new pod: listed in both nodes' config, then attached through CNI on node 2.
         let pod = lab.add_pod(1, "c", true, "newcomer").expect("new pod");
         echo_server(&lab, "n2-c");
         let before = lab.total(1, "hbone_streams_accepted").expect("stats");
-        let config = lab.default_config();
-        for node in 0..2 {
-            lab.write_config(node, &config).expect("config");
-        }
-        for node in 0..2 {
-            lab.wait_generation(node, 2, Duration::from_secs(10))
-                .expect("adopted");
-        }
         let mut client = lab
             .connect_from("n1-a", SocketAddr::from((pod.ip, ECHO)))
             .expect("connect to the newcomer");
@@ -350,52 +341,6 @@ lab_test!(
         assert_eq!(lab.total(0, "hbone_streams_opened").expect("stats"), 2);
     }
 );
-
-/// Bytes captured on node 1's link to node 2 while `send` runs.
-fn capture_between_nodes(lab: &Lab, send: impl FnOnce()) -> Vec<u8> {
-    let pcap = lab.dir.join(format!("capture-{}.pcap", std::process::id()));
-    let mut tcpdump = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.node_netns(0),
-            "tcpdump",
-            "-i",
-            "peer",
-            "-U",
-            "-s",
-            "0",
-            "-w",
-        ])
-        .arg(&pcap)
-        .arg("tcp")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("tcpdump (apt-get install tcpdump)");
-    // tcpdump says "listening on" once the capture is live.
-    let mut stderr = tcpdump.stderr.take().expect("stderr");
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut byte = [0u8; 1];
-    while !String::from_utf8_lossy(&seen).contains("listening on") {
-        assert!(Instant::now() < deadline, "tcpdump did not start");
-        if stderr.read(&mut byte).expect("tcpdump stderr") == 0 {
-            panic!("tcpdump exited: {}", String::from_utf8_lossy(&seen));
-        }
-        seen.push(byte[0]);
-    }
-    send();
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = std::process::Command::new("kill")
-        .args(["-INT", &tcpdump.id().to_string()])
-        .status();
-    let _ = tcpdump.wait();
-    std::fs::read(&pcap).expect("capture file")
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
 
 lab_test!(
     the_bytes_between_nodes_are_tls_not_the_payload,

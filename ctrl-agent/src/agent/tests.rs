@@ -21,6 +21,7 @@ fn agent(dir: &Path) -> Agent {
         owner: None,
         cert_ttl: DAY,
         extra_roots: Vec::new(),
+        state_dir: dir.join("state"),
     };
     Agent::new(options, LocalCa::generate("cluster.local").expect("ca")).expect("agent")
 }
@@ -109,4 +110,41 @@ fn certificates_are_renewed_after_half_their_lifetime() {
     let renewed = read(&mut sub).expect("republished").identities[0].clone();
     assert_ne!(renewed.cert_chain, first.cert_chain);
     assert!(renewed.not_after_unix > first.not_after_unix);
+}
+
+#[test]
+fn a_short_lived_certificate_is_renewed_at_half_its_ttl_not_on_every_tick() {
+    let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
+    std::fs::write(dir.path().join("mesh.yaml"), CONFIG).expect("write config");
+    let options = AgentOptions {
+        config_path: dir.path().join("mesh.yaml"),
+        node: "node-1".into(),
+        snapshot_path: dir.path().join("snapshot"),
+        owner: None,
+        cert_ttl: Duration::from_secs(4),
+        extra_roots: Vec::new(),
+        state_dir: dir.path().join("state"),
+    };
+    let mut agent =
+        Agent::new(options, LocalCa::generate("cluster.local").expect("ca")).expect("agent");
+    // Validity is in whole seconds: start on one so the expectations below are exact.
+    let whole = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let start = SystemTime::UNIX_EPOCH + Duration::from_secs(whole);
+    agent.tick(start).expect("first publish");
+    for ms in [100, 500, 1900] {
+        assert_eq!(
+            agent.tick(start + Duration::from_millis(ms)).expect("tick"),
+            Tick::Unchanged,
+            "renewed after {ms} ms"
+        );
+    }
+    assert!(matches!(
+        agent
+            .tick(start + Duration::from_millis(2500))
+            .expect("tick"),
+        Tick::Published(_)
+    ));
 }

@@ -51,6 +51,9 @@ struct Args {
     /// Give up on a TCP connect, TLS handshake or tunnel dial after this long.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
+    /// ctrl-agent's socket handing over the network namespaces of pods enrolled through CNI.
+    #[arg(long, env = "DATAPLANE_NETNS_SOCKET")]
+    netns_socket: Option<PathBuf>,
     /// Log lines as JSON instead of text.
     #[arg(long)]
     log_json: bool,
@@ -108,6 +111,7 @@ fn main() -> anyhow::Result<()> {
         driver: args.driver,
         readiness_addr: args.readiness_addr,
         admin_addr: args.admin_addr,
+        netns_socket: args.netns_socket,
         worker: WorkerSettings {
             socks5: args.socks5,
             pool: PoolTimers {

@@ -22,7 +22,19 @@ pub struct Workload {
     pub ips: Vec<IpAddr>,
     pub node: String,
     pub protocol: Protocol,
-    pub netns_path: String,
+    /// Where the data plane finds this pod's network namespace (pods of this node only).
+    pub netns: NetnsSource,
+}
+
+/// How a local pod's network namespace is reached.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum NetnsSource {
+    /// Not a pod this node serves.
+    None,
+    /// A path (file-configured labs): `/run/netns/<name>`.
+    Path(String),
+    /// Enrolled through CNI: the agent hands the namespace over as a descriptor, by uid.
+    Agent,
 }
 
 #[derive(Clone, Debug)]
@@ -162,7 +174,16 @@ impl Index {
             if by_uid.insert(w.uid.clone(), slot).is_some() {
                 return Err(IndexError::DuplicateUid(w.uid));
             }
-            if w.node == snapshot.node && !w.netns_path.is_empty() {
+            let netns = if w.node != snapshot.node {
+                NetnsSource::None
+            } else if w.netns_from_agent {
+                NetnsSource::Agent
+            } else if !w.netns_path.is_empty() {
+                NetnsSource::Path(w.netns_path.clone())
+            } else {
+                NetnsSource::None
+            };
+            if netns != NetnsSource::None {
                 local.push(slot);
                 // Enforcement happens at the destination: resolve scopes for local pods only.
                 local_authz.insert(
@@ -186,7 +207,7 @@ impl Index {
                 identity,
                 ips,
                 node: w.node,
-                netns_path: w.netns_path,
+                netns,
             });
         }
 

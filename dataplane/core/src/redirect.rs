@@ -43,9 +43,53 @@ pub fn pod_ruleset_removal() -> String {
     format!("table inet {TABLE}\ndelete table inet {TABLE}\n")
 }
 
+/// Whether `nft list table` output shows every part of the capture (as nft prints it back:
+/// marks zero-padded to 32 bits).
+pub fn ruleset_is_complete(listing: &str) -> bool {
+    let mark = format!("meta mark {DATAPLANE_MARK:#010x} return");
+    [
+        "hook output",
+        "hook prerouting",
+        mark.as_str(),
+        &format!("tcp dport {} return", ports::HBONE),
+        &format!("redirect to :{}", ports::OUTBOUND),
+        &format!("redirect to :{}", ports::INBOUND_PLAINTEXT),
+    ]
+    .iter()
+    .all(|needle| listing.contains(needle))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What nft 1.0.6 prints back for `pod_ruleset()`.
+    const LISTED: &str = "table inet meshdp {
+\tchain output {
+\t\ttype nat hook output priority -100; policy accept;
+\t\tmeta mark 0x00000539 return
+\t\toifname \"lo\" return
+\t\tip daddr 127.0.0.0/8 return
+\t\tip6 daddr ::1 return
+\t\tmeta l4proto tcp redirect to :15001
+\t}
+
+\tchain prerouting {
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\tiifname \"lo\" return
+\t\ttcp dport 15008 return
+\t\tmeta l4proto tcp redirect to :15006
+\t}
+}";
+
+    #[test]
+    fn the_listing_of_installed_rules_is_recognised_and_a_partial_one_is_not() {
+        assert!(ruleset_is_complete(LISTED));
+        let without_mark = LISTED.replace("meta mark 0x00000539 return", "");
+        assert!(!ruleset_is_complete(&without_mark));
+        let without_inbound = LISTED.replace("redirect to :15006", "");
+        assert!(!ruleset_is_complete(&without_inbound));
+    }
 
     #[test]
     fn ruleset_exempts_the_mark_and_hbone_and_captures_both_directions() {

@@ -93,7 +93,11 @@ impl AdminState {
                     "identity": w.identity.to_string(),
                     "ips": w.ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
                     "node": w.node, "protocol": format!("{:?}", w.protocol),
-                    "netns": w.netns_path,
+                    "netns": match &w.netns {
+                        mesh_core::index::NetnsSource::None => String::new(),
+                        mesh_core::index::NetnsSource::Path(p) => p.clone(),
+                        mesh_core::index::NetnsSource::Agent => "from ctrl-agent (CNI)".into(),
+                    },
                 })
             })
             .collect();

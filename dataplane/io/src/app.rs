@@ -8,6 +8,7 @@ use std::sync::Arc;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use crate::admin::{self, AdminState};
+use crate::netns_sync::{self, NetnsRegistry};
 use crate::runtime::{self, DriverChoice};
 use crate::stats::WorkerStats;
 use crate::watch::{self, WatchStatus};
@@ -25,6 +26,8 @@ pub struct Config {
     pub driver: DriverChoice,
     pub readiness_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// ctrl-agent's socket for the namespaces of pods enrolled through CNI.
+    pub netns_socket: Option<PathBuf>,
     pub worker: WorkerSettings,
 }
 
@@ -69,6 +72,7 @@ pub fn run(config: Config) -> Result<(), AppError> {
         "starting data plane"
     );
 
+    let registry = Arc::new(NetnsRegistry::default());
     let mut senders = Vec::new();
     let mut stats = Vec::new();
     let mut threads = Vec::new();
@@ -81,6 +85,7 @@ pub fn run(config: Config) -> Result<(), AppError> {
         let core = (config.pin && !cores.is_empty()).then(|| cores[id % cores.len()]);
         let settings = config.worker;
         let thread_stats = worker_stats.clone();
+        let thread_registry = registry.clone();
         let handle = std::thread::Builder::new()
             .name(format!("worker-{id}"))
             .spawn(move || {
@@ -90,7 +95,7 @@ pub fn run(config: Config) -> Result<(), AppError> {
                     }
                 }
                 let result = runtime::block_on(driver, || async move {
-                    match Worker::new(id, thread_stats, settings) {
+                    match Worker::new(id, thread_stats, settings, thread_registry) {
                         Ok(worker) => {
                             tracing::info!(
                                 worker = id,
@@ -129,6 +134,14 @@ pub fn run(config: Config) -> Result<(), AppError> {
             .spawn(move || watch::watch(path, senders, status, stop))
             .map_err(|e| AppError::Worker(usize::MAX, e))?
     };
+
+    if let Some(socket) = config.netns_socket.clone() {
+        let (registry, senders, stop) = (registry.clone(), senders.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("netns-sync".into())
+            .spawn(move || netns_sync::follow(socket, registry, senders, stop))
+            .map_err(|e| AppError::Worker(usize::MAX, e))?;
+    }
 
     admin::start(
         Arc::new(AdminState {

@@ -6,7 +6,8 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 /// An open handle on a network namespace (keeps it alive while held).
@@ -25,6 +26,29 @@ impl NetNs {
         })
     }
 
+    /// A namespace received as a descriptor (for instance from the agent); `label` names it
+    /// in logs.
+    pub fn from_fd(fd: OwnedFd, label: impl Into<String>) -> NetNs {
+        NetNs {
+            file: File::from(fd),
+            path: label.into(),
+        }
+    }
+
+    /// Another handle on the same namespace.
+    pub fn try_clone(&self) -> io::Result<NetNs> {
+        Ok(NetNs {
+            file: self.file.try_clone()?,
+            path: self.path.clone(),
+        })
+    }
+
+    /// (device, inode): what identifies a namespace, whatever path or descriptor reaches it.
+    pub fn identity(&self) -> io::Result<(u64, u64)> {
+        let meta = self.file.metadata()?;
+        Ok((meta.dev(), meta.ino()))
+    }
+
     /// The namespace the calling thread is in now.
     pub fn current() -> io::Result<NetNs> {
         NetNs::open("/proc/thread-self/ns/net")
@@ -32,6 +56,10 @@ impl NetNs {
 
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
     }
 
     fn enter(&self) -> io::Result<()> {

@@ -17,7 +17,7 @@ use http::{Response, StatusCode};
 use mesh_core::authz::{self, Decision, Mtls, Reason};
 use mesh_core::hbone::{self, ConnectOutcome};
 use mesh_core::identity::SpiffeId;
-use mesh_core::index::{Index, Route};
+use mesh_core::index::{Index, NetnsSource, Route};
 use mesh_core::socks5::{self, Parsed, Reply};
 use mesh_core::{ports, DATAPLANE_MARK};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, Canceller, IntoPollIo};
@@ -26,6 +26,7 @@ use monoio::net::{TcpListener, TcpStream};
 use crate::bufio::ReadBuffered;
 use crate::local::Trigger;
 use crate::netns::NetNs;
+use crate::netns_sync::NetnsRegistry;
 use crate::pool::{DialSpec, HbonePool, Lease, PoolKey, PoolTimers};
 use crate::relay;
 use crate::sockets::{finish_connect, original_dst, reuseport_listener, start_connect};
@@ -36,6 +37,8 @@ use crate::{h2glue, tls};
 /// Messages from the main thread to a worker.
 pub enum Control {
     Adopt(Arc<Index>),
+    /// Pods' namespaces changed (from the agent): retry pods without listeners.
+    Reconcile,
     Shutdown,
 }
 
@@ -79,7 +82,7 @@ impl Kind {
 
 /// The listeners a worker holds in one pod's namespace.
 struct Pod {
-    netns_path: String,
+    source: NetnsSource,
     netns: Rc<NetNs>,
     stop: Vec<(Canceller, Rc<Cell<bool>>)>,
 }
@@ -101,6 +104,8 @@ pub struct Worker {
     pool: Rc<HbonePool>,
     pods: RefCell<HashMap<String, Pod>>,
     failed_pods: RefCell<HashMap<String, String>>,
+    /// Namespaces of pods enrolled through CNI, as the agent handed them over.
+    registry: Arc<NetnsRegistry>,
     pick: Cell<u64>,
     settings: WorkerSettings,
     /// Inbound connections in progress, re-checked against every new snapshot's policy.
@@ -196,6 +201,7 @@ impl Worker {
         id: usize,
         stats: Arc<WorkerStats>,
         settings: WorkerSettings,
+        registry: Arc<NetnsRegistry>,
     ) -> std::io::Result<Rc<Worker>> {
         let home = Rc::new(NetNs::current()?);
         let pool = HbonePool::new(settings.pool, home.clone(), stats.clone());
@@ -207,6 +213,7 @@ impl Worker {
             pool,
             pods: RefCell::new(HashMap::new()),
             failed_pods: RefCell::new(HashMap::new()),
+            registry,
             pick: Cell::new(0),
             settings,
             live: RefCell::new(HashMap::new()),
@@ -221,6 +228,10 @@ impl Worker {
         while let Ok(message) = control.recv_async().await {
             match message {
                 Control::Adopt(index) => self.adopt(index),
+                Control::Reconcile => {
+                    let view = self.view();
+                    self.reconcile_pods(&view);
+                }
                 Control::Shutdown => break,
             }
         }
@@ -345,11 +356,13 @@ impl Worker {
 
     /// Opens listeners for new local pods and closes those of pods that left.
     fn reconcile_pods(self: &Rc<Self>, view: &View) {
-        let wanted: HashMap<&str, (&str, Vec<IpAddr>)> = view
+        let wanted: HashMap<&str, (&NetnsSource, Vec<IpAddr>)> = view
             .index
             .local_workloads()
-            .map(|w| (w.uid.as_str(), (w.netns_path.as_str(), w.ips.clone())))
+            .map(|w| (w.uid.as_str(), (&w.netns, w.ips.clone())))
             .collect();
+        // Pods that left (listeners close; their open connections finish on their own), or
+        // whose namespace changed.
         let gone: Vec<String> = self
             .pods
             .borrow()
@@ -357,7 +370,7 @@ impl Worker {
             .filter(|(uid, pod)| {
                 wanted
                     .get(uid.as_str())
-                    .is_none_or(|(path, _)| *path != pod.netns_path)
+                    .is_none_or(|(source, _)| **source != pod.source)
             })
             .map(|(uid, _)| uid.clone())
             .collect();
@@ -370,17 +383,17 @@ impl Worker {
         self.failed_pods
             .borrow_mut()
             .retain(|uid, _| wanted.contains_key(uid.as_str()));
-        for (uid, (path, ips)) in wanted {
+        for (uid, (source, ips)) in wanted {
             if self.pods.borrow().contains_key(uid) {
                 continue;
             }
-            match self.open_pod(uid, path, &ips) {
+            match self.open_pod(uid, source, &ips) {
                 Ok(pod) => {
                     self.failed_pods.borrow_mut().remove(uid);
                     self.pods.borrow_mut().insert(uid.to_owned(), pod);
                 }
                 Err(error) => {
-                    tracing::error!(worker = self.id, pod = %uid, netns = %path, %error,
+                    tracing::error!(worker = self.id, pod = %uid, netns = ?source, %error,
                         "cannot open pod listeners; will retry");
                     self.failed_pods
                         .borrow_mut()
@@ -410,8 +423,32 @@ impl Worker {
         }
     }
 
-    fn open_pod(self: &Rc<Self>, uid: &str, path: &str, ips: &[IpAddr]) -> std::io::Result<Pod> {
-        let netns = Rc::new(NetNs::open(path)?);
+    fn open_pod(
+        self: &Rc<Self>,
+        uid: &str,
+        source: &NetnsSource,
+        ips: &[IpAddr],
+    ) -> std::io::Result<Pod> {
+        let netns = Rc::new(match source {
+            NetnsSource::Path(path) => NetNs::open(path)?,
+            NetnsSource::Agent => self
+                .registry
+                .get(uid)
+                .ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "ctrl-agent has not handed over this pod's namespace (yet)",
+                    )
+                })?
+                .try_clone()?,
+            NetnsSource::None => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no network namespace for this pod",
+                ))
+            }
+        });
+        let path = netns.path().to_owned();
         let mut kinds = vec![Kind::Outbound, Kind::InboundPlaintext, Kind::Hbone];
         if self.settings.socks5 {
             kinds.push(Kind::Socks5);
@@ -432,7 +469,7 @@ impl Worker {
             }
         }
         let mut pod = Pod {
-            netns_path: path.to_owned(),
+            source: source.clone(),
             netns: netns.clone(),
             stop: Vec::new(),
         };

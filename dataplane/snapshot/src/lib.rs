@@ -7,6 +7,7 @@
 //! This crate and the I/O layer are the only places allowed `unsafe`; here it is confined to
 //! the mapping of the region and the futex calls, each with a `SAFETY:` note.
 
+pub mod enrollment;
 pub mod region;
 pub mod schema;
 #[doc(hidden)]

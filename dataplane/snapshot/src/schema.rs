@@ -72,6 +72,10 @@ pub struct Workload {
     pub netns_path: String,
     #[prost(btree_map = "string, string", tag = "11")]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// For pods on the publishing node enrolled through CNI: the agent hands their network
+    /// namespace to the data plane as a descriptor (see `enrollment`), keyed by uid.
+    #[prost(bool, tag = "12")]
+    pub netns_from_agent: bool,
 }
 
 #[derive(Clone, PartialEq, Message)]

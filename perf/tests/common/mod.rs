@@ -90,6 +90,55 @@ pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
 
 /// An HBONE client speaking to node 2's data plane directly from node 1's namespace, with a
 /// certificate from the lab's CA: for requests a well-behaved peer would not send.
+/// Bytes captured on node 1's link to node 2 while `send` runs.
+pub fn capture_between_nodes(lab: &Lab, send: impl FnOnce()) -> Vec<u8> {
+    let pcap = lab.dir.join(format!("capture-{}.pcap", std::process::id()));
+    let mut tcpdump = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.node_netns(0),
+            "tcpdump",
+            // Hand each packet over at once: buffered capture delivers in blocks, up to a
+            // second late, and would miss a short exchange.
+            "--immediate-mode",
+            "-i",
+            "peer",
+            "-U",
+            "-s",
+            "0",
+            "-w",
+        ])
+        .arg(&pcap)
+        .arg("tcp")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tcpdump (apt-get install tcpdump)");
+    // tcpdump says "listening on" once the capture is live.
+    let mut stderr = tcpdump.stderr.take().expect("stderr");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut byte = [0u8; 1];
+    while !String::from_utf8_lossy(&seen).contains("listening on") {
+        assert!(Instant::now() < deadline, "tcpdump did not start");
+        if stderr.read(&mut byte).expect("tcpdump stderr") == 0 {
+            panic!("tcpdump exited: {}", String::from_utf8_lossy(&seen));
+        }
+        seen.push(byte[0]);
+    }
+    send();
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &tcpdump.id().to_string()])
+        .status();
+    let _ = tcpdump.wait();
+    std::fs::read(&pcap).expect("capture file")
+}
+
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 pub mod raw_hbone {
     use std::sync::Arc;
     use std::time::SystemTime;

@@ -1,0 +1,57 @@
+//! What the CNI plugin and the agent say to each other over the agent's CNI socket
+//! (`mesh_io::ipc`, one JSON message per request and reply).
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// The label Istio uses to put namespaces and pods in (or out of) ambient mode.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRef {
+    pub container_id: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Before the plugin touches the pod: should it be captured?
+    Decide { namespace: String, name: String },
+    /// The sandbox is up and, if `captured`, its rules are in place. The pod's network
+    /// namespace rides along as the message's descriptor.
+    Add {
+        pod: PodRef,
+        ips: Vec<IpAddr>,
+        netns_path: String,
+        captured: bool,
+    },
+    /// The sandbox is going away.
+    Remove { pod: PodRef },
+    /// What the agent knows about a sandbox.
+    Status { container_id: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Decision {
+        capture: bool,
+        reason: String,
+    },
+    /// The pod belongs in the mesh but cannot be served yet (the agent does not know it):
+    /// the runtime should retry.
+    NotYet {
+        reason: String,
+    },
+    Done,
+    Status {
+        known: bool,
+        captured: bool,
+    },
+    Refused {
+        reason: String,
+    },
+}

@@ -1,0 +1,56 @@
+//! Installing, removing and checking the pod redirect rules (`mesh_core::redirect`) inside a
+//! pod's network namespace, with the `nft` tool run from a thread entered into it.
+
+use std::io::{self, Write};
+use std::process::{Command, Stdio};
+
+use mesh_core::redirect;
+
+use crate::netns::NetNs;
+
+/// Runs `nft` inside `netns` with `stdin` as its input; `args` e.g. `["-f", "-"]`.
+fn nft_in(netns: &NetNs, args: &[&str], stdin: &str) -> io::Result<String> {
+    let home = NetNs::current()?;
+    // A child process starts in the namespace of the thread that spawns it.
+    let child = netns.run_in(&home, || {
+        Command::new("nft")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    })??;
+    let mut child = child;
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(io::Error::other(format!(
+            "nft {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Installs (or reinstalls) the capture rules; one nft transaction, so never half applied.
+pub fn install(netns: &NetNs) -> io::Result<()> {
+    nft_in(netns, &["-f", "-"], &redirect::pod_ruleset()).map(drop)
+}
+
+/// Removes the capture rules; harmless if they are not there.
+pub fn remove(netns: &NetNs) -> io::Result<()> {
+    nft_in(netns, &["-f", "-"], &redirect::pod_ruleset_removal()).map(drop)
+}
+
+/// Whether the capture rules are in place (both chains, both redirects, the mark exemption).
+pub fn check(netns: &NetNs) -> io::Result<bool> {
+    match nft_in(netns, &["list", "table", "inet", redirect::TABLE], "") {
+        Ok(listing) => Ok(redirect::ruleset_is_complete(&listing)),
+        // No such table.
+        Err(_) => Ok(false),
+    }
+}

@@ -1,0 +1,373 @@
+//! CNI enrollment end to end: the lab's pods are attached by Debian's reference `bridge` and
+//! `host-local` plugins with `mesh-cni` chained after them, driven exactly as a runtime drives
+//! them (environment plus stdin JSON) on real network namespaces; each scenario on io_uring and
+//! on epoll. Root required, as in CI.
+
+#[macro_use]
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use perf::cni::Sandbox;
+use perf::lab::{Lab, LabOptions};
+use serde_json::json;
+
+/// Whether the capture table is present in a pod's namespace.
+fn captured(lab: &Lab, pod: &str) -> bool {
+    let ns = lab.pod(pod).netns.clone();
+    std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &ns, "nft", "list", "table", "inet", "meshdp",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn run_in(lab: &Lab, pod: &str, program: &str, args: &[&str]) -> String {
+    let mut child = lab
+        .spawn_in(pod, Path::new(program), args)
+        .expect("program starts");
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        let _ = stdout.read_to_string(&mut out);
+    }
+    let status = child.wait().expect("program ends");
+    assert!(status.success(), "{program} {args:?} failed: {out}");
+    out
+}
+
+lab_test!(
+    unmodified_programs_talk_through_the_mesh_and_the_wire_is_tls,
+    LabOptions::default(),
+    |mut lab| {
+        assert!(captured(&lab, "n1-a") && captured(&lab, "n2-a"));
+        assert!(
+            !captured(&lab, "n1-b"),
+            "the opted-out pod has no capture rules"
+        );
+
+        // A small HTTP server and client: Python's http.server and curl.
+        let site = lab.dir.join("site");
+        std::fs::create_dir_all(&site).expect("site dir");
+        let marker = "MESH-CNI-HTTP-MARKER-5f1c";
+        std::fs::write(site.join("index.html"), marker.repeat(2000)).expect("page");
+        let http = lab
+            .spawn_in(
+                "n2-a",
+                Path::new("python3"),
+                &[
+                    "-m",
+                    "http.server",
+                    "8080",
+                    "--bind",
+                    "0.0.0.0",
+                    "--directory",
+                    &site.display().to_string(),
+                ],
+            )
+            .expect("http server");
+        lab.keep(http);
+        let url = format!("http://{}:8080/index.html", lab.pod("n2-a").ip);
+        let mut body = String::new();
+        let wire = capture_between_nodes(&lab, || {
+            for _ in 0..50 {
+                if let Ok(mut child) = lab.spawn_in("n1-a", Path::new("curl"), &["-sf", &url]) {
+                    let mut out = String::new();
+                    if let Some(mut stdout) = child.stdout.take() {
+                        let _ = stdout.read_to_string(&mut out);
+                    }
+                    if child.wait().is_ok_and(|s| s.success()) {
+                        body = out;
+                        return;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        assert_eq!(
+            body,
+            marker.repeat(2000),
+            "curl got the page through the mesh"
+        );
+        assert!(
+            wire.len() > 10_000,
+            "the exchange was captured: {} bytes",
+            wire.len()
+        );
+        assert!(
+            !contains(&wire, marker.as_bytes()),
+            "the page crossed between nodes in the clear"
+        );
+        assert!(contains(&wire, &[0x17, 0x03, 0x03]), "as TLS records");
+        // iperf3, as shipped by Debian.
+        let server = lab
+            .spawn_in("n2-a", Path::new("iperf3"), &["-s", "-1", "-p", "5201"])
+            .expect("iperf3 server");
+        lab.keep(server);
+        std::thread::sleep(Duration::from_millis(300));
+        let report = run_in(
+            &lab,
+            "n1-a",
+            "iperf3",
+            &[
+                "-c",
+                &lab.pod("n2-a").ip.to_string(),
+                "-p",
+                "5201",
+                "-t",
+                "1",
+                "-J",
+            ],
+        );
+        let report: serde_json::Value = serde_json::from_str(&report).expect("iperf3 JSON");
+        let received = report["end"]["sum_received"]["bytes"]
+            .as_f64()
+            .unwrap_or(0.0);
+        assert!(received > 1e6, "iperf3 moved {received} bytes");
+        assert!(
+            lab.total(1, "hbone_streams_accepted").expect("stats") >= 2,
+            "iperf3's control and data connections both went through HBONE"
+        );
+    }
+);
+
+lab_test!(
+    add_twice_check_and_del_behave_as_the_spec_asks,
+    LabOptions::default(),
+    |lab| {
+        let pod = lab.pod("n1-a").clone();
+        let sandbox = lab.sandbox(&pod);
+        let cni = lab.cni(0);
+        let mesh_cni = cni.plugin("mesh-cni").expect("mesh-cni in the chain");
+        let prev = cni
+            .result(&sandbox.container_id)
+            .expect("cached ADD result");
+        // Our plugin's ADD again (the chain's primary plugin would refuse a duplicate
+        // interface; runtimes DEL before re-adding): harmless.
+        let again = cni
+            .invoke("ADD", &mesh_cni, &sandbox, Some(&prev))
+            .expect("second ADD")
+            .expect("a result");
+        assert_eq!(again["ips"], prev["ips"], "prevResult passed through");
+        cni.check(&sandbox).expect("CHECK after ADD");
+        // Someone removes the rules: CHECK notices.
+        let ns = pod.netns.clone();
+        std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &ns, "nft", "delete", "table", "inet", "meshdp",
+            ])
+            .status()
+            .expect("nft");
+        let err = cni
+            .check(&sandbox)
+            .expect_err("CHECK must fail without rules");
+        assert_eq!((err.plugin.as_str(), err.code), ("mesh-cni", 100), "{err}");
+        cni.invoke("ADD", &mesh_cni, &sandbox, Some(&prev))
+            .expect("ADD repairs");
+        assert!(captured(&lab, "n1-a"));
+        // DEL: rules gone, pod released, data plane stops listening in it.
+        cni.del(&sandbox).expect("DEL");
+        assert!(!captured(&lab, "n1-a"));
+        assert!(
+            eventually(Duration::from_secs(5), || lab
+                .total(0, "listeners")
+                .expect("stats")
+                == 0),
+            "node 1's data plane closed the pod's listeners"
+        );
+        // DEL again, and DEL of a sandbox nobody ever saw: both succeed.
+        cni.del(&sandbox).expect("second DEL");
+        let stranger = Sandbox {
+            container_id: "never-added".into(),
+            ..sandbox.clone()
+        };
+        cni.del(&stranger).expect("DEL of an unknown sandbox");
+    }
+);
+
+lab_test!(
+    bad_invocations_get_cni_error_json_and_leave_no_rules,
+    LabOptions::default(),
+    |mut lab| {
+        let cni = lab.cni(0);
+        let pod = lab.pod("n1-b").clone();
+        let config = json!({"cniVersion": "1.0.0", "name": "t", "type": "mesh-cni",
+            "agentSocket": lab.cni_socket(0),
+            "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": format!("{}/24", pod.ip)}]}});
+        let stdin = serde_json::to_vec(&config).expect("json");
+        let env = |command: &str, netns: &str| {
+            vec![
+                ("CNI_COMMAND", command.to_owned()),
+                ("CNI_CONTAINERID", "probe".to_owned()),
+                ("CNI_NETNS", netns.to_owned()),
+                ("CNI_IFNAME", "eth0".to_owned()),
+                (
+                    "CNI_ARGS",
+                    format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={}", pod.uid),
+                ),
+            ]
+        };
+        let netns = pod.netns_path();
+        let version = cni
+            .exec("mesh-cni", "VERSION", &env("VERSION", ""), b"{}")
+            .expect("VERSION")
+            .expect("output");
+        assert!(version["supportedVersions"]
+            .as_array()
+            .expect("list")
+            .contains(&json!("1.0.0")));
+        // what, environment, stdin, expected error code
+        type Case<'a> = (&'a str, Vec<(&'a str, String)>, Vec<u8>, u64);
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "malformed stdin",
+                env("ADD", &netns),
+                b"{not json".to_vec(),
+                6,
+            ),
+            ("missing CNI_NETNS", env("ADD", ""), stdin.clone(), 4),
+            ("unknown command", env("RESTART", &netns), stdin.clone(), 4),
+        ];
+        for (what, env, input, code) in cases {
+            let err = cni.exec("mesh-cni", "ADD", &env, &input).expect_err(what);
+            assert_eq!(err.code, code, "{what}: {err}");
+            assert!(!err.msg.is_empty(), "{what}: the error says what is wrong");
+        }
+        // The agent is not running: a retryable error after a bounded wait, nothing installed.
+        lab.kill_agent(0).expect("kill agent");
+        let _ = std::fs::remove_file(lab.cni_socket(0));
+        let mut quick = config.clone();
+        quick["agentWaitSeconds"] = json!(1);
+        let err = lab
+            .cni(0)
+            .exec(
+                "mesh-cni",
+                "ADD",
+                &env("ADD", &netns),
+                &serde_json::to_vec(&quick).expect("json"),
+            )
+            .expect_err("no agent");
+        assert_eq!(err.code, 11, "{err}");
+        assert!(!captured(&lab, "n1-b"), "no rules left half-installed");
+    }
+);
+
+lab_test!(
+    relabelled_pods_are_captured_and_released_without_a_restart,
+    LabOptions::default(),
+    |mut lab| {
+        echo_server(&lab, "n2-a");
+        let through_mesh = |lab: &Lab| lab.total(0, "hbone_streams_opened").expect("stats");
+        let mut plain = lab
+            .connect_from("n1-b", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(roundtrip(&mut plain, b"plain").expect("echo"), b"plain");
+        assert_eq!(through_mesh(&lab), 0, "n1-b is outside the mesh");
+
+        lab.set_enrolled("n1-b", true).expect("label ambient");
+        assert!(captured(&lab, "n1-b"), "rules installed in the running pod");
+        let mut meshed = lab
+            .connect_from("n1-b", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(roundtrip(&mut meshed, b"meshed").expect("echo"), b"meshed");
+        assert_eq!(
+            through_mesh(&lab),
+            1,
+            "n1-b's new connection went through HBONE"
+        );
+
+        lab.set_enrolled("n1-b", false).expect("label none");
+        assert!(!captured(&lab, "n1-b"), "rules removed");
+        let mut again = lab
+            .connect_from("n1-b", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(
+            roundtrip(&mut again, b"plain again").expect("echo"),
+            b"plain again"
+        );
+        assert_eq!(through_mesh(&lab), 1, "and plain TCP once released");
+    }
+);
+
+lab_test!(
+    restarts_serve_enrolled_pods_again_without_cni,
+    LabOptions::default(),
+    |mut lab| {
+        echo_server(&lab, "n2-a");
+        let mut before = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(roundtrip(&mut before, b"one").expect("echo"), b"one");
+
+        // The agent restarts: it reloads its enrollments; the data planes keep serving.
+        for node in 0..2 {
+            lab.restart_agent(node).expect("agent restart");
+        }
+        assert_eq!(roundtrip(&mut before, b"two").expect("still open"), b"two");
+        let log = std::fs::read_to_string(lab.dir.join("ctrl-agent-node-1.log")).expect("log");
+        assert!(
+            !log.contains("forgetting an enrollment"),
+            "every pod survived the restart"
+        );
+
+        // The data planes restart (no CNI call anywhere): they get the namespaces from the agents.
+        for node in 0..2 {
+            lab.restart_dataplane(node).expect("data plane restart");
+            lab.wait_serving(node, Duration::from_secs(20))
+                .expect("serving again");
+        }
+        let mut after = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(roundtrip(&mut after, b"three").expect("echo"), b"three");
+        assert!(
+            lab.total(1, "hbone_streams_accepted").expect("stats") >= 1,
+            "through the mesh"
+        );
+    }
+);
+
+lab_test!(
+    a_pod_added_while_the_agent_is_down_fails_retryably_then_succeeds,
+    LabOptions::default(),
+    |mut lab| {
+        lab.kill_agent(0).expect("kill agent");
+        let _ = std::fs::remove_file(lab.cni_socket(0));
+        // A faster give-up than the lab's 10 s, for the test's sake.
+        let pod = lab.pod("n1-a").clone();
+        let sandbox = Sandbox {
+            container_id: "early-bird".into(),
+            ..lab.sandbox(&pod)
+        };
+        let config = json!({"cniVersion": "1.0.0", "name": "t", "type": "mesh-cni",
+            "agentSocket": lab.cni_socket(0), "agentWaitSeconds": 1,
+            "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": format!("{}/24", pod.ip)}]}});
+        // Remove the pod's rules so the outcome is visible.
+        std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &pod.netns, "nft", "delete", "table", "inet", "meshdp",
+            ])
+            .status()
+            .expect("nft");
+        let err = lab
+            .cni(0)
+            .invoke("ADD", &config, &sandbox, config.get("prevResult"))
+            .expect_err("the agent is down");
+        assert_eq!(err.code, 11, "try again later: {err}");
+        assert!(
+            !captured(&lab, "n1-a"),
+            "the pod does not start captured-by-nobody"
+        );
+        lab.restart_agent(0).expect("agent back");
+        lab.cni(0)
+            .invoke("ADD", &config, &sandbox, config.get("prevResult"))
+            .expect("the retry succeeds");
+        assert!(captured(&lab, "n1-a"));
+    }
+);
