@@ -307,7 +307,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         workers_per_node: workers,
         pinned: args.pin,
-        topology: "2 namespace nodes over veth, pods behind per-pod veths, apps and data planes sharing all cores".into(),
+        topology: "2 namespace nodes over veth, pods attached by CNI (bridge + host-local + mesh-cni), apps and data planes sharing all cores".into(),
         ratios: Ratios::of(&direct_throughput, &mesh_throughput, &direct_latency, &mesh_latency),
         direct_throughput,
         mesh_throughput,
