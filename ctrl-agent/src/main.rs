@@ -1,7 +1,6 @@
 //! `ctrl-agent`: parse flags, load or create the CA, run the file source until SIGTERM.
 #![forbid(unsafe_code)]
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -69,16 +68,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if args.log_json {
-        logs.json().init();
-    } else {
-        logs.with_ansi(std::io::stderr().is_terminal()).init();
-    }
+    mesh_io::logs::init(args.log_json);
     let ca = LocalCa::load_or_generate(&args.ca_dir, &args.trust_domain)
         .with_context(|| format!("local CA in {}", args.ca_dir.display()))?;
     let mut extra_roots = Vec::new();

@@ -569,6 +569,18 @@ impl Lab {
             .open(self.dir.join(name))?)
     }
 
+    /// Starts one of a node's mesh processes with its output in `<what>-<node>.log`.
+    fn spawn_logged(&self, cmd: &mut Command, what: &str, node: usize) -> anyhow::Result<Child> {
+        let log = self.log(&format!("{what}-{}.log", NODE_NAMES[node]))?;
+        let child = cmd
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {what}"))?;
+        self.track(&child);
+        Ok(child)
+    }
+
     fn track(&self, child: &Child) {
         if let Ok(mut pids) = self.cleanup.pids.lock() {
             pids.push(child.id());
@@ -600,14 +612,7 @@ impl Lab {
             cmd.arg("--extra-root")
                 .arg(self.mesh_ca_dir().join("ca-cert.pem"));
         }
-        let log = self.log(&format!("ctrl-agent-{}.log", NODE_NAMES[node]))?;
-        let child = cmd
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting ctrl-agent")?;
-        self.track(&child);
-        self.agents[node] = Some(child);
+        self.agents[node] = Some(self.spawn_logged(&mut cmd, "ctrl-agent", node)?);
         Ok(())
     }
 
@@ -681,14 +686,7 @@ impl Lab {
                 "RUST_LOG",
                 std::env::var("MESHLAB_LOG").unwrap_or_else(|_| "info".into()),
             );
-        let log = self.log(&format!("dataplane-{}.log", NODE_NAMES[node]))?;
-        let child = cmd
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting dataplane")?;
-        self.track(&child);
-        self.dataplanes[node] = Some(child);
+        self.dataplanes[node] = Some(self.spawn_logged(&mut cmd, "dataplane", node)?);
         Ok(())
     }
 

@@ -375,6 +375,19 @@ impl Report {
 }
 
 /// A horizontal bar chart on a log scale (values spanning orders of magnitude), as SVG.
+/// A result file's name stem: `kind` and the UTC second the run started, so files sort by time.
+pub fn file_stem(kind: &str, started: time::OffsetDateTime) -> String {
+    format!(
+        "{kind}-{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+        started.year(),
+        started.month() as u8,
+        started.day(),
+        started.hour(),
+        started.minute(),
+        started.second()
+    )
+}
+
 pub fn log_bar_chart(title: &str, subtitle: &str, unit: &str, bars: &[(String, f64)]) -> String {
     let (label_w, chart_w, row_h, top) = (230.0, 470.0, 22.0, 52.0);
     let height = top + row_h * bars.len() as f64 + 30.0;

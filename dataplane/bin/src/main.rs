@@ -1,7 +1,6 @@
 //! `dataplane`: parse flags, validate, log the effective config, run.
 #![forbid(unsafe_code)]
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -83,16 +82,7 @@ fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if args.log_json {
-        logs.json().init();
-    } else {
-        logs.with_ansi(std::io::stderr().is_terminal()).init();
-    }
+    mesh_io::logs::init(args.log_json);
     let cores = args.cores.unwrap_or_default();
     let default_workers = if cores.is_empty() {
         std::thread::available_parallelism().map_or(1, |n| n.get())

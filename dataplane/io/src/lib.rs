@@ -8,6 +8,7 @@ pub mod bufio;
 pub mod h2glue;
 pub mod ipc;
 pub mod local;
+pub mod logs;
 pub mod netns;
 pub mod netns_sync;
 pub mod pool;

@@ -292,10 +292,7 @@ pub async fn tcp_h2(
     };
     let (mut up, mut down) = (Upload::Reading, Download::Receiving);
     let (mut sent, mut received) = (0u64, 0u64);
-    let ended = poll_fn(|cx| {
-        if stop.poll_fired(cx).is_ready() {
-            return Poll::Ready(None);
-        }
+    let ended = both_directions(stop, |cx| {
         let u = poll_tcp_to_h2(&mut up, &mut tcp, &mut send, &mut sent, meters.sent, cx);
         let d = poll_h2_to_tcp(
             &mut down,
@@ -305,11 +302,7 @@ pub async fn tcp_h2(
             meters.received,
             cx,
         );
-        if verdict(u, d).finished {
-            Poll::Ready(Some((u, d)))
-        } else {
-            Poll::Pending
-        }
+        (u, d)
     })
     .await;
     let Some((up_end, down_end)) = ended else {
@@ -356,10 +349,7 @@ pub async fn tcp_tcp(
     };
     let (mut up, mut down) = (Download::Receiving, Download::Receiving);
     let (mut sent, mut received) = (0u64, 0u64);
-    let ended = poll_fn(|cx| {
-        if stop.poll_fired(cx).is_ready() {
-            return Poll::Ready(None);
-        }
+    let ended = both_directions(stop, |cx| {
         let u = poll_tcp_to_tcp(&mut up, &mut local, &mut remote, &mut sent, meters.sent, cx);
         let d = poll_tcp_to_tcp(
             &mut down,
@@ -369,11 +359,7 @@ pub async fn tcp_tcp(
             meters.received,
             cx,
         );
-        if verdict(u, d).finished {
-            Poll::Ready(Some((u, d)))
-        } else {
-            Poll::Pending
-        }
+        (u, d)
     })
     .await;
     let Some((up_end, down_end)) = ended else {
@@ -397,6 +383,26 @@ pub async fn tcp_tcp(
         received,
         reset,
     }
+}
+
+/// Polls both directions of a relay in one task until the pair is finished (their last
+/// states) or `stop` fires (`None`).
+async fn both_directions(
+    stop: &Trigger,
+    mut poll_pair: impl FnMut(&mut Context<'_>) -> (Poll<End>, Poll<End>),
+) -> Option<(Poll<End>, Poll<End>)> {
+    poll_fn(|cx| {
+        if stop.poll_fired(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        let (u, d) = poll_pair(cx);
+        if verdict(u, d).finished {
+            Poll::Ready(Some((u, d)))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
 }
 
 fn close(side: TcpSide, reset: bool) {

@@ -552,15 +552,8 @@ impl Worker {
     async fn outbound(self: Rc<Self>, stream: TcpStream, peer: SocketAddr, uid: Rc<str>) {
         let _active = ActiveGuard::new(&self.stats);
         self.stats.outbound_accepted.inc();
-        let dst = match stream
-            .local_addr()
-            .and_then(|local| original_dst(stream.as_raw_fd(), local))
-        {
-            Ok(dst) => dst,
-            Err(error) => {
-                tracing::debug!(pod = %uid, %peer, %error, "no original destination");
-                return;
-            }
+        let Some(dst) = redirected_destination(&stream, peer, &uid) else {
+            return;
         };
         let view = self.view();
         // Boxed: connection setup is short and large; only the relay should stay resident.
@@ -746,15 +739,8 @@ impl Worker {
         let _active = ActiveGuard::new(&self.stats);
         self.stats.inbound_plaintext_accepted.inc();
         let view = self.view();
-        let dst = match stream
-            .local_addr()
-            .and_then(|local| original_dst(stream.as_raw_fd(), local))
-        {
-            Ok(dst) => dst,
-            Err(error) => {
-                tracing::debug!(pod = %uid, %peer, %error, "no original destination");
-                return;
-            }
+        let Some(dst) = redirected_destination(&stream, peer, &uid) else {
+            return;
         };
         let serves = view
             .index
@@ -936,6 +922,20 @@ impl Worker {
         };
         let totals = relay::tcp_h2(app, send, request.into_body(), self.meters(), &live.stop).await;
         self.record(&totals, "inbound HBONE");
+    }
+}
+
+/// Where a redirected connection was going before nftables sent it to us.
+fn redirected_destination(stream: &TcpStream, peer: SocketAddr, uid: &str) -> Option<SocketAddr> {
+    match stream
+        .local_addr()
+        .and_then(|local| original_dst(stream.as_raw_fd(), local))
+    {
+        Ok(dst) => Some(dst),
+        Err(error) => {
+            tracing::debug!(pod = %uid, %peer, %error, "no original destination");
+            None
+        }
     }
 }
 

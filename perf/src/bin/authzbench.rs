@@ -21,7 +21,7 @@ use mesh_core::index::{Generation, Index};
 use mesh_snapshot::schema::{
     Action, AuthorizationPolicy, Protocol, Rule, RuleOperation, RuleSource, Snapshot, Workload,
 };
-use perf::sys;
+use perf::{report, sys};
 use serde::Serialize;
 
 const BATCHES: usize = 15;
@@ -218,16 +218,7 @@ fn main() -> anyhow::Result<()> {
             r.policies, r.scope, r.applicable, r.ns_per_decision, r.no_policy_ns, r.vs_no_policy
         );
     }
-    let started = time::OffsetDateTime::now_utc();
-    let stem = format!(
-        "authz-{:04}{:02}{:02}T{:02}{:02}{:02}Z",
-        started.year(),
-        started.month() as u8,
-        started.day(),
-        started.hour(),
-        started.minute(),
-        started.second()
-    );
+    let stem = report::file_stem("authz", time::OffsetDateTime::now_utc());
     if std::env::args().any(|a| a == "--no-save") {
         return Ok(());
     }

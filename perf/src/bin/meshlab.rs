@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use perf::lab::{self, Lab, LabOptions, ECHO_PORT, SINK_PORT};
 use perf::load::{BulkResult, Latency};
-use perf::report::{Memory, NodeMemory, Ratios, Report, Throughput};
+use perf::report::{self, Memory, NodeMemory, Ratios, Report, Throughput};
 use perf::{bins, sys};
 
 #[derive(Parser)]
@@ -318,15 +318,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     println!("{}", report.table());
     if !args.no_save {
-        let stem = format!(
-            "lab-{:04}{:02}{:02}T{:02}{:02}{:02}Z",
-            started.year(),
-            started.month() as u8,
-            started.day(),
-            started.hour(),
-            started.minute(),
-            started.second()
-        );
+        let stem = report::file_stem("lab", started);
         let path = report.save(&args.out, &stem)?;
         println!("saved {} (and .svg)", path.display());
     }
