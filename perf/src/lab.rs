@@ -709,6 +709,30 @@ impl Lab {
         self.dataplanes[node].as_ref().map(Child::id)
     }
 
+    /// Everything a node's process ("dataplane" or "ctrl-agent") has logged so far.
+    pub fn process_log(&self, process: &str, node: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{process}-{}.log", NODE_NAMES[node])))
+            .unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for a node's data plane to exit (after a signal); its status.
+    pub fn wait_dataplane_exit(
+        &mut self,
+        node: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.dataplanes[node].as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    return Ok(Some(status));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(None)
+    }
+
     fn log_tail(&self, name: &str) -> String {
         let text = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -744,8 +768,19 @@ impl Lab {
         )
     }
 
-    /// GET on a node's localhost port (admin 15000, readiness 15021).
+    /// GET on a node's localhost port (admin 15000, metrics 15020, readiness 15021).
     pub fn http_get(&self, node: usize, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+        self.http_request(node, port, "GET", path)
+    }
+
+    /// A bodiless request to a node's localhost port; the status and the body.
+    pub fn http_request(
+        &self,
+        node: usize,
+        port: u16,
+        method: &str,
+        path: &str,
+    ) -> anyhow::Result<(u16, String)> {
         let mut stream = self.connect_in(
             &self.node_netns(node),
             SocketAddr::from(([127, 0, 0, 1], port)),
@@ -753,7 +788,7 @@ impl Lab {
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         write!(
             stream,
-            "GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
         )?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;

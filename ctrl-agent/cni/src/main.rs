@@ -5,6 +5,7 @@
 //! starting a pod whose traffic would bypass the mesh.
 #![forbid(unsafe_code)]
 
+mod install;
 mod spec;
 
 use std::io::{Read, Write};
@@ -16,6 +17,17 @@ use mesh_io::netns::NetNs;
 use spec::{Code, Command, Config, Error, Invocation};
 
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // The chart's installer container runs the same binary with a subcommand; the runtime
+    // never passes arguments (and always sets CNI_COMMAND).
+    if std::env::var_os("CNI_COMMAND").is_none()
+        && matches!(
+            args.first().map(String::as_str),
+            Some("install" | "uninstall")
+        )
+    {
+        std::process::exit(installer(&args));
+    }
     let outcome = run();
     let code = match outcome {
         Ok(Some(result)) => {
@@ -31,6 +43,28 @@ fn main() {
     };
     let _ = std::io::stdout().flush();
     std::process::exit(code);
+}
+
+fn installer(args: &[String]) -> i32 {
+    let (mode, options, once) = match install::parse(args) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            eprintln!("mesh-cni: {e}");
+            return 2;
+        }
+    };
+    let result = if mode == "install" {
+        install::run(&options, once)
+    } else {
+        install::unchain(&options)
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("mesh-cni {mode}: {e}");
+            1
+        }
+    }
 }
 
 fn run() -> Result<Option<serde_json::Value>, Error> {

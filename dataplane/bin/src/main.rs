@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use mesh_io::accesslog::AccessLogSettings;
 use mesh_io::app::{self, Config};
 use mesh_io::pool::PoolTimers;
 use mesh_io::runtime::DriverChoice;
@@ -39,6 +40,21 @@ struct Args {
     readiness_addr: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
+    /// Prometheus metrics (/stats/prometheus), Istio's names and labels.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// On SIGTERM: readiness fails, listeners close, and open connections get this long to
+    /// finish before they are closed.
+    #[arg(long, env = "DATAPLANE_DRAIN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_grace: Duration,
+    /// Turn the per-connection access log off (it can be turned on again at runtime:
+    /// POST /access_log?enabled=true on the admin port).
+    #[arg(long)]
+    no_access_log: bool,
+    /// Fraction of successful connections written to the access log; failures are always
+    /// written.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_fraction)]
+    access_log_sample: f64,
     /// Close pooled HBONE connections idle this long.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pool_idle_timeout: Duration,
@@ -56,6 +72,13 @@ struct Args {
     /// Log lines as JSON instead of text.
     #[arg(long)]
     log_json: bool,
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|f| (0.0..=1.0).contains(f))
+        .ok_or_else(|| format!("{s:?} is not a number from 0 to 1"))
 }
 
 fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
@@ -82,7 +105,7 @@ fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    mesh_io::logs::init(args.log_json);
+    let log_level = mesh_io::logs::init(args.log_json);
     let cores = args.cores.unwrap_or_default();
     let default_workers = if cores.is_empty() {
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -101,6 +124,13 @@ fn main() -> anyhow::Result<()> {
         driver: args.driver,
         readiness_addr: args.readiness_addr,
         admin_addr: args.admin_addr,
+        metrics_addr: args.metrics_addr,
+        drain_grace: args.drain_grace,
+        access_log: AccessLogSettings {
+            enabled: !args.no_access_log,
+            sample: args.access_log_sample,
+        },
+        log_level: Some(log_level),
         netns_socket: args.netns_socket,
         worker: WorkerSettings {
             socks5: args.socks5,

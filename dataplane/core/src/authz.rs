@@ -315,6 +315,11 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Number of rules (an ALLOW policy with none matches nothing).
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
     /// The unindexed definition of a match; the tests hold the index to it.
     #[cfg(test)]
     fn matches(&self, c: &Connection, principal: Option<&str>) -> bool {
@@ -541,6 +546,10 @@ impl Policies {
 
     pub fn is_empty(&self) -> bool {
         self.policies.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Policy> {
+        self.policies.iter()
     }
 
     /// `namespace/name` of a policy a decision refers to.

@@ -24,6 +24,17 @@ pub struct Workload {
     pub protocol: Protocol,
     /// Where the data plane finds this pod's network namespace (pods of this node only).
     pub netns: NetnsSource,
+    /// Istio's canonical service and revision, from the workload's labels (metric labels).
+    pub canonical_service: String,
+    pub canonical_revision: String,
+}
+
+/// A service as metrics name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceName {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
 }
 
 /// How a local pod's network namespace is reached.
@@ -39,6 +50,7 @@ pub enum NetnsSource {
 
 #[derive(Clone, Debug)]
 struct Service {
+    name: ServiceName,
     /// Indexes into `Index::workloads`, endpoints that exist in the snapshot.
     endpoints: Vec<usize>,
 }
@@ -52,6 +64,8 @@ pub enum Route<'a> {
         destination: &'a Workload,
         target: SocketAddr,
         tunnel: SocketAddr,
+        /// The service whose VIP was dialled, if it was one.
+        service: Option<&'a ServiceName>,
     },
     /// Not in the mesh: plain TCP to `target`.
     Passthrough { target: SocketAddr },
@@ -83,6 +97,28 @@ pub enum IndexError {
         first: String,
         second: String,
     },
+}
+
+/// Istio's canonical service and revision for a workload, from the labels Istio reads, in
+/// Istio's order of preference; the workload's name and "latest" when none is set.
+pub fn canonical_names(
+    name: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> (String, String) {
+    let first = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k).cloned());
+    let service = first(&[
+        "service.istio.io/canonical-name",
+        "app.kubernetes.io/name",
+        "app",
+    ])
+    .unwrap_or_else(|| name.to_owned());
+    let revision = first(&[
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/version",
+        "version",
+    ])
+    .unwrap_or_else(|| "latest".to_owned());
+    (service, revision)
 }
 
 /// Parses a 4- or 16-byte address from the snapshot.
@@ -199,7 +235,10 @@ impl Index {
                     ),
                 );
             }
+            let (canonical_service, canonical_revision) = canonical_names(&w.name, &w.labels);
             workloads.push(Workload {
+                canonical_service,
+                canonical_revision,
                 protocol: w.protocol(),
                 uid: w.uid,
                 name: w.name,
@@ -248,7 +287,19 @@ impl Index {
                 .iter()
                 .filter_map(|uid| by_uid.get(uid).copied())
                 .collect();
-            services.push(Service { endpoints });
+            let hostname = if s.hostname.is_empty() {
+                format!("{}.{}.svc.cluster.local", s.name, s.namespace)
+            } else {
+                s.hostname.clone()
+            };
+            services.push(Service {
+                name: ServiceName {
+                    name: s.name.clone(),
+                    namespace: s.namespace.clone(),
+                    hostname,
+                },
+                endpoints,
+            });
         }
 
         let mut identities = HashMap::with_capacity(snapshot.identities.len());
@@ -308,6 +359,22 @@ impl Index {
     pub fn workloads(&self) -> &[Workload] {
         &self.workloads
     }
+    /// Every service with its VIP:port frontends (sorted) and the number of endpoints.
+    pub fn services(&self) -> Vec<(&ServiceName, Vec<SocketAddr>, usize)> {
+        let mut frontends: Vec<Vec<SocketAddr>> = vec![Vec::new(); self.services.len()];
+        for (vip, (service, _)) in &self.by_vip {
+            frontends[*service].push(*vip);
+        }
+        self.services
+            .iter()
+            .zip(frontends)
+            .map(|(s, mut vips)| {
+                vips.sort();
+                (&s.name, vips, s.endpoints.len())
+            })
+            .collect()
+    }
+
     pub fn trust_roots(&self) -> &[Vec<u8>] {
         &self.trust_roots
     }
@@ -374,9 +441,23 @@ impl Index {
                 .iter()
                 .find(|ip| ip.is_ipv4() == dst.is_ipv4())
                 .or_else(|| workload.ips.first());
-            return match ip {
+            let route = match ip {
                 Some(ip) => self.route_to_workload(workload, SocketAddr::new(*ip, target_port)),
                 None => Route::NoEndpoint { service: dst },
+            };
+            return match route {
+                Route::Hbone {
+                    destination,
+                    target,
+                    tunnel,
+                    ..
+                } => Route::Hbone {
+                    destination,
+                    target,
+                    tunnel,
+                    service: Some(&self.services[service].name),
+                },
+                other => other,
             };
         }
         match self.workload_by_ip(dst.ip()) {
@@ -391,6 +472,7 @@ impl Index {
                 destination: workload,
                 target,
                 tunnel: SocketAddr::new(target.ip(), ports::HBONE),
+                service: None,
             },
             Protocol::Tcp => Route::Passthrough { target },
         }
@@ -475,6 +557,7 @@ mod tests {
                 destination,
                 target,
                 tunnel,
+                ..
             } => (destination.uid.clone(), target, tunnel),
             other => panic!("expected HBONE, got {other:?}"),
         };

@@ -1,28 +1,45 @@
-//! Readiness (15021) and admin (15000, localhost) HTTP endpoints, served by plain threads that
-//! never run on a data-plane core's event loop: an expensive dump must not delay packets.
+//! Readiness (15021), Prometheus metrics (15020) and admin (15000, localhost) HTTP endpoints,
+//! served by plain threads that never run on a data-plane core's event loop: an expensive dump
+//! or scrape must not delay packets.
 
-use std::io::{BufRead, BufReader, Write};
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
+use crate::accesslog::AccessLogSettings;
+use crate::logs::LogLevel;
+use crate::metrics::{escape, MetricsRegistry};
 use crate::runtime::Driver;
-use crate::stats::WorkerStats;
+use crate::stats::{WorkerStats, GAUGES};
 use crate::watch::WatchStatus;
+use crate::worker::Control;
 
-/// Everything the endpoints report on.
+/// Everything the endpoints report on or change.
 pub struct AdminState {
     pub workers: Vec<Arc<WorkerStats>>,
     pub watch: Arc<WatchStatus>,
     pub driver: Driver,
+    pub metrics: MetricsRegistry,
+    pub log_level: Option<LogLevel>,
+    /// The workers' control channels, for settings changed at runtime.
+    pub control: Vec<flume::Sender<Control>>,
+    pub access_log: Mutex<AccessLogSettings>,
+    /// Set on SIGTERM: readiness fails from then on.
+    pub draining: AtomicBool,
 }
 
 impl AdminState {
-    /// Ready once a snapshot is adopted by every worker and every local pod has listeners.
+    /// Ready once a snapshot is adopted by every worker and every local pod has listeners,
+    /// until the process starts draining.
     pub fn readiness(&self) -> Result<(), String> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err("draining".into());
+        }
         if !self.watch.has_snapshot() {
             return Err("no snapshot adopted yet".into());
         }
@@ -36,6 +53,13 @@ impl AdminState {
             }
         }
         Ok(())
+    }
+
+    fn ready_response(&self) -> (u16, &'static str, String) {
+        match self.readiness() {
+            Ok(()) => (200, "text/plain", "ready\n".into()),
+            Err(why) => (503, "text/plain", format!("not ready: {why}\n")),
+        }
     }
 
     pub fn stats_json(&self) -> Value {
@@ -113,9 +137,33 @@ impl AdminState {
             })
             .collect();
         identities.sort_by(|a, b| a["identity"].as_str().cmp(&b["identity"].as_str()));
+        let services: Vec<Value> = index
+            .services()
+            .into_iter()
+            .map(|(name, vips, endpoints)| {
+                json!({
+                    "name": name.name, "namespace": name.namespace, "hostname": name.hostname,
+                    "vips": vips.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "endpoints": endpoints,
+                })
+            })
+            .collect();
+        let policies: Vec<Value> = index
+            .policies()
+            .iter()
+            .map(|p| {
+                json!({
+                    "name": p.name, "action": format!("{:?}", p.action).to_uppercase(),
+                    "dry_run": p.dry_run, "rules": p.rule_count(),
+                    "http_attributes_fail_closed": p.has_http_attributes,
+                })
+            })
+            .collect();
         json!({
             "node": index.node(),
             "source": index.source(),
+            "services": services,
+            "policies": policies,
             "epoch": index.generation().epoch,
             "generation": index.generation().generation,
             "trust_roots": index.trust_roots().len(),
@@ -123,9 +171,166 @@ impl AdminState {
             "identities": identities,
         })
     }
+
+    /// Everything in Prometheus text format: Istio's `istio_tcp_*` series, then this data
+    /// plane's own per-worker counters and the snapshot's state.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        self.metrics.render(&mut out);
+        // (family, is a gauge, [(labels, value)]), in first-seen order.
+        type Family = (String, bool, Vec<(String, u64)>);
+        let mut families: Vec<Family> = Vec::new();
+        for (i, w) in self.workers.iter().enumerate() {
+            for (name, value) in w.fields() {
+                let (family, labels) = match name.strip_prefix("tls_refused_") {
+                    Some(reason) => (
+                        "meshdp_tls_handshake_refusals".to_owned(),
+                        format!("worker=\"{i}\",reason=\"{reason}\""),
+                    ),
+                    None => (format!("meshdp_{name}"), format!("worker=\"{i}\"")),
+                };
+                let gauge = GAUGES.contains(&name);
+                let family = if gauge { family } else { family + "_total" };
+                match families.iter_mut().find(|(f, _, _)| *f == family) {
+                    Some((_, _, series)) => series.push((labels, value)),
+                    None => families.push((family, gauge, vec![(labels, value)])),
+                }
+            }
+        }
+        for (family, gauge, series) in families {
+            let kind = if gauge { "gauge" } else { "counter" };
+            let _ = writeln!(out, "# TYPE {family} {kind}");
+            for (labels, value) in series {
+                let _ = writeln!(out, "{family}{{{labels}}} {value}");
+            }
+        }
+        let adopted_ms = self.watch.adopted_unix_ms.load(Ordering::Acquire);
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let age = if adopted_ms == 0 {
+            0.0
+        } else {
+            now_ms.saturating_sub(adopted_ms) as f64 / 1000.0
+        };
+        let gauges = [
+            (
+                "meshdp_snapshot_epoch",
+                self.watch.epoch.load(Ordering::Acquire) as f64,
+            ),
+            (
+                "meshdp_snapshot_generation",
+                self.watch.generation.load(Ordering::Acquire) as f64,
+            ),
+            ("meshdp_snapshot_age_seconds", age),
+            (
+                "meshdp_draining",
+                f64::from(u8::from(self.draining.load(Ordering::Acquire))),
+            ),
+        ];
+        for (name, value) in gauges {
+            let _ = writeln!(out, "# TYPE {name} gauge\n{name} {value}");
+        }
+        let counters = [
+            (
+                "meshdp_snapshot_refused_total",
+                self.watch.refused.load(Ordering::Acquire),
+            ),
+            (
+                "meshdp_snapshot_read_errors_total",
+                self.watch.read_errors.load(Ordering::Acquire),
+            ),
+        ];
+        for (name, value) in counters {
+            let _ = writeln!(out, "# TYPE {name} counter\n{name} {value}");
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE meshdp_driver_info gauge\nmeshdp_driver_info{{driver=\"{}\"}} 1",
+            escape(self.driver.name())
+        );
+        out
+    }
+
+    /// `POST /logging?level=<RUST_LOG filter>`; without a level, reports the current one.
+    fn logging(&self, query: &str) -> (u16, &'static str, String) {
+        let Some(level) = &self.log_level else {
+            return (
+                503,
+                "text/plain",
+                "log level is fixed in this process\n".into(),
+            );
+        };
+        match query_value(query, "level") {
+            None => (200, "text/plain", format!("{}\n", level.current())),
+            Some(directives) => match level.set(&directives) {
+                Ok(()) => {
+                    tracing::info!(filter = %directives, "log filter changed");
+                    (200, "text/plain", format!("{directives}\n"))
+                }
+                Err(e) => (400, "text/plain", format!("{e}\n")),
+            },
+        }
+    }
+
+    /// `POST /access_log?enabled=true|false&sample=0..1`: changed on every worker.
+    fn set_access_log(&self, query: &str) -> (u16, &'static str, String) {
+        let Ok(mut settings) = self.access_log.lock() else {
+            return (500, "text/plain", "settings unavailable\n".into());
+        };
+        let mut next = *settings;
+        if let Some(v) = query_value(query, "enabled") {
+            match v.parse() {
+                Ok(b) => next.enabled = b,
+                Err(_) => return (400, "text/plain", "enabled must be true or false\n".into()),
+            }
+        }
+        if let Some(v) = query_value(query, "sample") {
+            match v.parse::<f64>() {
+                Ok(f) if (0.0..=1.0).contains(&f) => next.sample = f,
+                _ => {
+                    return (
+                        400,
+                        "text/plain",
+                        "sample must be a number from 0 to 1\n".into(),
+                    )
+                }
+            }
+        }
+        *settings = next;
+        for tx in &self.control {
+            let _ = tx.send(Control::AccessLog(next));
+        }
+        tracing::info!(
+            enabled = next.enabled,
+            sample = next.sample,
+            "access log settings changed"
+        );
+        (
+            200,
+            "application/json",
+            json!({"enabled": next.enabled, "sample": next.sample}).to_string(),
+        )
+    }
 }
 
-type Handler = dyn Fn(&str) -> (u16, &'static str, String) + Send + Sync;
+/// The value of `key` in a query string (no percent-decoding: values here are plain words).
+fn query_value(query: &str, key: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.replace('+', " "))
+}
+
+/// A request: method, path, query string.
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub query: &'a str,
+}
+
+type Handler = dyn Fn(&Request<'_>) -> (u16, &'static str, String) + Send + Sync;
 
 /// Serves GET requests on `listener` with `handler(path)`, one short-lived connection at a time.
 pub fn serve(listener: TcpListener, handler: Arc<Handler>) {
@@ -141,20 +346,35 @@ fn answer(mut conn: TcpStream, handler: &Handler) -> std::io::Result<()> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
-    // Drain headers so the client sees a clean close.
+    // Read the headers, and a (small) body, so the client sees a clean close.
+    let mut body_len = 0u64;
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
             break;
         }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                body_len = value.trim().parse().unwrap_or(0).min(64 * 1024);
+            }
+        }
     }
+    std::io::copy(&mut reader.by_ref().take(body_len), &mut std::io::sink())?;
     let mut parts = request_line.split_whitespace();
     let (status, content_type, body) = match (parts.next(), parts.next()) {
-        (Some("GET"), Some(path)) => handler(path),
-        _ => (405, "text/plain", "only GET\n".into()),
+        (Some(method @ ("GET" | "POST")), Some(target)) => {
+            let (path, query) = target.split_once('?').unwrap_or((target, ""));
+            handler(&Request {
+                method,
+                path,
+                query,
+            })
+        }
+        _ => (405, "text/plain", "GET or POST only\n".into()),
     };
     let reason = match status {
         200 => "OK",
+        400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
         503 => "Service Unavailable",
@@ -168,40 +388,53 @@ fn answer(mut conn: TcpStream, handler: &Handler) -> std::io::Result<()> {
     conn.flush()
 }
 
-/// Starts the readiness and admin servers on threads of their own.
+/// Starts the readiness, admin and metrics servers on threads of their own.
 pub fn start(
     state: Arc<AdminState>,
     readiness: SocketAddr,
     admin: SocketAddr,
+    metrics: SocketAddr,
 ) -> std::io::Result<()> {
     let ready_listener = TcpListener::bind(readiness)?;
     let admin_listener = TcpListener::bind(admin)?;
+    let metrics_listener = TcpListener::bind(metrics)?;
     let ready_state = state.clone();
-    let ready: Arc<Handler> = Arc::new(move |path| match path {
-        "/healthz/ready" => match ready_state.readiness() {
-            Ok(()) => (200, "text/plain", "ready\n".into()),
-            Err(why) => (503, "text/plain", format!("not ready: {why}\n")),
-        },
+    let ready: Arc<Handler> = Arc::new(move |r| match r.path {
+        "/healthz/ready" => ready_state.ready_response(),
         _ => (404, "text/plain", "not found\n".into()),
     });
-    let admin_handler: Arc<Handler> = Arc::new(move |path| match path {
-        "/stats" => (200, "application/json", state.stats_json().to_string()),
-        "/config_dump" => (200, "application/json", state.config_dump().to_string()),
-        "/healthz/ready" => match state.readiness() {
-            Ok(()) => (200, "text/plain", "ready\n".into()),
-            Err(why) => (503, "text/plain", format!("not ready: {why}\n")),
-        },
+    let metrics_state = state.clone();
+    let scrape: Arc<Handler> = Arc::new(move |r| match r.path {
+        "/stats/prometheus" | "/metrics" => {
+            (200, "text/plain; version=0.0.4", metrics_state.prometheus())
+        }
+        _ => (404, "text/plain", "metrics: /stats/prometheus\n".into()),
+    });
+    let admin_handler: Arc<Handler> = Arc::new(move |r| match (r.method, r.path) {
+        ("GET", "/stats") => (200, "application/json", state.stats_json().to_string()),
+        ("GET", "/config_dump") => (200, "application/json", state.config_dump().to_string()),
+        ("GET", "/stats/prometheus") => (200, "text/plain; version=0.0.4", state.prometheus()),
+        ("GET", "/healthz/ready") => state.ready_response(),
+        ("GET", "/logging") => state.logging(""),
+        ("POST", "/logging") => state.logging(r.query),
+        ("GET", "/access_log") => state.set_access_log(""),
+        ("POST", "/access_log") => state.set_access_log(r.query),
         _ => (
             404,
             "text/plain",
-            "endpoints: /stats /config_dump /healthz/ready\n".into(),
+            "endpoints: GET /stats /config_dump /stats/prometheus /healthz/ready /logging \
+             /access_log; POST /logging?level=<filter> /access_log?enabled=<bool>&sample=<0..1>\n"
+                .into(),
         ),
     });
-    std::thread::Builder::new()
-        .name("readiness".into())
-        .spawn(move || serve(ready_listener, ready))?;
-    std::thread::Builder::new()
-        .name("admin".into())
-        .spawn(move || serve(admin_listener, admin_handler))?;
+    for (name, listener, handler) in [
+        ("readiness", ready_listener, ready),
+        ("admin", admin_listener, admin_handler),
+        ("metrics", metrics_listener, scrape),
+    ] {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || serve(listener, handler))?;
+    }
     Ok(())
 }

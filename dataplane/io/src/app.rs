@@ -3,11 +3,15 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 
+use crate::accesslog::{AccessLogSettings, AccessLogger};
 use crate::admin::{self, AdminState};
+use crate::logs::LogLevel;
+use crate::metrics::MetricsRegistry;
 use crate::netns_sync::{self, NetnsRegistry};
 use crate::runtime::{self, DriverChoice};
 use crate::stats::WorkerStats;
@@ -26,6 +30,12 @@ pub struct Config {
     pub driver: DriverChoice,
     pub readiness_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    /// On SIGTERM: how long open connections may take to finish before they are closed.
+    pub drain_grace: Duration,
+    pub access_log: AccessLogSettings,
+    /// The process's log filter, changed at runtime through the admin endpoint.
+    pub log_level: Option<LogLevel>,
     /// ctrl-agent's socket for the namespaces of pods enrolled through CNI.
     pub netns_socket: Option<PathBuf>,
     pub worker: WorkerSettings,
@@ -68,20 +78,32 @@ pub fn run(config: Config) -> Result<(), AppError> {
         driver = driver.name(),
         readiness = %config.readiness_addr,
         admin = %config.admin_addr,
+        metrics = %config.metrics_addr,
+        drain_grace = ?config.drain_grace,
+        access_log = config.access_log.enabled,
+        access_log_sample = config.access_log.sample,
         socks5 = config.worker.socks5,
         "starting data plane"
     );
 
     let registry = Arc::new(NetnsRegistry::default());
+    let stats: Vec<Arc<WorkerStats>> = (0..config.workers)
+        .map(|_| {
+            let s = WorkerStats::default();
+            s.driver_io_uring
+                .set(u64::from(driver == runtime::Driver::IoUring));
+            Arc::new(s)
+        })
+        .collect();
+    let (metrics, worker_metrics) = MetricsRegistry::new(config.workers);
+    let (access_logger, worker_logs) = AccessLogger::new(&stats, config.access_log);
     let mut senders = Vec::new();
-    let mut stats = Vec::new();
     let mut threads = Vec::new();
-    for id in 0..config.workers {
+    for (id, (thread_metrics, thread_log)) in
+        worker_metrics.into_iter().zip(worker_logs).enumerate()
+    {
         let (tx, rx) = flume::unbounded::<Control>();
-        let worker_stats = Arc::new(WorkerStats::default());
-        worker_stats
-            .driver_io_uring
-            .set(u64::from(driver == runtime::Driver::IoUring));
+        let worker_stats = stats[id].clone();
         let core = (config.pin && !cores.is_empty()).then(|| cores[id % cores.len()]);
         let settings = config.worker;
         let thread_stats = worker_stats.clone();
@@ -95,7 +117,14 @@ pub fn run(config: Config) -> Result<(), AppError> {
                     }
                 }
                 let result = runtime::block_on(driver, || async move {
-                    match Worker::new(id, thread_stats, settings, thread_registry) {
+                    match Worker::new(
+                        id,
+                        thread_stats,
+                        settings,
+                        thread_registry,
+                        thread_metrics,
+                        thread_log,
+                    ) {
                         Ok(worker) => {
                             tracing::info!(
                                 worker = id,
@@ -116,7 +145,6 @@ pub fn run(config: Config) -> Result<(), AppError> {
             })
             .map_err(|e| AppError::Worker(id, e))?;
         senders.push(tx);
-        stats.push(worker_stats);
         threads.push(handle);
     }
 
@@ -143,22 +171,39 @@ pub fn run(config: Config) -> Result<(), AppError> {
             .map_err(|e| AppError::Worker(usize::MAX, e))?;
     }
 
+    let logger_stop = Arc::new(AtomicBool::new(false));
+    let logger = {
+        let stop = logger_stop.clone();
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || access_logger.run(stop))
+            .map_err(|e| AppError::Worker(usize::MAX, e))?
+    };
+
+    let state = Arc::new(AdminState {
+        workers: stats,
+        watch: status,
+        driver,
+        metrics,
+        log_level: config.log_level.clone(),
+        control: senders.clone(),
+        access_log: Mutex::new(config.access_log),
+        draining: AtomicBool::new(false),
+    });
     admin::start(
-        Arc::new(AdminState {
-            workers: stats,
-            watch: status,
-            driver,
-        }),
+        state.clone(),
         config.readiness_addr,
         config.admin_addr,
+        config.metrics_addr,
     )
     .map_err(AppError::Admin)?;
 
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(AppError::Signals)?;
     if let Some(signal) = signals.forever().next() {
-        tracing::info!(signal, "shutting down");
+        tracing::info!(signal, grace = ?config.drain_grace, "draining: readiness now fails, listeners close");
     }
+    drain(&state, &senders, config.drain_grace, &mut signals);
     stop.store(true, Ordering::Release);
     for tx in &senders {
         let _ = tx.send(Control::Shutdown);
@@ -167,5 +212,46 @@ pub fn run(config: Config) -> Result<(), AppError> {
         let _ = t.join();
     }
     let _ = watcher.join();
+    logger_stop.store(true, Ordering::Release);
+    let _ = logger.join();
     Ok(())
+}
+
+/// Readiness fails first, then every worker stops accepting and sends GOAWAY on its tunnels;
+/// open connections get until `grace` to finish (a second signal cuts it short).
+fn drain(
+    state: &AdminState,
+    workers: &[flume::Sender<Control>],
+    grace: Duration,
+    signals: &mut signal_hook::iterator::Signals,
+) {
+    state.draining.store(true, Ordering::Release);
+    for tx in workers {
+        let _ = tx.send(Control::Drain);
+    }
+    let started = Instant::now();
+    loop {
+        let open: u64 = state
+            .workers
+            .iter()
+            .map(|w| w.active_connections.get())
+            .sum();
+        if open == 0 {
+            tracing::info!(after = ?started.elapsed(), "drained: no connections left");
+            return;
+        }
+        if started.elapsed() >= grace {
+            tracing::warn!(
+                open,
+                ?grace,
+                "grace period over: closing the remaining connections"
+            );
+            return;
+        }
+        if signals.pending().next().is_some() {
+            tracing::warn!(open, "second signal: closing the remaining connections now");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -2,6 +2,7 @@
 //! workers, sockets and namespaces, TLS and HTTP/2, the admin endpoints. The decisions it acts
 //! on come from `mesh-core`.
 
+pub mod accesslog;
 pub mod admin;
 pub mod app;
 pub mod bufio;
@@ -9,6 +10,7 @@ pub mod h2glue;
 pub mod ipc;
 pub mod local;
 pub mod logs;
+pub mod metrics;
 pub mod netns;
 pub mod netns_sync;
 pub mod pool;

@@ -109,3 +109,59 @@ impl Trigger {
         }
     }
 }
+
+/// A one-way switch many tasks wait on (the worker's drain): each waiter holds a
+/// [`Subscription`], which takes its waker back out when dropped.
+#[derive(Default)]
+pub struct Broadcast {
+    fired: Cell<bool>,
+    wakers: RefCell<std::collections::HashMap<u64, Waker>>,
+    next: Cell<u64>,
+}
+
+impl Broadcast {
+    pub fn fire(&self) {
+        self.fired.set(true);
+        let wakers: Vec<Waker> = self.wakers.borrow_mut().drain().map(|(_, w)| w).collect();
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    pub fn fired(&self) -> bool {
+        self.fired.get()
+    }
+
+    pub fn subscribe(&self) -> Subscription<'_> {
+        let id = self.next.get();
+        self.next.set(id + 1);
+        Subscription {
+            broadcast: self,
+            id,
+        }
+    }
+}
+
+pub struct Subscription<'a> {
+    broadcast: &'a Broadcast,
+    id: u64,
+}
+
+impl Subscription<'_> {
+    pub fn poll_fired(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.broadcast.fired.get() {
+            return Poll::Ready(());
+        }
+        self.broadcast
+            .wakers
+            .borrow_mut()
+            .insert(self.id, cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Drop for Subscription<'_> {
+    fn drop(&mut self) {
+        self.broadcast.wakers.borrow_mut().remove(&self.id);
+    }
+}

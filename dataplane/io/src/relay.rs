@@ -32,9 +32,23 @@ use crate::stats::Counter;
 #[derive(Clone, Copy)]
 pub struct Meters<'a> {
     /// Bytes from the local TCP side to the peer.
-    pub sent: &'a Counter,
+    pub sent: Meter<'a>,
     /// Bytes from the peer to the local TCP side.
-    pub received: &'a Counter,
+    pub received: Meter<'a>,
+}
+
+/// The counters one direction's bytes are added to: the worker's totals and the connection's
+/// metric series.
+#[derive(Clone, Copy)]
+pub struct Meter<'a>(pub [&'a Counter; 2]);
+
+impl Meter<'_> {
+    #[inline]
+    fn add(self, n: u64) {
+        for counter in self.0 {
+            counter.add(n);
+        }
+    }
 }
 
 /// Bytes moved each way by a finished relay.
@@ -119,7 +133,7 @@ fn poll_tcp_to_h2(
     tcp: &mut TcpSide,
     send: &mut SendStream<Bytes>,
     count: &mut u64,
-    meter: &Counter,
+    meter: Meter<'_>,
     cx: &mut Context<'_>,
 ) -> Poll<End> {
     loop {
@@ -174,7 +188,7 @@ fn poll_h2_to_tcp(
     recv: &mut RecvStream,
     tcp: &mut TcpSide,
     count: &mut u64,
-    meter: &Counter,
+    meter: Meter<'_>,
     cx: &mut Context<'_>,
 ) -> Poll<End> {
     loop {
@@ -213,7 +227,7 @@ fn poll_tcp_to_tcp(
     src: &mut TcpSide,
     dst: &mut TcpSide,
     count: &mut u64,
-    meter: &Counter,
+    meter: Meter<'_>,
     cx: &mut Context<'_>,
 ) -> Poll<End> {
     loop {

@@ -114,11 +114,24 @@ worker_stats! {
     pool_connections,
     /// Streams in use on pooled connections (gauge).
     pool_streams,
+    /// Access-log records dropped because the logger fell behind.
+    access_log_dropped,
     /// Bytes from local applications toward the network.
     bytes_sent,
     /// Bytes from the network toward local applications.
     bytes_received,
 }
+
+/// The fields above that are gauges (a level, not a running count).
+pub const GAUGES: &[&str] = &[
+    "driver_io_uring",
+    "snapshot_generation",
+    "listeners",
+    "listener_failures",
+    "active_connections",
+    "pool_connections",
+    "pool_streams",
+];
 
 impl WorkerStats {
     /// Counts a refused handshake under its reason.

@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -17,14 +17,16 @@ use http::{Response, StatusCode};
 use mesh_core::authz::{self, Decision, Mtls, Reason};
 use mesh_core::hbone::{self, ConnectOutcome};
 use mesh_core::identity::SpiffeId;
-use mesh_core::index::{Index, NetnsSource, Route};
+use mesh_core::index::{Index, NetnsSource, Route, Workload};
 use mesh_core::socks5::{self, Parsed, Reply};
 use mesh_core::{ports, DATAPLANE_MARK};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, Canceller, IntoPollIo};
 use monoio::net::{TcpListener, TcpStream};
 
+use crate::accesslog::{AccessLogSettings, Record, WorkerLog};
 use crate::bufio::ReadBuffered;
-use crate::local::Trigger;
+use crate::local::{Broadcast, Trigger};
+use crate::metrics::{LabelsRef, PeerRef, Reporter, Security, TcpCounters, WorkerMetrics};
 use crate::netns::NetNs;
 use crate::netns_sync::NetnsRegistry;
 use crate::pool::{DialSpec, HbonePool, Lease, PoolKey, PoolTimers};
@@ -39,6 +41,10 @@ pub enum Control {
     Adopt(Arc<Index>),
     /// Pods' namespaces changed (from the agent): retry pods without listeners.
     Reconcile,
+    AccessLog(AccessLogSettings),
+    /// Stop accepting (close every listener), ask HBONE peers to stop opening streams here
+    /// (GOAWAY), and let open connections finish.
+    Drain,
     Shutdown,
 }
 
@@ -111,6 +117,19 @@ pub struct Worker {
     /// Inbound connections in progress, re-checked against every new snapshot's policy.
     live: RefCell<HashMap<u64, Live>>,
     next_live: Cell<u64>,
+    metrics: WorkerMetrics,
+    log: WorkerLog,
+    /// Fired when the process drains: no new listeners, GOAWAY on accepted tunnels.
+    draining: Broadcast,
+}
+
+/// A connection's metric series and, when sampled, its access-log entry, from start to end.
+struct Accounting {
+    counters: Arc<TcpCounters>,
+    started: Instant,
+    record: Option<Record>,
+    /// Outbound: the local side is the connection's client; inbound: its server.
+    local_is_client: bool,
 }
 
 /// An inbound connection as authorization saw it, and the switch that closes it.
@@ -182,6 +201,18 @@ enum Refusal {
 }
 
 impl Refusal {
+    /// Istio's `response_flags` for a connection not made: UH no endpoint (or none
+    /// listening), NR no route for the source, DENY refused by the destination's policy, UF
+    /// any other upstream failure (connect, TLS, HTTP/2).
+    fn flags(&self) -> &'static str {
+        match self {
+            Refusal::Peer(ConnectOutcome::Denied) => "DENY",
+            Refusal::Peer(ConnectOutcome::NoUpstream) | Refusal::NoEndpoint(_) => "UH",
+            Refusal::UnknownSource(_) | Refusal::NoNamespace(_) | Refusal::NoSourceAddress => "NR",
+            _ => "UF",
+        }
+    }
+
     fn socks5_reply(&self) -> Reply {
         match self {
             Refusal::Peer(ConnectOutcome::Denied) => Reply::NotAllowed,
@@ -202,6 +233,8 @@ impl Worker {
         stats: Arc<WorkerStats>,
         settings: WorkerSettings,
         registry: Arc<NetnsRegistry>,
+        metrics: WorkerMetrics,
+        log: WorkerLog,
     ) -> std::io::Result<Rc<Worker>> {
         let home = Rc::new(NetNs::current()?);
         let pool = HbonePool::new(settings.pool, home.clone(), stats.clone());
@@ -218,6 +251,9 @@ impl Worker {
             settings,
             live: RefCell::new(HashMap::new()),
             next_live: Cell::new(0),
+            metrics,
+            log,
+            draining: Broadcast::default(),
         }))
     }
 
@@ -231,6 +267,17 @@ impl Worker {
                 Control::Reconcile => {
                     let view = self.view();
                     self.reconcile_pods(&view);
+                }
+                Control::AccessLog(settings) => self.log.set(settings),
+                Control::Drain => {
+                    tracing::info!(worker = self.id, "draining: listeners closed");
+                    self.draining.fire();
+                    for (_, pod) in self.pods.borrow_mut().drain() {
+                        pod.close();
+                    }
+                    self.failed_pods.borrow_mut().clear();
+                    self.stats.listeners.set(0);
+                    self.stats.listener_failures.set(0);
                 }
                 Control::Shutdown => break,
             }
@@ -356,6 +403,9 @@ impl Worker {
 
     /// Opens listeners for new local pods and closes those of pods that left.
     fn reconcile_pods(self: &Rc<Self>, view: &View) {
+        if self.draining.fired() {
+            return;
+        }
         let wanted: HashMap<&str, (&NetnsSource, Vec<IpAddr>)> = view
             .index
             .local_workloads()
@@ -555,42 +605,164 @@ impl Worker {
         let Some(dst) = redirected_destination(&stream, peer, &uid) else {
             return;
         };
+        self.forward(stream, peer, &uid, dst, false).await;
+    }
+
+    /// Routes an outbound connection, opens its upstream (boxed: setup is short and large;
+    /// only the relay should stay resident), answers a SOCKS5 client, and relays.
+    async fn forward(
+        &self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        uid: &str,
+        dst: SocketAddr,
+        socks: bool,
+    ) {
         let view = self.view();
-        // Boxed: connection setup is short and large; only the relay should stay resident.
-        match Box::pin(self.open_upstream(&view, &uid, dst, peer)).await {
-            Ok(upstream) => self.relay(stream, upstream).await,
-            Err(error) => tracing::debug!(pod = %uid, %peer, %dst, %error, "outbound refused"),
-        }
-    }
-
-    async fn relay(&self, stream: TcpStream, upstream: Upstream) {
-        // Outbound is never re-checked here: policy is enforced at the destination.
-        let never = Trigger::default();
-        let totals = match upstream {
-            Upstream::Hbone { _lease, send, recv } => {
-                relay::tcp_h2(stream, send, recv, self.meters(), &never).await
-            }
-            Upstream::Tcp(remote) => relay::tcp_tcp(stream, remote, self.meters(), &never).await,
+        let source = view.index.workload_by_uid(uid);
+        let route = view.index.route_outbound(dst, self.next_pick());
+        let labels = outbound_labels(source, &route);
+        let destination_identity = match route {
+            Route::Hbone { destination, .. } => Some(&destination.identity),
+            _ => None,
         };
-        self.record(&totals, "outbound");
-    }
-
-    fn meters(&self) -> relay::Meters<'_> {
-        relay::Meters {
-            sent: &self.stats.bytes_sent,
-            received: &self.stats.bytes_received,
+        let entry = || {
+            self.entry(
+                "outbound",
+                uid,
+                peer,
+                source.map(|w| &w.identity),
+                dst,
+                destination_identity,
+            )
+        };
+        match Box::pin(self.open_upstream(&view, uid, route, peer)).await {
+            Ok(upstream) => {
+                if socks {
+                    let reply = socks5::reply(Reply::Succeeded).to_vec();
+                    if stream.write_all(reply).await.0.is_err() {
+                        return;
+                    }
+                }
+                let accounting = self.account(labels, entry);
+                let never = Trigger::default();
+                let meters = self.meters(&accounting);
+                let totals = match upstream {
+                    Upstream::Hbone { _lease, send, recv } => {
+                        relay::tcp_h2(stream, send, recv, meters, &never).await
+                    }
+                    Upstream::Tcp(remote) => relay::tcp_tcp(stream, remote, meters, &never).await,
+                };
+                self.finish(accounting, &totals, false);
+            }
+            Err(error) => {
+                tracing::debug!(pod = %uid, %peer, %dst, %error, "outbound refused");
+                if socks {
+                    let _ = stream
+                        .write_all(socks5::reply(error.socks5_reply()).to_vec())
+                        .await;
+                }
+                self.refuse(labels, error.flags(), error.to_string(), entry);
+            }
         }
     }
 
-    fn record(&self, totals: &relay::Totals, direction: &'static str) {
+    /// Starts accounting for an established connection.
+    fn account(&self, labels: LabelsRef<'_>, entry: impl FnOnce() -> Record) -> Accounting {
+        let counters = self.metrics.counters(labels);
+        counters.opened.inc();
+        Accounting {
+            counters,
+            started: Instant::now(),
+            record: self.log.sample().then(entry),
+            local_is_client: labels.reporter == Reporter::Source,
+        }
+    }
+
+    /// Counts (and logs) a connection that was not made.
+    fn refuse(
+        &self,
+        labels: LabelsRef<'_>,
+        flags: &'static str,
+        why: String,
+        entry: impl FnOnce() -> Record,
+    ) {
+        self.metrics.fail(labels, flags);
+        if self.log.enabled() {
+            let mut record = entry();
+            record.result = why;
+            self.log.push(record);
+        }
+    }
+
+    /// A blank access-log entry for a connection.
+    fn entry(
+        &self,
+        direction: &'static str,
+        pod: &str,
+        source: SocketAddr,
+        source_identity: Option<&SpiffeId>,
+        destination: SocketAddr,
+        destination_identity: Option<&SpiffeId>,
+    ) -> Record {
+        Record {
+            worker: self.id,
+            direction,
+            pod: pod.to_owned(),
+            source,
+            source_identity: source_identity.map(SpiffeId::to_string),
+            destination,
+            destination_identity: destination_identity.map(SpiffeId::to_string),
+            bytes_to_server: 0,
+            bytes_to_client: 0,
+            duration: Duration::ZERO,
+            result: String::new(),
+            policy: None,
+        }
+    }
+
+    /// Counts each direction's bytes into the worker's totals and the connection's series.
+    fn meters<'a>(&'a self, accounting: &'a Accounting) -> relay::Meters<'a> {
+        let c = &accounting.counters;
+        let (to_peer, from_peer) = if accounting.local_is_client {
+            (&c.received_bytes, &c.sent_bytes)
+        } else {
+            (&c.sent_bytes, &c.received_bytes)
+        };
+        relay::Meters {
+            sent: relay::Meter([&self.stats.bytes_sent, to_peer]),
+            received: relay::Meter([&self.stats.bytes_received, from_peer]),
+        }
+    }
+
+    fn finish(&self, accounting: Accounting, totals: &relay::Totals, closed_by_policy: bool) {
+        accounting.counters.closed.inc();
+        let result = if closed_by_policy {
+            "closed by policy"
+        } else if totals.reset {
+            "reset"
+        } else {
+            "ok"
+        };
         tracing::debug!(
             worker = self.id,
-            direction,
             sent = totals.sent,
             received = totals.received,
-            reset = totals.reset,
+            result,
             "connection finished"
         );
+        if let Some(mut record) = accounting.record {
+            let (to_server, to_client) = if accounting.local_is_client {
+                (totals.sent, totals.received)
+            } else {
+                (totals.received, totals.sent)
+            };
+            record.bytes_to_server = to_server;
+            record.bytes_to_client = to_client;
+            record.duration = accounting.started.elapsed();
+            record.result = result.to_owned();
+            self.log.push(record);
+        }
     }
 
     async fn connect_in(&self, netns: &NetNs, target: SocketAddr) -> Result<TcpStream, Refusal> {
@@ -618,7 +790,7 @@ impl Worker {
         &self,
         view: &View,
         source_uid: &str,
-        dst: SocketAddr,
+        route: Route<'_>,
         client: SocketAddr,
     ) -> Result<Upstream, Refusal> {
         let source = view
@@ -628,11 +800,12 @@ impl Worker {
         let netns = self
             .pod_netns(source_uid)
             .ok_or_else(|| Refusal::NoNamespace(source_uid.to_owned()))?;
-        match view.index.route_outbound(dst, self.next_pick()) {
+        match route {
             Route::Hbone {
                 destination,
                 target,
                 tunnel,
+                ..
             } => {
                 let source_ip = *source
                     .ips
@@ -682,56 +855,8 @@ impl Worker {
     async fn socks5(self: Rc<Self>, stream: TcpStream, peer: SocketAddr, uid: Rc<str>) {
         let _active = ActiveGuard::new(&self.stats);
         self.stats.socks5_accepted.inc();
-        let view = self.view();
-        if let Some((stream, upstream)) =
-            Box::pin(self.socks5_handshake(&view, stream, peer, &uid)).await
-        {
-            self.relay(stream, upstream).await;
-        }
-    }
-
-    /// Reads the SOCKS5 greeting and request, opens the upstream and answers.
-    async fn socks5_handshake(
-        &self,
-        view: &View,
-        mut stream: TcpStream,
-        peer: SocketAddr,
-        uid: &str,
-    ) -> Option<(TcpStream, Upstream)> {
-        let mut buf = Vec::with_capacity(64);
-        let greeting = read_parsed(&mut stream, &mut buf, socks5::parse_greeting).await;
-        if greeting.is_err() {
-            let _ = stream
-                .write_all(socks5::greeting_reply(false).to_vec())
-                .await;
-            return None;
-        }
-        let (result, _) = stream
-            .write_all(socks5::greeting_reply(true).to_vec())
-            .await;
-        result.ok()?;
-        let dst = match read_parsed(&mut stream, &mut buf, socks5::parse_request).await {
-            Ok(dst) => dst,
-            Err(Some(reply)) => {
-                let _ = stream.write_all(socks5::reply(reply).to_vec()).await;
-                return None;
-            }
-            Err(None) => return None,
-        };
-        match self.open_upstream(view, uid, dst, peer).await {
-            Ok(upstream) => {
-                let (result, _) = stream
-                    .write_all(socks5::reply(Reply::Succeeded).to_vec())
-                    .await;
-                result.ok().map(|_| (stream, upstream))
-            }
-            Err(error) => {
-                tracing::debug!(pod = %uid, %peer, %dst, %error, "SOCKS5 connect refused");
-                let _ = stream
-                    .write_all(socks5::reply(error.socks5_reply()).to_vec())
-                    .await;
-                None
-            }
+        if let Some((stream, dst)) = Box::pin(socks5_handshake(stream)).await {
+            self.forward(stream, peer, &uid, dst, true).await;
         }
     }
 
@@ -742,19 +867,34 @@ impl Worker {
         let Some(dst) = redirected_destination(&stream, peer, &uid) else {
             return;
         };
-        let serves = view
-            .index
-            .workload_by_uid(&uid)
-            .is_some_and(|w| w.ips.contains(&dst.ip()));
+        let local = view.index.workload_by_uid(&uid);
+        let serves = local.is_some_and(|w| w.ips.contains(&dst.ip()));
         let Some(netns) = self.pod_netns(&uid).filter(|_| serves) else {
             tracing::debug!(pod = %uid, %peer, %dst, "plaintext inbound for an address not of this pod");
             return;
+        };
+        let labels = inbound_labels(&view, local, peer, None);
+        let entry = || {
+            self.entry(
+                "inbound plaintext",
+                &uid,
+                peer,
+                None,
+                dst,
+                local.map(|w| &w.identity),
+            )
         };
         if view.index.inbound_mtls(&uid, dst.port()) == Mtls::Strict {
             self.stats.plaintext_refused_strict.inc();
             tracing::info!(pod = %uid, source_ip = %peer.ip(), destination = %dst,
                 "plaintext refused: PeerAuthentication STRICT");
             crate::sockets::reset_on_close(stream.as_raw_fd());
+            self.refuse(
+                labels,
+                "DENY",
+                "refused: PeerAuthentication STRICT".into(),
+                entry,
+            );
             return;
         }
         let connection = authz::Connection {
@@ -765,19 +905,30 @@ impl Worker {
         };
         let decision = view.index.authorize(&uid, &connection);
         self.log_decision(&view, &uid, &connection, &decision);
+        let policy = || view.index.policies().describe(&decision.reason);
         if !decision.allowed {
             crate::sockets::reset_on_close(stream.as_raw_fd());
+            self.refuse(labels, "DENY", "denied".into(), || Record {
+                policy: Some(policy()),
+                ..entry()
+            });
             return;
         }
         let live = self.track(&uid, connection, true);
         match Box::pin(self.connect_in(&netns, dst)).await {
             Ok(app) => {
+                let accounting = self.account(labels, || Record {
+                    policy: Some(policy()),
+                    ..entry()
+                });
                 // The app is the local side here: what it sent went out to the peer.
-                let totals = relay::tcp_tcp(app, stream, self.meters(), &live.stop).await;
-                self.record(&totals, "inbound plaintext");
+                let totals =
+                    relay::tcp_tcp(app, stream, self.meters(&accounting), &live.stop).await;
+                self.finish(accounting, &totals, live.stop.fired());
             }
             Err(error) => {
-                tracing::debug!(pod = %uid, %peer, %dst, %error, "plaintext inbound failed")
+                tracing::debug!(pod = %uid, %peer, %dst, %error, "plaintext inbound failed");
+                self.refuse(labels, "UF", error.to_string(), entry);
             }
         }
     }
@@ -837,7 +988,19 @@ impl Worker {
             }
         };
         tracing::debug!(pod = %uid, %peer, client = %client, "HBONE connection accepted");
-        while let Some(next) = connection.accept().await {
+        let draining = self.draining.subscribe();
+        let mut goaway_sent = false;
+        loop {
+            let next = std::future::poll_fn(|cx| {
+                if !goaway_sent && draining.poll_fired(cx).is_ready() {
+                    // Peers stop opening streams here; the open ones finish.
+                    connection.graceful_shutdown();
+                    goaway_sent = true;
+                }
+                connection.poll_accept(cx)
+            })
+            .await;
+            let Some(next) = next else { break };
             match next {
                 Ok((request, respond)) => {
                     monoio::spawn(self.clone().hbone_stream(
@@ -871,39 +1034,55 @@ impl Worker {
         // The current snapshot, not the one the tunnel was accepted under: a pooled tunnel
         // outlives many policy changes.
         let view = self.view();
+        let local = view.index.workload_by_uid(&uid);
+        let labels = inbound_labels(&view, local, peer, Some(&client));
         let connect = match hbone::validate_connect(&request) {
             Ok(c) => c,
             Err(error) => {
                 self.stats.hbone_bad_requests.inc();
                 tracing::info!(pod = %uid, %error, "bad HBONE request");
                 send_status(&mut respond, error.status());
+                self.metrics.fail(labels, "NR");
                 return;
             }
         };
-        let serves = view
-            .index
-            .workload_by_uid(&uid)
-            .is_some_and(|w| w.ips.contains(&connect.target.ip()));
+        let entry = || {
+            self.entry(
+                "inbound",
+                &uid,
+                peer,
+                Some(&client),
+                connect.target,
+                local.map(|w| &w.identity),
+            )
+        };
+        let serves = local.is_some_and(|w| w.ips.contains(&connect.target.ip()));
         let netns = match self.pod_netns(&uid) {
             Some(n) if serves => n,
             _ => {
                 self.stats.hbone_bad_requests.inc();
                 tracing::info!(pod = %uid, target = %connect.target, "HBONE target is not this pod");
                 send_status(&mut respond, StatusCode::BAD_REQUEST);
+                self.refuse(labels, "NR", "target is not this pod".into(), entry);
                 return;
             }
         };
         let connection = authz::Connection {
-            source: Some(client),
+            source: Some(client.clone()),
             source_ip: peer.ip(),
             destination_ip: connect.target.ip(),
             destination_port: connect.target.port(),
         };
         let decision = view.index.authorize(&uid, &connection);
         self.log_decision(&view, &uid, &connection, &decision);
+        let policy = || view.index.policies().describe(&decision.reason);
         if !decision.allowed {
             // The app never sees a connection attempt.
             send_status(&mut respond, StatusCode::UNAUTHORIZED);
+            self.refuse(labels, "DENY", "denied".into(), || Record {
+                policy: Some(policy()),
+                ..entry()
+            });
             return;
         }
         let live = self.track(&uid, connection, false);
@@ -913,6 +1092,7 @@ impl Worker {
                 self.stats.hbone_no_upstream.inc();
                 tracing::debug!(pod = %uid, %error, "HBONE upstream unreachable");
                 send_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                self.refuse(labels, "UF", error.to_string(), entry);
                 return;
             }
         };
@@ -920,8 +1100,13 @@ impl Worker {
             Ok(s) => s,
             Err(_) => return,
         };
-        let totals = relay::tcp_h2(app, send, request.into_body(), self.meters(), &live.stop).await;
-        self.record(&totals, "inbound HBONE");
+        let accounting = self.account(labels, || Record {
+            policy: Some(policy()),
+            ..entry()
+        });
+        let meters = self.meters(&accounting);
+        let totals = relay::tcp_h2(app, send, request.into_body(), meters, &live.stop).await;
+        self.finish(accounting, &totals, live.stop.fired());
     }
 }
 
@@ -949,6 +1134,87 @@ fn send_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let mut response = Response::new(());
     *response.status_mut() = status;
     let _ = respond.send_response(response, true);
+}
+
+/// Reads the SOCKS5 greeting and request; returns the stream and where it wants to go, or
+/// `None` after answering a bad request.
+async fn socks5_handshake(mut stream: TcpStream) -> Option<(TcpStream, SocketAddr)> {
+    let mut buf = Vec::with_capacity(64);
+    let greeting = read_parsed(&mut stream, &mut buf, socks5::parse_greeting).await;
+    if greeting.is_err() {
+        let _ = stream
+            .write_all(socks5::greeting_reply(false).to_vec())
+            .await;
+        return None;
+    }
+    let (result, _) = stream
+        .write_all(socks5::greeting_reply(true).to_vec())
+        .await;
+    result.ok()?;
+    match read_parsed(&mut stream, &mut buf, socks5::parse_request).await {
+        Ok(dst) => Some((stream, dst)),
+        Err(Some(reply)) => {
+            let _ = stream.write_all(socks5::reply(reply).to_vec()).await;
+            None
+        }
+        Err(None) => None,
+    }
+}
+
+/// Istio's labels for an outbound connection (reported by the source).
+fn outbound_labels<'a>(source: Option<&'a Workload>, route: &Route<'a>) -> LabelsRef<'a> {
+    let (destination, service, security) = match *route {
+        Route::Hbone {
+            destination,
+            service,
+            ..
+        } => (PeerRef::workload(destination), service, Security::MutualTls),
+        Route::Passthrough { .. } | Route::NoEndpoint { .. } => {
+            (PeerRef::UNKNOWN, None, Security::None)
+        }
+    };
+    LabelsRef {
+        reporter: Reporter::Source,
+        source: source.map_or(PeerRef::UNKNOWN, PeerRef::workload),
+        destination,
+        service,
+        security,
+        response_flags: "-",
+    }
+}
+
+/// Istio's labels for an inbound connection to local workload `local` (reported by the
+/// destination). `verified` is the peer's identity from its certificate, if it proved one.
+fn inbound_labels<'a>(
+    view: &'a View,
+    local: Option<&'a Workload>,
+    peer: SocketAddr,
+    verified: Option<&'a SpiffeId>,
+) -> LabelsRef<'a> {
+    let known = view.index.workload_by_ip(peer.ip());
+    let source = match (known, verified) {
+        // The address's workload, if the identity it proved is that workload's.
+        (Some(w), Some(id)) if w.identity == *id => PeerRef::workload(w),
+        (_, Some(id)) => PeerRef::identity(id),
+        // Plaintext: the address says which workload, but nothing proves a principal.
+        (Some(w), None) => PeerRef {
+            principal: None,
+            ..PeerRef::workload(w)
+        },
+        (None, None) => PeerRef::UNKNOWN,
+    };
+    LabelsRef {
+        reporter: Reporter::Destination,
+        source,
+        destination: local.map_or(PeerRef::UNKNOWN, PeerRef::workload),
+        service: None,
+        security: if verified.is_some() {
+            Security::MutualTls
+        } else {
+            Security::None
+        },
+        response_flags: "-",
+    }
 }
 
 /// Reads until `parse` accepts a message; on a protocol error returns the reply to send.

@@ -1,0 +1,223 @@
+//! The chart's CNI installer (`mesh-cni install|uninstall`), run as the DaemonSet runs it, on
+//! scratch copies of a node's CNI directories.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const BRIDGE_LIST: &str = r#"{
+  "cniVersion": "1.0.0",
+  "name": "k8s-pod-network",
+  "plugins": [
+    {"type": "bridge", "bridge": "cni0", "isGateway": true,
+     "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.1.0/24"}]]}},
+    {"type": "portmap", "capabilities": {"portMappings": true}}
+  ]
+}
+"#;
+
+struct Node {
+    root: PathBuf,
+}
+
+impl Node {
+    fn new(name: &str) -> Node {
+        let root =
+            std::env::temp_dir().join(format!("mesh-cni-install-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("bin")).expect("bin dir");
+        std::fs::create_dir_all(root.join("net.d")).expect("conf dir");
+        Node { root }
+    }
+    fn bin(&self) -> PathBuf {
+        self.root.join("bin")
+    }
+    fn conf(&self) -> PathBuf {
+        self.root.join("net.d")
+    }
+    fn args(&self, mode: &str) -> Vec<String> {
+        vec![
+            mode.into(),
+            "--bin-dir".into(),
+            self.bin().display().to_string(),
+            "--conf-dir".into(),
+            self.conf().display().to_string(),
+            "--agent-socket".into(),
+            "/var/run/mesh/cni.sock".into(),
+        ]
+    }
+    fn run(&self, mode: &str, extra: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_mesh-cni"))
+            .args(self.args(mode))
+            .args(extra)
+            .env_remove("CNI_COMMAND")
+            .output()
+            .expect("run mesh-cni")
+    }
+    fn spawn(&self) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_mesh-cni"))
+            .args(self.args("install"))
+            .args(["--interval-ms", "50"])
+            .env_remove("CNI_COMMAND")
+            .spawn()
+            .expect("spawn mesh-cni install")
+    }
+    fn files(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.conf())
+            .expect("conf dir")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn read(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).expect("read config")).expect("config is JSON")
+}
+
+fn plugin_types(list: &Value) -> Vec<String> {
+    list["plugins"]
+        .as_array()
+        .expect("plugins")
+        .iter()
+        .map(|p| p["type"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn ok(output: &Output) {
+    assert!(
+        output.status.success(),
+        "mesh-cni failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn install_chains_last_once_and_uninstall_restores_the_file_byte_for_byte() {
+    let node = Node::new("list");
+    let list = node.conf().join("10-bridge.conflist");
+    std::fs::write(&list, BRIDGE_LIST).expect("write");
+    // Another network's file sorts later: the runtime does not use it, so it is left alone.
+    std::fs::write(node.conf().join("99-other.conflist"), BRIDGE_LIST).expect("write");
+
+    ok(&node.run("install", &["--once"]));
+    let chained = read(&list);
+    assert_eq!(plugin_types(&chained), ["bridge", "portmap", "mesh-cni"]);
+    assert_eq!(
+        chained["plugins"][2]["agentSocket"],
+        json!("/var/run/mesh/cni.sock")
+    );
+    assert_eq!(chained["name"], json!("k8s-pod-network"));
+    let installed = node.bin().join("mesh-cni");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&installed)
+            .expect("binary installed")
+            .permissions(),
+    );
+    assert!(mode & 0o111 != 0, "installed plugin is not executable");
+    assert_eq!(
+        std::fs::read_to_string(node.conf().join("99-other.conflist")).expect("other"),
+        BRIDGE_LIST
+    );
+
+    // A second install (pod restart) changes nothing.
+    let before = std::fs::read(&list).expect("read");
+    ok(&node.run("install", &["--once"]));
+    assert_eq!(std::fs::read(&list).expect("read"), before);
+
+    ok(&node.run("uninstall", &[]));
+    assert_eq!(std::fs::read_to_string(&list).expect("read"), BRIDGE_LIST);
+    assert_eq!(node.files(), ["10-bridge.conflist", "99-other.conflist"]);
+}
+
+#[test]
+fn a_single_plugin_conf_becomes_a_list_and_comes_back() {
+    let node = Node::new("conf");
+    let conf = node.conf().join("10-flannel.conf");
+    let original = r#"{"cniVersion": "0.4.0", "name": "cbr0", "type": "flannel", "delegate": {"isDefaultGateway": true}}"#;
+    std::fs::write(&conf, original).expect("write");
+
+    ok(&node.run("install", &["--once"]));
+    assert_eq!(
+        node.files(),
+        ["10-flannel.conf.mesh-cni-backup", "10-flannel.conflist"]
+    );
+    let list = read(&node.conf().join("10-flannel.conflist"));
+    assert_eq!(plugin_types(&list), ["flannel", "mesh-cni"]);
+    assert_eq!(list["cniVersion"], json!("0.4.0"));
+    assert_eq!(list["name"], json!("cbr0"));
+
+    ok(&node.run("uninstall", &[]));
+    assert_eq!(node.files(), ["10-flannel.conf"]);
+    assert_eq!(std::fs::read_to_string(&conf).expect("read"), original);
+}
+
+#[test]
+fn the_running_installer_rechains_after_a_rewrite_and_unchains_on_sigterm() {
+    let node = Node::new("watch");
+    let list = node.conf().join("10-bridge.conflist");
+    std::fs::write(&list, BRIDGE_LIST).expect("write");
+    let mut installer = node.spawn();
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let chained = || {
+        std::fs::read(&list)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|v| plugin_types(&v).last().map(String::as_str) == Some("mesh-cni"))
+    };
+    wait_for("the plugin is chained", &chained);
+
+    // The primary plugin restarts and writes its file again, with a new subnet.
+    let rewritten = BRIDGE_LIST.replace("10.244.1.0/24", "10.244.7.0/24");
+    std::fs::write(&list, &rewritten).expect("rewrite");
+    wait_for("the plugin is chained again", &chained);
+    assert_eq!(
+        read(&list)["plugins"][0]["ipam"]["ranges"][0][0]["subnet"],
+        json!("10.244.7.0/24")
+    );
+
+    // SIGTERM, as the kubelet stops the container.
+    let status = Command::new("kill")
+        .args(["-TERM", &installer.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = installer.wait().expect("installer exits");
+    assert!(exit.success(), "installer exited with {exit}");
+    // The primary's newer content stays; only our entry is gone.
+    let after = read(&list);
+    assert_eq!(plugin_types(&after), ["bridge", "portmap"]);
+    assert_eq!(
+        after,
+        serde_json::from_str::<Value>(&rewritten).expect("json")
+    );
+    assert_eq!(node.files(), ["10-bridge.conflist"]);
+}
+
+#[test]
+fn nothing_to_chain_is_a_clear_error() {
+    let node = Node::new("empty");
+    let output = node.run("install", &["--once"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no CNI configuration in"), "{stderr}");
+    let output = node.run("install", &["--bogus"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown flag --bogus"));
+}

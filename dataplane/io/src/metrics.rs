@@ -1,0 +1,498 @@
+//! Istio's standard TCP metrics (`istio_tcp_*`), with Istio's label names, so that existing
+//! dashboards and Kiali read this data plane as they read ztunnel.
+//!
+//! Each worker keeps its own counters per label set. A label set seen for the first time is
+//! handed to the scraper through a lock-free queue (the only cross-thread step, once per label
+//! set); after that the worker only stores into counters it alone writes. The scraper, on an
+//! admin thread, sums the workers' counters per label set when Prometheus asks.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_queue::SegQueue;
+use mesh_core::identity::SpiffeId;
+use mesh_core::index::{ServiceName, Workload};
+
+use crate::stats::Counter;
+
+/// Which side of the connection reports it: Istio's `reporter` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+/// One endpoint of a connection as Istio labels it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Peer {
+    pub workload: String,
+    pub namespace: String,
+    pub principal: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+}
+
+impl Peer {
+    pub fn unknown() -> Peer {
+        PeerRef::UNKNOWN.to_owned()
+    }
+}
+
+/// A [`Peer`] borrowed from the snapshot, so that finding a connection's series allocates
+/// nothing once the series exists.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerRef<'a> {
+    pub workload: &'a str,
+    pub namespace: &'a str,
+    pub principal: Option<&'a SpiffeId>,
+    pub canonical_service: &'a str,
+    pub canonical_revision: &'a str,
+}
+
+impl<'a> PeerRef<'a> {
+    pub const UNKNOWN: PeerRef<'static> = PeerRef {
+        workload: UNKNOWN,
+        namespace: UNKNOWN,
+        principal: None,
+        canonical_service: UNKNOWN,
+        canonical_revision: UNKNOWN,
+    };
+
+    /// A workload the snapshot knows.
+    pub fn workload(w: &'a Workload) -> PeerRef<'a> {
+        PeerRef {
+            workload: &w.name,
+            namespace: &w.namespace,
+            principal: Some(&w.identity),
+            canonical_service: &w.canonical_service,
+            canonical_revision: &w.canonical_revision,
+        }
+    }
+
+    /// A peer known only by its verified identity (not in this node's snapshot).
+    pub fn identity(id: &'a SpiffeId) -> PeerRef<'a> {
+        PeerRef {
+            namespace: id.namespace(),
+            principal: Some(id),
+            ..PeerRef::UNKNOWN
+        }
+    }
+
+    fn to_owned(self) -> Peer {
+        Peer {
+            workload: self.workload.to_owned(),
+            namespace: self.namespace.to_owned(),
+            principal: self
+                .principal
+                .map_or_else(|| UNKNOWN.to_owned(), |p| p.to_string()),
+            canonical_service: self.canonical_service.to_owned(),
+            canonical_revision: self.canonical_revision.to_owned(),
+        }
+    }
+
+    fn matches(&self, p: &Peer) -> bool {
+        let principal = match self.principal {
+            Some(id) => p
+                .principal
+                .strip_prefix("spiffe://")
+                .is_some_and(|rest| rest == id.principal()),
+            None => p.principal == UNKNOWN,
+        };
+        principal
+            && self.workload == p.workload
+            && self.namespace == p.namespace
+            && self.canonical_service == p.canonical_service
+            && self.canonical_revision == p.canonical_revision
+    }
+
+    fn hash_into(&self, h: &mut impl Hasher) {
+        self.workload.hash(h);
+        self.namespace.hash(h);
+        self.principal.map(SpiffeId::principal).hash(h);
+        self.canonical_service.hash(h);
+        self.canonical_revision.hash(h);
+    }
+}
+
+/// The labels of a connection, borrowed: what a worker looks its series up by.
+#[derive(Clone, Copy, Debug)]
+pub struct LabelsRef<'a> {
+    pub reporter: Reporter,
+    pub source: PeerRef<'a>,
+    pub destination: PeerRef<'a>,
+    pub service: Option<&'a ServiceName>,
+    pub security: Security,
+    /// Istio's `response_flags`: "-" for connections that were made, else why not.
+    pub response_flags: &'static str,
+}
+
+impl LabelsRef<'_> {
+    /// The same labels for a connection that failed for `flags`.
+    pub fn failed(self, flags: &'static str) -> Self {
+        LabelsRef {
+            response_flags: flags,
+            ..self
+        }
+    }
+
+    fn key(&self) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.reporter.hash(&mut h);
+        self.source.hash_into(&mut h);
+        self.destination.hash_into(&mut h);
+        self.service.map(|s| &s.hostname).hash(&mut h);
+        self.security.hash(&mut h);
+        self.response_flags.hash(&mut h);
+        h.finish()
+    }
+
+    fn matches(&self, l: &TcpLabels) -> bool {
+        self.reporter == l.reporter
+            && self.security == l.security
+            && self.response_flags == l.response_flags
+            && self.source.matches(&l.source)
+            && self.destination.matches(&l.destination)
+            && match self.service {
+                Some(s) => {
+                    s.hostname == l.destination_service
+                        && s.name == l.destination_service_name
+                        && s.namespace == l.destination_service_namespace
+                }
+                None => l.destination_service == UNKNOWN,
+            }
+    }
+
+    fn to_owned(self) -> TcpLabels {
+        let (destination_service, destination_service_name, destination_service_namespace) =
+            match self.service {
+                Some(s) => (s.hostname.clone(), s.name.clone(), s.namespace.clone()),
+                None => (UNKNOWN.into(), UNKNOWN.into(), UNKNOWN.into()),
+            };
+        TcpLabels {
+            reporter: self.reporter,
+            source: self.source.to_owned(),
+            destination: self.destination.to_owned(),
+            destination_service,
+            destination_service_name,
+            destination_service_namespace,
+            security: self.security,
+            response_flags: self.response_flags,
+        }
+    }
+}
+
+const UNKNOWN: &str = "unknown";
+
+/// Istio's `connection_security_policy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Security {
+    MutualTls,
+    None,
+}
+
+impl Security {
+    fn label(self) -> &'static str {
+        match self {
+            Security::MutualTls => "mutual_tls",
+            Security::None => "none",
+        }
+    }
+}
+
+/// The labels of one `istio_tcp_*` series.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TcpLabels {
+    pub reporter: Reporter,
+    pub source: Peer,
+    pub destination: Peer,
+    /// Service hostname (`name.namespace.svc...`), "unknown" when the destination was not
+    /// reached through a service.
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub security: Security,
+    /// Istio's `response_flags`: "-" for connections that were made, else why not.
+    pub response_flags: &'static str,
+}
+
+impl TcpLabels {
+    fn render(&self, out: &mut String) {
+        let reporter = match self.reporter {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        };
+        let pairs: [(&str, &str); 22] = [
+            ("reporter", reporter),
+            ("source_workload", &self.source.workload),
+            ("source_workload_namespace", &self.source.namespace),
+            ("source_principal", &self.source.principal),
+            ("source_app", &self.source.canonical_service),
+            ("source_version", &self.source.canonical_revision),
+            ("source_canonical_service", &self.source.canonical_service),
+            ("source_canonical_revision", &self.source.canonical_revision),
+            ("source_cluster", CLUSTER),
+            ("destination_workload", &self.destination.workload),
+            (
+                "destination_workload_namespace",
+                &self.destination.namespace,
+            ),
+            ("destination_principal", &self.destination.principal),
+            ("destination_app", &self.destination.canonical_service),
+            ("destination_version", &self.destination.canonical_revision),
+            (
+                "destination_canonical_service",
+                &self.destination.canonical_service,
+            ),
+            (
+                "destination_canonical_revision",
+                &self.destination.canonical_revision,
+            ),
+            ("destination_service", &self.destination_service),
+            ("destination_service_name", &self.destination_service_name),
+            (
+                "destination_service_namespace",
+                &self.destination_service_namespace,
+            ),
+            ("destination_cluster", CLUSTER),
+            ("request_protocol", "tcp"),
+            ("connection_security_policy", self.security.label()),
+        ];
+        out.push('{');
+        for (name, value) in pairs {
+            let _ = write!(out, "{name}=\"{}\",", escape(value));
+        }
+        let _ = write!(out, "response_flags=\"{}\"}}", escape(self.response_flags));
+    }
+}
+
+/// Istio's default cluster id; this data plane serves one cluster.
+const CLUSTER: &str = "Kubernetes";
+
+/// Counters of one label set on one worker (single writer: that worker).
+#[derive(Debug, Default)]
+pub struct TcpCounters {
+    pub opened: Counter,
+    pub closed: Counter,
+    pub failed: Counter,
+    /// Istio's sent bytes: from the connection's server back to its client.
+    pub sent_bytes: Counter,
+    /// Istio's received bytes: from the client toward the server.
+    pub received_bytes: Counter,
+}
+
+type Series = (Arc<TcpLabels>, Arc<TcpCounters>);
+
+/// A worker as the scraper sees it: the queue of new series, and the series seen so far.
+type ScrapedWorker = (Arc<SegQueue<Series>>, Mutex<Vec<Series>>);
+
+/// One worker's side: its series, by a hash of their labels, and the queue that announces
+/// new ones to the scraper.
+pub struct WorkerMetrics {
+    series: RefCell<HashMap<u64, Vec<Series>>>,
+    announce: Arc<SegQueue<Series>>,
+}
+
+impl WorkerMetrics {
+    /// The counters for `labels`, created (and announced to the scraper) on first use.
+    pub fn counters(&self, labels: LabelsRef<'_>) -> Arc<TcpCounters> {
+        let key = labels.key();
+        if let Some(bucket) = self.series.borrow().get(&key) {
+            if let Some((_, c)) = bucket.iter().find(|(l, _)| labels.matches(l)) {
+                return c.clone();
+            }
+        }
+        let series: Series = (
+            Arc::new(labels.to_owned()),
+            Arc::new(TcpCounters::default()),
+        );
+        let counters = series.1.clone();
+        self.series
+            .borrow_mut()
+            .entry(key)
+            .or_default()
+            .push(series.clone());
+        self.announce.push(series);
+        counters
+    }
+
+    /// Counts a connection that was not made.
+    pub fn fail(&self, labels: LabelsRef<'_>, flags: &'static str) {
+        self.counters(labels.failed(flags)).failed.inc();
+    }
+}
+
+/// The scraper's side: every worker's series, summed per label set when rendered.
+#[derive(Default)]
+pub struct MetricsRegistry {
+    workers: Vec<ScrapedWorker>,
+}
+
+impl MetricsRegistry {
+    /// A registry for `workers` workers and each worker's half.
+    pub fn new(workers: usize) -> (MetricsRegistry, Vec<WorkerMetrics>) {
+        let mut registry = MetricsRegistry::default();
+        let mut halves = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let queue = Arc::new(SegQueue::new());
+            registry
+                .workers
+                .push((queue.clone(), Mutex::new(Vec::new())));
+            halves.push(WorkerMetrics {
+                series: Default::default(),
+                announce: queue,
+            });
+        }
+        (registry, halves)
+    }
+
+    /// Sums of every counter per label set, over all workers.
+    pub fn totals(&self) -> BTreeMap<TcpLabels, [u64; 5]> {
+        let mut totals: BTreeMap<TcpLabels, [u64; 5]> = BTreeMap::new();
+        for (queue, known) in &self.workers {
+            let Ok(mut known) = known.lock() else {
+                continue;
+            };
+            while let Some(series) = queue.pop() {
+                known.push(series);
+            }
+            for (labels, c) in known.iter() {
+                let sums = totals.entry((**labels).clone()).or_default();
+                for (sum, v) in sums.iter_mut().zip([
+                    c.opened.get(),
+                    c.closed.get(),
+                    c.failed.get(),
+                    c.sent_bytes.get(),
+                    c.received_bytes.get(),
+                ]) {
+                    *sum += v;
+                }
+            }
+        }
+        totals
+    }
+
+    /// Istio's TCP metrics in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        const FAMILIES: [(&str, &str); 5] = [
+            (
+                "istio_tcp_connections_opened_total",
+                "TCP connections opened",
+            ),
+            (
+                "istio_tcp_connections_closed_total",
+                "TCP connections closed",
+            ),
+            (
+                "istio_tcp_connections_failed_total",
+                "TCP connections that could not be made",
+            ),
+            (
+                "istio_tcp_sent_bytes_total",
+                "Bytes sent from the server to the client",
+            ),
+            (
+                "istio_tcp_received_bytes_total",
+                "Bytes received from the client by the server",
+            ),
+        ];
+        let totals = self.totals();
+        for (i, (name, help)) in FAMILIES.iter().enumerate() {
+            let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
+            for (labels, sums) in &totals {
+                // Failed series only carry failures, the others never do.
+                if (labels.response_flags == "-") == (i == 2) {
+                    continue;
+                }
+                out.push_str(name);
+                labels.render(out);
+                let _ = writeln!(out, " {}", sums[i]);
+            }
+        }
+    }
+}
+
+/// Escapes a Prometheus label value.
+pub fn escape(value: &str) -> std::borrow::Cow<'_, str> {
+    if !value.contains(['\\', '"', '\n']) {
+        return value.into();
+    }
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str) -> Workload {
+        let (canonical_service, canonical_revision) =
+            mesh_core::index::canonical_names(name, &Default::default());
+        Workload {
+            uid: name.into(),
+            name: name.into(),
+            namespace: "default".into(),
+            identity: SpiffeId::new("cluster.local", "default", name).expect("identity"),
+            ips: Vec::new(),
+            node: "node".into(),
+            protocol: mesh_snapshot::schema::Protocol::Hbone,
+            netns: mesh_core::index::NetnsSource::None,
+            canonical_service,
+            canonical_revision,
+        }
+    }
+
+    #[test]
+    fn series_from_every_worker_are_summed_per_label_set() {
+        let (registry, workers) = MetricsRegistry::new(2);
+        let (client, server) = (workload("client"), workload("server"));
+        let labels = LabelsRef {
+            reporter: Reporter::Destination,
+            source: PeerRef::workload(&client),
+            destination: PeerRef::workload(&server),
+            service: None,
+            security: Security::MutualTls,
+            response_flags: "-",
+        };
+        for (w, bytes) in workers.iter().zip([100, 23]) {
+            let c = w.counters(labels);
+            c.opened.inc();
+            c.sent_bytes.add(bytes);
+        }
+        workers[1].fail(labels, "DENY");
+        let mut text = String::new();
+        registry.render(&mut text);
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+                .to_owned()
+        };
+        assert!(line("istio_tcp_connections_opened_total{reporter=\"destination\",source_workload=\"client\"").ends_with(" 2"));
+        assert!(line("istio_tcp_sent_bytes_total{").ends_with(" 123"));
+        let failed = line("istio_tcp_connections_failed_total{");
+        assert!(failed.contains("response_flags=\"DENY\"") && failed.ends_with(" 1"));
+        let opened = line("istio_tcp_connections_opened_total{");
+        assert!(opened.contains("connection_security_policy=\"mutual_tls\""));
+        assert!(opened.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/client\""));
+        assert!(opened.contains("destination_canonical_revision=\"latest\""));
+        // A series seen before is found again, not created twice.
+        let again = workers[0].counters(labels);
+        again.closed.inc();
+        assert_eq!(registry.totals().len(), 2);
+        let mut text = String::new();
+        registry.render(&mut text);
+        assert!(text.contains("istio_tcp_connections_closed_total{reporter=\"destination\""));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape("plain"), "plain");
+    }
+}

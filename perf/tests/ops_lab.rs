@@ -1,0 +1,308 @@
+//! Operability, end to end in the lab topology (real namespaces, processes, TLS): Istio's
+//! metrics as Prometheus scrapes them, access logs, runtime admin changes, and the SIGTERM
+//! drain. Root required (CI is root); every scenario runs on io_uring and on epoll.
+
+#[macro_use]
+mod common;
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::time::Duration;
+
+use common::*;
+use perf::lab::{Lab, LabOptions};
+
+/// The value of the first series of `family` whose labels include every one of `labels`.
+fn series(text: &str, family: &str, labels: &[(&str, &str)]) -> Option<u64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn scrape(lab: &Lab, node: usize) -> String {
+    let (status, body) = lab
+        .http_get(node, 15020, "/stats/prometheus")
+        .expect("scrape");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// One request/response exchange of `size` bytes each way, then a clean close.
+fn exchange(lab: &Lab, from: &str, to: &str, port: u16, size: usize) -> std::io::Result<()> {
+    let mut stream = lab
+        .connect_from(from, lab.addr(to, port))
+        .map_err(std::io::Error::other)?;
+    let reply = roundtrip(&mut stream, &vec![7u8; size])?;
+    assert_eq!(reply.len(), size);
+    stream.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest)?;
+    Ok(())
+}
+
+const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/default";
+
+lab_test!(
+    istio_metrics_and_access_logs_describe_each_connection,
+    LabOptions::default(),
+    |lab| {
+        echo_server(&lab, "n2-a");
+        exchange(&lab, "n1-a", "n2-a", ECHO, 1000).expect("exchange through the mesh");
+        let source = [
+            ("reporter", "source"),
+            ("source_workload", "n1-a"),
+            ("source_principal", CLIENT),
+            ("destination_workload", "n2-a"),
+            ("destination_canonical_service", "n2-a"),
+            ("connection_security_policy", "mutual_tls"),
+            ("request_protocol", "tcp"),
+        ];
+        let destination = [
+            ("reporter", "destination"),
+            ("source_workload", "n1-a"),
+            ("source_principal", CLIENT),
+            ("destination_workload", "n2-a"),
+            ("destination_workload_namespace", "default"),
+            ("connection_security_policy", "mutual_tls"),
+        ];
+        // Each node counts the connection once it is closed on its side.
+        for (node, labels) in [(0, &source[..]), (1, &destination[..])] {
+            assert!(
+                eventually(Duration::from_secs(5), || {
+                    series(
+                        &scrape(&lab, node),
+                        "istio_tcp_connections_closed_total",
+                        labels,
+                    ) == Some(1)
+                }),
+                "node {node} never counted the close:\n{}",
+                scrape(&lab, node)
+            );
+            let text = scrape(&lab, node);
+            let value = |family| series(&text, family, labels);
+            assert_eq!(
+                value("istio_tcp_connections_opened_total"),
+                Some(1),
+                "{text}"
+            );
+            // Istio's direction: received = client to server, sent = server to client.
+            assert_eq!(
+                value("istio_tcp_received_bytes_total"),
+                Some(1000),
+                "{text}"
+            );
+            assert_eq!(value("istio_tcp_sent_bytes_total"), Some(1000), "{text}");
+        }
+        // The data plane's own series ride along.
+        let text = scrape(&lab, 1);
+        assert!(
+            text.contains("# TYPE meshdp_active_connections gauge"),
+            "{text}"
+        );
+        assert!(series(
+            &text,
+            "meshdp_hbone_streams_accepted_total",
+            &[("worker", "0")]
+        )
+        .is_some());
+        assert!(text.contains("meshdp_snapshot_generation "), "{text}");
+
+        // A refused connection: counted as failed on both sides, and logged with the policy.
+        lab.apply(
+            "policies:
+  - name: deny-9100
+    namespace: default
+    selector: {matchLabels: {app: n2-a}}
+    action: DENY
+    rules:
+      - to: [{operation: {ports: ['9100']}}]
+",
+        )
+        .expect("policy");
+        let _listener = lab.listen_in("n2-a", 9100).expect("listen");
+        assert!(exchange(&lab, "n1-a", "n2-a", 9100, 10).is_err(), "denied");
+        assert!(eventually(Duration::from_secs(5), || {
+            let denied = [("response_flags", "DENY"), ("destination_workload", "n2-a")];
+            series(
+                &scrape(&lab, 0),
+                "istio_tcp_connections_failed_total",
+                &denied,
+            ) == Some(1)
+                && series(
+                    &scrape(&lab, 1),
+                    "istio_tcp_connections_failed_total",
+                    &denied,
+                ) == Some(1)
+        }));
+
+        // The access log (node 2, the destination) has one line per connection.
+        assert!(eventually(Duration::from_secs(5), || {
+            lab.process_log("dataplane", 1).contains("result=denied")
+        }));
+        let log = lab.process_log("dataplane", 1);
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(" access: ")).collect();
+        let ok = lines
+            .iter()
+            .find(|l| l.contains("result=ok"))
+            .unwrap_or_else(|| panic!("no successful connection in the access log:\n{log}"));
+        for field in [
+            "direction=\"inbound\"",
+            "pod=n2-a",
+            "bytes_to_server=1000",
+            "bytes_to_client=1000",
+            &format!("src.identity=\"{CLIENT}\""),
+        ] {
+            assert!(ok.contains(field), "{field} missing in {ok}");
+        }
+        let denied = lines
+            .iter()
+            .find(|l| l.contains("result=denied"))
+            .unwrap_or_else(|| panic!("no denied connection in the access log:\n{log}"));
+        assert!(denied.contains("denied by default/deny-9100"), "{denied}");
+    }
+);
+
+lab_test!(
+    admin_changes_the_log_filter_and_access_log_at_runtime,
+    LabOptions::default(),
+    |lab| {
+        echo_server(&lab, "n2-a");
+        let access_lines = |lab: &Lab| {
+            lab.process_log("dataplane", 1)
+                .lines()
+                .filter(|l| l.contains(" access: "))
+                .count()
+        };
+        let post = |path: &str| lab.http_request(1, 15000, "POST", path).expect("admin");
+
+        assert_eq!(
+            post("/access_log?enabled=false"),
+            (200, r#"{"enabled":false,"sample":1.0}"#.into())
+        );
+        exchange(&lab, "n1-a", "n2-a", ECHO, 100).expect("exchange");
+        // The close is counted by then, so the access record would have been queued too.
+        assert!(eventually(Duration::from_secs(5), || {
+            series(
+                &scrape(&lab, 1),
+                "istio_tcp_connections_closed_total",
+                &[("reporter", "destination")],
+            ) == Some(1)
+        }));
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(access_lines(&lab), 0, "access log off");
+
+        assert_eq!(post("/access_log?enabled=true").0, 200);
+        exchange(&lab, "n1-a", "n2-a", ECHO, 100).expect("exchange");
+        assert!(eventually(Duration::from_secs(5), || access_lines(&lab) == 1));
+
+        // Half the successful connections, evenly.
+        assert_eq!(post("/access_log?sample=0.5").0, 200);
+        for _ in 0..4 {
+            exchange(&lab, "n1-a", "n2-a", ECHO, 100).expect("exchange");
+        }
+        assert!(eventually(Duration::from_secs(5), || access_lines(&lab) == 3));
+        assert_eq!(post("/access_log?sample=7").0, 400);
+
+        // The log filter: debug lines appear only after the change.
+        let (status, level) = lab.http_get(1, 15000, "/logging").expect("admin");
+        assert_eq!((status, level.trim()), (200, "info"));
+        assert!(!lab.process_log("dataplane", 1).contains("DEBUG"));
+        assert_eq!(post("/logging?level=debug").0, 200);
+        exchange(&lab, "n1-a", "n2-a", ECHO, 100).expect("exchange");
+        assert!(eventually(Duration::from_secs(5), || {
+            lab.process_log("dataplane", 1).contains("DEBUG")
+        }));
+        let (status, body) = post("/logging?level=no[such");
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(
+            lab.http_get(1, 15000, "/logging").expect("admin").1.trim(),
+            "debug"
+        );
+    }
+);
+
+lab_test!(
+    sigterm_fails_readiness_stops_accepting_and_lets_connections_finish,
+    LabOptions::default(),
+    |lab| {
+        let mut lab = lab;
+        echo_server(&lab, "n2-a");
+        let mut open = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(roundtrip(&mut open, b"before").expect("echo"), b"before");
+
+        lab.signal_dataplane(1, "TERM").expect("SIGTERM");
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                matches!(lab.http_get(1, 15021, "/healthz/ready"), Ok((503, body)) if body.contains("draining"))
+            }),
+            "readiness did not fail"
+        );
+        // No new connections are accepted...
+        assert!(eventually(Duration::from_secs(5), || {
+            exchange(&lab, "n1-a", "n2-a", ECHO, 10).is_err()
+        }));
+        // ...but the open one keeps working, and the process waits for it.
+        assert_eq!(
+            roundtrip(&mut open, b"during").expect("echo while draining"),
+            b"during"
+        );
+        assert!(lab
+            .wait_dataplane_exit(1, Duration::from_millis(500))
+            .expect("wait")
+            .is_none());
+        open.shutdown(Shutdown::Write).expect("close");
+        let mut rest = Vec::new();
+        let _ = open.read_to_end(&mut rest);
+        // Well before the 30 s grace period: the last connection finished.
+        let status = lab
+            .wait_dataplane_exit(1, Duration::from_secs(10))
+            .expect("wait")
+            .expect("the data plane exits once its connections are done");
+        assert!(status.success(), "{status}");
+        assert!(lab
+            .process_log("dataplane", 1)
+            .contains("drained: no connections left"));
+    }
+);
+
+lab_test!(
+    a_connection_still_open_when_the_grace_period_ends_is_closed,
+    LabOptions {
+        dataplane_args: vec!["--drain-grace".into(), "1s".into()],
+        ..LabOptions::default()
+    },
+    |lab| {
+        let mut lab = lab;
+        echo_server(&lab, "n2-a");
+        let mut held = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(roundtrip(&mut held, b"hello").expect("echo"), b"hello");
+        lab.signal_dataplane(1, "TERM").expect("SIGTERM");
+        let status = lab
+            .wait_dataplane_exit(1, Duration::from_secs(15))
+            .expect("wait")
+            .expect("the data plane exits after its grace period");
+        assert!(status.success(), "{status}");
+        assert!(lab
+            .process_log("dataplane", 1)
+            .contains("grace period over: closing the remaining connections"));
+        // The client sees its connection end (FIN or reset), not a hang.
+        held.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let _ = held.write_all(b"after");
+        let mut buf = [0u8; 16];
+        match held.read(&mut buf) {
+            Ok(0) | Err(_) => {}
+            Ok(n) => panic!("connection still served after the drain: {n} bytes"),
+        }
+    }
+);
