@@ -680,6 +680,8 @@ impl Lab {
             .arg("--socks5")
             .arg("--netns-socket")
             .arg(self.netns_socket(node))
+            .arg("--upgrade-socket")
+            .arg(self.dir.join(format!("{}.upgrade.sock", NODE_NAMES[node])))
             .args((!self.options.pin).then_some("--no-pin"))
             .args(&self.options.dataplane_args)
             .env(
@@ -688,6 +690,39 @@ impl Lab {
             );
         self.dataplanes[node] = Some(self.spawn_logged(&mut cmd, "dataplane", node)?);
         Ok(())
+    }
+
+    /// Upgrades a node's data plane without resets: starts a new process that takes the
+    /// running one's listening sockets over (`--upgrade-socket`), and returns once the new
+    /// one serves. The old process, returned, drains its connections and exits by itself.
+    pub fn upgrade_dataplane(&mut self, node: usize) -> anyhow::Result<Child> {
+        const TOOK_OVER: &str = "took over from the old data plane";
+        let before = self
+            .process_log("dataplane", node)
+            .matches(TOOK_OVER)
+            .count();
+        let old = self.dataplanes[node]
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no data plane on {}", NODE_NAMES[node]))?;
+        self.start_dataplane(node)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self
+            .process_log("dataplane", node)
+            .matches(TOOK_OVER)
+            .count()
+            == before
+        {
+            self.check_dataplane_running(node)?;
+            if Instant::now() > deadline {
+                bail!(
+                    "the new data plane on {} did not take over:\n{}",
+                    NODE_NAMES[node],
+                    self.log_tail(&format!("dataplane-{}.log", NODE_NAMES[node]))
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(old)
     }
 
     /// Sends a signal (e.g. "STOP", "CONT") to a node's data plane.
@@ -739,20 +774,26 @@ impl Lab {
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
 
+    /// An error with the log's tail if the node's data plane has exited.
+    fn check_dataplane_running(&mut self, node: usize) -> anyhow::Result<()> {
+        if let Some(child) = self.dataplanes[node].as_mut() {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "dataplane on {} exited ({status}):\n{}",
+                    NODE_NAMES[node],
+                    self.log_tail(&format!("dataplane-{}.log", NODE_NAMES[node]))
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Waits for the node's readiness endpoint to answer 200.
     pub fn wait_ready(&mut self, node: usize, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
         while Instant::now() < deadline {
-            if let Some(child) = self.dataplanes[node].as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    bail!(
-                        "dataplane on {} exited ({status}):\n{}",
-                        NODE_NAMES[node],
-                        self.log_tail(&format!("dataplane-{}.log", NODE_NAMES[node]))
-                    );
-                }
-            }
+            self.check_dataplane_running(node)?;
             match self.http_get(node, 15021, "/healthz/ready") {
                 Ok((200, _)) => return Ok(()),
                 Ok((_, body)) => last = body,

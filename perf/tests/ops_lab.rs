@@ -35,11 +35,20 @@ fn scrape(lab: &Lab, node: usize) -> String {
 
 /// One request/response exchange of `size` bytes each way, then a clean close.
 fn exchange(lab: &Lab, from: &str, to: &str, port: u16, size: usize) -> std::io::Result<()> {
-    let mut stream = lab
+    let stream = lab
         .connect_from(from, lab.addr(to, port))
         .map_err(std::io::Error::other)?;
+    exchange_on(stream, size)
+}
+
+fn exchange_on(mut stream: std::net::TcpStream, size: usize) -> std::io::Result<()> {
     let reply = roundtrip(&mut stream, &vec![7u8; size])?;
-    assert_eq!(reply.len(), size);
+    if reply.len() != size {
+        return Err(std::io::Error::other(format!(
+            "{} of {size} bytes came back",
+            reply.len()
+        )));
+    }
     stream.shutdown(Shutdown::Write)?;
     let mut rest = Vec::new();
     stream.read_to_end(&mut rest)?;
@@ -241,7 +250,8 @@ lab_test!(
         lab.signal_dataplane(1, "TERM").expect("SIGTERM");
         assert!(
             eventually(Duration::from_secs(5), || {
-                matches!(lab.http_get(1, 15021, "/healthz/ready"), Ok((503, body)) if body.contains("draining"))
+                let ready = lab.http_get(1, 15021, "/healthz/ready");
+                matches!(ready, Ok((503, body)) if body.contains("draining"))
             }),
             "readiness did not fail"
         );
@@ -303,6 +313,151 @@ lab_test!(
         match held.read(&mut buf) {
             Ok(0) | Err(_) => {}
             Ok(n) => panic!("connection still served after the drain: {n} bytes"),
+        }
+    }
+);
+
+lab_test!(
+    an_upgrade_under_load_refuses_and_resets_nothing,
+    LabOptions::default(),
+    |lab| {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Mutex;
+        let mut lab = lab;
+        echo_server(&lab, "n2-a");
+        let stop = AtomicBool::new(false);
+        let made = AtomicU64::new(0);
+        let failures = Mutex::new(Vec::<String>::new());
+        // Two long-lived connections, opened before both upgrades, kept busy throughout.
+        let mut long_lived: Vec<_> = (0..2)
+            .map(|_| {
+                lab.connect_from("n1-a", lab.addr("n2-a", ECHO))
+                    .expect("connect")
+            })
+            .collect();
+        // The load runs from pod n1-a's namespace on threads of its own, while the lab (which
+        // the upgrades change) stays with this thread.
+        let client_ns = mesh_io::netns::NetNs::open(lab.pod("n1-a").netns_path()).expect("netns");
+        let home = mesh_io::netns::NetNs::current().expect("netns");
+        let server = lab.addr("n2-a", ECHO);
+        let one_exchange = || -> std::io::Result<()> {
+            let connect = || std::net::TcpStream::connect_timeout(&server, Duration::from_secs(10));
+            exchange_on(client_ns.run_in(&home, connect)??, 1024)
+        };
+        let (old_server_side, old_client_side) = std::thread::scope(|s| {
+            let (stop, made, failures, one_exchange) = (&stop, &made, &failures, &one_exchange);
+            for _ in 0..3 {
+                s.spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        // A fresh connection each time: connect, 1 KiB each way, close.
+                        match one_exchange() {
+                            Ok(()) => {
+                                made.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => failures.lock().expect("lock").push(format!("new: {e}")),
+                        }
+                    }
+                });
+            }
+            for conn in long_lived.iter_mut() {
+                s.spawn(move || {
+                    let mut n = 0u32;
+                    while !stop.load(Ordering::Relaxed) {
+                        let message = format!("ping {n}");
+                        match roundtrip(conn, message.as_bytes()) {
+                            Ok(reply) if reply == message.as_bytes() => {}
+                            Ok(reply) => failures
+                                .lock()
+                                .expect("lock")
+                                .push(format!("long-lived: wrong reply {reply:?}")),
+                            Err(e) => {
+                                failures
+                                    .lock()
+                                    .expect("lock")
+                                    .push(format!("long-lived: {e}"));
+                                return;
+                            }
+                        }
+                        n += 1;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                });
+            }
+            std::thread::sleep(Duration::from_millis(700));
+            let before = made.load(Ordering::Relaxed);
+            // The destination node first (its 15008 listeners), then the source node (15001).
+            let old_server_side = lab.upgrade_dataplane(1).expect("upgrade node 2");
+            std::thread::sleep(Duration::from_millis(700));
+            let old_client_side = lab.upgrade_dataplane(0).expect("upgrade node 1");
+            std::thread::sleep(Duration::from_millis(700));
+            stop.store(true, Ordering::Relaxed);
+            assert!(
+                made.load(Ordering::Relaxed) > before,
+                "no connections were made during the upgrades"
+            );
+            (old_server_side, old_client_side)
+        });
+        let failures = failures.into_inner().expect("lock");
+        assert!(
+            failures.is_empty(),
+            "{} of {} connection attempts failed: {:?}",
+            failures.len(),
+            made.load(Ordering::Relaxed) + failures.len() as u64,
+            &failures[..failures.len().min(5)]
+        );
+        assert!(
+            made.load(Ordering::Relaxed) >= 20,
+            "too little load to say anything"
+        );
+        eprintln!(
+            "{} connections made during two upgrades, none refused or reset",
+            made.load(Ordering::Relaxed)
+        );
+        // New connections are the new processes' now.
+        let streams = |lab: &Lab| {
+            series(
+                &scrape(lab, 1),
+                "meshdp_hbone_streams_accepted_total",
+                &[("worker", "0")],
+            )
+            .unwrap_or(0)
+                + series(
+                    &scrape(lab, 1),
+                    "meshdp_hbone_streams_accepted_total",
+                    &[("worker", "1")],
+                )
+                .unwrap_or(0)
+        };
+        let before = streams(&lab);
+        exchange(&lab, "n1-a", "n2-a", ECHO, 10).expect("after the upgrades");
+        assert!(streams(&lab) > before, "the new node-2 process served it");
+        // The old processes still carry the long-lived connections, which still work...
+        for conn in long_lived.iter_mut() {
+            assert_eq!(roundtrip(conn, b"still here").expect("echo"), b"still here");
+        }
+        // ...and exit once those are closed.
+        drop(long_lived);
+        for (name, mut old) in [("node 2", old_server_side), ("node 1", old_client_side)] {
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            let status = loop {
+                if let Some(status) = old.try_wait().expect("wait") {
+                    break status;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the old {name} data plane did not finish draining"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            assert!(status.success(), "old {name} data plane: {status}");
+        }
+        for node in [0, 1] {
+            let log = lab.process_log("dataplane", node);
+            assert!(
+                log.contains("the new data plane serves: no longer accepting, draining"),
+                "{log}"
+            );
+            assert!(log.contains("drained: no connections left"), "{log}");
         }
     }
 );

@@ -69,6 +69,10 @@ struct Args {
     /// ctrl-agent's socket handing over the network namespaces of pods enrolled through CNI.
     #[arg(long, env = "DATAPLANE_NETNS_SOCKET")]
     netns_socket: Option<PathBuf>,
+    /// Upgrades without resets: a new process started with the same socket takes this one's
+    /// listening sockets over, and this one drains (see the README).
+    #[arg(long, env = "DATAPLANE_UPGRADE_SOCKET")]
+    upgrade_socket: Option<PathBuf>,
     /// Log lines as JSON instead of text.
     #[arg(long)]
     log_json: bool,
@@ -131,6 +135,7 @@ fn main() -> anyhow::Result<()> {
             sample: args.access_log_sample,
         },
         log_level: Some(log_level),
+        upgrade_socket: args.upgrade_socket,
         netns_socket: args.netns_socket,
         worker: WorkerSettings {
             socks5: args.socks5,

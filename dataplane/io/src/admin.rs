@@ -332,10 +332,26 @@ pub struct Request<'a> {
 
 type Handler = dyn Fn(&Request<'_>) -> (u16, &'static str, String) + Send + Sync;
 
-/// Serves GET requests on `listener` with `handler(path)`, one short-lived connection at a time.
-pub fn serve(listener: TcpListener, handler: Arc<Handler>) {
-    for conn in listener.incoming() {
-        let Ok(conn) = conn else { continue };
+/// Serves requests on `listener` with `handler`, one short-lived connection at a time, until
+/// `stop` is set (checked between connections and at least every 200 ms).
+pub fn serve(listener: TcpListener, handler: Arc<Handler>, stop: Arc<AtomicBool>) {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    // Non-blocking: another process may share this socket (upgrade), and an accept that
+    // loses the race must not block.
+    let _ = listener.set_nonblocking(true);
+    while !stop.load(Ordering::Acquire) {
+        match crate::sockets::wait_readable(fd, Duration::from_millis(200)) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        }
+        let Ok((conn, _)) = listener.accept() else {
+            continue;
+        };
+        let _ = conn.set_nonblocking(false);
         let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
         let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
         let _ = answer(conn, &*handler);
@@ -388,16 +404,52 @@ fn answer(mut conn: TcpStream, handler: &Handler) -> std::io::Result<()> {
     conn.flush()
 }
 
-/// Starts the readiness, admin and metrics servers on threads of their own.
+/// The three endpoint listeners: bound here, or taken over from the previous process.
+pub struct Endpoints {
+    pub readiness: TcpListener,
+    pub admin: TcpListener,
+    pub metrics: TcpListener,
+}
+
+impl Endpoints {
+    /// Each endpoint from `inherited` if the previous process handed it over, else bound.
+    pub fn open(
+        inherited: &crate::upgrade::Inherited,
+        readiness: SocketAddr,
+        admin: SocketAddr,
+        metrics: SocketAddr,
+    ) -> std::io::Result<Endpoints> {
+        let get = |name: &str, addr: SocketAddr| match inherited.endpoint(name) {
+            Some(l) => Ok(l),
+            None => TcpListener::bind(addr),
+        };
+        Ok(Endpoints {
+            readiness: get("readiness", readiness)?,
+            admin: get("admin", admin)?,
+            metrics: get("metrics", metrics)?,
+        })
+    }
+
+    /// Duplicates, named, for handing over to a new process.
+    pub fn duplicate(&self) -> std::io::Result<Vec<(&'static str, SocketAddr, TcpListener)>> {
+        [
+            ("readiness", &self.readiness),
+            ("admin", &self.admin),
+            ("metrics", &self.metrics),
+        ]
+        .into_iter()
+        .map(|(name, l)| Ok((name, l.local_addr()?, l.try_clone()?)))
+        .collect()
+    }
+}
+
+/// Starts the readiness, admin and metrics servers on threads of their own; they stop when
+/// `stop` is set.
 pub fn start(
     state: Arc<AdminState>,
-    readiness: SocketAddr,
-    admin: SocketAddr,
-    metrics: SocketAddr,
+    endpoints: Endpoints,
+    stop: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
-    let ready_listener = TcpListener::bind(readiness)?;
-    let admin_listener = TcpListener::bind(admin)?;
-    let metrics_listener = TcpListener::bind(metrics)?;
     let ready_state = state.clone();
     let ready: Arc<Handler> = Arc::new(move |r| match r.path {
         "/healthz/ready" => ready_state.ready_response(),
@@ -428,13 +480,14 @@ pub fn start(
         ),
     });
     for (name, listener, handler) in [
-        ("readiness", ready_listener, ready),
-        ("admin", admin_listener, admin_handler),
-        ("metrics", metrics_listener, scrape),
+        ("readiness", endpoints.readiness, ready),
+        ("admin", endpoints.admin, admin_handler),
+        ("metrics", endpoints.metrics, scrape),
     ] {
+        let stop = stop.clone();
         std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || serve(listener, handler))?;
+            .spawn(move || serve(listener, handler, stop))?;
     }
     Ok(())
 }

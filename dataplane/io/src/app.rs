@@ -15,8 +15,9 @@ use crate::metrics::MetricsRegistry;
 use crate::netns_sync::{self, NetnsRegistry};
 use crate::runtime::{self, DriverChoice};
 use crate::stats::WorkerStats;
+use crate::upgrade::{self, HandedListener, Inherited};
 use crate::watch::{self, WatchStatus};
-use crate::worker::{Control, Worker, WorkerSettings};
+use crate::worker::{Control, Shared, Worker, WorkerSettings};
 
 /// The validated configuration of a data-plane process.
 #[derive(Clone, Debug)]
@@ -36,6 +37,9 @@ pub struct Config {
     pub access_log: AccessLogSettings,
     /// The process's log filter, changed at runtime through the admin endpoint.
     pub log_level: Option<LogLevel>,
+    /// Where a newer process asks this one for its sockets (and where this one asks a
+    /// running one at start): upgrades without resets.
+    pub upgrade_socket: Option<PathBuf>,
     /// ctrl-agent's socket for the namespaces of pods enrolled through CNI.
     pub netns_socket: Option<PathBuf>,
     pub worker: WorkerSettings,
@@ -51,6 +55,8 @@ pub enum AppError {
     Worker(usize, std::io::Error),
     #[error("signals: {0}")]
     Signals(std::io::Error),
+    #[error("taking over from the running data plane: {0}")]
+    Takeover(std::io::Error),
 }
 
 /// Runs the data plane until SIGTERM or SIGINT.
@@ -86,6 +92,18 @@ pub fn run(config: Config) -> Result<(), AppError> {
         "starting data plane"
     );
 
+    // A running data plane on the upgrade socket hands its listening sockets over.
+    let (predecessor, inherited) = match &config.upgrade_socket {
+        Some(path) => match upgrade::request(path).map_err(AppError::Takeover)? {
+            Some((channel, inherited)) => (Some(channel), inherited),
+            None => (None, Inherited::default()),
+        },
+        None => (None, Inherited::default()),
+    };
+    if predecessor.is_some() {
+        tracing::info!("taking over the listening sockets of the running data plane");
+    }
+    let inherited = Arc::new(inherited);
     let registry = Arc::new(NetnsRegistry::default());
     let stats: Vec<Arc<WorkerStats>> = (0..config.workers)
         .map(|_| {
@@ -107,7 +125,11 @@ pub fn run(config: Config) -> Result<(), AppError> {
         let core = (config.pin && !cores.is_empty()).then(|| cores[id % cores.len()]);
         let settings = config.worker;
         let thread_stats = worker_stats.clone();
-        let thread_registry = registry.clone();
+        let shared = Shared {
+            registry: registry.clone(),
+            inherited: inherited.clone(),
+            workers: config.workers,
+        };
         let handle = std::thread::Builder::new()
             .name(format!("worker-{id}"))
             .spawn(move || {
@@ -121,7 +143,7 @@ pub fn run(config: Config) -> Result<(), AppError> {
                         id,
                         thread_stats,
                         settings,
-                        thread_registry,
+                        shared,
                         thread_metrics,
                         thread_log,
                     ) {
@@ -190,21 +212,66 @@ pub fn run(config: Config) -> Result<(), AppError> {
         access_log: Mutex::new(config.access_log),
         draining: AtomicBool::new(false),
     });
-    admin::start(
-        state.clone(),
+    let endpoints = admin::Endpoints::open(
+        &inherited,
         config.readiness_addr,
         config.admin_addr,
         config.metrics_addr,
     )
     .map_err(AppError::Admin)?;
+    let endpoint_copies = endpoints.duplicate().map_err(AppError::Admin)?;
+    let admin_stop = Arc::new(AtomicBool::new(false));
+    admin::start(state.clone(), endpoints, admin_stop.clone()).map_err(AppError::Admin)?;
 
+    let (events, next_event) = flume::unbounded::<Event>();
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(AppError::Signals)?;
-    if let Some(signal) = signals.forever().next() {
-        tracing::info!(signal, grace = ?config.drain_grace, "draining: readiness now fails, listeners close");
+    {
+        let events = events.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                for signal in signals.forever() {
+                    if events.send(Event::Signal(signal)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(AppError::Signals)?;
     }
-    drain(&state, &senders, config.drain_grace, &mut signals);
+    if let Some(path) = config.upgrade_socket.clone() {
+        let upgrades = Upgrades {
+            path,
+            workers: senders.clone(),
+            endpoints: endpoint_copies,
+            events: events.clone(),
+        };
+        let (state, inherited) = (state.clone(), inherited.clone());
+        std::thread::Builder::new()
+            .name("upgrade".into())
+            .spawn(move || {
+                if let Some(channel) = predecessor {
+                    take_over(&channel, &state, &inherited);
+                }
+                upgrades.serve();
+            })
+            .map_err(AppError::Signals)?;
+    }
+
+    match next_event.recv() {
+        Ok(Event::Signal(signal)) => tracing::info!(signal, grace = ?config.drain_grace,
+            "draining: readiness now fails, listeners close"),
+        Ok(Event::HandedOver) => {
+            tracing::info!(grace = ?config.drain_grace,
+                "the new data plane serves: no longer accepting, draining");
+            // Its own threads answer on the shared endpoint sockets from now on.
+            admin_stop.store(true, Ordering::Release);
+        }
+        Err(_) => {}
+    }
+    drain(&state, &senders, config.drain_grace, &next_event);
     stop.store(true, Ordering::Release);
+    admin_stop.store(true, Ordering::Release);
     for tx in &senders {
         let _ = tx.send(Control::Shutdown);
     }
@@ -217,13 +284,131 @@ pub fn run(config: Config) -> Result<(), AppError> {
     Ok(())
 }
 
+/// What wakes the main thread.
+enum Event {
+    Signal(i32),
+    /// A new process took the listening sockets over and serves.
+    HandedOver,
+}
+
+/// How long a new process may take to get ready on inherited sockets before it gives up.
+const TAKEOVER_READY_WITHIN: Duration = Duration::from_secs(60);
+
+/// The new process's half of an upgrade, once its workers run on the inherited sockets:
+/// wait until ready, then tell the old process to stop accepting (or to carry on, if this one
+/// cannot get ready).
+fn take_over(channel: &crate::ipc::Channel, state: &AdminState, inherited: &Inherited) {
+    let deadline = Instant::now() + TAKEOVER_READY_WITHIN;
+    let verdict = loop {
+        match state.readiness() {
+            Ok(()) => break upgrade::Message::Ready,
+            Err(why) if Instant::now() >= deadline => {
+                break upgrade::Message::Abort {
+                    reason: format!("not ready within {TAKEOVER_READY_WITHIN:?}: {why}"),
+                }
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let ready = verdict == upgrade::Message::Ready;
+    if let Err(error) = channel.send_json(&verdict, &[]) {
+        tracing::error!(%error, "could not tell the old data plane the handover verdict");
+    }
+    if ready {
+        let unclaimed = inherited.close_unclaimed();
+        tracing::info!(
+            unclaimed,
+            "took over from the old data plane; it drains now"
+        );
+    } else {
+        tracing::error!(
+            ?verdict,
+            "could not take over; the old data plane keeps serving"
+        );
+    }
+}
+
+/// The old process's half: answers a handover on the upgrade socket.
+struct Upgrades {
+    path: PathBuf,
+    workers: Vec<flume::Sender<Control>>,
+    endpoints: Vec<(&'static str, SocketAddr, std::net::TcpListener)>,
+    events: flume::Sender<Event>,
+}
+
+impl Upgrades {
+    fn serve(self) {
+        let listener = match upgrade::listen(&self.path) {
+            Ok(l) => l,
+            Err(error) => {
+                tracing::error!(path = %self.path.display(), %error,
+                    "cannot listen for upgrades; this process cannot be upgraded without resets");
+                return;
+            }
+        };
+        tracing::info!(path = %self.path.display(), "listening for upgrades");
+        loop {
+            let channel = match listener.accept() {
+                Ok(c) => c,
+                Err(error) => {
+                    tracing::warn!(%error, "upgrade socket accept failed");
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+            };
+            let _ = channel.set_timeout(Some(Duration::from_secs(30)));
+            match channel.recv_json::<upgrade::Message>() {
+                Ok(Some((upgrade::Message::Handover, _))) => {}
+                other => {
+                    tracing::warn!(?other, "not a handover request on the upgrade socket");
+                    continue;
+                }
+            }
+            let listeners = self.collect();
+            tracing::info!(
+                sockets = listeners.len(),
+                "handing the listening sockets to a new data plane"
+            );
+            match upgrade::hand_over(
+                &channel,
+                &listeners,
+                &self.endpoints,
+                TAKEOVER_READY_WITHIN + Duration::from_secs(5),
+            ) {
+                Ok(true) => {
+                    let _ = self.events.send(Event::HandedOver);
+                    return;
+                }
+                Ok(false) => {}
+                Err(error) => tracing::warn!(%error, "handover failed; serving on"),
+            }
+        }
+    }
+
+    /// Every worker's listening sockets, duplicated.
+    fn collect(&self) -> Vec<HandedListener> {
+        let mut all = Vec::new();
+        for (i, worker) in self.workers.iter().enumerate() {
+            let (reply, answer) = flume::bounded(1);
+            if worker.send(Control::Handover(reply)).is_err() {
+                continue;
+            }
+            match answer.recv_timeout(Duration::from_secs(5)) {
+                Ok(listeners) => all.extend(listeners),
+                Err(_) => tracing::error!(worker = i, "worker did not hand over its listeners"),
+            }
+        }
+        all
+    }
+}
+
 /// Readiness fails first, then every worker stops accepting and sends GOAWAY on its tunnels;
 /// open connections get until `grace` to finish (a second signal cuts it short).
 fn drain(
     state: &AdminState,
     workers: &[flume::Sender<Control>],
     grace: Duration,
-    signals: &mut signal_hook::iterator::Signals,
+    events: &flume::Receiver<Event>,
 ) {
     state.draining.store(true, Ordering::Release);
     for tx in workers {
@@ -248,7 +433,7 @@ fn drain(
             );
             return;
         }
-        if signals.pending().next().is_some() {
+        if matches!(events.try_recv(), Ok(Event::Signal(_))) {
             tracing::warn!(open, "second signal: closing the remaining connections now");
             return;
         }

@@ -20,6 +20,7 @@ pub mod runtime;
 pub mod sockets;
 pub mod stats;
 pub mod tls;
+pub mod upgrade;
 pub mod view;
 pub mod watch;
 pub mod worker;

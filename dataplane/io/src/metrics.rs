@@ -473,13 +473,15 @@ mod tests {
                 .unwrap_or_else(|| panic!("no {name} in\n{text}"))
                 .to_owned()
         };
-        assert!(line("istio_tcp_connections_opened_total{reporter=\"destination\",source_workload=\"client\"").ends_with(" 2"));
+        let opened = "istio_tcp_connections_opened_total{reporter=\"destination\",source_workload";
+        assert!(line(opened).ends_with(" 2"));
         assert!(line("istio_tcp_sent_bytes_total{").ends_with(" 123"));
         let failed = line("istio_tcp_connections_failed_total{");
         assert!(failed.contains("response_flags=\"DENY\"") && failed.ends_with(" 1"));
         let opened = line("istio_tcp_connections_opened_total{");
         assert!(opened.contains("connection_security_policy=\"mutual_tls\""));
-        assert!(opened.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/client\""));
+        let principal = "source_principal=\"spiffe://cluster.local/ns/default/sa/client\"";
+        assert!(opened.contains(principal));
         assert!(opened.contains("destination_canonical_revision=\"latest\""));
         // A series seen before is found again, not created twice.
         let again = workers[0].counters(labels);

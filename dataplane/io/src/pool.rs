@@ -350,6 +350,13 @@ impl HbonePool {
         }
     }
 
+    /// No new streams on the lease's connection (the peer is going away); it closes when its
+    /// last stream ends.
+    pub fn retire(self: &Rc<Self>, lease: &Lease) {
+        let actions = self.inner.borrow_mut().state.retire(lease.conn);
+        self.apply(actions);
+    }
+
     /// New streams for `source` go to new connections (its certificate changed); existing
     /// streams finish on the old ones, which close when drained.
     pub fn retire_source(self: &Rc<Self>, source: &SpiffeId) {

@@ -203,3 +203,28 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     }
     Ok(limit.rlim_cur)
 }
+
+/// Waits up to `timeout` for `fd` to be readable (a listener: a connection to accept).
+pub fn wait_readable(fd: RawFd, timeout: std::time::Duration) -> io::Result<bool> {
+    let mut pollfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: poll on one live pollfd we own, with its exact count.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::poll(&mut pollfd, 1, millis) };
+    match rc {
+        n if n > 0 => Ok(true),
+        0 => Ok(false),
+        _ => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}

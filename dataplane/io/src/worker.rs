@@ -6,7 +6,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +33,7 @@ use crate::pool::{DialSpec, HbonePool, Lease, PoolKey, PoolTimers};
 use crate::relay;
 use crate::sockets::{finish_connect, original_dst, reuseport_listener, start_connect};
 use crate::stats::WorkerStats;
+use crate::upgrade::{HandedListener, Inherited};
 use crate::view::View;
 use crate::{h2glue, tls};
 
@@ -45,6 +46,8 @@ pub enum Control {
     /// Stop accepting (close every listener), ask HBONE peers to stop opening streams here
     /// (GOAWAY), and let open connections finish.
     Drain,
+    /// Duplicate every listening socket for a new process taking over (upgrade).
+    Handover(flume::Sender<Vec<HandedListener>>),
     Shutdown,
 }
 
@@ -91,15 +94,34 @@ struct Pod {
     source: NetnsSource,
     netns: Rc<NetNs>,
     stop: Vec<(Canceller, Rc<Cell<bool>>)>,
+    /// Each listener's address and descriptor (owned by its accept loop), for a handover.
+    sockets: Vec<(SocketAddr, RawFd)>,
 }
 
 impl Pod {
-    fn close(self) {
-        for (canceller, stopped) in self.stop {
+    fn close(mut self) {
+        self.stop_accepting();
+    }
+
+    /// Closes the listeners; the pod stays known, so streams on tunnels already accepted
+    /// (until their peers see GOAWAY) still reach it.
+    fn stop_accepting(&mut self) {
+        for (canceller, stopped) in self.stop.drain(..) {
             stopped.set(true);
             canceller.cancel();
         }
+        self.sockets.clear();
     }
+}
+
+/// What every worker of a process shares, read-only or behind setup-time locks only.
+#[derive(Clone)]
+pub struct Shared {
+    /// Namespaces of pods enrolled through CNI, as the agent handed them over.
+    pub registry: Arc<NetnsRegistry>,
+    /// Listening sockets taken over from the previous process (empty on a fresh start).
+    pub inherited: Arc<Inherited>,
+    pub workers: usize,
 }
 
 pub struct Worker {
@@ -110,8 +132,7 @@ pub struct Worker {
     pool: Rc<HbonePool>,
     pods: RefCell<HashMap<String, Pod>>,
     failed_pods: RefCell<HashMap<String, String>>,
-    /// Namespaces of pods enrolled through CNI, as the agent handed them over.
-    registry: Arc<NetnsRegistry>,
+    shared: Shared,
     pick: Cell<u64>,
     settings: WorkerSettings,
     /// Inbound connections in progress, re-checked against every new snapshot's policy.
@@ -232,7 +253,7 @@ impl Worker {
         id: usize,
         stats: Arc<WorkerStats>,
         settings: WorkerSettings,
-        registry: Arc<NetnsRegistry>,
+        shared: Shared,
         metrics: WorkerMetrics,
         log: WorkerLog,
     ) -> std::io::Result<Rc<Worker>> {
@@ -246,7 +267,7 @@ impl Worker {
             pool,
             pods: RefCell::new(HashMap::new()),
             failed_pods: RefCell::new(HashMap::new()),
-            registry,
+            shared,
             pick: Cell::new(0),
             settings,
             live: RefCell::new(HashMap::new()),
@@ -272,12 +293,15 @@ impl Worker {
                 Control::Drain => {
                     tracing::info!(worker = self.id, "draining: listeners closed");
                     self.draining.fire();
-                    for (_, pod) in self.pods.borrow_mut().drain() {
-                        pod.close();
+                    for pod in self.pods.borrow_mut().values_mut() {
+                        pod.stop_accepting();
                     }
                     self.failed_pods.borrow_mut().clear();
                     self.stats.listeners.set(0);
                     self.stats.listener_failures.set(0);
+                }
+                Control::Handover(reply) => {
+                    let _ = reply.send(self.duplicate_listeners());
                 }
                 Control::Shutdown => break,
             }
@@ -286,6 +310,32 @@ impl Worker {
             pod.close();
         }
         tracing::info!(worker = self.id, "worker stopped");
+    }
+
+    /// A duplicate of every listening socket, for the process taking over.
+    fn duplicate_listeners(&self) -> Vec<HandedListener> {
+        let mut out = Vec::new();
+        for (uid, pod) in self.pods.borrow().iter() {
+            for &(addr, fd) in &pod.sockets {
+                // SAFETY: `fd` belongs to the listener of an accept loop that runs as long as
+                // its pod is in `pods` (a pod leaves the map before `Pod::close` stops it),
+                // and we hold the map borrowed, so the descriptor is open during this call.
+                #[allow(unsafe_code)]
+                let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+                match borrowed.try_clone_to_owned() {
+                    Ok(fd) => out.push(HandedListener {
+                        pod: uid.clone(),
+                        addr,
+                        fd,
+                    }),
+                    Err(error) => {
+                        tracing::error!(worker = self.id, pod = %uid, %addr, %error,
+                            "cannot duplicate a listener for the handover")
+                    }
+                }
+            }
+        }
+        out
     }
 
     fn view(&self) -> Rc<View> {
@@ -482,6 +532,7 @@ impl Worker {
         let netns = Rc::new(match source {
             NetnsSource::Path(path) => NetNs::open(path)?,
             NetnsSource::Agent => self
+                .shared
                 .registry
                 .get(uid)
                 .ok_or_else(|| {
@@ -522,36 +573,62 @@ impl Worker {
             source: source.clone(),
             netns: netns.clone(),
             stop: Vec::new(),
+            sockets: Vec::new(),
         };
-        let uid: Rc<str> = Rc::from(uid);
+        let mut taken_over = 0;
         for (kind, addr) in addrs {
-            let opened = netns
-                .run_in(&self.home, || reuseport_listener(addr))
-                .and_then(|r| r)
-                .and_then(TcpListener::from_std);
-            let listener = match opened {
-                Ok(l) => l,
-                Err(e) => {
-                    pod.close();
-                    return Err(std::io::Error::new(
-                        e.kind(),
-                        format!("listen on {addr}: {e}"),
-                    ));
+            // Sockets of the process we took over from first: their accept queues hold
+            // connections no one has accepted yet.
+            let mut sockets = self
+                .shared
+                .inherited
+                .take(uid, addr, self.id, self.shared.workers);
+            taken_over += sockets.len();
+            if sockets.is_empty() {
+                match netns
+                    .run_in(&self.home, || reuseport_listener(addr))
+                    .and_then(|r| r)
+                {
+                    Ok(l) => sockets.push(l),
+                    Err(e) => {
+                        pod.close();
+                        return Err(std::io::Error::new(
+                            e.kind(),
+                            format!("listen on {addr}: {e}"),
+                        ));
+                    }
                 }
-            };
-            let canceller = Canceller::new();
-            let stopped = Rc::new(Cell::new(false));
-            monoio::spawn(self.clone().accept_loop(
-                listener,
-                kind,
-                uid.clone(),
-                canceller.handle(),
-                stopped.clone(),
-            ));
-            pod.stop.push((canceller, stopped));
+            }
+            for socket in sockets {
+                let fd = socket.as_raw_fd();
+                let listener = match socket
+                    .set_nonblocking(true)
+                    .and_then(|()| TcpListener::from_std(socket))
+                {
+                    Ok(l) => l,
+                    Err(e) => {
+                        pod.close();
+                        return Err(std::io::Error::new(
+                            e.kind(),
+                            format!("listen on {addr}: {e}"),
+                        ));
+                    }
+                };
+                let canceller = Canceller::new();
+                let stopped = Rc::new(Cell::new(false));
+                monoio::spawn(self.clone().accept_loop(
+                    listener,
+                    kind,
+                    Rc::from(uid),
+                    canceller.handle(),
+                    stopped.clone(),
+                ));
+                pod.stop.push((canceller, stopped));
+                pod.sockets.push((addr, fd));
+            }
         }
         tracing::info!(worker = self.id, pod = %uid, netns = %path, listeners = pod.stop.len(),
-            "pod listeners open");
+            taken_over, "pod listeners open");
         Ok(pod)
     }
 
@@ -821,25 +898,37 @@ impl Worker {
                     tunnel,
                     source_ip,
                 };
-                let lease = self
-                    .pool
-                    .lease(key, DialSpec { netns, tls })
-                    .await
-                    .map_err(|e| Refusal::Pool(e.to_string()))?;
-                let mut sender = lease.sender.clone().ready().await?;
-                let (response, send) =
-                    sender.send_request(hbone::connect_request(target, client, None), false)?;
-                self.stats.hbone_streams_opened.inc();
-                let response = response.await?;
-                match ConnectOutcome::from(response.status()) {
-                    ConnectOutcome::Established => Ok(Upstream::Hbone {
-                        _lease: lease,
-                        send,
-                        recv: response.into_body(),
-                    }),
-                    other => {
-                        self.stats.hbone_connect_refused.inc();
-                        Err(Refusal::Peer(other))
+                // A pooled tunnel whose peer is going away (GOAWAY: it drains, e.g. during
+                // its upgrade) refuses new streams; the CONNECT was not processed, so it is
+                // retried once on a fresh tunnel.
+                let mut retried = false;
+                loop {
+                    let lease = self
+                        .pool
+                        .lease(
+                            key.clone(),
+                            DialSpec {
+                                netns: netns.clone(),
+                                tls: tls.clone(),
+                            },
+                        )
+                        .await
+                        .map_err(|e| Refusal::Pool(e.to_string()))?;
+                    match self.connect_over(&lease, target, client).await {
+                        Ok((send, recv)) => {
+                            return Ok(Upstream::Hbone {
+                                _lease: lease,
+                                send,
+                                recv,
+                            })
+                        }
+                        Err(Refusal::H2(error)) if !retried => {
+                            tracing::debug!(%error, tunnel = %tunnel,
+                                "tunnel refused the stream; retrying on a new one");
+                            self.pool.retire(&lease);
+                            retried = true;
+                        }
+                        Err(other) => return Err(other),
                     }
                 }
             }
@@ -849,6 +938,27 @@ impl Worker {
                 Ok(Upstream::Tcp(stream))
             }
             Route::NoEndpoint { service } => Err(Refusal::NoEndpoint(service)),
+        }
+    }
+
+    /// Sends CONNECT on a leased tunnel and waits for the answer.
+    async fn connect_over(
+        &self,
+        lease: &Lease,
+        target: SocketAddr,
+        client: SocketAddr,
+    ) -> Result<(h2::SendStream<Bytes>, h2::RecvStream), Refusal> {
+        let mut sender = lease.sender.clone().ready().await?;
+        let (response, send) =
+            sender.send_request(hbone::connect_request(target, client, None), false)?;
+        self.stats.hbone_streams_opened.inc();
+        let response = response.await?;
+        match ConnectOutcome::from(response.status()) {
+            ConnectOutcome::Established => Ok((send, response.into_body())),
+            other => {
+                self.stats.hbone_connect_refused.inc();
+                Err(Refusal::Peer(other))
+            }
         }
     }
 

@@ -1,0 +1,310 @@
+//! Upgrades without resets, as Envoy's hot restart does it: a new data-plane process takes the
+//! listening sockets over from the running one through a unix socket (SCM_RIGHTS), so every
+//! pod's 15001/15006/15008 sockets, and the admin ports, stay open across the switch.
+//!
+//! 1. The new process connects to the old one's `--upgrade-socket` and asks for a handover.
+//! 2. The old one sends a duplicate of every listening socket it has (each worker's, per pod,
+//!    and the admin, metrics and readiness ones), then `Done`.
+//! 3. The new one starts its workers on those same sockets (a listener is the same kernel
+//!    object in both processes, so its accept queue is shared: nothing queued is lost), opens
+//!    more only where it runs more workers, and once ready says `Ready`.
+//! 4. The old one stops accepting (closes its copies, which leaves the sockets open in the
+//!    new process) and drains: established connections finish on it, then it exits.
+//!
+//! If the new process cannot become ready it says `Abort`, and the old one goes on serving.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ipc::{Channel, Listener};
+
+/// Messages of the handover, in order: Handover (new -> old), Socket* and Done (old -> new),
+/// Ready or Abort (new -> old).
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub enum Message {
+    Handover,
+    /// One listening socket (its descriptor rides along): a pod's, or an admin endpoint's
+    /// (`pod` empty, `endpoint` names it).
+    Socket {
+        pod: String,
+        endpoint: String,
+        addr: SocketAddr,
+    },
+    Done {
+        sockets: usize,
+    },
+    Ready,
+    Abort {
+        reason: String,
+    },
+}
+
+/// A listening socket a worker hands over.
+pub struct HandedListener {
+    pub pod: String,
+    pub addr: SocketAddr,
+    pub fd: OwnedFd,
+}
+
+/// The old process's sockets for one pod and address, in its workers' order; `None` once
+/// taken.
+type PositionedSockets = Vec<Option<OwnedFd>>;
+
+/// What a new process received: pods' listeners by (pod, address), each with the sockets of
+/// the old process's workers, and the admin endpoints by name.
+#[derive(Default)]
+pub struct Inherited {
+    listeners: Mutex<HashMap<(String, SocketAddr), PositionedSockets>>,
+    endpoints: Mutex<HashMap<String, OwnedFd>>,
+}
+
+impl Inherited {
+    /// The inherited sockets of `pod` on `addr` that worker `worker` of `workers` serves:
+    /// every `workers`-th one, so that all of them are accepted from whatever the two
+    /// processes' worker counts are. Empty when there are none for this worker.
+    pub fn take(
+        &self,
+        pod: &str,
+        addr: SocketAddr,
+        worker: usize,
+        workers: usize,
+    ) -> Vec<std::net::TcpListener> {
+        let Ok(mut listeners) = self.listeners.lock() else {
+            return Vec::new();
+        };
+        let key = (pod.to_owned(), addr);
+        let Some(fds) = listeners.get_mut(&key) else {
+            return Vec::new();
+        };
+        // By position in the old process's order; a taken socket leaves a hole.
+        let mine: Vec<std::net::TcpListener> = fds
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| i % workers.max(1) == worker)
+            .filter_map(|(_, slot)| slot.take().map(std::net::TcpListener::from))
+            .collect();
+        if fds.iter().all(Option::is_none) {
+            listeners.remove(&key);
+        }
+        mine
+    }
+
+    /// The admin endpoint `name` ("admin", "metrics", "readiness"), if inherited.
+    pub fn endpoint(&self, name: &str) -> Option<std::net::TcpListener> {
+        self.endpoints
+            .lock()
+            .ok()?
+            .remove(name)
+            .map(std::net::TcpListener::from)
+    }
+
+    /// Closes whatever no worker took (pods the new snapshot no longer has); how many.
+    pub fn close_unclaimed(&self) -> usize {
+        self.listeners
+            .lock()
+            .map(|mut l| l.drain().map(|(_, fds)| fds.iter().flatten().count()).sum())
+            .unwrap_or(0)
+    }
+
+    fn insert(&self, pod: String, endpoint: String, addr: SocketAddr, fd: OwnedFd) {
+        if pod.is_empty() {
+            if let Ok(mut e) = self.endpoints.lock() {
+                e.insert(endpoint, fd);
+            }
+        } else if let Ok(mut l) = self.listeners.lock() {
+            l.entry((pod, addr)).or_default().push(Some(fd));
+        }
+    }
+}
+
+/// The new process's side: asks the process listening on `path` for its sockets. `Ok(None)`
+/// when nothing listens there (a first start).
+pub fn request(path: &Path) -> std::io::Result<Option<(Channel, Inherited)>> {
+    let channel = match Channel::connect(path) {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    channel.set_timeout(Some(Duration::from_secs(30)))?;
+    channel.send_json(&Message::Handover, &[])?;
+    let inherited = Inherited::default();
+    let mut received = 0;
+    loop {
+        let Some((message, mut fds)) = channel.recv_json::<Message>()? else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the running data plane closed the handover",
+            ));
+        };
+        match message {
+            Message::Socket {
+                pod,
+                endpoint,
+                addr,
+            } => {
+                let fd = fds.pop().ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("socket {addr} of {pod:?} came without its descriptor"),
+                    )
+                })?;
+                inherited.insert(pod, endpoint, addr, fd);
+                received += 1;
+            }
+            Message::Done { sockets } if sockets == received => {
+                return Ok(Some((channel, inherited)))
+            }
+            other => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("unexpected handover message {other:?} after {received} sockets"),
+                ))
+            }
+        }
+    }
+}
+
+/// The old process's side, on a channel that asked for a handover: sends `listeners` (pods')
+/// and `endpoints` (admin), then waits for the verdict. `Ok(true)`: the new process serves;
+/// stop accepting and drain.
+pub fn hand_over(
+    channel: &Channel,
+    listeners: &[HandedListener],
+    endpoints: &[(&str, SocketAddr, std::net::TcpListener)],
+    ready_within: Duration,
+) -> std::io::Result<bool> {
+    for l in listeners {
+        channel.send_json(
+            &Message::Socket {
+                pod: l.pod.clone(),
+                endpoint: String::new(),
+                addr: l.addr,
+            },
+            &[l.fd.as_fd()],
+        )?;
+    }
+    for (name, addr, listener) in endpoints {
+        channel.send_json(
+            &Message::Socket {
+                pod: String::new(),
+                endpoint: (*name).to_owned(),
+                addr: *addr,
+            },
+            &[listener.as_fd()],
+        )?;
+    }
+    channel.send_json(
+        &Message::Done {
+            sockets: listeners.len() + endpoints.len(),
+        },
+        &[],
+    )?;
+    channel.set_timeout(Some(ready_within))?;
+    match channel.recv_json::<Message>()? {
+        Some((Message::Ready, _)) => Ok(true),
+        Some((Message::Abort { reason }, _)) => {
+            tracing::warn!(%reason, "the new data plane gave up; serving on");
+            Ok(false)
+        }
+        other => {
+            tracing::warn!(?other, "handover ended without a verdict; serving on");
+            Ok(false)
+        }
+    }
+}
+
+/// Binds the upgrade socket (replacing a stale file, or the previous process's socket once
+/// that process has handed over).
+pub fn listen(path: &Path) -> std::io::Result<Listener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Listener::bind(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn socket() -> OwnedFd {
+        OwnedFd::from(std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+    }
+
+    #[test]
+    fn inherited_sockets_are_shared_out_so_every_one_has_a_worker() {
+        let addr: SocketAddr = "0.0.0.0:15001".parse().expect("addr");
+        // The old process ran three workers.
+        let three = Inherited::default();
+        for _ in 0..3 {
+            three.insert("pod".into(), String::new(), addr, socket());
+        }
+        // The new one runs two: worker 0 takes the 1st and 3rd, worker 1 the 2nd.
+        assert_eq!(three.take("pod", addr, 0, 2).len(), 2);
+        assert_eq!(three.take("pod", addr, 0, 2).len(), 0);
+        assert_eq!(three.take("pod", addr, 1, 2).len(), 1);
+        assert_eq!(three.close_unclaimed(), 0);
+        // The old process ran one, the new one two: worker 1 gets none and opens its own.
+        let one = Inherited::default();
+        one.insert("pod".into(), String::new(), addr, socket());
+        one.insert("gone".into(), String::new(), addr, socket());
+        assert_eq!(one.take("pod", addr, 1, 2).len(), 0);
+        assert_eq!(one.take("pod", addr, 0, 2).len(), 1);
+        assert_eq!(one.close_unclaimed(), 1);
+    }
+
+    #[test]
+    fn a_handover_carries_every_socket_and_the_verdict() {
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("dir");
+        let path = dir.path().join("upgrade.sock");
+        let server = listen(&path).expect("listen");
+        let pod_socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let pod_addr = pod_socket.local_addr().expect("addr");
+        let admin = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let admin_addr = admin.local_addr().expect("addr");
+        let old = std::thread::spawn(move || {
+            let channel = server.accept().expect("accept");
+            let (asked, _) = channel.recv_json::<Message>().expect("recv").expect("msg");
+            assert_eq!(asked, Message::Handover);
+            let listeners = [HandedListener {
+                pod: "p".into(),
+                addr: pod_addr,
+                fd: OwnedFd::from(pod_socket.try_clone().expect("dup")),
+            }];
+            let endpoints = [("admin", admin_addr, admin)];
+            hand_over(&channel, &listeners, &endpoints, Duration::from_secs(5)).expect("handover")
+        });
+        let (channel, inherited) = request(&path).expect("request").expect("someone answered");
+        let mut pods = inherited.take("p", pod_addr, 0, 1);
+        assert_eq!(pods.len(), 1);
+        // The same listening socket: a connection to it is accepted through the new copy.
+        let listener = pods.remove(0);
+        assert_eq!(listener.local_addr().expect("addr"), pod_addr);
+        let _client = std::net::TcpStream::connect(pod_addr).expect("connect");
+        listener.set_nonblocking(false).expect("blocking");
+        listener
+            .accept()
+            .expect("accepted through the handed-over socket");
+        let admin = inherited.endpoint("admin").expect("admin endpoint");
+        assert_eq!(admin.local_addr().expect("addr"), admin_addr);
+        channel.send_json(&Message::Ready, &[]).expect("ready");
+        assert!(old.join().expect("old side"));
+        // Nobody listening: a first start.
+        std::fs::remove_file(&path).expect("rm");
+        assert!(request(&path).expect("no error").is_none());
+    }
+}
