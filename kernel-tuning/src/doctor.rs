@@ -1,0 +1,185 @@
+//! What the node has now against what the data plane wants: kernel, io_uring, locked-memory
+//! limit, CPU frequency governors, isolated CPUs, and a profile's sysctls.
+
+use serde::Serialize;
+
+use crate::profile::{self, Profile, Status};
+use crate::sysfs::Root;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Verdict {
+    Ok,
+    /// Works, but slower or riskier than it could be.
+    Warn,
+    /// Nothing to fix; worth knowing.
+    Info,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub found: String,
+    pub wanted: String,
+    pub verdict: Verdict,
+    pub why: String,
+}
+
+fn check(name: &str, found: String, wanted: &str, verdict: Verdict, why: &str) -> Check {
+    Check {
+        name: name.into(),
+        found,
+        wanted: wanted.into(),
+        verdict,
+        why: why.into(),
+    }
+}
+
+/// Every check, in a fixed order. `probe_uring`: also try to create a ring in this process
+/// (only meaningful when `root` is the real node's `/`).
+pub fn run(root: &Root, profile: Option<&Profile>, probe_uring: bool) -> Vec<Check> {
+    let mut checks = vec![kernel(root), uring_sysctl(root)];
+    if probe_uring {
+        let works = monoio::utils::detect_uring();
+        checks.push(check(
+            "io_uring usable by this process",
+            if works { "yes" } else { "no" }.into(),
+            "yes",
+            if works { Verdict::Ok } else { Verdict::Warn },
+            "a ring could be created here (seccomp and container runtimes can forbid it even when the sysctl allows it)",
+        ));
+    }
+    checks.push(memlock(root));
+    checks.push(governors(root));
+    checks.push(isolated(root));
+    if let Some(p) = profile {
+        for c in profile::compare(p, root) {
+            let found = c.current.clone().unwrap_or_else(|| "(absent)".into());
+            let verdict = match c.status {
+                Status::Same => Verdict::Ok,
+                Status::Change => Verdict::Warn,
+                Status::Missing | Status::ReadOnly => Verdict::Info,
+            };
+            checks.push(check(
+                &format!("{} ({})", c.key, p.name),
+                found,
+                c.wanted,
+                verdict,
+                c.why,
+            ));
+        }
+    }
+    checks
+}
+
+/// `(major, minor)` of a kernel release string such as `6.18.44-fc-v445`.
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+fn kernel(root: &Root) -> Check {
+    let release = root.read_sysctl("kernel.osrelease").unwrap_or_default();
+    let verdict = match kernel_version(&release) {
+        Some(v) if v >= (6, 1) => Verdict::Ok,
+        _ => Verdict::Warn,
+    };
+    check(
+        "kernel",
+        release,
+        ">= 6.1",
+        verdict,
+        "io_uring multishot accept and receive and the fixes the data plane relies on; older kernels run it on fewer io_uring features or on epoll",
+    )
+}
+
+fn uring_sysctl(root: &Root) -> Check {
+    let found = root.read_sysctl("kernel.io_uring_disabled");
+    let verdict = match found.as_deref() {
+        Some("0") => Verdict::Ok,
+        None => Verdict::Info,
+        Some(_) => Verdict::Warn,
+    };
+    check(
+        "kernel.io_uring_disabled",
+        found.unwrap_or_else(|| "(absent: kernel < 6.6, io_uring allowed)".into()),
+        "0",
+        verdict,
+        "1 limits io_uring to kernel.io_uring_group, 2 disables it: the data plane then runs on epoll",
+    )
+}
+
+fn memlock(root: &Root) -> Check {
+    let limits = std::fs::read_to_string(root.path("proc/self/limits")).unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap_or("?")
+        .to_owned();
+    let release = root.read_sysctl("kernel.osrelease").unwrap_or_default();
+    let needs = kernel_version(&release).is_some_and(|v| v < (5, 12));
+    let enough = soft == "unlimited" || soft.parse::<u64>().is_ok_and(|b| b >= 64 << 20);
+    let verdict = match (needs, enough) {
+        (false, _) => Verdict::Info,
+        (true, true) => Verdict::Ok,
+        (true, false) => Verdict::Warn,
+    };
+    check(
+        "locked memory limit (RLIMIT_MEMLOCK)",
+        soft,
+        if needs { ">= 64 MiB" } else { "any (kernel >= 5.12 does not charge rings to it)" },
+        verdict,
+        "before 5.12 every io_uring ring counts against it; too low and workers cannot create their rings",
+    )
+}
+
+fn cpus(root: &Root) -> Vec<usize> {
+    root.read(std::path::Path::new("sys/devices/system/cpu/online"))
+        .map(|s| crate::planner::parse_list(&s))
+        .unwrap_or_default()
+}
+
+fn governors(root: &Root) -> Check {
+    let mut found: Vec<String> = Vec::new();
+    for cpu in cpus(root) {
+        let path = format!("sys/devices/system/cpu/cpu{cpu}/cpufreq/scaling_governor");
+        if let Some(g) = root.read(std::path::Path::new(&path)) {
+            found.push(format!("cpu{cpu}={g}"));
+        }
+    }
+    let verdict = if found.is_empty() {
+        Verdict::Info
+    } else if found.iter().all(|g| g.ends_with("=performance")) {
+        Verdict::Ok
+    } else {
+        Verdict::Warn
+    };
+    check(
+        "CPU frequency governor",
+        if found.is_empty() {
+            "not exposed (virtual machine or fixed frequency)".into()
+        } else {
+            found.join(" ")
+        },
+        "performance",
+        verdict,
+        "powersave and schedutil ramp the clock down between bursts, which shows as latency",
+    )
+}
+
+fn isolated(root: &Root) -> Check {
+    let list = root
+        .read(std::path::Path::new("sys/devices/system/cpu/isolated"))
+        .unwrap_or_default();
+    check(
+        "isolated CPUs",
+        if list.is_empty() { "none".into() } else { list.clone() },
+        "the data-plane worker cores (isolcpus= / nohz_full= at boot)",
+        if list.is_empty() {
+            Verdict::Info
+        } else {
+            Verdict::Ok
+        },
+        "on isolated cores nothing else is scheduled next to the workers; without it, pin them (`meshtune plan`) and accept some interference",
+    )
+}
