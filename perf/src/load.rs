@@ -1,6 +1,6 @@
 //! The load generator's building blocks, on plain blocking sockets so that the measuring side
 //! adds as little of its own machinery as possible: echo and sink servers, a timed bulk
-//! stream, closed-loop ping-pong latency, and held idle connections.
+//! stream, closed-loop ping-pong latency, new-connection rate, and held idle connections.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -158,6 +158,82 @@ pub fn ping_pong(
         }
     }
     Ok(Latency::from_histogram(&histogram))
+}
+
+/// New connections, one after another on each of `threads` threads: connect, one byte to an
+/// echo server and back, close (the client closes first, as a short request would).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct ConnRateResult {
+    pub threads: usize,
+    pub connections: u64,
+    pub failures: u64,
+    pub seconds: f64,
+    /// Connect to reply, per connection.
+    pub latency: Latency,
+}
+
+impl ConnRateResult {
+    pub fn per_second(&self) -> f64 {
+        self.connections as f64 / self.seconds
+    }
+}
+
+pub fn connection_rate<F>(
+    threads: usize,
+    duration: Duration,
+    connect: F,
+) -> io::Result<ConnRateResult>
+where
+    F: Fn() -> io::Result<TcpStream> + Sync,
+{
+    let start = Instant::now();
+    let per_thread: Vec<io::Result<(Histogram<u64>, u64)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                s.spawn(|| -> io::Result<(Histogram<u64>, u64)> {
+                    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
+                        .map_err(|e| io::Error::other(e.to_string()))?;
+                    let mut failures = 0;
+                    let mut byte = [0u8; 1];
+                    while start.elapsed() < duration {
+                        let began = Instant::now();
+                        let exchanged = connect().and_then(|mut c| {
+                            c.write_all(b"c")?;
+                            c.read_exact(&mut byte)
+                        });
+                        match exchanged {
+                            Ok(()) => h.saturating_record(began.elapsed().as_nanos() as u64),
+                            Err(_) => failures += 1,
+                        }
+                    }
+                    Ok((h, failures))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("thread panicked")))
+            })
+            .collect()
+    });
+    let seconds = start.elapsed().as_secs_f64();
+    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let mut failures = 0;
+    for r in per_thread {
+        let (h, f) = r?;
+        all.add(&h).map_err(|e| io::Error::other(e.to_string()))?;
+        failures += f;
+    }
+    Ok(ConnRateResult {
+        threads,
+        connections: all.len(),
+        failures,
+        seconds,
+        latency: Latency::from_histogram(&all),
+    })
 }
 
 /// Opens `count` connections with `connect`, proving each works with a one-byte echo.

@@ -65,6 +65,19 @@ pub struct Rounds {
     pub mesh_latency: Vec<Latency>,
 }
 
+/// New connections per second, direct beside mesh, for one client thread count (medians
+/// over rounds). Through the mesh every connection is a new stream on a pooled tunnel.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnRate {
+    pub threads: usize,
+    pub direct_per_s: f64,
+    pub mesh_per_s: f64,
+    pub direct_latency: Latency,
+    pub mesh_latency: Latency,
+    /// Connections that failed, over all rounds (should be 0).
+    pub failures: u64,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Memory {
     pub held_connections: usize,
@@ -100,6 +113,7 @@ pub struct Report {
     pub rr_size_bytes: usize,
     pub direct_latency: Latency,
     pub mesh_latency: Latency,
+    pub connection_rates: Vec<ConnRate>,
     pub memory: Option<Memory>,
     pub ratios: Ratios,
     pub rounds_detail: Rounds,
@@ -137,6 +151,8 @@ mod target {
     pub const ADDED_P99_US: f64 = 45.0;
     pub const BYTES_PER_CONN: f64 = 2.5 * 1024.0;
     pub const IDLE_RSS: f64 = 17e6;
+    /// New connections through the mesh, as a fraction of direct (3x ztunnel's rate).
+    pub const CONN_RATE_OF_DIRECT: f64 = 0.6;
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -229,6 +245,34 @@ impl Report {
                 format!("{m:.1}"),
                 format!("{added:+.1} us"),
                 format!("<= +{goal} us: {}", verdict(added <= goal)),
+            );
+        }
+        for c in &self.connection_rates {
+            let ratio = c.mesh_per_s / c.direct_per_s;
+            row(
+                &mut t,
+                &format!("new connections/s, {} thread(s)", c.threads),
+                format!("{:.0}", c.direct_per_s),
+                format!("{:.0}", c.mesh_per_s),
+                format!("x{ratio:.2}"),
+                format!(
+                    ">= x{}: {}{}",
+                    target::CONN_RATE_OF_DIRECT,
+                    verdict(ratio >= target::CONN_RATE_OF_DIRECT),
+                    if c.failures > 0 {
+                        format!(" ({} FAILED)", c.failures)
+                    } else {
+                        String::new()
+                    }
+                ),
+            );
+            row(
+                &mut t,
+                &format!("  connect to reply p50, us ({})", c.threads),
+                format!("{:.1}", c.direct_latency.p50_us),
+                format!("{:.1}", c.mesh_latency.p50_us),
+                format!("{:+.1} us", c.mesh_latency.p50_us - c.direct_latency.p50_us),
+                String::new(),
             );
         }
         if let Some(mem) = &self.memory {
@@ -430,4 +474,171 @@ pub fn log_bar_chart(title: &str, subtitle: &str, unit: &str, bars: &[(String, f
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// Two lab results side by side: every figure of the first, of the second, and second /
+/// first. Works on the JSON (older files lack newer figures; those rows say so). The in-run
+/// ratios (mesh vs direct) are the rows to trust across runs: absolute figures drift with the
+/// machine.
+pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
+    use serde_json::Value;
+    let mut t = String::new();
+    let describe = |v: &Value| {
+        format!(
+            "{} commit {} | {} ({} cores), kernel {} | {} | {} workers/node",
+            v["started"].as_str().unwrap_or("?"),
+            v["commit"].as_str().unwrap_or("?"),
+            v["machine"]["cpu_model"].as_str().unwrap_or("?"),
+            v["machine"]["cores"],
+            v["machine"]["kernel"].as_str().unwrap_or("?"),
+            v["driver"].as_str().unwrap_or("?"),
+            v["workers_per_node"],
+        )
+    };
+    let _ = writeln!(t, "first:  {}", describe(a));
+    let _ = writeln!(t, "second: {}", describe(b));
+    if a["machine"] != b["machine"] {
+        let _ = writeln!(
+            t,
+            "different machines: compare the in-run ratios (marked *) only"
+        );
+    }
+    let get = |v: &Value, path: &[&str]| -> Option<f64> {
+        let mut cur = v;
+        for key in path {
+            cur = match key.parse::<usize>() {
+                Ok(i) => cur.get(i)?,
+                Err(_) => cur.get(*key)?,
+            };
+        }
+        cur.as_f64()
+    };
+    let _ = writeln!(
+        t,
+        "{:<44}{:>14}{:>14}{:>14}",
+        "(* = ratio within one run)", "first", "second", "second/first"
+    );
+    let mut row = |name: &str, path: &[&str], in_run: bool| {
+        let (x, y) = (get(a, path), get(b, path));
+        let cell = |v: Option<f64>| match v {
+            None => "-".into(),
+            Some(v) if v.abs() >= 1e4 => format!("{v:.0}"),
+            Some(v) => format!("{v:.3}"),
+        };
+        let ratio = match (x, y) {
+            (Some(x), Some(y)) if x != 0.0 => format!("x{:.3}", y / x),
+            _ => "-".into(),
+        };
+        let mark = if in_run { "*" } else { " " };
+        let _ = writeln!(
+            t,
+            "{mark}{name:<43}{:>14}{:>14}{:>14}",
+            cell(x),
+            cell(y),
+            ratio
+        );
+    };
+    row(
+        "one stream direct, Gbit/s",
+        &["direct_throughput", "gbit_per_s"],
+        false,
+    );
+    row(
+        "one stream mesh, Gbit/s",
+        &["mesh_throughput", "gbit_per_s"],
+        false,
+    );
+    row(
+        "one stream mesh / direct",
+        &["ratios", "throughput_mesh_over_direct"],
+        true,
+    );
+    row(
+        "data-plane cores per Gbit/s",
+        &["ratios", "dataplane_cores_per_gbit"],
+        false,
+    );
+    row(
+        "1 KiB round trip p50 direct, us",
+        &["direct_latency", "p50_us"],
+        false,
+    );
+    row(
+        "1 KiB round trip p50 mesh, us",
+        &["mesh_latency", "p50_us"],
+        false,
+    );
+    row(
+        "1 KiB round trip p50 added by mesh, us",
+        &["ratios", "added_p50_us"],
+        true,
+    );
+    row(
+        "1 KiB round trip p99 added by mesh, us",
+        &["ratios", "added_p99_us"],
+        true,
+    );
+    for i in 0..2 {
+        let threads = a["connection_rates"][i]["threads"]
+            .as_u64()
+            .or_else(|| b["connection_rates"][i]["threads"].as_u64());
+        let Some(threads) = threads else { continue };
+        let n = i.to_string();
+        row(
+            &format!("new connections/s direct, {threads} thread(s)"),
+            &["connection_rates", &n, "direct_per_s"],
+            false,
+        );
+        row(
+            &format!("new connections/s mesh, {threads} thread(s)"),
+            &["connection_rates", &n, "mesh_per_s"],
+            false,
+        );
+    }
+    for i in 0..2 {
+        let n = i.to_string();
+        let node = a["memory"]["nodes"][i]["node"].as_str().unwrap_or("node");
+        row(
+            &format!("{node}: bytes per held connection"),
+            &["memory", "nodes", &n, "bytes_per_connection"],
+            false,
+        );
+        row(
+            &format!("{node}: idle RSS, bytes"),
+            &["memory", "nodes", &n, "idle_rss_bytes"],
+            false,
+        );
+    }
+    t
+}
+
+#[cfg(test)]
+mod compare_tests {
+    use serde_json::json;
+
+    #[test]
+    fn figures_sit_side_by_side_with_their_ratio_and_missing_ones_say_so() {
+        let machine = json!({"cpu_model": "X", "cores": 2, "kernel": "6.18"});
+        let first = json!({"commit": "a", "machine": machine,
+            "ratios": {"throughput_mesh_over_direct": 0.2, "added_p50_us": 100.0}});
+        let second = json!({"commit": "b", "machine": machine,
+            "ratios": {"throughput_mesh_over_direct": 0.3, "added_p50_us": 50.0},
+            "connection_rates": [{"threads": 1, "direct_per_s": 8000.0, "mesh_per_s": 2000.0}]});
+        let text = super::compare(&first, &second);
+        let line = |start: &str| {
+            text.lines()
+                .find(|l| l.starts_with(start))
+                .unwrap_or_else(|| panic!("no {start:?} in\n{text}"))
+                .to_owned()
+        };
+        assert!(line("*one stream mesh / direct").ends_with("x1.500"));
+        assert!(line("*1 KiB round trip p50 added").ends_with("x0.500"));
+        // Only the second run measured connection rates.
+        let conns = line(" new connections/s mesh, 1 thread");
+        assert!(
+            conns.contains(" - ") && conns.trim_end().ends_with('-'),
+            "{conns}"
+        );
+        assert!(!text.contains("different machines"));
+    }
 }

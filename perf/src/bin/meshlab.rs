@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use perf::lab::{self, Lab, LabOptions, ECHO_PORT, SINK_PORT};
-use perf::load::{BulkResult, Latency};
-use perf::report::{self, Memory, NodeMemory, Ratios, Report, Throughput};
+use perf::load::{BulkResult, ConnRateResult, Latency};
+use perf::report::{self, ConnRate, Memory, NodeMemory, Ratios, Report, Throughput};
 use perf::{bins, sys};
 
 #[derive(Parser)]
@@ -31,6 +31,8 @@ enum Cmd {
     Run,
     /// Remove namespaces and processes left by labs whose process is gone.
     Clean,
+    /// Put two result files side by side, each figure with its ratio (second / first).
+    Compare { first: PathBuf, second: PathBuf },
 }
 
 #[derive(clap::Args)]
@@ -54,9 +56,15 @@ struct RunArgs {
     /// (this VM's timing drifts by tens of percent from one minute to the next).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Length of each new-connection-rate run (0 to skip the scenario).
+    #[arg(long, default_value_t = 3.0)]
+    conn_seconds: f64,
     /// Connections to hold open for the memory measurement (0 to skip).
     #[arg(long, default_value_t = 2000)]
     hold: usize,
+    /// Extra flag for both data planes (repeatable), e.g. `--dataplane-arg=--no-access-log`.
+    #[arg(long = "dataplane-arg", allow_hyphen_values = true)]
+    dataplane_args: Vec<String>,
     /// Where to write the JSON and SVG results.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
@@ -70,6 +78,15 @@ fn main() -> anyhow::Result<()> {
     match args.command.unwrap_or(Cmd::Run) {
         Cmd::Run => run(args.run),
         Cmd::Clean => clean(),
+        Cmd::Compare { first, second } => {
+            let read = |p: &PathBuf| -> anyhow::Result<serde_json::Value> {
+                let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                serde_json::from_slice(&bytes)
+                    .with_context(|| format!("{} is not JSON", p.display()))
+            };
+            print!("{}", report::compare(&read(&first)?, &read(&second)?));
+            Ok(())
+        }
     }
 }
 
@@ -145,6 +162,70 @@ fn rr(lab: &Lab, pod: &str, to: SocketAddr, seconds: f64) -> anyhow::Result<Late
     Ok(serde_json::from_str(&line)?)
 }
 
+fn conns(
+    lab: &Lab,
+    pod: &str,
+    to: SocketAddr,
+    threads: usize,
+    seconds: f64,
+) -> anyhow::Result<ConnRateResult> {
+    let line = meshload(
+        lab,
+        pod,
+        &[
+            "conns",
+            "--to",
+            &to.to_string(),
+            "--threads",
+            &threads.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ],
+    )?;
+    Ok(serde_json::from_str(&line)?)
+}
+
+/// New-connection rate, direct and mesh alternating, for 1 and 4 client threads.
+fn connection_rates(lab: &Lab, rounds: usize, seconds: f64) -> anyhow::Result<Vec<ConnRate>> {
+    let mut out = Vec::new();
+    for threads in [1, 4] {
+        let (mut direct, mut mesh) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            direct.push(conns(
+                lab,
+                "n1-b",
+                lab.addr("n2-b", ECHO_PORT),
+                threads,
+                seconds,
+            )?);
+            mesh.push(conns(
+                lab,
+                "n1-a",
+                lab.addr("n2-a", ECHO_PORT),
+                threads,
+                seconds,
+            )?);
+        }
+        let rate = |runs: &[ConnRateResult]| {
+            let mut v: Vec<f64> = runs.iter().map(ConnRateResult::per_second).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let latency = |runs: &[ConnRateResult]| {
+            Latency::median(&runs.iter().map(|r| r.latency).collect::<Vec<_>>())
+        };
+        out.push(ConnRate {
+            threads,
+            direct_per_s: rate(&direct),
+            mesh_per_s: rate(&mesh),
+            direct_latency: latency(&direct),
+            mesh_latency: latency(&mesh),
+            failures: direct.iter().chain(&mesh).map(|r| r.failures).sum(),
+        });
+    }
+    Ok(out)
+}
+
 fn memory(lab: &Lab, count: usize) -> anyhow::Result<Memory> {
     let pids: Vec<u32> = (0..2).filter_map(|n| lab.dataplane_pid(n)).collect();
     let idle: Vec<u64> = pids
@@ -190,7 +271,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let started = time::OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
-    let total = if args.hold > 0 { 5 } else { 4 };
+    let total = 4 + usize::from(args.hold > 0) + usize::from(args.conn_seconds > 0.0);
     step(
         1,
         total,
@@ -201,6 +282,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut options = LabOptions {
         driver: args.driver.clone(),
         pin: args.pin,
+        dataplane_args: args.dataplane_args.clone(),
         ..LabOptions::default()
     };
     if let Some(w) = args.workers {
@@ -273,9 +355,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let direct_latency = Latency::median(&direct_rr);
     let mesh_latency = Latency::median(&mesh_rr);
 
-    let memory = if args.hold > 0 {
+    let connection_rates = if args.conn_seconds > 0.0 {
         step(
             4,
+            total,
+            &format!(
+                "new connections (connect, 1 byte each way, close), 1 and 4 threads, {rounds} x ({0}s direct, {0}s mesh)",
+                args.conn_seconds
+            ),
+        );
+        connection_rates(&lab, rounds, args.conn_seconds)?
+    } else {
+        Vec::new()
+    };
+    let memory = if args.hold > 0 {
+        step(
+            total - 1,
             total,
             &format!("holding {} idle connections through the mesh", args.hold),
         );
@@ -314,6 +409,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         rr_size_bytes: 1024,
         direct_latency,
         mesh_latency,
+        connection_rates,
         memory,
     };
     println!("{}", report.table());

@@ -42,6 +42,15 @@ enum Cmd {
         #[arg(long, default_value_t = 0.5)]
         warmup: f64,
     },
+    /// New connections back to back (connect, one byte each way, close) on `threads` threads.
+    Conns {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
     /// Open and hold connections to an echo server; prints a line when all are open and
     /// holds them until stdin closes.
     Hold {
@@ -83,6 +92,15 @@ fn main() -> anyhow::Result<()> {
                 Duration::from_secs_f64(warmup),
                 Duration::from_secs_f64(seconds),
             )?;
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        Cmd::Conns {
+            to,
+            threads,
+            seconds,
+        } => {
+            let r =
+                load::connection_rate(threads, Duration::from_secs_f64(seconds), || connect(to))?;
             println!("{}", serde_json::to_string(&r)?);
         }
         Cmd::Hold { to, count } => {
