@@ -56,7 +56,7 @@ struct Service {
 }
 
 /// Where an outbound connection goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route<'a> {
     /// Through HBONE to the destination's node: CONNECT `target` over a tunnel to `tunnel`,
     /// accepting only a server that proves `identity`.

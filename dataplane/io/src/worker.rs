@@ -144,11 +144,11 @@ pub struct Worker {
     draining: Broadcast,
 }
 
-/// A connection's metric series and, when sampled, its access-log entry, from start to end.
+/// A connection's metric series and whether its access-log entry is written when it ends.
 struct Accounting {
     counters: Arc<TcpCounters>,
     started: Instant,
-    record: Option<Record>,
+    sampled: bool,
     /// Outbound: the local side is the connection's client; inbound: its server.
     local_is_client: bool,
 }
@@ -698,13 +698,15 @@ impl Worker {
         let view = self.view();
         let source = view.index.workload_by_uid(uid);
         let route = view.index.route_outbound(dst, self.next_pick());
-        let labels = outbound_labels(source, &route);
         let destination_identity = match route {
             Route::Hbone { destination, .. } => Some(&destination.identity),
             _ => None,
         };
-        let entry = || {
-            self.entry(
+        // Labels and log entries are built where they are used, not kept in bindings: what is
+        // live across the relay below is part of every open connection's task.
+        let entry = |result: String| Record {
+            result,
+            ..self.entry(
                 "outbound",
                 uid,
                 peer,
@@ -721,7 +723,7 @@ impl Worker {
                         return;
                     }
                 }
-                let accounting = self.account(labels, entry);
+                let accounting = self.account(outbound_labels(source, route));
                 let never = Trigger::default();
                 let meters = self.meters(&accounting);
                 let totals = match upstream {
@@ -730,7 +732,7 @@ impl Worker {
                     }
                     Upstream::Tcp(remote) => relay::tcp_tcp(stream, remote, meters, &never).await,
                 };
-                self.finish(accounting, &totals, false);
+                self.finish(accounting, &totals, false, entry);
             }
             Err(error) => {
                 tracing::debug!(pod = %uid, %peer, %dst, %error, "outbound refused");
@@ -739,36 +741,30 @@ impl Worker {
                         .write_all(socks5::reply(error.socks5_reply()).to_vec())
                         .await;
                 }
-                self.refuse(labels, error.flags(), error.to_string(), entry);
+                self.refuse(outbound_labels(source, route), error.flags(), || {
+                    entry(error.to_string())
+                });
             }
         }
     }
 
     /// Starts accounting for an established connection.
-    fn account(&self, labels: LabelsRef<'_>, entry: impl FnOnce() -> Record) -> Accounting {
+    fn account(&self, labels: LabelsRef<'_>) -> Accounting {
         let counters = self.metrics.counters(labels);
         counters.opened.inc();
         Accounting {
             counters,
             started: Instant::now(),
-            record: self.log.sample().then(entry),
+            sampled: self.log.sample(),
             local_is_client: labels.reporter == Reporter::Source,
         }
     }
 
-    /// Counts (and logs) a connection that was not made.
-    fn refuse(
-        &self,
-        labels: LabelsRef<'_>,
-        flags: &'static str,
-        why: String,
-        entry: impl FnOnce() -> Record,
-    ) {
+    /// Counts (and logs) a connection that was not made; `entry` comes with its result.
+    fn refuse(&self, labels: LabelsRef<'_>, flags: &'static str, entry: impl FnOnce() -> Record) {
         self.metrics.fail(labels, flags);
         if self.log.enabled() {
-            let mut record = entry();
-            record.result = why;
-            self.log.push(record);
+            self.log.push(entry());
         }
     }
 
@@ -812,7 +808,15 @@ impl Worker {
         }
     }
 
-    fn finish(&self, accounting: Accounting, totals: &relay::Totals, closed_by_policy: bool) {
+    /// Ends accounting; `entry` builds the access-log record from the result, only for a
+    /// sampled connection.
+    fn finish(
+        &self,
+        accounting: Accounting,
+        totals: &relay::Totals,
+        closed_by_policy: bool,
+        entry: impl FnOnce(String) -> Record,
+    ) {
         accounting.counters.closed.inc();
         let result = if closed_by_policy {
             "closed by policy"
@@ -828,17 +832,18 @@ impl Worker {
             result,
             "connection finished"
         );
-        if let Some(mut record) = accounting.record {
+        if accounting.sampled {
             let (to_server, to_client) = if accounting.local_is_client {
                 (totals.sent, totals.received)
             } else {
                 (totals.received, totals.sent)
             };
-            record.bytes_to_server = to_server;
-            record.bytes_to_client = to_client;
-            record.duration = accounting.started.elapsed();
-            record.result = result.to_owned();
-            self.log.push(record);
+            self.log.push(Record {
+                bytes_to_server: to_server,
+                bytes_to_client: to_client,
+                duration: accounting.started.elapsed(),
+                ..entry(result.to_owned())
+            });
         }
     }
 
@@ -983,9 +988,11 @@ impl Worker {
             tracing::debug!(pod = %uid, %peer, %dst, "plaintext inbound for an address not of this pod");
             return;
         };
-        let labels = inbound_labels(&view, local, peer, None);
-        let entry = || {
-            self.entry(
+        let labels = || inbound_labels(&view, local, peer, None);
+        let entry = |result: &str, policy: Option<String>| Record {
+            result: result.to_owned(),
+            policy,
+            ..self.entry(
                 "inbound plaintext",
                 &uid,
                 peer,
@@ -999,12 +1006,9 @@ impl Worker {
             tracing::info!(pod = %uid, source_ip = %peer.ip(), destination = %dst,
                 "plaintext refused: PeerAuthentication STRICT");
             crate::sockets::reset_on_close(stream.as_raw_fd());
-            self.refuse(
-                labels,
-                "DENY",
-                "refused: PeerAuthentication STRICT".into(),
-                entry,
-            );
+            self.refuse(labels(), "DENY", || {
+                entry("refused: PeerAuthentication STRICT", None)
+            });
             return;
         }
         let connection = authz::Connection {
@@ -1015,30 +1019,28 @@ impl Worker {
         };
         let decision = view.index.authorize(&uid, &connection);
         self.log_decision(&view, &uid, &connection, &decision);
-        let policy = || view.index.policies().describe(&decision.reason);
+        let reason = decision.reason;
+        let policy = || Some(view.index.policies().describe(&reason));
         if !decision.allowed {
             crate::sockets::reset_on_close(stream.as_raw_fd());
-            self.refuse(labels, "DENY", "denied".into(), || Record {
-                policy: Some(policy()),
-                ..entry()
-            });
+            self.refuse(labels(), "DENY", || entry("denied", policy()));
             return;
         }
+        drop(decision);
         let live = self.track(&uid, connection, true);
         match Box::pin(self.connect_in(&netns, dst)).await {
             Ok(app) => {
-                let accounting = self.account(labels, || Record {
-                    policy: Some(policy()),
-                    ..entry()
-                });
+                let accounting = self.account(labels());
                 // The app is the local side here: what it sent went out to the peer.
                 let totals =
                     relay::tcp_tcp(app, stream, self.meters(&accounting), &live.stop).await;
-                self.finish(accounting, &totals, live.stop.fired());
+                self.finish(accounting, &totals, live.stop.fired(), |result| {
+                    entry(&result, policy())
+                });
             }
             Err(error) => {
                 tracing::debug!(pod = %uid, %peer, %dst, %error, "plaintext inbound failed");
-                self.refuse(labels, "UF", error.to_string(), entry);
+                self.refuse(labels(), "UF", || entry(&error.to_string(), None));
             }
         }
     }
@@ -1145,24 +1147,28 @@ impl Worker {
         // outlives many policy changes.
         let view = self.view();
         let local = view.index.workload_by_uid(&uid);
-        let labels = inbound_labels(&view, local, peer, Some(&client));
+        // Built where used, not kept: what is live across the relay is in every stream's task.
+        let labels = || inbound_labels(&view, local, peer, Some(&client));
         let connect = match hbone::validate_connect(&request) {
             Ok(c) => c,
             Err(error) => {
                 self.stats.hbone_bad_requests.inc();
                 tracing::info!(pod = %uid, %error, "bad HBONE request");
                 send_status(&mut respond, error.status());
-                self.metrics.fail(labels, "NR");
+                self.metrics.fail(labels(), "NR");
                 return;
             }
         };
-        let entry = || {
-            self.entry(
+        let target = connect.target;
+        let entry = |result: &str, policy: Option<String>| Record {
+            result: result.to_owned(),
+            policy,
+            ..self.entry(
                 "inbound",
                 &uid,
                 peer,
                 Some(&client),
-                connect.target,
+                target,
                 local.map(|w| &w.identity),
             )
         };
@@ -1173,7 +1179,7 @@ impl Worker {
                 self.stats.hbone_bad_requests.inc();
                 tracing::info!(pod = %uid, target = %connect.target, "HBONE target is not this pod");
                 send_status(&mut respond, StatusCode::BAD_REQUEST);
-                self.refuse(labels, "NR", "target is not this pod".into(), entry);
+                self.refuse(labels(), "NR", || entry("target is not this pod", None));
                 return;
             }
         };
@@ -1185,16 +1191,15 @@ impl Worker {
         };
         let decision = view.index.authorize(&uid, &connection);
         self.log_decision(&view, &uid, &connection, &decision);
-        let policy = || view.index.policies().describe(&decision.reason);
+        let reason = decision.reason;
+        let policy = || Some(view.index.policies().describe(&reason));
         if !decision.allowed {
             // The app never sees a connection attempt.
             send_status(&mut respond, StatusCode::UNAUTHORIZED);
-            self.refuse(labels, "DENY", "denied".into(), || Record {
-                policy: Some(policy()),
-                ..entry()
-            });
+            self.refuse(labels(), "DENY", || entry("denied", policy()));
             return;
         }
+        drop(decision);
         let live = self.track(&uid, connection, false);
         let app = match Box::pin(self.connect_in(&netns, connect.target)).await {
             Ok(app) => app,
@@ -1202,7 +1207,7 @@ impl Worker {
                 self.stats.hbone_no_upstream.inc();
                 tracing::debug!(pod = %uid, %error, "HBONE upstream unreachable");
                 send_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-                self.refuse(labels, "UF", error.to_string(), entry);
+                self.refuse(labels(), "UF", || entry(&error.to_string(), None));
                 return;
             }
         };
@@ -1210,13 +1215,12 @@ impl Worker {
             Ok(s) => s,
             Err(_) => return,
         };
-        let accounting = self.account(labels, || Record {
-            policy: Some(policy()),
-            ..entry()
-        });
+        let accounting = self.account(labels());
         let meters = self.meters(&accounting);
         let totals = relay::tcp_h2(app, send, request.into_body(), meters, &live.stop).await;
-        self.finish(accounting, &totals, live.stop.fired());
+        self.finish(accounting, &totals, live.stop.fired(), |result| {
+            entry(&result, policy())
+        });
     }
 }
 
@@ -1272,8 +1276,8 @@ async fn socks5_handshake(mut stream: TcpStream) -> Option<(TcpStream, SocketAdd
 }
 
 /// Istio's labels for an outbound connection (reported by the source).
-fn outbound_labels<'a>(source: Option<&'a Workload>, route: &Route<'a>) -> LabelsRef<'a> {
-    let (destination, service, security) = match *route {
+fn outbound_labels<'a>(source: Option<&'a Workload>, route: Route<'a>) -> LabelsRef<'a> {
+    let (destination, service, security) = match route {
         Route::Hbone {
             destination,
             service,
