@@ -889,6 +889,41 @@ impl Lab {
         }
     }
 
+    /// Applies a kernel-tuning profile inside every namespace of the lab (nodes and pods):
+    /// the settings a network namespace has of its own. Returns how many values changed. The
+    /// namespaces go away with the lab, so there is nothing to revert.
+    pub fn apply_tuning(&self, profile: &str) -> anyhow::Result<usize> {
+        let profile = kernel_tuning::profile::find(profile)
+            .ok_or_else(|| anyhow::anyhow!("no tuning profile {profile:?}"))?;
+        let root = kernel_tuning::sysfs::Root::default();
+        let mut names: Vec<String> = (0..2).map(|n| self.node_netns(n)).collect();
+        names.extend(self.pods.iter().map(|p| p.netns.clone()));
+        let mut changed = 0;
+        for name in names {
+            let netns = self.netns(&name)?;
+            let state = self.dir.join(format!("tuning-{name}.json"));
+            let saved = netns.run_in(&self.home, || -> anyhow::Result<_> {
+                let writes: Vec<kernel_tuning::state::Write> =
+                    kernel_tuning::profile::compare(&profile, &root)
+                        .into_iter()
+                        .filter(|c| c.status == kernel_tuning::profile::Status::Change)
+                        .map(|c| kernel_tuning::state::Write {
+                            path: kernel_tuning::sysfs::sysctl_file(c.key),
+                            value: c.target,
+                        })
+                        .collect();
+                Ok(kernel_tuning::state::apply(
+                    &root,
+                    profile.name,
+                    &writes,
+                    &state,
+                )?)
+            })??;
+            changed += saved.entries.len();
+        }
+        Ok(changed)
+    }
+
     fn netns(&self, name: &str) -> anyhow::Result<NetNs> {
         NetNs::open(format!("/run/netns/{name}")).with_context(|| format!("namespace {name}"))
     }

@@ -108,6 +108,8 @@ pub struct Report {
     /// CPU time the hypervisor took from this VM during the measurements (noise indicator).
     pub steal_percent: Option<f64>,
     pub topology: String,
+    /// Kernel-tuning profile applied in every lab namespace, if any.
+    pub tuning: Option<String>,
     pub direct_throughput: Throughput,
     pub mesh_throughput: Throughput,
     pub rr_size_bytes: usize,
@@ -180,6 +182,9 @@ impl Report {
             self.machine.kernel,
             self.commit
         );
+        if let Some(profile) = &self.tuning {
+            let _ = writeln!(t, "tuning: profile {profile} in every lab namespace");
+        }
         if let Some(steal) = self.steal_percent {
             let _ = writeln!(
                 t,
@@ -485,7 +490,7 @@ pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
     let mut t = String::new();
     let describe = |v: &Value| {
         format!(
-            "{} commit {} | {} ({} cores), kernel {} | {} | {} workers/node",
+            "{} commit {} | {} ({} cores), kernel {} | {} | {} workers/node | tuning {}",
             v["started"].as_str().unwrap_or("?"),
             v["commit"].as_str().unwrap_or("?"),
             v["machine"]["cpu_model"].as_str().unwrap_or("?"),
@@ -493,6 +498,7 @@ pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
             v["machine"]["kernel"].as_str().unwrap_or("?"),
             v["driver"].as_str().unwrap_or("?"),
             v["workers_per_node"],
+            v["tuning"].as_str().unwrap_or("none"),
         )
     };
     let _ = writeln!(t, "first:  {}", describe(a));

@@ -62,6 +62,10 @@ struct RunArgs {
     /// Connections to hold open for the memory measurement (0 to skip).
     #[arg(long, default_value_t = 2000)]
     hold: usize,
+    /// Apply this kernel-tuning profile (`meshtune profile`) inside every lab namespace before
+    /// measuring; compare with an untuned run through `meshlab compare`.
+    #[arg(long)]
+    tuning: Option<String>,
     /// Extra flag for both data planes (repeatable), e.g. `--dataplane-arg=--no-access-log`.
     #[arg(long = "dataplane-arg", allow_hyphen_values = true)]
     dataplane_args: Vec<String>,
@@ -290,6 +294,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let workers = options.workers;
     let mut lab = Lab::up(bins, options)?;
+    if let Some(profile) = &args.tuning {
+        let changed = lab.apply_tuning(profile)?;
+        eprintln!(
+            "      tuning profile {profile}: {changed} value(s) changed in the lab's namespaces"
+        );
+    }
     let program = lab.bins.meshload.clone();
     for pod in ["n2-a", "n2-b"] {
         let mut server = lab.spawn_in(pod, &program, &["serve"])?;
@@ -411,6 +421,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         mesh_latency,
         connection_rates,
         memory,
+        tuning: args.tuning.clone(),
     };
     println!("{}", report.table());
     if !args.no_save {
