@@ -461,3 +461,66 @@ lab_test!(
         }
     }
 );
+
+/// Each thread of process `pid` by name, with the CPUs it may run on.
+fn thread_cpus(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let dir = task.expect("task").path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or_default();
+        out.push((name.trim().to_owned(), cpus.trim().to_owned()));
+    }
+    out
+}
+
+lab_test!(
+    scrapes_and_dumps_run_off_the_worker_cores,
+    LabOptions {
+        workers: 1,
+        pin: true,
+        ..LabOptions::default()
+    },
+    |lab| {
+        // One worker, pinned to the first allowed core; everything else belongs on the rest.
+        let own = std::fs::read_to_string("/proc/self/status").expect("status");
+        let allowed = kernel_tuning::planner::parse_list(
+            own.lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .expect("Cpus_allowed_list"),
+        );
+        assert!(allowed.len() >= 2, "needs two cores, has {allowed:?}");
+        let (first, rest) = (
+            allowed[0].to_string(),
+            kernel_tuning::planner::format_list(&allowed[1..]),
+        );
+        let pid = lab.dataplane_pid(1).expect("data plane");
+        let threads = thread_cpus(pid);
+        let cpus_of = |name: &str| {
+            threads
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, c)| c.clone())
+                .unwrap_or_else(|| panic!("no thread {name} in {threads:?}"))
+        };
+        assert_eq!(cpus_of("worker-0"), first, "{threads:?}");
+        for name in [
+            "admin",
+            "metrics",
+            "readiness",
+            "snapshot-watch",
+            "access-log",
+        ] {
+            assert_eq!(cpus_of(name), rest, "{name}: {threads:?}");
+        }
+        assert!(lab
+            .process_log("dataplane", 1)
+            .contains("housekeeping threads on the cores no worker uses"));
+        // And they serve from there.
+        assert!(scrape(&lab, 1).contains("meshdp_driver_info"));
+    }
+);

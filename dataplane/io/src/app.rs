@@ -76,6 +76,33 @@ pub fn run(config: Config) -> Result<(), AppError> {
     } else {
         config.cores.clone()
     };
+    // Everything that is not a worker (snapshot watcher, admin, metrics and readiness
+    // servers, access logger, signals, upgrades) runs on the allowed cores no worker is
+    // pinned to, so a scrape or a config dump never takes time from a data-plane core.
+    // Threads inherit this from the main thread; workers pin themselves afterwards.
+    if config.pin && !cores.is_empty() {
+        let worker_cores: Vec<usize> = (0..config.workers)
+            .map(|i| cores[i % cores.len()])
+            .collect();
+        let spare: Vec<usize> = allowed
+            .iter()
+            .copied()
+            .filter(|c| !worker_cores.contains(c))
+            .collect();
+        if spare.is_empty() {
+            tracing::warn!(cores = ?worker_cores,
+                "every allowed core runs a worker: admin, metrics and the snapshot watcher share them");
+        } else {
+            match runtime::restrict_current_thread(&spare) {
+                Ok(()) => {
+                    tracing::info!(cores = ?spare, "housekeeping threads on the cores no worker uses")
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not move housekeeping threads off the worker cores")
+                }
+            }
+        }
+    }
     tracing::info!(
         snapshot = %config.snapshot.display(),
         workers = config.workers,

@@ -88,3 +88,28 @@ where
         }
     }
 }
+
+/// Restricts the calling thread (and the threads it creates afterwards) to `cores`.
+pub fn restrict_current_thread(cores: &[usize]) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set, CPU_SET writes within it for
+    // core numbers below CPU_SETSIZE (checked), and sched_setaffinity reads exactly its size.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &core in cores {
+            if core >= libc::CPU_SETSIZE as usize {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("core {core} is beyond CPU_SETSIZE"),
+                ));
+            }
+            libc::CPU_SET(core, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
