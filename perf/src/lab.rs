@@ -890,16 +890,14 @@ impl Lab {
     }
 
     /// Applies a kernel-tuning profile inside every namespace of the lab (nodes and pods):
-    /// the settings a network namespace has of its own. Returns how many values changed. The
-    /// namespaces go away with the lab, so there is nothing to revert.
+    /// the settings a network namespace has of its own. Returns how many values changed;
+    /// `revert_tuning` puts them back (the namespaces also go away with the lab).
     pub fn apply_tuning(&self, profile: &str) -> anyhow::Result<usize> {
         let profile = kernel_tuning::profile::find(profile)
             .ok_or_else(|| anyhow::anyhow!("no tuning profile {profile:?}"))?;
         let root = kernel_tuning::sysfs::Root::default();
-        let mut names: Vec<String> = (0..2).map(|n| self.node_netns(n)).collect();
-        names.extend(self.pods.iter().map(|p| p.netns.clone()));
         let mut changed = 0;
-        for name in names {
+        for name in self.all_netns() {
             let netns = self.netns(&name)?;
             let state = self.dir.join(format!("tuning-{name}.json"));
             let saved = netns.run_in(&self.home, || -> anyhow::Result<_> {
@@ -922,6 +920,30 @@ impl Lab {
             changed += saved.entries.len();
         }
         Ok(changed)
+    }
+
+    /// Puts back what `apply_tuning` changed in every lab namespace.
+    pub fn revert_tuning(&self) -> anyhow::Result<usize> {
+        let root = kernel_tuning::sysfs::Root::default();
+        let mut restored = 0;
+        for name in self.all_netns() {
+            let state = self.dir.join(format!("tuning-{name}.json"));
+            if !state.exists() {
+                continue;
+            }
+            let netns = self.netns(&name)?;
+            let saved =
+                netns.run_in(&self.home, || kernel_tuning::state::revert(&root, &state))??;
+            restored += saved.entries.len();
+        }
+        Ok(restored)
+    }
+
+    /// Every namespace of the lab: both nodes, then the pods.
+    fn all_netns(&self) -> Vec<String> {
+        let mut names: Vec<String> = (0..2).map(|n| self.node_netns(n)).collect();
+        names.extend(self.pods.iter().map(|p| p.netns.clone()));
+        names
     }
 
     fn netns(&self, name: &str) -> anyhow::Result<NetNs> {

@@ -648,3 +648,126 @@ mod compare_tests {
         assert!(!text.contains("different machines"));
     }
 }
+
+/// The mesh path's figures on one side of a tuning comparison (medians over rounds).
+#[derive(Clone, Debug, Serialize)]
+pub struct TuningSide {
+    pub throughput: Throughput,
+    pub latency: Latency,
+    /// New connections per second, one client thread.
+    pub connections_per_s: f64,
+}
+
+/// A kernel-tuning profile measured within one run: untuned and tuned rounds alternate.
+#[derive(Clone, Debug, Serialize)]
+pub struct TuningReport {
+    pub command: String,
+    pub commit: String,
+    pub started: String,
+    pub machine: Machine,
+    pub driver: String,
+    pub workers_per_node: usize,
+    pub profile: String,
+    /// Values the profile changed in the lab's namespaces (each round).
+    pub values_changed: usize,
+    pub rounds: usize,
+    pub steal_percent: Option<f64>,
+    pub untuned: TuningSide,
+    pub tuned: TuningSide,
+}
+
+impl TuningReport {
+    /// (figure, untuned, tuned) for the table and the plot.
+    fn figures(&self) -> [(&'static str, f64, f64); 5] {
+        let (u, t) = (&self.untuned, &self.tuned);
+        [
+            (
+                "one stream, Gbit/s",
+                u.throughput.gbit_per_s,
+                t.throughput.gbit_per_s,
+            ),
+            (
+                "data planes, cores per Gbit/s",
+                u.throughput.dataplane_cores / u.throughput.gbit_per_s,
+                t.throughput.dataplane_cores / t.throughput.gbit_per_s,
+            ),
+            (
+                "1 KiB round trip p50, us",
+                u.latency.p50_us,
+                t.latency.p50_us,
+            ),
+            (
+                "1 KiB round trip p99, us",
+                u.latency.p99_us,
+                t.latency.p99_us,
+            ),
+            (
+                "new connections/s, 1 thread",
+                u.connections_per_s,
+                t.connections_per_s,
+            ),
+        ]
+    }
+
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "\nmeshlab tuning: profile {} ({} values changed in the lab's namespaces) | mesh path only | medians of {} rounds, untuned and tuned alternating | {} workers/node, {} | {} ({} cores), kernel {} | commit {}",
+            self.profile,
+            self.values_changed,
+            self.rounds,
+            self.workers_per_node,
+            self.driver,
+            self.machine.cpu_model,
+            self.machine.cores,
+            self.machine.kernel,
+            self.commit
+        );
+        if let Some(steal) = self.steal_percent {
+            let _ = writeln!(
+                t,
+                "hypervisor steal during the runs: {steal:.1}% of CPU time"
+            );
+        }
+        let _ = writeln!(
+            t,
+            "{:<34}{:>12}{:>12}{:>16}",
+            "", "untuned", "tuned", "tuned/untuned"
+        );
+        for (name, u, v) in self.figures() {
+            let _ = writeln!(
+                t,
+                "{name:<34}{u:>12.3}{v:>12.3}{:>16}",
+                format!("x{:.3}", v / u)
+            );
+        }
+        t
+    }
+
+    /// Writes `<stem>.json` and `<stem>.svg` into `dir`; returns the JSON path.
+    pub fn save(&self, dir: &Path, stem: &str) -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(dir)?;
+        let json = dir.join(format!("{stem}.json"));
+        std::fs::write(&json, serde_json::to_string_pretty(self)? + "\n")?;
+        let mut bars = Vec::new();
+        for (name, u, v) in self.figures() {
+            bars.push((format!("{name}, untuned"), u));
+            bars.push((format!("{name}, tuned"), v));
+        }
+        let svg = log_bar_chart(
+            &format!(
+                "Tuning profile {}: mesh path, untuned vs tuned",
+                self.profile
+            ),
+            &format!(
+                "{} | medians of {} alternating rounds | commit {}",
+                self.machine.cpu_model, self.rounds, self.commit
+            ),
+            "",
+            &bars,
+        );
+        std::fs::write(dir.join(format!("{stem}.svg")), svg)?;
+        Ok(json)
+    }
+}

@@ -33,6 +33,13 @@ enum Cmd {
     Clean,
     /// Put two result files side by side, each figure with its ratio (second / first).
     Compare { first: PathBuf, second: PathBuf },
+    /// A kernel-tuning profile's effect, measured within one run: every round measures the
+    /// mesh untuned, applies the profile in every lab namespace, measures again, reverts.
+    Tuning {
+        profile: String,
+        #[command(flatten)]
+        run: RunArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -82,6 +89,7 @@ fn main() -> anyhow::Result<()> {
     match args.command.unwrap_or(Cmd::Run) {
         Cmd::Run => run(args.run),
         Cmd::Clean => clean(),
+        Cmd::Tuning { profile, run } => tuning(run, &profile),
         Cmd::Compare { first, second } => {
             let read = |p: &PathBuf| -> anyhow::Result<serde_json::Value> {
                 let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
@@ -268,19 +276,8 @@ fn memory(lab: &Lab, count: usize) -> anyhow::Result<Memory> {
     })
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
-    if !sys::is_root() {
-        bail!("meshlab creates network namespaces and nftables rules: run it as root");
-    }
-    let started = time::OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
-    let total = 4 + usize::from(args.hold > 0) + usize::from(args.conn_seconds > 0.0);
-    step(
-        1,
-        total,
-        "building and starting the lab (2 nodes, 4 pods, 2 agents, 2 data planes)",
-    );
+/// Brings the lab up with the servers running; the workers per node and the driver in use.
+fn start_lab(args: &RunArgs) -> anyhow::Result<(Lab, usize, String)> {
     let bins = bins::locate()?;
     lab::install_interrupt_cleanup()?;
     let mut options = LabOptions {
@@ -294,12 +291,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let workers = options.workers;
     let mut lab = Lab::up(bins, options)?;
-    if let Some(profile) = &args.tuning {
-        let changed = lab.apply_tuning(profile)?;
-        eprintln!(
-            "      tuning profile {profile}: {changed} value(s) changed in the lab's namespaces"
-        );
-    }
     let program = lab.bins.meshload.clone();
     for pod in ["n2-a", "n2-b"] {
         let mut server = lab.spawn_in(pod, &program, &["serve"])?;
@@ -310,6 +301,117 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .as_str()
         .unwrap_or("unknown")
         .to_owned();
+    Ok((lab, workers, driver))
+}
+
+/// One side of a tuning comparison: the mesh path's figures in one round.
+fn mesh_figures(lab: &Lab, args: &RunArgs) -> anyhow::Result<(Throughput, Latency, f64)> {
+    let throughput = bulk(lab, "n1-a", lab.addr("n2-a", SINK_PORT), args.seconds)?;
+    let latency = rr(lab, "n1-a", lab.addr("n2-a", ECHO_PORT), args.rr_seconds)?;
+    let seconds = if args.conn_seconds > 0.0 {
+        args.conn_seconds
+    } else {
+        3.0
+    };
+    let rate = conns(lab, "n1-a", lab.addr("n2-a", ECHO_PORT), 1, seconds)?.per_second();
+    Ok((throughput, latency, rate))
+}
+
+fn tuning(args: RunArgs, profile: &str) -> anyhow::Result<()> {
+    if !sys::is_root() {
+        bail!("meshlab creates network namespaces and nftables rules: run it as root");
+    }
+    if kernel_tuning::profile::find(profile).is_none() {
+        bail!("no tuning profile {profile:?} (meshtune profile lists them)");
+    }
+    let started = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+    let rounds = args.rounds.max(1);
+    step(
+        1,
+        3,
+        "building and starting the lab (2 nodes, 4 pods, 2 agents, 2 data planes)",
+    );
+    let (lab, workers, driver) = start_lab(&args)?;
+    step(
+        2,
+        3,
+        &format!("{rounds} rounds of (untuned, then {profile} applied in every namespace): stream, ping-pong, new connections through the mesh"),
+    );
+    let ticks_before = sys::cpu_ticks();
+    let (mut untuned, mut tuned) = (Vec::new(), Vec::new());
+    let mut changed = 0;
+    for _ in 0..rounds {
+        untuned.push(mesh_figures(&lab, &args)?);
+        changed = lab.apply_tuning(profile)?;
+        let figures = mesh_figures(&lab, &args);
+        let restored = lab.revert_tuning()?;
+        if restored != changed {
+            bail!("reverted {restored} of the {changed} values the profile changed");
+        }
+        tuned.push(figures?);
+    }
+    let steal_percent = sys::steal_percent(ticks_before, sys::cpu_ticks());
+    step(3, 3, "tearing the lab down");
+    let log_dir = lab.dir.clone();
+    lab.down();
+    let _ = std::fs::remove_dir_all(&log_dir);
+    let side = |runs: &[(Throughput, Latency, f64)]| report::TuningSide {
+        throughput: Throughput::median(&runs.iter().map(|r| r.0.clone()).collect::<Vec<_>>()),
+        latency: Latency::median(&runs.iter().map(|r| r.1).collect::<Vec<_>>()),
+        connections_per_s: {
+            let mut v: Vec<f64> = runs.iter().map(|r| r.2).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        },
+    };
+    let result = report::TuningReport {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        commit: sys::git_commit(),
+        started: started
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        machine: sys::machine(),
+        driver,
+        workers_per_node: workers,
+        profile: profile.to_owned(),
+        values_changed: changed,
+        rounds,
+        steal_percent,
+        untuned: side(&untuned),
+        tuned: side(&tuned),
+    };
+    println!("{}", result.table());
+    if !args.no_save {
+        let stem = report::file_stem("tuning", started);
+        let path = result.save(&args.out, &stem)?;
+        println!("saved {} (and .svg)", path.display());
+    }
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    if !sys::is_root() {
+        bail!("meshlab creates network namespaces and nftables rules: run it as root");
+    }
+    let started = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+    let total = 4 + usize::from(args.hold > 0) + usize::from(args.conn_seconds > 0.0);
+    step(
+        1,
+        total,
+        "building and starting the lab (2 nodes, 4 pods, 2 agents, 2 data planes)",
+    );
+    let (lab, workers, driver) = start_lab(&args)?;
+    if let Some(profile) = &args.tuning {
+        let changed = lab.apply_tuning(profile)?;
+        eprintln!(
+            "      tuning profile {profile}: {changed} value(s) changed in the lab's namespaces"
+        );
+    }
 
     let ticks_before = sys::cpu_ticks();
     let rounds = args.rounds.max(1);
