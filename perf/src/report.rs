@@ -19,7 +19,18 @@ pub struct Throughput {
     pub dataplane_cores: f64,
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+/// The noise indicator under every table: CPU time the hypervisor took during the runs.
+fn steal_line(t: &mut String, steal: Option<f64>) {
+    if let Some(steal) = steal {
+        let _ = writeln!(
+            t,
+            "hypervisor steal during the runs: {steal:.1}% of CPU time"
+        );
+    }
+}
+
+/// The median of a set of figures (mean of the middle two for an even count).
+pub fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     match values.len() {
         0 => f64::NAN,
@@ -185,12 +196,7 @@ impl Report {
         if let Some(profile) = &self.tuning {
             let _ = writeln!(t, "tuning: profile {profile} in every lab namespace");
         }
-        if let Some(steal) = self.steal_percent {
-            let _ = writeln!(
-                t,
-                "hypervisor steal during the runs: {steal:.1}% of CPU time"
-            );
-        }
+        steal_line(&mut t, self.steal_percent);
         let row =
             |t: &mut String, name: &str, d: String, m: String, ratio: String, target: String| {
                 let _ = writeln!(t, "{name:<34}{d:>11}{m:>11}{ratio:>17}   {target}");
@@ -724,12 +730,7 @@ impl TuningReport {
             self.machine.kernel,
             self.commit
         );
-        if let Some(steal) = self.steal_percent {
-            let _ = writeln!(
-                t,
-                "hypervisor steal during the runs: {steal:.1}% of CPU time"
-            );
-        }
+        steal_line(&mut t, self.steal_percent);
         let _ = writeln!(
             t,
             "{:<34}{:>12}{:>12}{:>16}",

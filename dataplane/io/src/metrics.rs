@@ -35,12 +35,6 @@ pub struct Peer {
     pub canonical_revision: String,
 }
 
-impl Peer {
-    pub fn unknown() -> Peer {
-        PeerRef::UNKNOWN.to_owned()
-    }
-}
-
 /// A [`Peer`] borrowed from the snapshot, so that finding a connection's series allocates
 /// nothing once the series exists.
 #[derive(Clone, Copy, Debug)]

@@ -1026,6 +1026,8 @@ impl Worker {
             self.refuse(labels(), "DENY", || entry("denied", policy()));
             return;
         }
+        // Only its reason is needed from here on; the rest (a Vec) need not live in every
+        // open connection's task.
         drop(decision);
         let live = self.track(&uid, connection, true);
         match Box::pin(self.connect_in(&netns, dst)).await {
@@ -1199,6 +1201,8 @@ impl Worker {
             self.refuse(labels(), "DENY", || entry("denied", policy()));
             return;
         }
+        // Only its reason is needed from here on; the rest (a Vec) need not live in every
+        // open connection's task.
         drop(decision);
         let live = self.track(&uid, connection, false);
         let app = match Box::pin(self.connect_in(&netns, connect.target)).await {

@@ -218,11 +218,8 @@ fn connection_rates(lab: &Lab, rounds: usize, seconds: f64) -> anyhow::Result<Ve
                 seconds,
             )?);
         }
-        let rate = |runs: &[ConnRateResult]| {
-            let mut v: Vec<f64> = runs.iter().map(ConnRateResult::per_second).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
+        let rate =
+            |runs: &[ConnRateResult]| report::median(runs.iter().map(|r| r.per_second()).collect());
         let latency = |runs: &[ConnRateResult]| {
             Latency::median(&runs.iter().map(|r| r.latency).collect::<Vec<_>>())
         };
@@ -324,9 +321,7 @@ fn tuning(args: RunArgs, profile: &str) -> anyhow::Result<()> {
     if kernel_tuning::profile::find(profile).is_none() {
         bail!("no tuning profile {profile:?} (meshtune profile lists them)");
     }
-    let started = time::OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+    let started = now_utc();
     let rounds = args.rounds.max(1);
     step(
         1,
@@ -354,17 +349,11 @@ fn tuning(args: RunArgs, profile: &str) -> anyhow::Result<()> {
     }
     let steal_percent = sys::steal_percent(ticks_before, sys::cpu_ticks());
     step(3, 3, "tearing the lab down");
-    let log_dir = lab.dir.clone();
-    lab.down();
-    let _ = std::fs::remove_dir_all(&log_dir);
+    teardown(lab);
     let side = |runs: &[(Throughput, Latency, f64)]| report::TuningSide {
         throughput: Throughput::median(&runs.iter().map(|r| r.0.clone()).collect::<Vec<_>>()),
         latency: Latency::median(&runs.iter().map(|r| r.1).collect::<Vec<_>>()),
-        connections_per_s: {
-            let mut v: Vec<f64> = runs.iter().map(|r| r.2).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        },
+        connections_per_s: report::median(runs.iter().map(|r| r.2).collect()),
     };
     let result = report::TuningReport {
         command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -382,23 +371,16 @@ fn tuning(args: RunArgs, profile: &str) -> anyhow::Result<()> {
         untuned: side(&untuned),
         tuned: side(&tuned),
     };
-    println!("{}", result.table());
-    if !args.no_save {
-        let stem = report::file_stem("tuning", started);
-        let path = result.save(&args.out, &stem)?;
-        println!("saved {} (and .svg)", path.display());
-    }
-    std::io::stdout().flush()?;
-    Ok(())
+    publish(&args, "tuning", started, &result.table(), |dir, stem| {
+        result.save(dir, stem)
+    })
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     if !sys::is_root() {
         bail!("meshlab creates network namespaces and nftables rules: run it as root");
     }
-    let started = time::OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+    let started = now_utc();
     let total = 4 + usize::from(args.hold > 0) + usize::from(args.conn_seconds > 0.0);
     step(
         1,
@@ -492,9 +474,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let steal_percent = sys::steal_percent(ticks_before, sys::cpu_ticks());
     step(total, total, "tearing the lab down");
-    let log_dir = lab.dir.clone();
-    lab.down();
-    let _ = std::fs::remove_dir_all(&log_dir);
+    teardown(lab);
 
     let report = Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -525,10 +505,35 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         memory,
         tuning: args.tuning.clone(),
     };
-    println!("{}", report.table());
+    publish(&args, "lab", started, &report.table(), |dir, stem| {
+        report.save(dir, stem)
+    })
+}
+
+/// The start of a run, to the second (it names the result files).
+fn now_utc() -> time::OffsetDateTime {
+    let now = time::OffsetDateTime::now_utc();
+    now.replace_nanosecond(0).unwrap_or(now)
+}
+
+/// Stops the lab and removes its logs and scratch files.
+fn teardown(lab: Lab) {
+    let log_dir = lab.dir.clone();
+    lab.down();
+    let _ = std::fs::remove_dir_all(&log_dir);
+}
+
+/// Prints a result's table and, unless `--no-save`, writes `<kind>-<time>.json` and `.svg`.
+fn publish(
+    args: &RunArgs,
+    kind: &str,
+    started: time::OffsetDateTime,
+    table: &str,
+    save: impl FnOnce(&std::path::Path, &str) -> anyhow::Result<PathBuf>,
+) -> anyhow::Result<()> {
+    println!("{table}");
     if !args.no_save {
-        let stem = report::file_stem("lab", started);
-        let path = report.save(&args.out, &stem)?;
+        let path = save(&args.out, &report::file_stem(kind, started))?;
         println!("saved {} (and .svg)", path.display());
     }
     std::io::stdout().flush()?;
