@@ -35,6 +35,8 @@ pub const NODE_NAMES: [&str; 2] = ["node-1", "node-2"];
 pub const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const ECHO_PORT: u16 = 7000;
 pub const SINK_PORT: u16 = 7001;
+/// The plain TLS sink of the crypto reference.
+pub const TLS_SINK_PORT: u16 = 7002;
 
 #[derive(Clone, Debug)]
 pub struct Pod {

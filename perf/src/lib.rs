@@ -5,7 +5,9 @@
 
 pub mod bins;
 pub mod cni;
+pub mod gen;
 pub mod lab;
 pub mod load;
 pub mod report;
 pub mod sys;
+pub mod tls_baseline;

@@ -1,17 +1,15 @@
-//! The load generator's building blocks, on plain blocking sockets so that the measuring side
-//! adds as little of its own machinery as possible: echo and sink servers, a timed bulk
-//! stream, closed-loop ping-pong latency, new-connection rate, and held idle connections.
+//! Latency figures shared by every scenario, and the blocking helpers tests use in-process
+//! (an echo server on a listener made inside a pod, held connections, patterned bytes). The
+//! lab's own traffic comes from the monoio generator in [`crate::gen`].
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 const SERVER_THREAD_STACK: usize = 128 * 1024;
-const BULK_CHUNK: usize = 256 * 1024;
 
 fn spawn_small<F: FnOnce() + Send + 'static>(f: F) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
@@ -42,68 +40,6 @@ fn echo(mut conn: TcpStream) -> io::Result<()> {
     }
 }
 
-/// Reads every connection to EOF and answers with the byte count (8 bytes, little endian).
-pub fn serve_sink(listener: TcpListener) -> io::Result<JoinHandle<()>> {
-    spawn_small(move || {
-        for conn in listener.incoming().flatten() {
-            let _ = spawn_small(move || {
-                let _ = sink(conn);
-            });
-        }
-    })
-}
-
-fn sink(mut conn: TcpStream) -> io::Result<()> {
-    let mut buf = vec![0u8; BULK_CHUNK];
-    let mut total = 0u64;
-    loop {
-        let n = conn.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-    }
-    conn.write_all(&total.to_le_bytes())?;
-    conn.shutdown(Shutdown::Write)
-}
-
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
-pub struct BulkResult {
-    pub bytes: u64,
-    pub seconds: f64,
-}
-
-impl BulkResult {
-    pub fn gbit_per_s(&self) -> f64 {
-        self.bytes as f64 * 8.0 / self.seconds / 1e9
-    }
-}
-
-/// Streams to a sink for `duration`; the result counts only bytes the sink confirmed.
-pub fn bulk(mut stream: TcpStream, duration: Duration) -> io::Result<BulkResult> {
-    let chunk = vec![0x5au8; BULK_CHUNK];
-    let start = Instant::now();
-    let mut sent = 0u64;
-    while start.elapsed() < duration {
-        stream.write_all(&chunk)?;
-        sent += chunk.len() as u64;
-    }
-    stream.shutdown(Shutdown::Write)?;
-    let mut ack = [0u8; 8];
-    stream.read_exact(&mut ack)?;
-    let seconds = start.elapsed().as_secs_f64();
-    let confirmed = u64::from_le_bytes(ack);
-    if confirmed != sent {
-        return Err(io::Error::other(format!(
-            "sink confirmed {confirmed} bytes of {sent} sent"
-        )));
-    }
-    Ok(BulkResult {
-        bytes: confirmed,
-        seconds,
-    })
-}
-
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct Latency {
     pub count: u64,
@@ -129,111 +65,6 @@ impl Latency {
             max_us: us(h.max()),
         }
     }
-}
-
-/// Closed-loop request/response on one connection to an echo server: send `size` bytes, wait
-/// for them to come back, repeat. Measures for `duration` after `warmup`.
-pub fn ping_pong(
-    mut stream: TcpStream,
-    size: usize,
-    warmup: Duration,
-    duration: Duration,
-) -> io::Result<Latency> {
-    let request = vec![0xa5u8; size];
-    let mut response = vec![0u8; size];
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
-        .map_err(|e| io::Error::other(e.to_string()))?;
-    let start = Instant::now();
-    loop {
-        let sent_at = Instant::now();
-        stream.write_all(&request)?;
-        stream.read_exact(&mut response)?;
-        let elapsed = sent_at.elapsed();
-        let since_start = start.elapsed();
-        if since_start > warmup {
-            histogram.saturating_record(elapsed.as_nanos() as u64);
-        }
-        if since_start > warmup + duration {
-            break;
-        }
-    }
-    Ok(Latency::from_histogram(&histogram))
-}
-
-/// New connections, one after another on each of `threads` threads: connect, one byte to an
-/// echo server and back, close (the client closes first, as a short request would).
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
-pub struct ConnRateResult {
-    pub threads: usize,
-    pub connections: u64,
-    pub failures: u64,
-    pub seconds: f64,
-    /// Connect to reply, per connection.
-    pub latency: Latency,
-}
-
-impl ConnRateResult {
-    pub fn per_second(&self) -> f64 {
-        self.connections as f64 / self.seconds
-    }
-}
-
-pub fn connection_rate<F>(
-    threads: usize,
-    duration: Duration,
-    connect: F,
-) -> io::Result<ConnRateResult>
-where
-    F: Fn() -> io::Result<TcpStream> + Sync,
-{
-    let start = Instant::now();
-    let per_thread: Vec<io::Result<(Histogram<u64>, u64)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads.max(1))
-            .map(|_| {
-                s.spawn(|| -> io::Result<(Histogram<u64>, u64)> {
-                    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
-                        .map_err(|e| io::Error::other(e.to_string()))?;
-                    let mut failures = 0;
-                    let mut byte = [0u8; 1];
-                    while start.elapsed() < duration {
-                        let began = Instant::now();
-                        let exchanged = connect().and_then(|mut c| {
-                            c.write_all(b"c")?;
-                            c.read_exact(&mut byte)
-                        });
-                        match exchanged {
-                            Ok(()) => h.saturating_record(began.elapsed().as_nanos() as u64),
-                            Err(_) => failures += 1,
-                        }
-                    }
-                    Ok((h, failures))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(io::Error::other("thread panicked")))
-            })
-            .collect()
-    });
-    let seconds = start.elapsed().as_secs_f64();
-    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
-        .map_err(|e| io::Error::other(e.to_string()))?;
-    let mut failures = 0;
-    for r in per_thread {
-        let (h, f) = r?;
-        all.add(&h).map_err(|e| io::Error::other(e.to_string()))?;
-        failures += f;
-    }
-    Ok(ConnRateResult {
-        threads,
-        connections: all.len(),
-        failures,
-        seconds,
-        latency: Latency::from_histogram(&all),
-    })
 }
 
 /// Opens `count` connections with `connect`, proving each works with a one-byte echo.

@@ -17,6 +17,47 @@ pub struct Throughput {
     pub seconds: f64,
     /// CPU of both data planes together during the run, in cores (CPU seconds / wall second).
     pub dataplane_cores: f64,
+    /// CPU seconds each process spent during the run.
+    pub cpu: ProcessCpu,
+}
+
+/// CPU seconds (user + system, from /proc) each process of a scenario spent during one run:
+/// the load generator, the server app, and each node's data plane.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct ProcessCpu {
+    pub client_s: f64,
+    pub server_s: f64,
+    pub dataplane_s: [f64; 2],
+}
+
+impl ProcessCpu {
+    /// (process, CPU seconds) in table order.
+    pub fn named(&self) -> [(&'static str, f64); 4] {
+        [
+            ("load generator", self.client_s),
+            ("server app", self.server_s),
+            ("node-1 data plane", self.dataplane_s[0]),
+            ("node-2 data plane", self.dataplane_s[1]),
+        ]
+    }
+
+    pub fn median(runs: &[ProcessCpu]) -> ProcessCpu {
+        let m = |f: &dyn Fn(&ProcessCpu) -> f64| median(runs.iter().map(f).collect());
+        ProcessCpu {
+            client_s: m(&|c| c.client_s),
+            server_s: m(&|c| c.server_s),
+            dataplane_s: [m(&|c| c.dataplane_s[0]), m(&|c| c.dataplane_s[1])],
+        }
+    }
+
+    /// Each figure divided by `units` (bytes in GB, requests in thousands, ...).
+    pub fn per(&self, units: f64) -> ProcessCpu {
+        ProcessCpu {
+            client_s: self.client_s / units,
+            server_s: self.server_s / units,
+            dataplane_s: [self.dataplane_s[0] / units, self.dataplane_s[1] / units],
+        }
+    }
 }
 
 /// The noise indicator under every table: CPU time the hypervisor took during the runs.
@@ -47,6 +88,7 @@ impl Throughput {
             bytes: median(runs.iter().map(|r| r.bytes as f64).collect()) as u64,
             seconds: median(runs.iter().map(|r| r.seconds).collect()),
             dataplane_cores: median(runs.iter().map(|r| r.dataplane_cores).collect()),
+            cpu: ProcessCpu::median(&runs.iter().map(|r| r.cpu).collect::<Vec<_>>()),
         }
     }
 }
@@ -72,6 +114,7 @@ impl Latency {
 pub struct Rounds {
     pub direct_throughput: Vec<Throughput>,
     pub mesh_throughput: Vec<Throughput>,
+    pub tls_throughput: Vec<Throughput>,
     pub direct_latency: Vec<Latency>,
     pub mesh_latency: Vec<Latency>,
 }
@@ -87,6 +130,60 @@ pub struct ConnRate {
     pub mesh_latency: Latency,
     /// Connections that failed, over all rounds (should be 0).
     pub failures: u64,
+}
+
+/// One side (direct or mesh) of a fixed-rate run: medians over rounds (counts summed).
+#[derive(Clone, Debug, Serialize)]
+pub struct RateRun {
+    pub achieved_rps: f64,
+    pub requests: u64,
+    /// Requests never answered, over all rounds (should be 0).
+    pub errors: u64,
+    /// From each request's intended send time to its response.
+    pub latency: Latency,
+    /// How late the generator sent (its own floor under the latency figures).
+    pub send_lag: Latency,
+    pub cpu_per_1000_requests: ProcessCpu,
+}
+
+impl RateRun {
+    pub fn of(runs: &[crate::gen::RateResult], cpu: &[ProcessCpu]) -> RateRun {
+        let per_1000: Vec<ProcessCpu> = runs
+            .iter()
+            .zip(cpu)
+            .map(|(r, c)| c.per(r.requests.max(1) as f64 / 1000.0))
+            .collect();
+        RateRun {
+            achieved_rps: median(runs.iter().map(|r| r.achieved_rps).collect()),
+            requests: runs.iter().map(|r| r.requests).sum(),
+            errors: runs.iter().map(|r| r.errors).sum(),
+            latency: Latency::median(&runs.iter().map(|r| r.latency).collect::<Vec<_>>()),
+            send_lag: Latency::median(&runs.iter().map(|r| r.send_lag).collect::<Vec<_>>()),
+            cpu_per_1000_requests: ProcessCpu::median(&per_1000),
+        }
+    }
+}
+
+/// Request/response at one fixed offered rate (open loop), direct beside mesh.
+#[derive(Clone, Debug, Serialize)]
+pub struct FixedRate {
+    pub offered_rps: f64,
+    pub connections: usize,
+    pub direct: RateRun,
+    pub mesh: RateRun,
+}
+
+/// One worker count of the sweep: both data planes restarted with `workers` workers.
+#[derive(Clone, Debug, Serialize)]
+pub struct SweepPoint {
+    pub workers: usize,
+    pub streams: usize,
+    pub direct_gbit_per_s: f64,
+    pub mesh_gbit_per_s: f64,
+    pub mesh_dataplane_cores: f64,
+    pub conn_threads: usize,
+    pub direct_conns_per_s: f64,
+    pub mesh_conns_per_s: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -123,10 +220,20 @@ pub struct Report {
     pub tuning: Option<String>,
     pub direct_throughput: Throughput,
     pub mesh_throughput: Throughput,
+    /// One plain TLS 1.3 stream between two unenrolled pods on the two nodes: the crypto
+    /// reference for the mesh stream.
+    pub tls_throughput: Option<Throughput>,
+    pub tls_cipher_suite: Option<String>,
     pub rr_size_bytes: usize,
+    /// How `direct_latency` and `mesh_latency` were measured.
+    pub latency_method: String,
     pub direct_latency: Latency,
     pub mesh_latency: Latency,
+    /// Every offered rate, the first being the one `direct_latency`/`mesh_latency` show.
+    pub fixed_rates: Vec<FixedRate>,
     pub connection_rates: Vec<ConnRate>,
+    /// Scaling with data-plane workers (1..cores), measured last.
+    pub worker_sweep: Vec<SweepPoint>,
     pub memory: Option<Memory>,
     pub ratios: Ratios,
     pub rounds_detail: Rounds,
@@ -135,6 +242,8 @@ pub struct Report {
 #[derive(Clone, Debug, Serialize)]
 pub struct Ratios {
     pub throughput_mesh_over_direct: f64,
+    /// The mesh stream against one plain TLS stream between the same nodes.
+    pub throughput_mesh_over_tls: Option<f64>,
     pub dataplane_cores_per_gbit: f64,
     pub added_p50_us: f64,
     pub added_p99_us: f64,
@@ -144,11 +253,13 @@ impl Ratios {
     pub fn of(
         direct: &Throughput,
         mesh: &Throughput,
+        tls: Option<&Throughput>,
         direct_lat: &Latency,
         mesh_lat: &Latency,
     ) -> Ratios {
         Ratios {
             throughput_mesh_over_direct: mesh.gbit_per_s / direct.gbit_per_s,
+            throughput_mesh_over_tls: tls.map(|t| mesh.gbit_per_s / t.gbit_per_s),
             dataplane_cores_per_gbit: mesh.dataplane_cores / mesh.gbit_per_s,
             added_p50_us: mesh_lat.p50_us - direct_lat.p50_us,
             added_p99_us: mesh_lat.p99_us - direct_lat.p99_us,
@@ -199,7 +310,7 @@ impl Report {
         steal_line(&mut t, self.steal_percent);
         let row =
             |t: &mut String, name: &str, d: String, m: String, ratio: String, target: String| {
-                let _ = writeln!(t, "{name:<34}{d:>11}{m:>11}{ratio:>17}   {target}");
+                let _ = writeln!(t, "{name:<40}{d:>11}{m:>11}{ratio:>17}   {target}");
             };
         row(
             &mut t,
@@ -233,6 +344,32 @@ impl Report {
                 verdict(r.dataplane_cores_per_gbit <= target::CORES_PER_GBIT)
             ),
         );
+        if let Some(tls) = &self.tls_throughput {
+            row(
+                &mut t,
+                "one plain TLS 1.3 stream, Gbit/s",
+                format!("{:.2}", tls.gbit_per_s),
+                format!("{:.2}", self.mesh_throughput.gbit_per_s),
+                format!(
+                    "x{:.2} of TLS",
+                    r.throughput_mesh_over_tls.unwrap_or(f64::NAN)
+                ),
+                self.tls_cipher_suite.clone().unwrap_or_default(),
+            );
+        }
+        let gb = |th: &Throughput| th.cpu.per(th.bytes as f64 / 1e9);
+        let (direct_gb, mesh_gb) = (gb(&self.direct_throughput), gb(&self.mesh_throughput));
+        for ((name, d), (_, m)) in direct_gb.named().into_iter().zip(mesh_gb.named()) {
+            row(
+                &mut t,
+                &format!("  CPU s per GB, {name}"),
+                format!("{d:.3}"),
+                format!("{m:.3}"),
+                String::new(),
+                String::new(),
+            );
+        }
+        let _ = writeln!(t, "{}", self.latency_method);
         for (name, d, m, added, goal) in [
             (
                 "1 KiB round trip p50, us",
@@ -257,6 +394,64 @@ impl Report {
                 format!("{added:+.1} us"),
                 format!("<= +{goal} us: {}", verdict(added <= goal)),
             );
+        }
+        for f in &self.fixed_rates {
+            let _ = writeln!(
+                t,
+                "open loop, {:.0} requests/s offered over {} connection(s), {} B each way:",
+                f.offered_rps, f.connections, self.rr_size_bytes
+            );
+            for (name, d, m) in [
+                ("p50", f.direct.latency.p50_us, f.mesh.latency.p50_us),
+                ("p90", f.direct.latency.p90_us, f.mesh.latency.p90_us),
+                ("p99", f.direct.latency.p99_us, f.mesh.latency.p99_us),
+                ("p99.9", f.direct.latency.p999_us, f.mesh.latency.p999_us),
+            ] {
+                row(
+                    &mut t,
+                    &format!("  latency {name}, us"),
+                    format!("{d:.1}"),
+                    format!("{m:.1}"),
+                    format!("{:+.1} us", m - d),
+                    String::new(),
+                );
+            }
+            row(
+                &mut t,
+                "  achieved requests/s",
+                format!("{:.0}", f.direct.achieved_rps),
+                format!("{:.0}", f.mesh.achieved_rps),
+                format!("x{:.3}", f.mesh.achieved_rps / f.direct.achieved_rps),
+                if f.direct.errors + f.mesh.errors > 0 {
+                    format!("{} UNANSWERED", f.direct.errors + f.mesh.errors)
+                } else {
+                    String::new()
+                },
+            );
+            row(
+                &mut t,
+                "  generator send lag p99, us",
+                format!("{:.1}", f.direct.send_lag.p99_us),
+                format!("{:.1}", f.mesh.send_lag.p99_us),
+                String::new(),
+                String::new(),
+            );
+            for ((name, d), (_, m)) in f
+                .direct
+                .cpu_per_1000_requests
+                .named()
+                .into_iter()
+                .zip(f.mesh.cpu_per_1000_requests.named())
+            {
+                row(
+                    &mut t,
+                    &format!("  CPU ms/1000 req, {name}"),
+                    format!("{:.2}", d * 1e3),
+                    format!("{:.2}", m * 1e3),
+                    String::new(),
+                    String::new(),
+                );
+            }
         }
         for c in &self.connection_rates {
             let ratio = c.mesh_per_s / c.direct_per_s;
@@ -312,16 +507,178 @@ impl Report {
                 );
             }
         }
+        for p in &self.worker_sweep {
+            row(
+                &mut t,
+                &format!("{} worker(s): {} streams, Gbit/s", p.workers, p.streams),
+                format!("{:.2}", p.direct_gbit_per_s),
+                format!("{:.2}", p.mesh_gbit_per_s),
+                format!("x{:.2}", p.mesh_gbit_per_s / p.direct_gbit_per_s),
+                format!("data planes {:.2} cores", p.mesh_dataplane_cores),
+            );
+            row(
+                &mut t,
+                &format!(
+                    "{} worker(s): new conns/s, {} thr",
+                    p.workers, p.conn_threads
+                ),
+                format!("{:.0}", p.direct_conns_per_s),
+                format!("{:.0}", p.mesh_conns_per_s),
+                format!("x{:.2}", p.mesh_conns_per_s / p.direct_conns_per_s),
+                String::new(),
+            );
+        }
         t
     }
 
-    /// Writes `<stem>.json` and `<stem>.svg` into `dir`; returns the JSON path.
+    /// Writes `<stem>.json`, the summary plot `<stem>.svg`, and one plot per scenario
+    /// (`<stem>-<scenario>.svg`) into `dir`; returns the JSON path.
     pub fn save(&self, dir: &Path, stem: &str) -> anyhow::Result<PathBuf> {
         std::fs::create_dir_all(dir)?;
         let json = dir.join(format!("{stem}.json"));
         std::fs::write(&json, serde_json::to_string_pretty(self)? + "\n")?;
         std::fs::write(dir.join(format!("{stem}.svg")), self.svg())?;
+        for (scenario, svg) in self.scenario_plots() {
+            std::fs::write(dir.join(format!("{stem}-{scenario}.svg")), svg)?;
+        }
         Ok(json)
+    }
+
+    fn plot_subtitle(&self) -> String {
+        format!(
+            "commit {} | {} | {} ({} cores), kernel {} | {} workers/node, {} | medians of {} rounds",
+            self.commit,
+            self.started,
+            self.machine.cpu_model,
+            self.machine.cores,
+            self.machine.kernel,
+            self.workers_per_node,
+            self.driver,
+            self.rounds
+        )
+    }
+
+    /// (scenario name, SVG) for every scenario this run measured.
+    pub fn scenario_plots(&self) -> Vec<(&'static str, String)> {
+        const DIRECT: (&str, &str) = ("direct (no mesh)", "#9aa5b1");
+        const TLS: (&str, &str) = ("plain TLS 1.3", "#38a169");
+        const MESH: (&str, &str) = ("mesh (two data planes, HBONE)", "#2b6cb0");
+        let sub = self.plot_subtitle();
+        let mut plots = Vec::new();
+        let tls = self.tls_throughput.as_ref().map(|t| t.gbit_per_s);
+        let mut groups = vec![(
+            "one stream".to_owned(),
+            vec![
+                Some(self.direct_throughput.gbit_per_s),
+                tls,
+                Some(self.mesh_throughput.gbit_per_s),
+            ],
+        )];
+        for p in &self.worker_sweep {
+            groups.push((
+                format!("{} streams, {} worker(s)", p.streams, p.workers),
+                vec![Some(p.direct_gbit_per_s), None, Some(p.mesh_gbit_per_s)],
+            ));
+        }
+        plots.push((
+            "throughput",
+            grouped_bars(
+                "Bulk TCP streams",
+                &sub,
+                "Gbit/s",
+                &[DIRECT, TLS, MESH],
+                &groups,
+            ),
+        ));
+        let mut groups = Vec::new();
+        for f in &self.fixed_rates {
+            for (name, d, m) in [
+                ("p50", f.direct.latency.p50_us, f.mesh.latency.p50_us),
+                ("p90", f.direct.latency.p90_us, f.mesh.latency.p90_us),
+                ("p99", f.direct.latency.p99_us, f.mesh.latency.p99_us),
+                ("p99.9", f.direct.latency.p999_us, f.mesh.latency.p999_us),
+            ] {
+                groups.push((
+                    format!("{name} @ {:.0}/s x{}", f.offered_rps, f.connections),
+                    vec![Some(d), Some(m)],
+                ));
+            }
+        }
+        if !groups.is_empty() {
+            plots.push((
+                "latency",
+                grouped_bars(
+                    &format!(
+                        "{} B request/response, open loop at fixed rates (from intended send time)",
+                        self.rr_size_bytes
+                    ),
+                    &sub,
+                    "us",
+                    &[DIRECT, MESH],
+                    &groups,
+                ),
+            ));
+        }
+        let mut groups: Vec<_> = self
+            .connection_rates
+            .iter()
+            .map(|c| {
+                (
+                    format!("{} client thread(s)", c.threads),
+                    vec![Some(c.direct_per_s), Some(c.mesh_per_s)],
+                )
+            })
+            .collect();
+        for p in &self.worker_sweep {
+            groups.push((
+                format!("{} thr, {} worker(s)", p.conn_threads, p.workers),
+                vec![Some(p.direct_conns_per_s), Some(p.mesh_conns_per_s)],
+            ));
+        }
+        if !groups.is_empty() {
+            plots.push((
+                "connections",
+                grouped_bars(
+                    "New connections per second (connect, 1 byte each way, close)",
+                    &sub,
+                    "/s",
+                    &[DIRECT, MESH],
+                    &groups,
+                ),
+            ));
+        }
+        if let Some(mem) = &self.memory {
+            let groups: Vec<_> = mem
+                .nodes
+                .iter()
+                .flat_map(|n| {
+                    [
+                        (
+                            format!("{}: KiB per held conn", n.node),
+                            vec![Some(n.bytes_per_connection / 1024.0)],
+                        ),
+                        (
+                            format!("{}: idle RSS, MB", n.node),
+                            vec![Some(n.idle_rss_bytes as f64 / 1e6)],
+                        ),
+                    ]
+                })
+                .collect();
+            plots.push((
+                "memory",
+                grouped_bars(
+                    &format!(
+                        "Data-plane memory, {} idle connections held through the mesh",
+                        mem.held_connections
+                    ),
+                    &sub,
+                    "",
+                    &[MESH],
+                    &groups,
+                ),
+            ));
+        }
+        plots
     }
 
     /// Two bar groups (throughput; latency p50/p99), direct beside mesh.
@@ -429,7 +786,82 @@ impl Report {
     }
 }
 
-/// A horizontal bar chart on a log scale (values spanning orders of magnitude), as SVG.
+/// Vertical bars in groups, one colour per series (`(name, colour)`), linear scale from zero.
+/// A missing value leaves its slot empty.
+pub fn grouped_bars(
+    title: &str,
+    subtitle: &str,
+    unit: &str,
+    series: &[(&str, &str)],
+    groups: &[(String, Vec<Option<f64>>)],
+) -> String {
+    let (left, top, bottom, bar_w, gap) = (60.0, 60.0, 300.0, 26.0, 34.0);
+    let group_w = bar_w * series.len() as f64 + gap;
+    let width = (left + group_w * groups.len() as f64 + 20.0).max(760.0);
+    let max = groups
+        .iter()
+        .flat_map(|(_, v)| v.iter().flatten())
+        .fold(0.0_f64, |a, b| a.max(*b))
+        .max(1e-9);
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="380" font-family="sans-serif" font-size="11">
+<rect width="100%" height="100%" fill="white"/>
+<text x="10" y="18" font-size="13">{title}</text>
+<text x="10" y="34" font-size="10">{subtitle}</text>
+<text x="10" y="{}" font-size="10">{unit}</text>
+<line x1="{left}" y1="{bottom}" x2="{}" y2="{bottom}" stroke="black"/>
+"#,
+        top - 6.0,
+        width - 10.0
+    );
+    for (g, (label, values)) in groups.iter().enumerate() {
+        let gx = left + 10.0 + g as f64 * group_w;
+        for (i, value) in values.iter().enumerate() {
+            let (Some(v), Some((name, colour))) = (value, series.get(i)) else {
+                continue;
+            };
+            let h = (bottom - top) * v / max;
+            let x = gx + i as f64 * bar_w;
+            let _ = writeln!(
+                s,
+                r#"<rect x="{x}" y="{}" width="{}" height="{h}" fill="{colour}"><title>{name}: {v:.3}</title></rect><text x="{}" y="{}" text-anchor="middle" font-size="9">{}</text>"#,
+                bottom - h,
+                bar_w - 2.0,
+                x + bar_w / 2.0 - 1.0,
+                bottom - h - 3.0,
+                short(*v)
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle" font-size="10">{label}</text>"#,
+            gx + bar_w * series.len() as f64 / 2.0,
+            bottom + 16.0 + 12.0 * (g % 2) as f64
+        );
+    }
+    for (i, (name, colour)) in series.iter().enumerate() {
+        let x = 10.0 + i as f64 * 220.0;
+        let _ = writeln!(
+            s,
+            r#"<rect x="{x}" y="352" width="12" height="12" fill="{colour}"/><text x="{}" y="362">{name}</text>"#,
+            x + 18.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// A value label short enough to sit above a bar.
+fn short(v: f64) -> String {
+    if v >= 1000.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
 /// A result file's name stem: `kind` and the UTC second the run started, so files sort by time.
 pub fn file_stem(kind: &str, started: time::OffsetDateTime) -> String {
     format!(
@@ -443,6 +875,7 @@ pub fn file_stem(kind: &str, started: time::OffsetDateTime) -> String {
     )
 }
 
+/// A horizontal bar chart on a log scale (values spanning orders of magnitude), as SVG.
 pub fn log_bar_chart(title: &str, subtitle: &str, unit: &str, bars: &[(String, f64)]) -> String {
     let (label_w, chart_w, row_h, top) = (230.0, 470.0, 22.0, 52.0);
     let height = top + row_h * bars.len() as f64 + 30.0;
@@ -566,6 +999,16 @@ pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
         true,
     );
     row(
+        "one plain TLS stream, Gbit/s",
+        &["tls_throughput", "gbit_per_s"],
+        false,
+    );
+    row(
+        "one stream mesh / plain TLS",
+        &["ratios", "throughput_mesh_over_tls"],
+        true,
+    );
+    row(
         "data-plane cores per Gbit/s",
         &["ratios", "dataplane_cores_per_gbit"],
         false,
@@ -604,6 +1047,63 @@ pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
         row(
             &format!("new connections/s mesh, {threads} thread(s)"),
             &["connection_rates", &n, "mesh_per_s"],
+            false,
+        );
+    }
+    for i in 0..2 {
+        let f = |v: &Value| {
+            let f = &v["fixed_rates"][i];
+            Some(format!(
+                "{}/s x{}",
+                f["offered_rps"].as_f64()?,
+                f["connections"]
+            ))
+        };
+        let Some(label) = f(a).or_else(|| f(b)) else {
+            continue;
+        };
+        let n = i.to_string();
+        for (side, pct) in [
+            ("direct", "p99_us"),
+            ("mesh", "p50_us"),
+            ("mesh", "p99_us"),
+            ("mesh", "p999_us"),
+        ] {
+            row(
+                &format!("{label} {side} latency {pct}"),
+                &["fixed_rates", &n, side, "latency", pct],
+                false,
+            );
+        }
+        for node in 0..2 {
+            row(
+                &format!("{label} node-{} data plane CPU s/1000 req", node + 1),
+                &[
+                    "fixed_rates",
+                    &n,
+                    "mesh",
+                    "cpu_per_1000_requests",
+                    "dataplane_s",
+                    &node.to_string(),
+                ],
+                false,
+            );
+        }
+    }
+    for i in 0..8 {
+        let workers = a["worker_sweep"][i]["workers"]
+            .as_u64()
+            .or_else(|| b["worker_sweep"][i]["workers"].as_u64());
+        let Some(workers) = workers else { break };
+        let n = i.to_string();
+        row(
+            &format!("{workers} worker(s): mesh streams, Gbit/s"),
+            &["worker_sweep", &n, "mesh_gbit_per_s"],
+            false,
+        );
+        row(
+            &format!("{workers} worker(s): mesh new conns/s"),
+            &["worker_sweep", &n, "mesh_conns_per_s"],
             false,
         );
     }
@@ -655,38 +1155,44 @@ mod compare_tests {
     }
 }
 
-/// The mesh path's figures on one side of a tuning comparison (medians over rounds).
+/// The mesh path's figures on one side of an A/B comparison (medians over rounds).
 #[derive(Clone, Debug, Serialize)]
-pub struct TuningSide {
+pub struct AbSide {
     pub throughput: Throughput,
+    /// 1 KiB request/response, open loop at 1000/s on one connection.
     pub latency: Latency,
     /// New connections per second, one client thread.
     pub connections_per_s: f64,
+    /// Data-plane memory (mean of the two nodes), when the comparison measures it.
+    pub kib_per_held_connection: Option<f64>,
+    pub idle_rss_mb: Option<f64>,
 }
 
-/// A kernel-tuning profile measured within one run: untuned and tuned rounds alternate.
+/// Two variants of the mesh measured within one run, their rounds alternating: a kernel
+/// tuning profile against none, or one data-plane build or flag set against another.
 #[derive(Clone, Debug, Serialize)]
-pub struct TuningReport {
+pub struct AbReport {
     pub command: String,
     pub commit: String,
     pub started: String,
     pub machine: Machine,
     pub driver: String,
     pub workers_per_node: usize,
-    pub profile: String,
-    /// Values the profile changed in the lab's namespaces (each round).
-    pub values_changed: usize,
+    /// What differs between the two sides.
+    pub experiment: String,
+    pub baseline_label: String,
+    pub variant_label: String,
     pub rounds: usize,
     pub steal_percent: Option<f64>,
-    pub untuned: TuningSide,
-    pub tuned: TuningSide,
+    pub baseline: AbSide,
+    pub variant: AbSide,
 }
 
-impl TuningReport {
-    /// (figure, untuned, tuned) for the table and the plot.
-    fn figures(&self) -> [(&'static str, f64, f64); 5] {
-        let (u, t) = (&self.untuned, &self.tuned);
-        [
+impl AbReport {
+    /// (figure, baseline, variant) for the table and the plot.
+    fn figures(&self) -> Vec<(&'static str, f64, f64)> {
+        let (u, t) = (&self.baseline, &self.variant);
+        let mut rows = vec![
             (
                 "one stream, Gbit/s",
                 u.throughput.gbit_per_s,
@@ -698,12 +1204,12 @@ impl TuningReport {
                 t.throughput.dataplane_cores / t.throughput.gbit_per_s,
             ),
             (
-                "1 KiB round trip p50, us",
+                "1 KiB at 1000/s, p50 us",
                 u.latency.p50_us,
                 t.latency.p50_us,
             ),
             (
-                "1 KiB round trip p99, us",
+                "1 KiB at 1000/s, p99 us",
                 u.latency.p99_us,
                 t.latency.p99_us,
             ),
@@ -712,16 +1218,22 @@ impl TuningReport {
                 u.connections_per_s,
                 t.connections_per_s,
             ),
-        ]
+        ];
+        if let (Some(a), Some(b)) = (u.kib_per_held_connection, t.kib_per_held_connection) {
+            rows.push(("KiB per held connection", a, b));
+        }
+        if let (Some(a), Some(b)) = (u.idle_rss_mb, t.idle_rss_mb) {
+            rows.push(("idle RSS, MB", a, b));
+        }
+        rows
     }
 
     pub fn table(&self) -> String {
         let mut t = String::new();
         let _ = writeln!(
             t,
-            "\nmeshlab tuning: profile {} ({} values changed in the lab's namespaces) | mesh path only | medians of {} rounds, untuned and tuned alternating | {} workers/node, {} | {} ({} cores), kernel {} | commit {}",
-            self.profile,
-            self.values_changed,
+            "\nmeshlab A/B: {} | mesh path only | medians of {} rounds, alternating | {} workers/node, {} | {} ({} cores), kernel {} | commit {}",
+            self.experiment,
             self.rounds,
             self.workers_per_node,
             self.driver,
@@ -730,16 +1242,18 @@ impl TuningReport {
             self.machine.kernel,
             self.commit
         );
+        let _ = writeln!(t, "baseline: {}", self.baseline_label);
+        let _ = writeln!(t, "variant:  {}", self.variant_label);
         steal_line(&mut t, self.steal_percent);
         let _ = writeln!(
             t,
-            "{:<34}{:>12}{:>12}{:>16}",
-            "", "untuned", "tuned", "tuned/untuned"
+            "{:<34}{:>12}{:>12}{:>20}",
+            "", "baseline", "variant", "variant/baseline"
         );
         for (name, u, v) in self.figures() {
             let _ = writeln!(
                 t,
-                "{name:<34}{u:>12.3}{v:>12.3}{:>16}",
+                "{name:<34}{u:>12.3}{v:>12.3}{:>20}",
                 format!("x{:.3}", v / u)
             );
         }
@@ -753,14 +1267,11 @@ impl TuningReport {
         std::fs::write(&json, serde_json::to_string_pretty(self)? + "\n")?;
         let mut bars = Vec::new();
         for (name, u, v) in self.figures() {
-            bars.push((format!("{name}, untuned"), u));
-            bars.push((format!("{name}, tuned"), v));
+            bars.push((format!("{name}, baseline"), u));
+            bars.push((format!("{name}, variant"), v));
         }
         let svg = log_bar_chart(
-            &format!(
-                "Tuning profile {}: mesh path, untuned vs tuned",
-                self.profile
-            ),
+            &format!("A/B: {}", self.experiment),
             &format!(
                 "{} | medians of {} alternating rounds | commit {}",
                 self.machine.cpu_model, self.rounds, self.commit

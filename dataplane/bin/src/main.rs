@@ -12,6 +12,10 @@ use mesh_io::pool::PoolTimers;
 use mesh_io::runtime::DriverChoice;
 use mesh_io::worker::WorkerSettings;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Thread-per-core HBONE/mTLS data plane. Reads workloads, policies and certificates from the
 /// snapshot region that ctrl-agent publishes.
 #[derive(Parser, Debug)]

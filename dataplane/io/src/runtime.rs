@@ -89,6 +89,19 @@ where
     }
 }
 
+/// Sets the calling thread's timer slack: how late the kernel may wake it from a sleep (50 us
+/// by default). A pacer that sends on schedule wants its sleeps to end on time.
+pub fn set_timer_slack_ns(nanos: u64) -> std::io::Result<()> {
+    // SAFETY: PR_SET_TIMERSLACK takes one integer argument and touches no memory of ours.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, nanos as libc::c_ulong) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Restricts the calling thread (and the threads it creates afterwards) to `cores`.
 pub fn restrict_current_thread(cores: &[usize]) -> std::io::Result<()> {
     // SAFETY: cpu_set_t is plain data; zeroed is the empty set, CPU_SET writes within it for

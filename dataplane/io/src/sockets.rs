@@ -206,9 +206,18 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 
 /// Waits up to `timeout` for `fd` to be readable (a listener: a connection to accept).
 pub fn wait_readable(fd: RawFd, timeout: std::time::Duration) -> io::Result<bool> {
+    wait_for(fd, libc::POLLIN, timeout)
+}
+
+/// Waits up to `timeout` for room to write on `fd` (a non-blocking socket that said EAGAIN).
+pub fn wait_writable(fd: RawFd, timeout: std::time::Duration) -> io::Result<bool> {
+    wait_for(fd, libc::POLLOUT, timeout)
+}
+
+fn wait_for(fd: RawFd, events: libc::c_short, timeout: std::time::Duration) -> io::Result<bool> {
     let mut pollfd = libc::pollfd {
         fd,
-        events: libc::POLLIN,
+        events,
         revents: 0,
     };
     let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);

@@ -11,9 +11,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use perf::lab::{self, Lab, LabOptions, ECHO_PORT, SINK_PORT};
-use perf::load::{BulkResult, ConnRateResult, Latency};
-use perf::report::{self, ConnRate, Memory, NodeMemory, Ratios, Report, Throughput};
+use perf::gen::{BulkResult, ConnRateResult, RateResult};
+use perf::lab::{self, Lab, LabOptions, ECHO_PORT, SINK_PORT, TLS_SINK_PORT};
+use perf::load::Latency;
+use perf::report::{
+    self, AbReport, AbSide, ConnRate, FixedRate, Memory, NodeMemory, ProcessCpu, RateRun, Ratios,
+    Report, SweepPoint, Throughput,
+};
+use perf::tls_baseline::TlsBulkResult;
 use perf::{bins, sys};
 
 #[derive(Parser)]
@@ -40,6 +45,17 @@ enum Cmd {
         #[command(flatten)]
         run: RunArgs,
     },
+    /// Two data-plane variants measured within one run, rounds alternating: another build
+    /// (`--variant-dataplane`) and/or extra flags (`--variant-arg`) against this build. Both
+    /// nodes' data planes restart for each side; memory is measured with `--hold` connections.
+    Ab {
+        #[arg(long)]
+        variant_dataplane: Option<PathBuf>,
+        #[arg(long = "variant-arg", allow_hyphen_values = true)]
+        variant_args: Vec<String>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -56,7 +72,7 @@ struct RunArgs {
     /// Length of each bulk-stream run.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
-    /// Length of each round-trip latency run.
+    /// Length of each fixed-rate request/response run (after 0.5 s of warm-up).
     #[arg(long, default_value_t = 3.0)]
     rr_seconds: f64,
     /// Direct and mesh runs alternate this many times; the table shows medians over rounds
@@ -67,8 +83,11 @@ struct RunArgs {
     #[arg(long, default_value_t = 3.0)]
     conn_seconds: f64,
     /// Connections to hold open for the memory measurement (0 to skip).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 10000)]
     hold: usize,
+    /// Run the worker-count sweep (1..cores workers per node; restarts the data planes).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    sweep: bool,
     /// Apply this kernel-tuning profile (`meshtune profile`) inside every lab namespace before
     /// measuring; compare with an untuned run through `meshlab compare`.
     #[arg(long)]
@@ -90,6 +109,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run => run(args.run),
         Cmd::Clean => clean(),
         Cmd::Tuning { profile, run } => tuning(run, &profile),
+        Cmd::Ab {
+            variant_dataplane,
+            variant_args,
+            run,
+        } => dataplane_ab(run, variant_dataplane, variant_args),
         Cmd::Compare { first, second } => {
             let read = |p: &PathBuf| -> anyhow::Result<serde_json::Value> {
                 let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
@@ -102,8 +126,65 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn step(n: usize, total: usize, what: &str) {
-    eprintln!("[{n}/{total}] {what}");
+/// A progress bar on stderr, weighted by each step's expected seconds, with time left.
+/// Redrawn in place on a terminal; one line per step otherwise (CI logs).
+struct Progress {
+    total: f64,
+    done: f64,
+    started: Instant,
+    tty: bool,
+}
+
+impl Progress {
+    fn new(total_seconds: f64) -> Progress {
+        use std::io::IsTerminal;
+        Progress {
+            total: total_seconds.max(1.0),
+            done: 0.0,
+            started: Instant::now(),
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    /// Runs one step of about `seconds`, showing `what` while it runs.
+    fn step<T>(&mut self, what: &str, seconds: f64, f: impl FnOnce() -> T) -> T {
+        let fraction = (self.done / self.total).min(1.0);
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let left = if self.done > 0.0 {
+            format!(
+                "{:.0}s left",
+                elapsed / self.done * (self.total - self.done)
+            )
+        } else {
+            String::new()
+        };
+        const WIDTH: usize = 30;
+        let filled = (fraction * WIDTH as f64) as usize;
+        let bar = format!(
+            "[{}{}] {:>3.0}% {left:>9} | {what}",
+            "#".repeat(filled),
+            "-".repeat(WIDTH - filled),
+            fraction * 100.0
+        );
+        if self.tty {
+            eprint!("\r\x1b[2K{bar}");
+        } else {
+            eprintln!("{bar}");
+        }
+        let out = f();
+        self.done += seconds;
+        out
+    }
+
+    fn finish(&self) {
+        if self.tty {
+            eprintln!(
+                "\r\x1b[2K[{}] 100% done in {:.0}s",
+                "#".repeat(30),
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+    }
 }
 
 /// Reads the first stdout line of a meshload process (its JSON result or readiness line).
@@ -118,105 +199,216 @@ fn first_line(child: &mut Child) -> anyhow::Result<String> {
     Ok(line)
 }
 
-fn meshload(lab: &Lab, pod: &str, args: &[&str]) -> anyhow::Result<String> {
-    let program = lab.bins.meshload.clone();
-    let mut child = lab.spawn_in(pod, &program, args)?;
-    let line = first_line(&mut child)?;
-    child.wait()?;
-    Ok(line)
+/// The lab with its server apps: echo and sink servers in n2-a (enrolled) and n2-b (not),
+/// and the plain TLS sink in n2-b.
+struct Bench {
+    lab: Lab,
+    /// Server process per target pod.
+    servers: Vec<(&'static str, u32)>,
+    tls_server: u32,
+    tls_ca: PathBuf,
+    driver: String,
 }
 
-fn bulk(lab: &Lab, pod: &str, to: SocketAddr, seconds: f64) -> anyhow::Result<Throughput> {
-    let pids: Vec<u32> = (0..2).filter_map(|n| lab.dataplane_pid(n)).collect();
-    let cpu = |pids: &[u32]| {
-        pids.iter()
-            .filter_map(|p| sys::cpu_seconds(*p))
-            .sum::<f64>()
-    };
-    let before = cpu(&pids);
-    let started = Instant::now();
-    let line = meshload(
-        lab,
-        pod,
-        &[
-            "bulk",
-            "--to",
-            &to.to_string(),
-            "--seconds",
-            &seconds.to_string(),
-        ],
-    )?;
-    let wall = started.elapsed().as_secs_f64();
-    let used = cpu(&pids) - before;
-    let r: BulkResult = serde_json::from_str(&line)?;
-    Ok(Throughput {
-        gbit_per_s: r.gbit_per_s(),
-        bytes: r.bytes,
-        seconds: r.seconds,
-        dataplane_cores: used / wall,
-    })
+impl Bench {
+    fn meshload<T: serde::de::DeserializeOwned>(
+        &self,
+        pod: &str,
+        args: &[&str],
+    ) -> anyhow::Result<T> {
+        let program = self.lab.bins.meshload.clone();
+        let mut child = self.lab.spawn_in(pod, &program, args)?;
+        let line = first_line(&mut child)?;
+        child.wait()?;
+        serde_json::from_str(&line).with_context(|| format!("meshload said {line:?}"))
+    }
+
+    /// Runs `f`, reporting the CPU each process spent: the generator's own figure comes from
+    /// its result, the rest from /proc.
+    fn with_cpu<T>(
+        &self,
+        server: u32,
+        f: impl FnOnce() -> anyhow::Result<(T, f64)>,
+    ) -> anyhow::Result<(T, ProcessCpu)> {
+        let dataplanes: Vec<Option<u32>> = (0..2).map(|n| self.lab.dataplane_pid(n)).collect();
+        let read = |pid: Option<u32>| pid.and_then(sys::cpu_seconds).unwrap_or(0.0);
+        let before: Vec<f64> = dataplanes.iter().map(|p| read(*p)).collect();
+        let server_before = read(Some(server));
+        let (out, client_s) = f()?;
+        Ok((
+            out,
+            ProcessCpu {
+                client_s,
+                server_s: read(Some(server)) - server_before,
+                dataplane_s: [
+                    read(dataplanes[0]) - before[0],
+                    read(dataplanes[1]) - before[1],
+                ],
+            },
+        ))
+    }
+
+    fn server_of(&self, to: SocketAddr) -> u32 {
+        self.servers
+            .iter()
+            .find(|(pod, _)| self.lab.pod(pod).ip == to.ip())
+            .map_or(0, |(_, pid)| *pid)
+    }
+
+    fn bulk(
+        &self,
+        pod: &str,
+        to: SocketAddr,
+        connections: usize,
+        seconds: f64,
+    ) -> anyhow::Result<Throughput> {
+        let threads = connections.min(cores());
+        let (r, cpu) = self.with_cpu(self.server_of(to), || {
+            let r: BulkResult = self.meshload(
+                pod,
+                &[
+                    "bulk",
+                    "--to",
+                    &to.to_string(),
+                    "--connections",
+                    &connections.to_string(),
+                    "--threads",
+                    &threads.to_string(),
+                    "--seconds",
+                    &seconds.to_string(),
+                ],
+            )?;
+            Ok((r, r.client_cpu_s))
+        })?;
+        Ok(throughput(r.bytes, r.seconds, cpu))
+    }
+
+    fn tls_bulk(&self, seconds: f64) -> anyhow::Result<(Throughput, String)> {
+        let to = self.lab.addr("n2-b", TLS_SINK_PORT);
+        let (r, cpu) = self.with_cpu(self.tls_server, || {
+            let r: TlsBulkResult = self.meshload(
+                "n1-b",
+                &[
+                    "tls-bulk",
+                    "--to",
+                    &to.to_string(),
+                    "--ca",
+                    &self.tls_ca.to_string_lossy(),
+                    "--seconds",
+                    &seconds.to_string(),
+                ],
+            )?;
+            let client = r.client_cpu_s;
+            Ok((r, client))
+        })?;
+        Ok((throughput(r.bytes, r.seconds, cpu), r.cipher_suite))
+    }
+
+    fn rate(
+        &self,
+        pod: &str,
+        to: SocketAddr,
+        load: &RateLoad,
+        seconds: f64,
+    ) -> anyhow::Result<(RateResult, ProcessCpu)> {
+        self.with_cpu(self.server_of(to), || {
+            let r: RateResult = self.meshload(
+                pod,
+                &[
+                    "rate",
+                    "--to",
+                    &to.to_string(),
+                    "--rps",
+                    &load.rps.to_string(),
+                    "--connections",
+                    &load.connections.to_string(),
+                    "--threads",
+                    &load.connections.min(cores()).to_string(),
+                    "--size",
+                    &RR_SIZE.to_string(),
+                    "--seconds",
+                    &seconds.to_string(),
+                ],
+            )?;
+            Ok((r, r.client_cpu_s))
+        })
+    }
+
+    fn conns(
+        &self,
+        pod: &str,
+        to: SocketAddr,
+        threads: usize,
+        seconds: f64,
+    ) -> anyhow::Result<ConnRateResult> {
+        self.meshload(
+            pod,
+            &[
+                "conns",
+                "--to",
+                &to.to_string(),
+                "--threads",
+                &threads.to_string(),
+                "--seconds",
+                &seconds.to_string(),
+            ],
+        )
+    }
 }
 
-fn rr(lab: &Lab, pod: &str, to: SocketAddr, seconds: f64) -> anyhow::Result<Latency> {
-    let line = meshload(
-        lab,
-        pod,
-        &[
-            "rr",
-            "--to",
-            &to.to_string(),
-            "--size",
-            "1024",
-            "--seconds",
-            &seconds.to_string(),
-        ],
-    )?;
-    Ok(serde_json::from_str(&line)?)
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-fn conns(
-    lab: &Lab,
-    pod: &str,
-    to: SocketAddr,
-    threads: usize,
-    seconds: f64,
-) -> anyhow::Result<ConnRateResult> {
-    let line = meshload(
-        lab,
-        pod,
-        &[
-            "conns",
-            "--to",
-            &to.to_string(),
-            "--threads",
-            &threads.to_string(),
-            "--seconds",
-            &seconds.to_string(),
-        ],
-    )?;
-    Ok(serde_json::from_str(&line)?)
+fn throughput(bytes: u64, seconds: f64, cpu: ProcessCpu) -> Throughput {
+    Throughput {
+        gbit_per_s: bytes as f64 * 8.0 / seconds / 1e9,
+        bytes,
+        seconds,
+        dataplane_cores: (cpu.dataplane_s[0] + cpu.dataplane_s[1]) / seconds,
+        cpu,
+    }
 }
+
+const RR_SIZE: usize = 1024;
+
+/// One offered load of the fixed-rate scenario.
+struct RateLoad {
+    rps: f64,
+    connections: usize,
+}
+
+/// The first is the latency target's load (Istio quotes added latency at 1000 requests/s);
+/// the second loads the path ten times harder over several connections.
+const RATE_LOADS: [RateLoad; 2] = [
+    RateLoad {
+        rps: 1000.0,
+        connections: 1,
+    },
+    RateLoad {
+        rps: 10000.0,
+        connections: 8,
+    },
+];
 
 /// New-connection rate, direct and mesh alternating, for 1 and 4 client threads.
-fn connection_rates(lab: &Lab, rounds: usize, seconds: f64) -> anyhow::Result<Vec<ConnRate>> {
+fn connection_rates(
+    bench: &Bench,
+    progress: &mut Progress,
+    rounds: usize,
+    seconds: f64,
+) -> anyhow::Result<Vec<ConnRate>> {
+    let lab = &bench.lab;
     let mut out = Vec::new();
     for threads in [1, 4] {
         let (mut direct, mut mesh) = (Vec::new(), Vec::new());
-        for _ in 0..rounds {
-            direct.push(conns(
-                lab,
-                "n1-b",
-                lab.addr("n2-b", ECHO_PORT),
-                threads,
-                seconds,
-            )?);
-            mesh.push(conns(
-                lab,
-                "n1-a",
-                lab.addr("n2-a", ECHO_PORT),
-                threads,
-                seconds,
-            )?);
+        for round in 1..=rounds {
+            let what = format!("new connections, {threads} thread(s), round {round}/{rounds}");
+            progress.step(&what, 2.0 * seconds, || -> anyhow::Result<()> {
+                direct.push(bench.conns("n1-b", lab.addr("n2-b", ECHO_PORT), threads, seconds)?);
+                mesh.push(bench.conns("n1-a", lab.addr("n2-a", ECHO_PORT), threads, seconds)?);
+                Ok(())
+            })?;
         }
         let rate =
             |runs: &[ConnRateResult]| report::median(runs.iter().map(|r| r.per_second()).collect());
@@ -273,8 +465,64 @@ fn memory(lab: &Lab, count: usize) -> anyhow::Result<Memory> {
     })
 }
 
-/// Brings the lab up with the servers running; the workers per node and the driver in use.
-fn start_lab(args: &RunArgs) -> anyhow::Result<(Lab, usize, String)> {
+/// Scaling with workers: both data planes restarted with 1..=cores workers; at each count,
+/// `cores` bulk streams and new connections from 4 threads, direct beside mesh.
+fn worker_sweep(
+    bench: &mut Bench,
+    progress: &mut Progress,
+    args: &RunArgs,
+) -> anyhow::Result<Vec<SweepPoint>> {
+    let streams = cores();
+    let conn_seconds = if args.conn_seconds > 0.0 {
+        args.conn_seconds
+    } else {
+        3.0
+    };
+    let mut points = Vec::new();
+    for workers in 1..=cores() {
+        let what = format!("worker sweep: {workers} worker(s) per node");
+        let point = progress.step(
+            &what,
+            sweep_seconds(args, conn_seconds),
+            || -> anyhow::Result<SweepPoint> {
+                bench.lab.options.workers = workers;
+                for node in 0..2 {
+                    bench.lab.restart_dataplane(node)?;
+                }
+                let lab = &bench.lab;
+                // The first mesh connection after a restart opens the pooled tunnel.
+                bench.conns("n1-a", lab.addr("n2-a", ECHO_PORT), 1, 0.3)?;
+                let direct =
+                    bench.bulk("n1-b", lab.addr("n2-b", SINK_PORT), streams, args.seconds)?;
+                let mesh =
+                    bench.bulk("n1-a", lab.addr("n2-a", SINK_PORT), streams, args.seconds)?;
+                let direct_conns =
+                    bench.conns("n1-b", lab.addr("n2-b", ECHO_PORT), 4, conn_seconds)?;
+                let mesh_conns =
+                    bench.conns("n1-a", lab.addr("n2-a", ECHO_PORT), 4, conn_seconds)?;
+                Ok(SweepPoint {
+                    workers,
+                    streams,
+                    direct_gbit_per_s: direct.gbit_per_s,
+                    mesh_gbit_per_s: mesh.gbit_per_s,
+                    mesh_dataplane_cores: mesh.dataplane_cores,
+                    conn_threads: 4,
+                    direct_conns_per_s: direct_conns.per_second(),
+                    mesh_conns_per_s: mesh_conns.per_second(),
+                })
+            },
+        )?;
+        points.push(point);
+    }
+    Ok(points)
+}
+
+fn sweep_seconds(args: &RunArgs, conn_seconds: f64) -> f64 {
+    4.0 + 2.0 * args.seconds + 2.0 * conn_seconds
+}
+
+/// Brings the lab up with the server apps running.
+fn start_lab(args: &RunArgs) -> anyhow::Result<(Bench, usize)> {
     let bins = bins::locate()?;
     lab::install_interrupt_cleanup()?;
     let mut options = LabOptions {
@@ -289,73 +537,151 @@ fn start_lab(args: &RunArgs) -> anyhow::Result<(Lab, usize, String)> {
     let workers = options.workers;
     let mut lab = Lab::up(bins, options)?;
     let program = lab.bins.meshload.clone();
+    let mut servers = Vec::new();
     for pod in ["n2-a", "n2-b"] {
         let mut server = lab.spawn_in(pod, &program, &["serve"])?;
         first_line(&mut server)?;
+        servers.push((pod, server.id()));
         lab.keep(server);
     }
+    let (cert, key) = perf::tls_baseline::write_cert(&lab.dir)?;
+    let mut tls = lab.spawn_in(
+        "n2-b",
+        &program,
+        &[
+            "tls-serve",
+            "--cert",
+            &cert.to_string_lossy(),
+            "--key",
+            &key.to_string_lossy(),
+        ],
+    )?;
+    first_line(&mut tls)?;
+    let tls_server = tls.id();
+    lab.keep(tls);
     let driver = lab.stats(0)?["driver"]
         .as_str()
         .unwrap_or("unknown")
         .to_owned();
-    Ok((lab, workers, driver))
+    Ok((
+        Bench {
+            lab,
+            servers,
+            tls_server,
+            tls_ca: cert,
+            driver,
+        },
+        workers,
+    ))
 }
 
-/// One side of a tuning comparison: the mesh path's figures in one round.
-fn mesh_figures(lab: &Lab, args: &RunArgs) -> anyhow::Result<(Throughput, Latency, f64)> {
-    let throughput = bulk(lab, "n1-a", lab.addr("n2-a", SINK_PORT), args.seconds)?;
-    let latency = rr(lab, "n1-a", lab.addr("n2-a", ECHO_PORT), args.rr_seconds)?;
-    let seconds = if args.conn_seconds > 0.0 {
-        args.conn_seconds
+/// One side of an A/B comparison: the mesh path's figures in one round.
+fn mesh_figures(bench: &Bench, args: &RunArgs, hold: usize) -> anyhow::Result<AbFigures> {
+    let lab = &bench.lab;
+    let throughput = bench.bulk("n1-a", lab.addr("n2-a", SINK_PORT), 1, args.seconds)?;
+    let (rate, _) = bench.rate(
+        "n1-a",
+        lab.addr("n2-a", ECHO_PORT),
+        &RATE_LOADS[0],
+        args.rr_seconds,
+    )?;
+    let connections_per_s = bench
+        .conns(
+            "n1-a",
+            lab.addr("n2-a", ECHO_PORT),
+            1,
+            args.conn_seconds.max(1.0),
+        )?
+        .per_second();
+    let memory = if hold > 0 {
+        let m = memory(lab, hold)?;
+        let mean = |f: &dyn Fn(&NodeMemory) -> f64| {
+            m.nodes.iter().map(f).sum::<f64>() / m.nodes.len().max(1) as f64
+        };
+        Some((
+            mean(&|n| n.bytes_per_connection / 1024.0),
+            mean(&|n| n.idle_rss_bytes as f64 / 1e6),
+        ))
     } else {
-        3.0
+        None
     };
-    let rate = conns(lab, "n1-a", lab.addr("n2-a", ECHO_PORT), 1, seconds)?.per_second();
-    Ok((throughput, latency, rate))
+    Ok(AbFigures {
+        throughput,
+        latency: rate.latency,
+        connections_per_s,
+        memory,
+    })
 }
 
-fn tuning(args: RunArgs, profile: &str) -> anyhow::Result<()> {
+struct AbFigures {
+    throughput: Throughput,
+    latency: Latency,
+    connections_per_s: f64,
+    /// (KiB per held connection, idle RSS in MB), means of the two nodes.
+    memory: Option<(f64, f64)>,
+}
+
+fn ab_side(runs: &[AbFigures]) -> AbSide {
+    let memory: Vec<(f64, f64)> = runs.iter().filter_map(|r| r.memory).collect();
+    let some_median = |f: fn(&(f64, f64)) -> f64| {
+        (!memory.is_empty()).then(|| report::median(memory.iter().map(f).collect()))
+    };
+    AbSide {
+        throughput: Throughput::median(
+            &runs
+                .iter()
+                .map(|r| r.throughput.clone())
+                .collect::<Vec<_>>(),
+        ),
+        latency: Latency::median(&runs.iter().map(|r| r.latency).collect::<Vec<_>>()),
+        connections_per_s: report::median(runs.iter().map(|r| r.connections_per_s).collect()),
+        kib_per_held_connection: some_median(|m| m.0),
+        idle_rss_mb: some_median(|m| m.1),
+    }
+}
+
+/// Measures two variants of the mesh within one run. Every round switches to the baseline
+/// (side 0), measures, switches to the variant (side 1), measures; the lab ends switched
+/// back to the baseline. `describe` names the experiment once the rounds are done.
+fn ab(
+    args: &RunArgs,
+    labels: [String; 2],
+    hold: usize,
+    mut switch: impl FnMut(&mut Bench, usize) -> anyhow::Result<()>,
+    describe: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
     if !sys::is_root() {
         bail!("meshlab creates network namespaces and nftables rules: run it as root");
     }
-    if kernel_tuning::profile::find(profile).is_none() {
-        bail!("no tuning profile {profile:?} (meshtune profile lists them)");
-    }
     let started = now_utc();
     let rounds = args.rounds.max(1);
-    step(
-        1,
-        3,
+    let side_seconds =
+        5.0 + args.seconds + args.rr_seconds + args.conn_seconds.max(1.0) + hold as f64 / 800.0;
+    let mut progress = Progress::new(15.0 + rounds as f64 * 2.0 * side_seconds);
+    let (mut bench, workers) = progress.step(
         "building and starting the lab (2 nodes, 4 pods, 2 agents, 2 data planes)",
-    );
-    let (lab, workers, driver) = start_lab(&args)?;
-    step(
-        2,
-        3,
-        &format!("{rounds} rounds of (untuned, then {profile} applied in every namespace): stream, ping-pong, new connections through the mesh"),
-    );
+        15.0,
+        || start_lab(args),
+    )?;
+    let mut sides: [Vec<AbFigures>; 2] = [Vec::new(), Vec::new()];
     let ticks_before = sys::cpu_ticks();
-    let (mut untuned, mut tuned) = (Vec::new(), Vec::new());
-    let mut changed = 0;
-    for _ in 0..rounds {
-        untuned.push(mesh_figures(&lab, &args)?);
-        changed = lab.apply_tuning(profile)?;
-        let figures = mesh_figures(&lab, &args);
-        let restored = lab.revert_tuning()?;
-        if restored != changed {
-            bail!("reverted {restored} of the {changed} values the profile changed");
+    for round in 1..=rounds {
+        for (side, label) in labels.iter().enumerate() {
+            let what = format!("round {round}/{rounds}: {label}");
+            let figures = progress.step(&what, side_seconds, || {
+                switch(&mut bench, side)?;
+                mesh_figures(&bench, args, hold)
+            })?;
+            sides[side].push(figures);
         }
-        tuned.push(figures?);
     }
+    switch(&mut bench, 0)?;
     let steal_percent = sys::steal_percent(ticks_before, sys::cpu_ticks());
-    step(3, 3, "tearing the lab down");
-    teardown(lab);
-    let side = |runs: &[(Throughput, Latency, f64)]| report::TuningSide {
-        throughput: Throughput::median(&runs.iter().map(|r| r.0.clone()).collect::<Vec<_>>()),
-        latency: Latency::median(&runs.iter().map(|r| r.1).collect::<Vec<_>>()),
-        connections_per_s: report::median(runs.iter().map(|r| r.2).collect()),
-    };
-    let result = report::TuningReport {
+    progress.finish();
+    let driver = bench.driver.clone();
+    teardown(bench.lab);
+    let [baseline_label, variant_label] = labels;
+    let result = AbReport {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         commit: sys::git_commit(),
         started: started
@@ -364,16 +690,107 @@ fn tuning(args: RunArgs, profile: &str) -> anyhow::Result<()> {
         machine: sys::machine(),
         driver,
         workers_per_node: workers,
-        profile: profile.to_owned(),
-        values_changed: changed,
+        experiment: describe(),
+        baseline_label,
+        variant_label,
         rounds,
         steal_percent,
-        untuned: side(&untuned),
-        tuned: side(&tuned),
+        baseline: ab_side(&sides[0]),
+        variant: ab_side(&sides[1]),
     };
-    publish(&args, "tuning", started, &result.table(), |dir, stem| {
+    publish(args, "ab", started, &result.table(), |dir, stem| {
         result.save(dir, stem)
     })
+}
+
+/// A kernel-tuning profile against none: applied in every lab namespace for the variant,
+/// every changed value reverted (and checked) for the baseline.
+fn tuning(args: RunArgs, profile: &str) -> anyhow::Result<()> {
+    if kernel_tuning::profile::find(profile).is_none() {
+        bail!("no tuning profile {profile:?} (meshtune profile lists them)");
+    }
+    let changed = std::cell::Cell::new(0);
+    let mut applied = false;
+    ab(
+        &args,
+        [
+            "untuned".into(),
+            format!("profile {profile} in every lab namespace"),
+        ],
+        0,
+        |bench, side| {
+            if side == 1 && !applied {
+                changed.set(bench.lab.apply_tuning(profile)?);
+                applied = true;
+            } else if side == 0 && applied {
+                let restored = bench.lab.revert_tuning()?;
+                if restored != changed.get() {
+                    bail!(
+                        "reverted {restored} of the {} values the profile changed",
+                        changed.get()
+                    );
+                }
+                applied = false;
+            }
+            Ok(())
+        },
+        || {
+            format!(
+                "kernel-tuning profile {profile} ({} values changed in the lab's namespaces)",
+                changed.get()
+            )
+        },
+    )
+}
+
+/// Another data-plane build and/or other flags against this build: both nodes' data planes
+/// are restarted with each side's binary and flags before it is measured.
+fn dataplane_ab(
+    args: RunArgs,
+    variant_dataplane: Option<PathBuf>,
+    variant_args: Vec<String>,
+) -> anyhow::Result<()> {
+    let baseline = bins::locate()?.dataplane;
+    let variant = variant_dataplane.unwrap_or_else(|| baseline.clone());
+    if !variant.is_file() {
+        bail!("no data-plane binary at {}", variant.display());
+    }
+    let base_args = args.dataplane_args.clone();
+    let mut variant_full = base_args.clone();
+    variant_full.extend(variant_args.iter().cloned());
+    let label = |bin: &PathBuf, extra: &[String]| {
+        format!("{} {}", bin.display(), extra.join(" "))
+            .trim()
+            .to_owned()
+    };
+    let labels = [label(&baseline, &base_args), label(&variant, &variant_full)];
+    let experiment = format!("data plane: {} vs {}", labels[0], labels[1]);
+    let mut current = None;
+    ab(
+        &args,
+        labels,
+        args.hold,
+        |bench, side| {
+            if current == Some(side) {
+                return Ok(());
+            }
+            let (bin, flags) = if side == 0 {
+                (&baseline, &base_args)
+            } else {
+                (&variant, &variant_full)
+            };
+            bench.lab.bins.dataplane = bin.clone();
+            bench.lab.options.dataplane_args = flags.clone();
+            for node in 0..2 {
+                bench.lab.restart_dataplane(node)?;
+            }
+            // The first mesh connection after a restart opens the pooled tunnel.
+            bench.conns("n1-a", bench.lab.addr("n2-a", ECHO_PORT), 1, 0.3)?;
+            current = Some(side);
+            Ok(())
+        },
+        || experiment,
+    )
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -381,100 +798,125 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         bail!("meshlab creates network namespaces and nftables rules: run it as root");
     }
     let started = now_utc();
-    let total = 4 + usize::from(args.hold > 0) + usize::from(args.conn_seconds > 0.0);
-    step(
-        1,
-        total,
+    let rounds = args.rounds.max(1);
+    let r = rounds as f64;
+    let conn_seconds = args.conn_seconds;
+    let bulk_seconds = 3.0 * (args.seconds + 0.3);
+    let rate_seconds = 2.0 * (args.rr_seconds + 0.9);
+    let total = 15.0
+        + r * bulk_seconds
+        + r * RATE_LOADS.len() as f64 * rate_seconds
+        + if conn_seconds > 0.0 {
+            2.0 * r * 2.0 * conn_seconds
+        } else {
+            0.0
+        }
+        + args.hold as f64 / 800.0
+        + if args.sweep {
+            cores() as f64 * sweep_seconds(&args, conn_seconds.max(3.0))
+        } else {
+            0.0
+        };
+    let mut progress = Progress::new(total);
+    let (mut bench, workers) = progress.step(
         "building and starting the lab (2 nodes, 4 pods, 2 agents, 2 data planes)",
-    );
-    let (lab, workers, driver) = start_lab(&args)?;
+        15.0,
+        || start_lab(&args),
+    )?;
     if let Some(profile) = &args.tuning {
-        let changed = lab.apply_tuning(profile)?;
-        eprintln!(
-            "      tuning profile {profile}: {changed} value(s) changed in the lab's namespaces"
-        );
+        let changed = bench.lab.apply_tuning(profile)?;
+        eprintln!("tuning profile {profile}: {changed} value(s) changed in the lab's namespaces");
     }
 
     let ticks_before = sys::cpu_ticks();
-    let rounds = args.rounds.max(1);
-    step(
-        2,
-        total,
-        &format!(
-            "one bulk stream, {rounds} x ({0}s direct, {0}s mesh)",
+    let (mut direct_runs, mut tls_runs, mut mesh_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut cipher_suite = String::new();
+    for round in 1..=rounds {
+        let what = format!(
+            "one bulk stream, {0}s each direct, plain TLS, mesh (round {round}/{rounds})",
             args.seconds
-        ),
-    );
-    let (mut direct_runs, mut mesh_runs) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        direct_runs.push(bulk(
-            &lab,
-            "n1-b",
-            lab.addr("n2-b", SINK_PORT),
-            args.seconds,
-        )?);
-        mesh_runs.push(bulk(
-            &lab,
-            "n1-a",
-            lab.addr("n2-a", SINK_PORT),
-            args.seconds,
-        )?);
+        );
+        progress.step(&what, bulk_seconds, || -> anyhow::Result<()> {
+            let lab = &bench.lab;
+            direct_runs.push(bench.bulk("n1-b", lab.addr("n2-b", SINK_PORT), 1, args.seconds)?);
+            let (tls, suite) = bench.tls_bulk(args.seconds)?;
+            tls_runs.push(tls);
+            cipher_suite = suite;
+            mesh_runs.push(bench.bulk("n1-a", lab.addr("n2-a", SINK_PORT), 1, args.seconds)?);
+            Ok(())
+        })?;
     }
     let direct_throughput = Throughput::median(&direct_runs);
+    let tls_throughput = Throughput::median(&tls_runs);
     let mesh_throughput = Throughput::median(&mesh_runs);
 
-    step(
-        3,
-        total,
-        &format!(
-            "1 KiB ping-pong, {rounds} x ({0}s direct, {0}s mesh)",
-            args.rr_seconds
-        ),
-    );
-    let (mut direct_rr, mut mesh_rr) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        direct_rr.push(rr(
-            &lab,
-            "n1-b",
-            lab.addr("n2-b", ECHO_PORT),
-            args.rr_seconds,
-        )?);
-        mesh_rr.push(rr(
-            &lab,
-            "n1-a",
-            lab.addr("n2-a", ECHO_PORT),
-            args.rr_seconds,
-        )?);
+    let mut fixed_rates = Vec::new();
+    let (mut first_direct, mut first_mesh) = (Vec::new(), Vec::new());
+    for (i, load) in RATE_LOADS.iter().enumerate() {
+        let (mut direct, mut mesh) = (Vec::new(), Vec::new());
+        for round in 1..=rounds {
+            let what = format!(
+                "{RR_SIZE} B request/response at {:.0}/s over {} connection(s), open loop (round {round}/{rounds})",
+                load.rps, load.connections
+            );
+            progress.step(&what, rate_seconds, || -> anyhow::Result<()> {
+                let lab = &bench.lab;
+                direct.push(bench.rate(
+                    "n1-b",
+                    lab.addr("n2-b", ECHO_PORT),
+                    load,
+                    args.rr_seconds,
+                )?);
+                mesh.push(bench.rate(
+                    "n1-a",
+                    lab.addr("n2-a", ECHO_PORT),
+                    load,
+                    args.rr_seconds,
+                )?);
+                Ok(())
+            })?;
+        }
+        let side = |runs: &[(RateResult, ProcessCpu)]| {
+            let (results, cpu): (Vec<RateResult>, Vec<ProcessCpu>) = runs.iter().copied().unzip();
+            RateRun::of(&results, &cpu)
+        };
+        if i == 0 {
+            first_direct = direct.iter().map(|r| r.0.latency).collect();
+            first_mesh = mesh.iter().map(|r| r.0.latency).collect();
+        }
+        fixed_rates.push(FixedRate {
+            offered_rps: load.rps,
+            connections: load.connections,
+            direct: side(&direct),
+            mesh: side(&mesh),
+        });
     }
-    let direct_latency = Latency::median(&direct_rr);
-    let mesh_latency = Latency::median(&mesh_rr);
+    let direct_latency = fixed_rates[0].direct.latency;
+    let mesh_latency = fixed_rates[0].mesh.latency;
 
-    let connection_rates = if args.conn_seconds > 0.0 {
-        step(
-            4,
-            total,
-            &format!(
-                "new connections (connect, 1 byte each way, close), 1 and 4 threads, {rounds} x ({0}s direct, {0}s mesh)",
-                args.conn_seconds
-            ),
-        );
-        connection_rates(&lab, rounds, args.conn_seconds)?
+    let connection_rates = if conn_seconds > 0.0 {
+        connection_rates(&bench, &mut progress, rounds, conn_seconds)?
     } else {
         Vec::new()
     };
     let memory = if args.hold > 0 {
-        step(
-            total - 1,
-            total,
-            &format!("holding {} idle connections through the mesh", args.hold),
-        );
-        Some(memory(&lab, args.hold)?)
+        let what = format!("holding {} idle connections through the mesh", args.hold);
+        Some(progress.step(&what, args.hold as f64 / 800.0, || {
+            memory(&bench.lab, args.hold)
+        })?)
     } else {
         None
     };
+    // Last: it restarts the data planes.
+    let worker_sweep = if args.sweep {
+        worker_sweep(&mut bench, &mut progress, &args)?
+    } else {
+        Vec::new()
+    };
     let steal_percent = sys::steal_percent(ticks_before, sys::cpu_ticks());
-    step(total, total, "tearing the lab down");
-    teardown(lab);
+    progress.finish();
+    let driver = bench.driver.clone();
+    teardown(bench.lab);
 
     let report = Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -489,19 +931,34 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         rounds_detail: perf::report::Rounds {
             direct_throughput: direct_runs,
             mesh_throughput: mesh_runs,
-            direct_latency: direct_rr,
-            mesh_latency: mesh_rr,
+            tls_throughput: tls_runs,
+            direct_latency: first_direct,
+            mesh_latency: first_mesh,
         },
         workers_per_node: workers,
         pinned: args.pin,
         topology: "2 namespace nodes over veth, pods attached by CNI (bridge + host-local + mesh-cni), apps and data planes sharing all cores".into(),
-        ratios: Ratios::of(&direct_throughput, &mesh_throughput, &direct_latency, &mesh_latency),
+        ratios: Ratios::of(
+            &direct_throughput,
+            &mesh_throughput,
+            Some(&tls_throughput),
+            &direct_latency,
+            &mesh_latency,
+        ),
         direct_throughput,
         mesh_throughput,
-        rr_size_bytes: 1024,
+        tls_throughput: Some(tls_throughput),
+        tls_cipher_suite: Some(cipher_suite),
+        rr_size_bytes: RR_SIZE,
+        latency_method: format!(
+            "round trip: open loop at {:.0} requests/s on {} connection, latency from each request's intended send time",
+            RATE_LOADS[0].rps, RATE_LOADS[0].connections
+        ),
         direct_latency,
         mesh_latency,
+        fixed_rates,
         connection_rates,
+        worker_sweep,
         memory,
         tuning: args.tuning.clone(),
     };

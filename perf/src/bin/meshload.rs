@@ -1,40 +1,79 @@
-//! `meshload`: the lab's traffic, run as its own process inside a pod's namespace.
-//! Prints one JSON result line on stdout.
+//! `meshload`: the lab's traffic, run as its own process inside a pod's namespace. Prints one
+//! JSON line on stdout: the result, or a readiness line for servers and holders.
 
 use std::io::{BufRead, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use perf::load;
+use mesh_io::runtime::{self, DriverChoice};
+use perf::{gen, tls_baseline};
 
 #[derive(Parser)]
-#[command(about = "Load generator for the mesh lab")]
+#[command(about = "Thread-per-core load generator for the mesh lab")]
 struct Args {
+    /// I/O driver: auto (io_uring where allowed), io-uring or epoll.
+    #[arg(long, default_value = "auto", global = true)]
+    driver: DriverChoice,
     #[command(subcommand)]
     command: Cmd,
 }
 
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run an echo server and a sink server until killed.
+    /// Echo and sink servers, one SO_REUSEPORT listener per thread, until killed.
     Serve {
         #[arg(long, default_value_t = perf::lab::ECHO_PORT)]
         echo: u16,
         #[arg(long, default_value_t = perf::lab::SINK_PORT)]
         sink: u16,
+        #[arg(long, default_value_t = cores())]
+        threads: usize,
     },
-    /// One bulk stream to a sink.
+    /// A plain TLS 1.3 sink (the crypto reference), until killed.
+    TlsServe {
+        #[arg(long, default_value_t = perf::lab::TLS_SINK_PORT)]
+        port: u16,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Bulk streams to a sink.
     Bulk {
         #[arg(long)]
         to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
     },
-    /// Closed-loop request/response latency on one connection to an echo server.
-    Rr {
+    /// One plain TLS stream to a TLS sink, trusting `ca`.
+    TlsBulk {
         #[arg(long)]
         to: SocketAddr,
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
+    /// Open-loop request/response at a fixed offered rate; latency from intended send times.
+    Rate {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1000.0)]
+        rps: f64,
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
         #[arg(long, default_value_t = 1024)]
         size: usize,
         #[arg(long, default_value_t = 5.0)]
@@ -61,56 +100,80 @@ enum Cmd {
     },
 }
 
+fn print_line(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let connect = |to: SocketAddr| -> std::io::Result<TcpStream> {
-        let s = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
-        s.set_nodelay(true)?;
-        Ok(s)
-    };
-    match args.command {
-        Cmd::Serve { echo, sink } => {
-            let e = load::serve_echo(TcpListener::bind(("0.0.0.0", echo))?)?;
-            let _s = load::serve_sink(TcpListener::bind(("0.0.0.0", sink))?)?;
-            println!("{{\"serving\":true}}");
-            std::io::stdout().flush()?;
-            let _ = e.join();
+    let driver = runtime::resolve(args.driver).map_err(anyhow::Error::msg)?;
+    // Held and proxied connections need far more descriptors than the default soft limit.
+    mesh_io::sockets::raise_nofile_limit()?;
+    let secs = Duration::from_secs_f64;
+    let result = match args.command {
+        Cmd::Serve {
+            echo,
+            sink,
+            threads,
+        } => {
+            gen::serve(driver, threads, echo, sink, || {
+                print_line(&format!(
+                    "{{\"serving\":true,\"driver\":\"{}\"}}",
+                    driver.name()
+                ))
+            })?;
+            return Ok(());
         }
-        Cmd::Bulk { to, seconds } => {
-            let r = load::bulk(connect(to)?, Duration::from_secs_f64(seconds))?;
-            println!("{}", serde_json::to_string(&r)?);
+        Cmd::TlsServe { port, cert, key } => {
+            tls_baseline::serve(port, &cert, &key, || print_line("{\"serving\":true}"))?;
+            return Ok(());
         }
-        Cmd::Rr {
+        Cmd::Bulk {
             to,
+            connections,
+            threads,
+            seconds,
+        } => serde_json::to_string(&gen::bulk(driver, to, connections, threads, secs(seconds))?)?,
+        Cmd::TlsBulk { to, ca, seconds } => {
+            serde_json::to_string(&tls_baseline::bulk(to, &ca, secs(seconds))?)?
+        }
+        Cmd::Rate {
+            to,
+            rps,
+            connections,
+            threads,
             size,
             seconds,
             warmup,
-        } => {
-            let r = load::ping_pong(
-                connect(to)?,
+        } => serde_json::to_string(&gen::rate(
+            driver,
+            to,
+            gen::RateSpec {
+                rps,
+                connections,
+                threads,
                 size,
-                Duration::from_secs_f64(warmup),
-                Duration::from_secs_f64(seconds),
-            )?;
-            println!("{}", serde_json::to_string(&r)?);
-        }
+                warmup: secs(warmup),
+                duration: secs(seconds),
+            },
+        )?)?,
         Cmd::Conns {
             to,
             threads,
             seconds,
-        } => {
-            let r =
-                load::connection_rate(threads, Duration::from_secs_f64(seconds), || connect(to))?;
-            println!("{}", serde_json::to_string(&r)?);
-        }
+        } => serde_json::to_string(&gen::connection_rate(driver, to, threads, secs(seconds))?)?,
         Cmd::Hold { to, count } => {
-            let held = load::hold(count, || connect(to))?;
-            println!("{{\"held\":{}}}", held.len());
-            std::io::stdout().flush()?;
-            // Hold until the parent closes our stdin.
-            let mut line = String::new();
-            let _ = std::io::stdin().lock().read_line(&mut line);
+            gen::hold(driver, to, count, || {
+                print_line(&format!("{{\"held\":{count}}}"));
+                // Hold until the parent closes our stdin.
+                let mut line = String::new();
+                let _ = std::io::stdin().lock().read_line(&mut line);
+            })?;
+            return Ok(());
         }
-    }
+    };
+    print_line(&result);
     Ok(())
 }

@@ -1,0 +1,669 @@
+//! The load generator: thread-per-core on monoio (io_uring where the kernel allows it), one
+//! runtime per thread, nothing shared between threads but the start instant. Servers (echo and
+//! sink) use one SO_REUSEPORT listener per thread, as the data plane does.
+//!
+//! Scenarios: bulk streams to a sink, request/response at a fixed offered rate with latency
+//! measured from each request's intended send time (open loop, like wrk2: a slow response
+//! does not delay the next request, so queueing is not hidden), new connections back to back,
+//! and many held idle connections.
+
+use std::io::{self, Write as _};
+use std::net::{SocketAddr, TcpStream as StdStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use mesh_io::runtime::{self, Driver};
+use mesh_io::sockets;
+use monoio::buf::IoBuf;
+use monoio::io::{AsyncReadRent, AsyncReadRentExt, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::net::{TcpListener, TcpStream};
+use serde::{Deserialize, Serialize};
+
+use crate::load::Latency;
+use crate::sys;
+
+const BULK_CHUNK: usize = 256 * 1024;
+const ECHO_BUF: usize = 64 * 1024;
+/// Connections opened at once by `hold` (each proven with a one-byte echo).
+const HOLD_CONCURRENCY: usize = 64;
+
+fn histogram() -> io::Result<Histogram<u64>> {
+    // Nanoseconds, 1 ns to 60 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| io::Error::other(e.to_string()))
+}
+
+fn merge(into: &mut Histogram<u64>, from: &Histogram<u64>) -> io::Result<()> {
+    into.add(from).map_err(|e| io::Error::other(e.to_string()))
+}
+
+/// Runs `work(thread_index)` on `threads` threads, each with its own runtime; returns every
+/// thread's output in thread order.
+fn per_thread<T, F, Fut>(driver: Driver, threads: usize, work: F) -> io::Result<Vec<T>>
+where
+    T: Send,
+    F: Fn(usize) -> Fut + Sync,
+    Fut: std::future::Future<Output = io::Result<T>>,
+{
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads.max(1))
+            .map(|i| {
+                let work = &work;
+                s.spawn(move || runtime::block_on(driver, || work(i)).and_then(|r| r))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("load thread panicked")))
+            })
+            .collect()
+    })
+}
+
+async fn connect(to: SocketAddr) -> io::Result<TcpStream> {
+    let s = TcpStream::connect(to).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// CPU seconds this process has used so far (user + system, all threads).
+fn own_cpu() -> f64 {
+    sys::cpu_seconds(std::process::id()).unwrap_or(0.0)
+}
+
+/// Echo on `echo_port` and sink on `sink_port`, on `threads` threads, until the process ends.
+/// Echo: every byte back until the client half-closes, then half-close. Sink: read to EOF,
+/// answer with the byte count (8 bytes, little endian).
+pub fn serve(
+    driver: Driver,
+    threads: usize,
+    echo_port: u16,
+    sink_port: u16,
+    ready: impl FnOnce(),
+) -> io::Result<()> {
+    // Bind every thread's listeners before saying ready, so no connection is refused.
+    let mut listeners = Vec::new();
+    for _ in 0..threads.max(1) {
+        let echo = sockets::reuseport_listener(SocketAddr::from(([0, 0, 0, 0], echo_port)))?;
+        let sink = sockets::reuseport_listener(SocketAddr::from(([0, 0, 0, 0], sink_port)))?;
+        listeners.push((echo, sink));
+    }
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .map(|(echo, sink)| {
+            std::thread::spawn(move || {
+                runtime::block_on(driver, || async move {
+                    let echo = TcpListener::from_std(echo)?;
+                    let sink = TcpListener::from_std(sink)?;
+                    let sinks = monoio::spawn(accept_loop(sink, sink_conn));
+                    accept_loop(echo, echo_conn).await;
+                    sinks.await;
+                    io::Result::Ok(())
+                })
+            })
+        })
+        .collect();
+    ready();
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+async fn accept_loop<H, Fut>(listener: TcpListener, handle: H)
+where
+    H: Fn(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = io::Result<()>> + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((conn, _)) => {
+                let _ = conn.set_nodelay(true);
+                monoio::spawn(handle(conn));
+            }
+            // Out of descriptors or the like: back off briefly instead of spinning.
+            Err(_) => monoio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+async fn echo_conn(mut conn: TcpStream) -> io::Result<()> {
+    let mut buf = vec![0u8; ECHO_BUF];
+    loop {
+        let (res, b) = conn.read(buf).await;
+        let n = res?;
+        if n == 0 {
+            return conn.shutdown().await;
+        }
+        let (res, b) = conn.write_all(b.slice(..n)).await;
+        res?;
+        buf = b.into_inner();
+    }
+}
+
+async fn sink_conn(mut conn: TcpStream) -> io::Result<()> {
+    let mut buf = vec![0u8; BULK_CHUNK];
+    let mut total = 0u64;
+    loop {
+        let (res, b) = conn.read(buf).await;
+        buf = b;
+        match res? {
+            0 => break,
+            n => total += n as u64,
+        }
+    }
+    let (res, _) = conn.write_all(total.to_le_bytes().to_vec()).await;
+    res?;
+    conn.shutdown().await
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct BulkResult {
+    pub connections: usize,
+    /// Bytes the sinks confirmed, over all connections.
+    pub bytes: u64,
+    pub seconds: f64,
+    /// CPU seconds the generator itself used while measuring.
+    pub client_cpu_s: f64,
+}
+
+impl BulkResult {
+    pub fn gbit_per_s(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.seconds / 1e9
+    }
+}
+
+/// `connections` streams to a sink for `duration`, spread over `threads` threads. Counts
+/// only bytes the sink confirmed; a stream whose sink saw a different count is an error.
+pub fn bulk(
+    driver: Driver,
+    to: SocketAddr,
+    connections: usize,
+    threads: usize,
+    duration: Duration,
+) -> io::Result<BulkResult> {
+    let threads = threads.clamp(1, connections.max(1));
+    let cpu = own_cpu();
+    let start = Instant::now();
+    let per = per_thread(driver, threads, |t| async move {
+        let mine = (t..connections.max(1)).step_by(threads).count();
+        let streams: Vec<_> = (0..mine)
+            .map(|_| monoio::spawn(stream_to_sink(to, start + duration)))
+            .collect();
+        let mut bytes = 0;
+        for s in streams {
+            bytes += s.await?;
+        }
+        Ok(bytes)
+    })?;
+    Ok(BulkResult {
+        connections: connections.max(1),
+        bytes: per.iter().sum(),
+        seconds: start.elapsed().as_secs_f64(),
+        client_cpu_s: own_cpu() - cpu,
+    })
+}
+
+async fn stream_to_sink(to: SocketAddr, until: Instant) -> io::Result<u64> {
+    let mut conn = connect(to).await?;
+    let mut chunk = vec![0x5au8; BULK_CHUNK];
+    let mut sent = 0u64;
+    while Instant::now() < until {
+        let (res, c) = conn.write_all(chunk).await;
+        chunk = c;
+        sent += res? as u64;
+    }
+    conn.shutdown().await?;
+    let (res, ack) = conn.read_exact(vec![0u8; 8]).await;
+    res?;
+    let confirmed = u64::from_le_bytes(ack[..8].try_into().unwrap_or_default());
+    if confirmed != sent {
+        return Err(io::Error::other(format!(
+            "sink confirmed {confirmed} bytes of {sent} sent"
+        )));
+    }
+    Ok(confirmed)
+}
+
+/// Open-loop request/response at a fixed offered rate.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct RateResult {
+    pub offered_rps: f64,
+    pub achieved_rps: f64,
+    pub connections: usize,
+    pub size: usize,
+    /// Requests answered in the measured window.
+    pub requests: u64,
+    /// Requests sent but never answered (connection error or early close).
+    pub errors: u64,
+    /// From each request's intended send time to the last byte of its response.
+    pub latency: Latency,
+    /// How late the generator itself sent requests (actual minus intended): the floor under
+    /// the latency figures. Large values mean the generator, not the path, fell behind.
+    pub send_lag: Latency,
+    pub client_cpu_s: f64,
+}
+
+/// `rps` requests per second of `size` bytes, over `connections` connections spread over
+/// `threads` threads, each echoed back by the server. On each thread a pacer sends on
+/// schedule (its own OS thread, sleeping to the intended instant with a 1 ns timer slack)
+/// while monoio tasks read responses; a response's latency is measured from the intended
+/// send time of its request, so a stall shows in every request queued behind it.
+/// What `rate` offers.
+#[derive(Clone, Copy, Debug)]
+pub struct RateSpec {
+    /// Requests per second over all connections.
+    pub rps: f64,
+    pub connections: usize,
+    pub threads: usize,
+    /// Request (and response) size in bytes.
+    pub size: usize,
+    /// Sent on schedule but not measured.
+    pub warmup: Duration,
+    pub duration: Duration,
+}
+
+pub fn rate(driver: Driver, to: SocketAddr, spec: RateSpec) -> io::Result<RateResult> {
+    let RateSpec {
+        rps,
+        connections,
+        threads,
+        size,
+        warmup,
+        duration,
+    } = spec;
+    if !rps.is_finite() || rps <= 0.0 || size == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "rate needs rps > 0 and size > 0",
+        ));
+    }
+    let connections = connections.max(1);
+    let threads = threads.clamp(1, connections);
+    let cpu = own_cpu();
+    // Everyone starts from the same instant, a little ahead so every connection is open.
+    let start = Instant::now() + Duration::from_millis(200);
+    let measure_from = start + warmup;
+    let end = measure_from + duration;
+    let per = per_thread(driver, threads, |t| async move {
+        let mine = (t..connections).step_by(threads).count();
+        // This thread's share of the rate; its requests interleave with the other threads'.
+        let interval = Duration::from_secs_f64(threads as f64 / rps);
+        let offset = interval.mul_f64(t as f64 / threads as f64);
+        let mut writers = Vec::with_capacity(mine);
+        let mut readers = Vec::with_capacity(mine);
+        for c in 0..mine {
+            let s = StdStream::connect_timeout(&to, Duration::from_secs(10))?;
+            s.set_nodelay(true)?;
+            // The pacer writes through its own descriptor of the same socket.
+            writers.push(s.try_clone()?);
+            readers.push(monoio::spawn(read_responses(
+                TcpStream::from_std(s)?,
+                size,
+                Schedule {
+                    first: start + offset + interval * c as u32,
+                    every: interval * mine as u32,
+                },
+                measure_from,
+            )));
+        }
+        let pacer = std::thread::spawn(move || {
+            pace(
+                writers,
+                size,
+                Schedule {
+                    first: start + offset,
+                    every: interval,
+                },
+                measure_from,
+                end,
+            )
+        });
+        let mut latency = histogram()?;
+        let mut answered = 0u64;
+        for r in readers {
+            let (h, n) = r.await?;
+            merge(&mut latency, &h)?;
+            answered += n;
+        }
+        let (lag, sent) = pacer
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("pacer panicked")))?;
+        Ok((latency, lag, answered, sent))
+    })?;
+    let (mut latency, mut lag) = (histogram()?, histogram()?);
+    let (mut answered, mut sent) = (0, 0);
+    for (l, g, a, s) in &per {
+        merge(&mut latency, l)?;
+        merge(&mut lag, g)?;
+        answered += a;
+        sent += s;
+    }
+    Ok(RateResult {
+        offered_rps: rps,
+        achieved_rps: latency.len() as f64 / duration.as_secs_f64(),
+        connections,
+        size,
+        requests: latency.len(),
+        errors: sent.saturating_sub(answered),
+        latency: Latency::from_histogram(&latency),
+        send_lag: Latency::from_histogram(&lag),
+        client_cpu_s: own_cpu() - cpu,
+    })
+}
+
+/// Evenly spaced intended send times.
+#[derive(Clone, Copy)]
+struct Schedule {
+    first: Instant,
+    every: Duration,
+}
+
+impl Schedule {
+    fn at(&self, n: u64) -> Instant {
+        self.first + self.every.mul_f64(n as f64)
+    }
+}
+
+/// Sends requests on schedule, round robin over `conns`, until `end`; then half-closes every
+/// connection. Returns the send-lag histogram (measured window only) and requests sent.
+fn pace(
+    mut conns: Vec<StdStream>,
+    size: usize,
+    schedule: Schedule,
+    measure_from: Instant,
+    end: Instant,
+) -> io::Result<(Histogram<u64>, u64)> {
+    runtime::set_timer_slack_ns(1)?;
+    let request = vec![0xa5u8; size];
+    let mut lag = histogram()?;
+    let mut sent = 0u64;
+    for n in 0.. {
+        let intended = schedule.at(n);
+        if intended >= end {
+            break;
+        }
+        let now = Instant::now();
+        if intended > now {
+            std::thread::sleep(intended - now);
+        }
+        let count = conns.len();
+        let conn = &mut conns[n as usize % count];
+        write_all_blocking(conn, &request)?;
+        sent += 1;
+        if intended >= measure_from {
+            lag.saturating_record(intended.elapsed().as_nanos() as u64);
+        }
+    }
+    for c in &conns {
+        c.shutdown(std::net::Shutdown::Write)?;
+    }
+    Ok((lag, sent))
+}
+
+/// The socket may be non-blocking (the runtime's choice, shared by both descriptors): wait
+/// for room instead of failing.
+fn write_all_blocking(conn: &mut StdStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match conn.write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                sockets::wait_writable(conn.as_raw_fd(), Duration::from_secs(10))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads one connection's responses in order; the n-th answers the request sent at
+/// `schedule.at(n)`.
+async fn read_responses(
+    mut conn: TcpStream,
+    size: usize,
+    schedule: Schedule,
+    measure_from: Instant,
+) -> io::Result<(Histogram<u64>, u64)> {
+    let mut latency = histogram()?;
+    let mut buf = vec![0u8; size];
+    let mut n = 0u64;
+    loop {
+        let (res, b) = conn.read_exact(buf).await;
+        buf = b;
+        // EOF after the pacer's half-close means every response is in; an error ends the
+        // connection early, and the caller counts what is missing.
+        if res.is_err() {
+            break;
+        }
+        let intended = schedule.at(n);
+        if intended >= measure_from {
+            latency.saturating_record(intended.elapsed().as_nanos() as u64);
+        }
+        n += 1;
+    }
+    Ok((latency, n))
+}
+
+/// New connections back to back on each of `threads` threads: connect, one byte to an echo
+/// server and back, close (the client closes first, as a short request would).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct ConnRateResult {
+    pub threads: usize,
+    pub connections: u64,
+    pub failures: u64,
+    pub seconds: f64,
+    /// Connect to reply, per connection.
+    pub latency: Latency,
+    pub client_cpu_s: f64,
+}
+
+impl ConnRateResult {
+    pub fn per_second(&self) -> f64 {
+        self.connections as f64 / self.seconds
+    }
+}
+
+pub fn connection_rate(
+    driver: Driver,
+    to: SocketAddr,
+    threads: usize,
+    duration: Duration,
+) -> io::Result<ConnRateResult> {
+    let cpu = own_cpu();
+    let start = Instant::now();
+    let per = per_thread(driver, threads, |_| async move {
+        let mut h = histogram()?;
+        let mut failures = 0u64;
+        let mut byte = vec![0u8; 1];
+        while start.elapsed() < duration {
+            let began = Instant::now();
+            match exchange_one(to, byte).await {
+                (Ok(()), b) => {
+                    h.saturating_record(began.elapsed().as_nanos() as u64);
+                    byte = b;
+                }
+                (Err(_), b) => {
+                    failures += 1;
+                    byte = b;
+                }
+            }
+        }
+        Ok((h, failures))
+    })?;
+    let seconds = start.elapsed().as_secs_f64();
+    let mut all = histogram()?;
+    let mut failures = 0;
+    for (h, f) in &per {
+        merge(&mut all, h)?;
+        failures += f;
+    }
+    Ok(ConnRateResult {
+        threads,
+        connections: all.len(),
+        failures,
+        seconds,
+        latency: Latency::from_histogram(&all),
+        client_cpu_s: own_cpu() - cpu,
+    })
+}
+
+/// Connect, one byte each way, and (on drop) close.
+async fn exchange_one(to: SocketAddr, byte: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+    let mut conn = match connect(to).await {
+        Ok(c) => c,
+        Err(e) => return (Err(e), byte),
+    };
+    let (res, byte) = conn.write_all(byte).await;
+    if let Err(e) = res {
+        return (Err(e), byte);
+    }
+    let (res, byte) = conn.read_exact(byte).await;
+    (res.map(|_| ()), byte)
+}
+
+/// Opens `count` connections to an echo server, each proven with a one-byte echo, then calls
+/// `hold` while they stay open (idle) on this thread.
+pub fn hold(driver: Driver, to: SocketAddr, count: usize, hold: impl FnOnce()) -> io::Result<()> {
+    runtime::block_on(driver, || async move {
+        let mut held = Vec::with_capacity(count);
+        let mut opened = 0;
+        while opened < count {
+            let batch = HOLD_CONCURRENCY.min(count - opened);
+            let tasks: Vec<_> = (0..batch)
+                .map(|_| {
+                    monoio::spawn(async move {
+                        let mut conn = connect(to).await?;
+                        let (res, byte) = conn.write_all(vec![b'h']).await;
+                        res?;
+                        let (res, _) = conn.read_exact(byte).await;
+                        res?;
+                        io::Result::Ok(conn)
+                    })
+                })
+                .collect();
+            for t in tasks {
+                held.push(t.await?);
+            }
+            opened += batch;
+        }
+        hold();
+        drop(held);
+        Ok(())
+    })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn driver() -> Driver {
+        runtime::resolve(runtime::DriverChoice::Auto).expect("a driver")
+    }
+
+    /// Starts echo and sink servers on free loopback ports in this process.
+    fn servers() -> (SocketAddr, SocketAddr) {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port()
+        };
+        let (echo, sink) = (free(), free());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            serve(driver(), 2, echo, sink, move || {
+                let _ = tx.send(());
+            })
+        });
+        rx.recv_timeout(Duration::from_secs(5)).expect("servers up");
+        (
+            SocketAddr::from(([127, 0, 0, 1], echo)),
+            SocketAddr::from(([127, 0, 0, 1], sink)),
+        )
+    }
+
+    #[test]
+    fn bulk_counts_only_what_the_sinks_confirmed() {
+        let (_, sink) = servers();
+        let r = bulk(driver(), sink, 3, 2, Duration::from_millis(300)).expect("bulk");
+        assert_eq!(r.connections, 3);
+        assert!(r.bytes >= 3 * BULK_CHUNK as u64, "{r:?}");
+        assert_eq!(r.bytes % BULK_CHUNK as u64, 0, "whole chunks only: {r:?}");
+    }
+
+    #[test]
+    fn fixed_rate_sends_on_schedule_and_every_request_is_answered() {
+        let (echo, _) = servers();
+        let spec = RateSpec {
+            rps: 2000.0,
+            connections: 4,
+            threads: 2,
+            size: 512,
+            warmup: Duration::from_millis(200),
+            duration: Duration::from_secs(1),
+        };
+        let r = rate(driver(), echo, spec).expect("rate");
+        assert_eq!(r.errors, 0, "{r:?}");
+        // 2000/s over a 1 s window, within the schedule's edges.
+        assert!((1900..=2100).contains(&r.requests), "{r:?}");
+        assert!(r.latency.p50_us > 0.0 && r.latency.p50_us <= r.latency.p99_us);
+    }
+
+    #[test]
+    fn a_stalled_server_shows_in_latency_from_the_intended_send_time() {
+        // A server that stops for 400 ms after the first request, then echoes everything:
+        // open-loop latency must show the stall for every request queued behind it, not
+        // just the first (a closed loop would have sent only one request during the stall).
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let to = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    use std::io::Read;
+                    let mut conn = conn;
+                    let mut buf = [0u8; 4096];
+                    let mut stalled = false;
+                    while let Ok(n) = conn.read(&mut buf) {
+                        if !stalled {
+                            std::thread::sleep(Duration::from_millis(400));
+                            stalled = true;
+                        }
+                        if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = conn.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        let spec = RateSpec {
+            rps: 1000.0,
+            connections: 1,
+            threads: 1,
+            size: 64,
+            warmup: Duration::ZERO,
+            duration: Duration::from_millis(600),
+        };
+        let r = rate(driver(), to, spec).expect("rate");
+        assert_eq!(r.errors, 0, "{r:?}");
+        // Two thirds of the requests were sent during the stall: the median waited for it.
+        assert_eq!(r.requests, 600, "{r:?}");
+        assert!(r.latency.p50_us > 100_000.0, "{r:?}");
+        assert!(r.latency.max_us >= 350_000.0, "{r:?}");
+    }
+
+    #[test]
+    fn connection_rate_and_hold_prove_each_connection() {
+        let (echo, _) = servers();
+        let r = connection_rate(driver(), echo, 2, Duration::from_millis(300)).expect("conns");
+        assert!(r.connections > 10, "{r:?}");
+        assert_eq!(r.failures, 0);
+        let mut held_while = false;
+        hold(driver(), echo, 200, || held_while = true).expect("hold");
+        assert!(held_while);
+    }
+}
