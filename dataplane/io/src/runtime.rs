@@ -89,6 +89,27 @@ where
     }
 }
 
+/// Makes glibc malloc keep up to `bytes` of freed memory per arena instead of trimming it
+/// back to the kernel, and serve allocations below `bytes / 16` from its heaps rather than
+/// fresh mmaps. Call before the workers start. Both thresholds are fixed (glibc otherwise
+/// adapts them), so memory kept after a burst is bounded and predictable.
+pub fn retain_freed_memory(bytes: usize) -> std::io::Result<()> {
+    let clamp = |v: usize| libc::c_int::try_from(v).unwrap_or(libc::c_int::MAX);
+    // SAFETY: mallopt takes two integers and only changes the allocator's parameters.
+    #[allow(unsafe_code)]
+    let ok = unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, clamp(bytes)) == 1
+            && libc::mallopt(libc::M_MMAP_THRESHOLD, clamp(bytes / 16)) == 1
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "glibc refused malloc thresholds for {bytes} bytes"
+        )))
+    }
+}
+
 /// Sets the calling thread's timer slack: how late the kernel may wake it from a sleep (50 us
 /// by default). A pacer that sends on schedule wants its sleeps to end on time.
 pub fn set_timer_slack_ns(nanos: u64) -> std::io::Result<()> {

@@ -49,6 +49,9 @@ enum Cmd {
     /// (`--variant-dataplane`) and/or extra flags (`--variant-arg`) against this build. Both
     /// nodes' data planes restart for each side; memory is measured with `--hold` connections.
     Ab {
+        /// The baseline's data-plane binary (default: this build's).
+        #[arg(long)]
+        baseline_dataplane: Option<PathBuf>,
         #[arg(long)]
         variant_dataplane: Option<PathBuf>,
         #[arg(long = "variant-arg", allow_hyphen_values = true)]
@@ -110,10 +113,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Clean => clean(),
         Cmd::Tuning { profile, run } => tuning(run, &profile),
         Cmd::Ab {
+            baseline_dataplane,
             variant_dataplane,
             variant_args,
             run,
-        } => dataplane_ab(run, variant_dataplane, variant_args),
+        } => dataplane_ab(run, baseline_dataplane, variant_dataplane, variant_args),
         Cmd::Compare { first, second } => {
             let read = |p: &PathBuf| -> anyhow::Result<serde_json::Value> {
                 let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
@@ -747,13 +751,17 @@ fn tuning(args: RunArgs, profile: &str) -> anyhow::Result<()> {
 /// are restarted with each side's binary and flags before it is measured.
 fn dataplane_ab(
     args: RunArgs,
+    baseline_dataplane: Option<PathBuf>,
     variant_dataplane: Option<PathBuf>,
     variant_args: Vec<String>,
 ) -> anyhow::Result<()> {
-    let baseline = bins::locate()?.dataplane;
-    let variant = variant_dataplane.unwrap_or_else(|| baseline.clone());
-    if !variant.is_file() {
-        bail!("no data-plane binary at {}", variant.display());
+    let built = bins::locate()?.dataplane;
+    let baseline = baseline_dataplane.unwrap_or_else(|| built.clone());
+    let variant = variant_dataplane.unwrap_or(built);
+    for bin in [&baseline, &variant] {
+        if !bin.is_file() {
+            bail!("no data-plane binary at {}", bin.display());
+        }
     }
     let base_args = args.dataplane_args.clone();
     let mut variant_full = base_args.clone();
