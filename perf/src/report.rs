@@ -546,14 +546,12 @@ impl Report {
 
     fn plot_subtitle(&self) -> String {
         format!(
-            "commit {} | {} | {} ({} cores), kernel {} | {} workers/node, {} | medians of {} rounds",
+            "commit {} | {} ({} cores) | {}, {} workers/node | medians of {} rounds",
             self.commit,
-            self.started,
             self.machine.cpu_model,
             self.machine.cores,
-            self.machine.kernel,
-            self.workers_per_node,
             self.driver,
+            self.workers_per_node,
             self.rounds
         )
     }

@@ -136,6 +136,8 @@ struct Progress {
     total: f64,
     done: f64,
     started: Instant,
+    /// Time spent in weighted steps only: the rate that predicts the time left.
+    measuring: Duration,
     tty: bool,
 }
 
@@ -146,6 +148,7 @@ impl Progress {
             total: total_seconds.max(1.0),
             done: 0.0,
             started: Instant::now(),
+            measuring: Duration::ZERO,
             tty: std::io::stderr().is_terminal(),
         }
     }
@@ -153,7 +156,7 @@ impl Progress {
     /// Runs one step of about `seconds`, showing `what` while it runs.
     fn step<T>(&mut self, what: &str, seconds: f64, f: impl FnOnce() -> T) -> T {
         let fraction = (self.done / self.total).min(1.0);
-        let elapsed = self.started.elapsed().as_secs_f64();
+        let elapsed = self.measuring.as_secs_f64();
         let left = if self.done > 0.0 {
             format!(
                 "{:.0}s left",
@@ -175,8 +178,12 @@ impl Progress {
         } else {
             eprintln!("{bar}");
         }
+        let began = Instant::now();
         let out = f();
-        self.done += seconds;
+        if seconds > 0.0 {
+            self.measuring += began.elapsed();
+            self.done += seconds;
+        }
         out
     }
 
@@ -658,13 +665,16 @@ fn ab(
         bail!("meshlab creates network namespaces and nftables rules: run it as root");
     }
     let started = now_utc();
+    // The code measured is the code at the start; edits during the run do not count.
+    let commit = sys::git_commit();
     let rounds = args.rounds.max(1);
     let side_seconds =
         5.0 + args.seconds + args.rr_seconds + args.conn_seconds.max(1.0) + hold as f64 / 800.0;
-    let mut progress = Progress::new(15.0 + rounds as f64 * 2.0 * side_seconds);
+    let mut progress = Progress::new(rounds as f64 * 2.0 * side_seconds);
     let (mut bench, workers) = progress.step(
         "building and starting the lab (2 nodes, 4 pods, 2 agents, 2 data planes)",
-        15.0,
+        // Not counted: it takes seconds, or minutes when cargo builds first.
+        0.0,
         || start_lab(args),
     )?;
     let mut sides: [Vec<AbFigures>; 2] = [Vec::new(), Vec::new()];
@@ -687,7 +697,7 @@ fn ab(
     let [baseline_label, variant_label] = labels;
     let result = AbReport {
         command: std::env::args().collect::<Vec<_>>().join(" "),
-        commit: sys::git_commit(),
+        commit,
         started: started
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default(),
@@ -806,13 +816,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         bail!("meshlab creates network namespaces and nftables rules: run it as root");
     }
     let started = now_utc();
+    // The code measured is the code at the start; edits during the run do not count.
+    let commit = sys::git_commit();
     let rounds = args.rounds.max(1);
     let r = rounds as f64;
     let conn_seconds = args.conn_seconds;
     let bulk_seconds = 3.0 * (args.seconds + 0.3);
     let rate_seconds = 2.0 * (args.rr_seconds + 0.9);
-    let total = 15.0
-        + r * bulk_seconds
+    let total = r * bulk_seconds
         + r * RATE_LOADS.len() as f64 * rate_seconds
         + if conn_seconds > 0.0 {
             2.0 * r * 2.0 * conn_seconds
@@ -828,7 +839,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut progress = Progress::new(total);
     let (mut bench, workers) = progress.step(
         "building and starting the lab (2 nodes, 4 pods, 2 agents, 2 data planes)",
-        15.0,
+        // Not counted: it takes seconds, or minutes when cargo builds first.
+        0.0,
         || start_lab(&args),
     )?;
     if let Some(profile) = &args.tuning {
@@ -928,7 +940,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let report = Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
-        commit: sys::git_commit(),
+        commit,
         started: started
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default(),
