@@ -1,0 +1,48 @@
+//! `snapbench` on a small cluster: the real publisher, region, decoder, index and per-worker
+//! views, and a result file a reader can check.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn snapbench_measures_every_size_and_saves_the_result() {
+    let out = std::env::temp_dir().join(format!("snapbench-run-{}", std::process::id()));
+    let output = Command::new(env!("CARGO_BIN_EXE_snapbench"))
+        .args(["--sizes", "300,3000", "--changes", "5", "--dir"])
+        .arg(std::env::temp_dir())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run snapbench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json = std::fs::read_dir(&out)
+        .expect("results dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .expect("a JSON result");
+    let r: Value = serde_json::from_slice(&std::fs::read(&json).expect("read")).expect("JSON");
+    let sizes = r["sizes"].as_array().expect("sizes");
+    assert_eq!(sizes.len(), 2);
+    for (s, workloads) in sizes.iter().zip([300u64, 3000]) {
+        let n = |k: &str| s[k].as_f64().unwrap_or_else(|| panic!("{k} missing"));
+        assert_eq!(s["workloads"].as_u64(), Some(workloads));
+        assert_eq!(s["services"].as_u64(), Some(workloads / 10));
+        assert_eq!(s["policies"].as_u64(), Some(workloads / 100));
+        // Both slots of the double buffer hold a snapshot at least as large as the payload.
+        assert!(n("region_bytes") >= 2.0 * n("encoded_bytes"), "{s}");
+        assert!(n("adopt_full_ms") >= n("adopt_index_ms"), "{s}");
+        assert_eq!(s["one_pod_change_samples"].as_u64(), Some(5));
+        assert!(n("one_pod_change_p50_ms") > 0.0);
+        assert!(n("one_pod_change_p50_ms") <= n("one_pod_change_p99_ms"));
+    }
+    assert!(json.with_extension("svg").is_file());
+    assert!(stdout.contains("workloads"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&out);
+}
