@@ -35,6 +35,8 @@ const SLOT_HEADER_SIZE: usize = 64;
 /// Default payload capacity per slot. The file is sparse on tmpfs, so unused capacity costs
 /// no memory; it only bounds how large a snapshot can grow before the file is recreated.
 pub const DEFAULT_SLOT_CAPACITY: u64 = 64 << 20;
+/// Largest slot capacity a reader accepts; keeps every offset computation far from overflow.
+const MAX_SLOT_CAPACITY: u64 = 1 << 40;
 /// Torn reads in a row before a read gives up for now (the publisher is mid-write each time).
 const READ_ATTEMPTS: usize = 64;
 
@@ -70,6 +72,8 @@ pub enum RegionError {
     Layout { path: PathBuf, found: u32 },
     #[error("snapshot region {path}: file is {len} bytes, header says it needs {need}")]
     Truncated { path: PathBuf, len: u64, need: u64 },
+    #[error("snapshot region {path}: slot capacity {capacity} is not a multiple of 8 up to 1 TiB")]
+    Capacity { path: PathBuf, capacity: u64 },
     #[error("snapshot region {path}: no snapshot published yet")]
     Empty { path: PathBuf },
     #[error("snapshot region {path}: generation {generation} has checksum {found:#010x}, expected {expected:#010x}")]
@@ -178,8 +182,13 @@ pub struct Publisher {
 
 impl Publisher {
     /// Creates a fresh region at `path` (replacing any previous one atomically).
-    pub fn create(path: impl AsRef<Path>, options: PublishOptions) -> Result<Self, RegionError> {
+    pub fn create(
+        path: impl AsRef<Path>,
+        mut options: PublishOptions,
+    ) -> Result<Self, RegionError> {
         let path = path.as_ref().to_owned();
+        // Readers refuse capacities that would misalign the second slot's header.
+        options.slot_capacity = options.slot_capacity.next_multiple_of(8);
         let (map, epoch) = Self::create_file(&path, &options)?;
         Ok(Publisher {
             path,
@@ -468,8 +477,13 @@ impl Subscriber {
         }
         let epoch = layout.u64_at(H_EPOCH).load(Ordering::Acquire);
         let capacity = layout.u64_at(H_SLOT_CAPACITY).load(Ordering::Acquire);
-        let need = HEADER_SIZE as u64 + 2 * (SLOT_HEADER_SIZE as u64).saturating_add(capacity);
-        if capacity > (1 << 40) || len < need {
+        // Slot headers hold 8-byte atomics: a capacity that misaligns slot 1 is refused, not
+        // trusted (found by the region_file fuzz target).
+        if capacity > MAX_SLOT_CAPACITY || !capacity.is_multiple_of(8) {
+            return Err(RegionError::Capacity { path, capacity });
+        }
+        let need = file_len_for(capacity);
+        if len < need {
             return Err(RegionError::Truncated { path, len, need });
         }
         self.mapped = Some(Mapped {

@@ -126,6 +126,37 @@ fn foreign_or_incompatible_files_are_refused() {
         Subscriber::new(&path).read(),
         Err(RegionError::Truncated { .. })
     ));
+
+    // Capacities that would misalign slot 1 or overflow the size computation (both found by
+    // the region_file fuzz target, which panicked the reader on them).
+    for capacity in [1u64, 4095, u64::MAX, 1 << 41] {
+        bytes[H_SLOT_CAPACITY..H_SLOT_CAPACITY + 8].copy_from_slice(&capacity.to_ne_bytes());
+        std::fs::write(&path, &bytes).expect("write");
+        assert!(
+            matches!(
+                Subscriber::new(&path).read(),
+                Err(RegionError::Capacity { capacity: c, .. }) if c == capacity
+            ),
+            "capacity {capacity}"
+        );
+    }
+}
+
+#[test]
+fn a_publisher_rounds_its_capacity_so_readers_accept_it() {
+    let dir = ScratchDir::new().expect("scratch dir");
+    let path = region_path(&dir);
+    let mut publisher = Publisher::create(
+        &path,
+        PublishOptions {
+            slot_capacity: 4095,
+            owner: None,
+        },
+    )
+    .expect("create");
+    publisher.publish(b"hello").expect("publish");
+    let (_, payload) = expect_new(&mut Subscriber::new(&path));
+    assert_eq!(payload, b"hello");
 }
 
 /// Payloads describe themselves (length and fill byte derive from the generation), so a torn
