@@ -224,6 +224,9 @@ pub struct Report {
     /// reference for the mesh stream.
     pub tls_throughput: Option<Throughput>,
     pub tls_cipher_suite: Option<String>,
+    /// One stream from a mesh pod to a pod outside the mesh: node 1's data plane relays
+    /// plain TCP (no TLS), node 2's is not involved.
+    pub passthrough_throughput: Option<Throughput>,
     pub rr_size_bytes: usize,
     /// How `direct_latency` and `mesh_latency` were measured.
     pub latency_method: String,
@@ -355,6 +358,22 @@ impl Report {
                     r.throughput_mesh_over_tls.unwrap_or(f64::NAN)
                 ),
                 self.tls_cipher_suite.clone().unwrap_or_default(),
+            );
+        }
+        if let Some(pass) = &self.passthrough_throughput {
+            row(
+                &mut t,
+                "one stream, mesh pod to outside (TCP)",
+                format!("{:.2}", self.direct_throughput.gbit_per_s),
+                format!("{:.2}", pass.gbit_per_s),
+                format!(
+                    "x{:.2}",
+                    pass.gbit_per_s / self.direct_throughput.gbit_per_s
+                ),
+                format!(
+                    "node-1 data plane {:.3} CPU s/GB",
+                    pass.cpu.dataplane_s[0] / (pass.bytes as f64 / 1e9)
+                ),
             );
         }
         let gb = |th: &Throughput| th.cpu.per(th.bytes as f64 / 1e9);
@@ -572,6 +591,12 @@ impl Report {
                 Some(self.mesh_throughput.gbit_per_s),
             ],
         )];
+        if let Some(pass) = &self.passthrough_throughput {
+            groups.push((
+                "mesh pod to outside (TCP)".to_owned(),
+                vec![None, None, Some(pass.gbit_per_s)],
+            ));
+        }
         for p in &self.worker_sweep {
             groups.push((
                 format!("{} streams, {} worker(s)", p.streams, p.workers),
@@ -999,6 +1024,11 @@ pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
     row(
         "one plain TLS stream, Gbit/s",
         &["tls_throughput", "gbit_per_s"],
+        false,
+    );
+    row(
+        "one stream passthrough (mesh pod to outside), Gbit/s",
+        &["passthrough_throughput", "gbit_per_s"],
         false,
     );
     row(

@@ -78,9 +78,16 @@ fn the_standard_suite_measures_every_scenario_beside_its_baseline() {
     assert!(r["machine"]["cores"].as_u64().unwrap_or(0) >= 1);
     assert!(["io_uring", "epoll"].contains(&r["driver"].as_str().unwrap_or("")));
 
-    for side in ["direct_throughput", "tls_throughput", "mesh_throughput"] {
+    for side in [
+        "direct_throughput",
+        "tls_throughput",
+        "mesh_throughput",
+        "passthrough_throughput",
+    ] {
         assert!(f(&r, &[side, "gbit_per_s"]) > 0.0, "{side}");
     }
+    // Passthrough is relayed by node 1's data plane.
+    assert!(f(&r, &["passthrough_throughput", "cpu", "dataplane_s", "0"]) > 0.0);
     assert!(r["tls_cipher_suite"]
         .as_str()
         .is_some_and(|s| s.starts_with("TLS13_")));

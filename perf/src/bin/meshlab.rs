@@ -821,7 +821,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let rounds = args.rounds.max(1);
     let r = rounds as f64;
     let conn_seconds = args.conn_seconds;
-    let bulk_seconds = 3.0 * (args.seconds + 0.3);
+    let bulk_seconds = 4.0 * (args.seconds + 0.3);
     let rate_seconds = 2.0 * (args.rr_seconds + 0.9);
     let total = r * bulk_seconds
         + r * RATE_LOADS.len() as f64 * rate_seconds
@@ -850,10 +850,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let ticks_before = sys::cpu_ticks();
     let (mut direct_runs, mut tls_runs, mut mesh_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut passthrough_runs = Vec::new();
     let mut cipher_suite = String::new();
     for round in 1..=rounds {
         let what = format!(
-            "one bulk stream, {0}s each direct, plain TLS, mesh (round {round}/{rounds})",
+            "one bulk stream, {0}s each direct, plain TLS, mesh, passthrough (round {round}/{rounds})",
             args.seconds
         );
         progress.step(&what, bulk_seconds, || -> anyhow::Result<()> {
@@ -863,12 +864,20 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             tls_runs.push(tls);
             cipher_suite = suite;
             mesh_runs.push(bench.bulk("n1-a", lab.addr("n2-a", SINK_PORT), 1, args.seconds)?);
+            // From a mesh pod to a pod outside the mesh: node 1 relays plain TCP.
+            passthrough_runs.push(bench.bulk(
+                "n1-a",
+                lab.addr("n2-b", SINK_PORT),
+                1,
+                args.seconds,
+            )?);
             Ok(())
         })?;
     }
     let direct_throughput = Throughput::median(&direct_runs);
     let tls_throughput = Throughput::median(&tls_runs);
     let mesh_throughput = Throughput::median(&mesh_runs);
+    let passthrough_throughput = Throughput::median(&passthrough_runs);
 
     let mut fixed_rates = Vec::new();
     let (mut first_direct, mut first_mesh) = (Vec::new(), Vec::new());
@@ -968,6 +977,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         direct_throughput,
         mesh_throughput,
         tls_throughput: Some(tls_throughput),
+        passthrough_throughput: Some(passthrough_throughput),
         tls_cipher_suite: Some(cipher_suite),
         rr_size_bytes: RR_SIZE,
         latency_method: format!(
