@@ -202,12 +202,54 @@ pub struct NodeMemory {
     pub bytes_per_connection: f64,
 }
 
+/// The head of every result file: what ran, from which commit, when and where. Taken when a
+/// run starts, so edits to the tree during the run do not count.
 #[derive(Clone, Debug, Serialize)]
-pub struct Report {
+pub struct Provenance {
     pub command: String,
     pub commit: String,
     pub started: String,
     pub machine: Machine,
+    /// The start, to the second: it names the result files.
+    #[serde(skip)]
+    pub started_at: time::OffsetDateTime,
+}
+
+impl Provenance {
+    pub fn now() -> Provenance {
+        let now = time::OffsetDateTime::now_utc();
+        let started_at = now.replace_nanosecond(0).unwrap_or(now);
+        Provenance {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            commit: crate::sys::git_commit(),
+            started: started_at
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            machine: crate::sys::machine(),
+            started_at,
+        }
+    }
+
+    /// A result file's name stem: `kind` and the UTC second the run started, so files sort
+    /// by time.
+    pub fn file_stem(&self, kind: &str) -> String {
+        let t = self.started_at;
+        format!(
+            "{kind}-{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+            t.year(),
+            t.month() as u8,
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        )
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    #[serde(flatten)]
+    pub run: Provenance,
     pub driver: String,
     pub workers_per_node: usize,
     pub pinned: bool,
@@ -302,10 +344,10 @@ impl Report {
             self.workers_per_node,
             if self.pinned { "pinned" } else { "unpinned" },
             self.driver,
-            self.machine.cpu_model,
-            self.machine.cores,
-            self.machine.kernel,
-            self.commit
+            self.run.machine.cpu_model,
+            self.run.machine.cores,
+            self.run.machine.kernel,
+            self.run.commit
         );
         if let Some(profile) = &self.tuning {
             let _ = writeln!(t, "tuning: profile {profile} in every lab namespace");
@@ -566,9 +608,9 @@ impl Report {
     fn plot_subtitle(&self) -> String {
         format!(
             "commit {} | {} ({} cores) | {}, {} workers/node | medians of {} rounds",
-            self.commit,
-            self.machine.cpu_model,
-            self.machine.cores,
+            self.run.commit,
+            self.run.machine.cpu_model,
+            self.run.machine.cores,
             self.driver,
             self.workers_per_node,
             self.rounds
@@ -715,14 +757,14 @@ impl Report {
 <text x="20" y="18" font-size="13">meshlab, commit {}, {} (medians of {} rounds)</text>
 <text x="20" y="34" font-size="11">{} workers/node, {}, on {} ({} cores), kernel {}</text>
 "#,
-            self.commit,
-            self.started,
+            self.run.commit,
+            self.run.started,
             self.rounds,
             self.workers_per_node,
             self.driver,
-            self.machine.cpu_model,
-            self.machine.cores,
-            self.machine.kernel
+            self.run.machine.cpu_model,
+            self.run.machine.cores,
+            self.run.machine.kernel
         );
         let panel = |s: &mut String,
                      x0: f64,
@@ -883,19 +925,6 @@ fn short(v: f64) -> String {
     } else {
         format!("{v:.2}")
     }
-}
-
-/// A result file's name stem: `kind` and the UTC second the run started, so files sort by time.
-pub fn file_stem(kind: &str, started: time::OffsetDateTime) -> String {
-    format!(
-        "{kind}-{:04}{:02}{:02}T{:02}{:02}{:02}Z",
-        started.year(),
-        started.month() as u8,
-        started.day(),
-        started.hour(),
-        started.minute(),
-        started.second()
-    )
 }
 
 /// A horizontal bar chart on a log scale (values spanning orders of magnitude), as SVG.
@@ -1200,10 +1229,8 @@ pub struct AbSide {
 /// tuning profile against none, or one data-plane build or flag set against another.
 #[derive(Clone, Debug, Serialize)]
 pub struct AbReport {
-    pub command: String,
-    pub commit: String,
-    pub started: String,
-    pub machine: Machine,
+    #[serde(flatten)]
+    pub run: Provenance,
     pub driver: String,
     pub workers_per_node: usize,
     /// What differs between the two sides.
@@ -1265,10 +1292,10 @@ impl AbReport {
             self.rounds,
             self.workers_per_node,
             self.driver,
-            self.machine.cpu_model,
-            self.machine.cores,
-            self.machine.kernel,
-            self.commit
+            self.run.machine.cpu_model,
+            self.run.machine.cores,
+            self.run.machine.kernel,
+            self.run.commit
         );
         let _ = writeln!(t, "baseline: {}", self.baseline_label);
         let _ = writeln!(t, "variant:  {}", self.variant_label);
@@ -1302,7 +1329,7 @@ impl AbReport {
             &format!("A/B: {}", self.experiment),
             &format!(
                 "{} | medians of {} alternating rounds | commit {}",
-                self.machine.cpu_model, self.rounds, self.commit
+                self.run.machine.cpu_model, self.rounds, self.run.commit
             ),
             "",
             &bars,

@@ -3,6 +3,8 @@
 //! what a perf engineer reads: the table, the JSON and a plot per scenario. `meshlab compare`
 //! then reads the JSON back. Needs root, as CI is; fails without it.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -67,13 +69,7 @@ fn the_standard_suite_measures_every_scenario_beside_its_baseline() {
         "{stdout}"
     );
 
-    let json = std::fs::read_dir(&out)
-        .expect("results dir")
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "json"))
-        .expect("a JSON result");
-    let r: Value = serde_json::from_slice(&std::fs::read(&json).expect("read")).expect("JSON");
+    let (json, r) = common::saved_result(&out);
     assert!(!r["commit"].as_str().unwrap_or("").is_empty());
     assert!(r["machine"]["cores"].as_u64().unwrap_or(0) >= 1);
     assert!(["io_uring", "epoll"].contains(&r["driver"].as_str().unwrap_or("")));

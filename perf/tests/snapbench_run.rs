@@ -1,9 +1,9 @@
 //! `snapbench` on a small cluster: the real publisher, region, decoder, index and per-worker
 //! views, and a result file a reader can check.
 
-use std::process::Command;
+mod common;
 
-use serde_json::Value;
+use std::process::Command;
 
 #[test]
 fn snapbench_measures_every_size_and_saves_the_result() {
@@ -21,13 +21,7 @@ fn snapbench_measures_every_size_and_saves_the_result() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let json = std::fs::read_dir(&out)
-        .expect("results dir")
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "json"))
-        .expect("a JSON result");
-    let r: Value = serde_json::from_slice(&std::fs::read(&json).expect("read")).expect("JSON");
+    let (json, r) = common::saved_result(&out);
     let sizes = r["sizes"].as_array().expect("sizes");
     assert_eq!(sizes.len(), 2);
     for (s, workloads) in sizes.iter().zip([300u64, 3000]) {

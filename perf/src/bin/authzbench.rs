@@ -21,7 +21,7 @@ use mesh_core::index::{Generation, Index};
 use mesh_snapshot::schema::{
     Action, AuthorizationPolicy, Protocol, Rule, RuleOperation, RuleSource, Snapshot, Workload,
 };
-use perf::{report, sys};
+use perf::report;
 use serde::Serialize;
 
 const BATCHES: usize = 15;
@@ -176,6 +176,7 @@ fn measure(index: &Index, c: &Connection) -> (f64, bool) {
 }
 
 fn main() -> anyhow::Result<()> {
+    let run = report::Provenance::now();
     let connection = Connection {
         source: Some("spiffe://cluster.local/ns/web/sa/frontend".parse()?),
         source_ip: "10.1.0.7".parse()?,
@@ -203,7 +204,7 @@ fn main() -> anyhow::Result<()> {
             });
         }
     }
-    let machine = sys::machine();
+    let machine = &run.machine;
     println!(
         "authorization decision time on {} ({} cores)",
         machine.cpu_model, machine.cores
@@ -218,24 +219,18 @@ fn main() -> anyhow::Result<()> {
             r.policies, r.scope, r.applicable, r.ns_per_decision, r.no_policy_ns, r.vs_no_policy
         );
     }
-    let stem = report::file_stem("authz", time::OffsetDateTime::now_utc());
+    let stem = run.file_stem("authz");
     if std::env::args().any(|a| a == "--no-save") {
         return Ok(());
     }
     let out = std::path::Path::new("bench-results");
     std::fs::create_dir_all(out)?;
     let path = out.join(format!("{stem}.json"));
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&serde_json::json!({
-            "command": std::env::args().collect::<Vec<_>>().join(" "),
-            "commit": sys::git_commit(),
-            "machine": &machine,
-            "batches": BATCHES,
-            "decisions_per_batch": DECISIONS_PER_BATCH,
-            "rows": rows,
-        }))? + "\n",
-    )?;
+    let mut result = serde_json::to_value(&run)?;
+    result["batches"] = BATCHES.into();
+    result["decisions_per_batch"] = DECISIONS_PER_BATCH.into();
+    result["rows"] = serde_json::to_value(&rows)?;
+    std::fs::write(&path, serde_json::to_string_pretty(&result)? + "\n")?;
     let bars: Vec<(String, f64)> = rows
         .iter()
         .map(|r| {
@@ -248,7 +243,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(
         out.join(format!("{stem}.svg")),
         perf::report::log_bar_chart(
-            &format!("authorization decision time, commit {}", sys::git_commit()),
+            &format!("authorization decision time, commit {}", run.commit),
             &format!(
                 "{} ({} cores); deciding with no policy: {:.0}-{:.0} ns",
                 machine.cpu_model,

@@ -15,8 +15,8 @@ use perf::gen::{BulkResult, ConnRateResult, RateResult};
 use perf::lab::{self, Lab, LabOptions, ECHO_PORT, SINK_PORT, TLS_SINK_PORT};
 use perf::load::Latency;
 use perf::report::{
-    self, AbReport, AbSide, ConnRate, FixedRate, Memory, NodeMemory, ProcessCpu, RateRun, Ratios,
-    Report, SweepPoint, Throughput,
+    self, AbReport, AbSide, ConnRate, FixedRate, Memory, NodeMemory, ProcessCpu, Provenance,
+    RateRun, Ratios, Report, SweepPoint, Throughput,
 };
 use perf::tls_baseline::TlsBulkResult;
 use perf::{bins, sys};
@@ -104,6 +104,18 @@ struct RunArgs {
     /// Print the table only; write nothing.
     #[arg(long)]
     no_save: bool,
+}
+
+impl RunArgs {
+    /// Length of the connection-rate runs inside scenarios that always measure it (the worker
+    /// sweep, A/B sides), also when `--conn-seconds 0` skips the standalone scenario.
+    fn conn_seconds_always(&self) -> f64 {
+        if self.conn_seconds > 0.0 {
+            self.conn_seconds
+        } else {
+            3.0
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -484,17 +496,13 @@ fn worker_sweep(
     args: &RunArgs,
 ) -> anyhow::Result<Vec<SweepPoint>> {
     let streams = cores();
-    let conn_seconds = if args.conn_seconds > 0.0 {
-        args.conn_seconds
-    } else {
-        3.0
-    };
+    let conn_seconds = args.conn_seconds_always();
     let mut points = Vec::new();
     for workers in 1..=cores() {
         let what = format!("worker sweep: {workers} worker(s) per node");
         let point = progress.step(
             &what,
-            sweep_seconds(args, conn_seconds),
+            sweep_seconds(args),
             || -> anyhow::Result<SweepPoint> {
                 bench.lab.options.workers = workers;
                 for node in 0..2 {
@@ -528,8 +536,8 @@ fn worker_sweep(
     Ok(points)
 }
 
-fn sweep_seconds(args: &RunArgs, conn_seconds: f64) -> f64 {
-    4.0 + 2.0 * args.seconds + 2.0 * conn_seconds
+fn sweep_seconds(args: &RunArgs) -> f64 {
+    4.0 + 2.0 * args.seconds + 2.0 * args.conn_seconds_always()
 }
 
 /// Brings the lab up with the server apps running.
@@ -601,7 +609,7 @@ fn mesh_figures(bench: &Bench, args: &RunArgs, hold: usize) -> anyhow::Result<Ab
             "n1-a",
             lab.addr("n2-a", ECHO_PORT),
             1,
-            args.conn_seconds.max(1.0),
+            args.conn_seconds_always(),
         )?
         .per_second();
     let memory = if hold > 0 {
@@ -664,12 +672,10 @@ fn ab(
     if !sys::is_root() {
         bail!("meshlab creates network namespaces and nftables rules: run it as root");
     }
-    let started = now_utc();
-    // The code measured is the code at the start; edits during the run do not count.
-    let commit = sys::git_commit();
+    let run = Provenance::now();
     let rounds = args.rounds.max(1);
     let side_seconds =
-        5.0 + args.seconds + args.rr_seconds + args.conn_seconds.max(1.0) + hold as f64 / 800.0;
+        5.0 + args.seconds + args.rr_seconds + args.conn_seconds_always() + hold as f64 / 800.0;
     let mut progress = Progress::new(rounds as f64 * 2.0 * side_seconds);
     let (mut bench, workers) = progress.step(
         "building and starting the lab (2 nodes, 4 pods, 2 agents, 2 data planes)",
@@ -696,12 +702,7 @@ fn ab(
     teardown(bench.lab);
     let [baseline_label, variant_label] = labels;
     let result = AbReport {
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        commit,
-        started: started
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default(),
-        machine: sys::machine(),
+        run,
         driver,
         workers_per_node: workers,
         experiment: describe(),
@@ -712,7 +713,8 @@ fn ab(
         baseline: ab_side(&sides[0]),
         variant: ab_side(&sides[1]),
     };
-    publish(args, "ab", started, &result.table(), |dir, stem| {
+    let stem = result.run.file_stem("ab");
+    publish(args, &stem, &result.table(), |dir, stem| {
         result.save(dir, stem)
     })
 }
@@ -815,9 +817,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if !sys::is_root() {
         bail!("meshlab creates network namespaces and nftables rules: run it as root");
     }
-    let started = now_utc();
-    // The code measured is the code at the start; edits during the run do not count.
-    let commit = sys::git_commit();
+    let run = Provenance::now();
     let rounds = args.rounds.max(1);
     let r = rounds as f64;
     let conn_seconds = args.conn_seconds;
@@ -832,7 +832,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         + args.hold as f64 / 800.0
         + if args.sweep {
-            cores() as f64 * sweep_seconds(&args, conn_seconds.max(3.0))
+            cores() as f64 * sweep_seconds(&args)
         } else {
             0.0
         };
@@ -948,12 +948,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     teardown(bench.lab);
 
     let report = Report {
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        commit,
-        started: started
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default(),
-        machine: sys::machine(),
+        run,
         driver,
         rounds,
         steal_percent,
@@ -992,15 +987,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         memory,
         tuning: args.tuning.clone(),
     };
-    publish(&args, "lab", started, &report.table(), |dir, stem| {
+    let stem = report.run.file_stem("lab");
+    publish(&args, &stem, &report.table(), |dir, stem| {
         report.save(dir, stem)
     })
-}
-
-/// The start of a run, to the second (it names the result files).
-fn now_utc() -> time::OffsetDateTime {
-    let now = time::OffsetDateTime::now_utc();
-    now.replace_nanosecond(0).unwrap_or(now)
 }
 
 /// Stops the lab and removes its logs and scratch files.
@@ -1013,14 +1003,13 @@ fn teardown(lab: Lab) {
 /// Prints a result's table and, unless `--no-save`, writes `<kind>-<time>.json` and `.svg`.
 fn publish(
     args: &RunArgs,
-    kind: &str,
-    started: time::OffsetDateTime,
+    stem: &str,
     table: &str,
     save: impl FnOnce(&std::path::Path, &str) -> anyhow::Result<PathBuf>,
 ) -> anyhow::Result<()> {
     println!("{table}");
     if !args.no_save {
-        let path = save(&args.out, &report::file_stem(kind, started))?;
+        let path = save(&args.out, stem)?;
         println!("saved {} (and .svg)", path.display());
     }
     std::io::stdout().flush()?;

@@ -23,7 +23,7 @@ use mesh_snapshot::schema::{
     Workload,
 };
 use mesh_snapshot::{Publisher, ReadOutcome, Snapshot, Subscriber};
-use perf::report;
+use perf::report::{self, Provenance};
 use perf::sys;
 use serde::Serialize;
 
@@ -184,10 +184,8 @@ struct SizeResult {
 
 #[derive(Serialize)]
 struct SnapReport {
-    command: String,
-    commit: String,
-    started: String,
-    machine: sys::Machine,
+    #[serde(flatten)]
+    run: Provenance,
     workers: usize,
     method: String,
     sizes: Vec<SizeResult>,
@@ -332,8 +330,7 @@ fn measure(size: usize, args: &Args, ca: &ctrl_agent::ca::LocalCa) -> anyhow::Re
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let started = time::OffsetDateTime::now_utc();
-    let commit = sys::git_commit();
+    let run = Provenance::now();
     let ca = ctrl_agent::ca::LocalCa::generate(TRUST_DOMAIN)?;
     let mut sizes = Vec::new();
     for &size in &args.sizes {
@@ -341,12 +338,7 @@ fn main() -> anyhow::Result<()> {
         sizes.push(measure(size, &args, &ca)?);
     }
     let report = SnapReport {
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        commit,
-        started: started
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default(),
-        machine: sys::machine(),
+        run,
         workers: args.workers,
         method: "full snapshot republished for every change (prost, double-buffered region); \
                  adopt = read + decode + index + every worker's view; no traffic on the workers"
@@ -357,9 +349,9 @@ fn main() -> anyhow::Result<()> {
         "\nsnapbench: {} | {} workers | {} ({} cores) | commit {}",
         report.method,
         report.workers,
-        report.machine.cpu_model,
-        report.machine.cores,
-        report.commit
+        report.run.machine.cpu_model,
+        report.run.machine.cores,
+        report.run.commit
     );
     println!(
         "{:>10}{:>12}{:>12}{:>12}{:>12}{:>12}{:>14}{:>14}",
@@ -388,7 +380,7 @@ fn main() -> anyhow::Result<()> {
     println!("targets (issue 3): 1M workloads in <= 256 MiB of shared memory; a full 100k snapshot adopted within 100 ms; a one-pod change on every worker within 1 ms at p99");
     if !args.no_save {
         std::fs::create_dir_all(&args.out)?;
-        let stem = report::file_stem("snapshot", started.replace_nanosecond(0).unwrap_or(started));
+        let stem = report.run.file_stem("snapshot");
         let json = args.out.join(format!("{stem}.json"));
         std::fs::write(&json, serde_json::to_string_pretty(&report)? + "\n")?;
         let mut bars = Vec::new();
@@ -410,7 +402,10 @@ fn main() -> anyhow::Result<()> {
             "Snapshot channel: full republish per change",
             &format!(
                 "{} ({} cores) | {} workers | commit {}",
-                report.machine.cpu_model, report.machine.cores, report.workers, report.commit
+                report.run.machine.cpu_model,
+                report.run.machine.cores,
+                report.workers,
+                report.run.commit
             ),
             "",
             &bars,

@@ -326,3 +326,15 @@ pub mod raw_hbone {
         })
     }
 }
+
+/// The JSON result a benchmark saved into `dir` (its only `.json`), with its path.
+pub fn saved_result(dir: &std::path::Path) -> (std::path::PathBuf, serde_json::Value) {
+    let json = std::fs::read_dir(dir)
+        .expect("results dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .expect("a JSON result");
+    let value = serde_json::from_slice(&std::fs::read(&json).expect("read")).expect("JSON");
+    (json, value)
+}
