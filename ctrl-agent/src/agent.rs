@@ -2,6 +2,9 @@
 //! certificates fresh, publish a new snapshot generation whenever either (or the set of pods
 //! enrolled through CNI) changed. A bad file is reported (field and problem) and changes
 //! nothing: the last good snapshot stays published.
+//!
+//! A change is published as a delta against what was published last (one record in the
+//! region's log), and the log is compacted into a complete snapshot once it grows long.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -12,10 +15,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use mesh_core::identity::SpiffeId;
-use mesh_snapshot::region::{PublishOptions, Publisher, Version};
-use mesh_snapshot::schema::Identity;
+use mesh_snapshot::delta::State;
+use mesh_snapshot::region::{PublishOptions, Version};
+use mesh_snapshot::schema::{Identity, Snapshot};
 
 use crate::ca::{IssuedCert, LocalCa};
+use crate::channel::{Published, SnapshotChannel};
 use crate::config::{ConfigError, FileConfig, ProtocolSpec};
 use crate::enroll::Enrollments;
 use crate::translate;
@@ -83,7 +88,7 @@ pub fn lock(shared: &SharedState) -> MutexGuard<'_, Shared> {
 pub struct Agent {
     options: AgentOptions,
     ca: LocalCa,
-    publisher: Publisher,
+    channel: SnapshotChannel,
     /// Bytes of the config file last looked at (good or bad), to notice changes.
     last_seen: Option<Vec<u8>>,
     shared: SharedState,
@@ -93,7 +98,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(options: AgentOptions, ca: LocalCa) -> Result<Agent, AgentError> {
-        let publisher = Publisher::create(
+        let channel = SnapshotChannel::create(
             &options.snapshot_path,
             PublishOptions {
                 owner: options.owner,
@@ -114,7 +119,7 @@ impl Agent {
         Ok(Agent {
             options,
             ca,
-            publisher,
+            channel,
             last_seen: None,
             shared,
             certs: BTreeMap::new(),
@@ -249,18 +254,38 @@ impl Agent {
             source,
         );
         drop(shared);
-        let payload = mesh_snapshot::encode(&snapshot);
-        let version = self.publisher.publish(&payload)?;
-        tracing::info!(
-            generation = version.generation,
-            workloads = snapshot.workloads.len(),
-            services = snapshot.services.len(),
-            policies = snapshot.policies.len(),
-            identities = snapshot.identities.len(),
-            bytes = payload.len(),
-            "snapshot published"
+        self.publish_snapshot(snapshot)
+    }
+
+    fn publish_snapshot(&mut self, snapshot: Snapshot) -> Result<Tick, AgentError> {
+        let (workloads, services, policies, identities) = (
+            snapshot.workloads.len(),
+            snapshot.services.len(),
+            snapshot.policies.len(),
+            snapshot.identities.len(),
         );
-        Ok(Tick::Published(version))
+        match self.channel.publish_state(State::from(snapshot))? {
+            Published::Unchanged => Ok(Tick::Unchanged),
+            Published::Delta { version, changes } => {
+                tracing::info!(
+                    generation = version.generation,
+                    changes,
+                    "snapshot change published"
+                );
+                Ok(Tick::Published(version))
+            }
+            Published::Full(version) => {
+                tracing::info!(
+                    generation = version.generation,
+                    workloads,
+                    services,
+                    policies,
+                    identities,
+                    "snapshot published"
+                );
+                Ok(Tick::Published(version))
+            }
+        }
     }
 
     /// Runs ticks every `interval`, or sooner when CNI changes an enrollment, until `stop` is

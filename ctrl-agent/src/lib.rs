@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod ca;
+pub mod channel;
 pub mod cni_api;
 pub mod cni_server;
 pub mod config;

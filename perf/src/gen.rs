@@ -112,7 +112,7 @@ pub fn serve(
     Ok(())
 }
 
-async fn accept_loop<H, Fut>(listener: TcpListener, handle: H)
+pub async fn accept_loop<H, Fut>(listener: TcpListener, handle: H)
 where
     H: Fn(TcpStream) -> Fut,
     Fut: std::future::Future<Output = io::Result<()>> + 'static,
@@ -129,7 +129,7 @@ where
     }
 }
 
-async fn echo_conn(mut conn: TcpStream) -> io::Result<()> {
+pub async fn echo_conn(mut conn: TcpStream) -> io::Result<()> {
     let mut buf = vec![0u8; ECHO_BUF];
     loop {
         let (res, b) = conn.read(buf).await;

@@ -26,9 +26,15 @@ fn agent(dir: &Path) -> Agent {
     Agent::new(options, LocalCa::generate("cluster.local").expect("ca")).expect("agent")
 }
 
+/// The complete snapshot if anything was published since the last read.
 fn read(sub: &mut Subscriber) -> Option<Snapshot> {
+    sub.resync();
     match sub.read().expect("region readable") {
-        ReadOutcome::New { payload, .. } => Some(mesh_snapshot::decode(&payload).expect("decodes")),
+        ReadOutcome::New { base, deltas, .. } => {
+            mesh_snapshot::delta::replay(None, base.as_ref(), &deltas)
+                .expect("decodes")
+                .map(|state| state.snapshot())
+        }
         ReadOutcome::Unchanged => None,
     }
 }
@@ -147,4 +153,50 @@ fn a_short_lived_certificate_is_renewed_at_half_its_ttl_not_on_every_tick() {
             .expect("tick"),
         Tick::Published(_)
     ));
+}
+
+#[test]
+fn a_one_pod_change_goes_out_as_a_delta_of_that_pod_alone() {
+    let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
+    let mut agent = agent(dir.path());
+    let now = SystemTime::now();
+    agent.tick(now).expect("first publish");
+    let mut sub = Subscriber::new(dir.path().join("snapshot"));
+    let first = match sub.read().expect("read") {
+        ReadOutcome::New {
+            base: Some(base),
+            deltas,
+            ..
+        } if deltas.is_empty() => mesh_snapshot::decode(&base.payload).expect("decodes"),
+        other => panic!("expected the complete snapshot, got {other:?}"),
+    };
+
+    std::fs::write(
+        dir.path().join("mesh.yaml"),
+        CONFIG.replace("10.0.2.2", "10.0.2.3"),
+    )
+    .expect("write");
+    assert!(matches!(agent.tick(now).expect("tick"), Tick::Published(v) if v.generation == 2));
+    match sub.read().expect("read") {
+        ReadOutcome::New {
+            version,
+            base: None,
+            deltas,
+        } => {
+            assert_eq!((version.generation, deltas.len()), (2, 1));
+            let delta = mesh_snapshot::delta::decode(&deltas[0].payload).expect("decodes");
+            // The pod and the file's new digest in the source; nothing else.
+            assert_eq!(delta.len(), 1);
+            assert_eq!(delta.workloads[0].uid, "s1");
+            assert_eq!(delta.workloads[0].ips, vec![vec![10, 0, 2, 3]]);
+            let replayed = mesh_snapshot::delta::replay(Some(first.into()), None, &deltas)
+                .expect("decodes")
+                .map(|state| state.snapshot());
+            assert_eq!(
+                replayed,
+                read(&mut Subscriber::new(dir.path().join("snapshot")))
+            );
+        }
+        other => panic!("expected one delta, got {other:?}"),
+    }
 }

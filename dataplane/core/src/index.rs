@@ -1,11 +1,19 @@
-//! The immutable routing index a worker consults per connection, built once per snapshot.
+//! The immutable routing index a worker consults per connection.
 //!
 //! Workers share one `Arc<Index>` per generation and never mutate it; a new generation is a new
 //! index, adopted between connections, so a connection keeps the index it started with.
+//!
+//! The maps are persistent (hash array mapped tries): the next generation is the previous one
+//! with a delta applied, sharing every untouched node, so a one-pod change costs a few path
+//! copies, not a rebuild of the world. A complete snapshot is the same operation on an empty
+//! index. Parts that are rebuilt as a whole when they change (compiled policies, TLS material)
+//! sit behind their own `Arc`, so a worker can tell in O(1) whether they changed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
+use mesh_snapshot::delta::{self, Delta};
 use mesh_snapshot::schema::{self, Protocol, Snapshot};
 
 use crate::authz::{self, Applicable, Decision, Mtls, PeerAuth, Policies};
@@ -51,8 +59,12 @@ pub enum NetnsSource {
 #[derive(Clone, Debug)]
 struct Service {
     name: ServiceName,
-    /// Indexes into `Index::workloads`, endpoints that exist in the snapshot.
-    endpoints: Vec<usize>,
+    /// VIP:port frontends, sorted.
+    frontends: Vec<SocketAddr>,
+    /// Endpoint uids as the snapshot lists them.
+    listed: Vec<Arc<str>>,
+    /// Those of `listed` that name a workload of this index: the ones traffic goes to.
+    endpoints: Vec<Arc<str>>,
 }
 
 /// Where an outbound connection goes.
@@ -148,184 +160,362 @@ pub struct Generation {
     pub generation: u64,
 }
 
-#[derive(Debug)]
+type Map<K, V> = imbl::HashMap<K, V>;
+
+/// A local workload with what its authorization is resolved from.
+#[derive(Clone, Debug)]
+struct Local {
+    workload: Arc<Workload>,
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug)]
 pub struct Index {
     generation: Generation,
     node: String,
-    workloads: Vec<Workload>,
-    by_ip: HashMap<IpAddr, usize>,
-    by_uid: HashMap<String, usize>,
-    services: Vec<Service>,
-    /// (vip, service port) -> (service, target port).
-    by_vip: HashMap<SocketAddr, (usize, u16)>,
-    local: Vec<usize>,
-    identities: HashMap<SpiffeId, schema::Identity>,
-    trust_roots: Vec<Vec<u8>>,
+    root_namespace: String,
     source: String,
-    policies: Policies,
+    by_uid: Map<Arc<str>, Arc<Workload>>,
+    by_ip: Map<IpAddr, Arc<Workload>>,
+    services: Map<String, Arc<Service>>,
+    /// (vip, service port) -> (service key, target port).
+    by_vip: Map<SocketAddr, (String, u16)>,
+    /// Workload uid -> keys of the services listing it, to re-resolve endpoints when a
+    /// workload comes or goes.
+    listed_by: Map<Arc<str>, Vec<String>>,
+    local: imbl::OrdMap<Arc<str>, Local>,
+    identities: Arc<HashMap<SpiffeId, schema::Identity>>,
+    trust_roots: Arc<Vec<Vec<u8>>>,
+    policy_sources: imbl::OrdMap<String, schema::AuthorizationPolicy>,
+    peer_authentications: imbl::OrdMap<String, schema::PeerAuthentication>,
+    policies: Arc<Policies>,
     /// Per local workload: the policies that apply to it and its mTLS mode.
-    local_authz: HashMap<String, (Applicable, PeerAuth)>,
+    local_authz: Arc<HashMap<Arc<str>, (Applicable, PeerAuth)>>,
+}
+
+/// Parses and checks one workload of the snapshot for a node.
+fn parse_workload(w: &schema::Workload, node: &str) -> Result<Workload, IndexError> {
+    let bad = |field, problem: String| IndexError::Workload {
+        uid: w.uid.clone(),
+        field,
+        problem,
+    };
+    let identity = SpiffeId::new(&w.trust_domain, &w.namespace, &w.service_account)
+        .map_err(|e| bad("identity", e.to_string()))?;
+    let ips = w
+        .ips
+        .iter()
+        .map(|b| ip_from_bytes(b).ok_or_else(|| bad("ips", format!("{} bytes", b.len()))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let netns = if w.node != node {
+        NetnsSource::None
+    } else if w.netns_from_agent {
+        NetnsSource::Agent
+    } else if !w.netns_path.is_empty() {
+        NetnsSource::Path(w.netns_path.clone())
+    } else {
+        NetnsSource::None
+    };
+    let (canonical_service, canonical_revision) = canonical_names(&w.name, &w.labels);
+    Ok(Workload {
+        canonical_service,
+        canonical_revision,
+        protocol: w.protocol(),
+        uid: w.uid.clone(),
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        identity,
+        ips,
+        node: w.node.clone(),
+        netns,
+    })
+}
+
+/// Parses and checks one service: its frontends with target ports.
+fn parse_service(s: &schema::Service) -> Result<(Service, Vec<(SocketAddr, u16)>), IndexError> {
+    let bad = |field, problem: String| IndexError::Service {
+        name: format!("{}/{}", s.namespace, s.name),
+        field,
+        problem,
+    };
+    let vips = s
+        .vips
+        .iter()
+        .map(|b| ip_from_bytes(b).ok_or_else(|| bad("vips", format!("{} bytes", b.len()))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut frontends = Vec::new();
+    for p in &s.ports {
+        let port = u16::try_from(p.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| bad("ports", format!("port {} out of range", p.port)))?;
+        let target = u16::try_from(p.target_port).map_err(|_| {
+            bad(
+                "ports",
+                format!("target port {} out of range", p.target_port),
+            )
+        })?;
+        let target = if target == 0 { port } else { target };
+        for vip in &vips {
+            frontends.push((SocketAddr::new(*vip, port), target));
+        }
+    }
+    let hostname = if s.hostname.is_empty() {
+        format!("{}.{}.svc.cluster.local", s.name, s.namespace)
+    } else {
+        s.hostname.clone()
+    };
+    let mut sorted: Vec<SocketAddr> = frontends.iter().map(|(a, _)| *a).collect();
+    sorted.sort();
+    sorted.dedup();
+    Ok((
+        Service {
+            name: ServiceName {
+                name: s.name.clone(),
+                namespace: s.namespace.clone(),
+                hostname,
+            },
+            frontends: sorted,
+            listed: s.endpoints.iter().map(|u| Arc::from(u.as_str())).collect(),
+            endpoints: Vec::new(),
+        },
+        frontends,
+    ))
 }
 
 impl Index {
     /// Builds and checks an index. Anything malformed refuses the whole snapshot: a data plane
     /// that half-applied a config would be harder to reason about than one that kept the last.
     pub fn build(snapshot: Snapshot, generation: Generation) -> Result<Index, IndexError> {
-        let root_namespace = if snapshot.root_namespace.is_empty() {
-            authz::DEFAULT_ROOT_NAMESPACE
-        } else {
-            snapshot.root_namespace.as_str()
+        let mut empty = Index::empty();
+        empty.node = snapshot.node.clone();
+        empty.root_namespace = snapshot.root_namespace.clone();
+        let delta = Delta {
+            workloads: snapshot.workloads,
+            services: snapshot.services,
+            policies: snapshot.policies,
+            peer_authentications: snapshot.peer_authentications,
+            identities: snapshot.identities,
+            replace_trust_roots: true,
+            trust_roots: snapshot.trust_roots,
+            source: snapshot.source,
+            ..Delta::default()
         };
-        let policies = Policies::build(&snapshot.policies, root_namespace);
-        let mut local_authz = HashMap::new();
-        let mut workloads = Vec::with_capacity(snapshot.workloads.len());
-        let mut by_ip = HashMap::with_capacity(snapshot.workloads.len());
-        let mut by_uid = HashMap::with_capacity(snapshot.workloads.len());
-        let mut local = Vec::new();
-        for w in snapshot.workloads {
-            let bad = |field, problem: String| IndexError::Workload {
-                uid: w.uid.clone(),
-                field,
-                problem,
-            };
-            let identity = SpiffeId::new(&w.trust_domain, &w.namespace, &w.service_account)
-                .map_err(|e| bad("identity", e.to_string()))?;
-            let ips = w
-                .ips
-                .iter()
-                .map(|b| ip_from_bytes(b).ok_or_else(|| bad("ips", format!("{} bytes", b.len()))))
-                .collect::<Result<Vec<_>, _>>()?;
-            let slot = workloads.len();
-            for ip in &ips {
-                if let Some(&other) = by_ip.get(ip) {
-                    let other: &Workload = &workloads[other];
+        empty.apply(delta, generation)
+    }
+
+    /// The next generation: this index with `delta` applied. Untouched parts are shared with
+    /// `self`; a delta with anything malformed is refused whole and `self` stays as it was.
+    pub fn apply(&self, delta: Delta, generation: Generation) -> Result<Index, IndexError> {
+        let mut next = self.clone();
+        next.generation = generation;
+        if !delta.source.is_empty() {
+            next.source = delta.source;
+        }
+
+        // Workloads: every changed or removed one leaves first (with its addresses), so that
+        // two pods swapping addresses in one delta is not a conflict.
+        let mut seen = HashSet::with_capacity(delta.workloads.len());
+        let mut parsed = Vec::with_capacity(delta.workloads.len());
+        for w in &delta.workloads {
+            if !seen.insert(w.uid.as_str()) {
+                return Err(IndexError::DuplicateUid(w.uid.clone()));
+            }
+            parsed.push((parse_workload(w, &next.node)?, &w.labels));
+        }
+        let mut came_or_went: Vec<Arc<str>> = Vec::new();
+        let mut local_changed = false;
+        let leaving = delta
+            .removed_workloads
+            .iter()
+            .map(String::as_str)
+            .chain(delta.workloads.iter().map(|w| w.uid.as_str()));
+        for uid in leaving {
+            if let Some(old) = next.by_uid.remove(uid) {
+                for ip in &old.ips {
+                    next.by_ip.remove(ip);
+                }
+                // Only touch the local map when it holds the pod: a removal copies the path
+                // even when nothing is there, and an unchanged map tells workers to skip work.
+                if next.local.contains_key(uid) {
+                    next.local.remove(uid);
+                    local_changed = true;
+                }
+                came_or_went.push(Arc::from(uid));
+            }
+        }
+        for (workload, labels) in parsed {
+            let uid: Arc<str> = Arc::from(workload.uid.as_str());
+            let workload = Arc::new(workload);
+            for ip in &workload.ips {
+                if let Some(other) = next.by_ip.get(ip) {
                     return Err(IndexError::DuplicateIp {
                         ip: *ip,
                         first: other.uid.clone(),
-                        second: w.uid.clone(),
+                        second: workload.uid.clone(),
                     });
                 }
-                by_ip.insert(*ip, slot);
+                next.by_ip.insert(*ip, workload.clone());
             }
-            if by_uid.insert(w.uid.clone(), slot).is_some() {
-                return Err(IndexError::DuplicateUid(w.uid));
-            }
-            let netns = if w.node != snapshot.node {
-                NetnsSource::None
-            } else if w.netns_from_agent {
-                NetnsSource::Agent
-            } else if !w.netns_path.is_empty() {
-                NetnsSource::Path(w.netns_path.clone())
-            } else {
-                NetnsSource::None
-            };
-            if netns != NetnsSource::None {
-                local.push(slot);
-                // Enforcement happens at the destination: resolve scopes for local pods only.
-                local_authz.insert(
-                    w.uid.clone(),
-                    (
-                        policies.applicable(&w.namespace, &w.labels),
-                        PeerAuth::resolve(
-                            &snapshot.peer_authentications,
-                            root_namespace,
-                            &w.namespace,
-                            &w.labels,
-                        ),
-                    ),
+            if workload.netns != NetnsSource::None {
+                next.local.insert(
+                    uid.clone(),
+                    Local {
+                        workload: workload.clone(),
+                        labels: labels.clone(),
+                    },
                 );
+                local_changed = true;
             }
-            let (canonical_service, canonical_revision) = canonical_names(&w.name, &w.labels);
-            workloads.push(Workload {
-                canonical_service,
-                canonical_revision,
-                protocol: w.protocol(),
-                uid: w.uid,
-                name: w.name,
-                namespace: w.namespace,
-                identity,
-                ips,
-                node: w.node,
-                netns,
-            });
+            next.by_uid.insert(uid.clone(), workload);
+            came_or_went.push(uid);
         }
 
-        let mut services = Vec::with_capacity(snapshot.services.len());
-        let mut by_vip = HashMap::new();
-        for s in snapshot.services {
-            let bad = |field, problem: String| IndexError::Service {
-                name: format!("{}/{}", s.namespace, s.name),
-                field,
-                problem,
-            };
-            let slot = services.len();
-            let vips = s
-                .vips
-                .iter()
-                .map(|b| ip_from_bytes(b).ok_or_else(|| bad("vips", format!("{} bytes", b.len()))))
-                .collect::<Result<Vec<_>, _>>()?;
-            for p in &s.ports {
-                let port = u16::try_from(p.port)
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or_else(|| bad("ports", format!("port {} out of range", p.port)))?;
-                let target = u16::try_from(p.target_port).map_err(|_| {
-                    bad(
-                        "ports",
-                        format!("target port {} out of range", p.target_port),
-                    )
-                })?;
-                let target = if target == 0 { port } else { target };
-                for vip in &vips {
-                    by_vip.insert(SocketAddr::new(*vip, port), (slot, target));
+        // Services.
+        let mut touched_services: HashSet<String> = HashSet::new();
+        let changed_keys: Vec<String> = delta.services.iter().map(delta::service_key).collect();
+        for key in delta.removed_services.iter().chain(&changed_keys) {
+            if let Some(old) = next.services.remove(key) {
+                for frontend in &old.frontends {
+                    if next.by_vip.get(frontend).is_some_and(|(k, _)| k == key) {
+                        next.by_vip.remove(frontend);
+                    }
+                }
+                for uid in &old.listed {
+                    next.unlist(uid, key);
                 }
             }
-            // Endpoints that name no known workload are skipped, not fatal: the service
-            // and its pods are watched separately and may briefly disagree.
-            let endpoints = s
-                .endpoints
-                .iter()
-                .filter_map(|uid| by_uid.get(uid).copied())
-                .collect();
-            let hostname = if s.hostname.is_empty() {
-                format!("{}.{}.svc.cluster.local", s.name, s.namespace)
+        }
+        for (s, key) in delta.services.iter().zip(changed_keys) {
+            let (service, frontends) = parse_service(s)?;
+            for (frontend, target) in frontends {
+                next.by_vip.insert(frontend, (key.clone(), target));
+            }
+            for uid in &service.listed {
+                let mut keys = next.listed_by.get(uid).cloned().unwrap_or_default();
+                if !keys.contains(&key) {
+                    keys.push(key.clone());
+                }
+                next.listed_by.insert(uid.clone(), keys);
+            }
+            next.services.insert(key.clone(), Arc::new(service));
+            touched_services.insert(key);
+        }
+        // Endpoints resolve to workloads of this index: re-resolve the services whose
+        // listed workloads came or went (a changed address keeps the uid, so costs nothing).
+        for uid in &came_or_went {
+            if let Some(keys) = next.listed_by.get(uid) {
+                touched_services.extend(keys.iter().cloned());
+            }
+        }
+        for key in touched_services {
+            if let Some(service) = next.services.get(&key) {
+                let mut service = Service::clone(service);
+                service.endpoints = service
+                    .listed
+                    .iter()
+                    .filter(|uid| next.by_uid.contains_key(*uid))
+                    .cloned()
+                    .collect();
+                next.services.insert(key, Arc::new(service));
+            }
+        }
+
+        // Identities and trust roots: small, rebuilt whole when touched.
+        if !delta.identities.is_empty() || !delta.removed_identities.is_empty() {
+            let mut identities = HashMap::clone(&next.identities);
+            for id in &delta.removed_identities {
+                if let Ok(parsed) = id.parse::<SpiffeId>() {
+                    identities.remove(&parsed);
+                }
+            }
+            for id in delta.identities {
+                let parsed: SpiffeId = id
+                    .spiffe_id
+                    .parse()
+                    .map_err(|e| IndexError::Identity(e, id.spiffe_id.clone()))?;
+                identities.insert(parsed, id);
+            }
+            next.identities = Arc::new(identities);
+        }
+        if delta.replace_trust_roots {
+            next.trust_roots = Arc::new(delta.trust_roots);
+        }
+
+        // Policies: compiled whole when any changes; local workloads' scopes re-resolved when
+        // policies or the local workloads change.
+        let policies_changed = !delta.policies.is_empty()
+            || !delta.removed_policies.is_empty()
+            || !delta.peer_authentications.is_empty()
+            || !delta.removed_peer_authentications.is_empty();
+        for key in &delta.removed_policies {
+            next.policy_sources.remove(key);
+        }
+        for p in delta.policies {
+            next.policy_sources.insert(delta::policy_key(&p), p);
+        }
+        for key in &delta.removed_peer_authentications {
+            next.peer_authentications.remove(key);
+        }
+        for p in delta.peer_authentications {
+            next.peer_authentications
+                .insert(delta::peer_authentication_key(&p), p);
+        }
+        if policies_changed {
+            let sources: Vec<schema::AuthorizationPolicy> =
+                next.policy_sources.values().cloned().collect();
+            next.policies = Arc::new(Policies::build(&sources, next.root_namespace()));
+        }
+        if policies_changed || local_changed {
+            next.resolve_local_authz();
+        }
+        Ok(next)
+    }
+
+    fn unlist(&mut self, uid: &Arc<str>, key: &str) {
+        if let Some(keys) = self.listed_by.get(uid) {
+            let rest: Vec<String> = keys.iter().filter(|k| *k != key).cloned().collect();
+            if rest.is_empty() {
+                self.listed_by.remove(uid);
             } else {
-                s.hostname.clone()
-            };
-            services.push(Service {
-                name: ServiceName {
-                    name: s.name.clone(),
-                    namespace: s.namespace.clone(),
-                    hostname,
-                },
-                endpoints,
-            });
+                self.listed_by.insert(uid.clone(), rest);
+            }
         }
+    }
 
-        let mut identities = HashMap::with_capacity(snapshot.identities.len());
-        for id in snapshot.identities {
-            let parsed: SpiffeId = id
-                .spiffe_id
-                .parse()
-                .map_err(|e| IndexError::Identity(e, id.spiffe_id.clone()))?;
-            identities.insert(parsed, id);
+    fn root_namespace(&self) -> &str {
+        if self.root_namespace.is_empty() {
+            authz::DEFAULT_ROOT_NAMESPACE
+        } else {
+            &self.root_namespace
         }
+    }
 
-        Ok(Index {
-            generation,
-            node: snapshot.node,
-            workloads,
-            by_ip,
-            by_uid,
-            services,
-            by_vip,
-            local,
-            identities,
-            trust_roots: snapshot.trust_roots,
-            source: snapshot.source,
-            policies,
-            local_authz,
-        })
+    /// Enforcement happens at the destination: scopes are resolved for local pods only.
+    fn resolve_local_authz(&mut self) {
+        let peer_authentications: Vec<schema::PeerAuthentication> =
+            self.peer_authentications.values().cloned().collect();
+        let root = self.root_namespace().to_owned();
+        let resolved = self
+            .local
+            .iter()
+            .map(|(uid, local)| {
+                let w = &local.workload;
+                (
+                    uid.clone(),
+                    (
+                        self.policies.applicable(&w.namespace, &local.labels),
+                        PeerAuth::resolve(
+                            &peer_authentications,
+                            &root,
+                            &w.namespace,
+                            &local.labels,
+                        ),
+                    ),
+                )
+            })
+            .collect();
+        self.local_authz = Arc::new(resolved);
     }
 
     /// An index with nothing in it: what a data plane serves before its first snapshot.
@@ -333,17 +523,20 @@ impl Index {
         Index {
             generation: Generation::default(),
             node: String::new(),
-            workloads: Vec::new(),
-            by_ip: HashMap::new(),
-            by_uid: HashMap::new(),
-            services: Vec::new(),
-            by_vip: HashMap::new(),
-            local: Vec::new(),
-            identities: HashMap::new(),
-            trust_roots: Vec::new(),
+            root_namespace: String::new(),
             source: String::new(),
-            policies: Policies::default(),
-            local_authz: HashMap::new(),
+            by_uid: Map::new(),
+            by_ip: Map::new(),
+            services: Map::new(),
+            by_vip: Map::new(),
+            listed_by: Map::new(),
+            local: imbl::OrdMap::new(),
+            identities: Arc::default(),
+            trust_roots: Arc::default(),
+            policy_sources: imbl::OrdMap::new(),
+            peer_authentications: imbl::OrdMap::new(),
+            policies: Arc::default(),
+            local_authz: Arc::default(),
         }
     }
 
@@ -356,22 +549,18 @@ impl Index {
     pub fn source(&self) -> &str {
         &self.source
     }
-    pub fn workloads(&self) -> &[Workload] {
-        &self.workloads
+    pub fn workload_count(&self) -> usize {
+        self.by_uid.len()
+    }
+    /// Every workload, in no particular order.
+    pub fn workloads(&self) -> impl Iterator<Item = &Workload> {
+        self.by_uid.values().map(|w| &**w)
     }
     /// Every service with its VIP:port frontends (sorted) and the number of endpoints.
     pub fn services(&self) -> Vec<(&ServiceName, Vec<SocketAddr>, usize)> {
-        let mut frontends: Vec<Vec<SocketAddr>> = vec![Vec::new(); self.services.len()];
-        for (vip, (service, _)) in &self.by_vip {
-            frontends[*service].push(*vip);
-        }
         self.services
-            .iter()
-            .zip(frontends)
-            .map(|(s, mut vips)| {
-                vips.sort();
-                (&s.name, vips, s.endpoints.len())
-            })
+            .values()
+            .map(|s| (&s.name, s.frontends.clone(), s.endpoints.len()))
             .collect()
     }
 
@@ -379,17 +568,18 @@ impl Index {
         &self.trust_roots
     }
 
-    /// Workloads on this node that the data plane serves from inside their network namespace.
+    /// Workloads on this node that the data plane serves from inside their network namespace,
+    /// by uid.
     pub fn local_workloads(&self) -> impl Iterator<Item = &Workload> {
-        self.local.iter().map(|&i| &self.workloads[i])
+        self.local.values().map(|l| &*l.workload)
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
-        self.by_ip.get(&ip).map(|&i| &self.workloads[i])
+        self.by_ip.get(&ip).map(|w| &**w)
     }
 
     pub fn workload_by_uid(&self, uid: &str) -> Option<&Workload> {
-        self.by_uid.get(uid).map(|&i| &self.workloads[i])
+        self.by_uid.get(uid).map(|w| &**w)
     }
 
     /// Certificate chain and key for a local identity.
@@ -399,6 +589,25 @@ impl Index {
 
     pub fn identities(&self) -> impl Iterator<Item = (&SpiffeId, &schema::Identity)> {
         self.identities.iter()
+    }
+
+    /// Whether `other` has the same certificates, keys and trust roots (TLS configs built for
+    /// one serve the other).
+    pub fn same_tls_material(&self, other: &Index) -> bool {
+        Arc::ptr_eq(&self.identities, &other.identities)
+            && Arc::ptr_eq(&self.trust_roots, &other.trust_roots)
+    }
+
+    /// Whether `other` decides every inbound connection as this one does (same policies, same
+    /// local workloads and scopes), so live connections need no re-check.
+    pub fn same_authorization(&self, other: &Index) -> bool {
+        Arc::ptr_eq(&self.policies, &other.policies)
+            && Arc::ptr_eq(&self.local_authz, &other.local_authz)
+    }
+
+    /// Whether `other` has the same local workloads (listeners to open or close).
+    pub fn same_local_workloads(&self, other: &Index) -> bool {
+        self.local.ptr_eq(&other.local)
     }
 
     /// Authorizes an inbound connection to local workload `uid`. A workload this node does not
@@ -429,12 +638,17 @@ impl Index {
     /// Decides where an outbound connection to `dst` goes. `pick` spreads service traffic over
     /// endpoints (callers pass a per-worker counter, so selection is round robin per core).
     pub fn route_outbound(&self, dst: SocketAddr, pick: u64) -> Route<'_> {
-        if let Some(&(service, target_port)) = self.by_vip.get(&dst) {
-            let endpoints = &self.services[service].endpoints;
-            if endpoints.is_empty() {
+        if let Some((key, target_port)) = self.by_vip.get(&dst) {
+            let Some(service) = self.services.get(key) else {
                 return Route::NoEndpoint { service: dst };
-            }
-            let workload = &self.workloads[endpoints[(pick % endpoints.len() as u64) as usize]];
+            };
+            let endpoints = &service.endpoints;
+            let chosen = (!endpoints.is_empty())
+                .then(|| &endpoints[(pick % endpoints.len() as u64) as usize])
+                .and_then(|uid| self.by_uid.get(uid));
+            let Some(workload) = chosen else {
+                return Route::NoEndpoint { service: dst };
+            };
             // Prefer an address of the VIP's family; fall back to any.
             let ip = workload
                 .ips
@@ -442,7 +656,7 @@ impl Index {
                 .find(|ip| ip.is_ipv4() == dst.is_ipv4())
                 .or_else(|| workload.ips.first());
             let route = match ip {
-                Some(ip) => self.route_to_workload(workload, SocketAddr::new(*ip, target_port)),
+                Some(ip) => self.route_to_workload(workload, SocketAddr::new(*ip, *target_port)),
                 None => Route::NoEndpoint { service: dst },
             };
             return match route {
@@ -455,7 +669,7 @@ impl Index {
                     destination,
                     target,
                     tunnel,
-                    service: Some(&self.services[service].name),
+                    service: Some(&service.name),
                 },
                 other => other,
             };
@@ -656,5 +870,164 @@ mod tests {
             Index::build(s, Generation::default()),
             Err(IndexError::Service { field: "ports", .. })
         ));
+    }
+
+    /// What a user of the index can observe, in a canonical order.
+    fn observable(index: &Index) -> String {
+        let mut workloads: Vec<String> = index
+            .workloads()
+            .map(|w| format!("{} {:?} {:?} {:?}", w.uid, w.ips, w.netns, w.protocol))
+            .collect();
+        workloads.sort();
+        let mut services: Vec<String> = index
+            .services()
+            .into_iter()
+            .map(|(n, vips, endpoints)| format!("{}/{} {vips:?} {endpoints}", n.namespace, n.name))
+            .collect();
+        services.sort();
+        let mut routes = Vec::new();
+        for w in index.workloads() {
+            for ip in &w.ips {
+                routes.push(format!(
+                    "{:?}",
+                    index.route_outbound(SocketAddr::new(*ip, 80), 0)
+                ));
+            }
+        }
+        for (_, vips, _) in index.services() {
+            for vip in vips {
+                for pick in 0..3 {
+                    routes.push(format!("{:?}", index.route_outbound(vip, pick)));
+                }
+            }
+        }
+        routes.sort();
+        let local: Vec<&str> = index.local_workloads().map(|w| w.uid.as_str()).collect();
+        let mut ids: Vec<String> = index.identities().map(|(id, _)| id.to_string()).collect();
+        ids.sort();
+        format!(
+            "{workloads:#?}\n{services:#?}\n{routes:#?}\n{local:?}\n{ids:?}\n{:?}",
+            index.trust_roots()
+        )
+    }
+
+    fn apply_both(
+        index: &Index,
+        reference: &mut Snapshot,
+        change: impl FnOnce(&mut Snapshot),
+    ) -> Index {
+        let before = reference.clone();
+        change(reference);
+        let delta = delta::diff(&before, reference).expect("a delta");
+        let next = index
+            .apply(delta, Generation::default())
+            .expect("delta applies");
+        let rebuilt = Index::build(reference.clone(), Generation::default()).expect("builds");
+        assert_eq!(observable(&next), observable(&rebuilt));
+        next
+    }
+
+    #[test]
+    fn applying_deltas_gives_what_a_rebuild_from_the_whole_snapshot_gives() {
+        let mut reference = snapshot();
+        let index = Index::build(reference.clone(), Generation::default()).expect("builds");
+        // A pod restarts with a new address.
+        let index = apply_both(&index, &mut reference, |s| {
+            s.workloads[1].ips = vec![vec![10, 0, 2, 20]];
+        });
+        assert_eq!(
+            index.route_outbound(addr("10.0.2.20:9000"), 0),
+            Route::Hbone {
+                destination: index.workload_by_uid("server-a").expect("there"),
+                target: addr("10.0.2.20:9000"),
+                tunnel: addr("10.0.2.20:15008"),
+                service: None
+            }
+        );
+        assert_eq!(index.workload_by_ip("10.0.2.2".parse().expect("ip")), None);
+        // The workload a service listed but the snapshot lacked appears: it becomes an endpoint.
+        let index = apply_both(&index, &mut reference, |s| {
+            let mut gone = s.workloads[2].clone();
+            gone.uid = "gone".into();
+            gone.ips = vec![vec![10, 0, 2, 30]];
+            s.workloads.push(gone);
+        });
+        assert_eq!(index.services()[0].2 + index.services()[1].2, 3);
+        // Two pods swap addresses in one delta: not a conflict.
+        let index = apply_both(&index, &mut reference, |s| {
+            let a = s.workloads[1].ips.clone();
+            s.workloads[1].ips = s.workloads[2].ips.clone();
+            s.workloads[2].ips = a;
+        });
+        // A pod leaves; a service changes its port; the local pod gets a new namespace path.
+        let index = apply_both(&index, &mut reference, |s| {
+            s.workloads.retain(|w| w.uid != "server-b");
+            s.services[0].ports[0].port = 8000;
+            s.workloads[0].netns_path = "/run/netns/c2".into();
+        });
+        // Identities and roots change; the second service goes away.
+        let index = apply_both(&index, &mut reference, |s| {
+            s.identities.clear();
+            s.trust_roots = vec![vec![9, 9]];
+            s.services.pop();
+        });
+        // The local pod moves to another node: no longer local.
+        let index = apply_both(&index, &mut reference, |s| {
+            s.workloads[0].node = "n2".into()
+        });
+        assert_eq!(index.local_workloads().count(), 0);
+    }
+
+    #[test]
+    fn a_bad_delta_is_refused_whole_and_the_index_stays() {
+        let index = Index::build(snapshot(), Generation::default()).expect("builds");
+        let before = observable(&index);
+        let mut taken = snapshot().workloads[0].clone();
+        taken.uid = "newcomer".into();
+        // Its address belongs to "client".
+        let delta = Delta {
+            workloads: vec![taken],
+            removed_workloads: vec!["server-a".into()],
+            ..Delta::default()
+        };
+        assert!(matches!(
+            index.apply(delta, Generation::default()),
+            Err(IndexError::DuplicateIp { .. })
+        ));
+        let twice = Delta {
+            workloads: vec![
+                snapshot().workloads[1].clone(),
+                snapshot().workloads[1].clone(),
+            ],
+            ..Delta::default()
+        };
+        assert!(matches!(
+            index.apply(twice, Generation::default()),
+            Err(IndexError::DuplicateUid(_))
+        ));
+        assert_eq!(observable(&index), before);
+    }
+
+    #[test]
+    fn a_remote_pod_change_shares_policies_tls_and_local_pods_with_the_previous_generation() {
+        let mut reference = snapshot();
+        let index = Index::build(reference.clone(), Generation::default()).expect("builds");
+        let next = apply_both(&index, &mut reference, |s| {
+            s.workloads[1].ips = vec![vec![10, 0, 2, 20]];
+        });
+        assert!(next.same_authorization(&index));
+        assert!(next.same_tls_material(&index));
+        assert!(next.same_local_workloads(&index));
+        let with_policy = apply_both(&next, &mut reference, |s| {
+            s.policies.push(schema::AuthorizationPolicy {
+                name: "deny-all".into(),
+                namespace: "default".into(),
+                action: schema::Action::Deny as i32,
+                rules: vec![schema::Rule::default()],
+                ..Default::default()
+            });
+        });
+        assert!(!with_policy.same_authorization(&next));
+        assert!(with_policy.same_tls_material(&next));
     }
 }

@@ -108,9 +108,10 @@ impl AdminState {
         let Some(index) = current else {
             return json!({"generation": 0, "workloads": [], "identities": []});
         };
-        let workloads: Vec<Value> = index
-            .workloads()
-            .iter()
+        let mut workloads: Vec<&mesh_core::index::Workload> = index.workloads().collect();
+        workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let workloads: Vec<Value> = workloads
+            .into_iter()
             .map(|w| {
                 json!({
                     "uid": w.uid, "name": w.name, "namespace": w.namespace,
@@ -137,8 +138,9 @@ impl AdminState {
             })
             .collect();
         identities.sort_by(|a, b| a["identity"].as_str().cmp(&b["identity"].as_str()));
-        let services: Vec<Value> = index
-            .services()
+        let mut services = index.services();
+        services.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
+        let services: Vec<Value> = services
             .into_iter()
             .map(|(name, vips, endpoints)| {
                 json!({

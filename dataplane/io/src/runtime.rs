@@ -147,3 +147,47 @@ pub fn restrict_current_thread(cores: &[usize]) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// Sets the calling thread's nice value (lower runs sooner). Below 0 needs CAP_SYS_NICE.
+pub fn set_current_thread_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: gettid has no arguments; setpriority on our own thread id takes integers only.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Scheduling class of the calling thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadClass {
+    /// SCHED_FIFO at this priority: runs as soon as it is woken, ahead of every normal thread.
+    /// Needs CAP_SYS_NICE and a real-time budget in the thread's cgroup.
+    Realtime(i32),
+    /// SCHED_OTHER, the default.
+    Normal,
+}
+
+/// Moves the calling thread to `class`.
+pub fn set_current_thread_class(class: ThreadClass) -> std::io::Result<()> {
+    let (policy, priority) = match class {
+        ThreadClass::Realtime(p) => (libc::SCHED_FIFO, p),
+        ThreadClass::Normal => (libc::SCHED_OTHER, 0),
+    };
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: pid 0 is the calling thread; the kernel reads one sched_param we own.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::sched_setscheduler(0, policy, &param) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -46,33 +46,32 @@ impl View {
                 }
             }
         };
-        let mut servers = HashMap::new();
-        if let Some(trust) = &trust {
-            for workload in index.local_workloads() {
-                let id = &workload.identity;
-                if servers.contains_key(id) {
-                    continue;
-                }
-                let Some(material) = index.identity(id) else {
-                    tracing::warn!(identity = %id, workload = %workload.uid,
-                        "no certificate for a local identity; its pods refuse inbound HBONE");
-                    continue;
-                };
-                match tls::server_config(material, trust, id.trust_domain()) {
-                    Ok(cfg) => {
-                        servers.insert(id.clone(), cfg);
-                    }
-                    Err(error) => {
-                        tracing::error!(identity = %id, %error, "cannot serve this identity")
-                    }
-                }
-            }
-        }
+        let servers = server_configs(&index, trust.as_ref(), &HashMap::new());
         View {
             index,
             trust,
             servers,
             clients: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// The view for the next generation. When certificates and roots are the same (a pod or
+    /// policy change), every TLS config is carried over and only identities of new local pods
+    /// get one, so adopting a one-pod change builds nothing.
+    pub fn next(&self, index: Arc<Index>) -> View {
+        if !index.same_tls_material(&self.index) {
+            return View::build(index);
+        }
+        let servers = if index.same_local_workloads(&self.index) {
+            self.servers.clone()
+        } else {
+            server_configs(&index, self.trust.as_ref(), &self.servers)
+        };
+        View {
+            index,
+            trust: self.trust.clone(),
+            servers,
+            clients: RefCell::new(self.clients.borrow().clone()),
         }
     }
 
@@ -101,4 +100,40 @@ impl View {
         self.clients.borrow_mut().insert(key, cfg.clone());
         Ok(cfg)
     }
+}
+
+/// Server configs for every local identity, reusing those already built in `previous`.
+fn server_configs(
+    index: &Index,
+    trust: Option<&TrustBundle>,
+    previous: &HashMap<SpiffeId, Arc<ServerConfig>>,
+) -> HashMap<SpiffeId, Arc<ServerConfig>> {
+    let mut servers = HashMap::new();
+    let Some(trust) = trust else {
+        return servers;
+    };
+    for workload in index.local_workloads() {
+        let id = &workload.identity;
+        if servers.contains_key(id) {
+            continue;
+        }
+        if let Some(built) = previous.get(id) {
+            servers.insert(id.clone(), built.clone());
+            continue;
+        }
+        let Some(material) = index.identity(id) else {
+            tracing::warn!(identity = %id, workload = %workload.uid,
+                "no certificate for a local identity; its pods refuse inbound HBONE");
+            continue;
+        };
+        match tls::server_config(material, trust, id.trust_domain()) {
+            Ok(cfg) => {
+                servers.insert(id.clone(), cfg);
+            }
+            Err(error) => {
+                tracing::error!(identity = %id, %error, "cannot serve this identity")
+            }
+        }
+    }
+    servers
 }

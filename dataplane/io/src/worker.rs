@@ -347,19 +347,30 @@ impl Worker {
         let generation = index.generation();
         // Identities whose certificate changed: their pooled connections still present the
         // old one, so new streams must go to new connections.
-        for (id, material) in index.identities() {
-            if let Some(old) = previous.index.identity(id) {
-                if old.cert_chain != material.cert_chain {
-                    tracing::info!(worker = self.id, identity = %id, "certificate rotated");
-                    self.stats.certificates_rotated.inc();
-                    self.pool.retire_source(id);
-                }
-            }
+        let rotated = index
+            .identities()
+            .filter(|_| !index.same_tls_material(&previous.index))
+            .filter(|(id, material)| {
+                previous
+                    .index
+                    .identity(id)
+                    .is_some_and(|old| old.cert_chain != material.cert_chain)
+            });
+        for (id, _) in rotated {
+            tracing::info!(worker = self.id, identity = %id, "certificate rotated");
+            self.stats.certificates_rotated.inc();
+            self.pool.retire_source(id);
         }
-        let view = Rc::new(View::build(index));
+        let view = Rc::new(previous.next(index));
         *self.view.borrow_mut() = view.clone();
-        self.recheck_live(&view);
-        self.reconcile_pods(&view);
+        // A pod change elsewhere in the cluster decides no inbound connection differently
+        // and opens no listener here: adopting it is a pointer swap.
+        if !view.index.same_authorization(&previous.index) {
+            self.recheck_live(&view);
+        }
+        if !view.index.same_local_workloads(&previous.index) {
+            self.reconcile_pods(&view);
+        }
         self.stats.snapshot_generation.set(generation.generation);
         tracing::debug!(
             worker = self.id,

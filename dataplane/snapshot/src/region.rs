@@ -1,17 +1,27 @@
-//! The shared-memory region: a versioned header and two slots, published seqlock-style.
+//! The shared-memory region: a versioned header and two slots, each holding a complete snapshot
+//! (the base) followed by an append-only log of deltas.
 //!
 //! ```text
 //! offset 0     header (one page): magic, layout version, epoch, slot capacity,
 //!              published generation, active slot, futex wake word, superseded flag
-//! offset 4096  slot 0: seq, generation, length, crc32c, payload (slot capacity bytes)
+//! offset 4096  slot 0: seq, base generation, base length, base crc32c, log length,
+//!              then the base payload, then log records (slot capacity bytes in all)
 //! ...          slot 1: same
+//! log record:  length u32, crc32c u32, generation u64, payload, padding to 8 bytes
 //! ```
 //!
-//! The publisher writes the slot that is not active: it makes the slot's `seq` odd, copies the
-//! payload, stores length and checksum, makes `seq` even again, then flips `active`, bumps the
-//! generation and wakes waiters through a futex on the shared page. A reader copies the active
-//! slot out and keeps the copy only if `seq` was even and unchanged around the copy and the
-//! checksum matches. Nobody blocks anybody: a torn read is retried, a corrupt one refused.
+//! A change is one record appended to the active slot's log: the publisher writes it past the
+//! published log length, then publishes the new length and the new generation and wakes
+//! waiters through a futex on the shared page. Bytes below the published length are never
+//! rewritten while the slot is active, so a reader copies only what it has not seen: a
+//! one-pod change costs a record, not a re-encode of the world.
+//!
+//! A complete snapshot (first publish, compaction of a long log, a change too big for the log)
+//! goes to the slot that is not active, seqlock style: `seq` odd, payload, length, checksum,
+//! `seq` even, then `active` flips. The slot left behind has its `seq` made odd and its pages
+//! returned to the kernel, so in steady state only one slot occupies memory. A reader keeps a
+//! copy only if its slot's `seq` was even and unchanged around the copy and every checksum
+//! matches. Nobody blocks anybody: a torn read is retried, a corrupt one refused.
 //!
 //! Each publisher instance creates a fresh file and renames it over the path, so a restarted
 //! agent, or a snapshot that outgrew its slots, shows up as a new inode with a new epoch; the old
@@ -28,8 +38,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use memmap2::{Mmap, MmapMut, MmapOptions};
 
 pub const MAGIC: [u8; 8] = *b"MESHSNAP";
-/// Version of the byte layout described above (not of the protobuf schema).
-pub const LAYOUT_VERSION: u32 = 1;
+/// Version of the byte layout described above (not of the protobuf schema). 2 added the log.
+pub const LAYOUT_VERSION: u32 = 2;
 const HEADER_SIZE: usize = 4096;
 const SLOT_HEADER_SIZE: usize = 64;
 /// Default payload capacity per slot. The file is sparse on tmpfs, so unused capacity costs
@@ -57,6 +67,13 @@ const S_SEQ: usize = 0;
 const S_GENERATION: usize = 8;
 const S_LEN: usize = 16;
 const S_CRC: usize = 24;
+const S_LOG_LEN: usize = 32;
+
+// Log record header, read from a private copy (not shared memory), little endian.
+const RECORD_HEADER_SIZE: usize = 16;
+/// The log may grow to this many bytes, or half the base, whichever is more, before the
+/// publisher asks for a compaction (readers that start late replay the whole log).
+const LOG_COMPACT_MIN: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegionError {
@@ -94,6 +111,12 @@ pub enum RegionError {
     },
     #[error("snapshot region {path}: publisher kept rewriting the slot; will retry")]
     Busy { path: PathBuf },
+    #[error("snapshot region {path}: log record after generation {after} is malformed: {problem}")]
+    Record {
+        path: PathBuf,
+        after: u64,
+        problem: String,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RegionError + '_ {
@@ -174,10 +197,25 @@ impl Default for PublishOptions {
 /// The writing side, owned by ctrl-agent.
 pub struct Publisher {
     path: PathBuf,
+    file: File,
     map: MmapMut,
     options: PublishOptions,
     epoch: u64,
     generation: u64,
+    /// Slot holding the current base and log; `None` until the first complete snapshot.
+    active: Option<u32>,
+    base_len: u64,
+    log_len: u64,
+}
+
+/// What [`Publisher::append`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// The change is published as this generation.
+    Published(Version),
+    /// Nothing was published: there is no base yet, or the change does not fit in the slot.
+    /// Publish the complete snapshot instead.
+    NeedsFull,
 }
 
 impl Publisher {
@@ -189,17 +227,24 @@ impl Publisher {
         let path = path.as_ref().to_owned();
         // Readers refuse capacities that would misalign the second slot's header.
         options.slot_capacity = options.slot_capacity.next_multiple_of(8);
-        let (map, epoch) = Self::create_file(&path, &options)?;
+        let (file, map, epoch) = Self::create_file(&path, &options)?;
         Ok(Publisher {
             path,
+            file,
             map,
             options,
             epoch,
             generation: 0,
+            active: None,
+            base_len: 0,
+            log_len: 0,
         })
     }
 
-    fn create_file(path: &Path, options: &PublishOptions) -> Result<(MmapMut, u64), RegionError> {
+    fn create_file(
+        path: &Path,
+        options: &PublishOptions,
+    ) -> Result<(File, MmapMut, u64), RegionError> {
         let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         let file = OpenOptions::new()
@@ -236,7 +281,7 @@ impl Publisher {
         if let Some(old) = previous {
             mark_superseded(&old);
         }
-        Ok((map, epoch))
+        Ok((file, map, epoch))
     }
 
     fn layout(&self) -> Layout {
@@ -257,8 +302,75 @@ impl Publisher {
         }
     }
 
-    /// Publishes one payload (an encoded snapshot) as the next generation.
+    /// Bytes of delta records since the last complete snapshot.
+    pub fn log_bytes(&self) -> u64 {
+        self.log_len
+    }
+
+    /// Whether the log has grown enough that the next quiet moment should [`compact`] it:
+    /// every reader that starts late replays the whole log.
+    ///
+    /// [`compact`]: Publisher::compact
+    pub fn wants_compaction(&self) -> bool {
+        self.log_len > LOG_COMPACT_MIN.max(self.base_len / 2)
+    }
+
+    /// Publishes a complete snapshot as the next generation.
     pub fn publish(&mut self, payload: &[u8]) -> Result<Version, RegionError> {
+        self.write_base(payload, self.generation + 1)?;
+        Ok(self.version())
+    }
+
+    /// Replaces the base and its log with `payload`, a complete snapshot of the *current*
+    /// generation (base plus every delta since). Readers that kept up notice nothing; one that
+    /// starts later reads one payload instead of a long log.
+    pub fn compact(&mut self, payload: &[u8]) -> Result<Version, RegionError> {
+        self.write_base(payload, self.generation.max(1))?;
+        Ok(self.version())
+    }
+
+    /// Publishes a change (an encoded delta) as the next generation, appended to the log.
+    pub fn append(&mut self, delta: &[u8]) -> Result<Appended, RegionError> {
+        let Some(slot) = self.active else {
+            return Ok(Appended::NeedsFull);
+        };
+        let capacity = self.options.slot_capacity;
+        let record_len = RECORD_HEADER_SIZE as u64 + (delta.len() as u64).next_multiple_of(8);
+        let log_start = self.base_len.next_multiple_of(8);
+        if delta.len() > u32::MAX as usize || log_start + self.log_len + record_len > capacity {
+            return Ok(Appended::NeedsFull);
+        }
+        let generation = self.generation + 1;
+        let offset = Layout::slot_offset(slot, capacity);
+        let at = offset + SLOT_HEADER_SIZE + (log_start + self.log_len) as usize;
+        let record = &mut self.map[at..at + record_len as usize];
+        record[0..4].copy_from_slice(&(delta.len() as u32).to_le_bytes());
+        record[4..8].copy_from_slice(&crc32c::crc32c(delta).to_le_bytes());
+        record[8..16].copy_from_slice(&generation.to_le_bytes());
+        record[RECORD_HEADER_SIZE..RECORD_HEADER_SIZE + delta.len()].copy_from_slice(delta);
+        record[RECORD_HEADER_SIZE + delta.len()..].fill(0);
+        self.log_len += record_len;
+        let layout = self.layout();
+        // Length before generation: a reader that sees the generation sees the record.
+        layout
+            .u64_at(offset + S_LOG_LEN)
+            .store(self.log_len, Ordering::Release);
+        self.announce(generation);
+        Ok(Appended::Published(self.version()))
+    }
+
+    fn announce(&mut self, generation: u64) {
+        let layout = self.layout();
+        layout
+            .u64_at(H_GENERATION)
+            .store(generation, Ordering::Release);
+        let wake = layout.u32_at(H_WAKE);
+        wake.fetch_add(1, Ordering::Release);
+        futex_wake(wake);
+        self.generation = generation;
+    }
+
+    fn write_base(&mut self, payload: &[u8], generation: u64) -> Result<(), RegionError> {
         if payload.len() as u64 > self.options.slot_capacity {
             // Outgrown: move to a bigger file. Readers see a new inode and epoch.
             let mut capacity = self.options.slot_capacity.max(1 << 20);
@@ -266,16 +378,17 @@ impl Publisher {
                 capacity *= 2;
             }
             self.options.slot_capacity = capacity;
-            let (map, epoch) = Self::create_file(&self.path, &self.options)?;
+            let (file, map, epoch) = Self::create_file(&self.path, &self.options)?;
+            self.file = file;
             self.map = map;
             self.epoch = epoch;
+            self.active = None;
         }
         let capacity = self.options.slot_capacity;
-        let layout = self.layout();
-        let active = layout.u32_at(H_ACTIVE).load(Ordering::Relaxed);
-        let generation = self.generation + 1;
-        let slot = if generation == 1 { 0 } else { 1 - active };
+        let previous = self.active;
+        let slot = previous.map_or(0, |s| 1 - s);
         let offset = Layout::slot_offset(slot, capacity);
+        let layout = self.layout();
         let seq = layout.u64_at(offset + S_SEQ);
         let start = seq.load(Ordering::Relaxed) | 1;
         seq.store(start, Ordering::Relaxed);
@@ -294,39 +407,101 @@ impl Publisher {
             .u32_at(offset + S_CRC)
             .store(crc32c::crc32c(payload), Ordering::Relaxed);
         layout
+            .u64_at(offset + S_LOG_LEN)
+            .store(0, Ordering::Relaxed);
+        layout
             .u64_at(offset + S_SEQ)
             .store(start + 1, Ordering::Release);
-
         layout.u32_at(H_ACTIVE).store(slot, Ordering::Release);
-        layout
-            .u64_at(H_GENERATION)
-            .store(generation, Ordering::Release);
-        let wake = layout.u32_at(H_WAKE);
-        wake.fetch_add(1, Ordering::Release);
-        futex_wake(wake);
-        self.generation = generation;
-        Ok(self.version())
+        self.active = Some(slot);
+        self.base_len = len as u64;
+        self.log_len = 0;
+        self.announce(generation);
+        if let Some(old) = previous {
+            self.release_slot(old);
+        }
+        Ok(())
     }
 
-    /// Test hook: flips a payload byte of the active slot without fixing the checksum, as a
-    /// stray write or bad memory would.
+    /// Invalidates a slot no longer active and gives its pages back: a reader still copying
+    /// it sees `seq` change and retries on the active one.
+    fn release_slot(&mut self, slot: u32) {
+        let capacity = self.options.slot_capacity;
+        let offset = Layout::slot_offset(slot, capacity);
+        let layout = self.layout();
+        let seq = layout.u64_at(offset + S_SEQ);
+        seq.store(seq.load(Ordering::Relaxed) | 1, Ordering::Release);
+        let data_at = (offset + SLOT_HEADER_SIZE) as u64;
+        // Only whole pages can be punched; the slot's first partial page stays.
+        let from = data_at.next_multiple_of(4096);
+        let to = data_at + capacity;
+        if to > from {
+            use std::os::fd::AsRawFd;
+            // SAFETY: plain syscall on our own descriptor; KEEP_SIZE means the file length
+            // (what readers bound their reads by) does not change, and punched pages read as
+            // zeros, which the seq check above already tells readers to discard.
+            #[allow(unsafe_code)]
+            let rc = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    from as libc::off_t,
+                    (to - from) as libc::off_t,
+                )
+            };
+            if rc != 0 {
+                // Not fatal: the region just keeps two slots' worth of pages.
+                tracing::debug!(error = %io::Error::last_os_error(), "cannot release slot pages");
+            }
+        }
+    }
+
+    /// Test hook: flips a byte of the active base without fixing its checksum, as a stray
+    /// write or bad memory would, and publishes it as a new complete generation.
     #[doc(hidden)]
     pub fn corrupt_active_slot_for_test(&mut self) {
+        let Some(active) = self.active else { return };
+        let capacity = self.options.slot_capacity;
+        let offset = Layout::slot_offset(active, capacity);
+        self.map[offset + SLOT_HEADER_SIZE] ^= 0xff;
         let layout = self.layout();
-        let active = layout.u32_at(H_ACTIVE).load(Ordering::Relaxed);
-        let at = Layout::slot_offset(active, self.options.slot_capacity) + SLOT_HEADER_SIZE;
-        self.map[at] ^= 0xff;
-        // A new generation number so readers look again.
-        let gen = layout.u64_at(H_GENERATION);
-        let next = gen.load(Ordering::Relaxed) + 1;
+        let next = self.generation + 1;
+        // A new base generation and seq, so readers read the base again.
+        let seq = layout.u64_at(offset + S_SEQ);
+        seq.store(seq.load(Ordering::Relaxed) + 2, Ordering::Release);
         layout
-            .u64_at(Layout::slot_offset(active, self.options.slot_capacity) + S_GENERATION)
-            .store(next, Ordering::Relaxed);
-        gen.store(next, Ordering::Release);
-        self.generation = next;
-        let wake = layout.u32_at(H_WAKE);
-        wake.fetch_add(1, Ordering::Release);
-        futex_wake(wake);
+            .u64_at(offset + S_GENERATION)
+            .store(next, Ordering::Release);
+        layout
+            .u64_at(offset + S_LOG_LEN)
+            .store(0, Ordering::Release);
+        self.log_len = 0;
+        self.announce(next);
+    }
+
+    /// Test hook: flips a byte of the newest log record's payload, as a stray write would.
+    #[doc(hidden)]
+    pub fn corrupt_last_record_for_test(&mut self) {
+        let Some(active) = self.active else { return };
+        if self.log_len == 0 {
+            return;
+        }
+        let capacity = self.options.slot_capacity;
+        let data_at = Layout::slot_offset(active, capacity) + SLOT_HEADER_SIZE;
+        // Walk to the last record.
+        let mut at = self.base_len.next_multiple_of(8) as usize;
+        let end = at + self.log_len as usize;
+        let mut last = at;
+        while at < end {
+            last = at;
+            let len = u32::from_le_bytes(
+                self.map[data_at + at..data_at + at + 4]
+                    .try_into()
+                    .unwrap_or_default(),
+            ) as usize;
+            at += RECORD_HEADER_SIZE + len.next_multiple_of(8);
+        }
+        self.map[data_at + last + RECORD_HEADER_SIZE] ^= 0xff;
     }
 }
 
@@ -410,13 +585,34 @@ impl Mapped {
     }
 }
 
+/// One publication as a reader found it: a complete snapshot or a delta, checksum-verified.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Published {
+    pub generation: u64,
+    pub payload: Vec<u8>,
+}
+
 /// What a read found.
 #[derive(Debug)]
 pub enum ReadOutcome {
     /// Nothing newer than what this subscriber returned last.
     Unchanged,
-    /// A new, checksum-verified payload.
-    New { version: Version, payload: Vec<u8> },
+    /// Everything published since the last read, to apply in order: the state at `version` is
+    /// `base` (when present, replacing whatever the caller held) followed by each delta.
+    New {
+        version: Version,
+        base: Option<Published>,
+        deltas: Vec<Published>,
+    },
+}
+
+/// Where this subscriber stopped in a slot's log: valid while that slot's `seq` is unchanged.
+#[derive(Clone, Copy, Debug)]
+struct Cursor {
+    slot: u32,
+    seq: u64,
+    /// Log bytes already returned.
+    offset: u64,
 }
 
 /// The reading side, in the data plane. Takes no lock, ever; a reader that loses a race with
@@ -425,6 +621,9 @@ pub struct Subscriber {
     path: PathBuf,
     mapped: Option<Mapped>,
     last: Option<Version>,
+    cursor: Option<Cursor>,
+    /// The caller could not apply what it was given: the next read starts from a base.
+    resync: bool,
 }
 
 impl Subscriber {
@@ -433,11 +632,20 @@ impl Subscriber {
             path: path.as_ref().to_owned(),
             mapped: None,
             last: None,
+            cursor: None,
+            resync: false,
         }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The caller refused what the last read returned (a delta that does not apply, say):
+    /// from the next publication on, reads start again from the complete snapshot.
+    pub fn resync(&mut self) {
+        self.resync = true;
+        self.cursor = None;
     }
 
     /// Maps the file at the path if it is new (first call, agent restart, resized region).
@@ -451,6 +659,7 @@ impl Subscriber {
                 return Ok(());
             }
         }
+        self.cursor = None;
         let file = File::open(&path).map_err(io_err(&path))?;
         let len = file.metadata().map_err(io_err(&path))?.len();
         if len < HEADER_SIZE as u64 {
@@ -496,9 +705,9 @@ impl Subscriber {
         Ok(())
     }
 
-    /// Returns the newest snapshot if it is newer than the last one returned. A corrupt
-    /// generation is reported once and then treated as seen, so the caller keeps its last good
-    /// view without being told about the same bad bytes again.
+    /// Returns everything published since the last read. A corrupt generation is reported once
+    /// and then treated as seen, so the caller keeps its last good view without being told
+    /// about the same bad bytes again.
     pub fn read(&mut self) -> Result<ReadOutcome, RegionError> {
         self.refresh_mapping()?;
         let Some(m) = &self.mapped else {
@@ -514,11 +723,11 @@ impl Subscriber {
                     path: self.path.clone(),
                 });
             }
-            let version = Version {
+            let current = Version {
                 epoch: m.epoch,
                 generation,
             };
-            if self.last == Some(version) {
+            if self.last == Some(current) {
                 return Ok(ReadOutcome::Unchanged);
             }
             let slot = layout.u32_at(H_ACTIVE).load(Ordering::Acquire) & 1;
@@ -529,40 +738,106 @@ impl Subscriber {
                 std::hint::spin_loop();
                 continue;
             }
-            let slot_generation = layout.u64_at(offset + S_GENERATION).load(Ordering::Relaxed);
-            let len = layout.u64_at(offset + S_LEN).load(Ordering::Relaxed);
+            let base_generation = layout.u64_at(offset + S_GENERATION).load(Ordering::Relaxed);
+            let base_len = layout.u64_at(offset + S_LEN).load(Ordering::Relaxed);
             let expected = layout.u32_at(offset + S_CRC).load(Ordering::Relaxed);
-            if len > m.capacity {
+            let log_len = layout.u64_at(offset + S_LOG_LEN).load(Ordering::Acquire);
+            let log_start = base_len.next_multiple_of(8);
+            // Where this reader's state stands in this slot's history.
+            let held = match self.last {
+                Some(last) if last.epoch == m.epoch && !self.resync => Some(last.generation),
+                _ => None,
+            };
+            let need_base = held.is_none_or(|g| g < base_generation);
+            let from = match self.cursor {
+                Some(c) if !need_base && c.slot == slot && c.seq == before => c.offset,
+                _ => 0,
+            };
+            if base_len > m.capacity || log_start + log_len > m.capacity || from > log_len {
                 fence(Ordering::Acquire);
                 if seq.load(Ordering::Relaxed) != before {
                     continue;
                 }
-                self.last = Some(version);
+                self.last = Some(current);
+                self.resync = true;
+                self.cursor = None;
                 return Err(RegionError::Length {
                     path: self.path.clone(),
                     generation,
-                    len,
+                    len: log_start.saturating_add(log_len),
                     capacity: m.capacity,
                 });
             }
             let data_at = offset + SLOT_HEADER_SIZE;
-            let payload = m.map[data_at..data_at + len as usize].to_vec();
+            let base = need_base.then(|| m.map[data_at..data_at + base_len as usize].to_vec());
+            let log_at = data_at + (log_start + from) as usize;
+            let log = m.map[log_at..log_at + (log_len - from) as usize].to_vec();
             fence(Ordering::Acquire);
-            if seq.load(Ordering::Relaxed) != before || slot_generation != generation {
-                // The publisher moved on while we copied; take the newer one.
+            if seq.load(Ordering::Relaxed) != before {
+                // The publisher replaced the slot while we copied; start over on the new one.
                 continue;
             }
-            self.last = Some(version);
-            let found = crc32c::crc32c(&payload);
-            if found != expected {
-                return Err(RegionError::Checksum {
+            // From here on the bytes are ours; anything wrong is corruption, reported once, and
+            // what follows it cannot be applied: the next generation is read from a base.
+            self.last = Some(current);
+            self.resync = true;
+            self.cursor = None;
+            let mut applied = held.unwrap_or(0);
+            let base = match base {
+                Some(payload) => {
+                    let found = crc32c::crc32c(&payload);
+                    if found != expected {
+                        return Err(RegionError::Checksum {
+                            path: self.path.clone(),
+                            generation: base_generation,
+                            found,
+                            expected,
+                        });
+                    }
+                    applied = base_generation;
+                    Some(Published {
+                        generation: base_generation,
+                        payload,
+                    })
+                }
+                None => None,
+            };
+            let deltas = parse_records(&log, &mut applied).map_err(|problem| match problem {
+                RecordProblem::Checksum {
+                    generation,
+                    found,
+                    expected,
+                } => RegionError::Checksum {
                     path: self.path.clone(),
                     generation,
                     found,
                     expected,
-                });
+                },
+                RecordProblem::Malformed(problem) => RegionError::Record {
+                    path: self.path.clone(),
+                    after: applied,
+                    problem,
+                },
+            })?;
+            self.resync = false;
+            self.cursor = Some(Cursor {
+                slot,
+                seq: before,
+                offset: log_len,
+            });
+            let version = Version {
+                epoch: m.epoch,
+                generation: applied,
+            };
+            self.last = Some(version);
+            if base.is_none() && deltas.is_empty() {
+                return Ok(ReadOutcome::Unchanged);
             }
-            return Ok(ReadOutcome::New { version, payload });
+            return Ok(ReadOutcome::New {
+                version,
+                base,
+                deltas,
+            });
         }
         Err(RegionError::Busy {
             path: self.path.clone(),
@@ -590,6 +865,67 @@ impl Subscriber {
             None => std::thread::sleep(timeout.min(Duration::from_millis(100))),
         }
     }
+}
+
+enum RecordProblem {
+    Checksum {
+        generation: u64,
+        found: u32,
+        expected: u32,
+    },
+    Malformed(String),
+}
+
+/// Splits a copied log into its records, keeping those after generation `applied` (a reader
+/// that moved to a compacted slot has seen the first ones) and advancing `applied`. Records
+/// must follow each other one generation at a time: a gap means the log cannot be trusted.
+fn parse_records(log: &[u8], applied: &mut u64) -> Result<Vec<Published>, RecordProblem> {
+    let mut records = Vec::new();
+    let mut rest = log;
+    while !rest.is_empty() {
+        let header = rest
+            .get(..RECORD_HEADER_SIZE)
+            .ok_or_else(|| RecordProblem::Malformed(format!("{} stray bytes", rest.len())))?;
+        let field = |range: std::ops::Range<usize>| {
+            let mut bytes = [0u8; 8];
+            bytes[..range.len()].copy_from_slice(&header[range]);
+            u64::from_le_bytes(bytes)
+        };
+        let len = field(0..4) as usize;
+        let expected = field(4..8) as u32;
+        let generation = field(8..16);
+        let payload = rest
+            .get(RECORD_HEADER_SIZE..RECORD_HEADER_SIZE + len)
+            .ok_or_else(|| {
+                RecordProblem::Malformed(format!(
+                    "generation {generation} claims {len} bytes, {} left",
+                    rest.len() - RECORD_HEADER_SIZE
+                ))
+            })?;
+        let found = crc32c::crc32c(payload);
+        if found != expected {
+            return Err(RecordProblem::Checksum {
+                generation,
+                found,
+                expected,
+            });
+        }
+        if generation > *applied {
+            if generation != *applied + 1 {
+                return Err(RecordProblem::Malformed(format!(
+                    "generation {generation} follows {applied}"
+                )));
+            }
+            *applied = generation;
+            records.push(Published {
+                generation,
+                payload: payload.to_vec(),
+            });
+        }
+        let step = (RECORD_HEADER_SIZE + len.next_multiple_of(8)).min(rest.len());
+        rest = &rest[step..];
+    }
+    Ok(records)
 }
 
 #[cfg(test)]

@@ -1,28 +1,35 @@
 //! `snapbench`: the snapshot channel at cluster sizes, measured end to end in one process with
-//! the real pieces: the agent's encoder and region publisher, the data plane's region reader,
-//! decoder and index, and one thread per worker adopting each new index (building its view,
-//! TLS configs included) as the data plane's workers do.
+//! the real pieces: the agent's encoders and region publisher, the data plane's snapshot
+//! watcher (`mesh_io::watch`, the same function the data plane runs: futex wait, region read,
+//! decode, index build or delta apply), and one monoio worker per core that carries 1 KiB
+//! ping-pong traffic on loopback while it adopts each index into its view, as the data plane's
+//! workers do.
 //!
-//! For each size: shared-memory bytes per workload (the region file), data-plane memory per
-//! workload (RSS growth for one adopted index), time to adopt a full snapshot, and
-//! publish-to-visible-on-every-worker latency for a one-pod change (p50/p99). Every change is
-//! a full republish today: these figures are the baseline an incremental channel must beat.
+//! For each size: shared-memory bytes per workload (the region file's allocated pages, in
+//! steady state and at the peak of a compaction), data-plane memory per workload (RSS growth
+//! for the adopted index and views), time to adopt a full snapshot, publish-to-visible-on-
+//! every-worker latency for a one-pod change (p50/p99), the cost of a compaction, and the cost
+//! of diffing two complete snapshots (what the file source does per change).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use clap::Parser;
 use mesh_core::identity::SpiffeId;
-use mesh_core::index::{Generation, Index};
+use mesh_io::runtime::{self, Driver, DriverChoice};
 use mesh_io::view::View;
+use mesh_io::watch::{self, WatchStatus};
+use mesh_io::worker::Control;
 use mesh_snapshot::region::PublishOptions;
 use mesh_snapshot::schema::{
     Action, AuthorizationPolicy, Identity, Protocol, Rule, RuleSource, Service, ServicePort,
     Workload,
 };
-use mesh_snapshot::{Publisher, ReadOutcome, Snapshot, Subscriber};
+use mesh_snapshot::{Appended, Publisher, Snapshot};
+use perf::gen;
 use perf::report::{self, Provenance};
 use perf::sys;
 use serde::Serialize;
@@ -39,6 +46,13 @@ struct Args {
     /// One-pod changes published per size (fewer above 20k workloads, at least 5).
     #[arg(long, default_value_t = 50)]
     changes: usize,
+    /// Workers do not carry traffic while they adopt (separates the channel's own cost from
+    /// competition for the cores).
+    #[arg(long)]
+    idle_workers: bool,
+    /// I/O driver of the workers: auto (io_uring where allowed), io-uring or epoll.
+    #[arg(long, default_value = "auto")]
+    driver: DriverChoice,
     /// Where the region lives (memory-backed, as in the chart's emptyDir).
     #[arg(long, default_value = "/dev/shm")]
     dir: PathBuf,
@@ -163,23 +177,35 @@ struct SizeResult {
     services: usize,
     policies: usize,
     encoded_bytes: usize,
-    /// Memory the region file occupies (allocated pages of the sparse file: header plus the
-    /// slots written so far of the double buffer).
+    /// Pages the region file occupies in steady state: one slot (base and log) and the header.
     region_bytes: u64,
     region_bytes_per_workload: f64,
-    /// RSS growth for one decoded, indexed snapshot held by the data plane.
+    /// Pages occupied while a compaction has written the new base and not yet released the
+    /// old slot: the old slot's pages (measured) plus the new base.
+    region_peak_bytes: u64,
+    /// RSS growth for the adopted index held by the watcher and every worker's view.
     dataplane_bytes_per_workload: f64,
     encode_ms: f64,
     publish_ms: f64,
-    /// Read from the region, decode, build the index, and every worker's view built.
+    /// From the complete snapshot published to every worker holding it: read, decode, index,
+    /// and each worker's view.
     adopt_full_ms: f64,
-    adopt_decode_ms: f64,
-    adopt_index_ms: f64,
     one_pod_change_samples: usize,
+    /// Encoding the one-pod delta and appending it to the region (the agent's side).
+    one_pod_publish_p50_us: f64,
     /// From the agent starting to publish a one-pod change to the last worker holding it.
     one_pod_change_p50_ms: f64,
     one_pod_change_p99_ms: f64,
     one_pod_change_max_ms: f64,
+    /// Encoding the complete snapshot and writing it as the new base.
+    compact_ms: f64,
+    /// A one-pod change right after a compaction (readers that kept up do not reread the base).
+    change_after_compaction_ms: f64,
+    /// Diffing two complete snapshots that differ by one pod (the file source's way to find
+    /// the change; a watch-based source gets the change as an event).
+    file_source_diff_ms: f64,
+    /// 1 KiB round trips the workers completed during the changes (they carried traffic).
+    worker_round_trips: u64,
 }
 
 #[derive(Serialize)]
@@ -191,69 +217,141 @@ struct SnapReport {
     sizes: Vec<SizeResult>,
 }
 
-/// The data plane's side: reads the region, decodes, indexes and hands the index to every
-/// worker, which builds its view; returns when all workers hold `generation`.
+const PING: usize = 1024;
+
+/// The data plane's side: the real snapshot watcher on its own thread, feeding workers that
+/// carry traffic and adopt each index into their view.
 struct DataPlane {
-    subscriber: Subscriber,
-    workers: Vec<(flume::Sender<Arc<Index>>, flume::Receiver<u64>)>,
+    stop: Arc<AtomicBool>,
+    watcher: Option<std::thread::JoinHandle<()>>,
+    to_workers: Vec<flume::Sender<Control>>,
+    workers: Vec<std::thread::JoinHandle<std::io::Result<u64>>>,
+    adopted: std::sync::mpsc::Receiver<(usize, u64, Instant)>,
+    /// Newest generation each worker reported.
+    holds: Vec<u64>,
 }
 
 impl DataPlane {
-    fn start(path: &std::path::Path, workers: usize) -> DataPlane {
-        let workers = (0..workers.max(1))
-            .map(|_| {
-                let (to_worker, from_watcher) = flume::bounded::<Arc<Index>>(1);
-                let (to_watcher, adopted) = flume::bounded::<u64>(1);
-                std::thread::spawn(move || {
-                    let mut current = None;
-                    for index in from_watcher.iter() {
-                        let generation = index.generation().generation;
-                        current = Some(View::build(index));
-                        if to_watcher.send(generation).is_err() {
-                            break;
-                        }
-                    }
-                    drop(current);
-                });
-                (to_worker, adopted)
-            })
-            .collect();
-        DataPlane {
-            subscriber: Subscriber::new(path),
-            workers,
+    fn start(
+        path: &std::path::Path,
+        workers: usize,
+        driver: Driver,
+        traffic: bool,
+    ) -> anyhow::Result<DataPlane> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (report, adopted) = std::sync::mpsc::channel();
+        let mut to_workers = Vec::new();
+        let mut handles = Vec::new();
+        for id in 0..workers.max(1) {
+            let (to, from_watcher) = flume::unbounded::<Control>();
+            to_workers.push(to);
+            let report = report.clone();
+            let stop = stop.clone();
+            handles.push(std::thread::spawn(move || {
+                runtime::block_on(driver, move || {
+                    worker(id, from_watcher, report, stop, traffic)
+                })
+                .and_then(|r| r)
+            }));
         }
+        let status = Arc::new(WatchStatus::default());
+        let watcher = {
+            let path = path.to_owned();
+            let to = to_workers.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || watch::watch(path, to, status, stop))
+        };
+        Ok(DataPlane {
+            stop,
+            watcher: Some(watcher),
+            to_workers,
+            workers: handles,
+            adopted,
+            holds: vec![0; workers.max(1)],
+        })
     }
 
-    /// Adopts the newest publication; returns (decode, index) durations and the index.
-    fn adopt(&mut self) -> anyhow::Result<(Duration, Duration, Arc<Index>)> {
-        let (version, payload) = loop {
-            match self.subscriber.read()? {
-                ReadOutcome::New { version, payload } => break (version, payload),
-                ReadOutcome::Unchanged => self.subscriber.wait(Duration::from_millis(100)),
+    /// Waits until every worker holds `generation`; returns when the last one got it.
+    fn visible(&mut self, generation: u64) -> anyhow::Result<Instant> {
+        let mut last = Instant::now();
+        while self.holds.iter().any(|&g| g < generation) {
+            let (worker, g, at) = self
+                .adopted
+                .recv_timeout(Duration::from_secs(120))
+                .context("workers stopped adopting")?;
+            self.holds[worker] = g;
+            if g >= generation {
+                last = last.max(at);
             }
-        };
-        let t = Instant::now();
-        let snapshot = mesh_snapshot::decode(&payload)?;
-        let decoded = t.elapsed();
-        drop(payload);
-        let t = Instant::now();
-        let index = Arc::new(Index::build(
-            snapshot,
-            Generation {
-                epoch: version.epoch,
-                generation: version.generation,
-            },
-        )?);
-        let indexed = t.elapsed();
-        for (to, _) in &self.workers {
-            to.send(index.clone()).context("worker gone")?;
         }
-        for (_, adopted) in &self.workers {
-            let g = adopted.recv().context("worker gone")?;
-            anyhow::ensure!(g == version.generation, "worker adopted {g}");
-        }
-        Ok((decoded, indexed, index))
+        Ok(last)
     }
+
+    fn stop(mut self) -> anyhow::Result<u64> {
+        self.stop.store(true, Ordering::Release);
+        if let Some(w) = self.watcher.take() {
+            let _ = w.join();
+        }
+        for to in &self.to_workers {
+            let _ = to.send(Control::Shutdown);
+        }
+        let mut round_trips = 0;
+        for w in self.workers.drain(..) {
+            round_trips += w.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
+        }
+        Ok(round_trips)
+    }
+}
+
+/// One worker: an echo server and a ping-pong client on loopback keep its event loop busy,
+/// while it adopts each index between events as the data plane's workers do.
+async fn worker(
+    id: usize,
+    control: flume::Receiver<Control>,
+    report: std::sync::mpsc::Sender<(usize, u64, Instant)>,
+    stop: Arc<AtomicBool>,
+    traffic: bool,
+) -> std::io::Result<u64> {
+    let listener = monoio::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    monoio::spawn(gen::accept_loop(listener, gen::echo_conn));
+    let traffic = monoio::spawn({
+        let stop = stop.clone();
+        async move {
+            use monoio::io::{AsyncReadRentExt, AsyncWriteRentExt};
+            let mut conn = monoio::net::TcpStream::connect(addr).await?;
+            conn.set_nodelay(true)?;
+            let mut buf = vec![7u8; PING];
+            let mut round_trips = 0u64;
+            while traffic && !stop.load(Ordering::Relaxed) {
+                let (res, b) = conn.write_all(buf).await;
+                res?;
+                let (res, b) = conn.read_exact(b).await;
+                res?;
+                buf = b;
+                round_trips += 1;
+            }
+            std::io::Result::Ok(round_trips)
+        }
+    });
+    let mut view: Option<View> = None;
+    while let Ok(message) = control.recv_async().await {
+        match message {
+            Control::Adopt(index) => {
+                let generation = index.generation().generation;
+                view = Some(match &view {
+                    Some(previous) => previous.next(index),
+                    None => View::build(index),
+                });
+                let _ = report.send((id, generation, Instant::now()));
+            }
+            Control::Shutdown => break,
+            _ => {}
+        }
+    }
+    stop.store(true, Ordering::Release);
+    drop(view);
+    traffic.await
 }
 
 fn ms(d: Duration) -> f64 {
@@ -264,7 +362,17 @@ fn rss() -> f64 {
     sys::rss_bytes(std::process::id()).unwrap_or(0) as f64
 }
 
-fn measure(size: usize, args: &Args, ca: &ctrl_agent::ca::LocalCa) -> anyhow::Result<SizeResult> {
+fn allocated(path: &std::path::Path) -> anyhow::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)?.blocks() * 512)
+}
+
+fn measure(
+    size: usize,
+    args: &Args,
+    ca: &ctrl_agent::ca::LocalCa,
+    driver: Driver,
+) -> anyhow::Result<SizeResult> {
     let mut snap = snapshot(size, ca)?;
     let path = args
         .dir
@@ -272,40 +380,73 @@ fn measure(size: usize, args: &Args, ca: &ctrl_agent::ca::LocalCa) -> anyhow::Re
     let t = Instant::now();
     let payload = mesh_snapshot::encode(&snap);
     let encode = t.elapsed();
-    let mut publisher = Publisher::create(&path, PublishOptions::default())?;
-    let t = Instant::now();
-    publisher.publish(&payload)?;
-    let publish = t.elapsed();
     let encoded_bytes = payload.len();
-    drop(payload);
+    let mut publisher = Publisher::create(&path, PublishOptions::default())?;
 
-    let mut dataplane = DataPlane::start(&path, args.workers);
     let before = rss();
+    let mut dataplane = DataPlane::start(&path, args.workers, driver, !args.idle_workers)?;
     let t = Instant::now();
-    let (decode, index_time, index) = dataplane.adopt()?;
-    let adopt = t.elapsed();
+    let version = publisher.publish(&payload)?;
+    let publish = t.elapsed();
+    let published_at = Instant::now();
+    drop(payload);
+    let adopt = dataplane.visible(version.generation)? - published_at;
     let held = rss() - before;
-    drop(index);
 
-    // One-pod changes: a pod moves to a new IP (a restart), republished by the agent.
-    // Fewer samples where each change republishes hundreds of MB.
-    let samples = (args.changes * 20_000 / size.max(1)).clamp(5, args.changes.max(5));
+    // One-pod changes: a pod moves to a new IP (a restart), as a watch event would report it.
+    let samples = args.changes.max(5);
     let mut latencies = Vec::with_capacity(samples);
+    let mut publishes = Vec::with_capacity(samples);
     for n in 0..samples {
-        let pod = (n * 7) % size;
+        let pod = (n * 7919) % size;
         snap.workloads[pod].ips = vec![ip(size + n)];
         let t = Instant::now();
-        publisher.publish(&mesh_snapshot::encode(&snap))?;
-        dataplane.adopt()?;
-        latencies.push(ms(t.elapsed()));
+        let delta = mesh_snapshot::delta::encode(&mesh_snapshot::Delta {
+            workloads: vec![snap.workloads[pod].clone()],
+            ..mesh_snapshot::Delta::default()
+        });
+        let version = match publisher.append(&delta)? {
+            Appended::Published(version) => version,
+            Appended::NeedsFull => publisher.publish(&mesh_snapshot::encode(&snap))?,
+        };
+        publishes.push(t.elapsed().as_secs_f64() * 1e6);
+        latencies.push(ms(dataplane.visible(version.generation)? - t));
+        // Changes arrive one by one, not back to back.
+        std::thread::sleep(Duration::from_millis(2));
     }
-    // Pages the region really occupies once both slots have been written (the file is
-    // sparse: slots are sized for growth).
-    let region_bytes = {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(&path)?.blocks() * 512
+
+    // The file source finds a change by diffing two complete snapshots.
+    let mut changed = snap.clone();
+    changed.workloads[size / 2].ips = vec![ip(size + samples)];
+    let t = Instant::now();
+    let diff = mesh_snapshot::delta::diff(&snap, &changed).context("a delta")?;
+    let file_source_diff = t.elapsed();
+    anyhow::ensure!(diff.len() == 1, "diff found {} changes", diff.len());
+    drop(changed);
+
+    // A compaction: the new base goes to the other slot, the old one's pages are released.
+    let before_compaction = allocated(&path)?;
+    let t = Instant::now();
+    let compacted = mesh_snapshot::encode(&snap);
+    publisher.compact(&compacted)?;
+    let compact = t.elapsed();
+    let region_peak_bytes = before_compaction + compacted.len() as u64;
+    drop(compacted);
+    let region_bytes = allocated(&path)?;
+    let pod = size / 3;
+    snap.workloads[pod].ips = vec![ip(size + samples + 1)];
+    let t = Instant::now();
+    let delta = mesh_snapshot::delta::encode(&mesh_snapshot::Delta {
+        workloads: vec![snap.workloads[pod].clone()],
+        ..mesh_snapshot::Delta::default()
+    });
+    let Appended::Published(version) = publisher.append(&delta)? else {
+        anyhow::bail!("a one-pod delta did not fit after a compaction");
     };
+    let change_after_compaction = dataplane.visible(version.generation)? - t;
+    let worker_round_trips = dataplane.stop()?;
     let _ = std::fs::remove_file(&path);
+
     latencies.sort_by(f64::total_cmp);
     let pct = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
     Ok(SizeResult {
@@ -315,16 +456,20 @@ fn measure(size: usize, args: &Args, ca: &ctrl_agent::ca::LocalCa) -> anyhow::Re
         encoded_bytes,
         region_bytes,
         region_bytes_per_workload: region_bytes as f64 / size as f64,
+        region_peak_bytes,
         dataplane_bytes_per_workload: held / size as f64,
         encode_ms: ms(encode),
         publish_ms: ms(publish),
         adopt_full_ms: ms(adopt),
-        adopt_decode_ms: ms(decode),
-        adopt_index_ms: ms(index_time),
         one_pod_change_samples: samples,
+        one_pod_publish_p50_us: report::median(publishes),
         one_pod_change_p50_ms: report::median(latencies.clone()),
         one_pod_change_p99_ms: pct(0.99),
         one_pod_change_max_ms: *latencies.last().unwrap_or(&f64::NAN),
+        compact_ms: ms(compact),
+        change_after_compaction_ms: ms(change_after_compaction),
+        file_source_diff_ms: ms(file_source_diff),
+        worker_round_trips,
     })
 }
 
@@ -332,17 +477,21 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let run = Provenance::now();
     let ca = ctrl_agent::ca::LocalCa::generate(TRUST_DOMAIN)?;
+    let driver = runtime::resolve(args.driver).map_err(anyhow::Error::msg)?;
     let mut sizes = Vec::new();
     for &size in &args.sizes {
         eprintln!("snapbench: {size} workloads ...");
-        sizes.push(measure(size, &args, &ca)?);
+        sizes.push(measure(size, &args, &ca, driver)?);
     }
     let report = SnapReport {
         run,
         workers: args.workers,
-        method: "full snapshot republished for every change (prost, double-buffered region); \
-                 adopt = read + decode + index + every worker's view; no traffic on the workers"
-            .into(),
+        method: format!(
+            "one-pod changes appended as deltas to the region's log, applied to a persistent \
+             index; adopt = the data plane's watcher (futex wake, read, decode, index) + every \
+             worker's view, workers carrying 1 KiB ping-pong on loopback ({} driver)",
+            driver.name()
+        ),
         sizes,
     };
     println!(
@@ -354,27 +503,31 @@ fn main() -> anyhow::Result<()> {
         report.run.commit
     );
     println!(
-        "{:>10}{:>12}{:>12}{:>12}{:>12}{:>12}{:>14}{:>14}",
+        "{:>10}{:>10}{:>10}{:>10}{:>10}{:>11}{:>12}{:>12}{:>12}{:>11}",
         "workloads",
         "shm MiB",
         "shm B/wl",
         "dp B/wl",
         "adopt ms",
-        "publish ms",
-        "change p50 ms",
-        "change p99 ms"
+        "publish us",
+        "change p50",
+        "change p99",
+        "compact ms",
+        "diff ms"
     );
     for s in &report.sizes {
         println!(
-            "{:>10}{:>12.1}{:>12.0}{:>12.0}{:>12.1}{:>12.1}{:>14.2}{:>14.2}",
+            "{:>10}{:>10.1}{:>10.0}{:>10.0}{:>10.1}{:>11.1}{:>10.3}ms{:>10.3}ms{:>12.1}{:>11.1}",
             s.workloads,
             s.region_bytes as f64 / (1 << 20) as f64,
             s.region_bytes_per_workload,
             s.dataplane_bytes_per_workload,
             s.adopt_full_ms,
-            s.encode_ms + s.publish_ms,
+            s.one_pod_publish_p50_us,
             s.one_pod_change_p50_ms,
-            s.one_pod_change_p99_ms
+            s.one_pod_change_p99_ms,
+            s.compact_ms,
+            s.file_source_diff_ms
         );
     }
     println!("targets (issue 3): 1M workloads in <= 256 MiB of shared memory; a full 100k snapshot adopted within 100 ms; a one-pod change on every worker within 1 ms at p99");
@@ -399,7 +552,7 @@ fn main() -> anyhow::Result<()> {
             ));
         }
         let svg = report::log_bar_chart(
-            "Snapshot channel: full republish per change",
+            "Snapshot channel: deltas on a persistent index",
             &format!(
                 "{} ({} cores) | {} workers | commit {}",
                 report.run.machine.cpu_model,
