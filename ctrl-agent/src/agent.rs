@@ -19,7 +19,8 @@ use mesh_snapshot::delta::State;
 use mesh_snapshot::region::{PublishOptions, Version};
 use mesh_snapshot::schema::{Identity, Snapshot};
 
-use crate::ca::{IssuedCert, LocalCa};
+use crate::authority::{CertificateAuthority, Renewals};
+use crate::ca::IssuedCert;
 use crate::channel::{Published, SnapshotChannel};
 use crate::config::{ConfigError, FileConfig, ProtocolSpec};
 use crate::enroll::Enrollments;
@@ -48,12 +49,6 @@ pub enum AgentError {
         path: String,
         #[source]
         source: std::io::Error,
-    },
-    #[error("issuing a certificate for {id}: {source}")]
-    Issue {
-        id: SpiffeId,
-        #[source]
-        source: crate::ca::CaError,
     },
     #[error(transparent)]
     Region(#[from] mesh_snapshot::RegionError),
@@ -87,7 +82,9 @@ pub fn lock(shared: &SharedState) -> MutexGuard<'_, Shared> {
 
 pub struct Agent {
     options: AgentOptions,
-    ca: LocalCa,
+    ca: CertificateAuthority,
+    /// When certificates are due, and when to retry those that could not be issued.
+    renewals: Renewals,
     channel: SnapshotChannel,
     /// Bytes of the config file last looked at (good or bad), to notice changes.
     last_seen: Option<Vec<u8>>,
@@ -97,7 +94,10 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(options: AgentOptions, ca: LocalCa) -> Result<Agent, AgentError> {
+    pub fn new(
+        options: AgentOptions,
+        ca: impl Into<CertificateAuthority>,
+    ) -> Result<Agent, AgentError> {
         let channel = SnapshotChannel::create(
             &options.snapshot_path,
             PublishOptions {
@@ -118,7 +118,8 @@ impl Agent {
         }));
         Ok(Agent {
             options,
-            ca,
+            ca: ca.into(),
+            renewals: Renewals::default(),
             channel,
             last_seen: None,
             shared,
@@ -162,7 +163,7 @@ impl Agent {
             }
             changed |= std::mem::take(&mut shared.dirty);
         }
-        changed |= self.refresh_certificates(now)?;
+        changed |= self.refresh_certificates(now);
         if !changed {
             return Ok(Tick::Unchanged);
         }
@@ -170,11 +171,13 @@ impl Agent {
     }
 
     /// Issues missing certificates and renews those past half their lifetime; drops those of
-    /// identities no longer on this node.
-    fn refresh_certificates(&mut self, now: SystemTime) -> Result<bool, AgentError> {
+    /// identities no longer on this node. A failed renewal keeps the current certificate (still
+    /// valid; the data plane only uses certificates for new handshakes) and is retried with
+    /// backoff; a certificate that expires before it could be renewed is dropped.
+    fn refresh_certificates(&mut self, now: SystemTime) -> bool {
         let shared = lock(&self.shared);
         let Some(config) = &shared.config else {
-            return Ok(false);
+            return false;
         };
         let wanted: Vec<SpiffeId> = config
             .workloads
@@ -186,33 +189,39 @@ impl Agent {
         let mut changed = false;
         let before = self.certs.len();
         self.certs.retain(|id, _| wanted.contains(id));
+        self.renewals.retain(&wanted);
+        self.ca.retain_identities(&wanted);
         changed |= self.certs.len() != before;
         let now_unix = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        // Renew once less than half the TTL is left. (Not half of not_after - not_before: the
-        // not-before is backdated to absorb clock skew, and with a short TTL that backdating
-        // made every certificate look due on every tick.)
-        let half_ttl = (self.options.cert_ttl.as_secs() / 2) as i64;
         for id in wanted {
-            let due = match self.certs.get(&id) {
-                None => true,
-                Some(c) => now_unix >= c.not_after_unix - half_ttl,
-            };
-            if due {
-                let cert = self
-                    .ca
-                    .issue(&id, now, self.options.cert_ttl)
-                    .map_err(|source| AgentError::Issue {
-                        id: id.clone(),
-                        source,
-                    })?;
-                tracing::info!(identity = %id, not_after_unix = cert.not_after_unix, "certificate issued");
-                self.certs.insert(id, cert);
+            // Due halfway through the time granted (see `Renewals::issued`).
+            let due = self.renewals.due(&id, self.certs.contains_key(&id), now);
+            if due && self.renewals.may_try(&id, now) {
+                match self.ca.issue(&id, now, self.options.cert_ttl) {
+                    Ok(cert) => {
+                        tracing::info!(identity = %id, not_after_unix = cert.not_after_unix, "certificate issued");
+                        self.renewals.issued(&id, now, &cert);
+                        self.certs.insert(id, cert);
+                        changed = true;
+                        continue;
+                    }
+                    Err(error) => self.renewals.failed(&id, now, &error, self.certs.get(&id)),
+                }
+            }
+            if self
+                .certs
+                .get(&id)
+                .is_some_and(|c| c.not_after_unix <= now_unix)
+            {
+                tracing::error!(identity = %id,
+                    "certificate expired and could not be renewed; dropped until one is issued");
+                self.certs.remove(&id);
                 changed = true;
             }
         }
-        Ok(changed)
+        changed
     }
 
     fn publish(&mut self) -> Result<Tick, AgentError> {
@@ -238,8 +247,7 @@ impl Agent {
                 not_after_unix: c.not_after_unix,
             })
             .collect();
-        let mut roots = vec![self.ca.root_der().to_vec()];
-        roots.extend(self.options.extra_roots.iter().cloned());
+        let roots = self.ca.trust_roots(&self.options.extra_roots);
         let digest = crc32c::crc32c(self.last_seen.as_deref().unwrap_or_default());
         let source = format!(
             "file:{} crc32c={digest:08x}",

@@ -35,6 +35,15 @@ pub enum CaError {
     Load { path: String, problem: String },
     #[error("time out of range")]
     Time,
+    #[error(transparent)]
+    Istio(#[from] crate::istio_ca::IstioCaError),
+}
+
+impl CaError {
+    /// The remote CA could not be reached at all (so no identity can be issued for now).
+    pub fn is_transport(&self) -> bool {
+        matches!(self, CaError::Istio(e) if e.is_transport())
+    }
 }
 
 /// A certificate chain (leaf first) and its PKCS#8 private key, all DER.

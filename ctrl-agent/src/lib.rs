@@ -2,10 +2,12 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod authority;
 pub mod ca;
 pub mod channel;
 pub mod cni_api;
 pub mod cni_server;
 pub mod config;
 pub mod enroll;
+pub mod istio_ca;
 pub mod translate;

@@ -1,4 +1,5 @@
-//! `ctrl-agent`: parse flags, load or create the CA, run the file source until SIGTERM.
+//! `ctrl-agent`: parse flags, set up the certificate authority (the local CA, or a client of
+//! Istio's CA), run the file source until SIGTERM.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -9,8 +10,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use ctrl_agent::agent::{Agent, AgentOptions};
+use ctrl_agent::authority::CertificateAuthority;
 use ctrl_agent::ca::LocalCa;
 use ctrl_agent::config::DEFAULT_TRUST_DOMAIN;
+use ctrl_agent::istio_ca::{IstioCaClient, IstioCaConfig, DEFAULT_CLUSTER_ID, DEFAULT_TOKEN_FILE};
 
 /// Publishes workload, policy and certificate snapshots for the data plane on this node.
 #[derive(Parser, Debug)]
@@ -25,12 +28,38 @@ struct Args {
     /// Where to publish the snapshot region (a file on tmpfs).
     #[arg(long, env = "DATAPLANE_SNAPSHOT", default_value = "/run/mesh/snapshot")]
     snapshot: PathBuf,
-    /// Directory holding ca-cert.pem and ca-key.pem; generated there if absent.
+    /// Local CA only: directory holding ca-cert.pem and ca-key.pem; generated there if absent.
     #[arg(long, env = "CTRL_AGENT_CA_DIR", default_value = "/var/lib/mesh/ca")]
     ca_dir: PathBuf,
-    /// Trust domain for a newly generated CA.
+    /// Local CA only: trust domain for a newly generated CA.
     #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
+    /// Istio's CA to get workload certificates from, e.g.
+    /// `https://istiod.istio-system.svc:15012` (https is assumed without a scheme). Without
+    /// it, the local CA of --ca-dir issues them.
+    #[arg(long, env = "CA_ADDRESS")]
+    ca_address: Option<String>,
+    /// With --ca-address: PEM file of istiod's root certificates (several during a root
+    /// rotation). istiod's TLS certificate must chain to one of them, and all of them, with the
+    /// roots that end the chains the CA returns, are published as mesh trust anchors. Re-read
+    /// before every request.
+    #[arg(
+        long,
+        env = "CA_ROOT_CERT",
+        default_value = "/var/run/secrets/istio/root-cert.pem"
+    )]
+    ca_root_cert: PathBuf,
+    /// With --ca-address: the agent's projected service-account token, sent as
+    /// `authorization: Bearer`; re-read before every request because the kubelet rotates it.
+    #[arg(long, default_value = DEFAULT_TOKEN_FILE)]
+    ca_token_file: PathBuf,
+    /// With --ca-address: this cluster's Istio cluster ID, sent as the `clusterid` header.
+    #[arg(long, env = "CLUSTER_ID", default_value = DEFAULT_CLUSTER_ID)]
+    cluster_id: String,
+    /// With --ca-address: the name istiod's TLS certificate must carry, when it is not the
+    /// host of the address (e.g. when connecting by IP).
+    #[arg(long)]
+    ca_tls_server_name: Option<String>,
     /// User and group of the data plane: the region (which holds keys) is theirs alone.
     #[arg(long)]
     dataplane_uid: Option<u32>,
@@ -69,8 +98,26 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     mesh_io::logs::init(args.log_json);
-    let ca = LocalCa::load_or_generate(&args.ca_dir, &args.trust_domain)
-        .with_context(|| format!("local CA in {}", args.ca_dir.display()))?;
+    let ca: CertificateAuthority = match &args.ca_address {
+        None => {
+            tracing::info!(ca_dir = %args.ca_dir.display(), "certificates from the local CA");
+            LocalCa::load_or_generate(&args.ca_dir, &args.trust_domain)
+                .with_context(|| format!("local CA in {}", args.ca_dir.display()))?
+                .into()
+        }
+        Some(address) => {
+            let mut config = IstioCaConfig::new(address, &args.ca_root_cert);
+            config.token_file = args.ca_token_file.clone();
+            config.cluster_id = args.cluster_id.clone();
+            config.tls_server_name = args.ca_tls_server_name.clone();
+            tracing::info!(address, root_cert = %args.ca_root_cert.display(),
+                token_file = %args.ca_token_file.display(), cluster_id = %args.cluster_id,
+                tls_server_name = ?args.ca_tls_server_name, "certificates from Istio's CA");
+            IstioCaClient::new(config)
+                .context("Istio CA client")?
+                .into()
+        }
+    };
     let mut extra_roots = Vec::new();
     for path in &args.extra_root {
         let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -87,8 +134,7 @@ fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     tracing::info!(config = %args.config.display(), node = %args.node,
-        snapshot = %args.snapshot.display(), ca_dir = %args.ca_dir.display(),
-        cert_ttl = ?args.cert_ttl, "starting ctrl-agent");
+        snapshot = %args.snapshot.display(), cert_ttl = ?args.cert_ttl, "starting ctrl-agent");
     let agent = Agent::new(
         AgentOptions {
             config_path: args.config,

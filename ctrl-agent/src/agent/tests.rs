@@ -3,6 +3,7 @@ use std::path::Path;
 use mesh_snapshot::{ReadOutcome, Snapshot, Subscriber};
 
 use super::*;
+use crate::ca::LocalCa;
 
 const CONFIG: &str = r#"
 workloads:
@@ -198,5 +199,209 @@ fn a_one_pod_change_goes_out_as_a_delta_of_that_pod_alone() {
             );
         }
         other => panic!("expected one delta, got {other:?}"),
+    }
+}
+
+/// With Istio's CA, against a fake istiod (a double of istiod's CA service: no istiod can run
+/// on this machine; see `istio_ca::fake_istiod`).
+mod istio {
+    use std::sync::Arc;
+
+    use rustls_pki_types::CertificateDer;
+
+    use super::*;
+    use crate::istio_ca::fake_istiod::{FakeIstiod, TestPki, SERVER_NAME, TOKEN};
+    use crate::istio_ca::{IstioCaClient, IstioCaConfig};
+
+    fn agent(dir: &Path, fake: &FakeIstiod, roots_pem: &str, ttl: Duration) -> Agent {
+        std::fs::write(dir.join("mesh.yaml"), CONFIG).expect("write config");
+        std::fs::write(dir.join("root-cert.pem"), roots_pem).expect("write roots");
+        std::fs::write(dir.join("istio-token"), TOKEN).expect("write token");
+        let mut ca = IstioCaConfig::new(fake.address(), dir.join("root-cert.pem"));
+        ca.token_file = dir.join("istio-token");
+        ca.tls_server_name = Some(SERVER_NAME.into());
+        ca.connect_timeout = Duration::from_secs(2);
+        ca.call_timeout = Duration::from_secs(2);
+        let options = AgentOptions {
+            config_path: dir.join("mesh.yaml"),
+            node: "node-1".into(),
+            snapshot_path: dir.join("snapshot"),
+            owner: None,
+            cert_ttl: ttl,
+            extra_roots: Vec::new(),
+            state_dir: dir.join("state"),
+        };
+        Agent::new(options, IstioCaClient::new(ca).expect("CA client")).expect("agent")
+    }
+
+    /// The data plane's own TLS setup, both ends presenting `identity`, handshaking in memory:
+    /// returns the client identity the server saw.
+    fn data_plane_handshake(snap: &Snapshot, identity: &Identity) -> Result<SpiffeId, String> {
+        use mesh_io::tls;
+        let trust = tls::TrustBundle::new(&snap.trust_roots).map_err(|e| e.to_string())?;
+        let id: SpiffeId = identity.spiffe_id.parse().expect("id");
+        let server = tls::server_config(identity, &trust, id.trust_domain()).expect("server");
+        let client = tls::client_config(identity, &trust, id).expect("client");
+        let addr = "10.0.1.2:15008".parse().expect("addr");
+        let mut c = rustls::ClientConnection::new(client, tls::placeholder_server_name(addr))
+            .map_err(|e| e.to_string())?;
+        let mut s = rustls::ServerConnection::new(server).map_err(|e| e.to_string())?;
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).expect("write to vec");
+            }
+            s.read_tls(&mut buf.as_slice()).expect("read from slice");
+            s.process_new_packets()
+                .map_err(|e| format!("server: {e}"))?;
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).expect("write to vec");
+            }
+            c.read_tls(&mut buf.as_slice()).expect("read from slice");
+            c.process_new_packets()
+                .map_err(|e| format!("client: {e}"))?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return tls::peer_identity(&s).map_err(|e| e.to_string());
+            }
+        }
+        Err("handshake did not finish".into())
+    }
+
+    #[test]
+    fn published_identities_chain_to_the_ca_root_and_pass_the_data_plane_handshake() {
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
+        let pki = Arc::new(TestPki::new("istiod"));
+        let fake = FakeIstiod::start(pki.clone());
+        // The root file also holds the next root of a rotation: both must be trusted.
+        let next = TestPki::new("next root");
+        let roots_pem = format!("{}{}", pki.root_pem, next.root_pem);
+        let mut agent = agent(dir.path(), &fake, &roots_pem, DAY);
+        assert!(matches!(
+            agent.tick(SystemTime::now()).expect("tick"),
+            Tick::Published(_)
+        ));
+        let snap = read(&mut Subscriber::new(dir.path().join("snapshot"))).expect("published");
+        let ids: Vec<_> = snap
+            .identities
+            .iter()
+            .map(|i| i.spiffe_id.as_str())
+            .collect();
+        assert_eq!(ids, ["spiffe://cluster.local/ns/default/sa/client"]);
+        assert_eq!(
+            snap.trust_roots,
+            [pki.root_der.clone(), next.root_der.clone()]
+        );
+
+        let identity = &snap.identities[0];
+        assert_eq!(identity.cert_chain.len(), 2, "leaf and intermediate");
+        let leaf = CertificateDer::from(identity.cert_chain[0].as_slice());
+        assert_eq!(
+            mesh_io::tls::spiffe_id_of(&leaf)
+                .expect("identity")
+                .to_string(),
+            identity.spiffe_id
+        );
+        assert_eq!(
+            data_plane_handshake(&snap, identity).expect("handshake"),
+            identity.spiffe_id.parse::<SpiffeId>().expect("id")
+        );
+        // The same certificate against another mesh's roots: refused, so the check above
+        // really went through the CA's root.
+        let mut foreign = snap.clone();
+        foreign.trust_roots = vec![next.root_der.clone()];
+        assert!(data_plane_handshake(&foreign, identity).is_err());
+        assert_eq!(fake.requests().len(), 1, "one identity on this node");
+    }
+
+    #[test]
+    fn renewal_replaces_a_due_certificate_and_keeps_it_while_the_ca_is_down_until_expiry() {
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
+        let pki = Arc::new(TestPki::new("istiod"));
+        let mut fake = FakeIstiod::start(pki.clone());
+        let ttl = Duration::from_secs(60);
+        let mut agent = agent(dir.path(), &fake, &pki.root_pem, ttl);
+        let mut sub = Subscriber::new(dir.path().join("snapshot"));
+        // Ticks run on simulated time from `t0`; the fake CA stamps certificates with the real
+        // clock (which moves a few milliseconds meanwhile): every leaf issued here is valid
+        // from about t0 - 120 s to t0 + 60 s.
+        let whole = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(whole);
+        let at = |secs: f64| t0 + Duration::from_secs_f64(secs);
+
+        agent.tick(at(0.0)).expect("tick");
+        let first = read(&mut sub).expect("published").identities[0].clone();
+        assert_eq!(agent.tick(at(20.0)).expect("tick"), Tick::Unchanged);
+        assert_eq!(fake.requests().len(), 1, "not due with 40 s of 60 left");
+
+        // Due with under half of its time left: a new certificate and key, due in turn
+        // halfway through what is left of its time (at about t0 + 45 s).
+        assert!(matches!(
+            agent.tick(at(31.0)).expect("tick"),
+            Tick::Published(_)
+        ));
+        let renewed = read(&mut sub).expect("republished").identities[0].clone();
+        assert_ne!(renewed.cert_chain, first.cert_chain);
+        assert_ne!(renewed.private_key, first.private_key);
+        assert_eq!(fake.requests().len(), 2);
+
+        // istiod goes away: the renewal fails and the current, still valid, certificate stays.
+        fake.stop();
+        assert_eq!(agent.tick(at(46.0)).expect("tick"), Tick::Unchanged);
+        assert!(read(&mut sub).is_none(), "nothing republished");
+        // Back, but the retry waits for its backoff (at least half a second)...
+        fake.restart();
+        assert_eq!(agent.tick(at(46.4)).expect("tick"), Tick::Unchanged);
+        assert_eq!(fake.requests().len(), 2, "no request during the backoff");
+        // ...and then goes through.
+        assert!(matches!(
+            agent.tick(at(47.0)).expect("tick"),
+            Tick::Published(_)
+        ));
+        let recovered = read(&mut sub).expect("republished").identities[0].clone();
+        assert_ne!(recovered.cert_chain, renewed.cert_chain);
+
+        // Down again until past expiry: the expired certificate is dropped, not published.
+        fake.stop();
+        assert_eq!(agent.tick(at(55.0)).expect("tick"), Tick::Unchanged);
+        assert!(matches!(
+            agent.tick(at(90.0)).expect("tick"),
+            Tick::Published(_)
+        ));
+        let snap = read(&mut sub).expect("republished");
+        assert!(snap.identities.is_empty(), "{:?}", snap.identities);
+        assert_eq!(snap.workloads.len(), 2, "routing is still published");
+    }
+
+    #[test]
+    fn a_ca_granting_less_than_the_ttl_is_asked_again_at_half_of_what_it_granted() {
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
+        let pki = Arc::new(TestPki::new("istiod"));
+        let fake = FakeIstiod::start(pki.clone());
+        // istiod caps workload certificates at its maximum TTL, whatever the agent asks for.
+        fake.set_max_validity(Duration::from_secs(60));
+        let mut agent = agent(dir.path(), &fake, &pki.root_pem, DAY);
+        let whole = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(whole);
+        agent.tick(t0).expect("tick");
+        assert_eq!(fake.requests()[0].validity_duration, 24 * 3600);
+        // Not asked again on every tick because a day was asked for and a minute granted...
+        assert_eq!(
+            agent.tick(t0 + Duration::from_secs(20)).expect("tick"),
+            Tick::Unchanged
+        );
+        assert_eq!(fake.requests().len(), 1);
+        // ...but renewed with under half the granted minute left.
+        assert!(matches!(
+            agent.tick(t0 + Duration::from_secs(31)).expect("tick"),
+            Tick::Published(_)
+        ));
+        assert_eq!(fake.requests().len(), 2);
     }
 }
