@@ -59,12 +59,12 @@ pub enum NetnsSource {
 #[derive(Clone, Debug)]
 struct Service {
     name: ServiceName,
-    /// VIP:port frontends, sorted.
-    frontends: Vec<SocketAddr>,
+    /// VIP:port frontends with their target ports.
+    frontends: Vec<(SocketAddr, u16)>,
     /// Endpoint uids as the snapshot lists them.
     listed: Vec<Arc<str>>,
-    /// Those of `listed` that name a workload of this index: the ones traffic goes to.
-    endpoints: Vec<Arc<str>>,
+    /// The workloads of `listed` that exist in this index: where traffic goes.
+    endpoints: Vec<Arc<Workload>>,
 }
 
 /// Where an outbound connection goes.
@@ -160,7 +160,9 @@ pub struct Generation {
     pub generation: u64,
 }
 
-type Map<K, V> = imbl::HashMap<K, V>;
+/// Persistent B-trees: about 28 bytes per small entry where a hash trie (imbl's HashMap) took
+/// 127, measured at 100k entries, and lookups compare a few addresses or uids.
+type Map<K, V> = imbl::OrdMap<K, V>;
 
 /// A local workload with what its authorization is resolved from.
 #[derive(Clone, Debug)]
@@ -177,12 +179,12 @@ pub struct Index {
     source: String,
     by_uid: Map<Arc<str>, Arc<Workload>>,
     by_ip: Map<IpAddr, Arc<Workload>>,
-    services: Map<String, Arc<Service>>,
-    /// (vip, service port) -> (service key, target port).
-    by_vip: Map<SocketAddr, (String, u16)>,
-    /// Workload uid -> keys of the services listing it, to re-resolve endpoints when a
-    /// workload comes or goes.
-    listed_by: Map<Arc<str>, Vec<String>>,
+    services: Map<Arc<str>, Arc<Service>>,
+    /// (vip, service port) -> (service, target port).
+    by_vip: Map<SocketAddr, (Arc<Service>, u16)>,
+    /// Workload uid -> keys of the services listing it, to re-resolve their endpoints when
+    /// the workload comes, goes or changes.
+    listed_by: Map<Arc<str>, Vec<Arc<str>>>,
     local: imbl::OrdMap<Arc<str>, Local>,
     identities: Arc<HashMap<SpiffeId, schema::Identity>>,
     trust_roots: Arc<Vec<Vec<u8>>>,
@@ -193,8 +195,12 @@ pub struct Index {
     local_authz: Arc<HashMap<Arc<str>, (Applicable, PeerAuth)>>,
 }
 
-/// Parses and checks one workload of the snapshot for a node.
-fn parse_workload(w: &schema::Workload, node: &str) -> Result<Workload, IndexError> {
+/// Parses and checks one workload of the snapshot for a node; returns it with its labels
+/// (kept for local workloads, whose policies are resolved from them).
+fn parse_workload(
+    w: schema::Workload,
+    node: &str,
+) -> Result<(Workload, BTreeMap<String, String>), IndexError> {
     let bad = |field, problem: String| IndexError::Workload {
         uid: w.uid.clone(),
         field,
@@ -212,27 +218,31 @@ fn parse_workload(w: &schema::Workload, node: &str) -> Result<Workload, IndexErr
     } else if w.netns_from_agent {
         NetnsSource::Agent
     } else if !w.netns_path.is_empty() {
-        NetnsSource::Path(w.netns_path.clone())
+        NetnsSource::Path(w.netns_path)
     } else {
         NetnsSource::None
     };
     let (canonical_service, canonical_revision) = canonical_names(&w.name, &w.labels);
-    Ok(Workload {
-        canonical_service,
-        canonical_revision,
-        protocol: w.protocol(),
-        uid: w.uid.clone(),
-        name: w.name.clone(),
-        namespace: w.namespace.clone(),
-        identity,
-        ips,
-        node: w.node.clone(),
-        netns,
-    })
+    let protocol = Protocol::try_from(w.protocol).unwrap_or(Protocol::Hbone);
+    Ok((
+        Workload {
+            canonical_service,
+            canonical_revision,
+            protocol,
+            uid: w.uid,
+            name: w.name,
+            namespace: w.namespace,
+            identity,
+            ips,
+            node: w.node,
+            netns,
+        },
+        w.labels,
+    ))
 }
 
 /// Parses and checks one service: its frontends with target ports.
-fn parse_service(s: &schema::Service) -> Result<(Service, Vec<(SocketAddr, u16)>), IndexError> {
+fn parse_service(s: &schema::Service) -> Result<Service, IndexError> {
     let bad = |field, problem: String| IndexError::Service {
         name: format!("{}/{}", s.namespace, s.name),
         field,
@@ -265,22 +275,16 @@ fn parse_service(s: &schema::Service) -> Result<(Service, Vec<(SocketAddr, u16)>
     } else {
         s.hostname.clone()
     };
-    let mut sorted: Vec<SocketAddr> = frontends.iter().map(|(a, _)| *a).collect();
-    sorted.sort();
-    sorted.dedup();
-    Ok((
-        Service {
-            name: ServiceName {
-                name: s.name.clone(),
-                namespace: s.namespace.clone(),
-                hostname,
-            },
-            frontends: sorted,
-            listed: s.endpoints.iter().map(|u| Arc::from(u.as_str())).collect(),
-            endpoints: Vec::new(),
+    Ok(Service {
+        name: ServiceName {
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+            hostname,
         },
         frontends,
-    ))
+        listed: s.endpoints.iter().map(|u| Arc::from(u.as_str())).collect(),
+        endpoints: Vec::new(),
+    })
 }
 
 impl Index {
@@ -315,33 +319,37 @@ impl Index {
 
         // Workloads: every changed or removed one leaves first (with its addresses), so that
         // two pods swapping addresses in one delta is not a conflict.
-        let mut seen = HashSet::with_capacity(delta.workloads.len());
         let mut parsed = Vec::with_capacity(delta.workloads.len());
-        for w in &delta.workloads {
+        for w in delta.workloads {
+            parsed.push(parse_workload(w, &next.node)?);
+        }
+        let mut seen = HashSet::with_capacity(parsed.len());
+        for (w, _) in &parsed {
             if !seen.insert(w.uid.as_str()) {
                 return Err(IndexError::DuplicateUid(w.uid.clone()));
             }
-            parsed.push((parse_workload(w, &next.node)?, &w.labels));
         }
-        let mut came_or_went: Vec<Arc<str>> = Vec::new();
+        drop(seen);
+        // Uids whose workload came, went or changed: the services listing them re-resolve.
+        let mut changed: Vec<Arc<str>> = Vec::new();
         let mut local_changed = false;
         let leaving = delta
             .removed_workloads
             .iter()
             .map(String::as_str)
-            .chain(delta.workloads.iter().map(|w| w.uid.as_str()));
+            .chain(parsed.iter().map(|(w, _)| w.uid.as_str()));
         for uid in leaving {
             if let Some(old) = next.by_uid.remove(uid) {
                 for ip in &old.ips {
                     next.by_ip.remove(ip);
                 }
-                // Only touch the local map when it holds the pod: a removal copies the path
-                // even when nothing is there, and an unchanged map tells workers to skip work.
+                // Only touch the local map when it holds the pod: an unchanged map tells
+                // workers to skip listener work.
                 if next.local.contains_key(uid) {
                     next.local.remove(uid);
                     local_changed = true;
                 }
-                came_or_went.push(Arc::from(uid));
+                changed.push(Arc::from(uid));
             }
         }
         for (workload, labels) in parsed {
@@ -362,22 +370,34 @@ impl Index {
                     uid.clone(),
                     Local {
                         workload: workload.clone(),
-                        labels: labels.clone(),
+                        labels,
                     },
                 );
                 local_changed = true;
             }
             next.by_uid.insert(uid.clone(), workload);
-            came_or_went.push(uid);
+            changed.push(uid);
         }
 
-        // Services.
-        let mut touched_services: HashSet<String> = HashSet::new();
-        let changed_keys: Vec<String> = delta.services.iter().map(delta::service_key).collect();
-        for key in delta.removed_services.iter().chain(&changed_keys) {
+        // Services: the old version of each changed or removed one leaves with its frontends.
+        let mut touched: HashSet<Arc<str>> = HashSet::new();
+        let mut incoming = Vec::with_capacity(delta.services.len());
+        for s in &delta.services {
+            incoming.push((Arc::<str>::from(delta::service_key(s)), parse_service(s)?));
+        }
+        let leaving = delta
+            .removed_services
+            .iter()
+            .map(String::as_str)
+            .chain(incoming.iter().map(|(key, _)| &**key));
+        for key in leaving {
             if let Some(old) = next.services.remove(key) {
-                for frontend in &old.frontends {
-                    if next.by_vip.get(frontend).is_some_and(|(k, _)| k == key) {
+                for (frontend, _) in &old.frontends {
+                    if next
+                        .by_vip
+                        .get(frontend)
+                        .is_some_and(|(s, _)| Arc::ptr_eq(s, &old))
+                    {
                         next.by_vip.remove(frontend);
                     }
                 }
@@ -386,10 +406,12 @@ impl Index {
                 }
             }
         }
-        for (s, key) in delta.services.iter().zip(changed_keys) {
-            let (service, frontends) = parse_service(s)?;
-            for (frontend, target) in frontends {
-                next.by_vip.insert(frontend, (key.clone(), target));
+        for (key, mut service) in incoming {
+            // Share the uid the workload map already holds (one allocation per pod, not two).
+            for uid in &mut service.listed {
+                if let Some((known, _)) = next.by_uid.get_key_value(&**uid) {
+                    *uid = known.clone();
+                }
             }
             for uid in &service.listed {
                 let mut keys = next.listed_by.get(uid).cloned().unwrap_or_default();
@@ -399,26 +421,30 @@ impl Index {
                 next.listed_by.insert(uid.clone(), keys);
             }
             next.services.insert(key.clone(), Arc::new(service));
-            touched_services.insert(key);
+            touched.insert(key);
         }
-        // Endpoints resolve to workloads of this index: re-resolve the services whose
-        // listed workloads came or went (a changed address keeps the uid, so costs nothing).
-        for uid in &came_or_went {
+        // Endpoints point at workloads: re-resolve the services whose listed workloads came,
+        // went or changed, and point their frontends at the new version.
+        for uid in &changed {
             if let Some(keys) = next.listed_by.get(uid) {
-                touched_services.extend(keys.iter().cloned());
+                touched.extend(keys.iter().cloned());
             }
         }
-        for key in touched_services {
-            if let Some(service) = next.services.get(&key) {
-                let mut service = Service::clone(service);
-                service.endpoints = service
-                    .listed
-                    .iter()
-                    .filter(|uid| next.by_uid.contains_key(*uid))
-                    .cloned()
-                    .collect();
-                next.services.insert(key, Arc::new(service));
+        for key in touched {
+            let Some(old) = next.services.get(&key).cloned() else {
+                continue;
+            };
+            let mut service = Service::clone(&old);
+            service.endpoints = service
+                .listed
+                .iter()
+                .filter_map(|uid| next.by_uid.get(uid).cloned())
+                .collect();
+            let service = Arc::new(service);
+            for (frontend, target) in &service.frontends {
+                next.by_vip.insert(*frontend, (service.clone(), *target));
             }
+            next.services.insert(key, service);
         }
 
         // Identities and trust roots: small, rebuilt whole when touched.
@@ -474,7 +500,7 @@ impl Index {
 
     fn unlist(&mut self, uid: &Arc<str>, key: &str) {
         if let Some(keys) = self.listed_by.get(uid) {
-            let rest: Vec<String> = keys.iter().filter(|k| *k != key).cloned().collect();
+            let rest: Vec<Arc<str>> = keys.iter().filter(|k| ***k != *key).cloned().collect();
             if rest.is_empty() {
                 self.listed_by.remove(uid);
             } else {
@@ -560,7 +586,12 @@ impl Index {
     pub fn services(&self) -> Vec<(&ServiceName, Vec<SocketAddr>, usize)> {
         self.services
             .values()
-            .map(|s| (&s.name, s.frontends.clone(), s.endpoints.len()))
+            .map(|s| {
+                let mut vips: Vec<SocketAddr> = s.frontends.iter().map(|(a, _)| *a).collect();
+                vips.sort();
+                vips.dedup();
+                (&s.name, vips, s.endpoints.len())
+            })
             .collect()
     }
 
@@ -638,17 +669,12 @@ impl Index {
     /// Decides where an outbound connection to `dst` goes. `pick` spreads service traffic over
     /// endpoints (callers pass a per-worker counter, so selection is round robin per core).
     pub fn route_outbound(&self, dst: SocketAddr, pick: u64) -> Route<'_> {
-        if let Some((key, target_port)) = self.by_vip.get(&dst) {
-            let Some(service) = self.services.get(key) else {
-                return Route::NoEndpoint { service: dst };
-            };
+        if let Some((service, target_port)) = self.by_vip.get(&dst) {
             let endpoints = &service.endpoints;
-            let chosen = (!endpoints.is_empty())
-                .then(|| &endpoints[(pick % endpoints.len() as u64) as usize])
-                .and_then(|uid| self.by_uid.get(uid));
-            let Some(workload) = chosen else {
+            if endpoints.is_empty() {
                 return Route::NoEndpoint { service: dst };
-            };
+            }
+            let workload = &endpoints[(pick % endpoints.len() as u64) as usize];
             // Prefer an address of the VIP's family; fall back to any.
             let ip = workload
                 .ips
