@@ -553,3 +553,94 @@ lab_test!(
         }
     }
 );
+
+lab_test!(
+    a_refused_delta_keeps_the_last_good_index_until_the_publisher_fixes_it,
+    LabOptions::default(),
+    |mut lab| {
+        echo_server(&lab, "n2-a");
+        // What node 1's agent published, replayed from its region; then take the region over.
+        let mut reader = mesh_snapshot::Subscriber::new(lab.snapshot_region(0));
+        let mut state = match reader.read().expect("agent's region") {
+            mesh_snapshot::ReadOutcome::New { base, deltas, .. } => {
+                mesh_snapshot::delta::replay(None, base.as_ref(), &deltas)
+                    .expect("decodes")
+                    .expect("a state")
+            }
+            other => panic!("{other:?}"),
+        };
+        lab.kill_agent(0).expect("kill agent");
+        let mut publisher = mesh_snapshot::Publisher::create(
+            lab.snapshot_region(0),
+            mesh_snapshot::region::PublishOptions::default(),
+        )
+        .expect("publisher");
+        let epoch = publisher
+            .publish(&mesh_snapshot::encode(&state.snapshot()))
+            .expect("publish")
+            .epoch;
+        let snapshot_stats = |lab: &Lab| lab.stats(0).expect("stats")["snapshot"].clone();
+        let at = |lab: &Lab, generation: u64, refused: u64| {
+            let s = snapshot_stats(lab);
+            s["epoch"].as_u64() == Some(epoch)
+                && s["generation"].as_u64() == Some(generation)
+                && s["refused"].as_u64() == Some(refused)
+        };
+        assert!(eventually(Duration::from_secs(5), || at(&lab, 1, 0)));
+        let append = |publisher: &mut mesh_snapshot::Publisher, bytes: &[u8]| {
+            assert!(matches!(
+                publisher.append(bytes).expect("append"),
+                mesh_snapshot::Appended::Published(_)
+            ));
+        };
+
+        // A new pod on n2-a's address: the delta is refused, the index stays.
+        let n2a_ip = lab.addr("n2-a", ECHO).ip();
+        let mut late = state.workloads.values().next().expect("a workload").clone();
+        late.uid = "late-pod".into();
+        late.name = "late-pod".into();
+        late.ips = vec![mesh_core::index::ip_to_bytes(n2a_ip)];
+        let clash = mesh_snapshot::Delta {
+            workloads: vec![late.clone()],
+            ..Default::default()
+        };
+        append(&mut publisher, &mesh_snapshot::delta::encode(&clash));
+        assert!(eventually(Duration::from_secs(5), || at(&lab, 1, 1)));
+        let mut client = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(roundtrip(&mut client, b"kept").expect("echo"), b"kept");
+
+        // The publisher moves the pod to a free address: the data plane rereads from the base
+        // and adopts the fixed state, although the log still holds the refused record.
+        late.ips = vec![vec![198, 18, 7, 7]];
+        let fix = mesh_snapshot::Delta {
+            workloads: vec![late.clone()],
+            ..Default::default()
+        };
+        append(&mut publisher, &mesh_snapshot::delta::encode(&fix));
+        state.apply(&fix);
+        assert!(eventually(Duration::from_secs(5), || at(&lab, 3, 1)));
+        let dump = lab.http_get(0, 15000, "/config_dump").expect("dump").1;
+        assert!(
+            dump.contains("late-pod") && dump.contains("198.18.7.7"),
+            "{dump}"
+        );
+
+        // A record that is not a delta at all: refused, and the index stays at 3 ...
+        append(&mut publisher, &[0xff; 16]);
+        assert!(eventually(Duration::from_secs(5), || {
+            snapshot_stats(&lab)["refused"].as_u64() == Some(2)
+        }));
+        assert_eq!(snapshot_stats(&lab)["generation"].as_u64(), Some(3));
+        // ... until a compaction writes a good base at the same generation number.
+        publisher
+            .compact(&mesh_snapshot::encode(&state.snapshot()))
+            .expect("compact");
+        assert!(eventually(Duration::from_secs(5), || at(&lab, 4, 2)));
+        let mut client = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(roundtrip(&mut client, b"healed").expect("echo"), b"healed");
+    }
+);

@@ -199,6 +199,11 @@ pub fn watch(
 /// The index for what a read returned: built from the base when there is one (first read, new
 /// epoch, resync), else the current index; then every delta applied in order. Each delta's
 /// generation is stamped on the index it produces.
+///
+/// When a read with a base has a delta that does not apply (an earlier refusal the log still
+/// holds, say), the whole read is replayed as plain data and only the final state is indexed:
+/// a publisher that fixed what was refused heals the data plane at once, without waiting for
+/// a compaction.
 pub fn adopt(
     current: Option<&Index>,
     epoch: u64,
@@ -206,19 +211,35 @@ pub fn adopt(
     deltas: Vec<Published>,
 ) -> Result<Index, String> {
     let stamp = |generation| Generation { epoch, generation };
-    let mut index = match (base, current) {
-        (Some(base), _) => {
-            let snapshot = mesh_snapshot::decode(&base.payload).map_err(|e| e.to_string())?;
-            Index::build(snapshot, stamp(base.generation)).map_err(|e| e.to_string())?
-        }
-        (None, Some(current)) => current.clone(),
-        (None, None) => return Err("changes arrived before any complete snapshot".into()),
+    let Some(base) = base else {
+        let current = current.ok_or("changes arrived before any complete snapshot")?;
+        return apply_deltas(current.clone(), epoch, &deltas);
     };
+    let snapshot = mesh_snapshot::decode(&base.payload).map_err(|e| e.to_string())?;
+    let built = Index::build(snapshot, stamp(base.generation)).map_err(|e| e.to_string());
+    match built.and_then(|index| apply_deltas(index, epoch, &deltas)) {
+        Ok(index) => Ok(index),
+        Err(_) if !deltas.is_empty() => {
+            let state = mesh_snapshot::delta::replay(None, Some(&base), &deltas)
+                .map_err(|e| e.to_string())?
+                .ok_or("a base that replays to nothing")?;
+            let newest = deltas.last().map_or(base.generation, |d| d.generation);
+            Index::build(state.snapshot(), stamp(newest)).map_err(|e| e.to_string())
+        }
+        Err(error) => Err(error),
+    }
+}
+
+fn apply_deltas(mut index: Index, epoch: u64, deltas: &[Published]) -> Result<Index, String> {
     for delta in deltas {
         let decoded = mesh_snapshot::delta::decode(&delta.payload)
             .map_err(|e| format!("generation {}: {e}", delta.generation))?;
+        let generation = Generation {
+            epoch,
+            generation: delta.generation,
+        };
         index = index
-            .apply(decoded, stamp(delta.generation))
+            .apply(decoded, generation)
             .map_err(|e| format!("generation {}: {e}", delta.generation))?;
     }
     Ok(index)
@@ -228,4 +249,124 @@ fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_snapshot::delta::{self, Delta};
+    use mesh_snapshot::schema::{Snapshot, Workload};
+
+    fn workload(uid: &str, last: u8) -> Workload {
+        Workload {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: "default".into(),
+            service_account: "default".into(),
+            trust_domain: "cluster.local".into(),
+            ips: vec![vec![10, 0, 0, last]],
+            node: "n2".into(),
+            ..Default::default()
+        }
+    }
+
+    fn published(generation: u64, payload: Vec<u8>) -> Published {
+        Published {
+            generation,
+            payload,
+        }
+    }
+
+    fn base() -> Published {
+        let snapshot = Snapshot {
+            node: "n1".into(),
+            workloads: vec![workload("a", 1), workload("b", 2)],
+            ..Default::default()
+        };
+        published(1, mesh_snapshot::encode(&snapshot))
+    }
+
+    fn delta(generation: u64, d: Delta) -> Published {
+        published(generation, delta::encode(&d))
+    }
+
+    fn ips(index: &Index) -> Vec<(String, String)> {
+        let mut all: Vec<_> = index
+            .workloads()
+            .map(|w| (w.uid.clone(), format!("{:?}", w.ips)))
+            .collect();
+        all.sort();
+        all
+    }
+
+    #[test]
+    fn deltas_apply_on_the_current_index_and_stamp_their_generation() {
+        let first = adopt(None, 7, Some(base()), Vec::new()).expect("base");
+        let moved = Delta {
+            workloads: vec![workload("b", 3)],
+            ..Delta::default()
+        };
+        let next = adopt(Some(&first), 7, None, vec![delta(2, moved)]).expect("delta");
+        assert_eq!(
+            next.generation(),
+            Generation {
+                epoch: 7,
+                generation: 2
+            }
+        );
+        assert!(next
+            .workload_by_ip("10.0.0.3".parse().expect("ip"))
+            .is_some());
+        assert!(next
+            .workload_by_ip("10.0.0.2".parse().expect("ip"))
+            .is_none());
+        assert!(adopt(None, 7, None, vec![delta(2, Delta::default())]).is_err());
+    }
+
+    #[test]
+    fn a_log_holding_a_refused_delta_heals_once_a_later_delta_fixes_it() {
+        let first = adopt(None, 7, Some(base()), Vec::new()).expect("base");
+        // "c" takes a's address: refused, the current index stays.
+        let clash = delta(
+            2,
+            Delta {
+                workloads: vec![workload("c", 1)],
+                ..Delta::default()
+            },
+        );
+        assert!(adopt(Some(&first), 7, None, vec![clash]).is_err());
+        // The publisher removes a; the watcher rereads from the base: base + both deltas.
+        let clash = delta(
+            2,
+            Delta {
+                workloads: vec![workload("c", 1)],
+                ..Delta::default()
+            },
+        );
+        let fix = delta(
+            3,
+            Delta {
+                removed_workloads: vec!["a".into()],
+                ..Delta::default()
+            },
+        );
+        let healed = adopt(Some(&first), 7, Some(base()), vec![clash, fix]).expect("heals");
+        assert_eq!(healed.generation().generation, 3);
+        assert_eq!(
+            ips(&healed),
+            [
+                ("b".to_owned(), "[10.0.0.2]".to_owned()),
+                ("c".to_owned(), "[10.0.0.1]".to_owned())
+            ]
+        );
+        // A final state that is still contradictory stays refused.
+        let clash = delta(
+            2,
+            Delta {
+                workloads: vec![workload("c", 1)],
+                ..Delta::default()
+            },
+        );
+        assert!(adopt(Some(&first), 7, Some(base()), vec![clash]).is_err());
+    }
 }

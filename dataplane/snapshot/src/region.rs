@@ -624,6 +624,9 @@ pub struct Subscriber {
     cursor: Option<Cursor>,
     /// The caller could not apply what it was given: the next read starts from a base.
     resync: bool,
+    /// The slot and `seq` a refusal happened on: a compaction replaces that base without a new
+    /// generation, and a reader waiting to resync must notice it.
+    refused_base: Option<(u32, u64)>,
 }
 
 impl Subscriber {
@@ -634,6 +637,7 @@ impl Subscriber {
             last: None,
             cursor: None,
             resync: false,
+            refused_base: None,
         }
     }
 
@@ -645,7 +649,21 @@ impl Subscriber {
     /// from the next publication on, reads start again from the complete snapshot.
     pub fn resync(&mut self) {
         self.resync = true;
+        self.refused_base = self.cursor.map(|c| (c.slot, c.seq));
         self.cursor = None;
+    }
+
+    /// Whether a resync is pending and the base it was refused on has been replaced since
+    /// (a compaction keeps the generation but may have healed what was refused).
+    fn base_replaced_since_refusal(&self, layout: &Layout, capacity: u64) -> bool {
+        let Some((slot, seq)) = self.refused_base.filter(|_| self.resync) else {
+            return false;
+        };
+        let active = layout.u32_at(H_ACTIVE).load(Ordering::Acquire) & 1;
+        let now = layout
+            .u64_at(Layout::slot_offset(active, capacity) + S_SEQ)
+            .load(Ordering::Acquire);
+        active != slot || now != seq
     }
 
     /// Maps the file at the path if it is new (first call, agent restart, resized region).
@@ -727,7 +745,8 @@ impl Subscriber {
                 epoch: m.epoch,
                 generation,
             };
-            if self.last == Some(current) {
+            if self.last == Some(current) && !self.base_replaced_since_refusal(&layout, m.capacity)
+            {
                 return Ok(ReadOutcome::Unchanged);
             }
             let slot = layout.u32_at(H_ACTIVE).load(Ordering::Acquire) & 1;
@@ -760,6 +779,7 @@ impl Subscriber {
                 }
                 self.last = Some(current);
                 self.resync = true;
+                self.refused_base = Some((slot, before));
                 self.cursor = None;
                 return Err(RegionError::Length {
                     path: self.path.clone(),
@@ -781,6 +801,7 @@ impl Subscriber {
             // what follows it cannot be applied: the next generation is read from a base.
             self.last = Some(current);
             self.resync = true;
+            self.refused_base = Some((slot, before));
             self.cursor = None;
             let mut applied = held.unwrap_or(0);
             let base = match base {
@@ -820,6 +841,7 @@ impl Subscriber {
                 },
             })?;
             self.resync = false;
+            self.refused_base = None;
             self.cursor = Some(Cursor {
                 slot,
                 seq: before,
@@ -858,7 +880,10 @@ impl Subscriber {
                     epoch: m.epoch,
                     generation: published,
                 };
-                if superseded == 0 && self.last == Some(current) {
+                if superseded == 0
+                    && self.last == Some(current)
+                    && !self.base_replaced_since_refusal(&layout, m.capacity)
+                {
                     futex_wait(wake, seen, timeout);
                 }
             }

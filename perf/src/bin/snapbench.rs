@@ -11,6 +11,7 @@
 //! every-worker latency for a one-pod change (p50/p99), the cost of a compaction, and the cost
 //! of diffing two complete snapshots (what the file source does per change).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use clap::Parser;
 use mesh_core::identity::SpiffeId;
+use mesh_core::index::{Generation, Index};
 use mesh_io::runtime::{self, Driver, DriverChoice};
 use mesh_io::view::View;
 use mesh_io::watch::{self, WatchStatus};
@@ -206,6 +208,12 @@ struct SizeResult {
     file_source_diff_ms: f64,
     /// 1 KiB round trips the workers completed during the changes (they carried traffic).
     worker_round_trips: u64,
+    /// Per-connection routing on the adopted index: a pod address, then a service VIP (one
+    /// lookup each, round robin over endpoints), against the same keys in a std HashMap
+    /// built in the same run (the structure a rebuild-per-snapshot index would use).
+    route_by_ip_ns: f64,
+    route_by_vip_ns: f64,
+    hashmap_lookup_ns: f64,
 }
 
 #[derive(Serialize)]
@@ -367,6 +375,48 @@ fn allocated(path: &std::path::Path) -> anyhow::Result<u64> {
     Ok(std::fs::metadata(path)?.blocks() * 512)
 }
 
+/// Nanoseconds per route decision by pod IP and by VIP on an index of `snap`, and per lookup
+/// of the same pod IPs in a std HashMap (the baseline).
+fn route_costs(snap: &Snapshot) -> anyhow::Result<(f64, f64, f64)> {
+    const LOOKUPS: usize = 1_000_000;
+    let index = Index::build(snap.clone(), Generation::default())?;
+    let ips: Vec<SocketAddr> = snap
+        .workloads
+        .iter()
+        .filter_map(|w| w.ips.first())
+        .filter_map(|b| mesh_core::index::ip_from_bytes(b))
+        .map(|ip| SocketAddr::new(ip, 8080))
+        .collect();
+    let vips: Vec<SocketAddr> = snap
+        .services
+        .iter()
+        .filter_map(|s| s.vips.first())
+        .filter_map(|b| mesh_core::index::ip_from_bytes(b))
+        .map(|ip| SocketAddr::new(ip, 80))
+        .collect();
+    anyhow::ensure!(!ips.is_empty() && !vips.is_empty(), "nothing to route to");
+    // Spread the keys so consecutive lookups do not share cache lines.
+    let pick = |keys: &[SocketAddr], i: usize| keys[i.wrapping_mul(7919) % keys.len()];
+    let per = |t: Instant| t.elapsed().as_secs_f64() * 1e9 / LOOKUPS as f64;
+    let t = Instant::now();
+    for i in 0..LOOKUPS {
+        std::hint::black_box(index.route_outbound(pick(&ips, i), i as u64));
+    }
+    let by_ip = per(t);
+    let t = Instant::now();
+    for i in 0..LOOKUPS {
+        std::hint::black_box(index.route_outbound(pick(&vips, i), i as u64));
+    }
+    let by_vip = per(t);
+    let map: std::collections::HashMap<std::net::IpAddr, usize> =
+        ips.iter().enumerate().map(|(i, a)| (a.ip(), i)).collect();
+    let t = Instant::now();
+    for i in 0..LOOKUPS {
+        std::hint::black_box(map.get(&pick(&ips, i).ip()));
+    }
+    Ok((by_ip, by_vip, per(t)))
+}
+
 fn measure(
     size: usize,
     args: &Args,
@@ -445,6 +495,7 @@ fn measure(
     };
     let change_after_compaction = dataplane.visible(version.generation)? - t;
     let worker_round_trips = dataplane.stop()?;
+    let (route_by_ip_ns, route_by_vip_ns, hashmap_lookup_ns) = route_costs(&snap)?;
     let _ = std::fs::remove_file(&path);
 
     latencies.sort_by(f64::total_cmp);
@@ -470,6 +521,9 @@ fn measure(
         change_after_compaction_ms: ms(change_after_compaction),
         file_source_diff_ms: ms(file_source_diff),
         worker_round_trips,
+        route_by_ip_ns,
+        route_by_vip_ns,
+        hashmap_lookup_ns,
     })
 }
 
@@ -528,6 +582,16 @@ fn main() -> anyhow::Result<()> {
             s.one_pod_change_p99_ms,
             s.compact_ms,
             s.file_source_diff_ms
+        );
+    }
+    for s in &report.sizes {
+        println!(
+            "{:>10} workloads: route by pod IP {:.0} ns, by VIP {:.0} ns; std HashMap lookup of the same IPs {:.0} ns (x{:.1})",
+            s.workloads,
+            s.route_by_ip_ns,
+            s.route_by_vip_ns,
+            s.hashmap_lookup_ns,
+            s.route_by_ip_ns / s.hashmap_lookup_ns
         );
     }
     println!("targets (issue 3): 1M workloads in <= 256 MiB of shared memory; a full 100k snapshot adopted within 100 ms; a one-pod change on every worker within 1 ms at p99");

@@ -408,6 +408,34 @@ fn a_corrupt_record_is_reported_once_and_a_compaction_heals_the_reader() {
 }
 
 #[test]
+fn a_compaction_after_a_refusal_is_read_although_the_generation_did_not_move() {
+    let dir = ScratchDir::new().expect("scratch dir");
+    let path = region_path(&dir);
+    let mut publisher = Publisher::create(&path, small()).expect("create");
+    let mut sub = Subscriber::new(&path);
+    publisher.publish(b"base").expect("publish");
+    expect_new(&mut sub);
+    appended(&mut publisher, b"a delta the caller refuses");
+    expect_deltas(&mut sub);
+    sub.resync();
+    assert!(matches!(sub.read(), Ok(ReadOutcome::Unchanged)));
+    publisher.compact(b"fixed base").expect("compact");
+    let (version, payload) = expect_new(&mut sub);
+    assert_eq!(
+        (version.generation, payload.as_slice()),
+        (2, &b"fixed base"[..])
+    );
+    assert!(matches!(sub.read(), Ok(ReadOutcome::Unchanged)));
+
+    // The same after a corrupt record the reader itself refused.
+    appended(&mut publisher, b"delta 3");
+    publisher.corrupt_last_record_for_test();
+    assert!(matches!(sub.read(), Err(RegionError::Checksum { .. })));
+    publisher.compact(b"base at 3").expect("compact");
+    assert_eq!(expect_new(&mut sub).1, b"base at 3");
+}
+
+#[test]
 fn resync_starts_the_next_read_from_the_base() {
     let dir = ScratchDir::new().expect("scratch dir");
     let path = region_path(&dir);
