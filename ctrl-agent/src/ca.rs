@@ -202,16 +202,7 @@ impl LocalCa {
             .iter()
             .map(|u| Ok(SanType::URI(u.as_str().try_into()?)))
             .collect::<Result<_, rcgen::Error>>()?;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
+        mark_workload_leaf(&mut params);
         params.not_before = to_offset(not_before)?;
         params.not_after = to_offset(not_after)?;
         let cert = params.signed_by(&key, &self.issuer)?;
@@ -222,6 +213,21 @@ impl LocalCa {
             not_after_unix: unix(not_after),
         })
     }
+}
+
+/// What makes a workload certificate one: not a CA, signing and key exchange, usable by both
+/// ends of mutual TLS, and naming its issuer's key (as Istio's CA issues them).
+pub fn mark_workload_leaf(params: &mut CertificateParams) {
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {

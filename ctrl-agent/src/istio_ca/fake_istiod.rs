@@ -415,16 +415,7 @@ async fn decide(
     let now = OffsetDateTime::now_utc();
     params.not_before = now - BACKDATE;
     params.not_after = now + validity;
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    params.use_authority_key_identifier_extension = true;
+    crate::ca::mark_workload_leaf(&mut params);
     let signed = match &own_key {
         Some(key) => params.signed_by(key, &pki.intermediate),
         None => CertificateSigningRequestParams {

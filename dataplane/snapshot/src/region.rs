@@ -364,9 +364,7 @@ impl Publisher {
         layout
             .u64_at(H_GENERATION)
             .store(generation, Ordering::Release);
-        let wake = layout.u32_at(H_WAKE);
-        wake.fetch_add(1, Ordering::Release);
-        futex_wake(wake);
+        wake_readers(&layout);
         self.generation = generation;
     }
 
@@ -525,6 +523,11 @@ fn mark_superseded(file: &File) {
     layout
         .u32_at(H_FLAGS)
         .fetch_or(FLAG_SUPERSEDED, Ordering::Release);
+    wake_readers(&layout);
+}
+
+/// Bumps the wake word and wakes every reader waiting on it, in any process.
+fn wake_readers(layout: &Layout) {
     let wake = layout.u32_at(H_WAKE);
     wake.fetch_add(1, Ordering::Release);
     futex_wake(wake);
