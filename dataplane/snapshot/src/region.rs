@@ -764,7 +764,9 @@ impl Subscriber {
             let base_len = layout.u64_at(offset + S_LEN).load(Ordering::Relaxed);
             let expected = layout.u32_at(offset + S_CRC).load(Ordering::Relaxed);
             let log_len = layout.u64_at(offset + S_LOG_LEN).load(Ordering::Acquire);
-            let log_start = base_len.next_multiple_of(8);
+            // Bounded by the capacity (itself bounded) before any arithmetic, so no length a
+            // corrupt header claims can overflow (found by the region_file fuzz target).
+            let log_start = base_len.min(m.capacity).next_multiple_of(8);
             // Where this reader's state stands in this slot's history.
             let held = match self.last {
                 Some(last) if last.epoch == m.epoch && !self.resync => Some(last.generation),
@@ -775,7 +777,11 @@ impl Subscriber {
                 Some(c) if !need_base && c.slot == slot && c.seq == before => c.offset,
                 _ => 0,
             };
-            if base_len > m.capacity || log_start + log_len > m.capacity || from > log_len {
+            if base_len > m.capacity
+                || log_len > m.capacity
+                || log_start + log_len > m.capacity
+                || from > log_len
+            {
                 fence(Ordering::Acquire);
                 if seq.load(Ordering::Relaxed) != before {
                     continue;

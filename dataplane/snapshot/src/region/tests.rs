@@ -176,6 +176,33 @@ fn foreign_or_incompatible_files_are_refused() {
 }
 
 #[test]
+fn slot_lengths_that_would_overflow_are_refused() {
+    let dir = ScratchDir::new().expect("scratch dir");
+    let path = region_path(&dir);
+    let mut publisher = Publisher::create(&path, small()).expect("create");
+    publisher.publish(b"base").expect("publish");
+    drop(publisher);
+    let clean = std::fs::read(&path).expect("read");
+    // Base length and log length near u64::MAX (the first panicked the reader when rounding
+    // the base up to the log's start; found by the region_file fuzz target).
+    for field in [S_LEN, S_LOG_LEN] {
+        for claim in [u64::MAX, u64::MAX - 7, 1 << 63] {
+            let mut bytes = clean.clone();
+            let at = HEADER_SIZE + field;
+            bytes[at..at + 8].copy_from_slice(&claim.to_ne_bytes());
+            std::fs::write(&path, &bytes).expect("write");
+            assert!(
+                matches!(
+                    Subscriber::new(&path).read(),
+                    Err(RegionError::Length { .. })
+                ),
+                "field {field} = {claim}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_publisher_rounds_its_capacity_so_readers_accept_it() {
     let dir = ScratchDir::new().expect("scratch dir");
     let path = region_path(&dir);
