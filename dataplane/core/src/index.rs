@@ -18,6 +18,7 @@ use mesh_snapshot::schema::{self, Protocol, Snapshot};
 
 use crate::authz::{self, Applicable, Decision, Mtls, PeerAuth, Policies};
 use crate::identity::{SpiffeId, SpiffeIdError};
+use crate::layered::Layered;
 use crate::ports;
 
 /// A workload as the data path needs it: parsed addresses and identity.
@@ -160,9 +161,10 @@ pub struct Generation {
     pub generation: u64,
 }
 
-/// Persistent B-trees: about 28 bytes per small entry where a hash trie (imbl's HashMap) took
-/// 127, measured at 100k entries, and lookups compare a few addresses or uids.
-type Map<K, V> = imbl::OrdMap<K, V>;
+/// The big maps: a frozen std hash map under a small persistent overlay (see `layered`). A
+/// hash trie (imbl's HashMap) took 127 bytes per small entry at 100k entries, and a
+/// persistent B-tree's lookups cost ten std hash lookups at 100k-1M entries (snapbench).
+type Map<K, V> = Layered<K, V>;
 
 /// A local workload with what its authorization is resolved from.
 #[derive(Clone, Debug)]
@@ -294,6 +296,7 @@ impl Index {
         let mut empty = Index::empty();
         empty.node = snapshot.node.clone();
         empty.root_namespace = snapshot.root_namespace.clone();
+        empty.generation = generation;
         let delta = Delta {
             workloads: snapshot.workloads,
             services: snapshot.services,
@@ -305,13 +308,39 @@ impl Index {
             source: snapshot.source,
             ..Delta::default()
         };
-        empty.apply(delta, generation)
+        // Nothing shares the empty maps: the build writes the hash maps in place.
+        let mut index = empty.applied(delta, generation)?;
+        index.fold_maps(true);
+        Ok(index)
     }
 
     /// The next generation: this index with `delta` applied. Untouched parts are shared with
     /// `self`; a delta with anything malformed is refused whole and `self` stays as it was.
     pub fn apply(&self, delta: Delta, generation: Generation) -> Result<Index, IndexError> {
-        let mut next = self.clone();
+        let mut next = self.clone().applied(delta, generation)?;
+        next.fold_maps(false);
+        Ok(next)
+    }
+
+    /// Folds overlays into their bases: all of them, or those grown large.
+    fn fold_maps(&mut self, all: bool) {
+        if all {
+            self.by_uid.fold();
+            self.by_ip.fold();
+            self.services.fold();
+            self.by_vip.fold();
+            self.listed_by.fold();
+        } else {
+            self.by_uid.fold_if_large();
+            self.by_ip.fold_if_large();
+            self.services.fold_if_large();
+            self.by_vip.fold_if_large();
+            self.listed_by.fold_if_large();
+        }
+    }
+
+    fn applied(self, delta: Delta, generation: Generation) -> Result<Index, IndexError> {
+        let mut next = self;
         next.generation = generation;
         if !delta.source.is_empty() {
             next.source = delta.source;
@@ -551,11 +580,11 @@ impl Index {
             node: String::new(),
             root_namespace: String::new(),
             source: String::new(),
-            by_uid: Map::new(),
-            by_ip: Map::new(),
-            services: Map::new(),
-            by_vip: Map::new(),
-            listed_by: Map::new(),
+            by_uid: Map::default(),
+            by_ip: Map::default(),
+            services: Map::default(),
+            by_vip: Map::default(),
+            listed_by: Map::default(),
             local: imbl::OrdMap::new(),
             identities: Arc::default(),
             trust_roots: Arc::default(),
@@ -1055,5 +1084,19 @@ mod tests {
         });
         assert!(!with_policy.same_authorization(&next));
         assert!(with_policy.same_tls_material(&next));
+    }
+
+    #[test]
+    fn a_long_run_of_changes_folds_its_overlays_and_still_matches_a_rebuild() {
+        let mut reference = snapshot();
+        let mut index = Index::build(reference.clone(), Generation::default()).expect("builds");
+        for n in 0..crate::layered::FOLD_MIN + 10 {
+            let last = 20 + (n % 200) as u8;
+            index = apply_both(&index, &mut reference, |s| {
+                s.workloads[1].ips = vec![vec![10, 0, 3, last]];
+                s.services[0].ports[0].port = 1000 + (n % 50) as u32;
+            });
+        }
+        assert!(index.by_ip.overlay_len() < crate::layered::FOLD_MIN);
     }
 }

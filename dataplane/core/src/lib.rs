@@ -10,6 +10,7 @@ pub mod buffers;
 pub mod hbone;
 pub mod identity;
 pub mod index;
+pub mod layered;
 pub mod pool;
 pub mod redirect;
 pub mod socks5;

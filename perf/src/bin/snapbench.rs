@@ -208,9 +208,10 @@ struct SizeResult {
     file_source_diff_ms: f64,
     /// 1 KiB round trips the workers completed during the changes (they carried traffic).
     worker_round_trips: u64,
-    /// Per-connection routing on the adopted index: a pod address, then a service VIP (one
-    /// lookup each, round robin over endpoints), against the same keys in a std HashMap
-    /// built in the same run (the structure a rebuild-per-snapshot index would use).
+    /// Per-connection routing on an index carrying just under a fold's worth of pod changes:
+    /// a pod address (a VIP miss, then the pod), then a service VIP (round robin over
+    /// endpoints), against one lookup of the same pod IPs in a std HashMap built in the same
+    /// run (the structure a rebuild-per-snapshot index would use).
     route_by_ip_ns: f64,
     route_by_vip_ns: f64,
     hashmap_lookup_ns: f64,
@@ -379,7 +380,19 @@ fn allocated(path: &std::path::Path) -> anyhow::Result<u64> {
 /// of the same pod IPs in a std HashMap (the baseline).
 fn route_costs(snap: &Snapshot) -> anyhow::Result<(f64, f64, f64)> {
     const LOOKUPS: usize = 1_000_000;
-    let index = Index::build(snap.clone(), Generation::default())?;
+    let mut index = Index::build(snap.clone(), Generation::default())?;
+    // As the watcher holds it after a run of pod changes: just under a fold's worth of
+    // changes waiting in the overlays (every lookup probes them first).
+    let changes = (mesh_core::layered::FOLD_MIN - 1).min(snap.workloads.len());
+    for n in 0..changes {
+        let mut moved = snap.workloads[(n * 7919) % snap.workloads.len()].clone();
+        moved.ips = vec![ip(snap.workloads.len() * 2 + n)];
+        let delta = mesh_snapshot::Delta {
+            workloads: vec![moved],
+            ..mesh_snapshot::Delta::default()
+        };
+        index = index.apply(delta, Generation::default())?;
+    }
     let ips: Vec<SocketAddr> = snap
         .workloads
         .iter()
