@@ -19,7 +19,6 @@ pub mod model;
 pub mod world;
 
 use std::collections::BTreeSet;
-use std::fmt::Debug;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -27,10 +26,9 @@ use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher;
 use kube::runtime::WatchStreamExt;
-use kube::{Api, Client, Resource};
-use serde::de::DeserializeOwned;
+use kube::{Api, Client};
 
 use crate::config::FileConfig;
 use model::{Model, ModelOptions};
@@ -102,42 +100,27 @@ async fn run(options: KubeOptions, handoff: Arc<Handoff>, wake: mpsc::Sender<()>
         }
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Update>(1024);
-    tokio::spawn(watch(
-        Api::<Namespace>::all(client.clone()),
-        Kind::Namespaces,
-        Update::Namespace,
-        tx.clone(),
-    ));
-    tokio::spawn(watch(
-        Api::<Pod>::all(client.clone()),
-        Kind::Pods,
-        Update::Pod,
-        tx.clone(),
-    ));
-    tokio::spawn(watch(
-        Api::<Service>::all(client.clone()),
-        Kind::Services,
-        Update::Service,
-        tx.clone(),
-    ));
-    tokio::spawn(watch(
-        Api::<EndpointSlice>::all(client.clone()),
-        Kind::EndpointSlices,
-        Update::EndpointSlice,
-        tx.clone(),
-    ));
-    tokio::spawn(watch(
-        istio_api(&client, "AuthorizationPolicy", "authorizationpolicies"),
-        Kind::AuthorizationPolicies,
-        Update::AuthorizationPolicy,
-        tx.clone(),
-    ));
-    tokio::spawn(watch(
-        istio_api(&client, "PeerAuthentication", "peerauthentications"),
-        Kind::PeerAuthentications,
-        Update::PeerAuthentication,
-        tx,
-    ));
+    for (kind, resource) in [
+        (Kind::Namespaces, ApiResource::erase::<Namespace>(&())),
+        (Kind::Pods, ApiResource::erase::<Pod>(&())),
+        (Kind::Services, ApiResource::erase::<Service>(&())),
+        (
+            Kind::EndpointSlices,
+            ApiResource::erase::<EndpointSlice>(&()),
+        ),
+        (
+            Kind::AuthorizationPolicies,
+            istio_resource("AuthorizationPolicy", "authorizationpolicies"),
+        ),
+        (
+            Kind::PeerAuthentications,
+            istio_resource("PeerAuthentication", "peerauthentications"),
+        ),
+    ] {
+        let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+        tokio::spawn(watch(api, kind, tx.clone()));
+    }
+    drop(tx);
 
     let mut world = World::default();
     let mut reported = BTreeSet::new();
@@ -183,10 +166,9 @@ async fn run(options: KubeOptions, handoff: Arc<Handoff>, wake: mpsc::Sender<()>
     }
 }
 
-fn istio_api(client: &Client, kind: &str, plural: &str) -> Api<DynamicObject> {
+fn istio_resource(kind: &str, plural: &str) -> ApiResource {
     let gvk = GroupVersionKind::gvk(ISTIO_SECURITY_GROUP, ISTIO_SECURITY_VERSION, kind);
-    let resource = ApiResource::from_gvk_with_plural(&gvk, plural);
-    Api::all_with(client.clone(), &resource)
+    ApiResource::from_gvk_with_plural(&gvk, plural)
 }
 
 /// The API server's status code in a watcher error, if it sent one.
@@ -200,15 +182,9 @@ fn status_code(error: &watcher::Error) -> Option<u16> {
     }
 }
 
-/// Runs kube's watcher for one kind for ever, forwarding its events.
-async fn watch<K>(
-    api: Api<K>,
-    kind: Kind,
-    wrap: fn(Event<K>) -> Update,
-    tx: tokio::sync::mpsc::Sender<Update>,
-) where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
-{
+/// Runs kube's watcher for one kind for ever, forwarding its events. Objects stay untyped
+/// here (see `Update`).
+async fn watch(api: Api<DynamicObject>, kind: Kind, tx: tokio::sync::mpsc::Sender<Update>) {
     // Bookmarks are on by default in kube's watcher config; said here because resuming
     // cheaply after a dropped watch depends on them.
     let config = watcher::Config {
@@ -223,7 +199,7 @@ async fn watch<K>(
         let mut gone = false;
         while let Some(item) = stream.next().await {
             let update = match item {
-                Ok(event) => wrap(event),
+                Ok(event) => Update::Event(kind, event),
                 Err(error) => match status_code(&error) {
                     // kube relists by itself after a 410 ERROR event, but an HTTP 410 when
                     // (re)starting a watch leaves it retrying the same resourceVersion for

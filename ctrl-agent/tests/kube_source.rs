@@ -144,6 +144,7 @@ impl Agent {
             reader: Reader {
                 subscriber: Subscriber::new(&snapshot),
                 held: None,
+                bases: 0,
             },
         }
     }
@@ -184,6 +185,8 @@ impl Drop for Agent {
 struct Reader {
     subscriber: Subscriber,
     held: Option<State>,
+    /// How many complete snapshots (rather than deltas on what was held) were read.
+    bases: usize,
 }
 
 impl Reader {
@@ -196,6 +199,7 @@ impl Reader {
     fn latest(&mut self) -> Option<Snapshot> {
         match self.subscriber.read() {
             Ok(ReadOutcome::New { base, deltas, .. }) => {
+                self.bases += usize::from(base.is_some());
                 self.held = delta::replay(self.held.take(), base.as_ref(), &deltas)
                     .expect("published records decode");
             }
@@ -347,6 +351,7 @@ fn pods_added_modified_and_deleted_through_the_watch_show_up() {
     );
     let snap = agent.until("new added", |s| workload_names(s).contains(&"new"));
     assert_eq!(protocol(&snap, "new"), Some(Protocol::Hbone));
+    assert_eq!(agent.reader.bases, 1, "a pod's arrival is a delta record");
     agent.until("new's certificate", |s| {
         identities(s).contains(&"spiffe://cluster.local/ns/shop/sa/new-sa")
     });

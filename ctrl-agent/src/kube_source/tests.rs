@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::DynamicObject;
+use kube::runtime::watcher::Event;
 use kube::ResourceExt;
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use super::model::{self, ModelOptions};
@@ -485,36 +486,31 @@ fn a_malformed_pod_is_named_and_the_rest_still_published() {
 
 #[test]
 fn a_relist_replaces_a_store_whole_and_the_world_waits_for_every_kind() {
-    let pod = |name: &str| -> Pod {
-        typed(objects::pod(
-            "shop",
-            name,
-            name,
-            "node-1",
-            &["10.0.0.1"],
-            json!({}),
-        ))
+    let pod = |name: &str| -> DynamicObject {
+        dynamic(
+            "v1",
+            "Pod",
+            objects::pod("shop", name, name, "node-1", &["10.0.0.1"], json!({})),
+        )
     };
+    let pods = |event| Update::Event(Kind::Pods, event);
     let mut world = World::default();
     assert_eq!(world.waiting_for().len(), 6);
-    assert_eq!(world.apply(Update::Pod(Event::Init)), Applied::Nothing);
-    world.apply(Update::Pod(Event::InitApply(pod("a"))));
-    world.apply(Update::Pod(Event::InitApply(pod("b"))));
+    assert_eq!(world.apply(pods(Event::Init)), Applied::Nothing);
+    world.apply(pods(Event::InitApply(pod("a"))));
+    world.apply(pods(Event::InitApply(pod("b"))));
     assert!(world.waiting_for().contains(&"pods"), "mid-list");
-    assert_eq!(world.apply(Update::Pod(Event::InitDone)), Applied::Changed);
+    assert_eq!(world.apply(pods(Event::InitDone)), Applied::Changed);
     assert!(!world.waiting_for().contains(&"pods"));
     assert_eq!(world.pods.len(), 2);
-    for update in [
-        Update::Namespace(Event::<Namespace>::Init),
-        Update::Namespace(Event::InitDone),
-        Update::Service(Event::<Service>::Init),
-        Update::Service(Event::InitDone),
-        Update::EndpointSlice(Event::<EndpointSlice>::Init),
-        Update::EndpointSlice(Event::InitDone),
-        Update::AuthorizationPolicy(Event::Init),
-        Update::AuthorizationPolicy(Event::InitDone),
+    for kind in [
+        Kind::Namespaces,
+        Kind::Services,
+        Kind::EndpointSlices,
+        Kind::AuthorizationPolicies,
     ] {
-        world.apply(update);
+        world.apply(Update::Event(kind, Event::Init));
+        world.apply(Update::Event(kind, Event::InitDone));
     }
     assert_eq!(world.waiting_for(), ["peerauthentications"]);
     // The CRD is not installed: the rest of the cluster goes out without it.
@@ -525,22 +521,36 @@ fn a_relist_replaces_a_store_whole_and_the_world_waits_for_every_kind() {
     assert!(world.waiting_for().is_empty());
 
     // A relist after a 410: until it is done the old objects stand and the world waits.
-    world.apply(Update::Pod(Event::Init));
-    world.apply(Update::Pod(Event::InitApply(pod("b"))));
-    world.apply(Update::Pod(Event::InitApply(pod("c"))));
+    world.apply(pods(Event::Init));
+    world.apply(pods(Event::InitApply(pod("b"))));
+    world.apply(pods(Event::InitApply(pod("c"))));
     assert_eq!(world.waiting_for(), ["pods"]);
     let names = |w: &World| -> Vec<String> { w.pods.objects().map(|p| p.name_any()).collect() };
     assert_eq!(names(&world), ["a", "b"]);
-    world.apply(Update::Pod(Event::InitDone));
+    world.apply(pods(Event::InitDone));
     assert_eq!(names(&world), ["b", "c"], "a was deleted during the gap");
     // Watch events after the list.
-    world.apply(Update::Pod(Event::Delete(pod("b"))));
-    world.apply(Update::Pod(Event::Apply(pod("d"))));
+    world.apply(pods(Event::Delete(pod("b"))));
+    world.apply(pods(Event::Apply(pod("d"))));
     assert_eq!(names(&world), ["c", "d"]);
     assert_eq!(
-        world.apply(Update::Pod(Event::Delete(pod("zz")))),
+        world.apply(pods(Event::Delete(pod("zz")))),
         Applied::Nothing
     );
+
+    // A malformed pod is skipped in a list, and replaces (removes) a good one in a watch.
+    let mut bad = pod("d");
+    bad.data["spec"] = json!("not a pod spec");
+    assert_eq!(
+        world.apply(pods(Event::Apply(bad.clone()))),
+        Applied::Changed
+    );
+    assert_eq!(names(&world), ["c"]);
+    world.apply(pods(Event::Init));
+    world.apply(pods(Event::InitApply(bad)));
+    world.apply(pods(Event::InitApply(pod("e"))));
+    world.apply(pods(Event::InitDone));
+    assert_eq!(names(&world), ["e"]);
 }
 
 // --- The watchers against the kube-apiserver double, in process. ---
@@ -600,10 +610,19 @@ struct Watching {
 
 impl Watching {
     fn start(server: &fake_apiserver::FakeApiServer) -> Watching {
+        Watching::with(server, |_| {})
+    }
+
+    fn with(
+        server: &fake_apiserver::FakeApiServer,
+        adjust: impl FnOnce(&mut KubeOptions),
+    ) -> Watching {
         let client = kube::Config::new(server.url().parse().expect("url"));
+        let mut options = KubeOptions::new(client, options());
+        adjust(&mut options);
         let handoff = Arc::new(Handoff::default());
         let (tx, wake) = mpsc::channel();
-        start(KubeOptions::new(client, options()), handoff.clone(), tx).expect("start");
+        start(options, handoff.clone(), tx).expect("start");
         Watching { handoff, wake }
     }
 
@@ -686,4 +705,80 @@ fn an_http_410_on_resuming_relists_and_a_missing_crd_is_empty() {
     let after = watching.until("web gone", |c| names(c) == ["cart"]);
     assert_eq!(names(&after), ["cart"]);
     assert!(server.lists(PODS) > lists, "relisted");
+}
+
+#[test]
+fn a_burst_of_events_is_one_hand_over() {
+    use fake_apiserver::*;
+    let server = FakeApiServer::start();
+    baseline(&server);
+    let watching = Watching::with(&server, |o| o.debounce = Duration::from_millis(300));
+    watching.until("the first model", |_| true);
+    server.wait_for("a pod watch", Duration::from_secs(5), |s| {
+        !s.watch_versions(PODS).is_empty()
+    });
+    for i in 0..20 {
+        let name = format!("burst-{i}");
+        let ip = format!("10.0.1.{i}");
+        server.apply(
+            PODS,
+            objects::pod("shop", &name, &name, "node-2", &[ip.as_str()], json!({})),
+        );
+    }
+    let after = watching.until("the burst", |c| c.workloads.len() == 22);
+    assert_eq!(after.workloads.len(), 22);
+    std::thread::sleep(Duration::from_millis(600));
+    let mut wakes = 0;
+    while watching.wake.try_recv().is_ok() {
+        wakes += 1;
+    }
+    assert_eq!(wakes, 0, "one hand-over for the whole burst");
+    assert!(watching.handoff.take().is_none());
+}
+
+#[test]
+fn a_malformed_object_is_skipped_in_a_list_and_in_a_watch_and_the_watch_goes_on() {
+    use fake_apiserver::*;
+    let server = FakeApiServer::start();
+    baseline(&server);
+    let mut bad = objects::pod(
+        "shop",
+        "bad",
+        "uid-bad",
+        "node-1",
+        &["10.0.0.66"],
+        json!({}),
+    );
+    bad["spec"] = json!("not a pod spec");
+    server.apply(PODS, bad.clone());
+    let watching = Watching::start(&server);
+    let first = watching.until("the first model", |_| true);
+    assert_eq!(
+        names(&first),
+        ["cart", "web"],
+        "the bad pod is left out of the list"
+    );
+    server.wait_for("a pod watch", Duration::from_secs(5), |s| {
+        !s.watch_versions(PODS).is_empty()
+    });
+    let mut bad_service =
+        objects::service("shop", "bad", &["10.96.0.66"], &[("http", 80, json!(80))]);
+    bad_service["spec"]["ports"] = json!("eighty");
+    server.apply(SERVICES, bad_service);
+    server.apply(PODS, bad);
+    server.apply(
+        PODS,
+        objects::pod(
+            "shop",
+            "next",
+            "uid-next",
+            "node-1",
+            &["10.0.0.7"],
+            json!({}),
+        ),
+    );
+    let later = watching.until("the next pod", |c| names(c).contains(&"next"));
+    assert_eq!(names(&later), ["cart", "next", "web"]);
+    assert_eq!(later.services.len(), 1);
+    assert_eq!(server.lists(PODS), 1, "skipped, not relisted");
 }

@@ -9,6 +9,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::DynamicObject;
 use kube::runtime::watcher::Event;
 use kube::ResourceExt;
+use serde::de::DeserializeOwned;
 
 /// The objects of one kind, by `namespace/name`.
 #[derive(Debug)]
@@ -40,6 +41,17 @@ pub enum Applied {
     Nothing,
     /// The visible objects changed (or the store became complete).
     Changed,
+}
+
+fn convert<K: DeserializeOwned>(kind: Kind, object: &DynamicObject) -> Option<K> {
+    match serde_json::to_value(object).and_then(serde_json::from_value) {
+        Ok(typed) => Some(typed),
+        Err(error) => {
+            tracing::warn!(kind = kind.name(), object = %key(object), %error,
+                "malformed object skipped");
+            None
+        }
+    }
 }
 
 fn key<K: kube::Resource>(object: &K) -> String {
@@ -80,10 +92,37 @@ impl<K: kube::Resource> Store<K> {
                 self.objects.insert(key(&object), object);
                 Applied::Changed
             }
-            Event::Delete(object) => match self.objects.remove(&key(&object)) {
-                Some(_) => Applied::Changed,
-                None => Applied::Nothing,
+            Event::Delete(object) => self.remove(&key(&object)),
+        }
+    }
+
+    /// Applies a watcher event on untyped objects, converting each object to `K`. An object
+    /// that does not convert is skipped with a warning; if it replaced a good version, that
+    /// version goes too (it no longer says what the cluster holds).
+    pub fn apply_untyped(&mut self, kind: Kind, event: Event<DynamicObject>) -> Applied
+    where
+        K: DeserializeOwned,
+    {
+        let event = match event {
+            Event::Init => Event::Init,
+            Event::InitDone => Event::InitDone,
+            Event::InitApply(object) => match convert(kind, &object) {
+                Some(typed) => Event::InitApply(typed),
+                None => return Applied::Nothing,
             },
+            Event::Apply(object) => match convert(kind, &object) {
+                Some(typed) => Event::Apply(typed),
+                None => return self.remove(&key(&object)),
+            },
+            Event::Delete(object) => return self.remove(&key(&object)),
+        };
+        self.apply(event)
+    }
+
+    fn remove(&mut self, key: &str) -> Applied {
+        match self.objects.remove(key) {
+            Some(_) => Applied::Changed,
+            None => Applied::Nothing,
         }
     }
 
@@ -134,22 +173,21 @@ pub struct World {
     pub peer_authentications: Store<DynamicObject>,
 }
 
-/// One watcher's news, tagged with its kind. Not boxed: each event is moved once, through the
-/// channel to the store, and boxing would cost an allocation per event for nothing.
+/// One watcher's news. Every kind is watched as untyped objects and converted here one
+/// object at a time, so that a malformed object is skipped (with a warning naming it) instead
+/// of failing the whole list or watch of its kind.
+///
+/// Not boxed although `Absent` is small: each update is moved once, through the channel to
+/// the store, and boxing would cost an allocation per event for nothing.
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)]
 pub enum Update {
-    Namespace(Event<Namespace>),
-    Pod(Event<Pod>),
-    Service(Event<Service>),
-    EndpointSlice(Event<EndpointSlice>),
-    AuthorizationPolicy(Event<DynamicObject>),
-    PeerAuthentication(Event<DynamicObject>),
+    Event(Kind, Event<DynamicObject>),
     /// The API server does not serve this kind (404 on list): its CRD is not installed.
     Absent(Kind),
 }
 
-/// The watched kinds, for logs and for `Update::Absent`.
+/// The watched kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Namespaces,
@@ -176,12 +214,16 @@ impl Kind {
 impl World {
     pub fn apply(&mut self, update: Update) -> Applied {
         match update {
-            Update::Namespace(e) => self.namespaces.apply(e),
-            Update::Pod(e) => self.pods.apply(e),
-            Update::Service(e) => self.services.apply(e),
-            Update::EndpointSlice(e) => self.endpoint_slices.apply(e),
-            Update::AuthorizationPolicy(e) => self.authorization_policies.apply(e),
-            Update::PeerAuthentication(e) => self.peer_authentications.apply(e),
+            Update::Event(kind, event) => match kind {
+                Kind::Namespaces => self.namespaces.apply_untyped(kind, event),
+                Kind::Pods => self.pods.apply_untyped(kind, event),
+                Kind::Services => self.services.apply_untyped(kind, event),
+                Kind::EndpointSlices => self.endpoint_slices.apply_untyped(kind, event),
+                Kind::AuthorizationPolicies => {
+                    self.authorization_policies.apply_untyped(kind, event)
+                }
+                Kind::PeerAuthentications => self.peer_authentications.apply_untyped(kind, event),
+            },
             Update::Absent(kind) => match kind {
                 Kind::AuthorizationPolicies => self.authorization_policies.absent(),
                 Kind::PeerAuthentications => self.peer_authentications.absent(),
