@@ -9,6 +9,9 @@
 //!   relists; the store of that kind is replaced whole when the relist completes, so objects
 //!   deleted during the gap disappear;
 //! - failures are retried with kube's default backoff (0.8 s doubling to 30 s, jittered).
+//! - objects are watched untyped and converted one at a time (`world::Update`), so a
+//!   malformed object is skipped with a warning rather than failing its kind's list;
+//! - an Istio CRD the API server does not serve (404) counts as empty, and is retried.
 //!
 //! Nothing is handed over until every kind has completed its initial list, nor while any
 //! kind is relisting: readers never see a partial cluster. A burst of events is one
