@@ -1,7 +1,8 @@
-//! The agent loop for the local file source: reread the file when it changes, keep this node's
-//! certificates fresh, publish a new snapshot generation whenever either (or the set of pods
-//! enrolled through CNI) changed. A bad file is reported (field and problem) and changes
-//! nothing: the last good snapshot stays published.
+//! The agent loop: take the source's new model when it changed (the file reread, or the
+//! cluster's watchers handing one over), keep this node's certificates fresh, publish a new
+//! snapshot generation whenever either (or the set of pods enrolled through CNI) changed. A
+//! bad file is reported (field and problem) and changes nothing: the last good snapshot stays
+//! published.
 //!
 //! A change is published as a delta against what was published last (one record in the
 //! region's log), and the log is compacted into a complete snapshot once it grows long.
@@ -24,11 +25,13 @@ use crate::ca::IssuedCert;
 use crate::channel::{Published, SnapshotChannel};
 use crate::config::{ConfigError, FileConfig, ProtocolSpec};
 use crate::enroll::Enrollments;
+use crate::source::{Source, SourceOptions};
 use crate::translate;
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
-    pub config_path: PathBuf,
+    /// Where the model comes from: the file or the cluster.
+    pub source: SourceOptions,
     pub node: String,
     pub snapshot_path: PathBuf,
     /// (uid, gid) that owns the region: the data plane's user.
@@ -50,6 +53,8 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("starting the Kubernetes source: {0}")]
+    Start(#[source] std::io::Error),
     #[error(transparent)]
     Region(#[from] mesh_snapshot::RegionError),
 }
@@ -86,8 +91,7 @@ pub struct Agent {
     /// When certificates are due, and when to retry those that could not be issued.
     renewals: Renewals,
     channel: SnapshotChannel,
-    /// Bytes of the config file last looked at (good or bad), to notice changes.
-    last_seen: Option<Vec<u8>>,
+    source: Source,
     shared: SharedState,
     certs: BTreeMap<SpiffeId, IssuedCert>,
     wake: (mpsc::Sender<()>, mpsc::Receiver<()>),
@@ -116,15 +120,17 @@ impl Agent {
             subscribers: Vec::new(),
             dirty: true,
         }));
+        let wake = mpsc::channel();
+        let source = Source::start(options.source.clone(), wake.0.clone())?;
         Ok(Agent {
             options,
             ca: ca.into(),
             renewals: Renewals::default(),
             channel,
-            last_seen: None,
+            source,
             shared,
             certs: BTreeMap::new(),
-            wake: mpsc::channel(),
+            wake,
         })
     }
 
@@ -133,23 +139,11 @@ impl Agent {
         (self.shared.clone(), self.wake.0.clone())
     }
 
-    /// Checks the file and the certificates; publishes if anything changed. An error means
+    /// Checks the source and the certificates; publishes if anything changed. An error means
     /// the file was refused; what was published before stays.
     pub fn tick(&mut self, now: SystemTime) -> Result<Tick, AgentError> {
-        let path = self.options.config_path.display().to_string();
-        let bytes =
-            std::fs::read(&self.options.config_path).map_err(|source| AgentError::Read {
-                path: path.clone(),
-                source,
-            })?;
         let mut changed = false;
-        if self.last_seen.as_deref() != Some(bytes.as_slice()) {
-            self.last_seen = Some(bytes.clone());
-            let text = String::from_utf8_lossy(&bytes);
-            let config = FileConfig::parse(&text).map_err(|problem| AgentError::Config {
-                path: path.clone(),
-                problem,
-            })?;
+        if let Some(config) = self.source.poll()? {
             let mut shared = lock(&self.shared);
             shared.config = Some(config);
             // Labels may have moved pods in or out of the mesh.
@@ -248,11 +242,7 @@ impl Agent {
             })
             .collect();
         let roots = self.ca.trust_roots(&self.options.extra_roots);
-        let digest = crc32c::crc32c(self.last_seen.as_deref().unwrap_or_default());
-        let source = format!(
-            "file:{} crc32c={digest:08x}",
-            self.options.config_path.display()
-        );
+        let source = self.source.describe();
         let snapshot = translate::snapshot(
             config,
             &self.options.node,
@@ -296,8 +286,8 @@ impl Agent {
         }
     }
 
-    /// Runs ticks every `interval`, or sooner when CNI changes an enrollment, until `stop` is
-    /// set. Each distinct problem is logged once.
+    /// Runs ticks every `interval`, or sooner when CNI changes an enrollment or the cluster
+    /// changed, until `stop` is set. Each distinct problem is logged once.
     pub fn run(mut self, interval: Duration, stop: Arc<AtomicBool>) {
         let mut last_problem = String::new();
         while !stop.load(Ordering::Acquire) {

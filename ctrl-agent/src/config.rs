@@ -379,72 +379,81 @@ impl FileConfig {
             }
         }
         for (i, p) in self.policies.iter().enumerate() {
-            if p.name.is_empty() {
-                return Err(err(format!("policies[{i}].name"), "must not be empty"));
-            }
-            for (r, rule) in p.rules.iter().enumerate() {
-                for (t, to) in rule.to.iter().enumerate() {
-                    for (field, ports) in [
-                        ("ports", &to.operation.ports),
-                        ("notPorts", &to.operation.not_ports),
-                    ] {
-                        for (k, port) in ports.iter().enumerate() {
-                            if !matches!(port.parse::<u16>(), Ok(n) if n > 0) {
-                                return Err(err(
-                                    format!(
-                                        "policies[{i}].rules[{r}].to[{t}].operation.{field}[{k}]"
-                                    ),
-                                    format!("{port:?} is not a port number"),
-                                ));
-                            }
+            p.check()
+                .map_err(|e| err(format!("policies[{i}].{}", e.field), e.problem))?;
+        }
+        for (i, pa) in self.peer_authentications.iter().enumerate() {
+            pa.check()
+                .map_err(|e| err(format!("peerAuthentications[{i}].{}", e.field), e.problem))?;
+        }
+        Ok(())
+    }
+}
+
+impl PolicySpec {
+    /// Checks what the data plane relies on (port numbers, address blocks). The field is
+    /// relative to the policy, so each source can say where the policy came from.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.name.is_empty() {
+            return Err(err("name", "must not be empty"));
+        }
+        for (r, rule) in self.rules.iter().enumerate() {
+            for (t, to) in rule.to.iter().enumerate() {
+                for (field, ports) in [
+                    ("ports", &to.operation.ports),
+                    ("notPorts", &to.operation.not_ports),
+                ] {
+                    for (k, port) in ports.iter().enumerate() {
+                        if !matches!(port.parse::<u16>(), Ok(n) if n > 0) {
+                            return Err(err(
+                                format!("rules[{r}].to[{t}].operation.{field}[{k}]"),
+                                format!("{port:?} is not a port number"),
+                            ));
                         }
                     }
                 }
-                for (f, from) in rule.from.iter().enumerate() {
-                    let s = &from.source;
-                    for (field, blocks) in [
-                        ("ipBlocks", &s.ip_blocks),
-                        ("notIpBlocks", &s.not_ip_blocks),
-                        ("remoteIpBlocks", &s.remote_ip_blocks),
-                        ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
-                    ] {
-                        for (k, block) in blocks.iter().enumerate() {
-                            if !is_ip_block(block) {
-                                return Err(err(
-                                    format!(
-                                        "policies[{i}].rules[{r}].from[{f}].source.{field}[{k}]"
-                                    ),
-                                    format!("{block:?} is not an address or CIDR block"),
-                                ));
-                            }
+            }
+            for (f, from) in rule.from.iter().enumerate() {
+                let s = &from.source;
+                for (field, blocks) in [
+                    ("ipBlocks", &s.ip_blocks),
+                    ("notIpBlocks", &s.not_ip_blocks),
+                    ("remoteIpBlocks", &s.remote_ip_blocks),
+                    ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+                ] {
+                    for (k, block) in blocks.iter().enumerate() {
+                        if !is_ip_block(block) {
+                            return Err(err(
+                                format!("rules[{r}].from[{f}].source.{field}[{k}]"),
+                                format!("{block:?} is not an address or CIDR block"),
+                            ));
                         }
                     }
                 }
             }
         }
-        for (i, pa) in self.peer_authentications.iter().enumerate() {
-            if pa.name.is_empty() {
-                return Err(err(
-                    format!("peerAuthentications[{i}].name"),
-                    "must not be empty",
-                ));
-            }
-            let has_selector = pa
-                .selector
-                .as_ref()
-                .is_some_and(|s| !s.match_labels.is_empty());
-            if !pa.port_level_mtls.is_empty() && !has_selector {
-                return Err(err(
-                    format!("peerAuthentications[{i}].portLevelMtls"),
-                    "needs a workload selector (as in Istio)",
-                ));
-            }
-            if pa.port_level_mtls.contains_key(&0) {
-                return Err(err(
-                    format!("peerAuthentications[{i}].portLevelMtls"),
-                    "port 0 is not a port",
-                ));
-            }
+        Ok(())
+    }
+}
+
+impl PeerAuthenticationSpec {
+    /// As `PolicySpec::check`.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.name.is_empty() {
+            return Err(err("name", "must not be empty"));
+        }
+        let has_selector = self
+            .selector
+            .as_ref()
+            .is_some_and(|s| !s.match_labels.is_empty());
+        if !self.port_level_mtls.is_empty() && !has_selector {
+            return Err(err(
+                "portLevelMtls",
+                "needs a workload selector (as in Istio)",
+            ));
+        }
+        if self.port_level_mtls.contains_key(&0) {
+            return Err(err("portLevelMtls", "port 0 is not a port"));
         }
         Ok(())
     }

@@ -25,6 +25,17 @@ pub enum Capture {
     NotYet(String),
 }
 
+/// Istio's label rule alone, given the `istio.io/dataplane-mode` of the pod and of its
+/// namespace: `none` on the pod opts out, `ambient` on either enrolls. Every source decides
+/// with it (the file source here, the Kubernetes source for a workload's protocol).
+pub fn ambient(pod_mode: Option<&str>, namespace_mode: Option<&str>) -> Result<(), &'static str> {
+    match (pod_mode, namespace_mode) {
+        (Some("none"), _) => Err("the pod opts out (dataplane-mode=none)"),
+        (Some("ambient"), _) | (_, Some("ambient")) => Ok(()),
+        _ => Err("neither the pod nor its namespace is ambient"),
+    }
+}
+
 pub fn decide(config: &FileConfig, node: &str, namespace: &str, name: &str) -> Capture {
     let pod = config
         .workloads
@@ -36,13 +47,10 @@ pub fn decide(config: &FileConfig, node: &str, namespace: &str, name: &str) -> C
         .iter()
         .find(|n| n.name == namespace)
         .and_then(|n| n.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str));
-    let wanted = match (pod_mode, namespace_mode) {
-        (Some("none"), _) => return Capture::No("the pod opts out (dataplane-mode=none)"),
-        (Some("ambient"), _) | (_, Some("ambient")) => true,
-        _ => false,
-    };
+    if let Err(why) = ambient(pod_mode, namespace_mode) {
+        return Capture::No(why);
+    }
     match pod {
-        _ if !wanted => Capture::No("neither the pod nor its namespace is ambient"),
         None => Capture::NotYet(format!(
             "pod {namespace}/{name} is not known to the agent yet"
         )),

@@ -10,4 +10,6 @@ pub mod cni_server;
 pub mod config;
 pub mod enroll;
 pub mod istio_ca;
+pub mod kube_source;
+pub mod source;
 pub mod translate;

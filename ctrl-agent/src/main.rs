@@ -1,5 +1,5 @@
 //! `ctrl-agent`: parse flags, set up the certificate authority (the local CA, or a client of
-//! Istio's CA), run the file source until SIGTERM.
+//! Istio's CA) and the source (the local file, or the Kubernetes API), run until SIGTERM.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -14,14 +14,32 @@ use ctrl_agent::authority::CertificateAuthority;
 use ctrl_agent::ca::LocalCa;
 use ctrl_agent::config::DEFAULT_TRUST_DOMAIN;
 use ctrl_agent::istio_ca::{IstioCaClient, IstioCaConfig, DEFAULT_CLUSTER_ID, DEFAULT_TOKEN_FILE};
+use ctrl_agent::kube_source::model::ModelOptions;
+use ctrl_agent::kube_source::KubeOptions;
+use ctrl_agent::source::SourceOptions;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SourceKind {
+    /// The local YAML file of --config.
+    File,
+    /// The Kubernetes API server (in-cluster service account, or KUBECONFIG / ~/.kube/config).
+    Kube,
+}
 
 /// Publishes workload, policy and certificate snapshots for the data plane on this node.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// The local config file (YAML) listing workloads, services and policies.
-    #[arg(long, env = "CTRL_AGENT_CONFIG")]
-    config: PathBuf,
+    /// Where workloads, services and policies come from.
+    #[arg(long, value_enum, env = "CTRL_AGENT_SOURCE", default_value = "file")]
+    source: SourceKind,
+    /// The local config file (YAML) listing workloads, services and policies (--source file).
+    #[arg(long, env = "CTRL_AGENT_CONFIG", required_if_eq("source", "file"))]
+    config: Option<PathBuf>,
+    /// --source kube: Istio's root namespace (policies there without a selector apply
+    /// mesh-wide).
+    #[arg(long, default_value = mesh_core::authz::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
     /// This node's name: workloads with this node get certificates and in-pod listeners.
     #[arg(long, env = "NODE_NAME")]
     node: String,
@@ -31,7 +49,8 @@ struct Args {
     /// Local CA only: directory holding ca-cert.pem and ca-key.pem; generated there if absent.
     #[arg(long, env = "CTRL_AGENT_CA_DIR", default_value = "/var/lib/mesh/ca")]
     ca_dir: PathBuf,
-    /// Local CA only: trust domain for a newly generated CA.
+    /// Local CA: trust domain for a newly generated CA. --source kube: the mesh's trust
+    /// domain, in workload identities.
     #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
     /// Istio's CA to get workload certificates from, e.g.
@@ -133,11 +152,31 @@ fn main() -> anyhow::Result<()> {
     if let Some(dir) = args.snapshot.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    tracing::info!(config = %args.config.display(), node = %args.node,
-        snapshot = %args.snapshot.display(), cert_ttl = ?args.cert_ttl, "starting ctrl-agent");
+    let source = match (args.source, args.config) {
+        (SourceKind::File, Some(path)) => {
+            tracing::info!(config = %path.display(), "source: the local file");
+            SourceOptions::File(path)
+        }
+        // clap requires --config with --source file.
+        (SourceKind::File, None) => anyhow::bail!("--source file needs --config"),
+        (SourceKind::Kube, _) => {
+            let client = kube_config().context("Kubernetes client configuration")?;
+            tracing::info!(cluster = %client.cluster_url, "source: the Kubernetes API");
+            SourceOptions::Kube(Box::new(KubeOptions::new(
+                client,
+                ModelOptions {
+                    node: args.node.clone(),
+                    trust_domain: args.trust_domain.clone(),
+                    root_namespace: args.root_namespace.clone(),
+                },
+            )))
+        }
+    };
+    tracing::info!(node = %args.node, snapshot = %args.snapshot.display(),
+        cert_ttl = ?args.cert_ttl, "starting ctrl-agent");
     let agent = Agent::new(
         AgentOptions {
-            config_path: args.config,
+            source,
             node: args.node,
             snapshot_path: args.snapshot,
             owner,
@@ -168,4 +207,12 @@ fn main() -> anyhow::Result<()> {
     agent.run(args.poll_interval, stop);
     tracing::info!("ctrl-agent stopped; the data plane keeps serving the last snapshot");
     Ok(())
+}
+
+/// kube's standard search: KUBECONFIG or ~/.kube/config, else the pod's service account.
+fn kube_config() -> anyhow::Result<kube::Config> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(runtime.block_on(kube::Config::infer())?)
 }

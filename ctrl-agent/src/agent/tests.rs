@@ -16,7 +16,7 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 fn agent(dir: &Path) -> Agent {
     std::fs::write(dir.join("mesh.yaml"), CONFIG).expect("write config");
     let options = AgentOptions {
-        config_path: dir.join("mesh.yaml"),
+        source: crate::source::SourceOptions::File(dir.join("mesh.yaml")),
         node: "node-1".into(),
         snapshot_path: dir.join("snapshot"),
         owner: None,
@@ -124,7 +124,7 @@ fn a_short_lived_certificate_is_renewed_at_half_its_ttl_not_on_every_tick() {
     let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
     std::fs::write(dir.path().join("mesh.yaml"), CONFIG).expect("write config");
     let options = AgentOptions {
-        config_path: dir.path().join("mesh.yaml"),
+        source: crate::source::SourceOptions::File(dir.path().join("mesh.yaml")),
         node: "node-1".into(),
         snapshot_path: dir.path().join("snapshot"),
         owner: None,
@@ -223,7 +223,7 @@ mod istio {
         ca.connect_timeout = Duration::from_secs(2);
         ca.call_timeout = Duration::from_secs(2);
         let options = AgentOptions {
-            config_path: dir.join("mesh.yaml"),
+            source: crate::source::SourceOptions::File(dir.join("mesh.yaml")),
             node: "node-1".into(),
             snapshot_path: dir.join("snapshot"),
             owner: None,

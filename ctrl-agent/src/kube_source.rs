@@ -1,0 +1,240 @@
+//! The Kubernetes source: watches Pods, Services, EndpointSlices, Namespaces and Istio's
+//! AuthorizationPolicy and PeerAuthentication with kube's watcher, and hands the agent loop a
+//! new model (`FileConfig`, as the file source produces) whenever the cluster changed.
+//!
+//! List/watch behaviour, mostly kube's watcher:
+//! - each kind is listed, then watched from the list's resourceVersion with bookmarks on, and
+//!   a dropped watch resumes from the last event's or bookmark's resourceVersion;
+//! - a 410 Gone (the resourceVersion is too old: an ERROR event in the watch, or an HTTP 410)
+//!   relists; the store of that kind is replaced whole when the relist completes, so objects
+//!   deleted during the gap disappear;
+//! - failures are retried with kube's default backoff (0.8 s doubling to 30 s, jittered).
+//! - objects are watched untyped and converted one at a time (`world::Update`), so a
+//!   malformed object is skipped with a warning rather than failing its kind's list;
+//! - an Istio CRD the API server does not serve (404) counts as empty, and is retried.
+//!
+//! Nothing is handed over until every kind has completed its initial list, nor while any
+//! kind is relisting: readers never see a partial cluster. A burst of events is one
+//! hand-over (debounced). The watchers run on a thread of their own with a current-thread
+//! tokio runtime, so the agent loop stays synchronous.
+
+pub mod model;
+pub mod world;
+
+use std::collections::BTreeSet;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::watcher;
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client};
+
+use crate::config::FileConfig;
+use model::{Model, ModelOptions};
+use world::{Applied, Kind, Update, World};
+
+pub const ISTIO_SECURITY_GROUP: &str = "security.istio.io";
+pub const ISTIO_SECURITY_VERSION: &str = "v1";
+
+#[derive(Clone, Debug)]
+pub struct KubeOptions {
+    /// Where the API server is and how to authenticate (`kube::Config::infer()` in the binary).
+    pub client: kube::Config,
+    pub model: ModelOptions,
+    /// How long the cluster must be quiet before a change is handed over.
+    pub debounce: Duration,
+    /// A change is handed over after this long even if events keep coming.
+    pub max_delay: Duration,
+}
+
+impl KubeOptions {
+    pub fn new(client: kube::Config, model: ModelOptions) -> KubeOptions {
+        KubeOptions {
+            client,
+            model,
+            debounce: Duration::from_millis(50),
+            max_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The newest model the watchers produced that the agent loop has not taken yet. Only the
+/// newest matters: the loop publishes complete states, and the channel computes the delta.
+#[derive(Default)]
+pub struct Handoff {
+    latest: Mutex<Option<FileConfig>>,
+}
+
+impl Handoff {
+    pub fn put(&self, config: FileConfig) {
+        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(config);
+    }
+
+    pub fn take(&self) -> Option<FileConfig> {
+        self.latest.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// Starts the watchers on their own thread. Each new model goes to `handoff`, and `wake`
+/// tells the agent loop to take it.
+pub fn start(
+    options: KubeOptions,
+    handoff: Arc<Handoff>,
+    wake: mpsc::Sender<()>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("kube-source".into())
+        .spawn(move || runtime.block_on(run(options, handoff, wake)))
+}
+
+async fn run(options: KubeOptions, handoff: Arc<Handoff>, wake: mpsc::Sender<()>) {
+    let client = match Client::try_from(options.client.clone()) {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::error!(%error, "cannot build the Kubernetes client; no cluster data");
+            return;
+        }
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Update>(1024);
+    for (kind, resource) in [
+        (Kind::Namespaces, ApiResource::erase::<Namespace>(&())),
+        (Kind::Pods, ApiResource::erase::<Pod>(&())),
+        (Kind::Services, ApiResource::erase::<Service>(&())),
+        (
+            Kind::EndpointSlices,
+            ApiResource::erase::<EndpointSlice>(&()),
+        ),
+        (
+            Kind::AuthorizationPolicies,
+            istio_resource("AuthorizationPolicy", "authorizationpolicies"),
+        ),
+        (
+            Kind::PeerAuthentications,
+            istio_resource("PeerAuthentication", "peerauthentications"),
+        ),
+    ] {
+        let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+        tokio::spawn(watch(api, kind, tx.clone()));
+    }
+    drop(tx);
+
+    let mut world = World::default();
+    let mut reported = BTreeSet::new();
+    while let Some(update) = rx.recv().await {
+        let mut changed = world.apply(update) == Applied::Changed;
+        // Debounce: take everything that arrives until the cluster is quiet for a moment (or
+        // the burst has lasted `max_delay`), then hand over once.
+        let burst_end = tokio::time::Instant::now() + options.max_delay;
+        loop {
+            let quiet_until = (tokio::time::Instant::now() + options.debounce).min(burst_end);
+            match tokio::time::timeout_at(quiet_until, rx.recv()).await {
+                Ok(Some(update)) => changed |= world.apply(update) == Applied::Changed,
+                Ok(None) => return,
+                Err(_elapsed) => break,
+            }
+        }
+        if !changed {
+            continue;
+        }
+        let waiting = world.waiting_for();
+        if !waiting.is_empty() {
+            tracing::debug!(?waiting, "not publishing until these kinds are listed");
+            continue;
+        }
+        let Model { config, problems } = model::model(&world, &options.model);
+        // A bad object is named once, not at every change of the cluster.
+        let now: BTreeSet<String> = problems.into_iter().collect();
+        for problem in now.difference(&reported) {
+            tracing::warn!(%problem, "object skipped");
+        }
+        reported = now;
+        tracing::debug!(
+            workloads = config.workloads.len(),
+            services = config.services.len(),
+            policies = config.policies.len(),
+            "cluster changed"
+        );
+        handoff.put(config);
+        if wake.send(()).is_err() {
+            // The agent loop is gone: nothing to publish for.
+            return;
+        }
+    }
+}
+
+fn istio_resource(kind: &str, plural: &str) -> ApiResource {
+    let gvk = GroupVersionKind::gvk(ISTIO_SECURITY_GROUP, ISTIO_SECURITY_VERSION, kind);
+    ApiResource::from_gvk_with_plural(&gvk, plural)
+}
+
+/// The API server's status code in a watcher error, if it sent one.
+fn status_code(error: &watcher::Error) -> Option<u16> {
+    match error {
+        watcher::Error::WatchError(status) => Some(status.code),
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => Some(status.code),
+        _ => None,
+    }
+}
+
+/// Runs kube's watcher for one kind for ever, forwarding its events. Objects stay untyped
+/// here (see `Update`).
+async fn watch(api: Api<DynamicObject>, kind: Kind, tx: tokio::sync::mpsc::Sender<Update>) {
+    // Bookmarks are on by default in kube's watcher config; said here because resuming
+    // cheaply after a dropped watch depends on them.
+    let config = watcher::Config {
+        bookmarks: true,
+        ..watcher::Config::default()
+    };
+    loop {
+        let mut stream = watcher::watcher(api.clone(), config.clone())
+            .default_backoff()
+            .into_stream()
+            .boxed();
+        let mut gone = false;
+        while let Some(item) = stream.next().await {
+            let update = match item {
+                Ok(event) => Update::Event(kind, event),
+                Err(error) => match status_code(&error) {
+                    // kube relists by itself after a 410 ERROR event, but an HTTP 410 when
+                    // (re)starting a watch leaves it retrying the same resourceVersion for
+                    // ever: start a fresh watcher (a relist) for either.
+                    Some(410) => {
+                        tracing::info!(kind = kind.name(), %error,
+                            "resourceVersion too old: relisting");
+                        gone = true;
+                        break;
+                    }
+                    Some(404) if matches!(error, watcher::Error::InitialListFailed(_)) => {
+                        tracing::warn!(kind = kind.name(),
+                            "not served by the API server (CRD not installed?); treated as empty, retrying");
+                        Update::Absent(kind)
+                    }
+                    _ => {
+                        tracing::warn!(kind = kind.name(), %error, "watch failed; retrying with backoff");
+                        continue;
+                    }
+                },
+            };
+            if tx.send(update).await.is_err() {
+                return;
+            }
+        }
+        // A short pause before the relist, so that a server answering 410 to every watch
+        // does not get a tight loop of lists. (kube's watcher stream does not end by itself;
+        // if it ever did, the same pause applies.)
+        let pause = if gone { 200 } else { 1000 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

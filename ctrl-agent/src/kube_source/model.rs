@@ -1,0 +1,443 @@
+//! From the Kubernetes objects to the agent's model (`FileConfig`), the same model the file
+//! source parses, so both go through the one translation to the snapshot (`translate.rs`),
+//! the same enrollment rule (`enroll::ambient`) and the same policy checks.
+//!
+//! Which pods are workloads follows istiod's ambient index (pilot's `workloads.go`): Running
+//! or Pending pods, not on the host network, with their `status.podIPs`. One addition: a pod
+//! of this node that has no address yet is kept (without addresses), because the CNI plugin
+//! asks about a pod before it has one, and CNI then reports its addresses.
+//!
+//! Nothing here fails as a whole: an object that cannot be used is left out and named in the
+//! returned problems, and the rest of the cluster is still published.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServicePort};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::DynamicObject;
+use kube::ResourceExt;
+use mesh_core::identity::SpiffeId;
+use serde::de::DeserializeOwned;
+
+use crate::cni_api::DATAPLANE_MODE_LABEL;
+use crate::config::{
+    FileConfig, NamespaceSpec, PeerAuthenticationSpec, PolicySpec, ProtocolSpec, ServicePortSpec,
+    ServiceSpec, WorkloadSpec,
+};
+use crate::enroll;
+
+use super::world::{Store, World};
+
+/// Istio's label naming the waypoint a pod, service or namespace uses (`none`: no waypoint,
+/// even if the namespace has one).
+pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+/// Istio's label for a waypoint in another namespace than the labelled object's.
+pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
+/// Istio's annotation that turns an AuthorizationPolicy into a dry run.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+/// The label tying an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Waypoints take HBONE on this port of their service's address (as ztunnel dials them).
+pub const WAYPOINT_HBONE_PORT: u16 = 15008;
+
+/// Settings that do not come from the cluster.
+#[derive(Clone, Debug)]
+pub struct ModelOptions {
+    /// This node: pods here without an address yet are kept for CNI.
+    pub node: String,
+    pub trust_domain: String,
+    pub root_namespace: String,
+}
+
+/// The model and what had to be left out of it (one line per object, naming it).
+#[derive(Debug)]
+pub struct Model {
+    pub config: FileConfig,
+    pub problems: Vec<String>,
+}
+
+pub fn model(world: &World, options: &ModelOptions) -> Model {
+    let mut problems = Vec::new();
+    let namespaces: Vec<NamespaceSpec> = world
+        .namespaces
+        .objects()
+        .map(|n| NamespaceSpec {
+            name: n.name_any(),
+            labels: n.labels().clone(),
+        })
+        .collect();
+    let mut workloads = Vec::new();
+    let mut ip_owner: HashMap<IpAddr, String> = HashMap::new();
+    for pod in world.pods.objects() {
+        let who = format!(
+            "pod {}/{}",
+            pod.namespace().unwrap_or_default(),
+            pod.name_any()
+        );
+        match workload(pod, world, options) {
+            Ok(Some(w)) => {
+                // Two live pods never share an address; if the API says so, keep the first
+                // (the data plane indexes workloads by address).
+                if let Some(other) = w.ips.iter().find_map(|ip| ip_owner.get(ip)) {
+                    problems.push(format!("{who}: an address is also {other}'s; left out"));
+                    continue;
+                }
+                for ip in &w.ips {
+                    ip_owner.insert(*ip, who.clone());
+                }
+                workloads.push(w);
+            }
+            Ok(None) => {}
+            Err(problem) => problems.push(format!("{who}: {problem}; left out")),
+        }
+    }
+    let uids: BTreeSet<&str> = workloads.iter().map(|w| w.uid.as_str()).collect();
+    let mut services = Vec::new();
+    for svc in world.services.objects() {
+        let who = format!(
+            "service {}/{}",
+            svc.namespace().unwrap_or_default(),
+            svc.name_any()
+        );
+        match service(svc, world, &uids) {
+            Ok(Some(s)) => services.push(s),
+            Ok(None) => {}
+            Err(problem) => problems.push(format!("{who}: {problem}; left out")),
+        }
+    }
+    let mut policies = Vec::new();
+    for object in world.authorization_policies.objects() {
+        match authorization_policy(object) {
+            Ok(Some(p)) => policies.push(p),
+            Ok(None) => {}
+            Err(problem) => problems.push(format!(
+                "AuthorizationPolicy {}/{}: {problem}; left out",
+                object.namespace().unwrap_or_default(),
+                object.name_any()
+            )),
+        }
+    }
+    let mut peer_authentications = Vec::new();
+    for object in world.peer_authentications.objects() {
+        match peer_authentication(object) {
+            Ok(pa) => peer_authentications.push(pa),
+            Err(problem) => problems.push(format!(
+                "PeerAuthentication {}/{}: {problem}; left out",
+                object.namespace().unwrap_or_default(),
+                object.name_any()
+            )),
+        }
+    }
+    Model {
+        config: FileConfig {
+            trust_domain: options.trust_domain.clone(),
+            root_namespace: options.root_namespace.clone(),
+            namespaces,
+            workloads,
+            services,
+            policies,
+            peer_authentications,
+        },
+        problems,
+    }
+}
+
+fn namespace_labels<'a>(
+    namespaces: &'a Store<Namespace>,
+    name: &str,
+) -> Option<&'a BTreeMap<String, String>> {
+    namespaces
+        .objects()
+        .find(|n| n.name_any() == name)
+        .map(|n| n.labels())
+}
+
+/// A pod as a workload: `Ok(None)` when it is not one (finished, host network, not
+/// scheduled, no address on another node), `Err` when it is malformed.
+pub fn workload(
+    pod: &Pod,
+    world: &World,
+    options: &ModelOptions,
+) -> Result<Option<WorkloadSpec>, String> {
+    let Some(spec) = &pod.spec else {
+        return Err("no spec".into());
+    };
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if !matches!(phase, Some("Running" | "Pending")) || spec.host_network == Some(true) {
+        return Ok(None);
+    }
+    let Some(node) = spec.node_name.clone().filter(|n| !n.is_empty()) else {
+        return Ok(None);
+    };
+    let uid = pod.uid().filter(|u| !u.is_empty()).ok_or("no uid")?;
+    let namespace = pod.namespace().ok_or("no namespace")?;
+    let status = pod.status.as_ref();
+    let mut addresses: Vec<&str> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|ips| ips.iter().map(|p| p.ip.as_str()).collect())
+        .unwrap_or_default();
+    if addresses.is_empty() {
+        addresses.extend(status.and_then(|s| s.pod_ip.as_deref()));
+    }
+    let ips = addresses
+        .iter()
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            a.parse::<IpAddr>()
+                .map_err(|_| format!("status.podIPs: {a:?} is not an address"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if ips.is_empty() && node != options.node {
+        return Ok(None);
+    }
+    let service_account = spec
+        .service_account_name
+        .clone()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".into());
+    SpiffeId::new(&options.trust_domain, &namespace, &service_account)
+        .map_err(|e| format!("no valid identity: {e}"))?;
+    let labels = pod.labels().clone();
+    let ns_labels = namespace_labels(&world.namespaces, &namespace);
+    let ns_mode = ns_labels.and_then(|l| l.get(DATAPLANE_MODE_LABEL).map(String::as_str));
+    let pod_mode = labels.get(DATAPLANE_MODE_LABEL).map(String::as_str);
+    let protocol = match enroll::ambient(pod_mode, ns_mode) {
+        Ok(()) => ProtocolSpec::Hbone,
+        Err(_) => ProtocolSpec::Tcp,
+    };
+    let waypoint = waypoint(&labels, ns_labels, &namespace, &world.services);
+    Ok(Some(WorkloadSpec {
+        uid,
+        name: pod.name_any(),
+        namespace,
+        service_account,
+        trust_domain: None,
+        ips,
+        node,
+        protocol,
+        netns: None,
+        labels,
+        waypoint,
+    }))
+}
+
+/// The waypoint named by `istio.io/use-waypoint` on the object, else on its namespace, as
+/// the address ztunnel would dial: the waypoint service's cluster IP, HBONE port. `none` on
+/// the object opts out of its namespace's waypoint. A waypoint whose service is unknown (yet)
+/// is no waypoint.
+fn waypoint(
+    labels: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+    namespace: &str,
+    services: &Store<Service>,
+) -> Option<String> {
+    let carrier = if labels.contains_key(USE_WAYPOINT_LABEL) {
+        labels
+    } else {
+        namespace_labels?
+    };
+    let name = carrier.get(USE_WAYPOINT_LABEL)?;
+    if name == "none" || name.is_empty() {
+        return None;
+    }
+    let in_namespace = carrier
+        .get(USE_WAYPOINT_NAMESPACE_LABEL)
+        .map_or(namespace, String::as_str);
+    let Some(ip) = services
+        .get(in_namespace, name)
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| cluster_ips(s).ok())
+        .and_then(|ips| ips.into_iter().next())
+    else {
+        tracing::debug!(waypoint = %format!("{in_namespace}/{name}"),
+            "waypoint has no service with a cluster IP (yet)");
+        return None;
+    };
+    Some(SocketAddr::new(ip, WAYPOINT_HBONE_PORT).to_string())
+}
+
+fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<Vec<IpAddr>, String> {
+    let mut raw: Vec<&str> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    if raw.is_empty() {
+        raw.extend(spec.cluster_ip.as_deref());
+    }
+    raw.into_iter()
+        // Headless services say "None": no virtual address to route by.
+        .filter(|ip| !ip.is_empty() && *ip != "None")
+        .map(|ip| {
+            ip.parse::<IpAddr>()
+                .map_err(|_| format!("spec.clusterIPs: {ip:?} is not an address"))
+        })
+        .collect()
+}
+
+/// A service with its cluster IPs, TCP ports and ready pod endpoints (`uids`: the workloads
+/// of the model). `Ok(None)` for services there is nothing to route by (headless,
+/// ExternalName, no TCP port).
+pub fn service(
+    svc: &Service,
+    world: &World,
+    uids: &BTreeSet<&str>,
+) -> Result<Option<ServiceSpec>, String> {
+    let Some(spec) = &svc.spec else {
+        return Err("no spec".into());
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(None);
+    }
+    let vips = cluster_ips(spec)?;
+    if vips.is_empty() {
+        return Ok(None);
+    }
+    let name = svc.name_any();
+    let namespace = svc.namespace().ok_or("no namespace")?;
+    let slices: Vec<_> = world
+        .endpoint_slices
+        .objects()
+        .filter(|s| s.namespace().as_deref() == Some(namespace.as_str()))
+        .filter(|s| s.labels().get(SERVICE_NAME_LABEL) == Some(&name))
+        .collect();
+    let mut endpoints = BTreeSet::new();
+    for slice in &slices {
+        for endpoint in slice.endpoints.iter().flatten() {
+            // Kubernetes: an unset `ready` is to be read as ready.
+            if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            let Some(target) = &endpoint.target_ref else {
+                continue;
+            };
+            if target.kind.as_deref().is_some_and(|k| k != "Pod") {
+                continue;
+            }
+            if let Some(uid) = target.uid.as_deref().filter(|u| uids.contains(u)) {
+                endpoints.insert(uid.to_owned());
+            }
+        }
+    }
+    let mut ports = Vec::new();
+    for port in spec.ports.iter().flatten() {
+        if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+            continue;
+        }
+        let number = u16::try_from(port.port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("port {} is not a port number", port.port))?;
+        match target_port(port, &slices) {
+            Ok(target) => ports.push(ServicePortSpec {
+                port: number,
+                target_port: target,
+            }),
+            Err(why) => tracing::debug!(service = %format!("{namespace}/{name}"),
+                port = number, %why, "port left out"),
+        }
+    }
+    if ports.is_empty() {
+        return Ok(None);
+    }
+    let ns_labels = namespace_labels(&world.namespaces, &namespace);
+    let waypoint = waypoint(svc.labels(), ns_labels, &namespace, &world.services);
+    Ok(Some(ServiceSpec {
+        name,
+        namespace,
+        hostname: None,
+        vips,
+        ports,
+        endpoints: endpoints.into_iter().collect(),
+        waypoint,
+    }))
+}
+
+/// The pods' port for a service port: a number as it is; a name resolved through the
+/// EndpointSlices, which carry the resolved number under the service port's name.
+fn target_port(
+    port: &ServicePort,
+    slices: &[&k8s_openapi::api::discovery::v1::EndpointSlice],
+) -> Result<Option<u16>, String> {
+    let valid = |n: i32| u16::try_from(n).ok().filter(|p| *p > 0);
+    match &port.target_port {
+        None => Ok(None),
+        Some(IntOrString::Int(n)) => valid(*n)
+            .map(Some)
+            .ok_or_else(|| format!("targetPort {n} is not a port number")),
+        Some(IntOrString::String(named)) => {
+            let wanted = port.name.as_deref().unwrap_or_default();
+            slices
+                .iter()
+                .flat_map(|s| s.ports.iter().flatten())
+                .filter(|p| p.name.as_deref().unwrap_or_default() == wanted)
+                .find_map(|p| p.port.and_then(valid))
+                .map(Some)
+                .ok_or_else(|| format!("targetPort {named:?} is not resolved by any endpoint"))
+        }
+    }
+}
+
+/// The spec of an Istio object, with its name and namespace, in the file source's shape.
+fn spec_with_identity(
+    object: &DynamicObject,
+) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    let mut spec = match object.data.get("spec") {
+        None | Some(serde_json::Value::Null) => serde_json::Map::new(),
+        Some(serde_json::Value::Object(map)) => map.clone(),
+        Some(_) => return Err("spec is not an object".into()),
+    };
+    let namespace = object.namespace().ok_or("no namespace")?;
+    spec.insert("name".into(), object.name_any().into());
+    spec.insert("namespace".into(), namespace.into());
+    Ok(spec)
+}
+
+fn from_json<T: DeserializeOwned>(
+    map: serde_json::Map<String, serde_json::Value>,
+) -> Result<T, String> {
+    serde_path_to_error::deserialize(serde_json::Value::Object(map)).map_err(|e| {
+        let path = e.path().to_string();
+        format!("spec.{path}: {}", e.into_inner())
+    })
+}
+
+/// An AuthorizationPolicy (security.istio.io/v1). Its spec has the file source's field names
+/// (Istio's JSON: `selector.matchLabels`, `action`, `rules[].from[].source`,
+/// `rules[].to[].operation`, `rules[].when[]`); dry run is Istio's annotation. `Ok(None)` for
+/// policies ztunnel does not enforce either: those attached to a waypoint or gateway
+/// (`targetRef(s)`) and CUSTOM ones (external authorization, a waypoint's job).
+pub fn authorization_policy(object: &DynamicObject) -> Result<Option<PolicySpec>, String> {
+    let mut spec = spec_with_identity(object)?;
+    let targeted = ["targetRef", "targetRefs"].into_iter().any(|field| {
+        spec.remove(field)
+            .is_some_and(|v| !v.is_null() && v != serde_json::json!([]))
+    });
+    if targeted {
+        tracing::debug!(policy = %object.name_any(), "attached to a waypoint or gateway: not ours");
+        return Ok(None);
+    }
+    if spec.get("action").and_then(|a| a.as_str()) == Some("CUSTOM") {
+        tracing::debug!(policy = %object.name_any(), "CUSTOM action: enforced by waypoints");
+        return Ok(None);
+    }
+    let dry_run = object
+        .annotations()
+        .get(DRY_RUN_ANNOTATION)
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    spec.insert("dryRun".into(), dry_run.into());
+    let policy: PolicySpec = from_json(spec)?;
+    policy.check().map_err(|e| format!("spec.{e}"))?;
+    Ok(Some(policy))
+}
+
+/// A PeerAuthentication (security.istio.io/v1): `selector`, `mtls.mode`, `portLevelMtls`
+/// (port numbers as the JSON's string keys).
+pub fn peer_authentication(object: &DynamicObject) -> Result<PeerAuthenticationSpec, String> {
+    let spec = spec_with_identity(object)?;
+    let pa: PeerAuthenticationSpec = from_json(spec)?;
+    pa.check().map_err(|e| format!("spec.{e}"))?;
+    Ok(pa)
+}

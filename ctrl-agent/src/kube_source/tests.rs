@@ -1,0 +1,784 @@
+//! The Kubernetes source: the translation of kube's types into the model (and on to the
+//! snapshot through the shared translation), the stores' handling of watcher events, and the
+//! watchers themselves against the kube-apiserver double in `tests/fake_apiserver`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use kube::api::DynamicObject;
+use kube::runtime::watcher::Event;
+use kube::ResourceExt;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+use super::model::{self, ModelOptions};
+use super::world::{Applied, Kind, Store, Update, World};
+use super::*;
+use crate::config::{ActionSpec, MtlsModeSpec, ProtocolSpec, WorkloadSpec};
+
+#[path = "../../tests/fake_apiserver/mod.rs"]
+mod fake_apiserver;
+use fake_apiserver::objects;
+
+fn typed<K: DeserializeOwned>(value: Value) -> K {
+    serde_json::from_value(value).expect("a valid object")
+}
+
+fn dynamic(api_version: &str, kind: &str, mut value: Value) -> DynamicObject {
+    value["apiVersion"] = api_version.into();
+    value["kind"] = kind.into();
+    typed(value)
+}
+
+fn listed<K: kube::Resource>(store: &mut Store<K>, objects: Vec<K>) {
+    store.apply(Event::Init);
+    for o in objects {
+        store.apply(Event::InitApply(o));
+    }
+    store.apply(Event::InitDone);
+}
+
+#[derive(Default)]
+struct Cluster {
+    namespaces: Vec<Value>,
+    pods: Vec<Value>,
+    services: Vec<Value>,
+    slices: Vec<Value>,
+    policies: Vec<Value>,
+    peer_authentications: Vec<Value>,
+}
+
+impl Cluster {
+    fn world(&self) -> World {
+        let mut w = World::default();
+        listed(
+            &mut w.namespaces,
+            self.namespaces.iter().cloned().map(typed).collect(),
+        );
+        listed(&mut w.pods, self.pods.iter().cloned().map(typed).collect());
+        listed(
+            &mut w.services,
+            self.services.iter().cloned().map(typed).collect(),
+        );
+        listed(
+            &mut w.endpoint_slices,
+            self.slices.iter().cloned().map(typed).collect(),
+        );
+        listed(
+            &mut w.authorization_policies,
+            self.policies
+                .iter()
+                .map(|p| dynamic("security.istio.io/v1", "AuthorizationPolicy", p.clone()))
+                .collect(),
+        );
+        listed(
+            &mut w.peer_authentications,
+            self.peer_authentications
+                .iter()
+                .map(|p| dynamic("security.istio.io/v1", "PeerAuthentication", p.clone()))
+                .collect(),
+        );
+        w
+    }
+}
+
+fn options() -> ModelOptions {
+    ModelOptions {
+        node: "node-1".into(),
+        trust_domain: "cluster.local".into(),
+        root_namespace: "istio-system".into(),
+    }
+}
+
+fn workload<'a>(config: &'a FileConfig, name: &str) -> Option<&'a WorkloadSpec> {
+    config.workloads.iter().find(|w| w.name == name)
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+#[test]
+fn pods_become_workloads_with_uid_addresses_node_account_and_labels() {
+    let cluster = Cluster {
+        namespaces: vec![objects::namespace("shop", json!({}))],
+        pods: vec![objects::pod(
+            "shop",
+            "cart",
+            "uid-cart",
+            "node-2",
+            &["10.0.0.7", "fd00::7"],
+            json!({"app": "cart"}),
+        )],
+        ..Cluster::default()
+    };
+    let m = model::model(&cluster.world(), &options());
+    assert!(m.problems.is_empty(), "{:?}", m.problems);
+    let w = workload(&m.config, "cart").expect("cart is a workload");
+    assert_eq!(w.uid, "uid-cart");
+    assert_eq!(w.namespace, "shop");
+    assert_eq!(w.ips, [ip("10.0.0.7"), ip("fd00::7")]);
+    assert_eq!(w.node, "node-2");
+    assert_eq!(w.service_account, "cart-sa");
+    assert_eq!(w.labels.get("app").map(String::as_str), Some("cart"));
+    assert_eq!(w.protocol, ProtocolSpec::Tcp, "not enrolled: plain TCP");
+}
+
+#[test]
+fn finished_host_network_unscheduled_and_addressless_pods_elsewhere_are_not_workloads() {
+    let mut done = objects::pod("shop", "job", "u1", "node-2", &["10.0.0.1"], json!({}));
+    done["status"]["phase"] = "Succeeded".into();
+    let mut failed = objects::pod("shop", "crash", "u2", "node-2", &["10.0.0.2"], json!({}));
+    failed["status"]["phase"] = "Failed".into();
+    let mut host = objects::pod("shop", "host", "u3", "node-2", &["192.0.2.1"], json!({}));
+    host["spec"]["hostNetwork"] = true.into();
+    let mut unscheduled = objects::pod("shop", "waiting", "u4", "node-2", &[], json!({}));
+    unscheduled["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("nodeName");
+    let elsewhere = objects::pod("shop", "starting", "u5", "node-2", &[], json!({}));
+    // Pending with an address (init containers running) is a workload, as in istiod.
+    let mut initialising = objects::pod("shop", "init", "u6", "node-2", &["10.0.0.6"], json!({}));
+    initialising["status"]["phase"] = "Pending".into();
+    // This node's pod before it has an address: kept for CNI, which reports the address.
+    let here = objects::pod("shop", "new", "u7", "node-1", &[], json!({}));
+    let cluster = Cluster {
+        pods: vec![
+            done,
+            failed,
+            host,
+            unscheduled,
+            elsewhere,
+            initialising,
+            here,
+        ],
+        ..Cluster::default()
+    };
+    let m = model::model(&cluster.world(), &options());
+    let names: Vec<&str> = m.config.workloads.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(names, ["init", "new"]);
+    assert!(workload(&m.config, "new").is_some_and(|w| w.ips.is_empty()));
+}
+
+#[test]
+fn istio_labels_enroll_namespaces_and_pods_and_none_opts_a_pod_out() {
+    let cluster = Cluster {
+        namespaces: vec![
+            objects::namespace("shop", json!({"istio.io/dataplane-mode": "ambient"})),
+            objects::namespace("legacy", json!({})),
+        ],
+        pods: vec![
+            objects::pod("shop", "cart", "u1", "node-1", &["10.0.0.1"], json!({})),
+            objects::pod(
+                "shop",
+                "batch",
+                "u2",
+                "node-1",
+                &["10.0.0.2"],
+                json!({"istio.io/dataplane-mode": "none"}),
+            ),
+            objects::pod("legacy", "old", "u3", "node-1", &["10.0.0.3"], json!({})),
+            objects::pod(
+                "legacy",
+                "opted-in",
+                "u4",
+                "node-1",
+                &["10.0.0.4"],
+                json!({"istio.io/dataplane-mode": "ambient"}),
+            ),
+        ],
+        ..Cluster::default()
+    };
+    let m = model::model(&cluster.world(), &options());
+    let protocol = |name| workload(&m.config, name).map(|w| w.protocol);
+    assert_eq!(protocol("cart"), Some(ProtocolSpec::Hbone));
+    assert_eq!(protocol("batch"), Some(ProtocolSpec::Tcp));
+    assert_eq!(protocol("old"), Some(ProtocolSpec::Tcp));
+    assert_eq!(protocol("opted-in"), Some(ProtocolSpec::Hbone));
+    // CNI asks the same question of the same model, and gets the same answers.
+    use crate::enroll::{decide, Capture};
+    assert_eq!(decide(&m.config, "node-1", "shop", "cart"), Capture::Yes);
+    assert!(matches!(
+        decide(&m.config, "node-1", "shop", "batch"),
+        Capture::No(_)
+    ));
+    assert_eq!(
+        decide(&m.config, "node-1", "legacy", "opted-in"),
+        Capture::Yes
+    );
+}
+
+#[test]
+fn use_waypoint_names_the_waypoint_service_and_none_opts_out() {
+    let cluster = Cluster {
+        namespaces: vec![
+            objects::namespace(
+                "shop",
+                json!({"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "shop-wp"}),
+            ),
+            objects::namespace("mesh", json!({})),
+        ],
+        pods: vec![
+            objects::pod("shop", "cart", "u1", "node-1", &["10.0.0.1"], json!({})),
+            objects::pod(
+                "shop",
+                "direct",
+                "u2",
+                "node-1",
+                &["10.0.0.2"],
+                json!({"istio.io/use-waypoint": "none"}),
+            ),
+            objects::pod(
+                "shop",
+                "shared",
+                "u3",
+                "node-1",
+                &["10.0.0.3"],
+                json!({"istio.io/use-waypoint": "wp", "istio.io/use-waypoint-namespace": "mesh"}),
+            ),
+        ],
+        services: vec![
+            objects::service(
+                "shop",
+                "shop-wp",
+                &["10.96.0.10"],
+                &[("mesh", 15008, json!(15008))],
+            ),
+            objects::service(
+                "mesh",
+                "wp",
+                &["fd00::10"],
+                &[("mesh", 15008, json!(15008))],
+            ),
+        ],
+        ..Cluster::default()
+    };
+    let m = model::model(&cluster.world(), &options());
+    let waypoint = |name| workload(&m.config, name).and_then(|w| w.waypoint.clone());
+    assert_eq!(waypoint("cart").as_deref(), Some("10.96.0.10:15008"));
+    assert_eq!(waypoint("direct"), None);
+    assert_eq!(waypoint("shared").as_deref(), Some("[fd00::10]:15008"));
+    let svc = m.config.services.iter().find(|s| s.name == "shop-wp");
+    assert_eq!(
+        svc.and_then(|s| s.waypoint.as_deref()),
+        Some("10.96.0.10:15008"),
+        "services follow their namespace's label too"
+    );
+}
+
+#[test]
+fn services_map_cluster_ips_ports_and_ready_pod_endpoints() {
+    let mut udp = objects::service("shop", "dns", &["10.96.0.53"], &[("dns", 53, json!(53))]);
+    udp["spec"]["ports"][0]["protocol"] = "UDP".into();
+    let mut headless = objects::service("shop", "db", &["None"], &[("sql", 5432, json!(5432))]);
+    headless["spec"]["clusterIPs"] = json!(["None"]);
+    let cluster = Cluster {
+        pods: vec![
+            objects::pod("shop", "cart-1", "u1", "node-1", &["10.0.0.1"], json!({})),
+            objects::pod("shop", "cart-2", "u2", "node-2", &["10.0.0.2"], json!({})),
+        ],
+        services: vec![
+            objects::service(
+                "shop",
+                "cart",
+                &["10.96.0.1", "fd00::1"],
+                &[
+                    ("http", 80, json!(8080)),
+                    ("grpc", 9090, json!("grpc-port")),
+                    ("admin", 9901, json!("no-such-port")),
+                ],
+            ),
+            udp,
+            headless,
+        ],
+        slices: vec![objects::endpoint_slice(
+            "shop",
+            "cart",
+            &[
+                ("u1", "10.0.0.1", true),
+                ("u2", "10.0.0.2", false),
+                ("u-unknown", "10.0.0.9", true),
+            ],
+            &[("http", 8080), ("grpc", 9000)],
+        )],
+        ..Cluster::default()
+    };
+    let m = model::model(&cluster.world(), &options());
+    assert!(m.problems.is_empty(), "{:?}", m.problems);
+    let names: Vec<&str> = m.config.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["cart"],
+        "no TCP port, or no virtual address: nothing to route"
+    );
+    let s = &m.config.services[0];
+    assert_eq!(s.vips, [ip("10.96.0.1"), ip("fd00::1")]);
+    let ports: Vec<(u16, Option<u16>)> = s.ports.iter().map(|p| (p.port, p.target_port)).collect();
+    assert_eq!(
+        ports,
+        [(80, Some(8080)), (9090, Some(9000))],
+        "a named target port is resolved through the endpoints; an unresolved one is left out"
+    );
+    assert_eq!(s.endpoints, ["u1"], "ready pods the model knows");
+
+    // And on through the one translation every source uses.
+    let snap = crate::translate::snapshot(
+        &m.config,
+        "node-1",
+        &HashMap::new(),
+        Vec::new(),
+        Vec::new(),
+        "kube:test".into(),
+    );
+    assert_eq!(snap.services[0].hostname, "cart.shop.svc.cluster.local");
+    assert_eq!(snap.services[0].ports[1].target_port, 9000);
+    assert_eq!(snap.workloads.len(), 2);
+}
+
+#[test]
+fn istio_policies_keep_their_fields_and_dry_run_annotation() {
+    let mut dry = objects::authorization_policy(
+        "shop",
+        "audit-only",
+        json!({"action": "DENY", "rules": [{}]}),
+    );
+    dry["metadata"]["annotations"] = json!({"istio.io/dry-run": "true"});
+    let cluster = Cluster {
+        policies: vec![
+            objects::authorization_policy(
+                "shop",
+                "allow-front",
+                json!({
+                    "selector": {"matchLabels": {"app": "cart"}},
+                    "action": "ALLOW",
+                    "rules": [{
+                        "from": [{"source": {
+                            "principals": ["cluster.local/ns/shop/sa/front"],
+                            "notNamespaces": ["evil"],
+                            "ipBlocks": ["10.0.0.0/8"],
+                            "serviceAccounts": ["front"],
+                        }}],
+                        "to": [{"operation": {"ports": ["8080"], "methods": ["GET"]}}],
+                        "when": [{"key": "source.ip", "values": ["10.0.0.1"]}],
+                    }],
+                }),
+            ),
+            dry,
+            // Attached to a waypoint: not ztunnel's (nor ours) to enforce.
+            objects::authorization_policy(
+                "shop",
+                "waypoint-only",
+                json!({"targetRefs": [{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "wp"}]}),
+            ),
+            objects::authorization_policy(
+                "shop",
+                "ext-authz",
+                json!({"action": "CUSTOM", "provider": {"name": "opa"}, "rules": [{}]}),
+            ),
+            objects::authorization_policy(
+                "shop",
+                "bad-port",
+                json!({"rules": [{"to": [{"operation": {"ports": ["http"]}}]}]}),
+            ),
+            objects::authorization_policy("shop", "unknown-field", json!({"rules": [{"frm": []}]})),
+        ],
+        peer_authentications: vec![
+            objects::peer_authentication(
+                "istio-system",
+                "default",
+                json!({"mtls": {"mode": "STRICT"}}),
+            ),
+            objects::peer_authentication(
+                "shop",
+                "cart-ports",
+                json!({
+                    "selector": {"matchLabels": {"app": "cart"}},
+                    "mtls": {"mode": "STRICT"},
+                    "portLevelMtls": {"8080": {"mode": "PERMISSIVE"}},
+                }),
+            ),
+            objects::peer_authentication(
+                "shop",
+                "no-selector",
+                json!({"portLevelMtls": {"80": {"mode": "DISABLE"}}}),
+            ),
+        ],
+        ..Cluster::default()
+    };
+    let m = model::model(&cluster.world(), &options());
+    let names: Vec<&str> = m.config.policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["allow-front", "audit-only"]);
+    let p = &m.config.policies[0];
+    assert_eq!(p.action, ActionSpec::Allow);
+    assert_eq!(
+        p.selector
+            .as_ref()
+            .map(|s| s.match_labels.get("app").cloned()),
+        Some(Some("cart".into()))
+    );
+    let source = &p.rules[0].from[0].source;
+    assert_eq!(source.principals, ["cluster.local/ns/shop/sa/front"]);
+    assert_eq!(source.not_namespaces, ["evil"]);
+    assert_eq!(source.ip_blocks, ["10.0.0.0/8"]);
+    assert_eq!(source.service_accounts, ["front"]);
+    assert_eq!(p.rules[0].to[0].operation.ports, ["8080"]);
+    assert_eq!(p.rules[0].when[0].key, "source.ip");
+    assert!(!p.dry_run);
+    assert!(m.config.policies[1].dry_run);
+    assert_eq!(m.config.policies[1].action, ActionSpec::Deny);
+
+    let problems = m.problems.join("\n");
+    assert!(
+        problems
+            .contains("AuthorizationPolicy shop/bad-port: spec.rules[0].to[0].operation.ports[0]"),
+        "{problems}"
+    );
+    assert!(
+        problems.contains("AuthorizationPolicy shop/unknown-field: spec.rules[0].frm"),
+        "{problems}"
+    );
+    assert!(
+        problems.contains("PeerAuthentication shop/no-selector: spec.portLevelMtls"),
+        "{problems}"
+    );
+    assert_eq!(m.problems.len(), 3, "{problems}");
+
+    let pas = &m.config.peer_authentications;
+    assert_eq!(pas.len(), 2);
+    assert_eq!(pas[0].namespace, "istio-system");
+    assert_eq!(pas[0].mtls.mode, MtlsModeSpec::Strict);
+    assert_eq!(
+        pas[1].port_level_mtls.get(&8080).map(|m| m.mode),
+        Some(MtlsModeSpec::Permissive)
+    );
+}
+
+#[test]
+fn a_malformed_pod_is_named_and_the_rest_still_published() {
+    let mut bad = objects::pod("shop", "bad", "u1", "node-1", &["not-an-ip"], json!({}));
+    bad["metadata"]["labels"] = json!({});
+    let mut clash = objects::pod("shop", "clash", "u3", "node-1", &["10.0.0.2"], json!({}));
+    clash["metadata"]["uid"] = "u3".into();
+    let cluster = Cluster {
+        pods: vec![
+            bad,
+            objects::pod("shop", "good", "u2", "node-1", &["10.0.0.2"], json!({})),
+            clash,
+        ],
+        ..Cluster::default()
+    };
+    let m = model::model(&cluster.world(), &options());
+    let names: Vec<&str> = m.config.workloads.iter().map(|w| w.name.as_str()).collect();
+    // Objects are visited by namespace/name: "clash" comes before "good" and keeps 10.0.0.2.
+    assert_eq!(names, ["clash"]);
+    let problems = m.problems.join("\n");
+    assert!(
+        problems.contains("pod shop/bad: status.podIPs: \"not-an-ip\""),
+        "{problems}"
+    );
+    assert!(
+        problems.contains("pod shop/good: an address is also pod shop/clash's"),
+        "{problems}"
+    );
+}
+
+#[test]
+fn a_relist_replaces_a_store_whole_and_the_world_waits_for_every_kind() {
+    let pod = |name: &str| -> DynamicObject {
+        dynamic(
+            "v1",
+            "Pod",
+            objects::pod("shop", name, name, "node-1", &["10.0.0.1"], json!({})),
+        )
+    };
+    let pods = |event| Update::Event(Kind::Pods, event);
+    let mut world = World::default();
+    assert_eq!(world.waiting_for().len(), 6);
+    assert_eq!(world.apply(pods(Event::Init)), Applied::Nothing);
+    world.apply(pods(Event::InitApply(pod("a"))));
+    world.apply(pods(Event::InitApply(pod("b"))));
+    assert!(world.waiting_for().contains(&"pods"), "mid-list");
+    assert_eq!(world.apply(pods(Event::InitDone)), Applied::Changed);
+    assert!(!world.waiting_for().contains(&"pods"));
+    assert_eq!(world.pods.len(), 2);
+    for kind in [
+        Kind::Namespaces,
+        Kind::Services,
+        Kind::EndpointSlices,
+        Kind::AuthorizationPolicies,
+    ] {
+        world.apply(Update::Event(kind, Event::Init));
+        world.apply(Update::Event(kind, Event::InitDone));
+    }
+    assert_eq!(world.waiting_for(), ["peerauthentications"]);
+    // The CRD is not installed: the rest of the cluster goes out without it.
+    assert_eq!(
+        world.apply(Update::Absent(Kind::PeerAuthentications)),
+        Applied::Changed
+    );
+    assert!(world.waiting_for().is_empty());
+
+    // A relist after a 410: until it is done the old objects stand and the world waits.
+    world.apply(pods(Event::Init));
+    world.apply(pods(Event::InitApply(pod("b"))));
+    world.apply(pods(Event::InitApply(pod("c"))));
+    assert_eq!(world.waiting_for(), ["pods"]);
+    let names = |w: &World| -> Vec<String> { w.pods.objects().map(|p| p.name_any()).collect() };
+    assert_eq!(names(&world), ["a", "b"]);
+    world.apply(pods(Event::InitDone));
+    assert_eq!(names(&world), ["b", "c"], "a was deleted during the gap");
+    // Watch events after the list.
+    world.apply(pods(Event::Delete(pod("b"))));
+    world.apply(pods(Event::Apply(pod("d"))));
+    assert_eq!(names(&world), ["c", "d"]);
+    assert_eq!(
+        world.apply(pods(Event::Delete(pod("zz")))),
+        Applied::Nothing
+    );
+
+    // A malformed pod is skipped in a list, and replaces (removes) a good one in a watch.
+    let mut bad = pod("d");
+    bad.data["spec"] = json!("not a pod spec");
+    assert_eq!(
+        world.apply(pods(Event::Apply(bad.clone()))),
+        Applied::Changed
+    );
+    assert_eq!(names(&world), ["c"]);
+    world.apply(pods(Event::Init));
+    world.apply(pods(Event::InitApply(bad)));
+    world.apply(pods(Event::InitApply(pod("e"))));
+    world.apply(pods(Event::InitDone));
+    assert_eq!(names(&world), ["e"]);
+}
+
+// --- The watchers against the kube-apiserver double, in process. ---
+
+fn baseline(server: &fake_apiserver::FakeApiServer) {
+    use fake_apiserver::*;
+    server.apply(
+        NAMESPACES,
+        objects::namespace("shop", json!({"istio.io/dataplane-mode": "ambient"})),
+    );
+    server.apply(
+        PODS,
+        objects::pod(
+            "shop",
+            "cart",
+            "uid-cart",
+            "node-1",
+            &["10.0.0.1"],
+            json!({}),
+        ),
+    );
+    server.apply(
+        PODS,
+        objects::pod("shop", "web", "uid-web", "node-2", &["10.0.0.2"], json!({})),
+    );
+    server.apply(
+        SERVICES,
+        objects::service("shop", "cart", &["10.96.0.1"], &[("http", 80, json!(8080))]),
+    );
+    server.apply(
+        ENDPOINT_SLICES,
+        objects::endpoint_slice(
+            "shop",
+            "cart",
+            &[("uid-cart", "10.0.0.1", true)],
+            &[("http", 8080)],
+        ),
+    );
+    server.apply(
+        AUTHORIZATION_POLICIES,
+        objects::authorization_policy("shop", "deny-all", json!({"action": "DENY", "rules": [{}]})),
+    );
+    server.apply(
+        PEER_AUTHENTICATIONS,
+        objects::peer_authentication(
+            "istio-system",
+            "default",
+            json!({"mtls": {"mode": "STRICT"}}),
+        ),
+    );
+}
+
+struct Watching {
+    handoff: Arc<Handoff>,
+    wake: mpsc::Receiver<()>,
+}
+
+impl Watching {
+    fn start(server: &fake_apiserver::FakeApiServer) -> Watching {
+        Watching::with(server, |_| {})
+    }
+
+    fn with(
+        server: &fake_apiserver::FakeApiServer,
+        adjust: impl FnOnce(&mut KubeOptions),
+    ) -> Watching {
+        let client = kube::Config::new(server.url().parse().expect("url"));
+        let mut options = KubeOptions::new(client, options());
+        adjust(&mut options);
+        let handoff = Arc::new(Handoff::default());
+        let (tx, wake) = mpsc::channel();
+        start(options, handoff.clone(), tx).expect("start");
+        Watching { handoff, wake }
+    }
+
+    /// The next model handed over that satisfies `f`.
+    fn until(&self, what: &str, f: impl Fn(&FileConfig) -> bool) -> FileConfig {
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "timed out waiting for {what}");
+            let _ = self.wake.recv_timeout(left);
+            if let Some(config) = self.handoff.take() {
+                if f(&config) {
+                    return config;
+                }
+            }
+        }
+    }
+}
+
+fn names(config: &FileConfig) -> Vec<&str> {
+    config.workloads.iter().map(|w| w.name.as_str()).collect()
+}
+
+#[test]
+fn nothing_is_handed_over_until_every_kind_is_listed() {
+    let server = fake_apiserver::FakeApiServer::start();
+    baseline(&server);
+    server.set_list_delay(
+        fake_apiserver::PEER_AUTHENTICATIONS,
+        Duration::from_millis(800),
+    );
+    let started = Instant::now();
+    let watching = Watching::start(&server);
+    let first = watching.until("the first model", |_| true);
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "handed over before the slow list finished"
+    );
+    assert_eq!(names(&first), ["cart", "web"]);
+    assert_eq!(first.services[0].endpoints, ["uid-cart"]);
+    assert_eq!(first.policies[0].name, "deny-all");
+    assert_eq!(first.peer_authentications[0].name, "default");
+    // Watches asked for bookmarks and started from the list's resourceVersion.
+    server.wait_for("a pod watch", Duration::from_secs(5), |s| {
+        !s.watch_versions(fake_apiserver::PODS).is_empty()
+    });
+    let watch = server
+        .queries(fake_apiserver::PODS)
+        .into_iter()
+        .find(|q| q.contains_key("watch"))
+        .expect("a watch");
+    assert_eq!(
+        watch.get("allowWatchBookmarks").map(String::as_str),
+        Some("true")
+    );
+}
+
+#[test]
+fn an_http_410_on_resuming_relists_and_a_missing_crd_is_empty() {
+    use fake_apiserver::*;
+    let server = FakeApiServer::start();
+    baseline(&server);
+    server.set_missing(PEER_AUTHENTICATIONS, true);
+    server.set_http_gone(PODS, true);
+    let watching = Watching::start(&server);
+    let first = watching.until("the first model", |_| true);
+    assert_eq!(names(&first), ["cart", "web"]);
+    assert!(
+        first.peer_authentications.is_empty(),
+        "CRD not served: empty"
+    );
+    server.wait_for("a pod watch", Duration::from_secs(5), |s| {
+        !s.watch_versions(PODS).is_empty()
+    });
+    // "web" goes while nobody watches, and the history is compacted past it; the watch is cut,
+    // and resuming it gets an HTTP 410: only a relist shows "web" gone.
+    server.delete_in_gap(PODS, "shop/web");
+    let lists = server.lists(PODS);
+    server.cut_watches(PODS);
+    let after = watching.until("web gone", |c| names(c) == ["cart"]);
+    assert_eq!(names(&after), ["cart"]);
+    assert!(server.lists(PODS) > lists, "relisted");
+}
+
+#[test]
+fn a_burst_of_events_is_one_hand_over() {
+    use fake_apiserver::*;
+    let server = FakeApiServer::start();
+    baseline(&server);
+    let watching = Watching::with(&server, |o| o.debounce = Duration::from_millis(300));
+    watching.until("the first model", |_| true);
+    server.wait_for("a pod watch", Duration::from_secs(5), |s| {
+        !s.watch_versions(PODS).is_empty()
+    });
+    for i in 0..20 {
+        let name = format!("burst-{i}");
+        let ip = format!("10.0.1.{i}");
+        server.apply(
+            PODS,
+            objects::pod("shop", &name, &name, "node-2", &[ip.as_str()], json!({})),
+        );
+    }
+    let after = watching.until("the burst", |c| c.workloads.len() == 22);
+    assert_eq!(after.workloads.len(), 22);
+    std::thread::sleep(Duration::from_millis(600));
+    let mut wakes = 0;
+    while watching.wake.try_recv().is_ok() {
+        wakes += 1;
+    }
+    assert_eq!(wakes, 0, "one hand-over for the whole burst");
+    assert!(watching.handoff.take().is_none());
+}
+
+#[test]
+fn a_malformed_object_is_skipped_in_a_list_and_in_a_watch_and_the_watch_goes_on() {
+    use fake_apiserver::*;
+    let server = FakeApiServer::start();
+    baseline(&server);
+    let mut bad = objects::pod(
+        "shop",
+        "bad",
+        "uid-bad",
+        "node-1",
+        &["10.0.0.66"],
+        json!({}),
+    );
+    bad["spec"] = json!("not a pod spec");
+    server.apply(PODS, bad.clone());
+    let watching = Watching::start(&server);
+    let first = watching.until("the first model", |_| true);
+    assert_eq!(
+        names(&first),
+        ["cart", "web"],
+        "the bad pod is left out of the list"
+    );
+    server.wait_for("a pod watch", Duration::from_secs(5), |s| {
+        !s.watch_versions(PODS).is_empty()
+    });
+    let mut bad_service =
+        objects::service("shop", "bad", &["10.96.0.66"], &[("http", 80, json!(80))]);
+    bad_service["spec"]["ports"] = json!("eighty");
+    server.apply(SERVICES, bad_service);
+    server.apply(PODS, bad);
+    server.apply(
+        PODS,
+        objects::pod(
+            "shop",
+            "next",
+            "uid-next",
+            "node-1",
+            &["10.0.0.7"],
+            json!({}),
+        ),
+    );
+    let later = watching.until("the next pod", |c| names(c).contains(&"next"));
+    assert_eq!(names(&later), ["cart", "next", "web"]);
+    assert_eq!(later.services.len(), 1);
+    assert_eq!(server.lists(PODS), 1, "skipped, not relisted");
+}

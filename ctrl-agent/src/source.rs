@@ -1,0 +1,86 @@
+//! Where the agent's model comes from: the local file, reread at each tick, or the cluster,
+//! whose watchers hand over a new model when something changed. The agent loop treats both
+//! alike: a new model replaces the old, and the same translation and publishing follow.
+
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc};
+
+use crate::agent::AgentError;
+use crate::config::FileConfig;
+use crate::kube_source::{self, Handoff, KubeOptions};
+
+#[derive(Clone, Debug)]
+pub enum SourceOptions {
+    /// The local YAML file.
+    File(PathBuf),
+    /// The Kubernetes API server.
+    Kube(Box<KubeOptions>),
+}
+
+pub enum Source {
+    File {
+        path: PathBuf,
+        /// Bytes last looked at (good or bad), to notice changes.
+        last_seen: Option<Vec<u8>>,
+    },
+    Kube {
+        handoff: Arc<Handoff>,
+        cluster: String,
+    },
+}
+
+impl Source {
+    /// Opens the source; the Kubernetes one starts its watchers, which call `wake` when they
+    /// have a new model.
+    pub fn start(options: SourceOptions, wake: mpsc::Sender<()>) -> Result<Source, AgentError> {
+        match options {
+            SourceOptions::File(path) => Ok(Source::File {
+                path,
+                last_seen: None,
+            }),
+            SourceOptions::Kube(options) => {
+                let cluster = options.client.cluster_url.to_string();
+                let handoff = Arc::new(Handoff::default());
+                kube_source::start(*options, handoff.clone(), wake).map_err(AgentError::Start)?;
+                Ok(Source::Kube { handoff, cluster })
+            }
+        }
+    }
+
+    /// The new model, if the source changed since the last call. An error means the file
+    /// was refused (it is not reported again until it changes).
+    pub fn poll(&mut self) -> Result<Option<FileConfig>, AgentError> {
+        match self {
+            Source::File { path, last_seen } => {
+                let shown = path.display().to_string();
+                let bytes = std::fs::read(&*path).map_err(|source| AgentError::Read {
+                    path: shown.clone(),
+                    source,
+                })?;
+                if last_seen.as_deref() == Some(bytes.as_slice()) {
+                    return Ok(None);
+                }
+                *last_seen = Some(bytes.clone());
+                let text = String::from_utf8_lossy(&bytes);
+                FileConfig::parse(&text)
+                    .map(Some)
+                    .map_err(|problem| AgentError::Config {
+                        path: shown,
+                        problem,
+                    })
+            }
+            Source::Kube { handoff, .. } => Ok(handoff.take()),
+        }
+    }
+
+    /// Where the published snapshot came from, for its `source` field.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::File { path, last_seen } => {
+                let digest = crc32c::crc32c(last_seen.as_deref().unwrap_or_default());
+                format!("file:{} crc32c={digest:08x}", path.display())
+            }
+            Source::Kube { cluster, .. } => format!("kube:{cluster}"),
+        }
+    }
+}

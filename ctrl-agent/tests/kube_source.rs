@@ -1,0 +1,484 @@
+//! Whole-process tests of `ctrl-agent --source kube`: the binary runs against a double of
+//! kube-apiserver on loopback (`fake_apiserver`, because no real API server can be installed
+//! on this machine) and the published region is read back as the data plane reads it
+//! (`Subscriber`, then `delta::replay` of the base and the log).
+
+mod fake_apiserver;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fake_apiserver::{objects, FakeApiServer};
+use fake_apiserver::{
+    AUTHORIZATION_POLICIES, ENDPOINT_SLICES, NAMESPACES, PEER_AUTHENTICATIONS, PODS, SERVICES,
+};
+use mesh_snapshot::delta::{self, State};
+use mesh_snapshot::schema::{Protocol, Snapshot};
+use mesh_snapshot::test_support::ScratchDir;
+use mesh_snapshot::{ReadOutcome, Subscriber};
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The cluster every test starts from: an ambient namespace with a pod on this node (node-1)
+/// and one on another, one opted out, a service, a policy and a peer authentication.
+fn baseline(server: &FakeApiServer) {
+    server.apply(
+        NAMESPACES,
+        objects::namespace("shop", json!({"istio.io/dataplane-mode": "ambient"})),
+    );
+    server.apply(NAMESPACES, objects::namespace("legacy", json!({})));
+    server.apply(
+        PODS,
+        objects::pod(
+            "shop",
+            "cart",
+            "uid-cart",
+            "node-1",
+            &["10.0.0.1"],
+            json!({}),
+        ),
+    );
+    server.apply(
+        PODS,
+        objects::pod("shop", "web", "uid-web", "node-2", &["10.0.0.2"], json!({})),
+    );
+    server.apply(
+        PODS,
+        objects::pod(
+            "shop",
+            "batch",
+            "uid-batch",
+            "node-1",
+            &["10.0.0.3"],
+            json!({"istio.io/dataplane-mode": "none"}),
+        ),
+    );
+    server.apply(
+        PODS,
+        objects::pod(
+            "legacy",
+            "old",
+            "uid-old",
+            "node-1",
+            &["10.0.0.4"],
+            json!({}),
+        ),
+    );
+    server.apply(
+        SERVICES,
+        objects::service("shop", "cart", &["10.96.0.1"], &[("http", 80, json!(8080))]),
+    );
+    server.apply(
+        ENDPOINT_SLICES,
+        objects::endpoint_slice(
+            "shop",
+            "cart",
+            &[("uid-cart", "10.0.0.1", true)],
+            &[("http", 8080)],
+        ),
+    );
+    server.apply(
+        AUTHORIZATION_POLICIES,
+        objects::authorization_policy(
+            "shop",
+            "deny-evil",
+            json!({
+                "action": "DENY",
+                "rules": [{"from": [{"source": {"namespaces": ["evil"]}}]}],
+            }),
+        ),
+    );
+    server.apply(
+        PEER_AUTHENTICATIONS,
+        objects::peer_authentication(
+            "istio-system",
+            "default",
+            json!({"mtls": {"mode": "STRICT"}}),
+        ),
+    );
+}
+
+/// The agent process, killed when dropped; its log is kept for failure messages.
+struct Agent {
+    child: Child,
+    dir: ScratchDir,
+    reader: Reader,
+}
+
+impl Agent {
+    fn start(server: &FakeApiServer) -> Agent {
+        let dir = ScratchDir::new().expect("scratch dir");
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, server.kubeconfig()).expect("kubeconfig");
+        let log = std::fs::File::create(dir.path().join("agent.log")).expect("log file");
+        let snapshot = dir.path().join("snapshot");
+        let child = Command::new(env!("CARGO_BIN_EXE_ctrl-agent"))
+            .args([
+                "--source",
+                "kube",
+                "--node",
+                "node-1",
+                "--poll-interval",
+                "100ms",
+            ])
+            .arg("--snapshot")
+            .arg(&snapshot)
+            .arg("--ca-dir")
+            .arg(dir.path().join("ca"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("CTRL_AGENT_CONFIG")
+            .env("NO_PROXY", "127.0.0.1")
+            .env("RUST_LOG", "info,ctrl_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("ctrl-agent runs");
+        Agent {
+            child,
+            dir,
+            reader: Reader {
+                subscriber: Subscriber::new(&snapshot),
+                held: None,
+                bases: 0,
+            },
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// The first published state that satisfies `f`.
+    fn until(&mut self, what: &str, f: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        let end = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(snap) = self.reader.latest() {
+                if f(&snap) {
+                    return snap;
+                }
+            }
+            if Instant::now() > end {
+                panic!(
+                    "timed out waiting for {what}; last state: {:#?}\nagent log:\n{}",
+                    self.reader.latest_held(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads the region as the data plane does: a base, then deltas applied to what it holds.
+struct Reader {
+    subscriber: Subscriber,
+    held: Option<State>,
+    /// How many complete snapshots (rather than deltas on what was held) were read.
+    bases: usize,
+}
+
+impl Reader {
+    /// Whether anything was published at all yet.
+    fn published(&mut self) -> bool {
+        self.latest().is_some()
+    }
+
+    /// The state after everything published so far (`None` before the first publication).
+    fn latest(&mut self) -> Option<Snapshot> {
+        match self.subscriber.read() {
+            Ok(ReadOutcome::New { base, deltas, .. }) => {
+                self.bases += usize::from(base.is_some());
+                self.held = delta::replay(self.held.take(), base.as_ref(), &deltas)
+                    .expect("published records decode");
+            }
+            Ok(ReadOutcome::Unchanged) => {}
+            // Not created or not published yet.
+            Err(_) => return None,
+        }
+        self.latest_held()
+    }
+
+    fn latest_held(&self) -> Option<Snapshot> {
+        self.held.as_ref().map(State::snapshot)
+    }
+}
+
+fn workload_names(snap: &Snapshot) -> Vec<&str> {
+    let mut names: Vec<&str> = snap.workloads.iter().map(|w| w.name.as_str()).collect();
+    names.sort_unstable();
+    names
+}
+
+fn identities(snap: &Snapshot) -> Vec<&str> {
+    let mut ids: Vec<&str> = snap
+        .identities
+        .iter()
+        .map(|i| i.spiffe_id.as_str())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+fn protocol(snap: &Snapshot, name: &str) -> Option<Protocol> {
+    snap.workloads
+        .iter()
+        .find(|w| w.name == name)
+        .map(|w| Protocol::try_from(w.protocol).unwrap_or(Protocol::Tcp))
+}
+
+#[test]
+fn nothing_is_published_until_every_initial_list_is_done() {
+    let server = FakeApiServer::start();
+    baseline(&server);
+    server.set_list_delay(AUTHORIZATION_POLICIES, Duration::from_millis(2500));
+    let mut agent = Agent::start(&server);
+    // Every other kind is listed (and watched) while the policies' list is still pending.
+    server.wait_for("the other kinds' watches", TIMEOUT, |s| {
+        [
+            NAMESPACES,
+            PODS,
+            SERVICES,
+            ENDPOINT_SLICES,
+            PEER_AUTHENTICATIONS,
+        ]
+        .iter()
+        .all(|p| !s.watch_versions(p).is_empty())
+            && s.lists(AUTHORIZATION_POLICIES) > 0
+    });
+    let pending_until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < pending_until {
+        assert!(
+            !agent.reader.published(),
+            "published before the policies were listed:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let first = agent.until("the first publication", |_| true);
+    assert_eq!(workload_names(&first), ["batch", "cart", "old", "web"]);
+    assert_eq!(first.services.len(), 1);
+    assert_eq!(
+        first.policies.len(),
+        1,
+        "the slow kind is in the first publication"
+    );
+    assert_eq!(first.peer_authentications.len(), 1);
+    assert!(
+        first.source.starts_with("kube:http://127.0.0.1:"),
+        "{}",
+        first.source
+    );
+}
+
+#[test]
+fn namespace_labels_enroll_none_opts_out_and_only_this_nodes_identities_get_certificates() {
+    let server = FakeApiServer::start();
+    baseline(&server);
+    let mut agent = Agent::start(&server);
+    let snap = agent.until("the first publication with a certificate", |s| {
+        !s.identities.is_empty()
+    });
+    assert_eq!(
+        protocol(&snap, "cart"),
+        Some(Protocol::Hbone),
+        "namespace label"
+    );
+    assert_eq!(protocol(&snap, "web"), Some(Protocol::Hbone));
+    assert_eq!(
+        protocol(&snap, "batch"),
+        Some(Protocol::Tcp),
+        "pod opts out"
+    );
+    assert_eq!(
+        protocol(&snap, "old"),
+        Some(Protocol::Tcp),
+        "namespace not ambient"
+    );
+    // cart is the only enrolled pod on node-1: web is on node-2, batch and old are not in
+    // the mesh.
+    assert_eq!(
+        identities(&snap),
+        ["spiffe://cluster.local/ns/shop/sa/cart-sa"]
+    );
+    let cart = snap
+        .workloads
+        .iter()
+        .find(|w| w.name == "cart")
+        .expect("cart");
+    assert_eq!(cart.uid, "uid-cart");
+    assert_eq!(cart.node, "node-1");
+    assert_eq!(cart.ips, [vec![10, 0, 0, 1]]);
+    assert_eq!(snap.services[0].endpoints, ["uid-cart"]);
+
+    // Labelling the legacy namespace brings its pod in, with a certificate.
+    server.apply(
+        NAMESPACES,
+        objects::namespace("legacy", json!({"istio.io/dataplane-mode": "ambient"})),
+    );
+    let snap = agent.until("old enrolled", |s| {
+        protocol(s, "old") == Some(Protocol::Hbone) && s.identities.len() == 2
+    });
+    assert_eq!(
+        identities(&snap),
+        [
+            "spiffe://cluster.local/ns/legacy/sa/old-sa",
+            "spiffe://cluster.local/ns/shop/sa/cart-sa"
+        ]
+    );
+}
+
+#[test]
+fn pods_added_modified_and_deleted_through_the_watch_show_up() {
+    let server = FakeApiServer::start();
+    baseline(&server);
+    let mut agent = Agent::start(&server);
+    agent.until("the first publication", |_| true);
+    server.apply(
+        PODS,
+        objects::pod("shop", "new", "uid-new", "node-1", &["10.0.0.9"], json!({})),
+    );
+    let snap = agent.until("new added", |s| workload_names(s).contains(&"new"));
+    assert_eq!(protocol(&snap, "new"), Some(Protocol::Hbone));
+    assert_eq!(agent.reader.bases, 1, "a pod's arrival is a delta record");
+    agent.until("new's certificate", |s| {
+        identities(s).contains(&"spiffe://cluster.local/ns/shop/sa/new-sa")
+    });
+    // Opting the pod out is a modification.
+    server.apply(
+        PODS,
+        objects::pod(
+            "shop",
+            "new",
+            "uid-new",
+            "node-1",
+            &["10.0.0.9"],
+            json!({"istio.io/dataplane-mode": "none"}),
+        ),
+    );
+    let snap = agent.until("new opted out", |s| {
+        protocol(s, "new") == Some(Protocol::Tcp)
+    });
+    assert!(!identities(&snap).contains(&"spiffe://cluster.local/ns/shop/sa/new-sa"));
+    server.delete(PODS, "shop/new");
+    agent.until("new deleted", |s| !workload_names(s).contains(&"new"));
+    // An endpoint going unready leaves the service's endpoints.
+    server.apply(
+        ENDPOINT_SLICES,
+        objects::endpoint_slice(
+            "shop",
+            "cart",
+            &[("uid-cart", "10.0.0.1", false)],
+            &[("http", 8080)],
+        ),
+    );
+    agent.until("cart unready", |s| s.services[0].endpoints.is_empty());
+}
+
+#[test]
+fn a_410_during_the_watch_relists_and_what_was_deleted_in_the_gap_is_gone() {
+    let server = FakeApiServer::start();
+    baseline(&server);
+    let mut agent = Agent::start(&server);
+    agent.until("the first publication", |s| {
+        workload_names(s).contains(&"web")
+    });
+    server.wait_for("a pod watch", TIMEOUT, |s| {
+        !s.watch_versions(PODS).is_empty()
+    });
+    // web goes with no event the watch could deliver, and the history is compacted: the
+    // open watch ends with ERROR 410 Expired.
+    server.delete_in_gap(PODS, "shop/web");
+    server.expire_watches(PODS);
+    let snap = agent.until("web gone", |s| !workload_names(s).contains(&"web"));
+    assert_eq!(workload_names(&snap), ["batch", "cart", "old"]);
+    assert_eq!(server.lists(PODS), 2, "one relist");
+    // And the relisted store keeps following the watch.
+    server.apply(
+        PODS,
+        objects::pod(
+            "shop",
+            "after",
+            "uid-after",
+            "node-2",
+            &["10.0.0.8"],
+            json!({}),
+        ),
+    );
+    agent.until("after added", |s| workload_names(s).contains(&"after"));
+}
+
+#[test]
+fn a_dropped_watch_resumes_from_the_last_event_and_bookmarks_move_that_point() {
+    let server = FakeApiServer::start();
+    baseline(&server);
+    let mut agent = Agent::start(&server);
+    agent.until("the first publication", |_| true);
+    server.wait_for("a pod watch", TIMEOUT, |s| {
+        !s.watch_versions(PODS).is_empty()
+    });
+    let rv = server.apply(
+        PODS,
+        objects::pod("shop", "new", "uid-new", "node-2", &["10.0.0.9"], json!({})),
+    );
+    agent.until("new added", |s| workload_names(s).contains(&"new"));
+
+    // The connection dies mid-stream: the watcher comes back from the last event it saw.
+    let watches = server.watch_versions(PODS).len();
+    server.cut_watches(PODS);
+    server.wait_for("the pod watch to resume", TIMEOUT, |s| {
+        s.watch_versions(PODS).len() > watches
+    });
+    assert_eq!(
+        server.watch_versions(PODS).last(),
+        Some(&rv.to_string()),
+        "resumed from the last event's resourceVersion"
+    );
+    server.apply(
+        PODS,
+        objects::pod(
+            "shop",
+            "later",
+            "uid-later",
+            "node-2",
+            &["10.0.0.10"],
+            json!({}),
+        ),
+    );
+    agent.until("later added after the reconnect", |s| {
+        workload_names(s).contains(&"later")
+    });
+
+    // A bookmark moves the resume point past changes to other kinds.
+    server.apply(
+        SERVICES,
+        objects::service("shop", "other", &["10.96.0.2"], &[("http", 80, json!(80))]),
+    );
+    let bookmark = server.bookmark(PODS);
+    // Give the bookmark time to reach the watcher before cutting (it has no visible effect).
+    std::thread::sleep(Duration::from_millis(500));
+    let watches = server.watch_versions(PODS).len();
+    server.cut_watches(PODS);
+    server.wait_for("the pod watch to resume again", TIMEOUT, |s| {
+        s.watch_versions(PODS).len() > watches
+    });
+    assert_eq!(
+        server.watch_versions(PODS).last(),
+        Some(&bookmark.to_string()),
+        "resumed from the bookmark"
+    );
+    assert_eq!(server.lists(PODS), 1, "no relist was needed");
+    let snap = agent.until("everything still there", |s| s.services.len() == 2);
+    assert!(workload_names(&snap).contains(&"later"));
+}
