@@ -435,11 +435,15 @@ impl Index {
                 }
             }
         }
+        // New and changed services resolve their endpoints as they go in.
+        let mut resolved: HashSet<Arc<str>> = HashSet::with_capacity(incoming.len());
         for (key, mut service) in incoming {
             // Share the uid the workload map already holds (one allocation per pod, not two).
+            service.endpoints.clear();
             for uid in &mut service.listed {
-                if let Some((known, _)) = next.by_uid.get_key_value(&**uid) {
+                if let Some((known, workload)) = next.by_uid.get_key_value(&**uid) {
                     *uid = known.clone();
+                    service.endpoints.push(workload.clone());
                 }
             }
             for uid in &service.listed {
@@ -449,14 +453,14 @@ impl Index {
                 }
                 next.listed_by.insert(uid.clone(), keys);
             }
-            next.services.insert(key.clone(), Arc::new(service));
-            touched.insert(key);
+            next.put_service(key.clone(), Arc::new(service));
+            resolved.insert(key);
         }
-        // Endpoints point at workloads: re-resolve the services whose listed workloads came,
-        // went or changed, and point their frontends at the new version.
+        // Endpoints point at workloads: the other services listing a workload that came, went
+        // or changed re-resolve, and their frontends point at the new version.
         for uid in &changed {
             if let Some(keys) = next.listed_by.get(uid) {
-                touched.extend(keys.iter().cloned());
+                touched.extend(keys.iter().filter(|k| !resolved.contains(*k)).cloned());
             }
         }
         for key in touched {
@@ -469,11 +473,7 @@ impl Index {
                 .iter()
                 .filter_map(|uid| next.by_uid.get(uid).cloned())
                 .collect();
-            let service = Arc::new(service);
-            for (frontend, target) in &service.frontends {
-                next.by_vip.insert(*frontend, (service.clone(), *target));
-            }
-            next.services.insert(key, service);
+            next.put_service(key, Arc::new(service));
         }
 
         // Identities and trust roots: small, rebuilt whole when touched.
@@ -525,6 +525,13 @@ impl Index {
             next.resolve_local_authz();
         }
         Ok(next)
+    }
+
+    fn put_service(&mut self, key: Arc<str>, service: Arc<Service>) {
+        for (frontend, target) in &service.frontends {
+            self.by_vip.insert(*frontend, (service.clone(), *target));
+        }
+        self.services.insert(key, service);
     }
 
     fn unlist(&mut self, uid: &Arc<str>, key: &str) {
