@@ -383,6 +383,14 @@ lab_test!(
                     }
                 });
             }
+            // Stops the load even if an upgrade fails, or the scope would wait for it forever.
+            struct StopOnDrop<'a>(&'a AtomicBool);
+            impl Drop for StopOnDrop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::Relaxed);
+                }
+            }
+            let _stop_on_drop = StopOnDrop(stop);
             std::thread::sleep(Duration::from_millis(700));
             let before = made.load(Ordering::Relaxed);
             // The destination node first (its 15008 listeners), then the source node (15001).

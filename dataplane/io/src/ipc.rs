@@ -88,8 +88,12 @@ impl Channel {
                     bytes as usize,
                 );
             }
-            if libc::sendmsg(self.0.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) < 0 {
-                return Err(io::Error::last_os_error());
+            // A signal landing on this thread is no reason to fail a handover: try again.
+            while libc::sendmsg(self.0.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) < 0 {
+                let error = io::Error::last_os_error();
+                if error.kind() != io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
             }
         }
         Ok(())
@@ -115,10 +119,18 @@ impl Channel {
             msg.msg_iovlen = 1;
             msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
             msg.msg_controllen = control.len();
-            let n = libc::recvmsg(self.0.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            // Interrupted by a signal (a data plane taking over once failed its upgrade so,
+            // in the lab): nothing was received, so receiving again is safe.
+            let n = loop {
+                let n = libc::recvmsg(self.0.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+                if n >= 0 {
+                    break n;
+                }
+                let error = io::Error::last_os_error();
+                if error.kind() != io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            };
             let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
             while !cmsg.is_null() {
                 if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
