@@ -22,7 +22,7 @@ use mesh_snapshot::schema::{Identity, Snapshot};
 
 use crate::authority::{CertificateAuthority, Renewals};
 use crate::ca::IssuedCert;
-use crate::channel::{Published, SnapshotChannel};
+use crate::channel::{Publication, SnapshotChannel};
 use crate::config::{ConfigError, FileConfig, ProtocolSpec};
 use crate::enroll::Enrollments;
 use crate::source::{Source, SourceOptions};
@@ -263,8 +263,8 @@ impl Agent {
             snapshot.identities.len(),
         );
         match self.channel.publish_state(State::from(snapshot))? {
-            Published::Unchanged => Ok(Tick::Unchanged),
-            Published::Delta { version, changes } => {
+            Publication::Unchanged => Ok(Tick::Unchanged),
+            Publication::Delta { version, changes } => {
                 tracing::info!(
                     generation = version.generation,
                     changes,
@@ -272,7 +272,7 @@ impl Agent {
                 );
                 Ok(Tick::Published(version))
             }
-            Published::Full(version) => {
+            Publication::Full(version) => {
                 tracing::info!(
                     generation = version.generation,
                     workloads,

@@ -89,17 +89,8 @@ impl LocalCa {
     /// A new root for `trust_domain`.
     pub fn generate(trust_domain: &str) -> Result<LocalCa, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, trust_domain);
-        dn.push(DnType::CommonName, format!("mesh local CA {trust_domain}"));
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        let mut params =
+            certificate_authority_params(trust_domain, &format!("mesh local CA {trust_domain}"));
         let now = SystemTime::now();
         params.not_before = to_offset(now - BACKDATE)?;
         params.not_after = to_offset(now + ROOT_VALIDITY)?;
@@ -213,6 +204,22 @@ impl LocalCa {
             not_after_unix: unix(not_after),
         })
     }
+}
+
+/// A CA certificate's name and profile: may sign certificates and revocation lists.
+pub fn certificate_authority_params(organization: &str, common_name: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, organization);
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
 }
 
 /// What makes a workload certificate one: not a CA, signing and key exchange, usable by both

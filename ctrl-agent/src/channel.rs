@@ -16,9 +16,9 @@ pub struct SnapshotChannel {
     state: Option<State>,
 }
 
-/// What one publication did.
+/// What one publication did (not to be confused with a region record, `mesh_snapshot::Published`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Published {
+pub enum Publication {
     /// Nothing differed from what readers have.
     Unchanged,
     /// A delta of this many changes was appended.
@@ -26,15 +26,6 @@ pub enum Published {
     /// A complete snapshot was written (first publication, a node or root-namespace change, a
     /// change too big for the log).
     Full(Version),
-}
-
-impl Published {
-    pub fn version(&self) -> Option<Version> {
-        match self {
-            Published::Unchanged => None,
-            Published::Delta { version, .. } | Published::Full(version) => Some(*version),
-        }
-    }
 }
 
 impl SnapshotChannel {
@@ -52,10 +43,10 @@ impl SnapshotChannel {
 
     /// Publishes `next` as the complete new state: the delta from the current state when
     /// there is one, a complete snapshot otherwise.
-    pub fn publish_state(&mut self, next: State) -> Result<Published, RegionError> {
+    pub fn publish_state(&mut self, next: State) -> Result<Publication, RegionError> {
         let delta = self.state.as_ref().and_then(|current| current.diff(&next));
         match delta {
-            Some(delta) if delta.is_empty() => Ok(Published::Unchanged),
+            Some(delta) if delta.is_empty() => Ok(Publication::Unchanged),
             Some(delta) => self.append(delta, next),
             None => self.publish_full(next),
         }
@@ -63,9 +54,9 @@ impl SnapshotChannel {
 
     /// Publishes one change on top of the current state (which must exist: a source
     /// publishes its complete initial state first).
-    pub fn publish_delta(&mut self, delta: Delta) -> Result<Published, RegionError> {
+    pub fn publish_delta(&mut self, delta: Delta) -> Result<Publication, RegionError> {
         if delta.is_empty() {
-            return Ok(Published::Unchanged);
+            return Ok(Publication::Unchanged);
         }
         let mut next = self.state.clone().unwrap_or_default();
         next.apply(&delta);
@@ -75,7 +66,7 @@ impl SnapshotChannel {
         }
     }
 
-    fn append(&mut self, delta: Delta, next: State) -> Result<Published, RegionError> {
+    fn append(&mut self, delta: Delta, next: State) -> Result<Publication, RegionError> {
         let bytes = delta::encode(&delta);
         match self.publisher.append(&bytes)? {
             Appended::Published(version) => {
@@ -83,7 +74,7 @@ impl SnapshotChannel {
                 if self.publisher.wants_compaction() {
                     self.compact()?;
                 }
-                Ok(Published::Delta {
+                Ok(Publication::Delta {
                     version,
                     changes: delta.len(),
                 })
@@ -92,11 +83,11 @@ impl SnapshotChannel {
         }
     }
 
-    fn publish_full(&mut self, next: State) -> Result<Published, RegionError> {
+    fn publish_full(&mut self, next: State) -> Result<Publication, RegionError> {
         let payload = mesh_snapshot::encode(&next.snapshot());
         let version = self.publisher.publish(&payload)?;
         self.state = Some(next);
-        Ok(Published::Full(version))
+        Ok(Publication::Full(version))
     }
 
     /// Rewrites the current state as the base, emptying the log (readers that kept up notice
@@ -144,15 +135,15 @@ mod tests {
             SnapshotChannel::create(&path, PublishOptions::default()).expect("create");
         assert!(matches!(
             channel.publish_state(state(&[1, 2])).expect("publish"),
-            Published::Full(_)
+            Publication::Full(_)
         ));
         assert_eq!(
             channel.publish_state(state(&[1, 2])).expect("publish"),
-            Published::Unchanged
+            Publication::Unchanged
         );
         assert!(matches!(
             channel.publish_state(state(&[1, 2, 3])).expect("publish"),
-            Published::Delta { changes: 1, .. }
+            Publication::Delta { changes: 1, .. }
         ));
         let removal = Delta {
             removed_workloads: vec!["w1".into()],
@@ -160,7 +151,7 @@ mod tests {
         };
         assert!(matches!(
             channel.publish_delta(removal).expect("publish"),
-            Published::Delta { changes: 1, .. }
+            Publication::Delta { changes: 1, .. }
         ));
         assert_eq!(channel.state(), Some(&state(&[2, 3])));
 
@@ -186,7 +177,7 @@ mod tests {
         moved.node = "n2".into();
         assert!(matches!(
             channel.publish_state(moved).expect("publish"),
-            Published::Full(_)
+            Publication::Full(_)
         ));
     }
 }

@@ -14,9 +14,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use prost::Message;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    PKCS_ECDSA_P256_SHA256,
+    CertificateParams, CertificateSigningRequestParams, ExtendedKeyUsagePurpose, Issuer, KeyPair,
+    SanType, PKCS_ECDSA_P256_SHA256,
 };
 use time::OffsetDateTime;
 
@@ -40,17 +39,7 @@ pub(crate) struct TestPki {
 }
 
 fn ca_params(name: &str) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "cluster.local");
-    dn.push(DnType::CommonName, name);
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    let mut params = crate::ca::certificate_authority_params("cluster.local", name);
     let now = OffsetDateTime::now_utc();
     params.not_before = now - Duration::from_secs(3600);
     params.not_after = now + Duration::from_secs(30 * 24 * 3600);
