@@ -7,8 +7,10 @@
 //! of this node that has no address yet is kept (without addresses), because the CNI plugin
 //! asks about a pod before it has one, and CNI then reports its addresses.
 //!
-//! Nothing here fails as a whole: an object that cannot be used is left out and named in the
-//! returned problems, and the rest of the cluster is still published.
+//! Nothing here fails as a whole: an object that cannot be used is named in the returned
+//! problems, and the rest of the cluster is still published. A pod or service that cannot be
+//! used is left out; a security policy that cannot be read fails closed instead (see
+//! `unreadable_authorization_policy`), because leaving out a DENY would open what it denied.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -22,8 +24,8 @@ use serde::de::DeserializeOwned;
 
 use crate::cni_api::DATAPLANE_MODE_LABEL;
 use crate::config::{
-    FileConfig, NamespaceSpec, PeerAuthenticationSpec, PolicySpec, ProtocolSpec, ServicePortSpec,
-    ServiceSpec, WorkloadSpec,
+    ActionSpec, FileConfig, MtlsModeSpec, MtlsSpec, NamespaceSpec, PeerAuthenticationSpec,
+    PolicySpec, ProtocolSpec, RuleSpec, SelectorSpec, ServicePortSpec, ServiceSpec, WorkloadSpec,
 };
 use crate::enroll;
 
@@ -111,22 +113,30 @@ pub fn model(world: &World, options: &ModelOptions) -> Model {
         match authorization_policy(object) {
             Ok(Some(p)) => policies.push(p),
             Ok(None) => {}
-            Err(problem) => problems.push(format!(
-                "AuthorizationPolicy {}/{}: {problem}; left out",
-                object.namespace().unwrap_or_default(),
-                object.name_any()
-            )),
+            Err(problem) => {
+                let (stand_in, enforced) = unreadable_authorization_policy(object);
+                policies.extend(stand_in);
+                problems.push(format!(
+                    "AuthorizationPolicy {}/{}: {problem}; {enforced}",
+                    object.namespace().unwrap_or_default(),
+                    object.name_any()
+                ));
+            }
         }
     }
     let mut peer_authentications = Vec::new();
     for object in world.peer_authentications.objects() {
         match peer_authentication(object) {
             Ok(pa) => peer_authentications.push(pa),
-            Err(problem) => problems.push(format!(
-                "PeerAuthentication {}/{}: {problem}; left out",
-                object.namespace().unwrap_or_default(),
-                object.name_any()
-            )),
+            Err(problem) => {
+                let (stand_in, enforced) = unreadable_peer_authentication(object);
+                peer_authentications.extend(stand_in);
+                problems.push(format!(
+                    "PeerAuthentication {}/{}: {problem}; {enforced}",
+                    object.namespace().unwrap_or_default(),
+                    object.name_any()
+                ));
+            }
         }
     }
     Model {
@@ -440,4 +450,75 @@ pub fn peer_authentication(object: &DynamicObject) -> Result<PeerAuthenticationS
     let pa: PeerAuthenticationSpec = from_json(spec)?;
     pa.check().map_err(|e| format!("spec.{e}"))?;
     Ok(pa)
+}
+
+/// The scope an unreadable policy can be given: its selector if that part reads, else its whole
+/// namespace (wider, which for a restriction is the safe side).
+fn readable_selector(object: &DynamicObject) -> Option<SelectorSpec> {
+    let selector = object.data.get("spec")?.get("selector")?.clone();
+    serde_json::from_value::<SelectorSpec>(selector)
+        .ok()
+        .filter(|s| !s.match_labels.is_empty())
+}
+
+/// Fail closed for an AuthorizationPolicy that does not read: it is enforced in its most
+/// restrictive form over the widest scope it could have, as Istio's ztunnel does with rules it
+/// cannot check. A DENY (or an action that does not read) denies everything in scope; an
+/// ALLOW allows nothing in scope (other ALLOW policies still allow what they allow); an AUDIT
+/// only logs, so it is left out. Dry run (an annotation, which reads) is kept. Returns the
+/// stand-in and the words saying what was done.
+pub fn unreadable_authorization_policy(
+    object: &DynamicObject,
+) -> (Option<PolicySpec>, &'static str) {
+    let action = object
+        .data
+        .get("spec")
+        .and_then(|s| s.get("action"))
+        .and_then(|a| a.as_str());
+    let (action, rules, enforced) = match action {
+        None | Some("ALLOW") => (
+            ActionSpec::Allow,
+            Vec::new(),
+            "enforced as allow-nothing on its scope (fail closed)",
+        ),
+        Some("AUDIT") => return (None, "left out (AUDIT only logs)"),
+        Some(_) => (
+            ActionSpec::Deny,
+            vec![RuleSpec::default()],
+            "enforced as deny-all on its scope (fail closed)",
+        ),
+    };
+    let stand_in = PolicySpec {
+        name: object.name_any(),
+        namespace: object.namespace().unwrap_or_default(),
+        action,
+        selector: readable_selector(object),
+        rules,
+        dry_run: object
+            .annotations()
+            .get(DRY_RUN_ANNOTATION)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true")),
+    };
+    (Some(stand_in), enforced)
+}
+
+/// Fail closed for a PeerAuthentication that does not read: STRICT over the widest scope it
+/// could have (its selector if that reads, else its namespace; the mesh in the root namespace),
+/// since any other mode, or a port override, could only accept plaintext that STRICT refuses.
+pub fn unreadable_peer_authentication(
+    object: &DynamicObject,
+) -> (Option<PeerAuthenticationSpec>, &'static str) {
+    let stand_in = PeerAuthenticationSpec {
+        name: object.name_any(),
+        namespace: object.namespace().unwrap_or_default(),
+        selector: readable_selector(object),
+        mtls: MtlsSpec {
+            mode: MtlsModeSpec::Strict,
+        },
+        port_level_mtls: BTreeMap::new(),
+    };
+    (
+        Some(stand_in),
+        "enforced as STRICT on its scope (fail closed)",
+    )
 }
