@@ -80,7 +80,9 @@ impl Handoff {
 }
 
 /// Starts the watchers on their own thread. Each new model goes to `handoff`, and `wake`
-/// tells the agent loop to take it.
+/// tells the agent loop to take it. The client is built here, so that a configuration it
+/// cannot use (a bad certificate, say) stops the agent's start with the reason, rather than
+/// leaving a thread that never hands anything over.
 pub fn start(
     options: KubeOptions,
     handoff: Arc<Handoff>,
@@ -89,19 +91,19 @@ pub fn start(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // kube's client spawns its request buffer on the runtime it is built in.
+    let client = {
+        let _in_runtime = runtime.enter();
+        Client::try_from(options.client.clone()).map_err(|error| {
+            std::io::Error::other(format!("cannot build the Kubernetes client: {error}"))
+        })?
+    };
     std::thread::Builder::new()
         .name("kube-source".into())
-        .spawn(move || runtime.block_on(run(options, handoff, wake)))
+        .spawn(move || runtime.block_on(run(client, options, handoff, wake)))
 }
 
-async fn run(options: KubeOptions, handoff: Arc<Handoff>, wake: mpsc::Sender<()>) {
-    let client = match Client::try_from(options.client.clone()) {
-        Ok(client) => client,
-        Err(error) => {
-            tracing::error!(%error, "cannot build the Kubernetes client; no cluster data");
-            return;
-        }
-    };
+async fn run(client: Client, options: KubeOptions, handoff: Arc<Handoff>, wake: mpsc::Sender<()>) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Update>(1024);
     for (kind, resource) in [
         (Kind::Namespaces, ApiResource::erase::<Namespace>(&())),
@@ -236,5 +238,7 @@ async fn watch(api: Api<DynamicObject>, kind: Kind, tx: tokio::sync::mpsc::Sende
     }
 }
 
+#[cfg(test)]
+mod mock_tests;
 #[cfg(test)]
 mod tests;

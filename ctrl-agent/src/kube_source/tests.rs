@@ -883,3 +883,22 @@ fn unreadable_security_policies_fail_closed_on_their_scope() {
     assert_eq!(index.inbound_mtls("uid-cart", 80), Mtls::Strict);
     assert_eq!(index.inbound_mtls("uid-ledger", 80), Mtls::Permissive);
 }
+
+#[test]
+fn a_client_configuration_that_cannot_be_used_fails_the_start_with_the_reason() {
+    let mut client = kube::Config::new("https://10.0.0.1:443".parse().expect("url"));
+    client.root_cert = Some(vec![b"not a certificate".to_vec()]);
+    let (tx, _wake) = mpsc::channel();
+    let error = start(
+        KubeOptions::new(client, options()),
+        Arc::new(Handoff::default()),
+        tx,
+    )
+    .expect_err("a root certificate that does not parse");
+    assert!(
+        error
+            .to_string()
+            .starts_with("cannot build the Kubernetes client: "),
+        "{error}"
+    );
+}

@@ -1,0 +1,247 @@
+//! One kind's watch loop (`watch`) against kube's mock HTTP service (tower-test): each request
+//! the watcher makes is checked as the API server would see it (list, then watch from the
+//! list's resourceVersion with bookmarks, resume from the last bookmark, relist after 410), and
+//! answered by hand. The whole-process behaviour is in `tests.rs`, against the loopback double.
+
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{ApiResource, DynamicObject};
+use kube::client::Body;
+use kube::runtime::watcher::Event;
+use kube::{Api, Client, ResourceExt};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tower_test::mock::{self, Handle};
+
+use super::watch;
+use super::world::{Kind, Update};
+
+type ApiHandle = Handle<Request<Body>, Response<Body>>;
+
+fn pod(name: &str, resource_version: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"),
+                     "resourceVersion": resource_version},
+    })
+}
+
+fn pod_list(resource_version: &str, items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": "PodList",
+           "metadata": {"resourceVersion": resource_version}, "items": items})
+}
+
+fn status(code: u16, reason: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+           "message": reason, "reason": reason, "code": code})
+}
+
+fn watch_events(events: &[(&str, Value)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (kind, object) in events {
+        body.extend(
+            json!({"type": kind, "object": object})
+                .to_string()
+                .into_bytes(),
+        );
+        body.push(b'\n');
+    }
+    body
+}
+
+/// The query of the next request, after checking it is a GET of the pods collection.
+async fn next_request(
+    handle: &mut ApiHandle,
+) -> (String, tower_test::mock::SendResponse<Response<Body>>) {
+    let (request, respond) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+        .await
+        .expect("the watcher makes another request")
+        .expect("the client is alive");
+    assert_eq!(request.method(), http::Method::GET);
+    assert_eq!(request.uri().path(), "/api/v1/pods");
+    (
+        request.uri().query().unwrap_or_default().to_owned(),
+        respond,
+    )
+}
+
+fn param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+}
+
+fn reply(respond: tower_test::mock::SendResponse<Response<Body>>, code: u16, body: Vec<u8>) {
+    let response = Response::builder()
+        .status(StatusCode::from_u16(code).expect("status"))
+        .body(Body::from(body))
+        .expect("response");
+    respond.send_response(response);
+}
+
+async fn next_update(updates: &mut mpsc::Receiver<Update>) -> String {
+    let update = tokio::time::timeout(Duration::from_secs(10), updates.recv())
+        .await
+        .expect("an update in time")
+        .expect("the watch loop is alive");
+    match update {
+        Update::Absent(kind) => format!("absent {}", kind.name()),
+        Update::Event(_, Event::Init) => "init".into(),
+        Update::Event(_, Event::InitApply(o)) => format!("init-apply {}", o.name_any()),
+        Update::Event(_, Event::InitDone) => "init-done".into(),
+        Update::Event(_, Event::Apply(o)) => format!("apply {}", o.name_any()),
+        Update::Event(_, Event::Delete(o)) => format!("delete {}", o.name_any()),
+    }
+}
+
+/// Runs `test` with a pods watch loop on kube's mock service.
+fn with_pods_watch<F, Fut>(test: F)
+where
+    F: FnOnce(ApiHandle, mpsc::Receiver<Update>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let api = Api::<DynamicObject>::all_with(client, &ApiResource::erase::<Pod>(&()));
+        let (tx, rx) = mpsc::channel(16);
+        let watching = tokio::spawn(watch(api, Kind::Pods, tx));
+        test(handle, rx).await;
+        watching.abort();
+    });
+}
+
+#[test]
+fn a_list_then_a_watch_from_its_version_with_bookmarks_then_a_resume_from_the_last_bookmark() {
+    with_pods_watch(|mut api, mut updates| async move {
+        let (query, respond) = next_request(&mut api).await;
+        assert_eq!(param(&query, "watch"), None, "first a list: {query}");
+        reply(
+            respond,
+            200,
+            pod_list("100", vec![pod("a", "90")])
+                .to_string()
+                .into_bytes(),
+        );
+        for expected in ["init", "init-apply a", "init-done"] {
+            assert_eq!(next_update(&mut updates).await, expected);
+        }
+
+        let (query, respond) = next_request(&mut api).await;
+        assert_eq!(param(&query, "watch"), Some("true"), "{query}");
+        assert_eq!(param(&query, "resourceVersion"), Some("100"), "{query}");
+        assert_eq!(
+            param(&query, "allowWatchBookmarks"),
+            Some("true"),
+            "{query}"
+        );
+        // An event, a bookmark, then the connection ends (as when a watch times out).
+        let bookmark = json!({"apiVersion": "v1", "kind": "Pod",
+                              "metadata": {"resourceVersion": "150"}});
+        reply(
+            respond,
+            200,
+            watch_events(&[("ADDED", pod("b", "101")), ("BOOKMARK", bookmark)]),
+        );
+        assert_eq!(next_update(&mut updates).await, "apply b");
+
+        let (query, respond) = next_request(&mut api).await;
+        assert_eq!(
+            param(&query, "watch"),
+            Some("true"),
+            "resumed, not relisted: {query}"
+        );
+        assert_eq!(param(&query, "resourceVersion"), Some("150"), "{query}");
+        reply(respond, 200, watch_events(&[("DELETED", pod("a", "151"))]));
+        assert_eq!(next_update(&mut updates).await, "delete a");
+    });
+}
+
+#[test]
+fn an_http_410_on_resuming_a_watch_relists_and_the_relist_replaces_the_kind() {
+    with_pods_watch(|mut api, mut updates| async move {
+        let (_, respond) = next_request(&mut api).await;
+        reply(
+            respond,
+            200,
+            pod_list("100", vec![pod("a", "90")])
+                .to_string()
+                .into_bytes(),
+        );
+        for expected in ["init", "init-apply a", "init-done"] {
+            assert_eq!(next_update(&mut updates).await, expected);
+        }
+        let (query, respond) = next_request(&mut api).await;
+        assert_eq!(param(&query, "resourceVersion"), Some("100"), "{query}");
+        reply(
+            respond,
+            410,
+            status(410, "Expired").to_string().into_bytes(),
+        );
+
+        let (query, respond) = next_request(&mut api).await;
+        assert_eq!(param(&query, "watch"), None, "a relist after 410: {query}");
+        reply(
+            respond,
+            200,
+            pod_list("300", vec![pod("c", "290")])
+                .to_string()
+                .into_bytes(),
+        );
+        for expected in ["init", "init-apply c", "init-done"] {
+            assert_eq!(next_update(&mut updates).await, expected);
+        }
+        let (query, _respond) = next_request(&mut api).await;
+        assert_eq!(param(&query, "resourceVersion"), Some("300"), "{query}");
+    });
+}
+
+#[test]
+fn a_failed_list_is_retried_and_a_kind_not_served_counts_as_absent() {
+    with_pods_watch(|mut api, mut updates| async move {
+        let (_, respond) = next_request(&mut api).await;
+        reply(
+            respond,
+            500,
+            status(500, "InternalError").to_string().into_bytes(),
+        );
+        let (query, respond) = next_request(&mut api).await;
+        assert_eq!(param(&query, "watch"), None, "the list again: {query}");
+        reply(
+            respond,
+            404,
+            status(404, "NotFound").to_string().into_bytes(),
+        );
+
+        // Still retried: when the kind is served, its objects arrive.
+        let (query, respond) = next_request(&mut api).await;
+        assert_eq!(param(&query, "watch"), None, "{query}");
+        reply(
+            respond,
+            200,
+            pod_list("7", vec![pod("a", "5")]).to_string().into_bytes(),
+        );
+        let mut seen = Vec::new();
+        while seen.last().map(String::as_str) != Some("init-done") {
+            seen.push(next_update(&mut updates).await);
+        }
+        // kube's watcher announces each list attempt (Init) before making it.
+        assert_eq!(
+            seen,
+            [
+                "init",
+                "init",
+                "absent pods",
+                "init",
+                "init-apply a",
+                "init-done"
+            ]
+        );
+    });
+}
