@@ -82,6 +82,10 @@ pub struct WorkloadSpec {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub waypoint: Option<String>,
+    /// The pod runs Istio's sidecar (Kubernetes: the `sidecar.istio.io/status` annotation):
+    /// the sidecar captures its traffic, so ambient does not, whatever the labels say.
+    #[serde(default)]
+    pub sidecar: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]

@@ -25,12 +25,19 @@ pub enum Capture {
     NotYet(String),
 }
 
-/// Istio's label rule alone, given the `istio.io/dataplane-mode` of the pod and of its
-/// namespace: `none` on the pod opts out, `ambient` on either enrolls. Every source decides
-/// with it (the file source here, the Kubernetes source for a workload's protocol).
-pub fn ambient(pod_mode: Option<&str>, namespace_mode: Option<&str>) -> Result<(), &'static str> {
+/// Istio's enrollment rule, given the `istio.io/dataplane-mode` of the pod and of its
+/// namespace and whether the pod runs Istio's sidecar: `none` on the pod opts out, a pod with
+/// a sidecar is the sidecar's to capture (as Istio's CNI plugin decides), and otherwise
+/// `ambient` on either enrolls. Every source decides with it (the file source here, the
+/// Kubernetes source for a workload's protocol).
+pub fn ambient(
+    pod_mode: Option<&str>,
+    namespace_mode: Option<&str>,
+    sidecar: bool,
+) -> Result<(), &'static str> {
     match (pod_mode, namespace_mode) {
         (Some("none"), _) => Err("the pod opts out (dataplane-mode=none)"),
+        _ if sidecar => Err("the pod runs Istio's sidecar, which captures its traffic"),
         (Some("ambient"), _) | (_, Some("ambient")) => Ok(()),
         _ => Err("neither the pod nor its namespace is ambient"),
     }
@@ -47,7 +54,7 @@ pub fn decide(config: &FileConfig, node: &str, namespace: &str, name: &str) -> C
         .iter()
         .find(|n| n.name == namespace)
         .and_then(|n| n.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str));
-    if let Err(why) = ambient(pod_mode, namespace_mode) {
+    if let Err(why) = ambient(pod_mode, namespace_mode, pod.is_some_and(|w| w.sidecar)) {
         return Capture::No(why);
     }
     match pod {
@@ -239,6 +246,7 @@ workloads:
   - {uid: c3, name: old, namespace: legacy, ips: [10.0.0.3], node: n1}
   - {uid: c4, name: opted-in, namespace: legacy, ips: [10.0.0.4], node: n1, labels: {istio.io/dataplane-mode: ambient}}
   - {uid: c5, name: elsewhere, namespace: shop, ips: [10.0.0.5], node: n2}
+  - {uid: c6, name: injected, namespace: shop, ips: [10.0.0.6], node: n1, sidecar: true}
 "#;
 
     #[test]
@@ -257,6 +265,11 @@ workloads:
                 Capture::No("neither the pod nor its namespace is ambient"),
             ),
             ("legacy", "opted-in", Capture::Yes),
+            (
+                "shop",
+                "injected",
+                Capture::No("the pod runs Istio's sidecar, which captures its traffic"),
+            ),
             (
                 "other",
                 "unknown",

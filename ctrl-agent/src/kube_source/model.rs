@@ -36,6 +36,8 @@ use super::world::{Store, World};
 pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
 /// Istio's label for a waypoint in another namespace than the labelled object's.
 pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
+/// Istio's sidecar injector marks the pods it injected with this annotation.
+pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
 /// Istio's annotation that turns an AuthorizationPolicy into a dry run.
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 /// The label tying an EndpointSlice to its Service.
@@ -212,7 +214,8 @@ pub fn workload(
     let ns_labels = namespace_labels(&world.namespaces, &namespace);
     let ns_mode = ns_labels.and_then(|l| l.get(DATAPLANE_MODE_LABEL).map(String::as_str));
     let pod_mode = labels.get(DATAPLANE_MODE_LABEL).map(String::as_str);
-    let protocol = match enroll::ambient(pod_mode, ns_mode) {
+    let sidecar = pod.annotations().contains_key(SIDECAR_STATUS_ANNOTATION);
+    let protocol = match enroll::ambient(pod_mode, ns_mode, sidecar) {
         Ok(()) => ProtocolSpec::Hbone,
         Err(_) => ProtocolSpec::Tcp,
     };
@@ -229,6 +232,7 @@ pub fn workload(
         netns: None,
         labels,
         waypoint,
+        sidecar,
     }))
 }
 

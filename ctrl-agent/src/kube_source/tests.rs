@@ -163,7 +163,11 @@ fn finished_host_network_unscheduled_and_addressless_pods_elsewhere_are_not_work
 }
 
 #[test]
-fn istio_labels_enroll_namespaces_and_pods_and_none_opts_a_pod_out() {
+fn istio_labels_enroll_namespaces_and_pods_and_none_or_a_sidecar_opts_a_pod_out() {
+    let mut sidecar_pod =
+        objects::pod("shop", "injected", "u5", "node-1", &["10.0.0.5"], json!({}));
+    sidecar_pod["metadata"]["annotations"] =
+        json!({"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}"});
     let cluster = Cluster {
         namespaces: vec![
             objects::namespace("shop", json!({"istio.io/dataplane-mode": "ambient"})),
@@ -180,6 +184,7 @@ fn istio_labels_enroll_namespaces_and_pods_and_none_opts_a_pod_out() {
                 json!({"istio.io/dataplane-mode": "none"}),
             ),
             objects::pod("legacy", "old", "u3", "node-1", &["10.0.0.3"], json!({})),
+            sidecar_pod,
             objects::pod(
                 "legacy",
                 "opted-in",
@@ -197,6 +202,7 @@ fn istio_labels_enroll_namespaces_and_pods_and_none_opts_a_pod_out() {
     assert_eq!(protocol("batch"), Some(ProtocolSpec::Tcp));
     assert_eq!(protocol("old"), Some(ProtocolSpec::Tcp));
     assert_eq!(protocol("opted-in"), Some(ProtocolSpec::Hbone));
+    assert_eq!(protocol("injected"), Some(ProtocolSpec::Tcp));
     // CNI asks the same question of the same model, and gets the same answers.
     use crate::enroll::{decide, Capture};
     assert_eq!(decide(&m.config, "node-1", "shop", "cart"), Capture::Yes);
@@ -207,6 +213,10 @@ fn istio_labels_enroll_namespaces_and_pods_and_none_opts_a_pod_out() {
     assert_eq!(
         decide(&m.config, "node-1", "legacy", "opted-in"),
         Capture::Yes
+    );
+    assert_eq!(
+        decide(&m.config, "node-1", "shop", "injected"),
+        Capture::No("the pod runs Istio's sidecar, which captures its traffic")
     );
 }
 
