@@ -157,6 +157,8 @@ impl Agent {
             }
             changed |= std::mem::take(&mut shared.dirty);
         }
+        // A root rotation reaches the data plane now, not at the next certificate renewal.
+        changed |= self.ca.reload_roots();
         changed |= self.refresh_certificates(now);
         if !changed {
             return Ok(Tick::Unchanged);

@@ -50,6 +50,15 @@ impl CertificateAuthority {
         }
     }
 
+    /// Re-reads roots that come from a file (Istio's CA: its root ConfigMap, rotated in
+    /// place); whether the trust bundle changed and must be republished.
+    pub fn reload_roots(&mut self) -> bool {
+        match self {
+            CertificateAuthority::Local(_) => false,
+            CertificateAuthority::Istio(client) => client.reload_file_roots(),
+        }
+    }
+
     /// Forgets what was kept for identities no longer on this node.
     pub fn retain_identities(&mut self, wanted: &[SpiffeId]) {
         if let CertificateAuthority::Istio(client) = self {

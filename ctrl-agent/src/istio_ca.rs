@@ -337,16 +337,19 @@ impl IstioCaClient {
         self.chain_roots.retain(|id, _| wanted.contains(id));
     }
 
-    /// Picks up a rotated root file; keeps the last good roots if it cannot be read now.
-    fn reload_file_roots(&mut self) {
+    /// Picks up a rotated root file (istiod's root ConfigMap, updated by the kubelet); keeps
+    /// the last good roots if it cannot be read now. Returns whether the roots changed.
+    pub fn reload_file_roots(&mut self) -> bool {
         match read_roots(&self.config.root_cert) {
             Ok(roots) => {
+                self.roots_problem = None;
                 if roots != self.file_roots {
                     tracing::info!(path = %self.config.root_cert.display(), roots = roots.len(),
                         "CA root certificates changed");
                     self.file_roots = roots;
+                    return true;
                 }
-                self.roots_problem = None;
+                false
             }
             Err(error) => {
                 let message = error.to_string();
@@ -354,6 +357,7 @@ impl IstioCaClient {
                     tracing::warn!(error = %message, "keeping the CA root certificates read before");
                     self.roots_problem = Some(message);
                 }
+                false
             }
         }
     }

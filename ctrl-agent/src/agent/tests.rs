@@ -315,6 +315,48 @@ mod istio {
     }
 
     #[test]
+    fn a_rotated_root_file_is_republished_at_once_and_a_broken_one_keeps_the_roots() {
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
+        let pki = Arc::new(TestPki::new("istiod"));
+        let fake = FakeIstiod::start(pki.clone());
+        let mut agent = agent(dir.path(), &fake, &pki.root_pem, DAY);
+        let mut sub = Subscriber::new(dir.path().join("snapshot"));
+        agent.tick(SystemTime::now()).expect("tick");
+        assert_eq!(
+            read(&mut sub).expect("published").trust_roots,
+            [pki.root_der.clone()]
+        );
+        assert_eq!(
+            agent.tick(SystemTime::now()).expect("tick"),
+            Tick::Unchanged
+        );
+
+        // istiod starts a root rotation: its ConfigMap, mounted as the root file, gains the
+        // next root. Peers may present it from now on, so it is trusted without waiting for
+        // a certificate renewal (a day away here).
+        let next = TestPki::new("next root");
+        let roots_file = dir.path().join("root-cert.pem");
+        std::fs::write(&roots_file, format!("{}{}", pki.root_pem, next.root_pem)).expect("write");
+        assert!(matches!(
+            agent.tick(SystemTime::now()).expect("tick"),
+            Tick::Published(_)
+        ));
+        assert_eq!(
+            read(&mut sub).expect("republished").trust_roots,
+            [pki.root_der.clone(), next.root_der.clone()]
+        );
+        assert_eq!(fake.requests().len(), 1, "no certificate was asked for");
+
+        // A file caught half-written does not read: the roots stay, nothing is republished.
+        std::fs::write(&roots_file, "-----BEGIN CERTIFICATE-----\nMII").expect("write");
+        assert_eq!(
+            agent.tick(SystemTime::now()).expect("tick"),
+            Tick::Unchanged
+        );
+        assert!(read(&mut sub).is_none());
+    }
+
+    #[test]
     fn renewal_replaces_a_due_certificate_and_keeps_it_while_the_ca_is_down_until_expiry() {
         let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
         let pki = Arc::new(TestPki::new("istiod"));
