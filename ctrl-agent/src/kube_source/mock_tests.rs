@@ -96,6 +96,23 @@ async fn next_update(updates: &mut mpsc::Receiver<Update>) -> String {
     }
 }
 
+/// Answers the next request, which must be a list, with one pod named `name`, and checks the
+/// watch loop passes the list on whole.
+async fn answer_list(
+    api: &mut ApiHandle,
+    updates: &mut mpsc::Receiver<Update>,
+    resource_version: &str,
+    name: &str,
+) {
+    let (query, respond) = next_request(api).await;
+    assert_eq!(param(&query, "watch"), None, "a list: {query}");
+    let list = pod_list(resource_version, vec![pod(name, "1")]);
+    reply(respond, 200, list.to_string().into_bytes());
+    for expected in ["init", &format!("init-apply {name}"), "init-done"] {
+        assert_eq!(next_update(updates).await, expected);
+    }
+}
+
 /// Runs `test` with a pods watch loop on kube's mock service.
 fn with_pods_watch<F, Fut>(test: F)
 where
@@ -120,18 +137,7 @@ where
 #[test]
 fn a_list_then_a_watch_from_its_version_with_bookmarks_then_a_resume_from_the_last_bookmark() {
     with_pods_watch(|mut api, mut updates| async move {
-        let (query, respond) = next_request(&mut api).await;
-        assert_eq!(param(&query, "watch"), None, "first a list: {query}");
-        reply(
-            respond,
-            200,
-            pod_list("100", vec![pod("a", "90")])
-                .to_string()
-                .into_bytes(),
-        );
-        for expected in ["init", "init-apply a", "init-done"] {
-            assert_eq!(next_update(&mut updates).await, expected);
-        }
+        answer_list(&mut api, &mut updates, "100", "a").await;
 
         let (query, respond) = next_request(&mut api).await;
         assert_eq!(param(&query, "watch"), Some("true"), "{query}");
@@ -166,17 +172,7 @@ fn a_list_then_a_watch_from_its_version_with_bookmarks_then_a_resume_from_the_la
 #[test]
 fn an_http_410_on_resuming_a_watch_relists_and_the_relist_replaces_the_kind() {
     with_pods_watch(|mut api, mut updates| async move {
-        let (_, respond) = next_request(&mut api).await;
-        reply(
-            respond,
-            200,
-            pod_list("100", vec![pod("a", "90")])
-                .to_string()
-                .into_bytes(),
-        );
-        for expected in ["init", "init-apply a", "init-done"] {
-            assert_eq!(next_update(&mut updates).await, expected);
-        }
+        answer_list(&mut api, &mut updates, "100", "a").await;
         let (query, respond) = next_request(&mut api).await;
         assert_eq!(param(&query, "resourceVersion"), Some("100"), "{query}");
         reply(
@@ -185,18 +181,8 @@ fn an_http_410_on_resuming_a_watch_relists_and_the_relist_replaces_the_kind() {
             status(410, "Expired").to_string().into_bytes(),
         );
 
-        let (query, respond) = next_request(&mut api).await;
-        assert_eq!(param(&query, "watch"), None, "a relist after 410: {query}");
-        reply(
-            respond,
-            200,
-            pod_list("300", vec![pod("c", "290")])
-                .to_string()
-                .into_bytes(),
-        );
-        for expected in ["init", "init-apply c", "init-done"] {
-            assert_eq!(next_update(&mut updates).await, expected);
-        }
+        // A relist.
+        answer_list(&mut api, &mut updates, "300", "c").await;
         let (query, _respond) = next_request(&mut api).await;
         assert_eq!(param(&query, "resourceVersion"), Some("300"), "{query}");
     });
