@@ -342,12 +342,19 @@ impl Index {
     fn applied(self, delta: Delta, generation: Generation) -> Result<Index, IndexError> {
         let mut next = self;
         next.generation = generation;
+        // Into an empty index (a build) nothing leaves and no service is resolved again.
+        let from_empty = next.by_uid.is_empty() && next.services.is_empty();
         if !delta.source.is_empty() {
             next.source = delta.source;
         }
 
         // Workloads: every changed or removed one leaves first (with its addresses), so that
         // two pods swapping addresses in one delta is not a conflict.
+        next.by_uid.reserve(delta.workloads.len());
+        next.by_ip.reserve(delta.workloads.len());
+        next.listed_by.reserve(delta.workloads.len());
+        next.services.reserve(delta.services.len());
+        next.by_vip.reserve(delta.services.len());
         let mut parsed = Vec::with_capacity(delta.workloads.len());
         for w in delta.workloads {
             parsed.push(parse_workload(w, &next.node)?);
@@ -366,7 +373,8 @@ impl Index {
             .removed_workloads
             .iter()
             .map(String::as_str)
-            .chain(parsed.iter().map(|(w, _)| w.uid.as_str()));
+            .chain(parsed.iter().map(|(w, _)| w.uid.as_str()))
+            .filter(|_| !from_empty);
         for uid in leaving {
             if let Some(old) = next.by_uid.remove(uid) {
                 for ip in &old.ips {
@@ -405,7 +413,9 @@ impl Index {
                 local_changed = true;
             }
             next.by_uid.insert(uid.clone(), workload);
-            changed.push(uid);
+            if !from_empty {
+                changed.push(uid);
+            }
         }
 
         // Services: the old version of each changed or removed one leaves with its frontends.
@@ -447,11 +457,11 @@ impl Index {
                 }
             }
             for uid in &service.listed {
-                let mut keys = next.listed_by.get(uid).cloned().unwrap_or_default();
-                if !keys.contains(&key) {
-                    keys.push(key.clone());
-                }
-                next.listed_by.insert(uid.clone(), keys);
+                next.listed_by.update(uid.clone(), Vec::new, |keys| {
+                    if !keys.contains(&key) {
+                        keys.push(key.clone());
+                    }
+                });
             }
             next.put_service(key.clone(), Arc::new(service));
             resolved.insert(key);

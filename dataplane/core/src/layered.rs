@@ -101,6 +101,33 @@ where
         }
     }
 
+    /// Room for `additional` more entries, when the base is written in place (a build): one
+    /// allocation instead of a rehash at every doubling.
+    pub fn reserve(&mut self, additional: usize) {
+        if let Some(base) = self.own_base() {
+            base.reserve(additional);
+        }
+    }
+
+    /// Changes the value of `key` (starting from `default()` when absent): in place when the
+    /// base is written in place, else on a copy that goes into the overlay.
+    pub fn update(&mut self, key: K, default: impl FnOnce() -> V, change: impl FnOnce(&mut V)) {
+        if let Some(base) = self.own_base() {
+            let mut added = false;
+            change(base.entry(key).or_insert_with(|| {
+                added = true;
+                default()
+            }));
+            if added {
+                self.len += 1;
+            }
+            return;
+        }
+        let mut value = self.get(&key).cloned().unwrap_or_else(default);
+        change(&mut value);
+        self.insert(key, value);
+    }
+
     pub fn insert(&mut self, key: K, value: V) {
         if let Some(base) = self.own_base() {
             if base.insert(key, value).is_none() {
@@ -238,5 +265,28 @@ mod tests {
         assert!(m.overlay_len() < FOLD_MIN, "folded once past the minimum");
         assert_eq!(m.len(), 100 + FOLD_MIN + 1);
         assert_eq!(m.get(&(1000 + FOLD_MIN as u32)), Some(&(FOLD_MIN as u32)));
+    }
+
+    #[test]
+    fn update_changes_in_place_when_unshared_and_never_what_another_generation_sees() {
+        let mut m: Layered<u32, Vec<u32>> = Layered::default();
+        m.update(1, Vec::new, |v| v.push(10));
+        m.update(1, Vec::new, |v| v.push(11));
+        assert_eq!(
+            (m.get(&1), m.len(), m.overlay_len()),
+            (Some(&vec![10, 11]), 1, 0)
+        );
+        let frozen = m.clone();
+        m.update(1, Vec::new, |v| v.push(12));
+        m.update(2, Vec::new, |v| v.push(20));
+        assert_eq!(m.get(&1), Some(&vec![10, 11, 12]));
+        assert_eq!(m.get(&2), Some(&vec![20]));
+        assert_eq!(m.len(), 2);
+        assert_eq!(
+            frozen.get(&1),
+            Some(&vec![10, 11]),
+            "the shared base is untouched"
+        );
+        assert_eq!(frozen.get(&2), None);
     }
 }
