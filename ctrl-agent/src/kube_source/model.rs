@@ -15,7 +15,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServicePort};
+use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::DynamicObject;
 use kube::ResourceExt;
@@ -61,7 +62,47 @@ pub struct Model {
     pub problems: Vec<String>,
 }
 
+/// What the translation of one object looks up in the rest of the cluster, indexed once per
+/// model: a scan per object would make a model of n pods cost O(n^2).
+struct Lookups<'a> {
+    namespace_labels: HashMap<&'a str, &'a BTreeMap<String, String>>,
+    /// EndpointSlices by (namespace, service name).
+    slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+}
+
+impl<'a> Lookups<'a> {
+    fn new(world: &'a World) -> Lookups<'a> {
+        let namespace_labels = world
+            .namespaces
+            .objects()
+            .filter_map(|n| Some((n.metadata.name.as_deref()?, n.labels())))
+            .collect();
+        let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for slice in world.endpoint_slices.objects() {
+            let (Some(namespace), Some(service)) = (
+                slice.metadata.namespace.as_deref(),
+                slice.labels().get(SERVICE_NAME_LABEL),
+            ) else {
+                continue;
+            };
+            slices
+                .entry((namespace, service.as_str()))
+                .or_default()
+                .push(slice);
+        }
+        Lookups {
+            namespace_labels,
+            slices,
+        }
+    }
+
+    fn namespace_labels(&self, namespace: &str) -> Option<&'a BTreeMap<String, String>> {
+        self.namespace_labels.get(namespace).copied()
+    }
+}
+
 pub fn model(world: &World, options: &ModelOptions) -> Model {
+    let lookups = Lookups::new(world);
     let mut problems = Vec::new();
     let namespaces: Vec<NamespaceSpec> = world
         .namespaces
@@ -79,7 +120,7 @@ pub fn model(world: &World, options: &ModelOptions) -> Model {
             pod.namespace().unwrap_or_default(),
             pod.name_any()
         );
-        match workload(pod, world, options) {
+        match workload(pod, world, &lookups, options) {
             Ok(Some(w)) => {
                 // Two live pods never share an address; if the API says so, keep the first
                 // (the data plane indexes workloads by address).
@@ -104,7 +145,7 @@ pub fn model(world: &World, options: &ModelOptions) -> Model {
             svc.namespace().unwrap_or_default(),
             svc.name_any()
         );
-        match service(svc, world, &uids) {
+        match service(svc, world, &lookups, &uids) {
             Ok(Some(s)) => services.push(s),
             Ok(None) => {}
             Err(problem) => problems.push(format!("{who}: {problem}; left out")),
@@ -155,21 +196,12 @@ pub fn model(world: &World, options: &ModelOptions) -> Model {
     }
 }
 
-fn namespace_labels<'a>(
-    namespaces: &'a Store<Namespace>,
-    name: &str,
-) -> Option<&'a BTreeMap<String, String>> {
-    namespaces
-        .objects()
-        .find(|n| n.name_any() == name)
-        .map(|n| n.labels())
-}
-
 /// A pod as a workload: `Ok(None)` when it is not one (finished, host network, not
 /// scheduled, no address on another node), `Err` when it is malformed.
-pub fn workload(
+fn workload(
     pod: &Pod,
     world: &World,
+    lookups: &Lookups<'_>,
     options: &ModelOptions,
 ) -> Result<Option<WorkloadSpec>, String> {
     let Some(spec) = &pod.spec else {
@@ -211,7 +243,7 @@ pub fn workload(
     SpiffeId::new(&options.trust_domain, &namespace, &service_account)
         .map_err(|e| format!("no valid identity: {e}"))?;
     let labels = pod.labels().clone();
-    let ns_labels = namespace_labels(&world.namespaces, &namespace);
+    let ns_labels = lookups.namespace_labels(&namespace);
     let ns_mode = ns_labels.and_then(|l| l.get(DATAPLANE_MODE_LABEL).map(String::as_str));
     let pod_mode = labels.get(DATAPLANE_MODE_LABEL).map(String::as_str);
     let sidecar = pod.annotations().contains_key(SIDECAR_STATUS_ANNOTATION);
@@ -294,9 +326,10 @@ fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<Vec<IpA
 /// A service with its cluster IPs, TCP ports and ready pod endpoints (`uids`: the workloads
 /// of the model). `Ok(None)` for services there is nothing to route by (headless,
 /// ExternalName, no TCP port).
-pub fn service(
+fn service(
     svc: &Service,
     world: &World,
+    lookups: &Lookups<'_>,
     uids: &BTreeSet<&str>,
 ) -> Result<Option<ServiceSpec>, String> {
     let Some(spec) = &svc.spec else {
@@ -311,14 +344,12 @@ pub fn service(
     }
     let name = svc.name_any();
     let namespace = svc.namespace().ok_or("no namespace")?;
-    let slices: Vec<_> = world
-        .endpoint_slices
-        .objects()
-        .filter(|s| s.namespace().as_deref() == Some(namespace.as_str()))
-        .filter(|s| s.labels().get(SERVICE_NAME_LABEL) == Some(&name))
-        .collect();
+    let slices: &[&EndpointSlice] = lookups
+        .slices
+        .get(&(namespace.as_str(), name.as_str()))
+        .map_or(&[], Vec::as_slice);
     let mut endpoints = BTreeSet::new();
-    for slice in &slices {
+    for slice in slices {
         for endpoint in slice.endpoints.iter().flatten() {
             // Kubernetes: an unset `ready` is to be read as ready.
             if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
@@ -344,7 +375,7 @@ pub fn service(
             .ok()
             .filter(|p| *p > 0)
             .ok_or_else(|| format!("port {} is not a port number", port.port))?;
-        match target_port(port, &slices) {
+        match target_port(port, slices) {
             Ok(target) => ports.push(ServicePortSpec {
                 port: number,
                 target_port: target,
@@ -356,7 +387,7 @@ pub fn service(
     if ports.is_empty() {
         return Ok(None);
     }
-    let ns_labels = namespace_labels(&world.namespaces, &namespace);
+    let ns_labels = lookups.namespace_labels(&namespace);
     let waypoint = waypoint(svc.labels(), ns_labels, &namespace, &world.services);
     Ok(Some(ServiceSpec {
         name,
@@ -371,10 +402,7 @@ pub fn service(
 
 /// The pods' port for a service port: a number as it is; a name resolved through the
 /// EndpointSlices, which carry the resolved number under the service port's name.
-fn target_port(
-    port: &ServicePort,
-    slices: &[&k8s_openapi::api::discovery::v1::EndpointSlice],
-) -> Result<Option<u16>, String> {
+fn target_port(port: &ServicePort, slices: &[&EndpointSlice]) -> Result<Option<u16>, String> {
     let valid = |n: i32| u16::try_from(n).ok().filter(|p| *p > 0);
     match &port.target_port {
         None => Ok(None),

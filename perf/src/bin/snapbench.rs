@@ -55,6 +55,10 @@ struct Args {
     /// I/O driver of the workers: auto (io_uring where allowed), io-uring or epoll.
     #[arg(long, default_value = "auto")]
     driver: DriverChoice,
+    /// Largest size at which the Kubernetes source's per-event cost is measured (its cluster
+    /// is built as API objects, which takes memory).
+    #[arg(long, default_value_t = 100_000)]
+    kube_max: usize,
     /// Where the region lives (memory-backed, as in the chart's emptyDir).
     #[arg(long, default_value = "/dev/shm")]
     dir: PathBuf,
@@ -219,6 +223,18 @@ struct SizeResult {
     route_by_ip_ns: f64,
     route_by_vip_ns: f64,
     hashmap_lookup_ns: f64,
+    /// The ctrl-agent's work for one pod event with the Kubernetes source, at the same size
+    /// (same namespaces, services with one EndpointSlice each): model of the cluster,
+    /// translation to a snapshot, and the diff against what was published. `None` above
+    /// `--kube-max` workloads.
+    kube_event: Option<KubeEventCost>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct KubeEventCost {
+    model_ms: f64,
+    translate_ms: f64,
+    diff_ms: f64,
 }
 
 #[derive(Serialize)]
@@ -434,6 +450,176 @@ fn route_costs(snap: &Snapshot) -> anyhow::Result<(f64, f64, f64)> {
     Ok((by_ip, by_vip, per(t)))
 }
 
+/// The Kubernetes source's cluster at `size` pods, as its watchers would have stored it.
+fn kube_world(size: usize) -> ctrl_agent::kube_source::world::World {
+    use ctrl_agent::kube_source::world::{Kind, Update, World};
+    use kube::runtime::watcher::Event;
+    use serde_json::json;
+    let object = |api_version: &str, kind: &str, mut value: serde_json::Value| {
+        value["apiVersion"] = api_version.into();
+        value["kind"] = kind.into();
+        serde_json::from_value::<kube::api::DynamicObject>(value).ok()
+    };
+    let pod_ip = |i: usize| {
+        let b = ip(i);
+        format!("{}.{}.{}.{}", b[0], b[1], b[2], b[3])
+    };
+    let pod = |i: usize, address: &str| {
+        let w = workload(i);
+        json!({
+            "metadata": {"name": w.name, "namespace": w.namespace, "uid": w.uid,
+                         "labels": {"app": format!("app-{}", i / PODS_PER_SERVICE)}},
+            "spec": {"nodeName": w.node, "serviceAccountName": w.service_account,
+                     "containers": [{"name": "app", "image": "app"}]},
+            "status": {"phase": "Running", "podIP": address, "podIPs": [{"ip": address}]},
+        })
+    };
+    let mut world = World::default();
+    let mut list =
+        |kind: Kind, api_version: &str, type_name: &str, items: Vec<serde_json::Value>| {
+            world.apply(Update::Event(kind, Event::Init));
+            for item in items {
+                if let Some(o) = object(api_version, type_name, item) {
+                    world.apply(Update::Event(kind, Event::InitApply(o)));
+                }
+            }
+            world.apply(Update::Event(kind, Event::InitDone));
+        };
+    let namespaces = (0..size.div_ceil(PODS_PER_NAMESPACE))
+        .map(|n| {
+            json!({"metadata": {"name": format!("ns-{n}"), "uid": format!("ns-{n}"),
+                        "labels": {"istio.io/dataplane-mode": "ambient"}}})
+        })
+        .collect();
+    list(Kind::Namespaces, "v1", "Namespace", namespaces);
+    list(
+        Kind::Pods,
+        "v1",
+        "Pod",
+        (0..size).map(|i| pod(i, &pod_ip(i))).collect(),
+    );
+    let services = size.div_ceil(PODS_PER_SERVICE);
+    let service = |s: usize| {
+        let vip = format!("172.{}.{}.{}", 16 + (s >> 16), (s >> 8) & 0xff, s & 0xff);
+        json!({
+            "metadata": {"name": format!("app-{s}"), "namespace": namespace(s * PODS_PER_SERVICE),
+                         "uid": format!("svc-{s}")},
+            "spec": {"clusterIP": vip, "clusterIPs": [vip], "type": "ClusterIP",
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+        })
+    };
+    let slice = |s: usize| {
+        let endpoints: Vec<serde_json::Value> = (s * PODS_PER_SERVICE
+            ..((s + 1) * PODS_PER_SERVICE).min(size))
+            .map(|i| {
+                json!({"addresses": [pod_ip(i)], "conditions": {"ready": true},
+                            "targetRef": {"kind": "Pod", "uid": workload(i).uid}})
+            })
+            .collect();
+        json!({
+            "metadata": {"name": format!("app-{s}-x1"), "namespace": namespace(s * PODS_PER_SERVICE),
+                         "uid": format!("slice-{s}"),
+                         "labels": {"kubernetes.io/service-name": format!("app-{s}")}},
+            "addressType": "IPv4", "endpoints": endpoints,
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        })
+    };
+    list(
+        Kind::Services,
+        "v1",
+        "Service",
+        (0..services).map(service).collect(),
+    );
+    list(
+        Kind::EndpointSlices,
+        "discovery.k8s.io/v1",
+        "EndpointSlice",
+        (0..services).map(slice).collect(),
+    );
+    list(
+        Kind::AuthorizationPolicies,
+        "security.istio.io/v1",
+        "AuthorizationPolicy",
+        Vec::new(),
+    );
+    list(
+        Kind::PeerAuthentications,
+        "security.istio.io/v1",
+        "PeerAuthentication",
+        Vec::new(),
+    );
+    world
+}
+
+/// What one pod event costs the ctrl-agent with the Kubernetes source: the source rebuilds
+/// its model of the cluster, the agent translates it to a snapshot and diffs that against
+/// what it published last.
+fn kube_event_cost(size: usize) -> anyhow::Result<KubeEventCost> {
+    use ctrl_agent::kube_source::model::{self, ModelOptions};
+    use ctrl_agent::kube_source::world::{Kind, Update};
+    let options = ModelOptions {
+        node: "node-0".into(),
+        trust_domain: TRUST_DOMAIN.into(),
+        root_namespace: "istio-system".into(),
+    };
+    let publish = |world: &ctrl_agent::kube_source::world::World| {
+        let t = Instant::now();
+        let m = model::model(world, &options);
+        let model_time = t.elapsed();
+        let t = Instant::now();
+        let snap = ctrl_agent::translate::snapshot(
+            &m.config,
+            &options.node,
+            &std::collections::HashMap::new(),
+            Vec::new(),
+            Vec::new(),
+            "kube".into(),
+        );
+        let translate_time = t.elapsed();
+        (m.config.workloads.len(), snap, model_time, translate_time)
+    };
+    let mut world = kube_world(size);
+    let (workloads, before, _, _) = publish(&world);
+    anyhow::ensure!(
+        workloads == size,
+        "the model has {workloads} of {size} workloads"
+    );
+    let published = mesh_snapshot::delta::State::from(before);
+    // A pod restarts with a new address (a watch MODIFIED event).
+    let moved = size / 2;
+    let w = workload(moved);
+    let address = ip(size + 7);
+    let event = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": w.name, "namespace": w.namespace, "uid": w.uid},
+        "spec": {"nodeName": w.node, "serviceAccountName": w.service_account,
+                 "containers": [{"name": "app", "image": "app"}]},
+        "status": {"phase": "Running",
+                   "podIPs": [{"ip": format!("{}.{}.{}.{}", address[0], address[1], address[2], address[3])}]},
+    });
+    let object: kube::api::DynamicObject = serde_json::from_value(event)?;
+    world.apply(Update::Event(
+        Kind::Pods,
+        kube::runtime::watcher::Event::Apply(object),
+    ));
+    let (_, after, model_time, translate_time) = publish(&world);
+    let t = Instant::now();
+    let delta = published
+        .diff(&mesh_snapshot::delta::State::from(after))
+        .context("a delta")?;
+    let diff_time = t.elapsed();
+    anyhow::ensure!(
+        delta.workloads.len() == 1,
+        "{} workloads changed",
+        delta.workloads.len()
+    );
+    Ok(KubeEventCost {
+        model_ms: ms(model_time),
+        translate_ms: ms(translate_time),
+        diff_ms: ms(diff_time),
+    })
+}
+
 /// Decode and index build of a complete snapshot, each timed alone (the watcher does both
 /// when it adopts a base).
 fn adopt_parts(snap: &Snapshot) -> anyhow::Result<(Duration, Duration)> {
@@ -528,6 +714,11 @@ fn measure(
     let worker_round_trips = dataplane.stop()?;
     let (route_by_ip_ns, route_by_vip_ns, hashmap_lookup_ns) = route_costs(&snap)?;
     let (adopt_decode, adopt_build) = adopt_parts(&snap)?;
+    let kube_event = if size <= args.kube_max {
+        Some(kube_event_cost(size)?)
+    } else {
+        None
+    };
     let _ = std::fs::remove_file(&path);
 
     latencies.sort_by(f64::total_cmp);
@@ -558,6 +749,7 @@ fn measure(
         route_by_ip_ns,
         route_by_vip_ns,
         hashmap_lookup_ns,
+        kube_event,
     })
 }
 
@@ -638,6 +830,14 @@ fn main() -> anyhow::Result<()> {
             "{:>10} workloads: adopt parts timed alone: decode {:.1} ms, index build {:.1} ms",
             s.workloads, s.adopt_decode_ms, s.adopt_build_ms
         );
+    }
+    for s in &report.sizes {
+        if let Some(k) = &s.kube_event {
+            println!(
+                "{:>10} workloads: one pod event with the Kubernetes source costs the agent: model {:.1} ms + translate {:.1} ms + diff {:.1} ms",
+                s.workloads, k.model_ms, k.translate_ms, k.diff_ms
+            );
+        }
     }
     println!("targets (issue 3): 1M workloads in <= 256 MiB of shared memory; a full 100k snapshot adopted within 100 ms; a one-pod change on every worker within 1 ms at p99");
     if !args.no_save {
