@@ -324,7 +324,7 @@ mod istio {
         agent.tick(SystemTime::now()).expect("tick");
         assert_eq!(
             read(&mut sub).expect("published").trust_roots,
-            [pki.root_der.clone()]
+            std::slice::from_ref(&pki.root_der)
         );
         assert_eq!(
             agent.tick(SystemTime::now()).expect("tick"),
