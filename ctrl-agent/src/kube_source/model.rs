@@ -159,10 +159,11 @@ pub fn model(world: &World, options: &ModelOptions) -> Model {
             Err(problem) => {
                 let (stand_in, enforced) = unreadable_authorization_policy(object);
                 policies.extend(stand_in);
-                problems.push(format!(
-                    "AuthorizationPolicy {}/{}: {problem}; {enforced}",
-                    object.namespace().unwrap_or_default(),
-                    object.name_any()
+                problems.push(unreadable(
+                    "AuthorizationPolicy",
+                    object,
+                    &problem,
+                    enforced,
                 ));
             }
         }
@@ -174,11 +175,7 @@ pub fn model(world: &World, options: &ModelOptions) -> Model {
             Err(problem) => {
                 let (stand_in, enforced) = unreadable_peer_authentication(object);
                 peer_authentications.extend(stand_in);
-                problems.push(format!(
-                    "PeerAuthentication {}/{}: {problem}; {enforced}",
-                    object.namespace().unwrap_or_default(),
-                    object.name_any()
-                ));
+                problems.push(unreadable("PeerAuthentication", object, &problem, enforced));
             }
         }
     }
@@ -482,6 +479,15 @@ pub fn peer_authentication(object: &DynamicObject) -> Result<PeerAuthenticationS
     let pa: PeerAuthenticationSpec = from_json(spec)?;
     pa.check().map_err(|e| format!("spec.{e}"))?;
     Ok(pa)
+}
+
+/// The problem line of a policy that does not read, and what was enforced instead.
+fn unreadable(kind: &str, object: &DynamicObject, problem: &str, enforced: &str) -> String {
+    format!(
+        "{kind} {}/{}: {problem}; {enforced}",
+        object.namespace().unwrap_or_default(),
+        object.name_any()
+    )
 }
 
 /// The scope an unreadable policy can be given: its selector if that part reads, else its whole
