@@ -15,7 +15,7 @@
 //!
 //! Nothing is handed over until every kind has completed its initial list, nor while any
 //! kind is relisting: readers never see a partial cluster. A burst of events is one
-//! hand-over (debounced). The watchers run on a thread of their own with a current-thread
+//! hand-over (debounced), and a burst that changes nothing the mesh uses is none. The watchers run on a thread of their own with a current-thread
 //! tokio runtime, so the agent loop stays synchronous.
 
 pub mod model;
@@ -129,6 +129,9 @@ async fn run(client: Client, options: KubeOptions, handoff: Arc<Handoff>, wake: 
 
     let mut world = World::default();
     let mut reported = BTreeSet::new();
+    // What was handed over last: most pod events (status, restarts, annotations) change
+    // nothing the mesh uses, and those need no translation and diff by the agent.
+    let mut handed_over: Option<FileConfig> = None;
     while let Some(update) = rx.recv().await {
         let mut changed = world.apply(update) == Applied::Changed;
         // Debounce: take everything that arrives until the cluster is quiet for a moment (or
@@ -157,13 +160,18 @@ async fn run(client: Client, options: KubeOptions, handoff: Arc<Handoff>, wake: 
             tracing::warn!(%problem, "object skipped");
         }
         reported = now;
+        if handed_over.as_ref() == Some(&config) {
+            tracing::debug!("cluster changed nothing the mesh uses");
+            continue;
+        }
         tracing::debug!(
             workloads = config.workloads.len(),
             services = config.services.len(),
             policies = config.policies.len(),
             "cluster changed"
         );
-        handoff.put(config);
+        handoff.put(config.clone());
+        handed_over = Some(config);
         if wake.send(()).is_err() {
             // The agent loop is gone: nothing to publish for.
             return;

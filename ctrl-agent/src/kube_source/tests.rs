@@ -722,6 +722,43 @@ fn a_burst_of_events_is_one_hand_over() {
 }
 
 #[test]
+fn an_event_that_changes_nothing_the_mesh_uses_is_not_handed_over() {
+    use fake_apiserver::*;
+    let server = FakeApiServer::start();
+    baseline(&server);
+    let watching = Watching::start(&server);
+    watching.until("the first model", |_| true);
+    server.wait_for("a pod watch", Duration::from_secs(5), |s| {
+        !s.watch_versions(PODS).is_empty()
+    });
+    // The kubelet reports a container restart: a new pod version, the same workload.
+    let mut restarted = objects::pod(
+        "shop",
+        "cart",
+        "uid-cart",
+        "node-1",
+        &["10.0.0.1"],
+        json!({}),
+    );
+    restarted["status"]["containerStatuses"] = json!([{"name": "app", "restartCount": 3, "ready": true, "image": "app", "imageID": "", "started": true, "state": {"running": {}}, "lastState": {}}]);
+    server.apply(PODS, restarted);
+    // Many debounce periods (50 ms) later, nothing was handed over or woken for it.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(watching.wake.try_recv().is_err(), "no wake for the restart");
+    assert!(
+        watching.handoff.take().is_none(),
+        "no model for the restart"
+    );
+    // The watch is still live: a change that matters arrives.
+    server.apply(
+        PODS,
+        objects::pod("shop", "new", "uid-new", "node-2", &["10.0.0.9"], json!({})),
+    );
+    let after = watching.until("the new pod", |c| workload(c, "new").is_some());
+    assert_eq!(after.workloads.len(), 3);
+}
+
+#[test]
 fn a_malformed_object_is_skipped_in_a_list_and_in_a_watch_and_the_watch_goes_on() {
     use fake_apiserver::*;
     let server = FakeApiServer::start();
