@@ -540,23 +540,25 @@ fn a_relist_replaces_a_store_whole_and_the_world_waits_for_every_kind() {
 
 // --- The watchers against the kube-apiserver double, in process. ---
 
+/// The baseline's pod on this node.
+fn baseline_cart() -> Value {
+    objects::pod(
+        "shop",
+        "cart",
+        "uid-cart",
+        "node-1",
+        &["10.0.0.1"],
+        json!({}),
+    )
+}
+
 fn baseline(server: &fake_apiserver::FakeApiServer) {
     use fake_apiserver::*;
     server.apply(
         NAMESPACES,
         objects::namespace("shop", json!({"istio.io/dataplane-mode": "ambient"})),
     );
-    server.apply(
-        PODS,
-        objects::pod(
-            "shop",
-            "cart",
-            "uid-cart",
-            "node-1",
-            &["10.0.0.1"],
-            json!({}),
-        ),
-    );
+    server.apply(PODS, baseline_cart());
     server.apply(
         PODS,
         objects::pod("shop", "web", "uid-web", "node-2", &["10.0.0.2"], json!({})),
@@ -732,14 +734,7 @@ fn an_event_that_changes_nothing_the_mesh_uses_is_not_handed_over() {
         !s.watch_versions(PODS).is_empty()
     });
     // The kubelet reports a container restart: a new pod version, the same workload.
-    let mut restarted = objects::pod(
-        "shop",
-        "cart",
-        "uid-cart",
-        "node-1",
-        &["10.0.0.1"],
-        json!({}),
-    );
+    let mut restarted = baseline_cart();
     restarted["status"]["containerStatuses"] = json!([{"name": "app", "restartCount": 3, "ready": true, "image": "app", "imageID": "", "started": true, "state": {"running": {}}, "lastState": {}}]);
     server.apply(PODS, restarted);
     // Many debounce periods (50 ms) later, nothing was handed over or woken for it.
