@@ -15,8 +15,9 @@
 //!
 //! Nothing is handed over until every kind has completed its initial list, nor while any
 //! kind is relisting: readers never see a partial cluster. A burst of events is one
-//! hand-over (debounced), and a burst that changes nothing the mesh uses is none. The watchers run on a thread of their own with a current-thread
-//! tokio runtime, so the agent loop stays synchronous.
+//! hand-over (debounced), and a burst that changes nothing the mesh uses is none. The
+//! watchers run on a thread of their own with a current-thread tokio runtime, so the agent
+//! loop stays synchronous.
 
 pub mod model;
 pub mod world;

@@ -373,9 +373,8 @@ impl Index {
             .removed_workloads
             .iter()
             .map(String::as_str)
-            .chain(parsed.iter().map(|(w, _)| w.uid.as_str()))
-            .filter(|_| !from_empty);
-        for uid in leaving {
+            .chain(parsed.iter().map(|(w, _)| w.uid.as_str()));
+        for uid in leaving.take_while(|_| !from_empty) {
             if let Some(old) = next.by_uid.remove(uid) {
                 for ip in &old.ips {
                     next.by_ip.remove(ip);
