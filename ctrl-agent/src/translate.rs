@@ -118,32 +118,43 @@ pub fn snapshot(
             };
             (w, ips, cni.is_some())
         })
-        .map(|(w, ips, from_cni)| Workload {
-            uid: w.uid.clone(),
-            name: w.name.clone(),
-            namespace: w.namespace.clone(),
-            service_account: w.service_account.clone(),
-            trust_domain: w
-                .trust_domain
-                .clone()
-                .unwrap_or_else(|| config.trust_domain.clone()),
-            ips: ips.iter().map(|ip| ip_to_bytes(*ip)).collect(),
-            node: w.node.clone(),
-            protocol: match w.protocol {
-                ProtocolSpec::Hbone => Protocol::Hbone,
-                ProtocolSpec::Tcp => Protocol::Tcp,
-            } as i32,
-            waypoint: w.waypoint.clone().unwrap_or_default(),
-            netns_path: if w.node == node {
-                w.netns
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
-            } else {
-                String::new()
-            },
-            labels: w.labels.clone(),
-            netns_from_agent: from_cni,
+        .map(|(w, ips, from_cni)| {
+            let (canonical_service, canonical_revision) =
+                schema::canonical_names(&w.name, &w.labels);
+            let local = w.node == node;
+            Workload {
+                uid: w.uid.clone(),
+                name: w.name.clone(),
+                namespace: w.namespace.clone(),
+                service_account: w.service_account.clone(),
+                trust_domain: w
+                    .trust_domain
+                    .clone()
+                    .unwrap_or_else(|| config.trust_domain.clone()),
+                ips: ips.iter().map(|ip| ip_to_bytes(*ip)).collect(),
+                node: w.node.clone(),
+                protocol: match w.protocol {
+                    ProtocolSpec::Hbone => Protocol::Hbone,
+                    ProtocolSpec::Tcp => Protocol::Tcp,
+                } as i32,
+                waypoint: w.waypoint.clone().unwrap_or_default(),
+                netns_path: if local {
+                    w.netns
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                } else {
+                    String::new()
+                },
+                labels: if local {
+                    w.labels.clone()
+                } else {
+                    Default::default()
+                },
+                netns_from_agent: from_cni,
+                canonical_service,
+                canonical_revision,
+            }
         })
         .collect();
     let services = config
@@ -194,5 +205,72 @@ pub fn snapshot(
         trust_roots,
         source,
         root_namespace: config.root_namespace.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO_NODES: &str = r#"
+trustDomain: cluster.local
+workloads:
+  - uid: here-1
+    name: cart-7d9f-abcde
+    serviceAccount: cart
+    ips: [10.0.1.2]
+    node: node-1
+    labels: {app: cart, version: v2, team: shop}
+  - uid: there-1
+    name: till-5c6d-fghij
+    serviceAccount: till
+    ips: [10.0.2.2]
+    node: node-2
+    labels: {"service.istio.io/canonical-name": till, app: ignored, team: pay}
+  - uid: there-2
+    name: bare
+    ips: [10.0.2.3]
+    node: node-2
+"#;
+
+    #[test]
+    fn labels_go_only_with_this_nodes_pods_and_every_pod_gets_its_canonical_names() {
+        let config = FileConfig::parse(TWO_NODES).expect("valid");
+        let snap = snapshot(
+            &config,
+            "node-1",
+            &HashMap::new(),
+            Vec::new(),
+            Vec::new(),
+            "test".into(),
+        );
+        let by_uid = |uid: &str| {
+            snap.workloads
+                .iter()
+                .find(|w| w.uid == uid)
+                .expect("translated")
+        };
+        let here = by_uid("here-1");
+        assert_eq!(
+            here.labels.get("team").map(String::as_str),
+            Some("shop"),
+            "this node's pods keep their labels: policies select them by label"
+        );
+        assert_eq!(
+            (&*here.canonical_service, &*here.canonical_revision),
+            ("cart", "v2")
+        );
+        let there = by_uid("there-1");
+        assert!(there.labels.is_empty(), "{:?}", there.labels);
+        assert_eq!(
+            (&*there.canonical_service, &*there.canonical_revision),
+            ("till", "latest"),
+            "Istio's canonical-name label comes before app"
+        );
+        let bare = by_uid("there-2");
+        assert_eq!(
+            (&*bare.canonical_service, &*bare.canonical_revision),
+            ("bare", "latest")
+        );
     }
 }

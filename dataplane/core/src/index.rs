@@ -112,28 +112,6 @@ pub enum IndexError {
     },
 }
 
-/// Istio's canonical service and revision for a workload, from the labels Istio reads, in
-/// Istio's order of preference; the workload's name and "latest" when none is set.
-pub fn canonical_names(
-    name: &str,
-    labels: &std::collections::BTreeMap<String, String>,
-) -> (String, String) {
-    let first = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k).cloned());
-    let service = first(&[
-        "service.istio.io/canonical-name",
-        "app.kubernetes.io/name",
-        "app",
-    ])
-    .unwrap_or_else(|| name.to_owned());
-    let revision = first(&[
-        "service.istio.io/canonical-revision",
-        "app.kubernetes.io/version",
-        "version",
-    ])
-    .unwrap_or_else(|| "latest".to_owned());
-    (service, revision)
-}
-
 /// Parses a 4- or 16-byte address from the snapshot.
 pub fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
     match bytes.len() {
@@ -224,7 +202,11 @@ fn parse_workload(
     } else {
         NetnsSource::None
     };
-    let (canonical_service, canonical_revision) = canonical_names(&w.name, &w.labels);
+    let (canonical_service, canonical_revision) = if w.canonical_service.is_empty() {
+        schema::canonical_names(&w.name, &w.labels)
+    } else {
+        (w.canonical_service, w.canonical_revision)
+    };
     let protocol = Protocol::try_from(w.protocol).unwrap_or(Protocol::Hbone);
     Ok((
         Workload {
@@ -832,6 +814,26 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("addr")
+    }
+
+    #[test]
+    fn canonical_names_come_from_the_agent_or_else_from_the_labels() {
+        let mut snap = snapshot();
+        snap.workloads[1].canonical_service = "server".into();
+        snap.workloads[1].canonical_revision = "v3".into();
+        // An older agent's snapshot: names resolved here from the labels.
+        snap.workloads[2].labels = [("app".to_owned(), "server".to_owned())].into();
+        let index = Index::build(snap, Generation::default()).expect("builds");
+        let names = |uid: &str| {
+            let w = index.workload_by_uid(uid).expect("indexed");
+            (
+                w.canonical_service.to_string(),
+                w.canonical_revision.to_string(),
+            )
+        };
+        assert_eq!(names("server-a"), ("server".into(), "v3".into()));
+        assert_eq!(names("server-b"), ("server".into(), "latest".into()));
+        assert_eq!(names("legacy"), ("legacy".into(), "latest".into()));
     }
 
     #[test]

@@ -426,7 +426,7 @@ mod tests {
 
     fn workload(name: &str) -> Workload {
         let (canonical_service, canonical_revision) =
-            mesh_core::index::canonical_names(name, &Default::default());
+            mesh_snapshot::schema::canonical_names(name, &Default::default());
         Workload {
             uid: name.into(),
             name: name.into(),

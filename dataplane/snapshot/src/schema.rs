@@ -70,12 +70,44 @@ pub struct Workload {
     /// the pod's listeners and sockets.
     #[prost(string, tag = "10")]
     pub netns_path: String,
+    /// Sent for pods on the publishing node only: their policies are selected by label. Other
+    /// pods need only their canonical names, below, and most of a snapshot's size and decode
+    /// time went to labels no one read.
     #[prost(btree_map = "string, string", tag = "11")]
     pub labels: std::collections::BTreeMap<String, String>,
     /// For pods on the publishing node enrolled through CNI: the agent hands their network
     /// namespace to the data plane as a descriptor (see `enrollment`), keyed by uid.
     #[prost(bool, tag = "12")]
     pub netns_from_agent: bool,
+    /// Istio's canonical service and revision (metric labels), resolved from the pod's labels
+    /// by [`canonical_names`]. Empty (a snapshot from an older agent): the reader resolves them
+    /// from `labels`.
+    #[prost(string, tag = "13")]
+    pub canonical_service: String,
+    #[prost(string, tag = "14")]
+    pub canonical_revision: String,
+}
+
+/// Istio's canonical service and revision for a workload, from the labels Istio reads, in
+/// Istio's order of preference; the workload's name and "latest" when none is set.
+pub fn canonical_names(
+    name: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> (String, String) {
+    let first = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k).cloned());
+    let service = first(&[
+        "service.istio.io/canonical-name",
+        "app.kubernetes.io/name",
+        "app",
+    ])
+    .unwrap_or_else(|| name.to_owned());
+    let revision = first(&[
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/version",
+        "version",
+    ])
+    .unwrap_or_else(|| "latest".to_owned());
+    (service, revision)
 }
 
 #[derive(Clone, PartialEq, Message)]

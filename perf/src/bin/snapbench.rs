@@ -87,11 +87,22 @@ fn namespace(i: usize) -> String {
     format!("ns-{}", i / PODS_PER_NAMESPACE)
 }
 
+/// A pod as the agent publishes it: labels for this node's pods only (their policies select
+/// by label), canonical names for every pod.
 fn workload(i: usize) -> Workload {
     let node = i / PODS_PER_NODE;
+    let name = format!("app-{}-7d9f8b6c5-{:05x}", i / PODS_PER_SERVICE, i & 0xfffff);
+    let labels = [
+        ("app".to_owned(), format!("app-{}", i / PODS_PER_SERVICE)),
+        ("version".to_owned(), "v1".to_owned()),
+        ("pod-template-hash".to_owned(), "7d9f8b6c5".to_owned()),
+    ]
+    .into();
+    let (canonical_service, canonical_revision) =
+        mesh_snapshot::schema::canonical_names(&name, &labels);
     Workload {
         uid: format!("{:08x}-1c5e-4e8b-9f6a-{:012x}", i, i * 7919),
-        name: format!("app-{}-7d9f8b6c5-{:05x}", i / PODS_PER_SERVICE, i & 0xfffff),
+        name,
         namespace: namespace(i),
         service_account: service_account(i),
         trust_domain: TRUST_DOMAIN.into(),
@@ -100,13 +111,14 @@ fn workload(i: usize) -> Workload {
         protocol: Protocol::Hbone as i32,
         waypoint: String::new(),
         netns_path: String::new(),
-        labels: [
-            ("app".to_owned(), format!("app-{}", i / PODS_PER_SERVICE)),
-            ("version".to_owned(), "v1".to_owned()),
-            ("pod-template-hash".to_owned(), "7d9f8b6c5".to_owned()),
-        ]
-        .into(),
+        labels: if node == 0 {
+            labels
+        } else {
+            Default::default()
+        },
         netns_from_agent: node == 0,
+        canonical_service,
+        canonical_revision,
     }
 }
 
