@@ -2,14 +2,16 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// A workload identity. Only the Istio form is accepted: extra path segments, queries and
 /// fragments are errors, because a looser parser would let two spellings name one principal.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
     /// `<trust-domain>/ns/<namespace>/sa/<service-account>`: the form Istio policies name
-    /// principals in, kept whole so matching needs no allocation.
-    principal: String,
+    /// principals in, kept whole so matching needs no allocation; shared, because every pod of
+    /// a service account carries the same one.
+    principal: Arc<str>,
     namespace_at: usize,
     account_at: usize,
 }
@@ -40,7 +42,7 @@ impl SpiffeId {
         let namespace_at = trust_domain.len() + "/ns/".len();
         let account_at = namespace_at + namespace.len() + "/sa/".len();
         Ok(SpiffeId {
-            principal: format!("{trust_domain}/ns/{namespace}/sa/{service_account}"),
+            principal: format!("{trust_domain}/ns/{namespace}/sa/{service_account}").into(),
             namespace_at,
             account_at,
         })

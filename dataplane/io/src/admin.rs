@@ -114,10 +114,10 @@ impl AdminState {
             .into_iter()
             .map(|w| {
                 json!({
-                    "uid": w.uid, "name": w.name, "namespace": w.namespace,
+                    "uid": &*w.uid, "name": w.name, "namespace": &*w.namespace,
                     "identity": w.identity.to_string(),
                     "ips": w.ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
-                    "node": w.node, "protocol": format!("{:?}", w.protocol),
+                    "node": &*w.node, "protocol": format!("{:?}", w.protocol),
                     "netns": match &w.netns {
                         mesh_core::index::NetnsSource::None => String::new(),
                         mesh_core::index::NetnsSource::Path(p) => p.clone(),

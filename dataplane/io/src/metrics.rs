@@ -425,8 +425,6 @@ mod tests {
     use super::*;
 
     fn workload(name: &str) -> Workload {
-        let (canonical_service, canonical_revision) =
-            mesh_snapshot::schema::canonical_names(name, &Default::default());
         Workload {
             uid: name.into(),
             name: name.into(),
@@ -436,8 +434,8 @@ mod tests {
             node: "node".into(),
             protocol: mesh_snapshot::schema::Protocol::Hbone,
             netns: mesh_core::index::NetnsSource::None,
-            canonical_service,
-            canonical_revision,
+            canonical_service: name.into(),
+            canonical_revision: "latest".into(),
         }
     }
 

@@ -330,7 +330,7 @@ mod tests {
     fn ips(index: &Index) -> Vec<(String, String)> {
         let mut all: Vec<_> = index
             .workloads()
-            .map(|w| (w.uid.clone(), format!("{:?}", w.ips)))
+            .map(|w| (w.uid.to_string(), format!("{:?}", w.ips)))
             .collect();
         all.sort();
         all
