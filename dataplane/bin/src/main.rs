@@ -84,7 +84,8 @@ struct Args {
     /// MiB (0: glibc's defaults). Returning it makes every new TLS and HTTP/2 read buffer
     /// fault its pages in again; keeping it is worth about a third more stream throughput
     /// for 2 MB more idle RSS (bench-results/README.md). Ignored with the mimalloc feature.
-    #[arg(long, env = "DATAPLANE_MALLOC_RETAIN_MIB", default_value_t = 64)]
+    #[arg(long, env = "DATAPLANE_MALLOC_RETAIN_MIB",
+        default_value_t = mesh_io::runtime::DEFAULT_MALLOC_RETAIN_MIB)]
     malloc_retain_mib: usize,
 }
 

@@ -89,6 +89,9 @@ where
     }
 }
 
+/// The data plane's default for `retain_freed_memory`, in MiB (measured in bench-results).
+pub const DEFAULT_MALLOC_RETAIN_MIB: usize = 64;
+
 /// Makes glibc malloc keep up to `bytes` of freed memory per arena instead of trimming it
 /// back to the kernel, and serve allocations below `bytes / 16` from its heaps rather than
 /// fresh mmaps. Call before the workers start. Both thresholds are fixed (glibc otherwise

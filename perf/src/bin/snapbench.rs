@@ -212,6 +212,9 @@ struct SizeResult {
     /// complete payload, and building the index from the decoded snapshot.
     adopt_decode_ms: f64,
     adopt_build_ms: f64,
+    /// Freeing that index: what the watcher spends on a generation a new complete snapshot
+    /// replaced (the workers never free one).
+    adopt_drop_ms: f64,
     one_pod_change_samples: usize,
     /// Encoding the one-pod delta and appending it to the region (the agent's side).
     one_pod_publish_p50_us: f64,
@@ -632,9 +635,9 @@ fn kube_event_cost(size: usize) -> anyhow::Result<KubeEventCost> {
     })
 }
 
-/// Decode and index build of a complete snapshot, each timed alone (the watcher does both
-/// when it adopts a base).
-fn adopt_parts(snap: &Snapshot) -> anyhow::Result<(Duration, Duration)> {
+/// Decode, index build and free of a complete snapshot's index, each timed alone (the watcher
+/// does all three: the first two when it adopts a base, the last when a base replaced it).
+fn adopt_parts(snap: &Snapshot) -> anyhow::Result<(Duration, Duration, Duration)> {
     let payload = mesh_snapshot::encode(snap);
     let t = Instant::now();
     let decoded = mesh_snapshot::decode(&payload).context("decode")?;
@@ -642,8 +645,9 @@ fn adopt_parts(snap: &Snapshot) -> anyhow::Result<(Duration, Duration)> {
     let t = Instant::now();
     let index = Index::build(decoded, Generation::default()).context("index")?;
     let build = t.elapsed();
+    let t = Instant::now();
     drop(index);
-    Ok((decode, build))
+    Ok((decode, build, t.elapsed()))
 }
 
 fn measure(
@@ -725,7 +729,7 @@ fn measure(
     let change_after_compaction = dataplane.visible(version.generation)? - t;
     let worker_round_trips = dataplane.stop()?;
     let (route_by_ip_ns, route_by_vip_ns, hashmap_lookup_ns) = route_costs(&snap)?;
-    let (adopt_decode, adopt_build) = adopt_parts(&snap)?;
+    let (adopt_decode, adopt_build, adopt_drop) = adopt_parts(&snap)?;
     let kube_event = if size <= args.kube_max {
         Some(kube_event_cost(size)?)
     } else {
@@ -749,6 +753,7 @@ fn measure(
         adopt_full_ms: ms(adopt),
         adopt_decode_ms: ms(adopt_decode),
         adopt_build_ms: ms(adopt_build),
+        adopt_drop_ms: ms(adopt_drop),
         one_pod_change_samples: samples,
         one_pod_publish_p50_us: report::median(publishes),
         one_pod_change_p50_ms: report::median(latencies.clone()),
@@ -767,6 +772,8 @@ fn measure(
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The data plane's allocator settings (its `--malloc-retain-mib` default).
+    runtime::retain_freed_memory(runtime::DEFAULT_MALLOC_RETAIN_MIB << 20)?;
     let run = Provenance::now();
     let ca = ctrl_agent::ca::LocalCa::generate(TRUST_DOMAIN)?;
     let driver = runtime::resolve(args.driver).map_err(anyhow::Error::msg)?;
@@ -839,8 +846,9 @@ fn main() -> anyhow::Result<()> {
     }
     for s in &report.sizes {
         println!(
-            "{:>10} workloads: adopt parts timed alone: decode {:.1} ms, index build {:.1} ms",
-            s.workloads, s.adopt_decode_ms, s.adopt_build_ms
+            "{:>10} workloads: adopt parts timed alone: decode {:.1} ms, index build {:.1} ms, \
+             index free {:.1} ms",
+            s.workloads, s.adopt_decode_ms, s.adopt_build_ms, s.adopt_drop_ms
         );
     }
     for s in &report.sizes {
