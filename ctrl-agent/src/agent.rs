@@ -70,7 +70,8 @@ pub enum Tick {
 /// threads ever take this lock.
 pub struct Shared {
     pub node: String,
-    pub config: Option<FileConfig>,
+    /// Shared, not copied, with whoever reads it without the lock held (the publisher).
+    pub config: Option<Arc<FileConfig>>,
     pub enrollments: Enrollments,
     /// Data planes listening for enrolled pods' namespaces.
     pub subscribers: Vec<mesh_io::ipc::Channel>,
@@ -221,17 +222,22 @@ impl Agent {
     }
 
     fn publish(&mut self) -> Result<Tick, AgentError> {
-        let shared = lock(&self.shared);
-        let Some(config) = &shared.config else {
-            return Ok(Tick::Unchanged);
+        // The CNI server waits on this lock: hold it only to take what the translation reads
+        // (about 150 ms of translation at 100k pods).
+        let (config, enrolled) = {
+            let shared = lock(&self.shared);
+            let Some(config) = shared.config.clone() else {
+                return Ok(Tick::Unchanged);
+            };
+            // Captured pods of this node, with the addresses CNI gave them.
+            let enrolled: HashMap<(String, String), Vec<IpAddr>> = shared
+                .enrollments
+                .iter()
+                .filter(|e| e.captured)
+                .map(|e| ((e.pod.namespace.clone(), e.pod.name.clone()), e.ips.clone()))
+                .collect();
+            (config, enrolled)
         };
-        // Captured pods of this node, with the addresses CNI gave them.
-        let enrolled: HashMap<(String, String), Vec<IpAddr>> = shared
-            .enrollments
-            .iter()
-            .filter(|e| e.captured)
-            .map(|e| ((e.pod.namespace.clone(), e.pod.name.clone()), e.ips.clone()))
-            .collect();
         let identities = self
             .certs
             .iter()
@@ -246,14 +252,13 @@ impl Agent {
         let roots = self.ca.trust_roots(&self.options.extra_roots);
         let source = self.source.describe();
         let snapshot = translate::snapshot(
-            config,
+            &config,
             &self.options.node,
             &enrolled,
             identities,
             roots,
             source,
         );
-        drop(shared);
         self.publish_snapshot(snapshot)
     }
 

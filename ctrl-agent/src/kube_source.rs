@@ -67,15 +67,15 @@ impl KubeOptions {
 /// newest matters: the loop publishes complete states, and the channel computes the delta.
 #[derive(Default)]
 pub struct Handoff {
-    latest: Mutex<Option<FileConfig>>,
+    latest: Mutex<Option<Arc<FileConfig>>>,
 }
 
 impl Handoff {
-    pub fn put(&self, config: FileConfig) {
+    pub fn put(&self, config: Arc<FileConfig>) {
         *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(config);
     }
 
-    pub fn take(&self) -> Option<FileConfig> {
+    pub fn take(&self) -> Option<Arc<FileConfig>> {
         self.latest.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
@@ -132,7 +132,7 @@ async fn run(client: Client, options: KubeOptions, handoff: Arc<Handoff>, wake: 
     let mut reported = BTreeSet::new();
     // What was handed over last: most pod events (status, restarts, annotations) change
     // nothing the mesh uses, and those need no translation and diff by the agent.
-    let mut handed_over: Option<FileConfig> = None;
+    let mut handed_over: Option<Arc<FileConfig>> = None;
     while let Some(update) = rx.recv().await {
         let mut changed = world.apply(update) == Applied::Changed;
         // Debounce: take everything that arrives until the cluster is quiet for a moment (or
@@ -161,7 +161,7 @@ async fn run(client: Client, options: KubeOptions, handoff: Arc<Handoff>, wake: 
             tracing::warn!(%problem, "object skipped");
         }
         reported = now;
-        if handed_over.as_ref() == Some(&config) {
+        if handed_over.as_deref() == Some(&config) {
             tracing::debug!("cluster changed nothing the mesh uses");
             continue;
         }
@@ -171,6 +171,8 @@ async fn run(client: Client, options: KubeOptions, handoff: Arc<Handoff>, wake: 
             policies = config.policies.len(),
             "cluster changed"
         );
+        // Shared with the agent, not copied: a model of 100k pods is a deep copy of ~100 MB.
+        let config = Arc::new(config);
         handoff.put(config.clone());
         handed_over = Some(config);
         if wake.send(()).is_err() {

@@ -49,7 +49,7 @@ impl Source {
 
     /// The new model, if the source changed since the last call. An error means the file
     /// was refused (it is not reported again until it changes).
-    pub fn poll(&mut self) -> Result<Option<FileConfig>, AgentError> {
+    pub fn poll(&mut self) -> Result<Option<Arc<FileConfig>>, AgentError> {
         match self {
             Source::File { path, last_seen } => {
                 let shown = path.display().to_string();
@@ -63,7 +63,7 @@ impl Source {
                 *last_seen = Some(bytes.clone());
                 let text = String::from_utf8_lossy(&bytes);
                 FileConfig::parse(&text)
-                    .map(Some)
+                    .map(|config| Some(Arc::new(config)))
                     .map_err(|problem| AgentError::Config {
                         path: shown,
                         problem,

@@ -614,7 +614,7 @@ impl Watching {
     }
 
     /// The next model handed over that satisfies `f`.
-    fn until(&self, what: &str, f: impl Fn(&FileConfig) -> bool) -> FileConfig {
+    fn until(&self, what: &str, f: impl Fn(&FileConfig) -> bool) -> Arc<FileConfig> {
         let end = Instant::now() + Duration::from_secs(15);
         loop {
             let left = end.saturating_duration_since(Instant::now());
