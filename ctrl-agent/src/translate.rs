@@ -109,9 +109,10 @@ pub fn snapshot(
         .workloads
         .iter()
         .map(|w| {
-            let cni = enrolled
-                .get(&(w.namespace.clone(), w.name.clone()))
-                .filter(|_| w.node == node);
+            // Only this node's pods are enrolled here: no lookup key built for the others.
+            let cni = (w.node == node)
+                .then(|| enrolled.get(&(w.namespace.clone(), w.name.clone())))
+                .flatten();
             let ips = match cni {
                 Some(ips) if !ips.is_empty() => ips.clone(),
                 _ => w.ips.clone(),

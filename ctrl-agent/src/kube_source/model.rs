@@ -12,7 +12,7 @@
 //! used is left out; a security policy that cannot be read fails closed instead (see
 //! `unreadable_authorization_policy`), because leaving out a DENY would open what it denied.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
@@ -112,32 +112,37 @@ pub fn model(world: &World, options: &ModelOptions) -> Model {
             labels: n.labels().clone(),
         })
         .collect();
-    let mut workloads = Vec::new();
-    let mut ip_owner: HashMap<IpAddr, String> = HashMap::new();
+    let mut workloads: Vec<WorkloadSpec> = Vec::new();
+    // Address -> index in `workloads` of the pod that has it.
+    let mut ip_owner: HashMap<IpAddr, usize> = HashMap::new();
+    let who = |namespace: &str, name: &str| format!("pod {namespace}/{name}");
     for pod in world.pods.objects() {
-        let who = format!(
-            "pod {}/{}",
-            pod.namespace().unwrap_or_default(),
-            pod.name_any()
-        );
         match workload(pod, world, &lookups, options) {
             Ok(Some(w)) => {
                 // Two live pods never share an address; if the API says so, keep the first
                 // (the data plane indexes workloads by address).
-                if let Some(other) = w.ips.iter().find_map(|ip| ip_owner.get(ip)) {
-                    problems.push(format!("{who}: an address is also {other}'s; left out"));
+                if let Some(&other) = w.ips.iter().find_map(|ip| ip_owner.get(ip)) {
+                    let other = &workloads[other];
+                    problems.push(format!(
+                        "{}: an address is also {}'s; left out",
+                        who(&w.namespace, &w.name),
+                        who(&other.namespace, &other.name)
+                    ));
                     continue;
                 }
                 for ip in &w.ips {
-                    ip_owner.insert(*ip, who.clone());
+                    ip_owner.insert(*ip, workloads.len());
                 }
                 workloads.push(w);
             }
             Ok(None) => {}
-            Err(problem) => problems.push(format!("{who}: {problem}; left out")),
+            Err(problem) => problems.push(format!(
+                "{}: {problem}; left out",
+                who(&pod.namespace().unwrap_or_default(), &pod.name_any())
+            )),
         }
     }
-    let uids: BTreeSet<&str> = workloads.iter().map(|w| w.uid.as_str()).collect();
+    let uids: HashSet<&str> = workloads.iter().map(|w| w.uid.as_str()).collect();
     let mut services = Vec::new();
     for svc in world.services.objects() {
         let who = format!(
@@ -237,7 +242,7 @@ fn workload(
         .clone()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "default".into());
-    SpiffeId::new(&options.trust_domain, &namespace, &service_account)
+    SpiffeId::check(&options.trust_domain, &namespace, &service_account)
         .map_err(|e| format!("no valid identity: {e}"))?;
     let labels = pod.labels().clone();
     let ns_labels = lookups.namespace_labels(&namespace);
@@ -327,7 +332,7 @@ fn service(
     svc: &Service,
     world: &World,
     lookups: &Lookups<'_>,
-    uids: &BTreeSet<&str>,
+    uids: &HashSet<&str>,
 ) -> Result<Option<ServiceSpec>, String> {
     let Some(spec) = &svc.spec else {
         return Err("no spec".into());

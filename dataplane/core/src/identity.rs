@@ -36,9 +36,7 @@ impl SpiffeId {
         namespace: &str,
         service_account: &str,
     ) -> Result<Self, SpiffeIdError> {
-        check_trust_domain(trust_domain)?;
-        check_segment("namespace", namespace)?;
-        check_segment("service account", service_account)?;
+        Self::check(trust_domain, namespace, service_account)?;
         let namespace_at = trust_domain.len() + "/ns/".len();
         let account_at = namespace_at + namespace.len() + "/sa/".len();
         Ok(SpiffeId {
@@ -46,6 +44,17 @@ impl SpiffeId {
             namespace_at,
             account_at,
         })
+    }
+
+    /// Whether `new` would accept these parts, without building the identity.
+    pub fn check(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<(), SpiffeIdError> {
+        check_trust_domain(trust_domain)?;
+        check_segment("namespace", namespace)?;
+        check_segment("service account", service_account)
     }
 
     pub fn trust_domain(&self) -> &str {
