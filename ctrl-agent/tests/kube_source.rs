@@ -65,19 +65,7 @@ fn baseline(server: &FakeApiServer) {
             json!({}),
         ),
     );
-    server.apply(
-        SERVICES,
-        objects::service("shop", "cart", &["10.96.0.1"], &[("http", 80, json!(8080))]),
-    );
-    server.apply(
-        ENDPOINT_SLICES,
-        objects::endpoint_slice(
-            "shop",
-            "cart",
-            &[("uid-cart", "10.0.0.1", true)],
-            &[("http", 8080)],
-        ),
-    );
+    server.apply_cart_service();
     server.apply(
         AUTHORIZATION_POLICIES,
         objects::authorization_policy(

@@ -563,19 +563,7 @@ fn baseline(server: &fake_apiserver::FakeApiServer) {
         PODS,
         objects::pod("shop", "web", "uid-web", "node-2", &["10.0.0.2"], json!({})),
     );
-    server.apply(
-        SERVICES,
-        objects::service("shop", "cart", &["10.96.0.1"], &[("http", 80, json!(8080))]),
-    );
-    server.apply(
-        ENDPOINT_SLICES,
-        objects::endpoint_slice(
-            "shop",
-            "cart",
-            &[("uid-cart", "10.0.0.1", true)],
-            &[("http", 8080)],
-        ),
-    );
+    server.apply_cart_service();
     server.apply(
         AUTHORIZATION_POLICIES,
         objects::authorization_policy("shop", "deny-all", json!({"action": "DENY", "rules": [{}]})),

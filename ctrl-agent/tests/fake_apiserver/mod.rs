@@ -283,6 +283,24 @@ impl FakeApiServer {
             .collect()
     }
 
+    /// Service `shop/cart` (10.96.0.1, port 80 to 8080) and its EndpointSlice with one ready
+    /// endpoint, pod `uid-cart` at 10.0.0.1: what both test suites' clusters route to.
+    pub fn apply_cart_service(&self) {
+        self.apply(
+            SERVICES,
+            objects::service("shop", "cart", &["10.96.0.1"], &[("http", 80, json!(8080))]),
+        );
+        self.apply(
+            ENDPOINT_SLICES,
+            objects::endpoint_slice(
+                "shop",
+                "cart",
+                &[("uid-cart", "10.0.0.1", true)],
+                &[("http", 8080)],
+            ),
+        );
+    }
+
     /// Waits until `f` holds for the request log (or panics after `timeout`).
     pub fn wait_for(&self, what: &str, timeout: Duration, f: impl Fn(&FakeApiServer) -> bool) {
         let end = Instant::now() + timeout;
