@@ -7,8 +7,7 @@
 //! A change is published as a delta against what was published last (one record in the
 //! region's log), and the log is compacted into a complete snapshot once it grows long.
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -18,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use mesh_core::identity::SpiffeId;
 use mesh_snapshot::delta::State;
 use mesh_snapshot::region::{PublishOptions, Version};
-use mesh_snapshot::schema::{Identity, Snapshot};
+use mesh_snapshot::schema::Identity;
 
 use crate::authority::{CertificateAuthority, Renewals};
 use crate::ca::IssuedCert;
@@ -26,7 +25,7 @@ use crate::channel::{Publication, SnapshotChannel};
 use crate::config::{ConfigError, FileConfig, ProtocolSpec};
 use crate::enroll::Enrollments;
 use crate::source::{Source, SourceOptions};
-use crate::translate;
+use crate::translate::{self, Enrolled};
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
@@ -96,6 +95,8 @@ pub struct Agent {
     shared: SharedState,
     certs: BTreeMap<SpiffeId, IssuedCert>,
     wake: (mpsc::Sender<()>, mpsc::Receiver<()>),
+    /// The model and enrollments the channel's published state was translated from.
+    published_from: Option<(Arc<FileConfig>, Enrolled)>,
 }
 
 impl Agent {
@@ -132,6 +133,7 @@ impl Agent {
             shared,
             certs: BTreeMap::new(),
             wake,
+            published_from: None,
         })
     }
 
@@ -230,7 +232,7 @@ impl Agent {
                 return Ok(Tick::Unchanged);
             };
             // Captured pods of this node, with the addresses CNI gave them.
-            let enrolled: HashMap<(String, String), Vec<IpAddr>> = shared
+            let enrolled: Enrolled = shared
                 .enrollments
                 .iter()
                 .filter(|e| e.captured)
@@ -238,7 +240,7 @@ impl Agent {
                 .collect();
             (config, enrolled)
         };
-        let identities = self
+        let identities: Vec<Identity> = self
             .certs
             .iter()
             .map(|(id, c)| Identity {
@@ -251,25 +253,46 @@ impl Agent {
             .collect();
         let roots = self.ca.trust_roots(&self.options.extra_roots);
         let source = self.source.describe();
-        let snapshot = translate::snapshot(
-            &config,
-            &self.options.node,
-            &enrolled,
-            identities,
-            roots,
-            source,
-        );
-        self.publish_snapshot(snapshot)
+        let node = self.options.node.as_str();
+        // Most changes touch a few pods: only those are translated and compared, against the
+        // model the published state came from. Everything else is small and diffed whole.
+        let delta = match (&self.published_from, self.channel.state()) {
+            (Some((before, before_enrolled)), Some(current)) => {
+                translate::workload_changes(before, before_enrolled, &config, &enrolled, node)
+                    .and_then(|changes| {
+                        let rest = translate::snapshot_without_workloads(
+                            &config,
+                            node,
+                            identities.clone(),
+                            roots.clone(),
+                            source.clone(),
+                        );
+                        current.diff_with_workload_changes(
+                            &State::from(rest),
+                            changes.changed,
+                            changes.removed,
+                        )
+                    })
+            }
+            _ => None,
+        };
+        let publication = match delta {
+            Some(delta) => self.channel.publish_delta(delta),
+            None => {
+                let snapshot =
+                    translate::snapshot(&config, node, &enrolled, identities, roots, source);
+                self.channel.publish_state(State::from(snapshot))
+            }
+        };
+        // What the published state was translated from; unknown after a failed write.
+        self.published_from = None;
+        let publication = publication?;
+        self.published_from = Some((config, enrolled));
+        self.report(publication)
     }
 
-    fn publish_snapshot(&mut self, snapshot: Snapshot) -> Result<Tick, AgentError> {
-        let (workloads, services, policies, identities) = (
-            snapshot.workloads.len(),
-            snapshot.services.len(),
-            snapshot.policies.len(),
-            snapshot.identities.len(),
-        );
-        match self.channel.publish_state(State::from(snapshot))? {
+    fn report(&self, publication: Publication) -> Result<Tick, AgentError> {
+        match publication {
             Publication::Unchanged => Ok(Tick::Unchanged),
             Publication::Delta { version, changes } => {
                 tracing::info!(
@@ -280,12 +303,14 @@ impl Agent {
                 Ok(Tick::Published(version))
             }
             Publication::Full(version) => {
+                let state = self.channel.state();
+                let count = |f: fn(&State) -> usize| state.map_or(0, f);
                 tracing::info!(
                     generation = version.generation,
-                    workloads,
-                    services,
-                    policies,
-                    identities,
+                    workloads = count(|s| s.workloads.len()),
+                    services = count(|s| s.services.len()),
+                    policies = count(|s| s.policies.len()),
+                    identities = count(|s| s.identities.len()),
                     "snapshot published"
                 );
                 Ok(Tick::Published(version))

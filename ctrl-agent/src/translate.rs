@@ -9,7 +9,9 @@ use mesh_snapshot::schema::{
     Rule, RuleOperation, RuleSource, Service, ServicePort, Snapshot, Workload,
 };
 
-use crate::config::{ActionSpec, FileConfig, MtlsModeSpec, PolicySpec, ProtocolSpec, SelectorSpec};
+use crate::config::{
+    ActionSpec, FileConfig, MtlsModeSpec, PolicySpec, ProtocolSpec, SelectorSpec, WorkloadSpec,
+};
 
 fn selector(s: &Option<SelectorSpec>) -> std::collections::BTreeMap<String, String> {
     s.as_ref()
@@ -93,6 +95,61 @@ fn policy(p: &PolicySpec) -> AuthorizationPolicy {
     }
 }
 
+/// Addresses CNI gave this node's captured pods, by (namespace, name).
+pub type Enrolled = HashMap<(String, String), Vec<IpAddr>>;
+
+/// The CNI enrollment of `w` if it is a pod of `node` (others are never enrolled here: no
+/// lookup key is built for them).
+fn enrollment<'a>(w: &WorkloadSpec, node: &str, enrolled: &'a Enrolled) -> Option<&'a Vec<IpAddr>> {
+    (w.node == node)
+        .then(|| enrolled.get(&(w.namespace.clone(), w.name.clone())))
+        .flatten()
+}
+
+/// One workload as `node`'s snapshot carries it.
+fn workload(w: &WorkloadSpec, config: &FileConfig, node: &str, enrolled: &Enrolled) -> Workload {
+    let cni = enrollment(w, node, enrolled);
+    let ips = match cni {
+        Some(ips) if !ips.is_empty() => ips,
+        _ => &w.ips,
+    };
+    let (canonical_service, canonical_revision) = schema::canonical_names(&w.name, &w.labels);
+    let local = w.node == node;
+    Workload {
+        uid: w.uid.clone(),
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        service_account: w.service_account.clone(),
+        trust_domain: w
+            .trust_domain
+            .clone()
+            .unwrap_or_else(|| config.trust_domain.clone()),
+        ips: ips.iter().map(|ip| ip_to_bytes(*ip)).collect(),
+        node: w.node.clone(),
+        protocol: match w.protocol {
+            ProtocolSpec::Hbone => Protocol::Hbone,
+            ProtocolSpec::Tcp => Protocol::Tcp,
+        } as i32,
+        waypoint: w.waypoint.clone().unwrap_or_default(),
+        netns_path: if local {
+            w.netns
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        },
+        labels: if local {
+            w.labels.clone()
+        } else {
+            Default::default()
+        },
+        netns_from_agent: cni.is_some(),
+        canonical_service,
+        canonical_revision,
+    }
+}
+
 /// The snapshot for `node`: routing data for every workload, namespaces only for this node's
 /// pods, certificates for this node's identities. `enrolled` maps (namespace, name) of pods of
 /// this node captured through CNI to the addresses CNI gave them; the data plane gets their
@@ -100,64 +157,79 @@ fn policy(p: &PolicySpec) -> AuthorizationPolicy {
 pub fn snapshot(
     config: &FileConfig,
     node: &str,
-    enrolled: &HashMap<(String, String), Vec<IpAddr>>,
+    enrolled: &Enrolled,
     identities: Vec<Identity>,
     trust_roots: Vec<Vec<u8>>,
     source: String,
 ) -> Snapshot {
-    let workloads = config
-        .workloads
-        .iter()
-        .map(|w| {
-            // Only this node's pods are enrolled here: no lookup key built for the others.
-            let cni = (w.node == node)
-                .then(|| enrolled.get(&(w.namespace.clone(), w.name.clone())))
-                .flatten();
-            let ips = match cni {
-                Some(ips) if !ips.is_empty() => ips.clone(),
-                _ => w.ips.clone(),
-            };
-            (w, ips, cni.is_some())
-        })
-        .map(|(w, ips, from_cni)| {
-            let (canonical_service, canonical_revision) =
-                schema::canonical_names(&w.name, &w.labels);
-            let local = w.node == node;
-            Workload {
-                uid: w.uid.clone(),
-                name: w.name.clone(),
-                namespace: w.namespace.clone(),
-                service_account: w.service_account.clone(),
-                trust_domain: w
-                    .trust_domain
-                    .clone()
-                    .unwrap_or_else(|| config.trust_domain.clone()),
-                ips: ips.iter().map(|ip| ip_to_bytes(*ip)).collect(),
-                node: w.node.clone(),
-                protocol: match w.protocol {
-                    ProtocolSpec::Hbone => Protocol::Hbone,
-                    ProtocolSpec::Tcp => Protocol::Tcp,
-                } as i32,
-                waypoint: w.waypoint.clone().unwrap_or_default(),
-                netns_path: if local {
-                    w.netns
-                        .as_ref()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_default()
-                } else {
-                    String::new()
-                },
-                labels: if local {
-                    w.labels.clone()
-                } else {
-                    Default::default()
-                },
-                netns_from_agent: from_cni,
-                canonical_service,
-                canonical_revision,
-            }
-        })
+    Snapshot {
+        workloads: config
+            .workloads
+            .iter()
+            .map(|w| workload(w, config, node, enrolled))
+            .collect(),
+        ..snapshot_without_workloads(config, node, identities, trust_roots, source)
+    }
+}
+
+/// Workloads of a new model that translate differently from the last one's, and uids that
+/// left: what a snapshot's workloads need to follow the model without translating every pod.
+#[derive(Debug, Default)]
+pub struct WorkloadChanges {
+    pub changed: Vec<Workload>,
+    pub removed: Vec<String>,
+}
+
+/// The workload changes from (`before`, `before_enrolled`) to (`after`, `after_enrolled`), or
+/// `None` when every workload may translate differently (the trust domain changed). A
+/// workload's translation depends only on its spec, the trust domain and, for this node's
+/// pods, their enrollment; of several specs with one uid, the last counts (as in a snapshot's
+/// keyed state).
+pub fn workload_changes(
+    before: &FileConfig,
+    before_enrolled: &Enrolled,
+    after: &FileConfig,
+    after_enrolled: &Enrolled,
+    node: &str,
+) -> Option<WorkloadChanges> {
+    if before.trust_domain != after.trust_domain {
+        return None;
+    }
+    fn by_uid(config: &FileConfig) -> HashMap<&str, &WorkloadSpec> {
+        config
+            .workloads
+            .iter()
+            .map(|w| (w.uid.as_str(), w))
+            .collect()
+    }
+    let (old, new) = (by_uid(before), by_uid(after));
+    let mut changes = WorkloadChanges::default();
+    for (uid, w) in &new {
+        let same = old.get(uid).is_some_and(|o| {
+            o == w && enrollment(o, node, before_enrolled) == enrollment(w, node, after_enrolled)
+        });
+        if !same {
+            changes
+                .changed
+                .push(workload(w, after, node, after_enrolled));
+        }
+    }
+    changes.removed = old
+        .keys()
+        .filter(|uid| !new.contains_key(*uid))
+        .map(|uid| (*uid).to_owned())
         .collect();
+    Some(changes)
+}
+
+/// `snapshot` without its workloads.
+pub fn snapshot_without_workloads(
+    config: &FileConfig,
+    node: &str,
+    identities: Vec<Identity>,
+    trust_roots: Vec<Vec<u8>>,
+    source: String,
+) -> Snapshot {
     let services = config
         .services
         .iter()
@@ -198,7 +270,7 @@ pub fn snapshot(
     Snapshot {
         schema_version: schema::SCHEMA_VERSION,
         node: node.to_owned(),
-        workloads,
+        workloads: Vec::new(),
         services,
         policies: config.policies.iter().map(policy).collect(),
         peer_authentications,
@@ -212,6 +284,7 @@ pub fn snapshot(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_snapshot::delta::State;
 
     const TWO_NODES: &str = r#"
 trustDomain: cluster.local
@@ -233,6 +306,66 @@ workloads:
     ips: [10.0.2.3]
     node: node-2
 "#;
+
+    /// The agent's incremental path: the workload changes between two models, applied to the
+    /// state published from the first, give exactly the full translation of the second.
+    #[test]
+    fn workload_changes_on_the_published_state_equal_the_full_translation() {
+        let node = "node-1";
+        let before = FileConfig::parse(TWO_NODES).expect("valid");
+        let none = Enrolled::new();
+        let mut after = before.clone();
+        after.workloads.retain(|w| w.uid != "there-1");
+        let mut added = after.workloads[1].clone();
+        added.uid = "there-3".into();
+        added.name = "other".into();
+        added.ips = vec!["10.0.2.4".parse().expect("ip")];
+        after.workloads.push(added);
+        // A label on another node's pod that does not change its canonical names translates
+        // the same (its labels are not sent): no change.
+        after.workloads[1]
+            .labels
+            .insert("team".into(), "pay".into());
+        // This node's pod is now captured by CNI, with the address CNI gave it.
+        let enrolled: Enrolled = [(
+            ("default".to_owned(), "cart-7d9f-abcde".to_owned()),
+            vec!["10.0.1.50".parse().expect("ip")],
+        )]
+        .into();
+        let full = |config: &FileConfig, enrolled: &Enrolled| {
+            State::from(snapshot(
+                config,
+                node,
+                enrolled,
+                Vec::new(),
+                Vec::new(),
+                "t".into(),
+            ))
+        };
+        let published = full(&before, &none);
+        let changes =
+            workload_changes(&before, &none, &after, &enrolled, node).expect("same trust domain");
+        let rest = snapshot_without_workloads(&after, node, Vec::new(), Vec::new(), "t".into());
+        let delta = published
+            .diff_with_workload_changes(&State::from(rest), changes.changed, changes.removed)
+            .expect("same node");
+        let mut uids: Vec<&str> = delta.workloads.iter().map(|w| w.uid.as_str()).collect();
+        uids.sort();
+        assert_eq!(uids, ["here-1", "there-3"]);
+        assert_eq!(delta.removed_workloads, ["there-1"]);
+        let mut state = published.clone();
+        state.apply(&delta);
+        assert_eq!(state, full(&after, &enrolled));
+
+        let unchanged = workload_changes(&after, &enrolled, &after, &enrolled, node).expect("same");
+        assert!(unchanged.changed.is_empty() && unchanged.removed.is_empty());
+        let mut other_domain = after.clone();
+        other_domain.trust_domain = "other.local".into();
+        assert!(
+            workload_changes(&after, &enrolled, &other_domain, &enrolled, node).is_none(),
+            "every workload's identity may change: translate them all"
+        );
+    }
 
     #[test]
     fn labels_go_only_with_this_nodes_pods_and_every_pod_gets_its_canonical_names() {

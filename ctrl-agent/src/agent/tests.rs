@@ -200,6 +200,22 @@ fn a_one_pod_change_goes_out_as_a_delta_of_that_pod_alone() {
         }
         other => panic!("expected one delta, got {other:?}"),
     }
+    // The change was translated alone (the agent's incremental path); what it published is
+    // still the full translation of the new file.
+    let config =
+        crate::config::FileConfig::parse(&CONFIG.replace("10.0.2.2", "10.0.2.3")).expect("valid");
+    let full = crate::translate::snapshot(
+        &config,
+        "node-1",
+        &crate::translate::Enrolled::new(),
+        Vec::new(),
+        Vec::new(),
+        String::new(),
+    );
+    assert_eq!(
+        agent.channel.state().map(|s| &s.workloads),
+        Some(&mesh_snapshot::delta::State::from(full).workloads)
+    );
 }
 
 /// With Istio's CA, against a fake istiod (a double of istiod's CA service: no istiod can run

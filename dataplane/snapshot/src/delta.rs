@@ -184,10 +184,40 @@ impl State {
     /// The delta that turns `self` into `new`, or `None` when only a complete snapshot can
     /// (the node or root namespace changed).
     pub fn diff(&self, new: &State) -> Option<Delta> {
+        let (workloads, removed_workloads) = diff_keyed(&self.workloads, &new.workloads);
+        self.diff_with_workloads(new, workloads, removed_workloads)
+    }
+
+    /// As `diff`, but the workload changes are given (`changed` added or replaced, `removed`
+    /// uids gone) by a caller that knows which pods changed, so that it need not rebuild
+    /// every workload to have them compared; `new`'s own workloads are not read. Changes equal
+    /// to what `self` holds, and removals of what it lacks, are left out.
+    pub fn diff_with_workload_changes(
+        &self,
+        new: &State,
+        changed: Vec<Workload>,
+        removed: Vec<String>,
+    ) -> Option<Delta> {
+        let workloads = changed
+            .into_iter()
+            .filter(|w| self.workloads.get(w.uid.as_str()) != Some(w))
+            .collect();
+        let removed_workloads = removed
+            .into_iter()
+            .filter(|uid| self.workloads.contains_key(uid))
+            .collect();
+        self.diff_with_workloads(new, workloads, removed_workloads)
+    }
+
+    fn diff_with_workloads(
+        &self,
+        new: &State,
+        workloads: Vec<Workload>,
+        removed_workloads: Vec<String>,
+    ) -> Option<Delta> {
         if self.node != new.node || self.root_namespace != new.root_namespace {
             return None;
         }
-        let (workloads, removed_workloads) = diff_keyed(&self.workloads, &new.workloads);
         let (services, removed_services) = diff_keyed(&self.services, &new.services);
         let (policies, removed_policies) = diff_keyed(&self.policies, &new.policies);
         let (peer_authentications, removed_peer_authentications) =
