@@ -183,8 +183,9 @@ pub struct WorkloadChanges {
 /// The workload changes from (`before`, `before_enrolled`) to (`after`, `after_enrolled`), or
 /// `None` when every workload may translate differently (the trust domain changed). A
 /// workload's translation depends only on its spec, the trust domain and, for this node's
-/// pods, their enrollment; of several specs with one uid, the last counts (as in a snapshot's
-/// keyed state).
+/// pods, their enrollment. Uids are unique within a model (`FileConfig::parse` and the
+/// Kubernetes model both ensure it). Both models list pods in the same order unless pods
+/// came or went, so the common prefix is compared in place and only the rest by uid.
 pub fn workload_changes(
     before: &FileConfig,
     before_enrolled: &Enrolled,
@@ -195,20 +196,30 @@ pub fn workload_changes(
     if before.trust_domain != after.trust_domain {
         return None;
     }
-    fn by_uid(config: &FileConfig) -> HashMap<&str, &WorkloadSpec> {
-        config
-            .workloads
-            .iter()
-            .map(|w| (w.uid.as_str(), w))
-            .collect()
-    }
-    let (old, new) = (by_uid(before), by_uid(after));
+    let same = |o: &WorkloadSpec, w: &WorkloadSpec| {
+        o == w && enrollment(o, node, before_enrolled) == enrollment(w, node, after_enrolled)
+    };
     let mut changes = WorkloadChanges::default();
+    let in_step = before
+        .workloads
+        .iter()
+        .zip(&after.workloads)
+        .take_while(|(o, w)| o.uid == w.uid)
+        .count();
+    for (o, w) in before.workloads.iter().zip(&after.workloads).take(in_step) {
+        if !same(o, w) {
+            changes
+                .changed
+                .push(workload(w, after, node, after_enrolled));
+        }
+    }
+    fn by_uid(workloads: &[WorkloadSpec]) -> HashMap<&str, &WorkloadSpec> {
+        workloads.iter().map(|w| (w.uid.as_str(), w)).collect()
+    }
+    let old = by_uid(&before.workloads[in_step..]);
+    let new = by_uid(&after.workloads[in_step..]);
     for (uid, w) in &new {
-        let same = old.get(uid).is_some_and(|o| {
-            o == w && enrollment(o, node, before_enrolled) == enrollment(w, node, after_enrolled)
-        });
-        if !same {
+        if !old.get(uid).is_some_and(|o| same(o, w)) {
             changes
                 .changed
                 .push(workload(w, after, node, after_enrolled));

@@ -113,8 +113,9 @@ pub fn model(world: &World, options: &ModelOptions) -> Model {
         })
         .collect();
     let mut workloads: Vec<WorkloadSpec> = Vec::new();
-    // Address -> index in `workloads` of the pod that has it.
+    // Address, and uid -> index in `workloads` of the pod that has it.
     let mut ip_owner: HashMap<IpAddr, usize> = HashMap::new();
+    let mut uid_owner: HashMap<String, usize> = HashMap::new();
     let who = |namespace: &str, name: &str| format!("pod {namespace}/{name}");
     for pod in world.pods.objects() {
         match workload(pod, world, &lookups, options) {
@@ -130,6 +131,17 @@ pub fn model(world: &World, options: &ModelOptions) -> Model {
                     ));
                     continue;
                 }
+                // Uids are unique in a model (the agent compares models pod by pod).
+                if let Some(&other) = uid_owner.get(&w.uid) {
+                    let other = &workloads[other];
+                    problems.push(format!(
+                        "{}: its uid is also {}'s; left out",
+                        who(&w.namespace, &w.name),
+                        who(&other.namespace, &other.name)
+                    ));
+                    continue;
+                }
+                uid_owner.insert(w.uid.clone(), workloads.len());
                 for ip in &w.ips {
                     ip_owner.insert(*ip, workloads.len());
                 }

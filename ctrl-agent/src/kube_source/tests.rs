@@ -467,6 +467,23 @@ fn a_malformed_pod_is_named_and_the_rest_still_published() {
         problems.contains("pod shop/good: an address is also pod shop/clash's"),
         "{problems}"
     );
+
+    // Two pods with one uid (no API server does that; a broken double might): the first
+    // stays, as with addresses, so a model's uids are unique.
+    let cluster = Cluster {
+        pods: vec![
+            objects::pod("shop", "a", "same", "node-1", &["10.0.0.1"], json!({})),
+            objects::pod("shop", "b", "same", "node-1", &["10.0.0.2"], json!({})),
+        ],
+        ..Cluster::default()
+    };
+    let m = model::model(&cluster.world(), &options());
+    let names: Vec<&str> = m.config.workloads.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(names, ["a"]);
+    assert_eq!(
+        m.problems,
+        ["pod shop/b: its uid is also pod shop/a's; left out"]
+    );
 }
 
 #[test]
