@@ -12,7 +12,7 @@
 //! used is left out; a security policy that cannot be read fails closed instead (see
 //! `unreadable_authorization_policy`), because leaving out a DENY would open what it denied.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
@@ -120,22 +120,17 @@ pub fn model(world: &World, options: &ModelOptions) -> Model {
     for pod in world.pods.objects() {
         match workload(pod, world, &lookups, options) {
             Ok(Some(w)) => {
-                // Two live pods never share an address; if the API says so, keep the first
-                // (the data plane indexes workloads by address).
-                if let Some(&other) = w.ips.iter().find_map(|ip| ip_owner.get(ip)) {
+                // Two live pods never share an address (the data plane indexes workloads by
+                // address) or a uid (the agent compares models pod by pod); if the API says
+                // so, the first keeps it.
+                let clash = match w.ips.iter().find_map(|ip| ip_owner.get(ip)) {
+                    Some(&other) => Some(("an address", other)),
+                    None => uid_owner.get(&w.uid).map(|&other| ("its uid", other)),
+                };
+                if let Some((what, other)) = clash {
                     let other = &workloads[other];
                     problems.push(format!(
-                        "{}: an address is also {}'s; left out",
-                        who(&w.namespace, &w.name),
-                        who(&other.namespace, &other.name)
-                    ));
-                    continue;
-                }
-                // Uids are unique in a model (the agent compares models pod by pod).
-                if let Some(&other) = uid_owner.get(&w.uid) {
-                    let other = &workloads[other];
-                    problems.push(format!(
-                        "{}: its uid is also {}'s; left out",
+                        "{}: {what} is also {}'s; left out",
                         who(&w.namespace, &w.name),
                         who(&other.namespace, &other.name)
                     ));
@@ -154,7 +149,6 @@ pub fn model(world: &World, options: &ModelOptions) -> Model {
             )),
         }
     }
-    let uids: HashSet<&str> = workloads.iter().map(|w| w.uid.as_str()).collect();
     let mut services = Vec::new();
     for svc in world.services.objects() {
         let who = format!(
@@ -162,7 +156,7 @@ pub fn model(world: &World, options: &ModelOptions) -> Model {
             svc.namespace().unwrap_or_default(),
             svc.name_any()
         );
-        match service(svc, world, &lookups, &uids) {
+        match service(svc, world, &lookups, &uid_owner) {
             Ok(Some(s)) => services.push(s),
             Ok(None) => {}
             Err(problem) => problems.push(format!("{who}: {problem}; left out")),
@@ -344,7 +338,7 @@ fn service(
     svc: &Service,
     world: &World,
     lookups: &Lookups<'_>,
-    uids: &HashSet<&str>,
+    uids: &HashMap<String, usize>,
 ) -> Result<Option<ServiceSpec>, String> {
     let Some(spec) = &svc.spec else {
         return Err("no spec".into());
@@ -375,7 +369,7 @@ fn service(
             if target.kind.as_deref().is_some_and(|k| k != "Pod") {
                 continue;
             }
-            if let Some(uid) = target.uid.as_deref().filter(|u| uids.contains(u)) {
+            if let Some(uid) = target.uid.as_deref().filter(|u| uids.contains_key(*u)) {
                 endpoints.insert(uid.to_owned());
             }
         }

@@ -97,13 +97,11 @@ impl Retired {
         self.held.push(index);
     }
 
-    /// Drops the generations only this thread still holds; returns how many.
-    fn reclaim(&mut self) -> usize {
-        let before = self.held.len();
+    /// Drops the generations only this thread still holds.
+    fn reclaim(&mut self) {
         // Nothing else can gain a reference to a retired index (workers and connections only
         // drop theirs, and no weak references exist), so a count of one stays one.
         self.held.retain(|index| Arc::strong_count(index) > 1);
-        before - self.held.len()
     }
 
     fn any_reclaimable(&self) -> bool {
