@@ -9,14 +9,20 @@
 //! One future per connection owns both sides and polls both directions, readiness-style (as
 //! tokio's `copy_bidirectional` does): no split halves, no second task. Reads go through a
 //! [`ReadSlot`], so a quiet connection holds no buffer.
+//!
+//! An outbound connection does not wait for its CONNECT to be answered before it sends: the
+//! client's first bytes follow the request on the same tunnel ([`await_answer`]), so a new
+//! connection's first exchange costs one round trip between the nodes, not two. The peer
+//! holds them (HTTP/2 flow control) until it has authorized the stream and connected.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
+use h2::client::ResponseFuture;
 use h2::{Reason, RecvStream, SendStream};
 use monoio::io::IntoPollIo;
 use monoio::net::tcp::stream_poll::TcpStreamPoll;
@@ -74,14 +80,14 @@ enum End {
 }
 
 /// One TCP connection in poll mode, with its read slot.
-struct TcpSide {
+pub struct TcpSide {
     io: TcpStreamPoll,
     fd: RawFd,
     slot: ReadSlot,
 }
 
 impl TcpSide {
-    fn new(stream: TcpStream) -> io::Result<TcpSide> {
+    pub fn new(stream: TcpStream) -> io::Result<TcpSide> {
         let fd = stream.as_raw_fd();
         Ok(TcpSide {
             io: stream.into_poll_io()?,
@@ -110,6 +116,96 @@ impl TcpSide {
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
+
+    /// Writes all of `bytes` (a SOCKS5 reply, before relaying).
+    pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let mut chunk = Bytes::copy_from_slice(bytes);
+        poll_fn(|cx| self.poll_write_all(cx, &mut chunk)).await
+    }
+}
+
+/// How many of the client's bytes may be sent before the CONNECT is answered: a first
+/// request's worth. Past it the connection waits for the answer, so a refused stream wastes
+/// little and what was sent can be kept for a replay.
+const EARLY_LIMIT: usize = 64 * 1024;
+
+/// The client's bytes sent on a stream before its CONNECT was answered, kept until the answer
+/// so that a stream the peer never processed can be replayed on another tunnel.
+#[derive(Default)]
+pub struct Early {
+    chunks: Vec<Bytes>,
+    len: usize,
+    /// The client half-closed (EOF) before the answer; END_STREAM went with the bytes.
+    eof: bool,
+}
+
+impl Early {
+    /// Sends the kept bytes (and END_STREAM after an EOF) on a new stream. h2 buffers them
+    /// until the stream has window: at most [`EARLY_LIMIT`] plus one read.
+    pub fn replay(&self, send: &mut SendStream<Bytes>) -> Result<(), h2::Error> {
+        for chunk in &self.chunks {
+            send.send_data(chunk.clone(), false)?;
+        }
+        if self.eof {
+            send.send_data(Bytes::new(), true)?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a CONNECT got no answer.
+#[derive(Debug)]
+pub enum Unanswered {
+    /// The stream or its tunnel failed.
+    Stream(h2::Error),
+    /// Reading the client failed (it reset) before the answer; the stream was reset.
+    Client(io::Error),
+}
+
+/// Whether a stream failed without the peer having processed it (RFC 9113 section 8.7: it
+/// refused the stream, or its GOAWAY's last stream id is below it), so that replaying it on
+/// another tunnel cannot deliver the client's bytes twice.
+pub fn never_processed(error: &h2::Error) -> bool {
+    (error.is_go_away() && error.is_remote()) || error.reason() == Some(Reason::REFUSED_STREAM)
+}
+
+/// Waits for the answer to a CONNECT just sent on `send`, meanwhile sending what the client
+/// writes (up to [`EARLY_LIMIT`]) and keeping it in `early`.
+pub async fn await_answer(
+    tcp: &mut TcpSide,
+    send: &mut SendStream<Bytes>,
+    mut response: ResponseFuture,
+    early: &mut Early,
+) -> Result<http::Response<RecvStream>, Unanswered> {
+    poll_fn(|cx| {
+        if let Poll::Ready(answer) = Pin::new(&mut response).poll(cx) {
+            return Poll::Ready(answer.map_err(Unanswered::Stream));
+        }
+        while !early.eof && early.len < EARLY_LIMIT {
+            match tcp.poll_chunk(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Ok(Some(chunk))) => {
+                    early.len += chunk.len();
+                    early.chunks.push(chunk.clone());
+                    if let Err(e) = send.send_data(chunk, false) {
+                        return Poll::Ready(Err(Unanswered::Stream(e)));
+                    }
+                }
+                Poll::Ready(Ok(None)) => {
+                    early.eof = true;
+                    if let Err(e) = send.send_data(Bytes::new(), true) {
+                        return Poll::Ready(Err(Unanswered::Stream(e)));
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    send.send_reset(Reason::CANCEL);
+                    return Poll::Ready(Err(Unanswered::Client(e)));
+                }
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// A direction that reads a TCP side and writes somewhere else.
@@ -286,26 +382,25 @@ fn verdict(up: Poll<End>, down: Poll<End>) -> Verdict {
 }
 
 /// Relays between a local TCP connection and an HBONE stream until both directions end, or
-/// until `stop` fires (both sides are then reset).
+/// until `stop` fires (both sides are then reset). `early` is what the client sent before the
+/// stream was answered ([`await_answer`]); the relay goes on from there.
 pub async fn tcp_h2(
-    tcp: TcpStream,
+    mut tcp: TcpSide,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
+    early: Early,
     meters: Meters<'_>,
     stop: &Trigger,
 ) -> Totals {
-    let mut tcp = match TcpSide::new(tcp) {
-        Ok(t) => t,
-        Err(_) => {
-            send.send_reset(Reason::INTERNAL_ERROR);
-            return Totals {
-                reset: true,
-                ..Totals::default()
-            };
-        }
+    let mut up = if early.eof {
+        Upload::Done(End::Closed)
+    } else {
+        Upload::Reading
     };
-    let (mut up, mut down) = (Upload::Reading, Download::Receiving);
-    let (mut sent, mut received) = (0u64, 0u64);
+    let mut down = Download::Receiving;
+    let (mut sent, mut received) = (early.len as u64, 0u64);
+    meters.sent.add(sent);
+    drop(early);
     let ended = both_directions(stop, |cx| {
         let u = poll_tcp_to_h2(&mut up, &mut tcp, &mut send, &mut sent, meters.sent, cx);
         let d = poll_h2_to_tcp(
@@ -347,20 +442,11 @@ pub async fn tcp_h2(
 /// Relays between two TCP connections (passthrough and plaintext inbound), until both
 /// directions end or `stop` fires (both sides are then reset).
 pub async fn tcp_tcp(
-    local: TcpStream,
-    remote: TcpStream,
+    mut local: TcpSide,
+    mut remote: TcpSide,
     meters: Meters<'_>,
     stop: &Trigger,
 ) -> Totals {
-    let (mut local, mut remote) = match (TcpSide::new(local), TcpSide::new(remote)) {
-        (Ok(l), Ok(r)) => (l, r),
-        _ => {
-            return Totals {
-                reset: true,
-                ..Totals::default()
-            }
-        }
-    };
     let (mut up, mut down) = (Download::Receiving, Download::Receiving);
     let (mut sent, mut received) = (0u64, 0u64);
     let ended = both_directions(stop, |cx| {
@@ -428,7 +514,193 @@ fn close(side: TcpSide, reset: bool) {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use http::{Request, Response, StatusCode};
+    use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+    use monoio::net::TcpListener;
+
     use super::*;
+    use crate::runtime::{self, DriverChoice};
+
+    fn block_on<F: Future>(future: F) -> F::Output {
+        let driver = runtime::resolve(DriverChoice::Auto).expect("a driver");
+        runtime::block_on(driver, || future).expect("runtime")
+    }
+
+    fn listener() -> (TcpListener, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        (listener, addr)
+    }
+
+    /// A tunnel peer (plain HTTP/2 on loopback) that hands each request, with its body read to
+    /// the end, to `answer`, which responds or resets.
+    async fn tunnel_peer(
+        answer: impl Fn(usize, Vec<u8>, h2::server::SendResponse<Bytes>) + 'static,
+    ) -> SocketAddr {
+        let (listener, addr) = listener();
+        monoio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let io = stream.into_poll_io().expect("poll io");
+            let mut conn = h2::server::handshake(io).await.expect("h2 server");
+            let answer = std::rc::Rc::new(answer);
+            let mut n = 0;
+            while let Some(Ok((request, respond))) = conn.accept().await {
+                let answer = answer.clone();
+                n += 1;
+                let index = n;
+                monoio::spawn(async move {
+                    let mut body = request.into_body();
+                    let mut got = Vec::new();
+                    while let Some(Ok(chunk)) = body.data().await {
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                        got.extend_from_slice(&chunk);
+                    }
+                    answer(index, got, respond);
+                });
+            }
+        });
+        addr
+    }
+
+    async fn tunnel(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
+        let io = TcpStream::connect(addr)
+            .await
+            .expect("connect")
+            .into_poll_io()
+            .expect("poll io");
+        let (sender, conn) = h2::client::handshake(io).await.expect("h2 client");
+        monoio::spawn(async move {
+            let _ = conn.await;
+        });
+        sender
+    }
+
+    /// An application connection that has written `bytes` and half-closed; returns the
+    /// application's end and the data plane's end (as the relay holds it).
+    async fn app_that_sent(bytes: &'static [u8]) -> (TcpStream, TcpSide) {
+        let (listener, addr) = listener();
+        let mut app = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        app.write_all(bytes).await.0.expect("write");
+        app.shutdown().await.expect("half-close");
+        (app, TcpSide::new(accepted).expect("poll io"))
+    }
+
+    /// The peers in these tests answer only once they have the client's bytes: a client
+    /// that held them back until the answer would wait forever.
+    async fn within_10s<T>(answer: impl Future<Output = T>) -> T {
+        monoio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .expect("answered while the client's bytes were held back")
+    }
+
+    fn connect() -> Request<()> {
+        Request::connect("10.0.0.2:80").body(()).expect("request")
+    }
+
+    async fn read_to_end(app: &mut TcpStream) -> Vec<u8> {
+        let mut all = Vec::new();
+        loop {
+            let (n, buf) = app.read(Vec::with_capacity(1024)).await;
+            match n.expect("read") {
+                0 => return all,
+                _ => all.extend_from_slice(&buf),
+            }
+        }
+    }
+
+    #[test]
+    fn the_clients_first_bytes_travel_before_the_connect_is_answered() {
+        block_on(async {
+            let peer = tunnel_peer(|_, body, mut respond| {
+                assert_eq!(body, b"hello");
+                let mut send = respond
+                    .send_response(Response::new(()), false)
+                    .expect("answer");
+                send.send_data(Bytes::from_static(b"world"), true)
+                    .expect("data");
+            })
+            .await;
+            let mut sender = tunnel(peer).await.ready().await.expect("ready");
+            let (mut app, mut tcp) = app_that_sent(b"hello").await;
+            let (response, mut send) = sender.send_request(connect(), false).expect("send");
+            let mut early = Early::default();
+            let answer = within_10s(await_answer(&mut tcp, &mut send, response, &mut early))
+                .await
+                .expect("answered");
+            assert_eq!(answer.status(), StatusCode::OK);
+            let (sent, received, worker) = <[Counter; 3]>::default().into();
+            let meters = Meters {
+                sent: Meter([&sent, &worker]),
+                received: Meter([&received, &worker]),
+            };
+            let never = Trigger::default();
+            let moved = tcp_h2(tcp, send, answer.into_body(), early, meters, &never).await;
+            assert_eq!(read_to_end(&mut app).await, b"world");
+            assert_eq!(
+                moved,
+                Totals {
+                    sent: 5,
+                    received: 5,
+                    reset: false
+                }
+            );
+            assert_eq!(sent.get(), 5, "early bytes are counted as sent");
+            assert_eq!(received.get(), 5);
+        });
+    }
+
+    #[test]
+    fn a_refused_stream_replays_its_early_bytes_and_other_failures_do_not_count_as_unprocessed() {
+        block_on(async {
+            // First stream refused (RFC 9113: not processed), the replay answered with what
+            // it received, a third stream cancelled (processed or not: unknown).
+            let peer = tunnel_peer(|index, body, mut respond| match index {
+                1 => respond.send_reset(Reason::REFUSED_STREAM),
+                2 => {
+                    let mut send = respond
+                        .send_response(Response::new(()), false)
+                        .expect("answer");
+                    send.send_data(Bytes::from(body), true).expect("echo");
+                }
+                _ => respond.send_reset(Reason::CANCEL),
+            })
+            .await;
+            let mut sender = tunnel(peer).await;
+            let (_app, mut tcp) = app_that_sent(b"first bytes").await;
+            let mut early = Early::default();
+
+            sender = sender.ready().await.expect("ready");
+            let (response, mut send) = sender.send_request(connect(), false).expect("send");
+            let refused = within_10s(await_answer(&mut tcp, &mut send, response, &mut early)).await;
+            let Err(Unanswered::Stream(error)) = refused else {
+                panic!("the first stream was refused: {refused:?}");
+            };
+            assert!(never_processed(&error), "{error}");
+
+            sender = sender.ready().await.expect("ready");
+            let (response, mut send) = sender.send_request(connect(), false).expect("send");
+            early.replay(&mut send).expect("replay");
+            let answer = within_10s(await_answer(&mut tcp, &mut send, response, &mut early))
+                .await
+                .expect("the replay is answered");
+            let mut body = answer.into_body();
+            let echoed = body.data().await.expect("echo").expect("echo");
+            assert_eq!(
+                &echoed[..],
+                b"first bytes",
+                "the peer got the bytes once, whole"
+            );
+
+            sender = sender.ready().await.expect("ready");
+            let (response, _send) = sender.send_request(connect(), true).expect("send");
+            let cancelled = response.await.expect_err("cancelled");
+            assert!(!never_processed(&cancelled), "{cancelled}");
+        });
+    }
 
     #[test]
     fn a_relay_finishes_on_two_clean_closes_or_on_the_first_failure() {

@@ -195,7 +195,7 @@ enum Upstream {
         send: h2::SendStream<Bytes>,
         recv: h2::RecvStream,
     },
-    Tcp(TcpStream),
+    Tcp(relay::TcpSide),
 }
 
 /// Why an outbound connection was not established (logged at debug; counted).
@@ -215,6 +215,10 @@ enum Refusal {
     Pool(String),
     #[error("HTTP/2: {0}")]
     H2(#[from] h2::Error),
+    #[error("HTTP/2, the peer did not process the stream: {0}")]
+    Unprocessed(h2::Error),
+    #[error("the client failed before the tunnel answered: {0}")]
+    ClientFailed(std::io::Error),
     #[error("peer answered CONNECT with {0:?}")]
     Peer(ConnectOutcome),
     #[error("connect to {0}: {1}")]
@@ -223,10 +227,11 @@ enum Refusal {
 
 impl Refusal {
     /// Istio's `response_flags` for a connection not made: UH no endpoint (or none
-    /// listening), NR no route for the source, DENY refused by the destination's policy, UF
-    /// any other upstream failure (connect, TLS, HTTP/2).
+    /// listening), NR no route for the source, DENY refused by the destination's policy, DC
+    /// the client went away first, UF any other upstream failure (connect, TLS, HTTP/2).
     fn flags(&self) -> &'static str {
         match self {
+            Refusal::ClientFailed(_) => "DC",
             Refusal::Peer(ConnectOutcome::Denied) => "DENY",
             Refusal::Peer(ConnectOutcome::NoUpstream) | Refusal::NoEndpoint(_) => "UH",
             Refusal::UnknownSource(_) | Refusal::NoNamespace(_) | Refusal::NoSourceAddress => "NR",
@@ -700,12 +705,19 @@ impl Worker {
     /// only the relay should stay resident), answers a SOCKS5 client, and relays.
     async fn forward(
         &self,
-        mut stream: TcpStream,
+        stream: TcpStream,
         peer: SocketAddr,
         uid: &str,
         dst: SocketAddr,
         socks: bool,
     ) {
+        let mut tcp = match relay::TcpSide::new(stream) {
+            Ok(tcp) => tcp,
+            Err(error) => {
+                tracing::debug!(pod = %uid, %peer, %dst, %error, "cannot poll the connection");
+                return;
+            }
+        };
         let view = self.view();
         let source = view.index.workload_by_uid(uid);
         let route = view.index.route_outbound(dst, self.next_pick());
@@ -726,31 +738,32 @@ impl Worker {
                 destination_identity,
             )
         };
-        match Box::pin(self.open_upstream(&view, uid, route, peer)).await {
+        let mut early = relay::Early::default();
+        match Box::pin(self.open_upstream(&view, uid, route, peer, &mut tcp, &mut early)).await {
             Ok(upstream) => {
-                if socks {
-                    let reply = socks5::reply(Reply::Succeeded).to_vec();
-                    if stream.write_all(reply).await.0.is_err() {
-                        return;
-                    }
+                if socks
+                    && tcp
+                        .write_all(&socks5::reply(Reply::Succeeded))
+                        .await
+                        .is_err()
+                {
+                    return;
                 }
                 let accounting = self.account(outbound_labels(source, route));
                 let never = Trigger::default();
                 let meters = self.meters(&accounting);
                 let totals = match upstream {
                     Upstream::Hbone { _lease, send, recv } => {
-                        relay::tcp_h2(stream, send, recv, meters, &never).await
+                        relay::tcp_h2(tcp, send, recv, early, meters, &never).await
                     }
-                    Upstream::Tcp(remote) => relay::tcp_tcp(stream, remote, meters, &never).await,
+                    Upstream::Tcp(remote) => relay::tcp_tcp(tcp, remote, meters, &never).await,
                 };
                 self.finish(accounting, &totals, false, entry);
             }
             Err(error) => {
                 tracing::debug!(pod = %uid, %peer, %dst, %error, "outbound refused");
                 if socks {
-                    let _ = stream
-                        .write_all(socks5::reply(error.socks5_reply()).to_vec())
-                        .await;
+                    let _ = tcp.write_all(&socks5::reply(error.socks5_reply())).await;
                 }
                 self.refuse(outbound_labels(source, route), error.flags(), || {
                     entry(error.to_string())
@@ -879,12 +892,16 @@ impl Worker {
         }
     }
 
+    /// Opens the connection's upstream. For an HBONE route, what the client sends meanwhile
+    /// goes out behind the CONNECT and is kept in `early` ([`relay::await_answer`]).
     async fn open_upstream(
         &self,
         view: &View,
         source_uid: &str,
         route: Route<'_>,
         client: SocketAddr,
+        tcp: &mut relay::TcpSide,
+        early: &mut relay::Early,
     ) -> Result<Upstream, Refusal> {
         let source = view
             .index
@@ -915,8 +932,8 @@ impl Worker {
                     source_ip,
                 };
                 // A pooled tunnel whose peer is going away (GOAWAY: it drains, e.g. during
-                // its upgrade) refuses new streams; the CONNECT was not processed, so it is
-                // retried once on a fresh tunnel.
+                // its upgrade) refuses new streams; a stream the peer did not process is
+                // replayed once, early bytes included, on a fresh tunnel.
                 let mut retried = false;
                 loop {
                     let lease = self
@@ -930,7 +947,7 @@ impl Worker {
                         )
                         .await
                         .map_err(|e| Refusal::Pool(e.to_string()))?;
-                    match self.connect_over(&lease, target, client).await {
+                    match self.connect_over(&lease, target, client, tcp, early).await {
                         Ok((send, recv)) => {
                             return Ok(Upstream::Hbone {
                                 _lease: lease,
@@ -938,7 +955,7 @@ impl Worker {
                                 recv,
                             })
                         }
-                        Err(Refusal::H2(error)) if !retried => {
+                        Err(Refusal::Unprocessed(error)) if !retried => {
                             tracing::debug!(%error, tunnel = %tunnel,
                                 "tunnel refused the stream; retrying on a new one");
                             self.pool.retire(&lease);
@@ -950,25 +967,45 @@ impl Worker {
             }
             Route::Passthrough { target } => {
                 let stream = self.connect_in(&netns, target).await?;
+                let remote =
+                    relay::TcpSide::new(stream).map_err(|e| Refusal::Connect(target, e))?;
                 self.stats.passthrough_connections.inc();
-                Ok(Upstream::Tcp(stream))
+                Ok(Upstream::Tcp(remote))
             }
             Route::NoEndpoint { service } => Err(Refusal::NoEndpoint(service)),
         }
     }
 
-    /// Sends CONNECT on a leased tunnel and waits for the answer.
+    /// Sends CONNECT on a leased tunnel, the client's bytes behind it, and waits for the
+    /// answer.
     async fn connect_over(
         &self,
         lease: &Lease,
         target: SocketAddr,
         client: SocketAddr,
+        tcp: &mut relay::TcpSide,
+        early: &mut relay::Early,
     ) -> Result<(h2::SendStream<Bytes>, h2::RecvStream), Refusal> {
-        let mut sender = lease.sender.clone().ready().await?;
-        let (response, send) =
-            sender.send_request(hbone::connect_request(target, client, None), false)?;
+        // Nothing was sent when these fail.
+        let mut sender = lease
+            .sender
+            .clone()
+            .ready()
+            .await
+            .map_err(Refusal::Unprocessed)?;
+        let (response, mut send) = sender
+            .send_request(hbone::connect_request(target, client, None), false)
+            .map_err(Refusal::Unprocessed)?;
         self.stats.hbone_streams_opened.inc();
-        let response = response.await?;
+        early.replay(&mut send)?;
+        let response = match relay::await_answer(tcp, &mut send, response, early).await {
+            Ok(response) => response,
+            Err(relay::Unanswered::Stream(error)) if relay::never_processed(&error) => {
+                return Err(Refusal::Unprocessed(error))
+            }
+            Err(relay::Unanswered::Stream(error)) => return Err(Refusal::H2(error)),
+            Err(relay::Unanswered::Client(error)) => return Err(Refusal::ClientFailed(error)),
+        };
         match ConnectOutcome::from(response.status()) {
             ConnectOutcome::Established => Ok((send, response.into_body())),
             other => {
@@ -1041,12 +1078,21 @@ impl Worker {
         // open connection's task.
         drop(decision);
         let live = self.track(&uid, connection, true);
-        match Box::pin(self.connect_in(&netns, dst)).await {
-            Ok(app) => {
+        let connected = Box::pin(self.connect_in(&netns, dst))
+            .await
+            .and_then(|app| {
+                let both = (relay::TcpSide::new(app), relay::TcpSide::new(stream));
+                match both {
+                    (Ok(app), Ok(peer)) => Ok((app, peer)),
+                    (Err(e), _) | (_, Err(e)) => Err(Refusal::Connect(dst, e)),
+                }
+            });
+        match connected {
+            Ok((app, peer_side)) => {
                 let accounting = self.account(labels());
                 // The app is the local side here: what it sent went out to the peer.
                 let totals =
-                    relay::tcp_tcp(app, stream, self.meters(&accounting), &live.stop).await;
+                    relay::tcp_tcp(app, peer_side, self.meters(&accounting), &live.stop).await;
                 self.finish(accounting, &totals, live.stop.fired(), |result| {
                     entry(&result, policy())
                 });
@@ -1226,13 +1272,22 @@ impl Worker {
                 return;
             }
         };
+        let app = match relay::TcpSide::new(app) {
+            Ok(app) => app,
+            Err(error) => {
+                send_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                self.refuse(labels(), "UF", || entry(&error.to_string(), None));
+                return;
+            }
+        };
         let send = match respond.send_response(Response::new(()), false) {
             Ok(s) => s,
             Err(_) => return,
         };
         let accounting = self.account(labels());
         let meters = self.meters(&accounting);
-        let totals = relay::tcp_h2(app, send, request.into_body(), meters, &live.stop).await;
+        let early = relay::Early::default();
+        let totals = relay::tcp_h2(app, send, request.into_body(), early, meters, &live.stop).await;
         self.finish(accounting, &totals, live.stop.fired(), |result| {
             entry(&result, policy())
         });
