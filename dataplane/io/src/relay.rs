@@ -384,132 +384,180 @@ fn verdict(up: Poll<End>, down: Poll<End>) -> Verdict {
 /// Relays between a local TCP connection and an HBONE stream until both directions end, or
 /// until `stop` fires (both sides are then reset). `early` is what the client sent before the
 /// stream was answered ([`await_answer`]); the relay goes on from there.
-pub async fn tcp_h2(
-    mut tcp: TcpSide,
-    mut send: SendStream<Bytes>,
-    mut recv: RecvStream,
+pub fn tcp_h2<'a>(
+    tcp: TcpSide,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
     early: Early,
-    meters: Meters<'_>,
-    stop: &Trigger,
-) -> Totals {
-    let mut up = if early.eof {
-        Upload::Done(End::Closed)
-    } else {
-        Upload::Reading
-    };
-    let mut down = Download::Receiving;
-    let (mut sent, mut received) = (early.len as u64, 0u64);
+    meters: Meters<'a>,
+    stop: &'a Trigger,
+) -> TcpH2<'a> {
+    let sent = early.len as u64;
     meters.sent.add(sent);
-    drop(early);
-    let ended = both_directions(stop, |cx| {
-        let u = poll_tcp_to_h2(&mut up, &mut tcp, &mut send, &mut sent, meters.sent, cx);
-        let d = poll_h2_to_tcp(
-            &mut down,
-            &mut recv,
-            &mut tcp,
-            &mut received,
-            meters.received,
+    TcpH2 {
+        tcp,
+        send,
+        recv,
+        up: if early.eof {
+            Upload::Done(End::Closed)
+        } else {
+            Upload::Reading
+        },
+        down: Download::Receiving,
+        sent,
+        received: 0,
+        meters,
+        stop,
+    }
+}
+
+/// The relay future of [`tcp_h2`]. A plain struct rather than an `async fn`: it is resident
+/// in every open connection's task, and a compiler-built future would keep a second copy of
+/// its arguments. The TCP side closes (with a reset if one is due) when the future is dropped.
+pub struct TcpH2<'a> {
+    tcp: TcpSide,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    up: Upload,
+    down: Download,
+    sent: u64,
+    received: u64,
+    meters: Meters<'a>,
+    stop: &'a Trigger,
+}
+
+impl Future for TcpH2<'_> {
+    type Output = Totals;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Totals> {
+        let this = self.get_mut();
+        if this.stop.poll_fired(cx).is_ready() {
+            this.send.send_reset(Reason::CANCEL);
+            reset_on_close(this.tcp.fd);
+            return Poll::Ready(this.totals(true));
+        }
+        let up_end = poll_tcp_to_h2(
+            &mut this.up,
+            &mut this.tcp,
+            &mut this.send,
+            &mut this.sent,
+            this.meters.sent,
             cx,
         );
-        (u, d)
-    })
-    .await;
-    let Some((up_end, down_end)) = ended else {
-        send.send_reset(Reason::CANCEL);
-        close(tcp, true);
-        return Totals {
-            sent,
-            received,
-            reset: true,
-        };
-    };
-    // Who has to be told: a failed h2 side (SinkFailed up, SourceFailed down) resets the TCP
-    // side; a failed TCP side resets the stream (explicitly, or by dropping its handles).
-    let reset = verdict(up_end, down_end).reset;
-    let reset_tcp = matches!(up_end, Poll::Ready(End::SinkFailed))
-        || matches!(down_end, Poll::Ready(End::SourceFailed));
-    if reset && !reset_tcp {
-        send.send_reset(Reason::CANCEL);
+        let down_end = poll_h2_to_tcp(
+            &mut this.down,
+            &mut this.recv,
+            &mut this.tcp,
+            &mut this.received,
+            this.meters.received,
+            cx,
+        );
+        let verdict = verdict(up_end, down_end);
+        if !verdict.finished {
+            return Poll::Pending;
+        }
+        // Who has to be told: a failed h2 side (SinkFailed up, SourceFailed down) resets the
+        // TCP side; a failed TCP side resets the stream (explicitly, or by dropping its
+        // handles).
+        let reset_tcp = matches!(up_end, Poll::Ready(End::SinkFailed))
+            || matches!(down_end, Poll::Ready(End::SourceFailed));
+        if verdict.reset && !reset_tcp {
+            this.send.send_reset(Reason::CANCEL);
+        }
+        if reset_tcp {
+            reset_on_close(this.tcp.fd);
+        }
+        Poll::Ready(this.totals(verdict.reset))
     }
-    close(tcp, reset_tcp);
-    Totals {
-        sent,
-        received,
-        reset,
+}
+
+impl TcpH2<'_> {
+    fn totals(&self, reset: bool) -> Totals {
+        Totals {
+            sent: self.sent,
+            received: self.received,
+            reset,
+        }
     }
 }
 
 /// Relays between two TCP connections (passthrough and plaintext inbound), until both
 /// directions end or `stop` fires (both sides are then reset).
-pub async fn tcp_tcp(
-    mut local: TcpSide,
-    mut remote: TcpSide,
-    meters: Meters<'_>,
-    stop: &Trigger,
-) -> Totals {
-    let (mut up, mut down) = (Download::Receiving, Download::Receiving);
-    let (mut sent, mut received) = (0u64, 0u64);
-    let ended = both_directions(stop, |cx| {
-        let u = poll_tcp_to_tcp(&mut up, &mut local, &mut remote, &mut sent, meters.sent, cx);
-        let d = poll_tcp_to_tcp(
-            &mut down,
-            &mut remote,
-            &mut local,
-            &mut received,
-            meters.received,
+pub fn tcp_tcp<'a>(
+    local: TcpSide,
+    remote: TcpSide,
+    meters: Meters<'a>,
+    stop: &'a Trigger,
+) -> TcpTcp<'a> {
+    TcpTcp {
+        local,
+        remote,
+        up: Download::Receiving,
+        down: Download::Receiving,
+        sent: 0,
+        received: 0,
+        meters,
+        stop,
+    }
+}
+
+/// The relay future of [`tcp_tcp`], a plain struct for the same reason as [`TcpH2`].
+pub struct TcpTcp<'a> {
+    local: TcpSide,
+    remote: TcpSide,
+    up: Download,
+    down: Download,
+    sent: u64,
+    received: u64,
+    meters: Meters<'a>,
+    stop: &'a Trigger,
+}
+
+impl Future for TcpTcp<'_> {
+    type Output = Totals;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Totals> {
+        let this = self.get_mut();
+        let totals = |this: &TcpTcp<'_>, reset| Totals {
+            sent: this.sent,
+            received: this.received,
+            reset,
+        };
+        if this.stop.poll_fired(cx).is_ready() {
+            reset_on_close(this.local.fd);
+            reset_on_close(this.remote.fd);
+            return Poll::Ready(totals(this, true));
+        }
+        let up_end = poll_tcp_to_tcp(
+            &mut this.up,
+            &mut this.local,
+            &mut this.remote,
+            &mut this.sent,
+            this.meters.sent,
             cx,
         );
-        (u, d)
-    })
-    .await;
-    let Some((up_end, down_end)) = ended else {
-        close(local, true);
-        close(remote, true);
-        return Totals {
-            sent,
-            received,
-            reset: true,
-        };
-    };
-    // A failed read resets the other side; a failed write resets the side it came from.
-    let failed = |end: Poll<End>, which: End| matches!(end, Poll::Ready(e) if e == which);
-    let reset_local = failed(up_end, End::SinkFailed) || failed(down_end, End::SourceFailed);
-    let reset_remote = failed(up_end, End::SourceFailed) || failed(down_end, End::SinkFailed);
-    let reset = verdict(up_end, down_end).reset;
-    close(local, reset_local);
-    close(remote, reset_remote);
-    Totals {
-        sent,
-        received,
-        reset,
-    }
-}
-
-/// Polls both directions of a relay in one task until the pair is finished (their last
-/// states) or `stop` fires (`None`).
-async fn both_directions(
-    stop: &Trigger,
-    mut poll_pair: impl FnMut(&mut Context<'_>) -> (Poll<End>, Poll<End>),
-) -> Option<(Poll<End>, Poll<End>)> {
-    poll_fn(|cx| {
-        if stop.poll_fired(cx).is_ready() {
-            return Poll::Ready(None);
+        let down_end = poll_tcp_to_tcp(
+            &mut this.down,
+            &mut this.remote,
+            &mut this.local,
+            &mut this.received,
+            this.meters.received,
+            cx,
+        );
+        let verdict = verdict(up_end, down_end);
+        if !verdict.finished {
+            return Poll::Pending;
         }
-        let (u, d) = poll_pair(cx);
-        if verdict(u, d).finished {
-            Poll::Ready(Some((u, d)))
-        } else {
-            Poll::Pending
+        // A failed read resets the other side; a failed write resets the side it came from.
+        let failed = |end: Poll<End>, which: End| matches!(end, Poll::Ready(e) if e == which);
+        if failed(up_end, End::SinkFailed) || failed(down_end, End::SourceFailed) {
+            reset_on_close(this.local.fd);
         }
-    })
-    .await
-}
-
-fn close(side: TcpSide, reset: bool) {
-    if reset {
-        reset_on_close(side.fd);
+        if failed(up_end, End::SourceFailed) || failed(down_end, End::SinkFailed) {
+            reset_on_close(this.remote.fd);
+        }
+        Poll::Ready(totals(this, verdict.reset))
     }
-    drop(side);
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use h2::server::SendResponse;
 use http::{Response, StatusCode};
 use mesh_core::authz::{self, Decision, Mtls, Reason};
@@ -191,7 +192,7 @@ impl Drop for ActiveGuard {
 /// The far side of an outbound connection once established.
 enum Upstream {
     Hbone {
-        _lease: Lease,
+        lease: Lease,
         send: h2::SendStream<Bytes>,
         recv: h2::RecvStream,
     },
@@ -711,13 +712,6 @@ impl Worker {
         dst: SocketAddr,
         socks: bool,
     ) {
-        let mut tcp = match relay::TcpSide::new(stream) {
-            Ok(tcp) => tcp,
-            Err(error) => {
-                tracing::debug!(pod = %uid, %peer, %dst, %error, "cannot poll the connection");
-                return;
-            }
-        };
         let view = self.view();
         let source = view.index.workload_by_uid(uid);
         let route = view.index.route_outbound(dst, self.next_pick());
@@ -738,8 +732,65 @@ impl Worker {
                 destination_identity,
             )
         };
+        // What the relay needs beyond its own future; set once the upstream is open.
+        let accounting;
+        let _lease;
+        let never = Trigger::default();
+        // The setup runs in its own (boxed) future and its results are moved into the relay
+        // within this block: only the relay future stays in the task while the connection is
+        // open.
+        let totals = {
+            let opened = self.open_outbound(stream, &view, uid, route, peer, dst, socks, &entry);
+            let Some((tcp, upstream, early)) = Box::pin(opened).await else {
+                return;
+            };
+            accounting = self.account(outbound_labels(source, route));
+            let meters = self.meters(&accounting);
+            match upstream {
+                Upstream::Hbone { lease, send, recv } => {
+                    _lease = Some(lease);
+                    Either::Left(relay::tcp_h2(tcp, send, recv, early, meters, &never))
+                }
+                Upstream::Tcp(remote) => {
+                    _lease = None;
+                    // Boxed: the larger relay would otherwise size every mesh connection's
+                    // task.
+                    Either::Right(Box::pin(relay::tcp_tcp(tcp, remote, meters, &never)))
+                }
+            }
+        }
+        .await;
+        self.finish(accounting, &totals, false, entry);
+    }
+
+    /// Everything before an outbound connection's relay: its upstream opened and a SOCKS5
+    /// client answered. `None` when it was refused (counted and logged here) or the client
+    /// went away.
+    #[allow(clippy::too_many_arguments)]
+    async fn open_outbound(
+        &self,
+        stream: TcpStream,
+        view: &View,
+        uid: &str,
+        route: Route<'_>,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        socks: bool,
+        entry: &dyn Fn(String) -> Record,
+    ) -> Option<(relay::TcpSide, Upstream, relay::Early)> {
+        let mut tcp = match relay::TcpSide::new(stream) {
+            Ok(tcp) => tcp,
+            Err(error) => {
+                tracing::debug!(pod = %uid, %peer, %dst, %error, "cannot poll the connection");
+                return None;
+            }
+        };
         let mut early = relay::Early::default();
-        match Box::pin(self.open_upstream(&view, uid, route, peer, &mut tcp, &mut early)).await {
+        let source = view.index.workload_by_uid(uid);
+        match self
+            .open_upstream(view, uid, route, peer, &mut tcp, &mut early)
+            .await
+        {
             Ok(upstream) => {
                 if socks
                     && tcp
@@ -747,18 +798,9 @@ impl Worker {
                         .await
                         .is_err()
                 {
-                    return;
+                    return None;
                 }
-                let accounting = self.account(outbound_labels(source, route));
-                let never = Trigger::default();
-                let meters = self.meters(&accounting);
-                let totals = match upstream {
-                    Upstream::Hbone { _lease, send, recv } => {
-                        relay::tcp_h2(tcp, send, recv, early, meters, &never).await
-                    }
-                    Upstream::Tcp(remote) => relay::tcp_tcp(tcp, remote, meters, &never).await,
-                };
-                self.finish(accounting, &totals, false, entry);
+                Some((tcp, upstream, early))
             }
             Err(error) => {
                 tracing::debug!(pod = %uid, %peer, %dst, %error, "outbound refused");
@@ -768,6 +810,7 @@ impl Worker {
                 self.refuse(outbound_labels(source, route), error.flags(), || {
                     entry(error.to_string())
                 });
+                None
             }
         }
     }
@@ -948,13 +991,7 @@ impl Worker {
                         .await
                         .map_err(|e| Refusal::Pool(e.to_string()))?;
                     match self.connect_over(&lease, target, client, tcp, early).await {
-                        Ok((send, recv)) => {
-                            return Ok(Upstream::Hbone {
-                                _lease: lease,
-                                send,
-                                recv,
-                            })
-                        }
+                        Ok((send, recv)) => return Ok(Upstream::Hbone { lease, send, recv }),
                         Err(Refusal::Unprocessed(error)) if !retried => {
                             tracing::debug!(%error, tunnel = %tunnel,
                                 "tunnel refused the stream; retrying on a new one");
@@ -1174,8 +1211,12 @@ impl Worker {
             let Some(next) = next else { break };
             match next {
                 Ok((request, respond)) => {
+                    // Only the target and the body outlive this point: the rest of the head
+                    // need not sit in every stream's task.
+                    let target = hbone::validate_connect(&request).map(|c| c.target);
                     monoio::spawn(self.clone().hbone_stream(
-                        request,
+                        target,
+                        request.into_body(),
                         respond,
                         uid.clone(),
                         client.clone(),
@@ -1194,7 +1235,8 @@ impl Worker {
     /// `peer` its address (the source pod's, since tunnels are opened from inside the pod).
     async fn hbone_stream(
         self: Rc<Self>,
-        request: http::Request<h2::RecvStream>,
+        target: Result<SocketAddr, hbone::RequestError>,
+        body: h2::RecvStream,
         mut respond: SendResponse<Bytes>,
         uid: Rc<str>,
         client: SpiffeId,
@@ -1208,8 +1250,8 @@ impl Worker {
         let local = view.index.workload_by_uid(&uid);
         // Built where used, not kept: what is live across the relay is in every stream's task.
         let labels = || inbound_labels(&view, local, peer, Some(&client));
-        let connect = match hbone::validate_connect(&request) {
-            Ok(c) => c,
+        let target = match target {
+            Ok(target) => target,
             Err(error) => {
                 self.stats.hbone_bad_requests.inc();
                 tracing::info!(pod = %uid, %error, "bad HBONE request");
@@ -1218,7 +1260,6 @@ impl Worker {
                 return;
             }
         };
-        let target = connect.target;
         let entry = |result: &str, policy: Option<String>| Record {
             result: result.to_owned(),
             policy,
@@ -1231,65 +1272,68 @@ impl Worker {
                 local.map(|w| &w.identity),
             )
         };
-        let serves = local.is_some_and(|w| w.ips.contains(&connect.target.ip()));
-        let netns = match self.pod_netns(&uid) {
-            Some(n) if serves => n,
-            _ => {
-                self.stats.hbone_bad_requests.inc();
-                tracing::info!(pod = %uid, target = %connect.target, "HBONE target is not this pod");
-                send_status(&mut respond, StatusCode::BAD_REQUEST);
-                self.refuse(labels(), "NR", || entry("target is not this pod", None));
+        // What the relay needs beyond its own future; set once the app is connected.
+        let (reason, live, accounting);
+        let policy = |reason: &Reason| Some(view.index.policies().describe(reason));
+        // The setup's values live in this block, which ends before the relay is awaited: only
+        // the relay future itself stays in the task while the stream is open.
+        let totals = {
+            let serves = local.is_some_and(|w| w.ips.contains(&target.ip()));
+            let netns = match self.pod_netns(&uid) {
+                Some(n) if serves => n,
+                _ => {
+                    self.stats.hbone_bad_requests.inc();
+                    tracing::info!(pod = %uid, %target, "HBONE target is not this pod");
+                    send_status(&mut respond, StatusCode::BAD_REQUEST);
+                    self.refuse(labels(), "NR", || entry("target is not this pod", None));
+                    return;
+                }
+            };
+            let connection = authz::Connection {
+                source: Some(client.clone()),
+                source_ip: peer.ip(),
+                destination_ip: target.ip(),
+                destination_port: target.port(),
+            };
+            let decision = view.index.authorize(&uid, &connection);
+            self.log_decision(&view, &uid, &connection, &decision);
+            if !decision.allowed {
+                // The app never sees a connection attempt.
+                send_status(&mut respond, StatusCode::UNAUTHORIZED);
+                self.refuse(labels(), "DENY", || {
+                    entry("denied", policy(&decision.reason))
+                });
                 return;
             }
-        };
-        let connection = authz::Connection {
-            source: Some(client.clone()),
-            source_ip: peer.ip(),
-            destination_ip: connect.target.ip(),
-            destination_port: connect.target.port(),
-        };
-        let decision = view.index.authorize(&uid, &connection);
-        self.log_decision(&view, &uid, &connection, &decision);
-        let reason = decision.reason;
-        let policy = || Some(view.index.policies().describe(&reason));
-        if !decision.allowed {
-            // The app never sees a connection attempt.
-            send_status(&mut respond, StatusCode::UNAUTHORIZED);
-            self.refuse(labels(), "DENY", || entry("denied", policy()));
-            return;
+            reason = decision.reason;
+            live = self.track(&uid, connection, false);
+            let app = match Box::pin(self.connect_in(&netns, target)).await {
+                Ok(app) => relay::TcpSide::new(app).map_err(|e| Refusal::Connect(target, e)),
+                Err(error) => {
+                    self.stats.hbone_no_upstream.inc();
+                    Err(error)
+                }
+            };
+            let app = match app {
+                Ok(app) => app,
+                Err(error) => {
+                    tracing::debug!(pod = %uid, %error, "HBONE upstream unreachable");
+                    send_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                    self.refuse(labels(), "UF", || entry(&error.to_string(), None));
+                    return;
+                }
+            };
+            let send = match respond.send_response(Response::new(()), false) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            accounting = self.account(labels());
+            let meters = self.meters(&accounting);
+            relay::tcp_h2(app, send, body, relay::Early::default(), meters, &live.stop)
         }
-        // Only its reason is needed from here on; the rest (a Vec) need not live in every
-        // open connection's task.
-        drop(decision);
-        let live = self.track(&uid, connection, false);
-        let app = match Box::pin(self.connect_in(&netns, connect.target)).await {
-            Ok(app) => app,
-            Err(error) => {
-                self.stats.hbone_no_upstream.inc();
-                tracing::debug!(pod = %uid, %error, "HBONE upstream unreachable");
-                send_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-                self.refuse(labels(), "UF", || entry(&error.to_string(), None));
-                return;
-            }
-        };
-        let app = match relay::TcpSide::new(app) {
-            Ok(app) => app,
-            Err(error) => {
-                send_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-                self.refuse(labels(), "UF", || entry(&error.to_string(), None));
-                return;
-            }
-        };
-        let send = match respond.send_response(Response::new(()), false) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
-        let accounting = self.account(labels());
-        let meters = self.meters(&accounting);
-        let early = relay::Early::default();
-        let totals = relay::tcp_h2(app, send, request.into_body(), early, meters, &live.stop).await;
+        .await;
         self.finish(accounting, &totals, live.stop.fired(), |result| {
-            entry(&result, policy())
+            entry(&result, policy(&reason))
         });
     }
 }
