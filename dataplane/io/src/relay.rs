@@ -404,10 +404,12 @@ pub fn tcp_h2<'a>(
             Upload::Reading
         },
         down: Download::Receiving,
-        sent,
-        received: 0,
-        meters,
-        stop,
+        tally: Tally {
+            sent,
+            received: 0,
+            meters,
+            stop,
+        },
     }
 }
 
@@ -420,10 +422,25 @@ pub struct TcpH2<'a> {
     recv: RecvStream,
     up: Upload,
     down: Download,
+    tally: Tally<'a>,
+}
+
+/// What a relay counts and watches besides its sockets and directions.
+struct Tally<'a> {
     sent: u64,
     received: u64,
     meters: Meters<'a>,
     stop: &'a Trigger,
+}
+
+impl Tally<'_> {
+    fn totals(&self, reset: bool) -> Totals {
+        Totals {
+            sent: self.sent,
+            received: self.received,
+            reset,
+        }
+    }
 }
 
 impl Future for TcpH2<'_> {
@@ -431,25 +448,25 @@ impl Future for TcpH2<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Totals> {
         let this = self.get_mut();
-        if this.stop.poll_fired(cx).is_ready() {
+        if this.tally.stop.poll_fired(cx).is_ready() {
             this.send.send_reset(Reason::CANCEL);
             reset_on_close(this.tcp.fd);
-            return Poll::Ready(this.totals(true));
+            return Poll::Ready(this.tally.totals(true));
         }
         let up_end = poll_tcp_to_h2(
             &mut this.up,
             &mut this.tcp,
             &mut this.send,
-            &mut this.sent,
-            this.meters.sent,
+            &mut this.tally.sent,
+            this.tally.meters.sent,
             cx,
         );
         let down_end = poll_h2_to_tcp(
             &mut this.down,
             &mut this.recv,
             &mut this.tcp,
-            &mut this.received,
-            this.meters.received,
+            &mut this.tally.received,
+            this.tally.meters.received,
             cx,
         );
         let verdict = verdict(up_end, down_end);
@@ -467,17 +484,7 @@ impl Future for TcpH2<'_> {
         if reset_tcp {
             reset_on_close(this.tcp.fd);
         }
-        Poll::Ready(this.totals(verdict.reset))
-    }
-}
-
-impl TcpH2<'_> {
-    fn totals(&self, reset: bool) -> Totals {
-        Totals {
-            sent: self.sent,
-            received: self.received,
-            reset,
-        }
+        Poll::Ready(this.tally.totals(verdict.reset))
     }
 }
 
@@ -494,10 +501,12 @@ pub fn tcp_tcp<'a>(
         remote,
         up: Download::Receiving,
         down: Download::Receiving,
-        sent: 0,
-        received: 0,
-        meters,
-        stop,
+        tally: Tally {
+            sent: 0,
+            received: 0,
+            meters,
+            stop,
+        },
     }
 }
 
@@ -507,10 +516,7 @@ pub struct TcpTcp<'a> {
     remote: TcpSide,
     up: Download,
     down: Download,
-    sent: u64,
-    received: u64,
-    meters: Meters<'a>,
-    stop: &'a Trigger,
+    tally: Tally<'a>,
 }
 
 impl Future for TcpTcp<'_> {
@@ -518,30 +524,25 @@ impl Future for TcpTcp<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Totals> {
         let this = self.get_mut();
-        let totals = |this: &TcpTcp<'_>, reset| Totals {
-            sent: this.sent,
-            received: this.received,
-            reset,
-        };
-        if this.stop.poll_fired(cx).is_ready() {
+        if this.tally.stop.poll_fired(cx).is_ready() {
             reset_on_close(this.local.fd);
             reset_on_close(this.remote.fd);
-            return Poll::Ready(totals(this, true));
+            return Poll::Ready(this.tally.totals(true));
         }
         let up_end = poll_tcp_to_tcp(
             &mut this.up,
             &mut this.local,
             &mut this.remote,
-            &mut this.sent,
-            this.meters.sent,
+            &mut this.tally.sent,
+            this.tally.meters.sent,
             cx,
         );
         let down_end = poll_tcp_to_tcp(
             &mut this.down,
             &mut this.remote,
             &mut this.local,
-            &mut this.received,
-            this.meters.received,
+            &mut this.tally.received,
+            this.tally.meters.received,
             cx,
         );
         let verdict = verdict(up_end, down_end);
@@ -556,7 +557,7 @@ impl Future for TcpTcp<'_> {
         if failed(up_end, End::SourceFailed) || failed(down_end, End::SinkFailed) {
             reset_on_close(this.remote.fd);
         }
-        Poll::Ready(totals(this, verdict.reset))
+        Poll::Ready(this.tally.totals(verdict.reset))
     }
 }
 

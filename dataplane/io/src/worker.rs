@@ -1102,43 +1102,50 @@ impl Worker {
             destination_ip: dst.ip(),
             destination_port: dst.port(),
         };
-        let decision = view.index.authorize(&uid, &connection);
-        self.log_decision(&view, &uid, &connection, &decision);
-        let reason = decision.reason;
+        // Only the decision's reason is kept: the rest (a Vec) need not live in every open
+        // connection's task.
+        let reason = {
+            let decision = view.index.authorize(&uid, &connection);
+            self.log_decision(&view, &uid, &connection, &decision);
+            if !decision.allowed {
+                crate::sockets::reset_on_close(stream.as_raw_fd());
+                let policy = Some(view.index.policies().describe(&decision.reason));
+                self.refuse(labels(), "DENY", || entry("denied", policy));
+                return;
+            }
+            decision.reason
+        };
         let policy = || Some(view.index.policies().describe(&reason));
-        if !decision.allowed {
-            crate::sockets::reset_on_close(stream.as_raw_fd());
-            self.refuse(labels(), "DENY", || entry("denied", policy()));
-            return;
-        }
-        // Only its reason is needed from here on; the rest (a Vec) need not live in every
-        // open connection's task.
-        drop(decision);
         let live = self.track(&uid, connection, true);
-        let connected = Box::pin(self.connect_in(&netns, dst))
-            .await
-            .and_then(|app| {
-                let both = (relay::TcpSide::new(app), relay::TcpSide::new(stream));
-                match both {
-                    (Ok(app), Ok(peer)) => Ok((app, peer)),
-                    (Err(e), _) | (_, Err(e)) => Err(Refusal::Connect(dst, e)),
-                }
-            });
-        match connected {
-            Ok((app, peer_side)) => {
-                let accounting = self.account(labels());
-                // The app is the local side here: what it sent went out to the peer.
-                let totals =
-                    relay::tcp_tcp(app, peer_side, self.meters(&accounting), &live.stop).await;
-                self.finish(accounting, &totals, live.stop.fired(), |result| {
-                    entry(&result, policy())
+        let accounting;
+        // The sockets move into the relay within this block, which ends before the relay is
+        // awaited: only the relay future stays in the task while the connection is open.
+        let totals = {
+            let connected = Box::pin(self.connect_in(&netns, dst))
+                .await
+                .and_then(|app| {
+                    let both = (relay::TcpSide::new(app), relay::TcpSide::new(stream));
+                    match both {
+                        (Ok(app), Ok(peer)) => Ok((app, peer)),
+                        (Err(e), _) | (_, Err(e)) => Err(Refusal::Connect(dst, e)),
+                    }
                 });
-            }
-            Err(error) => {
-                tracing::debug!(pod = %uid, %peer, %dst, %error, "plaintext inbound failed");
-                self.refuse(labels(), "UF", || entry(&error.to_string(), None));
-            }
+            let (app, peer_side) = match connected {
+                Ok(sides) => sides,
+                Err(error) => {
+                    tracing::debug!(pod = %uid, %peer, %dst, %error, "plaintext inbound failed");
+                    self.refuse(labels(), "UF", || entry(&error.to_string(), None));
+                    return;
+                }
+            };
+            accounting = self.account(labels());
+            // The app is the local side here: what it sent went out to the peer.
+            relay::tcp_tcp(app, peer_side, self.meters(&accounting), &live.stop)
         }
+        .await;
+        self.finish(accounting, &totals, live.stop.fired(), |result| {
+            entry(&result, policy())
+        });
     }
 
     async fn inbound_hbone(self: Rc<Self>, stream: TcpStream, peer: SocketAddr, uid: Rc<str>) {
