@@ -433,7 +433,47 @@ struct Tally<'a> {
     stop: &'a Trigger,
 }
 
-impl Tally<'_> {
+/// Where a relay's poll stands: stopped (`stop` fired), still flowing, or finished with how
+/// each direction ended.
+enum Pair {
+    Stopped,
+    Flowing,
+    Finished {
+        up: Poll<End>,
+        down: Poll<End>,
+        reset: bool,
+    },
+}
+
+impl<'a> Tally<'a> {
+    /// Polls both directions with `directions` (given the byte counts and meters, upload
+    /// first), unless `stop` has fired.
+    fn poll_pair(
+        &mut self,
+        cx: &mut Context<'_>,
+        directions: impl FnOnce(
+            &mut u64,
+            &mut u64,
+            Meters<'a>,
+            &mut Context<'_>,
+        ) -> (Poll<End>, Poll<End>),
+    ) -> Pair {
+        if self.stop.poll_fired(cx).is_ready() {
+            return Pair::Stopped;
+        }
+        let (up, down) = directions(&mut self.sent, &mut self.received, self.meters, cx);
+        let verdict = verdict(up, down);
+        if verdict.finished {
+            Pair::Finished {
+                up,
+                down,
+                reset: verdict.reset,
+            }
+        } else {
+            Pair::Flowing
+        }
+    }
+
     fn totals(&self, reset: bool) -> Totals {
         Totals {
             sent: self.sent,
@@ -447,44 +487,41 @@ impl Future for TcpH2<'_> {
     type Output = Totals;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Totals> {
-        let this = self.get_mut();
-        if this.tally.stop.poll_fired(cx).is_ready() {
-            this.send.send_reset(Reason::CANCEL);
-            reset_on_close(this.tcp.fd);
-            return Poll::Ready(this.tally.totals(true));
+        let TcpH2 {
+            tcp,
+            send,
+            recv,
+            up,
+            down,
+            tally,
+        } = self.get_mut();
+        let pair = tally.poll_pair(cx, |sent, received, meters, cx| {
+            let u = poll_tcp_to_h2(up, tcp, send, sent, meters.sent, cx);
+            let d = poll_h2_to_tcp(down, recv, tcp, received, meters.received, cx);
+            (u, d)
+        });
+        match pair {
+            Pair::Flowing => Poll::Pending,
+            Pair::Stopped => {
+                send.send_reset(Reason::CANCEL);
+                reset_on_close(tcp.fd);
+                Poll::Ready(tally.totals(true))
+            }
+            Pair::Finished { up, down, reset } => {
+                // Who has to be told: a failed h2 side (SinkFailed up, SourceFailed down)
+                // resets the TCP side; a failed TCP side resets the stream (explicitly, or by
+                // dropping its handles).
+                let reset_tcp = matches!(up, Poll::Ready(End::SinkFailed))
+                    || matches!(down, Poll::Ready(End::SourceFailed));
+                if reset && !reset_tcp {
+                    send.send_reset(Reason::CANCEL);
+                }
+                if reset_tcp {
+                    reset_on_close(tcp.fd);
+                }
+                Poll::Ready(tally.totals(reset))
+            }
         }
-        let up_end = poll_tcp_to_h2(
-            &mut this.up,
-            &mut this.tcp,
-            &mut this.send,
-            &mut this.tally.sent,
-            this.tally.meters.sent,
-            cx,
-        );
-        let down_end = poll_h2_to_tcp(
-            &mut this.down,
-            &mut this.recv,
-            &mut this.tcp,
-            &mut this.tally.received,
-            this.tally.meters.received,
-            cx,
-        );
-        let verdict = verdict(up_end, down_end);
-        if !verdict.finished {
-            return Poll::Pending;
-        }
-        // Who has to be told: a failed h2 side (SinkFailed up, SourceFailed down) resets the
-        // TCP side; a failed TCP side resets the stream (explicitly, or by dropping its
-        // handles).
-        let reset_tcp = matches!(up_end, Poll::Ready(End::SinkFailed))
-            || matches!(down_end, Poll::Ready(End::SourceFailed));
-        if verdict.reset && !reset_tcp {
-            this.send.send_reset(Reason::CANCEL);
-        }
-        if reset_tcp {
-            reset_on_close(this.tcp.fd);
-        }
-        Poll::Ready(this.tally.totals(verdict.reset))
     }
 }
 
@@ -523,41 +560,39 @@ impl Future for TcpTcp<'_> {
     type Output = Totals;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Totals> {
-        let this = self.get_mut();
-        if this.tally.stop.poll_fired(cx).is_ready() {
-            reset_on_close(this.local.fd);
-            reset_on_close(this.remote.fd);
-            return Poll::Ready(this.tally.totals(true));
+        let TcpTcp {
+            local,
+            remote,
+            up,
+            down,
+            tally,
+        } = self.get_mut();
+        let pair = tally.poll_pair(cx, |sent, received, meters, cx| {
+            let u = poll_tcp_to_tcp(up, local, remote, sent, meters.sent, cx);
+            let d = poll_tcp_to_tcp(down, remote, local, received, meters.received, cx);
+            (u, d)
+        });
+        match pair {
+            Pair::Flowing => Poll::Pending,
+            Pair::Stopped => {
+                reset_on_close(local.fd);
+                reset_on_close(remote.fd);
+                Poll::Ready(tally.totals(true))
+            }
+            Pair::Finished { up, down, reset } => {
+                // A failed read resets the other side; a failed write resets the side it came
+                // from.
+                let failed =
+                    |end: Poll<End>, which: End| matches!(end, Poll::Ready(e) if e == which);
+                if failed(up, End::SinkFailed) || failed(down, End::SourceFailed) {
+                    reset_on_close(local.fd);
+                }
+                if failed(up, End::SourceFailed) || failed(down, End::SinkFailed) {
+                    reset_on_close(remote.fd);
+                }
+                Poll::Ready(tally.totals(reset))
+            }
         }
-        let up_end = poll_tcp_to_tcp(
-            &mut this.up,
-            &mut this.local,
-            &mut this.remote,
-            &mut this.tally.sent,
-            this.tally.meters.sent,
-            cx,
-        );
-        let down_end = poll_tcp_to_tcp(
-            &mut this.down,
-            &mut this.remote,
-            &mut this.local,
-            &mut this.tally.received,
-            this.tally.meters.received,
-            cx,
-        );
-        let verdict = verdict(up_end, down_end);
-        if !verdict.finished {
-            return Poll::Pending;
-        }
-        // A failed read resets the other side; a failed write resets the side it came from.
-        let failed = |end: Poll<End>, which: End| matches!(end, Poll::Ready(e) if e == which);
-        if failed(up_end, End::SinkFailed) || failed(down_end, End::SourceFailed) {
-            reset_on_close(this.local.fd);
-        }
-        if failed(up_end, End::SourceFailed) || failed(down_end, End::SinkFailed) {
-            reset_on_close(this.remote.fd);
-        }
-        Poll::Ready(this.tally.totals(verdict.reset))
     }
 }
 
