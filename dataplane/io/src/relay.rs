@@ -27,6 +27,7 @@ use h2::{Reason, RecvStream, SendStream};
 use monoio::io::IntoPollIo;
 use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use monoio::net::TcpStream;
+use smallvec::SmallVec;
 use tokio::io::AsyncWrite;
 
 use crate::bufio::ReadSlot;
@@ -133,7 +134,8 @@ const EARLY_LIMIT: usize = 64 * 1024;
 /// so that a stream the peer never processed can be replayed on another tunnel.
 #[derive(Default)]
 pub struct Early {
-    chunks: Vec<Bytes>,
+    /// Inline: a connection's first bytes are usually one read, and this costs no allocation.
+    chunks: SmallVec<[Bytes; 1]>,
     len: usize,
     /// The client half-closed (EOF) before the answer; END_STREAM went with the bytes.
     eof: bool,

@@ -914,13 +914,18 @@ impl Worker {
         }
     }
 
-    async fn connect_in(&self, netns: &NetNs, target: SocketAddr) -> Result<TcpStream, Refusal> {
+    /// Connects to `target` from inside `netns`; the socket comes back ready to relay.
+    async fn connect_in(
+        &self,
+        netns: &NetNs,
+        target: SocketAddr,
+    ) -> Result<relay::TcpSide, Refusal> {
         let socket = netns
             .run_in(&self.home, || start_connect(target, None, DATAPLANE_MARK))
             .and_then(|r| r)
             .map_err(|e| Refusal::Connect(target, e))?;
         match monoio::time::timeout(self.settings.connect_timeout, finish_connect(socket)).await {
-            Ok(Ok(stream)) => Ok(stream),
+            Ok(Ok(stream)) => relay::TcpSide::new(stream).map_err(|e| Refusal::Connect(target, e)),
             Ok(Err(e)) => {
                 self.stats.upstream_connect_failures.inc();
                 Err(Refusal::Connect(target, e))
@@ -1003,9 +1008,7 @@ impl Worker {
                 }
             }
             Route::Passthrough { target } => {
-                let stream = self.connect_in(&netns, target).await?;
-                let remote =
-                    relay::TcpSide::new(stream).map_err(|e| Refusal::Connect(target, e))?;
+                let remote = self.connect_in(&netns, target).await?;
                 self.stats.passthrough_connections.inc();
                 Ok(Upstream::Tcp(remote))
             }
@@ -1104,18 +1107,19 @@ impl Worker {
         };
         // Only the decision's reason is kept: the rest (a Vec) need not live in every open
         // connection's task.
+        let policy = |reason: &Reason| Some(view.index.policies().describe(reason));
         let reason = {
             let decision = view.index.authorize(&uid, &connection);
             self.log_decision(&view, &uid, &connection, &decision);
             if !decision.allowed {
                 crate::sockets::reset_on_close(stream.as_raw_fd());
-                let policy = Some(view.index.policies().describe(&decision.reason));
-                self.refuse(labels(), "DENY", || entry("denied", policy));
+                self.refuse(labels(), "DENY", || {
+                    entry("denied", policy(&decision.reason))
+                });
                 return;
             }
             decision.reason
         };
-        let policy = || Some(view.index.policies().describe(&reason));
         let live = self.track(&uid, connection, true);
         let accounting;
         // The sockets move into the relay within this block, which ends before the relay is
@@ -1124,11 +1128,9 @@ impl Worker {
             let connected = Box::pin(self.connect_in(&netns, dst))
                 .await
                 .and_then(|app| {
-                    let both = (relay::TcpSide::new(app), relay::TcpSide::new(stream));
-                    match both {
-                        (Ok(app), Ok(peer)) => Ok((app, peer)),
-                        (Err(e), _) | (_, Err(e)) => Err(Refusal::Connect(dst, e)),
-                    }
+                    let peer_side =
+                        relay::TcpSide::new(stream).map_err(|e| Refusal::Connect(dst, e))?;
+                    Ok((app, peer_side))
                 });
             let (app, peer_side) = match connected {
                 Ok(sides) => sides,
@@ -1144,7 +1146,7 @@ impl Worker {
         }
         .await;
         self.finish(accounting, &totals, live.stop.fired(), |result| {
-            entry(&result, policy())
+            entry(&result, policy(&reason))
         });
     }
 
@@ -1315,15 +1317,9 @@ impl Worker {
             reason = decision.reason;
             live = self.track(&uid, connection, false);
             let app = match Box::pin(self.connect_in(&netns, target)).await {
-                Ok(app) => relay::TcpSide::new(app).map_err(|e| Refusal::Connect(target, e)),
-                Err(error) => {
-                    self.stats.hbone_no_upstream.inc();
-                    Err(error)
-                }
-            };
-            let app = match app {
                 Ok(app) => app,
                 Err(error) => {
+                    self.stats.hbone_no_upstream.inc();
                     tracing::debug!(pod = %uid, %error, "HBONE upstream unreachable");
                     send_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
                     self.refuse(labels(), "UF", || entry(&error.to_string(), None));
