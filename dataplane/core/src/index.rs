@@ -14,7 +14,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use mesh_snapshot::delta::{self, Delta};
-use mesh_snapshot::schema::{self, Protocol, Snapshot};
+use mesh_snapshot::schema::{self, DecodeError, Protocol, Snapshot};
+use mesh_snapshot::view::{ServiceView, SnapshotView, WorkloadView};
 
 use crate::authz::{self, Applicable, Decision, Mtls, PeerAuth, Policies};
 use crate::identity::{SpiffeId, SpiffeIdError};
@@ -104,6 +105,9 @@ pub enum IndexError {
     },
     #[error("identity {spiffe_id:?}: {0}", spiffe_id = .1)]
     Identity(SpiffeIdError, String),
+    /// The payload itself: not the protobuf it should be, or another schema version.
+    #[error("{0}")]
+    Payload(String),
     #[error("duplicate workload uid {0:?}")]
     DuplicateUid(String),
     #[error("address {ip} belongs to both {first:?} and {second:?}")]
@@ -193,8 +197,8 @@ struct Interner {
 type IdentityParts = (Arc<str>, Arc<str>, Arc<str>);
 
 impl Interner {
-    fn string(&mut self, s: String) -> Arc<str> {
-        if let Some(known) = self.strings.get(s.as_str()) {
+    fn string(&mut self, s: &str) -> Arc<str> {
+        if let Some(known) = self.strings.get(s) {
             return known.clone();
         }
         let shared: Arc<str> = s.into();
@@ -204,9 +208,9 @@ impl Interner {
 
     fn identity(
         &mut self,
-        trust_domain: String,
+        trust_domain: &str,
         namespace: &Arc<str>,
-        service_account: String,
+        service_account: &str,
     ) -> Result<SpiffeId, SpiffeIdError> {
         let key = (
             self.string(trust_domain),
@@ -223,14 +227,14 @@ impl Interner {
 }
 
 /// Parses and checks one workload of the snapshot for a node; returns it with its labels
-/// (kept for local workloads, whose policies are resolved from them).
+/// (for local workloads, whose policies are resolved from them; empty for the others).
 fn parse_workload(
-    w: schema::Workload,
+    w: WorkloadView<'_>,
     node: &str,
     interner: &mut Interner,
-) -> Result<(Workload, BTreeMap<String, String>), IndexError> {
+) -> Result<(Arc<Workload>, BTreeMap<String, String>), IndexError> {
     let bad = |field, problem: String| IndexError::Workload {
-        uid: w.uid.clone(),
+        uid: w.uid.to_owned(),
         field,
         problem,
     };
@@ -243,7 +247,7 @@ fn parse_workload(
     let identity = interner
         .identity(w.trust_domain, &namespace, w.service_account)
         .map_err(|e| IndexError::Workload {
-            uid: w.uid.clone(),
+            uid: w.uid.to_owned(),
             field: "identity",
             problem: e.to_string(),
         })?;
@@ -252,35 +256,56 @@ fn parse_workload(
     } else if w.netns_from_agent {
         NetnsSource::Agent
     } else if !w.netns_path.is_empty() {
-        NetnsSource::Path(w.netns_path)
+        NetnsSource::Path(w.netns_path.to_owned())
     } else {
         NetnsSource::None
     };
-    let (canonical_service, canonical_revision) = if w.canonical_service.is_empty() {
-        schema::canonical_names(&w.name, &w.labels)
+    // Labels become a map only where something reads them: policies of local workloads, and
+    // canonical names an older agent left for the reader to resolve.
+    let labels = if netns != NetnsSource::None || w.canonical_service.is_empty() {
+        w.labels()
     } else {
-        (w.canonical_service, w.canonical_revision)
+        BTreeMap::new()
+    };
+    let (canonical_service, canonical_revision) = if w.canonical_service.is_empty() {
+        let (service, revision) = schema::canonical_names(w.name, &labels);
+        (interner.string(&service), interner.string(&revision))
+    } else {
+        (
+            interner.string(w.canonical_service),
+            interner.string(w.canonical_revision),
+        )
+    };
+    let labels = if netns != NetnsSource::None {
+        labels
+    } else {
+        BTreeMap::new()
     };
     let protocol = Protocol::try_from(w.protocol).unwrap_or(Protocol::Hbone);
+    // Straight into its shared allocation: a workload is about 200 bytes, moved once.
     Ok((
-        Workload {
-            canonical_service: interner.string(canonical_service),
-            canonical_revision: interner.string(canonical_revision),
+        Arc::new(Workload {
+            canonical_service,
+            canonical_revision,
             protocol,
             uid: w.uid.into(),
-            name: w.name,
+            name: w.name.to_owned(),
             namespace,
             identity,
             ips,
             node: interner.string(w.node),
             netns,
-        },
-        w.labels,
+        }),
+        labels,
     ))
 }
 
+fn payload_error(error: DecodeError) -> IndexError {
+    IndexError::Payload(error.to_string())
+}
+
 /// Parses and checks one service: its frontends with target ports.
-fn parse_service(s: &schema::Service) -> Result<Service, IndexError> {
+fn parse_service(s: &ServiceView<'_>) -> Result<Service, IndexError> {
     let bad = |field, problem: String| IndexError::Service {
         name: format!("{}/{}", s.namespace, s.name),
         field,
@@ -311,12 +336,12 @@ fn parse_service(s: &schema::Service) -> Result<Service, IndexError> {
     let hostname = if s.hostname.is_empty() {
         format!("{}.{}.svc.cluster.local", s.name, s.namespace)
     } else {
-        s.hostname.clone()
+        s.hostname.to_owned()
     };
     Ok(Service {
         name: ServiceName {
-            name: s.name.clone(),
-            namespace: s.namespace.clone(),
+            name: s.name.to_owned(),
+            namespace: s.namespace.to_owned(),
             hostname,
         },
         frontends,
@@ -329,32 +354,63 @@ fn parse_service(s: &schema::Service) -> Result<Service, IndexError> {
 impl Index {
     /// Builds and checks an index. Anything malformed refuses the whole snapshot: a data plane
     /// that half-applied a config would be harder to reason about than one that kept the last.
-    pub fn build(snapshot: Snapshot, generation: Generation) -> Result<Index, IndexError> {
+    pub fn build(mut snapshot: Snapshot, generation: Generation) -> Result<Index, IndexError> {
+        let workloads = std::mem::take(&mut snapshot.workloads);
+        let services = std::mem::take(&mut snapshot.services);
+        Index::built(
+            snapshot,
+            workloads.iter().map(|w| Ok(w.into())),
+            services.iter().map(|s| Ok(s.into())),
+            generation,
+        )
+    }
+
+    /// [`Index::build`] from an encoded snapshot (as the region holds it), reading its
+    /// workloads and services in place: only what the index keeps is allocated.
+    pub fn build_encoded(payload: &[u8], generation: Generation) -> Result<Index, IndexError> {
+        let mut view = SnapshotView::decode(payload).map_err(payload_error)?;
+        let rest = std::mem::take(&mut view.rest);
+        Index::built(rest, view.workloads(), view.services(), generation)
+    }
+
+    /// An index of `rest` (a snapshot without its workloads and services) with `workloads`
+    /// and `services`.
+    fn built<'a>(
+        rest: Snapshot,
+        workloads: impl ExactSizeIterator<Item = Result<WorkloadView<'a>, DecodeError>>,
+        services: impl ExactSizeIterator<Item = Result<ServiceView<'a>, DecodeError>>,
+        generation: Generation,
+    ) -> Result<Index, IndexError> {
         let mut empty = Index::empty();
-        empty.node = snapshot.node.clone();
-        empty.root_namespace = snapshot.root_namespace.clone();
+        empty.node = rest.node;
+        empty.root_namespace = rest.root_namespace;
         empty.generation = generation;
         let delta = Delta {
-            workloads: snapshot.workloads,
-            services: snapshot.services,
-            policies: snapshot.policies,
-            peer_authentications: snapshot.peer_authentications,
-            identities: snapshot.identities,
+            policies: rest.policies,
+            peer_authentications: rest.peer_authentications,
+            identities: rest.identities,
             replace_trust_roots: true,
-            trust_roots: snapshot.trust_roots,
-            source: snapshot.source,
+            trust_roots: rest.trust_roots,
+            source: rest.source,
             ..Delta::default()
         };
         // Nothing shares the empty maps: the build writes the hash maps in place.
-        let mut index = empty.applied(delta, generation)?;
+        let mut index = empty.applied(workloads, services, delta, generation)?;
         index.fold_maps(true);
         Ok(index)
     }
 
     /// The next generation: this index with `delta` applied. Untouched parts are shared with
     /// `self`; a delta with anything malformed is refused whole and `self` stays as it was.
-    pub fn apply(&self, delta: Delta, generation: Generation) -> Result<Index, IndexError> {
-        let mut next = self.clone().applied(delta, generation)?;
+    pub fn apply(&self, mut delta: Delta, generation: Generation) -> Result<Index, IndexError> {
+        let workloads = std::mem::take(&mut delta.workloads);
+        let services = std::mem::take(&mut delta.services);
+        let mut next = self.clone().applied(
+            workloads.iter().map(|w| Ok(w.into())),
+            services.iter().map(|s| Ok(s.into())),
+            delta,
+            generation,
+        )?;
         next.fold_maps(false);
         Ok(next)
     }
@@ -376,7 +432,15 @@ impl Index {
         }
     }
 
-    fn applied(self, delta: Delta, generation: Generation) -> Result<Index, IndexError> {
+    /// Applies `workloads` and `services` (changed or new) and the rest of `delta`, whose own
+    /// workload and service lists are not read.
+    fn applied<'a>(
+        self,
+        workloads: impl ExactSizeIterator<Item = Result<WorkloadView<'a>, DecodeError>>,
+        services: impl ExactSizeIterator<Item = Result<ServiceView<'a>, DecodeError>>,
+        delta: Delta,
+        generation: Generation,
+    ) -> Result<Index, IndexError> {
         let mut next = self;
         next.generation = generation;
         // Into an empty index (a build) nothing leaves and no service is resolved again.
@@ -387,14 +451,15 @@ impl Index {
 
         // Workloads: every changed or removed one leaves first (with its addresses), so that
         // two pods swapping addresses in one delta is not a conflict.
-        next.by_uid.reserve(delta.workloads.len());
-        next.by_ip.reserve(delta.workloads.len());
-        next.listed_by.reserve(delta.workloads.len());
-        next.services.reserve(delta.services.len());
-        next.by_vip.reserve(delta.services.len());
-        let mut parsed = Vec::with_capacity(delta.workloads.len());
+        next.by_uid.reserve(workloads.len());
+        next.by_ip.reserve(workloads.len());
+        next.listed_by.reserve(workloads.len());
+        next.services.reserve(services.len());
+        next.by_vip.reserve(services.len());
+        let mut parsed = Vec::with_capacity(workloads.len());
         let mut interner = Interner::default();
-        for w in delta.workloads {
+        for w in workloads {
+            let w = w.map_err(payload_error)?;
             parsed.push(parse_workload(w, &next.node, &mut interner)?);
         }
         drop(interner);
@@ -430,7 +495,6 @@ impl Index {
         }
         for (workload, labels) in parsed {
             let uid = workload.uid.clone();
-            let workload = Arc::new(workload);
             for ip in &workload.ips {
                 if let Some(other) = next.by_ip.get(ip) {
                     return Err(IndexError::DuplicateIp {
@@ -459,14 +523,11 @@ impl Index {
 
         // Services: the old version of each changed or removed one leaves with its frontends.
         let mut touched: HashSet<Arc<str>> = HashSet::new();
-        let mut incoming = Vec::with_capacity(delta.services.len());
-        for s in delta.services {
+        let mut incoming = Vec::with_capacity(services.len());
+        for s in services {
+            let s = s.map_err(payload_error)?;
             let service = parse_service(&s)?;
-            incoming.push((
-                Arc::<str>::from(delta::service_key(&s)),
-                service,
-                s.endpoints,
-            ));
+            incoming.push((Arc::<str>::from(s.key()), service, s.endpoints));
         }
         let leaving = delta
             .removed_services
@@ -495,7 +556,7 @@ impl Index {
             // Share the uid the workload map already holds (one allocation per pod, not two).
             service.listed.reserve_exact(listed.len());
             for uid in listed {
-                match next.by_uid.get_key_value(uid.as_str()) {
+                match next.by_uid.get_key_value(uid) {
                     Some((known, workload)) => {
                         service.listed.push(known.clone());
                         service.endpoints.push(workload.clone());
@@ -881,6 +942,59 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("addr")
+    }
+
+    /// What a reader of the index sees, in a comparable order.
+    fn contents(index: &Index) -> Vec<String> {
+        let mut seen: Vec<String> = index.workloads().map(|w| format!("{w:?}")).collect();
+        seen.extend(index.services().iter().map(|s| format!("{s:?}")));
+        seen.extend(index.local_workloads().map(|w| format!("local {}", w.uid)));
+        seen.extend(index.identities().map(|(id, _)| format!("identity {id}")));
+        seen.sort();
+        seen
+    }
+
+    #[test]
+    fn an_encoded_snapshot_builds_the_index_its_decoded_form_builds() {
+        let mut snap = snapshot();
+        snap.workloads[0].labels = [("app".to_owned(), "client".to_owned())].into();
+        snap.workloads[2].labels = [("app".to_owned(), "server".to_owned())].into();
+        snap.workloads[1].canonical_service = "server".into();
+        let payload = mesh_snapshot::encode(&snap);
+        let in_place = Index::build_encoded(&payload, Generation::default()).expect("builds");
+        let decoded = Index::build(snap, Generation::default()).expect("builds");
+        assert_eq!(contents(&in_place), contents(&decoded));
+        assert_eq!(in_place.workload_count(), 4);
+        assert_eq!(
+            in_place.route_outbound(addr("10.96.0.10:80"), 1),
+            decoded.route_outbound(addr("10.96.0.10:80"), 1)
+        );
+    }
+
+    #[test]
+    fn a_payload_that_is_not_a_snapshot_is_refused_with_what_is_wrong() {
+        let mut payload = mesh_snapshot::encode(&snapshot());
+        // Cut inside the last field: its length now runs past the end.
+        payload.truncate(payload.len() - 1);
+        let refused = Index::build_encoded(&payload, Generation::default()).err();
+        assert!(
+            matches!(&refused, Some(IndexError::Payload(why)) if why.contains("not valid protobuf")),
+            "{refused:?}"
+        );
+        // A workload whose uid is not UTF-8, found while reading the workloads in place.
+        let mut snap = snapshot();
+        snap.workloads.truncate(1);
+        let mut payload = mesh_snapshot::encode(&snap);
+        let at = payload
+            .windows(6)
+            .position(|w| w == b"client")
+            .expect("the uid is in the payload");
+        payload[at] = 0xff;
+        let refused = Index::build_encoded(&payload, Generation::default()).err();
+        assert!(
+            matches!(&refused, Some(IndexError::Payload(why)) if why.contains("UTF-8")),
+            "{refused:?}"
+        );
     }
 
     #[test]

@@ -250,8 +250,8 @@ pub fn adopt(
         let current = current.ok_or("changes arrived before any complete snapshot")?;
         return apply_deltas(current.clone(), epoch, &deltas);
     };
-    let snapshot = mesh_snapshot::decode(&base.payload).map_err(|e| e.to_string())?;
-    let built = Index::build(snapshot, stamp(base.generation)).map_err(|e| e.to_string());
+    let built =
+        Index::build_encoded(&base.payload, stamp(base.generation)).map_err(|e| e.to_string());
     match built.and_then(|index| apply_deltas(index, epoch, &deltas)) {
         Ok(index) => Ok(index),
         Err(_) if !deltas.is_empty() => {

@@ -76,16 +76,21 @@ pub fn workload_key(w: &Workload) -> String {
     w.uid.clone()
 }
 
+/// How deltas name a namespaced entry.
+pub fn namespaced_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
 pub fn service_key(s: &Service) -> String {
-    format!("{}/{}", s.namespace, s.name)
+    namespaced_key(&s.namespace, &s.name)
 }
 
 pub fn policy_key(p: &AuthorizationPolicy) -> String {
-    format!("{}/{}", p.namespace, p.name)
+    namespaced_key(&p.namespace, &p.name)
 }
 
 pub fn peer_authentication_key(p: &PeerAuthentication) -> String {
-    format!("{}/{}", p.namespace, p.name)
+    namespaced_key(&p.namespace, &p.name)
 }
 
 pub fn identity_key(i: &Identity) -> String {

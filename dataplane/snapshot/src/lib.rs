@@ -15,6 +15,7 @@ pub mod region;
 pub mod schema;
 #[doc(hidden)]
 pub mod test_support;
+pub mod view;
 
 pub use delta::Delta;
 pub use region::{Appended, Published, Publisher, ReadOutcome, RegionError, Subscriber};

@@ -286,6 +286,9 @@ pub fn encode(snapshot: &Snapshot) -> Vec<u8> {
 pub enum DecodeError {
     #[error("snapshot payload is not valid protobuf: {0}")]
     Protobuf(#[from] prost::DecodeError),
+    /// What the in-place reader (`view`) found wrong, in prost's words.
+    #[error("snapshot payload is not valid protobuf: {0}")]
+    Malformed(&'static str),
     #[error(
         "snapshot schema version {found} is not {SCHEMA_VERSION}, which this build understands"
     )]
