@@ -17,8 +17,8 @@ use std::sync::Arc;
 pub const FOLD_MIN: usize = 1024;
 
 /// The frozen part. foldhash, not std's SipHash: the keys (uids, addresses) come from the
-/// control plane, not from connections, and SipHash was a fifth of an index build at 100k
-/// workloads. The hasher is still seeded per process.
+/// control plane, not from peers, so the faster hash is enough; it is still seeded per
+/// process.
 type Base<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 #[derive(Clone)]
