@@ -254,23 +254,24 @@ impl Agent {
         let roots = self.ca.trust_roots(&self.options.extra_roots);
         let source = self.source.describe();
         let node = self.options.node.as_str();
-        // Most changes touch a few pods: only those are translated and compared, against the
-        // model the published state came from. Everything else is small and diffed whole.
+        // Most changes touch a few pods or services: only those are translated and compared,
+        // against the model the published state came from. Everything else is small and
+        // diffed whole.
         let delta = match (&self.published_from, self.channel.state()) {
             (Some((before, before_enrolled)), Some(current)) => {
-                translate::workload_changes(before, before_enrolled, &config, &enrolled, node)
+                translate::model_changes(before, before_enrolled, &config, &enrolled, node)
                     .and_then(|changes| {
-                        let rest = translate::snapshot_without_workloads(
+                        let rest = translate::snapshot_rest(
                             &config,
                             node,
                             identities.clone(),
                             roots.clone(),
                             source.clone(),
                         );
-                        current.diff_with_workload_changes(
+                        current.diff_with_changes(
                             &State::from(rest),
-                            changes.changed,
-                            changes.removed,
+                            changes.workloads,
+                            changes.services,
                         )
                     })
             }

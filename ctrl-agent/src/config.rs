@@ -348,10 +348,21 @@ impl FileConfig {
                 }
             }
         }
+        // A service is named by namespace and name in the snapshot and in its deltas.
+        let mut service_names = HashSet::new();
         for (i, s) in self.services.iter().enumerate() {
             let at = |field: &str| format!("services[{i}].{field}");
             if s.name.is_empty() {
                 return Err(err(at("name"), "must not be empty"));
+            }
+            if !service_names.insert((s.namespace.as_str(), s.name.as_str())) {
+                return Err(err(
+                    at("name"),
+                    format!(
+                        "{}/{} is already the name of another service",
+                        s.namespace, s.name
+                    ),
+                ));
             }
             if s.vips.is_empty() {
                 return Err(err(at("vips"), "a service needs at least one VIP"));

@@ -1,16 +1,19 @@
 //! From the source's model to the snapshot schema: the one translation every source uses.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 
 use mesh_core::index::ip_to_bytes;
+use mesh_snapshot::delta::{self, Changes};
 use mesh_snapshot::schema::{
     self, Action, AuthorizationPolicy, Condition, Identity, MtlsMode, PeerAuthentication, Protocol,
     Rule, RuleOperation, RuleSource, Service, ServicePort, Snapshot, Workload,
 };
 
 use crate::config::{
-    ActionSpec, FileConfig, MtlsModeSpec, PolicySpec, ProtocolSpec, SelectorSpec, WorkloadSpec,
+    ActionSpec, FileConfig, MtlsModeSpec, PolicySpec, ProtocolSpec, SelectorSpec, ServiceSpec,
+    WorkloadSpec,
 };
 
 fn selector(s: &Option<SelectorSpec>) -> std::collections::BTreeMap<String, String> {
@@ -168,101 +171,134 @@ pub fn snapshot(
             .iter()
             .map(|w| workload(w, config, node, enrolled))
             .collect(),
-        ..snapshot_without_workloads(config, node, identities, trust_roots, source)
+        services: config.services.iter().map(|s| service(s, config)).collect(),
+        ..snapshot_rest(config, node, identities, trust_roots, source)
     }
 }
 
-/// Workloads of a new model that translate differently from the last one's, and uids that
-/// left: what a snapshot's workloads need to follow the model without translating every pod.
+/// How the snapshot's workloads and services follow a new model without translating every
+/// pod and service: the entries that translate differently from the last model's, and the
+/// keys that left.
 #[derive(Debug, Default)]
-pub struct WorkloadChanges {
-    pub changed: Vec<Workload>,
-    pub removed: Vec<String>,
+pub struct ModelChanges {
+    pub workloads: Changes<Workload>,
+    pub services: Changes<Service>,
 }
 
-/// The workload changes from (`before`, `before_enrolled`) to (`after`, `after_enrolled`), or
-/// `None` when every workload may translate differently (the trust domain changed). A
-/// workload's translation depends only on its spec, the trust domain and, for this node's
-/// pods, their enrollment. Uids are unique within a model (`FileConfig::parse` and the
-/// Kubernetes model both ensure it). Both models list pods in the same order unless pods
-/// came or went, so the common prefix is compared in place and only the rest by uid.
-pub fn workload_changes(
+/// The changes from (`before`, `before_enrolled`) to (`after`, `after_enrolled`), or `None`
+/// when every entry may translate differently (the trust domain changed). A workload's
+/// translation depends only on its spec, the trust domain and, for this node's pods, their
+/// enrollment; a service's on its spec and the trust domain. Uids, and services' namespace
+/// and name, are unique within a model (`FileConfig::parse` and the Kubernetes model both
+/// ensure it).
+pub fn model_changes(
     before: &FileConfig,
     before_enrolled: &Enrolled,
     after: &FileConfig,
     after_enrolled: &Enrolled,
     node: &str,
-) -> Option<WorkloadChanges> {
+) -> Option<ModelChanges> {
     if before.trust_domain != after.trust_domain {
         return None;
     }
-    let same = |o: &WorkloadSpec, w: &WorkloadSpec| {
-        o == w && enrollment(o, node, before_enrolled) == enrollment(w, node, after_enrolled)
+    let (workloads, removed) = differing(
+        &before.workloads,
+        &after.workloads,
+        |w| w.uid.as_str(),
+        |o, w| {
+            o == w && enrollment(o, node, before_enrolled) == enrollment(w, node, after_enrolled)
+        },
+    );
+    let workloads = Changes {
+        changed: workloads
+            .into_iter()
+            .map(|w| workload(w, after, node, after_enrolled))
+            .collect(),
+        removed: removed.into_iter().map(str::to_owned).collect(),
     };
-    let mut changes = WorkloadChanges::default();
-    let in_step = before
-        .workloads
-        .iter()
-        .zip(&after.workloads)
-        .take_while(|(o, w)| o.uid == w.uid)
-        .count();
-    for (o, w) in before.workloads.iter().zip(&after.workloads).take(in_step) {
-        if !same(o, w) {
-            changes
-                .changed
-                .push(workload(w, after, node, after_enrolled));
-        }
-    }
-    fn by_uid(workloads: &[WorkloadSpec]) -> HashMap<&str, &WorkloadSpec> {
-        workloads.iter().map(|w| (w.uid.as_str(), w)).collect()
-    }
-    let old = by_uid(&before.workloads[in_step..]);
-    let new = by_uid(&after.workloads[in_step..]);
-    for (uid, w) in &new {
-        if !old.get(uid).is_some_and(|o| same(o, w)) {
-            changes
-                .changed
-                .push(workload(w, after, node, after_enrolled));
-        }
-    }
-    changes.removed = old
-        .keys()
-        .filter(|uid| !new.contains_key(*uid))
-        .map(|uid| (*uid).to_owned())
-        .collect();
-    Some(changes)
+    let (services, removed) = differing(
+        &before.services,
+        &after.services,
+        |s| (s.namespace.as_str(), s.name.as_str()),
+        |o, s| o == s,
+    );
+    let services = Changes {
+        changed: services.into_iter().map(|s| service(s, after)).collect(),
+        removed: removed
+            .into_iter()
+            .map(|(namespace, name)| delta::namespaced_key(namespace, name))
+            .collect(),
+    };
+    Some(ModelChanges {
+        workloads,
+        services,
+    })
 }
 
-/// `snapshot` without its workloads.
-pub fn snapshot_without_workloads(
+/// Entries of `after` that are new or not `same` as in `before`, and keys of `before` that
+/// `after` lacks; keys are unique within each list. Both lists are usually in the same order
+/// (a model lists its objects in one order, and most changes add or remove none), so the
+/// common prefix is compared in place and only the rest by key.
+fn differing<'a, T, K: Hash + Eq>(
+    before: &'a [T],
+    after: &'a [T],
+    key: impl Fn(&'a T) -> K,
+    same: impl Fn(&T, &T) -> bool,
+) -> (Vec<&'a T>, Vec<K>) {
+    let in_step = before
+        .iter()
+        .zip(after)
+        .take_while(|(o, n)| key(o) == key(n))
+        .count();
+    let mut changed: Vec<&T> = before
+        .iter()
+        .zip(after)
+        .take(in_step)
+        .filter(|(o, n)| !same(o, n))
+        .map(|(_, n)| n)
+        .collect();
+    let old: HashMap<K, &T> = before[in_step..].iter().map(|o| (key(o), o)).collect();
+    let new: HashMap<K, &T> = after[in_step..].iter().map(|n| (key(n), n)).collect();
+    changed.extend(
+        new.iter()
+            .filter(|(k, n)| !old.get(*k).is_some_and(|o| same(o, n)))
+            .map(|(_, n)| *n),
+    );
+    let removed = old.into_keys().filter(|k| !new.contains_key(k)).collect();
+    (changed, removed)
+}
+
+/// One service as the snapshot carries it.
+fn service(s: &ServiceSpec, config: &FileConfig) -> Service {
+    Service {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        hostname: s
+            .hostname
+            .clone()
+            .unwrap_or_else(|| format!("{}.{}.svc.{}", s.name, s.namespace, config.trust_domain)),
+        vips: s.vips.iter().map(|ip| ip_to_bytes(*ip)).collect(),
+        ports: s
+            .ports
+            .iter()
+            .map(|p| ServicePort {
+                port: u32::from(p.port),
+                target_port: u32::from(p.target_port.unwrap_or(p.port)),
+            })
+            .collect(),
+        endpoints: s.endpoints.clone(),
+        waypoint: s.waypoint.clone().unwrap_or_default(),
+    }
+}
+
+/// `snapshot` without its workloads and services.
+pub fn snapshot_rest(
     config: &FileConfig,
     node: &str,
     identities: Vec<Identity>,
     trust_roots: Vec<Vec<u8>>,
     source: String,
 ) -> Snapshot {
-    let services = config
-        .services
-        .iter()
-        .map(|s| Service {
-            name: s.name.clone(),
-            namespace: s.namespace.clone(),
-            hostname: s.hostname.clone().unwrap_or_else(|| {
-                format!("{}.{}.svc.{}", s.name, s.namespace, config.trust_domain)
-            }),
-            vips: s.vips.iter().map(|ip| ip_to_bytes(*ip)).collect(),
-            ports: s
-                .ports
-                .iter()
-                .map(|p| ServicePort {
-                    port: u32::from(p.port),
-                    target_port: u32::from(p.target_port.unwrap_or(p.port)),
-                })
-                .collect(),
-            endpoints: s.endpoints.clone(),
-            waypoint: s.waypoint.clone().unwrap_or_default(),
-        })
-        .collect();
     let peer_authentications = config
         .peer_authentications
         .iter()
@@ -282,7 +318,7 @@ pub fn snapshot_without_workloads(
         schema_version: schema::SCHEMA_VERSION,
         node: node.to_owned(),
         workloads: Vec::new(),
-        services,
+        services: Vec::new(),
         policies: config.policies.iter().map(policy).collect(),
         peer_authentications,
         identities,
@@ -318,12 +354,30 @@ workloads:
     node: node-2
 "#;
 
-    /// The agent's incremental path: the workload changes between two models, applied to the
-    /// state published from the first, give exactly the full translation of the second.
+    const SERVICES: &str = r#"
+services:
+  - name: till
+    namespace: shop
+    vips: [10.96.0.1]
+    ports: [{port: 80, targetPort: 8080}]
+    endpoints: [there-1]
+  - name: cart
+    vips: [10.96.0.2]
+    ports: [{port: 80}]
+    endpoints: [here-1]
+  - name: gone
+    namespace: shop
+    vips: [10.96.0.3]
+    ports: [{port: 80}]
+    endpoints: [there-2]
+"#;
+
+    /// The agent's incremental path: the changes between two models, applied to the state
+    /// published from the first, give exactly the full translation of the second.
     #[test]
-    fn workload_changes_on_the_published_state_equal_the_full_translation() {
+    fn model_changes_on_the_published_state_equal_the_full_translation() {
         let node = "node-1";
-        let before = FileConfig::parse(TWO_NODES).expect("valid");
+        let before = FileConfig::parse(&format!("{TWO_NODES}{SERVICES}")).expect("valid");
         let none = Enrolled::new();
         let mut after = before.clone();
         after.workloads.retain(|w| w.uid != "there-1");
@@ -343,6 +397,14 @@ workloads:
             vec!["10.0.1.50".parse().expect("ip")],
         )]
         .into();
+        // Services: one loses the pod that left and gains the new one, one goes, one comes,
+        // and one stays as it was.
+        after.services[0].endpoints = vec!["there-3".into()];
+        after.services.retain(|s| s.name != "gone");
+        let mut new_service = after.services[1].clone();
+        new_service.name = "new".into();
+        new_service.vips = vec!["10.96.0.9".parse().expect("ip")];
+        after.services.insert(0, new_service);
         let full = |config: &FileConfig, enrolled: &Enrolled| {
             State::from(snapshot(
                 config,
@@ -355,26 +417,30 @@ workloads:
         };
         let published = full(&before, &none);
         let changes =
-            workload_changes(&before, &none, &after, &enrolled, node).expect("same trust domain");
-        let rest = snapshot_without_workloads(&after, node, Vec::new(), Vec::new(), "t".into());
+            model_changes(&before, &none, &after, &enrolled, node).expect("same trust domain");
+        let rest = snapshot_rest(&after, node, Vec::new(), Vec::new(), "t".into());
         let delta = published
-            .diff_with_workload_changes(&State::from(rest), changes.changed, changes.removed)
+            .diff_with_changes(&State::from(rest), changes.workloads, changes.services)
             .expect("same node");
         let mut uids: Vec<&str> = delta.workloads.iter().map(|w| w.uid.as_str()).collect();
         uids.sort();
         assert_eq!(uids, ["here-1", "there-3"]);
         assert_eq!(delta.removed_workloads, ["there-1"]);
+        let mut services: Vec<&str> = delta.services.iter().map(|s| s.name.as_str()).collect();
+        services.sort();
+        assert_eq!(services, ["new", "till"]);
+        assert_eq!(delta.removed_services, ["shop/gone"]);
         let mut state = published.clone();
         state.apply(&delta);
         assert_eq!(state, full(&after, &enrolled));
 
-        let unchanged = workload_changes(&after, &enrolled, &after, &enrolled, node).expect("same");
-        assert!(unchanged.changed.is_empty() && unchanged.removed.is_empty());
+        let unchanged = model_changes(&after, &enrolled, &after, &enrolled, node).expect("same");
+        assert!(unchanged.workloads.is_empty() && unchanged.services.is_empty());
         let mut other_domain = after.clone();
         other_domain.trust_domain = "other.local".into();
         assert!(
-            workload_changes(&after, &enrolled, &other_domain, &enrolled, node).is_none(),
-            "every workload's identity may change: translate them all"
+            model_changes(&after, &enrolled, &other_domain, &enrolled, node).is_none(),
+            "every identity and default hostname may change: translate them all"
         );
     }
 

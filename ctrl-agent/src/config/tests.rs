@@ -122,6 +122,11 @@ fn errors_name_the_field_and_the_problem() {
             "no workload has uid \"ghost\"",
         ),
         (
+            "services: [{name: s, vips: [10.96.0.1], ports: [{port: 80}]}, {name: t, vips: [10.96.0.2], ports: [{port: 80}]}, {name: s, namespace: default, vips: [10.96.0.3], ports: [{port: 80}]}]",
+            "services[2].name",
+            "default/s is already the name of another service",
+        ),
+        (
             "services: [{name: s, vips: [10.96.0.1], ports: [{port: 70000}]}]",
             "services[0].ports[0].port",
             "invalid value",

@@ -72,6 +72,29 @@ impl Delta {
     }
 }
 
+/// Entries added or changed, and keys removed: what a caller that knows which entries of a
+/// collection changed hands over instead of the whole collection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Changes<T> {
+    pub changed: Vec<T>,
+    pub removed: Vec<String>,
+}
+
+impl<T> Default for Changes<T> {
+    fn default() -> Self {
+        Changes {
+            changed: Vec::new(),
+            removed: Vec::new(),
+        }
+    }
+}
+
+impl<T> Changes<T> {
+    pub fn is_empty(&self) -> bool {
+        self.changed.is_empty() && self.removed.is_empty()
+    }
+}
+
 pub fn workload_key(w: &Workload) -> String {
     w.uid.clone()
 }
@@ -155,6 +178,27 @@ fn diff_keyed<T: PartialEq + Clone>(
     (changed, removed)
 }
 
+/// `changes` less what would not change `held`: entries it holds as they are, removals of
+/// keys it lacks.
+fn effective<T: PartialEq>(
+    held: &BTreeMap<String, T>,
+    changes: Changes<T>,
+    key: impl Fn(&T) -> String,
+) -> Changes<T> {
+    Changes {
+        changed: changes
+            .changed
+            .into_iter()
+            .filter(|t| held.get(&key(t)) != Some(t))
+            .collect(),
+        removed: changes
+            .removed
+            .into_iter()
+            .filter(|k| held.contains_key(k))
+            .collect(),
+    }
+}
+
 fn apply_keyed<T: Clone>(
     entries: &mut BTreeMap<String, T>,
     changed: &[T],
@@ -189,41 +233,44 @@ impl State {
     /// The delta that turns `self` into `new`, or `None` when only a complete snapshot can
     /// (the node or root namespace changed).
     pub fn diff(&self, new: &State) -> Option<Delta> {
-        let (workloads, removed_workloads) = diff_keyed(&self.workloads, &new.workloads);
-        self.diff_with_workloads(new, workloads, removed_workloads)
+        let (changed, removed) = diff_keyed(&self.workloads, &new.workloads);
+        let workloads = Changes { changed, removed };
+        let (changed, removed) = diff_keyed(&self.services, &new.services);
+        self.diff_with(new, workloads, Changes { changed, removed })
     }
 
-    /// As `diff`, but the workload changes are given (`changed` added or replaced, `removed`
-    /// uids gone) by a caller that knows which pods changed, so that it need not rebuild
-    /// every workload to have them compared; `new`'s own workloads are not read. Changes equal
-    /// to what `self` holds, and removals of what it lacks, are left out.
-    pub fn diff_with_workload_changes(
+    /// As `diff`, but the workload and service changes are given by a caller that knows which
+    /// pods and services changed, so that it need not rebuild all of them to have them
+    /// compared; `new`'s own workloads and services are not read. Changes equal to what
+    /// `self` holds, and removals of what it lacks, are left out.
+    pub fn diff_with_changes(
         &self,
         new: &State,
-        changed: Vec<Workload>,
-        removed: Vec<String>,
+        workloads: Changes<Workload>,
+        services: Changes<Service>,
     ) -> Option<Delta> {
-        let workloads = changed
-            .into_iter()
-            .filter(|w| self.workloads.get(w.uid.as_str()) != Some(w))
-            .collect();
-        let removed_workloads = removed
-            .into_iter()
-            .filter(|uid| self.workloads.contains_key(uid))
-            .collect();
-        self.diff_with_workloads(new, workloads, removed_workloads)
+        let workloads = effective(&self.workloads, workloads, workload_key);
+        let services = effective(&self.services, services, service_key);
+        self.diff_with(new, workloads, services)
     }
 
-    fn diff_with_workloads(
+    fn diff_with(
         &self,
         new: &State,
-        workloads: Vec<Workload>,
-        removed_workloads: Vec<String>,
+        workloads: Changes<Workload>,
+        services: Changes<Service>,
     ) -> Option<Delta> {
         if self.node != new.node || self.root_namespace != new.root_namespace {
             return None;
         }
-        let (services, removed_services) = diff_keyed(&self.services, &new.services);
+        let Changes {
+            changed: workloads,
+            removed: removed_workloads,
+        } = workloads;
+        let Changes {
+            changed: services,
+            removed: removed_services,
+        } = services;
         let (policies, removed_policies) = diff_keyed(&self.policies, &new.policies);
         let (peer_authentications, removed_peer_authentications) =
             diff_keyed(&self.peer_authentications, &new.peer_authentications);

@@ -640,15 +640,15 @@ fn kube_event_cost(size: usize) -> anyhow::Result<KubeEventCost> {
     );
     let none = ctrl_agent::translate::Enrolled::new();
     let t = Instant::now();
-    let changes = ctrl_agent::translate::workload_changes(
+    let changes = ctrl_agent::translate::model_changes(
         &before_model,
         &none,
         &after_model,
         &none,
         &options.node,
     )
-    .context("workload changes")?;
-    let rest = ctrl_agent::translate::snapshot_without_workloads(
+    .context("model changes")?;
+    let rest = ctrl_agent::translate::snapshot_rest(
         &after_model,
         &options.node,
         Vec::new(),
@@ -656,16 +656,18 @@ fn kube_event_cost(size: usize) -> anyhow::Result<KubeEventCost> {
         "kube".into(),
     );
     let changed_only = published
-        .diff_with_workload_changes(
+        .diff_with_changes(
             &mesh_snapshot::delta::State::from(rest),
-            changes.changed,
-            changes.removed,
+            changes.workloads,
+            changes.services,
         )
         .context("a delta")?;
     let changed_only_time = t.elapsed();
     anyhow::ensure!(
         changed_only.workloads == delta.workloads
-            && changed_only.removed_workloads == delta.removed_workloads,
+            && changed_only.removed_workloads == delta.removed_workloads
+            && changed_only.services == delta.services
+            && changed_only.removed_services == delta.removed_services,
         "the changed-only delta differs from the full diff"
     );
     Ok(KubeEventCost {
