@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use mesh_core::identity::SpiffeId;
 use serde::Deserialize;
@@ -24,8 +25,10 @@ pub struct FileConfig {
     /// Namespaces and their labels (`istio.io/dataplane-mode: ambient` enrolls their pods).
     #[serde(default)]
     pub namespaces: Vec<NamespaceSpec>,
+    /// Shared: the Kubernetes model reuses the specs of pods that did not change, and the
+    /// agent tells an unchanged pod by pointer before comparing.
     #[serde(default)]
-    pub workloads: Vec<WorkloadSpec>,
+    pub workloads: Vec<Arc<WorkloadSpec>>,
     #[serde(default)]
     pub services: Vec<ServiceSpec>,
     #[serde(default)]

@@ -226,6 +226,7 @@ pub fn workload_of<'a>(config: &'a FileConfig, pod: &PodRef) -> Option<&'a Workl
         .workloads
         .iter()
         .find(|w| w.namespace == pod.namespace && w.name == pod.name)
+        .map(|w| &**w)
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
 
 use crate::config::FileConfig;
-use model::{Model, ModelOptions};
+use model::{Model, ModelOptions, Modeler};
 use world::{Applied, Kind, Update, World};
 
 pub const ISTIO_SECURITY_GROUP: &str = "security.istio.io";
@@ -129,6 +129,7 @@ async fn run(client: Client, options: KubeOptions, handoff: Arc<Handoff>, wake: 
     drop(tx);
 
     let mut world = World::default();
+    let mut modeler = Modeler::new(options.model.clone());
     let mut reported = BTreeSet::new();
     // What was handed over last: most pod events (status, restarts, annotations) change
     // nothing the mesh uses, and those need no translation and diff by the agent.
@@ -154,7 +155,7 @@ async fn run(client: Client, options: KubeOptions, handoff: Arc<Handoff>, wake: 
             tracing::debug!(?waiting, "not publishing until these kinds are listed");
             continue;
         }
-        let Model { config, problems } = model::model(&world, &options.model);
+        let Model { config, problems } = modeler.model(&world);
         // A bad object is named once, not at every change of the cluster.
         let now: BTreeSet<String> = problems.into_iter().collect();
         for problem in now.difference(&reported) {

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use mesh_core::index::ip_to_bytes;
 use mesh_snapshot::delta::{self, Changes};
@@ -206,7 +207,9 @@ pub fn model_changes(
         &after.workloads,
         |w| w.uid.as_str(),
         |o, w| {
-            o == w && enrollment(o, node, before_enrolled) == enrollment(w, node, after_enrolled)
+            // The Kubernetes model hands over the same spec for a pod that did not change.
+            (Arc::ptr_eq(o, w) || o == w)
+                && enrollment(o, node, before_enrolled) == enrollment(w, node, after_enrolled)
         },
     );
     let workloads = Changes {
@@ -381,14 +384,14 @@ services:
         let none = Enrolled::new();
         let mut after = before.clone();
         after.workloads.retain(|w| w.uid != "there-1");
-        let mut added = after.workloads[1].clone();
+        let mut added = WorkloadSpec::clone(&after.workloads[1]);
         added.uid = "there-3".into();
         added.name = "other".into();
         added.ips = vec!["10.0.2.4".parse().expect("ip")];
-        after.workloads.push(added);
+        after.workloads.push(Arc::new(added));
         // A label on another node's pod that does not change its canonical names translates
         // the same (its labels are not sent): no change.
-        after.workloads[1]
+        Arc::make_mut(&mut after.workloads[1])
             .labels
             .insert("team".into(), "pay".into());
         // This node's pod is now captured by CNI, with the address CNI gave it.

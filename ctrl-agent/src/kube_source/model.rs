@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -45,6 +46,10 @@ pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Waypoints take HBONE on this port of their service's address (as ztunnel dials them).
 pub const WAYPOINT_HBONE_PORT: u16 = 15008;
+
+/// For maps with an entry per pod, rebuilt at every model: the keys come from the API server,
+/// and std's SipHash was a tenth of a model of 100k pods.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Settings that do not come from the cluster.
 #[derive(Clone, Debug)]
@@ -101,7 +106,56 @@ impl<'a> Lookups<'a> {
     }
 }
 
+/// One model of `world` from scratch.
 pub fn model(world: &World, options: &ModelOptions) -> Model {
+    Modeler::new(options.clone()).model(world)
+}
+
+/// Models one cluster again and again. A pod is translated again only when the store holds
+/// another object for it than last time (the store replaces an object on every event, so
+/// the pointer tells) or when the namespaces or services changed, which a pod's translation
+/// also reads (enrollment, waypoints). A pod event on a large cluster then costs one pod's
+/// translation and the walk over the rest, not every pod's translation.
+pub struct Modeler {
+    options: ModelOptions,
+    /// Each pod as last translated, and what came of it, in the store's key order (so that
+    /// a model walks the store and this list side by side, with no lookups).
+    pods: Vec<(String, TranslatedPod)>,
+    /// The namespaces' and services' store revisions `pods` were translated against.
+    context: Option<(u64, u64)>,
+}
+
+struct TranslatedPod {
+    pod: Arc<Pod>,
+    workload: Result<Option<Arc<WorkloadSpec>>, String>,
+}
+
+impl Modeler {
+    pub fn new(options: ModelOptions) -> Modeler {
+        Modeler {
+            options,
+            pods: Vec::new(),
+            context: None,
+        }
+    }
+
+    pub fn model(&mut self, world: &World) -> Model {
+        let context = (world.namespaces.revision(), world.services.revision());
+        if self.context != Some(context) {
+            self.pods.clear();
+            self.context = Some(context);
+        }
+        model_with(world, &self.options, &mut self.pods)
+    }
+}
+
+/// A model of `world`, reusing the translations in `translated` of pods whose object did not
+/// change, and leaving there the translation of every pod of this model.
+fn model_with(
+    world: &World,
+    options: &ModelOptions,
+    translated: &mut Vec<(String, TranslatedPod)>,
+) -> Model {
     let lookups = Lookups::new(world);
     let mut problems = Vec::new();
     let namespaces: Vec<NamespaceSpec> = world
@@ -113,15 +167,40 @@ pub fn model(world: &World, options: &ModelOptions) -> Model {
         })
         .collect();
     let pods = world.pods.len();
-    let mut workloads: Vec<WorkloadSpec> = Vec::with_capacity(pods);
+    let mut workloads: Vec<Arc<WorkloadSpec>> = Vec::with_capacity(pods);
+    let mut now_translated = Vec::with_capacity(pods);
+    let mut previous = std::mem::take(translated).into_iter().peekable();
     // Address, and uid -> index in `workloads` of the pod that has it. Sized once: growing
     // them by doubling was a tenth of a model of 100k pods.
-    let mut ip_owner: HashMap<IpAddr, usize> = HashMap::with_capacity(pods);
+    let mut ip_owner: FastMap<IpAddr, usize> =
+        FastMap::with_capacity_and_hasher(pods, <_>::default());
     // Keyed by the uid the world holds: no copy per pod.
-    let mut uid_owner: HashMap<&str, usize> = HashMap::with_capacity(pods);
+    let mut uid_owner: FastMap<&str, usize> =
+        FastMap::with_capacity_and_hasher(pods, <_>::default());
     let who = |namespace: &str, name: &str| format!("pod {namespace}/{name}");
-    for pod in world.pods.objects() {
-        match workload(pod, world, &lookups, options) {
+    for (key, pod) in world.pods.entries() {
+        // The usual case: the next pod translated last time is this very object (its key
+        // too, then). Else both lists are in key order: what comes before this key is of
+        // pods that left, and an entry under this key is of an older object.
+        let unchanged = previous.next_if(|(_, seen)| Arc::ptr_eq(&seen.pod, pod));
+        let (key, translated_pod) = match unchanged {
+            Some(entry) => entry,
+            None => {
+                while previous.next_if(|(seen, _)| seen.as_str() < key).is_some() {}
+                match previous.next_if(|(seen, _)| seen == key) {
+                    Some((key, seen)) if Arc::ptr_eq(&seen.pod, pod) => (key, seen),
+                    seen => {
+                        let key = seen.map_or_else(|| key.to_owned(), |(key, _)| key);
+                        let workload =
+                            workload(pod, world, &lookups, options).map(|w| w.map(Arc::new));
+                        let pod = pod.clone();
+                        (key, TranslatedPod { pod, workload })
+                    }
+                }
+            }
+        };
+        let workload = &translated_pod.workload;
+        match workload {
             Ok(Some(w)) => {
                 // Two live pods never share an address (the data plane indexes workloads by
                 // address) or a uid (the agent compares models pod by pod); if the API says
@@ -133,21 +212,21 @@ pub fn model(world: &World, options: &ModelOptions) -> Model {
                         .map(|&other| ("its uid", other)),
                 };
                 if let Some((what, other)) = clash {
-                    let other = &workloads[other];
+                    let other: &WorkloadSpec = &workloads[other];
                     problems.push(format!(
                         "{}: {what} is also {}'s; left out",
                         who(&w.namespace, &w.name),
                         who(&other.namespace, &other.name)
                     ));
-                    continue;
+                } else {
+                    if let Some(uid) = pod.metadata.uid.as_deref() {
+                        uid_owner.insert(uid, workloads.len());
+                    }
+                    for ip in &w.ips {
+                        ip_owner.insert(*ip, workloads.len());
+                    }
+                    workloads.push(w.clone());
                 }
-                if let Some(uid) = pod.metadata.uid.as_deref() {
-                    uid_owner.insert(uid, workloads.len());
-                }
-                for ip in &w.ips {
-                    ip_owner.insert(*ip, workloads.len());
-                }
-                workloads.push(w);
             }
             Ok(None) => {}
             Err(problem) => problems.push(format!(
@@ -155,7 +234,9 @@ pub fn model(world: &World, options: &ModelOptions) -> Model {
                 who(&pod.namespace().unwrap_or_default(), &pod.name_any())
             )),
         }
+        now_translated.push((key, translated_pod));
     }
+    *translated = now_translated;
     let mut services = Vec::new();
     for svc in world.services.objects() {
         let who = format!(
@@ -345,7 +426,7 @@ fn service(
     svc: &Service,
     world: &World,
     lookups: &Lookups<'_>,
-    uids: &HashMap<&str, usize>,
+    uids: &FastMap<&str, usize>,
 ) -> Result<Option<ServiceSpec>, String> {
     let Some(spec) = &svc.spec else {
         return Err("no spec".into());

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::api::DynamicObject;
@@ -92,7 +93,11 @@ fn options() -> ModelOptions {
 }
 
 fn workload<'a>(config: &'a FileConfig, name: &str) -> Option<&'a WorkloadSpec> {
-    config.workloads.iter().find(|w| w.name == name)
+    config
+        .workloads
+        .iter()
+        .find(|w| w.name == name)
+        .map(|w| &**w)
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -275,6 +280,169 @@ fn use_waypoint_names_the_waypoint_service_and_none_opts_out() {
         svc.and_then(|s| s.waypoint.as_deref()),
         Some("10.96.0.10:15008"),
         "services follow their namespace's label too"
+    );
+}
+
+/// The model a `Modeler` keeps up to date equals the model built from scratch, through a
+/// long run of pod, namespace, service and EndpointSlice events; and it translates again
+/// only what it must.
+#[test]
+fn a_model_kept_up_to_date_equals_one_built_from_scratch() {
+    let namespaces = ["shop", "pay", "mesh"];
+    let cluster = Cluster {
+        namespaces: vec![
+            objects::namespace(
+                "shop",
+                json!({"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "wp"}),
+            ),
+            objects::namespace("pay", json!({})),
+            objects::namespace("mesh", json!({"istio.io/dataplane-mode": "ambient"})),
+        ],
+        pods: (0..30)
+            .map(|i| {
+                let ip = format!("10.0.0.{}", i + 1);
+                let node = if i % 3 == 0 { "node-1" } else { "node-2" };
+                objects::pod(
+                    namespaces[i % 3],
+                    &format!("pod-u{i}"),
+                    &format!("u{i}"),
+                    node,
+                    &[&ip],
+                    json!({"app": format!("app-{}", i % 4)}),
+                )
+            })
+            .collect(),
+        services: vec![objects::service(
+            "shop",
+            "cart",
+            &["10.96.0.1"],
+            &[("http", 80, json!(8080))],
+        )],
+        slices: vec![objects::endpoint_slice(
+            "shop",
+            "cart",
+            &[("u0", "10.0.0.1", true), ("u3", "10.0.0.4", true)],
+            &[("http", 8080)],
+        )],
+        ..Cluster::default()
+    };
+    let mut world = cluster.world();
+    let mut modeler = model::Modeler::new(options());
+    let mut last = modeler.model(&world);
+    // A small deterministic generator: the same run every time.
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = |bound: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % bound as u64) as usize
+    };
+    let pod_event = |i: usize, ip: usize, labels: Value| {
+        let pod = objects::pod(
+            namespaces[i % 3],
+            &format!("pod-u{i}"),
+            &format!("u{i}"),
+            if i.is_multiple_of(3) {
+                "node-1"
+            } else {
+                "node-2"
+            },
+            &[&format!("10.0.{}.{}", ip / 250, ip % 250 + 1)],
+            labels,
+        );
+        Update::Event(Kind::Pods, Event::Apply(dynamic("v1", "Pod", pod)))
+    };
+    let (mut retranslated, mut reused) = (0, 0);
+    for step in 0..300 {
+        let touched_pod = next(40);
+        let only_a_pod = match next(10) {
+            // A pod moves, relabels, or comes (uids 30-39 are new).
+            0..=5 => {
+                let labels = json!({"app": format!("app-{}", next(4))});
+                world.apply(pod_event(touched_pod, next(60), labels));
+                true
+            }
+            6 => {
+                let name = format!("pod-u{touched_pod}");
+                let pod =
+                    objects::pod(namespaces[touched_pod % 3], &name, "x", "n", &[], json!({}));
+                world.apply(Update::Event(
+                    Kind::Pods,
+                    Event::Delete(dynamic("v1", "Pod", pod)),
+                ));
+                true
+            }
+            7 => {
+                let mode = if next(2) == 0 { "ambient" } else { "none" };
+                let ns = objects::namespace("pay", json!({"istio.io/dataplane-mode": mode}));
+                world.apply(Update::Event(
+                    Kind::Namespaces,
+                    Event::Apply(dynamic("v1", "Namespace", ns)),
+                ));
+                false
+            }
+            8 => {
+                // The waypoint's service comes and goes.
+                let wp = objects::service(
+                    "shop",
+                    "wp",
+                    &["10.96.0.9"],
+                    &[("mesh", 15008, json!(15008))],
+                );
+                let event = if next(2) == 0 {
+                    Event::Apply(dynamic("v1", "Service", wp))
+                } else {
+                    Event::Delete(dynamic("v1", "Service", wp))
+                };
+                world.apply(Update::Event(Kind::Services, event));
+                false
+            }
+            _ => {
+                let a = format!("u{}", next(40));
+                let slice = objects::endpoint_slice(
+                    "shop",
+                    "cart",
+                    &[
+                        (a.as_str(), "10.0.0.1", next(2) == 0),
+                        ("u3", "10.0.0.4", true),
+                    ],
+                    &[("http", 8080)],
+                );
+                world.apply(Update::Event(
+                    Kind::EndpointSlices,
+                    Event::Apply(dynamic("discovery.k8s.io/v1", "EndpointSlice", slice)),
+                ));
+                true
+            }
+        };
+        let kept = modeler.model(&world);
+        let fresh = model::model(&world, &options());
+        assert_eq!(kept.config, fresh.config, "step {step}");
+        assert_eq!(kept.problems, fresh.problems, "step {step}");
+        // Pods the event did not touch keep the spec they had, unless a namespace or
+        // service changed (then every pod is translated again).
+        let touched_uid = format!("u{touched_pod}");
+        for w in kept
+            .config
+            .workloads
+            .iter()
+            .filter(|w| w.uid != touched_uid)
+        {
+            let Some(before) = last.config.workloads.iter().find(|b| b.uid == w.uid) else {
+                continue;
+            };
+            if Arc::ptr_eq(before, w) {
+                reused += 1;
+            } else {
+                retranslated += 1;
+                assert!(!only_a_pod, "step {step}: {} translated again", w.uid);
+            }
+        }
+        last = kept;
+    }
+    assert!(
+        reused > 1000 && retranslated > 100,
+        "{reused} reused, {retranslated} not"
     );
 }
 

@@ -3,6 +3,7 @@
 //! either the old one or the new one, never half of a relist.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -11,16 +12,20 @@ use kube::runtime::watcher::Event;
 use kube::ResourceExt;
 use serde::de::DeserializeOwned;
 
-/// The objects of one kind, by `namespace/name`.
+/// The objects of one kind, by `namespace/name`. Each object is shared and replaced, never
+/// changed in place, so a reader that kept one can tell by pointer whether it is still the
+/// store's.
 #[derive(Debug)]
 pub struct Store<K> {
-    objects: BTreeMap<String, K>,
+    objects: BTreeMap<String, Arc<K>>,
     /// During a (re)list: what it has returned so far. `objects` stays as it was until the
     /// list is complete, and then is replaced whole, so objects deleted while the agent was
     /// not watching disappear.
-    relist: Option<BTreeMap<String, K>>,
+    relist: Option<BTreeMap<String, Arc<K>>>,
     /// Listed completely at least once.
     synced: bool,
+    /// Counts the visible changes.
+    revision: u64,
 }
 
 impl<K> Default for Store<K> {
@@ -29,6 +34,7 @@ impl<K> Default for Store<K> {
             objects: BTreeMap::new(),
             relist: None,
             synced: false,
+            revision: 0,
         }
     }
 }
@@ -63,6 +69,18 @@ fn key<K: kube::Resource>(object: &K) -> String {
 
 impl<K: kube::Resource> Store<K> {
     pub fn apply(&mut self, event: Event<K>) -> Applied {
+        let applied = self.applied(event);
+        self.counted(applied)
+    }
+
+    fn counted(&mut self, applied: Applied) -> Applied {
+        if applied == Applied::Changed {
+            self.revision += 1;
+        }
+        applied
+    }
+
+    fn applied(&mut self, event: Event<K>) -> Applied {
         match event {
             Event::Init => {
                 self.relist = Some(BTreeMap::new());
@@ -72,11 +90,11 @@ impl<K: kube::Resource> Store<K> {
                 // An InitApply outside a relist would be a watcher bug; keep the object anyway.
                 match &mut self.relist {
                     Some(buffer) => {
-                        buffer.insert(key(&object), object);
+                        buffer.insert(key(&object), Arc::new(object));
                         Applied::Nothing
                     }
                     None => {
-                        self.objects.insert(key(&object), object);
+                        self.objects.insert(key(&object), Arc::new(object));
                         Applied::Changed
                     }
                 }
@@ -89,7 +107,7 @@ impl<K: kube::Resource> Store<K> {
                 Applied::Changed
             }
             Event::Apply(object) => {
-                self.objects.insert(key(&object), object);
+                self.objects.insert(key(&object), Arc::new(object));
                 Applied::Changed
             }
             Event::Delete(object) => self.remove(&key(&object)),
@@ -112,9 +130,15 @@ impl<K: kube::Resource> Store<K> {
             },
             Event::Apply(object) => match convert(kind, &object) {
                 Some(typed) => Event::Apply(typed),
-                None => return self.remove(&key(&object)),
+                None => {
+                    let removed = self.remove(&key(&object));
+                    return self.counted(removed);
+                }
             },
-            Event::Delete(object) => return self.remove(&key(&object)),
+            Event::Delete(object) => {
+                let removed = self.remove(&key(&object));
+                return self.counted(removed);
+            }
         };
         self.apply(event)
     }
@@ -133,11 +157,11 @@ impl<K: kube::Resource> Store<K> {
         self.objects.clear();
         self.relist = None;
         self.synced = true;
-        if changed {
+        self.counted(if changed {
             Applied::Changed
         } else {
             Applied::Nothing
-        }
+        })
     }
 
     /// Complete (listed at least once) and not in the middle of a relist.
@@ -146,11 +170,26 @@ impl<K: kube::Resource> Store<K> {
     }
 
     pub fn objects(&self) -> impl Iterator<Item = &K> {
-        self.objects.values()
+        self.objects.values().map(|object| &**object)
+    }
+
+    /// The objects with their keys, shared.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &Arc<K>)> {
+        self.objects
+            .iter()
+            .map(|(key, object)| (key.as_str(), object))
     }
 
     pub fn get(&self, namespace: &str, name: &str) -> Option<&K> {
-        self.objects.get(&format!("{namespace}/{name}"))
+        self.objects
+            .get(&format!("{namespace}/{name}"))
+            .map(|object| &**object)
+    }
+
+    /// Changes with every visible change: a reader that saw this revision has seen every
+    /// object as it is.
+    pub fn revision(&self) -> u64 {
+        self.revision
     }
 
     pub fn len(&self) -> usize {
