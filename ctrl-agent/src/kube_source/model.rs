@@ -71,8 +71,8 @@ pub struct Model {
 /// model: a scan per object would make a model of n pods cost O(n^2).
 struct Lookups<'a> {
     namespace_labels: HashMap<&'a str, &'a BTreeMap<String, String>>,
-    /// EndpointSlices by (namespace, service name).
-    slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+    /// EndpointSlices by (namespace, service name), in the store's order.
+    slices: HashMap<(&'a str, &'a str), Vec<&'a Arc<EndpointSlice>>>,
 }
 
 impl<'a> Lookups<'a> {
@@ -82,8 +82,8 @@ impl<'a> Lookups<'a> {
             .objects()
             .filter_map(|n| Some((n.metadata.name.as_deref()?, n.labels())))
             .collect();
-        let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
-        for slice in world.endpoint_slices.objects() {
+        let mut slices: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
+        for (_, slice) in world.endpoint_slices.entries() {
             let (Some(namespace), Some(service)) = (
                 slice.metadata.namespace.as_deref(),
                 slice.labels().get(SERVICE_NAME_LABEL),
@@ -121,7 +121,10 @@ pub struct Modeler {
     /// Each pod as last translated, and what came of it, in the store's key order (so that
     /// a model walks the store and this list side by side, with no lookups).
     pods: Vec<(String, TranslatedPod)>,
-    /// The namespaces' and services' store revisions `pods` were translated against.
+    /// The same for services, before their endpoints are narrowed to the model's pods.
+    services: Vec<(String, TranslatedService)>,
+    /// The namespaces' and services' store revisions `pods` and `services` were translated
+    /// against.
     context: Option<(u64, u64)>,
 }
 
@@ -130,11 +133,27 @@ struct TranslatedPod {
     workload: Result<Option<Arc<WorkloadSpec>>, String>,
 }
 
+/// A service as translated from its object and its EndpointSlices (by pointer, in order).
+struct TranslatedService {
+    service: Arc<Service>,
+    slices: Vec<Arc<EndpointSlice>>,
+    spec: Result<Option<ServiceBase>, String>,
+}
+
+/// A service's spec without endpoints, and the ready pod uids its slices list (sorted, once
+/// each): the endpoints are those of the model's pods.
+#[derive(Clone)]
+struct ServiceBase {
+    spec: ServiceSpec,
+    ready: Vec<String>,
+}
+
 impl Modeler {
     pub fn new(options: ModelOptions) -> Modeler {
         Modeler {
             options,
             pods: Vec::new(),
+            services: Vec::new(),
             context: None,
         }
     }
@@ -143,18 +162,21 @@ impl Modeler {
         let context = (world.namespaces.revision(), world.services.revision());
         if self.context != Some(context) {
             self.pods.clear();
+            self.services.clear();
             self.context = Some(context);
         }
-        model_with(world, &self.options, &mut self.pods)
+        model_with(world, &self.options, &mut self.pods, &mut self.services)
     }
 }
 
-/// A model of `world`, reusing the translations in `translated` of pods whose object did not
-/// change, and leaving there the translation of every pod of this model.
+/// A model of `world`, reusing the translations in `translated` (pods) and
+/// `translated_services` of objects that did not change, and leaving there the translation of
+/// every pod and service of this model.
 fn model_with(
     world: &World,
     options: &ModelOptions,
     translated: &mut Vec<(String, TranslatedPod)>,
+    translated_services: &mut Vec<(String, TranslatedService)>,
 ) -> Model {
     let lookups = Lookups::new(world);
     let mut problems = Vec::new();
@@ -238,18 +260,68 @@ fn model_with(
     }
     *translated = now_translated;
     let mut services = Vec::new();
-    for svc in world.services.objects() {
-        let who = format!(
-            "service {}/{}",
-            svc.namespace().unwrap_or_default(),
-            svc.name_any()
-        );
-        match service(svc, world, &lookups, &uid_owner) {
-            Ok(Some(s)) => services.push(s),
+    let mut now_translated = Vec::with_capacity(world.services.len());
+    let mut previous = std::mem::take(translated_services).into_iter().peekable();
+    for (key, svc) in world.services.entries() {
+        let slices: &[&Arc<EndpointSlice>] = match (
+            svc.metadata.namespace.as_deref(),
+            svc.metadata.name.as_deref(),
+        ) {
+            (Some(namespace), Some(name)) => lookups
+                .slices
+                .get(&(namespace, name))
+                .map_or(&[], Vec::as_slice),
+            _ => &[],
+        };
+        let same = |seen: &TranslatedService| {
+            Arc::ptr_eq(&seen.service, svc)
+                && seen.slices.len() == slices.len()
+                && seen
+                    .slices
+                    .iter()
+                    .zip(slices)
+                    .all(|(a, b)| Arc::ptr_eq(a, b))
+        };
+        // As for pods: the store's order, an unchanged service by pointer.
+        while previous.next_if(|(seen, _)| seen.as_str() < key).is_some() {}
+        let (key, translated) = match previous.next_if(|(seen, _)| seen == key) {
+            Some((key, seen)) if same(&seen) => (key, seen),
+            seen => {
+                let key = seen.map_or_else(|| key.to_owned(), |(key, _)| key);
+                let spec = service(svc, world, &lookups, slices);
+                let slices = slices.iter().map(|s| Arc::clone(s)).collect();
+                let service = svc.clone();
+                (
+                    key,
+                    TranslatedService {
+                        service,
+                        slices,
+                        spec,
+                    },
+                )
+            }
+        };
+        match &translated.spec {
+            Ok(Some(base)) => {
+                let mut spec = base.spec.clone();
+                spec.endpoints = base
+                    .ready
+                    .iter()
+                    .filter(|uid| uid_owner.contains_key(uid.as_str()))
+                    .cloned()
+                    .collect();
+                services.push(spec);
+            }
             Ok(None) => {}
-            Err(problem) => problems.push(format!("{who}: {problem}; left out")),
+            Err(problem) => problems.push(format!(
+                "service {}/{}: {problem}; left out",
+                svc.namespace().unwrap_or_default(),
+                svc.name_any()
+            )),
         }
+        now_translated.push((key, translated));
     }
+    *translated_services = now_translated;
     let mut policies = Vec::new();
     for object in world.authorization_policies.objects() {
         match authorization_policy(object) {
@@ -426,8 +498,8 @@ fn service(
     svc: &Service,
     world: &World,
     lookups: &Lookups<'_>,
-    uids: &FastMap<&str, usize>,
-) -> Result<Option<ServiceSpec>, String> {
+    slices: &[&Arc<EndpointSlice>],
+) -> Result<Option<ServiceBase>, String> {
     let Some(spec) = &svc.spec else {
         return Err("no spec".into());
     };
@@ -440,11 +512,7 @@ fn service(
     }
     let name = svc.name_any();
     let namespace = svc.namespace().ok_or("no namespace")?;
-    let slices: &[&EndpointSlice] = lookups
-        .slices
-        .get(&(namespace.as_str(), name.as_str()))
-        .map_or(&[], Vec::as_slice);
-    let mut endpoints = BTreeSet::new();
+    let mut ready = BTreeSet::new();
     for slice in slices {
         for endpoint in slice.endpoints.iter().flatten() {
             // Kubernetes: an unset `ready` is to be read as ready.
@@ -457,8 +525,8 @@ fn service(
             if target.kind.as_deref().is_some_and(|k| k != "Pod") {
                 continue;
             }
-            if let Some(uid) = target.uid.as_deref().filter(|u| uids.contains_key(*u)) {
-                endpoints.insert(uid.to_owned());
+            if let Some(uid) = target.uid.as_deref() {
+                ready.insert(uid.to_owned());
             }
         }
     }
@@ -485,20 +553,23 @@ fn service(
     }
     let ns_labels = lookups.namespace_labels(&namespace);
     let waypoint = waypoint(svc.labels(), ns_labels, &namespace, &world.services);
-    Ok(Some(ServiceSpec {
-        name,
-        namespace,
-        hostname: None,
-        vips,
-        ports,
-        endpoints: endpoints.into_iter().collect(),
-        waypoint,
+    Ok(Some(ServiceBase {
+        spec: ServiceSpec {
+            name,
+            namespace,
+            hostname: None,
+            vips,
+            ports,
+            endpoints: Vec::new(),
+            waypoint,
+        },
+        ready: ready.into_iter().collect(),
     }))
 }
 
 /// The pods' port for a service port: a number as it is; a name resolved through the
 /// EndpointSlices, which carry the resolved number under the service port's name.
-fn target_port(port: &ServicePort, slices: &[&EndpointSlice]) -> Result<Option<u16>, String> {
+fn target_port(port: &ServicePort, slices: &[&Arc<EndpointSlice>]) -> Result<Option<u16>, String> {
     let valid = |n: i32| u16::try_from(n).ok().filter(|p| *p > 0);
     match &port.target_port {
         None => Ok(None),
