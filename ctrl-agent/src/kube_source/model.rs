@@ -142,7 +142,6 @@ struct TranslatedService {
 
 /// A service's spec without endpoints, and the ready pod uids its slices list (sorted, once
 /// each): the endpoints are those of the model's pods.
-#[derive(Clone)]
 struct ServiceBase {
     spec: ServiceSpec,
     ready: Vec<String>,
@@ -166,6 +165,29 @@ impl Modeler {
             self.context = Some(context);
         }
         model_with(world, &self.options, &mut self.pods, &mut self.services)
+    }
+}
+
+/// The translation under `key`: the last one if `unchanged` says its object is the store's,
+/// else a new one. `previous` holds the last model's translations in the store's key order,
+/// as `key` comes; what comes before `key` there is of objects that left. The usual case, the
+/// next one being this very object, takes no key comparison.
+fn reuse_or_translate<T>(
+    previous: &mut std::iter::Peekable<std::vec::IntoIter<(String, T)>>,
+    key: &str,
+    unchanged: impl Fn(&T) -> bool,
+    translate: impl FnOnce() -> T,
+) -> (String, T) {
+    if let Some(entry) = previous.next_if(|(_, seen)| unchanged(seen)) {
+        return entry;
+    }
+    while previous.next_if(|(seen, _)| seen.as_str() < key).is_some() {}
+    match previous.next_if(|(seen, _)| seen == key) {
+        Some((key, seen)) if unchanged(&seen) => (key, seen),
+        seen => (
+            seen.map_or_else(|| key.to_owned(), |(key, _)| key),
+            translate(),
+        ),
     }
 }
 
@@ -201,26 +223,15 @@ fn model_with(
         FastMap::with_capacity_and_hasher(pods, <_>::default());
     let who = |namespace: &str, name: &str| format!("pod {namespace}/{name}");
     for (key, pod) in world.pods.entries() {
-        // The usual case: the next pod translated last time is this very object (its key
-        // too, then). Else both lists are in key order: what comes before this key is of
-        // pods that left, and an entry under this key is of an older object.
-        let unchanged = previous.next_if(|(_, seen)| Arc::ptr_eq(&seen.pod, pod));
-        let (key, translated_pod) = match unchanged {
-            Some(entry) => entry,
-            None => {
-                while previous.next_if(|(seen, _)| seen.as_str() < key).is_some() {}
-                match previous.next_if(|(seen, _)| seen == key) {
-                    Some((key, seen)) if Arc::ptr_eq(&seen.pod, pod) => (key, seen),
-                    seen => {
-                        let key = seen.map_or_else(|| key.to_owned(), |(key, _)| key);
-                        let workload =
-                            workload(pod, world, &lookups, options).map(|w| w.map(Arc::new));
-                        let pod = pod.clone();
-                        (key, TranslatedPod { pod, workload })
-                    }
-                }
-            }
-        };
+        let (key, translated_pod) = reuse_or_translate(
+            &mut previous,
+            key,
+            |seen: &TranslatedPod| Arc::ptr_eq(&seen.pod, pod),
+            || TranslatedPod {
+                pod: pod.clone(),
+                workload: workload(pod, world, &lookups, options).map(|w| w.map(Arc::new)),
+            },
+        );
         let workload = &translated_pod.workload;
         match workload {
             Ok(Some(w)) => {
@@ -282,25 +293,12 @@ fn model_with(
                     .zip(slices)
                     .all(|(a, b)| Arc::ptr_eq(a, b))
         };
-        // As for pods: the store's order, an unchanged service by pointer.
-        while previous.next_if(|(seen, _)| seen.as_str() < key).is_some() {}
-        let (key, translated) = match previous.next_if(|(seen, _)| seen == key) {
-            Some((key, seen)) if same(&seen) => (key, seen),
-            seen => {
-                let key = seen.map_or_else(|| key.to_owned(), |(key, _)| key);
-                let spec = service(svc, world, &lookups, slices);
-                let slices = slices.iter().map(|s| Arc::clone(s)).collect();
-                let service = svc.clone();
-                (
-                    key,
-                    TranslatedService {
-                        service,
-                        slices,
-                        spec,
-                    },
-                )
-            }
-        };
+        let (key, translated) =
+            reuse_or_translate(&mut previous, key, same, || TranslatedService {
+                service: svc.clone(),
+                slices: slices.iter().map(|s| Arc::clone(s)).collect(),
+                spec: service(svc, world, &lookups, slices),
+            });
         match &translated.spec {
             Ok(Some(base)) => {
                 let mut spec = base.spec.clone();
