@@ -37,6 +37,9 @@ pub const ECHO_PORT: u16 = 7000;
 pub const SINK_PORT: u16 = 7001;
 /// The plain TLS sink of the crypto reference.
 pub const TLS_SINK_PORT: u16 = 7002;
+/// glibc's setting for a data plane heap backed by transparent huge pages, as the chart
+/// sets it (`dataplane.hugePageHeap`).
+pub const HUGE_PAGE_HEAP: &str = "glibc.malloc.hugetlb=1";
 
 #[derive(Clone, Debug)]
 pub struct Pod {
@@ -689,7 +692,9 @@ impl Lab {
             .env(
                 "RUST_LOG",
                 std::env::var("MESHLAB_LOG").unwrap_or_else(|_| "info".into()),
-            );
+            )
+            // As the chart runs it (values `dataplane.hugePageHeap`).
+            .env("GLIBC_TUNABLES", HUGE_PAGE_HEAP);
         self.dataplanes[node] = Some(self.spawn_logged(&mut cmd, "dataplane", node)?);
         Ok(())
     }
