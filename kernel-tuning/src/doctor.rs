@@ -1,5 +1,6 @@
 //! What the node has now against what the data plane wants: kernel, io_uring, locked-memory
-//! limit, CPU frequency governors, isolated CPUs, and a profile's sysctls.
+//! limit, transparent huge pages, CPU frequency governors, isolated CPUs, and a profile's
+//! sysctls.
 
 use serde::Serialize;
 
@@ -49,6 +50,7 @@ pub fn run(root: &Root, profile: Option<&Profile>, probe_uring: bool) -> Vec<Che
         ));
     }
     checks.push(memlock(root));
+    checks.push(huge_pages(root));
     checks.push(governors(root));
     checks.push(isolated(root));
     if let Some(p) = profile {
@@ -133,6 +135,34 @@ fn memlock(root: &Root) -> Check {
     )
 }
 
+/// The chart runs the data plane with glibc's huge-page heap (`dataplane.hugePageHeap`), which
+/// asks for transparent huge pages with madvise: the kernel grants them in modes `madvise`
+/// and `always`, never in `never`.
+fn huge_pages(root: &Root) -> Check {
+    let mode = root
+        .read(std::path::Path::new(
+            "sys/kernel/mm/transparent_hugepage/enabled",
+        ))
+        // The kernel marks the mode in force with brackets: "always [madvise] never".
+        .and_then(|modes| {
+            modes
+                .split(' ')
+                .find_map(|m| m.strip_prefix('[')?.strip_suffix(']').map(str::to_owned))
+        });
+    let verdict = match mode.as_deref() {
+        Some("madvise" | "always") => Verdict::Ok,
+        Some(_) => Verdict::Warn,
+        None => Verdict::Info,
+    };
+    check(
+        "transparent huge pages",
+        mode.unwrap_or_else(|| "not exposed".into()),
+        "madvise or always",
+        verdict,
+        "the data plane's heap asks for huge pages (GLIBC_TUNABLES glibc.malloc.hugetlb=1); with `never` a full snapshot adopt pays a page fault per 4 KiB",
+    )
+}
+
 fn cpus(root: &Root) -> Vec<usize> {
     root.read(std::path::Path::new("sys/devices/system/cpu/online"))
         .map(|s| crate::planner::parse_list(&s))
@@ -182,4 +212,33 @@ fn isolated(root: &Root) -> Check {
         },
         "on isolated cores nothing else is scheduled next to the workers; without it, pin them (`meshtune plan`) and accept some interference",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_huge_page_mode_in_force_is_read_from_its_brackets() {
+        let dir = std::env::temp_dir().join(format!("meshtune-thp-{}", std::process::id()));
+        let file = dir.join("sys/kernel/mm/transparent_hugepage/enabled");
+        std::fs::create_dir_all(file.parent().expect("parent")).expect("dir");
+        let root = Root::new(&dir);
+        for (modes, found, verdict) in [
+            ("always [madvise] never\n", "madvise", Verdict::Ok),
+            ("[always] madvise never\n", "always", Verdict::Ok),
+            ("always madvise [never]\n", "never", Verdict::Warn),
+        ] {
+            std::fs::write(&file, modes).expect("write");
+            let check = huge_pages(&root);
+            assert_eq!(
+                (check.found.as_str(), check.verdict),
+                (found, verdict),
+                "{modes}"
+            );
+        }
+        std::fs::remove_file(&file).expect("remove");
+        assert_eq!(huge_pages(&root).verdict, Verdict::Info);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
