@@ -849,13 +849,20 @@ fn main() -> anyhow::Result<()> {
         method: format!(
             "one-pod changes appended as deltas to the region's log, applied to a persistent \
              index; adopt = the data plane's watcher (futex wake, read, decode, index) + every \
-             worker's view, workers {} ({} driver)",
+             worker's view, workers {} ({} driver), heap {}",
             if args.idle_workers {
                 "idle"
             } else {
                 "carrying 1 KiB ping-pong on loopback"
             },
-            driver.name()
+            driver.name(),
+            // The chart runs the data plane with it; this process has it only if started so.
+            if std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains(perf::lab::HUGE_PAGE_HEAP))
+            {
+                "on huge pages (GLIBC_TUNABLES, as the chart runs the data plane)"
+            } else {
+                "on 4 KiB pages (the chart's data plane runs with GLIBC_TUNABLES=glibc.malloc.hugetlb=1)"
+            }
         ),
         sizes,
     };
