@@ -274,10 +274,6 @@ impl<'a> WorkloadView<'a> {
         Ok(w)
     }
 
-    pub fn has_labels(&self) -> bool {
-        !self.labels.is_empty()
-    }
-
     pub fn labels(&self) -> BTreeMap<String, String> {
         let mut labels = BTreeMap::new();
         for (key, value) in &self.labels {
