@@ -48,7 +48,7 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const WAYPOINT_HBONE_PORT: u16 = 15008;
 
 /// For maps with an entry per pod, rebuilt at every model: the keys come from the API server,
-/// and std's SipHash was a tenth of a model of 100k pods.
+/// and std's SipHash was about a tenth of a model of 100k pods in a profile.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Settings that do not come from the cluster.
@@ -215,7 +215,7 @@ fn model_with(
     let mut now_translated = Vec::with_capacity(pods);
     let mut previous = std::mem::take(translated).into_iter().peekable();
     // Address, and uid -> index in `workloads` of the pod that has it. Sized once: growing
-    // them by doubling was a tenth of a model of 100k pods.
+    // them by doubling was a tenth of a model of 100k pods in a profile.
     let mut ip_owner: FastMap<IpAddr, usize> =
         FastMap::with_capacity_and_hasher(pods, <_>::default());
     // Keyed by the uid the world holds: no copy per pod.

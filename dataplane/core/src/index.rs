@@ -226,8 +226,8 @@ impl Interner {
     }
 }
 
-/// Parses and checks one workload of the snapshot for a node; returns it with its labels
-/// (for local workloads, whose policies are resolved from them; empty for the others).
+/// Parses and checks one workload of the snapshot for a node; returns it with its labels,
+/// which the caller keeps for local workloads only (their policies are resolved from them).
 fn parse_workload(
     w: WorkloadView<'_>,
     node: &str,
@@ -275,11 +275,6 @@ fn parse_workload(
             interner.string(w.canonical_service),
             interner.string(w.canonical_revision),
         )
-    };
-    let labels = if netns != NetnsSource::None {
-        labels
-    } else {
-        BTreeMap::new()
     };
     let protocol = Protocol::try_from(w.protocol).unwrap_or(Protocol::Hbone);
     // Straight into its shared allocation: a workload is about 200 bytes, moved once.

@@ -2,9 +2,10 @@
 //!
 //! Workloads and services are nearly all of a snapshot's bytes. Decoding them with prost gives
 //! every string its own allocation, about ten per workload, which the index build then copies
-//! or drops. At 100k workloads those allocations and frees were a third of a full adopt. Here
-//! they are parsed as views whose strings borrow the payload, so the build allocates only what
-//! the index keeps. Every other field is small and goes through prost.
+//! or drops. At 100k workloads those allocations and frees were a third of a full adopt in a
+//! profile (the same-run ratios are in bench-results/README.md). Here they are parsed as views
+//! whose strings borrow the payload, so the build allocates only what the index keeps. Every
+//! other field is small and goes through prost.
 //!
 //! The reader accepts exactly what prost accepts, with the same meaning: the same wire-type,
 //! varint, length, UTF-8 and recursion checks, the last of a repeated singular field wins,
