@@ -1212,10 +1212,13 @@ mod compare_tests {
     }
 }
 
-/// The mesh path's figures on one side of an A/B comparison (medians over rounds).
+/// The mesh and passthrough paths' figures on one side of an A/B comparison (medians over
+/// rounds).
 #[derive(Clone, Debug, Serialize)]
 pub struct AbSide {
     pub throughput: Throughput,
+    /// One stream from a mesh pod to a pod outside the mesh (plain TCP, relayed by node 1).
+    pub passthrough_throughput: Throughput,
     /// 1 KiB request/response, open loop at 1000/s on one connection.
     pub latency: Latency,
     /// New connections per second, one client thread.
@@ -1259,6 +1262,16 @@ impl AbReport {
                 t.throughput.dataplane_cores / t.throughput.gbit_per_s,
             ),
             (
+                "one stream passthrough, Gbit/s",
+                u.passthrough_throughput.gbit_per_s,
+                t.passthrough_throughput.gbit_per_s,
+            ),
+            (
+                "passthrough, cores per Gbit/s",
+                u.passthrough_throughput.dataplane_cores / u.passthrough_throughput.gbit_per_s,
+                t.passthrough_throughput.dataplane_cores / t.passthrough_throughput.gbit_per_s,
+            ),
+            (
                 "1 KiB at 1000/s, p50 us",
                 u.latency.p50_us,
                 t.latency.p50_us,
@@ -1287,7 +1300,7 @@ impl AbReport {
         let mut t = String::new();
         let _ = writeln!(
             t,
-            "\nmeshlab A/B: {} | mesh path only | medians of {} rounds, alternating | {} workers/node, {} | {} ({} cores), kernel {} | commit {}",
+            "\nmeshlab A/B: {} | mesh and passthrough paths | medians of {} rounds, alternating | {} workers/node, {} | {} ({} cores), kernel {} | commit {}",
             self.experiment,
             self.rounds,
             self.workers_per_node,

@@ -62,29 +62,36 @@ lab_test!(
     half_close_reaches_the_server_and_its_reply_still_arrives,
     LabOptions::default(),
     |lab| {
-        let listener = lab.listen_in("n2-a", ECHO).expect("listen");
-        let server = std::thread::spawn(move || {
-            let (mut conn, _) = listener.accept().expect("accept");
-            let mut got = Vec::new();
-            conn.read_to_end(&mut got)
-                .expect("read to the client's FIN");
-            // The client is half-closed; our direction is still open.
-            conn.write_all(format!("got {} bytes", got.len()).as_bytes())
-                .expect("reply after FIN");
-            conn.shutdown(Shutdown::Write).expect("close");
-        });
-        let mut client = lab
-            .connect_from("n1-a", lab.addr("n2-a", ECHO))
-            .expect("connect");
-        client.write_all(&[1u8; 100_000]).expect("send");
-        client.shutdown(Shutdown::Write).expect("half-close");
-        client
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let mut reply = String::new();
-        client.read_to_string(&mut reply).expect("reply then EOF");
-        assert_eq!(reply, "got 100000 bytes");
-        server.join().expect("server");
+        // n2-a through the tunnel; n2-b (outside the mesh) through node 1's passthrough.
+        for (server_pod, passthrough) in [("n2-a", 0), ("n2-b", 1)] {
+            let listener = lab.listen_in(server_pod, ECHO).expect("listen");
+            let server = std::thread::spawn(move || {
+                let (mut conn, _) = listener.accept().expect("accept");
+                let mut got = Vec::new();
+                conn.read_to_end(&mut got)
+                    .expect("read to the client's FIN");
+                // The client is half-closed; our direction is still open.
+                conn.write_all(format!("got {} bytes", got.len()).as_bytes())
+                    .expect("reply after FIN");
+                conn.shutdown(Shutdown::Write).expect("close");
+            });
+            let mut client = lab
+                .connect_from("n1-a", lab.addr(server_pod, ECHO))
+                .expect("connect");
+            client.write_all(&[1u8; 100_000]).expect("send");
+            client.shutdown(Shutdown::Write).expect("half-close");
+            client
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let mut reply = String::new();
+            client.read_to_string(&mut reply).expect("reply then EOF");
+            assert_eq!(reply, "got 100000 bytes", "to {server_pod}");
+            server.join().expect("server");
+            assert_eq!(
+                lab.total(0, "passthrough_connections").expect("stats"),
+                passthrough
+            );
+        }
     }
 );
 

@@ -18,6 +18,7 @@ pub mod redirect;
 pub mod relay;
 pub mod runtime;
 pub mod sockets;
+pub mod splice;
 pub mod stats;
 pub mod tls;
 pub mod upgrade;

@@ -15,16 +15,17 @@
 //! connection's first exchange costs one round trip between the nodes, not two. The peer
 //! holds them (HTTP/2 flow control) until it has authorized the stream and connected.
 
+use std::cell::Cell;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
 use h2::client::ResponseFuture;
 use h2::{Reason, RecvStream, SendStream};
-use monoio::io::IntoPollIo;
+use monoio::io::{IntoCompIo, IntoPollIo};
 use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use monoio::net::TcpStream;
 use smallvec::SmallVec;
@@ -33,6 +34,7 @@ use tokio::io::AsyncWrite;
 use crate::bufio::ReadSlot;
 use crate::local::Trigger;
 use crate::sockets::reset_on_close;
+use crate::splice::{self, Pipe, Pipes};
 use crate::stats::Counter;
 
 /// Where a relay counts the bytes it moves, as it moves them.
@@ -78,6 +80,8 @@ enum End {
     SourceFailed,
     /// The side we write to failed or was reset.
     SinkFailed,
+    /// No pipe could be had (descriptor limits): bytes were left unsent.
+    NoPipe,
 }
 
 /// One TCP connection in poll mode, with its read slot.
@@ -116,6 +120,12 @@ impl TcpSide {
 
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    /// Back to a completion-mode stream, for [`tcp_tcp`], which splices rather than reads.
+    /// Nothing is lost: the slot hands out every chunk it reads.
+    pub fn into_stream(self) -> io::Result<TcpStream> {
+        self.io.into_comp_io()
     }
 
     /// Writes all of `bytes` (a SOCKS5 reply, before relaying).
@@ -319,44 +329,6 @@ fn poll_h2_to_tcp(
     }
 }
 
-/// TCP -> TCP: read a chunk, write it, pass EOF on as a shutdown.
-fn poll_tcp_to_tcp(
-    state: &mut Download,
-    src: &mut TcpSide,
-    dst: &mut TcpSide,
-    count: &mut u64,
-    meter: Meter<'_>,
-    cx: &mut Context<'_>,
-) -> Poll<End> {
-    loop {
-        match state {
-            Download::Done(end) => return Poll::Ready(*end),
-            Download::Receiving => match src.poll_chunk(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(Some(chunk))) => {
-                    let window = chunk.len();
-                    *state = Download::Writing { chunk, window };
-                }
-                Poll::Ready(Ok(None)) => *state = Download::ShuttingDown,
-                Poll::Ready(Err(_)) => *state = Download::Done(End::SourceFailed),
-            },
-            Download::Writing { chunk, window } => match dst.poll_write_all(cx, chunk) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(())) => {
-                    *count += *window as u64;
-                    meter.add(*window as u64);
-                    *state = Download::Receiving;
-                }
-                Poll::Ready(Err(_)) => *state = Download::Done(End::SinkFailed),
-            },
-            Download::ShuttingDown => match dst.poll_shutdown(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(_) => *state = Download::Done(End::Closed),
-            },
-        }
-    }
-}
-
 /// What to do once the directions have ended (or one of them failed).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Verdict {
@@ -371,8 +343,8 @@ fn verdict(up: Poll<End>, down: Poll<End>) -> Verdict {
             finished: true,
             reset: false,
         },
-        (Poll::Ready(End::SourceFailed | End::SinkFailed), _)
-        | (_, Poll::Ready(End::SourceFailed | End::SinkFailed)) => Verdict {
+        (Poll::Ready(End::SourceFailed | End::SinkFailed | End::NoPipe), _)
+        | (_, Poll::Ready(End::SourceFailed | End::SinkFailed | End::NoPipe)) => Verdict {
             finished: true,
             reset: true,
         },
@@ -528,74 +500,149 @@ impl Future for TcpH2<'_> {
 }
 
 /// Relays between two TCP connections (passthrough and plaintext inbound), until both
-/// directions end or `stop` fires (both sides are then reset).
-pub fn tcp_tcp<'a>(
-    local: TcpSide,
-    remote: TcpSide,
-    meters: Meters<'a>,
-    stop: &'a Trigger,
-) -> TcpTcp<'a> {
-    TcpTcp {
-        local,
-        remote,
-        up: Download::Receiving,
-        down: Download::Receiving,
-        tally: Tally {
-            sent: 0,
-            received: 0,
-            meters,
-            stop,
-        },
-    }
-}
-
-/// The relay future of [`tcp_tcp`], a plain struct for the same reason as [`TcpH2`].
-pub struct TcpTcp<'a> {
-    local: TcpSide,
-    remote: TcpSide,
-    up: Download,
-    down: Download,
-    tally: Tally<'a>,
-}
-
-impl Future for TcpTcp<'_> {
-    type Output = Totals;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Totals> {
-        let TcpTcp {
-            local,
-            remote,
-            up,
-            down,
-            tally,
-        } = self.get_mut();
-        let pair = tally.poll_pair(cx, |sent, received, meters, cx| {
-            let u = poll_tcp_to_tcp(up, local, remote, sent, meters.sent, cx);
-            let d = poll_tcp_to_tcp(down, remote, local, received, meters.received, cx);
-            (u, d)
-        });
-        match pair {
-            Pair::Flowing => Poll::Pending,
-            Pair::Stopped => {
-                reset_on_close(local.fd);
-                reset_on_close(remote.fd);
-                Poll::Ready(tally.totals(true))
-            }
-            Pair::Finished { up, down, reset } => {
-                // A failed read resets the other side; a failed write resets the side it came
-                // from.
-                let failed =
-                    |end: Poll<End>, which: End| matches!(end, Poll::Ready(e) if e == which);
-                if failed(up, End::SinkFailed) || failed(down, End::SourceFailed) {
-                    reset_on_close(local.fd);
-                }
-                if failed(up, End::SourceFailed) || failed(down, End::SinkFailed) {
-                    reset_on_close(remote.fd);
-                }
-                Poll::Ready(tally.totals(reset))
-            }
+/// directions end or `stop` fires (both sides are then reset). The bytes stay in the kernel
+/// ([`crate::splice`]); a direction waits for readiness only when a splice would block.
+pub async fn tcp_tcp(
+    local: TcpStream,
+    remote: TcpStream,
+    pipes: &Pipes,
+    meters: Meters<'_>,
+    stop: &Trigger,
+) -> Totals {
+    let (sent, received) = (Cell::new(0), Cell::new(0));
+    for side in [&local, &remote] {
+        if splice::set_nonblocking(side.as_raw_fd()).is_err() {
+            reset_on_close(local.as_raw_fd());
+            reset_on_close(remote.as_raw_fd());
+            return Totals {
+                reset: true,
+                ..Totals::default()
+            };
         }
     }
+    let ended = {
+        let mut up = pin!(forward(&local, &remote, pipes, &sent, meters.sent));
+        let mut down = pin!(forward(&remote, &local, pipes, &received, meters.received));
+        let (mut u, mut d) = (Poll::Pending, Poll::Pending);
+        poll_fn(|cx| {
+            if stop.poll_fired(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            if u.is_pending() {
+                u = up.as_mut().poll(cx);
+            }
+            if d.is_pending() {
+                d = down.as_mut().poll(cx);
+            }
+            let verdict = verdict(u, d);
+            if verdict.finished {
+                Poll::Ready(Some((u, d, verdict.reset)))
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    };
+    let totals = |reset| Totals {
+        sent: sent.get(),
+        received: received.get(),
+        reset,
+    };
+    let Some((up, down, reset)) = ended else {
+        reset_on_close(local.as_raw_fd());
+        reset_on_close(remote.as_raw_fd());
+        return totals(true);
+    };
+    // A failed read resets the other side; a failed write resets the side it came from;
+    // no pipe resets both (bytes were left unsent).
+    let failed =
+        |end: Poll<End>, which: &[End]| matches!(end, Poll::Ready(e) if which.contains(&e));
+    if failed(up, &[End::SinkFailed, End::NoPipe])
+        || failed(down, &[End::SourceFailed, End::NoPipe])
+    {
+        reset_on_close(local.as_raw_fd());
+    }
+    if failed(up, &[End::SourceFailed, End::NoPipe])
+        || failed(down, &[End::SinkFailed, End::NoPipe])
+    {
+        reset_on_close(remote.as_raw_fd());
+    }
+    totals(reset)
+}
+
+/// One direction of [`tcp_tcp`]: once `src` is readable, splice what it has into a pipe and
+/// the pipe into `dst`, until it has nothing more; until EOF (passed on as a shutdown) or a
+/// failure.
+async fn forward(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipes: &Pipes,
+    moved: &Cell<u64>,
+    meter: Meter<'_>,
+) -> End {
+    let (from, to) = (src.as_raw_fd(), dst.as_raw_fd());
+    loop {
+        if src.readable(false).await.is_err() {
+            return End::SourceFailed;
+        }
+        let Ok(pipe) = pipes.take() else {
+            return End::NoPipe;
+        };
+        loop {
+            match splice::fill(from, &pipe, splice::PIPE_BYTES) {
+                Ok(0) => {
+                    pipes.give(pipe);
+                    // SAFETY: shutdown on a socket this relay owns.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        libc::shutdown(to, libc::SHUT_WR);
+                    }
+                    return End::Closed;
+                }
+                Ok(filled) => {
+                    if let Err(end) = empty_into(&pipe, filled, dst, moved, meter).await {
+                        // The pipe may still hold bytes: it is closed, not reused.
+                        return end;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    pipes.give(pipe);
+                    return End::SourceFailed;
+                }
+            }
+        }
+        pipes.give(pipe);
+    }
+}
+
+/// Writes the `filled` bytes in `pipe` to `dst`, counting them as they go.
+async fn empty_into(
+    pipe: &Pipe,
+    mut filled: usize,
+    dst: &TcpStream,
+    moved: &Cell<u64>,
+    meter: Meter<'_>,
+) -> Result<(), End> {
+    while filled > 0 {
+        match splice::drain(pipe, dst.as_raw_fd(), filled) {
+            Ok(0) => return Err(End::SinkFailed),
+            Ok(n) => {
+                filled -= n;
+                moved.set(moved.get() + n as u64);
+                meter.add(n as u64);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if dst.writable(false).await.is_err() {
+                    return Err(End::SinkFailed);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Err(End::SinkFailed),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -604,11 +651,14 @@ mod tests {
     use std::time::Duration;
 
     use http::{Request, Response, StatusCode};
-    use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+    use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
     use monoio::net::TcpListener;
+
+    use std::sync::Arc;
 
     use super::*;
     use crate::runtime::{self, DriverChoice};
+    use crate::stats::WorkerStats;
 
     fn block_on<F: Future>(future: F) -> F::Output {
         let driver = runtime::resolve(DriverChoice::Auto).expect("a driver");
@@ -788,6 +838,182 @@ mod tests {
         });
     }
 
+    /// A connected pair on loopback: (the connecting end, the accepted end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let (listener, addr) = listener();
+        let connecting = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        (connecting, accepted)
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    async fn send_and_close<W: AsyncWriteRent>(mut to: W, bytes: Vec<u8>) {
+        let (written, _) = to.write_all(bytes).await;
+        written.expect("write");
+        to.shutdown().await.expect("half-close");
+    }
+
+    async fn receive_all<R: AsyncReadRent>(mut from: R) -> io::Result<Vec<u8>> {
+        let mut all = Vec::new();
+        loop {
+            let (n, buf) = from.read(Vec::with_capacity(64 * 1024)).await;
+            match n? {
+                0 => return Ok(all),
+                _ => all.extend_from_slice(&buf),
+            }
+        }
+    }
+
+    /// Every driver this kernel has: the plain TCP relay waits on readiness, which each
+    /// driver provides its own way.
+    fn on_each_driver(test: impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()>>>) {
+        for choice in [DriverChoice::Auto, DriverChoice::Epoll] {
+            let driver = runtime::resolve(choice).expect("a driver");
+            runtime::block_on(driver, || async {
+                monoio::time::timeout(Duration::from_secs(20), test())
+                    .await
+                    .expect("finished within 20 s");
+            })
+            .expect("runtime");
+        }
+    }
+
+    #[test]
+    fn the_tcp_relay_moves_both_ways_intact_carries_half_close_and_returns_its_pipes() {
+        on_each_driver(|| {
+            Box::pin(async {
+                let stats = Arc::new(WorkerStats::default());
+                let pipes = Pipes::new(stats.clone());
+                let (client, local) = pair().await;
+                let (remote, server) = pair().await;
+                let (to_server, to_client) = (pattern(3 << 20, 1), pattern(5 << 20, 2));
+                let (c_read, c_write) = client.into_split();
+                let (s_read, s_write) = server.into_split();
+                let (sent, received, worker) = <[Counter; 3]>::default().into();
+                let meters = Meters {
+                    sent: Meter([&sent, &worker]),
+                    received: Meter([&received, &worker]),
+                };
+                let never = Trigger::default();
+                // The server answers only after the client's FIN has reached it: the other
+                // direction stays open after a half-close.
+                let server = async {
+                    let got = receive_all(s_read).await.expect("server reads");
+                    send_and_close(s_write, to_client.clone()).await;
+                    got
+                };
+                let client = async {
+                    send_and_close(c_write, to_server.clone()).await;
+                    receive_all(c_read).await.expect("client reads")
+                };
+                let (totals, got_by_server, got_by_client) = monoio::join!(
+                    tcp_tcp(local, remote, &pipes, meters, &never),
+                    server,
+                    client
+                );
+                assert!(
+                    got_by_server == to_server,
+                    "the server got the client's bytes"
+                );
+                assert!(
+                    got_by_client == to_client,
+                    "the client got the server's bytes"
+                );
+                assert_eq!(
+                    totals,
+                    Totals {
+                        sent: 3 << 20,
+                        received: 5 << 20,
+                        reset: false
+                    }
+                );
+                assert_eq!((sent.get(), received.get()), (3 << 20, 5 << 20));
+                assert_eq!(worker.get(), 8 << 20);
+                assert!(pipes.spare() >= 1, "the pipes came back for reuse");
+                assert_eq!(
+                    stats.pipes_open.get(),
+                    pipes.spare() as u64,
+                    "every pipe opened is spare again, none left held"
+                );
+                assert_eq!(stats.pipe_failures.get(), 0);
+            })
+        });
+    }
+
+    #[test]
+    fn an_idle_tcp_relay_holds_no_pipe_and_a_stop_resets_both_sides() {
+        on_each_driver(|| {
+            Box::pin(async {
+                let stats = Arc::new(WorkerStats::default());
+                let pipes = Pipes::new(stats.clone());
+                let (client, local) = pair().await;
+                let (remote, server) = pair().await;
+                let stop = Trigger::default();
+                let (sent, received, worker) = <[Counter; 3]>::default().into();
+                let meters = Meters {
+                    sent: Meter([&sent, &worker]),
+                    received: Meter([&received, &worker]),
+                };
+                let watch = async {
+                    monoio::time::sleep(Duration::from_millis(100)).await;
+                    let open = stats.pipes_open.get();
+                    stop.fire();
+                    open
+                };
+                let (totals, open_while_idle) =
+                    monoio::join!(tcp_tcp(local, remote, &pipes, meters, &stop), watch);
+                assert_eq!(open_while_idle, 0, "an idle relay holds no pipe");
+                assert!(totals.reset);
+                for (side, end) in [("client", client), ("server", server)] {
+                    let error = receive_all(end)
+                        .await
+                        .expect_err("a reset, not a clean EOF");
+                    assert_eq!(error.kind(), io::ErrorKind::ConnectionReset, "{side}");
+                }
+            })
+        });
+    }
+
+    #[test]
+    fn a_reset_on_one_side_of_the_tcp_relay_resets_the_other() {
+        on_each_driver(|| {
+            Box::pin(async {
+                let pipes = Pipes::new(Arc::default());
+                let (mut client, local) = pair().await;
+                let (remote, mut server) = pair().await;
+                let (sent, received, worker) = <[Counter; 3]>::default().into();
+                let meters = Meters {
+                    sent: Meter([&sent, &worker]),
+                    received: Meter([&received, &worker]),
+                };
+                let never = Trigger::default();
+                let server_resets = async {
+                    let (n, _) = server.read(vec![0u8; 5]).await;
+                    assert_eq!(n.expect("the client's bytes"), 5);
+                    reset_on_close(server.as_raw_fd());
+                    drop(server);
+                };
+                let (written, _) = client.write_all(b"hello".to_vec()).await;
+                written.expect("write");
+                let (totals, ()) = monoio::join!(
+                    tcp_tcp(local, remote, &pipes, meters, &never),
+                    server_resets
+                );
+                assert!(totals.reset);
+                assert_eq!(totals.sent, 5);
+                let error = receive_all(client)
+                    .await
+                    .expect_err("a reset, not a clean EOF");
+                assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
+            })
+        });
+    }
+
     #[test]
     fn a_relay_finishes_on_two_clean_closes_or_on_the_first_failure() {
         let closed = Poll::Ready(End::Closed);
@@ -804,7 +1030,7 @@ mod tests {
                 reset: false
             }
         );
-        for failure in [End::SourceFailed, End::SinkFailed] {
+        for failure in [End::SourceFailed, End::SinkFailed, End::NoPipe] {
             let failed = Poll::Ready(failure);
             for other in [pending, closed] {
                 assert_eq!(

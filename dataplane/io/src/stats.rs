@@ -71,6 +71,10 @@ worker_stats! {
     active_connections,
     /// Outbound connections sent as plain TCP (destination not in the mesh).
     passthrough_connections,
+    /// Plain TCP relays reset because no pipe could be made for splice (descriptor limits).
+    pipe_failures,
+    /// Pipes open for splice, held by relays moving bytes or kept spare (gauge).
+    pipes_open,
     /// TLS connections this worker dialled for HBONE pools.
     hbone_connections_dialed,
     /// TLS connections this worker accepted on 15008.

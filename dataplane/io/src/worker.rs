@@ -33,6 +33,7 @@ use crate::netns_sync::NetnsRegistry;
 use crate::pool::{DialSpec, HbonePool, Lease, PoolKey, PoolTimers};
 use crate::relay;
 use crate::sockets::{finish_connect, original_dst, reuseport_listener, start_connect};
+use crate::splice::Pipes;
 use crate::stats::WorkerStats;
 use crate::upgrade::{HandedListener, Inherited};
 use crate::view::View;
@@ -143,6 +144,8 @@ pub struct Worker {
     log: WorkerLog,
     /// Fired when the process drains: no new listeners, GOAWAY on accepted tunnels.
     draining: Broadcast,
+    /// Empty pipes for the plain TCP relays' splices.
+    pipes: Pipes,
 }
 
 /// A connection's metric series and whether its access-log entry is written when it ends.
@@ -196,7 +199,7 @@ enum Upstream {
         send: h2::SendStream<Bytes>,
         recv: h2::RecvStream,
     },
-    Tcp(relay::TcpSide),
+    Tcp(TcpStream),
 }
 
 /// Why an outbound connection was not established (logged at debug; counted).
@@ -265,6 +268,7 @@ impl Worker {
     ) -> std::io::Result<Rc<Worker>> {
         let home = Rc::new(NetNs::current()?);
         let pool = HbonePool::new(settings.pool, home.clone(), stats.clone());
+        let pipes = Pipes::new(stats.clone());
         Ok(Rc::new(Worker {
             id,
             stats,
@@ -281,6 +285,7 @@ impl Worker {
             metrics,
             log,
             draining: Broadcast::default(),
+            pipes,
         }))
     }
 
@@ -753,9 +758,23 @@ impl Worker {
                 }
                 Upstream::Tcp(remote) => {
                     _lease = None;
+                    let local = match tcp.into_stream() {
+                        Ok(local) => local,
+                        Err(error) => {
+                            tracing::debug!(pod = %uid, %peer, %dst, %error,
+                                "cannot hand the connection to the splice relay");
+                            return;
+                        }
+                    };
                     // Boxed: the larger relay would otherwise size every mesh connection's
                     // task.
-                    Either::Right(Box::pin(relay::tcp_tcp(tcp, remote, meters, &never)))
+                    Either::Right(Box::pin(relay::tcp_tcp(
+                        local,
+                        remote,
+                        &self.pipes,
+                        meters,
+                        &never,
+                    )))
                 }
             }
         }
@@ -915,17 +934,13 @@ impl Worker {
     }
 
     /// Connects to `target` from inside `netns`; the socket comes back ready to relay.
-    async fn connect_in(
-        &self,
-        netns: &NetNs,
-        target: SocketAddr,
-    ) -> Result<relay::TcpSide, Refusal> {
+    async fn connect_in(&self, netns: &NetNs, target: SocketAddr) -> Result<TcpStream, Refusal> {
         let socket = netns
             .run_in(&self.home, || start_connect(target, None, DATAPLANE_MARK))
             .and_then(|r| r)
             .map_err(|e| Refusal::Connect(target, e))?;
         match monoio::time::timeout(self.settings.connect_timeout, finish_connect(socket)).await {
-            Ok(Ok(stream)) => relay::TcpSide::new(stream).map_err(|e| Refusal::Connect(target, e)),
+            Ok(Ok(stream)) => Ok(stream),
             Ok(Err(e)) => {
                 self.stats.upstream_connect_failures.inc();
                 Err(Refusal::Connect(target, e))
@@ -1125,15 +1140,8 @@ impl Worker {
         // The sockets move into the relay within this block, which ends before the relay is
         // awaited: only the relay future stays in the task while the connection is open.
         let totals = {
-            let connected = Box::pin(self.connect_in(&netns, dst))
-                .await
-                .and_then(|app| {
-                    let peer_side =
-                        relay::TcpSide::new(stream).map_err(|e| Refusal::Connect(dst, e))?;
-                    Ok((app, peer_side))
-                });
-            let (app, peer_side) = match connected {
-                Ok(sides) => sides,
+            let app = match Box::pin(self.connect_in(&netns, dst)).await {
+                Ok(app) => app,
                 Err(error) => {
                     tracing::debug!(pod = %uid, %peer, %dst, %error, "plaintext inbound failed");
                     self.refuse(labels(), "UF", || entry(&error.to_string(), None));
@@ -1142,7 +1150,13 @@ impl Worker {
             };
             accounting = self.account(labels());
             // The app is the local side here: what it sent went out to the peer.
-            relay::tcp_tcp(app, peer_side, self.meters(&accounting), &live.stop)
+            relay::tcp_tcp(
+                app,
+                stream,
+                &self.pipes,
+                self.meters(&accounting),
+                &live.stop,
+            )
         }
         .await;
         self.finish(accounting, &totals, live.stop.fired(), |result| {
@@ -1316,7 +1330,10 @@ impl Worker {
             }
             reason = decision.reason;
             live = self.track(&uid, connection, false);
-            let app = match Box::pin(self.connect_in(&netns, target)).await {
+            let connected = Box::pin(self.connect_in(&netns, target))
+                .await
+                .and_then(|app| relay::TcpSide::new(app).map_err(|e| Refusal::Connect(target, e)));
+            let app = match connected {
                 Ok(app) => app,
                 Err(error) => {
                     self.stats.hbone_no_upstream.inc();

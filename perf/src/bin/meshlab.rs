@@ -594,10 +594,11 @@ fn start_lab(args: &RunArgs) -> anyhow::Result<(Bench, usize)> {
     ))
 }
 
-/// One side of an A/B comparison: the mesh path's figures in one round.
+/// One side of an A/B comparison: the mesh and passthrough paths' figures in one round.
 fn mesh_figures(bench: &Bench, args: &RunArgs, hold: usize) -> anyhow::Result<AbFigures> {
     let lab = &bench.lab;
     let throughput = bench.bulk("n1-a", lab.addr("n2-a", SINK_PORT), 1, args.seconds)?;
+    let passthrough = bench.bulk("n1-a", lab.addr("n2-b", SINK_PORT), 1, args.seconds)?;
     let (rate, _) = bench.rate(
         "n1-a",
         lab.addr("n2-a", ECHO_PORT),
@@ -626,6 +627,7 @@ fn mesh_figures(bench: &Bench, args: &RunArgs, hold: usize) -> anyhow::Result<Ab
     };
     Ok(AbFigures {
         throughput,
+        passthrough,
         latency: rate.latency,
         connections_per_s,
         memory,
@@ -634,6 +636,7 @@ fn mesh_figures(bench: &Bench, args: &RunArgs, hold: usize) -> anyhow::Result<Ab
 
 struct AbFigures {
     throughput: Throughput,
+    passthrough: Throughput,
     latency: Latency,
     connections_per_s: f64,
     /// (KiB per held connection, idle RSS in MB), means of the two nodes.
@@ -650,6 +653,12 @@ fn ab_side(runs: &[AbFigures]) -> AbSide {
             &runs
                 .iter()
                 .map(|r| r.throughput.clone())
+                .collect::<Vec<_>>(),
+        ),
+        passthrough_throughput: Throughput::median(
+            &runs
+                .iter()
+                .map(|r| r.passthrough.clone())
                 .collect::<Vec<_>>(),
         ),
         latency: Latency::median(&runs.iter().map(|r| r.latency).collect::<Vec<_>>()),
@@ -674,8 +683,11 @@ fn ab(
     }
     let run = Provenance::now();
     let rounds = args.rounds.max(1);
-    let side_seconds =
-        5.0 + args.seconds + args.rr_seconds + args.conn_seconds_always() + hold as f64 / 800.0;
+    let side_seconds = 5.0
+        + 2.0 * args.seconds
+        + args.rr_seconds
+        + args.conn_seconds_always()
+        + hold as f64 / 800.0;
     let mut progress = Progress::new(rounds as f64 * 2.0 * side_seconds);
     let (mut bench, workers) = progress.step(
         "building and starting the lab (2 nodes, 4 pods, 2 agents, 2 data planes)",
