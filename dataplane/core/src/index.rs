@@ -295,6 +295,55 @@ fn parse_workload(
     ))
 }
 
+/// From this many workloads, a build parses them on several threads. Below it, starting a
+/// thread costs more than it saves.
+const PARALLEL_PARSE_FROM: usize = 16 * 1024;
+
+/// At most this many threads parse a build's workloads (the watcher's and helpers).
+const PARSE_THREADS: usize = 4;
+
+/// A parsed workload with its labels (kept for local workloads only).
+type Parsed = (Arc<Workload>, BTreeMap<String, String>);
+
+/// Parses every workload, each run on its own thread (the calling thread takes the first),
+/// and returns them in order. The first malformed workload in snapshot order refuses the
+/// whole, as it would on one thread. Helpers inherit the calling thread's scheduling class:
+/// the watcher leaves its real-time class before a whole build, so they never run above the
+/// workers.
+fn parse_workloads<'a, W>(runs: Vec<W>, node: &str) -> Result<Vec<Parsed>, IndexError>
+where
+    W: ExactSizeIterator<Item = Result<WorkloadView<'a>, DecodeError>> + Send,
+{
+    // Each run has its own interner: a shared string is allocated once per run.
+    let parse = |run: W| -> Result<Vec<Parsed>, IndexError> {
+        let mut interner = Interner::default();
+        let mut parsed = Vec::with_capacity(run.len());
+        for w in run {
+            parsed.push(parse_workload(
+                w.map_err(payload_error)?,
+                node,
+                &mut interner,
+            )?);
+        }
+        Ok(parsed)
+    };
+    let mut runs = runs.into_iter();
+    let Some(first) = runs.next() else {
+        return Ok(Vec::new());
+    };
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = runs.map(|run| scope.spawn(move || parse(run))).collect();
+        let mut all = parse(first)?;
+        for helper in helpers {
+            match helper.join() {
+                Ok(parsed) => all.extend(parsed?),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        Ok(all)
+    })
+}
+
 fn payload_error(error: DecodeError) -> IndexError {
     IndexError::Payload(error.to_string())
 }
@@ -354,7 +403,7 @@ impl Index {
         let services = std::mem::take(&mut snapshot.services);
         Index::built(
             snapshot,
-            workloads.iter().map(|w| Ok(w.into())),
+            vec![workloads.iter().map(|w| Ok(w.into()))],
             services.iter().map(|s| Ok(s.into())),
             generation,
         )
@@ -365,14 +414,22 @@ impl Index {
     pub fn build_encoded(payload: &[u8], generation: Generation) -> Result<Index, IndexError> {
         let mut view = SnapshotView::decode(payload).map_err(payload_error)?;
         let rest = std::mem::take(&mut view.rest);
-        Index::built(rest, view.workloads(), view.services(), generation)
+        let threads = if view.workloads().len() >= PARALLEL_PARSE_FROM {
+            std::thread::available_parallelism()
+                .map_or(1, usize::from)
+                .min(PARSE_THREADS)
+        } else {
+            1
+        };
+        let parts = view.workload_parts(threads).collect();
+        Index::built(rest, parts, view.services(), generation)
     }
 
     /// An index of `rest` (a snapshot without its workloads and services) with `workloads`
     /// and `services`.
     fn built<'a>(
         rest: Snapshot,
-        workloads: impl ExactSizeIterator<Item = Result<WorkloadView<'a>, DecodeError>>,
+        workloads: Vec<impl ExactSizeIterator<Item = Result<WorkloadView<'a>, DecodeError>> + Send>,
         services: impl ExactSizeIterator<Item = Result<ServiceView<'a>, DecodeError>>,
         generation: Generation,
     ) -> Result<Index, IndexError> {
@@ -401,7 +458,7 @@ impl Index {
         let workloads = std::mem::take(&mut delta.workloads);
         let services = std::mem::take(&mut delta.services);
         let mut next = self.clone().applied(
-            workloads.iter().map(|w| Ok(w.into())),
+            vec![workloads.iter().map(|w| Ok(w.into()))],
             services.iter().map(|s| Ok(s.into())),
             delta,
             generation,
@@ -427,11 +484,12 @@ impl Index {
         }
     }
 
-    /// Applies `workloads` and `services` (changed or new) and the rest of `delta`, whose own
-    /// workload and service lists are not read.
+    /// Applies `workloads` (changed or new, in consecutive runs that are parsed in parallel),
+    /// `services` (changed or new) and the rest of `delta`, whose own workload and service
+    /// lists are not read.
     fn applied<'a>(
         self,
-        workloads: impl ExactSizeIterator<Item = Result<WorkloadView<'a>, DecodeError>>,
+        workloads: Vec<impl ExactSizeIterator<Item = Result<WorkloadView<'a>, DecodeError>> + Send>,
         services: impl ExactSizeIterator<Item = Result<ServiceView<'a>, DecodeError>>,
         delta: Delta,
         generation: Generation,
@@ -446,18 +504,13 @@ impl Index {
 
         // Workloads: every changed or removed one leaves first (with its addresses), so that
         // two pods swapping addresses in one delta is not a conflict.
-        next.by_uid.reserve(workloads.len());
-        next.by_ip.reserve(workloads.len());
-        next.listed_by.reserve(workloads.len());
+        let count = workloads.iter().map(ExactSizeIterator::len).sum();
+        next.by_uid.reserve(count);
+        next.by_ip.reserve(count);
+        next.listed_by.reserve(count);
         next.services.reserve(services.len());
         next.by_vip.reserve(services.len());
-        let mut parsed = Vec::with_capacity(workloads.len());
-        let mut interner = Interner::default();
-        for w in workloads {
-            let w = w.map_err(payload_error)?;
-            parsed.push(parse_workload(w, &next.node, &mut interner)?);
-        }
-        drop(interner);
+        let parsed = parse_workloads(workloads, &next.node)?;
         let mut seen =
             HashSet::with_capacity_and_hasher(parsed.len(), foldhash::fast::RandomState::default());
         for (w, _) in &parsed {
@@ -964,6 +1017,60 @@ mod tests {
             in_place.route_outbound(addr("10.96.0.10:80"), 1),
             decoded.route_outbound(addr("10.96.0.10:80"), 1)
         );
+    }
+
+    /// The test snapshot with `n` more workloads (client-side pods on another node).
+    fn with_many_workloads(n: usize) -> Snapshot {
+        let mut snap = snapshot();
+        let template = snap.workloads[1].clone();
+        for i in 0..n {
+            snap.workloads.push(W {
+                uid: format!("pod-{i}"),
+                name: format!("pod-{i}"),
+                ips: vec![vec![10, 200, (i >> 8) as u8, i as u8]],
+                ..template.clone()
+            });
+        }
+        snap
+    }
+
+    #[test]
+    fn a_build_large_enough_to_parse_on_several_threads_is_the_one_thread_build() {
+        let snap = with_many_workloads(PARALLEL_PARSE_FROM + 100);
+        let payload = mesh_snapshot::encode(&snap);
+        let in_place = Index::build_encoded(&payload, Generation::default()).expect("builds");
+        let decoded = Index::build(snap, Generation::default()).expect("builds");
+        assert_eq!(contents(&in_place), contents(&decoded));
+        // Three runs whatever this machine's core count: the same workloads, in order.
+        let view = SnapshotView::decode(&payload).expect("decodes");
+        let debug = |parsed: Vec<Parsed>| -> Vec<String> {
+            parsed.iter().map(|p| format!("{p:?}")).collect()
+        };
+        let in_runs = parse_workloads(view.workload_parts(3).collect(), "n1").expect("parses");
+        let in_one = parse_workloads(vec![view.workloads()], "n1").expect("parses");
+        assert_eq!(in_runs.len(), PARALLEL_PARSE_FROM + 104);
+        assert_eq!(debug(in_runs), debug(in_one));
+    }
+
+    #[test]
+    fn the_first_malformed_workload_in_snapshot_order_is_named_whichever_thread_finds_it() {
+        let refusal = |bad: &[usize]| {
+            let mut snap = with_many_workloads(18_000);
+            for &i in bad {
+                snap.workloads[4 + i].ips = vec![vec![10, 200, 0]];
+            }
+            let payload = mesh_snapshot::encode(&snap);
+            let view = SnapshotView::decode(&payload).expect("decodes");
+            // Runs of 6002: the first is the caller's, the others the helpers'.
+            let runs = view.workload_parts(3).collect();
+            match parse_workloads(runs, "n1") {
+                Err(IndexError::Workload { uid, field, .. }) => (uid, field),
+                other => panic!("refused: {other:?}"),
+            }
+        };
+        assert_eq!(refusal(&[15_000]), ("pod-15000".to_owned(), "ips"));
+        assert_eq!(refusal(&[9_000, 15_000]), ("pod-9000".to_owned(), "ips"));
+        assert_eq!(refusal(&[100, 15_000]), ("pod-100".to_owned(), "ips"));
     }
 
     #[test]

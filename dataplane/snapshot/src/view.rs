@@ -216,6 +216,20 @@ impl<'a> SnapshotView<'a> {
             .map(|bytes| WorkloadView::parse(bytes))
     }
 
+    /// The workloads in `parts` consecutive runs of nearly equal length (fewer when there are
+    /// fewer workloads), in order: for reading them on several threads.
+    pub fn workload_parts(
+        &self,
+        parts: usize,
+    ) -> impl Iterator<
+        Item = impl ExactSizeIterator<Item = Result<WorkloadView<'a>, DecodeError>> + Send + '_,
+    > + '_ {
+        let run = self.workloads.len().div_ceil(parts.max(1)).max(1);
+        self.workloads
+            .chunks(run)
+            .map(|chunk| chunk.iter().map(|bytes| WorkloadView::parse(bytes)))
+    }
+
     pub fn services(
         &self,
     ) -> impl ExactSizeIterator<Item = Result<ServiceView<'a>, DecodeError>> + '_ {
