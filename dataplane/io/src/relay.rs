@@ -8,7 +8,9 @@
 //!
 //! One future per connection owns both sides and polls both directions, readiness-style (as
 //! tokio's `copy_bidirectional` does): no split halves, no second task. Reads go through a
-//! [`ReadSlot`], so a quiet connection holds no buffer.
+//! [`ReadSlot`], so a quiet connection holds no buffer. Between two TCP sockets ([`tcp_tcp`])
+//! nothing is read at all: the kernel splices the bytes across, through a pipe held only
+//! while they move.
 //!
 //! An outbound connection does not wait for its CONNECT to be answered before it sends: the
 //! client's first bytes follow the request on the same tunnel ([`await_answer`]), so a new

@@ -763,7 +763,12 @@ impl Worker {
                         Err(error) => {
                             tracing::debug!(pod = %uid, %peer, %dst, %error,
                                 "cannot hand the connection to the splice relay");
-                            return;
+                            crate::sockets::reset_on_close(remote.as_raw_fd());
+                            let reset = relay::Totals {
+                                reset: true,
+                                ..relay::Totals::default()
+                            };
+                            return self.finish(accounting, &reset, false, entry);
                         }
                     };
                     // Boxed: the larger relay would otherwise size every mesh connection's
