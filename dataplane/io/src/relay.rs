@@ -590,6 +590,7 @@ async fn forward(
         let Ok(pipe) = pipes.take() else {
             return End::NoPipe;
         };
+        let mut share = FairShare::default();
         loop {
             match splice::fill(from, &pipe, splice::PIPE_BYTES) {
                 Ok(0) => {
@@ -606,6 +607,9 @@ async fn forward(
                         // The pipe may still hold bytes: it is closed, not reused.
                         return end;
                     }
+                    if share.spent(filled) {
+                        yield_to_others().await;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -617,6 +621,46 @@ async fn forward(
         }
         pipes.give(pipe);
     }
+}
+
+/// How much one direction moves without waiting before the worker's other connections get
+/// their turn. A sender and receiver as fast as the splices never make a direction wait, and
+/// monoio has no budget of its own: without this, one bulk flow would hold its worker.
+const FAIR_SHARE_BYTES: usize = 1024 * 1024;
+
+/// Bytes moved since a direction last waited or yielded.
+#[derive(Default)]
+struct FairShare(usize);
+
+impl FairShare {
+    /// Counts `n` more bytes; true when the direction should yield now (and starts again).
+    fn spent(&mut self, n: usize) -> bool {
+        self.0 += n;
+        if self.0 >= FAIR_SHARE_BYTES {
+            self.0 = 0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Lets the worker's other queued tasks run before this one goes on, and its I/O
+/// completions be reaped within a round or two. A task that wakes itself is run again first
+/// by monoio, so the wake comes from a task queued behind the others.
+async fn yield_to_others() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            let waker = cx.waker().clone();
+            drop(monoio::spawn(async move { waker.wake() }));
+            Poll::Pending
+        }
+    })
+    .await
 }
 
 /// Writes the `filled` bytes in `pipe` to `dst`, counting them as they go.
@@ -1012,6 +1056,45 @@ mod tests {
                     .await
                     .expect_err("a reset, not a clean EOF");
                 assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
+            })
+        });
+    }
+
+    #[test]
+    fn a_direction_yields_after_each_fair_share_it_moves_without_waiting() {
+        let mut share = FairShare::default();
+        let chunk = splice::PIPE_BYTES;
+        let yields: Vec<bool> = (0..8).map(|_| share.spent(chunk)).collect();
+        let every = FAIR_SHARE_BYTES / chunk;
+        assert!(every >= 1);
+        for (i, yielded) in yields.iter().enumerate() {
+            assert_eq!(*yielded, (i + 1) % every == 0, "after {} chunks", i + 1);
+        }
+        // Small reads add up to a share too.
+        let mut share = FairShare::default();
+        assert_eq!(
+            (0..FAIR_SHARE_BYTES / 1000 + 1)
+                .filter(|_| share.spent(1000))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn yielding_lets_the_other_tasks_of_the_worker_run_first() {
+        on_each_driver(|| {
+            Box::pin(async {
+                // In a task of its own, as every connection's relay runs.
+                let seen = monoio::spawn(async {
+                    let ran = std::rc::Rc::new(Cell::new(false));
+                    let other = ran.clone();
+                    monoio::spawn(async move { other.set(true) });
+                    assert!(!ran.get(), "spawned, not yet run");
+                    yield_to_others().await;
+                    ran.get()
+                })
+                .await;
+                assert!(seen, "the other task ran while this one yielded");
             })
         });
     }
