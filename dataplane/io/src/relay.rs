@@ -814,11 +814,8 @@ mod tests {
                 .await
                 .expect("answered");
             assert_eq!(answer.status(), StatusCode::OK);
-            let (sent, received, worker) = <[Counter; 3]>::default().into();
-            let meters = Meters {
-                sent: Meter([&sent, &worker]),
-                received: Meter([&received, &worker]),
-            };
+            let counted = Counted::default();
+            let meters = counted.meters();
             let never = Trigger::default();
             let moved = tcp_h2(tcp, send, answer.into_body(), early, meters, &never).await;
             assert_eq!(read_to_end(&mut app).await, b"world");
@@ -830,8 +827,8 @@ mod tests {
                     reset: false
                 }
             );
-            assert_eq!(sent.get(), 5, "early bytes are counted as sent");
-            assert_eq!(received.get(), 5);
+            assert_eq!(counted.sent.get(), 5, "early bytes are counted as sent");
+            assert_eq!(counted.received.get(), 5);
         });
     }
 
@@ -882,6 +879,23 @@ mod tests {
             let cancelled = response.await.expect_err("cancelled");
             assert!(!never_processed(&cancelled), "{cancelled}");
         });
+    }
+
+    /// A connection's byte counters and its worker's total, as a relay meters them.
+    #[derive(Default)]
+    struct Counted {
+        sent: Counter,
+        received: Counter,
+        worker: Counter,
+    }
+
+    impl Counted {
+        fn meters(&self) -> Meters<'_> {
+            Meters {
+                sent: Meter([&self.sent, &self.worker]),
+                received: Meter([&self.received, &self.worker]),
+            }
+        }
     }
 
     /// A connected pair on loopback: (the connecting end, the accepted end).
@@ -940,11 +954,8 @@ mod tests {
                 let (to_server, to_client) = (pattern(3 << 20, 1), pattern(5 << 20, 2));
                 let (c_read, c_write) = client.into_split();
                 let (s_read, s_write) = server.into_split();
-                let (sent, received, worker) = <[Counter; 3]>::default().into();
-                let meters = Meters {
-                    sent: Meter([&sent, &worker]),
-                    received: Meter([&received, &worker]),
-                };
+                let counted = Counted::default();
+                let meters = counted.meters();
                 let never = Trigger::default();
                 // The server answers only after the client's FIN has reached it: the other
                 // direction stays open after a half-close.
@@ -978,8 +989,11 @@ mod tests {
                         reset: false
                     }
                 );
-                assert_eq!((sent.get(), received.get()), (3 << 20, 5 << 20));
-                assert_eq!(worker.get(), 8 << 20);
+                assert_eq!(
+                    (counted.sent.get(), counted.received.get()),
+                    (3 << 20, 5 << 20)
+                );
+                assert_eq!(counted.worker.get(), 8 << 20);
                 assert!(pipes.spare() >= 1, "the pipes came back for reuse");
                 assert_eq!(
                     stats.pipes_open.get(),
@@ -1000,11 +1014,8 @@ mod tests {
                 let (client, local) = pair().await;
                 let (remote, server) = pair().await;
                 let stop = Trigger::default();
-                let (sent, received, worker) = <[Counter; 3]>::default().into();
-                let meters = Meters {
-                    sent: Meter([&sent, &worker]),
-                    received: Meter([&received, &worker]),
-                };
+                let counted = Counted::default();
+                let meters = counted.meters();
                 let watch = async {
                     monoio::time::sleep(Duration::from_millis(100)).await;
                     let open = stats.pipes_open.get();
@@ -1032,11 +1043,8 @@ mod tests {
                 let pipes = Pipes::new(Arc::default());
                 let (mut client, local) = pair().await;
                 let (remote, mut server) = pair().await;
-                let (sent, received, worker) = <[Counter; 3]>::default().into();
-                let meters = Meters {
-                    sent: Meter([&sent, &worker]),
-                    received: Meter([&received, &worker]),
-                };
+                let counted = Counted::default();
+                let meters = counted.meters();
                 let never = Trigger::default();
                 let server_resets = async {
                     let (n, _) = server.read(vec![0u8; 5]).await;
