@@ -29,8 +29,10 @@ pub struct FileConfig {
     /// agent tells an unchanged pod by pointer before comparing.
     #[serde(default)]
     pub workloads: Vec<Arc<WorkloadSpec>>,
+    /// Shared like the workloads: a service whose object, slices and endpoints did not
+    /// change keeps its spec.
     #[serde(default)]
-    pub services: Vec<ServiceSpec>,
+    pub services: Vec<Arc<ServiceSpec>>,
     #[serde(default)]
     pub policies: Vec<PolicySpec>,
     #[serde(default)]

@@ -223,7 +223,7 @@ pub fn model_changes(
         &before.services,
         &after.services,
         |s| (s.namespace.as_str(), s.name.as_str()),
-        |o, s| o == s,
+        |o, s| Arc::ptr_eq(o, s) || o == s,
     );
     let services = Changes {
         changed: services.into_iter().map(|s| service(s, after)).collect(),
@@ -402,12 +402,12 @@ services:
         .into();
         // Services: one loses the pod that left and gains the new one, one goes, one comes,
         // and one stays as it was.
-        after.services[0].endpoints = vec!["there-3".into()];
+        Arc::make_mut(&mut after.services[0]).endpoints = vec!["there-3".into()];
         after.services.retain(|s| s.name != "gone");
-        let mut new_service = after.services[1].clone();
+        let mut new_service = ServiceSpec::clone(&after.services[1]);
         new_service.name = "new".into();
         new_service.vips = vec!["10.96.0.9".parse().expect("ip")];
-        after.services.insert(0, new_service);
+        after.services.insert(0, Arc::new(new_service));
         let full = |config: &FileConfig, enrolled: &Enrolled| {
             State::from(snapshot(
                 config,

@@ -138,6 +138,9 @@ struct TranslatedService {
     service: Arc<Service>,
     slices: Vec<Arc<EndpointSlice>>,
     spec: Result<Option<ServiceBase>, String>,
+    /// The spec the last model had, endpoints narrowed: kept while they stay the same, so
+    /// an unchanged service costs no copy and compares by pointer.
+    modeled: Option<Arc<ServiceSpec>>,
 }
 
 /// A service's spec without endpoints, and the ready pod uids its slices list (sorted, once
@@ -293,21 +296,29 @@ fn model_with(
                     .zip(slices)
                     .all(|(a, b)| Arc::ptr_eq(a, b))
         };
-        let (key, translated) =
+        let (key, mut translated) =
             reuse_or_translate(&mut previous, key, same, || TranslatedService {
                 service: svc.clone(),
                 slices: slices.iter().map(|s| Arc::clone(s)).collect(),
                 spec: service(svc, world, &lookups, slices),
+                modeled: None,
             });
-        match &translated.spec {
+        let TranslatedService { spec, modeled, .. } = &mut translated;
+        match spec {
             Ok(Some(base)) => {
-                let mut spec = base.spec.clone();
-                spec.endpoints = base
+                let endpoints = base
                     .ready
                     .iter()
-                    .filter(|uid| uid_owner.contains_key(uid.as_str()))
-                    .cloned()
-                    .collect();
+                    .filter(|uid| uid_owner.contains_key(uid.as_str()));
+                let spec = match modeled {
+                    Some(last) if last.endpoints.iter().eq(endpoints.clone()) => last.clone(),
+                    _ => {
+                        let mut spec = base.spec.clone();
+                        spec.endpoints = endpoints.cloned().collect();
+                        Arc::new(spec)
+                    }
+                };
+                *modeled = Some(spec.clone());
                 services.push(spec);
             }
             Ok(None) => {}

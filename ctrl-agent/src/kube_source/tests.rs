@@ -352,10 +352,11 @@ fn a_model_kept_up_to_date_equals_one_built_from_scratch() {
         );
         Update::Event(Kind::Pods, Event::Apply(dynamic("v1", "Pod", pod)))
     };
-    let (mut retranslated, mut reused) = (0, 0);
+    let (mut retranslated, mut reused, mut services_kept) = (0, 0, 0);
     for step in 0..300 {
         let touched_pod = next(40);
-        let only_a_pod = match next(10) {
+        let kind = next(10);
+        let only_a_pod = match kind {
             // A pod moves, relabels, or comes (uids 30-39 are new).
             0..=5 => {
                 let labels = json!({"app": format!("app-{}", next(4))});
@@ -438,12 +439,27 @@ fn a_model_kept_up_to_date_equals_one_built_from_scratch() {
                 assert!(!only_a_pod, "step {step}: {} translated again", w.uid);
             }
         }
+        // After a pod event (not a slice's), a service whose endpoints stayed the same keeps
+        // its spec.
+        let pod_event = kind <= 6;
+        for s in &kept.config.services {
+            let before = last
+                .config
+                .services
+                .iter()
+                .find(|b| (&b.namespace, &b.name) == (&s.namespace, &s.name));
+            if let Some(before) = before.filter(|b| pod_event && ***b == **s) {
+                assert!(Arc::ptr_eq(before, s), "step {step}: {} copied", s.name);
+                services_kept += 1;
+            }
+        }
         last = kept;
     }
     assert!(
         reused > 1000 && retranslated > 100,
         "{reused} reused, {retranslated} not"
     );
+    assert!(services_kept > 10, "{services_kept} services kept");
 }
 
 #[test]
