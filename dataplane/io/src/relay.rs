@@ -906,6 +906,20 @@ mod tests {
         (connecting, accepted)
     }
 
+    /// The four sockets of a TCP relay: the client, the data plane's end of it (`local`),
+    /// the data plane's end toward the server (`remote`), and the server.
+    async fn relayed() -> [TcpStream; 4] {
+        let (client, local) = pair().await;
+        let (remote, server) = pair().await;
+        [client, local, remote, server]
+    }
+
+    /// A worker's counters and its spare pipes.
+    fn worker_pipes() -> (Arc<WorkerStats>, Pipes) {
+        let stats = Arc::new(WorkerStats::default());
+        (stats.clone(), Pipes::new(stats))
+    }
+
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31) ^ seed)
@@ -947,10 +961,8 @@ mod tests {
     fn the_tcp_relay_moves_both_ways_intact_carries_half_close_and_returns_its_pipes() {
         on_each_driver(|| {
             Box::pin(async {
-                let stats = Arc::new(WorkerStats::default());
-                let pipes = Pipes::new(stats.clone());
-                let (client, local) = pair().await;
-                let (remote, server) = pair().await;
+                let (stats, pipes) = worker_pipes();
+                let [client, local, remote, server] = relayed().await;
                 let (to_server, to_client) = (pattern(3 << 20, 1), pattern(5 << 20, 2));
                 let (c_read, c_write) = client.into_split();
                 let (s_read, s_write) = server.into_split();
@@ -1009,10 +1021,8 @@ mod tests {
     fn an_idle_tcp_relay_holds_no_pipe_and_a_stop_resets_both_sides() {
         on_each_driver(|| {
             Box::pin(async {
-                let stats = Arc::new(WorkerStats::default());
-                let pipes = Pipes::new(stats.clone());
-                let (client, local) = pair().await;
-                let (remote, server) = pair().await;
+                let (stats, pipes) = worker_pipes();
+                let [client, local, remote, server] = relayed().await;
                 let stop = Trigger::default();
                 let counted = Counted::default();
                 let meters = counted.meters();
@@ -1040,9 +1050,8 @@ mod tests {
     fn a_reset_on_one_side_of_the_tcp_relay_resets_the_other() {
         on_each_driver(|| {
             Box::pin(async {
-                let pipes = Pipes::new(Arc::default());
-                let (mut client, local) = pair().await;
-                let (remote, mut server) = pair().await;
+                let (_, pipes) = worker_pipes();
+                let [mut client, local, remote, mut server] = relayed().await;
                 let counted = Counted::default();
                 let meters = counted.meters();
                 let never = Trigger::default();
