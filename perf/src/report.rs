@@ -81,6 +81,11 @@ pub fn median(mut values: Vec<f64>) -> f64 {
 }
 
 impl Throughput {
+    /// Data-plane CPU per unit of throughput: cores per Gbit/s.
+    pub fn cores_per_gbit(&self) -> f64 {
+        self.dataplane_cores / self.gbit_per_s
+    }
+
     /// Median of each figure over rounds.
     pub fn median(runs: &[Throughput]) -> Throughput {
         Throughput {
@@ -305,7 +310,7 @@ impl Ratios {
         Ratios {
             throughput_mesh_over_direct: mesh.gbit_per_s / direct.gbit_per_s,
             throughput_mesh_over_tls: tls.map(|t| mesh.gbit_per_s / t.gbit_per_s),
-            dataplane_cores_per_gbit: mesh.dataplane_cores / mesh.gbit_per_s,
+            dataplane_cores_per_gbit: mesh.cores_per_gbit(),
             added_p50_us: mesh_lat.p50_us - direct_lat.p50_us,
             added_p99_us: mesh_lat.p99_us - direct_lat.p99_us,
         }
@@ -1258,8 +1263,8 @@ impl AbReport {
             ),
             (
                 "data planes, cores per Gbit/s",
-                u.throughput.dataplane_cores / u.throughput.gbit_per_s,
-                t.throughput.dataplane_cores / t.throughput.gbit_per_s,
+                u.throughput.cores_per_gbit(),
+                t.throughput.cores_per_gbit(),
             ),
             (
                 "one stream passthrough, Gbit/s",
@@ -1268,8 +1273,8 @@ impl AbReport {
             ),
             (
                 "passthrough, cores per Gbit/s",
-                u.passthrough_throughput.dataplane_cores / u.passthrough_throughput.gbit_per_s,
-                t.passthrough_throughput.dataplane_cores / t.passthrough_throughput.gbit_per_s,
+                u.passthrough_throughput.cores_per_gbit(),
+                t.passthrough_throughput.cores_per_gbit(),
             ),
             (
                 "1 KiB at 1000/s, p50 us",
