@@ -350,6 +350,57 @@ fn payload_error(error: DecodeError) -> IndexError {
 }
 
 /// Parses and checks one service: its frontends with target ports.
+/// Points a service's listed uids at the workloads `by_uid` has, sharing the uid the map
+/// holds (one allocation per pod, not two).
+fn resolve_endpoints(
+    by_uid: &Map<Arc<str>, Arc<Workload>>,
+    service: &mut Service,
+    listed: &[&str],
+) {
+    service.listed.reserve_exact(listed.len());
+    for &uid in listed {
+        match by_uid.get_key_value(uid) {
+            Some((known, workload)) => {
+                service.listed.push(known.clone());
+                service.endpoints.push(workload.clone());
+            }
+            None => service.listed.push(uid.into()),
+        }
+    }
+}
+
+fn put_service(
+    services: &mut Map<Arc<str>, Arc<Service>>,
+    by_vip: &mut Map<SocketAddr, (Arc<Service>, u16)>,
+    key: &Arc<str>,
+    service: &Arc<Service>,
+) {
+    for (frontend, target) in &service.frontends {
+        by_vip.insert(*frontend, (service.clone(), *target));
+    }
+    services.insert(key.clone(), service.clone());
+}
+
+/// Runs `a` and `b`: on the calling thread and a helper at once when `parallel` (the helper
+/// inherits the caller's scheduling class, as the parse helpers do), else one after the other.
+fn join<A, B>(parallel: bool, a: impl FnOnce() -> A, b: impl FnOnce() -> B + Send) -> (A, B)
+where
+    B: Send,
+{
+    if !parallel {
+        let a = a();
+        return (a, b());
+    }
+    std::thread::scope(|scope| {
+        let helper = scope.spawn(b);
+        let a = a();
+        match helper.join() {
+            Ok(b) => (a, b),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
 fn parse_service(s: &ServiceView<'_>) -> Result<Service, IndexError> {
     let bad = |field, problem: String| IndexError::Service {
         name: format!("{}/{}", s.namespace, s.name),
@@ -431,7 +482,7 @@ impl Index {
     fn built<'a>(
         rest: Snapshot,
         workloads: Vec<impl ExactSizeIterator<Item = Result<WorkloadView<'a>, DecodeError>> + Send>,
-        services: impl ExactSizeIterator<Item = Result<ServiceView<'a>, DecodeError>>,
+        services: impl ExactSizeIterator<Item = Result<ServiceView<'a>, DecodeError>> + Send,
         generation: Generation,
     ) -> Result<Index, IndexError> {
         let mut empty = Index::empty();
@@ -491,7 +542,7 @@ impl Index {
     fn applied<'a>(
         self,
         workloads: Vec<impl ExactSizeIterator<Item = Result<WorkloadView<'a>, DecodeError>> + Send>,
-        services: impl ExactSizeIterator<Item = Result<ServiceView<'a>, DecodeError>>,
+        services: impl ExactSizeIterator<Item = Result<ServiceView<'a>, DecodeError>> + Send,
         delta: Delta,
         generation: Generation,
     ) -> Result<Index, IndexError> {
@@ -503,24 +554,20 @@ impl Index {
             next.source = delta.source;
         }
 
-        // Workloads: every changed or removed one leaves first (with its addresses), so that
-        // two pods swapping addresses in one delta is not a conflict.
+        // A build large enough to parse on several threads also runs its independent steps
+        // two at a time.
+        let parallel = workloads.len() > 1;
         let count = workloads.iter().map(ExactSizeIterator::len).sum();
         next.by_uid.reserve(count);
         next.by_ip.reserve(count);
         next.listed_by.reserve(count);
         next.services.reserve(services.len());
         next.by_vip.reserve(services.len());
-        let parsed = parse_workloads(workloads, &next.node)?;
-        let mut seen =
-            HashSet::with_capacity_and_hasher(parsed.len(), foldhash::fast::RandomState::default());
-        for (w, _) in &parsed {
-            if !seen.insert(&*w.uid) {
-                return Err(IndexError::DuplicateUid(w.uid.to_string()));
-            }
-        }
-        drop(seen);
-        // Uids whose workload came, went or changed: the services listing them re-resolve.
+        let mut parsed = parse_workloads(workloads, &next.node)?;
+
+        // Workloads: every changed or removed one leaves first (with its addresses), so that
+        // two pods swapping addresses in one delta is not a conflict. `changed` collects the
+        // uids whose workload came, went or changed: the services listing them re-resolve.
         let mut changed: Vec<Arc<str>> = Vec::new();
         let mut local_changed = false;
         let leaving = delta
@@ -542,47 +589,82 @@ impl Index {
                 changed.push(Arc::from(uid));
             }
         }
-        for (workload, labels) in parsed {
-            let uid = workload.uid.clone();
-            for ip in &workload.ips {
-                if let Some(other) = next.by_ip.get(ip) {
-                    return Err(IndexError::DuplicateIp {
-                        ip: *ip,
-                        first: other.uid.to_string(),
-                        second: workload.uid.to_string(),
-                    });
+        // Then each goes in by uid while the services are read.
+        let (by_uid, incoming) = join(
+            parallel,
+            || -> Result<(), IndexError> {
+                for (workload, labels) in &mut parsed {
+                    let uid = workload.uid.clone();
+                    if workload.netns != NetnsSource::None {
+                        let local = Local {
+                            workload: workload.clone(),
+                            labels: std::mem::take(labels),
+                        };
+                        next.local.insert(uid.clone(), local);
+                        local_changed = true;
+                    }
+                    if next.by_uid.insert(uid.clone(), workload.clone()).is_some() {
+                        return Err(IndexError::DuplicateUid(uid.to_string()));
+                    }
+                    if !from_empty {
+                        changed.push(uid);
+                    }
                 }
-                next.by_ip.insert(*ip, workload.clone());
+                Ok(())
+            },
+            || {
+                services
+                    .map(|s| {
+                        let s = s.map_err(payload_error)?;
+                        let service = parse_service(&s)?;
+                        Ok((Arc::<str>::from(s.key()), service, s.endpoints))
+                    })
+                    .collect::<Result<Vec<_>, IndexError>>()
+            },
+        );
+        by_uid?;
+        let by_ip = |by_ip: &mut Map<IpAddr, Arc<Workload>>| -> Result<(), IndexError> {
+            for (workload, _) in parsed {
+                for ip in &workload.ips {
+                    if let Some(other) = by_ip.insert(*ip, workload.clone()) {
+                        return Err(IndexError::DuplicateIp {
+                            ip: *ip,
+                            first: other.uid.to_string(),
+                            second: workload.uid.to_string(),
+                        });
+                    }
+                }
             }
-            if workload.netns != NetnsSource::None {
-                next.local.insert(
-                    uid.clone(),
-                    Local {
-                        workload: workload.clone(),
-                        labels,
-                    },
-                );
-                local_changed = true;
+            Ok(())
+        };
+        // Errors come in the order one thread meets them: a uid twice, then an address
+        // twice, then a malformed service.
+        let mut incoming = match incoming {
+            Ok(incoming) => incoming,
+            Err(error) => {
+                by_ip(&mut next.by_ip)?;
+                return Err(error);
             }
-            next.by_uid.insert(uid.clone(), workload);
-            if !from_empty {
-                changed.push(uid);
+        };
+        let half = incoming.len() / 2;
+        let (first, second) = incoming.split_at_mut(half);
+        let resolve = |services: &mut [(Arc<str>, Service, Vec<&str>)]| {
+            for (_, service, listed) in services {
+                resolve_endpoints(&next.by_uid, service, listed);
             }
-        }
+        };
+        join(parallel, || resolve(first), || resolve(second));
+        let incoming: Vec<(Arc<str>, Arc<Service>)> = incoming
+            .into_iter()
+            .map(|(key, service, _)| (key, Arc::new(service)))
+            .collect();
 
         // Services: the old version of each changed or removed one leaves with its frontends.
-        let mut touched: HashSet<Arc<str>> = HashSet::new();
-        let mut incoming = Vec::with_capacity(services.len());
-        for s in services {
-            let s = s.map_err(payload_error)?;
-            let service = parse_service(&s)?;
-            incoming.push((Arc::<str>::from(s.key()), service, s.endpoints));
-        }
         let leaving = delta
             .removed_services
             .iter()
             .map(String::as_str)
-            .chain(incoming.iter().map(|(key, _, _)| &**key));
+            .chain(incoming.iter().map(|(key, _)| &**key));
         for key in leaving {
             if let Some(old) = next.services.remove(key) {
                 for (frontend, _) in &old.frontends {
@@ -599,38 +681,42 @@ impl Index {
                 }
             }
         }
-        // New and changed services resolve their endpoints as they go in.
-        let mut resolved: HashSet<Arc<str>> = HashSet::with_capacity(incoming.len());
-        for (key, mut service, listed) in incoming {
-            // Share the uid the workload map already holds (one allocation per pod, not two).
-            service.listed.reserve_exact(listed.len());
-            for uid in listed {
-                match next.by_uid.get_key_value(uid) {
-                    Some((known, workload)) => {
-                        service.listed.push(known.clone());
-                        service.endpoints.push(workload.clone());
+        // New and changed services go in, each listed workload pointing back at them, while
+        // the workloads go in by address.
+        let ((), by_ip) = join(
+            parallel,
+            || {
+                for (key, service) in &incoming {
+                    for uid in &service.listed {
+                        next.listed_by
+                            .update(uid.clone(), ServiceKeys::new, |keys| {
+                                if !keys.contains(key) {
+                                    keys.push(key.clone());
+                                }
+                            });
                     }
-                    None => service.listed.push(uid.into()),
                 }
-            }
-            for uid in &service.listed {
-                next.listed_by
-                    .update(uid.clone(), ServiceKeys::new, |keys| {
-                        if !keys.contains(&key) {
-                            keys.push(key.clone());
-                        }
-                    });
-            }
-            next.put_service(key.clone(), Arc::new(service));
-            resolved.insert(key);
-        }
+            },
+            || {
+                for (key, service) in &incoming {
+                    put_service(&mut next.services, &mut next.by_vip, key, service);
+                }
+                by_ip(&mut next.by_ip)
+            },
+        );
+        by_ip?;
         // Endpoints point at workloads: the other services listing a workload that came, went
         // or changed re-resolve, and their frontends point at the new version.
-        for uid in &changed {
-            if let Some(keys) = next.listed_by.get(uid) {
-                touched.extend(keys.iter().filter(|k| !resolved.contains(*k)).cloned());
+        let mut touched: HashSet<Arc<str>> = HashSet::new();
+        if !changed.is_empty() {
+            let resolved: HashSet<&str> = incoming.iter().map(|(key, _)| &**key).collect();
+            for uid in &changed {
+                if let Some(keys) = next.listed_by.get(uid) {
+                    touched.extend(keys.iter().filter(|k| !resolved.contains(&***k)).cloned());
+                }
             }
         }
+        drop(incoming);
         for key in touched {
             let Some(old) = next.services.get(&key).cloned() else {
                 continue;
@@ -641,7 +727,12 @@ impl Index {
                 .iter()
                 .filter_map(|uid| next.by_uid.get(uid).cloned())
                 .collect();
-            next.put_service(key, Arc::new(service));
+            put_service(
+                &mut next.services,
+                &mut next.by_vip,
+                &key,
+                &Arc::new(service),
+            );
         }
 
         // Identities and trust roots: small, rebuilt whole when touched.
@@ -693,13 +784,6 @@ impl Index {
             next.resolve_local_authz();
         }
         Ok(next)
-    }
-
-    fn put_service(&mut self, key: Arc<str>, service: Arc<Service>) {
-        for (frontend, target) in &service.frontends {
-            self.by_vip.insert(*frontend, (service.clone(), *target));
-        }
-        self.services.insert(key, service);
     }
 
     fn unlist(&mut self, uid: &Arc<str>, key: &str) {
@@ -1051,6 +1135,136 @@ mod tests {
         let in_one = parse_workloads(vec![view.workloads()], "n1").expect("parses");
         assert_eq!(in_runs.len(), PARALLEL_PARSE_FROM + 104);
         assert_eq!(debug(in_runs), debug(in_one));
+    }
+
+    /// `with_many_workloads` with services listing the added pods ten at a time; the last one
+    /// also lists a uid no workload has.
+    fn with_many_services(n: usize) -> Snapshot {
+        let mut snap = with_many_workloads(n);
+        for s in 0..n.div_ceil(10) {
+            let mut endpoints: Vec<String> = (s * 10..(s * 10 + 10).min(n))
+                .map(|i| format!("pod-{i}"))
+                .collect();
+            if s == n.div_ceil(10) - 1 {
+                endpoints.push("not-yet".into());
+            }
+            snap.services.push(SnapService {
+                name: format!("app-{s}"),
+                namespace: "default".into(),
+                vips: vec![vec![10, 97, (s >> 8) as u8, s as u8]],
+                ports: vec![ServicePort {
+                    port: 80,
+                    target_port: 8080,
+                }],
+                endpoints,
+                ..Default::default()
+            });
+        }
+        snap
+    }
+
+    /// The index of `snap` built as a large build is: workloads parsed in three runs, the
+    /// other steps two at a time, whatever this machine's core count.
+    fn built_in_parallel(snap: &Snapshot) -> Result<Index, IndexError> {
+        let payload = mesh_snapshot::encode(snap);
+        let mut view = SnapshotView::decode(&payload).map_err(payload_error)?;
+        let rest = std::mem::take(&mut view.rest);
+        let runs = view.workload_parts(3).collect();
+        Index::built(rest, runs, view.services(), Generation::default())
+    }
+
+    #[test]
+    fn a_build_on_several_threads_resolves_services_and_takes_changes_as_the_one_thread_build() {
+        let n = PARALLEL_PARSE_FROM + 100;
+        let snap = with_many_services(n);
+        let parallel = built_in_parallel(&snap).expect("builds");
+        let single = Index::build(snap.clone(), Generation::default()).expect("builds");
+        assert_eq!(observable(&parallel), observable(&single));
+        let vip = |s: usize| SocketAddr::new(IpAddr::from([10, 97, (s >> 8) as u8, s as u8]), 80);
+        match parallel.route_outbound(vip(1234), 3) {
+            Route::Hbone { destination, .. } => assert_eq!(&*destination.uid, "pod-12343"),
+            other => panic!("routed {other:?}"),
+        }
+
+        // A listed pod moves, another leaves, and the one listed before it existed comes:
+        // the services listing them re-resolve (through the workload -> services map).
+        let mut moved = snap.workloads[4 + 20].clone();
+        moved.ips = vec![vec![10, 201, 0, 1]];
+        let mut arrived = snap.workloads[4].clone();
+        arrived.uid = "not-yet".into();
+        arrived.ips = vec![vec![10, 201, 0, 2]];
+        let delta = Delta {
+            workloads: vec![moved, arrived],
+            removed_workloads: vec!["pod-31".into()],
+            ..Delta::default()
+        };
+        let generation = Generation {
+            epoch: 0,
+            generation: 2,
+        };
+        let parallel = parallel.apply(delta.clone(), generation).expect("applies");
+        let single = single.apply(delta, generation).expect("applies");
+        assert_eq!(observable(&parallel), observable(&single));
+        let endpoints = |index: &Index, s: usize| -> Vec<String> {
+            let mut uids: Vec<String> = (0..11)
+                .filter_map(|pick| match index.route_outbound(vip(s), pick) {
+                    Route::Hbone {
+                        destination,
+                        target,
+                        ..
+                    } => Some(format!("{} {}", destination.uid, target.ip())),
+                    _ => None,
+                })
+                .collect();
+            uids.sort();
+            uids.dedup();
+            uids
+        };
+        assert!(endpoints(&parallel, 2).contains(&"pod-20 10.201.0.1".to_owned()));
+        assert!(!endpoints(&parallel, 3)
+            .iter()
+            .any(|e| e.starts_with("pod-31 ")));
+        assert!(endpoints(&parallel, n.div_ceil(10) - 1).contains(&"not-yet 10.201.0.2".to_owned()));
+    }
+
+    #[test]
+    fn a_build_on_several_threads_refuses_what_the_one_thread_build_refuses_first() {
+        let n = PARALLEL_PARSE_FROM + 100;
+        let refusals = |change: &dyn Fn(&mut Snapshot)| {
+            let mut snap = with_many_services(n);
+            change(&mut snap);
+            let parallel = built_in_parallel(&snap).err();
+            let single = Index::build(snap, Generation::default()).err();
+            assert_eq!(parallel, single);
+            parallel
+        };
+        let uid_twice = |s: &mut Snapshot| s.workloads[4 + 16_000].uid = "pod-7".into();
+        let address_twice =
+            |s: &mut Snapshot| s.workloads[4 + 15_000].ips = vec![vec![10, 200, 0, 9]];
+        let bad_service = |s: &mut Snapshot| s.services[900].ports[0].port = 70_000;
+        assert_eq!(
+            refusals(&|s| {
+                bad_service(s);
+                address_twice(s);
+                uid_twice(s);
+            }),
+            Some(IndexError::DuplicateUid("pod-7".into()))
+        );
+        assert_eq!(
+            refusals(&|s| {
+                bad_service(s);
+                address_twice(s);
+            }),
+            Some(IndexError::DuplicateIp {
+                ip: IpAddr::from([10, 200, 0, 9]),
+                first: "pod-9".into(),
+                second: "pod-15000".into(),
+            })
+        );
+        assert!(matches!(
+            refusals(&bad_service),
+            Some(IndexError::Service { field: "ports", .. })
+        ));
     }
 
     #[test]

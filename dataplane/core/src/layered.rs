@@ -133,17 +133,21 @@ where
         self.insert(key, value);
     }
 
-    pub fn insert(&mut self, key: K, value: V) {
+    /// Inserts `value` under `key`; returns the value it replaced.
+    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
         if let Some(base) = self.own_base() {
-            if base.insert(key, value).is_none() {
+            let old = base.insert(key, value);
+            if old.is_none() {
                 self.len += 1;
             }
-            return;
+            return old;
         }
-        if !self.contains_key(&key) {
+        let old = self.get(&key).cloned();
+        if old.is_none() {
             self.len += 1;
         }
         self.overlay.insert(key, Some(value));
+        old
     }
 
     pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
