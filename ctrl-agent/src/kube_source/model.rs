@@ -72,7 +72,7 @@ pub struct Model {
 struct Lookups<'a> {
     namespace_labels: HashMap<&'a str, &'a BTreeMap<String, String>>,
     /// EndpointSlices by (namespace, service name), in the store's order.
-    slices: HashMap<(&'a str, &'a str), Vec<&'a Arc<EndpointSlice>>>,
+    slices: FastMap<(&'a str, &'a str), Vec<&'a Arc<EndpointSlice>>>,
 }
 
 impl<'a> Lookups<'a> {
@@ -82,7 +82,9 @@ impl<'a> Lookups<'a> {
             .objects()
             .filter_map(|n| Some((n.metadata.name.as_deref()?, n.labels())))
             .collect();
-        let mut slices: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
+        // Built at every model, an entry per service: sized once, and not SipHash.
+        let mut slices: FastMap<(&str, &str), Vec<&Arc<EndpointSlice>>> =
+            FastMap::with_capacity_and_hasher(world.endpoint_slices.len(), <_>::default());
         for (_, slice) in world.endpoint_slices.entries() {
             let (Some(namespace), Some(service)) = (
                 slice.metadata.namespace.as_deref(),
@@ -114,8 +116,10 @@ pub fn model(world: &World, options: &ModelOptions) -> Model {
 /// Models one cluster again and again. A pod is translated again only when the store holds
 /// another object for it than last time (the store replaces an object on every event, so
 /// the pointer tells) or when the namespaces or services changed, which a pod's translation
-/// also reads (enrollment, waypoints). A pod event on a large cluster then costs one pod's
-/// translation and the walk over the rest, not every pod's translation.
+/// also reads (enrollment, waypoints). Address and uid clashes are settled again only among
+/// the pods that share a claim with a changed one, and services narrow their endpoints again
+/// only when the model's set of uids changed. A pod event on a large cluster then costs one
+/// pod's translation and a walk over the rest that looks nothing up.
 pub struct Modeler {
     options: ModelOptions,
     /// Each pod as last translated, and what came of it, in the store's key order (so that
@@ -123,14 +127,63 @@ pub struct Modeler {
     pods: Vec<(String, TranslatedPod)>,
     /// The same for services, before their endpoints are narrowed to the model's pods.
     services: Vec<(String, TranslatedService)>,
+    /// Who claims each address and uid among `pods`, and the model's uids.
+    owners: Ownership,
     /// The namespaces' and services' store revisions `pods` and `services` were translated
     /// against.
     context: Option<(u64, u64)>,
 }
 
+/// What two live pods cannot share: an address (the data plane indexes workloads by
+/// address) or a uid (the agent compares models pod by pod). If the API says they do, the
+/// first in store order that is in the model keeps it and the other is left out.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Claim {
+    Address(IpAddr),
+    Uid(String),
+}
+
+impl Claim {
+    fn of(w: &WorkloadSpec) -> impl Iterator<Item = Claim> + '_ {
+        let addresses = w.ips.iter().map(|ip| Claim::Address(*ip));
+        addresses.chain(std::iter::once(Claim::Uid(w.uid.clone())))
+    }
+}
+
+/// Kept from model to model with the pods' translations, so that a pod event settles the
+/// clashes of the pods it shares a claim with (nearly always none) instead of every pod's.
+#[derive(Default)]
+struct Ownership {
+    /// Store keys of the pods whose workload has the claim, in store order.
+    claims: FastMap<Claim, Vec<String>>,
+    /// Uids of the model's workloads.
+    members: std::collections::HashSet<String, foldhash::fast::RandomState>,
+}
+
+impl Ownership {
+    fn claim(&mut self, claim: Claim, key: &str) {
+        let keys = self.claims.entry(claim).or_default();
+        if let Err(at) = keys.binary_search_by(|k| k.as_str().cmp(key)) {
+            keys.insert(at, key.to_owned());
+        }
+    }
+
+    fn unclaim(&mut self, claim: &Claim, key: &str) {
+        if let Some(keys) = self.claims.get_mut(claim) {
+            keys.retain(|k| k != key);
+            if keys.is_empty() {
+                self.claims.remove(claim);
+            }
+        }
+    }
+}
+
 struct TranslatedPod {
     pod: Arc<Pod>,
     workload: Result<Option<Arc<WorkloadSpec>>, String>,
+    /// Whether the last model had this workload, or else why a clash left it out.
+    in_model: bool,
+    clash: Option<String>,
 }
 
 /// A service as translated from its object and its EndpointSlices (by pointer, in order).
@@ -156,6 +209,7 @@ impl Modeler {
             options,
             pods: Vec::new(),
             services: Vec::new(),
+            owners: Ownership::default(),
             context: None,
         }
     }
@@ -165,43 +219,56 @@ impl Modeler {
         if self.context != Some(context) {
             self.pods.clear();
             self.services.clear();
+            self.owners = Ownership::default();
             self.context = Some(context);
         }
-        model_with(world, &self.options, &mut self.pods, &mut self.services)
+        model_with(
+            world,
+            &self.options,
+            &mut self.pods,
+            &mut self.services,
+            &mut self.owners,
+        )
     }
 }
 
 /// The translation under `key`: the last one if `unchanged` says its object is the store's,
 /// else a new one. `previous` holds the last model's translations in the store's key order,
 /// as `key` comes; what comes before `key` there is of objects that left. The usual case, the
-/// next one being this very object, takes no key comparison.
+/// next one being this very object, takes no key comparison. Each last translation that is
+/// not kept (its object left or changed) goes to `dropped`.
 fn reuse_or_translate<T>(
     previous: &mut std::iter::Peekable<std::vec::IntoIter<(String, T)>>,
     key: &str,
     unchanged: impl Fn(&T) -> bool,
     translate: impl FnOnce() -> T,
+    mut dropped: impl FnMut(&str, T),
 ) -> (String, T) {
     if let Some(entry) = previous.next_if(|(_, seen)| unchanged(seen)) {
         return entry;
     }
-    while previous.next_if(|(seen, _)| seen.as_str() < key).is_some() {}
+    while let Some((key, left)) = previous.next_if(|(seen, _)| seen.as_str() < key) {
+        dropped(&key, left);
+    }
     match previous.next_if(|(seen, _)| seen == key) {
         Some((key, seen)) if unchanged(&seen) => (key, seen),
-        seen => (
-            seen.map_or_else(|| key.to_owned(), |(key, _)| key),
-            translate(),
-        ),
+        Some((key, seen)) => {
+            dropped(&key, seen);
+            (key, translate())
+        }
+        None => (key.to_owned(), translate()),
     }
 }
 
 /// A model of `world`, reusing the translations in `translated` (pods) and
 /// `translated_services` of objects that did not change, and leaving there the translation of
-/// every pod and service of this model.
+/// every pod and service of this model, with `owners` kept in step with them.
 fn model_with(
     world: &World,
     options: &ModelOptions,
     translated: &mut Vec<(String, TranslatedPod)>,
     translated_services: &mut Vec<(String, TranslatedService)>,
+    owners: &mut Ownership,
 ) -> Model {
     let lookups = Lookups::new(world);
     let mut problems = Vec::new();
@@ -213,64 +280,148 @@ fn model_with(
             labels: n.labels().clone(),
         })
         .collect();
-    let pods = world.pods.len();
-    let mut workloads: Vec<Arc<WorkloadSpec>> = Vec::with_capacity(pods);
-    let mut now_translated = Vec::with_capacity(pods);
+    let mut now_translated: Vec<(String, TranslatedPod)> = Vec::with_capacity(world.pods.len());
     let mut previous = std::mem::take(translated).into_iter().peekable();
-    // Address, and uid -> index in `workloads` of the pod that has it. Sized once: growing
-    // them by doubling was a tenth of a model of 100k pods in a profile.
-    let mut ip_owner: FastMap<IpAddr, usize> =
-        FastMap::with_capacity_and_hasher(pods, <_>::default());
-    // Keyed by the uid the world holds: no copy per pod.
-    let mut uid_owner: FastMap<&str, usize> =
-        FastMap::with_capacity_and_hasher(pods, <_>::default());
-    let who = |namespace: &str, name: &str| format!("pod {namespace}/{name}");
+    // Workloads of the last model's translations that went (their object left or changed),
+    // with whether they were in it; and where the new translations are.
+    let mut gone: Vec<(String, Arc<WorkloadSpec>, bool)> = Vec::new();
+    let mut leave = |key: &str, old: TranslatedPod| {
+        if let Ok(Some(w)) = old.workload {
+            gone.push((key.to_owned(), w, old.in_model));
+        }
+    };
+    let mut fresh: Vec<usize> = Vec::new();
     for (key, pod) in world.pods.entries() {
-        let (key, translated_pod) = reuse_or_translate(
+        let mut translated_now = false;
+        let entry = reuse_or_translate(
             &mut previous,
             key,
             |seen: &TranslatedPod| Arc::ptr_eq(&seen.pod, pod),
-            || TranslatedPod {
-                pod: pod.clone(),
-                workload: workload(pod, world, &lookups, options).map(|w| w.map(Arc::new)),
+            || {
+                translated_now = true;
+                TranslatedPod {
+                    pod: pod.clone(),
+                    workload: workload(pod, world, &lookups, options).map(|w| w.map(Arc::new)),
+                    in_model: false,
+                    clash: None,
+                }
             },
+            &mut leave,
         );
-        let workload = &translated_pod.workload;
-        match workload {
-            Ok(Some(w)) => {
-                // Two live pods never share an address (the data plane indexes workloads by
-                // address) or a uid (the agent compares models pod by pod); if the API says
-                // so, the first keeps it.
-                let clash = match w.ips.iter().find_map(|ip| ip_owner.get(ip)) {
-                    Some(&other) => Some(("an address", other)),
-                    None => uid_owner
-                        .get(w.uid.as_str())
-                        .map(|&other| ("its uid", other)),
-                };
-                if let Some((what, other)) = clash {
-                    let other: &WorkloadSpec = &workloads[other];
-                    problems.push(format!(
-                        "{}: {what} is also {}'s; left out",
-                        who(&w.namespace, &w.name),
-                        who(&other.namespace, &other.name)
-                    ));
-                } else {
-                    if let Some(uid) = pod.metadata.uid.as_deref() {
-                        uid_owner.insert(uid, workloads.len());
-                    }
-                    for ip in &w.ips {
-                        ip_owner.insert(*ip, workloads.len());
-                    }
-                    workloads.push(w.clone());
+        if translated_now {
+            fresh.push(now_translated.len());
+        }
+        now_translated.push(entry);
+    }
+    previous.for_each(|(key, old)| leave(&key, old));
+
+    // The claims of what went leave, those of the new translations come.
+    // Uids that left the model and that came into it: when they are the same (a pod changed
+    // but stayed, the usual event), so is every service's set of endpoints.
+    let mut left: Vec<String> = Vec::new();
+    let mut came: Vec<String> = Vec::new();
+    let mut unsettled: Vec<Claim> = Vec::new();
+    for (key, w, in_model) in &gone {
+        if *in_model {
+            left.push(w.uid.clone());
+        }
+        for claim in Claim::of(w) {
+            owners.unclaim(&claim, key);
+            unsettled.push(claim);
+        }
+    }
+    for &i in &fresh {
+        let (key, t) = &now_translated[i];
+        if let Ok(Some(w)) = &t.workload {
+            for claim in Claim::of(w) {
+                owners.claim(claim.clone(), key);
+                unsettled.push(claim);
+            }
+        }
+    }
+    // The pods that share a claim with those, and with those in turn: their clashes settle
+    // again, in store order. Clashes elsewhere cannot change.
+    let position = |key: &str| {
+        now_translated
+            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .ok()
+    };
+    let mut affected = BTreeSet::new();
+    let mut visited: std::collections::HashSet<Claim> = std::collections::HashSet::new();
+    while let Some(claim) = unsettled.pop() {
+        let Some(keys) = owners.claims.get(&claim) else {
+            continue;
+        };
+        if !visited.insert(claim) {
+            continue;
+        }
+        for i in keys.iter().filter_map(|key| position(key)) {
+            if affected.insert(i) {
+                if let Ok(Some(w)) = &now_translated[i].1.workload {
+                    unsettled.extend(Claim::of(w));
                 }
             }
-            Ok(None) => {}
+        }
+    }
+    let who = |namespace: &str, name: &str| format!("pod {namespace}/{name}");
+    let mut owned: HashMap<Claim, usize> = HashMap::new();
+    for i in affected {
+        let t = &now_translated[i].1;
+        let was_in = t.in_model;
+        let mut clash = None;
+        if let Ok(Some(w)) = &t.workload {
+            let taken = w
+                .ips
+                .iter()
+                .find_map(|ip| owned.get(&Claim::Address(*ip)))
+                .map(|&other| ("an address", other))
+                .or_else(|| {
+                    let other = owned.get(&Claim::Uid(w.uid.clone()))?;
+                    Some(("its uid", *other))
+                });
+            match taken {
+                Some((what, other)) => {
+                    let other = match &now_translated[other].1.workload {
+                        Ok(Some(o)) => who(&o.namespace, &o.name),
+                        _ => String::new(),
+                    };
+                    clash = Some(format!(
+                        "{}: {what} is also {other}'s; left out",
+                        who(&w.namespace, &w.name)
+                    ));
+                }
+                None => owned.extend(Claim::of(w).map(|c| (c, i))),
+            }
+            let is_in = clash.is_none();
+            if was_in != is_in {
+                let moved = if was_in { &mut left } else { &mut came };
+                moved.push(w.uid.clone());
+            }
+        }
+        let t = &mut now_translated[i].1;
+        t.in_model = matches!(t.workload, Ok(Some(_))) && clash.is_none();
+        t.clash = clash;
+    }
+    for uid in &left {
+        owners.members.remove(uid);
+    }
+    for uid in &came {
+        owners.members.insert(uid.clone());
+    }
+    left.sort_unstable();
+    came.sort_unstable();
+    let members_changed = left != came;
+
+    let mut workloads: Vec<Arc<WorkloadSpec>> = Vec::with_capacity(owners.members.len());
+    for (_, t) in &now_translated {
+        match &t.workload {
+            Ok(Some(w)) if t.in_model => workloads.push(w.clone()),
+            Ok(_) => problems.extend(t.clash.clone()),
             Err(problem) => problems.push(format!(
                 "{}: {problem}; left out",
-                who(&pod.namespace().unwrap_or_default(), &pod.name_any())
+                who(&t.pod.namespace().unwrap_or_default(), &t.pod.name_any())
             )),
         }
-        now_translated.push((key, translated_pod));
     }
     *translated = now_translated;
     let mut services = Vec::new();
@@ -296,20 +447,29 @@ fn model_with(
                     .zip(slices)
                     .all(|(a, b)| Arc::ptr_eq(a, b))
         };
-        let (key, mut translated) =
-            reuse_or_translate(&mut previous, key, same, || TranslatedService {
+        let (key, mut translated) = reuse_or_translate(
+            &mut previous,
+            key,
+            same,
+            || TranslatedService {
                 service: svc.clone(),
                 slices: slices.iter().map(|s| Arc::clone(s)).collect(),
                 spec: service(svc, world, &lookups, slices),
                 modeled: None,
-            });
+            },
+            |_, _| {},
+        );
         let TranslatedService { spec, modeled, .. } = &mut translated;
         match spec {
+            // Its objects and the model's pods are the same: so are its endpoints.
+            Ok(Some(_)) if !members_changed && modeled.is_some() => {
+                services.extend(modeled.clone());
+            }
             Ok(Some(base)) => {
                 let endpoints = base
                     .ready
                     .iter()
-                    .filter(|uid| uid_owner.contains_key(uid.as_str()));
+                    .filter(|uid| owners.members.contains(uid.as_str()));
                 let spec = match modeled {
                     Some(last) if last.endpoints.iter().eq(endpoints.clone()) => last.clone(),
                     _ => {

@@ -337,22 +337,28 @@ fn a_model_kept_up_to_date_equals_one_built_from_scratch() {
         seed ^= seed << 17;
         (seed % bound as u64) as usize
     };
-    let pod_event = |i: usize, ip: usize, labels: Value| {
+    let address = |ip: usize| format!("10.0.{}.{}", ip / 250, ip % 250 + 1);
+    // Pods with two addresses, and now and then one with another pod's uid, chain clashes:
+    // who keeps what then depends on pods the event did not touch.
+    let pod_event = |i: usize, uid: usize, ips: &[usize], labels: Value| {
+        let ips: Vec<String> = ips.iter().map(|&ip| address(ip)).collect();
+        let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
         let pod = objects::pod(
             namespaces[i % 3],
             &format!("pod-u{i}"),
-            &format!("u{i}"),
+            &format!("u{uid}"),
             if i.is_multiple_of(3) {
                 "node-1"
             } else {
                 "node-2"
             },
-            &[&format!("10.0.{}.{}", ip / 250, ip % 250 + 1)],
+            &ips,
             labels,
         );
         Update::Event(Kind::Pods, Event::Apply(dynamic("v1", "Pod", pod)))
     };
     let (mut retranslated, mut reused, mut services_kept) = (0, 0, 0);
+    let (mut address_clashes, mut uid_clashes) = (0, 0);
     for step in 0..300 {
         let touched_pod = next(40);
         let kind = next(10);
@@ -360,7 +366,13 @@ fn a_model_kept_up_to_date_equals_one_built_from_scratch() {
             // A pod moves, relabels, or comes (uids 30-39 are new).
             0..=5 => {
                 let labels = json!({"app": format!("app-{}", next(4))});
-                world.apply(pod_event(touched_pod, next(60), labels));
+                let uid = if next(10) == 0 { next(40) } else { touched_pod };
+                let ips = if next(3) == 0 {
+                    vec![next(60), next(60)]
+                } else {
+                    vec![next(60)]
+                };
+                world.apply(pod_event(touched_pod, uid, &ips, labels));
                 true
             }
             6 => {
@@ -420,16 +432,25 @@ fn a_model_kept_up_to_date_equals_one_built_from_scratch() {
         let fresh = model::model(&world, &options());
         assert_eq!(kept.config, fresh.config, "step {step}");
         assert_eq!(kept.problems, fresh.problems, "step {step}");
+        for problem in &kept.problems {
+            address_clashes += usize::from(problem.contains("an address is also"));
+            uid_clashes += usize::from(problem.contains("its uid is also"));
+        }
         // Pods the event did not touch keep the spec they had, unless a namespace or
         // service changed (then every pod is translated again).
-        let touched_uid = format!("u{touched_pod}");
+        let touched_name = format!("pod-u{touched_pod}");
         for w in kept
             .config
             .workloads
             .iter()
-            .filter(|w| w.uid != touched_uid)
+            .filter(|w| w.name != touched_name)
         {
-            let Some(before) = last.config.workloads.iter().find(|b| b.uid == w.uid) else {
+            let Some(before) = last
+                .config
+                .workloads
+                .iter()
+                .find(|b| (&b.namespace, &b.name) == (&w.namespace, &w.name))
+            else {
                 continue;
             };
             if Arc::ptr_eq(before, w) {
@@ -460,6 +481,10 @@ fn a_model_kept_up_to_date_equals_one_built_from_scratch() {
         "{reused} reused, {retranslated} not"
     );
     assert!(services_kept > 10, "{services_kept} services kept");
+    assert!(
+        address_clashes > 100 && uid_clashes > 10,
+        "{address_clashes} address and {uid_clashes} uid clashes seen"
+    );
 }
 
 #[test]
