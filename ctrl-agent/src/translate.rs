@@ -202,14 +202,16 @@ pub fn model_changes(
     if before.trust_domain != after.trust_domain {
         return None;
     }
+    let same_enrollment = before_enrolled == after_enrolled;
     let (workloads, removed) = differing(
         &before.workloads,
         &after.workloads,
         |w| w.uid.as_str(),
         |o, w| {
             // The Kubernetes model hands over the same spec for a pod that did not change.
-            (Arc::ptr_eq(o, w) || o == w)
-                && enrollment(o, node, before_enrolled) == enrollment(w, node, after_enrolled)
+            (Arc::ptr_eq(o, w) && same_enrollment)
+                || (o == w
+                    && enrollment(o, node, before_enrolled) == enrollment(w, node, after_enrolled))
         },
     );
     let workloads = Changes {
@@ -241,27 +243,28 @@ pub fn model_changes(
 /// Entries of `after` that are new or not `same` as in `before`, and keys of `before` that
 /// `after` lacks; keys are unique within each list. Both lists are usually in the same order
 /// (a model lists its objects in one order, and most changes add or remove none), so the
-/// common prefix is compared in place and only the rest by key.
+/// common prefix is compared in place and only the rest by key. In the prefix, an entry that
+/// is the very one `before` had has its key without reading it.
 fn differing<'a, T, K: Hash + Eq>(
-    before: &'a [T],
-    after: &'a [T],
-    key: impl Fn(&'a T) -> K,
-    same: impl Fn(&T, &T) -> bool,
-) -> (Vec<&'a T>, Vec<K>) {
+    before: &'a [Arc<T>],
+    after: &'a [Arc<T>],
+    key: impl Fn(&'a Arc<T>) -> K,
+    same: impl Fn(&Arc<T>, &Arc<T>) -> bool,
+) -> (Vec<&'a Arc<T>>, Vec<K>) {
     let in_step = before
         .iter()
         .zip(after)
-        .take_while(|(o, n)| key(o) == key(n))
+        .take_while(|(o, n)| Arc::ptr_eq(o, n) || key(o) == key(n))
         .count();
-    let mut changed: Vec<&T> = before
+    let mut changed: Vec<&Arc<T>> = before
         .iter()
         .zip(after)
         .take(in_step)
         .filter(|(o, n)| !same(o, n))
         .map(|(_, n)| n)
         .collect();
-    let old: HashMap<K, &T> = before[in_step..].iter().map(|o| (key(o), o)).collect();
-    let new: HashMap<K, &T> = after[in_step..].iter().map(|n| (key(n), n)).collect();
+    let old: HashMap<K, &Arc<T>> = before[in_step..].iter().map(|o| (key(o), o)).collect();
+    let new: HashMap<K, &Arc<T>> = after[in_step..].iter().map(|n| (key(n), n)).collect();
     changed.extend(
         new.iter()
             .filter(|(k, n)| !old.get(*k).is_some_and(|o| same(o, n)))
