@@ -295,7 +295,8 @@ fn parse_workload(
     ))
 }
 
-/// From this many workloads, a build parses them on several threads. Below it a whole build
+/// From this many workloads, a build parses them on several threads (and runs its other
+/// independent steps two at a time, see `join`). Below it a whole build
 /// takes a few milliseconds on one (measured at 1k: 0.6 ms), and the gain was measured only
 /// at 100k and 1M (bench-results/README.md).
 const PARALLEL_PARSE_FROM: usize = 16 * 1024;
