@@ -430,7 +430,7 @@ mod tests {
             name: name.into(),
             namespace: "default".into(),
             identity: SpiffeId::new("cluster.local", "default", name).expect("identity"),
-            ips: Vec::new(),
+            ips: Default::default(),
             node: "node".into(),
             protocol: mesh_snapshot::schema::Protocol::Hbone,
             netns: mesh_core::index::NetnsSource::None,

@@ -481,7 +481,7 @@ impl Worker {
         let wanted: HashMap<&str, (&NetnsSource, Vec<IpAddr>)> = view
             .index
             .local_workloads()
-            .map(|w| (&*w.uid, (&w.netns, w.ips.clone())))
+            .map(|w| (&*w.uid, (&w.netns, w.ips.to_vec())))
             .collect();
         // Pods that left (listeners close; their open connections finish on their own), or
         // whose namespace changed.
