@@ -22,13 +22,13 @@ use crate::identity::{SpiffeId, SpiffeIdError};
 use crate::layered::Layered;
 use crate::ports;
 
-/// A workload as the data path needs it: parsed addresses and identity. Strings that many
-/// workloads repeat (namespace, node, identity, canonical names) are shared within an index
-/// build, and the uid is the one the maps are keyed by: four allocations per pod fewer.
 /// A workload's addresses: one (or two, dual-stack) nearly always, held inline (an
 /// allocation per pod less, and no pointer to follow when the address map is filled).
 pub type Addresses = smallvec::SmallVec<[IpAddr; 1]>;
 
+/// A workload as the data path needs it: parsed addresses and identity. Strings that many
+/// workloads repeat (namespace, node, identity, canonical names) are shared within an index
+/// build, and the uid is the one the maps are keyed by: four allocations per pod fewer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
     pub uid: Arc<str>,
@@ -354,7 +354,6 @@ fn payload_error(error: DecodeError) -> IndexError {
     IndexError::Payload(error.to_string())
 }
 
-/// Parses and checks one service: its frontends with target ports.
 /// Points a service's listed uids at the workloads `by_uid` has, sharing the uid the map
 /// holds (one allocation per pod, not two).
 fn resolve_endpoints(
@@ -374,6 +373,7 @@ fn resolve_endpoints(
     }
 }
 
+/// Puts a service in by key and by each of its frontends.
 fn put_service(
     services: &mut Map<Arc<str>, Arc<Service>>,
     by_vip: &mut Map<SocketAddr, (Arc<Service>, u16)>,
@@ -406,6 +406,7 @@ where
     })
 }
 
+/// Parses and checks one service: its frontends with target ports.
 fn parse_service(s: &ServiceView<'_>) -> Result<Service, IndexError> {
     let bad = |field, problem: String| IndexError::Service {
         name: format!("{}/{}", s.namespace, s.name),
