@@ -313,41 +313,37 @@ type Parsed = (Arc<Workload>, BTreeMap<String, String>);
 
 /// Parses every workload, each run on its own thread (the calling thread takes the first),
 /// and returns them in order. The first malformed workload in snapshot order refuses the
-/// whole, as it would on one thread. Helpers inherit the calling thread's scheduling class:
-/// the watcher leaves its real-time class before a whole build, so they never run above the
-/// workers.
-fn parse_workloads<'a, W>(runs: Vec<W>, node: &str) -> Result<Vec<Parsed>, IndexError>
+/// whole, as it would on one thread.
+fn parse_workloads<'a, W>(mut runs: Vec<W>, node: &str) -> Result<Vec<Parsed>, IndexError>
 where
     W: ExactSizeIterator<Item = Result<WorkloadView<'a>, DecodeError>> + Send,
 {
-    // Each run has its own interner: a shared string is allocated once per run.
-    let parse = |run: W| -> Result<Vec<Parsed>, IndexError> {
-        let mut interner = Interner::default();
-        let mut parsed = Vec::with_capacity(run.len());
-        for w in run {
-            parsed.push(parse_workload(
-                w.map_err(payload_error)?,
-                node,
-                &mut interner,
-            )?);
-        }
-        Ok(parsed)
-    };
-    let mut runs = runs.into_iter();
-    let Some(first) = runs.next() else {
+    if runs.len() > 1 {
+        // This thread takes the first half, a helper the rest (which halves it again).
+        let rest = runs.split_off(runs.len() / 2);
+        let (first, rest) = join(
+            true,
+            || parse_workloads(runs, node),
+            || parse_workloads(rest, node),
+        );
+        let mut all = first?;
+        all.extend(rest?);
+        return Ok(all);
+    }
+    let Some(run) = runs.pop() else {
         return Ok(Vec::new());
     };
-    std::thread::scope(|scope| {
-        let helpers: Vec<_> = runs.map(|run| scope.spawn(move || parse(run))).collect();
-        let mut all = parse(first)?;
-        for helper in helpers {
-            match helper.join() {
-                Ok(parsed) => all.extend(parsed?),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-        Ok(all)
-    })
+    // Each run has its own interner: a shared string is allocated once per run.
+    let mut interner = Interner::default();
+    let mut parsed = Vec::with_capacity(run.len());
+    for w in run {
+        parsed.push(parse_workload(
+            w.map_err(payload_error)?,
+            node,
+            &mut interner,
+        )?);
+    }
+    Ok(parsed)
 }
 
 fn payload_error(error: DecodeError) -> IndexError {
@@ -386,8 +382,9 @@ fn put_service(
     services.insert(key.clone(), service.clone());
 }
 
-/// Runs `a` and `b`: on the calling thread and a helper at once when `parallel` (the helper
-/// inherits the caller's scheduling class, as the parse helpers do), else one after the other.
+/// Runs `a` and `b`: on the calling thread and a helper at once when `parallel`, else one
+/// after the other. The helper inherits the calling thread's scheduling class: the watcher
+/// leaves its real-time class before a whole build, so helpers never run above the workers.
 fn join<A, B>(parallel: bool, a: impl FnOnce() -> A, b: impl FnOnce() -> B + Send) -> (A, B)
 where
     B: Send,
