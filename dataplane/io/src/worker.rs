@@ -478,10 +478,10 @@ impl Worker {
         if self.draining.fired() {
             return;
         }
-        let wanted: HashMap<&str, (&NetnsSource, Vec<IpAddr>)> = view
+        let wanted: HashMap<&str, (&NetnsSource, &[IpAddr])> = view
             .index
             .local_workloads()
-            .map(|w| (&*w.uid, (&w.netns, w.ips.to_vec())))
+            .map(|w| (&*w.uid, (&w.netns, &w.ips[..])))
             .collect();
         // Pods that left (listeners close; their open connections finish on their own), or
         // whose namespace changed.
@@ -509,7 +509,7 @@ impl Worker {
             if self.pods.borrow().contains_key(uid) {
                 continue;
             }
-            match self.open_pod(uid, source, &ips) {
+            match self.open_pod(uid, source, ips) {
                 Ok(pod) => {
                     self.failed_pods.borrow_mut().remove(uid);
                     self.pods.borrow_mut().insert(uid.to_owned(), pod);
