@@ -181,9 +181,16 @@ impl Ownership {
 struct TranslatedPod {
     pod: Arc<Pod>,
     workload: Result<Option<Arc<WorkloadSpec>>, String>,
-    /// Whether the last model had this workload, or else why a clash left it out.
-    in_model: bool,
-    clash: Option<String>,
+    standing: Standing,
+}
+
+/// Where a pod's workload stood in the last model.
+enum Standing {
+    In,
+    /// Left out by a clash: the problem line naming the pod that kept the claim.
+    Clashed(String),
+    /// Not in it: a new translation (not settled yet), or not a workload at all.
+    Out,
 }
 
 /// A service as translated from its object and its EndpointSlices (by pointer, in order).
@@ -287,7 +294,7 @@ fn model_with(
     let mut gone: Vec<(String, Arc<WorkloadSpec>, bool)> = Vec::new();
     let mut leave = |key: &str, old: TranslatedPod| {
         if let Ok(Some(w)) = old.workload {
-            gone.push((key.to_owned(), w, old.in_model));
+            gone.push((key.to_owned(), w, matches!(old.standing, Standing::In)));
         }
     };
     let mut fresh: Vec<usize> = Vec::new();
@@ -302,8 +309,7 @@ fn model_with(
                 TranslatedPod {
                     pod: pod.clone(),
                     workload: workload(pod, world, &lookups, options).map(|w| w.map(Arc::new)),
-                    in_model: false,
-                    clash: None,
+                    standing: Standing::Out,
                 }
             },
             &mut leave,
@@ -367,9 +373,8 @@ fn model_with(
     let mut owned: HashMap<Claim, usize> = HashMap::new();
     for i in affected {
         let t = &now_translated[i].1;
-        let was_in = t.in_model;
-        let mut clash = None;
         if let Ok(Some(w)) = &t.workload {
+            let was_in = matches!(t.standing, Standing::In);
             let taken = w
                 .ips
                 .iter()
@@ -379,28 +384,29 @@ fn model_with(
                     let other = owned.get(&Claim::Uid(w.uid.clone()))?;
                     Some(("its uid", *other))
                 });
-            match taken {
+            let standing = match taken {
                 Some((what, other)) => {
                     let other = match &now_translated[other].1.workload {
                         Ok(Some(o)) => who(&o.namespace, &o.name),
                         _ => String::new(),
                     };
-                    clash = Some(format!(
+                    Standing::Clashed(format!(
                         "{}: {what} is also {other}'s; left out",
                         who(&w.namespace, &w.name)
-                    ));
+                    ))
                 }
-                None => owned.extend(Claim::of(w).map(|c| (c, i))),
-            }
-            let is_in = clash.is_none();
+                None => {
+                    owned.extend(Claim::of(w).map(|c| (c, i)));
+                    Standing::In
+                }
+            };
+            let is_in = matches!(standing, Standing::In);
             if was_in != is_in {
                 let moved = if was_in { &mut left } else { &mut came };
                 moved.push(w.uid.clone());
             }
+            now_translated[i].1.standing = standing;
         }
-        let t = &mut now_translated[i].1;
-        t.in_model = matches!(t.workload, Ok(Some(_))) && clash.is_none();
-        t.clash = clash;
     }
     for uid in &left {
         owners.members.remove(uid);
@@ -414,13 +420,14 @@ fn model_with(
 
     let mut workloads: Vec<Arc<WorkloadSpec>> = Vec::with_capacity(owners.members.len());
     for (_, t) in &now_translated {
-        match &t.workload {
-            Ok(Some(w)) if t.in_model => workloads.push(w.clone()),
-            Ok(_) => problems.extend(t.clash.clone()),
-            Err(problem) => problems.push(format!(
+        match (&t.workload, &t.standing) {
+            (Err(problem), _) => problems.push(format!(
                 "{}: {problem}; left out",
                 who(&t.pod.namespace().unwrap_or_default(), &t.pod.name_any())
             )),
+            (Ok(Some(w)), Standing::In) => workloads.push(w.clone()),
+            (_, Standing::Clashed(problem)) => problems.push(problem.clone()),
+            _ => {}
         }
     }
     *translated = now_translated;
