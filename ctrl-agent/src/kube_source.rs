@@ -10,14 +10,17 @@
 //!   deleted during the gap disappear;
 //! - failures are retried with kube's default backoff (0.8 s doubling to 30 s, jittered).
 //! - objects are watched untyped and converted one at a time (`world::Update`), so a
-//!   malformed object is skipped with a warning rather than failing its kind's list;
+//!   malformed object is skipped with a warning rather than failing its kind's list; only
+//!   what the model reads of an object is stored, and an event that changed none of it
+//!   changes nothing (a relist that found everything as it was included);
 //! - an Istio CRD the API server does not serve (404) counts as empty, and is retried.
 //!
 //! Nothing is handed over until every kind has completed its initial list, nor while any
 //! kind is relisting: readers never see a partial cluster. A burst of events is one
-//! hand-over (debounced), and a burst that changes nothing the mesh uses is none. The
-//! watchers run on a thread of their own with a current-thread tokio runtime, so the agent
-//! loop stays synchronous.
+//! hand-over (debounced), and a burst that changes nothing the mesh uses is none (most pod
+//! events, which report container states, are not even modeled). The watchers run on a
+//! thread of their own with a current-thread tokio runtime, so the agent loop stays
+//! synchronous.
 
 pub mod model;
 pub mod world;
@@ -134,6 +137,9 @@ async fn run(client: Client, options: KubeOptions, handoff: Arc<Handoff>, wake: 
     // What was handed over last: most pod events (status, restarts, annotations) change
     // nothing the mesh uses, and those need no translation and diff by the agent.
     let mut handed_over: Option<Arc<FileConfig>> = None;
+    // Changes not modeled yet. One that arrives while a kind relists waits for the relist to
+    // end, and is modeled then even if the relist itself found everything as it was.
+    let mut unmodeled = false;
     while let Some(update) = rx.recv().await {
         let mut changed = world.apply(update) == Applied::Changed;
         // Debounce: take everything that arrives until the cluster is quiet for a moment (or
@@ -147,7 +153,8 @@ async fn run(client: Client, options: KubeOptions, handoff: Arc<Handoff>, wake: 
                 Err(_elapsed) => break,
             }
         }
-        if !changed {
+        unmodeled |= changed;
+        if !unmodeled {
             continue;
         }
         let waiting = world.waiting_for();
@@ -155,6 +162,7 @@ async fn run(client: Client, options: KubeOptions, handoff: Arc<Handoff>, wake: 
             tracing::debug!(?waiting, "not publishing until these kinds are listed");
             continue;
         }
+        unmodeled = false;
         let Model { config, problems } = modeler.model(&world);
         // A bad object is named once, not at every change of the cluster.
         let now: BTreeSet<String> = problems.into_iter().collect();

@@ -26,13 +26,17 @@ fn typed<K: DeserializeOwned>(value: Value) -> K {
     serde_json::from_value(value).expect("a valid object")
 }
 
+fn all_typed<K: DeserializeOwned>(objects: &[Value]) -> Vec<K> {
+    objects.iter().cloned().map(typed).collect()
+}
+
 fn dynamic(api_version: &str, kind: &str, mut value: Value) -> DynamicObject {
     value["apiVersion"] = api_version.into();
     value["kind"] = kind.into();
     typed(value)
 }
 
-fn listed<K: kube::Resource>(store: &mut Store<K>, objects: Vec<K>) {
+fn listed<K: kube::Resource + PartialEq>(store: &mut Store<K>, objects: Vec<K>) {
     store.apply(Event::Init);
     for o in objects {
         store.apply(Event::InitApply(o));
@@ -51,36 +55,86 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// Every kind's objects, as the API server serves them.
+    fn served(&self) -> [(Kind, &'static str, &'static str, &[Value]); 6] {
+        [
+            (Kind::Namespaces, "v1", "Namespace", &self.namespaces),
+            (Kind::Pods, "v1", "Pod", &self.pods),
+            (Kind::Services, "v1", "Service", &self.services),
+            (
+                Kind::EndpointSlices,
+                "discovery.k8s.io/v1",
+                "EndpointSlice",
+                &self.slices,
+            ),
+            (
+                Kind::AuthorizationPolicies,
+                "security.istio.io/v1",
+                "AuthorizationPolicy",
+                &self.policies,
+            ),
+            (
+                Kind::PeerAuthentications,
+                "security.istio.io/v1",
+                "PeerAuthentication",
+                &self.peer_authentications,
+            ),
+        ]
+    }
+
+    /// The world as the watchers store it: each object listed untyped and trimmed to what
+    /// the model reads.
     fn world(&self) -> World {
         let mut w = World::default();
-        listed(
-            &mut w.namespaces,
-            self.namespaces.iter().cloned().map(typed).collect(),
-        );
-        listed(&mut w.pods, self.pods.iter().cloned().map(typed).collect());
-        listed(
-            &mut w.services,
-            self.services.iter().cloned().map(typed).collect(),
-        );
-        listed(
-            &mut w.endpoint_slices,
-            self.slices.iter().cloned().map(typed).collect(),
-        );
+        for (kind, api_version, type_name, objects) in self.served() {
+            w.apply(Update::Event(kind, Event::Init));
+            for o in objects {
+                let object = dynamic(api_version, type_name, o.clone());
+                w.apply(Update::Event(kind, Event::InitApply(object)));
+            }
+            w.apply(Update::Event(kind, Event::InitDone));
+        }
+        w
+    }
+
+    /// The world with every object whole, as served.
+    fn whole_world(&self) -> World {
+        let mut w = World::default();
+        listed(&mut w.namespaces, all_typed(&self.namespaces));
+        listed(&mut w.pods, all_typed(&self.pods));
+        listed(&mut w.services, all_typed(&self.services));
+        listed(&mut w.endpoint_slices, all_typed(&self.slices));
+        let istio = |type_name: &str, objects: &[Value]| {
+            objects
+                .iter()
+                .map(|o| dynamic("security.istio.io/v1", type_name, o.clone()))
+                .collect()
+        };
         listed(
             &mut w.authorization_policies,
-            self.policies
-                .iter()
-                .map(|p| dynamic("security.istio.io/v1", "AuthorizationPolicy", p.clone()))
-                .collect(),
+            istio("AuthorizationPolicy", &self.policies),
         );
         listed(
             &mut w.peer_authentications,
-            self.peer_authentications
-                .iter()
-                .map(|p| dynamic("security.istio.io/v1", "PeerAuthentication", p.clone()))
-                .collect(),
+            istio("PeerAuthentication", &self.peer_authentications),
         );
         w
+    }
+
+    /// The model of the world as stored, which must be the model of the whole objects: the
+    /// store keeps every field the model reads.
+    fn model(&self) -> model::Model {
+        let stored = model::model(&self.world(), &options());
+        let whole = model::model(&self.whole_world(), &options());
+        assert_eq!(
+            stored.config, whole.config,
+            "the model read a trimmed field"
+        );
+        assert_eq!(
+            stored.problems, whole.problems,
+            "the model read a trimmed field"
+        );
+        stored
     }
 }
 
@@ -106,20 +160,31 @@ fn ip(s: &str) -> IpAddr {
 
 #[test]
 fn pods_become_workloads_with_uid_addresses_node_account_and_labels() {
+    // A status as servers before Kubernetes 1.16 wrote it: one address, no list.
+    let mut old_status = objects::pod("shop", "old", "uid-old", "node-2", &["10.0.0.8"], json!({}));
+    old_status["status"]
+        .as_object_mut()
+        .expect("status")
+        .remove("podIPs");
     let cluster = Cluster {
         namespaces: vec![objects::namespace("shop", json!({}))],
-        pods: vec![objects::pod(
-            "shop",
-            "cart",
-            "uid-cart",
-            "node-2",
-            &["10.0.0.7", "fd00::7"],
-            json!({"app": "cart"}),
-        )],
+        pods: vec![
+            objects::pod(
+                "shop",
+                "cart",
+                "uid-cart",
+                "node-2",
+                &["10.0.0.7", "fd00::7"],
+                json!({"app": "cart"}),
+            ),
+            old_status,
+        ],
         ..Cluster::default()
     };
-    let m = model::model(&cluster.world(), &options());
+    let m = cluster.model();
     assert!(m.problems.is_empty(), "{:?}", m.problems);
+    let old = workload(&m.config, "old").expect("old is a workload");
+    assert_eq!(old.ips, [ip("10.0.0.8")], "podIP without podIPs");
     let w = workload(&m.config, "cart").expect("cart is a workload");
     assert_eq!(w.uid, "uid-cart");
     assert_eq!(w.namespace, "shop");
@@ -161,7 +226,7 @@ fn finished_host_network_unscheduled_and_addressless_pods_elsewhere_are_not_work
         ],
         ..Cluster::default()
     };
-    let m = model::model(&cluster.world(), &options());
+    let m = cluster.model();
     let names: Vec<&str> = m.config.workloads.iter().map(|w| w.name.as_str()).collect();
     assert_eq!(names, ["init", "new"]);
     assert!(workload(&m.config, "new").is_some_and(|w| w.ips.is_empty()));
@@ -201,7 +266,7 @@ fn istio_labels_enroll_namespaces_and_pods_and_none_or_a_sidecar_opts_a_pod_out(
         ],
         ..Cluster::default()
     };
-    let m = model::model(&cluster.world(), &options());
+    let m = cluster.model();
     let protocol = |name| workload(&m.config, name).map(|w| w.protocol);
     assert_eq!(protocol("cart"), Some(ProtocolSpec::Hbone));
     assert_eq!(protocol("batch"), Some(ProtocolSpec::Tcp));
@@ -270,7 +335,7 @@ fn use_waypoint_names_the_waypoint_service_and_none_opts_out() {
         ],
         ..Cluster::default()
     };
-    let m = model::model(&cluster.world(), &options());
+    let m = cluster.model();
     let waypoint = |name| workload(&m.config, name).and_then(|w| w.waypoint.clone());
     assert_eq!(waypoint("cart").as_deref(), Some("10.96.0.10:15008"));
     assert_eq!(waypoint("direct"), None);
@@ -524,7 +589,7 @@ fn services_map_cluster_ips_ports_and_ready_pod_endpoints() {
         )],
         ..Cluster::default()
     };
-    let m = model::model(&cluster.world(), &options());
+    let m = cluster.model();
     assert!(m.problems.is_empty(), "{:?}", m.problems);
     let names: Vec<&str> = m.config.services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
@@ -615,7 +680,7 @@ fn istio_policies_keep_their_fields_and_dry_run_annotation() {
         ],
         ..Cluster::default()
     };
-    let m = model::model(&cluster.world(), &options());
+    let m = cluster.model();
     let names: Vec<&str> = m.config.policies.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["allow-front", "audit-only"]);
     let p = &m.config.policies[0];
@@ -663,7 +728,7 @@ fn a_malformed_pod_is_named_and_the_rest_still_published() {
         ],
         ..Cluster::default()
     };
-    let m = model::model(&cluster.world(), &options());
+    let m = cluster.model();
     let names: Vec<&str> = m.config.workloads.iter().map(|w| w.name.as_str()).collect();
     // Objects are visited by namespace/name: "clash" comes before "good" and keeps 10.0.0.2.
     assert_eq!(names, ["clash"]);
@@ -686,7 +751,7 @@ fn a_malformed_pod_is_named_and_the_rest_still_published() {
         ],
         ..Cluster::default()
     };
-    let m = model::model(&cluster.world(), &options());
+    let m = cluster.model();
     let names: Vec<&str> = m.config.workloads.iter().map(|w| w.name.as_str()).collect();
     assert_eq!(names, ["a"]);
     assert_eq!(
@@ -762,6 +827,110 @@ fn a_relist_replaces_a_store_whole_and_the_world_waits_for_every_kind() {
     world.apply(pods(Event::InitApply(pod("e"))));
     world.apply(pods(Event::InitDone));
     assert_eq!(names(&world), ["e"]);
+}
+
+#[test]
+fn a_store_keeps_what_the_model_reads_and_an_event_that_changes_none_of_it_changes_nothing() {
+    let served = |name: &str, ip: &str| {
+        objects::pod("shop", name, name, "node-1", &[ip], json!({"app": name}))
+    };
+    let event = |value: Value| dynamic("v1", "Pod", value);
+    let mut store = Store::<k8s_openapi::api::core::v1::Pod>::default();
+    store.apply_untyped(Kind::Pods, Event::Init);
+    for (name, ip) in [("a", "10.0.0.1"), ("b", "10.0.0.2")] {
+        store.apply_untyped(Kind::Pods, Event::InitApply(event(served(name, ip))));
+    }
+    assert_eq!(
+        store.apply_untyped(Kind::Pods, Event::InitDone),
+        Applied::Changed
+    );
+
+    // What is kept of a pod as an API server serves it: a small part, with what it is read
+    // for (the model tests check that the model of the kept part is the model of the whole).
+    let whole = served("a", "10.0.0.1").to_string().len();
+    let kept = serde_json::to_string(store.get("shop", "a").expect("a")).expect("json");
+    assert!(
+        kept.len() * 5 < whole,
+        "kept {} of {whole} bytes: {kept}",
+        kept.len()
+    );
+    for dropped in [
+        "managedFields",
+        "registry.example",
+        "volumes",
+        "conditions",
+        "restartedAt",
+    ] {
+        assert!(!kept.contains(dropped), "{dropped} kept: {kept}");
+    }
+    for read in [
+        "\"uid\":\"a\"",
+        "\"nodeName\":\"node-1\"",
+        "a-sa",
+        "10.0.0.1",
+        "Running",
+        "\"app\"",
+    ] {
+        assert!(kept.contains(read), "{read} dropped: {kept}");
+    }
+
+    let pointer = |store: &Store<_>, name: &str| {
+        store
+            .entries()
+            .find(|(key, _)| *key == format!("shop/{name}"))
+            .map(|(_, pod)| Arc::as_ptr(pod))
+            .expect("stored")
+    };
+    let (a, b) = (pointer(&store, "a"), pointer(&store, "b"));
+    let revision = store.revision();
+    // The kubelet reports a restart and a new resourceVersion: nothing the model reads.
+    let mut restarted = served("a", "10.0.0.1");
+    restarted["metadata"]["resourceVersion"] = "7".into();
+    restarted["status"]["containerStatuses"][0]["restartCount"] = 1.into();
+    restarted["status"]["conditions"][2]["status"] = "False".into();
+    assert_eq!(
+        store.apply_untyped(Kind::Pods, Event::Apply(event(restarted))),
+        Applied::Nothing
+    );
+    assert_eq!(pointer(&store, "a"), a, "the stored pod stays");
+    assert_eq!(store.revision(), revision);
+    // A new address is read.
+    assert_eq!(
+        store.apply_untyped(Kind::Pods, Event::Apply(event(served("a", "10.0.0.9")))),
+        Applied::Changed
+    );
+    let a = pointer(&store, "a");
+
+    // A relist (after a 410) that finds every pod as it was changes nothing, and the pods
+    // keep their pointers, by which the modeler keeps their translations.
+    store.apply_untyped(Kind::Pods, Event::Init);
+    for (name, ip) in [("a", "10.0.0.9"), ("b", "10.0.0.2")] {
+        store.apply_untyped(Kind::Pods, Event::InitApply(event(served(name, ip))));
+    }
+    assert_eq!(
+        store.apply_untyped(Kind::Pods, Event::InitDone),
+        Applied::Nothing
+    );
+    assert_eq!((pointer(&store, "a"), pointer(&store, "b")), (a, b));
+    // One that finds one pod moved and another gone is a change; the rest keep theirs.
+    store.apply_untyped(Kind::Pods, Event::Init);
+    store.apply_untyped(Kind::Pods, Event::InitApply(event(served("b", "10.0.0.3"))));
+    assert_eq!(
+        store.apply_untyped(Kind::Pods, Event::InitDone),
+        Applied::Changed
+    );
+    assert_ne!(pointer(&store, "b"), b);
+    assert_eq!(store.len(), 1);
+    store.apply_untyped(Kind::Pods, Event::Init);
+    store.apply_untyped(Kind::Pods, Event::InitApply(event(served("b", "10.0.0.3"))));
+    store.apply_untyped(Kind::Pods, Event::InitApply(event(served("c", "10.0.0.4"))));
+    let b = pointer(&store, "b");
+    assert_eq!(
+        store.apply_untyped(Kind::Pods, Event::InitDone),
+        Applied::Changed,
+        "a pod came"
+    );
+    assert_eq!(pointer(&store, "b"), b);
 }
 
 // --- The watchers against the kube-apiserver double, in process. ---
@@ -968,6 +1137,40 @@ fn an_event_that_changes_nothing_the_mesh_uses_is_not_handed_over() {
 }
 
 #[test]
+fn a_change_made_during_a_relist_that_finds_everything_as_it_was_is_still_handed_over() {
+    use fake_apiserver::*;
+    let server = FakeApiServer::start();
+    baseline(&server);
+    let watching = Watching::start(&server);
+    watching.until("the first model", |_| true);
+    server.wait_for("pod and service watches", Duration::from_secs(5), |s| {
+        !s.watch_versions(PODS).is_empty() && !s.watch_versions(SERVICES).is_empty()
+    });
+    // The pods' watch expires and their relist is slow; the world waits for it.
+    server.set_list_delay(PODS, Duration::from_millis(1500));
+    let lists = server.lists(PODS);
+    server.expire_watches(PODS);
+    server.wait_for("the pod relist", Duration::from_secs(5), |s| {
+        s.lists(PODS) > lists
+    });
+    // Meanwhile a service comes: not handed over while the pods relist, but not lost when
+    // the relist then finds every pod as it was.
+    server.apply(
+        SERVICES,
+        objects::service(
+            "shop",
+            "late",
+            &["10.96.0.77"],
+            &[("http", 80, json!(8080))],
+        ),
+    );
+    let after = watching.until("the service", |c| {
+        c.services.iter().any(|s| s.name == "late")
+    });
+    assert_eq!(names(&after), ["cart", "web"]);
+}
+
+#[test]
 fn a_malformed_object_is_skipped_in_a_list_and_in_a_watch_and_the_watch_goes_on() {
     use fake_apiserver::*;
     let server = FakeApiServer::start();
@@ -1084,7 +1287,7 @@ fn unreadable_security_policies_fail_closed_on_their_scope() {
         )],
         ..Cluster::default()
     };
-    let m = model::model(&cluster.world(), &options());
+    let m = cluster.model();
     let problems = m.problems.join("\n");
     for expected in [
         "AuthorizationPolicy shop/deny-broken: spec.rules[0].to[0].operation.ports[0]: \"http\" is not a port number; enforced as deny-all on its scope (fail closed)",

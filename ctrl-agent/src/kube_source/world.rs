@@ -7,10 +7,14 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::DynamicObject;
 use kube::runtime::watcher::Event;
 use kube::ResourceExt;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::model::{DRY_RUN_ANNOTATION, SIDECAR_STATUS_ANNOTATION};
 
 /// The objects of one kind, by `namespace/name`. Each object is shared and replaced, never
 /// changed in place, so a reader that kept one can tell by pointer whether it is still the
@@ -43,21 +47,141 @@ impl<K> Default for Store<K> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Applied {
     /// The visible objects did not change (an object buffered during a relist, a relist
-    /// starting).
+    /// starting, an object stored as it was, a relist that found every object as it was).
     Nothing,
     /// The visible objects changed (or the store became complete).
     Changed,
 }
 
-fn convert<K: DeserializeOwned>(kind: Kind, object: &DynamicObject) -> Option<K> {
-    match serde_json::to_value(object).and_then(serde_json::from_value) {
-        Ok(typed) => Some(typed),
-        Err(error) => {
-            tracing::warn!(kind = kind.name(), object = %key(object), %error,
-                "malformed object skipped");
-            None
+/// A field the model reads, with the parts of it that it reads: an empty list keeps the
+/// field whole. An array's elements are each trimmed the same way.
+struct Read(&'static str, &'static [Read]);
+
+/// What the model (model.rs) reads of each kind, besides the name, namespace, uid and
+/// labels, which it reads of every kind. Everything else an API server sends (managedFields,
+/// container specs, volumes, conditions, container statuses) is dropped before an object is
+/// stored: for a typical pod that is most of it. It also lets a store see that an
+/// event changed nothing the model reads (a container restarted, a condition flipped), so
+/// that no model is built for it. Reading a field here that is not listed would read it
+/// empty; the model tests build every world trimmed and untrimmed and compare the models.
+struct Reads {
+    body: &'static [Read],
+    annotations: &'static [&'static str],
+}
+
+impl Kind {
+    fn reads(self) -> Reads {
+        match self {
+            Kind::Namespaces => Reads {
+                body: &[],
+                annotations: &[],
+            },
+            Kind::Pods => Reads {
+                body: &[
+                    Read(
+                        "spec",
+                        &[
+                            Read("nodeName", &[]),
+                            Read("hostNetwork", &[]),
+                            Read("serviceAccountName", &[]),
+                        ],
+                    ),
+                    Read(
+                        "status",
+                        &[Read("phase", &[]), Read("podIP", &[]), Read("podIPs", &[])],
+                    ),
+                ],
+                annotations: &[SIDECAR_STATUS_ANNOTATION],
+            },
+            Kind::Services => Reads {
+                body: &[Read(
+                    "spec",
+                    &[
+                        Read("type", &[]),
+                        Read("clusterIP", &[]),
+                        Read("clusterIPs", &[]),
+                        Read("ports", &[]),
+                    ],
+                )],
+                annotations: &[],
+            },
+            Kind::EndpointSlices => Reads {
+                body: &[
+                    // Required by the type, so kept although not read.
+                    Read("addressType", &[]),
+                    Read(
+                        "endpoints",
+                        &[
+                            Read("conditions", &[Read("ready", &[])]),
+                            Read("targetRef", &[Read("kind", &[]), Read("uid", &[])]),
+                        ],
+                    ),
+                    Read("ports", &[]),
+                ],
+                annotations: &[],
+            },
+            Kind::AuthorizationPolicies | Kind::PeerAuthentications => Reads {
+                body: &[Read("spec", &[])],
+                annotations: &[DRY_RUN_ANNOTATION],
+            },
         }
     }
+}
+
+/// Keeps only the `reads` of `value`. Values of another shape than expected are left as
+/// they are, so that a malformed object still fails to convert and is named.
+fn keep(value: &mut Value, reads: &[Read]) {
+    match value {
+        Value::Object(map) => {
+            map.retain(|field, _| reads.iter().any(|Read(name, _)| name == field));
+            for Read(name, parts) in reads {
+                if let (false, Some(part)) = (parts.is_empty(), map.get_mut(*name)) {
+                    keep(part, parts);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|item| keep(item, reads)),
+        _ => {}
+    }
+}
+
+/// `object` as `K`, holding only what the model reads of it (`Kind::reads`); `None` (with a
+/// warning naming it) when what is read does not convert.
+fn convert<K: DeserializeOwned + kube::Resource>(kind: Kind, object: DynamicObject) -> Option<K> {
+    let reads = kind.reads();
+    let named = key(&object);
+    let DynamicObject {
+        types,
+        metadata,
+        mut data,
+    } = object;
+    keep(&mut data, reads.body);
+    if let (Value::Object(body), Some(types)) = (&mut data, types) {
+        // Typed kinds check these when present; untyped ones keep them.
+        body.insert("apiVersion".into(), types.api_version.into());
+        body.insert("kind".into(), types.kind.into());
+    }
+    let mut typed: K = match serde_json::from_value(data) {
+        Ok(typed) => typed,
+        Err(error) => {
+            tracing::warn!(kind = kind.name(), object = %named, %error,
+                "malformed object skipped");
+            return None;
+        }
+    };
+    let annotations = metadata.annotations.map(|mut all| {
+        all.retain(|name, _| reads.annotations.contains(&name.as_str()));
+        all
+    });
+    *typed.meta_mut() = ObjectMeta {
+        name: metadata.name,
+        namespace: metadata.namespace,
+        uid: metadata.uid,
+        labels: metadata.labels,
+        annotations,
+        ..ObjectMeta::default()
+    };
+    Some(typed)
 }
 
 fn key<K: kube::Resource>(object: &K) -> String {
@@ -67,7 +191,7 @@ fn key<K: kube::Resource>(object: &K) -> String {
     }
 }
 
-impl<K: kube::Resource> Store<K> {
+impl<K: kube::Resource + PartialEq> Store<K> {
     pub fn apply(&mut self, event: Event<K>) -> Applied {
         let applied = self.applied(event);
         self.counted(applied)
@@ -93,30 +217,50 @@ impl<K: kube::Resource> Store<K> {
                         buffer.insert(key(&object), Arc::new(object));
                         Applied::Nothing
                     }
-                    None => {
-                        self.objects.insert(key(&object), Arc::new(object));
-                        Applied::Changed
-                    }
+                    None => self.put(object),
                 }
             }
             Event::InitDone => {
-                if let Some(buffer) = self.relist.take() {
-                    self.objects = buffer;
+                let mut same = self.synced;
+                if let Some(mut listed) = self.relist.take() {
+                    same &= listed.len() == self.objects.len();
+                    // An object the relist found as it was keeps its pointer, so that
+                    // readers keeping work by pointer (the modeler) keep it too.
+                    for (key, object) in &mut listed {
+                        match self.objects.get(key) {
+                            Some(kept) if kept == object => *object = kept.clone(),
+                            _ => same = false,
+                        }
+                    }
+                    self.objects = listed;
                 }
                 self.synced = true;
-                Applied::Changed
+                if same {
+                    Applied::Nothing
+                } else {
+                    Applied::Changed
+                }
             }
-            Event::Apply(object) => {
-                self.objects.insert(key(&object), Arc::new(object));
-                Applied::Changed
-            }
+            Event::Apply(object) => self.put(object),
             Event::Delete(object) => self.remove(&key(&object)),
         }
     }
 
-    /// Applies a watcher event on untyped objects, converting each object to `K`. An object
-    /// that does not convert is skipped with a warning; if it replaced a good version, that
-    /// version goes too (it no longer says what the cluster holds).
+    /// Stores `object` unless the store holds it already as it is (the event changed
+    /// nothing that is kept of it).
+    fn put(&mut self, object: K) -> Applied {
+        let key = key(&object);
+        if self.objects.get(&key).is_some_and(|kept| **kept == object) {
+            return Applied::Nothing;
+        }
+        self.objects.insert(key, Arc::new(object));
+        Applied::Changed
+    }
+
+    /// Applies a watcher event on untyped objects, converting each object to `K` and keeping
+    /// only what the model reads of it. An object that does not convert is skipped with a
+    /// warning; if it replaced a good version, that version goes too (it no longer says what
+    /// the cluster holds).
     pub fn apply_untyped(&mut self, kind: Kind, event: Event<DynamicObject>) -> Applied
     where
         K: DeserializeOwned,
@@ -124,17 +268,20 @@ impl<K: kube::Resource> Store<K> {
         let event = match event {
             Event::Init => Event::Init,
             Event::InitDone => Event::InitDone,
-            Event::InitApply(object) => match convert(kind, &object) {
+            Event::InitApply(object) => match convert(kind, object) {
                 Some(typed) => Event::InitApply(typed),
                 None => return Applied::Nothing,
             },
-            Event::Apply(object) => match convert(kind, &object) {
-                Some(typed) => Event::Apply(typed),
-                None => {
-                    let removed = self.remove(&key(&object));
-                    return self.counted(removed);
+            Event::Apply(object) => {
+                let key = key(&object);
+                match convert(kind, object) {
+                    Some(typed) => Event::Apply(typed),
+                    None => {
+                        let removed = self.remove(&key);
+                        return self.counted(removed);
+                    }
                 }
-            },
+            }
             Event::Delete(object) => {
                 let removed = self.remove(&key(&object));
                 return self.counted(removed);

@@ -113,6 +113,16 @@ pub fn retain_freed_memory(bytes: usize) -> std::io::Result<()> {
     }
 }
 
+/// Bytes glibc malloc has handed out and not had back: the main arena's chunks in use and
+/// every mmapped chunk. Allocations of threads other than the main one come from arenas of
+/// their own, which this does not count: measure on the main thread.
+pub fn heap_bytes_in_use() -> usize {
+    // SAFETY: mallinfo2 takes no arguments and returns a plain struct by value.
+    #[allow(unsafe_code)]
+    let info = unsafe { libc::mallinfo2() };
+    info.uordblks + info.hblkhd
+}
+
 /// Sets the calling thread's timer slack: how late the kernel may wake it from a sleep (50 us
 /// by default). A pacer that sends on schedule wants its sleeps to end on time.
 pub fn set_timer_slack_ns(nanos: u64) -> std::io::Result<()> {

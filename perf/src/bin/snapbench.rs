@@ -34,6 +34,11 @@ use mesh_snapshot::{Appended, Publisher, Snapshot};
 use perf::gen;
 use perf::report::{self, Provenance};
 use perf::sys;
+
+/// Kubernetes objects as an API server serves them (the kube source tests' fixtures).
+#[path = "../../../ctrl-agent/tests/fake_apiserver/objects.rs"]
+#[allow(dead_code)] // the policy fixtures: the bench lists no policies
+mod served;
 use serde::Serialize;
 
 #[derive(Parser)]
@@ -250,6 +255,12 @@ struct SizeResult {
 
 #[derive(Clone, Debug, Serialize)]
 struct KubeEventCost {
+    /// The heap the source's stores hold per pod, after listing the cluster as an API server
+    /// serves it (whole objects, one at a time).
+    world_bytes_per_pod: f64,
+    /// A pod event that changes nothing the model reads (a container restart): the store's
+    /// apply, and a model if the store said it changed.
+    unread_event_ms: f64,
     /// The model built from scratch (what the source did per burst before it kept one).
     model_ms: f64,
     /// The model the source keeps, brought up to date: the changed pod translated again, the
@@ -479,103 +490,109 @@ fn route_costs(snap: &Snapshot) -> anyhow::Result<(f64, f64, f64)> {
     Ok((by_ip, by_vip, per(t)))
 }
 
-/// The Kubernetes source's cluster at `size` pods, as its watchers would have stored it.
+/// An IPv4 address as Kubernetes writes it.
+fn dotted(address: &[u8]) -> String {
+    let parts: Vec<String> = address.iter().map(u8::to_string).collect();
+    parts.join(".")
+}
+
+/// The Kubernetes source's cluster at `size` pods, as its watchers would have stored it
+/// from what an API server serves (each object whole, with managedFields, container specs
+/// and statuses), listed one object at a time as the watchers list.
 fn kube_world(size: usize) -> ctrl_agent::kube_source::world::World {
     use ctrl_agent::kube_source::world::{Kind, Update, World};
     use kube::runtime::watcher::Event;
     use serde_json::json;
-    let object = |api_version: &str, kind: &str, mut value: serde_json::Value| {
-        value["apiVersion"] = api_version.into();
-        value["kind"] = kind.into();
-        serde_json::from_value::<kube::api::DynamicObject>(value).ok()
-    };
-    let pod_ip = |i: usize| {
-        let b = ip(i);
-        format!("{}.{}.{}.{}", b[0], b[1], b[2], b[3])
-    };
-    let pod = |i: usize, address: &str| {
-        let w = workload(i);
-        json!({
-            "metadata": {"name": w.name, "namespace": w.namespace, "uid": w.uid,
-                         "labels": {"app": format!("app-{}", i / PODS_PER_SERVICE)}},
-            "spec": {"nodeName": w.node, "serviceAccountName": w.service_account,
-                     "containers": [{"name": "app", "image": "app"}]},
-            "status": {"phase": "Running", "podIP": address, "podIPs": [{"ip": address}]},
-        })
-    };
+    let pod_ip = |i: usize| dotted(&ip(i));
     let mut world = World::default();
-    let mut list =
-        |kind: Kind, api_version: &str, type_name: &str, items: Vec<serde_json::Value>| {
-            world.apply(Update::Event(kind, Event::Init));
-            for item in items {
-                if let Some(o) = object(api_version, type_name, item) {
-                    world.apply(Update::Event(kind, Event::InitApply(o)));
-                }
+    let mut list = |kind: Kind,
+                    api_version: &str,
+                    type_name: &str,
+                    items: &mut dyn Iterator<Item = serde_json::Value>| {
+        world.apply(Update::Event(kind, Event::Init));
+        for mut item in items {
+            item["apiVersion"] = api_version.into();
+            item["kind"] = type_name.into();
+            if let Ok(o) = serde_json::from_value::<kube::api::DynamicObject>(item) {
+                world.apply(Update::Event(kind, Event::InitApply(o)));
             }
-            world.apply(Update::Event(kind, Event::InitDone));
-        };
-    let namespaces = (0..size.div_ceil(PODS_PER_NAMESPACE))
-        .map(|n| {
-            json!({"metadata": {"name": format!("ns-{n}"), "uid": format!("ns-{n}"),
-                        "labels": {"istio.io/dataplane-mode": "ambient"}}})
-        })
-        .collect();
-    list(Kind::Namespaces, "v1", "Namespace", namespaces);
+        }
+        world.apply(Update::Event(kind, Event::InitDone));
+    };
+    list(
+        Kind::Namespaces,
+        "v1",
+        "Namespace",
+        &mut (0..size.div_ceil(PODS_PER_NAMESPACE)).map(|n| {
+            served::namespace(
+                &format!("ns-{n}"),
+                json!({"istio.io/dataplane-mode": "ambient"}),
+            )
+        }),
+    );
     list(
         Kind::Pods,
         "v1",
         "Pod",
-        (0..size).map(|i| pod(i, &pod_ip(i))).collect(),
+        &mut (0..size).map(|i| {
+            let w = workload(i);
+            served::pod(
+                &w.namespace,
+                &w.name,
+                &w.uid,
+                &w.node,
+                &[&pod_ip(i)],
+                json!(w.labels),
+            )
+        }),
     );
     let services = size.div_ceil(PODS_PER_SERVICE);
-    let service = |s: usize| {
-        let vip = format!("172.{}.{}.{}", 16 + (s >> 16), (s >> 8) & 0xff, s & 0xff);
-        json!({
-            "metadata": {"name": format!("app-{s}"), "namespace": namespace(s * PODS_PER_SERVICE),
-                         "uid": format!("svc-{s}")},
-            "spec": {"clusterIP": vip, "clusterIPs": [vip], "type": "ClusterIP",
-                     "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
-        })
-    };
-    let slice = |s: usize| {
-        let endpoints: Vec<serde_json::Value> = (s * PODS_PER_SERVICE
-            ..((s + 1) * PODS_PER_SERVICE).min(size))
-            .map(|i| {
-                json!({"addresses": [pod_ip(i)], "conditions": {"ready": true},
-                            "targetRef": {"kind": "Pod", "uid": workload(i).uid}})
-            })
-            .collect();
-        json!({
-            "metadata": {"name": format!("app-{s}-x1"), "namespace": namespace(s * PODS_PER_SERVICE),
-                         "uid": format!("slice-{s}"),
-                         "labels": {"kubernetes.io/service-name": format!("app-{s}")}},
-            "addressType": "IPv4", "endpoints": endpoints,
-            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        })
-    };
     list(
         Kind::Services,
         "v1",
         "Service",
-        (0..services).map(service).collect(),
+        &mut (0..services).map(|s| {
+            let vip = format!("172.{}.{}.{}", 16 + (s >> 16), (s >> 8) & 0xff, s & 0xff);
+            served::service(
+                &namespace(s * PODS_PER_SERVICE),
+                &format!("app-{s}"),
+                &[&vip],
+                &[("http", 80, json!(8080))],
+            )
+        }),
     );
     list(
         Kind::EndpointSlices,
         "discovery.k8s.io/v1",
         "EndpointSlice",
-        (0..services).map(slice).collect(),
+        &mut (0..services).map(|s| {
+            let pods: Vec<(String, String)> = (s * PODS_PER_SERVICE
+                ..((s + 1) * PODS_PER_SERVICE).min(size))
+                .map(|i| (workload(i).uid, pod_ip(i)))
+                .collect();
+            let endpoints: Vec<(&str, &str, bool)> = pods
+                .iter()
+                .map(|(uid, ip)| (uid.as_str(), ip.as_str(), true))
+                .collect();
+            served::endpoint_slice(
+                &namespace(s * PODS_PER_SERVICE),
+                &format!("app-{s}"),
+                &endpoints,
+                &[("http", 8080)],
+            )
+        }),
     );
     list(
         Kind::AuthorizationPolicies,
         "security.istio.io/v1",
         "AuthorizationPolicy",
-        Vec::new(),
+        &mut std::iter::empty(),
     );
     list(
         Kind::PeerAuthentications,
         "security.istio.io/v1",
         "PeerAuthentication",
-        Vec::new(),
+        &mut std::iter::empty(),
     );
     world
 }
@@ -607,7 +624,10 @@ fn kube_event_cost(size: usize) -> anyhow::Result<KubeEventCost> {
         let translate_time = t.elapsed();
         (m.config, snap, model_time, translate_time)
     };
+    // On this (the main) thread, so that the main arena holds the stores.
+    let heap_before = runtime::heap_bytes_in_use();
     let mut world = kube_world(size);
+    let world_bytes = runtime::heap_bytes_in_use().saturating_sub(heap_before);
     let mut modeler = model::Modeler::new(options.clone());
     let before_kept = modeler.model(&world).config;
     let (before_model, before, _, _) = publish(&world);
@@ -617,19 +637,38 @@ fn kube_event_cost(size: usize) -> anyhow::Result<KubeEventCost> {
         "the model has {workloads} of {size} workloads"
     );
     let published = mesh_snapshot::delta::State::from(before);
+    let served_pod = |i: usize, address: Vec<u8>| {
+        let w = workload(i);
+        let ip = dotted(&address);
+        let mut pod = served::pod(
+            &w.namespace,
+            &w.name,
+            &w.uid,
+            &w.node,
+            &[&ip],
+            serde_json::json!(w.labels),
+        );
+        pod["apiVersion"] = "v1".into();
+        pod["kind"] = "Pod".into();
+        serde_json::from_value::<kube::api::DynamicObject>(pod)
+    };
+    // A container of a pod restarts: the kubelet's status update changes nothing the model
+    // reads, and the store sees it.
+    let restarted = size / 3;
+    let mut event = served_pod(restarted, ip(restarted))?;
+    event.data["status"]["containerStatuses"][0]["restartCount"] = 1.into();
+    let t = Instant::now();
+    let applied = world.apply(Update::Event(
+        Kind::Pods,
+        kube::runtime::watcher::Event::Apply(event),
+    ));
+    if applied == ctrl_agent::kube_source::world::Applied::Changed {
+        modeler.model(&world);
+    }
+    let unread_event_time = t.elapsed();
     // A pod restarts with a new address (a watch MODIFIED event).
     let moved = size / 2;
-    let w = workload(moved);
-    let address = ip(size + 7);
-    let event = serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": w.name, "namespace": w.namespace, "uid": w.uid},
-        "spec": {"nodeName": w.node, "serviceAccountName": w.service_account,
-                 "containers": [{"name": "app", "image": "app"}]},
-        "status": {"phase": "Running",
-                   "podIPs": [{"ip": format!("{}.{}.{}.{}", address[0], address[1], address[2], address[3])}]},
-    });
-    let object: kube::api::DynamicObject = serde_json::from_value(event)?;
+    let object = served_pod(moved, ip(size + 7))?;
     world.apply(Update::Event(
         Kind::Pods,
         kube::runtime::watcher::Event::Apply(object),
@@ -685,6 +724,8 @@ fn kube_event_cost(size: usize) -> anyhow::Result<KubeEventCost> {
         "the changed-only delta differs from the full diff"
     );
     Ok(KubeEventCost {
+        world_bytes_per_pod: world_bytes as f64 / size as f64,
+        unread_event_ms: ms(unread_event_time),
         model_ms: ms(model_time),
         model_kept_ms: ms(model_kept_time),
         translate_ms: ms(translate_time),
@@ -928,6 +969,10 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "{:>10} workloads: one pod event with the Kubernetes source costs the agent: kept model updated {:.1} ms (from scratch {:.1} ms) + changed entries translated and diffed {:.1} ms (whole model translated {:.1} ms + diffed {:.1} ms)",
                 s.workloads, k.model_kept_ms, k.model_ms, k.changed_only_ms, k.translate_ms, k.diff_ms
+            );
+            println!(
+                "{:>10} workloads: the Kubernetes source's stores hold {:.0} B per pod listed as served; a container restart costs it {:.3} ms",
+                s.workloads, k.world_bytes_per_pod, k.unread_event_ms
             );
         }
     }
