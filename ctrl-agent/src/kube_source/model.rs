@@ -16,8 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::DynamicObject;
 use kube::ResourceExt;
@@ -31,7 +30,7 @@ use crate::config::{
 };
 use crate::enroll;
 
-use super::world::{Store, World};
+use super::world::{Store, StoredPod, StoredSlice, World};
 
 /// Istio's label naming the waypoint a pod, service or namespace uses (`none`: no waypoint,
 /// even if the namespace has one).
@@ -72,7 +71,7 @@ pub struct Model {
 struct Lookups<'a> {
     namespace_labels: HashMap<&'a str, &'a BTreeMap<String, String>>,
     /// EndpointSlices by (namespace, service name), in the store's order.
-    slices: FastMap<(&'a str, &'a str), Vec<&'a Arc<EndpointSlice>>>,
+    slices: FastMap<(&'a str, &'a str), Vec<&'a Arc<StoredSlice>>>,
 }
 
 impl<'a> Lookups<'a> {
@@ -83,19 +82,15 @@ impl<'a> Lookups<'a> {
             .filter_map(|n| Some((n.metadata.name.as_deref()?, n.labels())))
             .collect();
         // Built at every model, an entry per service: sized once, and not SipHash.
-        let mut slices: FastMap<(&str, &str), Vec<&Arc<EndpointSlice>>> =
+        let mut slices: FastMap<(&str, &str), Vec<&Arc<StoredSlice>>> =
             FastMap::with_capacity_and_hasher(world.endpoint_slices.len(), <_>::default());
         for (_, slice) in world.endpoint_slices.entries() {
-            let (Some(namespace), Some(service)) = (
-                slice.metadata.namespace.as_deref(),
-                slice.labels().get(SERVICE_NAME_LABEL),
-            ) else {
+            let (Some(namespace), Some(service)) =
+                (slice.namespace.as_deref(), slice.service.as_deref())
+            else {
                 continue;
             };
-            slices
-                .entry((namespace, service.as_str()))
-                .or_default()
-                .push(slice);
+            slices.entry((namespace, service)).or_default().push(slice);
         }
         Lookups {
             namespace_labels,
@@ -114,8 +109,8 @@ pub fn model(world: &World, options: &ModelOptions) -> Model {
 }
 
 /// Models one cluster again and again. A pod is translated again only when the store holds
-/// another object for it than last time (the store replaces an object on every event, so
-/// the pointer tells) or when the namespaces or services changed, which a pod's translation
+/// another object for it than last time (the store replaces an object when an event changed
+/// what it keeps of it, so the pointer tells) or when the namespaces or services changed, which a pod's translation
 /// also reads (enrollment, waypoints). Address and uid clashes are settled again only among
 /// the pods that share a claim with a changed one, and services narrow their endpoints again
 /// only when the model's set of uids changed. A pod event on a large cluster then costs one
@@ -179,7 +174,7 @@ impl Ownership {
 }
 
 struct TranslatedPod {
-    pod: Arc<Pod>,
+    pod: Arc<StoredPod>,
     workload: Result<Option<Arc<WorkloadSpec>>, String>,
     standing: Standing,
 }
@@ -196,7 +191,7 @@ enum Standing {
 /// A service as translated from its object and its EndpointSlices (by pointer, in order).
 struct TranslatedService {
     service: Arc<Service>,
-    slices: Vec<Arc<EndpointSlice>>,
+    slices: Vec<Arc<StoredSlice>>,
     spec: Result<Option<ServiceBase>, String>,
     /// The spec the last model had, endpoints narrowed: kept while they stay the same, so
     /// an unchanged service costs no copy and compares by pointer.
@@ -423,7 +418,7 @@ fn model_with(
         match (&t.workload, &t.standing) {
             (Err(problem), _) => problems.push(format!(
                 "{}: {problem}; left out",
-                who(&t.pod.namespace().unwrap_or_default(), &t.pod.name_any())
+                who(t.pod.namespace.as_deref().unwrap_or_default(), &t.pod.name)
             )),
             (Ok(Some(w)), Standing::In) => workloads.push(w.clone()),
             (_, Standing::Clashed(problem)) => problems.push(problem.clone()),
@@ -435,7 +430,7 @@ fn model_with(
     let mut now_translated = Vec::with_capacity(world.services.len());
     let mut previous = std::mem::take(translated_services).into_iter().peekable();
     for (key, svc) in world.services.entries() {
-        let slices: &[&Arc<EndpointSlice>] = match (
+        let slices: &[&Arc<StoredSlice>] = match (
             svc.metadata.namespace.as_deref(),
             svc.metadata.name.as_deref(),
         ) {
@@ -543,32 +538,21 @@ fn model_with(
 /// A pod as a workload: `Ok(None)` when it is not one (finished, host network, not
 /// scheduled, no address on another node), `Err` when it is malformed.
 fn workload(
-    pod: &Pod,
+    pod: &StoredPod,
     world: &World,
     lookups: &Lookups<'_>,
     options: &ModelOptions,
 ) -> Result<Option<WorkloadSpec>, String> {
-    let Some(spec) = &pod.spec else {
-        return Err("no spec".into());
-    };
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    if !matches!(phase, Some("Running" | "Pending")) || spec.host_network == Some(true) {
+    if !matches!(pod.phase.as_deref(), Some("Running" | "Pending")) || pod.host_network {
         return Ok(None);
     }
-    let Some(node) = spec.node_name.clone().filter(|n| !n.is_empty()) else {
+    let Some(node) = pod.node_name.clone().filter(|n| !n.is_empty()) else {
         return Ok(None);
     };
-    let uid = pod.uid().filter(|u| !u.is_empty()).ok_or("no uid")?;
-    let namespace = pod.namespace().ok_or("no namespace")?;
-    let status = pod.status.as_ref();
-    let mut addresses: Vec<&str> = status
-        .and_then(|s| s.pod_ips.as_ref())
-        .map(|ips| ips.iter().map(|p| p.ip.as_str()).collect())
-        .unwrap_or_default();
-    if addresses.is_empty() {
-        addresses.extend(status.and_then(|s| s.pod_ip.as_deref()));
-    }
-    let ips = addresses
+    let uid = pod.uid.clone().filter(|u| !u.is_empty()).ok_or("no uid")?;
+    let namespace = pod.namespace.clone().ok_or("no namespace")?;
+    let ips = pod
+        .ips
         .iter()
         .filter(|a| !a.is_empty())
         .map(|a| {
@@ -579,18 +563,18 @@ fn workload(
     if ips.is_empty() && node != options.node {
         return Ok(None);
     }
-    let service_account = spec
+    let service_account = pod
         .service_account_name
         .clone()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "default".into());
     SpiffeId::check(&options.trust_domain, &namespace, &service_account)
         .map_err(|e| format!("no valid identity: {e}"))?;
-    let labels = pod.labels().clone();
+    let labels = pod.labels.clone();
     let ns_labels = lookups.namespace_labels(&namespace);
     let ns_mode = ns_labels.and_then(|l| l.get(DATAPLANE_MODE_LABEL).map(String::as_str));
     let pod_mode = labels.get(DATAPLANE_MODE_LABEL).map(String::as_str);
-    let sidecar = pod.annotations().contains_key(SIDECAR_STATUS_ANNOTATION);
+    let sidecar = pod.sidecar;
     let protocol = match enroll::ambient(pod_mode, ns_mode, sidecar) {
         Ok(()) => ProtocolSpec::Hbone,
         Err(_) => ProtocolSpec::Tcp,
@@ -598,7 +582,7 @@ fn workload(
     let waypoint = waypoint(&labels, ns_labels, &namespace, &world.services);
     Ok(Some(WorkloadSpec {
         uid,
-        name: pod.name_any(),
+        name: pod.name.clone(),
         namespace,
         service_account,
         trust_domain: None,
@@ -674,7 +658,7 @@ fn service(
     svc: &Service,
     world: &World,
     lookups: &Lookups<'_>,
-    slices: &[&Arc<EndpointSlice>],
+    slices: &[&Arc<StoredSlice>],
 ) -> Result<Option<ServiceBase>, String> {
     let Some(spec) = &svc.spec else {
         return Err("no spec".into());
@@ -688,24 +672,7 @@ fn service(
     }
     let name = svc.name_any();
     let namespace = svc.namespace().ok_or("no namespace")?;
-    let mut ready = BTreeSet::new();
-    for slice in slices {
-        for endpoint in slice.endpoints.iter().flatten() {
-            // Kubernetes: an unset `ready` is to be read as ready.
-            if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                continue;
-            }
-            let Some(target) = &endpoint.target_ref else {
-                continue;
-            };
-            if target.kind.as_deref().is_some_and(|k| k != "Pod") {
-                continue;
-            }
-            if let Some(uid) = target.uid.as_deref() {
-                ready.insert(uid.to_owned());
-            }
-        }
-    }
+    let ready: BTreeSet<&String> = slices.iter().flat_map(|s| &s.ready_pods).collect();
     let mut ports = Vec::new();
     for port in spec.ports.iter().flatten() {
         if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
@@ -739,13 +706,13 @@ fn service(
             endpoints: Vec::new(),
             waypoint,
         },
-        ready: ready.into_iter().collect(),
+        ready: ready.into_iter().cloned().collect(),
     }))
 }
 
 /// The pods' port for a service port: a number as it is; a name resolved through the
 /// EndpointSlices, which carry the resolved number under the service port's name.
-fn target_port(port: &ServicePort, slices: &[&Arc<EndpointSlice>]) -> Result<Option<u16>, String> {
+fn target_port(port: &ServicePort, slices: &[&Arc<StoredSlice>]) -> Result<Option<u16>, String> {
     let valid = |n: i32| u16::try_from(n).ok().filter(|p| *p > 0);
     match &port.target_port {
         None => Ok(None),
@@ -756,9 +723,9 @@ fn target_port(port: &ServicePort, slices: &[&Arc<EndpointSlice>]) -> Result<Opt
             let wanted = port.name.as_deref().unwrap_or_default();
             slices
                 .iter()
-                .flat_map(|s| s.ports.iter().flatten())
-                .filter(|p| p.name.as_deref().unwrap_or_default() == wanted)
-                .find_map(|p| p.port.and_then(valid))
+                .flat_map(|s| &s.ports)
+                .filter(|(name, _)| name.as_deref().unwrap_or_default() == wanted)
+                .find_map(|(_, number)| number.and_then(valid))
                 .map(Some)
                 .ok_or_else(|| format!("targetPort {named:?} is not resolved by any endpoint"))
         }

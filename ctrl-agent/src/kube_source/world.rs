@@ -10,11 +10,11 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::DynamicObject;
 use kube::runtime::watcher::Event;
-use kube::ResourceExt;
+use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::model::{DRY_RUN_ANNOTATION, SIDECAR_STATUS_ANNOTATION};
+use super::model::{DRY_RUN_ANNOTATION, SERVICE_NAME_LABEL, SIDECAR_STATUS_ANNOTATION};
 
 /// The objects of one kind, by `namespace/name`. Each object is shared and replaced, never
 /// changed in place, so a reader that kept one can tell by pointer whether it is still the
@@ -145,9 +145,137 @@ fn keep(value: &mut Value, reads: &[Read]) {
     }
 }
 
-/// `object` as `K`, holding only what the model reads of it (`Kind::reads`); `None` (with a
+/// A kind as a store keeps it, made from the type the API server serves it as.
+pub trait Kept: PartialEq + Sized {
+    type Served: DeserializeOwned + kube::Resource;
+    /// `Err` names what makes the object unusable.
+    fn kept(served: Self::Served) -> Result<Self, String>;
+    /// `namespace/name`, or `name` for kinds without a namespace.
+    fn key(&self) -> String;
+}
+
+/// The kinds kept as served (less what `Kind::reads` drops): their inline size is small,
+/// or there are few of them.
+macro_rules! kept_as_served {
+    ($($kind:ty),*) => {$(
+        impl Kept for $kind {
+            type Served = $kind;
+            fn kept(served: $kind) -> Result<$kind, String> {
+                Ok(served)
+            }
+            fn key(&self) -> String {
+                key(self)
+            }
+        }
+    )*};
+}
+
+kept_as_served!(Namespace, Service, DynamicObject);
+
+/// What the model reads of a pod. A `Pod` holds 2.4 KB of fields inline, set or not, and
+/// pods are most of a cluster's objects.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StoredPod {
+    pub name: String,
+    pub namespace: Option<String>,
+    pub uid: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// Carries Istio's sidecar-injection status annotation.
+    pub sidecar: bool,
+    pub node_name: Option<String>,
+    pub host_network: bool,
+    pub service_account_name: Option<String>,
+    pub phase: Option<String>,
+    /// `status.podIPs`, or `status.podIP` from a server that sends no list; as written.
+    pub ips: Vec<String>,
+}
+
+impl Kept for StoredPod {
+    type Served = Pod;
+
+    fn kept(pod: Pod) -> Result<StoredPod, String> {
+        let spec = pod.spec.ok_or("no spec")?;
+        let status = pod.status.unwrap_or_default();
+        let mut ips: Vec<String> = status.pod_ips.into_iter().flatten().map(|p| p.ip).collect();
+        if ips.is_empty() {
+            ips.extend(status.pod_ip);
+        }
+        let meta = pod.metadata;
+        Ok(StoredPod {
+            name: meta.name.unwrap_or_default(),
+            namespace: meta.namespace,
+            uid: meta.uid,
+            labels: meta.labels.unwrap_or_default(),
+            sidecar: meta
+                .annotations
+                .is_some_and(|a| a.contains_key(SIDECAR_STATUS_ANNOTATION)),
+            node_name: spec.node_name,
+            host_network: spec.host_network == Some(true),
+            service_account_name: spec.service_account_name,
+            phase: status.phase,
+            ips,
+        })
+    }
+
+    fn key(&self) -> String {
+        store_key(self.namespace.as_deref(), &self.name)
+    }
+}
+
+/// What the model reads of an EndpointSlice. An `Endpoint` holds 350 bytes inline, and a
+/// cluster has one per pod behind a service.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StoredSlice {
+    pub name: String,
+    pub namespace: Option<String>,
+    /// The service it belongs to (its `kubernetes.io/service-name` label).
+    pub service: Option<String>,
+    /// The pods it lists as ready, by uid, in its order. Kubernetes: an endpoint whose
+    /// `ready` is unset is to be read as ready; endpoints that are not pods are left out.
+    pub ready_pods: Vec<String>,
+    /// Its ports: name and number.
+    pub ports: Vec<(Option<String>, Option<i32>)>,
+}
+
+impl Kept for StoredSlice {
+    type Served = EndpointSlice;
+
+    fn kept(slice: EndpointSlice) -> Result<StoredSlice, String> {
+        let ready_pods = slice
+            .endpoints
+            .into_iter()
+            .flatten()
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+            .filter_map(|e| e.target_ref)
+            .filter(|target| target.kind.as_deref().is_none_or(|k| k == "Pod"))
+            .filter_map(|target| target.uid)
+            .collect();
+        let ports = slice
+            .ports
+            .into_iter()
+            .flatten()
+            .map(|p| (p.name, p.port))
+            .collect();
+        let meta = slice.metadata;
+        Ok(StoredSlice {
+            name: meta.name.unwrap_or_default(),
+            namespace: meta.namespace,
+            service: meta
+                .labels
+                .and_then(|mut labels| labels.remove(SERVICE_NAME_LABEL)),
+            ready_pods,
+            ports,
+        })
+    }
+
+    fn key(&self) -> String {
+        store_key(self.namespace.as_deref(), &self.name)
+    }
+}
+
+/// `object` as `K`, made of only what the model reads of it (`Kind::reads`); `None` (with a
 /// warning naming it) when what is read does not convert.
-fn convert<K: DeserializeOwned + kube::Resource>(kind: Kind, object: DynamicObject) -> Option<K> {
+fn convert<K: Kept>(kind: Kind, object: DynamicObject) -> Option<K> {
     let reads = kind.reads();
     let named = key(&object);
     let DynamicObject {
@@ -161,37 +289,46 @@ fn convert<K: DeserializeOwned + kube::Resource>(kind: Kind, object: DynamicObje
         body.insert("apiVersion".into(), types.api_version.into());
         body.insert("kind".into(), types.kind.into());
     }
-    let mut typed: K = match serde_json::from_value(data) {
-        Ok(typed) => typed,
-        Err(error) => {
-            tracing::warn!(kind = kind.name(), object = %named, %error,
-                "malformed object skipped");
-            return None;
-        }
-    };
     let annotations = metadata.annotations.map(|mut all| {
         all.retain(|name, _| reads.annotations.contains(&name.as_str()));
         all
     });
-    *typed.meta_mut() = ObjectMeta {
-        name: metadata.name,
-        namespace: metadata.namespace,
-        uid: metadata.uid,
-        labels: metadata.labels,
-        annotations,
-        ..ObjectMeta::default()
-    };
-    Some(typed)
-}
-
-fn key<K: kube::Resource>(object: &K) -> String {
-    match object.namespace() {
-        Some(ns) => format!("{ns}/{}", object.name_any()),
-        None => object.name_any(),
+    let kept = serde_json::from_value(data)
+        .map_err(|error| error.to_string())
+        .and_then(|mut served: K::Served| {
+            *served.meta_mut() = ObjectMeta {
+                name: metadata.name,
+                namespace: metadata.namespace,
+                uid: metadata.uid,
+                labels: metadata.labels,
+                annotations,
+                ..ObjectMeta::default()
+            };
+            K::kept(served)
+        });
+    match kept {
+        Ok(kept) => Some(kept),
+        Err(error) => {
+            tracing::warn!(kind = kind.name(), object = %named, %error,
+                "malformed object skipped");
+            None
+        }
     }
 }
 
-impl<K: kube::Resource + PartialEq> Store<K> {
+fn key<K: kube::Resource>(object: &K) -> String {
+    store_key(object.meta().namespace.as_deref(), &object.name_any())
+}
+
+/// `namespace/name`, or `name` for kinds without a namespace.
+fn store_key(namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_owned(),
+    }
+}
+
+impl<K: Kept> Store<K> {
     pub fn apply(&mut self, event: Event<K>) -> Applied {
         let applied = self.applied(event);
         self.counted(applied)
@@ -214,7 +351,7 @@ impl<K: kube::Resource + PartialEq> Store<K> {
                 // An InitApply outside a relist would be a watcher bug; keep the object anyway.
                 match &mut self.relist {
                     Some(buffer) => {
-                        buffer.insert(key(&object), Arc::new(object));
+                        buffer.insert(object.key(), Arc::new(object));
                         Applied::Nothing
                     }
                     None => self.put(object),
@@ -242,14 +379,14 @@ impl<K: kube::Resource + PartialEq> Store<K> {
                 }
             }
             Event::Apply(object) => self.put(object),
-            Event::Delete(object) => self.remove(&key(&object)),
+            Event::Delete(object) => self.remove(&object.key()),
         }
     }
 
     /// Stores `object` unless the store holds it already as it is (the event changed
     /// nothing that is kept of it).
     fn put(&mut self, object: K) -> Applied {
-        let key = key(&object);
+        let key = object.key();
         if self.objects.get(&key).is_some_and(|kept| **kept == object) {
             return Applied::Nothing;
         }
@@ -261,10 +398,7 @@ impl<K: kube::Resource + PartialEq> Store<K> {
     /// only what the model reads of it. An object that does not convert is skipped with a
     /// warning; if it replaced a good version, that version goes too (it no longer says what
     /// the cluster holds).
-    pub fn apply_untyped(&mut self, kind: Kind, event: Event<DynamicObject>) -> Applied
-    where
-        K: DeserializeOwned,
-    {
+    pub fn apply_untyped(&mut self, kind: Kind, event: Event<DynamicObject>) -> Applied {
         let event = match event {
             Event::Init => Event::Init,
             Event::InitDone => Event::InitDone,
@@ -329,7 +463,7 @@ impl<K: kube::Resource + PartialEq> Store<K> {
 
     pub fn get(&self, namespace: &str, name: &str) -> Option<&K> {
         self.objects
-            .get(&format!("{namespace}/{name}"))
+            .get(&store_key(Some(namespace), name))
             .map(|object| &**object)
     }
 
@@ -352,9 +486,9 @@ impl<K: kube::Resource + PartialEq> Store<K> {
 #[derive(Debug, Default)]
 pub struct World {
     pub namespaces: Store<Namespace>,
-    pub pods: Store<Pod>,
+    pub pods: Store<StoredPod>,
     pub services: Store<Service>,
-    pub endpoint_slices: Store<EndpointSlice>,
+    pub endpoint_slices: Store<StoredSlice>,
     pub authorization_policies: Store<DynamicObject>,
     pub peer_authentications: Store<DynamicObject>,
 }
