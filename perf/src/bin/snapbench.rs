@@ -258,6 +258,9 @@ struct KubeEventCost {
     /// The heap the source's stores hold per pod, after listing the cluster as an API server
     /// serves it (whole objects, one at a time).
     world_bytes_per_pod: f64,
+    /// The heap the kept model holds per pod: the modeler's translations and claims, and the
+    /// model it hands over (which shares the workloads).
+    model_bytes_per_pod: f64,
     /// A pod event that changes nothing the model reads (a container restart): the store's
     /// apply, and a model if the store said it changed.
     unread_event_ms: f64,
@@ -629,7 +632,9 @@ fn kube_event_cost(size: usize) -> anyhow::Result<KubeEventCost> {
     let mut world = kube_world(size);
     let world_bytes = runtime::heap_bytes_in_use().saturating_sub(heap_before);
     let mut modeler = model::Modeler::new(options.clone());
+    let heap_before = runtime::heap_bytes_in_use();
     let before_kept = modeler.model(&world).config;
+    let model_bytes = runtime::heap_bytes_in_use().saturating_sub(heap_before);
     let (before_model, before, _, _) = publish(&world);
     let workloads = before_model.workloads.len();
     anyhow::ensure!(
@@ -725,6 +730,7 @@ fn kube_event_cost(size: usize) -> anyhow::Result<KubeEventCost> {
     );
     Ok(KubeEventCost {
         world_bytes_per_pod: world_bytes as f64 / size as f64,
+        model_bytes_per_pod: model_bytes as f64 / size as f64,
         unread_event_ms: ms(unread_event_time),
         model_ms: ms(model_time),
         model_kept_ms: ms(model_kept_time),
@@ -971,8 +977,8 @@ fn main() -> anyhow::Result<()> {
                 s.workloads, k.model_kept_ms, k.model_ms, k.changed_only_ms, k.translate_ms, k.diff_ms
             );
             println!(
-                "{:>10} workloads: the Kubernetes source's stores hold {:.0} B per pod listed as served; a container restart costs it {:.3} ms",
-                s.workloads, k.world_bytes_per_pod, k.unread_event_ms
+                "{:>10} workloads: the Kubernetes source's stores hold {:.0} B per pod listed as served, its kept model {:.0} B; a container restart costs it {:.3} ms",
+                s.workloads, k.world_bytes_per_pod, k.model_bytes_per_pod, k.unread_event_ms
             );
         }
     }
