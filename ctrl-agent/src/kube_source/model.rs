@@ -70,9 +70,10 @@ pub struct Model {
 /// model: a scan per object would make a model of n pods cost O(n^2).
 struct Lookups<'a> {
     namespace_labels: HashMap<&'a str, &'a BTreeMap<String, String>>,
-    /// EndpointSlices by (namespace, service name), in the store's order.
-    slices: FastMap<(&'a str, &'a str), Vec<&'a Arc<StoredSlice>>>,
 }
+
+/// EndpointSlices by (namespace, service name), in the store's order.
+type SlicesByService<'a> = FastMap<(&'a str, &'a str), Vec<&'a Arc<StoredSlice>>>;
 
 impl<'a> Lookups<'a> {
     fn new(world: &'a World) -> Lookups<'a> {
@@ -81,26 +82,28 @@ impl<'a> Lookups<'a> {
             .objects()
             .filter_map(|n| Some((n.metadata.name.as_deref()?, n.labels())))
             .collect();
-        // Built at every model, an entry per service: sized once, and not SipHash.
-        let mut slices: FastMap<(&str, &str), Vec<&Arc<StoredSlice>>> =
-            FastMap::with_capacity_and_hasher(world.endpoint_slices.len(), <_>::default());
-        for (_, slice) in world.endpoint_slices.entries() {
-            let (Some(namespace), Some(service)) =
-                (slice.namespace.as_deref(), slice.service.as_deref())
-            else {
-                continue;
-            };
-            slices.entry((namespace, service)).or_default().push(slice);
-        }
-        Lookups {
-            namespace_labels,
-            slices,
-        }
+        Lookups { namespace_labels }
     }
 
     fn namespace_labels(&self, namespace: &str) -> Option<&'a BTreeMap<String, String>> {
         self.namespace_labels.get(namespace).copied()
     }
+}
+
+/// Built for a model that walks the services: an entry per service, so sized once, and not
+/// SipHash.
+fn slices_by_service(world: &World) -> SlicesByService<'_> {
+    let mut slices: SlicesByService<'_> =
+        FastMap::with_capacity_and_hasher(world.endpoint_slices.len(), <_>::default());
+    for (_, slice) in world.endpoint_slices.entries() {
+        let (Some(namespace), Some(service)) =
+            (slice.namespace.as_deref(), slice.service.as_deref())
+        else {
+            continue;
+        };
+        slices.entry((namespace, service)).or_default().push(slice);
+    }
+    slices
 }
 
 /// One model of `world` from scratch.
@@ -110,11 +113,13 @@ pub fn model(world: &World, options: &ModelOptions) -> Model {
 
 /// Models one cluster again and again. A pod is translated again only when the store holds
 /// another object for it than last time (the store replaces an object when an event changed
-/// what it keeps of it, so the pointer tells) or when the namespaces or services changed, which a pod's translation
-/// also reads (enrollment, waypoints). Address and uid clashes are settled again only among
-/// the pods that share a claim with a changed one, and services narrow their endpoints again
-/// only when the model's set of uids changed. A pod event on a large cluster then costs one
-/// pod's translation and a walk over the rest that looks nothing up.
+/// what it keeps of it, so the pointer tells) or when the namespaces or services changed,
+/// which a pod's translation also reads (enrollment, waypoints). Address and uid clashes are
+/// settled again only among the pods that share a claim with a changed one. Services are
+/// kept whole while no slice changed and no pod came into the model or left it; otherwise
+/// each is translated again only if its object or slices changed, and narrows its endpoints
+/// again only if the model's set of uids changed. A pod event on a large cluster then costs
+/// one pod's translation and a walk over the other pods that looks nothing up.
 pub struct Modeler {
     options: ModelOptions,
     /// Each pod as last translated, and what came of it, in the store's key order (so that
@@ -122,6 +127,8 @@ pub struct Modeler {
     pods: Vec<(String, TranslatedPod)>,
     /// The same for services, before their endpoints are narrowed to the model's pods.
     services: Vec<(String, TranslatedService)>,
+    /// The services of the last model.
+    modeled_services: Option<ModeledServices>,
     /// Who claims each address and uid among `pods`, and the model's uids.
     owners: Ownership,
     /// The namespaces' and services' store revisions `pods` and `services` were translated
@@ -198,6 +205,14 @@ struct TranslatedService {
     modeled: Option<Arc<ServiceSpec>>,
 }
 
+/// The services of a model, with the problem lines of those left out, and the slices'
+/// revision they were made from.
+struct ModeledServices {
+    slices_revision: u64,
+    services: Vec<Arc<ServiceSpec>>,
+    problems: Vec<String>,
+}
+
 /// A service's spec without endpoints, and the ready pod uids its slices list (sorted, once
 /// each): the endpoints are those of the model's pods.
 struct ServiceBase {
@@ -211,6 +226,7 @@ impl Modeler {
             options,
             pods: Vec::new(),
             services: Vec::new(),
+            modeled_services: None,
             owners: Ownership::default(),
             context: None,
         }
@@ -221,6 +237,7 @@ impl Modeler {
         if self.context != Some(context) {
             self.pods.clear();
             self.services.clear();
+            self.modeled_services = None;
             self.owners = Ownership::default();
             self.context = Some(context);
         }
@@ -229,6 +246,7 @@ impl Modeler {
             &self.options,
             &mut self.pods,
             &mut self.services,
+            &mut self.modeled_services,
             &mut self.owners,
         )
     }
@@ -270,6 +288,7 @@ fn model_with(
     options: &ModelOptions,
     translated: &mut Vec<(String, TranslatedPod)>,
     translated_services: &mut Vec<(String, TranslatedService)>,
+    modeled_services: &mut Option<ModeledServices>,
     owners: &mut Ownership,
 ) -> Model {
     let lookups = Lookups::new(world);
@@ -426,73 +445,34 @@ fn model_with(
         }
     }
     *translated = now_translated;
-    let mut services = Vec::new();
-    let mut now_translated = Vec::with_capacity(world.services.len());
-    let mut previous = std::mem::take(translated_services).into_iter().peekable();
-    for (key, svc) in world.services.entries() {
-        let slices: &[&Arc<StoredSlice>] = match (
-            svc.metadata.namespace.as_deref(),
-            svc.metadata.name.as_deref(),
-        ) {
-            (Some(namespace), Some(name)) => lookups
-                .slices
-                .get(&(namespace, name))
-                .map_or(&[], Vec::as_slice),
-            _ => &[],
-        };
-        let same = |seen: &TranslatedService| {
-            Arc::ptr_eq(&seen.service, svc)
-                && seen.slices.len() == slices.len()
-                && seen
-                    .slices
-                    .iter()
-                    .zip(slices)
-                    .all(|(a, b)| Arc::ptr_eq(a, b))
-        };
-        let (key, mut translated) = reuse_or_translate(
-            &mut previous,
-            key,
-            same,
-            || TranslatedService {
-                service: svc.clone(),
-                slices: slices.iter().map(|s| Arc::clone(s)).collect(),
-                spec: service(svc, world, &lookups, slices),
-                modeled: None,
-            },
-            |_, _| {},
-        );
-        let TranslatedService { spec, modeled, .. } = &mut translated;
-        match spec {
-            // Its objects and the model's pods are the same: so are its endpoints.
-            Ok(Some(_)) if !members_changed && modeled.is_some() => {
-                services.extend(modeled.clone());
-            }
-            Ok(Some(base)) => {
-                let endpoints = base
-                    .ready
-                    .iter()
-                    .filter(|uid| owners.members.contains(uid.as_str()));
-                let spec = match modeled {
-                    Some(last) if last.endpoints.iter().eq(endpoints.clone()) => last.clone(),
-                    _ => {
-                        let mut spec = base.spec.clone();
-                        spec.endpoints = endpoints.cloned().collect();
-                        Arc::new(spec)
-                    }
-                };
-                *modeled = Some(spec.clone());
-                services.push(spec);
-            }
-            Ok(None) => {}
-            Err(problem) => problems.push(format!(
-                "service {}/{}: {problem}; left out",
-                svc.namespace().unwrap_or_default(),
-                svc.name_any()
-            )),
+    let services = match modeled_services {
+        // No slice changed and no pod came into the model or left it: every service is as it
+        // was (a change of services or namespaces clears what was kept).
+        Some(last)
+            if last.slices_revision == world.endpoint_slices.revision() && !members_changed =>
+        {
+            problems.extend(last.problems.iter().cloned());
+            last.services.clone()
         }
-        now_translated.push((key, translated));
-    }
-    *translated_services = now_translated;
+        _ => {
+            let (services, service_problems) = model_services(
+                world,
+                &lookups,
+                translated_services,
+                owners,
+                members_changed,
+            );
+            problems.extend(service_problems.iter().cloned());
+            let services_now = services.clone();
+            *modeled_services = Some(ModeledServices {
+                slices_revision: world.endpoint_slices.revision(),
+                services,
+                problems: service_problems,
+            });
+            services_now
+        }
+    };
+
     let mut policies = Vec::new();
     for object in world.authorization_policies.objects() {
         match authorization_policy(object) {
@@ -533,6 +513,87 @@ fn model_with(
         },
         problems,
     }
+}
+
+/// The services of a model: each translated again only if its object or its slices changed,
+/// and its endpoints narrowed again to the model's pods only if those changed. Returns them
+/// with the problem lines of the services left out.
+fn model_services(
+    world: &World,
+    lookups: &Lookups<'_>,
+    translated_services: &mut Vec<(String, TranslatedService)>,
+    owners: &Ownership,
+    members_changed: bool,
+) -> (Vec<Arc<ServiceSpec>>, Vec<String>) {
+    let slices_by_service = slices_by_service(world);
+    let mut services = Vec::new();
+    let mut problems = Vec::new();
+    let mut now_translated = Vec::with_capacity(world.services.len());
+    let mut previous = std::mem::take(translated_services).into_iter().peekable();
+    for (key, svc) in world.services.entries() {
+        let slices: &[&Arc<StoredSlice>] = match (
+            svc.metadata.namespace.as_deref(),
+            svc.metadata.name.as_deref(),
+        ) {
+            (Some(namespace), Some(name)) => slices_by_service
+                .get(&(namespace, name))
+                .map_or(&[], Vec::as_slice),
+            _ => &[],
+        };
+        let same = |seen: &TranslatedService| {
+            Arc::ptr_eq(&seen.service, svc)
+                && seen.slices.len() == slices.len()
+                && seen
+                    .slices
+                    .iter()
+                    .zip(slices)
+                    .all(|(a, b)| Arc::ptr_eq(a, b))
+        };
+        let (key, mut translated) = reuse_or_translate(
+            &mut previous,
+            key,
+            same,
+            || TranslatedService {
+                service: svc.clone(),
+                slices: slices.iter().map(|s| Arc::clone(s)).collect(),
+                spec: service(svc, world, lookups, slices),
+                modeled: None,
+            },
+            |_, _| {},
+        );
+        let TranslatedService { spec, modeled, .. } = &mut translated;
+        match spec {
+            // Its objects and the model's pods are the same: so are its endpoints.
+            Ok(Some(_)) if !members_changed && modeled.is_some() => {
+                services.extend(modeled.clone());
+            }
+            Ok(Some(base)) => {
+                let endpoints = base
+                    .ready
+                    .iter()
+                    .filter(|uid| owners.members.contains(uid.as_str()));
+                let spec = match modeled {
+                    Some(last) if last.endpoints.iter().eq(endpoints.clone()) => last.clone(),
+                    _ => {
+                        let mut spec = base.spec.clone();
+                        spec.endpoints = endpoints.cloned().collect();
+                        Arc::new(spec)
+                    }
+                };
+                *modeled = Some(spec.clone());
+                services.push(spec);
+            }
+            Ok(None) => {}
+            Err(problem) => problems.push(format!(
+                "service {}/{}: {problem}; left out",
+                svc.namespace().unwrap_or_default(),
+                svc.name_any()
+            )),
+        }
+        now_translated.push((key, translated));
+    }
+    *translated_services = now_translated;
+    (services, problems)
 }
 
 /// A pod as a workload: `Ok(None)` when it is not one (finished, host network, not

@@ -548,6 +548,36 @@ fn a_model_kept_up_to_date_equals_one_built_from_scratch() {
     );
 }
 
+/// A cluster of services whose pods are none of the model's: no event changes the model's
+/// pods, and a kept model still follows its services.
+#[test]
+fn a_kept_model_follows_services_when_no_pod_is_in_it() {
+    let cart = objects::service("shop", "cart", &["10.96.0.1"], &[("http", 80, json!(8080))]);
+    let cluster = Cluster {
+        services: vec![cart],
+        ..Cluster::default()
+    };
+    let mut world = cluster.world();
+    let mut modeler = model::Modeler::new(options());
+    let names = |m: &model::Model| -> Vec<String> {
+        m.config.services.iter().map(|s| s.name.clone()).collect()
+    };
+    assert_eq!(names(&modeler.model(&world)), ["cart"]);
+    let web = objects::service("shop", "web", &["10.96.0.2"], &[("http", 80, json!(8080))]);
+    world.apply(Update::Event(
+        Kind::Services,
+        Event::Apply(dynamic("v1", "Service", web)),
+    ));
+    assert_eq!(names(&modeler.model(&world)), ["cart", "web"]);
+    let mut udp_only = objects::service("shop", "cart", &["10.96.0.1"], &[("dns", 53, json!(53))]);
+    udp_only["spec"]["ports"][0]["protocol"] = "UDP".into();
+    world.apply(Update::Event(
+        Kind::Services,
+        Event::Apply(dynamic("v1", "Service", udp_only)),
+    ));
+    assert_eq!(names(&modeler.model(&world)), ["web"]);
+}
+
 #[test]
 fn services_map_cluster_ips_ports_and_ready_pod_endpoints() {
     let mut udp = objects::service("shop", "dns", &["10.96.0.53"], &[("dns", 53, json!(53))]);
