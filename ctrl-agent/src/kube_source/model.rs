@@ -118,12 +118,14 @@ pub fn model(world: &World, options: &ModelOptions) -> Model {
 /// settled again only among the pods that share a claim with a changed one. Services are
 /// kept whole while no slice changed and no pod came into the model or left it; otherwise
 /// each is translated again only if its object or slices changed, and narrows its endpoints
-/// again only if the model's set of uids changed. A pod event on a large cluster then costs
-/// one pod's translation and a walk over the other pods that looks nothing up.
+/// again only if the model's set of uids changed. The pods store says which pods changed
+/// since the last model, so a pod event on a large cluster costs that pod's translation and
+/// moving the other translations across; after a relist, or more changes than the store
+/// remembers, every pod is compared by pointer.
 pub struct Modeler {
     options: ModelOptions,
     /// Each pod as last translated, and what came of it, in the store's key order (so that
-    /// a model walks the store and this list side by side, with no lookups).
+    /// a model walks the store, or the keys that changed, and this list side by side).
     pods: Vec<(String, TranslatedPod)>,
     /// The same for services, before their endpoints are narrowed to the model's pods.
     services: Vec<(String, TranslatedService)>,
@@ -134,6 +136,8 @@ pub struct Modeler {
     /// The namespaces' and services' store revisions `pods` and `services` were translated
     /// against.
     context: Option<(u64, u64)>,
+    /// The pods' store revision `pods` follows.
+    pods_revision: Option<u64>,
 }
 
 /// What two live pods cannot share: an address (the data plane indexes workloads by
@@ -229,6 +233,7 @@ impl Modeler {
             modeled_services: None,
             owners: Ownership::default(),
             context: None,
+            pods_revision: None,
         }
     }
 
@@ -240,7 +245,12 @@ impl Modeler {
             self.modeled_services = None;
             self.owners = Ownership::default();
             self.context = Some(context);
+            self.pods_revision = None;
         }
+        let changed_pods = self
+            .pods_revision
+            .and_then(|revision| world.pods.changed_since(revision));
+        self.pods_revision = Some(world.pods.revision());
         model_with(
             world,
             &self.options,
@@ -248,7 +258,17 @@ impl Modeler {
             &mut self.services,
             &mut self.modeled_services,
             &mut self.owners,
+            changed_pods,
         )
+    }
+}
+
+/// The next of `items` if it satisfies `wanted`.
+fn next_if<T>(items: &mut std::vec::IntoIter<T>, wanted: impl FnOnce(&T) -> bool) -> Option<T> {
+    if items.as_slice().first().is_some_and(wanted) {
+        items.next()
+    } else {
+        None
     }
 }
 
@@ -258,25 +278,88 @@ impl Modeler {
 /// next one being this very object, takes no key comparison. Each last translation that is
 /// not kept (its object left or changed) goes to `dropped`.
 fn reuse_or_translate<T>(
-    previous: &mut std::iter::Peekable<std::vec::IntoIter<(String, T)>>,
+    previous: &mut std::vec::IntoIter<(String, T)>,
     key: &str,
     unchanged: impl Fn(&T) -> bool,
     translate: impl FnOnce() -> T,
     mut dropped: impl FnMut(&str, T),
 ) -> (String, T) {
-    if let Some(entry) = previous.next_if(|(_, seen)| unchanged(seen)) {
+    if let Some(entry) = next_if(previous, |(_, seen)| unchanged(seen)) {
         return entry;
     }
-    while let Some((key, left)) = previous.next_if(|(seen, _)| seen.as_str() < key) {
+    while let Some((key, left)) = next_if(previous, |(seen, _)| seen.as_str() < key) {
         dropped(&key, left);
     }
-    match previous.next_if(|(seen, _)| seen == key) {
+    match next_if(previous, |(seen, _)| seen == key) {
         Some((key, seen)) if unchanged(&seen) => (key, seen),
         Some((key, seen)) => {
             dropped(&key, seen);
             (key, translate())
         }
         None => (key.to_owned(), translate()),
+    }
+}
+
+/// The walk from the last model's pod translations (in store key order) to this one's.
+struct PodWalk {
+    previous: std::vec::IntoIter<(String, TranslatedPod)>,
+    now: Vec<(String, TranslatedPod)>,
+    /// Where the new translations are in `now`.
+    fresh: Vec<usize>,
+    /// Workloads of the last model's translations that went (their object left or changed),
+    /// with whether they were in it.
+    gone: Vec<(String, Arc<WorkloadSpec>, bool)>,
+}
+
+fn leave(gone: &mut Vec<(String, Arc<WorkloadSpec>, bool)>, key: &str, old: TranslatedPod) {
+    if let Ok(Some(w)) = old.workload {
+        gone.push((key.to_owned(), w, matches!(old.standing, Standing::In)));
+    }
+}
+
+impl PodWalk {
+    /// Moves the last translations of keys before `key` across as they are.
+    fn keep_before(&mut self, key: &str) {
+        let before = self
+            .previous
+            .as_slice()
+            .partition_point(|(seen, _)| seen.as_str() < key);
+        self.now.extend(self.previous.by_ref().take(before));
+    }
+
+    /// The pod under `key` as the store holds it now (`None`: gone), translated again if its
+    /// object is not the one last translated. Last translations of keys before `key` are of
+    /// pods that left.
+    fn visit(
+        &mut self,
+        key: &str,
+        pod: Option<&Arc<StoredPod>>,
+        translate: impl Fn(&Arc<StoredPod>) -> TranslatedPod,
+    ) {
+        let gone = &mut self.gone;
+        let Some(pod) = pod else {
+            while let Some((seen, old)) =
+                next_if(&mut self.previous, |(seen, _)| seen.as_str() <= key)
+            {
+                leave(gone, &seen, old);
+            }
+            return;
+        };
+        let mut translated_now = false;
+        let entry = reuse_or_translate(
+            &mut self.previous,
+            key,
+            |seen: &TranslatedPod| Arc::ptr_eq(&seen.pod, pod),
+            || {
+                translated_now = true;
+                translate(pod)
+            },
+            |seen, old| leave(gone, seen, old),
+        );
+        if translated_now {
+            self.fresh.push(self.now.len());
+        }
+        self.now.push(entry);
     }
 }
 
@@ -290,6 +373,7 @@ fn model_with(
     translated_services: &mut Vec<(String, TranslatedService)>,
     modeled_services: &mut Option<ModeledServices>,
     owners: &mut Ownership,
+    changed_pods: Option<Vec<&str>>,
 ) -> Model {
     let lookups = Lookups::new(world);
     let mut problems = Vec::new();
@@ -301,39 +385,42 @@ fn model_with(
             labels: n.labels().clone(),
         })
         .collect();
-    let mut now_translated: Vec<(String, TranslatedPod)> = Vec::with_capacity(world.pods.len());
-    let mut previous = std::mem::take(translated).into_iter().peekable();
-    // Workloads of the last model's translations that went (their object left or changed),
-    // with whether they were in it; and where the new translations are.
-    let mut gone: Vec<(String, Arc<WorkloadSpec>, bool)> = Vec::new();
-    let mut leave = |key: &str, old: TranslatedPod| {
-        if let Ok(Some(w)) = old.workload {
-            gone.push((key.to_owned(), w, matches!(old.standing, Standing::In)));
-        }
+    let translate = |pod: &Arc<StoredPod>| TranslatedPod {
+        pod: pod.clone(),
+        workload: workload(pod, world, &lookups, options).map(|w| w.map(Arc::new)),
+        standing: Standing::Out,
     };
-    let mut fresh: Vec<usize> = Vec::new();
-    for (key, pod) in world.pods.entries() {
-        let mut translated_now = false;
-        let entry = reuse_or_translate(
-            &mut previous,
-            key,
-            |seen: &TranslatedPod| Arc::ptr_eq(&seen.pod, pod),
-            || {
-                translated_now = true;
-                TranslatedPod {
-                    pod: pod.clone(),
-                    workload: workload(pod, world, &lookups, options).map(|w| w.map(Arc::new)),
-                    standing: Standing::Out,
-                }
-            },
-            &mut leave,
-        );
-        if translated_now {
-            fresh.push(now_translated.len());
+    let mut walk = PodWalk {
+        previous: std::mem::take(translated).into_iter(),
+        now: Vec::with_capacity(world.pods.len()),
+        fresh: Vec::new(),
+        gone: Vec::new(),
+    };
+    match changed_pods {
+        // Only the pods the store says changed are looked at; the other translations move
+        // across as they are.
+        Some(keys) => {
+            for key in keys {
+                walk.keep_before(key);
+                walk.visit(key, world.pods.get_key(key), translate);
+            }
+            walk.now.extend(walk.previous);
         }
-        now_translated.push(entry);
+        None => {
+            for (key, pod) in world.pods.entries() {
+                walk.visit(key, Some(pod), translate);
+            }
+            for (key, old) in walk.previous {
+                leave(&mut walk.gone, &key, old);
+            }
+        }
     }
-    previous.for_each(|(key, old)| leave(&key, old));
+    let PodWalk {
+        now: mut now_translated,
+        fresh,
+        gone,
+        ..
+    } = walk;
 
     // The claims of what went leave, those of the new translations come.
     // Uids that left the model and that came into it: when they are the same (a pod changed
@@ -529,7 +616,7 @@ fn model_services(
     let mut services = Vec::new();
     let mut problems = Vec::new();
     let mut now_translated = Vec::with_capacity(world.services.len());
-    let mut previous = std::mem::take(translated_services).into_iter().peekable();
+    let mut previous = std::mem::take(translated_services).into_iter();
     for (key, svc) in world.services.entries() {
         let slices: &[&Arc<StoredSlice>] = match (
             svc.metadata.namespace.as_deref(),

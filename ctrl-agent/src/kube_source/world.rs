@@ -2,7 +2,7 @@
 //! events. A store replaces its contents only when a (re)list is complete, so the world is
 //! either the old one or the new one, never half of a relist.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
@@ -30,7 +30,18 @@ pub struct Store<K> {
     synced: bool,
     /// Counts the visible changes.
     revision: u64,
+    /// The last changes of single objects, oldest first: the revision each made, and the
+    /// object's key. A reader that saw a revision since `changes_from` reads what changed
+    /// after it here, instead of comparing every object.
+    changes: VecDeque<(u64, String)>,
+    /// The revision `changes` goes back to: the last change it does not hold (a relist, the
+    /// kind found gone, or the oldest change dropped to keep it bounded).
+    changes_from: u64,
 }
+
+/// How many single-object changes a store remembers. A reader further behind compares every
+/// object, which costs about as much as reading this many changes.
+const CHANGES_KEPT: usize = 4096;
 
 impl<K> Default for Store<K> {
     fn default() -> Self {
@@ -39,6 +50,8 @@ impl<K> Default for Store<K> {
             relist: None,
             synced: false,
             revision: 0,
+            changes: VecDeque::new(),
+            changes_from: 0,
         }
     }
 }
@@ -330,18 +343,6 @@ fn store_key(namespace: Option<&str>, name: &str) -> String {
 
 impl<K: Kept> Store<K> {
     pub fn apply(&mut self, event: Event<K>) -> Applied {
-        let applied = self.applied(event);
-        self.counted(applied)
-    }
-
-    fn counted(&mut self, applied: Applied) -> Applied {
-        if applied == Applied::Changed {
-            self.revision += 1;
-        }
-        applied
-    }
-
-    fn applied(&mut self, event: Event<K>) -> Applied {
         match event {
             Event::Init => {
                 self.relist = Some(BTreeMap::new());
@@ -375,7 +376,7 @@ impl<K: Kept> Store<K> {
                 if same {
                     Applied::Nothing
                 } else {
-                    Applied::Changed
+                    self.changed(None)
                 }
             }
             Event::Apply(object) => self.put(object),
@@ -390,8 +391,46 @@ impl<K: Kept> Store<K> {
         if self.objects.get(&key).is_some_and(|kept| **kept == object) {
             return Applied::Nothing;
         }
-        self.objects.insert(key, Arc::new(object));
+        self.objects.insert(key.clone(), Arc::new(object));
+        self.changed(Some(key))
+    }
+
+    /// Counts a visible change: of the object under `key`, or of any number (`None`).
+    fn changed(&mut self, key: Option<String>) -> Applied {
+        self.revision += 1;
+        match key {
+            Some(key) => {
+                if self.changes.len() == CHANGES_KEPT {
+                    if let Some((dropped, _)) = self.changes.pop_front() {
+                        self.changes_from = dropped;
+                    }
+                }
+                self.changes.push_back((self.revision, key));
+            }
+            None => {
+                self.changes.clear();
+                self.changes_from = self.revision;
+            }
+        }
         Applied::Changed
+    }
+
+    /// The keys of the objects changed (stored, replaced or removed) after `revision`, in key
+    /// order and each once; `None` when the store does not remember that far back, and every
+    /// object is to be compared.
+    pub fn changed_since(&self, revision: u64) -> Option<Vec<&str>> {
+        if revision < self.changes_from || revision > self.revision {
+            return None;
+        }
+        let first = self.changes.partition_point(|(r, _)| *r <= revision);
+        let mut keys: Vec<&str> = self
+            .changes
+            .range(first..)
+            .map(|(_, key)| key.as_str())
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        Some(keys)
     }
 
     /// Applies a watcher event on untyped objects, converting each object to `K` and keeping
@@ -410,23 +449,17 @@ impl<K: Kept> Store<K> {
                 let key = key(&object);
                 match convert(kind, object) {
                     Some(typed) => Event::Apply(typed),
-                    None => {
-                        let removed = self.remove(&key);
-                        return self.counted(removed);
-                    }
+                    None => return self.remove(&key),
                 }
             }
-            Event::Delete(object) => {
-                let removed = self.remove(&key(&object));
-                return self.counted(removed);
-            }
+            Event::Delete(object) => return self.remove(&key(&object)),
         };
         self.apply(event)
     }
 
     fn remove(&mut self, key: &str) -> Applied {
         match self.objects.remove(key) {
-            Some(_) => Applied::Changed,
+            Some(_) => self.changed(Some(key.to_owned())),
             None => Applied::Nothing,
         }
     }
@@ -438,11 +471,11 @@ impl<K: Kept> Store<K> {
         self.objects.clear();
         self.relist = None;
         self.synced = true;
-        self.counted(if changed {
-            Applied::Changed
+        if changed {
+            self.changed(None)
         } else {
             Applied::Nothing
-        })
+        }
     }
 
     /// Complete (listed at least once) and not in the middle of a relist.
@@ -452,6 +485,11 @@ impl<K: Kept> Store<K> {
 
     pub fn objects(&self) -> impl Iterator<Item = &K> {
         self.objects.values().map(|object| &**object)
+    }
+
+    /// The object under `key` (`namespace/name`), shared.
+    pub fn get_key(&self, key: &str) -> Option<&Arc<K>> {
+        self.objects.get(key)
     }
 
     /// The objects with their keys, shared.
