@@ -311,6 +311,7 @@ struct PodWalk {
     gone: Vec<(String, Arc<WorkloadSpec>, bool)>,
 }
 
+/// A last translation whose pod left or changed: its workload, if it had one, goes to `gone`.
 fn leave(gone: &mut Vec<(String, Arc<WorkloadSpec>, bool)>, key: &str, old: TranslatedPod) {
     if let Ok(Some(w)) = old.workload {
         gone.push((key.to_owned(), w, matches!(old.standing, Standing::In)));
@@ -365,7 +366,9 @@ impl PodWalk {
 
 /// A model of `world`, reusing the translations in `translated` (pods) and
 /// `translated_services` of objects that did not change, and leaving there the translation of
-/// every pod and service of this model, with `owners` kept in step with them.
+/// every pod and service of this model, with `owners` kept in step with them. `changed_pods`
+/// are the keys of the pods changed since `translated` was made, when the store can say;
+/// without them every pod is compared.
 fn model_with(
     world: &World,
     options: &ModelOptions,

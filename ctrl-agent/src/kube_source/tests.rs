@@ -880,13 +880,16 @@ fn a_store_keeps_what_the_model_reads_and_an_event_that_changes_none_of_it_chang
         objects::pod("shop", name, name, "node-1", &[ip], json!({"app": name}))
     };
     let event = |value: Value| dynamic("v1", "Pod", value);
+    let relist = |store: &mut Store<StoredPod>, pods: &[(&str, &str)]| {
+        store.apply_untyped(Kind::Pods, Event::Init);
+        for (name, ip) in pods {
+            store.apply_untyped(Kind::Pods, Event::InitApply(event(served(name, ip))));
+        }
+        store.apply_untyped(Kind::Pods, Event::InitDone)
+    };
     let mut store = Store::<StoredPod>::default();
-    store.apply_untyped(Kind::Pods, Event::Init);
-    for (name, ip) in [("a", "10.0.0.1"), ("b", "10.0.0.2")] {
-        store.apply_untyped(Kind::Pods, Event::InitApply(event(served(name, ip))));
-    }
     assert_eq!(
-        store.apply_untyped(Kind::Pods, Event::InitDone),
+        relist(&mut store, &[("a", "10.0.0.1"), ("b", "10.0.0.2")]),
         Applied::Changed
     );
 
@@ -942,30 +945,18 @@ fn a_store_keeps_what_the_model_reads_and_an_event_that_changes_none_of_it_chang
 
     // A relist (after a 410) that finds every pod as it was changes nothing, and the pods
     // keep their pointers, by which the modeler keeps their translations.
-    store.apply_untyped(Kind::Pods, Event::Init);
-    for (name, ip) in [("a", "10.0.0.9"), ("b", "10.0.0.2")] {
-        store.apply_untyped(Kind::Pods, Event::InitApply(event(served(name, ip))));
-    }
     assert_eq!(
-        store.apply_untyped(Kind::Pods, Event::InitDone),
+        relist(&mut store, &[("a", "10.0.0.9"), ("b", "10.0.0.2")]),
         Applied::Nothing
     );
     assert_eq!((pointer(&store, "a"), pointer(&store, "b")), (a, b));
     // One that finds one pod moved and another gone is a change; the rest keep theirs.
-    store.apply_untyped(Kind::Pods, Event::Init);
-    store.apply_untyped(Kind::Pods, Event::InitApply(event(served("b", "10.0.0.3"))));
-    assert_eq!(
-        store.apply_untyped(Kind::Pods, Event::InitDone),
-        Applied::Changed
-    );
+    assert_eq!(relist(&mut store, &[("b", "10.0.0.3")]), Applied::Changed);
     assert_ne!(pointer(&store, "b"), b);
     assert_eq!(store.len(), 1);
-    store.apply_untyped(Kind::Pods, Event::Init);
-    store.apply_untyped(Kind::Pods, Event::InitApply(event(served("b", "10.0.0.3"))));
-    store.apply_untyped(Kind::Pods, Event::InitApply(event(served("c", "10.0.0.4"))));
     let b = pointer(&store, "b");
     assert_eq!(
-        store.apply_untyped(Kind::Pods, Event::InitDone),
+        relist(&mut store, &[("b", "10.0.0.3"), ("c", "10.0.0.4")]),
         Applied::Changed,
         "a pod came"
     );
@@ -985,9 +976,7 @@ fn a_store_keeps_what_the_model_reads_and_an_event_that_changes_none_of_it_chang
         "each changed key once, in key order; a delete of nothing is no change"
     );
     let seen = store.revision();
-    store.apply_untyped(Kind::Pods, Event::Init);
-    store.apply_untyped(Kind::Pods, Event::InitApply(event(served("c", "10.0.0.7"))));
-    store.apply_untyped(Kind::Pods, Event::InitDone);
+    relist(&mut store, &[("c", "10.0.0.7")]);
     assert_eq!(
         store.changed_since(seen),
         None,
@@ -1067,6 +1056,16 @@ impl Watching {
         let (tx, wake) = mpsc::channel();
         start(options, handoff.clone(), tx).expect("start");
         Watching { handoff, wake }
+    }
+
+    /// Waits for the first model, and until `paths` are watched: what the server applies
+    /// after this arrives as watch events.
+    fn watching(self, server: &fake_apiserver::FakeApiServer, paths: &[&str]) -> Watching {
+        self.until("the first model", |_| true);
+        server.wait_for("the watches", Duration::from_secs(5), |s| {
+            paths.iter().all(|path| !s.watch_versions(path).is_empty())
+        });
+        self
     }
 
     /// The next model handed over that satisfies `f`.
@@ -1155,11 +1154,8 @@ fn a_burst_of_events_is_one_hand_over() {
     use fake_apiserver::*;
     let server = FakeApiServer::start();
     baseline(&server);
-    let watching = Watching::with(&server, |o| o.debounce = Duration::from_millis(300));
-    watching.until("the first model", |_| true);
-    server.wait_for("a pod watch", Duration::from_secs(5), |s| {
-        !s.watch_versions(PODS).is_empty()
-    });
+    let watching = Watching::with(&server, |o| o.debounce = Duration::from_millis(300))
+        .watching(&server, &[PODS]);
     for i in 0..20 {
         let name = format!("burst-{i}");
         let ip = format!("10.0.1.{i}");
@@ -1184,11 +1180,7 @@ fn an_event_that_changes_nothing_the_mesh_uses_is_not_handed_over() {
     use fake_apiserver::*;
     let server = FakeApiServer::start();
     baseline(&server);
-    let watching = Watching::start(&server);
-    watching.until("the first model", |_| true);
-    server.wait_for("a pod watch", Duration::from_secs(5), |s| {
-        !s.watch_versions(PODS).is_empty()
-    });
+    let watching = Watching::start(&server).watching(&server, &[PODS]);
     // The kubelet reports a container restart: a new pod version, the same workload.
     let mut restarted = baseline_cart();
     restarted["status"]["containerStatuses"] = json!([{"name": "app", "restartCount": 3, "ready": true, "image": "app", "imageID": "", "started": true, "state": {"running": {}}, "lastState": {}}]);
@@ -1214,11 +1206,7 @@ fn a_change_made_during_a_relist_that_finds_everything_as_it_was_is_still_handed
     use fake_apiserver::*;
     let server = FakeApiServer::start();
     baseline(&server);
-    let watching = Watching::start(&server);
-    watching.until("the first model", |_| true);
-    server.wait_for("pod and service watches", Duration::from_secs(5), |s| {
-        !s.watch_versions(PODS).is_empty() && !s.watch_versions(SERVICES).is_empty()
-    });
+    let watching = Watching::start(&server).watching(&server, &[PODS, SERVICES]);
     // The pods' watch expires and their relist is slow; the world waits for it.
     server.set_list_delay(PODS, Duration::from_millis(1500));
     let lists = server.lists(PODS);
