@@ -719,9 +719,15 @@ fn kube_event_cost(size: usize) -> anyhow::Result<KubeEventCost> {
     // after a container of another restarted. Timed each, reported as medians.
     let (mut unread, mut kept, mut changed) = (Vec::new(), Vec::new(), Vec::new());
     let mut last = after_kept;
+    // Where the moved pods are now: a restart reports a pod where it is.
+    let mut moved_to = std::collections::HashMap::from([(moved, ip(size + 7))]);
     for n in 1..=KUBE_EVENTS {
         let restarted = (n * 7919 + size / 3) % size;
-        let mut event = served_pod(restarted, ip(restarted))?;
+        let address = moved_to
+            .get(&restarted)
+            .cloned()
+            .unwrap_or_else(|| ip(restarted));
+        let mut event = served_pod(restarted, address)?;
         event.data["status"]["containerStatuses"][0]["restartCount"] = n.into();
         let t = Instant::now();
         let applied = world.apply(Update::Event(
@@ -732,7 +738,12 @@ fn kube_event_cost(size: usize) -> anyhow::Result<KubeEventCost> {
             modeler.model(&world);
         }
         unread.push(ms(t.elapsed()));
+        anyhow::ensure!(
+            applied == ctrl_agent::kube_source::world::Applied::Nothing,
+            "a container restart changed the store"
+        );
         let moved = (n * 104_729 + size / 2) % size;
+        moved_to.insert(moved, ip(size + 7 + n));
         let object = served_pod(moved, ip(size + 7 + n))?;
         world.apply(Update::Event(
             Kind::Pods,
