@@ -39,8 +39,8 @@ pub struct Store<K> {
     changes_from: u64,
 }
 
-/// How many single-object changes a store remembers. A reader further behind compares every
-/// object, which costs about as much as reading this many changes.
+/// How many single-object changes a store remembers: bounded, so that its memory does not
+/// grow with churn. A reader further behind compares every object, as after a relist.
 const CHANGES_KEPT: usize = 4096;
 
 impl<K> Default for Store<K> {

@@ -495,10 +495,11 @@ fn route_costs(snap: &Snapshot) -> anyhow::Result<(f64, f64, f64)> {
     Ok((by_ip, by_vip, per(t)))
 }
 
-/// An IPv4 address as Kubernetes writes it.
+/// A generated address as Kubernetes writes it.
 fn dotted(address: &[u8]) -> String {
-    let parts: Vec<String> = address.iter().map(u8::to_string).collect();
-    parts.join(".")
+    mesh_core::index::ip_from_bytes(address)
+        .map(|ip| ip.to_string())
+        .unwrap_or_default()
 }
 
 /// The Kubernetes source's cluster at `size` pods, as its watchers would have stored it
