@@ -174,8 +174,21 @@ impl RateRun {
 pub struct FixedRate {
     pub offered_rps: f64,
     pub connections: usize,
+    /// Bulk streams between the same pods during the requests (0: the requests alone). Their
+    /// CPU is in the processes' figures of such a load, which are then not per request.
+    pub beside_bulk: usize,
+    /// The bulk streams' median throughput while the requests ran: direct, mesh.
+    pub bulk_gbit_per_s: Option<(f64, f64)>,
     pub direct: RateRun,
     pub mesh: RateRun,
+}
+
+/// How the table and the progress bar name the bulk streams beside a fixed-rate load.
+pub fn beside_bulk_text(streams: usize) -> String {
+    match streams {
+        0 => String::new(),
+        n => format!(", beside {n} bulk stream(s)"),
+    }
 }
 
 /// One worker count of the sweep: both data planes restarted with `workers` workers.
@@ -464,8 +477,11 @@ impl Report {
         for f in &self.fixed_rates {
             let _ = writeln!(
                 t,
-                "open loop, {:.0} requests/s offered over {} connection(s), {} B each way:",
-                f.offered_rps, f.connections, self.rr_size_bytes
+                "open loop, {:.0} requests/s offered over {} connection(s), {} B each way{}:",
+                f.offered_rps,
+                f.connections,
+                self.rr_size_bytes,
+                beside_bulk_text(f.beside_bulk)
             );
             for (name, d, m) in [
                 ("p50", f.direct.latency.p50_us, f.mesh.latency.p50_us),
@@ -502,6 +518,18 @@ impl Report {
                 String::new(),
                 String::new(),
             );
+            if let Some((d, m)) = f.bulk_gbit_per_s {
+                row(
+                    &mut t,
+                    "  the bulk streams beside, Gbit/s",
+                    format!("{d:.2}"),
+                    format!("{m:.2}"),
+                    format!("x{:.2}", m / d),
+                    String::new(),
+                );
+                // The processes' CPU is mostly the bulk streams': not a per-request figure.
+                continue;
+            }
             for ((name, d), (_, m)) in f
                 .direct
                 .cpu_per_1000_requests
@@ -669,7 +697,12 @@ impl Report {
                 ("p99.9", f.direct.latency.p999_us, f.mesh.latency.p999_us),
             ] {
                 groups.push((
-                    format!("{name} @ {:.0}/s x{}", f.offered_rps, f.connections),
+                    format!(
+                        "{name} @ {:.0}/s x{}{}",
+                        f.offered_rps,
+                        f.connections,
+                        if f.beside_bulk > 0 { " +bulk" } else { "" }
+                    ),
                     vec![Some(d), Some(m)],
                 ));
             }
@@ -1112,17 +1145,24 @@ pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
             false,
         );
     }
-    for i in 0..2 {
+    for i in 0.. {
         let f = |v: &Value| {
             let f = &v["fixed_rates"][i];
-            Some(format!(
-                "{}/s x{}",
-                f["offered_rps"].as_f64()?,
-                f["connections"]
+            let beside = match f["beside_bulk"].as_u64() {
+                Some(n) if n > 0 => format!(" beside {n} bulk"),
+                _ => String::new(),
+            };
+            Some((
+                format!(
+                    "{}/s x{}{beside}",
+                    f["offered_rps"].as_f64()?,
+                    f["connections"]
+                ),
+                !beside.is_empty(),
             ))
         };
-        let Some(label) = f(a).or_else(|| f(b)) else {
-            continue;
+        let Some((label, beside_bulk)) = f(a).or_else(|| f(b)) else {
+            break;
         };
         let n = i.to_string();
         for (side, pct) in [
@@ -1136,6 +1176,15 @@ pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
                 &["fixed_rates", &n, side, "latency", pct],
                 false,
             );
+        }
+        if beside_bulk {
+            row(
+                &format!("{label}: bulk mesh, Gbit/s"),
+                &["fixed_rates", &n, "bulk_gbit_per_s", "1"],
+                false,
+            );
+            // The processes' CPU is mostly the bulk streams': not a per-request figure.
+            continue;
         }
         for node in 0..2 {
             row(
@@ -1226,6 +1275,9 @@ pub struct AbSide {
     pub passthrough_throughput: Throughput,
     /// 1 KiB request/response, open loop at 1000/s on one connection.
     pub latency: Latency,
+    /// The same beside one bulk stream between the same pods, and that stream's throughput.
+    pub latency_beside_bulk: Latency,
+    pub bulk_beside_gbit_per_s: f64,
     /// New connections per second, one client thread.
     pub connections_per_s: f64,
     /// Data-plane memory (mean of the two nodes), when the comparison measures it.
@@ -1285,6 +1337,21 @@ impl AbReport {
                 "1 KiB at 1000/s, p99 us",
                 u.latency.p99_us,
                 t.latency.p99_us,
+            ),
+            (
+                "same beside a bulk stream, p50 us",
+                u.latency_beside_bulk.p50_us,
+                t.latency_beside_bulk.p50_us,
+            ),
+            (
+                "same beside a bulk stream, p99 us",
+                u.latency_beside_bulk.p99_us,
+                t.latency_beside_bulk.p99_us,
+            ),
+            (
+                "that bulk stream, Gbit/s",
+                u.bulk_beside_gbit_per_s,
+                t.bulk_beside_gbit_per_s,
             ),
             (
                 "new connections/s, 1 thread",

@@ -93,7 +93,17 @@ fn the_standard_suite_measures_every_scenario_beside_its_baseline() {
     assert!(mesh_dp > direct_dp, "mesh {mesh_dp} vs direct {direct_dp}");
 
     let rates = r["fixed_rates"].as_array().expect("fixed rates");
-    assert_eq!(rates.len(), 2);
+    assert_eq!(rates.len(), 3);
+    // The third load runs beside a bulk stream between the same pods, on both sides.
+    assert_eq!(f(&rates[2], &["beside_bulk"]), 1.0);
+    for side in ["0", "1"] {
+        assert!(f(&rates[2], &["bulk_gbit_per_s", side]) > 0.0, "{side}");
+    }
+    assert!(rates[0]["bulk_gbit_per_s"].is_null());
+    assert!(
+        stdout.contains("beside 1 bulk stream(s)") && stdout.contains("the bulk streams beside"),
+        "{stdout}"
+    );
     for rate in rates {
         let offered = f(rate, &["offered_rps"]);
         for side in ["direct", "mesh"] {
@@ -155,6 +165,11 @@ fn the_standard_suite_measures_every_scenario_beside_its_baseline() {
         .lines()
         .find(|l| l.contains("one stream mesh / plain TLS"))
         .expect("TLS ratio row");
+    assert!(line.trim_end().ends_with("x1.000"), "{line}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("1000/s x1 beside 1 bulk: bulk mesh, Gbit/s"))
+        .expect("the bulk beside the requests");
     assert!(line.trim_end().ends_with("x1.000"), "{line}");
     let _ = std::fs::remove_dir_all(Path::new(&out));
 }

@@ -222,6 +222,17 @@ fn first_line(child: &mut Child) -> anyhow::Result<String> {
     Ok(line)
 }
 
+/// The figures a meshload child prints, once it has finished.
+fn meshload_result<T: serde::de::DeserializeOwned>(mut child: Child) -> anyhow::Result<T> {
+    let line = first_line(&mut child)?;
+    child.wait()?;
+    serde_json::from_str(&line).with_context(|| format!("meshload said {line:?}"))
+}
+
+fn bulk_result(child: Child) -> anyhow::Result<BulkResult> {
+    meshload_result(child)
+}
+
 /// The lab with its server apps: echo and sink servers in n2-a (enrolled) and n2-b (not),
 /// and the plain TLS sink in n2-b.
 struct Bench {
@@ -239,11 +250,7 @@ impl Bench {
         pod: &str,
         args: &[&str],
     ) -> anyhow::Result<T> {
-        let program = self.lab.bins.meshload.clone();
-        let mut child = self.lab.spawn_in(pod, &program, args)?;
-        let line = first_line(&mut child)?;
-        child.wait()?;
-        serde_json::from_str(&line).with_context(|| format!("meshload said {line:?}"))
+        meshload_result(self.lab.spawn_in(pod, &self.lab.bins.meshload, args)?)
     }
 
     /// Runs `f`, reporting the CPU each process spent: the generator's own figure comes from
@@ -285,25 +292,38 @@ impl Bench {
         connections: usize,
         seconds: f64,
     ) -> anyhow::Result<Throughput> {
-        let threads = connections.min(cores());
         let (r, cpu) = self.with_cpu(self.server_of(to), || {
-            let r: BulkResult = self.meshload(
-                pod,
-                &[
-                    "bulk",
-                    "--to",
-                    &to.to_string(),
-                    "--connections",
-                    &connections.to_string(),
-                    "--threads",
-                    &threads.to_string(),
-                    "--seconds",
-                    &seconds.to_string(),
-                ],
-            )?;
+            let r = bulk_result(self.spawn_bulk(pod, to, connections, seconds)?)?;
             Ok((r, r.client_cpu_s))
         })?;
         Ok(throughput(r.bytes, r.seconds, cpu))
+    }
+
+    /// Starts `connections` bulk streams from `pod` to `to` for `seconds`; [`bulk_result`]
+    /// waits for their figures.
+    fn spawn_bulk(
+        &self,
+        pod: &str,
+        to: SocketAddr,
+        connections: usize,
+        seconds: f64,
+    ) -> anyhow::Result<Child> {
+        let threads = connections.min(cores());
+        self.lab.spawn_in(
+            pod,
+            &self.lab.bins.meshload,
+            &[
+                "bulk",
+                "--to",
+                &to.to_string(),
+                "--connections",
+                &connections.to_string(),
+                "--threads",
+                &threads.to_string(),
+                "--seconds",
+                &seconds.to_string(),
+            ],
+        )
     }
 
     fn tls_bulk(&self, seconds: f64) -> anyhow::Result<(Throughput, String)> {
@@ -327,14 +347,27 @@ impl Bench {
         Ok((throughput(r.bytes, r.seconds, cpu), r.cipher_suite))
     }
 
+    /// The fixed-rate load from `pod` to `to`, with its bulk streams (to the sink of the same
+    /// pod) running from before the first request to after the last; their throughput is
+    /// returned too.
     fn rate(
         &self,
         pod: &str,
         to: SocketAddr,
         load: &RateLoad,
         seconds: f64,
-    ) -> anyhow::Result<(RateResult, ProcessCpu)> {
-        self.with_cpu(self.server_of(to), || {
+    ) -> anyhow::Result<(RateResult, ProcessCpu, Option<f64>)> {
+        let bulk = if load.beside_bulk > 0 {
+            let sink = SocketAddr::new(to.ip(), SINK_PORT);
+            // The generator warms up for RATE_WARMUP_S before it measures.
+            let around = seconds + RATE_WARMUP_S + 2.0 * BULK_LEAD_S;
+            let child = self.spawn_bulk(pod, sink, load.beside_bulk, around)?;
+            std::thread::sleep(Duration::from_secs_f64(BULK_LEAD_S));
+            Some(child)
+        } else {
+            None
+        };
+        let (r, cpu) = self.with_cpu(self.server_of(to), || {
             let r: RateResult = self.meshload(
                 pod,
                 &[
@@ -351,10 +384,16 @@ impl Bench {
                     &RR_SIZE.to_string(),
                     "--seconds",
                     &seconds.to_string(),
+                    "--warmup",
+                    &RATE_WARMUP_S.to_string(),
                 ],
             )?;
             Ok((r, r.client_cpu_s))
-        })
+        })?;
+        let bulk_gbit_per_s = bulk
+            .map(|child| bulk_result(child).map(|b| b.gbit_per_s()))
+            .transpose()?;
+        Ok((r, cpu, bulk_gbit_per_s))
     }
 
     fn conns(
@@ -395,22 +434,39 @@ fn throughput(bytes: u64, seconds: f64, cpu: ProcessCpu) -> Throughput {
 
 const RR_SIZE: usize = 1024;
 
+/// How long the fixed-rate generator runs before it starts measuring.
+const RATE_WARMUP_S: f64 = 0.5;
+
+/// How long bulk streams beside a fixed-rate load start before it (and run on after it).
+const BULK_LEAD_S: f64 = 0.5;
+
 /// One offered load of the fixed-rate scenario.
 struct RateLoad {
     rps: f64,
     connections: usize,
+    /// Bulk streams pushed between the same two pods while the requests run.
+    beside_bulk: usize,
 }
 
 /// The first is the latency target's load (Istio quotes added latency at 1000 requests/s);
-/// the second loads the path ten times harder over several connections.
-const RATE_LOADS: [RateLoad; 2] = [
+/// the second loads the path ten times harder over several connections; the third is the
+/// first beside a bulk stream over the same path, which shows whether a bulk flow holds
+/// back the requests that share its data planes.
+const RATE_LOADS: [RateLoad; 3] = [
     RateLoad {
         rps: 1000.0,
         connections: 1,
+        beside_bulk: 0,
     },
     RateLoad {
         rps: 10000.0,
         connections: 8,
+        beside_bulk: 0,
+    },
+    RateLoad {
+        rps: 1000.0,
+        connections: 1,
+        beside_bulk: 1,
     },
 ];
 
@@ -599,10 +655,16 @@ fn mesh_figures(bench: &Bench, args: &RunArgs, hold: usize) -> anyhow::Result<Ab
     let lab = &bench.lab;
     let throughput = bench.bulk("n1-a", lab.addr("n2-a", SINK_PORT), 1, args.seconds)?;
     let passthrough = bench.bulk("n1-a", lab.addr("n2-b", SINK_PORT), 1, args.seconds)?;
-    let (rate, _) = bench.rate(
+    let (rate, _, _) = bench.rate(
         "n1-a",
         lab.addr("n2-a", ECHO_PORT),
         &RATE_LOADS[0],
+        args.rr_seconds,
+    )?;
+    let (beside_bulk, _, bulk_beside) = bench.rate(
+        "n1-a",
+        lab.addr("n2-a", ECHO_PORT),
+        &RATE_LOADS[2],
         args.rr_seconds,
     )?;
     let connections_per_s = bench
@@ -629,6 +691,8 @@ fn mesh_figures(bench: &Bench, args: &RunArgs, hold: usize) -> anyhow::Result<Ab
         throughput,
         passthrough,
         latency: rate.latency,
+        latency_beside_bulk: beside_bulk.latency,
+        bulk_beside_gbit_per_s: bulk_beside.unwrap_or(0.0),
         connections_per_s,
         memory,
     })
@@ -638,6 +702,8 @@ struct AbFigures {
     throughput: Throughput,
     passthrough: Throughput,
     latency: Latency,
+    latency_beside_bulk: Latency,
+    bulk_beside_gbit_per_s: f64,
     connections_per_s: f64,
     /// (KiB per held connection, idle RSS in MB), means of the two nodes.
     memory: Option<(f64, f64)>,
@@ -662,6 +728,15 @@ fn ab_side(runs: &[AbFigures]) -> AbSide {
                 .collect::<Vec<_>>(),
         ),
         latency: Latency::median(&runs.iter().map(|r| r.latency).collect::<Vec<_>>()),
+        latency_beside_bulk: Latency::median(
+            &runs
+                .iter()
+                .map(|r| r.latency_beside_bulk)
+                .collect::<Vec<_>>(),
+        ),
+        bulk_beside_gbit_per_s: report::median(
+            runs.iter().map(|r| r.bulk_beside_gbit_per_s).collect(),
+        ),
         connections_per_s: report::median(runs.iter().map(|r| r.connections_per_s).collect()),
         kib_per_held_connection: some_median(|m| m.0),
         idle_rss_mb: some_median(|m| m.1),
@@ -685,7 +760,7 @@ fn ab(
     let rounds = args.rounds.max(1);
     let side_seconds = 5.0
         + 2.0 * args.seconds
-        + args.rr_seconds
+        + 2.0 * args.rr_seconds
         + args.conn_seconds_always()
         + hold as f64 / 800.0;
     let mut progress = Progress::new(rounds as f64 * 2.0 * side_seconds);
@@ -897,8 +972,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let (mut direct, mut mesh) = (Vec::new(), Vec::new());
         for round in 1..=rounds {
             let what = format!(
-                "{RR_SIZE} B request/response at {:.0}/s over {} connection(s), open loop (round {round}/{rounds})",
-                load.rps, load.connections
+                "{RR_SIZE} B request/response at {:.0}/s over {} connection(s){}, open loop (round {round}/{rounds})",
+                load.rps, load.connections, report::beside_bulk_text(load.beside_bulk)
             );
             progress.step(&what, rate_seconds, || -> anyhow::Result<()> {
                 let lab = &bench.lab;
@@ -917,9 +992,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 Ok(())
             })?;
         }
-        let side = |runs: &[(RateResult, ProcessCpu)]| {
-            let (results, cpu): (Vec<RateResult>, Vec<ProcessCpu>) = runs.iter().copied().unzip();
+        let side = |runs: &[(RateResult, ProcessCpu, Option<f64>)]| {
+            let results: Vec<RateResult> = runs.iter().map(|r| r.0).collect();
+            let cpu: Vec<ProcessCpu> = runs.iter().map(|r| r.1).collect();
             RateRun::of(&results, &cpu)
+        };
+        let bulk_beside = |runs: &[(RateResult, ProcessCpu, Option<f64>)]| {
+            let rates: Option<Vec<f64>> = runs.iter().map(|r| r.2).collect();
+            rates.map(report::median)
         };
         if i == 0 {
             first_direct = direct.iter().map(|r| r.0.latency).collect();
@@ -928,6 +1008,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         fixed_rates.push(FixedRate {
             offered_rps: load.rps,
             connections: load.connections,
+            beside_bulk: load.beside_bulk,
+            bulk_gbit_per_s: bulk_beside(&direct).zip(bulk_beside(&mesh)),
             direct: side(&direct),
             mesh: side(&mesh),
         });
