@@ -19,7 +19,7 @@ pub mod settings {
     /// How many of one stream's bytes may be in flight. All streams of a pooled connection
     /// share its TCP and TLS queues, so a bulk stream's in-flight bytes are what a request on
     /// another stream waits behind: 4 MiB held a 1 KiB round trip beside a bulk stream at
-    /// about 9 ms (p50) on the lab, 1 MiB at about 2 ms, with the same bulk throughput
+    /// 8.3 ms (p50) on the lab, 1 MiB at 2.6 ms, the bulk stream moving x0.87-x0.96 as fast
     /// (bench-results/README.md, "A request beside a bulk stream"). 1 MiB still allows
     /// 8 Gbit/s per stream at 1 ms round trip. Receive-side only: peers with other values
     /// interoperate.
