@@ -1050,7 +1050,7 @@ pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
     };
     let _ = writeln!(
         t,
-        "{:<44}{:>14}{:>14}{:>14}",
+        "{:<54}{:>14}{:>14}{:>14}",
         "(* = ratio within one run)", "first", "second", "second/first"
     );
     let mut row = |name: &str, path: &[&str], in_run: bool| {
@@ -1067,7 +1067,7 @@ pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
         let mark = if in_run { "*" } else { " " };
         let _ = writeln!(
             t,
-            "{mark}{name:<43}{:>14}{:>14}{:>14}",
+            "{mark}{name:<53}{:>14}{:>14}{:>14}",
             cell(x),
             cell(y),
             ratio
