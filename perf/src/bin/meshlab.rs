@@ -448,26 +448,31 @@ struct RateLoad {
     beside_bulk: usize,
 }
 
-/// The first is the latency target's load (Istio quotes added latency at 1000 requests/s);
-/// the second loads the path ten times harder over several connections; the third is the
-/// first beside a bulk stream over the same path, which shows whether a bulk flow holds
-/// back the requests that share its data planes.
+/// The latency target's load (Istio quotes added latency at 1000 requests/s).
+const LATENCY_LOAD: RateLoad = RateLoad {
+    rps: 1000.0,
+    connections: 1,
+    beside_bulk: 0,
+};
+
+/// The latency load beside a bulk stream over the same path: whether a bulk flow holds back
+/// the requests that share its data planes (and, on one worker, its pooled connection).
+const BESIDE_BULK_LOAD: RateLoad = RateLoad {
+    beside_bulk: 1,
+    ..LATENCY_LOAD
+};
+
+/// The standard suite's loads: the latency load first (the headline round trip), then the path
+/// loaded ten times harder over several connections, then the latency load beside a bulk
+/// stream.
 const RATE_LOADS: [RateLoad; 3] = [
-    RateLoad {
-        rps: 1000.0,
-        connections: 1,
-        beside_bulk: 0,
-    },
+    LATENCY_LOAD,
     RateLoad {
         rps: 10000.0,
         connections: 8,
         beside_bulk: 0,
     },
-    RateLoad {
-        rps: 1000.0,
-        connections: 1,
-        beside_bulk: 1,
-    },
+    BESIDE_BULK_LOAD,
 ];
 
 /// New-connection rate, direct and mesh alternating, for 1 and 4 client threads.
@@ -655,18 +660,9 @@ fn mesh_figures(bench: &Bench, args: &RunArgs, hold: usize) -> anyhow::Result<Ab
     let lab = &bench.lab;
     let throughput = bench.bulk("n1-a", lab.addr("n2-a", SINK_PORT), 1, args.seconds)?;
     let passthrough = bench.bulk("n1-a", lab.addr("n2-b", SINK_PORT), 1, args.seconds)?;
-    let (rate, _, _) = bench.rate(
-        "n1-a",
-        lab.addr("n2-a", ECHO_PORT),
-        &RATE_LOADS[0],
-        args.rr_seconds,
-    )?;
-    let (beside_bulk, _, bulk_beside) = bench.rate(
-        "n1-a",
-        lab.addr("n2-a", ECHO_PORT),
-        &RATE_LOADS[2],
-        args.rr_seconds,
-    )?;
+    let mesh_rate = |load| bench.rate("n1-a", lab.addr("n2-a", ECHO_PORT), load, args.rr_seconds);
+    let (rate, _, _) = mesh_rate(&LATENCY_LOAD)?;
+    let (beside_bulk, _, bulk_beside) = mesh_rate(&BESIDE_BULK_LOAD)?;
     let connections_per_s = bench
         .conns(
             "n1-a",
@@ -1071,7 +1067,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         rr_size_bytes: RR_SIZE,
         latency_method: format!(
             "round trip: open loop at {:.0} requests/s on {} connection, latency from each request's intended send time",
-            RATE_LOADS[0].rps, RATE_LOADS[0].connections
+            LATENCY_LOAD.rps, LATENCY_LOAD.connections
         ),
         direct_latency,
         mesh_latency,
