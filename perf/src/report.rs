@@ -177,7 +177,8 @@ pub struct FixedRate {
     /// Bulk streams between the same pods during the requests (0: the requests alone). Their
     /// CPU is in the processes' figures of such a load, which are then not per request.
     pub beside_bulk: usize,
-    /// The bulk streams' median throughput while the requests ran: direct, mesh.
+    /// The bulk streams' median throughput (direct, mesh), over their whole run: from half a
+    /// second before the requests to half a second after.
     pub bulk_gbit_per_s: Option<(f64, f64)>,
     pub direct: RateRun,
     pub mesh: RateRun,

@@ -688,7 +688,7 @@ fn mesh_figures(bench: &Bench, args: &RunArgs, hold: usize) -> anyhow::Result<Ab
         passthrough,
         latency: rate.latency,
         latency_beside_bulk: beside_bulk.latency,
-        bulk_beside_gbit_per_s: bulk_beside.unwrap_or(0.0),
+        bulk_beside_gbit_per_s: bulk_beside.context("no bulk stream ran beside the requests")?,
         connections_per_s,
         memory,
     })
