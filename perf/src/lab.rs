@@ -13,6 +13,7 @@
 //! run a no-mesh baseline over the same hops. Everything the lab creates carries its prefix and
 //! is removed on drop, on error, and on Ctrl-C.
 
+use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -90,15 +91,56 @@ impl Default for LabOptions {
     }
 }
 
+/// What a tuning profile changed in a lab, or what a revert restored.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TuningChanges {
+    /// Values changed inside the lab's namespaces, summed over them.
+    pub in_namespaces: usize,
+    /// The files of node-wide settings changed on this machine.
+    pub node_wide: Vec<PathBuf>,
+}
+
+impl std::fmt::Display for TuningChanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} value(s) in the lab's namespaces, {} node-wide",
+            self.in_namespaces,
+            self.node_wide.len()
+        )?;
+        if !self.node_wide.is_empty() {
+            let files: Vec<String> = self
+                .node_wide
+                .iter()
+                .map(|p| format!("/{}", p.display()))
+                .collect();
+            write!(f, " ({})", files.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
 /// What to undo; shared with the Ctrl-C handler.
 #[derive(Default)]
 struct Cleanup {
     netns: Mutex<Vec<String>>,
     pids: Mutex<Vec<u32>>,
+    /// The saved state of node-wide settings a tuning profile changed: namespaces take their
+    /// own settings with them, these outlive the lab unless reverted.
+    node_tuning: Mutex<Option<PathBuf>>,
 }
 
 impl Cleanup {
     fn run(&self) {
+        if let Ok(mut state) = self.node_tuning.lock() {
+            if let Some(state) = state.take() {
+                if let Err(error) =
+                    kernel_tuning::state::revert(&kernel_tuning::sysfs::Root::default(), &state)
+                {
+                    eprintln!("reverting the node-wide tuning of a lab: {error}");
+                }
+            }
+        }
         if let Ok(mut pids) = self.pids.lock() {
             for pid in pids.drain(..) {
                 let _ = Command::new("kill")
@@ -163,6 +205,35 @@ fn unique_prefix() -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("ml{}x{n}", std::process::id())
+}
+
+/// Whether `name` (a namespace `ml<pid>x<n>-...`, or a lab directory `meshlab-ml<pid>x<n>`)
+/// belongs to a lab whose process is gone.
+pub fn of_a_gone_lab(name: &str) -> bool {
+    name.trim_start_matches("meshlab-")
+        .strip_prefix("ml")
+        .and_then(|rest| rest.split('x').next())
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// The saved node-wide tuning in a lab's directory, while applied.
+const NODE_TUNING_STATE: &str = "tuning-node.json";
+
+/// Reverts the node-wide settings that labs killed before their teardown (SIGKILL) left
+/// applied; returns how many labs had some.
+pub fn restore_leftover_node_tuning() -> anyhow::Result<usize> {
+    let mut restored = 0;
+    for entry in std::fs::read_dir(std::env::temp_dir())?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let state = entry.path().join(NODE_TUNING_STATE);
+        if name.starts_with("meshlab-") && of_a_gone_lab(&name) && state.exists() {
+            kernel_tuning::state::revert(&kernel_tuning::sysfs::Root::default(), &state)
+                .with_context(|| format!("restoring {}", state.display()))?;
+            restored += 1;
+        }
+    }
+    Ok(restored)
 }
 
 impl Lab {
@@ -896,27 +967,37 @@ impl Lab {
         }
     }
 
-    /// Applies a kernel-tuning profile inside every namespace of the lab (nodes and pods):
-    /// the settings a network namespace has of its own. Returns how many values changed;
-    /// `revert_tuning` puts them back (the namespaces also go away with the lab).
-    pub fn apply_tuning(&self, profile: &str) -> anyhow::Result<usize> {
+    /// Applies a kernel-tuning profile to the lab: inside every namespace (nodes and pods)
+    /// the settings a network namespace has of its own, then once on this machine the
+    /// node-wide ones (module parameters, and sysctls a namespace cannot set: read-only or
+    /// absent there), which are reverted with the lab even when it fails or is interrupted.
+    /// `revert_tuning` puts everything back.
+    pub fn apply_tuning(&self, profile: &str) -> anyhow::Result<TuningChanges> {
+        use kernel_tuning::profile::{compare, Status};
+        use kernel_tuning::sysfs::{is_node_wide_file, setting_file};
         let profile = kernel_tuning::profile::find(profile)
             .ok_or_else(|| anyhow::anyhow!("no tuning profile {profile:?}"))?;
         let root = kernel_tuning::sysfs::Root::default();
-        let mut changed = 0;
+        let write = |c: kernel_tuning::profile::Comparison| kernel_tuning::state::Write {
+            path: setting_file(c.key),
+            value: c.target,
+        };
+        let mut changes = TuningChanges::default();
+        let mut node_wide: HashSet<&str> = HashSet::new();
         for name in self.all_netns() {
             let netns = self.netns(&name)?;
             let state = self.dir.join(format!("tuning-{name}.json"));
             let saved = netns.run_in(&self.home, || -> anyhow::Result<_> {
-                let writes: Vec<kernel_tuning::state::Write> =
-                    kernel_tuning::profile::compare(&profile, &root)
-                        .into_iter()
-                        .filter(|c| c.status == kernel_tuning::profile::Status::Change)
-                        .map(|c| kernel_tuning::state::Write {
-                            path: kernel_tuning::sysfs::sysctl_file(c.key),
-                            value: c.target,
-                        })
-                        .collect();
+                let mut writes = Vec::new();
+                for c in compare(&profile, &root) {
+                    if is_node_wide_file(c.key)
+                        || matches!(c.status, Status::ReadOnly | Status::Missing)
+                    {
+                        node_wide.insert(c.key);
+                    } else if c.status == Status::Change {
+                        writes.push(write(c));
+                    }
+                }
                 Ok(kernel_tuning::state::apply(
                     &root,
                     profile.name,
@@ -924,15 +1005,26 @@ impl Lab {
                     &state,
                 )?)
             })??;
-            changed += saved.entries.len();
+            changes.in_namespaces += saved.entries.len();
         }
-        Ok(changed)
+        let writes: Vec<_> = compare(&profile, &root)
+            .into_iter()
+            .filter(|c| node_wide.contains(c.key) && c.status == Status::Change)
+            .map(write)
+            .collect();
+        let state = self.dir.join(NODE_TUNING_STATE);
+        let saved = kernel_tuning::state::apply(&root, profile.name, &writes, &state)?;
+        if let Ok(mut held) = self.cleanup.node_tuning.lock() {
+            *held = Some(state);
+        }
+        changes.node_wide = saved.entries.into_iter().map(|e| e.path).collect();
+        Ok(changes)
     }
 
-    /// Puts back what `apply_tuning` changed in every lab namespace.
-    pub fn revert_tuning(&self) -> anyhow::Result<usize> {
+    /// Puts back what `apply_tuning` changed: in every lab namespace, then on the node.
+    pub fn revert_tuning(&self) -> anyhow::Result<TuningChanges> {
         let root = kernel_tuning::sysfs::Root::default();
-        let mut restored = 0;
+        let mut restored = TuningChanges::default();
         for name in self.all_netns() {
             let state = self.dir.join(format!("tuning-{name}.json"));
             if !state.exists() {
@@ -941,7 +1033,17 @@ impl Lab {
             let netns = self.netns(&name)?;
             let saved =
                 netns.run_in(&self.home, || kernel_tuning::state::revert(&root, &state))??;
-            restored += saved.entries.len();
+            restored.in_namespaces += saved.entries.len();
+        }
+        let node_state = self
+            .cleanup
+            .node_tuning
+            .lock()
+            .ok()
+            .and_then(|mut s| s.take());
+        if let Some(state) = node_state {
+            let saved = kernel_tuning::state::revert(&root, &state)?;
+            restored.node_wide = saved.entries.into_iter().map(|e| e.path).collect();
         }
         Ok(restored)
     }

@@ -277,7 +277,8 @@ pub struct Report {
     /// CPU time the hypervisor took from this VM during the measurements (noise indicator).
     pub steal_percent: Option<f64>,
     pub topology: String,
-    /// Kernel-tuning profile applied in every lab namespace, if any.
+    /// Kernel-tuning profile applied to the lab (every namespace, and node-wide settings on the
+    /// machine), if any.
     pub tuning: Option<String>,
     pub direct_throughput: Throughput,
     pub mesh_throughput: Throughput,
@@ -369,7 +370,10 @@ impl Report {
             self.run.commit
         );
         if let Some(profile) = &self.tuning {
-            let _ = writeln!(t, "tuning: profile {profile} in every lab namespace");
+            let _ = writeln!(
+                t,
+                "tuning: profile {profile} in every lab namespace and on the node"
+            );
         }
         steal_line(&mut t, self.steal_percent);
         let row =
@@ -1276,6 +1280,8 @@ pub struct AbSide {
     pub passthrough_throughput: Throughput,
     /// 1 KiB request/response, open loop at 1000/s on one connection.
     pub latency: Latency,
+    /// The same at 10000/s over eight connections.
+    pub latency_loaded: Latency,
     /// The same beside one bulk stream between the same pods, and that stream's throughput.
     pub latency_beside_bulk: Latency,
     pub bulk_beside_gbit_per_s: f64,
@@ -1338,6 +1344,16 @@ impl AbReport {
                 "1 KiB at 1000/s, p99 us",
                 u.latency.p99_us,
                 t.latency.p99_us,
+            ),
+            (
+                "1 KiB at 10000/s on 8, p50 us",
+                u.latency_loaded.p50_us,
+                t.latency_loaded.p50_us,
+            ),
+            (
+                "1 KiB at 10000/s on 8, p99 us",
+                u.latency_loaded.p99_us,
+                t.latency_loaded.p99_us,
             ),
             (
                 "same beside a bulk stream, p50 us",

@@ -36,6 +36,7 @@ fn an_ab_run_measures_both_sides_including_a_request_beside_a_bulk_stream() {
     for row in [
         "one stream, Gbit/s",
         "1 KiB at 1000/s, p99 us",
+        "1 KiB at 10000/s on 8, p99 us",
         "same beside a bulk stream, p99 us",
         "that bulk stream, Gbit/s",
         "KiB per held connection",
@@ -58,6 +59,10 @@ fn an_ab_run_measures_both_sides_including_a_request_beside_a_bulk_stream() {
         );
         assert!(
             number(&r, &[side, "bulk_beside_gbit_per_s"]) > 0.0,
+            "{side}"
+        );
+        assert!(
+            number(&r, &[side, "latency_loaded", "p50_us"]) > 0.0,
             "{side}"
         );
         let beside = |p: &str| number(&r, &[side, "latency_beside_bulk", p]);

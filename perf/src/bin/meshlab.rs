@@ -34,12 +34,14 @@ struct Args {
 enum Cmd {
     /// Run the standard lab (the default).
     Run,
-    /// Remove namespaces and processes left by labs whose process is gone.
+    /// Remove namespaces and processes left by labs whose process is gone, and restore the
+    /// node-wide settings a tuned one changed.
     Clean,
     /// Put two result files side by side, each figure with its ratio (second / first).
     Compare { first: PathBuf, second: PathBuf },
     /// A kernel-tuning profile's effect, measured within one run: every round measures the
-    /// mesh untuned, applies the profile in every lab namespace, measures again, reverts.
+    /// mesh untuned, applies the profile (in every lab namespace, and its node-wide settings on
+    /// this machine), measures again, reverts.
     Tuning {
         profile: String,
         #[command(flatten)]
@@ -91,8 +93,9 @@ struct RunArgs {
     /// Run the worker-count sweep (1..cores workers per node; restarts the data planes).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     sweep: bool,
-    /// Apply this kernel-tuning profile (`meshtune profile`) inside every lab namespace before
-    /// measuring; compare with an untuned run through `meshlab compare`.
+    /// Apply this kernel-tuning profile (`meshtune profile`) before measuring: inside every lab
+    /// namespace, and its node-wide settings on this machine until the lab ends. Compare with
+    /// an untuned run through `meshlab compare`.
     #[arg(long)]
     tuning: Option<String>,
     /// Extra flag for both data planes (repeatable), e.g. `--dataplane-arg=--no-access-log`.
@@ -462,18 +465,17 @@ const BESIDE_BULK_LOAD: RateLoad = RateLoad {
     ..LATENCY_LOAD
 };
 
-/// The standard suite's loads: the latency load first (the headline round trip), then the path
-/// loaded ten times harder over several connections, then the latency load beside a bulk
-/// stream.
-const RATE_LOADS: [RateLoad; 3] = [
-    LATENCY_LOAD,
-    RateLoad {
-        rps: 10000.0,
-        connections: 8,
-        beside_bulk: 0,
-    },
-    BESIDE_BULK_LOAD,
-];
+/// The path loaded ten times harder over several connections: every worker busy, and many
+/// requests in flight at once.
+const LOADED_LOAD: RateLoad = RateLoad {
+    rps: 10000.0,
+    connections: 8,
+    beside_bulk: 0,
+};
+
+/// The standard suite's loads: the latency load first (the headline round trip), then the
+/// loaded path, then the latency load beside a bulk stream.
+const RATE_LOADS: [RateLoad; 3] = [LATENCY_LOAD, LOADED_LOAD, BESIDE_BULK_LOAD];
 
 /// New-connection rate, direct and mesh alternating, for 1 and 4 client threads.
 fn connection_rates(
@@ -662,6 +664,7 @@ fn mesh_figures(bench: &Bench, args: &RunArgs, hold: usize) -> anyhow::Result<Ab
     let passthrough = bench.bulk("n1-a", lab.addr("n2-b", SINK_PORT), 1, args.seconds)?;
     let mesh_rate = |load| bench.rate("n1-a", lab.addr("n2-a", ECHO_PORT), load, args.rr_seconds);
     let (rate, _, _) = mesh_rate(&LATENCY_LOAD)?;
+    let (loaded, _, _) = mesh_rate(&LOADED_LOAD)?;
     let (beside_bulk, _, bulk_beside) = mesh_rate(&BESIDE_BULK_LOAD)?;
     let connections_per_s = bench
         .conns(
@@ -687,6 +690,7 @@ fn mesh_figures(bench: &Bench, args: &RunArgs, hold: usize) -> anyhow::Result<Ab
         throughput,
         passthrough,
         latency: rate.latency,
+        latency_loaded: loaded.latency,
         latency_beside_bulk: beside_bulk.latency,
         bulk_beside_gbit_per_s: bulk_beside.context("no bulk stream ran beside the requests")?,
         connections_per_s,
@@ -698,6 +702,7 @@ struct AbFigures {
     throughput: Throughput,
     passthrough: Throughput,
     latency: Latency,
+    latency_loaded: Latency,
     latency_beside_bulk: Latency,
     bulk_beside_gbit_per_s: f64,
     connections_per_s: f64,
@@ -724,6 +729,7 @@ fn ab_side(runs: &[AbFigures]) -> AbSide {
                 .collect::<Vec<_>>(),
         ),
         latency: Latency::median(&runs.iter().map(|r| r.latency).collect::<Vec<_>>()),
+        latency_loaded: Latency::median(&runs.iter().map(|r| r.latency_loaded).collect::<Vec<_>>()),
         latency_beside_bulk: Latency::median(
             &runs
                 .iter()
@@ -741,8 +747,10 @@ fn ab_side(runs: &[AbFigures]) -> AbSide {
 
 /// Measures two variants of the mesh within one run. Every round switches to the baseline
 /// (side 0), measures, switches to the variant (side 1), measures; the lab ends switched
-/// back to the baseline. `describe` names the experiment once the rounds are done.
+/// back to the baseline. `describe` names the experiment once the rounds are done; `kind`
+/// starts the saved files' names (`tuning`, `ab`).
 fn ab(
+    kind: &str,
     args: &RunArgs,
     labels: [String; 2],
     hold: usize,
@@ -756,7 +764,7 @@ fn ab(
     let rounds = args.rounds.max(1);
     let side_seconds = 5.0
         + 2.0 * args.seconds
-        + 2.0 * args.rr_seconds
+        + 3.0 * args.rr_seconds
         + args.conn_seconds_always()
         + hold as f64 / 800.0;
     let mut progress = Progress::new(rounds as f64 * 2.0 * side_seconds);
@@ -796,49 +804,45 @@ fn ab(
         baseline: ab_side(&sides[0]),
         variant: ab_side(&sides[1]),
     };
-    let stem = result.run.file_stem("ab");
+    let stem = result.run.file_stem(kind);
     publish(args, &stem, &result.table(), |dir, stem| {
         result.save(dir, stem)
     })
 }
 
-/// A kernel-tuning profile against none: applied in every lab namespace for the variant,
-/// every changed value reverted (and checked) for the baseline.
+/// A kernel-tuning profile against none: applied to the lab (its namespaces and the node) for
+/// the variant, every changed value reverted (and checked) for the baseline.
 fn tuning(args: RunArgs, profile: &str) -> anyhow::Result<()> {
     if kernel_tuning::profile::find(profile).is_none() {
         bail!("no tuning profile {profile:?} (meshtune profile lists them)");
     }
-    let changed = std::cell::Cell::new(0);
+    let changed = std::cell::RefCell::new(perf::lab::TuningChanges::default());
     let mut applied = false;
     ab(
+        "tuning",
         &args,
         [
             "untuned".into(),
-            format!("profile {profile} in every lab namespace"),
+            format!("profile {profile} in every lab namespace and on the node"),
         ],
         0,
         |bench, side| {
             if side == 1 && !applied {
-                changed.set(bench.lab.apply_tuning(profile)?);
+                *changed.borrow_mut() = bench.lab.apply_tuning(profile)?;
                 applied = true;
             } else if side == 0 && applied {
                 let restored = bench.lab.revert_tuning()?;
-                if restored != changed.get() {
+                if restored != *changed.borrow() {
                     bail!(
-                        "reverted {restored} of the {} values the profile changed",
-                        changed.get()
+                        "reverted {restored}, but the profile changed {}",
+                        changed.borrow()
                     );
                 }
                 applied = false;
             }
             Ok(())
         },
-        || {
-            format!(
-                "kernel-tuning profile {profile} ({} values changed in the lab's namespaces)",
-                changed.get()
-            )
-        },
+        || format!("kernel-tuning profile {profile} ({})", changed.borrow()),
     )
 }
 
@@ -870,6 +874,7 @@ fn dataplane_ab(
     let experiment = format!("data plane: {} vs {}", labels[0], labels[1]);
     let mut current = None;
     ab(
+        "ab",
         &args,
         labels,
         args.hold,
@@ -928,7 +933,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     )?;
     if let Some(profile) = &args.tuning {
         let changed = bench.lab.apply_tuning(profile)?;
-        eprintln!("tuning profile {profile}: {changed} value(s) changed in the lab's namespaces");
+        eprintln!("tuning profile {profile}: changed {changed}");
     }
 
     let ticks_before = sys::cpu_ticks();
@@ -1110,15 +1115,8 @@ fn clean() -> anyhow::Result<()> {
     let list = sys::run("ip", &["netns", "list"])?;
     let mut removed = 0;
     for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-        // Lab namespaces are named ml<pid>x<n>-...; leave those of live labs alone.
-        let Some(pid) = name
-            .strip_prefix("ml")
-            .and_then(|rest| rest.split('x').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        // Leave the namespaces of live labs alone.
+        if !lab::of_a_gone_lab(name) {
             continue;
         }
         if let Ok(pids) = sys::run("ip", &["netns", "pids", name]) {
@@ -1130,5 +1128,7 @@ fn clean() -> anyhow::Result<()> {
         removed += 1;
     }
     println!("removed {removed} leftover lab namespaces");
+    let restored = lab::restore_leftover_node_tuning()?;
+    println!("restored the node-wide tuning of {restored} lab(s)");
     Ok(())
 }
