@@ -110,7 +110,7 @@ const LATENCY_EXTRA: &[Setting] = &[
     },
     Setting {
         key: GUEST_HALT_POLL,
-        value: "200000",
+        value: "1000000",
         at_least: true,
         why: "KVM guests with the cpuidle-haltpoll driver (many cloud nodes): an idle vCPU polls up to 200 us before it halts, so a thread woken soon after (a worker, an app) runs without a trip through the host. A proxied request wakes more threads than a direct one; measured in the lab with this profile: 10000 requests/s over 8 connections p50 x0.35-0.45, new connections/s x1.7-1.8, a lone request at 1000/s unchanged (bench-results/README.md). The polling costs host CPU, not the node's processes",
     },
