@@ -95,6 +95,9 @@ const THROUGHPUT: &[Setting] = &[
 /// How long an idle vCPU of a KVM guest with the haltpoll idle driver polls before it halts.
 pub const GUEST_HALT_POLL: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
 
+/// What the latency profile sets it to, in nanoseconds.
+pub const GUEST_HALT_POLL_NS: &str = "1000000";
+
 const LATENCY_EXTRA: &[Setting] = &[
     Setting {
         key: "net.core.busy_poll",
@@ -110,9 +113,9 @@ const LATENCY_EXTRA: &[Setting] = &[
     },
     Setting {
         key: GUEST_HALT_POLL,
-        value: "1000000",
+        value: GUEST_HALT_POLL_NS,
         at_least: true,
-        why: "KVM guests with the cpuidle-haltpoll driver (many cloud nodes): an idle vCPU polls up to 200 us before it halts, so a thread woken soon after (a worker, an app) runs without a trip through the host. A proxied request wakes more threads than a direct one; measured in the lab with this profile: 10000 requests/s over 8 connections p50 x0.35-0.45, new connections/s x1.7-1.8, a lone request at 1000/s unchanged (bench-results/README.md). The polling costs host CPU, not the node's processes",
+        why: "KVM guests with the cpuidle-haltpoll driver (many cloud nodes): an idle vCPU polls up to 1 ms before it halts, so a thread woken soon after (a worker, an app) runs without a trip through the host. A proxied request wakes more threads than a direct one, and 1 ms covers the gap between requests at 1000/s: in the lab, 1 KiB at 1000/s p50 x0.58-0.60 and new connections/s x1.3-1.5 (bench-results/README.md). The window adapts: a vCPU that stays idle longer than 1 ms polls less and less, so an idle node halts as before. The polling is host CPU, not the node's processes",
     },
 ];
 
@@ -262,10 +265,10 @@ mod tests {
         let wanted = halt_poll(&root);
         assert_eq!(
             (wanted.status, wanted.target.as_str()),
-            (Status::Change, "200000")
+            (Status::Change, GUEST_HALT_POLL_NS)
         );
         // A node that already polls longer keeps it.
-        std::fs::write(&file, "400000\n").expect("w");
+        std::fs::write(&file, "2000000\n").expect("w");
         assert_eq!(halt_poll(&root).status, Status::Same);
         // Applied and reverted through the same path as sysctls.
         std::fs::write(&file, "0\n").expect("w");
@@ -277,7 +280,7 @@ mod tests {
         crate::state::apply(&root, "latency", &writes, &state).expect("apply");
         assert_eq!(
             root.read_setting(GUEST_HALT_POLL).as_deref(),
-            Some("200000")
+            Some(GUEST_HALT_POLL_NS)
         );
         crate::state::revert(&root, &state).expect("revert");
         assert_eq!(std::fs::read_to_string(&file).expect("r"), "0\n");
