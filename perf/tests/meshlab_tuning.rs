@@ -35,9 +35,25 @@ fn would_change_here(profile: &str) -> Vec<String> {
         .collect()
 }
 
-fn meshlab(args: &[&str]) -> (String, String) {
+/// The line of `output` that starts with `start`, which must name every one of `changed`.
+fn line_naming<'a>(output: &'a str, start: &str, changed: &[String]) -> &'a str {
+    let line = output
+        .lines()
+        .find(|l| l.starts_with(start))
+        .unwrap_or_else(|| panic!("no line {start:?}:\n{output}"));
+    for key in changed {
+        assert!(
+            line.contains(key.as_str()),
+            "{key} not reported changed: {line}"
+        );
+    }
+    line
+}
+
+/// `meshlab` with whitespace-separated `args`; its stdout and stderr, after it succeeded.
+fn meshlab(args: &str) -> (String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_meshlab"))
-        .args(args)
+        .args(args.split_whitespace())
         .output()
         .expect("run meshlab");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -58,35 +74,16 @@ fn a_tuned_lab_changes_node_wide_settings_only_while_it_runs() {
     let expected = would_change_here("latency");
 
     let out = std::env::temp_dir().join(format!("meshlab-tuning-{}", std::process::id()));
-    let out_arg = out.to_string_lossy().into_owned();
-    let (stdout, _) = meshlab(&[
-        "tuning",
-        "latency",
-        "--workers",
-        "1",
-        "--rounds",
-        "1",
-        "--seconds",
-        "0.5",
-        "--rr-seconds",
-        "0.5",
-        "--conn-seconds",
-        "0.5",
-        "--hold",
-        "0",
-        "--out",
-        &out_arg,
-    ]);
-    let experiment = stdout
-        .lines()
-        .find(|l| l.starts_with("meshlab A/B: kernel-tuning profile latency"))
-        .unwrap_or_else(|| panic!("no experiment line:\n{stdout}"));
-    for key in &expected {
-        assert!(
-            experiment.contains(key.as_str()),
-            "{key} not reported changed: {experiment}"
-        );
-    }
+    let (stdout, _) = meshlab(&format!(
+        "tuning latency --workers 1 --rounds 1 --seconds 0.5 --rr-seconds 0.5 \
+         --conn-seconds 0.5 --hold 0 --out {}",
+        out.display()
+    ));
+    line_naming(
+        &stdout,
+        "meshlab A/B: kernel-tuning profile latency",
+        &expected,
+    );
     assert!(
         stdout.contains("1 KiB at 10000/s on 8, p50 us"),
         "no loaded round trip row:\n{stdout}"
@@ -104,35 +101,11 @@ fn a_tuned_lab_changes_node_wide_settings_only_while_it_runs() {
     );
 
     // A whole run tuned never reverts by itself: its teardown does.
-    let (_, stderr) = meshlab(&[
-        "--tuning",
-        "latency",
-        "--workers",
-        "1",
-        "--rounds",
-        "1",
-        "--seconds",
-        "0.5",
-        "--rr-seconds",
-        "0.5",
-        "--conn-seconds",
-        "0",
-        "--hold",
-        "0",
-        "--sweep",
-        "false",
-        "--no-save",
-    ]);
-    let applied = stderr
-        .lines()
-        .find(|l| l.starts_with("tuning profile latency: changed"))
-        .unwrap_or_else(|| panic!("no tuning line:\n{stderr}"));
-    for key in &expected {
-        assert!(
-            applied.contains(key.as_str()),
-            "{key} not changed: {applied}"
-        );
-    }
+    let (_, stderr) = meshlab(
+        "--tuning latency --workers 1 --rounds 1 --seconds 0.5 --rr-seconds 0.5 \
+         --conn-seconds 0 --hold 0 --sweep false --no-save",
+    );
+    line_naming(&stderr, "tuning profile latency: changed", &expected);
     assert_eq!(
         node_settings("latency"),
         before,
@@ -166,7 +139,7 @@ fn clean_restores_the_node_wide_tuning_a_killed_lab_left() {
     });
     std::fs::write(lab_dir.join("tuning-node.json"), state.to_string()).expect("state");
 
-    let (stdout, _) = meshlab(&["clean"]);
+    let (stdout, _) = meshlab("clean");
     assert!(
         stdout.contains("restored the node-wide tuning of"),
         "{stdout}"
