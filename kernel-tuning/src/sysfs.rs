@@ -53,7 +53,7 @@ pub fn setting_file(key: &str) -> PathBuf {
 
 /// Whether a setting is the whole node's wherever it is written from: a file outside
 /// `/proc/sys` (a module parameter). Sysctls may be a network namespace's own; whether one is
-/// shows when it is read from inside one (host-wide ones are read-only there).
+/// shows when it is read from inside one (host-wide ones are read-only or absent there).
 pub fn is_node_wide_file(key: &str) -> bool {
     key.starts_with('/')
 }
