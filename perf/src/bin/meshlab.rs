@@ -715,6 +715,8 @@ fn ab_side(runs: &[AbFigures]) -> AbSide {
     let some_median = |f: fn(&(f64, f64)) -> f64| {
         (!memory.is_empty()).then(|| report::median(memory.iter().map(f).collect()))
     };
+    let latency =
+        |f: fn(&AbFigures) -> Latency| Latency::median(&runs.iter().map(f).collect::<Vec<_>>());
     AbSide {
         throughput: Throughput::median(
             &runs
@@ -728,14 +730,9 @@ fn ab_side(runs: &[AbFigures]) -> AbSide {
                 .map(|r| r.passthrough.clone())
                 .collect::<Vec<_>>(),
         ),
-        latency: Latency::median(&runs.iter().map(|r| r.latency).collect::<Vec<_>>()),
-        latency_loaded: Latency::median(&runs.iter().map(|r| r.latency_loaded).collect::<Vec<_>>()),
-        latency_beside_bulk: Latency::median(
-            &runs
-                .iter()
-                .map(|r| r.latency_beside_bulk)
-                .collect::<Vec<_>>(),
-        ),
+        latency: latency(|r| r.latency),
+        latency_loaded: latency(|r| r.latency_loaded),
+        latency_beside_bulk: latency(|r| r.latency_beside_bulk),
         bulk_beside_gbit_per_s: report::median(
             runs.iter().map(|r| r.bulk_beside_gbit_per_s).collect(),
         ),
