@@ -75,7 +75,7 @@ lab_test!(
         lab.keep(http);
         let url = format!("http://{}:8080/index.html", lab.pod("n2-a").ip);
         let mut body = String::new();
-        let wire = capture_between_nodes(&lab, || {
+        let wire = capture_between_nodes(&lab, marker.len() * 2000, || {
             for _ in 0..50 {
                 if let Ok(mut child) = lab.spawn_in("n1-a", Path::new("curl"), &["-sf", &url]) {
                     let mut out = String::new();
@@ -96,10 +96,12 @@ lab_test!(
             "curl got the page through the mesh"
         );
         assert!(
-            wire.len() > 10_000,
-            "the exchange was captured: {} bytes",
-            wire.len()
+            wire.bytes.len() > 10_000,
+            "the exchange was captured: {} bytes (tcpdump: {})",
+            wire.bytes.len(),
+            wire.summary
         );
+        let wire = wire.bytes;
         assert!(
             !contains(&wire, marker.as_bytes()),
             "the page crossed between nodes in the clear"

@@ -362,14 +362,22 @@ lab_test!(
             assert_eq!(roundtrip(&mut s, &payload).expect("echo"), payload);
         };
         // Control: without the mesh the marker is on the wire, so the capture can see it.
-        let plain = capture_between_nodes(&lab, || exchange("n1-b", "n2-b"));
+        // Each exchange crosses the link twice, so the capture holds at least that much.
+        let plain = capture_between_nodes(&lab, 2 * payload.len(), || exchange("n1-b", "n2-b"));
         assert!(
-            contains(&plain, marker),
-            "the capture works and sees plaintext"
+            contains(&plain.bytes, marker),
+            "the capture works and sees plaintext (tcpdump: {})",
+            plain.summary
         );
 
-        let meshed = capture_between_nodes(&lab, || exchange("n1-a", "n2-a"));
-        assert!(meshed.len() > payload.len(), "the exchange was captured");
+        let meshed = capture_between_nodes(&lab, 2 * payload.len(), || exchange("n1-a", "n2-a"));
+        assert!(
+            meshed.bytes.len() > 2 * payload.len(),
+            "the exchange was captured: {} bytes (tcpdump: {})",
+            meshed.bytes.len(),
+            meshed.summary
+        );
+        let meshed = meshed.bytes;
         assert!(
             !contains(&meshed, marker),
             "payload crossed between nodes in the clear"

@@ -91,7 +91,18 @@ pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
 /// An HBONE client speaking to node 2's data plane directly from node 1's namespace, with a
 /// certificate from the lab's CA: for requests a well-behaved peer would not send.
 /// Bytes captured on node 1's link to node 2 while `send` runs.
-pub fn capture_between_nodes(lab: &Lab, send: impl FnOnce()) -> Vec<u8> {
+/// What tcpdump saw on node 1's link to node 2, and what it said when it stopped.
+pub struct Capture {
+    pub bytes: Vec<u8>,
+    /// tcpdump's closing lines ("N packets captured ... M packets dropped by kernel"), for
+    /// failure messages: a short capture is then told apart from a short exchange.
+    pub summary: String,
+}
+
+/// Captures node 1's side of the link between the nodes while `send` runs. It stops once the
+/// file holds `at_least` bytes (or after 10 s) and the kernel has handed over the rest: a
+/// fixed pause was not enough when the machine was busy.
+pub fn capture_between_nodes(lab: &Lab, at_least: usize, send: impl FnOnce()) -> Capture {
     let pcap = lab.dir.join(format!("capture-{}.pcap", std::process::id()));
     let mut tcpdump = std::process::Command::new("ip")
         .args([
@@ -102,6 +113,9 @@ pub fn capture_between_nodes(lab: &Lab, send: impl FnOnce()) -> Vec<u8> {
             // Hand each packet over at once: buffered capture delivers in blocks, up to a
             // second late, and would miss a short exchange.
             "--immediate-mode",
+            // 16 MiB of ring, so a burst is not dropped while tcpdump waits for a core.
+            "-B",
+            "16384",
             "-i",
             "peer",
             "-U",
@@ -127,12 +141,23 @@ pub fn capture_between_nodes(lab: &Lab, send: impl FnOnce()) -> Vec<u8> {
         seen.push(byte[0]);
     }
     send();
+    let captured = || std::fs::metadata(&pcap).map_or(0, |m| m.len() as usize);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while captured() < at_least && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The closing packets (FINs, the last records) may still be on their way to the file.
     std::thread::sleep(Duration::from_millis(300));
     let _ = std::process::Command::new("kill")
         .args(["-INT", &tcpdump.id().to_string()])
         .status();
     let _ = tcpdump.wait();
-    std::fs::read(&pcap).expect("capture file")
+    let mut summary = String::new();
+    let _ = stderr.read_to_string(&mut summary);
+    Capture {
+        bytes: std::fs::read(&pcap).expect("capture file"),
+        summary: summary.trim().replace('\n', "; "),
+    }
 }
 
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
