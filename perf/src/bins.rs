@@ -67,6 +67,15 @@ pub fn locate() -> anyhow::Result<Binaries> {
 fn build(cargo: &str, release: bool) -> Result<(), String> {
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "--workspace", "--bins"]);
+    // Cargo gives a test the variables of the crate under test. Build scripts that watch one of
+    // them (ring watches CARGO_MANIFEST_DIR) would see it change between this build and a shell
+    // build, and dependencies would be rebuilt on every test run.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if is_crate_variable(&name) {
+            cmd.env_remove(name.as_ref());
+        }
+    }
     if release {
         cmd.arg("--release");
     }
@@ -84,4 +93,42 @@ fn build(cargo: &str, release: bool) -> Result<(), String> {
 pub fn workspace_root() -> Option<PathBuf> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     manifest.parent().map(Path::to_path_buf)
+}
+
+/// Variables cargo sets for the crate it runs, as opposed to ones that configure cargo itself.
+fn is_crate_variable(name: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_CRATE_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "OUT_DIR",
+    ];
+    EXACT.contains(&name) || name.starts_with("CARGO_PKG_") || name.starts_with("CARGO_BIN_EXE_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_crate_variable;
+
+    #[test]
+    fn the_inner_build_drops_the_crate_variables_and_keeps_cargo_configuration() {
+        for name in [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_PKG_NAME",
+            "CARGO_BIN_EXE_meshlab",
+            "OUT_DIR",
+        ] {
+            assert!(is_crate_variable(name), "{name}");
+        }
+        for name in [
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_PROFILE_RELEASE_DEBUG",
+            "RUSTFLAGS",
+        ] {
+            assert!(!is_crate_variable(name), "{name}");
+        }
+    }
 }

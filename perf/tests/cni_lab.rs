@@ -112,7 +112,14 @@ lab_test!(
             .spawn_in("n2-a", Path::new("iperf3"), &["-s", "-1", "-p", "5201"])
             .expect("iperf3 server");
         lab.keep(server);
-        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                !run_in(&lab, "n2-a", "ss", &["-Hltn", "sport = :5201"])
+                    .trim()
+                    .is_empty()
+            }),
+            "the iperf3 server listens"
+        );
         let report = run_in(
             &lab,
             "n1-a",
