@@ -66,6 +66,25 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
+/// Voluntary context switches of a process, summed over its threads: how often they blocked.
+/// (The process's own status line counts its main thread only.)
+pub fn voluntary_switches(pid: u32) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0;
+    for task in tasks.flatten() {
+        // A thread that ended meanwhile has nothing left to count.
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(total)
+}
+
 /// Resident set size of a process, in bytes.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -147,4 +166,34 @@ pub fn steal_percent(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> O
     let ((t0, s0), (t1, s1)) = (before?, after?);
     let total = t1.checked_sub(t0)?;
     (total > 0).then(|| 100.0 * s1.saturating_sub(s0) as f64 / total as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    #[test]
+    fn voluntary_switches_count_every_thread_not_only_the_main_one() {
+        let (go, gate) = mpsc::channel::<()>();
+        let (slept, sleeper_slept) = mpsc::channel();
+        let (counted, finish) = mpsc::channel::<()>();
+        let sleeper = std::thread::spawn(move || {
+            gate.recv().expect("main counts first");
+            for _ in 0..20 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            slept.send(()).expect("main waits");
+            // Stay alive until counted: an ended thread leaves /proc/<pid>/task.
+            let _ = finish.recv();
+        });
+        let before = super::voluntary_switches(std::process::id()).expect("own tasks");
+        go.send(()).expect("sleeper waits");
+        sleeper_slept.recv().expect("sleeper slept");
+        let after = super::voluntary_switches(std::process::id()).expect("own tasks");
+        counted.send(()).expect("sleeper waits");
+        sleeper.join().expect("sleeper");
+        // The main thread blocked about once meanwhile; the sleeper at least 20 times.
+        assert!(after - before >= 20, "{before} -> {after}");
+    }
 }

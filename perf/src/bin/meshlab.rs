@@ -265,7 +265,9 @@ impl Bench {
     ) -> anyhow::Result<(T, ProcessCpu)> {
         let dataplanes: Vec<Option<u32>> = (0..2).map(|n| self.lab.dataplane_pid(n)).collect();
         let read = |pid: Option<u32>| pid.and_then(sys::cpu_seconds).unwrap_or(0.0);
+        let sleeps = |pid: Option<u32>| pid.and_then(sys::voluntary_switches).unwrap_or(0) as f64;
         let before: Vec<f64> = dataplanes.iter().map(|p| read(*p)).collect();
+        let sleeps_before: Vec<f64> = dataplanes.iter().map(|p| sleeps(*p)).collect();
         let server_before = read(Some(server));
         let (out, client_s) = f()?;
         Ok((
@@ -276,6 +278,10 @@ impl Bench {
                 dataplane_s: [
                     read(dataplanes[0]) - before[0],
                     read(dataplanes[1]) - before[1],
+                ],
+                dataplane_sleeps: [
+                    sleeps(dataplanes[0]) - sleeps_before[0],
+                    sleeps(dataplanes[1]) - sleeps_before[1],
                 ],
             },
         ))
