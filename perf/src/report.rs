@@ -22,7 +22,8 @@ pub struct Throughput {
 }
 
 /// CPU seconds (user + system, from /proc) each process of a scenario spent during one run:
-/// the load generator, the server app, and each node's data plane.
+/// the load generator, the server app, and each node's data plane; and how often each data
+/// plane slept.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct ProcessCpu {
     pub client_s: f64,

@@ -88,9 +88,6 @@ pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     check()
 }
 
-/// An HBONE client speaking to node 2's data plane directly from node 1's namespace, with a
-/// certificate from the lab's CA: for requests a well-behaved peer would not send.
-/// Bytes captured on node 1's link to node 2 while `send` runs.
 /// What tcpdump saw on node 1's link to node 2, and what it said when it stopped.
 pub struct Capture {
     pub bytes: Vec<u8>,
@@ -164,6 +161,8 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// An HBONE client speaking to node 2's data plane directly from node 1's namespace, with a
+/// certificate from the lab's CA: for requests a well-behaved peer would not send.
 pub mod raw_hbone {
     use std::sync::Arc;
     use std::time::SystemTime;
