@@ -66,95 +66,23 @@ pub async fn finish_connect(stream: std::net::TcpStream) -> io::Result<monoio::n
 }
 
 fn set_bind_address_no_port(fd: RawFd) -> io::Result<()> {
-    setsockopt_int(fd, libc::SOL_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)
-}
-
-fn setsockopt_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
-    // SAFETY: setsockopt with a pointer to a live i32 and its exact size.
-    #[allow(unsafe_code)]
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            &value as *const i32 as *const libc::c_void,
-            size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    setsockopt(fd, libc::SOL_IP, libc::IP_BIND_ADDRESS_NO_PORT, &1i32)
 }
 
 fn take_socket_error(fd: RawFd) -> io::Result<i32> {
-    let mut value: i32 = 0;
-    let mut len = size_of::<i32>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `value`, which is that large.
-    #[allow(unsafe_code)]
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            &mut value as *mut i32 as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(value)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR)
 }
 
 /// The destination a connection had before the redirect rules sent it to us.
 pub fn original_dst(fd: RawFd, local: SocketAddr) -> io::Result<SocketAddr> {
     if local.is_ipv4() {
-        let mut addr = MaybeUninit::<libc::sockaddr_in>::zeroed();
-        let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        // SAFETY: SO_ORIGINAL_DST writes a sockaddr_in of at most `len` bytes into `addr`.
-        #[allow(unsafe_code)]
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_IP,
-                libc::SO_ORIGINAL_DST,
-                addr.as_mut_ptr() as *mut libc::c_void,
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: zero-initialised and (partly) written by the kernel; all bit patterns valid.
-        #[allow(unsafe_code)]
-        let addr = unsafe { addr.assume_init() };
+        let addr: libc::sockaddr_in = getsockopt(fd, libc::SOL_IP, libc::SO_ORIGINAL_DST)?;
         Ok(SocketAddr::V4(SocketAddrV4::new(
             Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
             u16::from_be(addr.sin_port),
         )))
     } else {
-        let mut addr = MaybeUninit::<libc::sockaddr_in6>::zeroed();
-        let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-        // SAFETY: IP6T_SO_ORIGINAL_DST writes a sockaddr_in6 of at most `len` bytes.
-        #[allow(unsafe_code)]
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_IPV6,
-                libc::IP6T_SO_ORIGINAL_DST,
-                addr.as_mut_ptr() as *mut libc::c_void,
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: as above.
-        #[allow(unsafe_code)]
-        let addr = unsafe { addr.assume_init() };
+        let addr: libc::sockaddr_in6 = getsockopt(fd, libc::SOL_IPV6, libc::IP6T_SO_ORIGINAL_DST)?;
         Ok(SocketAddr::V6(SocketAddrV6::new(
             Ipv6Addr::from(addr.sin6_addr.s6_addr),
             u16::from_be(addr.sin6_port),
@@ -170,16 +98,56 @@ pub fn reset_on_close(fd: RawFd) {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: setsockopt with a pointer to a live linger struct and its exact size.
+    // Best effort: if it fails, the peer sees a FIN instead of a reset.
+    let _ = setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, &linger);
+}
+
+/// C types a socket option is read into or written from: every bit pattern, zero included, is
+/// a valid value, so a zeroed buffer the kernel fills in part is one.
+trait SockoptValue: Copy {}
+impl SockoptValue for i32 {}
+impl SockoptValue for libc::linger {}
+impl SockoptValue for libc::sockaddr_in {}
+impl SockoptValue for libc::sockaddr_in6 {}
+
+fn getsockopt<T: SockoptValue>(fd: RawFd, level: i32, name: i32) -> io::Result<T> {
+    let mut value = MaybeUninit::<T>::zeroed();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes, the size of `value`.
     #[allow(unsafe_code)]
-    unsafe {
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            value.as_mut_ptr() as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zeroed, then (partly) written by the kernel; any bit pattern is a valid T.
+    #[allow(unsafe_code)]
+    Ok(unsafe { value.assume_init() })
+}
+
+fn setsockopt<T: SockoptValue>(fd: RawFd, level: i32, name: i32, value: &T) -> io::Result<()> {
+    // SAFETY: a pointer to a live T and its exact size.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
         libc::setsockopt(
             fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &linger as *const libc::linger as *const libc::c_void,
-            size_of::<libc::linger>() as libc::socklen_t,
-        );
+            level,
+            name,
+            value as *const T as *const libc::c_void,
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
