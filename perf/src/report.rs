@@ -1307,6 +1307,9 @@ pub struct AbSide {
     pub passthrough_throughput: Throughput,
     /// 1 KiB request/response, open loop at 1000/s on one connection.
     pub latency: Latency,
+    /// Sleeps of both data planes together per request of that load (see
+    /// `ProcessCpu::dataplane_sleeps`): the wakeups the mesh path adds to each request.
+    pub sleeps_per_request: f64,
     /// 1 KiB request/response at 10000/s over eight connections.
     pub latency_loaded: Latency,
     /// 1 KiB request/response at 1000/s on one connection beside one bulk stream between the
@@ -1398,6 +1401,11 @@ impl AbReport {
                 "1 KiB at 10000/s on 8, p99 us",
                 u.latency_loaded.p99_us,
                 t.latency_loaded.p99_us,
+            ),
+            (
+                "data-plane sleeps per request at 1000/s",
+                u.sleeps_per_request,
+                t.sleeps_per_request,
             ),
             (
                 "new connections/s, 1 thread",

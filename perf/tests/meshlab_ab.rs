@@ -37,6 +37,7 @@ fn an_ab_run_measures_both_sides_including_a_request_beside_a_bulk_stream() {
         "one stream, Gbit/s",
         "1 KiB at 1000/s, p99 us",
         "1 KiB at 10000/s on 8, p99 us",
+        "data-plane sleeps per request at 1000/s",
         "same beside a bulk stream, p99 us",
         "that bulk stream, Gbit/s",
         "KiB per held connection",
@@ -65,6 +66,9 @@ fn an_ab_run_measures_both_sides_including_a_request_beside_a_bulk_stream() {
             number(&r, &[side, "latency_loaded", "p50_us"]) > 0.0,
             "{side}"
         );
+        // A millisecond apart, each request finds both data planes asleep at least once.
+        let sleeps = number(&r, &[side, "sleeps_per_request"]);
+        assert!(sleeps >= 1.0, "{side}: {sleeps} sleeps per request");
         let beside = |p: &str| number(&r, &[side, "latency_beside_bulk", p]);
         assert!(
             beside("p50_us") > 0.0 && beside("p50_us") <= beside("p99_us"),

@@ -669,7 +669,7 @@ fn mesh_figures(bench: &Bench, args: &RunArgs, hold: usize) -> anyhow::Result<Ab
     let throughput = bench.bulk("n1-a", lab.addr("n2-a", SINK_PORT), 1, args.seconds)?;
     let passthrough = bench.bulk("n1-a", lab.addr("n2-b", SINK_PORT), 1, args.seconds)?;
     let mesh_rate = |load| bench.rate("n1-a", lab.addr("n2-a", ECHO_PORT), load, args.rr_seconds);
-    let (rate, _, _) = mesh_rate(&LATENCY_LOAD)?;
+    let (rate, rate_cpu, _) = mesh_rate(&LATENCY_LOAD)?;
     let (loaded, _, _) = mesh_rate(&LOADED_LOAD)?;
     let (beside_bulk, _, bulk_beside) = mesh_rate(&BESIDE_BULK_LOAD)?;
     let connections_per_s = bench
@@ -696,6 +696,8 @@ fn mesh_figures(bench: &Bench, args: &RunArgs, hold: usize) -> anyhow::Result<Ab
         throughput,
         passthrough,
         latency: rate.latency,
+        sleeps_per_request: rate_cpu.dataplane_sleeps.iter().sum::<f64>()
+            / rate.requests.max(1) as f64,
         latency_loaded: loaded.latency,
         latency_beside_bulk: beside_bulk.latency,
         bulk_beside_gbit_per_s: bulk_beside.context("no bulk stream ran beside the requests")?,
@@ -708,6 +710,7 @@ struct AbFigures {
     throughput: Throughput,
     passthrough: Throughput,
     latency: Latency,
+    sleeps_per_request: f64,
     latency_loaded: Latency,
     latency_beside_bulk: Latency,
     bulk_beside_gbit_per_s: f64,
@@ -737,6 +740,7 @@ fn ab_side(runs: &[AbFigures]) -> AbSide {
                 .collect::<Vec<_>>(),
         ),
         latency: latency(|r| r.latency),
+        sleeps_per_request: report::median(runs.iter().map(|r| r.sleeps_per_request).collect()),
         latency_loaded: latency(|r| r.latency_loaded),
         latency_beside_bulk: latency(|r| r.latency_beside_bulk),
         bulk_beside_gbit_per_s: report::median(
