@@ -1441,13 +1441,13 @@ impl AbReport {
         steal_line(&mut t, self.steal_percent);
         let _ = writeln!(
             t,
-            "{:<34}{:>12}{:>12}{:>20}",
+            "{:<42}{:>12}{:>12}{:>20}",
             "", "baseline", "variant", "variant/baseline"
         );
         for (name, u, v) in self.figures() {
             let _ = writeln!(
                 t,
-                "{name:<34}{u:>12.3}{v:>12.3}{:>20}",
+                "{name:<42}{u:>12.3}{v:>12.3}{:>20}",
                 format!("x{:.3}", v / u)
             );
         }
