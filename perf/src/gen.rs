@@ -236,6 +236,9 @@ pub struct RateResult {
     pub size: usize,
     /// Requests answered in the measured window.
     pub requests: u64,
+    /// Requests sent over the whole run, warm-up included: the span the processes' CPU
+    /// figures cover, so what per-request costs divide by.
+    pub sent: u64,
     /// Requests sent but never answered (connection error or early close).
     pub errors: u64,
     /// From each request's intended send time to the last byte of its response.
@@ -347,6 +350,7 @@ pub fn rate(driver: Driver, to: SocketAddr, spec: RateSpec) -> io::Result<RateRe
         connections,
         size,
         requests: latency.len(),
+        sent,
         errors: sent.saturating_sub(answered),
         latency: Latency::from_histogram(&latency),
         send_lag: Latency::from_histogram(&lag),
@@ -610,6 +614,8 @@ mod tests {
         assert_eq!(r.errors, 0, "{r:?}");
         // 2000/s over a 1 s window, within the schedule's edges.
         assert!((1900..=2100).contains(&r.requests), "{r:?}");
+        // And 200 ms of warm-up before it, sent but not measured.
+        assert!((2300..=2500).contains(&r.sent), "{r:?}");
         assert!(r.latency.p50_us > 0.0 && r.latency.p50_us <= r.latency.p99_us);
     }
 

@@ -166,7 +166,8 @@ impl RateRun {
         let per_1000: Vec<ProcessCpu> = runs
             .iter()
             .zip(cpu)
-            .map(|(r, c)| c.per(r.requests.max(1) as f64 / 1000.0))
+            // The CPU figures span the warm-up too, so they divide by every request sent.
+            .map(|(r, c)| c.per(r.sent.max(1) as f64 / 1000.0))
             .collect();
         RateRun {
             achieved_rps: median(runs.iter().map(|r| r.achieved_rps).collect()),
