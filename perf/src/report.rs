@@ -68,6 +68,12 @@ impl ProcessCpu {
             ],
         }
     }
+
+    /// These figures, measured over the fixed-rate run `r`, per 1000 of its requests. They span
+    /// the warm-up too, so they divide by every request sent, not by the measured ones.
+    pub fn per_1000_requests_of(&self, r: &crate::gen::RateResult) -> ProcessCpu {
+        self.per(r.sent.max(1) as f64 / 1000.0)
+    }
 }
 
 /// The noise indicator under every table: CPU time the hypervisor took during the runs.
@@ -166,8 +172,7 @@ impl RateRun {
         let per_1000: Vec<ProcessCpu> = runs
             .iter()
             .zip(cpu)
-            // The CPU figures span the warm-up too, so they divide by every request sent.
-            .map(|(r, c)| c.per(r.sent.max(1) as f64 / 1000.0))
+            .map(|(r, c)| c.per_1000_requests_of(r))
             .collect();
         RateRun {
             achieved_rps: median(runs.iter().map(|r| r.achieved_rps).collect()),

@@ -696,7 +696,12 @@ fn mesh_figures(bench: &Bench, args: &RunArgs, hold: usize) -> anyhow::Result<Ab
         throughput,
         passthrough,
         latency: rate.latency,
-        sleeps_per_request: rate_cpu.dataplane_sleeps.iter().sum::<f64>() / rate.sent.max(1) as f64,
+        sleeps_per_request: rate_cpu
+            .per_1000_requests_of(&rate)
+            .dataplane_sleeps
+            .iter()
+            .sum::<f64>()
+            / 1000.0,
         latency_loaded: loaded.latency,
         latency_beside_bulk: beside_bulk.latency,
         bulk_beside_gbit_per_s: bulk_beside.context("no bulk stream ran beside the requests")?,
