@@ -69,10 +69,49 @@ struct Service {
     name: ServiceName,
     /// VIP:port frontends with their target ports.
     frontends: Vec<(SocketAddr, u16)>,
-    /// Endpoint uids as the snapshot lists them.
-    listed: Vec<Arc<str>>,
-    /// The workloads of `listed` that exist in this index: where traffic goes.
-    endpoints: Vec<Arc<Workload>>,
+    /// Endpoint uids as the snapshot lists them. A connection looks its endpoint up by uid
+    /// when it picks one, as ztunnel does: so a workload that comes, goes or changes touches
+    /// no service, and an index keeps no map from workloads back to services.
+    listed: Listed,
+}
+
+/// A service's endpoint uids, in order, in one allocation.
+#[derive(Clone, Debug, Default)]
+struct Listed {
+    uids: Box<str>,
+    /// Where each uid ends in `uids`.
+    ends: Box<[u32]>,
+}
+
+impl Listed {
+    fn new(uids: &[&str]) -> Option<Listed> {
+        let mut joined = String::with_capacity(uids.iter().map(|u| u.len()).sum());
+        let mut ends = Vec::with_capacity(uids.len());
+        for uid in uids {
+            joined.push_str(uid);
+            ends.push(u32::try_from(joined.len()).ok()?);
+        }
+        Some(Listed {
+            uids: joined.into(),
+            ends: ends.into(),
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn get(&self, i: usize) -> &str {
+        let start = match i {
+            0 => 0,
+            _ => self.ends[i - 1] as usize,
+        };
+        &self.uids[start..self.ends[i] as usize]
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &str> {
+        (0..self.len()).map(|i| self.get(i))
+    }
 }
 
 /// Where an outbound connection goes.
@@ -154,10 +193,6 @@ pub struct Generation {
 /// persistent B-tree's lookups cost ten std hash lookups at 100k-1M entries (snapbench).
 type Map<K, V> = Layered<K, V>;
 
-/// Keys of the services listing one workload: nearly always one, held inline (an allocation per
-/// pod less).
-type ServiceKeys = smallvec::SmallVec<[Arc<str>; 1]>;
-
 /// A local workload with what its authorization is resolved from.
 #[derive(Clone, Debug)]
 struct Local {
@@ -176,9 +211,6 @@ pub struct Index {
     services: Map<Arc<str>, Arc<Service>>,
     /// (vip, service port) -> (service, target port).
     by_vip: Map<SocketAddr, (Arc<Service>, u16)>,
-    /// Workload uid -> keys of the services listing it, to re-resolve their endpoints when
-    /// the workload comes, goes or changes.
-    listed_by: Map<Arc<str>, ServiceKeys>,
     local: imbl::OrdMap<Arc<str>, Local>,
     identities: Arc<HashMap<SpiffeId, schema::Identity>>,
     trust_roots: Arc<Vec<Vec<u8>>>,
@@ -350,25 +382,6 @@ fn payload_error(error: DecodeError) -> IndexError {
     IndexError::Payload(error.to_string())
 }
 
-/// Points a service's listed uids at the workloads `by_uid` has, sharing the uid the map
-/// holds (one allocation per pod, not two).
-fn resolve_endpoints(
-    by_uid: &Map<Arc<str>, Arc<Workload>>,
-    service: &mut Service,
-    listed: &[&str],
-) {
-    service.listed.reserve_exact(listed.len());
-    for &uid in listed {
-        match by_uid.get_key_value(uid) {
-            Some((known, workload)) => {
-                service.listed.push(known.clone());
-                service.endpoints.push(workload.clone());
-            }
-            None => service.listed.push(uid.into()),
-        }
-    }
-}
-
 /// Puts a service in by key and by each of its frontends.
 fn put_service(
     services: &mut Map<Arc<str>, Arc<Service>>,
@@ -432,6 +445,8 @@ fn parse_service(s: &ServiceView<'_>) -> Result<Service, IndexError> {
             frontends.push((SocketAddr::new(*vip, port), target));
         }
     }
+    let listed = Listed::new(&s.endpoints)
+        .ok_or_else(|| bad("endpoints", "more than 4 GiB of uids".to_owned()))?;
     let hostname = if s.hostname.is_empty() {
         format!("{}.{}.svc.cluster.local", s.name, s.namespace)
     } else {
@@ -444,9 +459,7 @@ fn parse_service(s: &ServiceView<'_>) -> Result<Service, IndexError> {
             hostname,
         },
         frontends,
-        // Filled as the service goes in, sharing the uids the workload map holds.
-        listed: Vec::new(),
-        endpoints: Vec::new(),
+        listed,
     })
 }
 
@@ -529,13 +542,11 @@ impl Index {
             self.by_ip.fold();
             self.services.fold();
             self.by_vip.fold();
-            self.listed_by.fold();
         } else {
             self.by_uid.fold_if_large();
             self.by_ip.fold_if_large();
             self.services.fold_if_large();
             self.by_vip.fold_if_large();
-            self.listed_by.fold_if_large();
         }
     }
 
@@ -551,7 +562,7 @@ impl Index {
     ) -> Result<Index, IndexError> {
         let mut next = self;
         next.generation = generation;
-        // Into an empty index (a build) nothing leaves and no service is resolved again.
+        // Into an empty index (a build) nothing leaves.
         let from_empty = next.by_uid.is_empty() && next.services.is_empty();
         if !delta.source.is_empty() {
             next.source = delta.source;
@@ -563,15 +574,12 @@ impl Index {
         let count = workloads.iter().map(ExactSizeIterator::len).sum();
         next.by_uid.reserve(count);
         next.by_ip.reserve(count);
-        next.listed_by.reserve(count);
         next.services.reserve(services.len());
         next.by_vip.reserve(services.len());
         let mut parsed = parse_workloads(workloads, &next.node)?;
 
         // Workloads: every changed or removed one leaves first (with its addresses), so that
-        // two pods swapping addresses in one delta is not a conflict. `changed` collects the
-        // uids whose workload came, went or changed: the services listing them re-resolve.
-        let mut changed: Vec<Arc<str>> = Vec::new();
+        // two pods swapping addresses in one delta is not a conflict.
         let mut local_changed = false;
         let leaving = delta
             .removed_workloads
@@ -589,7 +597,6 @@ impl Index {
                     next.local.remove(uid);
                     local_changed = true;
                 }
-                changed.push(Arc::from(uid));
             }
         }
         // Then each goes in by uid while the services are read.
@@ -609,9 +616,6 @@ impl Index {
                     if next.by_uid.insert(uid.clone(), workload.clone()).is_some() {
                         return Err(IndexError::DuplicateUid(uid.to_string()));
                     }
-                    if !from_empty {
-                        changed.push(uid);
-                    }
                 }
                 Ok(())
             },
@@ -619,8 +623,7 @@ impl Index {
                 services
                     .map(|s| {
                         let s = s.map_err(payload_error)?;
-                        let service = parse_service(&s)?;
-                        Ok((Arc::<str>::from(s.key()), service, s.endpoints))
+                        Ok((Arc::<str>::from(s.key()), Arc::new(parse_service(&s)?)))
                     })
                     .collect::<Result<Vec<_>, IndexError>>()
             },
@@ -642,101 +645,44 @@ impl Index {
         };
         // Errors come in the order one thread meets them: a uid twice, then an address
         // twice, then a malformed service.
-        let mut incoming = match incoming {
+        let incoming = match incoming {
             Ok(incoming) => incoming,
             Err(error) => {
                 by_ip(&mut next.by_ip)?;
                 return Err(error);
             }
         };
-        let half = incoming.len() / 2;
-        let (first, second) = incoming.split_at_mut(half);
-        let resolve = |services: &mut [(Arc<str>, Service, Vec<&str>)]| {
-            for (_, service, listed) in services {
-                resolve_endpoints(&next.by_uid, service, listed);
-            }
-        };
-        join(parallel, || resolve(first), || resolve(second));
-        let incoming: Vec<(Arc<str>, Arc<Service>)> = incoming
-            .into_iter()
-            .map(|(key, service, _)| (key, Arc::new(service)))
-            .collect();
 
-        // Services: the old version of each changed or removed one leaves with its frontends.
-        let leaving = delta
-            .removed_services
-            .iter()
-            .map(String::as_str)
-            .chain(incoming.iter().map(|(key, _)| &**key));
-        for key in leaving {
-            if let Some(old) = next.services.remove(key) {
-                for (frontend, _) in &old.frontends {
-                    if next
-                        .by_vip
-                        .get(frontend)
-                        .is_some_and(|(s, _)| Arc::ptr_eq(s, &old))
-                    {
-                        next.by_vip.remove(frontend);
-                    }
-                }
-                for uid in &old.listed {
-                    next.unlist(uid, key);
-                }
-            }
-        }
-        // New and changed services go in, each listed workload pointing back at them, while
-        // the workloads go in by address.
+        // Services: the old version of each changed or removed one leaves with its frontends,
+        // and the new ones go in, while the workloads go in by address.
         let ((), by_ip) = join(
             parallel,
             || {
-                for (key, service) in &incoming {
-                    for uid in &service.listed {
-                        next.listed_by
-                            .update(uid.clone(), ServiceKeys::new, |keys| {
-                                if !keys.contains(key) {
-                                    keys.push(key.clone());
-                                }
-                            });
+                let leaving = delta
+                    .removed_services
+                    .iter()
+                    .map(String::as_str)
+                    .chain(incoming.iter().map(|(key, _)| &**key));
+                for key in leaving {
+                    if let Some(old) = next.services.remove(key) {
+                        for (frontend, _) in &old.frontends {
+                            if next
+                                .by_vip
+                                .get(frontend)
+                                .is_some_and(|(s, _)| Arc::ptr_eq(s, &old))
+                            {
+                                next.by_vip.remove(frontend);
+                            }
+                        }
                     }
                 }
-            },
-            || {
                 for (key, service) in &incoming {
                     put_service(&mut next.services, &mut next.by_vip, key, service);
                 }
-                by_ip(&mut next.by_ip)
             },
+            || by_ip(&mut next.by_ip),
         );
         by_ip?;
-        // Endpoints point at workloads: the other services listing a workload that came, went
-        // or changed re-resolve, and their frontends point at the new version.
-        let mut touched: HashSet<Arc<str>> = HashSet::new();
-        if !changed.is_empty() {
-            let resolved: HashSet<&str> = incoming.iter().map(|(key, _)| &**key).collect();
-            for uid in &changed {
-                if let Some(keys) = next.listed_by.get(uid) {
-                    touched.extend(keys.iter().filter(|k| !resolved.contains(&***k)).cloned());
-                }
-            }
-        }
-        drop(incoming);
-        for key in touched {
-            let Some(old) = next.services.get(&key).cloned() else {
-                continue;
-            };
-            let mut service = Service::clone(&old);
-            service.endpoints = service
-                .listed
-                .iter()
-                .filter_map(|uid| next.by_uid.get(uid).cloned())
-                .collect();
-            put_service(
-                &mut next.services,
-                &mut next.by_vip,
-                &key,
-                &Arc::new(service),
-            );
-        }
 
         // Identities and trust roots: small, rebuilt whole when touched.
         if !delta.identities.is_empty() || !delta.removed_identities.is_empty() {
@@ -789,17 +735,6 @@ impl Index {
         Ok(next)
     }
 
-    fn unlist(&mut self, uid: &Arc<str>, key: &str) {
-        if let Some(keys) = self.listed_by.get(uid) {
-            let rest: ServiceKeys = keys.iter().filter(|k| ***k != *key).cloned().collect();
-            if rest.is_empty() {
-                self.listed_by.remove(uid);
-            } else {
-                self.listed_by.insert(uid.clone(), rest);
-            }
-        }
-    }
-
     fn root_namespace(&self) -> &str {
         if self.root_namespace.is_empty() {
             authz::DEFAULT_ROOT_NAMESPACE
@@ -846,7 +781,6 @@ impl Index {
             by_ip: Map::default(),
             services: Map::default(),
             by_vip: Map::default(),
-            listed_by: Map::default(),
             local: imbl::OrdMap::new(),
             identities: Arc::default(),
             trust_roots: Arc::default(),
@@ -873,7 +807,8 @@ impl Index {
     pub fn workloads(&self) -> impl Iterator<Item = &Workload> {
         self.by_uid.values().map(|w| &**w)
     }
-    /// Every service with its VIP:port frontends (sorted) and the number of endpoints.
+    /// Every service with its VIP:port frontends (sorted) and the number of its endpoints
+    /// this index has a workload for.
     pub fn services(&self) -> Vec<(&ServiceName, Vec<SocketAddr>, usize)> {
         self.services
             .values()
@@ -881,7 +816,8 @@ impl Index {
                 let mut vips: Vec<SocketAddr> = s.frontends.iter().map(|(a, _)| *a).collect();
                 vips.sort();
                 vips.dedup();
-                (&s.name, vips, s.endpoints.len())
+                let present = s.listed.iter().filter(|uid| self.by_uid.contains_key(*uid));
+                (&s.name, vips, present.count())
             })
             .collect()
     }
@@ -961,11 +897,9 @@ impl Index {
     /// endpoints (callers pass a per-worker counter, so selection is round robin per core).
     pub fn route_outbound(&self, dst: SocketAddr, pick: u64) -> Route<'_> {
         if let Some((service, target_port)) = self.by_vip.get(&dst) {
-            let endpoints = &service.endpoints;
-            if endpoints.is_empty() {
+            let Some(workload) = self.endpoint(service, pick) else {
                 return Route::NoEndpoint { service: dst };
-            }
-            let workload = &endpoints[(pick % endpoints.len() as u64) as usize];
+            };
             // Prefer an address of the VIP's family; fall back to any.
             let ip = workload
                 .ips
@@ -995,6 +929,29 @@ impl Index {
             Some(workload) => self.route_to_workload(workload, dst),
             None => Route::Passthrough { target: dst },
         }
+    }
+
+    /// The endpoint `pick` selects: the listed uid at `pick`, one lookup, when this index has
+    /// its workload. When it has not (a pod listed before it arrived, or after it left), one
+    /// of those it has, chosen by the rest of `pick`: so every endpoint present takes the
+    /// same share, and only picks that land on a missing one pay a scan of the list.
+    fn endpoint(&self, service: &Service, pick: u64) -> Option<&Workload> {
+        let listed = &service.listed;
+        let n = listed.len() as u64;
+        if n == 0 {
+            return None;
+        }
+        if let Some(workload) = self.by_uid.get(listed.get((pick % n) as usize)) {
+            return Some(workload);
+        }
+        let present = || listed.iter().filter_map(|uid| self.by_uid.get(uid));
+        let count = present().count() as u64;
+        if count == 0 {
+            return None;
+        }
+        present()
+            .nth(((pick / n) % count) as usize)
+            .map(|workload| &**workload)
     }
 
     fn route_to_workload<'a>(&'a self, workload: &'a Workload, target: SocketAddr) -> Route<'a> {
@@ -1190,7 +1147,7 @@ mod tests {
         }
 
         // A listed pod moves, another leaves, and the one listed before it existed comes:
-        // the services listing them re-resolve (through the workload -> services map).
+        // a connection to the services listing them finds them as they are now.
         let mut moved = snap.workloads[4 + 20].clone();
         moved.ips = vec![vec![10, 201, 0, 1]];
         let mut arrived = snap.workloads[4].clone();
@@ -1357,19 +1314,16 @@ mod tests {
                 addr("10.0.2.2:15008")
             )
         );
-        // The VIP resolves to its endpoints in turn, with the target port applied.
-        let picked: Vec<_> = (0..4)
+        // The VIP resolves to its endpoints in turn, with the target port applied. It lists
+        // server-a, server-b and a uid no workload has: the picks that land on that one go to
+        // the others in turn, so over a whole cycle (3 listed x 2 present) each takes half.
+        let picked: Vec<_> = (0..6)
             .map(|pick| hbone_to(index.route_outbound(addr("10.96.0.10:80"), pick)).1)
             .collect();
-        assert_eq!(
-            picked,
-            [
-                addr("10.0.2.2:8080"),
-                addr("10.0.2.3:8080"),
-                addr("10.0.2.2:8080"),
-                addr("10.0.2.3:8080")
-            ]
-        );
+        assert_eq!(&picked[..2], [addr("10.0.2.2:8080"), addr("10.0.2.3:8080")]);
+        for endpoint in [addr("10.0.2.2:8080"), addr("10.0.2.3:8080")] {
+            assert_eq!(picked.iter().filter(|p| **p == endpoint).count(), 3);
+        }
         assert_eq!(
             index.route_outbound(addr("10.0.2.9:5432"), 0),
             Route::Passthrough {
