@@ -521,6 +521,7 @@ lab_test!(
             "metrics",
             "readiness",
             "snapshot-watch",
+            "snapshot-free",
             "access-log",
         ] {
             assert_eq!(cpus_of(name), rest, "{name}: {threads:?}");

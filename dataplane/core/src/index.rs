@@ -6,8 +6,9 @@
 //! The big maps are layered (a frozen hash map under a small persistent overlay, see
 //! `layered`): the next generation is the previous one with a delta applied, sharing the
 //! frozen part, so a one-pod change costs an overlay insert, not a rebuild of the world. A
-//! complete snapshot is the same operation on an empty index. Parts that are rebuilt as a whole when they change (compiled policies, TLS material)
-//! sit behind their own `Arc`, so a worker can tell in O(1) whether they changed.
+//! complete snapshot is the same operation on an empty index. Parts that are rebuilt as a
+//! whole when they change (compiled policies, TLS material) sit behind their own `Arc`, so a
+//! worker can tell in O(1) whether they changed.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -131,7 +131,7 @@ impl Retired {
         let free: Vec<Arc<Index>> = free;
         match &self.reclaimer {
             Some((to_reclaimer, _)) => free.into_iter().for_each(|index| {
-                // A reclaimer gone (it cannot panic on a drop of its own) leaves the index here.
+                // Only a reclaimer that is gone refuses: the index is then freed here.
                 let _ = to_reclaimer.send(index);
             }),
             None => {
