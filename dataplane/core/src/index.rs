@@ -76,7 +76,8 @@ struct Service {
     listed: Listed,
 }
 
-/// A service's endpoint uids, in order, in one allocation.
+/// A service's endpoint uids, in order: two allocations per service (the joined uids and where
+/// each ends), not one per uid.
 #[derive(Clone, Debug, Default)]
 struct Listed {
     uids: Box<str>,

@@ -124,11 +124,10 @@ impl Retired {
     fn reclaim(&mut self, priority: &mut WatcherPriority) {
         // Nothing else can gain a reference to a retired index (workers and connections only
         // drop theirs, and no weak references exist), so a count of one stays one.
-        let (free, held) = std::mem::take(&mut self.held)
+        let (free, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
             .into_iter()
             .partition(|index| Arc::strong_count(index) == 1);
         self.held = held;
-        let free: Vec<Arc<Index>> = free;
         match &self.reclaimer {
             Some((to_reclaimer, _)) => free.into_iter().for_each(|index| {
                 // Only a reclaimer that is gone refuses: the index is then freed here.
