@@ -889,10 +889,12 @@ impl Subscriber {
                     epoch: m.epoch,
                     generation: published,
                 };
-                if superseded == 0
-                    && self.last == Some(current)
-                    && !self.base_replaced_since_refusal(&layout, m.capacity)
-                {
+                // Nothing published yet (the agent created the region and is still listing
+                // its sources) is nothing new either: sleep, do not spin on `read`.
+                let nothing_new = published == 0
+                    || (self.last == Some(current)
+                        && !self.base_replaced_since_refusal(&layout, m.capacity));
+                if superseded == 0 && nothing_new {
                     futex_wait(wake, seen, timeout);
                 }
             }

@@ -295,6 +295,32 @@ fn wait_returns_promptly_when_something_is_published() {
 }
 
 #[test]
+fn a_reader_waits_for_the_first_publication_instead_of_spinning() {
+    let dir = ScratchDir::new().expect("scratch dir");
+    let path = region_path(&dir);
+    // The agent has created the region but not yet published (it may still be listing the
+    // cluster): a reader must sleep on the wake word, not return at once and read again.
+    let mut publisher = Publisher::create(&path, small()).expect("create");
+    let mut sub = Subscriber::new(&path);
+    assert!(matches!(sub.read(), Err(RegionError::Empty { .. })));
+    let published = Arc::new(AtomicBool::new(false));
+    let waiter = std::thread::spawn({
+        let published = published.clone();
+        move || {
+            sub.wait(Duration::from_secs(60));
+            published.load(Ordering::Acquire)
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    published.store(true, Ordering::Release);
+    publisher.publish(b"one").expect("publish");
+    assert!(
+        waiter.join().expect("join"),
+        "wait returned before anything was published"
+    );
+}
+
+#[test]
 fn changes_are_appended_and_each_reader_gets_only_what_it_has_not_seen() {
     let dir = ScratchDir::new().expect("scratch dir");
     let path = region_path(&dir);
