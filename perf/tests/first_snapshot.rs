@@ -1,0 +1,96 @@
+//! The data plane started before its agent has published anything: the agent creates the
+//! region first and then lists its sources, which on a large cluster (or an unreachable API
+//! server) takes seconds to minutes. Meanwhile the data plane must wait asleep, not spin its
+//! real-time snapshot thread on a core, and serve as soon as the first snapshot lands.
+//! A real data plane process on the host's loopback; no namespaces needed.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mesh_snapshot::region::PublishOptions;
+use mesh_snapshot::{Publisher, Snapshot};
+
+/// Ports of their own, apart from the lab's (which run in namespaces anyway).
+const READINESS: &str = "127.0.0.1:35021";
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The readiness endpoint's status code, if it answers.
+fn readiness() -> Option<u16> {
+    let mut stream = TcpStream::connect(READINESS).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).ok()?;
+    reply.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn a_data_plane_waits_asleep_for_the_first_snapshot_and_then_serves() {
+    let binaries = perf::bins::locate().expect("binaries");
+    let dir = std::env::temp_dir().join(format!("first-snapshot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let region = dir.join("snapshot");
+    let mut publisher = Publisher::create(&region, PublishOptions::default()).expect("region");
+
+    let dataplane = Command::new(&binaries.dataplane)
+        .args(["--snapshot", region.to_str().expect("path")])
+        .args(["--workers", "1", "--no-pin"])
+        .args(["--readiness-addr", READINESS])
+        .args(["--admin-addr", "127.0.0.1:35000"])
+        .args(["--metrics-addr", "127.0.0.1:35020"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the data plane");
+    let dataplane = Killed(dataplane);
+    let pid = dataplane.0.id();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while readiness().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the readiness endpoint never answered"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(readiness(), Some(503), "ready without a snapshot");
+    let cpu = || perf::sys::cpu_seconds(pid).expect("the data plane's CPU time");
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(2));
+    let waiting = cpu() - before;
+    // A thread that spins on the region burns the whole two seconds of a core.
+    assert!(
+        waiting < 0.5,
+        "the data plane used {waiting:.2} s of CPU in 2 s while waiting for its first snapshot"
+    );
+    assert_eq!(readiness(), Some(503), "ready without a snapshot");
+
+    publisher
+        .publish(&mesh_snapshot::encode(&Snapshot {
+            node: "node-1".into(),
+            ..Snapshot::default()
+        }))
+        .expect("publish");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while readiness() != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "not ready 20 s after the first snapshot"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(dataplane);
+    let _ = std::fs::remove_dir_all(&dir);
+}
