@@ -302,8 +302,8 @@ struct DataPlane {
     to_workers: Vec<flume::Sender<Control>>,
     workers: Vec<std::thread::JoinHandle<std::io::Result<u64>>>,
     adopted: std::sync::mpsc::Receiver<(usize, u64, Instant)>,
-    /// Newest generation each worker reported.
-    holds: Vec<u64>,
+    /// Newest generation each worker reported, and when the worker had adopted it.
+    holds: Vec<(u64, Instant)>,
 }
 
 impl DataPlane {
@@ -342,24 +342,28 @@ impl DataPlane {
             to_workers,
             workers: handles,
             adopted,
-            holds: vec![0; workers.max(1)],
+            holds: vec![(0, Instant::now()); workers.max(1)],
         })
     }
 
-    /// Waits until every worker holds `generation`; returns when the last one got it.
+    /// Waits until every worker holds `generation`; returns when the last one got it, as the
+    /// workers timed it: not when this thread heard of it, which on busy cores can be
+    /// milliseconds later and is no part of the channel's latency.
     fn visible(&mut self, generation: u64) -> anyhow::Result<Instant> {
-        let mut last = Instant::now();
-        while self.holds.iter().any(|&g| g < generation) {
+        while self.holds.iter().any(|&(g, _)| g < generation) {
             let (worker, g, at) = self
                 .adopted
                 .recv_timeout(Duration::from_secs(120))
                 .context("workers stopped adopting")?;
-            self.holds[worker] = g;
-            if g >= generation {
-                last = last.max(at);
-            }
+            self.holds[worker] = (g, at);
         }
-        Ok(last)
+        // `generation` is the newest published, so what each worker holds now is it.
+        Ok(self
+            .holds
+            .iter()
+            .map(|&(_, at)| at)
+            .max()
+            .unwrap_or_else(Instant::now))
     }
 
     fn stop(mut self) -> anyhow::Result<u64> {
