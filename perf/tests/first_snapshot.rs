@@ -14,6 +14,7 @@ use mesh_snapshot::{Publisher, Snapshot};
 
 /// Ports of their own, apart from the lab's (which run in namespaces anyway).
 const READINESS: &str = "127.0.0.1:35021";
+const METRICS: &str = "127.0.0.1:35020";
 
 struct Killed(Child);
 
@@ -24,16 +25,33 @@ impl Drop for Killed {
     }
 }
 
-/// The readiness endpoint's status code, if it answers.
-fn readiness() -> Option<u16> {
-    let mut stream = TcpStream::connect(READINESS).ok()?;
+/// The status code and body of `GET path` on `addr`, if it answers.
+fn get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream
-        .write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut reply = String::new();
     stream.read_to_string(&mut reply).ok()?;
-    reply.split_whitespace().nth(1)?.parse().ok()
+    let status = reply.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, reply))
+}
+
+fn readiness() -> Option<u16> {
+    get(READINESS, "/healthz/ready").map(|(status, _)| status)
+}
+
+/// The value of a counter without labels, as Prometheus scrapes it.
+fn counter(name: &str) -> u64 {
+    let (status, body) = get(METRICS, "/stats/prometheus").expect("metrics answer");
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
 }
 
 #[test]
@@ -49,7 +67,7 @@ fn a_data_plane_waits_asleep_for_the_first_snapshot_and_then_serves() {
         .args(["--workers", "1", "--no-pin"])
         .args(["--readiness-addr", READINESS])
         .args(["--admin-addr", "127.0.0.1:35000"])
-        .args(["--metrics-addr", "127.0.0.1:35020"])
+        .args(["--metrics-addr", METRICS])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -76,6 +94,8 @@ fn a_data_plane_waits_asleep_for_the_first_snapshot_and_then_serves() {
         "the data plane used {waiting:.2} s of CPU in 2 s while waiting for its first snapshot"
     );
     assert_eq!(readiness(), Some(503), "ready without a snapshot");
+    // Waiting is not failing: nothing for an alert on read errors to fire on.
+    assert_eq!(counter("meshdp_snapshot_read_errors_total"), 0);
 
     publisher
         .publish(&mesh_snapshot::encode(&Snapshot {

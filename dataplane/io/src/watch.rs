@@ -250,6 +250,9 @@ pub fn watch(
             Ok(ReadOutcome::Unchanged) => {}
             Err(error) => {
                 let message = error.to_string();
+                // A region with nothing in it yet is the agent still listing its sources, not
+                // an error: readiness says so meanwhile.
+                let waiting = matches!(error, RegionError::Empty { .. });
                 if matches!(
                     error,
                     RegionError::Checksum { .. }
@@ -257,12 +260,16 @@ pub fn watch(
                         | RegionError::Length { .. }
                 ) {
                     status.refused.fetch_add(1, Ordering::AcqRel);
-                } else {
+                } else if !waiting {
                     status.read_errors.fetch_add(1, Ordering::AcqRel);
                 }
                 // Log a problem once, not on every retry.
                 if message != last_error {
-                    tracing::warn!(error = %message, "cannot read the snapshot region");
+                    if waiting {
+                        tracing::info!(%message, "waiting for the agent's first snapshot");
+                    } else {
+                        tracing::warn!(error = %message, "cannot read the snapshot region");
+                    }
                     status.note_error(message.clone());
                     last_error = message;
                 }
