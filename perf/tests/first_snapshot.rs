@@ -62,6 +62,8 @@ fn a_data_plane_waits_asleep_for_the_first_snapshot_and_then_serves() {
     let region = dir.join("snapshot");
     let mut publisher = Publisher::create(&region, PublishOptions::default()).expect("region");
 
+    let log_path = dir.join("dataplane.log");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let dataplane = Command::new(&binaries.dataplane)
         .args(["--snapshot", region.to_str().expect("path")])
         .args(["--workers", "1", "--no-pin"])
@@ -69,7 +71,7 @@ fn a_data_plane_waits_asleep_for_the_first_snapshot_and_then_serves() {
         .args(["--admin-addr", "127.0.0.1:35000"])
         .args(["--metrics-addr", METRICS])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).expect("log file"))
         .spawn()
         .expect("start the data plane");
     let dataplane = Killed(dataplane);
@@ -79,7 +81,8 @@ fn a_data_plane_waits_asleep_for_the_first_snapshot_and_then_serves() {
     while readiness().is_none() {
         assert!(
             Instant::now() < deadline,
-            "the readiness endpoint never answered"
+            "the readiness endpoint never answered; log:\n{}",
+            log()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -94,8 +97,16 @@ fn a_data_plane_waits_asleep_for_the_first_snapshot_and_then_serves() {
         "the data plane used {waiting:.2} s of CPU in 2 s while waiting for its first snapshot"
     );
     assert_eq!(readiness(), Some(503), "ready without a snapshot");
-    // Waiting is not failing: nothing for an alert on read errors to fire on.
+    // Waiting is not failing: nothing for an alert on read errors to fire on, and one line
+    // in the log, not one per retry.
     assert_eq!(counter("meshdp_snapshot_read_errors_total"), 0);
+    let said = log();
+    assert_eq!(
+        said.matches("waiting for the agent's first snapshot")
+            .count(),
+        1,
+        "{said}"
+    );
 
     publisher
         .publish(&mesh_snapshot::encode(&Snapshot {
@@ -107,7 +118,8 @@ fn a_data_plane_waits_asleep_for_the_first_snapshot_and_then_serves() {
     while readiness() != Some(200) {
         assert!(
             Instant::now() < deadline,
-            "not ready 20 s after the first snapshot"
+            "not ready 20 s after the first snapshot; log:\n{}",
+            log()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
