@@ -41,6 +41,7 @@ fn snapbench_measures_every_size_and_saves_the_result() {
         assert!(n("one_pod_change_p50_ms") > 0.0);
         assert!(n("one_pod_change_p50_ms") <= n("one_pod_change_p99_ms"));
         assert!(n("change_after_compaction_ms") > 0.0);
+        assert!(n("changes_after_replace_max_ms") > 0.0, "{s}");
         assert!(n("compact_ms") > 0.0 && n("file_source_diff_ms") > 0.0);
         assert!(
             n("route_by_ip_ns") > 0.0 && n("route_by_vip_ns") > 0.0,
