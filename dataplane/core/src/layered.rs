@@ -190,6 +190,11 @@ where
         self.iter().map(|(_, v)| v)
     }
 
+    /// No other map shares this one's base: dropping this map frees the base.
+    pub fn owns_base(&self) -> bool {
+        Arc::strong_count(&self.base) == 1
+    }
+
     /// Folds the overlay into a new base once it has grown past an eighth of the base.
     pub fn fold_if_large(&mut self) {
         if self.overlay.len() > FOLD_MIN.max(self.base.len() / 8) {
@@ -297,5 +302,17 @@ mod tests {
             "the shared base is untouched"
         );
         assert_eq!(frozen.get(&2), None);
+    }
+
+    #[test]
+    fn a_map_owns_its_base_until_another_generation_shares_it() {
+        let mut m: Layered<u32, u32> = Layered::default();
+        m.insert(1, 10);
+        m.fold();
+        assert!(m.owns_base());
+        let next = m.clone();
+        assert!(!m.owns_base() && !next.owns_base());
+        drop(next);
+        assert!(m.owns_base());
     }
 }

@@ -102,7 +102,7 @@ impl Retired {
         let (to_reclaimer, retired) = std::sync::mpsc::channel::<Arc<Index>>();
         let spawned = std::thread::Builder::new()
             .name("snapshot-free".into())
-            .spawn(move || retired.iter().for_each(drop));
+            .spawn(move || retired.iter().for_each(free));
         let reclaimer = match spawned {
             Ok(thread) => Some((to_reclaimer, thread)),
             Err(error) => {
@@ -124,19 +124,19 @@ impl Retired {
     fn reclaim(&mut self, priority: &mut WatcherPriority) {
         // Nothing else can gain a reference to a retired index (workers and connections only
         // drop theirs, and no weak references exist), so a count of one stays one.
-        let (free, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+        let (only_ours, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
             .into_iter()
             .partition(|index| Arc::strong_count(index) == 1);
         self.held = held;
         match &self.reclaimer {
-            Some((to_reclaimer, _)) => free.into_iter().for_each(|index| {
+            Some((to_reclaimer, _)) => only_ours.into_iter().for_each(|index| {
                 // Only a reclaimer that is gone refuses: the index is then freed here.
                 let _ = to_reclaimer.send(index);
             }),
             None => {
                 // Not above the workers.
                 priority.lower();
-                drop(free);
+                only_ours.into_iter().for_each(free);
                 priority.restore();
             }
         }
@@ -153,6 +153,14 @@ impl Retired {
 
     fn any_reclaimable(&self) -> bool {
         self.held.iter().any(|index| Arc::strong_count(index) == 1)
+    }
+}
+
+/// Frees a retired index (see `Index::release`); one still shared is only let go.
+fn free(index: Arc<Index>) {
+    match Arc::try_unwrap(index) {
+        Ok(index) => index.release(),
+        Err(shared) => drop(shared),
     }
 }
 
