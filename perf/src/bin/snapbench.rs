@@ -792,8 +792,9 @@ fn kube_event_cost(size: usize) -> anyhow::Result<KubeEventCost> {
 }
 
 /// The index of a complete snapshot built from its payload in place (what the watcher does
-/// when it adopts a base) and through prost (the way before), and its free (what the watcher
-/// does when a base replaced it), each timed alone.
+/// when it adopts a base) and through prost (the way before), and its free as the data
+/// plane's free thread does it when a base replaced it (`Index::release`) and as a plain
+/// drop, each timed alone.
 fn adopt_parts(snap: &Snapshot) -> anyhow::Result<AdoptParts> {
     let payload = mesh_snapshot::encode(snap);
     let t = Instant::now();
