@@ -802,20 +802,25 @@ impl Index {
     pub fn source(&self) -> &str {
         &self.source
     }
-    /// Drops this index. When no other generation shares its workloads' map (it was built
-    /// from a complete snapshot, or folded), its workloads are freed in address order: freed
-    /// in hash order, they are scattered chunks that glibc spends most of the free unlinking
-    /// and merging. At 100k workloads that order, its sort included, takes the free to about
-    /// x0.4 (bench-results/README.md). Other generations' free is a few overlay entries.
-    pub fn release(self) {
-        let mut workloads: Vec<Arc<Workload>> = if self.by_uid.owns_base() {
-            self.by_uid.values().cloned().collect()
-        } else {
-            Vec::new()
-        };
-        workloads.sort_unstable_by_key(|w| Arc::as_ptr(w) as usize);
+    /// Drops this index, freeing the workloads only it holds in address order. Dropped as
+    /// any value is, they go in hash order: scattered chunks, which glibc spends most of the
+    /// free unlinking and merging. At 100k workloads address order, its sort included, takes
+    /// the free to about x0.4 (bench-results/README.md). An index whose workload map another
+    /// generation shares (a pod change's) frees a few overlay entries, as before.
+    pub fn release(mut self) {
+        let by_uid = std::mem::take(&mut self.by_uid);
+        // Every other reference this index holds to its workloads goes first, so that a
+        // count of one below means this index was the last holder.
         drop(self);
-        drop(workloads);
+        let Some(workloads) = by_uid.into_values_if_unshared() else {
+            return;
+        };
+        let (mut last_held, still_shared): (Vec<_>, Vec<_>) = workloads
+            .into_iter()
+            .partition(|w| Arc::strong_count(w) == 1);
+        drop(still_shared);
+        last_held.sort_unstable_by_key(|w| Arc::as_ptr(w) as usize);
+        drop(last_held);
     }
 
     pub fn workload_count(&self) -> usize {
@@ -1096,7 +1101,30 @@ mod tests {
             watched.upgrade().is_some(),
             "freed a workload the next generation holds"
         );
+        // A fold gives the next generation a base of its own; the one it replaced still
+        // shares its workloads.
+        let delta = Delta {
+            removed_workloads: vec!["legacy".into()],
+            ..Delta::default()
+        };
+        let mut third = second
+            .apply(
+                delta,
+                Generation {
+                    epoch: 0,
+                    generation: 3,
+                },
+            )
+            .expect("applies");
+        third.fold_maps(true);
+        let kept = contents(&third);
         second.release();
+        assert_eq!(contents(&third), kept);
+        assert!(
+            watched.upgrade().is_some(),
+            "freed a workload a folded generation holds"
+        );
+        third.release();
         assert!(
             watched.upgrade().is_none(),
             "a workload outlived the last index holding it"

@@ -190,9 +190,18 @@ where
         self.iter().map(|(_, v)| v)
     }
 
-    /// No other map shares this one's base: dropping this map frees the base.
-    pub fn owns_base(&self) -> bool {
-        Arc::strong_count(&self.base) == 1
+    /// Every value, moved out, when no other map shares this one's base; `None` (the map
+    /// simply dropped) when one does.
+    pub fn into_values_if_unshared(self) -> Option<Vec<V>> {
+        let base = Arc::try_unwrap(self.base).ok()?;
+        let overlay = self.overlay;
+        let mut values: Vec<V> = base
+            .into_iter()
+            .filter(|(k, _)| overlay.is_empty() || !overlay.contains_key(k))
+            .map(|(_, v)| v)
+            .collect();
+        values.extend(overlay.into_iter().filter_map(|(_, v)| v));
+        Some(values)
     }
 
     /// Folds the overlay into a new base once it has grown past an eighth of the base.
@@ -305,14 +314,17 @@ mod tests {
     }
 
     #[test]
-    fn a_map_owns_its_base_until_another_generation_shares_it() {
+    fn values_move_out_only_of_a_map_whose_base_no_generation_shares() {
         let mut m: Layered<u32, u32> = Layered::default();
         m.insert(1, 10);
+        m.insert(2, 20);
         m.fold();
-        assert!(m.owns_base());
+        m.insert(2, 21);
+        m.insert(3, 30);
         let next = m.clone();
-        assert!(!m.owns_base() && !next.owns_base());
-        drop(next);
-        assert!(m.owns_base());
+        assert_eq!(m.into_values_if_unshared(), None);
+        let mut values = next.into_values_if_unshared().expect("unshared now");
+        values.sort();
+        assert_eq!(values, vec![10, 21, 30], "the overlay's value wins, once");
     }
 }
