@@ -827,6 +827,27 @@ struct AdoptParts {
     hash_order_drop: Duration,
 }
 
+/// The delta a watch event on one pod turns into.
+fn one_pod_delta(workload: &Workload) -> Vec<u8> {
+    mesh_snapshot::delta::encode(&mesh_snapshot::Delta {
+        workloads: vec![workload.clone()],
+        ..mesh_snapshot::Delta::default()
+    })
+}
+
+/// Appends `delta`, which must fit in the log right `after` what was just published (no
+/// complete snapshot in its place).
+fn append_to_log(
+    publisher: &mut Publisher,
+    delta: &[u8],
+    after: &str,
+) -> anyhow::Result<mesh_snapshot::region::Version> {
+    match publisher.append(delta)? {
+        Appended::Published(version) => Ok(version),
+        Appended::NeedsFull => anyhow::bail!("a one-pod delta did not fit after {after}"),
+    }
+}
+
 fn measure(
     size: usize,
     args: &Args,
@@ -861,10 +882,7 @@ fn measure(
         let pod = (n * 7919) % size;
         snap.workloads[pod].ips = vec![ip(size + n)];
         let t = Instant::now();
-        let delta = mesh_snapshot::delta::encode(&mesh_snapshot::Delta {
-            workloads: vec![snap.workloads[pod].clone()],
-            ..mesh_snapshot::Delta::default()
-        });
+        let delta = one_pod_delta(&snap.workloads[pod]);
         let version = match publisher.append(&delta)? {
             Appended::Published(version) => version,
             Appended::NeedsFull => publisher.publish(&mesh_snapshot::encode(&snap))?,
@@ -896,13 +914,8 @@ fn measure(
     let pod = size / 3;
     snap.workloads[pod].ips = vec![ip(size + samples + 1)];
     let t = Instant::now();
-    let delta = mesh_snapshot::delta::encode(&mesh_snapshot::Delta {
-        workloads: vec![snap.workloads[pod].clone()],
-        ..mesh_snapshot::Delta::default()
-    });
-    let Appended::Published(version) = publisher.append(&delta)? else {
-        anyhow::bail!("a one-pod delta did not fit after a compaction");
-    };
+    let delta = one_pod_delta(&snap.workloads[pod]);
+    let version = append_to_log(&mut publisher, &delta, "a compaction")?;
     let change_after_compaction = dataplane.visible(version.generation)? - t;
 
     // A complete snapshot that replaces the index (as a resync does), then pod changes at
@@ -914,13 +927,8 @@ fn measure(
         let pod = (size / 5 + n) % size;
         snap.workloads[pod].ips = vec![ip(size + samples + 2 + n)];
         let t = Instant::now();
-        let delta = mesh_snapshot::delta::encode(&mesh_snapshot::Delta {
-            workloads: vec![snap.workloads[pod].clone()],
-            ..mesh_snapshot::Delta::default()
-        });
-        let Appended::Published(version) = publisher.append(&delta)? else {
-            anyhow::bail!("a one-pod delta did not fit after a complete snapshot");
-        };
+        let delta = one_pod_delta(&snap.workloads[pod]);
+        let version = append_to_log(&mut publisher, &delta, "a complete snapshot")?;
         changes_after_replace =
             changes_after_replace.max(dataplane.visible(version.generation)? - t);
     }
