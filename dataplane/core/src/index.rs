@@ -812,15 +812,13 @@ impl Index {
         // Every other reference this index holds to its workloads goes first, so that a
         // count of one below means this index was the last holder.
         drop(self);
-        let Some(workloads) = by_uid.into_values_if_unshared() else {
+        let Some(mut workloads) = by_uid.into_values_if_unshared() else {
             return;
         };
-        let (mut last_held, still_shared): (Vec<_>, Vec<_>) = workloads
-            .into_iter()
-            .partition(|w| Arc::strong_count(w) == 1);
-        drop(still_shared);
-        last_held.sort_unstable_by_key(|w| Arc::as_ptr(w) as usize);
-        drop(last_held);
+        // Those a later generation still holds are only let go.
+        workloads.retain(|w| Arc::strong_count(w) == 1);
+        workloads.sort_unstable_by_key(|w| Arc::as_ptr(w) as usize);
+        drop(workloads);
     }
 
     pub fn workload_count(&self) -> usize {

@@ -178,7 +178,7 @@ where
         let from_base = self
             .base
             .iter()
-            .filter(|(k, _)| self.overlay.is_empty() || !self.overlay.contains_key(*k));
+            .filter(|(k, _)| !overridden(&self.overlay, k));
         let from_overlay = self
             .overlay
             .iter()
@@ -197,7 +197,7 @@ where
         let overlay = self.overlay;
         let mut values: Vec<V> = base
             .into_iter()
-            .filter(|(k, _)| overlay.is_empty() || !overlay.contains_key(k))
+            .filter(|(k, _)| !overridden(&overlay, k))
             .map(|(_, v)| v)
             .collect();
         values.extend(overlay.into_iter().filter_map(|(_, v)| v));
@@ -233,6 +233,11 @@ where
     pub fn overlay_len(&self) -> usize {
         self.overlay.len()
     }
+}
+
+/// A base entry the overlay has changed or removed since the base was frozen.
+fn overridden<K: Ord + Clone, V: Clone>(overlay: &imbl::OrdMap<K, Option<V>>, key: &K) -> bool {
+    !overlay.is_empty() && overlay.contains_key(key)
 }
 
 #[cfg(test)]
