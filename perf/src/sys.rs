@@ -105,6 +105,10 @@ pub struct Machine {
     pub cores: usize,
     pub kernel: String,
     pub hostname: String,
+    /// What `meshtune doctor` finds on this node (huge pages, free page reporting, halt
+    /// polling, governors, ...), check name to finding: settings that move results between
+    /// runs of the same build.
+    pub node: std::collections::BTreeMap<String, String>,
 }
 
 pub fn machine() -> Machine {
@@ -128,6 +132,10 @@ pub fn machine() -> Machine {
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         kernel,
         hostname,
+        node: kernel_tuning::doctor::run(&kernel_tuning::sysfs::Root::default(), None, false)
+            .into_iter()
+            .map(|check| (check.name, check.found))
+            .collect(),
     }
 }
 

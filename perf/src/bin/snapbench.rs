@@ -219,6 +219,10 @@ struct SizeResult {
     /// From the complete snapshot published to every worker holding it: read, decode, index,
     /// and each worker's view.
     adopt_full_ms: f64,
+    /// The same for a complete snapshot that replaces a held index (an agent restart's
+    /// resync, or a log too long to append to): the data plane holds the old index while it
+    /// builds the new one, on a heap that has served the earlier builds.
+    adopt_replace_ms: f64,
     /// The adopt's big part, timed alone on the bench thread after the run: the index built
     /// from the complete payload, its workloads and services read in place (as the watcher
     /// does).
@@ -920,8 +924,11 @@ fn measure(
 
     // A complete snapshot that replaces the index (as a resync does), then pod changes at
     // once: the replaced index is freed (tens of milliseconds at 100k) while they arrive.
-    let version = publisher.publish(&mesh_snapshot::encode(&snap))?;
-    dataplane.visible(version.generation)?;
+    let replacement = mesh_snapshot::encode(&snap);
+    let version = publisher.publish(&replacement)?;
+    let replaced_at = Instant::now();
+    drop(replacement);
+    let adopt_replace = dataplane.visible(version.generation)? - replaced_at;
     let mut changes_after_replace = Duration::ZERO;
     for n in 0..CHANGES_AFTER_REPLACE {
         let pod = (size / 5 + n) % size;
@@ -956,6 +963,7 @@ fn measure(
         encode_ms: ms(encode),
         publish_ms: ms(publish),
         adopt_full_ms: ms(adopt),
+        adopt_replace_ms: ms(adopt_replace),
         adopt_build_ms: ms(parts.in_place),
         prost_decode_build_ms: ms(parts.through_prost),
         adopt_drop_ms: ms(parts.release),
@@ -1021,12 +1029,13 @@ fn main() -> anyhow::Result<()> {
         report.run.commit
     );
     println!(
-        "{:>10}{:>10}{:>10}{:>10}{:>10}{:>11}{:>12}{:>12}{:>12}{:>11}",
+        "{:>10}{:>10}{:>10}{:>10}{:>10}{:>10}{:>11}{:>12}{:>12}{:>12}{:>11}",
         "workloads",
         "shm MiB",
         "shm B/wl",
         "dp B/wl",
         "adopt ms",
+        "resync ms",
         "publish us",
         "change p50",
         "change p99",
@@ -1035,12 +1044,13 @@ fn main() -> anyhow::Result<()> {
     );
     for s in &report.sizes {
         println!(
-            "{:>10}{:>10.1}{:>10.0}{:>10.0}{:>10.1}{:>11.1}{:>10.3}ms{:>10.3}ms{:>12.1}{:>11.1}",
+            "{:>10}{:>10.1}{:>10.0}{:>10.0}{:>10.1}{:>10.1}{:>11.1}{:>10.3}ms{:>10.3}ms{:>12.1}{:>11.1}",
             s.workloads,
             s.region_bytes as f64 / (1 << 20) as f64,
             s.region_bytes_per_workload,
             s.dataplane_bytes_per_workload,
             s.adopt_full_ms,
+            s.adopt_replace_ms,
             s.one_pod_publish_p50_us,
             s.one_pod_change_p50_ms,
             s.one_pod_change_p99_ms,
