@@ -332,35 +332,30 @@ mod tests {
             std::fs::create_dir_all(file.parent().expect("parent")).expect("dir");
         }
         let root = Root::new(&dir);
+        let found_after = |file: &std::path::Path, contents: &str| {
+            std::fs::write(file, contents).expect("write");
+            free_page_reporting(&root).found
+        };
         std::fs::write(&order, "9\n").expect("w");
         // This lab VM's balloon: stats, deflate on OOM, reporting (bit 5).
-        std::fs::write(&features, "0110010100000000\n").expect("w");
         assert_eq!(
-            free_page_reporting(&root).found,
+            found_after(&features, "0110010100000000\n"),
             "on: free blocks of 2048 KiB and up (order 9)"
         );
-        std::fs::write(&order, "10\n").expect("w");
         assert_eq!(
-            free_page_reporting(&root).found,
+            found_after(&order, "10\n"),
             "on: free blocks of 4096 KiB and up (order 10)"
         );
         // The lab kernel's delay before a free block is handed back, shown where it exists.
-        std::fs::write(&min_free, "0\n").expect("w");
         assert_eq!(
-            free_page_reporting(&root).found,
+            found_after(&min_free, "0\n"),
             "on: free blocks of 4096 KiB and up (order 10), once free 0 ms"
         );
         // A balloon without reporting: the order is the page allocator's and means nothing.
-        std::fs::write(&features, "0110000100000000\n").expect("w");
-        assert_eq!(
-            free_page_reporting(&root).found,
-            "off (no balloon device reports free pages)"
-        );
+        let off = "off (no balloon device reports free pages)";
+        assert_eq!(found_after(&features, "0110000100000000\n"), off);
         std::fs::remove_dir_all(dir.join("sys/bus")).expect("remove");
-        assert_eq!(
-            free_page_reporting(&root).found,
-            "off (no balloon device reports free pages)"
-        );
+        assert_eq!(free_page_reporting(&root).found, off);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
