@@ -253,8 +253,9 @@ impl fmt::Display for ForeignTrustDomain {
 }
 impl std::error::Error for ForeignTrustDomain {}
 
-fn identity_error(e: PeerIdentityError) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+/// A certificate refused for what it says, not how it is signed: rustls carries the reason.
+fn invalid_certificate(reason: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(reason))))
 }
 
 #[derive(Debug)]
@@ -281,14 +282,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        let found = spiffe_id_of(end_entity).map_err(identity_error)?;
+        let found = spiffe_id_of(end_entity).map_err(invalid_certificate)?;
         if found != self.expected {
-            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-                OtherError(Arc::new(UnexpectedServerIdentity {
-                    expected: self.expected.clone(),
-                    found,
-                })),
-            )));
+            return Err(invalid_certificate(UnexpectedServerIdentity {
+                expected: self.expected.clone(),
+                found,
+            }));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -347,14 +346,12 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let found = spiffe_id_of(end_entity).map_err(identity_error)?;
+        let found = spiffe_id_of(end_entity).map_err(invalid_certificate)?;
         if found.trust_domain() != self.trust_domain {
-            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-                OtherError(Arc::new(ForeignTrustDomain {
-                    trust_domain: self.trust_domain.clone(),
-                    found,
-                })),
-            )));
+            return Err(invalid_certificate(ForeignTrustDomain {
+                trust_domain: self.trust_domain.clone(),
+                found,
+            }));
         }
         Ok(ClientCertVerified::assertion())
     }
