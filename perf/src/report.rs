@@ -385,6 +385,7 @@ impl Report {
             self.run.machine.kernel,
             self.run.commit
         );
+        let _ = writeln!(t, "{}", self.run.machine.node_line());
         if let Some(profile) = &self.tuning {
             let _ = writeln!(
                 t,

@@ -111,6 +111,18 @@ pub struct Machine {
     pub node: std::collections::BTreeMap<String, String>,
 }
 
+impl Machine {
+    /// The doctor's findings in one line, for a report's header.
+    pub fn node_line(&self) -> String {
+        let findings: Vec<String> = self
+            .node
+            .iter()
+            .map(|(check, found)| format!("{check}: {found}"))
+            .collect();
+        format!("node: {}", findings.join("; "))
+    }
+}
+
 pub fn machine() -> Machine {
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

@@ -1028,6 +1028,7 @@ fn main() -> anyhow::Result<()> {
         report.run.machine.cores,
         report.run.commit
     );
+    println!("{}", report.run.machine.node_line());
     println!(
         "{:>10}{:>10}{:>10}{:>10}{:>10}{:>10}{:>11}{:>12}{:>12}{:>12}{:>11}",
         "workloads",
