@@ -100,6 +100,7 @@ fn a_data_plane_waits_asleep_for_the_first_snapshot_and_then_serves() {
     // Waiting is not failing: nothing for an alert on read errors to fire on, and one line
     // in the log, not one per retry.
     assert_eq!(counter("meshdp_snapshot_read_errors_total"), 0);
+    assert_eq!(counter("meshdp_snapshot_full_adopt_seconds_count"), 0);
     let said = log();
     assert_eq!(
         said.matches("waiting for the agent's first snapshot")
@@ -123,6 +124,13 @@ fn a_data_plane_waits_asleep_for_the_first_snapshot_and_then_serves() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The adopt is timed: one complete snapshot, in the histogram's last bucket as in all.
+    assert_eq!(counter("meshdp_snapshot_full_adopt_seconds_count"), 1);
+    assert_eq!(
+        counter("meshdp_snapshot_full_adopt_seconds_bucket{le=\"+Inf\"}"),
+        1
+    );
+    assert_eq!(counter("meshdp_snapshot_changes_adopt_seconds_count"), 0);
     drop(dataplane);
     let _ = std::fs::remove_dir_all(&dir);
 }

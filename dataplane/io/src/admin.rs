@@ -246,6 +246,14 @@ impl AdminState {
         for (name, value) in counters {
             let _ = writeln!(out, "# TYPE {name} counter\n{name} {value}");
         }
+        let durations = &self.watch.adopt_durations;
+        for (family, histogram) in [
+            ("meshdp_snapshot_full_adopt_seconds", &durations.full),
+            ("meshdp_snapshot_changes_adopt_seconds", &durations.changes),
+        ] {
+            let _ = writeln!(out, "# TYPE {family} histogram");
+            histogram.render(family, "", &mut out);
+        }
         let _ = writeln!(
             out,
             "# TYPE meshdp_driver_info gauge\nmeshdp_driver_info{{driver=\"{}\"}} 1",

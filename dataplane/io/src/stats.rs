@@ -36,6 +36,65 @@ impl Counter {
     }
 }
 
+/// A Prometheus histogram of durations with a single writer: a count per bucket (not
+/// cumulative; the scrape adds them up), the sum in microseconds and the count.
+#[derive(Debug)]
+pub struct DurationHistogram {
+    /// Upper bounds in seconds, ascending; a last, unbounded bucket follows.
+    bounds: &'static [f64],
+    buckets: Box<[Counter]>,
+    sum_micros: Counter,
+}
+
+impl DurationHistogram {
+    pub fn new(bounds: &'static [f64]) -> DurationHistogram {
+        DurationHistogram {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| Counter::default()).collect(),
+            sum_micros: Counter::default(),
+        }
+    }
+
+    pub fn observe(&self, took: std::time::Duration) {
+        let seconds = took.as_secs_f64();
+        let bucket = self
+            .bounds
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(self.bounds.len());
+        self.buckets[bucket].inc();
+        self.sum_micros
+            .add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    /// `<family>_bucket`, `_sum` and `_count` lines, each with `labels` (`key="value"`, may be
+    /// empty) first. The caller writes the `# TYPE` line once per family.
+    pub fn render(&self, family: &str, labels: &str, out: &mut String) {
+        use std::fmt::Write as _;
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.get();
+            let le = match self.bounds.get(i) {
+                Some(bound) => bound.to_string(),
+                None => "+Inf".to_owned(),
+            };
+            let _ = writeln!(
+                out,
+                "{family}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let seconds = self.sum_micros.get() as f64 / 1e6;
+        let labels = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{family}_sum{labels} {seconds}");
+        let _ = writeln!(out, "{family}_count{labels} {cumulative}");
+    }
+}
+
 macro_rules! worker_stats {
     ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
         /// One worker's counters, aligned so no two workers share a cache line.
@@ -154,5 +213,39 @@ impl WorkerStats {
             Refusal::Other => &self.tls_refused_other,
         }
         .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_histogram_renders_cumulative_buckets_its_sum_and_its_count() {
+        let histogram = DurationHistogram::new(&[0.001, 0.01]);
+        for micros in [50, 1000, 2_000, 40_000_000] {
+            histogram.observe(Duration::from_micros(micros));
+        }
+        let mut out = String::new();
+        histogram.render("adopt_seconds", "", &mut out);
+        assert_eq!(
+            out,
+            "adopt_seconds_bucket{le=\"0.001\"} 2\n\
+             adopt_seconds_bucket{le=\"0.01\"} 3\n\
+             adopt_seconds_bucket{le=\"+Inf\"} 4\n\
+             adopt_seconds_sum 40.00305\n\
+             adopt_seconds_count 4\n"
+        );
+        let mut out = String::new();
+        histogram.render("adopt_seconds", "kind=\"full\"", &mut out);
+        assert!(
+            out.starts_with("adopt_seconds_bucket{kind=\"full\",le=\"0.001\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.ends_with("adopt_seconds_count{kind=\"full\"} 4\n"),
+            "{out}"
+        );
     }
 }

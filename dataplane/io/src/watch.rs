@@ -13,6 +13,7 @@ use mesh_core::index::{Generation, Index};
 use mesh_snapshot::{Published, ReadOutcome, RegionError, Subscriber};
 
 use crate::runtime::{self, ThreadClass};
+use crate::stats::DurationHistogram;
 use crate::worker::Control;
 
 /// What the watcher has done, for readiness and the admin endpoint. Written by the watcher
@@ -24,10 +25,33 @@ pub struct WatchStatus {
     pub adopted_unix_ms: AtomicU64,
     pub refused: AtomicU64,
     pub read_errors: AtomicU64,
+    pub adopt_durations: AdoptDurations,
     /// Last problem, for humans (admin endpoint); never on the data path.
     pub last_error: Mutex<String>,
     /// The index the workers were last given, for the admin config dump.
     pub current: Mutex<Option<Arc<Index>>>,
+}
+
+/// How long adopts take, from the start of the region read to every worker handed the index:
+/// a complete snapshot's (tens of milliseconds to seconds, with the node's memory) apart from
+/// changes' (microseconds), so neither hides the other.
+#[derive(Debug)]
+pub struct AdoptDurations {
+    pub full: DurationHistogram,
+    pub changes: DurationHistogram,
+}
+
+impl Default for AdoptDurations {
+    fn default() -> Self {
+        AdoptDurations {
+            full: DurationHistogram::new(&[
+                0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            changes: DurationHistogram::new(&[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0,
+            ]),
+        }
+    }
 }
 
 impl WatchStatus {
@@ -177,13 +201,15 @@ pub fn watch(
     let mut last_error = String::new();
     let mut current: Option<Arc<Index>> = None;
     while !stop.load(Ordering::Acquire) {
+        // A complete snapshot's read is a copy of the whole base (a second at 1M on memory
+        // the host must fault in again): counted in its adopt time.
+        let started = std::time::Instant::now();
         match subscriber.read() {
             Ok(ReadOutcome::New {
                 version,
                 base,
                 deltas,
             }) => {
-                let started = std::time::Instant::now();
                 let full = base.is_some();
                 let bytes = base.as_ref().map_or(0, |b| b.payload.len())
                     + deltas.iter().map(|d| d.payload.len()).sum::<usize>();
@@ -208,7 +234,14 @@ pub fn watch(
                         if let Ok(mut shown) = status.current.lock() {
                             *shown = Some(index.clone());
                         }
-                        let took_ms = started.elapsed().as_secs_f64() * 1e3;
+                        let took = started.elapsed();
+                        let durations = &status.adopt_durations;
+                        if full {
+                            durations.full.observe(took);
+                        } else {
+                            durations.changes.observe(took);
+                        }
+                        let took_ms = took.as_secs_f64() * 1e3;
                         // A complete snapshot is news; a stream of pod changes is not.
                         if full {
                             tracing::info!(
