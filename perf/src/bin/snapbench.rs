@@ -54,6 +54,10 @@ struct Args {
     /// slowest; of 50 it would be the slowest one.
     #[arg(long, default_value_t = 500)]
     changes: usize,
+    /// Complete snapshots published, one at a time, over a held index (resyncs) per size; the
+    /// table shows their median.
+    #[arg(long, default_value_t = 5)]
+    resyncs: usize,
     /// Workers do not carry traffic while they adopt (separates the channel's own cost from
     /// competition for the cores).
     #[arg(long)]
@@ -221,8 +225,10 @@ struct SizeResult {
     adopt_full_ms: f64,
     /// The same for a complete snapshot that replaces a held index (an agent restart's
     /// resync, or a log too long to append to): the data plane holds the old index while it
-    /// builds the new one, on a heap that has served the earlier builds.
+    /// builds the new one, on a heap that has served the earlier builds. The median of
+    /// `adopt_replace_samples_ms`, in the order they were taken.
     adopt_replace_ms: f64,
+    adopt_replace_samples_ms: Vec<f64>,
     /// The adopt's big part, timed alone on the bench thread after the run: the index built
     /// from the complete payload, its workloads and services read in place (as the watcher
     /// does).
@@ -925,10 +931,17 @@ fn measure(
     // A complete snapshot that replaces the index (as a resync does), then pod changes at
     // once: the replaced index is freed (tens of milliseconds at 100k) while they arrive.
     let replacement = mesh_snapshot::encode(&snap);
-    let version = publisher.publish(&replacement)?;
-    let replaced_at = Instant::now();
+    let mut resyncs = Vec::with_capacity(args.resyncs.max(1));
+    for _ in 0..args.resyncs.max(1) {
+        let version = publisher.publish(&replacement)?;
+        let replaced_at = Instant::now();
+        let took = dataplane.visible(version.generation)? - replaced_at;
+        resyncs.push(ms(took));
+        // The replaced index is freed on the data plane's free thread meanwhile (about half
+        // a build): let it finish, as it would between two real resyncs.
+        std::thread::sleep(took);
+    }
     drop(replacement);
-    let adopt_replace = dataplane.visible(version.generation)? - replaced_at;
     let mut changes_after_replace = Duration::ZERO;
     for n in 0..CHANGES_AFTER_REPLACE {
         let pod = (size / 5 + n) % size;
@@ -963,7 +976,8 @@ fn measure(
         encode_ms: ms(encode),
         publish_ms: ms(publish),
         adopt_full_ms: ms(adopt),
-        adopt_replace_ms: ms(adopt_replace),
+        adopt_replace_ms: report::median(resyncs.clone()),
+        adopt_replace_samples_ms: resyncs,
         adopt_build_ms: ms(parts.in_place),
         prost_decode_build_ms: ms(parts.through_prost),
         adopt_drop_ms: ms(parts.release),
@@ -1086,6 +1100,19 @@ fn main() -> anyhow::Result<()> {
         );
     }
     for s in &report.sizes {
+        let samples: Vec<String> = s
+            .adopt_replace_samples_ms
+            .iter()
+            .map(|ms| format!("{ms:.1}"))
+            .collect();
+        println!(
+            "{:>10} workloads: resyncs (a complete snapshot over a held index), in order: {} ms; \
+             the table shows their median",
+            s.workloads,
+            samples.join(", ")
+        );
+    }
+    for s in &report.sizes {
         if let Some(k) = &s.kube_event {
             println!(
                 "{:>10} workloads: one pod event with the Kubernetes source costs the agent: kept model updated {:.2} ms (from scratch {:.1} ms) + changed entries translated and diffed {:.2} ms (whole model translated {:.1} ms + diffed {:.1} ms)",
@@ -1108,6 +1135,10 @@ fn main() -> anyhow::Result<()> {
             bars.push((
                 format!("{} wl: adopt full, ms", s.workloads),
                 s.adopt_full_ms,
+            ));
+            bars.push((
+                format!("{} wl: resync (median), ms", s.workloads),
+                s.adopt_replace_ms,
             ));
             bars.push((
                 format!("{} wl: one-pod change p99, ms", s.workloads),
