@@ -67,6 +67,15 @@ impl DurationHistogram {
             .add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
     }
 
+    /// Observations so far, and their total.
+    pub fn count_and_sum(&self) -> (u64, std::time::Duration) {
+        let count = self.buckets.iter().map(Counter::get).sum();
+        (
+            count,
+            std::time::Duration::from_micros(self.sum_micros.get()),
+        )
+    }
+
     /// `<family>_bucket`, `_sum` and `_count` lines, each with `labels` (`key="value"`, may be
     /// empty) first. The caller writes the `# TYPE` line once per family.
     pub fn render(&self, family: &str, labels: &str, out: &mut String) {
@@ -246,6 +255,10 @@ mod tests {
         assert!(
             out.ends_with("adopt_seconds_count{kind=\"full\"} 4\n"),
             "{out}"
+        );
+        assert_eq!(
+            histogram.count_and_sum(),
+            (4, Duration::from_micros(40_003_050))
         );
     }
 }
