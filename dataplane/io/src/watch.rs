@@ -339,17 +339,51 @@ pub fn adopt(
     base: Option<Published>,
     deltas: Vec<Published>,
 ) -> Result<Index, String> {
+    match base {
+        Some(base) => on_build_thread(|| adopt_base(epoch, &base, &deltas)),
+        None => {
+            let current = current.ok_or("changes arrived before any complete snapshot")?;
+            apply_deltas(current.clone(), epoch, &deltas)
+        }
+    }
+}
+
+/// Runs a complete build on a thread of its own, which inherits the caller's scheduling class
+/// and cores. glibc gives each thread its own heap (arena) and returns a freed block to the
+/// heap it came from, under that heap's lock. Built here, an index would fill the watcher's
+/// heap, and the free of a replaced one (on the `snapshot-free` thread) would hold the lock
+/// the watcher needs for every pod change meanwhile: at 1M, 17 ms for the first change after
+/// a resync and 2-3 ms for the next (snapbench, `changes_after_replace_max_ms`). Built on a
+/// thread that ends with the build, it fills another heap. Without a thread to start, the
+/// caller builds.
+fn on_build_thread<T: Send>(build: impl Fn() -> Result<T, String> + Sync) -> Result<T, String> {
+    std::thread::scope(|scope| {
+        let spawned = std::thread::Builder::new()
+            .name("snapshot-build".into())
+            .spawn_scoped(scope, &build);
+        match spawned {
+            Ok(thread) => thread.join().unwrap_or_else(|panic| {
+                let reason = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(format!("the index build panicked: {reason}"))
+            }),
+            Err(_) => build(),
+        }
+    })
+}
+
+/// [`adopt`] with a complete snapshot.
+fn adopt_base(epoch: u64, base: &Published, deltas: &[Published]) -> Result<Index, String> {
     let stamp = |generation| Generation { epoch, generation };
-    let Some(base) = base else {
-        let current = current.ok_or("changes arrived before any complete snapshot")?;
-        return apply_deltas(current.clone(), epoch, &deltas);
-    };
     let built =
         Index::build_encoded(&base.payload, stamp(base.generation)).map_err(|e| e.to_string());
-    match built.and_then(|index| apply_deltas(index, epoch, &deltas)) {
+    match built.and_then(|index| apply_deltas(index, epoch, deltas)) {
         Ok(index) => Ok(index),
         Err(_) if !deltas.is_empty() => {
-            let state = mesh_snapshot::delta::replay(None, Some(&base), &deltas)
+            let state = mesh_snapshot::delta::replay(None, Some(base), deltas)
                 .map_err(|e| e.to_string())?
                 .ok_or("a base that replays to nothing")?;
             let newest = deltas.last().map_or(base.generation, |d| d.generation);
@@ -397,6 +431,17 @@ mod tests {
             node: "n2".into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_complete_build_runs_on_a_thread_of_its_own_and_a_panic_in_it_is_a_refusal() {
+        let name = on_build_thread(|| Ok(std::thread::current().name().map(str::to_owned)));
+        assert_eq!(name, Ok(Some("snapshot-build".to_owned())));
+        let panicked = on_build_thread(|| -> Result<(), String> { panic!("a malformed base") });
+        assert_eq!(
+            panicked,
+            Err("the index build panicked: a malformed base".to_owned())
+        );
     }
 
     fn published(generation: u64, payload: Vec<u8>) -> Published {
