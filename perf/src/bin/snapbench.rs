@@ -54,8 +54,8 @@ struct Args {
     /// slowest; of 50 it would be the slowest one.
     #[arg(long, default_value_t = 500)]
     changes: usize,
-    /// Complete snapshots published, one at a time, over a held index (resyncs) per size; the
-    /// table shows their median.
+    /// Complete snapshots published, one at a time, over a held index (resyncs) per size (at
+    /// least 1); the table shows their median.
     #[arg(long, default_value_t = 5)]
     resyncs: usize,
     /// Workers do not carry traffic while they adopt (separates the channel's own cost from
@@ -371,10 +371,11 @@ impl DataPlane {
     }
 
     /// Publishes a complete snapshot; returns how long the publisher took to write it, and
-    /// its adopt: from the publication to every worker holding it. The clock starts when `publish` returns, which can be late: the
-    /// publication wakes the watcher, whose real-time class may take this thread's core for
-    /// the whole read. So the adopt is at least what the watcher itself timed from its read
-    /// to the hand-over (its adopt histogram), whichever is longer.
+    /// its adopt: from the publication to every worker holding it. That clock starts when
+    /// `publish` returns, which can be late: the publication wakes the watcher, whose
+    /// real-time class may take this thread's core for the whole read. So the adopt is at
+    /// least what the watcher itself timed from its read to the hand-over (its adopt
+    /// histogram).
     fn publish_full(
         &mut self,
         publisher: &mut Publisher,
