@@ -1068,6 +1068,15 @@ mod tests {
         seen
     }
 
+    /// `index` with `delta` applied as generation `generation` of epoch 0.
+    fn apply_at(index: &Index, delta: Delta, generation: u64) -> Index {
+        let stamp = Generation {
+            epoch: 0,
+            generation,
+        };
+        index.apply(delta, stamp).expect("applies")
+    }
+
     #[test]
     fn a_released_index_frees_its_own_workloads_and_leaves_a_later_generation_whole() {
         let first = Index::build(snapshot(), Generation::default()).expect("builds");
@@ -1083,45 +1092,24 @@ mod tests {
             )],
             ..Delta::default()
         };
-        let second = first
-            .apply(
-                delta,
-                Generation {
-                    epoch: 0,
-                    generation: 2,
-                },
-            )
-            .expect("applies");
-        let before = contents(&second);
-        first.release();
-        assert_eq!(contents(&second), before);
-        assert!(
-            watched.upgrade().is_some(),
-            "freed a workload the next generation holds"
-        );
+        // Releasing `older` leaves `newer` as it was, and the watched workload with it.
+        let release_keeps = |older: Index, newer: &Index, why: &str| {
+            let before = contents(newer);
+            older.release();
+            assert_eq!(contents(newer), before, "{why}");
+            assert!(watched.upgrade().is_some(), "{why}");
+        };
+        let second = apply_at(&first, delta, 2);
+        release_keeps(first, &second, "freed a workload the next generation holds");
         // A fold gives the next generation a base of its own; the one it replaced still
         // shares its workloads.
         let delta = Delta {
             removed_workloads: vec!["legacy".into()],
             ..Delta::default()
         };
-        let mut third = second
-            .apply(
-                delta,
-                Generation {
-                    epoch: 0,
-                    generation: 3,
-                },
-            )
-            .expect("applies");
+        let mut third = apply_at(&second, delta, 3);
         third.fold_maps(true);
-        let kept = contents(&third);
-        second.release();
-        assert_eq!(contents(&third), kept);
-        assert!(
-            watched.upgrade().is_some(),
-            "freed a workload a folded generation holds"
-        );
+        release_keeps(second, &third, "freed a workload a folded generation holds");
         third.release();
         assert!(
             watched.upgrade().is_none(),
