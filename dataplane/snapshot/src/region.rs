@@ -623,6 +623,13 @@ struct Cursor {
 pub struct Subscriber {
     path: PathBuf,
     mapped: Option<Mapped>,
+    position: Position,
+}
+
+/// Where a subscriber stands in the region: kept apart from the mapping so that a read can
+/// update it while it borrows the mapped bytes.
+#[derive(Default)]
+struct Position {
     last: Option<Version>,
     cursor: Option<Cursor>,
     /// The caller could not apply what it was given: the next read starts from a base.
@@ -632,27 +639,12 @@ pub struct Subscriber {
     refused_base: Option<(u32, u64)>,
 }
 
-impl Subscriber {
-    pub fn new(path: impl AsRef<Path>) -> Self {
-        Subscriber {
-            path: path.as_ref().to_owned(),
-            mapped: None,
-            last: None,
-            cursor: None,
-            resync: false,
-            refused_base: None,
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The caller refused what the last read returned (a delta that does not apply, say):
-    /// from the next publication on, reads start again from the complete snapshot.
-    pub fn resync(&mut self) {
+impl Position {
+    /// What was read is not applied (refused by the caller, or found corrupt): the next read
+    /// starts from a base, or sooner from `base` (slot, `seq`) replaced.
+    fn refuse(&mut self, base: Option<(u32, u64)>) {
         self.resync = true;
-        self.refused_base = self.cursor.map(|c| (c.slot, c.seq));
+        self.refused_base = base;
         self.cursor = None;
     }
 
@@ -669,6 +661,32 @@ impl Subscriber {
         active != slot || now != seq
     }
 
+    /// Whether `current` is what the last read returned, with no refused base replaced since.
+    fn has_seen(&self, current: Version, layout: &Layout, capacity: u64) -> bool {
+        self.last == Some(current) && !self.base_replaced_since_refusal(layout, capacity)
+    }
+}
+
+impl Subscriber {
+    pub fn new(path: impl AsRef<Path>) -> Self {
+        Subscriber {
+            path: path.as_ref().to_owned(),
+            mapped: None,
+            position: Position::default(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The caller refused what the last read returned (a delta that does not apply, say):
+    /// from the next publication on, reads start again from the complete snapshot.
+    pub fn resync(&mut self) {
+        let base = self.position.cursor.map(|c| (c.slot, c.seq));
+        self.position.refuse(base);
+    }
+
     /// Maps the file at the path if it is new (first call, agent restart, resized region).
     fn refresh_mapping(&mut self) -> Result<(), RegionError> {
         let path = self.path.clone();
@@ -680,7 +698,7 @@ impl Subscriber {
                 return Ok(());
             }
         }
-        self.cursor = None;
+        self.position.cursor = None;
         let file = File::open(&path).map_err(io_err(&path))?;
         let len = file.metadata().map_err(io_err(&path))?.len();
         if len < HEADER_SIZE as u64 {
@@ -748,8 +766,7 @@ impl Subscriber {
                 epoch: m.epoch,
                 generation,
             };
-            if self.last == Some(current) && !self.base_replaced_since_refusal(&layout, m.capacity)
-            {
+            if self.position.has_seen(current, &layout, m.capacity) {
                 return Ok(ReadOutcome::Unchanged);
             }
             let slot = layout.u32_at(H_ACTIVE).load(Ordering::Acquire) & 1;
@@ -768,12 +785,14 @@ impl Subscriber {
             // corrupt header claims can overflow (found by the region_file fuzz target).
             let log_start = base_len.min(m.capacity).next_multiple_of(8);
             // Where this reader's state stands in this slot's history.
-            let held = match self.last {
-                Some(last) if last.epoch == m.epoch && !self.resync => Some(last.generation),
+            let held = match self.position.last {
+                Some(last) if last.epoch == m.epoch && !self.position.resync => {
+                    Some(last.generation)
+                }
                 _ => None,
             };
             let need_base = held.is_none_or(|g| g < base_generation);
-            let from = match self.cursor {
+            let from = match self.position.cursor {
                 Some(c) if !need_base && c.slot == slot && c.seq == before => c.offset,
                 _ => 0,
             };
@@ -786,10 +805,9 @@ impl Subscriber {
                 if seq.load(Ordering::Relaxed) != before {
                     continue;
                 }
-                self.last = Some(current);
-                self.resync = true;
-                self.refused_base = Some((slot, before));
-                self.cursor = None;
+                // Seen, and not reported again.
+                self.position.last = Some(current);
+                self.position.refuse(Some((slot, before)));
                 return Err(RegionError::Length {
                     path: self.path.clone(),
                     generation,
@@ -808,10 +826,8 @@ impl Subscriber {
             }
             // From here on the bytes are ours; anything wrong is corruption, reported once, and
             // what follows it cannot be applied: the next generation is read from a base.
-            self.last = Some(current);
-            self.resync = true;
-            self.refused_base = Some((slot, before));
-            self.cursor = None;
+            self.position.last = Some(current);
+            self.position.refuse(Some((slot, before)));
             let mut applied = held.unwrap_or(0);
             let base = match base {
                 Some(payload) => {
@@ -849,18 +865,20 @@ impl Subscriber {
                     problem,
                 },
             })?;
-            self.resync = false;
-            self.refused_base = None;
-            self.cursor = Some(Cursor {
-                slot,
-                seq: before,
-                offset: log_len,
-            });
             let version = Version {
                 epoch: m.epoch,
                 generation: applied,
             };
-            self.last = Some(version);
+            self.position = Position {
+                last: Some(version),
+                cursor: Some(Cursor {
+                    slot,
+                    seq: before,
+                    offset: log_len,
+                }),
+                resync: false,
+                refused_base: None,
+            };
             if base.is_none() && deltas.is_empty() {
                 return Ok(ReadOutcome::Unchanged);
             }
@@ -891,9 +909,8 @@ impl Subscriber {
                 };
                 // Nothing published yet (the agent created the region and is still listing
                 // its sources) is nothing new either: sleep, do not spin on `read`.
-                let nothing_new = published == 0
-                    || (self.last == Some(current)
-                        && !self.base_replaced_since_refusal(&layout, m.capacity));
+                let nothing_new =
+                    published == 0 || self.position.has_seen(current, &layout, m.capacity);
                 if superseded == 0 && nothing_new {
                     futex_wait(wake, seen, timeout);
                 }
