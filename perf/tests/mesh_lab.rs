@@ -409,14 +409,51 @@ lab_test!(
                 &format!("{pod}:0"),        // port zero
                 "reviews.default.svc:9080", // a name, not a workload address
                 "198.18.1.2:9000",          // a workload that is not on this node
-                &closed_port,               // nothing listening
-                &good,                      // and the same connection still works
+                &format!("{pod}:15006"),    // the data plane's own ports: they would loop
+                &format!("{pod}:15001"),
+                &format!("{pod}:15008"),
+                &closed_port, // nothing listening
+                &good,        // and the same connection still works
             ],
         );
-        assert_eq!(answers.statuses, [400, 400, 400, 400, 503, 200]);
+        assert_eq!(
+            answers.statuses,
+            [400, 400, 400, 400, 400, 400, 400, 503, 200]
+        );
         assert_eq!(answers.echoed, b"after");
-        assert_eq!(lab.total(1, "hbone_bad_requests").expect("stats"), 4);
+        assert_eq!(lab.total(1, "hbone_bad_requests").expect("stats"), 7);
+        assert_eq!(lab.total(1, "self_calls_refused").expect("stats"), 3);
         assert_eq!(lab.total(1, "hbone_no_upstream").expect("stats"), 1);
+        assert_eq!(
+            lab.total(1, "hbone_streams_accepted").expect("stats"),
+            9,
+            "no stream came back to the data plane"
+        );
+
+        // Plaintext from outside the mesh to the pod's 15006 is reset (while connecting, or at
+        // the first read), not proxied back to the data plane.
+        let reset = |e: &std::io::Error| e.kind() == ErrorKind::ConnectionReset;
+        let refused = match lab.connect_from("n1-b", lab.addr("n2-a", 15006)) {
+            Err(error) => error
+                .chain()
+                .any(|c| c.downcast_ref::<std::io::Error>().is_some_and(reset)),
+            Ok(mut plain) => {
+                let _ = plain.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = plain.write_all(b"loop?");
+                let mut buf = [0u8; 16];
+                match plain.read(&mut buf) {
+                    Ok(n) => n == 0,
+                    Err(error) => reset(&error),
+                }
+            }
+        };
+        assert!(refused, "refused at once, without an answer");
+        assert_eq!(lab.total(1, "self_calls_refused").expect("stats"), 4);
+        assert_eq!(
+            lab.total(1, "inbound_plaintext_accepted").expect("stats"),
+            1,
+            "the refused connection did not come back to the data plane"
+        );
     }
 );
 

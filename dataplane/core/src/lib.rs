@@ -24,6 +24,16 @@ pub mod ports {
     pub const ADMIN: u16 = 15000;
     pub const METRICS: u16 = 15020;
     pub const READINESS: u16 = 15021;
+
+    /// The ports the data plane listens on inside every pod. A connection to one of them at a
+    /// pod's address would reach the data plane's own listener and be proxied back to it
+    /// again, without end; ztunnel refuses the same ports.
+    pub const IN_POD_LISTENERS: [u16; 4] = [OUTBOUND, INBOUND_PLAINTEXT, HBONE, SOCKS5];
+
+    /// Whether an inbound connection to `port` would come back to the data plane itself.
+    pub fn is_self_call(port: u16) -> bool {
+        IN_POD_LISTENERS.contains(&port)
+    }
 }
 
 /// Packet mark on every socket the data plane opens, so the in-pod redirect rules let its own

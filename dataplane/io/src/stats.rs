@@ -176,6 +176,9 @@ worker_stats! {
     authz_closed_live,
     /// Plaintext refused because the destination requires mTLS (PeerAuthentication STRICT).
     plaintext_refused_strict,
+    /// Inbound connections (HBONE streams or plaintext) to one of the data plane's own in-pod
+    /// ports, refused so that they do not loop through it (400 for HBONE, reset for plaintext).
+    self_calls_refused,
     /// Local identities whose certificate was replaced by a newer snapshot.
     certificates_rotated,
     /// Dials of HBONE tunnels that failed (TCP, TLS or h2).

@@ -1109,6 +1109,16 @@ impl Worker {
                 local.map(|w| &w.identity),
             )
         };
+        if ports::is_self_call(dst.port()) {
+            self.stats.self_calls_refused.inc();
+            tracing::info!(pod = %uid, source_ip = %peer.ip(), destination = %dst,
+                "plaintext refused: the destination is the data plane's own port");
+            crate::sockets::reset_on_close(stream.as_raw_fd());
+            self.refuse(labels(), "NR", || {
+                entry("destination is a data-plane port", None)
+            });
+            return;
+        }
         if view.index.inbound_mtls(&uid, dst.port()) == Mtls::Strict {
             self.stats.plaintext_refused_strict.inc();
             tracing::info!(pod = %uid, source_ip = %peer.ip(), destination = %dst,
@@ -1306,6 +1316,16 @@ impl Worker {
         // The setup's values live in this block, which ends before the relay is awaited: only
         // the relay future itself stays in the task while the stream is open.
         let totals = {
+            if ports::is_self_call(target.port()) {
+                self.stats.hbone_bad_requests.inc();
+                self.stats.self_calls_refused.inc();
+                tracing::info!(pod = %uid, %target, "HBONE target is the data plane's own port");
+                send_status(&mut respond, StatusCode::BAD_REQUEST);
+                self.refuse(labels(), "NR", || {
+                    entry("target is a data-plane port", None)
+                });
+                return;
+            }
             let serves = local.is_some_and(|w| w.ips.contains(&target.ip()));
             let netns = match self.pod_netns(&uid) {
                 Some(n) if serves => n,
