@@ -8,7 +8,7 @@
 //! region's log), and the log is compacted into a complete snapshot once it grows long.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -104,6 +104,9 @@ impl Agent {
         options: AgentOptions,
         ca: impl Into<CertificateAuthority>,
     ) -> Result<Agent, AgentError> {
+        // Read before the region is replaced: the data plane adopts our first publication, and
+        // an unreachable CA must not cost local pods their still-valid identities.
+        let certs = previous_certificates(&options.snapshot_path, SystemTime::now());
         let channel = SnapshotChannel::create(
             &options.snapshot_path,
             PublishOptions {
@@ -131,7 +134,7 @@ impl Agent {
             channel,
             source,
             shared,
-            certs: BTreeMap::new(),
+            certs,
             wake,
             published_from: None,
         })
@@ -338,6 +341,73 @@ impl Agent {
             let _ = self.wake.1.recv_timeout(interval);
         }
     }
+}
+
+/// The certificates the previous agent published at `path` that are still valid at `now`. They
+/// get no renewal time, so they are due at once: replaced on the first tick if the CA answers,
+/// kept until expiry if it does not.
+fn previous_certificates(path: &Path, now: SystemTime) -> BTreeMap<SpiffeId, IssuedCert> {
+    let mut certs = BTreeMap::new();
+    let state = match mesh_snapshot::Subscriber::new(path).read() {
+        Ok(mesh_snapshot::ReadOutcome::New { base, deltas, .. }) => {
+            match mesh_snapshot::delta::replay(None, base.as_ref(), &deltas) {
+                Ok(state) => state,
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error,
+                        "previous snapshot does not decode; no certificates carried over");
+                    return certs;
+                }
+            }
+        }
+        Ok(mesh_snapshot::ReadOutcome::Unchanged) => None,
+        Err(mesh_snapshot::RegionError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            tracing::debug!(path = %path.display(), "no previous snapshot");
+            return certs;
+        }
+        Err(error @ mesh_snapshot::RegionError::Empty { .. }) => {
+            tracing::debug!(%error, "no certificates to carry over");
+            return certs;
+        }
+        Err(error) => {
+            tracing::warn!(%error, "previous snapshot unreadable; no certificates carried over");
+            return certs;
+        }
+    };
+    let now_unix = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let mut skipped = 0;
+    for identity in state
+        .map(|s| s.identities)
+        .unwrap_or_default()
+        .into_values()
+    {
+        let usable = identity.not_after_unix > now_unix
+            && !identity.cert_chain.is_empty()
+            && !identity.private_key.is_empty();
+        match identity.spiffe_id.parse::<SpiffeId>() {
+            Ok(id) if usable => {
+                certs.insert(
+                    id,
+                    IssuedCert {
+                        chain: identity.cert_chain,
+                        key_pkcs8: identity.private_key,
+                        not_before_unix: identity.not_before_unix,
+                        not_after_unix: identity.not_after_unix,
+                    },
+                );
+            }
+            _ => skipped += 1,
+        }
+    }
+    tracing::info!(
+        carried = certs.len(),
+        skipped,
+        "certificates carried over from the previous snapshot until renewed"
+    );
+    certs
 }
 
 #[cfg(test)]

@@ -218,6 +218,19 @@ fn a_one_pod_change_goes_out_as_a_delta_of_that_pod_alone() {
     );
 }
 
+#[test]
+fn an_unreadable_previous_snapshot_carries_nothing_and_does_not_stop_the_agent() {
+    let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
+    std::fs::write(dir.path().join("snapshot"), b"not a region").expect("write");
+    let mut agent = agent(dir.path());
+    assert!(matches!(
+        agent.tick(SystemTime::now()).expect("tick"),
+        Tick::Published(_)
+    ));
+    let snap = read(&mut Subscriber::new(dir.path().join("snapshot"))).expect("published");
+    assert_eq!(snap.identities.len(), 1, "issued by the CA");
+}
+
 /// With Istio's CA, against a fake istiod (a double of istiod's CA service: no istiod can run
 /// on this machine; see `istio_ca::fake_istiod`).
 mod istio {
@@ -461,5 +474,113 @@ mod istio {
             Tick::Published(_)
         ));
         assert_eq!(fake.requests().len(), 2);
+    }
+
+    /// Starts an agent with istiod up, publishes, and drops it (the agent restarting): what it
+    /// published.
+    fn published_before_restart(
+        dir: &Path,
+        fake: &FakeIstiod,
+        pki: &TestPki,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Snapshot {
+        let mut first = agent(dir, fake, &pki.root_pem, ttl);
+        first.tick(now).expect("tick");
+        let snap = read(&mut Subscriber::new(dir.join("snapshot"))).expect("published");
+        assert_eq!(snap.identities.len(), 1);
+        snap
+    }
+
+    #[test]
+    fn an_agent_restarted_while_the_ca_is_down_keeps_publishing_the_certificates_it_had() {
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
+        let pki = Arc::new(TestPki::new("istiod"));
+        let mut fake = FakeIstiod::start(pki.clone());
+        let before = published_before_restart(dir.path(), &fake, &pki, DAY, SystemTime::now());
+
+        // A control-plane upgrade: istiod is away while the agent restarts. The data plane
+        // adopts whatever the new agent publishes first.
+        fake.stop();
+        let mut agent = agent(dir.path(), &fake, &pki.root_pem, DAY);
+        assert!(matches!(
+            agent.tick(SystemTime::now()).expect("tick"),
+            Tick::Published(_)
+        ));
+        let after = read(&mut Subscriber::new(dir.path().join("snapshot"))).expect("published");
+        // Not assert_eq!: a failure would print the private keys.
+        assert!(
+            after.identities == before.identities,
+            "the same certificate chains and keys are published"
+        );
+        assert_eq!(
+            data_plane_handshake(&after, &after.identities[0]).expect("handshake"),
+            after.identities[0]
+                .spiffe_id
+                .parse::<SpiffeId>()
+                .expect("id")
+        );
+    }
+
+    #[test]
+    fn a_carried_over_certificate_is_dropped_at_its_expiry_while_the_ca_stays_down() {
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
+        let pki = Arc::new(TestPki::new("istiod"));
+        let mut fake = FakeIstiod::start(pki.clone());
+        // Certificates are stamped with the real clock: valid until about t0 + 60 s.
+        let whole = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(whole);
+        let ttl = Duration::from_secs(60);
+        let before = published_before_restart(dir.path(), &fake, &pki, ttl, t0);
+
+        fake.stop();
+        let mut agent = agent(dir.path(), &fake, &pki.root_pem, ttl);
+        let mut sub = Subscriber::new(dir.path().join("snapshot"));
+        agent.tick(t0 + Duration::from_secs(1)).expect("tick");
+        let carried = read(&mut sub).expect("published");
+        assert!(carried.identities == before.identities, "carried over");
+
+        assert!(matches!(
+            agent.tick(t0 + Duration::from_secs(90)).expect("tick"),
+            Tick::Published(_)
+        ));
+        let snap = read(&mut sub).expect("republished");
+        let ids: Vec<_> = snap.identities.iter().map(|i| &i.spiffe_id).collect();
+        assert!(ids.is_empty(), "expired, still published: {ids:?}");
+        assert_eq!(snap.workloads.len(), 2, "routing is still published");
+    }
+
+    #[test]
+    fn a_carried_over_certificate_is_replaced_on_the_first_tick_when_the_ca_answers() {
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
+        let pki = Arc::new(TestPki::new("istiod"));
+        let fake = FakeIstiod::start(pki.clone());
+        let before = published_before_restart(dir.path(), &fake, &pki, DAY, SystemTime::now());
+        let old = &before.identities[0];
+
+        let mut agent = agent(dir.path(), &fake, &pki.root_pem, DAY);
+        let held: Vec<_> = agent.certs.values().map(|c| &c.chain).collect();
+        assert_eq!(
+            held,
+            [&old.cert_chain],
+            "carried over before the first tick"
+        );
+        let now = SystemTime::now();
+        assert!(matches!(agent.tick(now).expect("tick"), Tick::Published(_)));
+        let snap = read(&mut Subscriber::new(dir.path().join("snapshot"))).expect("published");
+        assert_eq!(snap.identities.len(), 1);
+        let fresh = &snap.identities[0];
+        assert_eq!(fresh.spiffe_id, old.spiffe_id);
+        assert_ne!(fresh.cert_chain[0], old.cert_chain[0], "a new leaf");
+        assert!(fresh.private_key != old.private_key, "and a new key");
+        assert_eq!(fake.requests().len(), 2, "one request per agent");
+        assert_eq!(
+            agent.tick(now).expect("tick"),
+            Tick::Unchanged,
+            "not due again"
+        );
     }
 }
