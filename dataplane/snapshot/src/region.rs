@@ -275,8 +275,9 @@ impl Publisher {
         map[H_CREATED_MS..H_CREATED_MS + 8].copy_from_slice(&created_ms.to_ne_bytes());
         map.flush().map_err(io_err(&tmp))?;
 
-        // Remember the file we replace so its readers can be told to move on.
-        let previous = File::open(path).ok();
+        // Remember the file we replace so its readers can be told to move on (writable: the
+        // flag and the wake word are written through a shared mapping).
+        let previous = OpenOptions::new().read(true).write(true).open(path).ok();
         std::fs::rename(&tmp, path).map_err(io_err(path))?;
         if let Some(old) = previous {
             mark_superseded(&old);
@@ -375,8 +376,14 @@ impl Publisher {
             while capacity < payload.len() as u64 {
                 capacity *= 2;
             }
-            self.options.slot_capacity = capacity;
-            let (file, map, epoch) = Self::create_file(&self.path, &self.options)?;
+            // Kept only once the file exists: a publisher that failed to grow goes on with the
+            // file and capacity it has, not with offsets for a file it does not have.
+            let grown = PublishOptions {
+                slot_capacity: capacity,
+                ..self.options.clone()
+            };
+            let (file, map, epoch) = Self::create_file(&self.path, &grown)?;
+            self.options = grown;
             self.file = file;
             self.map = map;
             self.epoch = epoch;
@@ -624,6 +631,11 @@ pub struct Subscriber {
     path: PathBuf,
     mapped: Option<Mapped>,
     position: Position,
+    /// Set when the last read could not make progress and nothing it looked at will change
+    /// by itself (a replacement file that cannot be mapped, a slot left mid-write, a header
+    /// ahead of its log): the wake word's value before that read, so that `wait` sleeps until
+    /// the next publication or its timeout instead of letting the caller spin.
+    stalled_at_wake: Option<u32>,
 }
 
 /// Where a subscriber stands in the region: kept apart from the mapping so that a read can
@@ -673,6 +685,7 @@ impl Subscriber {
             path: path.as_ref().to_owned(),
             mapped: None,
             position: Position::default(),
+            stalled_at_wake: None,
         }
     }
 
@@ -748,6 +761,29 @@ impl Subscriber {
     /// and then treated as seen, so the caller keeps its last good view without being told
     /// about the same bad bytes again.
     pub fn read(&mut self) -> Result<ReadOutcome, RegionError> {
+        let wake_before = self
+            .mapped
+            .as_ref()
+            .map_or(0, |m| m.layout().u32_at(H_WAKE).load(Ordering::Acquire));
+        let outcome = self.read_published();
+        let stalled = match &outcome {
+            Ok((_, header_ahead)) => *header_ahead,
+            // The next publication or compaction changes these, and `wait` sees it.
+            Err(
+                RegionError::Empty { .. }
+                | RegionError::Checksum { .. }
+                | RegionError::Record { .. }
+                | RegionError::Length { .. },
+            ) => false,
+            Err(_) => true,
+        };
+        self.stalled_at_wake = stalled.then_some(wake_before);
+        outcome.map(|(outcome, _)| outcome)
+    }
+
+    /// [`Subscriber::read`], and whether the header announced a generation the log does not
+    /// hold (a publisher's bug: reading again cannot help).
+    fn read_published(&mut self) -> Result<(ReadOutcome, bool), RegionError> {
         self.refresh_mapping()?;
         let Some(m) = &self.mapped else {
             return Err(RegionError::Empty {
@@ -767,7 +803,7 @@ impl Subscriber {
                 generation,
             };
             if self.position.has_seen(current, &layout, m.capacity) {
-                return Ok(ReadOutcome::Unchanged);
+                return Ok((ReadOutcome::Unchanged, false));
             }
             let slot = layout.u32_at(H_ACTIVE).load(Ordering::Acquire) & 1;
             let offset = Layout::slot_offset(slot, m.capacity);
@@ -879,14 +915,18 @@ impl Subscriber {
                 resync: false,
                 refused_base: None,
             };
+            let header_ahead = applied < generation;
             if base.is_none() && deltas.is_empty() {
-                return Ok(ReadOutcome::Unchanged);
+                return Ok((ReadOutcome::Unchanged, header_ahead));
             }
-            return Ok(ReadOutcome::New {
-                version,
-                base,
-                deltas,
-            });
+            return Ok((
+                ReadOutcome::New {
+                    version,
+                    base,
+                    deltas,
+                },
+                header_ahead,
+            ));
         }
         Err(RegionError::Busy {
             path: self.path.clone(),
@@ -896,8 +936,9 @@ impl Subscriber {
     /// Blocks the calling thread until the publisher signals a change or `timeout` passes.
     /// Call it between reads; it returns at once if something was published since `read`.
     pub fn wait(&self, timeout: Duration) {
-        match &self.mapped {
-            Some(m) => {
+        match (&self.mapped, self.stalled_at_wake) {
+            (Some(m), Some(seen)) => futex_wait(m.layout().u32_at(H_WAKE), seen, timeout),
+            (Some(m), None) => {
                 let layout = m.layout();
                 let wake = layout.u32_at(H_WAKE);
                 let seen = wake.load(Ordering::Acquire);
@@ -915,7 +956,7 @@ impl Subscriber {
                     futex_wait(wake, seen, timeout);
                 }
             }
-            None => std::thread::sleep(timeout.min(Duration::from_millis(100))),
+            (None, _) => std::thread::sleep(timeout.min(Duration::from_millis(100))),
         }
     }
 }

@@ -3,6 +3,7 @@ use crate::test_support::ScratchDir;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Instant;
 
 fn region_path(dir: &ScratchDir) -> PathBuf {
     dir.path().join("snapshot")
@@ -173,6 +174,93 @@ fn foreign_or_incompatible_files_are_refused() {
             "capacity {capacity}"
         );
     }
+}
+
+#[test]
+fn a_reader_waiting_on_a_replaced_region_is_woken_at_once() {
+    let dir = ScratchDir::new().expect("scratch dir");
+    let path = region_path(&dir);
+    let mut first = Publisher::create(&path, small()).expect("create");
+    first.publish(b"from the first agent").expect("publish");
+    let mut sub = Subscriber::new(&path);
+    expect_new(&mut sub);
+    let waiter = std::thread::spawn(move || {
+        let started = Instant::now();
+        sub.wait(Duration::from_secs(30));
+        (started.elapsed(), sub)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    // A restarted agent creates a new file; nothing is published to the old one again.
+    let mut second = Publisher::create(&path, small()).expect("create");
+    let (waited, mut sub) = waiter.join().expect("join");
+    assert!(
+        waited < Duration::from_secs(10),
+        "the reader slept on the replaced file for {waited:?}"
+    );
+    second.publish(b"from the second agent").expect("publish");
+    assert_eq!(expect_new(&mut sub).1, b"from the second agent");
+}
+
+#[test]
+fn a_replacement_region_that_cannot_be_read_makes_the_reader_wait_not_spin() {
+    let dir = ScratchDir::new().expect("scratch dir");
+    let path = region_path(&dir);
+    let mut publisher = Publisher::create(&path, small()).expect("create");
+    publisher.publish(b"one").expect("publish");
+    let mut sub = Subscriber::new(&path);
+    expect_new(&mut sub);
+    // An agent of another layout version replaces the file (an upgrade or a rollback): the
+    // reader keeps the old mapping, which is marked superseded.
+    let mut bytes = vec![0u8; 8192];
+    bytes[..8].copy_from_slice(&MAGIC);
+    bytes[H_LAYOUT..H_LAYOUT + 4].copy_from_slice(&(LAYOUT_VERSION + 1).to_ne_bytes());
+    let tmp = path.with_extension("other-agent");
+    std::fs::write(&tmp, &bytes).expect("write");
+    let old = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open");
+    std::fs::rename(&tmp, &path).expect("rename");
+    mark_superseded(&old);
+    for _ in 0..2 {
+        assert!(matches!(sub.read(), Err(RegionError::Layout { .. })));
+        // Returning at once here would have the watcher (real-time, where allowed) read,
+        // fail and read again without pause.
+        let started = Instant::now();
+        sub.wait(Duration::from_millis(300));
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "wait returned after {:?}",
+            started.elapsed()
+        );
+    }
+    // A compatible agent that takes over is read at once.
+    let mut next = Publisher::create(&path, small()).expect("create");
+    next.publish(b"two").expect("publish");
+    assert_eq!(expect_new(&mut sub).1, b"two");
+}
+
+#[test]
+fn a_publisher_that_fails_to_grow_keeps_publishing_in_the_file_it_has() {
+    let dir = ScratchDir::new().expect("scratch dir");
+    let path = region_path(&dir);
+    let mut publisher = Publisher::create(&path, small()).expect("create");
+    let mut sub = Subscriber::new(&path);
+    publisher.publish(b"small").expect("publish");
+    expect_new(&mut sub);
+    // Something in the way of the bigger file's temporary name makes growing fail.
+    let blocker = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::create_dir(&blocker).expect("blocker");
+    assert!(publisher.publish(&vec![7u8; 3 << 20]).is_err());
+    for payload in [&b"small again"[..], b"and again"] {
+        publisher.publish(payload).expect("publish in the old file");
+        assert_eq!(expect_new(&mut sub).1, payload);
+    }
+    std::fs::remove_dir(&blocker).expect("remove blocker");
+    let big = vec![7u8; 3 << 20];
+    publisher.publish(&big).expect("grow");
+    assert_eq!(expect_new(&mut sub).1, big);
 }
 
 #[test]
