@@ -318,6 +318,7 @@ pub fn snapshot_rest(
                 .iter()
                 .map(|(port, m)| (u32::from(*port), mtls_mode(m.mode)))
                 .collect(),
+            created_unix: pa.created_unix,
         })
         .collect();
     Snapshot {

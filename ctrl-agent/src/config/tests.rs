@@ -142,6 +142,26 @@ fn errors_name_the_field_and_the_problem() {
             "not an address or CIDR",
         ),
         (
+            "policies: [{name: p, rules: [{when: [{key: source.ip, values: [10.0.0.0/33]}]}]}]",
+            "policies[0].rules[0].when[0].values[0]",
+            "\"10.0.0.0/33\" is not an address or CIDR block",
+        ),
+        (
+            "policies: [{name: p, rules: [{when: [{key: source.namespace, values: [a]}, {key: destination.port, values: [http]}]}]}]",
+            "policies[0].rules[0].when[1].values[0]",
+            "\"http\" is not a port number",
+        ),
+        (
+            "policies: [{name: p, action: DENY, rules: [{when: [{key: destination.ip, notValues: [10.0.0.1, nope]}]}]}]",
+            "policies[0].rules[0].when[0].notValues[1]",
+            "\"nope\" is not an address or CIDR block",
+        ),
+        (
+            "policies: [{name: p, rules: [{when: [{key: source.ip}]}]}]",
+            "policies[0].rules[0].when[0].values",
+            "needs values or notValues",
+        ),
+        (
             "policies: [{name: p, action: PERMIT}]",
             "policies[0].action",
             "unknown variant `PERMIT`",
@@ -158,4 +178,30 @@ fn errors_name_the_field_and_the_problem() {
         assert_eq!(&e.field, field, "{yaml}: {e}");
         assert!(e.problem.contains(problem), "{yaml}: {e}");
     }
+}
+
+#[test]
+fn when_values_of_keys_without_a_syntax_and_good_ones_are_accepted() {
+    let yaml = r#"
+policies:
+  - name: p
+    rules:
+      - when:
+          - {key: source.ip, values: [10.0.0.0/8, "fd00::1"]}
+          - {key: destination.port, notValues: ["9000"]}
+          - {key: source.namespace, values: ["*"]}
+          - {key: source.principal, values: ["cluster.local/ns/a/sa/*"]}
+          - {key: "request.headers[x-user]", values: [anything at all]}
+"#;
+    let cfg = FileConfig::parse(yaml).expect("valid");
+    assert_eq!(cfg.policies[0].rules[0].when.len(), 5);
+}
+
+#[test]
+fn a_file_has_no_creation_times_and_cannot_set_one() {
+    let cfg =
+        FileConfig::parse("peerAuthentications: [{name: p, mtls: {mode: STRICT}}]").expect("valid");
+    assert_eq!(cfg.peer_authentications[0].created_unix, None);
+    let e = error_for("peerAuthentications: [{name: p, createdUnix: 5}]");
+    assert_eq!(e.field, "peerAuthentications[0].createdUnix", "{e}");
 }

@@ -937,12 +937,23 @@ pub fn authorization_policy(object: &DynamicObject) -> Result<Option<PolicySpec>
 }
 
 /// A PeerAuthentication (security.istio.io/v1): `selector`, `mtls.mode`, `portLevelMtls`
-/// (port numbers as the JSON's string keys).
+/// (port numbers as the JSON's string keys), and its creation time, by which Istio settles
+/// between several at one scope.
 pub fn peer_authentication(object: &DynamicObject) -> Result<PeerAuthenticationSpec, String> {
     let spec = spec_with_identity(object)?;
-    let pa: PeerAuthenticationSpec = from_json(spec)?;
+    let mut pa: PeerAuthenticationSpec = from_json(spec)?;
     pa.check().map_err(|e| format!("spec.{e}"))?;
+    pa.created_unix = created_unix(object);
     Ok(pa)
+}
+
+/// `metadata.creationTimestamp` in Unix seconds (the API server's precision).
+fn created_unix(object: &DynamicObject) -> Option<i64> {
+    object
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second())
 }
 
 /// The problem line of a policy that does not read, and what was enforced instead.
@@ -1018,6 +1029,9 @@ pub fn unreadable_peer_authentication(
             mode: MtlsModeSpec::Strict,
         },
         port_level_mtls: BTreeMap::new(),
+        // Its real age: in Istio an older one at its scope would win whatever it says, and a
+        // newer one would lose to it, so STRICT applies where it could have applied.
+        created_unix: created_unix(object),
     };
     (
         Some(stand_in),

@@ -1404,6 +1404,126 @@ fn unreadable_security_policies_fail_closed_on_their_scope() {
     assert_eq!(index.inbound_mtls("uid-ledger", 80), Mtls::Permissive);
 }
 
+/// The index of a model, with the pods of this node enrolled (they are given addresses).
+fn index_of(config: &FileConfig, enrolled: &[(&str, &str, &str)]) -> mesh_core::index::Index {
+    use mesh_core::index::{Generation, Index};
+    let enrolled: HashMap<(String, String), Vec<IpAddr>> = enrolled
+        .iter()
+        .map(|(ns, name, a)| ((ns.to_string(), name.to_string()), vec![ip(a)]))
+        .collect();
+    let snapshot = crate::translate::snapshot(
+        config,
+        "node-1",
+        &enrolled,
+        Vec::new(),
+        Vec::new(),
+        "kube".into(),
+    );
+    Index::build(snapshot, Generation::default()).expect("the snapshot indexes")
+}
+
+#[test]
+fn a_when_value_that_does_not_read_fails_closed() {
+    use mesh_core::authz::Connection;
+    use mesh_core::identity::SpiffeId;
+
+    let ambient = json!({"istio.io/dataplane-mode": "ambient"});
+    let cluster = Cluster {
+        namespaces: vec![objects::namespace("pay", ambient)],
+        pods: vec![objects::pod(
+            "pay",
+            "till",
+            "uid-till",
+            "node-1",
+            &["10.0.1.7"],
+            json!({"app": "till"}),
+        )],
+        policies: vec![objects::authorization_policy(
+            "pay",
+            "allow-office",
+            json!({
+                "selector": {"matchLabels": {"app": "till"}},
+                "rules": [{"when": [{"key": "source.ip", "values": ["10.0.0.0/33"]}]}],
+            }),
+        )],
+        ..Cluster::default()
+    };
+    let m = cluster.model();
+    assert_eq!(
+        m.problems,
+        ["AuthorizationPolicy pay/allow-office: spec.rules[0].when[0].values[0]: \"10.0.0.0/33\" \
+          is not an address or CIDR block; enforced as allow-nothing on its scope (fail closed)"]
+    );
+    let index = index_of(&m.config, &[("pay", "till", "10.0.1.7")]);
+    let from_anywhere = Connection {
+        source: Some(SpiffeId::new("cluster.local", "shop", "front").expect("id")),
+        source_ip: ip("10.9.9.9"),
+        destination_ip: ip("10.0.1.7"),
+        destination_port: 8080,
+    };
+    assert!(!index.authorize("uid-till", &from_anywhere).allowed);
+}
+
+#[test]
+fn of_two_namespace_peer_authentications_the_older_applies_whatever_the_names() {
+    use mesh_core::authz::Mtls;
+
+    let ambient = json!({"istio.io/dataplane-mode": "ambient"});
+    let created = |mut pa: Value, at: &str| {
+        pa["metadata"]["creationTimestamp"] = at.into();
+        pa
+    };
+    let pod = |ns: &str, name: &str, ip: &str| {
+        objects::pod(ns, name, &format!("uid-{name}"), "node-1", &[ip], json!({}))
+    };
+    let cluster = Cluster {
+        namespaces: vec![
+            objects::namespace("pay", ambient.clone()),
+            objects::namespace("shop", ambient),
+        ],
+        pods: vec![
+            pod("pay", "till", "10.0.1.7"),
+            pod("shop", "cart", "10.0.0.7"),
+        ],
+        peer_authentications: vec![
+            // The older one is named after the newer one in both namespaces.
+            created(
+                objects::peer_authentication("pay", "strict", json!({"mtls": {"mode": "STRICT"}})),
+                "2026-10-01T08:00:00Z",
+            ),
+            created(
+                objects::peer_authentication(
+                    "pay",
+                    "debug-permissive",
+                    json!({"mtls": {"mode": "PERMISSIVE"}}),
+                ),
+                "2026-11-02T09:30:00Z",
+            ),
+            created(
+                objects::peer_authentication(
+                    "shop",
+                    "permissive",
+                    json!({"mtls": {"mode": "PERMISSIVE"}}),
+                ),
+                "2026-10-01T08:00:00Z",
+            ),
+            created(
+                objects::peer_authentication("shop", "lock", json!({"mtls": {"mode": "STRICT"}})),
+                "2026-10-01T08:00:01Z",
+            ),
+        ],
+        ..Cluster::default()
+    };
+    let m = cluster.model();
+    assert!(m.problems.is_empty(), "{:?}", m.problems);
+    let index = index_of(
+        &m.config,
+        &[("pay", "till", "10.0.1.7"), ("shop", "cart", "10.0.0.7")],
+    );
+    assert_eq!(index.inbound_mtls("uid-till", 80), Mtls::Strict);
+    assert_eq!(index.inbound_mtls("uid-cart", 80), Mtls::Permissive);
+}
+
 #[test]
 fn a_client_configuration_that_cannot_be_used_fails_the_start_with_the_reason() {
     let mut client = kube::Config::new("https://10.0.0.1:443".parse().expect("url"));

@@ -70,13 +70,15 @@ pub enum Applied {
 /// field whole. An array's elements are each trimmed the same way.
 struct Read(&'static str, &'static [Read]);
 
-/// What the model (model.rs) reads of each kind, besides the name, namespace, uid and
-/// labels, which it reads of every kind. Everything else an API server sends (managedFields,
-/// container specs, volumes, conditions, container statuses) is dropped before an object is
-/// stored: for a typical pod that is most of it. It also lets a store see that an
-/// event changed nothing the model reads (a container restarted, a condition flipped), so
-/// that no model is built for it. Reading a field here that is not listed would read it
-/// empty; the model tests build every world trimmed and untrimmed and compare the models.
+/// What the model (model.rs) reads of each kind, besides the name, namespace, uid, labels and
+/// creation time, which are kept of every kind (the time is read of PeerAuthentications only;
+/// it never changes, so keeping it never makes an event look like a change). Everything else
+/// an API server sends (managedFields, container specs, volumes, conditions, container
+/// statuses) is dropped before an object is stored: for a typical pod that is most of it. It
+/// also lets a store see that an event changed nothing the model reads (a container
+/// restarted, a condition flipped), so that no model is built for it. Reading a field here
+/// that is not listed would read it empty; the model tests build every world trimmed and
+/// untrimmed and compare the models.
 struct Reads {
     body: &'static [Read],
     annotations: &'static [&'static str],
@@ -315,6 +317,8 @@ fn convert<K: Kept>(kind: Kind, object: DynamicObject) -> Option<K> {
                 uid: metadata.uid,
                 labels: metadata.labels,
                 annotations,
+                // Istio settles between PeerAuthentications by age.
+                creation_timestamp: metadata.creation_timestamp,
                 ..ObjectMeta::default()
             };
             K::kept(served)

@@ -14,7 +14,13 @@
 //! - HTTP-only attributes (methods, paths, hosts, request principals, remote IP blocks, HTTP
 //!   `when` keys) cannot be checked at L4. Without a waypoint such a rule fails closed: in an
 //!   ALLOW policy the rule never matches, in a DENY policy its HTTP parts are dropped so it
-//!   matches more.
+//!   matches more;
+//! - a field or `when` condition whose values do not all parse (an address block, a port), or a
+//!   condition with neither values nor not-values, cannot be understood either, and fails
+//!   closed the same way: the field is dropped whole and the rule is handled like an HTTP one.
+//!   Dropping only the values that do not parse would narrow a `not` field, and turn a field
+//!   with none left into "anything". The agent refuses such policies; this is for a snapshot
+//!   that carries one anyway.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -309,6 +315,8 @@ pub struct Policy {
     pub dry_run: bool,
     /// HTTP attributes were found and handled the fail-closed way (see the module docs).
     pub has_http_attributes: bool,
+    /// Values that do not parse were found and handled the fail-closed way (module docs).
+    pub has_unreadable_values: bool,
     namespace: String,
     selector: BTreeMap<String, String>,
     rules: Vec<Rule>,
@@ -327,12 +335,31 @@ impl Policy {
     }
 }
 
-fn ports(values: &[String]) -> Vec<u16> {
-    values.iter().filter_map(|p| p.parse().ok()).collect()
+/// Reads the values of one rule's fields, all or nothing: a field with a value that does not
+/// parse is left empty and the rule marked, so that it fails closed (see the module docs).
+#[derive(Default)]
+struct Values {
+    unreadable: bool,
 }
 
-fn cidrs(values: &[String]) -> Vec<Cidr> {
-    values.iter().filter_map(|v| Cidr::parse(v)).collect()
+impl Values {
+    fn all<T>(&mut self, values: &[String], parse: impl Fn(&str) -> Option<T>) -> Vec<T> {
+        match values.iter().map(|v| parse(v)).collect::<Option<Vec<T>>>() {
+            Some(parsed) => parsed,
+            None => {
+                self.unreadable = true;
+                Vec::new()
+            }
+        }
+    }
+
+    fn ports(&mut self, values: &[String]) -> Vec<u16> {
+        self.all(values, |p| p.parse().ok())
+    }
+
+    fn cidrs(&mut self, values: &[String]) -> Vec<Cidr> {
+        self.all(values, Cidr::parse)
+    }
 }
 
 fn strs(values: &[String]) -> Vec<StrMatch> {
@@ -357,12 +384,14 @@ const L4_WHEN_KEYS: [&str; 5] = [
     "destination.port",
 ];
 
-fn when_match(c: &schema::Condition) -> Match {
+fn when_match(c: &schema::Condition, values: &mut Values) -> Match {
     let mut m = Match::default();
+    // Istio refuses a condition without values: it would constrain nothing.
+    values.unreadable |= c.values.is_empty() && c.not_values.is_empty();
     match c.key.as_str() {
         "source.ip" => {
-            m.source_ips = cidrs(&c.values);
-            m.not_source_ips = cidrs(&c.not_values);
+            m.source_ips = values.cidrs(&c.values);
+            m.not_source_ips = values.cidrs(&c.not_values);
         }
         "source.namespace" => {
             m.namespaces = strs(&c.values);
@@ -373,12 +402,12 @@ fn when_match(c: &schema::Condition) -> Match {
             m.not_principals = strs(&c.not_values);
         }
         "destination.ip" => {
-            m.destination_ips = cidrs(&c.values);
-            m.not_destination_ips = cidrs(&c.not_values);
+            m.destination_ips = values.cidrs(&c.values);
+            m.not_destination_ips = values.cidrs(&c.not_values);
         }
         "destination.port" => {
-            m.destination_ports = ports(&c.values);
-            m.not_destination_ports = ports(&c.not_values);
+            m.destination_ports = values.ports(&c.values);
+            m.not_destination_ports = values.ports(&c.not_values);
         }
         _ => {}
     }
@@ -393,9 +422,11 @@ impl Policy {
             Action::Audit => PolicyAction::Audit,
         };
         let mut has_http_attributes = false;
+        let mut has_unreadable_values = false;
         let mut rules = Vec::with_capacity(p.rules.len());
         for rule in &p.rules {
             let mut http = false;
+            let mut values = Values::default();
             let mut clauses = Vec::new();
             if !rule.from.is_empty() {
                 clauses.push(
@@ -416,8 +447,8 @@ impl Policy {
                                     &s.not_service_accounts,
                                     &p.namespace,
                                 ),
-                                source_ips: cidrs(&s.ip_blocks),
-                                not_source_ips: cidrs(&s.not_ip_blocks),
+                                source_ips: values.cidrs(&s.ip_blocks),
+                                not_source_ips: values.cidrs(&s.not_ip_blocks),
                                 ..Match::default()
                             }
                         })
@@ -436,8 +467,8 @@ impl Policy {
                                 || !o.paths.is_empty()
                                 || !o.not_paths.is_empty();
                             Match {
-                                destination_ports: ports(&o.ports),
-                                not_destination_ports: ports(&o.not_ports),
+                                destination_ports: values.ports(&o.ports),
+                                not_destination_ports: values.ports(&o.not_ports),
                                 ..Match::default()
                             }
                         })
@@ -446,12 +477,13 @@ impl Policy {
             }
             for condition in &rule.when {
                 http |= !L4_WHEN_KEYS.contains(&condition.key.as_str());
-                clauses.push(vec![when_match(condition)]);
+                clauses.push(vec![when_match(condition, &mut values)]);
             }
             has_http_attributes |= http;
-            // ALLOW: an HTTP rule can never be shown to match at L4, so it is left out.
-            // DENY (and AUDIT): the HTTP parts are already gone; the rest matches more.
-            if !(http && action == PolicyAction::Allow) {
+            has_unreadable_values |= values.unreadable;
+            // ALLOW: an HTTP (or unreadable) rule can never be shown to match at L4, so it is
+            // left out. DENY (and AUDIT): those parts are already gone; the rest matches more.
+            if !((http || values.unreadable) && action == PolicyAction::Allow) {
                 rules.push(Rule { clauses });
             }
         }
@@ -460,6 +492,7 @@ impl Policy {
             action,
             dry_run: p.dry_run,
             has_http_attributes,
+            has_unreadable_values,
             namespace: p.namespace.clone(),
             selector: p.selector.clone(),
             rules,
@@ -707,8 +740,9 @@ impl PeerAuth {
     }
 
     /// Resolves mesh, namespace and workload PeerAuthentications for one workload. UNSET
-    /// inherits from the wider scope; of several at one scope, the first by name wins (a file
-    /// has no creation times; Kubernetes sources order by creation time before this).
+    /// inherits from the wider scope. Of several at one scope the oldest wins, then the first
+    /// by name (Istio's order); one without a creation time (from a file, or an older agent)
+    /// counts as older than any with one, so a set without times is settled by name alone.
     pub fn resolve(
         all: &[schema::PeerAuthentication],
         root_namespace: &str,
@@ -716,9 +750,10 @@ impl PeerAuth {
         labels: &BTreeMap<String, String>,
     ) -> PeerAuth {
         use schema::MtlsMode;
-        fn first(mut c: Vec<&schema::PeerAuthentication>) -> Option<&schema::PeerAuthentication> {
-            c.sort_by(|a, b| a.name.cmp(&b.name));
-            c.first().copied()
+        fn first(c: Vec<&schema::PeerAuthentication>) -> Option<&schema::PeerAuthentication> {
+            // `None < Some`: an unknown time sorts first.
+            c.into_iter()
+                .min_by(|a, b| (a.created_unix, &a.name).cmp(&(b.created_unix, &b.name)))
         }
         let mesh = first(
             all.iter()

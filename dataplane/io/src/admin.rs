@@ -158,6 +158,7 @@ impl AdminState {
                     "name": p.name, "action": format!("{:?}", p.action).to_uppercase(),
                     "dry_run": p.dry_run, "rules": p.rule_count(),
                     "http_attributes_fail_closed": p.has_http_attributes,
+                    "unreadable_values_fail_closed": p.has_unreadable_values,
                 })
             })
             .collect();

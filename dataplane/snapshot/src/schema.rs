@@ -257,6 +257,11 @@ pub struct PeerAuthentication {
     /// Per-port overrides (workload-selector policies only), values are `MtlsMode`.
     #[prost(btree_map = "uint32, enumeration(MtlsMode)", tag = "5")]
     pub port_level_mtls: std::collections::BTreeMap<u32, i32>,
+    /// Creation time (Unix seconds; Kubernetes' `creationTimestamp`): of several at one scope
+    /// the oldest applies, as in Istio. Absent from a file source and from older agents; a
+    /// reader that ignores it settles by name alone, so no version bump.
+    #[prost(int64, optional, tag = "6")]
+    pub created_unix: Option<i64>,
 }
 
 /// A workload identity's certificate chain (DER, leaf first) and private key (PKCS#8 DER).

@@ -718,6 +718,176 @@ fn http_attributes_are_flagged_on_the_policy() {
     assert!(p.has_http_attributes);
 }
 
+fn when(key: &str, values: &[&str], not_values: &[&str]) -> Rule {
+    Rule {
+        when: vec![Condition {
+            key: key.into(),
+            values: s(values),
+            not_values: s(not_values),
+        }],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn values_that_do_not_parse_fail_closed() {
+    use Action::{Allow, Deny};
+    let allow = |rule: Rule| vec![policy("default", "allow", Allow, vec![rule])];
+    let deny = |rule: Rule| vec![policy("default", "deny", Deny, vec![rule])];
+    let allowed = || Named::Allowed("default/allow".into());
+    let denied = || Named::Denied("default/deny".into());
+    let cases: Vec<Case> = vec![
+        (
+            "ALLOW when source.ip with a bad block allows no one",
+            allow(when("source.ip", &["10.0.0.0/33"], &[])),
+            SLEEP,
+            HTTPBIN,
+            false,
+            Named::NotAllowed,
+        ),
+        (
+            "ALLOW when destination.port with a name allows no port",
+            allow(when("destination.port", &["http"], &[])),
+            SLEEP,
+            HTTPBIN,
+            false,
+            Named::NotAllowed,
+        ),
+        (
+            "ALLOW when source.ip with one good and one bad block: still nothing",
+            allow(when("source.ip", &["10.0.1.0/24", "bogus"], &[])),
+            SLEEP,
+            HTTPBIN,
+            false,
+            Named::NotAllowed,
+        ),
+        (
+            "ALLOW when destination.ip notValues with a bad block does not stop excluding",
+            allow(when("destination.ip", &[], &["10.0.0.0/99"])),
+            SLEEP,
+            HTTPBIN,
+            false,
+            Named::NotAllowed,
+        ),
+        (
+            "ALLOW when with neither values nor notValues allows no one",
+            allow(when("source.ip", &[], &[])),
+            SLEEP,
+            HTTPBIN,
+            false,
+            Named::NotAllowed,
+        ),
+        (
+            "ALLOW with a port name in to.ports allows no port",
+            allow(Rule {
+                to: vec![to_ports(&["http"])],
+                ..Default::default()
+            }),
+            SLEEP,
+            HTTPBIN,
+            false,
+            Named::NotAllowed,
+        ),
+        (
+            "ALLOW with a bad notIpBlocks entry allows no one",
+            allow(from(RuleSource {
+                not_ip_blocks: s(&["10.0.2.0/24", "10.0.0.0/33"]),
+                ..Default::default()
+            })),
+            SLEEP,
+            HTTPBIN,
+            false,
+            Named::NotAllowed,
+        ),
+        (
+            "the policy's readable rules still allow",
+            vec![policy(
+                "default",
+                "allow",
+                Allow,
+                vec![
+                    when("destination.port", &["http"], &[]),
+                    when("destination.port", &["8000"], &[]),
+                ],
+            )],
+            SLEEP,
+            HTTPBIN,
+            true,
+            allowed(),
+        ),
+        (
+            "DENY when source.ip with a bad block still denies",
+            deny(when("source.ip", &["10.0.0.0/33"], &[])),
+            SLEEP,
+            HTTPBIN,
+            false,
+            denied(),
+        ),
+        (
+            "DENY when destination.port with a name denies every port",
+            deny(when("destination.port", &["http"], &[])),
+            SLEEP,
+            HTTPBIN_9000,
+            false,
+            denied(),
+        ),
+        (
+            "DENY when source.ip notValues with a bad entry excludes no one",
+            deny(when("source.ip", &[], &["10.0.1.0/24", "bogus"])),
+            SLEEP,
+            HTTPBIN,
+            false,
+            denied(),
+        ),
+        (
+            "DENY with a bad notPorts entry excludes no port",
+            deny(Rule {
+                to: vec![RuleOperation {
+                    not_ports: s(&["8000", "http"]),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            SLEEP,
+            HTTPBIN,
+            false,
+            denied(),
+        ),
+        (
+            "DENY keeps its readable parts: another principal is not denied",
+            deny(Rule {
+                from: vec![principals(&["cluster.local/ns/other/sa/client"])],
+                when: vec![Condition {
+                    key: "source.ip".into(),
+                    values: s(&["bogus"]),
+                    not_values: vec![],
+                }],
+                ..Default::default()
+            }),
+            SLEEP,
+            HTTPBIN,
+            true,
+            Named::NoPolicy,
+        ),
+    ];
+    for (name, policies, src, dst, allowed, reason) in cases {
+        let (d, compiled) = decide(&policies, &src, &dst);
+        assert_eq!(
+            (d.allowed, named(&compiled, &d.reason)),
+            (allowed, reason),
+            "{name}"
+        );
+        assert!(
+            compiled.iter().all(|p| p.has_unreadable_values),
+            "{name}: flagged for the admin view"
+        );
+        assert!(
+            compiled.iter().all(|p| !p.has_http_attributes),
+            "{name}: not an HTTP attribute"
+        );
+    }
+}
+
 #[test]
 fn cidr_matching() {
     let c = |s: &str| Cidr::parse(s).expect("cidr");
@@ -747,6 +917,85 @@ fn pa(
             .collect(),
         mode: mode as i32,
         port_level_mtls: ports.iter().map(|(p, m)| (*p, *m as i32)).collect(),
+        created_unix: None,
+    }
+}
+
+fn created(mut p: PeerAuthentication, unix: i64) -> PeerAuthentication {
+    p.created_unix = Some(unix);
+    p
+}
+
+#[test]
+fn the_oldest_peer_authentication_at_a_scope_wins_whatever_the_names() {
+    use MtlsMode::{Permissive, Strict};
+    let app = [("app", "httpbin")];
+    let labels: BTreeMap<String, String> = [("app".to_string(), "httpbin".to_string())].into();
+    let mode =
+        |all: &[PeerAuthentication]| PeerAuth::resolve(all, ROOT, "default", &labels).mode(80);
+    let cases: Vec<(&str, Vec<PeerAuthentication>, Mtls)> = vec![
+        (
+            "namespace: an older STRICT beats a newer PERMISSIVE named before it",
+            vec![
+                created(pa("default", "strict", &[], Strict, &[]), 1_000),
+                created(
+                    pa("default", "debug-permissive", &[], Permissive, &[]),
+                    2_000,
+                ),
+            ],
+            Mtls::Strict,
+        ),
+        (
+            "namespace: an older PERMISSIVE beats a newer STRICT named before it",
+            vec![
+                created(pa("default", "z-permissive", &[], Permissive, &[]), 1_000),
+                created(pa("default", "a-strict", &[], Strict, &[]), 2_000),
+            ],
+            Mtls::Permissive,
+        ),
+        (
+            "mesh: the oldest in the root namespace",
+            vec![
+                created(pa(ROOT, "strict", &[], Strict, &[]), 1_000),
+                created(pa(ROOT, "debug-permissive", &[], Permissive, &[]), 2_000),
+            ],
+            Mtls::Strict,
+        ),
+        (
+            "workload: the oldest selecting it",
+            vec![
+                created(pa("default", "strict", &app, Strict, &[]), 1_000),
+                created(
+                    pa("default", "debug-permissive", &app, Permissive, &[]),
+                    2_000,
+                ),
+            ],
+            Mtls::Strict,
+        ),
+        (
+            "same age: the first by name",
+            vec![
+                created(pa("default", "strict", &[], Strict, &[]), 1_000),
+                created(
+                    pa("default", "debug-permissive", &[], Permissive, &[]),
+                    1_000,
+                ),
+            ],
+            Mtls::Permissive,
+        ),
+        (
+            "no time (a file) counts as older than any time",
+            vec![
+                created(pa("default", "a-permissive", &[], Permissive, &[]), 1_000),
+                pa("default", "z-strict", &[], Strict, &[]),
+            ],
+            Mtls::Strict,
+        ),
+    ];
+    for (name, all, want) in cases {
+        assert_eq!(mode(&all), want, "{name}");
+        let reversed: Vec<PeerAuthentication> = all.into_iter().rev().collect();
+        assert_eq!(mode(&reversed), want, "{name}, listed the other way round");
     }
 }
 
