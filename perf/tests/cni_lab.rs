@@ -29,19 +29,6 @@ fn captured(lab: &Lab, pod: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn run_in(lab: &Lab, pod: &str, program: &str, args: &[&str]) -> String {
-    let mut child = lab
-        .spawn_in(pod, Path::new(program), args)
-        .expect("program starts");
-    let mut out = String::new();
-    if let Some(mut stdout) = child.stdout.take() {
-        let _ = stdout.read_to_string(&mut out);
-    }
-    let status = child.wait().expect("program ends");
-    assert!(status.success(), "{program} {args:?} failed: {out}");
-    out
-}
-
 lab_test!(
     unmodified_programs_talk_through_the_mesh_and_the_wire_is_tls,
     LabOptions::default(),

@@ -458,6 +458,45 @@ lab_test!(
 );
 
 lab_test!(
+    a_peer_that_sends_nothing_after_tls_is_closed_and_tunnels_are_kept_alive,
+    LabOptions {
+        dataplane_args: vec!["--connect-timeout".into(), "1s".into()],
+        ..LabOptions::default()
+    },
+    |lab| {
+        // Well past the 1 s timeout, and short of the minute a test would otherwise hang.
+        let open_for = silent_after_tls(&lab, Duration::from_secs(20)).expect("closed");
+        assert!(
+            open_for >= Duration::from_millis(500),
+            "closed after {open_for:?}"
+        );
+
+        // The kernel probes an idle inbound tunnel, so a vanished peer node frees it.
+        echo_server(&lab, "n2-a");
+        let mut client = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(roundtrip(&mut client, b"alive").expect("echo"), b"alive");
+        // ss shows the keepalive timer while nothing is in flight (else the retransmit one).
+        let tunnels = || {
+            run_in(
+                &lab,
+                "n2-a",
+                "ss",
+                &["-tnoH", "state", "established", "sport", "=", ":15008"],
+            )
+        };
+        let kept_alive =
+            |s: &str| s.lines().count() >= 1 && s.lines().all(|l| l.contains("keepalive"));
+        assert!(
+            eventually(Duration::from_secs(5), || kept_alive(&tunnels())),
+            "inbound tunnels without keepalive timers: {}",
+            tunnels()
+        );
+    }
+);
+
+lab_test!(
     idle_pooled_connections_are_released,
     LabOptions {
         dataplane_args: vec!["--pool-idle-timeout".into(), "1s".into()],

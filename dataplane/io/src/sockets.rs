@@ -102,6 +102,27 @@ pub fn reset_on_close(fd: RawFd) {
     let _ = setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, &linger);
 }
 
+/// How long a tunnel may sit without a byte from its peer before the kernel probes it, how
+/// often it probes, and how many unanswered probes end it: a peer node that vanished without a
+/// FIN or RST frees the tunnel (and every stream on it) within about two minutes.
+const KEEPALIVE_IDLE_S: i32 = 60;
+const KEEPALIVE_INTERVAL_S: i32 = 20;
+const KEEPALIVE_PROBES: i32 = 3;
+
+/// Turns on TCP keepalive probes ([`KEEPALIVE_IDLE_S`]): for long-lived tunnels whose peer
+/// may disappear while they are idle.
+pub fn keep_alive(fd: RawFd) -> io::Result<()> {
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, &1i32)?;
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, &KEEPALIVE_IDLE_S)?;
+    setsockopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPINTVL,
+        &KEEPALIVE_INTERVAL_S,
+    )?;
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, &KEEPALIVE_PROBES)
+}
+
 /// C types a socket option is read into or written from: every bit pattern, zero included, is
 /// a valid value, so a zeroed buffer the kernel fills in part is one.
 trait SockoptValue: Copy {}

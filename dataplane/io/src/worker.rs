@@ -1189,6 +1189,11 @@ impl Worker {
             tracing::warn!(pod = %uid, %peer, "inbound HBONE but no certificate for this pod");
             return;
         };
+        // The client pings its pooled tunnels; this side learns of a vanished client only
+        // from the kernel.
+        if let Err(error) = crate::sockets::keep_alive(stream.as_raw_fd()) {
+            tracing::debug!(%error, "no keepalive on an inbound tunnel");
+        }
         let io = match stream.into_poll_io() {
             Ok(io) => ReadBuffered::new(io),
             Err(error) => {
@@ -1223,16 +1228,22 @@ impl Worker {
             }
         };
         self.stats.hbone_connections_accepted.inc();
-        let mut connection = match h2glue::server_builder()
-            .handshake::<_, Bytes>(tls_stream)
-            .await
-        {
-            Ok(c) => c,
-            Err(error) => {
-                tracing::debug!(pod = %uid, %peer, %error, "HTTP/2 handshake failed");
-                return;
-            }
-        };
+        // A peer that completes TLS and then sends nothing must not hold the socket and this
+        // task for ever: the HTTP/2 preface is due within the same timeout.
+        let handshake = h2glue::server_builder().handshake::<_, Bytes>(tls_stream);
+        let mut connection =
+            match monoio::time::timeout(self.settings.handshake_timeout, handshake).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(error)) => {
+                    tracing::debug!(pod = %uid, %peer, %error, "HTTP/2 handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(pod = %uid, %peer, client = %client,
+                        "inbound tunnel sent no HTTP/2 preface in time; closed");
+                    return;
+                }
+            };
         tracing::debug!(pod = %uid, %peer, client = %client, "HBONE connection accepted");
         let draining = self.draining.subscribe();
         let mut goaway_sent = false;

@@ -248,7 +248,7 @@ pub mod raw_hbone {
         }
     }
 
-    fn client_config(lab: &Lab, client: Client) -> Arc<rustls::ClientConfig> {
+    pub fn client_config(lab: &Lab, client: Client) -> Arc<rustls::ClientConfig> {
         let ca = ctrl_agent::ca::LocalCa::load(
             &lab.mesh_ca_dir().join("ca-cert.pem"),
             &lab.mesh_ca_dir().join("ca-key.pem"),
@@ -349,6 +349,69 @@ pub mod raw_hbone {
             Ok(Answers { statuses, echoed })
         })
     }
+}
+
+pub fn run_in(lab: &Lab, pod: &str, program: &str, args: &[&str]) -> String {
+    let mut child = lab
+        .spawn_in(pod, std::path::Path::new(program), args)
+        .expect("program starts");
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        let _ = stdout.read_to_string(&mut out);
+    }
+    let status = child.wait().expect("program ends");
+    assert!(status.success(), "{program} {args:?} failed: {out}");
+    out
+}
+
+/// A client that completes TLS with node 2's data plane and then sends nothing: how long the
+/// data plane kept the connection open, or an error if it still had after `patience`.
+pub fn silent_after_tls(lab: &Lab, patience: Duration) -> Result<Duration, String> {
+    use monoio::io::IntoPollIo;
+    use raw_hbone::*;
+    use tokio::io::AsyncRead;
+    let tls = client_config(
+        lab,
+        Client::Mesh("spiffe://cluster.local/ns/default/sa/default"),
+    );
+    let tunnel = SocketAddr::from((lab.pod("n2-a").ip, 15008));
+    let tcp = lab
+        .connect_in(&lab.node_netns(0), tunnel)
+        .expect("reach 15008");
+    tcp.set_nonblocking(true).expect("nonblocking");
+    let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let io = monoio::net::TcpStream::from_std(tcp)
+            .expect("monoio")
+            .into_poll_io()
+            .expect("poll io");
+        let mut tls_stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(mesh_io::tls::placeholder_server_name(tunnel), io)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let started = std::time::Instant::now();
+        // The server's SETTINGS arrive first; read until it closes.
+        let until_closed = async {
+            let mut buf = [0u8; 4096];
+            loop {
+                let mut read = tokio::io::ReadBuf::new(&mut buf);
+                let polled = std::future::poll_fn(|cx| {
+                    std::pin::Pin::new(&mut tls_stream).poll_read(cx, &mut read)
+                })
+                .await;
+                if polled.is_err() || read.filled().is_empty() {
+                    return;
+                }
+            }
+        };
+        match monoio::time::timeout(patience, until_closed).await {
+            Ok(()) => Ok(started.elapsed()),
+            Err(_) => Err(format!("still open after {patience:?}")),
+        }
+    })
 }
 
 /// The JSON result a benchmark saved into `dir` (its only `.json`), with its path.
