@@ -188,6 +188,56 @@ lab_test!(
 );
 
 lab_test!(
+    a_denied_connection_whose_server_has_finished_sending_is_released_on_both_nodes,
+    LabOptions::default(),
+    |lab| {
+        // The server answers, closes its side, and waits for the client to finish.
+        let listener = lab.listen_in("n2-a", ECHO + 2).expect("listen");
+        std::thread::spawn(move || {
+            if let Ok((mut server, _)) = listener.accept() {
+                let _ = server.write_all(b"bye");
+                let _ = server.shutdown(std::net::Shutdown::Write);
+                let mut sink = [0u8; 64];
+                while matches!(server.read(&mut sink), Ok(n) if n > 0) {}
+            }
+        });
+        let mut client = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO + 2))
+            .expect("connect");
+        let mut answer = Vec::new();
+        client
+            .read_to_end(&mut answer)
+            .expect("read up to the server's FIN");
+        assert_eq!(answer, b"bye");
+        assert_eq!(lab.total(0, "active_connections").expect("stats"), 1);
+        lab.apply(
+            "policies:
+  - name: deny-default-sa
+    namespace: default
+    action: DENY
+    rules:
+      - from: [{source: {principals: [cluster.local/ns/default/sa/default]}}]
+",
+        )
+        .expect("policy");
+        assert!(
+            eventually(Duration::from_secs(2), || {
+                lab.total(1, "authz_closed_live").expect("stats") == 1
+            }),
+            "node 2 closes the connection the new policy denies"
+        );
+        // Node 1 hears of it only through the stream's reset: the client sends nothing.
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                lab.total(0, "active_connections").expect("stats") == 0
+            }),
+            "node 1 still holds the connection node 2 reset"
+        );
+        drop(client);
+    }
+);
+
+lab_test!(
     a_long_lived_connection_survives_two_certificate_rotations,
     LabOptions {
         cert_ttl: "4s".into(),

@@ -472,8 +472,14 @@ impl Future for TcpH2<'_> {
             tally,
         } = self.get_mut();
         let pair = tally.poll_pair(cx, |sent, received, meters, cx| {
-            let u = poll_tcp_to_h2(up, tcp, send, sent, meters.sent, cx);
+            let mut u = poll_tcp_to_h2(up, tcp, send, sent, meters.sent, cx);
             let d = poll_h2_to_tcp(down, recv, tcp, received, meters.received, cx);
+            // Once the download has ended, nothing else hears of the peer resetting the
+            // stream (or its tunnel ending) while the local side sends nothing.
+            if u.is_pending() && d.is_ready() && send.poll_reset(cx).is_ready() {
+                *up = Upload::Done(End::SinkFailed);
+                u = Poll::Ready(End::SinkFailed);
+            }
             (u, d)
         });
         match pair {
