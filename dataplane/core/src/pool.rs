@@ -75,6 +75,9 @@ pub struct Pool<K> {
     keys: HashMap<K, KeyState>,
     conns: HashMap<ConnId, Conn<K>>,
     waiters: HashMap<WaiterId, K>,
+    /// Keys dropped since the last `take_forgotten`, so the caller can drop what it keeps per
+    /// key (dial parameters) instead of keeping it for every key ever seen.
+    forgotten: Vec<K>,
     next_id: u64,
 }
 
@@ -85,6 +88,7 @@ impl<K: Hash + Eq + Clone> Pool<K> {
             keys: HashMap::new(),
             conns: HashMap::new(),
             waiters: HashMap::new(),
+            forgotten: Vec::new(),
             next_id: 1,
         }
     }
@@ -321,8 +325,20 @@ impl<K: Hash + Eq + Clone> Pool<K> {
             .get(key)
             .is_some_and(|s| s.ready.is_empty() && s.connecting.is_none() && s.waiters.is_empty());
         if empty {
-            self.keys.remove(key);
+            if let Some((key, _)) = self.keys.remove_entry(key) {
+                self.forgotten.push(key);
+            }
         }
+    }
+
+    /// Keys left with no connection, dial or waiter since the last call: nothing will dial them
+    /// again until a new checkout. Callers that keep state per key drain this after every event
+    /// (it grows until drained).
+    pub fn take_forgotten(&mut self) -> Vec<K> {
+        let mut forgotten = std::mem::take(&mut self.forgotten);
+        // Checked out again since: live once more.
+        forgotten.retain(|k| !self.keys.contains_key(k));
+        forgotten
     }
 
     /// Open (or opening) connections.

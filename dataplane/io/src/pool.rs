@@ -73,7 +73,18 @@ struct Inner {
     state: Pool<PoolKey>,
     senders: HashMap<ConnId, SendRequest<Bytes>>,
     waiters: HashMap<WaiterId, local::Sender<Grant>>,
+    /// Only for keys the state machine tracks: a spec holds a pod's namespace open and TLS keys
+    /// (possibly pre-rotation), so it goes when its key does; a later lease brings a fresh one.
     dial_specs: HashMap<PoolKey, DialSpec>,
+}
+
+impl Inner {
+    /// Call after every event that can leave a key with no connection, dial or waiter.
+    fn drop_unused_specs(&mut self) {
+        for key in self.state.take_forgotten() {
+            self.dial_specs.remove(&key);
+        }
+    }
 }
 
 pub struct HbonePool {
@@ -203,6 +214,7 @@ impl HbonePool {
         if let Some(conn) = actions.close {
             inner.senders.remove(&conn);
         }
+        inner.drop_unused_specs();
         let dial = actions
             .dial
             .and_then(|conn| Some((conn, inner.state.key_of(conn)?.clone())));
@@ -341,6 +353,7 @@ impl HbonePool {
                     // Dropping the last SendRequest lets h2 send GOAWAY and close.
                     inner.senders.remove(conn);
                 }
+                inner.drop_unused_specs();
                 expired
             };
             if !expired.is_empty() {
@@ -369,6 +382,7 @@ impl HbonePool {
         for conn in closed {
             inner.senders.remove(&conn);
         }
+        inner.drop_unused_specs();
     }
 }
 
@@ -376,3 +390,178 @@ type ClientConn = h2::client::Connection<
     tokio_rustls::client::TlsStream<ReadBuffered<monoio::net::tcp::stream_poll::TcpStreamPoll>>,
     Bytes,
 >;
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::time::SystemTime;
+
+    use ctrl_agent::ca::LocalCa;
+    use mesh_snapshot::schema::Identity;
+    use monoio::net::TcpListener;
+    use rustls::ServerConfig;
+
+    use super::*;
+    use crate::runtime::{self, DriverChoice};
+    use crate::tls::TrustBundle;
+
+    const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
+    const SERVER: &str = "spiffe://cluster.local/ns/default/sa/server";
+    const PODS: u8 = 20;
+
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        let driver = runtime::resolve(DriverChoice::Auto).expect("a driver");
+        runtime::block_on(driver, || future).expect("runtime")
+    }
+
+    fn id(s: &str) -> SpiffeId {
+        s.parse().expect("test id")
+    }
+
+    fn identity(ca: &LocalCa, spiffe: &str) -> Identity {
+        let cert = ca
+            .issue(&id(spiffe), SystemTime::now(), Duration::from_secs(3600))
+            .expect("issue");
+        Identity {
+            spiffe_id: spiffe.into(),
+            cert_chain: cert.chain,
+            private_key: cert.key_pkcs8,
+            not_before_unix: cert.not_before_unix,
+            not_after_unix: cert.not_after_unix,
+        }
+    }
+
+    /// The client's and the server's TLS configs, issued by one mesh CA.
+    fn configs() -> (Arc<ClientConfig>, Arc<ServerConfig>) {
+        let ca = LocalCa::generate("cluster.local").expect("ca");
+        let trust = TrustBundle::new(&[ca.root_der().to_vec()]).expect("trust");
+        let client =
+            tls::client_config(&identity(&ca, CLIENT), &trust, id(SERVER)).expect("client");
+        let server =
+            tls::server_config(&identity(&ca, SERVER), &trust, "cluster.local").expect("server");
+        (client, server)
+    }
+
+    /// An HBONE peer on loopback that keeps every tunnel open until the client closes it.
+    fn tunnel_peer(config: Arc<ServerConfig>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        monoio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
+                monoio::spawn(async move {
+                    let Ok(io) = stream.into_poll_io() else {
+                        return;
+                    };
+                    let Ok(tls) = acceptor.accept(io).await else {
+                        return;
+                    };
+                    let handshake = h2glue::server_builder().handshake::<_, Bytes>(tls);
+                    let Ok(mut conn) = handshake.await else {
+                        return;
+                    };
+                    while let Some(Ok(_)) = conn.accept().await {}
+                });
+            }
+        });
+        addr
+    }
+
+    fn pool(idle_timeout: Duration) -> (Rc<HbonePool>, Arc<WorkerStats>) {
+        let stats = Arc::new(WorkerStats::default());
+        let timers = PoolTimers {
+            idle_timeout,
+            ..PoolTimers::default()
+        };
+        let home = Rc::new(NetNs::current().expect("own namespace"));
+        (HbonePool::new(timers, home, stats.clone()), stats)
+    }
+
+    /// Pod `i`'s key: each pod has its own address (any 127/8 address can be bound).
+    fn key(i: u8, tunnel: SocketAddr) -> PoolKey {
+        PoolKey {
+            source: id(CLIENT),
+            destination: id(SERVER),
+            tunnel,
+            source_ip: IpAddr::V4(Ipv4Addr::new(127, 0, 1, i)),
+        }
+    }
+
+    /// A namespace handle as a worker holds one per pod.
+    fn pod_netns() -> Rc<NetNs> {
+        Rc::new(NetNs::current().expect("namespace"))
+    }
+
+    fn still_held(pods: &[Rc<NetNs>]) -> usize {
+        pods.iter().filter(|ns| Rc::strong_count(ns) > 1).count()
+    }
+
+    /// Dialling enters the pod's namespace and marks the socket: needs root, as CI runs.
+    #[test]
+    fn idle_tunnels_of_departed_pods_let_go_of_their_namespaces() {
+        block_on(async {
+            let (client_tls, server_tls) = configs();
+            let tunnel = tunnel_peer(server_tls);
+            let (pool, stats) = pool(Duration::from_millis(200));
+            monoio::spawn(pool.clone().sweep_idle());
+            let pods: Vec<Rc<NetNs>> = (0..PODS).map(|_| pod_netns()).collect();
+            for (i, netns) in (1..).zip(&pods) {
+                let spec = DialSpec {
+                    netns: netns.clone(),
+                    tls: client_tls.clone(),
+                };
+                drop(pool.lease(key(i, tunnel), spec).await.expect("tunnel"));
+            }
+            assert_eq!(stats.pool_connections.get(), u64::from(PODS));
+
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while stats.pool_connections.get() > 0 && Instant::now() < deadline {
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(stats.pool_connections.get(), 0, "idle tunnels closed");
+            assert_eq!(
+                still_held(&pods),
+                0,
+                "namespaces of pods without tunnels are released"
+            );
+
+            // The first pod comes back (new namespace handle): it gets a tunnel again.
+            let returning = pod_netns();
+            let spec = DialSpec {
+                netns: returning.clone(),
+                tls: client_tls.clone(),
+            };
+            let _lease = pool.lease(key(1, tunnel), spec).await.expect("tunnel");
+            assert_eq!(
+                Rc::strong_count(&returning),
+                2,
+                "held while its tunnel lives"
+            );
+            assert_eq!(still_held(&pods), 0);
+        });
+    }
+
+    #[test]
+    fn failed_dials_let_go_of_the_pod_namespace() {
+        block_on(async {
+            let (client_tls, _) = configs();
+            let closed = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port");
+            let (pool, _) = pool(PoolTimers::default().idle_timeout);
+            let pods: Vec<Rc<NetNs>> = (0..PODS).map(|_| pod_netns()).collect();
+            for (i, netns) in (1..).zip(&pods) {
+                let spec = DialSpec {
+                    netns: netns.clone(),
+                    tls: client_tls.clone(),
+                };
+                let refused = pool.lease(key(i, closed), spec).await;
+                assert!(
+                    matches!(refused, Err(PoolError::Dial(_))),
+                    "nothing listens"
+                );
+            }
+            assert_eq!(still_held(&pods), 0, "no namespace kept for failed dials");
+        });
+    }
+}

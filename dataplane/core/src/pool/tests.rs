@@ -158,3 +158,28 @@ fn events_for_unknown_connections_are_ignored() {
     assert_eq!(p.lost(42), Actions::default());
     assert_eq!(p.connect_failed(42), Actions::default());
 }
+
+#[test]
+fn keys_left_with_nothing_are_reported_forgotten_once_unless_checked_out_again() {
+    let mut p = pool(100);
+    let t0 = Instant::now();
+    let (_, dial) = wait(p.checkout(&KEY));
+    let idle = dial.expect("dial");
+    p.connected(idle, t0);
+    p.release(idle, t0);
+    let (_, dial) = wait(p.checkout(&"unreachable"));
+    p.connect_failed(dial.expect("dial"));
+    let (_, dial) = wait(p.checkout(&"busy"));
+    p.connected(dial.expect("dial"), t0);
+    assert_eq!(p.take_forgotten(), vec!["unreachable"]);
+
+    assert_eq!(p.expire_idle(t0 + Duration::from_secs(60)), vec![idle]);
+    assert_eq!(p.take_forgotten(), vec![KEY]);
+    assert!(p.take_forgotten().is_empty(), "reported once");
+
+    // Forgotten, then wanted again before anyone looked: still in use.
+    let (_, dial) = wait(p.checkout(&"retry"));
+    p.connect_failed(dial.expect("dial"));
+    wait(p.checkout(&"retry"));
+    assert!(p.take_forgotten().is_empty());
+}
