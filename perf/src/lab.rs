@@ -454,6 +454,24 @@ impl Lab {
             .with_context(|| format!("CNI DEL of {}", pod.uid))
     }
 
+    /// What a runtime does when it recreates a pod's sandbox: CNI DEL of the old one, a new
+    /// namespace, CNI ADD of a new sandbox for the same pod and address. Returns the new
+    /// namespace's name; the pod's own entry keeps the old one.
+    pub fn recreate_sandbox(&self, pod: &Pod) -> anyhow::Result<String> {
+        self.detach(pod)?;
+        let netns = format!("{}-recreated", pod.netns);
+        self.ns_add(&netns)?;
+        let sandbox = Sandbox {
+            container_id: format!("{}-recreated", self.sandbox(pod).container_id),
+            netns_path: format!("/run/netns/{netns}"),
+            ..self.sandbox(pod)
+        };
+        self.runtimes[pod.node]
+            .add(&sandbox)
+            .with_context(|| format!("CNI ADD of {}'s new sandbox", pod.uid))?;
+        Ok(netns)
+    }
+
     fn cni_conflist(&self, node: usize) -> Value {
         let n = node + 1;
         json!({

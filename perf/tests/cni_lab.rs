@@ -330,6 +330,35 @@ lab_test!(
 );
 
 lab_test!(
+    a_recreated_sandbox_is_served_in_its_new_namespace,
+    LabOptions::default(),
+    |lab| {
+        echo_server(&lab, "n2-a");
+        let pod = lab.pod("n1-a").clone();
+        // The data plane is paused while the runtime recreates the sandbox, so that it learns
+        // of the removal and the return in one read: the pod, its address and its source of
+        // namespace are unchanged, only the namespace is new.
+        lab.signal_dataplane(0, "STOP").expect("SIGSTOP");
+        let recreated = lab.recreate_sandbox(&pod);
+        lab.signal_dataplane(0, "CONT").expect("SIGCONT");
+        let netns = recreated.expect("sandbox recreated");
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                lab.connect_in(&netns, lab.addr("n2-a", ECHO))
+                    .is_ok_and(|mut s| {
+                        roundtrip(&mut s, b"new home").is_ok_and(|e| e == b"new home")
+                    })
+            }),
+            "the pod's new namespace is not served"
+        );
+        assert!(
+            lab.total(1, "hbone_streams_accepted").expect("stats") >= 1,
+            "through the mesh"
+        );
+    }
+);
+
+lab_test!(
     a_pod_added_while_the_agent_is_down_fails_retryably_then_succeeds,
     LabOptions::default(),
     |mut lab| {

@@ -7,6 +7,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -95,6 +96,9 @@ impl Kind {
 struct Pod {
     source: NetnsSource,
     netns: Rc<NetNs>,
+    /// The namespace's (device, inode) when the listeners opened: a sandbox the runtime
+    /// recreated keeps the pod (and its source) but not this.
+    identity: Option<(u64, u64)>,
     stop: Vec<(Canceller, Rc<Cell<bool>>)>,
     /// Each listener's address and descriptor (owned by its accept loop), for a handover.
     sockets: Vec<(SocketAddr, RawFd)>,
@@ -493,6 +497,7 @@ impl Worker {
                 wanted
                     .get(uid.as_str())
                     .is_none_or(|(source, _)| **source != pod.source)
+                    || self.namespace_replaced(uid, pod)
             })
             .map(|(uid, _)| uid.clone())
             .collect();
@@ -533,6 +538,21 @@ impl Worker {
         self.stats
             .listener_failures
             .set(self.failed_pods.borrow().len() as u64);
+    }
+
+    /// Whether a pod's listeners sit in a namespace that is no longer the pod's: the runtime
+    /// recreated its sandbox, and the removal and the return reached us as one change.
+    fn namespace_replaced(&self, uid: &str, pod: &Pod) -> bool {
+        let now = match &pod.source {
+            NetnsSource::Agent => self
+                .shared
+                .registry
+                .get(uid)
+                .and_then(|netns| netns.identity().ok()),
+            NetnsSource::Path(path) => std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino())),
+            NetnsSource::None => None,
+        };
+        matches!((pod.identity, now), (Some(then), Some(now)) if then != now)
     }
 
     async fn retry_failed_pods(self: Rc<Self>) {
@@ -593,6 +613,7 @@ impl Worker {
         }
         let mut pod = Pod {
             source: source.clone(),
+            identity: netns.identity().ok(),
             netns: netns.clone(),
             stop: Vec::new(),
             sockets: Vec::new(),
