@@ -198,7 +198,7 @@ impl Agent {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         for id in wanted {
-            // Due halfway through the time granted (see `Renewals::issued`).
+            // Due from halfway through the time granted (see `Renewals::issued`).
             let due = self.renewals.due(&id, self.certs.contains_key(&id), now);
             if due && self.renewals.may_try(&id, now) {
                 match self.ca.issue(&id, now, self.options.cert_ttl) {

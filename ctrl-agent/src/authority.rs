@@ -17,6 +17,13 @@ const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// again within a minute.
 const MAX_RETRY: Duration = Duration::from_secs(60);
 
+/// How far past halfway a certificate may come due, in thousandths of its remaining time: up
+/// to 2%, about half an hour of a day-long certificate, which spreads a burst of renewals over
+/// that long. The spread Istio's agent uses (SECRET_GRACE_PERIOD_RATIO_JITTER, ±1% around
+/// halfway) but only after halfway, so never earlier than ztunnel renews; and small enough
+/// that a short-lived certificate keeps nearly half its time to retry in if the CA is down.
+const RENEW_JITTER_PERMILLE: i64 = 20;
+
 /// Both kinds are large (a signing key; a runtime and a connection) and live as long as the
 /// agent: boxed, so the enum stays a pointer.
 pub enum CertificateAuthority {
@@ -161,15 +168,22 @@ impl Renewals {
         }
     }
 
-    /// Records a certificate issued for `id` at `now`, due halfway to its expiry. (Neither the
-    /// TTL asked for nor not_after - not_before tells how long it was granted for: a CA may
-    /// grant less than asked, and the not-before is backdated to absorb clock skew, which with
-    /// a short TTL would make every certificate look due on every tick.)
+    /// Records a certificate issued for `id` at `now`, due at a random point from halfway to
+    /// its expiry to [`RENEW_JITTER_PERMILLE`] of its time later, so that the certificates of
+    /// one burst (an agent start, nodes restarted together) do not all come due in the same
+    /// tick. (Neither the TTL asked for nor not_after - not_before tells how long it was
+    /// granted for: a CA may grant less than asked, and the not-before is backdated to absorb
+    /// clock skew, which with a short TTL would make every certificate look due on every tick.)
     pub fn issued(&mut self, id: &SpiffeId, now: SystemTime, cert: &IssuedCert) {
         let now = unix(now);
         let left = cert.not_after_unix.saturating_sub(now).max(0);
-        self.renew_at
-            .insert(id.clone(), now.saturating_add(left / 2));
+        // Drawn again at every issue (`now` is hashed too), from this process's random seed:
+        // other agents, and this identity's next certificate, draw other points.
+        let draw = i64::try_from(self.jitter.hash_one((id, now)) % 1000).unwrap_or(0);
+        let jitter =
+            i128::from(left) * i128::from(RENEW_JITTER_PERMILLE) * i128::from(draw) / 1_000_000;
+        let due_in = left / 2 + i64::try_from(jitter).unwrap_or(0);
+        self.renew_at.insert(id.clone(), now.saturating_add(due_in));
         self.outage = None;
         if let Some(failure) = self.failures.remove(id) {
             tracing::info!(identity = %id, failed_attempts = failure.attempts,
@@ -217,24 +231,60 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_certificate_is_due_halfway_between_its_issue_and_its_expiry() {
-        let mut renewals = Renewals::default();
-        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
-        assert!(renewals.due(&id(), false, now), "none held");
-        // Backdated two minutes, granted 60 s of the day asked for.
-        let cert = IssuedCert {
+    fn granted(now: i64, secs: i64) -> IssuedCert {
+        // Backdated two minutes, as Istio's CA does; granted `secs` from now.
+        IssuedCert {
             chain: Vec::new(),
             key_pkcs8: Vec::new(),
-            not_before_unix: 1_000_000 - 120,
-            not_after_unix: 1_000_000 + 60,
-        };
-        renewals.issued(&id(), now, &cert);
-        assert!(!renewals.due(&id(), true, now + Duration::from_secs(29)));
-        assert!(renewals.due(&id(), true, now + Duration::from_secs(30)));
-        assert!(renewals.due(&id(), false, now), "dropped: due at once");
-        renewals.retain(&[]);
-        assert!(renewals.due(&id(), true, now), "forgotten: due");
+            not_before_unix: now - 120,
+            not_after_unix: now + secs,
+        }
+    }
+
+    #[test]
+    fn a_certificate_is_due_between_halfway_and_two_percent_later_of_what_it_was_granted() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let after = |secs| now + Duration::from_secs(secs);
+        // Granted 60 s of the day asked for: due at 30 s or 31 s, whatever the draw.
+        for _ in 0..20 {
+            let mut renewals = Renewals::default();
+            assert!(renewals.due(&id(), false, now), "none held");
+            renewals.issued(&id(), now, &granted(1_000_000, 60));
+            assert!(!renewals.due(&id(), true, after(29)));
+            assert!(renewals.due(&id(), true, after(32)));
+            assert!(renewals.due(&id(), false, now), "dropped: due at once");
+            renewals.retain(&[]);
+            assert!(renewals.due(&id(), true, now), "forgotten: due");
+        }
+        // A day: not before 12 h, and by 12 h + 2% of a day (28.8 min).
+        let mut renewals = Renewals::default();
+        renewals.issued(&id(), now, &granted(1_000_000, 86_400));
+        assert!(!renewals.due(&id(), true, after(43_199)));
+        assert!(renewals.due(&id(), true, after(43_200 + 1_728)));
+    }
+
+    #[test]
+    fn certificates_issued_together_come_due_spread_over_the_jitter() {
+        let mut renewals = Renewals::default();
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let ids: Vec<SpiffeId> = (0..100)
+            .map(|i| {
+                format!("spiffe://cluster.local/ns/a/sa/sa-{i}")
+                    .parse()
+                    .expect("id")
+            })
+            .collect();
+        for id in &ids {
+            renewals.issued(id, now, &granted(1_000_000, 86_400));
+        }
+        // Halfway through the 28.8 minutes some are due and some not (all on one side: one
+        // chance in 2^99).
+        let middle = now + Duration::from_secs(43_200 + 864);
+        let due = ids
+            .iter()
+            .filter(|id| renewals.due(id, true, middle))
+            .count();
+        assert!(due > 0 && due < ids.len(), "{due} of 100 due at once");
     }
 
     #[test]

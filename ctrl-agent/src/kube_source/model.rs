@@ -37,6 +37,10 @@ use super::world::{Store, StoredPod, StoredSlice, World};
 pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
 /// Istio's label for a waypoint in another namespace than the labelled object's.
 pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
+/// Istio's label on a waypoint's Deployment, pods and Service (with
+/// [`MESH_CONTROLLER`]): they are a waypoint, and have none.
+pub const MANAGED_GATEWAY_LABEL: &str = "gateway.istio.io/managed";
+pub const MESH_CONTROLLER: &str = "istio.io-mesh-controller";
 /// Istio's sidecar injector marks the pods it injected with this annotation.
 pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
 /// Istio's annotation that turns an AuthorizationPolicy into a dry run.
@@ -141,8 +145,8 @@ pub struct Modeler {
 }
 
 /// What two live pods cannot share: an address (the data plane indexes workloads by
-/// address) or a uid (the agent compares models pod by pod). If the API says they do, the
-/// first in store order that is in the model keeps it and the other is left out.
+/// address) or a uid (the agent compares models pod by pod). If the API says they do, one
+/// keeps it (see `precedence`) and the other is left out.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Claim {
     Address(IpAddr),
@@ -450,7 +454,7 @@ fn model_with(
         }
     }
     // The pods that share a claim with those, and with those in turn: their clashes settle
-    // again, in store order. Clashes elsewhere cannot change.
+    // again, by `precedence`. Clashes elsewhere cannot change.
     let position = |key: &str| {
         now_translated
             .binary_search_by(|(k, _)| k.as_str().cmp(key))
@@ -475,6 +479,8 @@ fn model_with(
     }
     let who = |namespace: &str, name: &str| format!("pod {namespace}/{name}");
     let mut owned: HashMap<Claim, usize> = HashMap::new();
+    let mut affected: Vec<usize> = affected.into_iter().collect();
+    affected.sort_by_key(|&i| (precedence(&now_translated[i].1.pod), i));
     for i in affected {
         let t = &now_translated[i].1;
         if let Ok(Some(w)) = &t.workload {
@@ -566,8 +572,13 @@ fn model_with(
     let mut policies = Vec::new();
     for object in world.authorization_policies.objects() {
         match authorization_policy(object) {
-            Ok(Some(p)) => policies.push(p),
-            Ok(None) => {}
+            Ok(Authorization::Enforced(p)) => policies.push(p),
+            Ok(Authorization::Attached) => {}
+            Ok(Authorization::NotEnforced(why)) => problems.push(format!(
+                "AuthorizationPolicy {}/{}: {why}; left out",
+                object.namespace().unwrap_or_default(),
+                object.name_any()
+            )),
             Err(problem) => {
                 let (stand_in, enforced) = unreadable_authorization_policy(object);
                 policies.extend(stand_in);
@@ -603,6 +614,20 @@ fn model_with(
         },
         problems,
     }
+}
+
+/// Which of two pods claiming one address (or uid) keeps it, the smaller first: one not being
+/// deleted, then the newest, then (the key's tie-break) store order. An IP is only reused after
+/// its pod is gone from the node, so the newest live pod is the one holding it now; a
+/// Terminating pod (its phase still Running through its grace period) or one of a node that
+/// went away would otherwise keep the address from the pod that has it, which then has no
+/// certificate and no endpoints. A pod without a creation time (no API server sends that)
+/// counts as the oldest.
+fn precedence(pod: &StoredPod) -> (bool, std::cmp::Reverse<i64>) {
+    (
+        pod.deleting,
+        std::cmp::Reverse(pod.created_unix.unwrap_or(i64::MIN)),
+    )
 }
 
 /// The services of a model: each translated again only if its object or its slices changed,
@@ -750,13 +775,18 @@ fn workload(
 /// The waypoint named by `istio.io/use-waypoint` on the object, else on its namespace, as
 /// the address ztunnel would dial: the waypoint service's cluster IP, HBONE port. `none` on
 /// the object opts out of its namespace's waypoint. A waypoint whose service is unknown (yet)
-/// is no waypoint.
+/// is no waypoint. A waypoint's own pods and Service have none, as in istiod ("waypoints do not
+/// have waypoints"): else, in a namespace using it, traffic to the waypoint would be sent to
+/// the waypoint again.
 fn waypoint(
     labels: &BTreeMap<String, String>,
     namespace_labels: Option<&BTreeMap<String, String>>,
     namespace: &str,
     services: &Store<Service>,
 ) -> Option<String> {
+    if labels.get(MANAGED_GATEWAY_LABEL).map(String::as_str) == Some(MESH_CONTROLLER) {
+        return None;
+    }
     let carrier = if labels.contains_key(USE_WAYPOINT_LABEL) {
         labels
     } else {
@@ -907,12 +937,27 @@ fn from_json<T: DeserializeOwned>(
     })
 }
 
+/// What becomes of an AuthorizationPolicy that reads.
+#[derive(Debug)]
+pub enum Authorization {
+    Enforced(PolicySpec),
+    /// Attached to a waypoint or gateway (`targetRef(s)`): theirs to enforce, as in Istio; not
+    /// a problem.
+    Attached,
+    /// Meant for this data plane's workloads but not enforced by it: why, for its problem line.
+    NotEnforced(&'static str),
+}
+
 /// An AuthorizationPolicy (security.istio.io/v1). Its spec has the file source's field names
 /// (Istio's JSON: `selector.matchLabels`, `action`, `rules[].from[].source`,
-/// `rules[].to[].operation`, `rules[].when[]`); dry run is Istio's annotation. `Ok(None)` for
-/// policies ztunnel does not enforce either: those attached to a waypoint or gateway
-/// (`targetRef(s)`) and CUSTOM ones (external authorization, a waypoint's job).
-pub fn authorization_policy(object: &DynamicObject) -> Result<Option<PolicySpec>, String> {
+/// `rules[].to[].operation`, `rules[].when[]`); dry run is Istio's annotation. Policies ztunnel
+/// does not enforce either are not enforced: those attached to a waypoint or gateway, and
+/// CUSTOM ones (external authorization). For CUSTOM istiod sends ztunnel nothing and writes
+/// "ztunnel does not support the CUSTOM action" on the policy's status; here the problem line
+/// says it, since this agent writes no status. Left out, not failed closed: a CUSTOM policy
+/// selecting an ingress gateway is enforced by the gateway itself, and ztunnel lets the
+/// traffic through.
+pub fn authorization_policy(object: &DynamicObject) -> Result<Authorization, String> {
     let mut spec = spec_with_identity(object)?;
     let targeted = ["targetRef", "targetRefs"].into_iter().any(|field| {
         spec.remove(field)
@@ -920,11 +965,13 @@ pub fn authorization_policy(object: &DynamicObject) -> Result<Option<PolicySpec>
     });
     if targeted {
         tracing::debug!(policy = %object.name_any(), "attached to a waypoint or gateway: not ours");
-        return Ok(None);
+        return Ok(Authorization::Attached);
     }
     if spec.get("action").and_then(|a| a.as_str()) == Some("CUSTOM") {
-        tracing::debug!(policy = %object.name_any(), "CUSTOM action: enforced by waypoints");
-        return Ok(None);
+        return Ok(Authorization::NotEnforced(
+            "action CUSTOM (external authorization) is not enforced by this L4 data plane, nor \
+             by ztunnel (only a waypoint or gateway enforces it)",
+        ));
     }
     let dry_run = object
         .annotations()
@@ -933,7 +980,7 @@ pub fn authorization_policy(object: &DynamicObject) -> Result<Option<PolicySpec>
     spec.insert("dryRun".into(), dry_run.into());
     let policy: PolicySpec = from_json(spec)?;
     policy.check().map_err(|e| format!("spec.{e}"))?;
-    Ok(Some(policy))
+    Ok(Authorization::Enforced(policy))
 }
 
 /// A PeerAuthentication (security.istio.io/v1): `selector`, `mtls.mode`, `portLevelMtls`

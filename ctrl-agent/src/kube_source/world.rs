@@ -71,8 +71,9 @@ pub enum Applied {
 struct Read(&'static str, &'static [Read]);
 
 /// What the model (model.rs) reads of each kind, besides the name, namespace, uid, labels and
-/// creation time, which are kept of every kind (the time is read of PeerAuthentications only;
-/// it never changes, so keeping it never makes an event look like a change). Everything else
+/// creation time, which are kept of every kind (the time is read of PeerAuthentications and
+/// Pods only; it never changes, so keeping it never makes an event look like a change).
+/// Everything else
 /// an API server sends (managedFields, container specs, volumes, conditions, container
 /// statuses) is dropped before an object is stored: for a typical pod that is most of it. It
 /// also lets a store see that an event changed nothing the model reads (a container
@@ -82,6 +83,9 @@ struct Read(&'static str, &'static [Read]);
 struct Reads {
     body: &'static [Read],
     annotations: &'static [&'static str],
+    /// `metadata.deletionTimestamp`: read of Pods only, so that a deletion starting is an
+    /// event for them and for no other kind.
+    deletion: bool,
 }
 
 impl Kind {
@@ -90,6 +94,7 @@ impl Kind {
             Kind::Namespaces => Reads {
                 body: &[],
                 annotations: &[],
+                deletion: false,
             },
             Kind::Pods => Reads {
                 body: &[
@@ -107,6 +112,7 @@ impl Kind {
                     ),
                 ],
                 annotations: &[SIDECAR_STATUS_ANNOTATION],
+                deletion: true,
             },
             Kind::Services => Reads {
                 body: &[Read(
@@ -119,6 +125,7 @@ impl Kind {
                     ],
                 )],
                 annotations: &[],
+                deletion: false,
             },
             Kind::EndpointSlices => Reads {
                 body: &[
@@ -134,10 +141,12 @@ impl Kind {
                     Read("ports", &[]),
                 ],
                 annotations: &[],
+                deletion: false,
             },
             Kind::AuthorizationPolicies | Kind::PeerAuthentications => Reads {
                 body: &[Read("spec", &[])],
                 annotations: &[DRY_RUN_ANNOTATION],
+                deletion: false,
             },
         }
     }
@@ -203,6 +212,11 @@ pub struct StoredPod {
     pub phase: Option<String>,
     /// `status.podIPs`, or `status.podIP` from a server that sends no list; as written.
     pub ips: Vec<String>,
+    /// `metadata.creationTimestamp` in Unix seconds, and whether `deletionTimestamp` is set
+    /// (Terminating, though its phase may still say Running): of two pods claiming one
+    /// address, the live and newer one keeps it.
+    pub created_unix: Option<i64>,
+    pub deleting: bool,
 }
 
 impl Kept for StoredPod {
@@ -229,6 +243,8 @@ impl Kept for StoredPod {
             service_account_name: spec.service_account_name,
             phase: status.phase,
             ips,
+            created_unix: meta.creation_timestamp.map(|t| t.0.as_second()),
+            deleting: meta.deletion_timestamp.is_some(),
         })
     }
 
@@ -317,8 +333,10 @@ fn convert<K: Kept>(kind: Kind, object: DynamicObject) -> Option<K> {
                 uid: metadata.uid,
                 labels: metadata.labels,
                 annotations,
-                // Istio settles between PeerAuthentications by age.
+                // Istio settles between PeerAuthentications by age; pods' address clashes
+                // go by age and liveness.
                 creation_timestamp: metadata.creation_timestamp,
+                deletion_timestamp: metadata.deletion_timestamp.filter(|_| reads.deletion),
                 ..ObjectMeta::default()
             };
             K::kept(served)
