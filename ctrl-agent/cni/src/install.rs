@@ -155,7 +155,9 @@ pub fn chain(options: &Options) -> Result<bool, String> {
     plugins.push(entry);
     let bytes = serde_json::to_vec_pretty(&list).map_err(|e| e.to_string())?;
     let backup = backup_path(&path);
-    if !backup.exists() {
+    // A .conf here is always the primary plugin's latest (ours replaced it with a list and
+    // removed it): that is what an uninstall must restore, not an older backup.
+    if !is_list || !backup.exists() {
         fs::copy(&path, &backup).map_err(|e| format!("backing up {}: {e}", path.display()))?;
     }
     write_atomic(&list_path, &bytes)?;

@@ -160,6 +160,18 @@ fn a_single_plugin_conf_becomes_a_list_and_comes_back() {
     ok(&node.run("uninstall", &[]));
     assert_eq!(node.files(), ["10-flannel.conf"]);
     assert_eq!(std::fs::read_to_string(&conf).expect("read"), original);
+
+    // The primary plugin writes a new .conf while we are chained: chained again, and the
+    // uninstall restores the new one, not the first.
+    ok(&node.run("install", &["--once"]));
+    let rewritten = original.replace("cbr0", "cbr1");
+    std::fs::write(&conf, &rewritten).expect("write");
+    ok(&node.run("install", &["--once"]));
+    let list = read(&node.conf().join("10-flannel.conflist"));
+    assert_eq!(list["name"], json!("cbr1"));
+    ok(&node.run("uninstall", &[]));
+    assert_eq!(node.files(), ["10-flannel.conf"]);
+    assert_eq!(std::fs::read_to_string(&conf).expect("read"), rewritten);
 }
 
 #[test]
