@@ -378,11 +378,15 @@ impl HbonePool {
             .borrow_mut()
             .state
             .retire_where(|k| &k.source == source);
-        let mut inner = self.inner.borrow_mut();
-        for conn in closed {
-            inner.senders.remove(&conn);
+        {
+            let mut inner = self.inner.borrow_mut();
+            for conn in closed {
+                inner.senders.remove(&conn);
+            }
+            inner.drop_unused_specs();
         }
-        inner.drop_unused_specs();
+        // Idle connections closed at once: the gauges say so now, not at the next event.
+        self.publish_gauges();
     }
 }
 
@@ -538,6 +542,24 @@ mod tests {
                 "held while its tunnel lives"
             );
             assert_eq!(still_held(&pods), 0);
+        });
+    }
+
+    /// Dialling enters the pod's namespace and marks the socket: needs root, as CI runs.
+    #[test]
+    fn a_rotated_source_s_idle_tunnels_leave_the_gauges_at_once() {
+        block_on(async {
+            let (client_tls, server_tls) = configs();
+            let tunnel = tunnel_peer(server_tls);
+            let (pool, stats) = pool(PoolTimers::default().idle_timeout);
+            let spec = DialSpec {
+                netns: pod_netns(),
+                tls: client_tls,
+            };
+            drop(pool.lease(key(1, tunnel), spec).await.expect("tunnel"));
+            assert_eq!(stats.pool_connections.get(), 1, "idle, kept for reuse");
+            pool.retire_source(&id(CLIENT));
+            assert_eq!(stats.pool_connections.get(), 0, "closed by the rotation");
         });
     }
 
