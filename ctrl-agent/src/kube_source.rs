@@ -13,7 +13,11 @@
 //!   malformed object is skipped with a warning rather than failing its kind's list; only
 //!   what the model reads of an object is stored, and an event that changed none of it
 //!   changes nothing (a relist that found everything as it was included);
-//! - an Istio CRD the API server does not serve (404) counts as empty, and is retried.
+//! - a 404 on listing an Istio kind is told apart with API discovery: a kind served at no
+//!   version (its CRD is not installed) counts as empty; one served only at other versions
+//!   than the one read (an Istio before 1.22 serves v1beta1 only) is an error, and its kind
+//!   stays unlisted, so nothing is handed over rather than a cluster without its policies;
+//!   either way the list is retried, so a CRD installed or upgraded later is picked up.
 //!
 //! Nothing is handed over until every kind has completed its initial list, nor while any
 //! kind is relisting: readers never see a partial cluster. A burst of events is one
@@ -32,6 +36,7 @@ use std::time::Duration;
 use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::APIGroup;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::watcher;
 use kube::runtime::WatchStreamExt;
@@ -207,6 +212,91 @@ fn status_code(error: &watcher::Error) -> Option<u16> {
     }
 }
 
+/// Where the API server serves an Istio security kind, asked after a 404 on its list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Served {
+    /// At no version (not even the group is served): its CRD is not installed, so no object
+    /// of the kind can exist.
+    Nowhere,
+    /// Only at these versions, not at the one read: objects may exist that cannot be read.
+    OnlyAt(Vec<String>),
+    /// At the version read after all (the CRD was installed since the list).
+    AtVersionRead,
+}
+
+/// Asks the API server's discovery where `plural` of the Istio security group is served.
+/// `Err` is a failure to ask (not an answer), to be retried.
+async fn discover(client: &Client, plural: &str) -> Result<Served, kube::Error> {
+    let request = http::Request::get(format!("/apis/{ISTIO_SECURITY_GROUP}"))
+        .body(Vec::new())
+        .map_err(kube::Error::HttpError)?;
+    let group: APIGroup = match client.request(request).await {
+        Ok(group) => group,
+        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(Served::Nowhere),
+        Err(error) => return Err(error),
+    };
+    // A group's versions are those of all its CRDs: which serve this kind is per version.
+    let mut versions = Vec::new();
+    for version in group.versions {
+        match client
+            .list_api_group_resources(&version.group_version)
+            .await
+        {
+            Ok(list) if list.resources.iter().any(|r| r.name == plural) => {
+                versions.push(version.version);
+            }
+            Ok(_) => {}
+            // Dropped since the group was read: serves nothing.
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(if versions.is_empty() {
+        Served::Nowhere
+    } else if versions.iter().any(|v| v == ISTIO_SECURITY_VERSION) {
+        Served::AtVersionRead
+    } else {
+        Served::OnlyAt(versions)
+    })
+}
+
+/// What a 404 on the initial list of Istio's `kind` means for the world: `Absent` only when
+/// discovery finds the kind served nowhere. Anything else leaves the kind unlisted (the list
+/// is retried), so that policies that exist but cannot be read are never published as none.
+/// `told` is the last finding logged, so that a retry finding the same logs nothing.
+async fn not_served(client: &Client, kind: Kind, told: &mut Option<Served>) -> Option<Update> {
+    let served = match discover(client, kind.name()).await {
+        Ok(served) => served,
+        Err(error) => {
+            tracing::warn!(kind = kind.name(), %error,
+                "not served at {ISTIO_SECURITY_GROUP}/{ISTIO_SECURITY_VERSION}, and API \
+                 discovery failed; not treated as empty, retrying");
+            return None;
+        }
+    };
+    if told.as_ref() != Some(&served) {
+        match &served {
+            Served::Nowhere => tracing::warn!(
+                kind = kind.name(),
+                "no Istio security CRD of this kind is installed, so there are no such \
+                 policies; treated as empty, retrying"
+            ),
+            Served::OnlyAt(versions) => tracing::error!(kind = kind.name(),
+                served_versions = ?versions,
+                "the API server serves this kind only at other versions than \
+                 {ISTIO_SECURITY_GROUP}/{ISTIO_SECURITY_VERSION} (Istio before 1.22?): its \
+                 policies cannot be read, so nothing is published until they can; retrying"),
+            Served::AtVersionRead => tracing::info!(
+                kind = kind.name(),
+                "not found, but discovery says it is served; retrying"
+            ),
+        }
+    }
+    let update = (served == Served::Nowhere).then_some(Update::Absent(kind));
+    *told = Some(served);
+    update
+}
+
 /// Runs kube's watcher for one kind for ever, forwarding its events. Objects stay untyped
 /// here (see `Update`).
 async fn watch(api: Api<DynamicObject>, kind: Kind, tx: tokio::sync::mpsc::Sender<Update>) {
@@ -216,6 +306,8 @@ async fn watch(api: Api<DynamicObject>, kind: Kind, tx: tokio::sync::mpsc::Sende
         bookmarks: true,
         ..watcher::Config::default()
     };
+    // What the last 404 on listing an Istio kind was found to mean, once logged.
+    let mut told: Option<Served> = None;
     loop {
         let mut stream = watcher::watcher(api.clone(), config.clone())
             .default_backoff()
@@ -224,7 +316,20 @@ async fn watch(api: Api<DynamicObject>, kind: Kind, tx: tokio::sync::mpsc::Sende
         let mut gone = false;
         while let Some(item) = stream.next().await {
             let update = match item {
-                Ok(event) => Update::Event(kind, event),
+                Ok(event) => {
+                    if matches!(event, watcher::Event::InitDone) {
+                        if let Some(Served::OnlyAt(_)) = told {
+                            tracing::info!(
+                                kind = kind.name(),
+                                "served at {ISTIO_SECURITY_GROUP}/{ISTIO_SECURITY_VERSION} now: \
+                                 its policies are read"
+                            );
+                        }
+                        // A later 404 is news again.
+                        told = None;
+                    }
+                    Update::Event(kind, event)
+                }
                 Err(error) => match status_code(&error) {
                     // kube relists by itself after a 410 ERROR event, but an HTTP 410 when
                     // (re)starting a watch leaves it retrying the same resourceVersion for
@@ -235,10 +340,15 @@ async fn watch(api: Api<DynamicObject>, kind: Kind, tx: tokio::sync::mpsc::Sende
                         gone = true;
                         break;
                     }
-                    Some(404) if matches!(error, watcher::Error::InitialListFailed(_)) => {
-                        tracing::warn!(kind = kind.name(),
-                            "not served by the API server (CRD not installed?); treated as empty, retrying");
-                        Update::Absent(kind)
+                    Some(404)
+                        if kind.is_istio_security()
+                            && matches!(error, watcher::Error::InitialListFailed(_)) =>
+                    {
+                        let client = api.clone().into_client();
+                        match not_served(&client, kind, &mut told).await {
+                            Some(update) => update,
+                            None => continue,
+                        }
                     }
                     _ => {
                         tracing::warn!(kind = kind.name(), %error, "watch failed; retrying with backoff");

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use fake_apiserver::{objects, FakeApiServer};
 use fake_apiserver::{
-    AUTHORIZATION_POLICIES, ENDPOINT_SLICES, NAMESPACES, PEER_AUTHENTICATIONS, PODS, SERVICES,
+    AUTHORIZATION_POLICIES, ENDPOINT_SLICES, ISTIO_SECURITY_GROUP, NAMESPACES,
+    PEER_AUTHENTICATIONS, PODS, SERVICES,
 };
 use mesh_snapshot::delta::{self, State};
 use mesh_snapshot::schema::{Protocol, Snapshot};
@@ -139,6 +140,26 @@ impl Agent {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// The log's ERROR lines that contain `text`.
+    fn errors(&self, text: &str) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(" ERROR ") && l.contains(text))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Checks for `for_how_long` that nothing (`published`: nothing more than `published`)
+    /// is published.
+    fn holds(&mut self, for_how_long: Duration, published: Option<&Snapshot>, why: &str) {
+        let until = Instant::now() + for_how_long;
+        while Instant::now() < until {
+            let latest = self.reader.latest();
+            assert!(latest.as_ref() == published, "{why}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The first published state that satisfies `f`.
@@ -469,4 +490,115 @@ fn a_dropped_watch_resumes_from_the_last_event_and_bookmarks_move_that_point() {
     assert_eq!(server.lists(PODS), 1, "no relist was needed");
     let snap = agent.until("everything still there", |s| s.services.len() == 2);
     assert!(workload_names(&snap).contains(&"later"));
+}
+
+/// Istio before 1.22 serves its security kinds at v1beta1 only: an unreadable DENY policy
+/// must not be published as no policy.
+fn serve_istio_security_at(server: &FakeApiServer, version: Option<&str>) {
+    server.set_served_at(AUTHORIZATION_POLICIES, version);
+    server.set_served_at(PEER_AUTHENTICATIONS, version);
+}
+
+#[test]
+fn policies_served_only_at_v1beta1_are_an_error_and_nothing_is_published_until_v1_is() {
+    let server = FakeApiServer::start();
+    baseline(&server);
+    serve_istio_security_at(&server, Some("v1beta1"));
+    let mut agent = Agent::start(&server);
+    let deadline = Instant::now() + TIMEOUT;
+    while agent.errors("v1beta1").len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no error for each kind:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for kind in ["authorizationpolicies", "peerauthentications"] {
+        let errors = agent.errors(kind);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("cannot be read"), "{}", errors[0]);
+    }
+    agent.holds(
+        Duration::from_millis(1500),
+        None,
+        "published without the policies",
+    );
+    // Retried with backoff, and logged once, not at every retry.
+    server.wait_for("the policies' list retried", TIMEOUT, |s| {
+        s.lists(AUTHORIZATION_POLICIES) >= 3
+    });
+    assert_eq!(agent.errors("authorizationpolicies").len(), 1);
+    assert!(!agent.reader.published());
+
+    // An Istio upgrade serves v1: its policies are read and everything is published.
+    serve_istio_security_at(&server, None);
+    let first = agent.until("the first publication", |_| true);
+    assert_eq!(first.policies.len(), 1, "the DENY policy is in it");
+    assert_eq!(first.peer_authentications.len(), 1, "STRICT is in it");
+    assert_eq!(workload_names(&first), ["batch", "cart", "old", "web"]);
+}
+
+#[test]
+fn a_relist_that_finds_policies_only_at_v1beta1_keeps_the_published_ones() {
+    let server = FakeApiServer::start();
+    baseline(&server);
+    let mut agent = Agent::start(&server);
+    // With its certificate, so that no later publication is expected.
+    let published = agent.until("the first publication", |s| {
+        s.policies.len() == 1 && !s.identities.is_empty()
+    });
+    server.wait_for("a policy watch", TIMEOUT, |s| {
+        !s.watch_versions(AUTHORIZATION_POLICIES).is_empty()
+    });
+    // Istio is downgraded, and the policies' watch must relist.
+    server.set_served_at(AUTHORIZATION_POLICIES, Some("v1beta1"));
+    server.expire_watches(AUTHORIZATION_POLICIES);
+    server.wait_for("the relist refused", TIMEOUT, |s| {
+        s.lists(AUTHORIZATION_POLICIES) >= 2 && s.requests(ISTIO_SECURITY_GROUP) >= 1
+    });
+    let deadline = Instant::now() + TIMEOUT;
+    while agent.errors("authorizationpolicies").is_empty() {
+        assert!(Instant::now() < deadline, "no error:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Not even other changes: the world is not complete without its policies.
+    server.apply(
+        PODS,
+        objects::pod("shop", "new", "uid-new", "node-2", &["10.0.0.9"], json!({})),
+    );
+    agent.holds(
+        Duration::from_millis(1500),
+        Some(&published),
+        "the policies were dropped or a partial world was published",
+    );
+
+    server.set_served_at(AUTHORIZATION_POLICIES, None);
+    let snap = agent.until("new added", |s| workload_names(s).contains(&"new"));
+    assert_eq!(snap.policies.len(), 1);
+}
+
+#[test]
+fn without_istio_security_crds_the_cluster_is_published_with_no_policies() {
+    let server = FakeApiServer::start();
+    baseline(&server);
+    server.set_missing(AUTHORIZATION_POLICIES, true);
+    server.set_missing(PEER_AUTHENTICATIONS, true);
+    let mut agent = Agent::start(&server);
+    let snap = agent.until("the first publication", |_| true);
+    assert_eq!(workload_names(&snap), ["batch", "cart", "old", "web"]);
+    assert!(snap.policies.is_empty());
+    assert!(snap.peer_authentications.is_empty());
+    assert!(
+        server.requests(ISTIO_SECURITY_GROUP) > 0,
+        "told apart by discovery"
+    );
+    assert!(agent.errors("").is_empty(), "{}", agent.log());
+
+    // Retried: once the CRDs are installed, their objects arrive.
+    server.set_missing(AUTHORIZATION_POLICIES, false);
+    server.set_missing(PEER_AUTHENTICATIONS, false);
+    agent.until("the policies", |s| {
+        s.policies.len() == 1 && s.peer_authentications.len() == 1
+    });
 }

@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tower_test::mock::{self, Handle};
 
-use super::watch;
 use super::world::{Kind, Update};
+use super::{istio_resource, watch};
 
 type ApiHandle = Handle<Request<Body>, Response<Body>>;
 
@@ -51,20 +51,33 @@ fn watch_events(events: &[(&str, Value)]) -> Vec<u8> {
     body
 }
 
-/// The query of the next request, after checking it is a GET of the pods collection.
-async fn next_request(
+/// The path and query of the next request, after checking it is a GET.
+async fn next_get(
     handle: &mut ApiHandle,
-) -> (String, tower_test::mock::SendResponse<Response<Body>>) {
+) -> (
+    String,
+    String,
+    tower_test::mock::SendResponse<Response<Body>>,
+) {
     let (request, respond) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
         .await
         .expect("the watcher makes another request")
         .expect("the client is alive");
     assert_eq!(request.method(), http::Method::GET);
-    assert_eq!(request.uri().path(), "/api/v1/pods");
     (
+        request.uri().path().to_owned(),
         request.uri().query().unwrap_or_default().to_owned(),
         respond,
     )
+}
+
+/// The query of the next request, after checking it is a GET of the pods collection.
+async fn next_request(
+    handle: &mut ApiHandle,
+) -> (String, tower_test::mock::SendResponse<Response<Body>>) {
+    let (path, query, respond) = next_get(handle).await;
+    assert_eq!(path, "/api/v1/pods");
+    (query, respond)
 }
 
 fn param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
@@ -119,6 +132,15 @@ where
     F: FnOnce(ApiHandle, mpsc::Receiver<Update>) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
+    with_watch(Kind::Pods, ApiResource::erase::<Pod>(&()), test);
+}
+
+/// Runs `test` with a watch loop of `kind` on kube's mock service.
+fn with_watch<F, Fut>(kind: Kind, resource: ApiResource, test: F)
+where
+    F: FnOnce(ApiHandle, mpsc::Receiver<Update>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -126,9 +148,9 @@ where
     runtime.block_on(async {
         let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
-        let api = Api::<DynamicObject>::all_with(client, &ApiResource::erase::<Pod>(&()));
+        let api = Api::<DynamicObject>::all_with(client, &resource);
         let (tx, rx) = mpsc::channel(16);
-        let watching = tokio::spawn(watch(api, Kind::Pods, tx));
+        let watching = tokio::spawn(watch(api, kind, tx));
         test(handle, rx).await;
         watching.abort();
     });
@@ -189,7 +211,7 @@ fn an_http_410_on_resuming_a_watch_relists_and_the_relist_replaces_the_kind() {
 }
 
 #[test]
-fn a_failed_list_is_retried_and_a_kind_not_served_counts_as_absent() {
+fn a_failed_list_is_retried_and_a_404_of_a_core_kind_is_not_taken_for_empty() {
     with_pods_watch(|mut api, mut updates| async move {
         let (_, respond) = next_request(&mut api).await;
         reply(
@@ -218,16 +240,87 @@ fn a_failed_list_is_retried_and_a_kind_not_served_counts_as_absent() {
             seen.push(next_update(&mut updates).await);
         }
         // kube's watcher announces each list attempt (Init) before making it.
-        assert_eq!(
-            seen,
-            [
-                "init",
-                "init",
-                "absent pods",
-                "init",
-                "init-apply a",
-                "init-done"
-            ]
-        );
+        assert_eq!(seen, ["init", "init", "init", "init-apply a", "init-done"]);
     });
+}
+
+const POLICIES: &str = "/apis/security.istio.io/v1/authorizationpolicies";
+const GROUP: &str = "/apis/security.istio.io";
+
+/// Answers the next request, which must be a list of the policies, with a 404.
+async fn policies_not_found(api: &mut ApiHandle) {
+    let (path, query, respond) = next_get(api).await;
+    assert_eq!((path.as_str(), param(&query, "watch")), (POLICIES, None));
+    reply(
+        respond,
+        404,
+        status(404, "NotFound").to_string().into_bytes(),
+    );
+}
+
+/// Answers the next request, which must be `path`, with `code` and `body`.
+async fn answer(api: &mut ApiHandle, path: &str, code: u16, body: Value) {
+    let (asked, _, respond) = next_get(api).await;
+    assert_eq!(asked, path);
+    reply(respond, code, body.to_string().into_bytes());
+}
+
+#[test]
+fn a_404_on_the_policies_counts_as_empty_only_when_discovery_finds_them_served_nowhere() {
+    let resource = istio_resource("AuthorizationPolicy", "authorizationpolicies");
+    with_watch(
+        Kind::AuthorizationPolicies,
+        resource,
+        |mut api, mut updates| async move {
+            // Discovery fails: a transient error, not "no policies".
+            policies_not_found(&mut api).await;
+            answer(&mut api, GROUP, 503, status(503, "ServiceUnavailable")).await;
+
+            // The group is served, and the kind only at v1beta1 (Istio before 1.22): policies
+            // exist that cannot be read.
+            policies_not_found(&mut api).await;
+            let group = json!({"kind": "APIGroup", "apiVersion": "v1", "name": "security.istio.io",
+            "versions": [{"groupVersion": "security.istio.io/v1beta1", "version": "v1beta1"}]});
+            answer(&mut api, GROUP, 200, group).await;
+            let resources = json!({"kind": "APIResourceList", "apiVersion": "v1",
+            "groupVersion": "security.istio.io/v1beta1",
+            "resources": [{"name": "authorizationpolicies", "singularName": "",
+                           "namespaced": true, "kind": "AuthorizationPolicy",
+                           "verbs": ["get", "list", "watch"]}]});
+            answer(&mut api, &format!("{GROUP}/v1beta1"), 200, resources).await;
+
+            // The group is not served at all: no Istio security CRDs, so no policies.
+            policies_not_found(&mut api).await;
+            answer(&mut api, GROUP, 404, status(404, "NotFound")).await;
+
+            // Still retried: once served at v1, the policies arrive.
+            let (path, _, respond) = next_get(&mut api).await;
+            assert_eq!(path, POLICIES);
+            let policy = json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny", "namespace": "shop", "resourceVersion": "5"},
+            "spec": {"action": "DENY"}});
+            let list = json!({"apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicyList", "metadata": {"resourceVersion": "7"},
+            "items": [policy]});
+            reply(respond, 200, list.to_string().into_bytes());
+
+            let mut seen = Vec::new();
+            while seen.last().map(String::as_str) != Some("init-done") {
+                seen.push(next_update(&mut updates).await);
+            }
+            // One Init per list attempt; "absent" only after the group was found not served.
+            assert_eq!(
+                seen,
+                [
+                    "init",
+                    "init",
+                    "init",
+                    "absent authorizationpolicies",
+                    "init",
+                    "init-apply deny",
+                    "init-done"
+                ]
+            );
+        },
+    );
 }

@@ -486,7 +486,7 @@ impl<K: Kept> Store<K> {
         }
     }
 
-    /// The kind is not served at all (an Istio CRD that is not installed): complete and
+    /// The kind is served at no version (an Istio CRD that is not installed): complete and
     /// empty, so the rest of the cluster is still published.
     pub fn absent(&mut self) -> Applied {
         let changed = !self.objects.is_empty() || !self.synced;
@@ -563,7 +563,10 @@ pub struct World {
 #[allow(clippy::large_enum_variant)]
 pub enum Update {
     Event(Kind, Event<DynamicObject>),
-    /// The API server does not serve this kind (404 on list): its CRD is not installed.
+    /// The API server serves this Istio kind at no version (a 404 on its list, and
+    /// discovery finds it nowhere): its CRD is not installed, so no such object exists. Not
+    /// sent for a kind served at other versions only: its objects exist but cannot be read,
+    /// and it stays unlisted (holding back publishing) instead.
     Absent(Kind),
 }
 
@@ -579,6 +582,16 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Istio's security.istio.io kinds: CRDs, which a cluster may lack or serve at other
+    /// versions than the one read.
+    pub fn is_istio_security(self) -> bool {
+        matches!(
+            self,
+            Kind::AuthorizationPolicies | Kind::PeerAuthentications
+        )
+    }
+
+    /// The kind's plural, as its collection's path and API discovery name it.
     pub fn name(self) -> &'static str {
         match self {
             Kind::Namespaces => "namespaces",
@@ -607,7 +620,7 @@ impl World {
             Update::Absent(kind) => match kind {
                 Kind::AuthorizationPolicies => self.authorization_policies.absent(),
                 Kind::PeerAuthentications => self.peer_authentications.absent(),
-                // Core kinds are always served; a 404 there is an error the watcher retries.
+                // Core kinds are always served: never sent for them.
                 _ => Applied::Nothing,
             },
         }

@@ -9,6 +9,10 @@
 //!   with a `Status` of code 410 (reason Expired), as the real server sends, or, when asked,
 //!   an HTTP 410.
 //! - An unknown collection is a 404 with a `Status`, like a CRD that is not installed.
+//! - Discovery of a group's kinds (`/apis/<group>` an `APIGroup` naming the versions served,
+//!   `/apis/<group>/<version>` an `APIResourceList`), each a 404 when it serves no
+//!   collection. A collection can be served at another version of its group than its path's
+//!   (which then 404s), as an Istio before 1.22 serves its security kinds at v1beta1 only.
 //!
 //! Tests drive it: apply and delete objects (each a watch event), delete without an event
 //! and compact (a gap the watchers did not see), send bookmarks, cut open watches, expire
@@ -30,6 +34,8 @@ pub const SERVICES: &str = "/api/v1/services";
 pub const ENDPOINT_SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 pub const AUTHORIZATION_POLICIES: &str = "/apis/security.istio.io/v1/authorizationpolicies";
 pub const PEER_AUTHENTICATIONS: &str = "/apis/security.istio.io/v1/peerauthentications";
+/// Discovery of Istio's security group: the versions it serves.
+pub const ISTIO_SECURITY_GROUP: &str = "/apis/security.istio.io";
 
 /// (collection path, apiVersion, kind) of every collection served.
 const COLLECTIONS: [(&str, &str, &str); 6] = [
@@ -68,6 +74,9 @@ struct Collection {
     http_gone: bool,
     /// Not served at all (404), like an uninstalled CRD.
     missing: bool,
+    /// Served at this version of its group instead of its path's: the path 404s, and
+    /// discovery names this version.
+    served_at: Option<String>,
 }
 
 #[derive(Default)]
@@ -254,6 +263,22 @@ impl FakeApiServer {
         self.change(|s| s.collections.get_mut(path).expect("known").missing = missing);
     }
 
+    /// Serves `path`'s kind at `version` of its group only (`None`: at its path's again).
+    pub fn set_served_at(&self, path: &str, version: Option<&str>) {
+        self.change(|s| {
+            s.collections.get_mut(path).expect("known").served_at = version.map(str::to_owned)
+        });
+    }
+
+    /// How many requests `path` had (discovery paths included).
+    pub fn requests(&self, path: &str) -> usize {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|(p, _)| p == path)
+            .count()
+    }
+
     /// The resourceVersion of each watch request to `path` so far, in order.
     pub fn watch_versions(&self, path: &str) -> Vec<String> {
         self.lock()
@@ -377,8 +402,13 @@ fn serve(inner: &Inner, mut stream: TcpStream) {
     let delay = {
         let mut s = inner.state.lock().unwrap_or_else(|e| e.into_inner());
         s.requests.push((path.to_owned(), query.clone()));
+        if let Some((code, body)) = discovery(&s, path) {
+            drop(s);
+            let text = if code == 200 { "OK" } else { "Not Found" };
+            return respond(&mut stream, code, text, &body);
+        }
         match s.collections.get(path) {
-            Some(c) if !c.missing => c.list_delay,
+            Some(c) if !c.missing && c.served_at.is_none() => c.list_delay,
             _ => {
                 drop(s);
                 let body = status(
@@ -405,6 +435,71 @@ fn serve(inner: &Inner, mut stream: TcpStream) {
         drop(s);
         respond(&mut stream, 200, "OK", &body);
     }
+}
+
+/// The answer to a discovery request (`/apis/<group>` or `/apis/<group>/<version>`), or
+/// `None` when `path` is not one.
+fn discovery(s: &State, path: &str) -> Option<(u16, Value)> {
+    let parts: Vec<&str> = path.strip_prefix("/apis/")?.split('/').collect();
+    let (group, version) = match parts[..] {
+        [group] => (group, None),
+        [group, version] => (group, Some(version)),
+        _ => return None,
+    };
+    // (version, plural, kind) of every collection of the group served.
+    let mut served: Vec<(String, &str, &str)> = Vec::new();
+    for (collection, c) in &s.collections {
+        let Some(rest) = collection.strip_prefix("/apis/") else {
+            continue;
+        };
+        let [g, v, plural] = rest.split('/').collect::<Vec<_>>()[..] else {
+            continue;
+        };
+        if g == group && !c.missing {
+            let v = c.served_at.clone().unwrap_or_else(|| v.to_owned());
+            served.push((v, plural, &c.kind));
+        }
+    }
+    let not_found = (
+        404,
+        status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ),
+    );
+    let body = match version {
+        None => {
+            let mut versions: Vec<&str> = served.iter().map(|(v, _, _)| v.as_str()).collect();
+            versions.sort_unstable();
+            versions.dedup();
+            let versions: Vec<Value> = versions
+                .iter()
+                .map(|v| json!({"groupVersion": format!("{group}/{v}"), "version": v}))
+                .collect();
+            let Some(preferred) = versions.first().cloned() else {
+                return Some(not_found);
+            };
+            json!({"kind": "APIGroup", "apiVersion": "v1", "name": group,
+                   "versions": versions, "preferredVersion": preferred})
+        }
+        Some(version) => {
+            let resources: Vec<Value> = served
+                .iter()
+                .filter(|(v, _, _)| v == version)
+                .map(|(_, plural, kind)| {
+                    json!({"name": plural, "singularName": "", "namespaced": true,
+                           "kind": kind, "verbs": ["get", "list", "watch"]})
+                })
+                .collect();
+            if resources.is_empty() {
+                return Some(not_found);
+            }
+            json!({"kind": "APIResourceList", "apiVersion": "v1",
+                   "groupVersion": format!("{group}/{version}"), "resources": resources})
+        }
+    };
+    Some((200, body))
 }
 
 fn watch(inner: &Inner, mut stream: TcpStream, path: &str, query: &BTreeMap<String, String>) {
