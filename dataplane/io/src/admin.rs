@@ -2,12 +2,13 @@
 //! served by plain threads that never run on a data-plane core's event loop: an expensive dump
 //! or scrape must not delay packets.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
@@ -15,7 +16,7 @@ use crate::accesslog::AccessLogSettings;
 use crate::logs::LogLevel;
 use crate::metrics::{escape, MetricsRegistry};
 use crate::runtime::Driver;
-use crate::stats::{WorkerStats, GAUGES};
+use crate::stats::WorkerStats;
 use crate::watch::WatchStatus;
 use crate::worker::Control;
 
@@ -192,7 +193,7 @@ impl AdminState {
                     ),
                     None => (format!("meshdp_{name}"), format!("worker=\"{i}\"")),
                 };
-                let gauge = GAUGES.contains(&name);
+                let gauge = WorkerStats::is_gauge(name);
                 let family = if gauge { family } else { family + "_total" };
                 match families.iter_mut().find(|(f, _, _)| *f == family) {
                     Some((_, _, series)) => series.push((labels, value)),
@@ -343,13 +344,96 @@ pub struct Request<'a> {
 
 type Handler = dyn Fn(&Request<'_>) -> (u16, &'static str, String) + Send + Sync;
 
-/// Serves requests on `listener` with `handler`, one short-lived connection at a time, until
-/// `stop` is set (checked between connections and at least every 200 ms).
+/// What one client may cost an endpoint. The metrics and readiness ports face the pod
+/// network, so a client that never finishes a request must hold neither memory nor the server.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    /// The request line and each header line, newline included.
+    line: usize,
+    headers: usize,
+    /// From accept to the end of the request (a per-read timeout lets a trickle live for ever).
+    read: Duration,
+    /// From accept to the end of the response.
+    total: Duration,
+    /// Connections served at once on one endpoint, and from one peer address.
+    connections: usize,
+    per_peer: usize,
+}
+
+const LIMITS: Limits = Limits {
+    line: 8 * 1024,
+    headers: 64,
+    read: Duration::from_secs(5),
+    total: Duration::from_secs(10),
+    connections: 32,
+    // Kubelet probes and Prometheus scrapes come from one address each: a busy peer cannot
+    // take every slot.
+    per_peer: 8,
+};
+
+/// Connections being served on one endpoint, in total and by peer.
+#[derive(Default)]
+struct Occupancy {
+    total: usize,
+    by_peer: HashMap<IpAddr, usize>,
+}
+
+/// A connection's place in [`Occupancy`], given back when the connection ends.
+struct Slot {
+    occupancy: Arc<Mutex<Occupancy>>,
+    peer: IpAddr,
+}
+
+impl Slot {
+    fn take(occupancy: &Arc<Mutex<Occupancy>>, peer: IpAddr, limits: &Limits) -> Option<Slot> {
+        let mut o = occupancy.lock().unwrap_or_else(PoisonError::into_inner);
+        let mine = o.by_peer.get(&peer).copied().unwrap_or(0);
+        if o.total >= limits.connections || mine >= limits.per_peer {
+            return None;
+        }
+        o.total += 1;
+        o.by_peer.insert(peer, mine + 1);
+        Some(Slot {
+            occupancy: occupancy.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut o = self
+            .occupancy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        o.total = o.total.saturating_sub(1);
+        if let Some(n) = o.by_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                o.by_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Serves requests on `listener` with `handler`, each connection on a short-lived thread of
+/// its own (so a slow client delays no one else), until `stop` is set (checked at least every
+/// 200 ms).
 pub fn serve(listener: TcpListener, handler: Arc<Handler>, stop: Arc<AtomicBool>) {
+    serve_with(listener, handler, stop, LIMITS);
+}
+
+fn serve_with(listener: TcpListener, handler: Arc<Handler>, stop: Arc<AtomicBool>, limits: Limits) {
     let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
     // Non-blocking: another process may share this socket (upgrade), and an accept that
     // loses the race must not block.
     let _ = listener.set_nonblocking(true);
+    let occupancy = Arc::new(Mutex::new(Occupancy::default()));
+    let name = std::thread::current()
+        .name()
+        .unwrap_or("endpoint")
+        .to_owned()
+        + "-conn";
     while !stop.load(Ordering::Acquire) {
         match crate::sockets::wait_readable(fd, Duration::from_millis(200)) {
             Ok(true) => {}
@@ -359,60 +443,165 @@ pub fn serve(listener: TcpListener, handler: Arc<Handler>, stop: Arc<AtomicBool>
                 continue;
             }
         }
-        let Ok((conn, _)) = listener.accept() else {
+        let Ok((conn, peer)) = listener.accept() else {
             continue;
         };
-        let _ = conn.set_nonblocking(false);
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
-        let _ = answer(conn, &*handler);
+        // Full: closed at once, rather than queued behind the clients that filled it.
+        let Some(slot) = Slot::take(&occupancy, peer.ip(), &limits) else {
+            continue;
+        };
+        let handler = handler.clone();
+        let _ = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let _slot = slot;
+                let _ = answer(conn, &*handler, &limits);
+            });
     }
 }
 
-fn answer(mut conn: TcpStream, handler: &Handler) -> std::io::Result<()> {
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    // Read the headers, and a (small) body, so the client sees a clean close.
+/// The connection, read or written only until `until`.
+struct Deadline<'a> {
+    conn: &'a TcpStream,
+    until: Instant,
+}
+
+impl Deadline<'_> {
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.conn.set_read_timeout(Some(self.left()?))?;
+        self.conn.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.conn.set_write_timeout(Some(self.left()?))?;
+        self.conn.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.conn.flush()
+    }
+}
+
+/// One line of at most `max` bytes, newline included; `Ok(None)` if it is longer.
+fn read_line_capped<R: BufRead>(reader: &mut R, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+    let mut line = Vec::new();
+    reader
+        .by_ref()
+        .take(max as u64)
+        .read_until(b'\n', &mut line)?;
+    if line.last() == Some(&b'\n') {
+        Ok(Some(line))
+    } else if line.len() >= max {
+        Ok(None)
+    } else {
+        Err(std::io::ErrorKind::UnexpectedEof.into())
+    }
+}
+
+/// The request line and the body's length, or the error status to answer with.
+fn read_head<R: BufRead>(
+    reader: &mut R,
+    limits: &Limits,
+) -> std::io::Result<Result<(String, u64), u16>> {
+    let Some(request_line) = read_line_capped(reader, limits.line)? else {
+        return Ok(Err(414));
+    };
+    let Ok(request_line) = String::from_utf8(request_line) else {
+        return Ok(Err(400));
+    };
     let mut body_len = 0u64;
+    let mut headers = 0;
     loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+        let Some(line) = read_line_capped(reader, limits.line)? else {
+            return Ok(Err(431));
+        };
+        if line == b"\r\n" || line == b"\n" {
             break;
         }
+        headers += 1;
+        if headers > limits.headers {
+            return Ok(Err(431));
+        }
+        let line = String::from_utf8_lossy(&line);
         if let Some((name, value)) = line.split_once(':') {
             if name.eq_ignore_ascii_case("content-length") {
                 body_len = value.trim().parse().unwrap_or(0).min(64 * 1024);
             }
         }
     }
-    std::io::copy(&mut reader.by_ref().take(body_len), &mut std::io::sink())?;
-    let mut parts = request_line.split_whitespace();
-    let (status, content_type, body) = match (parts.next(), parts.next()) {
-        (Some(method @ ("GET" | "POST")), Some(target)) => {
-            let (path, query) = target.split_once('?').unwrap_or((target, ""));
-            handler(&Request {
-                method,
-                path,
-                query,
-            })
+    Ok(Ok((request_line, body_len)))
+}
+
+fn answer(conn: TcpStream, handler: &Handler, limits: &Limits) -> std::io::Result<()> {
+    let accepted = Instant::now();
+    let _ = conn.set_nonblocking(false);
+    let mut reader = BufReader::new(Deadline {
+        conn: &conn,
+        until: accepted + limits.read,
+    });
+    let head = read_head(&mut reader, limits)?;
+    let (status, content_type, body) = match &head {
+        Ok((request_line, body_len)) => {
+            // Read a (small) body, so the client sees a clean close.
+            std::io::copy(&mut reader.by_ref().take(*body_len), &mut std::io::sink())?;
+            let mut parts = request_line.split_whitespace();
+            match (parts.next(), parts.next()) {
+                (Some(method @ ("GET" | "POST")), Some(target)) => {
+                    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+                    handler(&Request {
+                        method,
+                        path,
+                        query,
+                    })
+                }
+                _ => (405, "text/plain", "GET or POST only\n".into()),
+            }
         }
-        _ => (405, "text/plain", "GET or POST only\n".into()),
+        Err(status) => (
+            *status,
+            "text/plain",
+            "request too large or malformed\n".into(),
+        ),
     };
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        414 => "URI Too Long",
+        431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "",
     };
+    let mut response = Vec::with_capacity(body.len() + 128);
     write!(
-        conn,
+        response,
         "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     )?;
-    conn.flush()
+    let mut out = Deadline {
+        conn: &conn,
+        until: accepted + limits.total,
+    };
+    out.write_all(&response)?;
+    if head.is_err() {
+        // Unread request bytes would make the close a reset, which can discard the answer
+        // before the client reads it: stop writing, then drain a little, within the deadline.
+        let _ = conn.shutdown(std::net::Shutdown::Write);
+        let _ = std::io::copy(&mut reader.take(64 * 1024), &mut std::io::sink());
+    }
+    Ok(())
 }
 
 /// The three endpoint listeners: bound here, or taken over from the previous process.
@@ -501,4 +690,144 @@ pub fn start(
             .spawn(move || serve(listener, handler, stop))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server answering `/healthz/ready` with 200, and the flag that stops it.
+    fn server(limits: Option<Limits>) -> (SocketAddr, Arc<AtomicBool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let handler: Arc<Handler> = Arc::new(|r| match r.path {
+            "/healthz/ready" => (200, "text/plain", "ready\n".into()),
+            _ => (404, "text/plain", "not found\n".into()),
+        });
+        let flag = stop.clone();
+        std::thread::spawn(move || match limits {
+            Some(limits) => serve_with(listener, handler, flag, limits),
+            None => serve(listener, handler, flag),
+        });
+        (addr, stop)
+    }
+
+    /// Sends `request` and reads the answer until the server closes (at most 2 s).
+    fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+        let mut conn = TcpStream::connect(addr).expect("connect");
+        conn.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        conn.write_all(request).expect("send");
+        let mut answer = Vec::new();
+        let _ = conn.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    fn probe(addr: SocketAddr) -> String {
+        exchange(addr, b"GET /healthz/ready HTTP/1.1\r\nhost: x\r\n\r\n")
+    }
+
+    #[test]
+    fn a_stalled_client_does_not_delay_another_clients_probe() {
+        let (addr, stop) = server(None);
+        let mut stalled = TcpStream::connect(addr).expect("connect");
+        stalled
+            .write_all(b"GET /healthz/ready HTTP/1.1\r\n")
+            .expect("send");
+        std::thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        let answer = probe(addr);
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer:?}");
+        assert!(answer.ends_with("ready\n"), "{answer:?}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        stop.store(true, Ordering::Release);
+    }
+
+    #[test]
+    fn a_trickling_client_is_cut_off_at_the_request_deadline() {
+        let limits = Limits {
+            read: Duration::from_secs(1),
+            ..LIMITS
+        };
+        let (addr, stop) = server(Some(limits));
+        let mut conn = TcpStream::connect(addr).expect("connect");
+        let mut trickle = conn.try_clone().expect("clone");
+        // A byte every 200 ms: each read succeeds well within any per-read timeout.
+        std::thread::spawn(move || {
+            for b in b"GET /healthz/ready HTTP/1.1\r\nx-slow: ".iter().cycle() {
+                if trickle.write_all(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        conn.set_read_timeout(Some(Duration::from_secs(4)))
+            .expect("timeout");
+        let started = Instant::now();
+        let mut buf = [0u8; 64];
+        match conn.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("server did not close the connection: {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(probe(addr).starts_with("HTTP/1.1 200 OK"));
+        stop.store(true, Ordering::Release);
+    }
+
+    #[test]
+    fn over_long_requests_are_refused_and_the_server_keeps_answering() {
+        let (addr, stop) = server(None);
+        let mut long_line = b"GET /".to_vec();
+        long_line.resize(20 * 1024, b'a');
+        let answer = exchange(addr, &long_line);
+        assert!(answer.starts_with("HTTP/1.1 414 "), "{answer:?}");
+
+        let mut long_header = b"GET /healthz/ready HTTP/1.1\r\nx-big: ".to_vec();
+        long_header.resize(20 * 1024, b'b');
+        let answer = exchange(addr, &long_header);
+        assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:?}");
+
+        let mut many = b"GET /healthz/ready HTTP/1.1\r\n".to_vec();
+        for i in 0..100 {
+            many.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        let answer = exchange(addr, &many);
+        assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:?}");
+
+        // Headers within the limits are still fine.
+        let mut some = b"GET /healthz/ready HTTP/1.1\r\n".to_vec();
+        for i in 0..20 {
+            some.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
+        }
+        some.extend_from_slice(b"\r\n");
+        assert!(exchange(addr, &some).starts_with("HTTP/1.1 200 OK"));
+        assert!(probe(addr).starts_with("HTTP/1.1 200 OK"));
+        stop.store(true, Ordering::Release);
+    }
+
+    #[test]
+    fn one_peer_cannot_take_more_than_its_share_of_connections() {
+        let limits = Limits {
+            per_peer: 2,
+            read: Duration::from_secs(1),
+            ..LIMITS
+        };
+        let (addr, stop) = server(Some(limits));
+        let idle: Vec<TcpStream> = (0..2)
+            .map(|_| TcpStream::connect(addr).expect("connect"))
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        // The third is closed unanswered, at once, instead of waiting behind the idle two.
+        let started = Instant::now();
+        assert_eq!(probe(addr), "");
+        assert!(started.elapsed() < Duration::from_millis(900));
+        // Once the idle ones hit the deadline, the slots are free again.
+        std::thread::sleep(Duration::from_millis(1200));
+        assert!(probe(addr).starts_with("HTTP/1.1 200 OK"));
+        drop(idle);
+        stop.store(true, Ordering::Release);
+    }
 }

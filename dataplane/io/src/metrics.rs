@@ -5,12 +5,19 @@
 //! handed to the scraper through a lock-free queue (the only cross-thread step, once per label
 //! set); after that the worker only stores into counters it alone writes. The scraper, on an
 //! admin thread, sums the workers' counters per label set when Prometheus asks.
+//!
+//! Labels name pods, so every rollout brings new label sets: a worker retires a series no
+//! connection holds once its counters have not moved for [`IDLE`], and the scraper shows it
+//! once more with its final counts before forgetting it, so memory follows the traffic of the
+//! last minutes, not the process's lifetime.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
 use mesh_core::identity::SpiffeId;
@@ -275,18 +282,50 @@ pub struct TcpCounters {
     pub sent_bytes: Counter,
     /// Istio's received bytes: from the client toward the server.
     pub received_bytes: Counter,
+    /// Set by the worker once nothing can count into these any more: the values are final.
+    retired: AtomicBool,
 }
+
+impl TcpCounters {
+    fn values(&self) -> [u64; 5] {
+        [
+            self.opened.get(),
+            self.closed.get(),
+            self.failed.get(),
+            self.sent_bytes.get(),
+            self.received_bytes.get(),
+        ]
+    }
+}
+
+/// How long a series no connection holds keeps its counters unchanged before it is retired.
+const IDLE: Duration = Duration::from_secs(10 * 60);
+/// How often, at most, a worker looks for idle series (only when it creates one: that is the
+/// only way the map grows).
+const SWEEP: Duration = Duration::from_secs(60);
+/// References to a series' counters that are not a connection's: the worker's map, and the
+/// scraper's queue or list.
+const UNHELD: usize = 2;
 
 type Series = (Arc<TcpLabels>, Arc<TcpCounters>);
 
 /// A worker as the scraper sees it: the queue of new series, and the series seen so far.
 type ScrapedWorker = (Arc<SegQueue<Series>>, Mutex<Vec<Series>>);
 
+/// A worker's series, and when it last saw it move.
+struct Entry {
+    series: Series,
+    /// The sum of its counters at the last sweep: any change means activity.
+    seen: Cell<u64>,
+    active_at: Cell<Instant>,
+}
+
 /// One worker's side: its series, by a hash of their labels, and the queue that announces
 /// new ones to the scraper.
 pub struct WorkerMetrics {
-    series: RefCell<HashMap<u64, Vec<Series>>>,
+    series: RefCell<HashMap<u64, Vec<Entry>>>,
     announce: Arc<SegQueue<Series>>,
+    last_sweep: Cell<Instant>,
 }
 
 impl WorkerMetrics {
@@ -294,9 +333,13 @@ impl WorkerMetrics {
     pub fn counters(&self, labels: LabelsRef<'_>) -> Arc<TcpCounters> {
         let key = labels.key();
         if let Some(bucket) = self.series.borrow().get(&key) {
-            if let Some((_, c)) = bucket.iter().find(|(l, _)| labels.matches(l)) {
-                return c.clone();
+            if let Some(e) = bucket.iter().find(|e| labels.matches(&e.series.0)) {
+                return e.series.1.clone();
             }
+        }
+        let now = Instant::now();
+        if now.saturating_duration_since(self.last_sweep.get()) >= SWEEP {
+            self.sweep(now, IDLE);
         }
         let series: Series = (
             Arc::new(labels.to_owned()),
@@ -307,9 +350,44 @@ impl WorkerMetrics {
             .borrow_mut()
             .entry(key)
             .or_default()
-            .push(series.clone());
+            .push(Entry {
+                series: series.clone(),
+                seen: Cell::new(0),
+                active_at: Cell::new(now),
+            });
         self.announce.push(series);
         counters
+    }
+
+    /// Retires the series that no connection holds and whose counters have not moved for
+    /// `idle` (as seen by the sweeps).
+    fn sweep(&self, now: Instant, idle: Duration) {
+        self.last_sweep.set(now);
+        self.series.borrow_mut().retain(|_, bucket| {
+            bucket.retain(|e| {
+                let c = &e.series.1;
+                let activity = c.values().iter().fold(0u64, |a, v| a.wrapping_add(*v));
+                if Arc::strong_count(c) > UNHELD || activity != e.seen.get() {
+                    e.seen.set(activity);
+                    e.active_at.set(now);
+                    return true;
+                }
+                if now.saturating_duration_since(e.active_at.get()) < idle {
+                    return true;
+                }
+                // Out of the map, no connection can find it again, and none holds it: its
+                // counts are final for the scraper.
+                c.retired.store(true, Ordering::Release);
+                false
+            });
+            !bucket.is_empty()
+        });
+    }
+
+    /// How many series this worker keeps.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.series.borrow().values().map(Vec::len).sum()
     }
 
     /// Counts a connection that was not made.
@@ -322,6 +400,9 @@ impl WorkerMetrics {
 #[derive(Default)]
 pub struct MetricsRegistry {
     workers: Vec<ScrapedWorker>,
+    /// Final counts of retired series whose label set is still live on some worker, so that
+    /// its sum never goes down (Prometheus would read that as a reset).
+    carry: Mutex<HashMap<TcpLabels, [u64; 5]>>,
 }
 
 impl MetricsRegistry {
@@ -337,14 +418,27 @@ impl MetricsRegistry {
             halves.push(WorkerMetrics {
                 series: Default::default(),
                 announce: queue,
+                last_sweep: Cell::new(Instant::now()),
             });
         }
         (registry, halves)
     }
 
-    /// Sums of every counter per label set, over all workers.
+    /// Sums of every counter per label set, over all workers. Retired series are counted
+    /// this once more, then forgotten.
     pub fn totals(&self) -> BTreeMap<TcpLabels, [u64; 5]> {
-        let mut totals: BTreeMap<TcpLabels, [u64; 5]> = BTreeMap::new();
+        fn add(sums: &mut [u64; 5], values: [u64; 5]) {
+            for (sum, v) in sums.iter_mut().zip(values) {
+                *sum += v;
+            }
+        }
+        // Held throughout: two scrapes at once must not both fold a retired series in.
+        let mut carry = self.carry.lock().unwrap_or_else(PoisonError::into_inner);
+        // (sums, whether some worker still has a live series for it)
+        let mut totals: BTreeMap<TcpLabels, ([u64; 5], bool)> = carry
+            .iter()
+            .map(|(labels, values)| (labels.clone(), (*values, false)))
+            .collect();
         for (queue, known) in &self.workers {
             let Ok(mut known) = known.lock() else {
                 continue;
@@ -352,20 +446,37 @@ impl MetricsRegistry {
             while let Some(series) = queue.pop() {
                 known.push(series);
             }
-            for (labels, c) in known.iter() {
-                let sums = totals.entry((**labels).clone()).or_default();
-                for (sum, v) in sums.iter_mut().zip([
-                    c.opened.get(),
-                    c.closed.get(),
-                    c.failed.get(),
-                    c.sent_bytes.get(),
-                    c.received_bytes.get(),
-                ]) {
-                    *sum += v;
+            known.retain(|(labels, c)| {
+                // The flag first: the counts written before it was set are final.
+                let retired = c.retired.load(Ordering::Acquire);
+                let values = c.values();
+                let (sums, live) = totals.entry((**labels).clone()).or_default();
+                add(sums, values);
+                if retired {
+                    add(carry.entry((**labels).clone()).or_default(), values);
+                } else {
+                    *live = true;
                 }
-            }
+                !retired
+            });
         }
+        // Gone from every worker: shown now with its final counts, absent from the next scrape.
+        carry.retain(|labels, _| totals.get(labels).is_some_and(|(_, live)| *live));
         totals
+            .into_iter()
+            .map(|(labels, (sums, _))| (labels, sums))
+            .collect()
+    }
+
+    /// How many series the scraper keeps, retired ones' carried counts included.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        let known: usize = self
+            .workers
+            .iter()
+            .map(|(q, k)| q.len() + k.lock().map_or(0, |k| k.len()))
+            .sum();
+        known + self.carry.lock().map_or(0, |c| c.len())
     }
 
     /// Istio's TCP metrics in Prometheus text format.
@@ -482,6 +593,102 @@ mod tests {
         let mut text = String::new();
         registry.render(&mut text);
         assert!(text.contains("istio_tcp_connections_closed_total{reporter=\"destination\""));
+    }
+
+    /// The `istio_tcp_connections_<family>_total` value of the series from `source`, if shown.
+    fn scraped(registry: &MetricsRegistry, family: &str, source: &str) -> Option<u64> {
+        let mut text = String::new();
+        registry.render(&mut text);
+        let prefix = format!("istio_tcp_connections_{family}_total{{");
+        let label = format!("source_workload=\"{source}\"");
+        text.lines()
+            .find(|l| l.starts_with(&prefix) && l.contains(&label))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    #[test]
+    fn series_of_departed_pods_leave_after_a_last_scrape() {
+        let (registry, workers) = MetricsRegistry::new(2);
+        let (old, new, server) = (
+            workload("client-7d9f8-abcde"),
+            workload("client-5c4b6-fghij"),
+            workload("server"),
+        );
+        let labels = |client| LabelsRef {
+            reporter: Reporter::Destination,
+            source: PeerRef::workload(client),
+            destination: PeerRef::workload(&server),
+            service: None,
+            security: Security::MutualTls,
+            response_flags: "-",
+        };
+        let pod = "client-7d9f8-abcde";
+        // The old pod: a finished connection on worker 0, one still open on worker 1.
+        let done = workers[0].counters(labels(&old));
+        done.opened.inc();
+        done.closed.inc();
+        drop(done);
+        let open = workers[1].counters(labels(&old));
+        open.opened.inc();
+        assert_eq!(scraped(&registry, "opened", pod), Some(2));
+
+        let t0 = Instant::now();
+        for w in &workers {
+            w.sweep(t0, IDLE);
+            w.sweep(t0 + IDLE / 2, IDLE);
+        }
+        // Not idle long enough yet.
+        assert_eq!((workers[0].len(), workers[1].len()), (1, 1));
+        for w in &workers {
+            w.sweep(t0 + IDLE, IDLE);
+        }
+        // Worker 0's is retired; worker 1's is held by its open connection.
+        assert_eq!((workers[0].len(), workers[1].len()), (0, 1));
+        // The sum does not go down while the label set is shown.
+        assert_eq!(scraped(&registry, "opened", pod), Some(2));
+        assert_eq!(scraped(&registry, "opened", pod), Some(2));
+
+        // The last connection ends and the pod is gone: its final counts are shown once.
+        open.closed.inc();
+        drop(open);
+        workers[1].sweep(t0 + IDLE * 2, IDLE);
+        assert_eq!(workers[1].len(), 1, "just closed: not idle yet");
+        workers[1].sweep(t0 + IDLE * 3, IDLE);
+        assert_eq!(workers[1].len(), 0);
+        assert_eq!(scraped(&registry, "closed", pod), Some(2));
+        assert_eq!(scraped(&registry, "opened", pod), None);
+        assert_eq!(registry.len(), 0, "nothing kept for the old pod");
+
+        // The new pod's series are counted as before.
+        workers[0].counters(labels(&new)).opened.inc();
+        assert_eq!(scraped(&registry, "opened", "client-5c4b6-fghij"), Some(1));
+        assert_eq!(registry.len(), 1);
+    }
+
+    #[test]
+    fn a_retired_label_set_that_comes_back_counts_on() {
+        let (registry, workers) = MetricsRegistry::new(2);
+        let (client, server) = (workload("client"), workload("server"));
+        let labels = LabelsRef {
+            reporter: Reporter::Source,
+            source: PeerRef::workload(&client),
+            destination: PeerRef::workload(&server),
+            service: None,
+            security: Security::MutualTls,
+            response_flags: "-",
+        };
+        workers[0].counters(labels).opened.add(5);
+        let held = workers[1].counters(labels);
+        held.opened.inc();
+        assert_eq!(scraped(&registry, "opened", "client"), Some(6));
+        let t0 = Instant::now();
+        workers[0].sweep(t0, IDLE);
+        workers[0].sweep(t0 + IDLE, IDLE);
+        assert_eq!(workers[0].len(), 0);
+        // Back on worker 0 before any scrape saw it go: 5 carried + 1 + 1, never less than 6.
+        workers[0].counters(labels).opened.inc();
+        assert_eq!(scraped(&registry, "opened", "client"), Some(7));
+        assert_eq!(scraped(&registry, "opened", "client"), Some(7));
     }
 
     #[test]

@@ -105,7 +105,7 @@ impl DurationHistogram {
 }
 
 macro_rules! worker_stats {
-    ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
+    ($($(#[doc = $doc:literal])* $name:ident $(as $kind:ident)?),* $(,)?) => {
         /// One worker's counters, aligned so no two workers share a cache line.
         #[derive(Debug, Default)]
         #[repr(align(128))]
@@ -118,31 +118,40 @@ macro_rules! worker_stats {
             pub fn fields(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($name), self.$name.get()),)*]
             }
+
+            /// Whether the counter `name` is a gauge (a level, not a running count): those
+            /// marked `as gauge` above.
+            pub fn is_gauge(name: &str) -> bool {
+                match name {
+                    $(stringify!($name) => false $(|| stringify!($kind) == "gauge")?,)*
+                    _ => false,
+                }
+            }
         }
     };
 }
 
 worker_stats! {
     /// 1 when this worker runs on io_uring, 0 on epoll.
-    driver_io_uring,
+    driver_io_uring as gauge,
     /// Generation of the snapshot this worker serves (gauge).
-    snapshot_generation,
+    snapshot_generation as gauge,
     /// Listeners open in pod namespaces (gauge).
-    listeners,
+    listeners as gauge,
     /// Pods whose listeners could not be opened (gauge).
-    listener_failures,
+    listener_failures as gauge,
     outbound_accepted,
     inbound_hbone_accepted,
     inbound_plaintext_accepted,
     socks5_accepted,
     /// Proxied connections in progress (gauge).
-    active_connections,
+    active_connections as gauge,
     /// Outbound connections sent as plain TCP (destination not in the mesh).
     passthrough_connections,
     /// Plain TCP relays reset because no pipe could be made for splice (descriptor limits).
     pipe_failures,
     /// Pipes open for splice, held by relays moving bytes or kept spare (gauge).
-    pipes_open,
+    pipes_open as gauge,
     /// TLS connections this worker dialled for HBONE pools.
     hbone_connections_dialed,
     /// TLS connections this worker accepted on 15008.
@@ -186,9 +195,9 @@ worker_stats! {
     /// Upstream TCP connects that failed.
     upstream_connect_failures,
     /// Pooled connections open or opening (gauge).
-    pool_connections,
+    pool_connections as gauge,
     /// Streams in use on pooled connections (gauge).
-    pool_streams,
+    pool_streams as gauge,
     /// Access-log records dropped because the logger fell behind.
     access_log_dropped,
     /// Bytes from local applications toward the network.
@@ -196,17 +205,6 @@ worker_stats! {
     /// Bytes from the network toward local applications.
     bytes_received,
 }
-
-/// The fields above that are gauges (a level, not a running count).
-pub const GAUGES: &[&str] = &[
-    "driver_io_uring",
-    "snapshot_generation",
-    "listeners",
-    "listener_failures",
-    "active_connections",
-    "pool_connections",
-    "pool_streams",
-];
 
 impl WorkerStats {
     /// Counts a refused handshake under its reason.
