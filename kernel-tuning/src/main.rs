@@ -9,7 +9,7 @@ use kernel_tuning::doctor::{self, Verdict};
 use kernel_tuning::planner::{self, format_list, Topology};
 use kernel_tuning::profile::{self, Status};
 use kernel_tuning::state::{self, Write};
-use kernel_tuning::sysfs::{is_node_wide_file, setting_file, Root};
+use kernel_tuning::sysfs::{in_host_netns, is_node_wide_file, setting_file, Root};
 
 #[derive(Parser)]
 #[command(version, about)]
@@ -41,6 +41,11 @@ enum Cmd {
         yes: bool,
         #[arg(long, default_value = "/var/lib/mesh/tuning-state.json")]
         state: PathBuf,
+        /// Also set node-wide settings (sysctls outside net.*, module parameters) from a
+        /// network namespace other than the host's, where they are skipped by default: they
+        /// change the whole node, not the namespace.
+        #[arg(long)]
+        node_wide: bool,
     },
     /// Proposes which cores run workers and which take interrupts; applies the interrupt and
     /// steering routing with --apply --yes.
@@ -113,17 +118,27 @@ fn main() -> anyhow::Result<()> {
             profile,
             yes,
             state,
+            node_wide,
         } => {
             let p = find(&profile)?;
             let comparison = profile::compare(&p, &root);
+            // From a pod's or a lab's namespace, a writable kernel.* sysctl still changes the
+            // whole node: only on request.
+            let hold_node_wide = !node_wide && !in_host_netns(&root);
             let mut writes = Vec::new();
             for c in &comparison {
+                let held =
+                    hold_node_wide && is_node_wide_file(c.key) && c.status != Status::Missing;
                 let action = match c.status {
+                    _ if held => "skip",
                     Status::Same => "keep",
                     Status::Change => "set ",
                     Status::Missing | Status::ReadOnly => "skip",
                 };
                 let note = match c.status {
+                    _ if held => {
+                        "  (node-wide, and this is not the host's network namespace: --node-wide sets it for the whole node)"
+                    }
                     Status::ReadOnly => "  (read-only here: a host-wide setting)",
                     Status::Missing => "  (not in this kernel or namespace)",
                     Status::Change if is_node_wide_file(c.key) => {
@@ -137,7 +152,7 @@ fn main() -> anyhow::Result<()> {
                     c.current.as_deref().unwrap_or("(absent)"),
                     c.target
                 );
-                if c.status == Status::Change {
+                if c.status == Status::Change && !held {
                     writes.push(Write {
                         path: setting_file(c.key),
                         value: c.target.clone(),
@@ -210,9 +225,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Revert { state, yes } => {
             if !yes {
-                let bytes = std::fs::read(&state)
-                    .map_err(|e| anyhow::anyhow!("nothing to revert: {}: {e}", state.display()))?;
-                let saved: state::Saved = serde_json::from_slice(&bytes)?;
+                let saved = state::load(&state)?;
                 for e in &saved.entries {
                     println!("restore {} -> {}", e.path.display(), e.previous);
                 }

@@ -1,7 +1,11 @@
 //! Applying a set of file writes (sysctls, IRQ affinities, RPS/XPS masks) so that they can be
-//! reverted exactly: the previous contents of every file written are saved first, a failed
-//! write rolls back the ones before it, and revert puts every saved value back.
+//! reverted exactly, whatever point an apply is stopped at (a failed write, a kill, a power
+//! loss): the state file is taken first (a second apply finds it and changes nothing), and each
+//! file's previous contents are on disk in it before that file is written. A failed write rolls
+//! back the ones before it; whatever cannot be rolled back stays in the state file, and revert
+//! puts every saved value back.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -33,22 +37,80 @@ pub struct SavedEntry {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("{0} exists: a previous apply has not been reverted (run `meshtune revert` first)")]
+    #[error("{0} exists: a previous apply has not been reverted, or one is running (run `meshtune revert` first)")]
     AlreadyApplied(PathBuf),
     #[error("nothing to revert: {0} does not exist")]
     NothingApplied(PathBuf),
     #[error("reading {0}: {1}")]
     Read(PathBuf, std::io::Error),
-    #[error("writing {value:?} to {path}: {error} (earlier writes were rolled back)")]
+    #[error("writing {value:?} to {path}: {error}; {rollback}")]
     Write {
         path: PathBuf,
         value: String,
         error: std::io::Error,
+        rollback: Box<Rollback>,
     },
     #[error("state file {0}: {1}")]
     State(PathBuf, String),
-    #[error("revert left {0} file(s) unrestored: {1}")]
+    #[error("recording to state file {path}: {error}; {rollback}")]
+    Record {
+        path: PathBuf,
+        error: std::io::Error,
+        rollback: Box<Rollback>,
+    },
+    #[error("revert left {0} file(s) unrestored (still in the state file, retry with `meshtune revert`): {1}")]
     Revert(usize, String),
+}
+
+/// What became of the writes before a failed one.
+#[derive(Debug)]
+pub enum Rollback {
+    /// All put back; no state file is left.
+    Done,
+    /// All put back, but the state file, which now only blocks the next apply, is still there.
+    Stale { state: PathBuf, error: String },
+    /// These could not be put back (`path: error`); they stay in `state` for a later revert.
+    Left {
+        state: PathBuf,
+        failures: Vec<String>,
+        /// Why they could not even be recorded there, if so.
+        unrecorded: Option<String>,
+    },
+}
+
+impl std::fmt::Display for Rollback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rollback::Done => write!(f, "earlier writes were rolled back"),
+            Rollback::Stale { state, error } => write!(
+                f,
+                "earlier writes were rolled back, but removing {} failed ({error}): delete it before the next apply",
+                state.display()
+            ),
+            Rollback::Left {
+                state,
+                failures,
+                unrecorded: None,
+            } => write!(
+                f,
+                "{} earlier write(s) could not be rolled back ({}); they stay in {} for `meshtune revert`",
+                failures.len(),
+                failures.join("; "),
+                state.display()
+            ),
+            Rollback::Left {
+                state,
+                failures,
+                unrecorded: Some(why),
+            } => write!(
+                f,
+                "{} earlier write(s) could not be rolled back ({}), and recording them in {} failed too ({why}): restore them by hand",
+                failures.len(),
+                failures.join("; "),
+                state.display()
+            ),
+        }
+    }
 }
 
 fn read_raw(root: &Root, path: &Path) -> Result<String, StateError> {
@@ -61,83 +123,180 @@ fn write_raw(root: &Root, path: &Path, value: &str) -> std::io::Result<()> {
     std::fs::write(root.path(&path.to_string_lossy()), format!("{value}\n"))
 }
 
+/// Replaces the state file with `saved`, durably: a crash leaves either the old record or the
+/// new one, never a torn file.
+fn record(state: &Path, saved: &Saved) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(saved).map_err(std::io::Error::other)?;
+    let mut tmp = state.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&json)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, state)?;
+    sync_dir(state)
+}
+
+/// The rename (or creation) of `state` survives a power loss only once its directory is synced.
+fn sync_dir(state: &Path) -> std::io::Result<()> {
+    let dir = match state.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Reads a state file. An empty one is an apply stopped before it changed anything.
+pub fn load(state: &Path) -> Result<Saved, StateError> {
+    let bytes = std::fs::read(state).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => StateError::NothingApplied(state.to_owned()),
+        _ => StateError::Read(state.to_owned(), e),
+    })?;
+    if bytes.is_empty() {
+        return Ok(Saved {
+            what: String::new(),
+            entries: Vec::new(),
+        });
+    }
+    serde_json::from_slice(&bytes).map_err(|e| StateError::State(state.to_owned(), e.to_string()))
+}
+
 /// Applies `writes`, saving what was there to `state`. Files whose value is already right are
 /// not touched (and not saved). All or nothing: on a failed write, the earlier ones are put
-/// back and nothing is saved.
+/// back and the state file removed (or left naming the ones that could not be put back).
 pub fn apply(root: &Root, what: &str, writes: &[Write], state: &Path) -> Result<Saved, StateError> {
-    if state.exists() {
-        return Err(StateError::AlreadyApplied(state.to_owned()));
+    if let Some(dir) = state.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StateError::State(dir.to_owned(), e.to_string()))?;
+    }
+    // Creating the state file is the lock: an apply that finds it (done or still running)
+    // stops here, before reading or writing anything, so no apply records another's values as
+    // "previous".
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(state)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(StateError::AlreadyApplied(state.to_owned()))
+        }
+        Err(e) => return Err(StateError::State(state.to_owned(), e.to_string())),
     }
     let mut saved = Saved {
         what: what.to_owned(),
         entries: Vec::new(),
     };
     // Read everything first: a file that cannot be read stops the apply before any write.
-    let previous: Vec<String> = writes
+    let previous = writes
         .iter()
         .map(|w| read_raw(root, &w.path))
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|previous| {
+            record(state, &saved)
+                .map(|()| previous)
+                .map_err(|e| StateError::State(state.to_owned(), e.to_string()))
+        });
+    let previous = match previous {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = std::fs::remove_file(state);
+            return Err(e);
+        }
+    };
     for (w, previous) in writes.iter().zip(previous) {
         if crate::sysfs::normalize(&previous) == crate::sysfs::normalize(&w.value) {
             continue;
-        }
-        if let Err(error) = write_raw(root, &w.path, &w.value) {
-            let _ = restore(root, &saved.entries);
-            return Err(StateError::Write {
-                path: w.path.clone(),
-                value: w.value.clone(),
-                error,
-            });
         }
         saved.entries.push(SavedEntry {
             path: w.path.clone(),
             previous,
             value: w.value.clone(),
         });
-    }
-    let json = serde_json::to_vec_pretty(&saved)
-        .map_err(|e| StateError::State(state.to_owned(), e.to_string()))?;
-    if let Some(dir) = state.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StateError::State(dir.to_owned(), e.to_string()))?;
-    }
-    if let Err(e) = std::fs::write(state, json) {
-        // Without the state file there would be no way back: undo.
-        let _ = restore(root, &saved.entries);
-        return Err(StateError::State(state.to_owned(), e.to_string()));
+        // On disk before the file changes: a kill from here on leaves a record revert can use.
+        if let Err(error) = record(state, &saved) {
+            saved.entries.pop();
+            return Err(StateError::Record {
+                path: state.to_owned(),
+                error,
+                rollback: Box::new(roll_back(root, state, saved)),
+            });
+        }
+        if let Err(error) = write_raw(root, &w.path, &w.value) {
+            // A refused write usually changes nothing, but a multi-value sysctl can take the
+            // fields before a bad one: restore it too unless it still reads as before.
+            let entry = saved.entries.last().expect("just pushed");
+            let unchanged = read_raw(root, &entry.path).is_ok_and(|now| {
+                crate::sysfs::normalize(&now) == crate::sysfs::normalize(&entry.previous)
+            });
+            if unchanged {
+                saved.entries.pop();
+            }
+            return Err(StateError::Write {
+                path: w.path.clone(),
+                value: w.value.clone(),
+                error,
+                rollback: Box::new(roll_back(root, state, saved)),
+            });
+        }
     }
     Ok(saved)
 }
 
-/// Puts back every file an apply changed, then removes the state file.
-pub fn revert(root: &Root, state: &Path) -> Result<Saved, StateError> {
-    if !state.exists() {
-        return Err(StateError::NothingApplied(state.to_owned()));
+/// Undoes a partial apply: the state file goes if everything was put back, and otherwise keeps
+/// just what was not.
+fn roll_back(root: &Root, state: &Path, mut saved: Saved) -> Rollback {
+    let failed = restore(root, &saved.entries);
+    if failed.is_empty() {
+        return match std::fs::remove_file(state) {
+            Ok(()) => Rollback::Done,
+            Err(e) => Rollback::Stale {
+                state: state.to_owned(),
+                error: e.to_string(),
+            },
+        };
     }
-    let bytes = std::fs::read(state).map_err(|e| StateError::Read(state.to_owned(), e))?;
-    let saved: Saved = serde_json::from_slice(&bytes)
-        .map_err(|e| StateError::State(state.to_owned(), e.to_string()))?;
-    restore(root, &saved.entries)?;
+    let failures = failed.iter().map(|(_, why)| why.clone()).collect();
+    saved.entries = failed.into_iter().map(|(e, _)| e).collect();
+    Rollback::Left {
+        state: state.to_owned(),
+        failures,
+        unrecorded: record(state, &saved).err().map(|e| e.to_string()),
+    }
+}
+
+/// Puts back every file an apply changed, then removes the state file. Files that cannot be
+/// put back stay in it, alone, so that a retry restores just those.
+pub fn revert(root: &Root, state: &Path) -> Result<Saved, StateError> {
+    let saved = load(state)?;
+    let failed = restore(root, &saved.entries);
+    if !failed.is_empty() {
+        let why: Vec<String> = failed.iter().map(|(_, why)| why.clone()).collect();
+        let left = Saved {
+            what: saved.what.clone(),
+            entries: failed.into_iter().map(|(e, _)| e).collect(),
+        };
+        record(state, &left).map_err(|e| StateError::State(state.to_owned(), e.to_string()))?;
+        return Err(StateError::Revert(why.len(), why.join("; ")));
+    }
     std::fs::remove_file(state).map_err(|e| StateError::State(state.to_owned(), e.to_string()))?;
     Ok(saved)
 }
 
-/// Restores in reverse order; tries every entry and reports the ones that failed.
-fn restore(root: &Root, entries: &[SavedEntry]) -> Result<(), StateError> {
-    let failures: Vec<String> = entries
+/// Restores in reverse order; tries every entry and returns the ones that failed (in their
+/// original order), each with why.
+fn restore(root: &Root, entries: &[SavedEntry]) -> Vec<(SavedEntry, String)> {
+    let mut failed: Vec<(SavedEntry, String)> = entries
         .iter()
         .rev()
         .filter_map(|e| {
             write_raw(root, &e.path, &e.previous)
                 .err()
-                .map(|err| format!("{}: {err}", e.path.display()))
+                .map(|err| (e.clone(), format!("{}: {err}", e.path.display())))
         })
         .collect();
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(StateError::Revert(failures.len(), failures.join("; ")))
-    }
+    failed.reverse();
+    failed
 }
 
 #[cfg(test)]
@@ -206,8 +365,9 @@ mod tests {
         let dir = scratch("rollback");
         let root = Root::new(&dir);
         std::fs::write(dir.join("proc/sys/net/core/somaxconn"), "4096\n").expect("w");
-        // A file that reads but refuses writes, even for root: the write fails.
-        std::os::unix::fs::symlink("/proc/self/stat", dir.join("proc/sys/net/core/rmem_max"))
+        // A file that reads the same always but refuses writes, even for root: the write
+        // fails and leaves nothing of its own to restore.
+        std::os::unix::fs::symlink("/proc/version", dir.join("proc/sys/net/core/rmem_max"))
             .expect("symlink");
         let writes = [
             ("proc/sys/net/core/somaxconn", "8192"),
@@ -224,6 +384,150 @@ mod tests {
             root.read_setting("net.core.somaxconn").as_deref(),
             Some("4096")
         );
+        assert!(!state.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A named pipe at `path`: an apply reading it waits for the test to write, and one
+    /// writing it waits for the test to read, which holds an apply at a chosen point.
+    fn fifo(path: &Path) {
+        let status = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .expect("mkfifo");
+        assert!(status.success());
+    }
+
+    /// Waits (at most 20 s) until `path` reads `want`.
+    fn wait_for(path: &Path, want: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::fs::read_to_string(path).ok().as_deref() != Some(want) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} never became {want:?}",
+                path.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    fn writes(pairs: &[(&str, &str)]) -> Vec<Write> {
+        pairs
+            .iter()
+            .map(|(p, v)| Write {
+                path: p.into(),
+                value: (*v).into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_second_apply_while_one_is_running_is_refused_and_changes_nothing() {
+        let dir = scratch("concurrent");
+        let root = Root::new(&dir);
+        let somaxconn = dir.join("proc/sys/net/core/somaxconn");
+        let tw_reuse = dir.join("proc/sys/net/ipv4/tcp_tw_reuse");
+        let pipe = dir.join("proc/sys/net/ipv4/tcp_slow_start_after_idle");
+        std::fs::write(&somaxconn, "4096\n").expect("w");
+        std::fs::write(&tw_reuse, "0\n").expect("w");
+        fifo(&pipe);
+        let state = dir.join("tuning.json");
+        // The first apply sets somaxconn, then waits on the pipe.
+        let first = {
+            let (root, state) = (root.clone(), state.clone());
+            std::thread::spawn(move || {
+                let w = writes(&[
+                    ("proc/sys/net/core/somaxconn", "8192"),
+                    ("proc/sys/net/ipv4/tcp_slow_start_after_idle", "0"),
+                ]);
+                apply(&root, "first", &w, &state)
+            })
+        };
+        std::fs::write(&pipe, "1\n").expect("feed the first apply's read");
+        wait_for(&somaxconn, "8192\n");
+
+        let recorded = std::fs::read(&state).ok();
+        let second = writes(&[
+            ("proc/sys/net/core/somaxconn", "16384"),
+            ("proc/sys/net/ipv4/tcp_tw_reuse", "1"),
+        ]);
+        assert!(matches!(
+            apply(&root, "second", &second, &state),
+            Err(StateError::AlreadyApplied(_))
+        ));
+        assert_eq!(std::fs::read_to_string(&somaxconn).expect("r"), "8192\n");
+        assert_eq!(std::fs::read_to_string(&tw_reuse).expect("r"), "0\n");
+        assert!(recorded.is_some(), "the running apply holds the state file");
+        assert_eq!(std::fs::read(&state).ok(), recorded);
+
+        // Let the first one finish: its revert restores the values from before it.
+        assert_eq!(std::fs::read_to_string(&pipe).expect("r"), "0\n");
+        let saved = first.join().expect("thread").expect("first apply");
+        assert_eq!(saved.entries.len(), 2);
+        std::fs::remove_file(&pipe).expect("rm");
+        std::fs::write(&pipe, "0\n").expect("w");
+        revert(&root, &state).expect("revert");
+        assert_eq!(std::fs::read_to_string(&somaxconn).expect("r"), "4096\n");
+        assert_eq!(std::fs::read_to_string(&pipe).expect("r"), "1\n");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_rollback_that_fails_leaves_a_state_file_naming_what_is_left() {
+        let dir = scratch("failed-rollback");
+        let root = Root::new(&dir);
+        let somaxconn = dir.join("proc/sys/net/core/somaxconn");
+        let pipe = dir.join("proc/sys/net/ipv4/tcp_slow_start_after_idle");
+        std::fs::write(&somaxconn, "4096\n").expect("w");
+        fifo(&pipe);
+        std::os::unix::fs::symlink("/proc/version", dir.join("proc/sys/net/core/rmem_max"))
+            .expect("symlink");
+        let state = dir.join("tuning.json");
+        let apply = {
+            let (root, state) = (root.clone(), state.clone());
+            std::thread::spawn(move || {
+                let w = writes(&[
+                    ("proc/sys/net/core/somaxconn", "8192"),
+                    ("proc/sys/net/ipv4/tcp_slow_start_after_idle", "0"),
+                    ("proc/sys/net/core/rmem_max", "16777216"),
+                ]);
+                apply(&root, "throughput", &w, &state)
+            })
+        };
+        std::fs::write(&pipe, "1\n").expect("feed the apply's read");
+        wait_for(&somaxconn, "8192\n");
+        // somaxconn can no longer be written (open for writing fails on a directory, even for
+        // root), so rolling it back will fail.
+        std::fs::remove_file(&somaxconn).expect("rm");
+        std::fs::create_dir(&somaxconn).expect("mkdir");
+        // Kept open, the pipe takes both the apply's write and its rollback; rmem_max fails.
+        let reader = std::fs::File::open(&pipe).expect("open pipe");
+        let error = apply
+            .join()
+            .expect("thread")
+            .expect_err("rmem_max refuses the write");
+        let message = error.to_string();
+        assert!(message.contains("rmem_max"), "{message}");
+        assert!(
+            message.contains("1 earlier write(s) could not be rolled back")
+                && message.contains("somaxconn"),
+            "{message}"
+        );
+        drop(reader);
+        let left = load(&state).expect("the state file stays for revert");
+        assert_eq!(
+            left.entries,
+            [SavedEntry {
+                path: "proc/sys/net/core/somaxconn".into(),
+                previous: "4096".into(),
+                value: "8192".into(),
+            }]
+        );
+        // Once somaxconn can be written again, revert finishes the job.
+        std::fs::remove_dir(&somaxconn).expect("rmdir");
+        std::fs::write(&somaxconn, "8192\n").expect("w");
+        revert(&root, &state).expect("revert");
+        assert_eq!(std::fs::read_to_string(&somaxconn).expect("r"), "4096\n");
         assert!(!state.exists());
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -52,10 +52,24 @@ pub fn setting_file(key: &str) -> PathBuf {
 }
 
 /// Whether a setting is the whole node's wherever it is written from: a file outside
-/// `/proc/sys` (a module parameter). Sysctls may be a network namespace's own; whether one is
-/// shows when it is read from inside one (host-wide ones are read-only or absent there).
+/// `/proc/sys` (a module parameter), or a sysctl outside `net.*` (`kernel.io_uring_disabled`
+/// and the like), which a network namespace sees and can write all the same. `net.*` sysctls
+/// are a network namespace's own, or (host-wide ones) read-only or absent inside one.
 pub fn is_node_wide_file(key: &str) -> bool {
-    key.starts_with('/')
+    key.starts_with('/') || !key.starts_with("net.")
+}
+
+/// Whether this process runs in the host's network namespace, where node-wide settings are
+/// expected to change. `net.core.netdev_max_backlog` is registered for the initial namespace
+/// only, so any other one lacks it (even in a pod with its own PID namespace, where pid 1 is no
+/// help); where `/proc/1/ns/net` can be read too, it must be this process's namespace.
+pub fn in_host_netns(root: &Root) -> bool {
+    let ns = |pid: &str| std::fs::read_link(root.path(&format!("proc/{pid}/ns/net"))).ok();
+    let same_as_init = match (ns("self"), ns("1")) {
+        (Some(mine), Some(init)) => mine == init,
+        _ => true,
+    };
+    root.setting_path("net.core.netdev_max_backlog").exists() && same_as_init
 }
 
 pub fn normalize(value: &str) -> String {
@@ -78,6 +92,30 @@ mod tests {
             PathBuf::from("sys/module/haltpoll/parameters/guest_halt_poll_ns")
         );
         assert!(is_node_wide_file(halt_poll));
+        assert!(is_node_wide_file("kernel.io_uring_disabled"));
         assert!(!is_node_wide_file("net.core.somaxconn"));
+    }
+
+    #[test]
+    fn the_host_namespace_is_the_one_with_netdev_max_backlog_and_pid_1s_netns() {
+        let dir = std::env::temp_dir().join(format!("meshtune-hostns-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let root = Root::new(&dir);
+        std::fs::create_dir_all(dir.join("proc/sys/net/core")).expect("dir");
+        assert!(
+            !in_host_netns(&root),
+            "a namespace has no netdev_max_backlog"
+        );
+        std::fs::write(dir.join("proc/sys/net/core/netdev_max_backlog"), "1000\n").expect("w");
+        assert!(in_host_netns(&root));
+        for (pid, ns) in [("self", "net:[4026532177]"), ("1", "net:[4026531833]")] {
+            std::fs::create_dir_all(dir.join(format!("proc/{pid}/ns"))).expect("dir");
+            std::os::unix::fs::symlink(ns, dir.join(format!("proc/{pid}/ns/net"))).expect("ln");
+        }
+        assert!(
+            !in_host_netns(&root),
+            "pid 1 is in another network namespace"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,6 +1,7 @@
 //! `meshtune apply` and `revert` on a real network namespace's sysctls (the namespaced ones:
-//! backlogs, port range, buffers), the way an SRE runs them: the host's values must not move,
-//! and revert must leave the namespace exactly as it was. Needs root (CI is root).
+//! backlogs, port range, buffers), the way an SRE runs them: the host's values must not move
+//! (node-wide settings such as `kernel.io_uring_disabled` are skipped there), and revert must
+//! leave the namespace exactly as it was. Needs root (CI is root).
 
 use std::process::{Command, Output};
 
@@ -102,6 +103,17 @@ fn apply_changes_only_the_namespace_and_revert_restores_it_exactly() {
     let dry = ns.meshtune(&["apply", "--profile", "throughput", "--state", state_arg]);
     assert!(dry.status.success(), "{}", text(&dry));
     assert!(text(&dry).contains("dry run"), "{}", text(&dry));
+    // kernel.io_uring_disabled is writable from here but is the whole node's: left alone.
+    let io_uring = String::from_utf8_lossy(&dry.stdout)
+        .lines()
+        .find(|l| l.contains("kernel.io_uring_disabled"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert!(
+        io_uring.starts_with("skip") && io_uring.contains("node-wide"),
+        "{}",
+        text(&dry)
+    );
     assert_eq!(ns.sysctls(KEYS), ns_before);
     assert!(!state.exists());
 
@@ -114,6 +126,11 @@ fn apply_changes_only_the_namespace_and_revert_restores_it_exactly() {
         state_arg,
     ]);
     assert!(applied.status.success(), "{}", text(&applied));
+    let recorded = std::fs::read_to_string(&state).expect("state file");
+    assert!(
+        !recorded.contains("proc/sys/kernel"),
+        "nothing node-wide changed from the namespace: {recorded}"
+    );
     let after = ns.sysctls(KEYS);
     assert_eq!(after[0].trim(), "8192", "somaxconn in the namespace");
     assert_eq!(
