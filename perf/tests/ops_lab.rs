@@ -110,10 +110,12 @@ lab_test!(
         }
         // The data plane's own series ride along.
         let text = scrape(&lab, 1);
-        assert!(
-            text.contains("# TYPE meshdp_active_connections gauge"),
-            "{text}"
-        );
+        for gauge in ["active_connections", "pipes_open", "pool_connections"] {
+            assert!(
+                text.contains(&format!("# TYPE meshdp_{gauge} gauge")),
+                "{gauge}: {text}"
+            );
+        }
         assert!(series(
             &text,
             "meshdp_hbone_streams_accepted_total",
@@ -467,6 +469,79 @@ lab_test!(
             );
             assert!(log.contains("drained: no connections left"), "{log}");
         }
+    }
+);
+
+/// Whether process `pid` still runs: a data plane this test started and the lab no longer
+/// tracks stays a zombie once it exits, as nothing reaps it.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+lab_test!(
+    an_upgrade_that_cannot_get_ready_leaves_the_old_data_plane_in_charge,
+    LabOptions::default(),
+    |lab| {
+        let mut lab = lab;
+        echo_server(&lab, "n2-a");
+        exchange(&lab, "n1-a", "n2-a", ECHO, 10).expect("before the upgrade");
+        let old = lab.dataplane_pid(1).expect("data plane");
+        // With node 2's agent down, a new process cannot get the pods' namespaces (the running
+        // one keeps those it has), so it never gets ready and gives up after 60 s.
+        lab.kill_agent(1).expect("kill agent");
+        assert!(
+            lab.upgrade_dataplane(1).is_err(),
+            "took over without the pods' namespaces"
+        );
+        // Until it gives up, probes reach the old process only: always ready.
+        for _ in 0..20 {
+            let (status, body) = lab.http_get(1, 15021, "/healthz/ready").expect("readiness");
+            assert_eq!(status, 200, "{body}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let status = lab
+            .wait_dataplane_exit(1, Duration::from_secs(45))
+            .expect("wait")
+            .expect("the new data plane exits once it gives up");
+        assert!(!status.success(), "{status}");
+        let log = lab.process_log("dataplane", 1);
+        assert!(
+            log.contains("could not take over; leaving the old data plane in charge"),
+            "{log}"
+        );
+        assert!(
+            log.contains("the new data plane gave up; serving on"),
+            "{log}"
+        );
+
+        // The old process serves on, alone: ready, and carrying new connections.
+        assert!(running(old), "the old data plane exited:\n{log}");
+        for _ in 0..10 {
+            let (status, body) = lab.http_get(1, 15021, "/healthz/ready").expect("readiness");
+            assert_eq!(status, 200, "{body}");
+            exchange(&lab, "n1-a", "n2-a", ECHO, 1000).expect("through the old data plane");
+        }
+
+        // And it can still be upgraded, once a new process can get ready.
+        lab.restart_agent(1).expect("agent back");
+        let mut gave_up = lab
+            .upgrade_dataplane(1)
+            .expect("a second upgrade takes over from the old data plane");
+        // The lab hands back the process it tracked last: the one that gave up, long exited.
+        let _ = gave_up.wait();
+        assert!(
+            eventually(Duration::from_secs(15), || !running(old)),
+            "the old data plane did not drain and exit"
+        );
+        lab.wait_ready(1, Duration::from_secs(10))
+            .expect("ready after the upgrade");
+        exchange(&lab, "n1-a", "n2-a", ECHO, 1000).expect("through the new data plane");
     }
 );
 

@@ -57,6 +57,8 @@ pub enum AppError {
     Signals(std::io::Error),
     #[error("taking over from the running data plane: {0}")]
     Takeover(std::io::Error),
+    #[error("gave up taking over; the running data plane keeps serving: {0}")]
+    TakeoverAborted(String),
 }
 
 /// Runs the data plane until SIGTERM or SIGINT.
@@ -248,7 +250,6 @@ pub fn run(config: Config) -> Result<(), AppError> {
     .map_err(AppError::Admin)?;
     let endpoint_copies = endpoints.duplicate().map_err(AppError::Admin)?;
     let admin_stop = Arc::new(AtomicBool::new(false));
-    admin::start(state.clone(), endpoints, admin_stop.clone()).map_err(AppError::Admin)?;
 
     let (events, next_event) = flume::unbounded::<Event>();
     let mut signals =
@@ -266,36 +267,68 @@ pub fn run(config: Config) -> Result<(), AppError> {
             })
             .map_err(AppError::Signals)?;
     }
-    if let Some(path) = config.upgrade_socket.clone() {
-        let upgrades = Upgrades {
-            path,
-            workers: senders.clone(),
-            endpoints: endpoint_copies,
-            events: events.clone(),
-        };
-        let (state, inherited) = (state.clone(), inherited.clone());
-        std::thread::Builder::new()
-            .name("upgrade".into())
-            .spawn(move || {
-                if let Some(channel) = predecessor {
-                    take_over(&channel, &state, &inherited);
+    // Taking over: the admin endpoints and the upgrade socket stay the old process's until
+    // this one is ready, so probes and scrapes never reach a process that may still give up.
+    let takeover = match &predecessor {
+        Some(_) => await_ready(&state, &next_event),
+        None => Ok(()),
+    };
+    let outcome = match takeover {
+        Ok(()) => {
+            admin::start(state.clone(), endpoints, admin_stop.clone()).map_err(AppError::Admin)?;
+            if let Some(channel) = predecessor {
+                if let Err(error) = channel.send_json(&upgrade::Message::Ready, &[]) {
+                    tracing::error!(%error, "could not tell the old data plane it can drain");
                 }
-                upgrades.serve();
-            })
-            .map_err(AppError::Signals)?;
-    }
-
-    match next_event.recv() {
-        Ok(Event::Signal(signal)) => tracing::info!(signal, grace = ?config.drain_grace,
-            "draining: readiness now fails, listeners close"),
-        Ok(Event::HandedOver) => {
-            tracing::info!(grace = ?config.drain_grace,
-                "the new data plane serves: no longer accepting, draining");
-            // Its own threads answer on the shared endpoint sockets from now on.
-            admin_stop.store(true, Ordering::Release);
+                let unclaimed = inherited.close_unclaimed();
+                tracing::info!(
+                    unclaimed,
+                    "took over from the old data plane; it drains now"
+                );
+            }
+            if let Some(path) = config.upgrade_socket.clone() {
+                let upgrades = Upgrades {
+                    path,
+                    workers: senders.clone(),
+                    endpoints: endpoint_copies,
+                    events: events.clone(),
+                };
+                std::thread::Builder::new()
+                    .name("upgrade".into())
+                    .spawn(move || upgrades.serve())
+                    .map_err(AppError::Signals)?;
+            }
+            match next_event.recv() {
+                Ok(Event::Signal(signal)) => tracing::info!(signal, grace = ?config.drain_grace,
+                    "draining: readiness now fails, listeners close"),
+                Ok(Event::HandedOver) => {
+                    tracing::info!(grace = ?config.drain_grace,
+                        "the new data plane serves: no longer accepting, draining");
+                    // Its own threads answer on the shared endpoint sockets from now on.
+                    admin_stop.store(true, Ordering::Release);
+                }
+                Err(_) => {}
+            }
+            Ok(())
         }
-        Err(_) => {}
-    }
+        Err(reason) => {
+            // The old process keeps everything: tell it, then close every copy this one holds
+            // (workers' listeners on drain, the endpoints and unclaimed sockets here) and
+            // leave, letting whatever it accepted meanwhile finish.
+            if let Some(channel) = predecessor {
+                let abort = upgrade::Message::Abort {
+                    reason: reason.clone(),
+                };
+                if let Err(error) = channel.send_json(&abort, &[]) {
+                    tracing::error!(%error, "could not tell the old data plane the takeover is off");
+                }
+            }
+            tracing::error!(%reason, "could not take over; leaving the old data plane in charge");
+            drop((endpoints, endpoint_copies));
+            inherited.close_unclaimed();
+            Err(AppError::TakeoverAborted(reason))
+        }
+    };
     drain(&state, &senders, config.drain_grace, &next_event);
     stop.store(true, Ordering::Release);
     admin_stop.store(true, Ordering::Release);
@@ -308,7 +341,7 @@ pub fn run(config: Config) -> Result<(), AppError> {
     let _ = watcher.join();
     logger_stop.store(true, Ordering::Release);
     let _ = logger.join();
-    Ok(())
+    outcome
 }
 
 /// What wakes the main thread.
@@ -321,37 +354,22 @@ enum Event {
 /// How long a new process may take to get ready on inherited sockets before it gives up.
 const TAKEOVER_READY_WITHIN: Duration = Duration::from_secs(60);
 
-/// The new process's half of an upgrade, once its workers run on the inherited sockets:
-/// wait until ready, then tell the old process to stop accepting (or to carry on, if this one
-/// cannot get ready).
-fn take_over(channel: &crate::ipc::Channel, state: &AdminState, inherited: &Inherited) {
+/// The new process's half of an upgrade, once its workers run on the inherited sockets: waits
+/// until it is ready. The reason to give up instead: not ready in time, or told to stop.
+fn await_ready(state: &AdminState, events: &flume::Receiver<Event>) -> Result<(), String> {
     let deadline = Instant::now() + TAKEOVER_READY_WITHIN;
-    let verdict = loop {
+    loop {
         match state.readiness() {
-            Ok(()) => break upgrade::Message::Ready,
+            Ok(()) => return Ok(()),
             Err(why) if Instant::now() >= deadline => {
-                break upgrade::Message::Abort {
-                    reason: format!("not ready within {TAKEOVER_READY_WITHIN:?}: {why}"),
-                }
+                return Err(format!("not ready within {TAKEOVER_READY_WITHIN:?}: {why}"))
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => {}
         }
-    };
-    let ready = verdict == upgrade::Message::Ready;
-    if let Err(error) = channel.send_json(&verdict, &[]) {
-        tracing::error!(%error, "could not tell the old data plane the handover verdict");
-    }
-    if ready {
-        let unclaimed = inherited.close_unclaimed();
-        tracing::info!(
-            unclaimed,
-            "took over from the old data plane; it drains now"
-        );
-    } else {
-        tracing::error!(
-            ?verdict,
-            "could not take over; the old data plane keeps serving"
-        );
+        // A SIGTERM now (the new pod deleted) must not leave the node without a data plane.
+        if let Ok(Event::Signal(signal)) = events.recv_timeout(Duration::from_millis(20)) {
+            return Err(format!("signal {signal} before it was ready"));
+        }
     }
 }
 

@@ -7,11 +7,13 @@
 //!    and the admin, metrics and readiness ones), then `Done`.
 //! 3. The new one starts its workers on those same sockets (a listener is the same kernel
 //!    object in both processes, so its accept queue is shared: nothing queued is lost), opens
-//!    more only where it runs more workers, and once ready says `Ready`.
+//!    more only where it runs more workers, and once ready says `Ready`. Only then does it
+//!    serve the admin endpoints and listen on the upgrade socket itself.
 //! 4. The old one stops accepting (closes its copies, which leaves the sockets open in the
 //!    new process) and drains: established connections finish on it, then it exits.
 //!
-//! If the new process cannot become ready it says `Abort`, and the old one goes on serving.
+//! If the new process cannot become ready it says `Abort`, closes its copies and exits with an
+//! error; the old one goes on serving, and answers the next handover.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -227,7 +229,8 @@ pub fn hand_over(
 }
 
 /// Binds the upgrade socket (replacing a stale file, or the previous process's socket once
-/// that process has handed over).
+/// that process has handed over: a new process calls this only after `Ready`, or an aborted
+/// takeover would leave the old one unreachable for the next upgrade).
 pub fn listen(path: &Path) -> std::io::Result<Listener> {
     match std::fs::remove_file(path) {
         Ok(()) => {}
