@@ -148,6 +148,27 @@ lab_test!(
     }
 );
 
+/// Applies a DENY of the default service account (n1-a's) and waits for node 2 to close the
+/// one live connection it denies.
+fn deny_default_sa_and_see_node_2_close_one(lab: &Lab) {
+    lab.apply(
+        "policies:
+  - name: deny-default-sa
+    namespace: default
+    action: DENY
+    rules:
+      - from: [{source: {principals: [cluster.local/ns/default/sa/default]}}]
+",
+    )
+    .expect("policy");
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            lab.total(1, "authz_closed_live").expect("stats") == 1
+        }),
+        "node 2 closes the connection the new policy denies"
+    );
+}
+
 lab_test!(
     a_new_policy_closes_live_connections_it_denies_and_leaves_the_rest,
     LabOptions::default(),
@@ -162,22 +183,7 @@ lab_test!(
             .expect("connect");
         assert_eq!(roundtrip(&mut doomed, b"before").expect("echo"), b"before");
         assert_eq!(roundtrip(&mut kept, b"before").expect("echo"), b"before");
-        lab.apply(
-            "policies:
-  - name: deny-default-sa
-    namespace: default
-    action: DENY
-    rules:
-      - from: [{source: {principals: [cluster.local/ns/default/sa/default]}}]
-",
-        )
-        .expect("policy");
-        assert!(
-            eventually(Duration::from_secs(2), || {
-                lab.total(1, "authz_closed_live").expect("stats") == 1
-            }),
-            "node 2 closes the connection the new policy denies"
-        );
+        deny_default_sa_and_see_node_2_close_one(&lab);
         assert!(
             roundtrip(&mut doomed, b"after").is_err(),
             "the denied connection is gone"
@@ -210,22 +216,7 @@ lab_test!(
             .expect("read up to the server's FIN");
         assert_eq!(answer, b"bye");
         assert_eq!(lab.total(0, "active_connections").expect("stats"), 1);
-        lab.apply(
-            "policies:
-  - name: deny-default-sa
-    namespace: default
-    action: DENY
-    rules:
-      - from: [{source: {principals: [cluster.local/ns/default/sa/default]}}]
-",
-        )
-        .expect("policy");
-        assert!(
-            eventually(Duration::from_secs(2), || {
-                lab.total(1, "authz_closed_live").expect("stats") == 1
-            }),
-            "node 2 closes the connection the new policy denies"
-        );
+        deny_default_sa_and_see_node_2_close_one(&lab);
         // Node 1 hears of it only through the stream's reset: the client sends nothing.
         assert!(
             eventually(Duration::from_secs(5), || {

@@ -398,15 +398,14 @@ type ClientConn = h2::client::Connection<
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
-    use std::time::SystemTime;
 
     use ctrl_agent::ca::LocalCa;
-    use mesh_snapshot::schema::Identity;
     use monoio::net::TcpListener;
     use rustls::ServerConfig;
 
     use super::*;
     use crate::runtime::{self, DriverChoice};
+    use crate::tls::tests::issue;
     use crate::tls::TrustBundle;
 
     const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
@@ -422,27 +421,13 @@ mod tests {
         s.parse().expect("test id")
     }
 
-    fn identity(ca: &LocalCa, spiffe: &str) -> Identity {
-        let cert = ca
-            .issue(&id(spiffe), SystemTime::now(), Duration::from_secs(3600))
-            .expect("issue");
-        Identity {
-            spiffe_id: spiffe.into(),
-            cert_chain: cert.chain,
-            private_key: cert.key_pkcs8,
-            not_before_unix: cert.not_before_unix,
-            not_after_unix: cert.not_after_unix,
-        }
-    }
-
     /// The client's and the server's TLS configs, issued by one mesh CA.
     fn configs() -> (Arc<ClientConfig>, Arc<ServerConfig>) {
         let ca = LocalCa::generate("cluster.local").expect("ca");
         let trust = TrustBundle::new(&[ca.root_der().to_vec()]).expect("trust");
-        let client =
-            tls::client_config(&identity(&ca, CLIENT), &trust, id(SERVER)).expect("client");
+        let client = tls::client_config(&issue(&ca, CLIENT), &trust, id(SERVER)).expect("client");
         let server =
-            tls::server_config(&identity(&ca, SERVER), &trust, "cluster.local").expect("server");
+            tls::server_config(&issue(&ca, SERVER), &trust, "cluster.local").expect("server");
         (client, server)
     }
 

@@ -454,4 +454,4 @@ impl Refusal {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -293,14 +293,22 @@ pub mod raw_hbone {
     }
 
     /// Like [`connect_all`] with a chosen client certificate; `Err` if the tunnel is refused.
-    pub fn connect_as(lab: &Lab, client: Client, authorities: &[&str]) -> Result<Answers, String> {
+    /// The client's end of a TLS connection to node 2's data plane.
+    pub type Tls = tokio_rustls::client::TlsStream<monoio::net::tcp::stream_poll::TcpStreamPoll>;
+
+    /// Connects from node 1's namespace to 15008 on pod n2-a as `client`, completes TLS, and
+    /// runs `exchange` on the connection (on a runtime of its own).
+    pub fn over_tls<T, F, Fut>(lab: &Lab, client: Client, exchange: F) -> Result<T, String>
+    where
+        F: FnOnce(Tls) -> Fut,
+        Fut: std::future::Future<Output = Result<T, String>>,
+    {
         let tls = client_config(lab, client);
         let tunnel = SocketAddr::from((lab.pod("n2-a").ip, 15008));
         let tcp = lab
             .connect_in(&lab.node_netns(0), tunnel)
             .expect("reach 15008");
         tcp.set_nonblocking(true).expect("nonblocking");
-        let authorities: Vec<String> = authorities.iter().map(|a| a.to_string()).collect();
         let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .enable_timer()
             .build()
@@ -314,6 +322,13 @@ pub mod raw_hbone {
                 .connect(mesh_io::tls::placeholder_server_name(tunnel), io)
                 .await
                 .map_err(|e| format!("TLS: {e}"))?;
+            exchange(tls_stream).await
+        })
+    }
+
+    pub fn connect_as(lab: &Lab, client: Client, authorities: &[&str]) -> Result<Answers, String> {
+        let authorities: Vec<String> = authorities.iter().map(|a| a.to_string()).collect();
+        over_tls(lab, client, |tls_stream| async move {
             let (sender, connection) = mesh_io::h2glue::client_builder()
                 .handshake::<_, Bytes>(tls_stream)
                 .await
@@ -367,31 +382,10 @@ pub fn run_in(lab: &Lab, pod: &str, program: &str, args: &[&str]) -> String {
 /// A client that completes TLS with node 2's data plane and then sends nothing: how long the
 /// data plane kept the connection open, or an error if it still had after `patience`.
 pub fn silent_after_tls(lab: &Lab, patience: Duration) -> Result<Duration, String> {
-    use monoio::io::IntoPollIo;
     use raw_hbone::*;
     use tokio::io::AsyncRead;
-    let tls = client_config(
-        lab,
-        Client::Mesh("spiffe://cluster.local/ns/default/sa/default"),
-    );
-    let tunnel = SocketAddr::from((lab.pod("n2-a").ip, 15008));
-    let tcp = lab
-        .connect_in(&lab.node_netns(0), tunnel)
-        .expect("reach 15008");
-    tcp.set_nonblocking(true).expect("nonblocking");
-    let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-        .enable_timer()
-        .build()
-        .expect("runtime");
-    rt.block_on(async move {
-        let io = monoio::net::TcpStream::from_std(tcp)
-            .expect("monoio")
-            .into_poll_io()
-            .expect("poll io");
-        let mut tls_stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(mesh_io::tls::placeholder_server_name(tunnel), io)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
+    let client = Client::Mesh("spiffe://cluster.local/ns/default/sa/default");
+    over_tls(lab, client, |mut tls_stream| async move {
         let started = std::time::Instant::now();
         // The server's SETTINGS arrive first; read until it closes.
         let until_closed = async {

@@ -20,7 +20,8 @@ fn identity(cert: IssuedCert, spiffe: &str) -> Identity {
     }
 }
 
-fn issue(ca: &LocalCa, spiffe: &str) -> Identity {
+/// A certificate for `spiffe` from `ca`, valid for an hour (also used by other modules' tests).
+pub(crate) fn issue(ca: &LocalCa, spiffe: &str) -> Identity {
     identity(
         ca.issue(&id(spiffe), SystemTime::now(), HOUR)
             .expect("issue"),
