@@ -975,6 +975,7 @@ enum RecordProblem {
 /// must follow each other one generation at a time: a gap means the log cannot be trusted.
 fn parse_records(log: &[u8], applied: &mut u64) -> Result<Vec<Published>, RecordProblem> {
     let mut records = Vec::new();
+    let mut previous: Option<u64> = None;
     let mut rest = log;
     while !rest.is_empty() {
         let header = rest
@@ -1004,6 +1005,16 @@ fn parse_records(log: &[u8], applied: &mut u64) -> Result<Vec<Published>, Record
                 expected,
             });
         }
+        // A log holds one generation after another, from the one after its base (never 0):
+        // anything else, zero-filled bytes included (whose checksum matches an empty
+        // payload), is not a log a publisher wrote.
+        if generation == 0 || previous.is_some_and(|p| generation != p + 1) {
+            return Err(RecordProblem::Malformed(format!(
+                "generation {generation} after {}",
+                previous.map_or("the base".to_owned(), |p| p.to_string())
+            )));
+        }
+        previous = Some(generation);
         if generation > *applied {
             if generation != *applied + 1 {
                 return Err(RecordProblem::Malformed(format!(

@@ -718,3 +718,41 @@ fn readers_rebuild_exactly_the_published_state_under_a_mix_of_bases_deltas_and_c
         assert!(bases > 0 && deltas > 0, "bases {bases}, deltas {deltas}");
     }
 }
+
+/// One record as a publisher appends it: length, checksum, generation, payload padded to 8.
+fn record(generation: u64, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    bytes.extend_from_slice(&generation.to_le_bytes());
+    bytes.extend_from_slice(payload);
+    bytes.resize(bytes.len().next_multiple_of(8), 0);
+    bytes
+}
+
+#[test]
+fn a_log_that_no_publisher_wrote_is_refused_not_skipped() {
+    let good = [record(6, b"six"), record(7, b"seven")].concat();
+    let mut applied = 5;
+    let read = parse_records(&good, &mut applied).unwrap_or_else(|_| panic!("a good log"));
+    assert_eq!((read.len(), applied), (2, 7));
+    // Zero-filled bytes pass the checksum (an empty payload's is 0) but are no record.
+    let zeros = [record(6, b"six"), vec![0u8; 32]].concat();
+    // A generation twice, and one going back: even where the reader has seen them all.
+    let repeated = [record(6, b"six"), record(6, b"six")].concat();
+    let backwards = [record(6, b"six"), record(5, b"five")].concat();
+    for (what, log) in [
+        ("zeros", zeros),
+        ("repeated", repeated),
+        ("backwards", backwards),
+    ] {
+        let mut applied = 6;
+        assert!(
+            matches!(
+                parse_records(&log, &mut applied),
+                Err(RecordProblem::Malformed(_))
+            ),
+            "{what} accepted"
+        );
+    }
+}
