@@ -1130,24 +1130,29 @@ impl Worker {
                 local.map(|w| &w.identity),
             )
         };
-        if ports::is_self_call(dst.port()) {
-            self.stats.self_calls_refused.inc();
+        // Refused before policy: a connection back to the data plane itself (it would loop),
+        // or plaintext where the destination requires mTLS.
+        let refusal = if ports::is_self_call(dst.port()) {
+            Some((
+                &self.stats.self_calls_refused,
+                "NR",
+                "destination is a data-plane port",
+            ))
+        } else if view.index.inbound_mtls(&uid, dst.port()) == Mtls::Strict {
+            Some((
+                &self.stats.plaintext_refused_strict,
+                "DENY",
+                "PeerAuthentication STRICT",
+            ))
+        } else {
+            None
+        };
+        if let Some((counter, flags, why)) = refusal {
+            counter.inc();
             tracing::info!(pod = %uid, source_ip = %peer.ip(), destination = %dst,
-                "plaintext refused: the destination is the data plane's own port");
+                "plaintext refused: {why}");
             crate::sockets::reset_on_close(stream.as_raw_fd());
-            self.refuse(labels(), "NR", || {
-                entry("destination is a data-plane port", None)
-            });
-            return;
-        }
-        if view.index.inbound_mtls(&uid, dst.port()) == Mtls::Strict {
-            self.stats.plaintext_refused_strict.inc();
-            tracing::info!(pod = %uid, source_ip = %peer.ip(), destination = %dst,
-                "plaintext refused: PeerAuthentication STRICT");
-            crate::sockets::reset_on_close(stream.as_raw_fd());
-            self.refuse(labels(), "DENY", || {
-                entry("refused: PeerAuthentication STRICT", None)
-            });
+            self.refuse(labels(), flags, || entry(&format!("refused: {why}"), None));
             return;
         }
         let connection = authz::Connection {
