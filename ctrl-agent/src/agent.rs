@@ -14,6 +14,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use rustls_pki_types::UnixTime;
+
 use mesh_core::identity::SpiffeId;
 use mesh_snapshot::delta::State;
 use mesh_snapshot::region::{PublishOptions, Version};
@@ -106,7 +108,9 @@ impl Agent {
     ) -> Result<Agent, AgentError> {
         // Read before the region is replaced: the data plane adopts our first publication, and
         // an unreachable CA must not cost local pods their still-valid identities.
-        let certs = previous_certificates(&options.snapshot_path, SystemTime::now());
+        let ca = ca.into();
+        let roots = ca.trust_roots(&options.extra_roots);
+        let certs = previous_certificates(&options.snapshot_path, &roots, SystemTime::now());
         let channel = SnapshotChannel::create(
             &options.snapshot_path,
             PublishOptions {
@@ -129,7 +133,7 @@ impl Agent {
         let source = Source::start(options.source.clone(), wake.0.clone())?;
         Ok(Agent {
             options,
-            ca: ca.into(),
+            ca,
             renewals: Renewals::default(),
             channel,
             source,
@@ -346,7 +350,13 @@ impl Agent {
 /// The certificates the previous agent published at `path` that are still valid at `now`. They
 /// get no renewal time, so they are due at once: replaced on the first tick if the CA answers,
 /// kept until expiry if it does not.
-fn previous_certificates(path: &Path, now: SystemTime) -> BTreeMap<SpiffeId, IssuedCert> {
+/// The still-valid certificates of the region at `path` that chain to `roots` (the roots this
+/// agent will publish: a certificate from a CA replaced meanwhile would fail every handshake).
+fn previous_certificates(
+    path: &Path,
+    roots: &[Vec<u8>],
+    now: SystemTime,
+) -> BTreeMap<SpiffeId, IssuedCert> {
     let mut certs = BTreeMap::new();
     let state = match mesh_snapshot::Subscriber::new(path).read() {
         Ok(mesh_snapshot::ReadOutcome::New { base, deltas, .. }) => {
@@ -375,20 +385,29 @@ fn previous_certificates(path: &Path, now: SystemTime) -> BTreeMap<SpiffeId, Iss
             return certs;
         }
     };
-    let now_unix = now
+    let since_epoch = now
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+        .unwrap_or_default();
+    let now_unix = since_epoch.as_secs() as i64;
+    let at = UnixTime::since_unix_epoch(since_epoch);
     let mut skipped = 0;
     for identity in state
         .map(|s| s.identities)
         .unwrap_or_default()
         .into_values()
     {
-        let usable = identity.not_after_unix > now_unix
-            && !identity.cert_chain.is_empty()
-            && !identity.private_key.is_empty();
+        let usable = identity.not_after_unix > now_unix && !identity.private_key.is_empty();
+        let carried = usable
+            && match crate::ca::verify_chain(&identity.cert_chain, roots, at) {
+                Ok(()) => true,
+                Err(error) => {
+                    tracing::warn!(identity = %identity.spiffe_id, %error,
+                    "previous certificate does not chain to the current trust roots; not carried over");
+                    false
+                }
+            };
         match identity.spiffe_id.parse::<SpiffeId>() {
-            Ok(id) if usable => {
+            Ok(id) if carried => {
                 certs.insert(
                     id,
                     IssuedCert {

@@ -12,6 +12,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
 };
+use rustls_pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
 
 const CA_CERT_FILE: &str = "ca-cert.pem";
@@ -64,6 +65,57 @@ impl std::fmt::Debug for IssuedCert {
             .field("not_after_unix", &self.not_after_unix)
             .finish_non_exhaustive()
     }
+}
+
+/// Why a chain would not be accepted by the data plane's peers.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error("no certificate in the chain")]
+    Empty,
+    #[error("root: {0}")]
+    Root(webpki::Error),
+    #[error("leaf: {0}")]
+    Leaf(webpki::Error),
+    #[error("{0}")]
+    Path(webpki::Error),
+}
+
+/// Checks `chain` (leaf first) the way the data plane's peers check it: webpki, up to one of
+/// `roots`, as TLS server and as TLS client, at `at`.
+pub fn verify_chain(chain: &[Vec<u8>], roots: &[Vec<u8>], at: UnixTime) -> Result<(), ChainError> {
+    let (leaf, intermediates) = chain.split_first().ok_or(ChainError::Empty)?;
+    let root_ders: Vec<CertificateDer<'_>> = roots
+        .iter()
+        .map(|r| CertificateDer::from(r.as_slice()))
+        .collect();
+    let anchors = root_ders
+        .iter()
+        .map(webpki::anchor_from_trusted_cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ChainError::Root)?;
+    let intermediates: Vec<CertificateDer<'_>> = intermediates
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    let leaf = CertificateDer::from(leaf.as_slice());
+    let end_entity = webpki::EndEntityCert::try_from(&leaf).map_err(ChainError::Leaf)?;
+    for usage in [
+        webpki::KeyUsage::server_auth(),
+        webpki::KeyUsage::client_auth(),
+    ] {
+        end_entity
+            .verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &anchors,
+                &intermediates,
+                at,
+                usage,
+                None,
+                None,
+            )
+            .map_err(ChainError::Path)?;
+    }
+    Ok(())
 }
 
 pub struct LocalCa {

@@ -723,11 +723,14 @@ fn accept_chain(
     let at = UnixTime::since_unix_epoch(Duration::from_secs(
         u64::try_from(now_unix.max(not_before_unix)).unwrap_or(0),
     ));
-    verify_path(&leaf, &intermediates, &roots, at)?;
-
     let mut chain = Vec::with_capacity(1 + intermediates.len());
     chain.push(leaf);
     chain.extend(intermediates);
+    // The data plane's peers check these chains with webpki: refuse now what fails there later.
+    crate::ca::verify_chain(&chain, &roots, at).map_err(|e| match e {
+        crate::ca::ChainError::Path(_) => IstioCaError::Chain(e.to_string()),
+        other => IstioCaError::Malformed(other.to_string()),
+    })?;
     Ok(Accepted {
         chain,
         roots,
@@ -747,49 +750,6 @@ fn single_certificate(pem: &str, what: &str) -> Result<Vec<u8>, IstioCaError> {
             other.len()
         ))),
     }
-}
-
-/// The data plane presents these certificates as TLS server and as TLS client, and its peers
-/// check them with webpki: refuse a chain now that would fail there later.
-fn verify_path(
-    leaf: &[u8],
-    intermediates: &[Vec<u8>],
-    roots: &[Vec<u8>],
-    at: UnixTime,
-) -> Result<(), IstioCaError> {
-    let root_ders: Vec<CertificateDer<'_>> = roots
-        .iter()
-        .map(|r| CertificateDer::from(r.as_slice()))
-        .collect();
-    let anchors = root_ders
-        .iter()
-        .map(webpki::anchor_from_trusted_cert)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| IstioCaError::Malformed(format!("root: {e}")))?;
-    let intermediates: Vec<CertificateDer<'_>> = intermediates
-        .iter()
-        .map(|c| CertificateDer::from(c.as_slice()))
-        .collect();
-    let leaf = CertificateDer::from(leaf);
-    let end_entity = webpki::EndEntityCert::try_from(&leaf)
-        .map_err(|e| IstioCaError::Malformed(format!("leaf: {e}")))?;
-    for usage in [
-        webpki::KeyUsage::server_auth(),
-        webpki::KeyUsage::client_auth(),
-    ] {
-        end_entity
-            .verify_for_usage(
-                webpki::ALL_VERIFICATION_ALGS,
-                &anchors,
-                &intermediates,
-                at,
-                usage,
-                None,
-                None,
-            )
-            .map_err(|e| IstioCaError::Chain(e.to_string()))?;
-    }
-    Ok(())
 }
 
 fn show_time(unix: i64) -> String {

@@ -523,6 +523,29 @@ mod istio {
     }
 
     #[test]
+    fn a_certificate_from_a_replaced_ca_is_not_carried_over() {
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
+        let pki = Arc::new(TestPki::new("istiod"));
+        let mut fake = FakeIstiod::start(pki.clone());
+        published_before_restart(dir.path(), &fake, &pki, DAY, SystemTime::now());
+
+        // The CA was replaced while the agent was down, and the new one is not answering yet:
+        // the root file now holds only the new root, which every peer will check against.
+        fake.stop();
+        let replacement = TestPki::new("istiod");
+        let mut agent = agent(dir.path(), &fake, &replacement.root_pem, DAY);
+        assert!(agent.certs.is_empty(), "{:?}", agent.certs);
+        assert!(matches!(
+            agent.tick(SystemTime::now()).expect("tick"),
+            Tick::Published(_)
+        ));
+        let after = read(&mut Subscriber::new(dir.path().join("snapshot"))).expect("published");
+        let ids: Vec<_> = after.identities.iter().map(|i| &i.spiffe_id).collect();
+        assert!(ids.is_empty(), "published under the old root: {ids:?}");
+        assert_eq!(after.trust_roots, std::slice::from_ref(&replacement.root_der));
+    }
+
+    #[test]
     fn a_carried_over_certificate_is_dropped_at_its_expiry_while_the_ca_stays_down() {
         let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
         let pki = Arc::new(TestPki::new("istiod"));
