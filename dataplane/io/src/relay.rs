@@ -178,7 +178,9 @@ pub enum Unanswered {
 
 /// Whether a stream failed without the peer having processed it (RFC 9113 section 8.7: it
 /// refused the stream, or its GOAWAY's last stream id is below it), so that replaying it on
-/// another tunnel cannot deliver the client's bytes twice.
+/// another tunnel cannot deliver the client's bytes twice. h2 hands a remote GOAWAY's error
+/// only to streams above its last stream id; those at or below it end with an I/O error when
+/// the connection closes (the GOAWAY tests below pin this down across h2 upgrades).
 pub fn never_processed(error: &h2::Error) -> bool {
     (error.is_go_away() && error.is_remote()) || error.reason() == Some(Reason::REFUSED_STREAM)
 }
@@ -885,6 +887,125 @@ mod tests {
             let cancelled = response.await.expect_err("cancelled");
             assert!(!never_processed(&cancelled), "{cancelled}");
         });
+    }
+
+    #[test]
+    fn a_stream_the_peer_read_before_an_abrupt_shutdown_does_not_count_as_unprocessed() {
+        block_on(async {
+            // The peer reads the stream's bytes, then sends GOAWAY(last id = that stream,
+            // INTERNAL_ERROR) and closes: replaying would deliver the bytes twice.
+            let (listener, addr) = listener();
+            let received = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+            let peer_received = received.clone();
+            monoio::spawn(async move {
+                let (stream, _) = listener.accept().await.expect("accept");
+                let io = stream.into_poll_io().expect("poll io");
+                let mut conn = h2::server::handshake(io).await.expect("h2 server");
+                let (request, _respond) = conn.accept().await.expect("a stream").expect("h2");
+                let mut body = request.into_body();
+                let mut read_body = pin!(async move {
+                    while let Some(Ok(chunk)) = body.data().await {
+                        peer_received.borrow_mut().extend_from_slice(&chunk);
+                    }
+                });
+                // The body arrives only while the connection is driven.
+                poll_fn(|cx| {
+                    let _ = conn.poll_closed(cx);
+                    read_body.as_mut().poll(cx)
+                })
+                .await;
+                conn.abrupt_shutdown(Reason::INTERNAL_ERROR);
+                let _ = poll_fn(|cx| conn.poll_closed(cx)).await;
+            });
+            let mut sender = tunnel(addr).await.ready().await.expect("ready");
+            let (_app, mut tcp) = app_that_sent(b"first bytes").await;
+            let mut early = Early::default();
+            let (response, mut send) = sender.send_request(connect(), false).expect("send");
+            let cut = within_10s(await_answer(&mut tcp, &mut send, response, &mut early)).await;
+            let Err(Unanswered::Stream(error)) = cut else {
+                panic!("the peer shut down without answering: {cut:?}");
+            };
+            assert_eq!(
+                &received.borrow()[..],
+                b"first bytes",
+                "the peer had the bytes"
+            );
+            assert!(!never_processed(&error), "{error:?}");
+        });
+    }
+
+    /// An HTTP/2 frame: 9-byte header (RFC 9113 section 4.1) and payload.
+    fn raw_frame(kind: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = (payload.len() as u32).to_be_bytes();
+        let mut frame = vec![len[1], len[2], len[3], kind, 0];
+        frame.extend_from_slice(&stream.to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    /// A peer that reads until it has the HEADERS of streams 1 and 3, answers
+    /// GOAWAY(last stream id 1, `reason`) and closes: stream 1 it may have processed,
+    /// stream 3 it did not.
+    async fn peer_going_away_after_stream_1(reason: Reason) -> SocketAddr {
+        const PREFACE: usize = 24;
+        const HEADERS: u8 = 0x1;
+        const SETTINGS: u8 = 0x4;
+        const GOAWAY: u8 = 0x7;
+        let (listener, addr) = listener();
+        monoio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut bytes = Vec::new();
+            let saw_stream_3 = |bytes: &[u8]| {
+                let mut at = PREFACE;
+                while let Some(header) = bytes.get(at..at + 9) {
+                    let len = u32::from_be_bytes([0, header[0], header[1], header[2]]);
+                    let id = u32::from_be_bytes([header[5], header[6], header[7], header[8]]);
+                    if header[3] == HEADERS && id & 0x7fff_ffff == 3 {
+                        return true;
+                    }
+                    at += 9 + len as usize;
+                }
+                false
+            };
+            while !saw_stream_3(&bytes) {
+                let (read, chunk) = stream.read(Vec::with_capacity(4096)).await;
+                assert_ne!(read.expect("read"), 0, "the client closed before stream 3");
+                bytes.extend_from_slice(&chunk);
+            }
+            let mut go_away = 1u32.to_be_bytes().to_vec();
+            go_away.extend_from_slice(&u32::from(reason).to_be_bytes());
+            let mut answer = raw_frame(SETTINGS, 0, &[]);
+            answer.extend(raw_frame(GOAWAY, 0, &go_away));
+            stream.write_all(answer).await.0.expect("write");
+        });
+        addr
+    }
+
+    #[test]
+    fn after_a_goaway_only_streams_above_its_last_id_count_as_unprocessed() {
+        for reason in [Reason::NO_ERROR, Reason::INTERNAL_ERROR] {
+            block_on(async move {
+                let peer = peer_going_away_after_stream_1(reason).await;
+                let mut sender = tunnel(peer).await.ready().await.expect("ready");
+                let (_app, mut tcp) = app_that_sent(b"first bytes").await;
+                let mut early = Early::default();
+                let (first, mut send) = sender.send_request(connect(), false).expect("send");
+                early.replay(&mut send).expect("bytes on stream 1");
+                let mut sender = sender.ready().await.expect("ready");
+                let (third, _send) = sender.send_request(connect(), false).expect("send");
+
+                let cut = within_10s(await_answer(&mut tcp, &mut send, first, &mut early)).await;
+                let Err(Unanswered::Stream(at_last_id)) = cut else {
+                    panic!("the peer went away without answering: {cut:?}");
+                };
+                assert!(!never_processed(&at_last_id), "{reason:?}: {at_last_id:?}");
+                let above_last_id = within_10s(third).await.expect_err("went away");
+                assert!(
+                    never_processed(&above_last_id),
+                    "{reason:?}: {above_last_id:?}"
+                );
+            });
+        }
     }
 
     /// A connection's byte counters and its worker's total, as a relay meters them.
