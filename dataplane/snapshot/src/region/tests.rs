@@ -5,8 +5,19 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-fn region_path(dir: &ScratchDir) -> PathBuf {
-    dir.path().join("snapshot")
+/// A scratch directory and the region path in it (nothing created yet).
+fn scratch_region() -> (ScratchDir, PathBuf) {
+    let dir = ScratchDir::new().expect("scratch dir");
+    let path = dir.path().join("snapshot");
+    (dir, path)
+}
+
+/// How most tests start: a region with a small-slot publisher and one reader of it.
+fn small_region() -> (ScratchDir, PathBuf, Publisher, Subscriber) {
+    let (dir, path) = scratch_region();
+    let publisher = Publisher::create(&path, small()).expect("create");
+    let sub = Subscriber::new(&path);
+    (dir, path, publisher, sub)
 }
 
 fn small() -> PublishOptions {
@@ -58,10 +69,7 @@ fn appended(publisher: &mut Publisher, delta: &[u8]) -> Version {
 
 #[test]
 fn publish_then_read_in_order_and_unchanged_in_between() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
-    let mut publisher = Publisher::create(&path, small()).expect("create");
-    let mut sub = Subscriber::new(&path);
+    let (_dir, _, mut publisher, mut sub) = small_region();
     assert!(matches!(sub.read(), Err(RegionError::Empty { .. })));
 
     let v1 = publisher.publish(b"first").expect("publish");
@@ -78,8 +86,7 @@ fn publish_then_read_in_order_and_unchanged_in_between() {
 
 #[test]
 fn file_is_private_to_its_owner() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
+    let (_dir, path) = scratch_region();
     let _publisher = Publisher::create(&path, small()).expect("create");
     let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
@@ -87,10 +94,7 @@ fn file_is_private_to_its_owner() {
 
 #[test]
 fn corrupt_generation_is_reported_once_and_the_reader_moves_on_to_the_next_good_one() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
-    let mut publisher = Publisher::create(&path, small()).expect("create");
-    let mut sub = Subscriber::new(&path);
+    let (_dir, _, mut publisher, mut sub) = small_region();
     publisher.publish(b"good").expect("publish");
     expect_new(&mut sub);
 
@@ -105,8 +109,7 @@ fn corrupt_generation_is_reported_once_and_the_reader_moves_on_to_the_next_good_
 
 #[test]
 fn a_restarted_publisher_is_picked_up_as_a_new_epoch() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
+    let (_dir, path) = scratch_region();
     let mut first = Publisher::create(&path, small()).expect("create");
     let mut sub = Subscriber::new(&path);
     first.publish(b"from the first agent").expect("publish");
@@ -122,10 +125,7 @@ fn a_restarted_publisher_is_picked_up_as_a_new_epoch() {
 
 #[test]
 fn outgrowing_the_slots_moves_to_a_bigger_file() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
-    let mut publisher = Publisher::create(&path, small()).expect("create");
-    let mut sub = Subscriber::new(&path);
+    let (_dir, _, mut publisher, mut sub) = small_region();
     publisher.publish(b"small").expect("publish");
     expect_new(&mut sub);
     let big = vec![7u8; 3 << 20];
@@ -135,8 +135,7 @@ fn outgrowing_the_slots_moves_to_a_bigger_file() {
 
 #[test]
 fn foreign_or_incompatible_files_are_refused() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
+    let (_dir, path) = scratch_region();
     std::fs::write(&path, vec![0u8; 8192]).expect("write");
     assert!(matches!(
         Subscriber::new(&path).read(),
@@ -178,8 +177,7 @@ fn foreign_or_incompatible_files_are_refused() {
 
 #[test]
 fn a_reader_waiting_on_a_replaced_region_is_woken_at_once() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
+    let (_dir, path) = scratch_region();
     let mut first = Publisher::create(&path, small()).expect("create");
     first.publish(b"from the first agent").expect("publish");
     let mut sub = Subscriber::new(&path);
@@ -203,8 +201,7 @@ fn a_reader_waiting_on_a_replaced_region_is_woken_at_once() {
 
 #[test]
 fn a_replacement_region_that_cannot_be_read_makes_the_reader_wait_not_spin() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
+    let (_dir, path) = scratch_region();
     let mut publisher = Publisher::create(&path, small()).expect("create");
     publisher.publish(b"one").expect("publish");
     let mut sub = Subscriber::new(&path);
@@ -243,10 +240,7 @@ fn a_replacement_region_that_cannot_be_read_makes_the_reader_wait_not_spin() {
 
 #[test]
 fn a_publisher_that_fails_to_grow_keeps_publishing_in_the_file_it_has() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
-    let mut publisher = Publisher::create(&path, small()).expect("create");
-    let mut sub = Subscriber::new(&path);
+    let (_dir, path, mut publisher, mut sub) = small_region();
     publisher.publish(b"small").expect("publish");
     expect_new(&mut sub);
     // Something in the way of the bigger file's temporary name makes growing fail.
@@ -265,8 +259,7 @@ fn a_publisher_that_fails_to_grow_keeps_publishing_in_the_file_it_has() {
 
 #[test]
 fn slot_lengths_that_would_overflow_are_refused() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
+    let (_dir, path) = scratch_region();
     let mut publisher = Publisher::create(&path, small()).expect("create");
     publisher.publish(b"base").expect("publish");
     drop(publisher);
@@ -292,8 +285,7 @@ fn slot_lengths_that_would_overflow_are_refused() {
 
 #[test]
 fn a_publisher_rounds_its_capacity_so_readers_accept_it() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
+    let (_dir, path) = scratch_region();
     let mut publisher = Publisher::create(
         &path,
         PublishOptions {
@@ -318,8 +310,7 @@ fn payload_for(generation: u64) -> Vec<u8> {
 
 #[test]
 fn concurrent_readers_never_see_a_torn_snapshot() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
+    let (_dir, path) = scratch_region();
     let mut publisher = Publisher::create(&path, small()).expect("create");
     publisher.publish(&payload_for(1)).expect("publish");
     let stop = Arc::new(AtomicBool::new(false));
@@ -366,8 +357,7 @@ fn concurrent_readers_never_see_a_torn_snapshot() {
 
 #[test]
 fn wait_returns_promptly_when_something_is_published() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
+    let (_dir, path) = scratch_region();
     let mut publisher = Publisher::create(&path, small()).expect("create");
     publisher.publish(b"one").expect("publish");
     let mut sub = Subscriber::new(&path);
@@ -384,8 +374,7 @@ fn wait_returns_promptly_when_something_is_published() {
 
 #[test]
 fn a_reader_waits_for_the_first_publication_instead_of_spinning() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
+    let (_dir, path) = scratch_region();
     // The agent has created the region but not yet published (it may still be listing the
     // cluster): a reader must sleep on the wake word, not return at once and read again.
     let mut publisher = Publisher::create(&path, small()).expect("create");
@@ -410,8 +399,7 @@ fn a_reader_waits_for_the_first_publication_instead_of_spinning() {
 
 #[test]
 fn changes_are_appended_and_each_reader_gets_only_what_it_has_not_seen() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
+    let (_dir, path) = scratch_region();
     let mut publisher = Publisher::create(&path, small()).expect("create");
     assert_eq!(
         publisher.append(b"too early").expect("append"),
@@ -452,8 +440,7 @@ fn changes_are_appended_and_each_reader_gets_only_what_it_has_not_seen() {
 
 #[test]
 fn a_compaction_is_invisible_to_readers_that_kept_up_and_a_base_for_those_behind() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
+    let (_dir, path) = scratch_region();
     let mut publisher = Publisher::create(&path, small()).expect("create");
     publisher.publish(b"base").expect("publish");
     let mut current = Subscriber::new(&path);
@@ -490,8 +477,7 @@ fn a_compaction_is_invisible_to_readers_that_kept_up_and_a_base_for_those_behind
 
 #[test]
 fn a_full_log_asks_for_a_complete_snapshot_and_a_long_one_for_compaction() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
+    let (_dir, path) = scratch_region();
     let mut publisher = Publisher::create(&path, small()).expect("create");
     publisher.publish(&[1u8; 1000]).expect("publish");
     let mut appends = 0;
@@ -505,8 +491,8 @@ fn a_full_log_asks_for_a_complete_snapshot_and_a_long_one_for_compaction() {
         "1 MiB minimum before compaction"
     );
 
-    let dir2 = ScratchDir::new().expect("scratch dir");
-    let mut big = Publisher::create(region_path(&dir2), PublishOptions::default()).expect("create");
+    let (_dir2, path2) = scratch_region();
+    let mut big = Publisher::create(&path2, PublishOptions::default()).expect("create");
     big.publish(&[1u8; 100]).expect("publish");
     while !big.wants_compaction() {
         big.append(&[3u8; 64 << 10]).expect("append");
@@ -516,10 +502,7 @@ fn a_full_log_asks_for_a_complete_snapshot_and_a_long_one_for_compaction() {
 
 #[test]
 fn a_corrupt_record_is_reported_once_and_a_compaction_heals_the_reader() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
-    let mut publisher = Publisher::create(&path, small()).expect("create");
-    let mut sub = Subscriber::new(&path);
+    let (_dir, _, mut publisher, mut sub) = small_region();
     publisher.publish(b"base").expect("publish");
     expect_new(&mut sub);
     appended(&mut publisher, b"delta 2");
@@ -550,10 +533,7 @@ fn a_corrupt_record_is_reported_once_and_a_compaction_heals_the_reader() {
 
 #[test]
 fn a_compaction_after_a_refusal_is_read_although_the_generation_did_not_move() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
-    let mut publisher = Publisher::create(&path, small()).expect("create");
-    let mut sub = Subscriber::new(&path);
+    let (_dir, _, mut publisher, mut sub) = small_region();
     publisher.publish(b"base").expect("publish");
     expect_new(&mut sub);
     appended(&mut publisher, b"a delta the caller refuses");
@@ -578,10 +558,7 @@ fn a_compaction_after_a_refusal_is_read_although_the_generation_did_not_move() {
 
 #[test]
 fn resync_starts_the_next_read_from_the_base() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
-    let mut publisher = Publisher::create(&path, small()).expect("create");
-    let mut sub = Subscriber::new(&path);
+    let (_dir, _, mut publisher, mut sub) = small_region();
     publisher.publish(b"base").expect("publish");
     expect_new(&mut sub);
     appended(&mut publisher, b"delta 2");
@@ -604,8 +581,7 @@ fn resync_starts_the_next_read_from_the_base() {
 #[test]
 fn only_the_active_slot_keeps_its_pages() {
     use std::os::unix::fs::MetadataExt;
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
+    let (_dir, path) = scratch_region();
     let mut publisher = Publisher::create(&path, PublishOptions::default()).expect("create");
     let payload = vec![5u8; 8 << 20];
     publisher.publish(&payload).expect("publish");
@@ -636,8 +612,7 @@ fn state_at(generation: u64) -> u64 {
 /// the real code on real threads; the mix and count make every interleaving class occur.)
 #[test]
 fn readers_rebuild_exactly_the_published_state_under_a_mix_of_bases_deltas_and_compactions() {
-    let dir = ScratchDir::new().expect("scratch dir");
-    let path = region_path(&dir);
+    let (_dir, path) = scratch_region();
     let mut publisher = Publisher::create(&path, small()).expect("create");
     let base_payload = |generation: u64| {
         let mut p = vec![0u8; 64 + (generation as usize % 7) * 100];
