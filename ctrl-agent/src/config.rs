@@ -91,6 +91,32 @@ pub struct WorkloadSpec {
     /// the sidecar captures its traffic, so ambient does not, whatever the labels say.
     #[serde(default)]
     pub sidecar: bool,
+    /// Kubernetes only (`metadata.generateName` and `metadata.ownerReferences`): what Istio
+    /// derives the pod's workload name from (`schema::workload_name`). A file's workloads
+    /// have no owners: their workload name is their workload-name label, else their name.
+    #[serde(skip)]
+    pub generate_name: String,
+    #[serde(skip)]
+    pub owner_references: Vec<OwnerReferenceSpec>,
+}
+
+/// One of a pod's owners (`metadata.ownerReferences`), as far as Istio reads it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnerReferenceSpec {
+    pub kind: String,
+    pub name: String,
+    /// `controller: true`: the owner that manages the pod.
+    pub controller: bool,
+}
+
+impl OwnerReferenceSpec {
+    pub fn as_owner(&self) -> mesh_snapshot::schema::Owner<'_> {
+        mesh_snapshot::schema::Owner {
+            kind: &self.kind,
+            name: &self.name,
+            controller: self.controller,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]

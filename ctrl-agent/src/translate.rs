@@ -13,8 +13,8 @@ use mesh_snapshot::schema::{
 };
 
 use crate::config::{
-    ActionSpec, FileConfig, MtlsModeSpec, PolicySpec, ProtocolSpec, SelectorSpec, ServiceSpec,
-    WorkloadSpec,
+    ActionSpec, FileConfig, MtlsModeSpec, OwnerReferenceSpec, PolicySpec, ProtocolSpec,
+    SelectorSpec, ServiceSpec, WorkloadSpec,
 };
 
 fn selector(s: &Option<SelectorSpec>) -> std::collections::BTreeMap<String, String> {
@@ -118,6 +118,16 @@ fn workload(w: &WorkloadSpec, config: &FileConfig, node: &str, enrolled: &Enroll
         _ => &w.ips,
     };
     let (canonical_service, canonical_revision) = schema::canonical_names(&w.name, &w.labels);
+    let mut workload_name = schema::workload_name(
+        &w.name,
+        &w.generate_name,
+        w.owner_references.iter().map(OwnerReferenceSpec::as_owner),
+        &w.labels,
+    );
+    // Empty reads as the pod's name: a bare pod's bytes are not sent twice.
+    if workload_name == w.name {
+        workload_name.clear();
+    }
     let local = w.node == node;
     Workload {
         uid: w.uid.clone(),
@@ -151,6 +161,7 @@ fn workload(w: &WorkloadSpec, config: &FileConfig, node: &str, enrolled: &Enroll
         netns_from_agent: cni.is_some(),
         canonical_service,
         canonical_revision,
+        workload_name,
     }
 }
 
@@ -339,6 +350,7 @@ pub fn snapshot_rest(
 mod tests {
     use super::*;
     use mesh_snapshot::delta::State;
+    use mesh_snapshot::view::WorkloadView;
 
     const TWO_NODES: &str = r#"
 trustDomain: cluster.local
@@ -449,6 +461,40 @@ services:
             model_changes(&after, &enrolled, &other_domain, &enrolled, node).is_none(),
             "every identity and default hostname may change: translate them all"
         );
+    }
+
+    #[test]
+    fn a_file_workload_is_named_by_its_workload_name_label_or_else_by_its_name() {
+        let config = FileConfig::parse(
+            r#"
+workloads:
+  - uid: u1
+    name: cart-1
+    ips: [10.0.1.2]
+    node: node-1
+    labels: {"service.istio.io/workload-name": cart, app: shop}
+  - uid: u2
+    name: bare
+    ips: [10.0.2.2]
+    node: node-2
+"#,
+        )
+        .expect("valid");
+        let snap = snapshot(
+            &config,
+            "node-1",
+            &HashMap::new(),
+            Vec::new(),
+            Vec::new(),
+            "test".into(),
+        );
+        let names: Vec<(&str, &str)> = snap
+            .workloads
+            .iter()
+            // As the data plane reads it: an empty field (the pod's own name, not sent twice) is the name.
+            .map(|w| (w.name.as_str(), WorkloadView::from(w).workload_name()))
+            .collect();
+        assert_eq!(names, [("cart-1", "cart"), ("bare", "bare")]);
     }
 
     #[test]

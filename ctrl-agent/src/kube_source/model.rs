@@ -769,6 +769,8 @@ fn workload(
         labels,
         waypoint,
         sidecar,
+        generate_name: pod.generate_name.clone(),
+        owner_references: pod.owner_references.clone(),
     }))
 }
 

@@ -15,7 +15,8 @@ use serde_json::{json, Value};
 use super::model::{self, ModelOptions};
 use super::world::{Applied, Kept, Kind, Store, StoredPod, Update, World};
 use super::*;
-use crate::config::{ActionSpec, MtlsModeSpec, ProtocolSpec, WorkloadSpec};
+use crate::config::{ActionSpec, MtlsModeSpec, OwnerReferenceSpec, ProtocolSpec, WorkloadSpec};
+use mesh_snapshot::view::WorkloadView;
 
 #[path = "../../tests/fake_apiserver/mod.rs"]
 mod fake_apiserver;
@@ -189,6 +190,83 @@ fn pods_become_workloads_with_uid_addresses_node_account_and_labels() {
     assert_eq!(w.service_account, "cart-sa");
     assert_eq!(w.labels.get("app").map(String::as_str), Some("cart"));
     assert_eq!(w.protocol, ProtocolSpec::Tcp, "not enrolled: plain TCP");
+}
+
+#[test]
+fn a_pod_is_published_under_the_workload_name_istio_derives_from_its_owners() {
+    let owned = |name: &str, ip: &str, labels: Value, generate_name: &str, owner: (&str, &str)| {
+        let mut pod = objects::pod("shop", name, name, "node-2", &[ip], labels);
+        pod["metadata"]["generateName"] = generate_name.into();
+        pod["metadata"]["ownerReferences"] = json!([{
+            "apiVersion": "apps/v1", "kind": owner.0, "name": owner.1,
+            "uid": format!("owner-{name}"), "controller": true, "blockOwnerDeletion": true,
+        }]);
+        pod
+    };
+    let hash = "7d9f8b6c5";
+    let mut named_by_hand = owned("static", "10.0.0.4", json!({}), "", ("ReplicaSet", "rs"));
+    named_by_hand["metadata"]
+        .as_object_mut()
+        .expect("metadata")
+        .remove("generateName");
+    let cluster = Cluster {
+        namespaces: vec![objects::namespace("shop", json!({}))],
+        pods: vec![
+            owned(
+                "cart-7d9f8b6c5-x2x4z",
+                "10.0.0.1",
+                json!({"app": "cart", "pod-template-hash": hash}),
+                "cart-7d9f8b6c5-",
+                ("ReplicaSet", "cart-7d9f8b6c5"),
+            ),
+            owned("db-0", "10.0.0.2", json!({}), "db-", ("StatefulSet", "db")),
+            owned(
+                "backup-29012345-q7w8e",
+                "10.0.0.3",
+                json!({}),
+                "backup-29012345-",
+                ("Job", "backup-29012345"),
+            ),
+            named_by_hand,
+            owned(
+                "web-5c6d7e8f9-a1b2c",
+                "10.0.0.5",
+                json!({"pod-template-hash": "5c6d7e8f9", "service.istio.io/workload-name": "front"}),
+                "web-5c6d7e8f9-",
+                ("ReplicaSet", "web-5c6d7e8f9"),
+            ),
+        ],
+        ..Cluster::default()
+    };
+    let m = cluster.model();
+    assert!(m.problems.is_empty(), "{:?}", m.problems);
+    let snap = crate::translate::snapshot(
+        &m.config,
+        "node-1",
+        &HashMap::new(),
+        Vec::new(),
+        Vec::new(),
+        "kube:test".into(),
+    );
+    let mut names: Vec<(&str, &str)> = snap
+        .workloads
+        .iter()
+        // As the data plane reads it: an empty field (the pod's own name, not sent twice) is the name.
+        .map(|w| (w.name.as_str(), WorkloadView::from(w).workload_name()))
+        .collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            ("backup-29012345-q7w8e", "backup"),
+            ("cart-7d9f8b6c5-x2x4z", "cart"),
+            ("db-0", "db"),
+            ("static", "static"),
+            ("web-5c6d7e8f9-a1b2c", "front"),
+        ],
+        "a CronJob's, a Deployment's and a StatefulSet's pods by their owners; a pod named \
+         by hand by its name; Istio's workload-name label over the owners"
+    );
 }
 
 #[test]
@@ -1045,6 +1123,12 @@ fn a_store_keeps_what_the_model_reads_and_an_event_that_changes_none_of_it_chang
             // 2026-11-01T10:00:00Z
             created_unix: Some(1_793_527_200),
             deleting: false,
+            generate_name: "a-".into(),
+            owner_references: vec![OwnerReferenceSpec {
+                kind: "ReplicaSet".into(),
+                name: "a-rs".into(),
+                controller: true,
+            }],
         })
     );
     assert!(store.get("shop", "s").is_some_and(|s| s.sidecar));

@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::model::{DRY_RUN_ANNOTATION, SERVICE_NAME_LABEL, SIDECAR_STATUS_ANNOTATION};
+use crate::config::OwnerReferenceSpec;
 
 /// The objects of one kind, by `namespace/name`. Each object is shared and replaced, never
 /// changed in place, so a reader that kept one can tell by pointer whether it is still the
@@ -86,6 +87,9 @@ struct Reads {
     /// `metadata.deletionTimestamp`: read of Pods only, so that a deletion starting is an
     /// event for them and for no other kind.
     deletion: bool,
+    /// `metadata.generateName` and `metadata.ownerReferences`: read of Pods only, whose
+    /// workload name Istio derives from them.
+    owners: bool,
 }
 
 impl Kind {
@@ -95,6 +99,7 @@ impl Kind {
                 body: &[],
                 annotations: &[],
                 deletion: false,
+                owners: false,
             },
             Kind::Pods => Reads {
                 body: &[
@@ -113,6 +118,7 @@ impl Kind {
                 ],
                 annotations: &[SIDECAR_STATUS_ANNOTATION],
                 deletion: true,
+                owners: true,
             },
             Kind::Services => Reads {
                 body: &[Read(
@@ -126,6 +132,7 @@ impl Kind {
                 )],
                 annotations: &[],
                 deletion: false,
+                owners: false,
             },
             Kind::EndpointSlices => Reads {
                 body: &[
@@ -142,11 +149,13 @@ impl Kind {
                 ],
                 annotations: &[],
                 deletion: false,
+                owners: false,
             },
             Kind::AuthorizationPolicies | Kind::PeerAuthentications => Reads {
                 body: &[Read("spec", &[])],
                 annotations: &[DRY_RUN_ANNOTATION],
                 deletion: false,
+                owners: false,
             },
         }
     }
@@ -217,6 +226,10 @@ pub struct StoredPod {
     /// address, the live and newer one keeps it.
     pub created_unix: Option<i64>,
     pub deleting: bool,
+    /// `metadata.generateName` (empty when unset) and the kind, name and controller flag of
+    /// each `metadata.ownerReferences` entry: Istio names the pod's workload by them.
+    pub generate_name: String,
+    pub owner_references: Vec<OwnerReferenceSpec>,
 }
 
 impl Kept for StoredPod {
@@ -245,6 +258,17 @@ impl Kept for StoredPod {
             ips,
             created_unix: meta.creation_timestamp.map(|t| t.0.as_second()),
             deleting: meta.deletion_timestamp.is_some(),
+            generate_name: meta.generate_name.unwrap_or_default(),
+            owner_references: meta
+                .owner_references
+                .into_iter()
+                .flatten()
+                .map(|o| OwnerReferenceSpec {
+                    kind: o.kind,
+                    name: o.name,
+                    controller: o.controller == Some(true),
+                })
+                .collect(),
         })
     }
 
@@ -337,6 +361,8 @@ fn convert<K: Kept>(kind: Kind, object: DynamicObject) -> Option<K> {
                 // go by age and liveness.
                 creation_timestamp: metadata.creation_timestamp,
                 deletion_timestamp: metadata.deletion_timestamp.filter(|_| reads.deletion),
+                generate_name: metadata.generate_name.filter(|_| reads.owners),
+                owner_references: metadata.owner_references.filter(|_| reads.owners),
                 ..ObjectMeta::default()
             };
             K::kept(served)

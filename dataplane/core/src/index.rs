@@ -44,6 +44,9 @@ pub struct Workload {
     /// Istio's canonical service and revision, from the workload's labels (metric labels).
     pub canonical_service: Arc<str>,
     pub canonical_revision: Arc<str>,
+    /// Istio's workload name (metric labels): the owner-derived name the agent sent (a
+    /// Deployment's for its pods, shared by them), else the pod's name.
+    pub workload_name: Arc<str>,
 }
 
 /// A service as metrics name it.
@@ -320,6 +323,7 @@ fn parse_workload(
         Arc::new(Workload {
             canonical_service,
             canonical_revision,
+            workload_name: interner.string(w.workload_name()),
             protocol,
             uid: w.uid.into(),
             name: w.name.to_owned(),
@@ -1362,6 +1366,23 @@ mod tests {
         assert_eq!(names("server-a"), ("server".into(), "v3".into()));
         assert_eq!(names("server-b"), ("server".into(), "latest".into()));
         assert_eq!(names("legacy"), ("legacy".into(), "latest".into()));
+    }
+
+    #[test]
+    fn workload_names_come_from_the_agent_or_else_are_the_pod_names() {
+        let mut snap = snapshot();
+        snap.workloads[1].workload_name = "server".into();
+        let payload = mesh_snapshot::encode(&snap);
+        let decoded = Index::build(snap, Generation::default()).expect("builds");
+        let in_place = Index::build_encoded(&payload, Generation::default()).expect("builds");
+        for index in [decoded, in_place] {
+            let name = |uid: &str| {
+                let w = index.workload_by_uid(uid).expect("indexed");
+                w.workload_name.to_string()
+            };
+            assert_eq!(name("server-a"), "server");
+            assert_eq!(name("server-b"), "server-b", "none sent: the pod's name");
+        }
     }
 
     #[test]

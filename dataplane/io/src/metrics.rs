@@ -6,10 +6,11 @@
 //! set); after that the worker only stores into counters it alone writes. The scraper, on an
 //! admin thread, sums the workers' counters per label set when Prometheus asks.
 //!
-//! Labels name pods, so every rollout brings new label sets: a worker retires a series no
-//! connection holds once its counters have not moved for [`IDLE`], and the scraper shows it
-//! once more with its final counts before forgetting it, so memory follows the traffic of the
-//! last minutes, not the process's lifetime.
+//! Label sets come and go with workloads, versions and bare pods (a pod without a controlling
+//! owner is labelled by its own name): a worker retires a series no connection holds once its
+//! counters have not moved for [`IDLE`], and the scraper shows it once more with its final
+//! counts before forgetting it, so memory follows the traffic of the last minutes, not the
+//! process's lifetime.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -62,10 +63,11 @@ impl<'a> PeerRef<'a> {
         canonical_revision: UNKNOWN,
     };
 
-    /// A workload the snapshot knows.
+    /// A workload the snapshot knows, under Istio's workload name (a Deployment's pods as
+    /// their Deployment), not its pod name.
     pub fn workload(w: &'a Workload) -> PeerRef<'a> {
         PeerRef {
-            workload: &w.name,
+            workload: &w.workload_name,
             namespace: &w.namespace,
             principal: Some(&w.identity),
             canonical_service: &w.canonical_service,
@@ -547,6 +549,7 @@ mod tests {
             netns: mesh_core::index::NetnsSource::None,
             canonical_service: name.into(),
             canonical_revision: "latest".into(),
+            workload_name: name.into(),
         }
     }
 
@@ -593,6 +596,38 @@ mod tests {
         let mut text = String::new();
         registry.render(&mut text);
         assert!(text.contains("istio_tcp_connections_closed_total{reporter=\"destination\""));
+    }
+
+    #[test]
+    fn workload_labels_are_istios_workload_names_not_pod_names() {
+        let (registry, workers) = MetricsRegistry::new(1);
+        let client = Workload {
+            name: "cart-7d9f8b6c5-x2x4z".into(),
+            workload_name: "cart".into(),
+            ..workload("cart")
+        };
+        let server = Workload {
+            name: "db-0".into(),
+            workload_name: "db".into(),
+            ..workload("db")
+        };
+        let labels = LabelsRef {
+            reporter: Reporter::Source,
+            source: PeerRef::workload(&client),
+            destination: PeerRef::workload(&server),
+            service: None,
+            security: Security::MutualTls,
+            response_flags: "-",
+        };
+        workers[0].counters(labels).opened.inc();
+        let mut text = String::new();
+        registry.render(&mut text);
+        let opened = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .unwrap_or_else(|| panic!("no series in\n{text}"));
+        assert!(opened.contains("source_workload=\"cart\""), "{opened}");
+        assert!(opened.contains("destination_workload=\"db\""), "{opened}");
     }
 
     /// The `istio_tcp_connections_<family>_total` value of the series from `source`, if shown.

@@ -86,6 +86,12 @@ pub struct Workload {
     pub canonical_service: String,
     #[prost(string, tag = "14")]
     pub canonical_revision: String,
+    /// Istio's workload name (the `source_workload`/`destination_workload` metric labels):
+    /// derived from the pod's owners by [`workload_name`], so a Deployment's pods share their
+    /// Deployment's name. Empty (the same as `name`, a snapshot from an older agent, or an
+    /// empty workload-name label): the reader uses `name`.
+    #[prost(string, tag = "15")]
+    pub workload_name: String,
 }
 
 /// Istio's canonical service and revision for a workload, from the labels Istio reads, in
@@ -108,6 +114,79 @@ pub fn canonical_names(
     ])
     .unwrap_or_else(|| "latest".to_owned());
     (service, revision)
+}
+
+/// The pod label that names a pod's workload outright, whatever its owners.
+pub const WORKLOAD_NAME_LABEL: &str = "service.istio.io/workload-name";
+
+/// One entry of a pod's `metadata.ownerReferences`, as far as [`workload_name`] reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner<'a> {
+    pub kind: &'a str,
+    pub name: &'a str,
+    /// `controller: true`: the owner that manages the pod.
+    pub controller: bool,
+}
+
+/// Istio's workload name for a pod, as istiod derives it (`GetWorkloadMetaFromPod`): a pod
+/// whose name was generated (`generate_name` set) is named after its first controlling
+/// owner, less what the owner's own controller added (a Deployment's or Argo Rollout's
+/// ReplicaSet hash, a CronJob's Job timestamp; an OpenShift DeploymentConfig's name is on the
+/// pod). Otherwise, and when that leaves nothing, the pod's own name. The
+/// `service.istio.io/workload-name` label, when present, overrides it all, as in Istio (an
+/// empty one too).
+pub fn workload_name<'a>(
+    pod_name: &str,
+    generate_name: &str,
+    owners: impl IntoIterator<Item = Owner<'a>>,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> String {
+    if let Some(named) = labels.get(WORKLOAD_NAME_LABEL) {
+        return named.clone();
+    }
+    let controller = owners
+        .into_iter()
+        .find(|o| o.controller)
+        .filter(|_| !generate_name.is_empty());
+    let derived = controller.map_or("", |owner| owner_workload(owner, labels));
+    if derived.is_empty() {
+        pod_name.to_owned()
+    } else {
+        derived.to_owned()
+    }
+}
+
+/// The workload a controlling owner stands for (Istio's heuristics, in Istio's order).
+fn owner_workload<'a>(
+    owner: Owner<'a>,
+    labels: &'a std::collections::BTreeMap<String, String>,
+) -> &'a str {
+    let label = |key: &str| labels.get(key).map_or("", String::as_str);
+    // A ReplicaSet named `<parent>-<hash>`, the hash also on the pod: the parent made it.
+    // Istio checks for the hash, then trims "-<hash>": a name that ends with the hash but
+    // not with "-<hash>" is the parent's name whole.
+    let less_hash = |hash: &str| {
+        let rest = owner.name.strip_suffix(hash).filter(|_| !hash.is_empty())?;
+        Some(rest.strip_suffix('-').unwrap_or(owner.name))
+    };
+    match owner.kind {
+        "ReplicaSet" => less_hash(label("pod-template-hash"))
+            .or_else(|| less_hash(label("rollouts-pod-template-hash")))
+            .unwrap_or(owner.name),
+        "ReplicationController" if !label("deploymentconfig").is_empty() => {
+            label("deploymentconfig")
+        }
+        "Job" => cron_job(owner.name).unwrap_or(owner.name),
+        _ => owner.name,
+    }
+}
+
+/// The CronJob that made a Job named `<cronjob>-<8 to 10 digits>` (its scheduled time), as
+/// Istio's `(.+)-\d{8,10}$`.
+fn cron_job(job: &str) -> Option<&str> {
+    let (prefix, stamp) = job.rsplit_once('-')?;
+    let digits = (8..=10).contains(&stamp.len()) && stamp.bytes().all(|b| b.is_ascii_digit());
+    (digits && !prefix.is_empty()).then_some(prefix)
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -328,6 +407,7 @@ mod tests {
                 node: "node-1".into(),
                 protocol: Protocol::Hbone as i32,
                 netns_path: "/run/netns/client".into(),
+                workload_name: "client-app".into(),
                 ..Default::default()
             }],
             services: vec![Service {
@@ -369,6 +449,92 @@ mod tests {
             decode(&bytes),
             Err(DecodeError::Version { found }) if found == SCHEMA_VERSION + 1
         ));
+    }
+
+    /// Istio's workload names (`GetWorkloadMetaFromPod`) for the pods its controllers make.
+    #[test]
+    fn a_pods_workload_name_comes_from_its_controlling_owner_as_in_istio() {
+        let controls = |kind, name| Owner {
+            kind,
+            name,
+            controller: true,
+        };
+        let generated = "pod-";
+        // What, generateName, ownerReferences, pod labels, workload name.
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            &'a [Owner<'a>],
+            &'a [(&'a str, &'a str)],
+            &'a str,
+        );
+        #[rustfmt::skip]
+        let cases: &[Case<'_>] = &[
+            ("a Deployment's pod: its ReplicaSet less the template hash",
+             generated, &[controls("ReplicaSet", "cart-7d9f8b6c5")],
+             &[("pod-template-hash", "7d9f8b6c5")], "cart"),
+            ("an Argo Rollout's pod: its ReplicaSet less the rollout's hash",
+             generated, &[controls("ReplicaSet", "web-6b7c8d9f")],
+             &[("rollouts-pod-template-hash", "6b7c8d9f")], "web"),
+            ("a ReplicaSet whose name does not end with the pod's hash keeps its name",
+             generated, &[controls("ReplicaSet", "cart-7d9f8b6c5")],
+             &[("pod-template-hash", "abc")], "cart-7d9f8b6c5"),
+            ("a hash not after a dash is found but not trimmed, as in Istio",
+             generated, &[controls("ReplicaSet", "cart7d9f8b6c5")],
+             &[("pod-template-hash", "7d9f8b6c5"), ("rollouts-pod-template-hash", "5c6b")],
+             "cart7d9f8b6c5"),
+            ("a ReplicaSet of its own keeps its name",
+             generated, &[controls("ReplicaSet", "cart-rs")], &[], "cart-rs"),
+            ("an OpenShift DeploymentConfig's pod: named by its deploymentconfig label",
+             generated, &[controls("ReplicationController", "api-3")],
+             &[("deploymentconfig", "api")], "api"),
+            ("a ReplicationController without that label keeps its name",
+             generated, &[controls("ReplicationController", "api-3")], &[], "api-3"),
+            ("a CronJob's pod: its Job less the scheduled time",
+             generated, &[controls("Job", "backup-29012345")], &[], "backup"),
+            ("ten digits are still a CronJob's time",
+             generated, &[controls("Job", "backup-1790123456")], &[], "backup"),
+            ("a plain Job keeps its name",
+             generated, &[controls("Job", "migrate")], &[], "migrate"),
+            ("seven digits are not a CronJob's time",
+             generated, &[controls("Job", "migrate-1234567")], &[], "migrate-1234567"),
+            ("eleven digits are not either",
+             generated, &[controls("Job", "migrate-12345678901")], &[], "migrate-12345678901"),
+            ("a StatefulSet's pod: the StatefulSet",
+             generated, &[controls("StatefulSet", "db")], &[], "db"),
+            ("a DaemonSet's pod: the DaemonSet",
+             generated, &[controls("DaemonSet", "agent")], &[], "agent"),
+            ("a name not generated is the pod's own, whatever owns it",
+             "", &[controls("ReplicaSet", "cart-7d9f8b6c5")],
+             &[("pod-template-hash", "7d9f8b6c5")], "the-pod"),
+            ("an owner that is not its controller is not read",
+             generated,
+             &[Owner { kind: "ReplicaSet", name: "other", controller: false },
+               controls("StatefulSet", "db")], &[], "db"),
+            ("no controller at all: the pod's name",
+             generated, &[Owner { kind: "ReplicaSet", name: "other", controller: false }],
+             &[], "the-pod"),
+            ("no owner: the pod's name", generated, &[], &[], "the-pod"),
+            ("an owner that leaves nothing: the pod's name",
+             generated, &[controls("ReplicaSet", "-7d9f8b6c5")],
+             &[("pod-template-hash", "7d9f8b6c5")], "the-pod"),
+            ("Istio's workload-name label over everything",
+             generated, &[controls("ReplicaSet", "cart-7d9f8b6c5")],
+             &[("pod-template-hash", "7d9f8b6c5"), (WORKLOAD_NAME_LABEL, "checkout")],
+             "checkout"),
+            ("an empty label too, as in Istio (the snapshot then says: the pod's name)",
+             generated, &[controls("StatefulSet", "db")], &[(WORKLOAD_NAME_LABEL, "")], ""),
+            ("the label on a pod with no owner", "", &[], &[(WORKLOAD_NAME_LABEL, "checkout")],
+             "checkout"),
+        ];
+        for (what, generate_name, owners, labels, expected) in cases {
+            let labels = labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            let name = workload_name("the-pod", generate_name, owners.iter().copied(), &labels);
+            assert_eq!(name, *expected, "{what}");
+        }
     }
 
     #[test]

@@ -255,6 +255,8 @@ pub struct WorkloadView<'a> {
     pub netns_from_agent: bool,
     pub canonical_service: &'a str,
     pub canonical_revision: &'a str,
+    /// As sent; read through [`WorkloadView::workload_name`], which falls back to the name.
+    workload_name: &'a str,
 }
 
 impl<'a> WorkloadView<'a> {
@@ -283,10 +285,21 @@ impl<'a> WorkloadView<'a> {
                 12 => w.netns_from_agent = reader.number(wire)? != 0,
                 13 => w.canonical_service = reader.string(wire)?,
                 14 => w.canonical_revision = reader.string(wire)?,
+                15 => w.workload_name = reader.string(wire)?,
                 _ => reader.skip(tag, wire, BUDGET)?,
             }
         }
         Ok(w)
+    }
+
+    /// Istio's workload name (metric labels): the agent's, or the pod's name in a snapshot
+    /// from an agent that sent none.
+    pub fn workload_name(&self) -> &'a str {
+        if self.workload_name.is_empty() {
+            self.name
+        } else {
+            self.workload_name
+        }
     }
 
     pub fn labels(&self) -> BTreeMap<String, String> {
@@ -319,6 +332,7 @@ impl<'a> From<&'a schema::Workload> for WorkloadView<'a> {
             netns_from_agent: w.netns_from_agent,
             canonical_service: &w.canonical_service,
             canonical_revision: &w.canonical_revision,
+            workload_name: &w.workload_name,
         }
     }
 }

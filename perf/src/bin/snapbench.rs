@@ -134,6 +134,8 @@ fn workload(i: usize) -> Workload {
         netns_from_agent: node == 0,
         canonical_service,
         canonical_revision,
+        // Its Deployment's: the name less the ReplicaSet hash and pod suffix.
+        workload_name: format!("app-{}", i / PODS_PER_SERVICE),
     }
 }
 

@@ -7,7 +7,7 @@ use crate::schema::{
 fn sample() -> Snapshot {
     let labelled = Workload {
         uid: "uid-1".into(),
-        name: "client".into(),
+        name: "client-5d4f8c7b9-x2x4z".into(),
         namespace: "default".into(),
         service_account: "client".into(),
         trust_domain: "cluster.local".into(),
@@ -23,6 +23,7 @@ fn sample() -> Snapshot {
         netns_from_agent: true,
         canonical_service: "client".into(),
         canonical_revision: "v2".into(),
+        workload_name: "client".into(),
     };
     let plain = Workload {
         uid: "uid-2".into(),
@@ -96,6 +97,8 @@ fn owned_workload(w: &WorkloadView<'_>) -> Workload {
         netns_from_agent: w.netns_from_agent,
         canonical_service: w.canonical_service.into(),
         canonical_revision: w.canonical_revision.into(),
+        // As sent, so that the two readers are compared on the wire's value.
+        workload_name: w.workload_name.into(),
     }
 }
 
@@ -167,6 +170,28 @@ fn a_sample_reads_the_same_in_place_as_through_prost() {
     assert_eq!(read.workloads, sample().workloads);
     assert_eq!(read.services, sample().services);
     assert_eq!(read.identities, sample().identities);
+}
+
+#[test]
+fn a_workload_name_reads_as_sent_and_an_older_agents_empty_one_as_the_pod_name() {
+    let payload = crate::encode(&sample());
+    let view = SnapshotView::decode(&payload).expect("decodes");
+    let names: Vec<(&str, &str)> = view
+        .workloads()
+        .map(|w| w.map(|w| (w.name, w.workload_name())))
+        .collect::<Result<_, _>>()
+        .expect("reads");
+    assert_eq!(
+        names,
+        [("client-5d4f8c7b9-x2x4z", "client"), ("server", "server")],
+        "the Deployment's name as the agent sent it; the name where it sent none"
+    );
+    let decoded = schema::decode(&payload).expect("decodes");
+    assert_eq!(decoded.workloads[0].workload_name, "client");
+    assert_eq!(
+        WorkloadView::from(&decoded.workloads[1]).workload_name(),
+        "server"
+    );
 }
 
 #[test]
