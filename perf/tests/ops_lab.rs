@@ -545,6 +545,53 @@ lab_test!(
     }
 );
 
+lab_test!(
+    a_sandbox_recreated_during_an_upgrade_is_served_in_its_new_namespace,
+    LabOptions::default(),
+    |lab| {
+        let mut lab = lab;
+        echo_server(&lab, "n2-a");
+        let pod = lab.pod("n1-a").clone();
+        let old = lab.dataplane_pid(0).expect("data plane");
+        // Without its agent, node 1's new process holds the sockets the old one handed over
+        // (the pod's, in its first sandbox) but cannot get the pods' namespaces, so it has
+        // not used them yet: the upgrade stays open.
+        lab.kill_agent(0).expect("kill agent");
+        assert!(
+            lab.upgrade_dataplane(0).is_err(),
+            "took over without the pods' namespaces"
+        );
+        // The runtime recreates the pod's sandbox meanwhile; paused, the new process first
+        // hears of the pod's namespace once it is the new one.
+        lab.signal_dataplane(0, "STOP").expect("SIGSTOP");
+        lab.restart_agent(0).expect("agent back");
+        let recreated = lab.recreate_sandbox(&pod);
+        lab.signal_dataplane(0, "CONT").expect("SIGCONT");
+        let netns = recreated.expect("sandbox recreated");
+        // The new process takes over; the old one drains and exits.
+        assert!(
+            eventually(Duration::from_secs(25), || !running(old)),
+            "the old data plane did not hand over:\n{}",
+            lab.process_log("dataplane", 0)
+        );
+        lab.wait_ready(0, Duration::from_secs(10))
+            .expect("ready after the upgrade");
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                lab.connect_in(&netns, lab.addr("n2-a", ECHO))
+                    .is_ok_and(|mut s| {
+                        roundtrip(&mut s, b"new home").is_ok_and(|e| e == b"new home")
+                    })
+            }),
+            "the pod's new namespace is not served after the upgrade:\n{}",
+            lab.process_log("dataplane", 0)
+        );
+        // The upgrade did run into the pod's former sockets (or the test proved nothing).
+        let log = lab.process_log("dataplane", 0);
+        assert!(log.contains("in the pod's former namespace"), "{log}");
+    }
+);
+
 /// Each thread of process `pid` by name, with the CPUs it may run on.
 fn thread_cpus(pid: u32) -> Vec<(String, String)> {
     let mut out = Vec::new();

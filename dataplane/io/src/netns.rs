@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -47,6 +47,22 @@ impl NetNs {
     pub fn identity(&self) -> io::Result<(u64, u64)> {
         let meta = self.file.metadata()?;
         Ok((meta.dev(), meta.ino()))
+    }
+
+    /// The namespace `socket` was created in (SIOCGSKNS): where it listens, whichever thread
+    /// holds it now.
+    pub fn of_socket(socket: BorrowedFd<'_>) -> io::Result<NetNs> {
+        // SAFETY: SIOCGSKNS takes no argument and touches no memory; on success it returns a
+        // new descriptor of the socket's namespace, which nothing else owns.
+        #[allow(unsafe_code)]
+        let fd = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGSKNS) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned to us open and is owned by nothing else.
+        #[allow(unsafe_code)]
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(NetNs::from_fd(owned, "a socket's namespace"))
     }
 
     /// The namespace the calling thread is in now.

@@ -25,6 +25,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::ipc::{Channel, Listener};
+use crate::netns::NetNs;
 
 /// Messages of the handover, in order: Handover (new -> old), Socket* and Done (old -> new),
 /// Ready or Abort (new -> old).
@@ -54,9 +55,16 @@ pub struct HandedListener {
     pub fd: OwnedFd,
 }
 
+/// A pod's listening socket as the old process handed it over.
+struct PodSocket {
+    fd: OwnedFd,
+    /// The (device, inode) of the namespace it listens in; `None` if the kernel would not say.
+    netns: Option<(u64, u64)>,
+}
+
 /// The old process's sockets for one pod and address, in its workers' order; `None` once
 /// taken.
-type PositionedSockets = Vec<Option<OwnedFd>>;
+type PositionedSockets = Vec<Option<PodSocket>>;
 
 /// What a new process received: pods' listeners by (pod, address), each with the sockets of
 /// the old process's workers, and the admin endpoints by name.
@@ -70,12 +78,18 @@ impl Inherited {
     /// The inherited sockets of `pod` on `addr` that worker `worker` of `workers` serves:
     /// every `workers`-th one, so that all of them are accepted from whatever the two
     /// processes' worker counts are. Empty when there are none for this worker.
+    ///
+    /// `netns` is the (device, inode) of the pod's namespace now. A sandbox the runtime
+    /// recreated during the upgrade keeps its pod, so the old process's sockets for it listen
+    /// in the former namespace: those are closed instead, so that the worker opens new ones
+    /// where the pod is (the old process's late listeners there close when it drains).
     pub fn take(
         &self,
         pod: &str,
         addr: SocketAddr,
         worker: usize,
         workers: usize,
+        netns: Option<(u64, u64)>,
     ) -> Vec<std::net::TcpListener> {
         let Ok(mut listeners) = self.listeners.lock() else {
             return Vec::new();
@@ -84,15 +98,28 @@ impl Inherited {
         let Some(fds) = listeners.get_mut(&key) else {
             return Vec::new();
         };
+        let mut stale = 0;
         // By position in the old process's order; a taken socket leaves a hole.
         let mine: Vec<std::net::TcpListener> = fds
             .iter_mut()
             .enumerate()
             .filter(|(i, _)| i % workers.max(1) == worker)
-            .filter_map(|(_, slot)| slot.take().map(std::net::TcpListener::from))
+            .filter_map(|(_, slot)| slot.take())
+            .filter(|socket| match (netns, socket.netns) {
+                (Some(now), Some(then)) if now != then => {
+                    stale += 1;
+                    false
+                }
+                _ => true,
+            })
+            .map(|socket| std::net::TcpListener::from(socket.fd))
             .collect();
         if fds.iter().all(Option::is_none) {
             listeners.remove(&key);
+        }
+        if stale > 0 {
+            tracing::warn!(pod, %addr, stale,
+                "inherited listeners are in the pod's former namespace (its sandbox was recreated during the upgrade): closed them, opening new ones");
         }
         mine
     }
@@ -119,8 +146,20 @@ impl Inherited {
             if let Ok(mut e) = self.endpoints.lock() {
                 e.insert(endpoint, fd);
             }
-        } else if let Ok(mut l) = self.listeners.lock() {
-            l.entry((pod, addr)).or_default().push(Some(fd));
+            return;
+        }
+        let netns = match NetNs::of_socket(fd.as_fd()).and_then(|netns| netns.identity()) {
+            Ok(identity) => Some(identity),
+            Err(error) => {
+                tracing::warn!(%pod, %addr, %error,
+                    "cannot tell which namespace an inherited socket listens in; using it as is");
+                None
+            }
+        };
+        if let Ok(mut l) = self.listeners.lock() {
+            l.entry((pod, addr))
+                .or_default()
+                .push(Some(PodSocket { fd, netns }));
         }
     }
 }
@@ -257,17 +296,67 @@ mod tests {
             three.insert("pod".into(), String::new(), addr, socket());
         }
         // The new one runs two: worker 0 takes the 1st and 3rd, worker 1 the 2nd.
-        assert_eq!(three.take("pod", addr, 0, 2).len(), 2);
-        assert_eq!(three.take("pod", addr, 0, 2).len(), 0);
-        assert_eq!(three.take("pod", addr, 1, 2).len(), 1);
+        assert_eq!(three.take("pod", addr, 0, 2, None).len(), 2);
+        assert_eq!(three.take("pod", addr, 0, 2, None).len(), 0);
+        assert_eq!(three.take("pod", addr, 1, 2, None).len(), 1);
         assert_eq!(three.close_unclaimed(), 0);
         // The old process ran one, the new one two: worker 1 gets none and opens its own.
         let one = Inherited::default();
         one.insert("pod".into(), String::new(), addr, socket());
         one.insert("gone".into(), String::new(), addr, socket());
-        assert_eq!(one.take("pod", addr, 1, 2).len(), 0);
-        assert_eq!(one.take("pod", addr, 0, 2).len(), 1);
+        assert_eq!(one.take("pod", addr, 1, 2, None).len(), 0);
+        assert_eq!(one.take("pod", addr, 0, 2, None).len(), 1);
         assert_eq!(one.close_unclaimed(), 1);
+    }
+
+    /// A new, empty network namespace (root only), as a runtime creates for a sandbox.
+    fn fresh_netns() -> NetNs {
+        std::thread::spawn(|| {
+            // SAFETY: unshare(CLONE_NEWNET) moves only this short-lived thread to a new
+            // namespace; it touches no memory.
+            #[allow(unsafe_code)]
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+            NetNs::current().expect("the new namespace")
+        })
+        .join()
+        .expect("namespace thread")
+    }
+
+    #[test]
+    fn a_pod_s_socket_from_its_former_sandbox_is_not_handed_out() {
+        let addr: SocketAddr = "0.0.0.0:15001".parse().expect("addr");
+        let home = NetNs::current().expect("home");
+        let listen_in = |netns: &NetNs| {
+            let listener = netns
+                .run_in(&home, || crate::sockets::reuseport_listener(addr))
+                .expect("setns")
+                .expect("listen");
+            OwnedFd::from(listener)
+        };
+        // The sandbox the pod had when the old process handed over, and the one the runtime
+        // created for it since, which the agent has given this process.
+        let (former, recreated) = (fresh_netns(), fresh_netns());
+        let now = Some(recreated.identity().expect("identity"));
+        let inherited = Inherited::default();
+        inherited.insert("pod".into(), String::new(), addr, listen_in(&former));
+        assert!(
+            inherited.take("pod", addr, 0, 1, now).is_empty(),
+            "handed out a socket listening in the pod's former namespace"
+        );
+        assert_eq!(inherited.close_unclaimed(), 0, "closed when set aside");
+
+        // Sockets in the pod's current namespace are handed out, and so are those of a pod
+        // whose namespace could not be told.
+        inherited.insert("pod".into(), String::new(), addr, listen_in(&recreated));
+        inherited.insert("unknown".into(), String::new(), addr, listen_in(&former));
+        let taken = inherited.take("pod", addr, 0, 1, now);
+        assert_eq!(taken.len(), 1);
+        let listens_in = NetNs::of_socket(taken[0].as_fd())
+            .and_then(|netns| netns.identity())
+            .expect("socket's namespace");
+        assert_eq!(listens_in, recreated.identity().expect("identity"));
+        assert_eq!(inherited.take("unknown", addr, 0, 1, None).len(), 1);
     }
 
     #[test]
@@ -292,7 +381,7 @@ mod tests {
             hand_over(&channel, &listeners, &endpoints, Duration::from_secs(5)).expect("handover")
         });
         let (channel, inherited) = request(&path).expect("request").expect("someone answered");
-        let mut pods = inherited.take("p", pod_addr, 0, 1);
+        let mut pods = inherited.take("p", pod_addr, 0, 1, None);
         assert_eq!(pods.len(), 1);
         // The same listening socket: a connection to it is accepted through the new copy.
         let listener = pods.remove(0);

@@ -622,10 +622,10 @@ impl Worker {
         for (kind, addr) in addrs {
             // Sockets of the process we took over from first: their accept queues hold
             // connections no one has accepted yet.
-            let mut sockets = self
-                .shared
-                .inherited
-                .take(uid, addr, self.id, self.shared.workers);
+            let mut sockets =
+                self.shared
+                    .inherited
+                    .take(uid, addr, self.id, self.shared.workers, pod.identity);
             taken_over += sockets.len();
             if sockets.is_empty() {
                 match netns
