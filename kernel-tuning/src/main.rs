@@ -9,7 +9,14 @@ use kernel_tuning::doctor::{self, Verdict};
 use kernel_tuning::planner::{self, format_list, Topology};
 use kernel_tuning::profile::{self, Status};
 use kernel_tuning::state::{self, Write};
-use kernel_tuning::sysfs::{in_host_netns, is_node_wide_file, setting_file, Root};
+use kernel_tuning::sysfs::{in_host_netns, is_node_wide_file, setting_file, Netns, Reach, Root};
+
+/// Why a node-wide setting is skipped, in `apply`'s and `plan`'s output.
+const HELD_NODE_WIDE: &str =
+    "node-wide, and this is not the host's network namespace: --node-wide sets it for the whole node";
+/// Why a queue of a device seen through another namespace's /sys is skipped, in `plan`'s output.
+const HELD_OTHER_NAMESPACE: &str =
+    "another network namespace's device (this /sys is not this namespace's): --node-wide sets it there";
 
 #[derive(Parser)]
 #[command(version, about)]
@@ -62,8 +69,14 @@ enum Cmd {
         yes: bool,
         #[arg(long, default_value = "/var/lib/mesh/tuning-plan-state.json")]
         state: PathBuf,
+        /// Also write, from a network namespace other than the host's, what reaches beyond it:
+        /// IRQ affinity (/proc/irq is the whole node's), and the queues of devices seen through
+        /// another namespace's /sys. Skipped there by default.
+        #[arg(long)]
+        node_wide: bool,
     },
-    /// Restores what an apply changed (dry run without --yes).
+    /// Restores what an apply changed (dry run without --yes). Refused while an apply of the
+    /// same state file runs; a lock left by a killed apply is taken over.
     Revert {
         #[arg(long, default_value = "/var/lib/mesh/tuning-state.json")]
         state: PathBuf,
@@ -136,15 +149,13 @@ fn main() -> anyhow::Result<()> {
                     Status::Missing | Status::ReadOnly => "skip",
                 };
                 let note = match c.status {
-                    _ if held => {
-                        "  (node-wide, and this is not the host's network namespace: --node-wide sets it for the whole node)"
-                    }
-                    Status::ReadOnly => "  (read-only here: a host-wide setting)",
-                    Status::Missing => "  (not in this kernel or namespace)",
+                    _ if held => format!("  ({HELD_NODE_WIDE})"),
+                    Status::ReadOnly => "  (read-only here: a host-wide setting)".into(),
+                    Status::Missing => "  (not in this kernel or namespace)".into(),
                     Status::Change if is_node_wide_file(c.key) => {
-                        "  (node-wide, from any namespace)"
+                        "  (node-wide, from any namespace)".into()
                     }
-                    _ => "",
+                    _ => String::new(),
                 };
                 println!(
                     "{action} {:<36} {:>24} -> {}{note}",
@@ -179,11 +190,30 @@ fn main() -> anyhow::Result<()> {
             apply,
             yes,
             state,
+            node_wide,
         } => {
             let topology = Topology::read(&root);
             let plan = planner::plan(&topology, planner::Options { workers, use_smt });
+            // IRQ affinity changes the whole node from any namespace; a device's queues are
+            // the namespace's own only if /sys shows this namespace's devices.
+            let netns = Netns::read(&root);
+            let (mut writes, mut held) = (Vec::new(), Vec::new());
+            for w in &plan.writes {
+                match netns.held_back(&w.path, node_wide) {
+                    None => writes.push(w.clone()),
+                    Some(reach) => held.push(Held {
+                        path: w.path.clone(),
+                        value: w.value.clone(),
+                        reach,
+                    }),
+                }
+            }
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&plan)?);
+                let shown = PlanOutput {
+                    plan: &plan,
+                    skipped: &held,
+                };
+                println!("{}", serde_json::to_string_pretty(&shown)?);
             } else {
                 println!(
                     "workers:      {} cpu(s): {}",
@@ -206,8 +236,15 @@ fn main() -> anyhow::Result<()> {
                 for n in &plan.notes {
                     println!("note:         {n}");
                 }
-                for w in &plan.writes {
+                for w in &writes {
                     println!("write:        {} <- {}", w.path.display(), w.value);
+                }
+                for h in &held {
+                    let why = match h.reach {
+                        Reach::OtherNamespace => HELD_OTHER_NAMESPACE,
+                        Reach::Node | Reach::Namespace => HELD_NODE_WIDE,
+                    };
+                    println!("skip:         {} <- {}  ({why})", h.path.display(), h.value);
                 }
             }
             if apply {
@@ -215,7 +252,7 @@ fn main() -> anyhow::Result<()> {
                     println!("dry run: nothing changed; pass --yes to apply the writes");
                     return Ok(());
                 }
-                let saved = state::apply(&root, "core plan", &plan.writes, &state)?;
+                let saved = state::apply(&root, "core plan", &writes, &state)?;
                 println!(
                     "applied {} write(s); revert with: meshtune revert --state {} --yes",
                     saved.entries.len(),
@@ -244,6 +281,22 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A planned write `plan` leaves alone here, and why.
+#[derive(serde::Serialize)]
+struct Held {
+    path: PathBuf,
+    value: String,
+    reach: Reach,
+}
+
+/// `plan --json`: the plan, and which of its writes are skipped here.
+#[derive(serde::Serialize)]
+struct PlanOutput<'a> {
+    #[serde(flatten)]
+    plan: &'a planner::Plan,
+    skipped: &'a [Held],
 }
 
 fn find(name: &str) -> anyhow::Result<profile::Profile> {

@@ -295,7 +295,9 @@ pub fn plan(topology: &Topology, options: Options) -> Plan {
                 value: rps.clone(),
             });
         }
-        if !worker_cpus.is_empty() {
+        // XPS picks among transmit queues: a single-queue device has no choice to make, and
+        // the kernel refuses its xps_cpus (ENOENT), which would fail the whole apply.
+        if !worker_cpus.is_empty() && nic.tx_queues > 1 {
             for q in 0..nic.tx_queues {
                 writes.push(Write {
                     path: PathBuf::from(format!(
@@ -430,6 +432,21 @@ mod tests {
 
     fn plan_with(topology: &Topology, workers: usize, use_smt: bool) -> Plan {
         plan(topology, Options { workers, use_smt })
+    }
+
+    #[test]
+    fn a_single_queue_nic_gets_no_transmit_steering() {
+        let fake = Fake::new("one-queue");
+        fake.cpus(4, 1).nic("eth0", 1, &[30]);
+        let plan = plan(&Topology::read(&Root::new(&fake.0)), Options::default());
+        let paths: Vec<_> = plan
+            .writes
+            .iter()
+            .map(|w| w.path.display().to_string())
+            .collect();
+        assert!(paths.iter().all(|p| !p.contains("xps_cpus")), "{paths:?}");
+        assert!(paths.contains(&"sys/class/net/eth0/queues/rx-0/rps_cpus".to_owned()));
+        assert!(paths.contains(&"proc/irq/30/smp_affinity_list".to_owned()));
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! Applying a set of file writes (sysctls, IRQ affinities, RPS/XPS masks) so that they can be
 //! reverted exactly, whatever point an apply is stopped at (a failed write, a kill, a power
-//! loss): the state file is taken first (a second apply finds it and changes nothing), and each
+//! loss): the state file is taken first (a later apply finds it and changes nothing), and each
 //! file's previous contents are on disk in it before that file is written. A failed write rolls
 //! back the ones before it; whatever cannot be rolled back stays in the state file, and revert
-//! puts every saved value back.
+//! puts every saved value back. An apply and a revert of one state file never overlap: each
+//! holds the state file's lock ([`StateLock`]) from before it reads the state until it is done.
 
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::{FileExt as _, MetadataExt as _};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -37,8 +39,17 @@ pub struct SavedEntry {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("{0} exists: a previous apply has not been reverted, or one is running (run `meshtune revert` first)")]
+    #[error("{0} exists: an earlier apply (finished or stopped halfway) has not been reverted (run `meshtune revert` first)")]
     AlreadyApplied(PathBuf),
+    #[error("{state} is in use: {lock} is held by {holder}; wait for it to finish and retry (a hung holder can be stopped: the kernel releases its lock; do not delete {lock} while it runs)")]
+    Busy {
+        state: PathBuf,
+        lock: PathBuf,
+        /// Who holds it, as it recorded itself (`pid N: command line`).
+        holder: String,
+    },
+    #[error("taking the lock {0}: {1}")]
+    Lock(PathBuf, std::io::Error),
     #[error("nothing to revert: {0} does not exist")]
     NothingApplied(PathBuf),
     #[error("reading {0}: {1}")]
@@ -113,6 +124,120 @@ impl std::fmt::Display for Rollback {
     }
 }
 
+/// The lock file of a state file: `<state>.lock`.
+pub fn lock_path(state: &Path) -> PathBuf {
+    let mut path = state.as_os_str().to_owned();
+    path.push(".lock");
+    PathBuf::from(path)
+}
+
+/// The lock of one state file, held by an apply or a revert from before it reads the state
+/// file until it is done with it and with the files it names: a revert cannot restore a state
+/// an apply is still writing, nor can an apply read as "previous" what a revert is putting
+/// back. It is a `flock` on [`lock_path`], which the kernel drops however its holder ends, so a
+/// killed apply leaves no lock to clear by hand: the next taker gets it, and says whose it was.
+/// Dropping it removes the lock file.
+#[derive(Debug)]
+pub struct StateLock {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl StateLock {
+    /// Takes the lock of `state`, or fails with [`StateError::Busy`] naming its holder.
+    pub fn take(state: &Path) -> Result<StateLock, StateError> {
+        let path = lock_path(state);
+        let failed = |e: std::io::Error| StateError::Lock(path.clone(), e);
+        // Another try only when a holder removed the file between our open and our lock: the
+        // lock we got is then on a file no one else will open.
+        for _ in 0..8 {
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(failed)?;
+            if !try_lock_exclusive(&file).map_err(failed)? {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = match holder.trim() {
+                    "" => "another process (not yet recorded)".to_owned(),
+                    recorded => recorded.to_owned(),
+                };
+                return Err(StateError::Busy {
+                    state: state.to_owned(),
+                    lock: path,
+                    holder,
+                });
+            }
+            if !is_at(&file, &path).map_err(failed)? {
+                continue;
+            }
+            // A clean release empties and removes the file, so a record left in it is the
+            // holder's that ended without one (SIGKILL, OOM kill, power loss).
+            let mut left = String::new();
+            file.read_to_string(&mut left).map_err(failed)?;
+            if !left.trim().is_empty() {
+                eprintln!(
+                    "note: taking over {}: its holder ({}) ended without releasing it (killed?)",
+                    path.display(),
+                    left.trim()
+                );
+            }
+            let command: Vec<String> = std::env::args_os()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            let record = format!("pid {}: {}\n", std::process::id(), command.join(" "));
+            file.set_len(0).map_err(failed)?;
+            file.write_all_at(record.as_bytes(), 0).map_err(failed)?;
+            return Ok(StateLock { path, file });
+        }
+        Err(failed(std::io::Error::other(
+            "it was replaced on every try",
+        )))
+    }
+}
+
+impl Drop for StateLock {
+    fn drop(&mut self) {
+        // Emptied first: should the removal fail, the next taker finds no holder to report.
+        // The lock itself goes when the file is closed, after this.
+        let _ = self.file.set_len(0);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`: `false` if another open file (any process, or this one) holds it.
+#[allow(unsafe_code)]
+fn try_lock_exclusive(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd as _;
+    loop {
+        // SAFETY: flock takes no pointers; the descriptor belongs to `file`, which is open for
+        // the whole call.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let error = std::io::Error::last_os_error();
+        match error.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            Some(libc::EINTR) => continue,
+            _ => return Err(error),
+        }
+    }
+}
+
+/// Whether `path` still names the open `file` (a released lock file is removed).
+fn is_at(file: &std::fs::File, path: &Path) -> std::io::Result<bool> {
+    let held = file.metadata()?;
+    match std::fs::metadata(path) {
+        Ok(now) => Ok(now.dev() == held.dev() && now.ino() == held.ino()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 fn read_raw(root: &Root, path: &Path) -> Result<String, StateError> {
     std::fs::read_to_string(root.path(&path.to_string_lossy()))
         .map(|s| s.trim_end_matches('\n').to_owned())
@@ -164,14 +289,16 @@ pub fn load(state: &Path) -> Result<Saved, StateError> {
 /// Applies `writes`, saving what was there to `state`. Files whose value is already right are
 /// not touched (and not saved). All or nothing: on a failed write, the earlier ones are put
 /// back and the state file removed (or left naming the ones that could not be put back).
+/// Holds the state file's lock throughout: refused with [`StateError::Busy`] while another
+/// apply or a revert of `state` runs.
 pub fn apply(root: &Root, what: &str, writes: &[Write], state: &Path) -> Result<Saved, StateError> {
     if let Some(dir) = state.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .map_err(|e| StateError::State(dir.to_owned(), e.to_string()))?;
     }
-    // Creating the state file is the lock: an apply that finds it (done or still running)
-    // stops here, before reading or writing anything, so no apply records another's values as
-    // "previous".
+    let _lock = StateLock::take(state)?;
+    // An existing state file is an apply not yet reverted: this one stops here, before reading
+    // or writing anything, so no apply records another's values as "previous".
     match std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -266,8 +393,17 @@ fn roll_back(root: &Root, state: &Path, mut saved: Saved) -> Rollback {
 }
 
 /// Puts back every file an apply changed, then removes the state file. Files that cannot be
-/// put back stay in it, alone, so that a retry restores just those.
+/// put back stay in it, alone, so that a retry restores just those. Holds the state file's
+/// lock throughout: refused with [`StateError::Busy`], changing nothing, while an apply of
+/// `state` runs.
 pub fn revert(root: &Root, state: &Path) -> Result<Saved, StateError> {
+    let _lock = match StateLock::take(state) {
+        // No directory for the lock file: no state file either.
+        Err(StateError::Lock(_, e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StateError::NothingApplied(state.to_owned()))
+        }
+        taken => taken?,
+    };
     let saved = load(state)?;
     let failed = restore(root, &saved.entries);
     if !failed.is_empty() {
@@ -453,7 +589,7 @@ mod tests {
         ]);
         assert!(matches!(
             apply(&root, "second", &second, &state),
-            Err(StateError::AlreadyApplied(_))
+            Err(StateError::Busy { .. })
         ));
         assert_eq!(std::fs::read_to_string(&somaxconn).expect("r"), "8192\n");
         assert_eq!(std::fs::read_to_string(&tw_reuse).expect("r"), "0\n");
@@ -469,6 +605,111 @@ mod tests {
         revert(&root, &state).expect("revert");
         assert_eq!(std::fs::read_to_string(&somaxconn).expect("r"), "4096\n");
         assert_eq!(std::fs::read_to_string(&pipe).expect("r"), "1\n");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_revert_while_an_apply_runs_is_refused_and_changes_nothing() {
+        let dir = scratch("revert-during-apply");
+        let root = Root::new(&dir);
+        let somaxconn = dir.join("proc/sys/net/core/somaxconn");
+        let pipe = dir.join("proc/sys/net/ipv4/tcp_slow_start_after_idle");
+        std::fs::write(&somaxconn, "4096\n").expect("w");
+        fifo(&pipe);
+        let state = dir.join("tuning.json");
+        // The apply sets somaxconn, records it, then waits to write the pipe.
+        let running = {
+            let (root, state) = (root.clone(), state.clone());
+            std::thread::spawn(move || {
+                let w = writes(&[
+                    ("proc/sys/net/core/somaxconn", "8192"),
+                    ("proc/sys/net/ipv4/tcp_slow_start_after_idle", "0"),
+                ]);
+                apply(&root, "throughput", &w, &state)
+            })
+        };
+        std::fs::write(&pipe, "1\n").expect("feed the apply's read");
+        wait_for(&somaxconn, "8192\n");
+        // Recorded, the pipe is what it writes next: it waits there, since nothing reads it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !std::fs::read_to_string(&state)
+            .unwrap_or_default()
+            .contains("tcp_slow_start_after_idle")
+        {
+            assert!(std::time::Instant::now() < deadline, "never recorded");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+
+        let recorded = std::fs::read(&state).expect("the running apply's state file");
+        // A revert that does not refuse would wait on the pipe too: give it a deadline.
+        let (sender, receiver) = std::sync::mpsc::channel();
+        {
+            let (root, state) = (root.clone(), state.clone());
+            std::thread::spawn(move || sender.send(revert(&root, &state)));
+        }
+        let reverted = receiver
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("revert returns instead of waiting on the apply's files");
+        match reverted {
+            Err(StateError::Busy { lock, holder, .. }) => {
+                assert_eq!(lock, lock_path(&state));
+                assert!(
+                    holder.starts_with(&format!("pid {}:", std::process::id())),
+                    "{holder}"
+                );
+            }
+            other => panic!("revert during an apply: {other:?}"),
+        }
+        assert_eq!(std::fs::read_to_string(&somaxconn).expect("r"), "8192\n");
+        assert_eq!(std::fs::read(&state).expect("state"), recorded);
+
+        // Once the apply is done, revert restores both and the lock file is gone.
+        assert_eq!(std::fs::read_to_string(&pipe).expect("r"), "0\n");
+        running.join().expect("thread").expect("apply");
+        std::fs::remove_file(&pipe).expect("rm");
+        std::fs::write(&pipe, "0\n").expect("w");
+        revert(&root, &state).expect("revert");
+        assert_eq!(std::fs::read_to_string(&somaxconn).expect("r"), "4096\n");
+        assert_eq!(std::fs::read_to_string(&pipe).expect("r"), "1\n");
+        assert!(!lock_path(&state).exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_lock_file_its_holder_left_behind_is_taken_over_and_a_held_one_is_not() {
+        let dir = scratch("stale-lock");
+        let root = Root::new(&dir);
+        let somaxconn = dir.join("proc/sys/net/core/somaxconn");
+        std::fs::write(&somaxconn, "4096\n").expect("w");
+        let state = dir.join("tuning.json");
+        let w = writes(&[("proc/sys/net/core/somaxconn", "8192")]);
+
+        // Held by a live holder (here, this test): refused, nothing changes.
+        let held = StateLock::take(&state).expect("lock");
+        assert!(matches!(
+            apply(&root, "throughput", &w, &state),
+            Err(StateError::Busy { .. })
+        ));
+        assert!(!state.exists());
+        assert_eq!(std::fs::read_to_string(&somaxconn).expect("r"), "4096\n");
+        drop(held);
+        assert!(
+            !lock_path(&state).exists(),
+            "a released lock leaves no file"
+        );
+
+        // What a killed apply leaves: the file with its record, and no one holding it.
+        std::fs::write(
+            lock_path(&state),
+            "pid 4194303: meshtune apply --profile throughput --yes\n",
+        )
+        .expect("w");
+        apply(&root, "throughput", &w, &state).expect("apply takes it over");
+        assert_eq!(std::fs::read_to_string(&somaxconn).expect("r"), "8192\n");
+        std::fs::write(lock_path(&state), "pid 4194303: meshtune revert --yes\n").expect("w");
+        revert(&root, &state).expect("revert takes it over");
+        assert_eq!(std::fs::read_to_string(&somaxconn).expect("r"), "4096\n");
+        assert!(!lock_path(&state).exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -72,6 +72,88 @@ pub fn in_host_netns(root: &Root) -> bool {
     root.setting_path("net.core.netdev_max_backlog").exists() && same_as_init
 }
 
+/// What a file write from this process changes, by network namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Reach {
+    /// This network namespace's own: a `net.*` sysctl, a queue of one of its devices.
+    Namespace,
+    /// The whole node from any namespace: IRQ affinity (`/proc/irq` is not namespaced: an
+    /// interrupt is the machine's), module parameters, sysctls outside `net.*`.
+    Node,
+    /// A device of another network namespace (usually the host's), seen through a `/sys` that
+    /// was mounted there: a bare `unshare -n`, or a container given the host's `/sys`.
+    OtherNamespace,
+}
+
+/// The network namespace this process runs in, as far as writes under the root go.
+#[derive(Debug, Clone, Copy)]
+pub struct Netns {
+    /// The host's: everything written from here is meant for the node.
+    pub host: bool,
+    /// `/sys/class/net` lists this namespace's devices (sysfs mounted in it, as `ip netns
+    /// exec` and container runtimes do), not another namespace's.
+    pub own_sysfs: bool,
+}
+
+impl Netns {
+    pub fn read(root: &Root) -> Netns {
+        Netns {
+            host: in_host_netns(root),
+            own_sysfs: sysfs_shows_this_netns(root),
+        }
+    }
+
+    /// What writing `path` (relative to the root) changes.
+    pub fn reach(&self, path: &Path) -> Reach {
+        if path.starts_with("sys/class/net") {
+            if self.own_sysfs {
+                Reach::Namespace
+            } else {
+                Reach::OtherNamespace
+            }
+        } else if path.starts_with("proc/sys/net") {
+            Reach::Namespace
+        } else {
+            Reach::Node
+        }
+    }
+
+    /// Why a write to `path` is held back, if it is: outside the host's namespace, whatever
+    /// reaches beyond this namespace waits for `--node-wide`.
+    pub fn held_back(&self, path: &Path, node_wide: bool) -> Option<Reach> {
+        match self.reach(path) {
+            _ if self.host || node_wide => None,
+            Reach::Namespace => None,
+            beyond => Some(beyond),
+        }
+    }
+}
+
+/// Whether the devices under `sys/class/net` are this process's network namespace's. sysfs
+/// shows the devices of the namespace it was mounted in, whatever namespace reads it, and a
+/// write to one of their files changes that device. `/proc/net/dev` always lists this
+/// namespace's devices: every device sysfs shows must be there. Comparing every name, not one,
+/// matters: a pod's `eth0` and the node's `eth0` share a name.
+pub fn sysfs_shows_this_netns(root: &Root) -> bool {
+    let Ok(listed) = std::fs::read_to_string(root.path("proc/net/dev")) else {
+        return false;
+    };
+    // Two header lines, then `  name: counters...`.
+    let ours: Vec<&str> = listed
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_once(':').map(|(name, _)| name.trim()))
+        .collect();
+    let Ok(entries) = std::fs::read_dir(root.path("sys/class/net")) else {
+        return true;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        // Devices are directories; `bonding_masters` and the like are plain files.
+        .filter(|e| e.path().is_dir())
+        .all(|e| ours.contains(&e.file_name().to_string_lossy().as_ref()))
+}
+
 pub fn normalize(value: &str) -> String {
     value.split_whitespace().collect::<Vec<_>>().join(" ")
 }
@@ -94,6 +176,48 @@ mod tests {
         assert!(is_node_wide_file(halt_poll));
         assert!(is_node_wide_file("kernel.io_uring_disabled"));
         assert!(!is_node_wide_file("net.core.somaxconn"));
+    }
+
+    #[test]
+    fn irq_affinity_is_node_wide_and_queues_are_the_namespace_s_when_sysfs_is() {
+        let dir = std::env::temp_dir().join(format!("meshtune-reach-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let root = Root::new(&dir);
+        for device in ["lo", "eth0"] {
+            std::fs::create_dir_all(dir.join(format!("sys/class/net/{device}"))).expect("dir");
+        }
+        std::fs::write(dir.join("sys/class/net/bonding_masters"), "\n").expect("w");
+        std::fs::create_dir_all(dir.join("proc/net")).expect("dir");
+        let header = "Inter-|   Receive\n face |bytes    packets\n";
+        let dev = dir.join("proc/net/dev");
+        std::fs::write(&dev, format!("{header}    lo: 0 0\n  eth0: 0 0\n")).expect("w");
+        let irq = Path::new("proc/irq/41/smp_affinity_list");
+        let rps = Path::new("sys/class/net/eth0/queues/rx-0/rps_cpus");
+        let somaxconn = Path::new("proc/sys/net/core/somaxconn");
+
+        let netns = Netns::read(&root);
+        assert!(!netns.host && netns.own_sysfs);
+        assert_eq!(netns.reach(irq), Reach::Node);
+        assert_eq!(netns.reach(rps), Reach::Namespace);
+        assert_eq!(netns.reach(somaxconn), Reach::Namespace);
+        assert_eq!(netns.held_back(irq, false), Some(Reach::Node));
+        assert_eq!(netns.held_back(irq, true), None);
+        assert_eq!(netns.held_back(rps, false), None);
+
+        // Only `lo` is this namespace's: sysfs (and its eth0) is another namespace's.
+        std::fs::write(&dev, format!("{header}    lo: 0 0\n")).expect("w");
+        let netns = Netns::read(&root);
+        assert!(!netns.own_sysfs);
+        assert_eq!(netns.held_back(rps, false), Some(Reach::OtherNamespace));
+        assert_eq!(netns.held_back(rps, true), None);
+
+        // The host's namespace: everything is for the node.
+        std::fs::create_dir_all(dir.join("proc/sys/net/core")).expect("dir");
+        std::fs::write(dir.join("proc/sys/net/core/netdev_max_backlog"), "1000\n").expect("w");
+        let netns = Netns::read(&root);
+        assert_eq!(netns.held_back(irq, false), None);
+        assert_eq!(netns.held_back(rps, false), None);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1,19 +1,22 @@
 //! `meshtune apply` and `revert` on a real network namespace's sysctls (the namespaced ones:
 //! backlogs, port range, buffers), the way an SRE runs them: the host's values must not move
 //! (node-wide settings such as `kernel.io_uring_disabled` are skipped there), and revert must
-//! leave the namespace exactly as it was. Needs root (CI is root).
+//! leave the namespace exactly as it was. And `plan --apply` from a real namespace: it must
+//! leave IRQ affinity, which is the whole node's, alone unless given `--node-wide`. Needs root
+//! (CI is root).
 
+use std::path::Path;
 use std::process::{Command, Output};
 
 struct Netns(String);
 
 impl Netns {
-    fn new() -> Netns {
+    fn new(tag: &str) -> Netns {
         assert!(
             running_as_root(),
             "this test creates a network namespace and must run as root"
         );
-        let name = format!("meshtune-{}", std::process::id());
+        let name = format!("meshtune-{tag}-{}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         let status = Command::new("ip")
             .args(["netns", "add", &name])
@@ -25,11 +28,16 @@ impl Netns {
 
     /// `meshtune <args>` inside the namespace.
     fn meshtune(&self, args: &[&str]) -> Output {
+        self.run(env!("CARGO_BIN_EXE_meshtune"), args)
+    }
+
+    /// `<program> <args>` inside the namespace.
+    fn run(&self, program: &str, args: &[&str]) -> Output {
         Command::new("ip")
-            .args(["netns", "exec", &self.0, env!("CARGO_BIN_EXE_meshtune")])
+            .args(["netns", "exec", &self.0, program])
             .args(args)
             .output()
-            .expect("run meshtune")
+            .expect("ip netns exec")
     }
 
     fn sysctls(&self, keys: &[&str]) -> Vec<String> {
@@ -91,7 +99,7 @@ fn text(o: &Output) -> String {
 
 #[test]
 fn apply_changes_only_the_namespace_and_revert_restores_it_exactly() {
-    let ns = Netns::new();
+    let ns = Netns::new("apply");
     let dir = std::env::temp_dir().join(format!("meshtune-state-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let state = dir.join("tuning.json");
@@ -164,5 +172,112 @@ fn apply_changes_only_the_namespace_and_revert_restores_it_exactly() {
     );
     assert!(!state.exists());
     assert_eq!(host(KEYS), host_before);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn write(path: &Path, contents: &str) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("dir");
+    std::fs::write(path, contents).expect("write");
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn line<'a>(output: &'a Output, path: &str) -> &'a str {
+    std::str::from_utf8(&output.stdout)
+        .expect("utf-8")
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(path))
+        .unwrap_or_else(|| panic!("no line for {path}: {}", text(output)))
+}
+
+#[test]
+fn plan_in_a_network_namespace_leaves_irq_affinity_alone_unless_node_wide() {
+    let ns = Netns::new("plan");
+    // Which namespace meshtune runs in, and which devices it has, are real: the root's
+    // /proc/sys, /proc/net and the /proc/<pid>/ns links are the kernel's, seen by meshtune.
+    // What it would write is not: this VM's NIC has no interrupts to route, and the test must
+    // not reroute a real one, so the NIC (named like a device of the namespace), its queues and
+    // its interrupt are files in the scratch tree.
+    let dir = std::env::temp_dir().join(format!("meshtune-plan-ns-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("proc")).expect("dir");
+    for link in ["sys", "net", "self", "1"] {
+        std::os::unix::fs::symlink(Path::new("/proc").join(link), dir.join("proc").join(link))
+            .expect("symlink");
+    }
+    let device = "mtplan0";
+    let added = ns.run(
+        "ip",
+        &[
+            "link", "add", device, "type", "veth", "peer", "name", "mtplan1",
+        ],
+    );
+    assert!(added.status.success(), "{}", text(&added));
+    write(&dir.join("sys/devices/system/cpu/online"), "0-3\n");
+    for id in 0..4 {
+        let cpu = dir.join(format!("sys/devices/system/cpu/cpu{id}"));
+        write(&cpu.join("topology/core_id"), &format!("{id}\n"));
+        write(&cpu.join("topology/physical_package_id"), "0\n");
+    }
+    std::fs::create_dir_all(dir.join("sys/class/net/lo")).expect("dir");
+    let nic = dir.join("sys/class/net").join(device);
+    write(&nic.join("device/msi_irqs/41"), "msix\n");
+    write(&nic.join("queues/rx-0/rps_cpus"), "0\n");
+    let irq = dir.join("proc/irq/41/smp_affinity_list");
+    write(&irq, "0-3\n");
+    let rps = nic.join("queues/rx-0/rps_cpus");
+    let irq_line = "proc/irq/41/smp_affinity_list";
+    let root = dir.to_str().expect("utf-8 path");
+    let state = dir.join("plan.json");
+    let state = state.to_str().expect("utf-8 path");
+    let plan = |extra: &[&str]| {
+        let mut args = vec!["--root", root, "plan", "--apply", "--yes", "--state", state];
+        args.extend(extra);
+        let out = ns.meshtune(&args);
+        assert!(out.status.success(), "{}", text(&out));
+        out
+    };
+    let revert = || {
+        let out = ns.meshtune(&["--root", root, "revert", "--yes", "--state", state]);
+        assert!(out.status.success(), "{}", text(&out));
+    };
+
+    let applied = plan(&[]);
+    let skipped = line(&applied, irq_line);
+    assert!(
+        skipped.starts_with("skip:") && skipped.contains("node-wide"),
+        "{skipped}"
+    );
+    assert_eq!(read(&irq), "0-3\n", "the interrupt was not rerouted");
+    assert_eq!(
+        read(&rps),
+        "e\n",
+        "the namespace's own device's queue was set"
+    );
+    revert();
+    assert_eq!(read(&rps), "0\n");
+
+    let applied = plan(&["--node-wide"]);
+    assert!(line(&applied, irq_line).starts_with("write:"));
+    assert_eq!(
+        read(&irq),
+        "0\n",
+        "asked for, the interrupt goes to the housekeeping core"
+    );
+    revert();
+    assert_eq!(read(&irq), "0-3\n");
+
+    // The same plan from the host's namespace routes the interrupt without being asked.
+    let host = Command::new(env!("CARGO_BIN_EXE_meshtune"))
+        .args(["--root", root, "plan", "--apply", "--yes", "--state", state])
+        .output()
+        .expect("run meshtune");
+    assert!(host.status.success(), "{}", text(&host));
+    assert!(line(&host, irq_line).starts_with("write:"));
+    assert_eq!(read(&irq), "0\n");
+    revert();
+    assert_eq!(read(&irq), "0-3\n");
     let _ = std::fs::remove_dir_all(&dir);
 }
