@@ -327,6 +327,12 @@ lab_test!(
         use std::sync::Mutex;
         let mut lab = lab;
         echo_server(&lab, "n2-a");
+        // The old process's listeners that the new one did not inherit (a pod that came during
+        // the handover) close at the end: the kernel moves their queued connections over.
+        for pod in ["n1-a", "n2-a"] {
+            let migrate = run_in(&lab, pod, "cat", &["/proc/sys/net/ipv4/tcp_migrate_req"]);
+            assert_eq!(migrate.trim(), "1", "{pod}");
+        }
         let stop = AtomicBool::new(false);
         let made = AtomicU64::new(0);
         let failures = Mutex::new(Vec::<String>::new());

@@ -26,6 +26,15 @@ pub fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener>
     Ok(socket.into())
 }
 
+/// Lets the kernel hand the connections queued on a closing listener to another listener of
+/// its SO_REUSEPORT group, instead of resetting them (`net.ipv4.tcp_migrate_req`, Linux 5.14),
+/// in the calling thread's network namespace. A pod's listeners close while others of the
+/// same group stay: the old process's at the end of an upgrade (those it opened after the
+/// handover, beside the new process's own).
+pub fn migrate_queued_connections() -> io::Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")
+}
+
 /// Starts a non-blocking connect from a fresh socket carrying `mark` (so the pod's redirect
 /// rules let it through), optionally from a given source address.
 pub fn start_connect(
@@ -224,5 +233,66 @@ fn wait_for(fd: RawFd, events: libc::c_short, timeout: std::time::Duration) -> i
                 Err(e)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::net::TcpStream;
+
+    use super::*;
+
+    /// In a new network namespace with loopback up (root only): two listeners of one
+    /// SO_REUSEPORT group, `queued` connections made to them, then the first one closed:
+    /// how many the second one accepts.
+    fn accepted_after_closing_one_of_two(migrate: bool, queued: usize) -> usize {
+        std::thread::spawn(move || {
+            // SAFETY: unshare(CLONE_NEWNET) moves only this short-lived thread to a new
+            // namespace; it touches no memory.
+            #[allow(unsafe_code)]
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "unshare: {}", io::Error::last_os_error());
+            // A child started from this thread is in its namespace.
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .expect("ip");
+            assert!(up.success(), "ip link set lo up");
+            if migrate {
+                migrate_queued_connections().expect("tcp_migrate_req");
+            }
+            let addr: SocketAddr = "127.0.0.1:15001".parse().expect("addr");
+            let closing = reuseport_listener(addr).expect("first listener");
+            let staying = reuseport_listener(addr).expect("second listener");
+            let clients: Vec<TcpStream> = (0..queued)
+                .map(|_| TcpStream::connect(addr).expect("connect"))
+                .collect();
+            drop(closing);
+            let mut accepted = 0;
+            while staying.accept().is_ok() {
+                accepted += 1;
+            }
+            // The reset ones say so; none is left waiting.
+            let reset = clients
+                .into_iter()
+                .filter(|mut c| {
+                    c.set_nonblocking(true).expect("nonblocking");
+                    matches!(c.read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::ConnectionReset)
+                })
+                .count();
+            assert_eq!(accepted + reset, queued);
+            accepted
+        })
+        .join()
+        .expect("namespace thread")
+    }
+
+    #[test]
+    fn connections_queued_on_a_closing_listener_move_to_the_other_one() {
+        let queued = 64;
+        assert_eq!(accepted_after_closing_one_of_two(true, queued), queued);
+        // What it saves: without it, the closing listener's share is reset.
+        assert!(accepted_after_closing_one_of_two(false, queued) < queued);
     }
 }

@@ -33,7 +33,9 @@ use crate::netns::NetNs;
 use crate::netns_sync::NetnsRegistry;
 use crate::pool::{DialSpec, HbonePool, Lease, PoolKey, PoolTimers};
 use crate::relay;
-use crate::sockets::{finish_connect, original_dst, reuseport_listener, start_connect};
+use crate::sockets::{
+    finish_connect, migrate_queued_connections, original_dst, reuseport_listener, start_connect,
+};
 use crate::splice::Pipes;
 use crate::stats::WorkerStats;
 use crate::upgrade::{HandedListener, Inherited};
@@ -610,6 +612,15 @@ impl Worker {
                 };
                 addrs.push((kind, SocketAddr::new(ip, kind.port())));
             }
+        }
+        // Once set in a pod's namespace this stays; every worker's open sets it again (one
+        // write), so no worker depends on another having opened the pod first.
+        if let Err(e) = netns
+            .run_in(&self.home, migrate_queued_connections)
+            .and_then(|r| r)
+        {
+            tracing::warn!(worker = self.id, pod = %uid, error = %e,
+                "cannot set tcp_migrate_req: connections queued on this pod's listeners when a process's listener closes (end of an upgrade) are reset");
         }
         let mut pod = Pod {
             source: source.clone(),
