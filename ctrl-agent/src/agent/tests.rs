@@ -542,7 +542,10 @@ mod istio {
         let after = read(&mut Subscriber::new(dir.path().join("snapshot"))).expect("published");
         let ids: Vec<_> = after.identities.iter().map(|i| &i.spiffe_id).collect();
         assert!(ids.is_empty(), "published under the old root: {ids:?}");
-        assert_eq!(after.trust_roots, std::slice::from_ref(&replacement.root_der));
+        assert_eq!(
+            after.trust_roots,
+            std::slice::from_ref(&replacement.root_der)
+        );
     }
 
     #[test]
