@@ -975,11 +975,7 @@ pub fn authorization_policy(object: &DynamicObject) -> Result<Authorization, Str
              by ztunnel (only a waypoint or gateway enforces it)",
         ));
     }
-    let dry_run = object
-        .annotations()
-        .get(DRY_RUN_ANNOTATION)
-        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-    spec.insert("dryRun".into(), dry_run.into());
+    spec.insert("dryRun".into(), dry_run(object).into());
     let policy: PolicySpec = from_json(spec)?;
     policy.check().map_err(|e| format!("spec.{e}"))?;
     Ok(Authorization::Enforced(policy))
@@ -1056,12 +1052,19 @@ pub fn unreadable_authorization_policy(
         action,
         selector: readable_selector(object),
         rules,
-        dry_run: object
-            .annotations()
-            .get(DRY_RUN_ANNOTATION)
-            .is_some_and(|v| v.eq_ignore_ascii_case("true")),
+        dry_run: dry_run(object),
     };
     (Some(stand_in), enforced)
+}
+
+/// Whether the policy is in dry run (`istio.io/dry-run`): true for the values istiod reads as
+/// true (Go's `strconv.ParseBool`), so that a policy istiod would not enforce is not enforced
+/// here either.
+fn dry_run(object: &DynamicObject) -> bool {
+    object
+        .annotations()
+        .get(DRY_RUN_ANNOTATION)
+        .is_some_and(|v| matches!(v.as_str(), "1" | "t" | "T" | "true" | "TRUE" | "True"))
 }
 
 /// Fail closed for a PeerAuthentication that does not read: STRICT over the widest scope it

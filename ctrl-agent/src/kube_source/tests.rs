@@ -790,6 +790,54 @@ fn services_map_cluster_ips_ports_and_ready_pod_endpoints() {
 }
 
 #[test]
+fn the_dry_run_annotation_reads_as_istiod_reads_it() {
+    // istiod parses it with Go's strconv.ParseBool: a value it reads as true is not
+    // enforced by ztunnel; anything else is enforced.
+    let values = [
+        "1", "t", "T", "true", "TRUE", "True", "tRuE", "yes", "0", "false", "",
+    ];
+    let policies = values
+        .iter()
+        .enumerate()
+        .map(|(i, value)| {
+            let mut policy = objects::authorization_policy(
+                "shop",
+                &format!("p{i:02}"),
+                json!({"action": "DENY", "rules": [{}]}),
+            );
+            policy["metadata"]["annotations"] = json!({"istio.io/dry-run": value});
+            policy
+        })
+        .collect();
+    let m = Cluster {
+        policies,
+        ..Cluster::default()
+    }
+    .model();
+    let dry: Vec<(&str, bool)> = values
+        .iter()
+        .zip(&m.config.policies)
+        .map(|(value, p)| (*value, p.dry_run))
+        .collect();
+    assert_eq!(
+        dry,
+        [
+            ("1", true),
+            ("t", true),
+            ("T", true),
+            ("true", true),
+            ("TRUE", true),
+            ("True", true),
+            ("tRuE", false),
+            ("yes", false),
+            ("0", false),
+            ("false", false),
+            ("", false),
+        ]
+    );
+}
+
+#[test]
 fn istio_policies_keep_their_fields_and_dry_run_annotation() {
     let mut dry = objects::authorization_policy(
         "shop",
