@@ -7,6 +7,10 @@
 //! that is the one chained. A single-plugin `.conf` is rewritten as a `.conflist` beside it
 //! (the original is kept and restored on uninstall). The binary stays in the bin directory on
 //! uninstall: pods added while the plugin was chained still need it for their DEL.
+//!
+//! The chained entry lists the namespaces whose pods the plugin lets through without the agent:
+//! always the mesh's own (`--mesh-namespace`; its pod runs the agent, so its ADD cannot wait
+//! for it), plus `--exclude-namespaces` (kube-system unless given).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -17,6 +21,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 pub const PLUGIN_TYPE: &str = "mesh-cni";
+/// Excluded besides the mesh's own namespace when `--exclude-namespaces` is not given.
+pub const DEFAULT_EXCLUDED: &str = "kube-system";
 /// Where the untouched bytes of a chained file are kept, to restore them exactly.
 const BACKUP_SUFFIX: &str = ".mesh-cni-backup";
 
@@ -25,11 +31,17 @@ pub struct Options {
     pub bin_dir: PathBuf,
     pub conf_dir: PathBuf,
     pub agent_socket: Option<String>,
+    /// The namespace the mesh's DaemonSet runs in; required by `install`.
+    pub mesh_namespace: Option<String>,
+    /// Further namespaces let through without the agent.
+    pub exclude_namespaces: Vec<String>,
     /// Check the chain this often while running.
     pub interval: Duration,
 }
 
-/// Parses `install|uninstall [--bin-dir D] [--conf-dir D] [--agent-socket P] [--once]`.
+/// Parses `install|uninstall [--bin-dir D] [--conf-dir D] [--agent-socket P]
+/// [--mesh-namespace NS] [--exclude-namespaces NS,NS] [--once]`; a value may also follow its
+/// flag after `=` (as the chart passes them).
 pub fn parse(args: &[String]) -> Result<(String, Options, bool), String> {
     let mut it = args.iter();
     let mode = it.next().cloned().ok_or("expected install or uninstall")?;
@@ -37,28 +49,57 @@ pub fn parse(args: &[String]) -> Result<(String, Options, bool), String> {
         bin_dir: PathBuf::from("/opt/cni/bin"),
         conf_dir: PathBuf::from("/etc/cni/net.d"),
         agent_socket: None,
+        mesh_namespace: None,
+        exclude_namespaces: vec![DEFAULT_EXCLUDED.to_owned()],
         interval: Duration::from_secs(2),
     };
     let mut once = false;
-    while let Some(flag) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{flag} needs a value"))
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (flag, Some(value.to_owned())),
+            _ => (arg.as_str(), None),
         };
-        match flag.as_str() {
+        let mut value = || match &inline {
+            Some(value) => Ok(value.clone()),
+            None => it
+                .next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value")),
+        };
+        match flag {
             "--bin-dir" => options.bin_dir = value()?.into(),
             "--conf-dir" => options.conf_dir = value()?.into(),
             "--agent-socket" => options.agent_socket = Some(value()?),
+            "--mesh-namespace" => {
+                let namespace = value()?;
+                if namespace.is_empty() {
+                    return Err("--mesh-namespace needs a namespace".into());
+                }
+                options.mesh_namespace = Some(namespace);
+            }
+            // Empty: none besides the mesh's own.
+            "--exclude-namespaces" => {
+                options.exclude_namespaces = value()?
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|ns| !ns.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+            }
             "--interval-ms" => {
                 let ms: u64 = value()?
                     .parse()
                     .map_err(|_| "--interval-ms takes a number".to_owned())?;
                 options.interval = Duration::from_millis(ms.max(10));
             }
-            "--once" => once = true,
-            other => return Err(format!("unknown flag {other}")),
+            "--once" if inline.is_none() => once = true,
+            _ => return Err(format!("unknown flag {arg}")),
         }
+    }
+    if mode == "install" && options.mesh_namespace.is_none() {
+        // Without it the mesh's own pod would wait for the agent it runs: a rebooted node
+        // could never start it again.
+        return Err("install needs --mesh-namespace (the namespace the mesh runs in)".into());
     }
     Ok((mode, options, once))
 }
@@ -100,6 +141,13 @@ fn plugin_entry(options: &Options) -> Value {
     if let Some(socket) = &options.agent_socket {
         entry["agentSocket"] = json!(socket);
     }
+    let mut excluded: Vec<&str> = options.mesh_namespace.iter().map(String::as_str).collect();
+    for namespace in &options.exclude_namespaces {
+        if !excluded.contains(&namespace.as_str()) {
+            excluded.push(namespace);
+        }
+    }
+    entry["exclude_namespaces"] = json!(excluded);
     entry
 }
 

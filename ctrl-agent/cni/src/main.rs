@@ -1,8 +1,9 @@
-//! `mesh-cni`: a chained CNI plugin (spec 1.0). For a pod the agent says belongs in the mesh,
+//! `mesh-cni`: a chained CNI plugin (spec 1.1). For a pod the agent says belongs in the mesh,
 //! ADD installs the capture rules in the pod's network namespace and hands that namespace to
 //! the agent as a descriptor; DEL undoes both; CHECK verifies them. Anything that fails leaves
 //! no rules behind and answers with the spec's error JSON, so the runtime retries instead of
-//! starting a pod whose traffic would bypass the mesh.
+//! starting a pod whose traffic would bypass the mesh. Pods of the excluded namespaces (the
+//! mesh's own, whose pod runs the agent, and kube-system) pass through without the agent.
 #![forbid(unsafe_code)]
 
 mod install;
@@ -28,7 +29,9 @@ fn main() {
     {
         std::process::exit(installer(&args));
     }
-    let outcome = run();
+    // Errors answer in the config's version once it is known.
+    let mut cni_version = spec::CNI_VERSION.to_owned();
+    let outcome = run(&mut cni_version);
     let code = match outcome {
         Ok(Some(result)) => {
             println!("{result}");
@@ -37,7 +40,7 @@ fn main() {
         Ok(None) => 0,
         Err(e) => {
             eprintln!("mesh-cni: {} ({})", e.msg, e.details);
-            println!("{}", e.to_json());
+            println!("{}", e.to_json(&cni_version));
             1
         }
     };
@@ -67,7 +70,7 @@ fn installer(args: &[String]) -> i32 {
     }
 }
 
-fn run() -> Result<Option<serde_json::Value>, Error> {
+fn run(cni_version: &mut String) -> Result<Option<serde_json::Value>, Error> {
     let invocation = spec::invocation(|k| std::env::var(k).ok())?;
     if invocation.command == Command::Version {
         return Ok(Some(spec::version_result()));
@@ -77,10 +80,35 @@ fn run() -> Result<Option<serde_json::Value>, Error> {
         .read_to_end(&mut stdin)
         .map_err(|e| Error::new(Code::IoFailure, "cannot read stdin", e.to_string()))?;
     let config = spec::config(&stdin)?;
+    cni_version.clone_from(&config.cni_version);
+    dispatch(&invocation, &config)
+}
+
+/// One command on a valid environment and config: what is printed on success.
+fn dispatch(invocation: &Invocation, config: &Config) -> Result<Option<serde_json::Value>, Error> {
+    let per_pod = matches!(
+        invocation.command,
+        Command::Add | Command::Del | Command::Check
+    );
+    if per_pod && config.excludes(invocation) {
+        // Never the agent nor the pod's rules: the agent itself runs in an excluded pod, so
+        // after a node reboot its own ADD could otherwise never succeed.
+        return Ok(match invocation.command {
+            Command::Add => Some(spec::add_result(config)),
+            _ => None,
+        });
+    }
     match invocation.command {
-        Command::Add => add(&invocation, &config).map(Some),
-        Command::Del => del(&invocation, &config).map(|()| None),
-        Command::Check => check(&invocation, &config).map(|()| None),
+        Command::Add => add(invocation, config).map(Some),
+        Command::Del => del(invocation, config).map(|()| None),
+        Command::Check => check(invocation, config).map(|()| None),
+        // Ready whenever the config is valid. Not error 50 while the agent is unreachable,
+        // although the spec suggests it for a missing daemon: the runtime would then report
+        // the node's network not ready, and the agent's own pod (not host-network) would
+        // never be started. ADD for a pod the agent must decide answers 11 meanwhile.
+        Command::Status => Ok(None),
+        // Nothing of ours to collect: the rules live in pods' namespaces and go with them.
+        Command::Gc => config.gc_attachments().map(|_| None),
         Command::Version => Ok(Some(spec::version_result())),
     }
 }
@@ -282,4 +310,142 @@ fn unexpected(reply: Reply) -> Error {
         "unexpected reply from ctrl-agent",
         format!("{reply:?}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn invocation(command: Command, namespace: &str, netns: &str) -> Invocation {
+        Invocation {
+            command,
+            container_id: "abc".into(),
+            netns: netns.into(),
+            ifname: "eth0".into(),
+            pod_namespace: namespace.into(),
+            pod_name: "pod-1".into(),
+        }
+    }
+
+    /// A 1.1.0 config whose agent socket does not exist: any attempt to reach the agent fails.
+    fn config(extra: serde_json::Value) -> Config {
+        let mut stdin = json!({
+            "cniVersion": "1.1.0", "name": "k8s-pod-network", "type": "mesh-cni",
+            "agentSocket": std::env::temp_dir().join(format!("mesh-cni-no-agent-{}.sock", std::process::id())),
+            "agentWaitSeconds": 0,
+            "exclude_namespaces": ["mesh-system", "kube-system"],
+            "prevResult": {"cniVersion": "1.1.0", "interfaces": [{"name": "eth0"}],
+                           "ips": [{"address": "10.1.2.3/24", "interface": 0}]},
+        });
+        if let (Some(object), Some(extra)) = (stdin.as_object_mut(), extra.as_object()) {
+            object.extend(extra.clone());
+        }
+        let config = spec::config(stdin.to_string().as_bytes()).expect("valid config");
+        assert!(
+            !config.agent_socket.exists(),
+            "{:?} must not exist",
+            config.agent_socket
+        );
+        config
+    }
+
+    /// A file that exists but is no network namespace: touching the pod's rules through it fails.
+    struct NotANetns(PathBuf);
+
+    impl NotANetns {
+        fn new(test: &str) -> NotANetns {
+            let path = std::env::temp_dir().join(format!(
+                "mesh-cni-not-a-netns-{test}-{}",
+                std::process::id()
+            ));
+            std::fs::write(&path, b"").expect("write");
+            NotANetns(path)
+        }
+        fn path(&self) -> String {
+            self.0.display().to_string()
+        }
+    }
+
+    impl Drop for NotANetns {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn an_excluded_pod_passes_through_without_the_agent() {
+        let config = config(json!({}));
+        let result = dispatch(
+            &invocation(Command::Add, "kube-system", "/proc/self/ns/net"),
+            &config,
+        )
+        .expect("ADD of a kube-system pod succeeds without the agent")
+        .expect("ADD prints a result");
+        let mut expected = config.prev_result.clone().expect("prevResult");
+        expected["cniVersion"] = json!("1.1.0");
+        assert_eq!(result, expected);
+        // The mesh's own pod too: its ADD cannot wait for the agent it runs.
+        assert!(dispatch(
+            &invocation(Command::Add, "mesh-system", "/proc/self/ns/net"),
+            &config
+        )
+        .is_ok());
+
+        // DEL and CHECK neither ask the agent nor touch the pod's rules.
+        let netns = NotANetns::new("excluded");
+        assert_eq!(
+            dispatch(
+                &invocation(Command::Del, "kube-system", &netns.path()),
+                &config
+            ),
+            Ok(None)
+        );
+        assert_eq!(
+            dispatch(
+                &invocation(Command::Check, "kube-system", &netns.path()),
+                &config
+            ),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn other_pods_still_need_the_agent() {
+        let config = config(json!({}));
+        let add = dispatch(
+            &invocation(Command::Add, "shop", "/proc/self/ns/net"),
+            &config,
+        )
+        .expect_err("no agent, no ADD");
+        assert_eq!(add.code, Code::TryAgainLater, "{add:?}");
+        let check = dispatch(
+            &invocation(Command::Check, "shop", "/proc/self/ns/net"),
+            &config,
+        )
+        .expect_err("no agent, no CHECK");
+        assert_eq!(check.code, Code::TryAgainLater, "{check:?}");
+        // DEL goes on without the agent and removes the rules: here it reaches the bogus netns.
+        let netns = NotANetns::new("other");
+        let del = dispatch(&invocation(Command::Del, "shop", &netns.path()), &config)
+            .expect_err("DEL touched the pod's namespace");
+        assert_eq!(del.code, Code::RulesFailed, "{del:?}");
+    }
+
+    #[test]
+    fn status_and_gc_are_answered() {
+        let status = invocation(Command::Status, "", "");
+        // Ready even with the agent away (see dispatch).
+        assert_eq!(dispatch(&status, &config(json!({}))), Ok(None));
+
+        let gc = invocation(Command::Gc, "", "");
+        let listed =
+            json!({"cni.dev/valid-attachments": [{"containerID": "abc", "ifname": "eth0"}]});
+        assert_eq!(dispatch(&gc, &config(listed)), Ok(None));
+        let refused = dispatch(&gc, &config(json!({}))).expect_err("GC without its list");
+        assert_eq!(refused.code, Code::InvalidConfig);
+    }
 }

@@ -1,5 +1,6 @@
-//! The CNI specification (1.0) as this plugin needs it: the environment, the network config on
-//! stdin, and error results. Pure functions, tested without a runtime.
+//! The CNI specification (1.1, and the older versions it still speaks) as this plugin needs it:
+//! the environment, the network config on stdin, and error results. Pure functions, tested
+//! without a runtime.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -8,8 +9,13 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-pub const CNI_VERSION: &str = "1.0.0";
-pub const SUPPORTED_VERSIONS: [&str; 4] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+/// The newest version spoken: what VERSION and errors without a config report.
+pub const CNI_VERSION: &str = "1.1.0";
+pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+/// GC's list of the attachments the runtime still knows (spec 1.1).
+pub const VALID_ATTACHMENTS: &str = "cni.dev/valid-attachments";
+/// The same list under the key of the first 1.1 wording; libcni sends both.
+const ATTACHMENTS_LEGACY: &str = "cni.dev/attachments";
 pub const DEFAULT_AGENT_SOCKET: &str = "/var/run/mesh/cni.sock";
 pub const DEFAULT_AGENT_WAIT: Duration = Duration::from_secs(10);
 
@@ -46,10 +52,10 @@ impl Error {
         }
     }
 
-    /// The error result printed on stdout.
-    pub fn to_json(&self) -> Value {
+    /// The error result printed on stdout, in the config's version (ours when there was none).
+    pub fn to_json(&self, cni_version: &str) -> Value {
         json!({
-            "cniVersion": CNI_VERSION,
+            "cniVersion": cni_version,
             "code": self.code as u32,
             "msg": self.msg,
             "details": self.details,
@@ -62,6 +68,10 @@ pub enum Command {
     Add,
     Del,
     Check,
+    /// Spec 1.1: can the plugin serve ADD? Only `CNI_COMMAND` is set.
+    Status,
+    /// Spec 1.1: clean up what belongs to attachments not in the valid list.
+    Gc,
     Version,
 }
 
@@ -90,6 +100,8 @@ pub fn invocation(env: impl Fn(&str) -> Option<String>) -> Result<Invocation, Er
         "ADD" => Command::Add,
         "DEL" => Command::Del,
         "CHECK" => Command::Check,
+        "STATUS" => Command::Status,
+        "GC" => Command::Gc,
         "VERSION" => Command::Version,
         "" => {
             return Err(Error::new(
@@ -102,7 +114,7 @@ pub fn invocation(env: impl Fn(&str) -> Option<String>) -> Result<Invocation, Er
             return Err(Error::new(
                 Code::InvalidEnvironment,
                 format!("unknown CNI_COMMAND {other:?}"),
-                "expected ADD, DEL, CHECK or VERSION",
+                "expected ADD, DEL, CHECK, STATUS, GC or VERSION",
             ))
         }
     };
@@ -114,7 +126,8 @@ pub fn invocation(env: impl Fn(&str) -> Option<String>) -> Result<Invocation, Er
         pod_namespace: String::new(),
         pod_name: String::new(),
     };
-    if command == Command::Version {
+    // These concern the network, not one container: no container, namespace or pod.
+    if matches!(command, Command::Version | Command::Status | Command::Gc) {
         return Ok(invocation);
     }
     if invocation.container_id.is_empty() {
@@ -157,6 +170,88 @@ pub struct Config {
     pub agent_wait: Duration,
     /// The result of the plugins before us, passed on unchanged.
     pub prev_result: Option<Value>,
+    /// Pods in these namespaces are passed through without asking the agent (`exclude_namespaces`):
+    /// the mesh's own namespace, whose pod runs the agent, and by default kube-system.
+    pub exclude_namespaces: Vec<String>,
+    /// GC's input, checked whenever it is present (see [`Config::gc_attachments`]).
+    pub valid_attachments: Option<Vec<Attachment>>,
+}
+
+/// One entry of GC's valid-attachments list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+impl Config {
+    /// Whether the pod is one that must start even when the agent is not there.
+    pub fn excludes(&self, invocation: &Invocation) -> bool {
+        self.exclude_namespaces.contains(&invocation.pod_namespace)
+    }
+
+    /// GC's valid attachments; GC without them is an invalid config.
+    pub fn gc_attachments(&self) -> Result<&[Attachment], Error> {
+        self.valid_attachments.as_deref().ok_or_else(|| {
+            Error::new(
+                Code::InvalidConfig,
+                format!("GC without {VALID_ATTACHMENTS}"),
+                "the runtime must list the attachments it still knows",
+            )
+        })
+    }
+}
+
+fn exclude_namespaces(value: Option<&Value>) -> Result<Vec<String>, Error> {
+    let invalid = || {
+        Error::new(
+            Code::InvalidConfig,
+            "exclude_namespaces must be a list of namespace names",
+            "",
+        )
+    };
+    match value {
+        None => Ok(Vec::new()),
+        Some(Value::Array(names)) => names
+            .iter()
+            .map(|name| match name.as_str() {
+                Some(ns) if !ns.is_empty() => Ok(ns.to_owned()),
+                _ => Err(invalid()),
+            })
+            .collect(),
+        Some(_) => Err(invalid()),
+    }
+}
+
+fn valid_attachments(
+    object: &serde_json::Map<String, Value>,
+) -> Result<Option<Vec<Attachment>>, Error> {
+    let Some(list) = object
+        .get(VALID_ATTACHMENTS)
+        .or_else(|| object.get(ATTACHMENTS_LEGACY))
+    else {
+        return Ok(None);
+    };
+    let invalid = |what: String| Error::new(Code::InvalidConfig, what, "");
+    let entries = list
+        .as_array()
+        .ok_or_else(|| invalid(format!("{VALID_ATTACHMENTS} must be a list")))?;
+    entries
+        .iter()
+        .map(|entry| {
+            let field = |key: &str| entry.get(key).and_then(Value::as_str);
+            match (field("containerID"), field("ifname")) {
+                (Some(container_id), Some(ifname)) if !container_id.is_empty() => Ok(Attachment {
+                    container_id: container_id.to_owned(),
+                    ifname: ifname.to_owned(),
+                }),
+                _ => Err(invalid(format!(
+                    "{VALID_ATTACHMENTS} entry {entry} lacks containerID or ifname"
+                ))),
+            }
+        })
+        .collect::<Result<_, _>>()
+        .map(Some)
 }
 
 pub fn config(stdin: &[u8]) -> Result<Config, Error> {
@@ -215,6 +310,8 @@ pub fn config(stdin: &[u8]) -> Result<Config, Error> {
         agent_socket,
         agent_wait,
         prev_result: object.get("prevResult").cloned(),
+        exclude_namespaces: exclude_namespaces(object.get("exclude_namespaces"))?,
+        valid_attachments: valid_attachments(object)?,
     })
 }
 
@@ -364,11 +461,104 @@ mod tests {
     }
 
     #[test]
+    fn version_1_1_0_is_spoken() {
+        let cfg = config(
+            br#"{"cniVersion":"1.1.0","name":"net","type":"mesh-cni",
+            "prevResult":{"cniVersion":"1.1.0","ips":[{"address":"10.1.2.3/24"}]}}"#,
+        )
+        .expect("1.1.0 accepted");
+        assert_eq!(add_result(&cfg)["cniVersion"], "1.1.0");
+        // The older ones still are, each echoed as given.
+        for version in ["0.3.0", "0.3.1", "0.4.0", "1.0.0"] {
+            let stdin = format!(r#"{{"cniVersion":"{version}","prevResult":{{"ips":[]}}}}"#);
+            let cfg = config(stdin.as_bytes()).expect("accepted");
+            assert_eq!(add_result(&cfg)["cniVersion"], version);
+        }
+        let listed = version_result();
+        assert_eq!(
+            listed["supportedVersions"],
+            json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+        );
+        // STATUS and GC concern the network: CNI_COMMAND is all the environment they get.
+        for command in [("STATUS", Command::Status), ("GC", Command::Gc)] {
+            let inv = invocation(env(&[("CNI_COMMAND", command.0)])).expect(command.0);
+            assert_eq!(inv.command, command.1);
+        }
+    }
+
+    #[test]
+    fn excluded_namespaces_from_the_config() {
+        let cfg =
+            config(br#"{"cniVersion":"1.0.0","exclude_namespaces":["mesh-system","kube-system"]}"#)
+                .expect("valid");
+        let pod = |namespace: &str| Invocation {
+            command: Command::Add,
+            container_id: "abc".into(),
+            netns: "/x".into(),
+            ifname: "eth0".into(),
+            pod_namespace: namespace.into(),
+            pod_name: "p".into(),
+        };
+        assert!(cfg.excludes(&pod("kube-system")) && cfg.excludes(&pod("mesh-system")));
+        assert!(!cfg.excludes(&pod("shop")));
+        // A config written before the option excludes nothing.
+        let old = config(br#"{"cniVersion":"1.0.0"}"#).expect("valid");
+        assert!(!old.excludes(&pod("kube-system")));
+        for bad in [
+            &br#"{"cniVersion":"1.0.0","exclude_namespaces":"kube-system"}"#[..],
+            br#"{"cniVersion":"1.0.0","exclude_namespaces":[""]}"#,
+            br#"{"cniVersion":"1.0.0","exclude_namespaces":[7]}"#,
+        ] {
+            assert_eq!(config(bad).expect_err("refused").code, Code::InvalidConfig);
+        }
+    }
+
+    #[test]
+    fn gc_input_is_checked() {
+        let cfg = config(
+            br#"{"cniVersion":"1.1.0","cni.dev/valid-attachments":[{"containerID":"abc","ifname":"eth0"}]}"#,
+        )
+        .expect("valid");
+        let listed = [Attachment {
+            container_id: "abc".into(),
+            ifname: "eth0".into(),
+        }];
+        assert_eq!(cfg.gc_attachments(), Ok(&listed[..]));
+        // The first 1.1 wording's key, which libcni also sends.
+        let legacy = config(
+            br#"{"cniVersion":"1.1.0","cni.dev/attachments":[{"containerID":"abc","ifname":"eth0"}]}"#,
+        )
+        .expect("valid");
+        assert_eq!(legacy.gc_attachments(), Ok(&listed[..]));
+        let empty =
+            config(br#"{"cniVersion":"1.1.0","cni.dev/valid-attachments":[]}"#).expect("valid");
+        assert_eq!(empty.gc_attachments(), Ok(&[][..]));
+        let missing = config(br#"{"cniVersion":"1.1.0"}"#).expect("valid");
+        assert_eq!(
+            missing.gc_attachments().expect_err("refused").code,
+            Code::InvalidConfig
+        );
+        for bad in [
+            &br#"{"cniVersion":"1.1.0","cni.dev/valid-attachments":{}}"#[..],
+            br#"{"cniVersion":"1.1.0","cni.dev/valid-attachments":[{"ifname":"eth0"}]}"#,
+            br#"{"cniVersion":"1.1.0","cni.dev/valid-attachments":[{"containerID":"","ifname":"eth0"}]}"#,
+            br#"{"cniVersion":"1.1.0","cni.dev/valid-attachments":[{"containerID":"abc"}]}"#,
+        ] {
+            assert_eq!(
+                config(bad).expect_err("refused").code,
+                Code::InvalidConfig,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
     fn error_json_has_the_spec_fields() {
         let e = Error::new(Code::TryAgainLater, "agent not ready", "socket /x");
-        let v = e.to_json();
+        let v = e.to_json("0.4.0");
         assert_eq!(v["code"], 11);
         assert_eq!(v["msg"], "agent not ready");
-        assert_eq!(v["cniVersion"], CNI_VERSION);
+        assert_eq!(v["cniVersion"], "0.4.0");
     }
 }

@@ -46,6 +46,8 @@ impl Node {
             self.conf().display().to_string(),
             "--agent-socket".into(),
             "/var/run/mesh/cni.sock".into(),
+            "--mesh-namespace".into(),
+            "mesh-system".into(),
         ]
     }
     fn run(&self, mode: &str, extra: &[&str]) -> Output {
@@ -116,6 +118,11 @@ fn install_chains_last_once_and_uninstall_restores_the_file_byte_for_byte() {
     assert_eq!(
         chained["plugins"][2]["agentSocket"],
         json!("/var/run/mesh/cni.sock")
+    );
+    // The mesh's own pods and kube-system's start without the agent.
+    assert_eq!(
+        chained["plugins"][2]["exclude_namespaces"],
+        json!(["mesh-system", "kube-system"])
     );
     assert_eq!(chained["name"], json!("k8s-pod-network"));
     let installed = node.bin().join("mesh-cni");
@@ -232,4 +239,53 @@ fn nothing_to_chain_is_a_clear_error() {
     let output = node.run("install", &["--bogus"]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown flag --bogus"));
+}
+
+#[test]
+fn the_chart_s_arguments_chain_the_release_namespace_as_excluded() {
+    let node = Node::new("chart");
+    let list = node.conf().join("10-bridge.conflist");
+    std::fs::write(&list, BRIDGE_LIST).expect("write");
+    // As the DaemonSet passes them: `--flag=value`, the release namespace, the values' list.
+    let output = Command::new(env!("CARGO_BIN_EXE_mesh-cni"))
+        .args([
+            "install".to_owned(),
+            format!("--bin-dir={}", node.bin().display()),
+            format!("--conf-dir={}", node.conf().display()),
+            "--agent-socket=/var/run/mesh/cni.sock".to_owned(),
+            "--mesh-namespace=istio-system".to_owned(),
+            "--exclude-namespaces=kube-system,istio-system,monitoring".to_owned(),
+            "--once".to_owned(),
+        ])
+        .env_remove("CNI_COMMAND")
+        .output()
+        .expect("run mesh-cni");
+    ok(&output);
+    let entry = &read(&list)["plugins"][2];
+    assert_eq!(entry["type"], json!("mesh-cni"));
+    assert_eq!(
+        entry["exclude_namespaces"],
+        json!(["istio-system", "kube-system", "monitoring"])
+    );
+
+    // An empty list leaves the mesh's own namespace, which is never left out.
+    ok(&node.run("install", &["--exclude-namespaces=", "--once"]));
+    assert_eq!(
+        read(&list)["plugins"][2]["exclude_namespaces"],
+        json!(["mesh-system"])
+    );
+
+    // Without it the installer refuses: the mesh's pod could never start on a rebooted node.
+    let output = Command::new(env!("CARGO_BIN_EXE_mesh-cni"))
+        .args(["install", "--once"])
+        .arg(format!("--conf-dir={}", node.conf().display()))
+        .env_remove("CNI_COMMAND")
+        .output()
+        .expect("run mesh-cni");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("install needs --mesh-namespace"),
+        "{stderr}"
+    );
 }
