@@ -27,6 +27,9 @@ const BULK_CHUNK: usize = 256 * 1024;
 const ECHO_BUF: usize = 64 * 1024;
 /// Connections opened at once by `hold` (each proven with a one-byte echo).
 const HOLD_CONCURRENCY: usize = 64;
+/// How long after the last scheduled request a fixed-rate run waits for responses; what has
+/// not arrived by then counts as unanswered, so a stuck connection cannot hang the run.
+const ANSWER_GRACE: Duration = Duration::from_secs(10);
 
 fn histogram() -> io::Result<Histogram<u64>> {
     // Nanoseconds, 1 ns to 60 s, 3 significant digits.
@@ -231,6 +234,8 @@ async fn stream_to_sink(to: SocketAddr, until: Instant) -> io::Result<u64> {
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct RateResult {
     pub offered_rps: f64,
+    /// Responses completed within the measured window, per second: below `offered_rps` when
+    /// the path cannot keep up, however long the late responses then take.
     pub achieved_rps: f64,
     pub connections: usize,
     pub size: usize,
@@ -239,7 +244,8 @@ pub struct RateResult {
     /// Requests sent over the whole run, warm-up included: the span the processes' CPU
     /// figures cover, so what per-request costs divide by.
     pub sent: u64,
-    /// Requests sent but never answered (connection error or early close).
+    /// Requests scheduled but never answered: lost to a connection error or early close,
+    /// never sent because their connection had failed, or not answered by the deadline.
     pub errors: u64,
     /// From each request's intended send time to the last byte of its response.
     pub latency: Latency,
@@ -290,6 +296,10 @@ pub fn rate(driver: Driver, to: SocketAddr, spec: RateSpec) -> io::Result<RateRe
     let start = Instant::now() + Duration::from_millis(200);
     let measure_from = start + warmup;
     let end = measure_from + duration;
+    let window = Window {
+        from: measure_from,
+        end,
+    };
     let per = per_thread(driver, threads, |t| async move {
         let mine = (t..connections).step_by(threads).count();
         // This thread's share of the rate; its requests interleave with the other threads'.
@@ -309,7 +319,8 @@ pub fn rate(driver: Driver, to: SocketAddr, spec: RateSpec) -> io::Result<RateRe
                     first: start + offset + interval * c as u32,
                     every: interval * mine as u32,
                 },
-                measure_from,
+                window,
+                end + ANSWER_GRACE,
             )));
         }
         let pacer = std::thread::spawn(move || {
@@ -320,38 +331,40 @@ pub fn rate(driver: Driver, to: SocketAddr, spec: RateSpec) -> io::Result<RateRe
                     first: start + offset,
                     every: interval,
                 },
-                measure_from,
-                end,
+                window,
             )
         });
         let mut latency = histogram()?;
-        let mut answered = 0u64;
+        let (mut answered, mut in_window) = (0u64, 0u64);
         for r in readers {
-            let (h, n) = r.await?;
-            merge(&mut latency, &h)?;
-            answered += n;
+            let a = r.await?;
+            merge(&mut latency, &a.latency)?;
+            answered += a.answered;
+            in_window += a.completed_in_window;
         }
-        let (lag, sent) = pacer
+        let paced = pacer
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("pacer panicked")))?;
-        Ok((latency, lag, answered, sent))
+        Ok((latency, answered, in_window, paced))
     })?;
     let (mut latency, mut lag) = (histogram()?, histogram()?);
-    let (mut answered, mut sent) = (0, 0);
-    for (l, g, a, s) in &per {
+    let (mut answered, mut in_window, mut sent, mut not_sent) = (0, 0, 0, 0);
+    for (l, a, w, paced) in &per {
         merge(&mut latency, l)?;
-        merge(&mut lag, g)?;
+        merge(&mut lag, &paced.lag)?;
         answered += a;
-        sent += s;
+        in_window += w;
+        sent += paced.sent;
+        not_sent += paced.not_sent;
     }
     Ok(RateResult {
         offered_rps: rps,
-        achieved_rps: latency.len() as f64 / duration.as_secs_f64(),
+        achieved_rps: in_window as f64 / duration.as_secs_f64(),
         connections,
         size,
         requests: latency.len(),
         sent,
-        errors: sent.saturating_sub(answered),
+        errors: sent.saturating_sub(answered) + not_sent,
         latency: Latency::from_histogram(&latency),
         send_lag: Latency::from_histogram(&lag),
         client_cpu_s: own_cpu() - cpu,
@@ -371,40 +384,81 @@ impl Schedule {
     }
 }
 
-/// Sends requests on schedule, round robin over `conns`, until `end`; then half-closes every
-/// connection. Returns the send-lag histogram (measured window only) and requests sent.
+/// The measured part of a fixed-rate run: from `from` up to (not including) `end`.
+#[derive(Clone, Copy)]
+struct Window {
+    from: Instant,
+    end: Instant,
+}
+
+impl Window {
+    fn contains(&self, t: Instant) -> bool {
+        self.from <= t && t < self.end
+    }
+}
+
+/// What one pacer did.
+struct Paced {
+    /// How late each request of the measured window went out.
+    lag: Histogram<u64>,
+    /// Requests written in full, warm-up included.
+    sent: u64,
+    /// Requests whose connection had failed: never (fully) sent, so never answered.
+    not_sent: u64,
+}
+
+/// Sends requests on schedule, round robin over `conns`, until `window.end`; then half-closes
+/// every connection. A connection whose write fails is given up (closed both ways, which also
+/// ends its reader) and its remaining turns are counted, not sent: one broken connection must
+/// not stop the others, or the run could not report it.
 fn pace(
     mut conns: Vec<StdStream>,
     size: usize,
     schedule: Schedule,
-    measure_from: Instant,
-    end: Instant,
-) -> io::Result<(Histogram<u64>, u64)> {
+    window: Window,
+) -> io::Result<Paced> {
     runtime::set_timer_slack_ns(1)?;
     let request = vec![0xa5u8; size];
-    let mut lag = histogram()?;
-    let mut sent = 0u64;
+    let mut alive = vec![true; conns.len()];
+    let mut paced = Paced {
+        lag: histogram()?,
+        sent: 0,
+        not_sent: 0,
+    };
     for n in 0.. {
         let intended = schedule.at(n);
-        if intended >= end {
+        if intended >= window.end {
             break;
+        }
+        let i = n as usize % conns.len();
+        if !alive[i] {
+            paced.not_sent += 1;
+            continue;
         }
         let now = Instant::now();
         if intended > now {
             std::thread::sleep(intended - now);
         }
-        let count = conns.len();
-        let conn = &mut conns[n as usize % count];
-        write_all_blocking(conn, &request)?;
-        sent += 1;
-        if intended >= measure_from {
-            lag.saturating_record(intended.elapsed().as_nanos() as u64);
+        if write_all_blocking(&mut conns[i], &request).is_err() {
+            alive[i] = false;
+            paced.not_sent += 1;
+            let _ = conns[i].shutdown(std::net::Shutdown::Both);
+            continue;
+        }
+        paced.sent += 1;
+        if intended >= window.from {
+            paced
+                .lag
+                .saturating_record(intended.elapsed().as_nanos() as u64);
         }
     }
-    for c in &conns {
-        c.shutdown(std::net::Shutdown::Write)?;
+    for (c, alive) in conns.iter().zip(alive) {
+        // A reset socket refuses even the half-close; its reader has ended already.
+        if alive {
+            let _ = c.shutdown(std::net::Shutdown::Write);
+        }
     }
-    Ok((lag, sent))
+    Ok(paced)
 }
 
 /// The socket may be non-blocking (the runtime's choice, shared by both descriptors): wait
@@ -424,32 +478,56 @@ fn write_all_blocking(conn: &mut StdStream, mut buf: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads one connection's responses in order; the n-th answers the request sent at
-/// `schedule.at(n)`.
+/// One connection's responses.
+struct Answers {
+    /// Latency of each answered request intended within the measured window.
+    latency: Histogram<u64>,
+    /// Responses received, warm-up included.
+    answered: u64,
+    /// Responses that completed within the measured window, whenever their request was due.
+    completed_in_window: u64,
+}
+
+/// Reads one connection's responses in order, until EOF, an error or `deadline`; the n-th
+/// answers the request sent at `schedule.at(n)`.
 async fn read_responses(
     mut conn: TcpStream,
     size: usize,
     schedule: Schedule,
-    measure_from: Instant,
-) -> io::Result<(Histogram<u64>, u64)> {
-    let mut latency = histogram()?;
+    window: Window,
+    deadline: Instant,
+) -> io::Result<Answers> {
+    let mut answers = Answers {
+        latency: histogram()?,
+        answered: 0,
+        completed_in_window: 0,
+    };
     let mut buf = vec![0u8; size];
-    let mut n = 0u64;
     loop {
-        let (res, b) = conn.read_exact(buf).await;
+        // Past the deadline the rest count as unanswered (the caller counts what is missing).
+        let Ok((res, b)) = monoio::time::timeout_at(deadline.into(), conn.read_exact(buf)).await
+        else {
+            break;
+        };
         buf = b;
         // EOF after the pacer's half-close means every response is in; an error ends the
-        // connection early, and the caller counts what is missing.
+        // connection early.
         if res.is_err() {
             break;
         }
-        let intended = schedule.at(n);
-        if intended >= measure_from {
-            latency.saturating_record(intended.elapsed().as_nanos() as u64);
+        let done = Instant::now();
+        let intended = schedule.at(answers.answered);
+        if intended >= window.from {
+            answers
+                .latency
+                .saturating_record(done.saturating_duration_since(intended).as_nanos() as u64);
         }
-        n += 1;
+        if window.contains(done) {
+            answers.completed_in_window += 1;
+        }
+        answers.answered += 1;
     }
-    Ok((latency, n))
+    Ok(answers)
 }
 
 /// New connections back to back on each of `threads` threads: connect, one byte to an echo
@@ -660,6 +738,124 @@ mod tests {
         assert_eq!(r.requests, 600, "{r:?}");
         assert!(r.latency.p50_us > 100_000.0, "{r:?}");
         assert!(r.latency.max_us >= 350_000.0, "{r:?}");
+    }
+
+    /// `rate` on its own thread, failing the test if it takes longer than `bound`.
+    fn rate_within(to: SocketAddr, spec: RateSpec, bound: Duration) -> RateResult {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(rate(driver(), to, spec));
+        });
+        rx.recv_timeout(bound)
+            .unwrap_or_else(|_| panic!("the run did not finish within {bound:?}"))
+            .expect("rate")
+    }
+
+    /// A loopback server calling `handle(connection, accept_index)` on its own thread per
+    /// connection.
+    fn server(handle: fn(StdStream, usize)) -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let to = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for (i, conn) in listener.incoming().flatten().enumerate() {
+                std::thread::spawn(move || handle(conn, i));
+            }
+        });
+        to
+    }
+
+    #[test]
+    fn a_connection_reset_mid_run_is_counted_and_the_other_connections_still_answer() {
+        // The first connection is echoed for 100 ms from its first request, then reset; the
+        // others are echoed to the end. Its thread has another connection, which must still
+        // be half-closed.
+        let to = server(|mut conn, i| {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            let mut began = None;
+            while let Ok(n) = conn.read(&mut buf) {
+                let began = *began.get_or_insert_with(Instant::now);
+                if i == 0 && began.elapsed() >= Duration::from_millis(100) {
+                    let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+                    return;
+                }
+                if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = conn.shutdown(std::net::Shutdown::Write);
+        });
+        let spec = RateSpec {
+            rps: 1000.0,
+            connections: 4,
+            threads: 2,
+            size: 64,
+            warmup: Duration::ZERO,
+            duration: Duration::from_secs(1),
+        };
+        let r = rate_within(to, spec, Duration::from_secs(8));
+        // 250 requests were due on the reset connection, about 225 of them after the reset.
+        assert!((150..=240).contains(&r.errors), "{r:?}");
+        // The three others answered theirs.
+        assert!((700..=800).contains(&r.requests), "{r:?}");
+        assert!((700.0..=800.0).contains(&r.achieved_rps), "{r:?}");
+    }
+
+    #[test]
+    fn achieved_rate_is_what_the_path_completed_not_what_was_offered() {
+        // A server that answers one 64-byte request every 5 ms at most: 200/s, half of what
+        // is offered. Every request is answered in the end, most after the window.
+        let to = server(|mut conn, _| {
+            use std::io::Read;
+            let mut request = [0u8; 64];
+            let mut next = Instant::now();
+            while conn.read_exact(&mut request).is_ok() {
+                next = next.max(Instant::now());
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                if conn.write_all(&request).is_err() {
+                    return;
+                }
+                next += Duration::from_millis(5);
+            }
+            let _ = conn.shutdown(std::net::Shutdown::Write);
+        });
+        let spec = RateSpec {
+            rps: 400.0,
+            connections: 1,
+            threads: 1,
+            size: 64,
+            warmup: Duration::ZERO,
+            duration: Duration::from_secs(1),
+        };
+        let r = rate_within(to, spec, Duration::from_secs(8));
+        assert_eq!(r.errors, 0, "{r:?}");
+        assert_eq!(r.requests, 400, "{r:?}");
+        assert!((170.0..=230.0).contains(&r.achieved_rps), "{r:?}");
+    }
+
+    #[test]
+    fn responses_missing_at_the_deadline_count_as_unanswered() {
+        // A server that reads every request, never answers, and keeps the connection open.
+        let to = server(|mut conn, _| {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+            std::thread::sleep(Duration::from_secs(60));
+        });
+        let spec = RateSpec {
+            rps: 100.0,
+            connections: 1,
+            threads: 1,
+            size: 64,
+            warmup: Duration::ZERO,
+            duration: Duration::from_millis(500),
+        };
+        // The readers give up ANSWER_GRACE after the last request was due.
+        let r = rate_within(to, spec, ANSWER_GRACE + Duration::from_secs(5));
+        assert_eq!(r.sent, 50, "{r:?}");
+        assert_eq!(r.errors, 50, "{r:?}");
+        assert_eq!(r.requests, 0, "{r:?}");
+        assert_eq!(r.achieved_rps, 0.0, "{r:?}");
     }
 
     #[test]

@@ -219,6 +219,8 @@ pub struct SweepPoint {
     pub conn_threads: usize,
     pub direct_conns_per_s: f64,
     pub mesh_conns_per_s: f64,
+    /// New connections that failed, direct and mesh together (should be 0).
+    pub conn_failures: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -656,7 +658,11 @@ impl Report {
                 format!("{:.0}", p.direct_conns_per_s),
                 format!("{:.0}", p.mesh_conns_per_s),
                 format!("x{:.2}", p.mesh_conns_per_s / p.direct_conns_per_s),
-                String::new(),
+                if p.conn_failures > 0 {
+                    format!("{} FAILED", p.conn_failures)
+                } else {
+                    String::new()
+                },
             );
         }
         t
@@ -1047,10 +1053,22 @@ pub fn log_bar_chart(title: &str, subtitle: &str, unit: &str, bars: &[(String, f
     s
 }
 
+/// What a row of [`compare`] holds, and so what its last column shows.
+#[derive(Clone, Copy, PartialEq)]
+enum Shown {
+    /// A figure of each run as measured: second / first.
+    Figure,
+    /// A ratio within each run (mesh vs direct): second / first.
+    InRunRatio,
+    /// A signed difference within each run, in microseconds: second - first. A ratio of two
+    /// such differences means nothing when one is near zero or they differ in sign.
+    InRunMicros,
+}
+
 /// Two lab results side by side: every figure of the first, of the second, and second /
-/// first. Works on the JSON (older files lack newer figures; those rows say so). The in-run
-/// ratios (mesh vs direct) are the rows to trust across runs: absolute figures drift with the
-/// machine.
+/// first (second - first for the latency the mesh adds). Works on the JSON (older files lack
+/// newer figures; those rows say so). The in-run figures (mesh vs direct) are the rows to
+/// trust across runs: absolute figures drift with the machine.
 pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
     use serde_json::Value;
     let mut t = String::new();
@@ -1088,82 +1106,85 @@ pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
     let _ = writeln!(
         t,
         "{:<54}{:>14}{:>14}{:>14}",
-        "(* = ratio within one run)", "first", "second", "second/first"
+        "(* = within one run)", "first", "second", "2nd vs 1st"
     );
-    let mut row = |name: &str, path: &[&str], in_run: bool| {
+    let mut row = |name: &str, path: &[&str], shown: Shown| {
         let (x, y) = (get(a, path), get(b, path));
         let cell = |v: Option<f64>| match v {
             None => "-".into(),
             Some(v) if v.abs() >= 1e4 => format!("{v:.0}"),
             Some(v) => format!("{v:.3}"),
         };
-        let ratio = match (x, y) {
-            (Some(x), Some(y)) if x != 0.0 => format!("x{:.3}", y / x),
+        let change = match (shown, x, y) {
+            (Shown::InRunMicros, Some(x), Some(y)) => format!("{:+.1} us", y - x),
+            (Shown::Figure | Shown::InRunRatio, Some(x), Some(y)) if x != 0.0 => {
+                format!("x{:.3}", y / x)
+            }
             _ => "-".into(),
         };
-        let mark = if in_run { "*" } else { " " };
+        let mark = if shown == Shown::Figure { " " } else { "*" };
         let _ = writeln!(
             t,
             "{mark}{name:<53}{:>14}{:>14}{:>14}",
             cell(x),
             cell(y),
-            ratio
+            change
         );
     };
     row(
         "one stream direct, Gbit/s",
         &["direct_throughput", "gbit_per_s"],
-        false,
+        Shown::Figure,
     );
     row(
         "one stream mesh, Gbit/s",
         &["mesh_throughput", "gbit_per_s"],
-        false,
+        Shown::Figure,
     );
     row(
         "one stream mesh / direct",
         &["ratios", "throughput_mesh_over_direct"],
-        true,
+        Shown::InRunRatio,
     );
     row(
         "one plain TLS stream, Gbit/s",
         &["tls_throughput", "gbit_per_s"],
-        false,
+        Shown::Figure,
     );
     row(
         "one stream passthrough (mesh pod to outside), Gbit/s",
         &["passthrough_throughput", "gbit_per_s"],
-        false,
+        Shown::Figure,
     );
     row(
         "one stream mesh / plain TLS",
         &["ratios", "throughput_mesh_over_tls"],
-        true,
+        Shown::InRunRatio,
     );
     row(
         "data-plane cores per Gbit/s",
         &["ratios", "dataplane_cores_per_gbit"],
-        false,
+        Shown::Figure,
     );
     row(
         "1 KiB round trip p50 direct, us",
         &["direct_latency", "p50_us"],
-        false,
+        Shown::Figure,
     );
     row(
         "1 KiB round trip p50 mesh, us",
         &["mesh_latency", "p50_us"],
-        false,
+        Shown::Figure,
     );
     row(
         "1 KiB round trip p50 added by mesh, us",
         &["ratios", "added_p50_us"],
-        true,
+        Shown::InRunMicros,
     );
     row(
         "1 KiB round trip p99 added by mesh, us",
         &["ratios", "added_p99_us"],
-        true,
+        Shown::InRunMicros,
     );
     for i in 0..2 {
         let threads = a["connection_rates"][i]["threads"]
@@ -1174,12 +1195,12 @@ pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
         row(
             &format!("new connections/s direct, {threads} thread(s)"),
             &["connection_rates", &n, "direct_per_s"],
-            false,
+            Shown::Figure,
         );
         row(
             &format!("new connections/s mesh, {threads} thread(s)"),
             &["connection_rates", &n, "mesh_per_s"],
-            false,
+            Shown::Figure,
         );
     }
     for i in 0.. {
@@ -1211,14 +1232,14 @@ pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
             row(
                 &format!("{label} {side} latency {pct}"),
                 &["fixed_rates", &n, side, "latency", pct],
-                false,
+                Shown::Figure,
             );
         }
         if beside_bulk {
             row(
                 &format!("{label}: bulk mesh, Gbit/s"),
                 &["fixed_rates", &n, "bulk_gbit_per_s", "1"],
-                false,
+                Shown::Figure,
             );
             // The processes' CPU is mostly the bulk streams': not a per-request figure.
             continue;
@@ -1235,7 +1256,7 @@ pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
                         figure,
                         &node.to_string(),
                     ],
-                    false,
+                    Shown::Figure,
                 );
             }
         }
@@ -1249,12 +1270,12 @@ pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
         row(
             &format!("{workers} worker(s): mesh streams, Gbit/s"),
             &["worker_sweep", &n, "mesh_gbit_per_s"],
-            false,
+            Shown::Figure,
         );
         row(
             &format!("{workers} worker(s): mesh new conns/s"),
             &["worker_sweep", &n, "mesh_conns_per_s"],
-            false,
+            Shown::Figure,
         );
     }
     for i in 0..2 {
@@ -1263,12 +1284,12 @@ pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
         row(
             &format!("{node}: bytes per held connection"),
             &["memory", "nodes", &n, "bytes_per_connection"],
-            false,
+            Shown::Figure,
         );
         row(
             &format!("{node}: idle RSS, bytes"),
             &["memory", "nodes", &n, "idle_rss_bytes"],
-            false,
+            Shown::Figure,
         );
     }
     t
@@ -1294,7 +1315,12 @@ mod compare_tests {
                 .to_owned()
         };
         assert!(line("*one stream mesh / direct").ends_with("x1.500"));
-        assert!(line("*1 KiB round trip p50 added").ends_with("x0.500"));
+        // The mesh added 50 us less in the second run: a difference, not a ratio.
+        assert!(line("*1 KiB round trip p50 added").ends_with("-50.0 us"));
+        // Absent from both runs.
+        assert!(line("*1 KiB round trip p99 added")
+            .trim_end()
+            .ends_with('-'));
         // Only the second run measured connection rates.
         let conns = line(" new connections/s mesh, 1 thread");
         assert!(
@@ -1325,6 +1351,10 @@ pub struct AbSide {
     pub bulk_beside_gbit_per_s: f64,
     /// New connections per second, one client thread.
     pub connections_per_s: f64,
+    /// Requests never answered, over the three fixed-rate loads and every round (should be 0).
+    pub rate_errors: u64,
+    /// New connections that failed, over every round (should be 0).
+    pub connection_failures: u64,
     /// Data-plane memory (mean of the two nodes), when the comparison measures it.
     pub kib_per_held_connection: Option<f64>,
     pub idle_rss_mb: Option<f64>,
@@ -1458,6 +1488,25 @@ impl AbReport {
                 format!("x{:.3}", v / u)
             );
         }
+        // Counts, not figures to divide: any at all makes the side's figures suspect.
+        let (u, v) = (&self.baseline, &self.variant);
+        for (name, u, v, flag) in [
+            (
+                "requests unanswered (fixed-rate loads)",
+                u.rate_errors,
+                v.rate_errors,
+                "UNANSWERED",
+            ),
+            (
+                "new connections failed",
+                u.connection_failures,
+                v.connection_failures,
+                "FAILED",
+            ),
+        ] {
+            let flag = if u + v > 0 { flag } else { "" };
+            let _ = writeln!(t, "{name:<42}{u:>12}{v:>12}{flag:>20}");
+        }
         t
     }
 
@@ -1482,5 +1531,170 @@ impl AbReport {
         );
         std::fs::write(dir.join(format!("{stem}.svg")), svg)?;
         Ok(json)
+    }
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::*;
+
+    fn provenance() -> Provenance {
+        Provenance {
+            command: "meshlab test".into(),
+            commit: "abc".into(),
+            started: "2026-01-01T00:00:00Z".into(),
+            machine: Machine {
+                cpu_model: "X".into(),
+                cores: 2,
+                kernel: "6.18".into(),
+                hostname: "h".into(),
+                node: Default::default(),
+            },
+            started_at: time::OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    fn throughput() -> Throughput {
+        Throughput {
+            gbit_per_s: 1.0,
+            bytes: 125_000_000,
+            seconds: 1.0,
+            dataplane_cores: 0.1,
+            cpu: ProcessCpu::default(),
+        }
+    }
+
+    fn latency() -> Latency {
+        Latency {
+            count: 100,
+            mean_us: 50.0,
+            p50_us: 50.0,
+            p90_us: 60.0,
+            p99_us: 70.0,
+            p999_us: 80.0,
+            max_us: 90.0,
+        }
+    }
+
+    fn ab_side(rate_errors: u64, connection_failures: u64) -> AbSide {
+        AbSide {
+            throughput: throughput(),
+            passthrough_throughput: throughput(),
+            latency: latency(),
+            sleeps_per_request: 2.0,
+            latency_loaded: latency(),
+            latency_beside_bulk: latency(),
+            bulk_beside_gbit_per_s: 1.0,
+            connections_per_s: 1000.0,
+            rate_errors,
+            connection_failures,
+            kib_per_held_connection: None,
+            idle_rss_mb: None,
+        }
+    }
+
+    fn ab_report(baseline: AbSide, variant: AbSide) -> AbReport {
+        AbReport {
+            run: provenance(),
+            driver: "io_uring".into(),
+            workers_per_node: 1,
+            experiment: "test".into(),
+            baseline_label: "a".into(),
+            variant_label: "b".into(),
+            rounds: 1,
+            steal_percent: None,
+            baseline,
+            variant,
+        }
+    }
+
+    fn line<'a>(text: &'a str, start: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no {start:?} in\n{text}"))
+    }
+
+    #[test]
+    fn ab_errors_and_failures_are_counted_per_side_and_flagged() {
+        let r = ab_report(ab_side(0, 0), ab_side(7, 3));
+        let text = r.table();
+        let unanswered = line(&text, "requests unanswered");
+        let counts: Vec<&str> = unanswered.split_whitespace().rev().take(3).collect();
+        assert_eq!(counts, ["UNANSWERED", "7", "0"], "{unanswered}");
+        let failed = line(&text, "new connections failed");
+        let counts: Vec<&str> = failed.split_whitespace().rev().take(3).collect();
+        assert_eq!(counts, ["FAILED", "3", "0"], "{failed}");
+        let json = serde_json::to_value(&r).expect("json");
+        assert_eq!(json["variant"]["rate_errors"], 7);
+        assert_eq!(json["variant"]["connection_failures"], 3);
+        assert_eq!(json["baseline"]["rate_errors"], 0);
+
+        // A clean run shows its zero counts, unflagged.
+        let text = ab_report(ab_side(0, 0), ab_side(0, 0)).table();
+        assert!(
+            !text.contains("UNANSWERED") && !text.contains("FAILED"),
+            "{text}"
+        );
+        assert!(line(&text, "requests unanswered")
+            .trim_end()
+            .ends_with(" 0"));
+    }
+
+    #[test]
+    fn worker_sweep_connection_failures_are_saved_and_flagged() {
+        let point = |workers, conn_failures| SweepPoint {
+            workers,
+            streams: 2,
+            direct_gbit_per_s: 2.0,
+            mesh_gbit_per_s: 1.0,
+            mesh_dataplane_cores: 0.5,
+            conn_threads: 4,
+            direct_conns_per_s: 8000.0,
+            mesh_conns_per_s: 4000.0,
+            conn_failures,
+        };
+        let report = Report {
+            run: provenance(),
+            driver: "io_uring".into(),
+            workers_per_node: 1,
+            pinned: false,
+            rounds: 1,
+            steal_percent: None,
+            topology: "test".into(),
+            tuning: None,
+            direct_throughput: throughput(),
+            mesh_throughput: throughput(),
+            tls_throughput: None,
+            tls_cipher_suite: None,
+            passthrough_throughput: None,
+            rr_size_bytes: 1024,
+            latency_method: "test".into(),
+            direct_latency: latency(),
+            mesh_latency: latency(),
+            fixed_rates: Vec::new(),
+            connection_rates: Vec::new(),
+            worker_sweep: vec![point(1, 0), point(2, 5)],
+            memory: None,
+            ratios: Ratios::of(&throughput(), &throughput(), None, &latency(), &latency()),
+            rounds_detail: Rounds {
+                direct_throughput: Vec::new(),
+                mesh_throughput: Vec::new(),
+                tls_throughput: Vec::new(),
+                direct_latency: Vec::new(),
+                mesh_latency: Vec::new(),
+            },
+        };
+        let text = report.table();
+        assert!(
+            line(&text, "2 worker(s): new conns/s").ends_with("5 FAILED"),
+            "{text}"
+        );
+        assert!(
+            !line(&text, "1 worker(s): new conns/s").contains("FAILED"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&report).expect("json");
+        assert_eq!(json["worker_sweep"][1]["conn_failures"], 5);
+        assert_eq!(json["worker_sweep"][0]["conn_failures"], 0);
     }
 }

@@ -597,6 +597,7 @@ fn worker_sweep(
                     conn_threads: 4,
                     direct_conns_per_s: direct_conns.per_second(),
                     mesh_conns_per_s: mesh_conns.per_second(),
+                    conn_failures: direct_conns.failures + mesh_conns.failures,
                 })
             },
         )?;
@@ -672,14 +673,12 @@ fn mesh_figures(bench: &Bench, args: &RunArgs, hold: usize) -> anyhow::Result<Ab
     let (rate, rate_cpu, _) = mesh_rate(&LATENCY_LOAD)?;
     let (loaded, _, _) = mesh_rate(&LOADED_LOAD)?;
     let (beside_bulk, _, bulk_beside) = mesh_rate(&BESIDE_BULK_LOAD)?;
-    let connections_per_s = bench
-        .conns(
-            "n1-a",
-            lab.addr("n2-a", ECHO_PORT),
-            1,
-            args.conn_seconds_always(),
-        )?
-        .per_second();
+    let conns = bench.conns(
+        "n1-a",
+        lab.addr("n2-a", ECHO_PORT),
+        1,
+        args.conn_seconds_always(),
+    )?;
     let memory = if hold > 0 {
         let m = memory(lab, hold)?;
         let mean = |f: &dyn Fn(&NodeMemory) -> f64| {
@@ -705,7 +704,9 @@ fn mesh_figures(bench: &Bench, args: &RunArgs, hold: usize) -> anyhow::Result<Ab
         latency_loaded: loaded.latency,
         latency_beside_bulk: beside_bulk.latency,
         bulk_beside_gbit_per_s: bulk_beside.context("no bulk stream ran beside the requests")?,
-        connections_per_s,
+        connections_per_s: conns.per_second(),
+        rate_errors: rate.errors + loaded.errors + beside_bulk.errors,
+        connection_failures: conns.failures,
         memory,
     })
 }
@@ -719,6 +720,9 @@ struct AbFigures {
     latency_beside_bulk: Latency,
     bulk_beside_gbit_per_s: f64,
     connections_per_s: f64,
+    /// Requests unanswered over the fixed-rate loads.
+    rate_errors: u64,
+    connection_failures: u64,
     /// (KiB per held connection, idle RSS in MB), means of the two nodes.
     memory: Option<(f64, f64)>,
 }
@@ -751,6 +755,8 @@ fn ab_side(runs: &[AbFigures]) -> AbSide {
             runs.iter().map(|r| r.bulk_beside_gbit_per_s).collect(),
         ),
         connections_per_s: report::median(runs.iter().map(|r| r.connections_per_s).collect()),
+        rate_errors: runs.iter().map(|r| r.rate_errors).sum(),
+        connection_failures: runs.iter().map(|r| r.connection_failures).sum(),
         kib_per_held_connection: some_median(|m| m.0),
         idle_rss_mb: some_median(|m| m.1),
     }
