@@ -702,27 +702,20 @@ mod tests {
         // A server that stops for 400 ms after the first request, then echoes everything:
         // open-loop latency must show the stall for every request queued behind it, not
         // just the first (a closed loop would have sent only one request during the stall).
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let to = listener.local_addr().expect("addr");
-        std::thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                std::thread::spawn(move || {
-                    use std::io::Read;
-                    let mut conn = conn;
-                    let mut buf = [0u8; 4096];
-                    let mut stalled = false;
-                    while let Ok(n) = conn.read(&mut buf) {
-                        if !stalled {
-                            std::thread::sleep(Duration::from_millis(400));
-                            stalled = true;
-                        }
-                        if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                    let _ = conn.shutdown(std::net::Shutdown::Write);
-                });
+        let to = server(|mut conn, _| {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            let mut stalled = false;
+            while let Ok(n) = conn.read(&mut buf) {
+                if !stalled {
+                    std::thread::sleep(Duration::from_millis(400));
+                    stalled = true;
+                }
+                if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                    break;
+                }
             }
+            let _ = conn.shutdown(std::net::Shutdown::Write);
         });
         let spec = RateSpec {
             rps: 1000.0,

@@ -234,8 +234,12 @@ pub struct Memory {
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeMemory {
     pub node: String,
+    /// After the lab's other scenarios, before any connection is held.
     pub idle_rss_bytes: u64,
+    /// Holding half of the connections, then all of them.
+    pub half_loaded_rss_bytes: u64,
     pub loaded_rss_bytes: u64,
+    /// RSS growth per connection over the second half (see `half_loaded_rss_bytes`).
     pub bytes_per_connection: f64,
 }
 

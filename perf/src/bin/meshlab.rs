@@ -519,39 +519,52 @@ fn connection_rates(
     Ok(out)
 }
 
+/// RSS per held connection, as the growth between holding half of `count` and all of it:
+/// the first half also refills the freed memory the data plane keeps from earlier scenarios
+/// (glibc's retained heap), which a difference against the idle RSS would take for free room.
 fn memory(lab: &Lab, count: usize) -> anyhow::Result<Memory> {
     let pids: Vec<u32> = (0..2).filter_map(|n| lab.dataplane_pid(n)).collect();
-    let idle: Vec<u64> = pids
-        .iter()
-        .map(|p| sys::rss_bytes(*p).unwrap_or(0))
-        .collect();
+    let rss = || -> Vec<u64> {
+        pids.iter()
+            .map(|p| sys::rss_bytes(*p).unwrap_or(0))
+            .collect()
+    };
+    let idle = rss();
     let program = lab.bins.meshload.clone();
     let to = lab.addr("n2-a", ECHO_PORT).to_string();
-    let mut holder = lab.spawn_in(
-        "n1-a",
-        &program,
-        &["hold", "--to", &to, "--count", &count.to_string()],
-    )?;
-    let line = first_line(&mut holder)?;
-    if !line.contains("held") {
-        bail!("hold failed: {line}");
+    let first_half = count / 2;
+    let mut holders = Vec::new();
+    let mut samples = Vec::new();
+    for held in [first_half, count - first_half] {
+        let mut holder = lab.spawn_in(
+            "n1-a",
+            &program,
+            &["hold", "--to", &to, "--count", &held.to_string()],
+        )?;
+        let line = first_line(&mut holder)?;
+        holders.push(holder);
+        if !line.contains("held") {
+            bail!("hold failed: {line}");
+        }
+        // Let allocator and kernel settle before reading RSS.
+        std::thread::sleep(Duration::from_millis(500));
+        samples.push(rss());
     }
-    // Let allocator and kernel settle before reading RSS.
-    std::thread::sleep(Duration::from_millis(500));
-    let loaded: Vec<u64> = pids
-        .iter()
-        .map(|p| sys::rss_bytes(*p).unwrap_or(0))
-        .collect();
-    drop(holder.stdin.take());
-    holder.wait()?;
+    for mut holder in holders {
+        drop(holder.stdin.take());
+        holder.wait()?;
+    }
+    let (half, loaded) = (&samples[0], &samples[1]);
+    let second_half = (count - first_half).max(1);
     Ok(Memory {
         held_connections: count,
         nodes: (0..pids.len())
             .map(|i| NodeMemory {
                 node: lab::NODE_NAMES[i].into(),
                 idle_rss_bytes: idle[i],
+                half_loaded_rss_bytes: half[i],
                 loaded_rss_bytes: loaded[i],
-                bytes_per_connection: loaded[i].saturating_sub(idle[i]) as f64 / count as f64,
+                bytes_per_connection: loaded[i].saturating_sub(half[i]) as f64 / second_half as f64,
             })
             .collect(),
     })
