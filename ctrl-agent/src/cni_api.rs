@@ -18,10 +18,13 @@ pub struct PodRef {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    /// Before the plugin touches the pod: should it be captured?
+    /// Should the pod be captured? (Asked first by plugins that installed the rules
+    /// themselves; the agent still answers them.)
     Decide { namespace: String, name: String },
-    /// The sandbox is up and, if `captured`, its rules are in place. The pod's network
-    /// namespace rides along as the message's descriptor.
+    /// The sandbox is up. The pod's network namespace rides along as the message's
+    /// descriptor; the agent decides whether to capture the pod and installs or removes the
+    /// rules there itself, so the plugin needs no `nft` on the node. `captured`: whether the
+    /// rules are in place already (the plugin installed them; this one never does).
     Add {
         pod: PodRef,
         ips: Vec<IpAddr>,
@@ -50,6 +53,10 @@ pub enum Reply {
     Status {
         known: bool,
         captured: bool,
+        /// Whether the capture rules are in place in the sandbox's namespace, as the agent
+        /// listed them; `None` when it could not list them (or an older agent).
+        #[serde(default)]
+        rules: Option<bool>,
     },
     Refused {
         reason: String,

@@ -147,6 +147,13 @@ fn handle(state: &mut Shared, request: Request, netns_fd: Option<std::os::fd::Ow
             if let Some(gone) = state.enrollments.remove(&pod.container_id) {
                 tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name),
                     container = %pod.container_id, "sandbox removed");
+                // The namespace may be on its way out with its rules; a failure is only said.
+                if gone.captured {
+                    if let Err(e) = mesh_io::redirect::remove(&gone.netns) {
+                        tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name),
+                            error = %e, "cannot remove the capture rules of a removed sandbox");
+                    }
+                }
                 if gone.captured {
                     if let Some(uid) = uid_of(state, &gone) {
                         broadcast(state, &NetnsUpdate::Remove { uid }, None);
@@ -160,20 +167,24 @@ fn handle(state: &mut Shared, request: Request, netns_fd: Option<std::os::fd::Ow
             Some(e) => Reply::Status {
                 known: true,
                 captured: e.captured,
+                rules: mesh_io::redirect::check(&e.netns).ok(),
             },
             None => Reply::Status {
                 known: false,
                 captured: false,
+                rules: None,
             },
         },
     }
 }
 
-/// After an enrollment change: persist, and hand the data planes the current set.
+/// After an enrollment change: persist, let the node's probe SNAT cover the captured pods,
+/// and hand the data planes the current set.
 fn finish_change(state: &mut Shared) {
     if let Err(e) = state.enrollments.save() {
         tracing::error!(error = %e, "cannot persist enrollments");
     }
+    state.enrollments.sync_host_probes();
     resync_all(state);
     state.dirty = true;
 }

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cni_api::{PodRef, DATAPLANE_MODE_LABEL};
 use crate::config::{FileConfig, WorkloadSpec};
+use crate::probes::HostProbeRules;
 
 /// Whether a pod should be captured, by Istio's labels: a pod labelled `ambient` is; one
 /// labelled `none` is not; otherwise its namespace's label decides.
@@ -92,6 +93,9 @@ pub struct Enrollments {
     state_path: PathBuf,
     /// By container (sandbox) id.
     pods: BTreeMap<String, Enrolled>,
+    /// The node's probe SNAT table, kept covering the captured pods (None when turned off or
+    /// not installed).
+    host_probes: Option<HostProbeRules>,
 }
 
 impl Enrollments {
@@ -101,6 +105,7 @@ impl Enrollments {
         let mut out = Enrollments {
             state_path: state_path.to_owned(),
             pods: BTreeMap::new(),
+            host_probes: None,
         };
         let mut dropped = Vec::new();
         let records: Vec<Persisted> = match std::fs::read(state_path) {
@@ -192,6 +197,38 @@ impl Enrollments {
         self.pods
             .values()
             .find(|e| e.captured && e.pod.namespace == namespace && e.pod.name == name)
+    }
+
+    /// Addresses of the captured pods: those whose kubelet probes the node must SNAT.
+    pub fn captured_ips(&self) -> Vec<IpAddr> {
+        self.pods
+            .values()
+            .filter(|e| e.captured)
+            .flat_map(|e| e.ips.iter().copied())
+            .collect()
+    }
+
+    /// From now on [`Enrollments::sync_host_probes`] keeps `rules` covering the captured pods.
+    pub fn keep_host_probes(&mut self, rules: HostProbeRules) {
+        self.host_probes = Some(rules);
+    }
+
+    /// Hands the host probe rules back (to remove them on shutdown); no more syncing.
+    pub fn take_host_probes(&mut self) -> Option<HostProbeRules> {
+        self.host_probes.take()
+    }
+
+    /// After a change: the host probe sets follow the captured pods. A failure is logged and
+    /// leaves the sets as they were (the newly captured pods' probes then meet the mesh).
+    pub fn sync_host_probes(&mut self) {
+        let ips = self.captured_ips();
+        if let Some(rules) = self.host_probes.as_mut() {
+            if let Err(error) = rules.sync(&ips) {
+                tracing::error!(%error, "the host probe SNAT does not follow the captured pods: \
+                    kubelet probes to newly captured pods will be refused under STRICT mTLS or \
+                    an ALLOW policy");
+            }
+        }
     }
 }
 

@@ -11,5 +11,6 @@ pub mod config;
 pub mod enroll;
 pub mod istio_ca;
 pub mod kube_source;
+pub mod probes;
 pub mod source;
 pub mod translate;

@@ -110,6 +110,22 @@ struct Args {
         default_value = "/var/lib/mesh/state"
     )]
     state_dir: PathBuf,
+    /// With --cni-socket: SNAT the node's own TCP connections to captured pods (the kubelet's
+    /// probes) to 169.254.7.127 / fd16:9254:7127:1337:ffff:ffff:ffff:ffff, which the pods'
+    /// capture rules let through to the application, as Istio ambient does; the nftables table
+    /// `inet mesh-host-probes`. `false` for nodes that handle probes otherwise.
+    #[arg(
+        long,
+        env = "CTRL_AGENT_HOST_PROBE_SNAT",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    host_probe_snat: bool,
+    /// The node's network namespace, for the probe SNAT table, when the agent runs in a pod
+    /// of its own (e.g. `/host/proc/1/ns/net`, the node's /proc mounted at /host/proc).
+    /// Default: the agent's own namespace.
+    #[arg(long, env = "CTRL_AGENT_HOST_NETNS")]
+    host_netns: Option<PathBuf>,
     #[arg(long)]
     log_json: bool,
 }
@@ -186,6 +202,20 @@ fn main() -> anyhow::Result<()> {
         },
         ca,
     )?;
+    let (shared, _) = agent.handles();
+    let host_probes = args.cni_socket.is_some() && args.host_probe_snat;
+    if host_probes {
+        let host = match &args.host_netns {
+            Some(path) => Some(
+                mesh_io::netns::NetNs::open(path)
+                    .with_context(|| format!("--host-netns {}", path.display()))?,
+            ),
+            None => None,
+        };
+        ctrl_agent::probes::start(&shared, host);
+    } else if args.cni_socket.is_some() {
+        tracing::info!("host probe SNAT turned off: kubelet probes to captured pods meet the mesh");
+    }
     if let Some(cni_socket) = &args.cni_socket {
         let (shared, wake) = agent.handles();
         ctrl_agent::cni_server::start(shared, wake, cni_socket, &args.netns_socket).with_context(
@@ -205,6 +235,9 @@ fn main() -> anyhow::Result<()> {
         signal_hook::flag::register(signal, stop.clone())?;
     }
     agent.run(args.poll_interval, stop);
+    if host_probes {
+        ctrl_agent::probes::stop(&shared);
+    }
     tracing::info!("ctrl-agent stopped; the data plane keeps serving the last snapshot");
     Ok(())
 }

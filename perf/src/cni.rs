@@ -15,6 +15,9 @@ use serde_json::{json, Value};
 /// Where Debian's `containernetworking-plugins` installs the reference plugins.
 pub const DEBIAN_PLUGIN_DIR: &str = "/usr/lib/cni";
 
+/// Our plugin's `type` in a conflist.
+pub const MESH_PLUGIN: &str = "mesh-cni";
+
 /// A pod sandbox as the runtime describes it to CNI.
 #[derive(Clone, Debug)]
 pub struct Sandbox {
@@ -181,11 +184,21 @@ impl Runtime {
             .map(|d| d.display().to_string())
             .collect::<Vec<_>>()
             .join(":");
-        let mut child = Command::new("ip")
+        // Our plugin runs with no PATH at all, as on nodes without the nft tool: capture rules
+        // are the agent's to install, from its own container. (`ip` is found first, on ours.)
+        let path = match plugin_type {
+            MESH_PLUGIN => String::new(),
+            _ => std::env::var("PATH").unwrap_or_default(),
+        };
+        let ip = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).is_file())
+            .unwrap_or("ip");
+        let mut child = Command::new(ip)
             .args(["netns", "exec", &self.host_netns])
             .arg(&binary)
             .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("PATH", path)
             .env("CNI_PATH", cni_path)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())

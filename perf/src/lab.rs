@@ -682,8 +682,12 @@ impl Lab {
     }
 
     pub fn start_agent(&mut self, node: usize) -> anyhow::Result<()> {
+        // Outside the node's namespace, as in the DaemonSet's pod: its host probe SNAT table
+        // goes to the node's namespace, which it is given as the chart gives it the node's.
         let mut cmd = Command::new(&self.bins.ctrl_agent);
-        cmd.arg("--config")
+        cmd.arg("--host-netns")
+            .arg(format!("/run/netns/{}", self.node_netns(node)))
+            .arg("--config")
             .arg(self.config_path(node))
             .args(["--node", NODE_NAMES[node]])
             .arg("--snapshot")
@@ -741,6 +745,15 @@ impl Lab {
         };
         self.apply("")?;
         self.wait_serving(node, Duration::from_secs(20))
+    }
+
+    /// Stops a node's agent the way Kubernetes does (SIGTERM) and waits until it has exited.
+    pub fn stop_agent(&mut self, node: usize) -> anyhow::Result<()> {
+        if let Some(mut child) = self.agents[node].take() {
+            sys::run("kill", &["-TERM", &child.id().to_string()])?;
+            child.wait()?;
+        }
+        Ok(())
     }
 
     /// Kills a node's agent (SIGKILL: no chance to tidy up).

@@ -6,7 +6,8 @@
 #[macro_use]
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -394,5 +395,152 @@ lab_test!(
             .invoke("ADD", &config, &sandbox, config.get("prevResult"))
             .expect("the retry succeeds");
         assert!(captured(&lab, "n1-a"));
+    }
+);
+
+/// The IPv4 addresses in a node's host probe SNAT set, as nft lists them.
+fn host_probe_set(lab: &Lab, node: usize) -> String {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.node_netns(node),
+            "nft",
+            "list",
+            "set",
+            "inet",
+            "mesh-host-probes",
+            "captured-pods-v4",
+        ])
+        .output()
+        .expect("nft");
+    assert!(
+        out.status.success(),
+        "the agent's host probe table is missing: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn host_probe_table_exists(lab: &Lab, node: usize) -> bool {
+    std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.node_netns(node),
+            "nft",
+            "list",
+            "table",
+        ])
+        .args(["inet", "mesh-host-probes"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The peer of the next connection `listener` accepts within `timeout`, if any.
+fn accepted_peer(listener: &std::net::TcpListener, timeout: Duration) -> Option<SocketAddr> {
+    listener.set_nonblocking(true).expect("nonblocking");
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((_, peer)) => return Some(peer),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() > deadline {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// A kubelet-like probe: a plain TCP connection from the node's own namespace to the pod
+/// (whether it got through is for the pod's application to tell).
+fn probe_from_node(lab: &Lab, pod: &str) -> Option<TcpStream> {
+    let mut stream = lab
+        .connect_in(&lab.node_netns(0), lab.addr(pod, ECHO))
+        .ok()?;
+    stream.write_all(b"GET /healthz").ok()?;
+    Some(stream)
+}
+
+lab_test!(
+    kubelet_probes_reach_a_strict_pod_from_its_node_and_plaintext_pods_still_do_not,
+    LabOptions::default(),
+    |mut lab| {
+        lab.apply(
+            "peerAuthentications:
+  - name: strict
+    namespace: default
+    mtls: {mode: STRICT}
+",
+        )
+        .expect("STRICT");
+        let app = lab.listen_in("n1-a", ECHO).expect("listen");
+        let _probe = probe_from_node(&lab, "n1-a");
+        let peer = accepted_peer(&app, Duration::from_secs(5));
+        assert_eq!(
+            peer.map(|p| p.ip()),
+            Some("169.254.7.127".parse().expect("ip")),
+            "the probe reaches the application itself, from the probe address"
+        );
+        let (a, b) = (
+            lab.pod("n1-a").ip.to_string(),
+            lab.pod("n1-b").ip.to_string(),
+        );
+        let set = host_probe_set(&lab, 0);
+        assert!(set.contains(&a), "the captured pod is in the set: {set}");
+        assert!(!set.contains(&b), "the opted-out pod is not: {set}");
+
+        // A pod outside the mesh, on the same node, is still refused by STRICT.
+        let refused_before = lab.total(0, "plaintext_refused_strict").expect("stats");
+        if let Ok(mut plain) = lab.connect_from("n1-b", lab.addr("n1-a", ECHO)) {
+            assert!(
+                roundtrip(&mut plain, b"knock").is_err(),
+                "STRICT refuses plaintext"
+            );
+        }
+        assert_eq!(
+            accepted_peer(&app, Duration::from_secs(1)),
+            None,
+            "the plaintext pod never reaches the application"
+        );
+        assert!(lab.total(0, "plaintext_refused_strict").expect("stats") > refused_before);
+
+        // A restarted agent installs the table again, from the pods it remembers.
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.node_netns(0),
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "mesh-host-probes",
+            ])
+            .status()
+            .expect("nft");
+        lab.restart_agent(0).expect("agent back");
+        assert!(
+            eventually(Duration::from_secs(5), || host_probe_table_exists(&lab, 0)),
+            "the restarted agent installs the table"
+        );
+        assert!(host_probe_set(&lab, 0).contains(&a));
+        let _probe = probe_from_node(&lab, "n1-a");
+        assert!(accepted_peer(&app, Duration::from_secs(5)).is_some());
+
+        // The pod goes away: its address leaves the set.
+        lab.detach(&lab.pod("n1-a").clone()).expect("CNI DEL");
+        let set = host_probe_set(&lab, 0);
+        assert!(!set.contains(&a), "the removed pod left the set: {set}");
+
+        // A clean shutdown takes the table away.
+        lab.stop_agent(0).expect("agent stops");
+        assert!(
+            !host_probe_table_exists(&lab, 0),
+            "the stopped agent removed its table"
+        );
     }
 );

@@ -168,24 +168,6 @@ fn add(invocation: &Invocation, config: &Config) -> Result<serde_json::Value, Er
     })?;
     let ips = spec::prev_result_ips(prev)?;
     let channel = agent(config, config.agent_wait)?;
-    let capture = match ask(
-        &channel,
-        &Request::Decide {
-            namespace: invocation.pod_namespace.clone(),
-            name: invocation.pod_name.clone(),
-        },
-        None,
-    )? {
-        Reply::Decision { capture, .. } => capture,
-        Reply::NotYet { reason } => {
-            return Err(Error::new(
-                Code::TryAgainLater,
-                "pod cannot be enrolled yet",
-                reason,
-            ))
-        }
-        other => return Err(unexpected(other)),
-    };
     let netns = NetNs::open(&invocation.netns).map_err(|e| {
         Error::new(
             Code::IoFailure,
@@ -193,40 +175,30 @@ fn add(invocation: &Invocation, config: &Config) -> Result<serde_json::Value, Er
             format!("{}: {e}", invocation.netns),
         )
     })?;
-    if capture {
-        mesh_io::redirect::install(&netns).map_err(|e| {
-            Error::new(
-                Code::RulesFailed,
-                "cannot install the capture rules",
-                e.to_string(),
-            )
-        })?;
-    }
+    // The agent decides and installs the rules from its own container: nodes need no `nft`.
     let reply = ask(
         &channel,
         &Request::Add {
             pod: pod_ref(invocation),
             ips,
             netns_path: invocation.netns.clone(),
-            captured: capture,
+            captured: false,
         },
         Some(&netns),
-    );
+    )?;
     match reply {
-        Ok(Reply::Done) => Ok(spec::add_result(config)),
-        failed => {
-            // Leave nothing half done: no rules without an enrollment.
-            if capture {
-                let _ = mesh_io::redirect::remove(&netns);
-            }
-            Err(match failed {
-                Ok(Reply::Refused { reason }) => {
-                    Error::new(Code::AgentRefused, "ctrl-agent refused the pod", reason)
-                }
-                Ok(other) => unexpected(other),
-                Err(e) => e,
-            })
-        }
+        Reply::Done => Ok(spec::add_result(config)),
+        Reply::NotYet { reason } => Err(Error::new(
+            Code::TryAgainLater,
+            "pod cannot be enrolled yet",
+            reason,
+        )),
+        Reply::Refused { reason } => Err(Error::new(
+            Code::AgentRefused,
+            "ctrl-agent refused the pod",
+            reason,
+        )),
+        other => Err(unexpected(other)),
     }
 }
 
@@ -247,30 +219,23 @@ fn del(invocation: &Invocation, config: &Config) -> Result<(), Error> {
         },
         Err(e) => eprintln!("mesh-cni: DEL without the agent: {}", e.details),
     }
-    if !invocation.netns.is_empty() {
-        if let Ok(netns) = NetNs::open(&invocation.netns) {
-            mesh_io::redirect::remove(&netns).map_err(|e| {
-                Error::new(
-                    Code::RulesFailed,
-                    "cannot remove the capture rules",
-                    e.to_string(),
-                )
-            })?;
-        }
-    }
     Ok(())
 }
 
 fn check(invocation: &Invocation, config: &Config) -> Result<(), Error> {
     let channel = agent(config, config.agent_wait)?;
-    let (known, captured) = match ask(
+    let (known, captured, rules) = match ask(
         &channel,
         &Request::Status {
             container_id: invocation.container_id.clone(),
         },
         None,
     )? {
-        Reply::Status { known, captured } => (known, captured),
+        Reply::Status {
+            known,
+            captured,
+            rules,
+        } => (known, captured, rules),
         other => return Err(unexpected(other)),
     };
     if !known {
@@ -280,22 +245,18 @@ fn check(invocation: &Invocation, config: &Config) -> Result<(), Error> {
             "",
         ));
     }
-    let netns = NetNs::open(&invocation.netns).map_err(|e| {
-        Error::new(
-            Code::IoFailure,
-            "cannot open the pod's network namespace",
-            e.to_string(),
-        )
-    })?;
-    let rules = mesh_io::redirect::check(&netns)
-        .map_err(|e| Error::new(Code::IoFailure, "cannot list the rules", e.to_string()))?;
     match (captured, rules) {
-        (true, false) => Err(Error::new(
+        (_, None) => Err(Error::new(
+            Code::IoFailure,
+            "ctrl-agent cannot list the rules in the pod's namespace",
+            "",
+        )),
+        (true, Some(false)) => Err(Error::new(
             Code::RulesFailed,
             "the pod is enrolled but its capture rules are missing or incomplete",
             "",
         )),
-        (false, true) => Err(Error::new(
+        (false, Some(true)) => Err(Error::new(
             Code::RulesFailed,
             "the pod is not enrolled but capture rules are installed",
             "",
@@ -428,11 +389,13 @@ mod tests {
         )
         .expect_err("no agent, no CHECK");
         assert_eq!(check.code, Code::TryAgainLater, "{check:?}");
-        // DEL goes on without the agent and removes the rules: here it reaches the bogus netns.
+        // DEL succeeds without the agent, and leaves the namespace alone: its rules are the
+        // agent's to remove (they go with the namespace otherwise).
         let netns = NotANetns::new("other");
-        let del = dispatch(&invocation(Command::Del, "shop", &netns.path()), &config)
-            .expect_err("DEL touched the pod's namespace");
-        assert_eq!(del.code, Code::RulesFailed, "{del:?}");
+        assert_eq!(
+            dispatch(&invocation(Command::Del, "shop", &netns.path()), &config),
+            Ok(None)
+        );
     }
 
     #[test]

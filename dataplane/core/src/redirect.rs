@@ -1,10 +1,23 @@
 //! The nftables ruleset that captures a pod's TCP into the data plane, rendered as text for
 //! `nft -f -` inside the pod's network namespace.
 //!
-//! Outbound TCP goes to 15001 and inbound TCP to 15006, except HBONE (15008), loopback, and
-//! packets carrying the data plane's mark (its own sockets, which would otherwise loop).
+//! Outbound TCP goes to 15001 and inbound TCP to 15006, except HBONE (15008), loopback,
+//! packets carrying the data plane's mark (its own sockets, which would otherwise loop), and
+//! the kubelet's health probes: the node SNATs those to [`PROBE_SOURCE_V4`] /
+//! [`PROBE_SOURCE_V6`] (the agent's host table), so they reach the application directly, as in
+//! Istio ambient. A probe has no mesh identity and STRICT mTLS would refuse it otherwise.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::{ports, DATAPLANE_MARK};
+
+/// Source the node gives the kubelet's probes to captured pods (Istio's address, so rules and
+/// runbooks written for Istio ambient still hold).
+pub const PROBE_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
+/// IPv6 counterpart of [`PROBE_SOURCE_V4`] (Istio's as well).
+pub const PROBE_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(
+    0xfd16, 0x9254, 0x7127, 0x1337, 0xffff, 0xffff, 0xffff, 0xffff,
+);
 
 /// Name of the nftables table the rules live in; deleting it removes every rule we added.
 pub const TABLE: &str = "meshdp";
@@ -21,11 +34,15 @@ table inet {TABLE} {{
     oifname \"lo\" return
     ip daddr 127.0.0.0/8 return
     ip6 daddr ::1 return
+    ip daddr {probe_v4} return
+    ip6 daddr {probe_v6} return
     meta l4proto tcp redirect to :{outbound}
   }}
   chain prerouting {{
     type nat hook prerouting priority -100; policy accept;
     iifname \"lo\" return
+    ip saddr {probe_v4} return
+    ip6 saddr {probe_v6} return
     tcp dport {hbone} return
     meta l4proto tcp redirect to :{inbound}
   }}
@@ -35,6 +52,8 @@ table inet {TABLE} {{
         outbound = ports::OUTBOUND,
         hbone = ports::HBONE,
         inbound = ports::INBOUND_PLAINTEXT,
+        probe_v4 = PROBE_SOURCE_V4,
+        probe_v6 = PROBE_SOURCE_V6,
     )
 }
 
@@ -71,12 +90,16 @@ mod tests {
 \t\toifname \"lo\" return
 \t\tip daddr 127.0.0.0/8 return
 \t\tip6 daddr ::1 return
+\t\tip daddr 169.254.7.127 return
+\t\tip6 daddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff return
 \t\tmeta l4proto tcp redirect to :15001
 \t}
 
 \tchain prerouting {
 \t\ttype nat hook prerouting priority dstnat; policy accept;
 \t\tiifname \"lo\" return
+\t\tip saddr 169.254.7.127 return
+\t\tip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff return
 \t\ttcp dport 15008 return
 \t\tmeta l4proto tcp redirect to :15006
 \t}
@@ -104,5 +127,32 @@ mod tests {
         let hbone_at = prerouting.find("tcp dport 15008 return").expect("hbone");
         let inbound_at = prerouting.find("redirect to :15006").expect("inbound");
         assert!(hbone_at < inbound_at);
+    }
+
+    #[test]
+    fn kubelet_probes_and_their_replies_bypass_the_capture_in_both_families() {
+        let rules = pod_ruleset();
+        let prerouting = rules.split("chain prerouting").nth(1).expect("prerouting");
+        let inbound_at = prerouting.find("redirect to :15006").expect("inbound");
+        for exemption in [
+            "ip saddr 169.254.7.127 return",
+            "ip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff return",
+        ] {
+            let at = prerouting.find(exemption).expect(exemption);
+            assert!(at < inbound_at, "{exemption} must come before the capture");
+        }
+        let output = rules
+            .split("chain output")
+            .nth(1)
+            .and_then(|o| o.split("chain prerouting").next())
+            .expect("output chain");
+        let outbound_at = output.find("redirect to :15001").expect("outbound");
+        for exemption in [
+            "ip daddr 169.254.7.127 return",
+            "ip6 daddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff return",
+        ] {
+            let at = output.find(exemption).expect(exemption);
+            assert!(at < outbound_at, "{exemption} must come before the capture");
+        }
     }
 }

@@ -2,25 +2,37 @@
 //! pod's network namespace, with the `nft` tool run from a thread entered into it.
 
 use std::io::{self, Write};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use mesh_core::redirect;
 
 use crate::netns::NetNs;
 
 /// Runs `nft` inside `netns` with `stdin` as its input; `args` e.g. `["-f", "-"]`.
-fn nft_in(netns: &NetNs, args: &[&str], stdin: &str) -> io::Result<String> {
+/// Runs `nft` in `netns` (from a thread that enters it), feeding it `stdin`.
+pub fn nft_in(netns: &NetNs, args: &[&str], stdin: &str) -> io::Result<String> {
     let home = NetNs::current()?;
     // A child process starts in the namespace of the thread that spawns it.
-    let child = netns.run_in(&home, || {
-        Command::new("nft")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-    })??;
-    let mut child = child;
+    let child = netns.run_in(&home, || spawn_nft(args))??;
+    finish_nft(child, args, stdin)
+}
+
+/// Runs `nft` in the caller's own network namespace (the node's, for the agent's host rules)
+/// with `stdin` as its input; its output, or an error carrying what nft printed.
+pub fn nft(args: &[&str], stdin: &str) -> io::Result<String> {
+    finish_nft(spawn_nft(args)?, args, stdin)
+}
+
+fn spawn_nft(args: &[&str]) -> io::Result<Child> {
+    Command::new("nft")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+}
+
+fn finish_nft(mut child: Child, args: &[&str], stdin: &str) -> io::Result<String> {
     if let Some(mut input) = child.stdin.take() {
         input.write_all(stdin.as_bytes())?;
     }
