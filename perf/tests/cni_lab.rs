@@ -398,22 +398,28 @@ lab_test!(
     }
 );
 
+/// `nft` with `args` in a node's namespace, where the agent keeps its host probe table.
+fn nft_on_node(lab: &Lab, node: usize, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.node_netns(node), "nft"])
+        .args(args)
+        .output()
+        .expect("nft")
+}
+
 /// The IPv4 addresses in a node's host probe SNAT set, as nft lists them.
 fn host_probe_set(lab: &Lab, node: usize) -> String {
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.node_netns(node),
-            "nft",
+    let out = nft_on_node(
+        lab,
+        node,
+        &[
             "list",
             "set",
             "inet",
             "mesh-host-probes",
             "captured-pods-v4",
-        ])
-        .output()
-        .expect("nft");
+        ],
+    );
     assert!(
         out.status.success(),
         "the agent's host probe table is missing: {}",
@@ -423,18 +429,9 @@ fn host_probe_set(lab: &Lab, node: usize) -> String {
 }
 
 fn host_probe_table_exists(lab: &Lab, node: usize) -> bool {
-    std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.node_netns(node),
-            "nft",
-            "list",
-            "table",
-        ])
-        .args(["inet", "mesh-host-probes"])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    nft_on_node(lab, node, &["list", "table", "inet", "mesh-host-probes"])
+        .status
+        .success()
 }
 
 /// The peer of the next connection `listener` accepts within `timeout`, if any.
@@ -509,19 +506,8 @@ lab_test!(
         assert!(lab.total(0, "plaintext_refused_strict").expect("stats") > refused_before);
 
         // A restarted agent installs the table again, from the pods it remembers.
-        std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &lab.node_netns(0),
-                "nft",
-                "delete",
-                "table",
-                "inet",
-                "mesh-host-probes",
-            ])
-            .status()
-            .expect("nft");
+        let deleted = nft_on_node(&lab, 0, &["delete", "table", "inet", "mesh-host-probes"]);
+        assert!(deleted.status.success(), "{deleted:?}");
         lab.restart_agent(0).expect("agent back");
         assert!(
             eventually(Duration::from_secs(5), || host_probe_table_exists(&lab, 0)),

@@ -1,7 +1,8 @@
-//! `mesh-cni`: a chained CNI plugin (spec 1.1). For a pod the agent says belongs in the mesh,
-//! ADD installs the capture rules in the pod's network namespace and hands that namespace to
-//! the agent as a descriptor; DEL undoes both; CHECK verifies them. Anything that fails leaves
-//! no rules behind and answers with the spec's error JSON, so the runtime retries instead of
+//! `mesh-cni`: a chained CNI plugin (spec 1.1). ADD hands the pod's network namespace to the
+//! agent as a descriptor; the agent decides whether the pod belongs in the mesh and installs
+//! the capture rules there before it answers (the plugin runs no `nft`). DEL releases the pod;
+//! CHECK compares the rules the agent lists with what it knows. Anything that fails leaves no
+//! rules behind and answers with the spec's error JSON, so the runtime retries instead of
 //! starting a pod whose traffic would bypass the mesh. Pods of the excluded namespaces (the
 //! mesh's own, whose pod runs the agent, and kube-system) pass through without the agent.
 #![forbid(unsafe_code)]
