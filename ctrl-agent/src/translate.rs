@@ -346,6 +346,19 @@ pub fn snapshot_rest(
     }
 }
 
+/// The translation of `config` for `node` alone: no CNI enrollments, certificates or roots.
+#[cfg(test)]
+pub(crate) fn routing_only(config: &FileConfig, node: &str) -> Snapshot {
+    snapshot(
+        config,
+        node,
+        &Enrolled::default(),
+        Vec::new(),
+        Vec::new(),
+        "test".into(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,14 +493,7 @@ workloads:
 "#,
         )
         .expect("valid");
-        let snap = snapshot(
-            &config,
-            "node-1",
-            &HashMap::new(),
-            Vec::new(),
-            Vec::new(),
-            "test".into(),
-        );
+        let snap = routing_only(&config, "node-1");
         let names: Vec<(&str, &str)> = snap
             .workloads
             .iter()
@@ -500,14 +506,7 @@ workloads:
     #[test]
     fn labels_go_only_with_this_nodes_pods_and_every_pod_gets_its_canonical_names() {
         let config = FileConfig::parse(TWO_NODES).expect("valid");
-        let snap = snapshot(
-            &config,
-            "node-1",
-            &HashMap::new(),
-            Vec::new(),
-            Vec::new(),
-            "test".into(),
-        );
+        let snap = routing_only(&config, "node-1");
         let by_uid = |uid: &str| {
             snap.workloads
                 .iter()

@@ -557,82 +557,99 @@ mod tests {
             .collect()
     }
 
+    /// An apply of somaxconn 8192, then 0 to the pipe at `tcp_slow_start_after_idle`, that
+    /// has set somaxconn (from 4096) and now blocks writing the pipe, which nothing reads.
+    struct HeldApply {
+        root: Root,
+        somaxconn: PathBuf,
+        pipe: PathBuf,
+        state: PathBuf,
+        thread: std::thread::JoinHandle<Result<Saved, StateError>>,
+    }
+
+    impl HeldApply {
+        fn start(dir: &Path, what: &'static str) -> HeldApply {
+            let root = Root::new(dir);
+            let somaxconn = dir.join("proc/sys/net/core/somaxconn");
+            let pipe = dir.join("proc/sys/net/ipv4/tcp_slow_start_after_idle");
+            std::fs::write(&somaxconn, "4096\n").expect("w");
+            fifo(&pipe);
+            let state = dir.join("tuning.json");
+            let thread = {
+                let (root, state) = (root.clone(), state.clone());
+                std::thread::spawn(move || {
+                    let w = writes(&[
+                        ("proc/sys/net/core/somaxconn", "8192"),
+                        ("proc/sys/net/ipv4/tcp_slow_start_after_idle", "0"),
+                    ]);
+                    apply(&root, what, &w, &state)
+                })
+            };
+            std::fs::write(&pipe, "1\n").expect("feed the apply's read");
+            wait_for(&somaxconn, "8192\n");
+            HeldApply {
+                root,
+                somaxconn,
+                pipe,
+                state,
+                thread,
+            }
+        }
+
+        /// Lets the apply write the pipe and finish, then reverts: both files as before.
+        fn finish_and_revert(self) -> Saved {
+            assert_eq!(std::fs::read_to_string(&self.pipe).expect("r"), "0\n");
+            let saved = self.thread.join().expect("thread").expect("apply");
+            std::fs::remove_file(&self.pipe).expect("rm");
+            std::fs::write(&self.pipe, "0\n").expect("w");
+            revert(&self.root, &self.state).expect("revert");
+            assert_eq!(
+                std::fs::read_to_string(&self.somaxconn).expect("r"),
+                "4096\n"
+            );
+            assert_eq!(std::fs::read_to_string(&self.pipe).expect("r"), "1\n");
+            saved
+        }
+    }
+
     #[test]
     fn a_second_apply_while_one_is_running_is_refused_and_changes_nothing() {
         let dir = scratch("concurrent");
-        let root = Root::new(&dir);
-        let somaxconn = dir.join("proc/sys/net/core/somaxconn");
         let tw_reuse = dir.join("proc/sys/net/ipv4/tcp_tw_reuse");
-        let pipe = dir.join("proc/sys/net/ipv4/tcp_slow_start_after_idle");
-        std::fs::write(&somaxconn, "4096\n").expect("w");
         std::fs::write(&tw_reuse, "0\n").expect("w");
-        fifo(&pipe);
-        let state = dir.join("tuning.json");
         // The first apply sets somaxconn, then waits on the pipe.
-        let first = {
-            let (root, state) = (root.clone(), state.clone());
-            std::thread::spawn(move || {
-                let w = writes(&[
-                    ("proc/sys/net/core/somaxconn", "8192"),
-                    ("proc/sys/net/ipv4/tcp_slow_start_after_idle", "0"),
-                ]);
-                apply(&root, "first", &w, &state)
-            })
-        };
-        std::fs::write(&pipe, "1\n").expect("feed the first apply's read");
-        wait_for(&somaxconn, "8192\n");
+        let first = HeldApply::start(&dir, "first");
+        let (root, somaxconn, state) = (&first.root, &first.somaxconn, &first.state);
 
-        let recorded = std::fs::read(&state).ok();
+        let recorded = std::fs::read(state).ok();
         let second = writes(&[
             ("proc/sys/net/core/somaxconn", "16384"),
             ("proc/sys/net/ipv4/tcp_tw_reuse", "1"),
         ]);
         assert!(matches!(
-            apply(&root, "second", &second, &state),
+            apply(root, "second", &second, state),
             Err(StateError::Busy { .. })
         ));
-        assert_eq!(std::fs::read_to_string(&somaxconn).expect("r"), "8192\n");
+        assert_eq!(std::fs::read_to_string(somaxconn).expect("r"), "8192\n");
         assert_eq!(std::fs::read_to_string(&tw_reuse).expect("r"), "0\n");
         assert!(recorded.is_some(), "the running apply holds the state file");
-        assert_eq!(std::fs::read(&state).ok(), recorded);
+        assert_eq!(std::fs::read(state).ok(), recorded);
 
         // Let the first one finish: its revert restores the values from before it.
-        assert_eq!(std::fs::read_to_string(&pipe).expect("r"), "0\n");
-        let saved = first.join().expect("thread").expect("first apply");
+        let saved = first.finish_and_revert();
         assert_eq!(saved.entries.len(), 2);
-        std::fs::remove_file(&pipe).expect("rm");
-        std::fs::write(&pipe, "0\n").expect("w");
-        revert(&root, &state).expect("revert");
-        assert_eq!(std::fs::read_to_string(&somaxconn).expect("r"), "4096\n");
-        assert_eq!(std::fs::read_to_string(&pipe).expect("r"), "1\n");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_revert_while_an_apply_runs_is_refused_and_changes_nothing() {
         let dir = scratch("revert-during-apply");
-        let root = Root::new(&dir);
-        let somaxconn = dir.join("proc/sys/net/core/somaxconn");
-        let pipe = dir.join("proc/sys/net/ipv4/tcp_slow_start_after_idle");
-        std::fs::write(&somaxconn, "4096\n").expect("w");
-        fifo(&pipe);
-        let state = dir.join("tuning.json");
         // The apply sets somaxconn, records it, then waits to write the pipe.
-        let running = {
-            let (root, state) = (root.clone(), state.clone());
-            std::thread::spawn(move || {
-                let w = writes(&[
-                    ("proc/sys/net/core/somaxconn", "8192"),
-                    ("proc/sys/net/ipv4/tcp_slow_start_after_idle", "0"),
-                ]);
-                apply(&root, "throughput", &w, &state)
-            })
-        };
-        std::fs::write(&pipe, "1\n").expect("feed the apply's read");
-        wait_for(&somaxconn, "8192\n");
+        let running = HeldApply::start(&dir, "throughput");
+        let (root, somaxconn, state) = (&running.root, &running.somaxconn, &running.state);
         // Recorded, the pipe is what it writes next: it waits there, since nothing reads it.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !std::fs::read_to_string(&state)
+        while !std::fs::read_to_string(state)
             .unwrap_or_default()
             .contains("tcp_slow_start_after_idle")
         {
@@ -640,7 +657,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
 
-        let recorded = std::fs::read(&state).expect("the running apply's state file");
+        let recorded = std::fs::read(state).expect("the running apply's state file");
         // A revert that does not refuse would wait on the pipe too: give it a deadline.
         let (sender, receiver) = std::sync::mpsc::channel();
         {
@@ -652,7 +669,7 @@ mod tests {
             .expect("revert returns instead of waiting on the apply's files");
         match reverted {
             Err(StateError::Busy { lock, holder, .. }) => {
-                assert_eq!(lock, lock_path(&state));
+                assert_eq!(lock, lock_path(state));
                 assert!(
                     holder.starts_with(&format!("pid {}:", std::process::id())),
                     "{holder}"
@@ -660,17 +677,12 @@ mod tests {
             }
             other => panic!("revert during an apply: {other:?}"),
         }
-        assert_eq!(std::fs::read_to_string(&somaxconn).expect("r"), "8192\n");
-        assert_eq!(std::fs::read(&state).expect("state"), recorded);
+        assert_eq!(std::fs::read_to_string(somaxconn).expect("r"), "8192\n");
+        assert_eq!(std::fs::read(state).expect("state"), recorded);
 
         // Once the apply is done, revert restores both and the lock file is gone.
-        assert_eq!(std::fs::read_to_string(&pipe).expect("r"), "0\n");
-        running.join().expect("thread").expect("apply");
-        std::fs::remove_file(&pipe).expect("rm");
-        std::fs::write(&pipe, "0\n").expect("w");
-        revert(&root, &state).expect("revert");
-        assert_eq!(std::fs::read_to_string(&somaxconn).expect("r"), "4096\n");
-        assert_eq!(std::fs::read_to_string(&pipe).expect("r"), "1\n");
+        let state = state.clone();
+        running.finish_and_revert();
         assert!(!lock_path(&state).exists());
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -240,14 +240,7 @@ fn a_pod_is_published_under_the_workload_name_istio_derives_from_its_owners() {
     };
     let m = cluster.model();
     assert!(m.problems.is_empty(), "{:?}", m.problems);
-    let snap = crate::translate::snapshot(
-        &m.config,
-        "node-1",
-        &HashMap::new(),
-        Vec::new(),
-        Vec::new(),
-        "kube:test".into(),
-    );
+    let snap = crate::translate::routing_only(&m.config, "node-1");
     let mut names: Vec<(&str, &str)> = snap
         .workloads
         .iter()
@@ -776,14 +769,7 @@ fn services_map_cluster_ips_ports_and_ready_pod_endpoints() {
     assert_eq!(s.endpoints, ["u1", "u3"], "ready pods the model knows");
 
     // And on through the one translation every source uses.
-    let snap = crate::translate::snapshot(
-        &m.config,
-        "node-1",
-        &HashMap::new(),
-        Vec::new(),
-        Vec::new(),
-        "kube:test".into(),
-    );
+    let snap = crate::translate::routing_only(&m.config, "node-1");
     assert_eq!(snap.services[0].hostname, "cart.shop.svc.cluster.local");
     assert_eq!(snap.services[0].ports[1].target_port, 9000);
     assert_eq!(snap.workloads.len(), 4);

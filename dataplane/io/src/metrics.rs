@@ -553,18 +553,27 @@ mod tests {
         }
     }
 
+    /// The labels of an mTLS connection from `client` to `server`, not through a service.
+    fn mutual_tls<'a>(
+        reporter: Reporter,
+        client: &'a Workload,
+        server: &'a Workload,
+    ) -> LabelsRef<'a> {
+        LabelsRef {
+            reporter,
+            source: PeerRef::workload(client),
+            destination: PeerRef::workload(server),
+            service: None,
+            security: Security::MutualTls,
+            response_flags: "-",
+        }
+    }
+
     #[test]
     fn series_from_every_worker_are_summed_per_label_set() {
         let (registry, workers) = MetricsRegistry::new(2);
         let (client, server) = (workload("client"), workload("server"));
-        let labels = LabelsRef {
-            reporter: Reporter::Destination,
-            source: PeerRef::workload(&client),
-            destination: PeerRef::workload(&server),
-            service: None,
-            security: Security::MutualTls,
-            response_flags: "-",
-        };
+        let labels = mutual_tls(Reporter::Destination, &client, &server);
         for (w, bytes) in workers.iter().zip([100, 23]) {
             let c = w.counters(labels);
             c.opened.inc();
@@ -611,14 +620,7 @@ mod tests {
             workload_name: "db".into(),
             ..workload("db")
         };
-        let labels = LabelsRef {
-            reporter: Reporter::Source,
-            source: PeerRef::workload(&client),
-            destination: PeerRef::workload(&server),
-            service: None,
-            security: Security::MutualTls,
-            response_flags: "-",
-        };
+        let labels = mutual_tls(Reporter::Source, &client, &server);
         workers[0].counters(labels).opened.inc();
         let mut text = String::new();
         registry.render(&mut text);
@@ -649,14 +651,7 @@ mod tests {
             workload("client-5c4b6-fghij"),
             workload("server"),
         );
-        let labels = |client| LabelsRef {
-            reporter: Reporter::Destination,
-            source: PeerRef::workload(client),
-            destination: PeerRef::workload(&server),
-            service: None,
-            security: Security::MutualTls,
-            response_flags: "-",
-        };
+        let labels = |client| mutual_tls(Reporter::Destination, client, &server);
         let pod = "client-7d9f8-abcde";
         // The old pod: a finished connection on worker 0, one still open on worker 1.
         let done = workers[0].counters(labels(&old));
@@ -704,14 +699,7 @@ mod tests {
     fn a_retired_label_set_that_comes_back_counts_on() {
         let (registry, workers) = MetricsRegistry::new(2);
         let (client, server) = (workload("client"), workload("server"));
-        let labels = LabelsRef {
-            reporter: Reporter::Source,
-            source: PeerRef::workload(&client),
-            destination: PeerRef::workload(&server),
-            service: None,
-            security: Security::MutualTls,
-            response_flags: "-",
-        };
+        let labels = mutual_tls(Reporter::Source, &client, &server);
         workers[0].counters(labels).opened.add(5);
         let held = workers[1].counters(labels);
         held.opened.inc();
