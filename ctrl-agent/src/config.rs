@@ -5,7 +5,7 @@
 //! and every error names the field: `workloads[2].ips[0]: invalid IP address syntax`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -86,7 +86,9 @@ pub struct WorkloadSpec {
     pub netns: Option<PathBuf>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    pub waypoint: Option<String>,
+    /// The waypoint that takes traffic addressed to this pod's own address: `ip:port`, a
+    /// waypoint service's VIP (or a waypoint pod's address) and its HBONE port.
+    pub waypoint: Option<SocketAddr>,
     /// The pod runs Istio's sidecar (Kubernetes: the `sidecar.istio.io/status` annotation):
     /// the sidecar captures its traffic, so ambient does not, whatever the labels say.
     #[serde(default)]
@@ -138,7 +140,8 @@ pub struct ServiceSpec {
     /// Workload uids.
     #[serde(default)]
     pub endpoints: Vec<String>,
-    pub waypoint: Option<String>,
+    /// The waypoint that takes traffic addressed to this service's VIPs (as for workloads).
+    pub waypoint: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]

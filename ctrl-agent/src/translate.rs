@@ -144,7 +144,7 @@ fn workload(w: &WorkloadSpec, config: &FileConfig, node: &str, enrolled: &Enroll
             ProtocolSpec::Hbone => Protocol::Hbone,
             ProtocolSpec::Tcp => Protocol::Tcp,
         } as i32,
-        waypoint: w.waypoint.clone().unwrap_or_default(),
+        waypoint: w.waypoint.map(|a| a.to_string()).unwrap_or_default(),
         netns_path: if local {
             w.netns
                 .as_ref()
@@ -304,7 +304,7 @@ fn service(s: &ServiceSpec, config: &FileConfig) -> Service {
             })
             .collect(),
         endpoints: s.endpoints.clone(),
-        waypoint: s.waypoint.clone().unwrap_or_default(),
+        waypoint: s.waypoint.map(|a| a.to_string()).unwrap_or_default(),
     }
 }
 

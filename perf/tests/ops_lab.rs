@@ -12,27 +12,6 @@ use std::time::Duration;
 use common::*;
 use perf::lab::{Lab, LabOptions};
 
-/// The value of the first series of `family` whose labels include every one of `labels`.
-fn series(text: &str, family: &str, labels: &[(&str, &str)]) -> Option<u64> {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{family}{{")))
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-fn scrape(lab: &Lab, node: usize) -> String {
-    let (status, body) = lab
-        .http_get(node, 15020, "/stats/prometheus")
-        .expect("scrape");
-    assert_eq!(status, 200, "{body}");
-    body
-}
-
 /// One request/response exchange of `size` bytes each way, then a clean close.
 fn exchange(lab: &Lab, from: &str, to: &str, port: u16, size: usize) -> std::io::Result<()> {
     let stream = lab

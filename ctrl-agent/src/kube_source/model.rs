@@ -49,6 +49,29 @@ pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Waypoints take HBONE on this port of their service's address (as ztunnel dials them).
 pub const WAYPOINT_HBONE_PORT: u16 = 15008;
+/// Istio's label on a waypoint (its Gateway, which Istio copies to the Service it generates)
+/// saying which traffic it takes: `service` (the default), `workload`, `all` or `none`.
+pub const WAYPOINT_FOR_LABEL: &str = "istio.io/waypoint-for";
+
+/// The traffic a waypoint may take: addressed to a service's VIP, or to a pod's address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Addressed {
+    ToService,
+    ToWorkload,
+}
+
+impl Addressed {
+    /// Whether a waypoint with these labels takes this traffic.
+    fn taken_by(self, waypoint_labels: &BTreeMap<String, String>) -> bool {
+        let takes = waypoint_labels
+            .get(WAYPOINT_FOR_LABEL)
+            .map_or("service", String::as_str);
+        match self {
+            Addressed::ToService => matches!(takes, "service" | "all"),
+            Addressed::ToWorkload => matches!(takes, "workload" | "all"),
+        }
+    }
+}
 
 /// For maps with an entry per pod, rebuilt at every model: the keys come from the API server,
 /// and std's SipHash was about a tenth of a model of 100k pods in a profile.
@@ -755,7 +778,13 @@ fn workload(
         Ok(()) => ProtocolSpec::Hbone,
         Err(_) => ProtocolSpec::Tcp,
     };
-    let waypoint = waypoint(&labels, ns_labels, &namespace, &world.services);
+    let waypoint = waypoint(
+        &labels,
+        ns_labels,
+        &namespace,
+        &world.services,
+        Addressed::ToWorkload,
+    );
     Ok(Some(WorkloadSpec {
         uid,
         name: pod.name.clone(),
@@ -777,15 +806,17 @@ fn workload(
 /// The waypoint named by `istio.io/use-waypoint` on the object, else on its namespace, as
 /// the address ztunnel would dial: the waypoint service's cluster IP, HBONE port. `none` on
 /// the object opts out of its namespace's waypoint. A waypoint whose service is unknown (yet)
-/// is no waypoint. A waypoint's own pods and Service have none, as in istiod ("waypoints do not
-/// have waypoints"): else, in a namespace using it, traffic to the waypoint would be sent to
-/// the waypoint again.
+/// is no waypoint, nor is one that does not take `traffic` (`istio.io/waypoint-for`: by
+/// default a waypoint takes traffic to services, not to pods' own addresses). A waypoint's
+/// own pods and Service have none, as in istiod ("waypoints do not have waypoints"): else, in
+/// a namespace using it, traffic to the waypoint would be sent to the waypoint again.
 fn waypoint(
     labels: &BTreeMap<String, String>,
     namespace_labels: Option<&BTreeMap<String, String>>,
     namespace: &str,
     services: &Store<Service>,
-) -> Option<String> {
+    traffic: Addressed,
+) -> Option<SocketAddr> {
     if labels.get(MANAGED_GATEWAY_LABEL).map(String::as_str) == Some(MESH_CONTROLLER) {
         return None;
     }
@@ -801,8 +832,8 @@ fn waypoint(
     let in_namespace = carrier
         .get(USE_WAYPOINT_NAMESPACE_LABEL)
         .map_or(namespace, String::as_str);
-    let Some(ip) = services
-        .get(in_namespace, name)
+    let service = services.get(in_namespace, name);
+    let Some(ip) = service
         .and_then(|s| s.spec.as_ref())
         .and_then(|s| cluster_ips(s).ok())
         .and_then(|ips| ips.into_iter().next())
@@ -811,7 +842,10 @@ fn waypoint(
             "waypoint has no service with a cluster IP (yet)");
         return None;
     };
-    Some(SocketAddr::new(ip, WAYPOINT_HBONE_PORT).to_string())
+    if !service.is_some_and(|s| traffic.taken_by(s.labels())) {
+        return None;
+    }
+    Some(SocketAddr::new(ip, WAYPOINT_HBONE_PORT))
 }
 
 fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<Vec<IpAddr>, String> {
@@ -878,7 +912,13 @@ fn service(
         return Ok(None);
     }
     let ns_labels = lookups.namespace_labels(&namespace);
-    let waypoint = waypoint(svc.labels(), ns_labels, &namespace, &world.services);
+    let waypoint = waypoint(
+        svc.labels(),
+        ns_labels,
+        &namespace,
+        &world.services,
+        Addressed::ToService,
+    );
     Ok(Some(ServiceBase {
         spec: ServiceSpec {
             name,

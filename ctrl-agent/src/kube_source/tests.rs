@@ -3,7 +3,7 @@
 //! watchers themselves against the kube-apiserver double in `tests/fake_apiserver`.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -149,6 +149,10 @@ fn workload<'a>(config: &'a FileConfig, name: &str) -> Option<&'a WorkloadSpec> 
         .iter()
         .find(|w| w.name == name)
         .map(|w| &**w)
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("address")
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -357,6 +361,15 @@ fn istio_labels_enroll_namespaces_and_pods_and_none_or_a_sidecar_opts_a_pod_out(
     );
 }
 
+/// A waypoint service labelled with the traffic it takes (`istio.io/waypoint-for`), if any.
+fn waypoint_service(namespace: &str, name: &str, vip: &str, takes: Option<&str>) -> Value {
+    let mut service = objects::service(namespace, name, &[vip], &[("mesh", 15008, json!(15008))]);
+    if let Some(takes) = takes {
+        service["metadata"]["labels"] = json!({"istio.io/waypoint-for": takes});
+    }
+    service
+}
+
 #[test]
 fn use_waypoint_names_the_waypoint_service_and_none_opts_out() {
     let cluster = Cluster {
@@ -387,37 +400,99 @@ fn use_waypoint_names_the_waypoint_service_and_none_opts_out() {
             ),
         ],
         services: vec![
-            objects::service(
-                "shop",
-                "shop-wp",
-                &["10.96.0.10"],
-                &[("mesh", 15008, json!(15008))],
-            ),
-            objects::service(
-                "mesh",
-                "wp",
-                &["fd00::10"],
-                &[("mesh", 15008, json!(15008))],
-            ),
+            waypoint_service("shop", "shop-wp", "10.96.0.10", Some("all")),
+            waypoint_service("mesh", "wp", "fd00::10", Some("workload")),
         ],
         ..Cluster::default()
     };
     let m = cluster.model();
-    let waypoint = |name| workload(&m.config, name).and_then(|w| w.waypoint.clone());
-    assert_eq!(waypoint("cart").as_deref(), Some("10.96.0.10:15008"));
+    let waypoint = |name| workload(&m.config, name).and_then(|w| w.waypoint);
+    assert_eq!(waypoint("cart"), Some(addr("10.96.0.10:15008")));
     assert_eq!(waypoint("direct"), None);
-    assert_eq!(waypoint("shared").as_deref(), Some("[fd00::10]:15008"));
+    assert_eq!(waypoint("shared"), Some(addr("[fd00::10]:15008")));
     let svc = m.config.services.iter().find(|s| s.name == "shop-wp");
     assert_eq!(
-        svc.and_then(|s| s.waypoint.as_deref()),
-        Some("10.96.0.10:15008"),
+        svc.and_then(|s| s.waypoint),
+        Some(addr("10.96.0.10:15008")),
         "services follow their namespace's label too"
+    );
+}
+
+/// As in Istio: a waypoint takes traffic addressed to services unless its
+/// `istio.io/waypoint-for` says otherwise; `workload` takes traffic to pods' own addresses
+/// only, `all` both, `none` neither.
+#[test]
+fn a_waypoint_takes_the_traffic_its_waypoint_for_label_names() {
+    let takes = [
+        None,
+        Some("service"),
+        Some("workload"),
+        Some("all"),
+        Some("none"),
+    ];
+    let mut cluster = Cluster::default();
+    for (i, label) in takes.iter().enumerate() {
+        let ns = format!("ns{i}");
+        cluster.namespaces.push(objects::namespace(
+            &ns,
+            json!({"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "wp"}),
+        ));
+        cluster.pods.push(objects::pod(
+            &ns,
+            "app",
+            &format!("u{i}"),
+            "node-1",
+            &[&format!("10.0.0.{}", i + 1)],
+            json!({}),
+        ));
+        cluster.services.push(waypoint_service(
+            &ns,
+            "wp",
+            &format!("10.96.0.{}", i + 100),
+            *label,
+        ));
+        cluster.services.push(objects::service(
+            &ns,
+            "app",
+            &[&format!("10.96.0.{}", i + 1)],
+            &[("http", 80, json!(8080))],
+        ));
+    }
+    let m = cluster.model();
+    let routed: Vec<(bool, bool)> = (0..takes.len())
+        .map(|i| {
+            let ns = format!("ns{i}");
+            let pod = m.config.workloads.iter().find(|w| w.namespace == ns);
+            let service = m
+                .config
+                .services
+                .iter()
+                .find(|s| s.namespace == ns && s.name == "app");
+            (
+                service.and_then(|s| s.waypoint).is_some(),
+                pod.and_then(|w| w.waypoint).is_some(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        routed,
+        [
+            (true, false),
+            (true, false),
+            (false, true),
+            (true, true),
+            (false, false)
+        ],
+        "(service's traffic, pod's own traffic) through the waypoint, for {takes:?}"
     );
 }
 
 #[test]
 fn a_waypoint_s_own_pods_and_service_have_no_waypoint_in_a_namespace_using_it() {
-    let managed = json!({"gateway.istio.io/managed": "istio.io-mesh-controller"});
+    let managed = json!({
+        "gateway.istio.io/managed": "istio.io-mesh-controller",
+        "istio.io/waypoint-for": "all",
+    });
     let mut waypoint_service = objects::service(
         "shop",
         "waypoint",
@@ -448,12 +523,12 @@ fn a_waypoint_s_own_pods_and_service_have_no_waypoint_in_a_namespace_using_it() 
         ..Cluster::default()
     };
     let m = cluster.model();
-    let of_workload = |name| workload(&m.config, name).map(|w| w.waypoint.clone());
+    let of_workload = |name| workload(&m.config, name).map(|w| w.waypoint);
     let of_service = |name: &str| {
         let s = m.config.services.iter().find(|s| s.name == name);
-        s.map(|s| s.waypoint.clone())
+        s.map(|s| s.waypoint)
     };
-    let via = Some(Some("10.96.0.10:15008".to_owned()));
+    let via = Some(Some(addr("10.96.0.10:15008")));
     assert_eq!(of_workload("cart"), via);
     assert_eq!(of_service("cart"), via);
     assert_eq!(of_workload("waypoint-7d9f"), Some(None));

@@ -47,6 +47,10 @@ pub struct Workload {
     /// Istio's workload name (metric labels): the owner-derived name the agent sent (a
     /// Deployment's for its pods, shared by them), else the pod's name.
     pub workload_name: Arc<str>,
+    /// The waypoint that takes traffic addressed to this workload (its service's VIP, or a
+    /// pod, and HBONE port). Boxed: most workloads have none, and every workload pays for the
+    /// field.
+    pub waypoint: Option<Box<SocketAddr>>,
 }
 
 /// A service as metrics name it.
@@ -73,6 +77,8 @@ struct Service {
     name: ServiceName,
     /// VIP:port frontends with their target ports.
     frontends: Vec<(SocketAddr, u16)>,
+    /// The waypoint that takes traffic addressed to this service.
+    waypoint: Option<SocketAddr>,
     /// Endpoint uids as the snapshot lists them. A connection looks its endpoint up by uid
     /// when it picks one, as ztunnel does: so a workload that comes, goes or changes touches
     /// no service, and an index keeps no map from workloads back to services.
@@ -135,6 +141,20 @@ pub enum Route<'a> {
     Passthrough { target: SocketAddr },
     /// A service VIP with no endpoint to send to.
     NoEndpoint { service: SocketAddr },
+    /// The destination's waypoint has no pod to send to. Nothing goes around it: the
+    /// waypoint is where the destination's L7 policies are enforced.
+    NoWaypoint { waypoint: SocketAddr },
+}
+
+/// A service as the admin dump shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSummary<'a> {
+    pub name: &'a ServiceName,
+    /// VIP:port frontends, sorted.
+    pub frontends: Vec<SocketAddr>,
+    /// How many of its endpoints this index has a workload for.
+    pub endpoints: usize,
+    pub waypoint: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -318,6 +338,7 @@ fn parse_workload(
         )
     };
     let protocol = Protocol::try_from(w.protocol).unwrap_or(Protocol::Hbone);
+    let waypoint = parse_waypoint(w.waypoint).map_err(|problem| bad("waypoint", problem))?;
     // Straight into its shared allocation: a workload is about 200 bytes, moved once.
     Ok((
         Arc::new(Workload {
@@ -332,9 +353,21 @@ fn parse_workload(
             ips,
             node: interner.string(w.node),
             netns,
+            waypoint: waypoint.map(Box::new),
         }),
         labels,
     ))
+}
+
+/// A waypoint address as the snapshot carries it: `ip:port`, or empty for none.
+fn parse_waypoint(address: &str) -> Result<Option<SocketAddr>, String> {
+    if address.is_empty() {
+        return Ok(None);
+    }
+    match address.parse::<SocketAddr>() {
+        Ok(waypoint) if waypoint.port() != 0 => Ok(Some(waypoint)),
+        _ => Err(format!("{address:?} is not an ip:port")),
+    }
 }
 
 /// From this many workloads, a build parses them on several threads (and runs its other
@@ -453,6 +486,7 @@ fn parse_service(s: &ServiceView<'_>) -> Result<Service, IndexError> {
     }
     let listed = Listed::new(&s.endpoints)
         .ok_or_else(|| bad("endpoints", "more than 4 GiB of uids".to_owned()))?;
+    let waypoint = parse_waypoint(s.waypoint).map_err(|problem| bad("waypoint", problem))?;
     let hostname = if s.hostname.is_empty() {
         format!("{}.{}.svc.cluster.local", s.name, s.namespace)
     } else {
@@ -465,6 +499,7 @@ fn parse_service(s: &ServiceView<'_>) -> Result<Service, IndexError> {
             hostname,
         },
         frontends,
+        waypoint,
         listed,
     })
 }
@@ -832,17 +867,21 @@ impl Index {
     pub fn workloads(&self) -> impl Iterator<Item = &Workload> {
         self.by_uid.values().map(|w| &**w)
     }
-    /// Every service with its VIP:port frontends (sorted) and the number of its endpoints
-    /// this index has a workload for.
-    pub fn services(&self) -> Vec<(&ServiceName, Vec<SocketAddr>, usize)> {
+    /// Every service, in no particular order.
+    pub fn services(&self) -> Vec<ServiceSummary<'_>> {
         self.services
             .values()
             .map(|s| {
-                let mut vips: Vec<SocketAddr> = s.frontends.iter().map(|(a, _)| *a).collect();
-                vips.sort();
-                vips.dedup();
+                let mut frontends: Vec<SocketAddr> = s.frontends.iter().map(|(a, _)| *a).collect();
+                frontends.sort();
+                frontends.dedup();
                 let present = s.listed.iter().filter(|uid| self.by_uid.contains_key(*uid));
-                (&s.name, vips, present.count())
+                ServiceSummary {
+                    name: &s.name,
+                    frontends,
+                    endpoints: present.count(),
+                    waypoint: s.waypoint,
+                }
             })
             .collect()
     }
@@ -920,19 +959,19 @@ impl Index {
 
     /// Decides where an outbound connection to `dst` goes. `pick` spreads service traffic over
     /// endpoints (callers pass a per-worker counter, so selection is round robin per core).
+    /// A service VIP goes to the service's waypoint if it has one, a workload's address to
+    /// the workload's (as ztunnel: what was dialled decides which waypoint, so a service
+    /// without one reaches its endpoints directly even when they have one).
     pub fn route_outbound(&self, dst: SocketAddr, pick: u64) -> Route<'_> {
         if let Some((service, target_port)) = self.by_vip.get(&dst) {
+            if let Some(waypoint) = service.waypoint {
+                return self.via_waypoint(waypoint, dst, Some(&service.name), pick);
+            }
             let Some(workload) = self.endpoint(service, pick) else {
                 return Route::NoEndpoint { service: dst };
             };
-            // Prefer an address of the VIP's family; fall back to any.
-            let ip = workload
-                .ips
-                .iter()
-                .find(|ip| ip.is_ipv4() == dst.is_ipv4())
-                .or_else(|| workload.ips.first());
-            let route = match ip {
-                Some(ip) => self.route_to_workload(workload, SocketAddr::new(*ip, *target_port)),
+            let route = match address_like(workload, dst) {
+                Some(ip) => self.route_to_workload(workload, SocketAddr::new(ip, *target_port)),
                 None => Route::NoEndpoint { service: dst },
             };
             return match route {
@@ -951,8 +990,37 @@ impl Index {
             };
         }
         match self.workload_by_ip(dst.ip()) {
-            Some(workload) => self.route_to_workload(workload, dst),
+            Some(workload) => match workload.waypoint.as_deref() {
+                Some(waypoint) => self.via_waypoint(*waypoint, dst, None, pick),
+                None => self.route_to_workload(workload, dst),
+            },
             None => Route::Passthrough { target: dst },
+        }
+    }
+
+    /// Through `waypoint` (a service VIP and port, or a pod's address and port) to `target`,
+    /// which is CONNECTed as dialled (ztunnel's "to server waypoint"): HBONE to one of the
+    /// waypoint's pods, proving that pod's identity. Waypoint pods terminate HBONE
+    /// themselves whether or not they are enrolled.
+    fn via_waypoint<'a>(
+        &'a self,
+        waypoint: SocketAddr,
+        target: SocketAddr,
+        service: Option<&'a ServiceName>,
+        pick: u64,
+    ) -> Route<'a> {
+        let (pod, port) = match self.by_vip.get(&waypoint) {
+            Some((waypoint_service, port)) => (self.endpoint(waypoint_service, pick), *port),
+            None => (self.workload_by_ip(waypoint.ip()), waypoint.port()),
+        };
+        match pod.and_then(|pod| Some((pod, address_like(pod, target)?))) {
+            Some((pod, ip)) => Route::Hbone {
+                destination: pod,
+                target,
+                tunnel: SocketAddr::new(ip, port),
+                service,
+            },
+            None => Route::NoWaypoint { waypoint },
         }
     }
 
@@ -990,6 +1058,16 @@ impl Index {
             Protocol::Tcp => Route::Passthrough { target },
         }
     }
+}
+
+/// The workload's address of `like`'s family, else its first.
+fn address_like(workload: &Workload, like: SocketAddr) -> Option<IpAddr> {
+    workload
+        .ips
+        .iter()
+        .find(|ip| ip.is_ipv4() == like.is_ipv4())
+        .or_else(|| workload.ips.first())
+        .copied()
 }
 
 #[cfg(test)]
@@ -1442,6 +1520,174 @@ mod tests {
         );
     }
 
+    /// The lab snapshot with a waypoint: two waypoint pods (not enrolled: waypoints terminate
+    /// HBONE themselves) behind a waypoint service at 10.96.0.20, port 15008.
+    fn with_waypoint() -> Snapshot {
+        let mut s = snapshot();
+        for (uid, ip) in [("wp-1", [10, 0, 3, 2]), ("wp-2", [10, 0, 3, 3])] {
+            let mut pod = workload(uid, ip, "n2", Protocol::Tcp, "");
+            pod.service_account = "waypoint".into();
+            s.workloads.push(pod);
+        }
+        s.services.push(SnapService {
+            name: "waypoint".into(),
+            namespace: "default".into(),
+            vips: vec![vec![10, 96, 0, 20]],
+            ports: vec![ServicePort {
+                port: 15008,
+                target_port: 15008,
+            }],
+            endpoints: vec!["wp-1".into(), "wp-2".into()],
+            ..Default::default()
+        });
+        s
+    }
+
+    /// Where an HBONE route goes: (pod proven, CONNECT target, tunnel, service).
+    fn hbone_parts(route: Route<'_>) -> (String, SocketAddr, SocketAddr, Option<String>) {
+        match route {
+            Route::Hbone {
+                destination,
+                target,
+                tunnel,
+                service,
+            } => (
+                destination.identity.to_string(),
+                target,
+                tunnel,
+                service.map(|s| s.name.clone()),
+            ),
+            other => panic!("expected HBONE, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_service_with_a_waypoint_is_reached_through_one_of_its_pods() {
+        let mut s = with_waypoint();
+        s.services[0].waypoint = "10.96.0.20:15008".into();
+        let index = Index::build(s, Generation::default()).expect("builds");
+        let waypoint_id = "spiffe://cluster.local/ns/default/sa/waypoint".to_owned();
+        // The VIP is CONNECTed as dialled (the waypoint picks the endpoint), over a tunnel to
+        // a waypoint pod that must prove the waypoint's identity; picks spread over its pods.
+        let routes: Vec<_> = (0..2)
+            .map(|pick| hbone_parts(index.route_outbound(addr("10.96.0.10:80"), pick)))
+            .collect();
+        for (route, tunnel) in routes.iter().zip(["10.0.3.2:15008", "10.0.3.3:15008"]) {
+            assert_eq!(
+                route,
+                &(
+                    waypoint_id.clone(),
+                    addr("10.96.0.10:80"),
+                    addr(tunnel),
+                    Some("server".to_owned())
+                )
+            );
+        }
+        // The service's pods, dialled by address, have no waypoint of their own: direct.
+        assert_eq!(
+            hbone_parts(index.route_outbound(addr("10.0.2.2:8080"), 0)),
+            (
+                "spiffe://cluster.local/ns/default/sa/sa-server-a".to_owned(),
+                addr("10.0.2.2:8080"),
+                addr("10.0.2.2:15008"),
+                None
+            )
+        );
+        // The admin dump shows the service's waypoint.
+        let server = index
+            .services()
+            .into_iter()
+            .find(|s| s.name.name == "server");
+        assert_eq!(
+            server.and_then(|s| s.waypoint),
+            Some(addr("10.96.0.20:15008"))
+        );
+    }
+
+    #[test]
+    fn a_workload_with_a_waypoint_is_reached_through_it_when_dialled_by_address() {
+        let mut s = with_waypoint();
+        s.workloads[1].waypoint = "10.96.0.20:15008".into();
+        // A waypoint named by a pod's address rather than a service's.
+        s.workloads[2].waypoint = "10.0.3.3:15008".into();
+        let index = Index::build(s, Generation::default()).expect("builds");
+        let waypoint_id = "spiffe://cluster.local/ns/default/sa/waypoint".to_owned();
+        assert_eq!(
+            hbone_parts(index.route_outbound(addr("10.0.2.2:8080"), 1)),
+            (
+                waypoint_id.clone(),
+                addr("10.0.2.2:8080"),
+                addr("10.0.3.3:15008"),
+                None
+            )
+        );
+        assert_eq!(
+            hbone_parts(index.route_outbound(addr("10.0.2.3:8080"), 0)),
+            (
+                waypoint_id,
+                addr("10.0.2.3:8080"),
+                addr("10.0.3.3:15008"),
+                None
+            )
+        );
+        // Through the service (which has no waypoint), its endpoints are reached directly.
+        assert_eq!(
+            hbone_parts(index.route_outbound(addr("10.96.0.10:80"), 0)).2,
+            addr("10.0.2.2:15008")
+        );
+    }
+
+    #[test]
+    fn a_waypoint_without_pods_refuses_rather_than_being_bypassed() {
+        let mut s = with_waypoint();
+        s.services[0].waypoint = "10.96.0.20:15008".into();
+        s.services[2].endpoints.clear();
+        s.workloads[1].waypoint = "10.0.9.9:15008".into();
+        let index = Index::build(s, Generation::default()).expect("builds");
+        assert_eq!(
+            index.route_outbound(addr("10.96.0.10:80"), 0),
+            Route::NoWaypoint {
+                waypoint: addr("10.96.0.20:15008")
+            }
+        );
+        assert_eq!(
+            index.route_outbound(addr("10.0.2.2:8080"), 0),
+            Route::NoWaypoint {
+                waypoint: addr("10.0.9.9:15008")
+            }
+        );
+    }
+
+    #[test]
+    fn a_malformed_waypoint_address_refuses_the_snapshot() {
+        for bad in ["waypoint.default:15008", "10.96.0.20", "10.96.0.20:0"] {
+            let mut s = snapshot();
+            s.workloads[1].waypoint = bad.into();
+            assert!(
+                matches!(
+                    Index::build(s, Generation::default()),
+                    Err(IndexError::Workload {
+                        field: "waypoint",
+                        ..
+                    })
+                ),
+                "workload waypoint {bad:?}"
+            );
+            let mut s = snapshot();
+            s.services[0].waypoint = bad.into();
+            assert!(
+                matches!(
+                    Index::build(s, Generation::default()),
+                    Err(IndexError::Service {
+                        field: "waypoint",
+                        ..
+                    })
+                ),
+                "service waypoint {bad:?}"
+            );
+        }
+    }
+
     #[test]
     fn local_workloads_are_those_on_this_node_with_a_namespace() {
         let index = Index::build(snapshot(), Generation::default()).expect("builds");
@@ -1495,13 +1741,23 @@ mod tests {
     fn observable(index: &Index) -> String {
         let mut workloads: Vec<String> = index
             .workloads()
-            .map(|w| format!("{} {:?} {:?} {:?}", w.uid, w.ips, w.netns, w.protocol))
+            .map(|w| {
+                format!(
+                    "{} {:?} {:?} {:?} {:?}",
+                    w.uid, w.ips, w.netns, w.protocol, w.waypoint
+                )
+            })
             .collect();
         workloads.sort();
         let mut services: Vec<String> = index
             .services()
             .into_iter()
-            .map(|(n, vips, endpoints)| format!("{}/{} {vips:?} {endpoints}", n.namespace, n.name))
+            .map(|s| {
+                format!(
+                    "{}/{} {:?} {} {:?}",
+                    s.name.namespace, s.name.name, s.frontends, s.endpoints, s.waypoint
+                )
+            })
             .collect();
         services.sort();
         let mut routes = Vec::new();
@@ -1513,8 +1769,8 @@ mod tests {
                 ));
             }
         }
-        for (_, vips, _) in index.services() {
-            for vip in vips {
+        for service in index.services() {
+            for vip in service.frontends {
                 for pick in 0..3 {
                     routes.push(format!("{:?}", index.route_outbound(vip, pick)));
                 }
@@ -1571,7 +1827,10 @@ mod tests {
             gone.ips = vec![vec![10, 0, 2, 30]];
             s.workloads.push(gone);
         });
-        assert_eq!(index.services()[0].2 + index.services()[1].2, 3);
+        assert_eq!(
+            index.services()[0].endpoints + index.services()[1].endpoints,
+            3
+        );
         // Two pods swap addresses in one delta: not a conflict.
         let index = apply_both(&index, &mut reference, |s| {
             let a = s.workloads[1].ips.clone();

@@ -124,6 +124,7 @@ impl AdminState {
                         mesh_core::index::NetnsSource::Path(p) => p.clone(),
                         mesh_core::index::NetnsSource::Agent => "from ctrl-agent (CNI)".into(),
                     },
+                    "waypoint": w.waypoint.as_deref().map(ToString::to_string),
                 })
             })
             .collect();
@@ -140,14 +141,18 @@ impl AdminState {
             .collect();
         identities.sort_by(|a, b| a["identity"].as_str().cmp(&b["identity"].as_str()));
         let mut services = index.services();
-        services.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
+        services.sort_by(|a, b| {
+            (&a.name.namespace, &a.name.name).cmp(&(&b.name.namespace, &b.name.name))
+        });
         let services: Vec<Value> = services
             .into_iter()
-            .map(|(name, vips, endpoints)| {
+            .map(|s| {
                 json!({
-                    "name": name.name, "namespace": name.namespace, "hostname": name.hostname,
-                    "vips": vips.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                    "endpoints": endpoints,
+                    "name": s.name.name, "namespace": s.name.namespace,
+                    "hostname": s.name.hostname,
+                    "vips": s.frontends.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "endpoints": s.endpoints,
+                    "waypoint": s.waypoint.map(|w| w.to_string()),
                 })
             })
             .collect();

@@ -550,6 +550,7 @@ mod tests {
             canonical_service: name.into(),
             canonical_revision: "latest".into(),
             workload_name: name.into(),
+            waypoint: None,
         }
     }
 

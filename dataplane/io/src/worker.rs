@@ -217,6 +217,8 @@ enum Refusal {
     NoNamespace(String),
     #[error("service {0} has no endpoints")]
     NoEndpoint(SocketAddr),
+    #[error("waypoint {0} has no pod to send to")]
+    NoWaypoint(SocketAddr),
     #[error("source has no address of the tunnel's family")]
     NoSourceAddress,
     #[error("TLS setup: {0}")]
@@ -243,7 +245,9 @@ impl Refusal {
         match self {
             Refusal::ClientFailed(_) => "DC",
             Refusal::Peer(ConnectOutcome::Denied) => "DENY",
-            Refusal::Peer(ConnectOutcome::NoUpstream) | Refusal::NoEndpoint(_) => "UH",
+            Refusal::Peer(ConnectOutcome::NoUpstream)
+            | Refusal::NoEndpoint(_)
+            | Refusal::NoWaypoint(_) => "UH",
             Refusal::UnknownSource(_) | Refusal::NoNamespace(_) | Refusal::NoSourceAddress => "NR",
             _ => "UF",
         }
@@ -255,9 +259,9 @@ impl Refusal {
             Refusal::Connect(_, e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 Reply::ConnectionRefused
             }
-            Refusal::Peer(ConnectOutcome::NoUpstream) | Refusal::NoEndpoint(_) => {
-                Reply::HostUnreachable
-            }
+            Refusal::Peer(ConnectOutcome::NoUpstream)
+            | Refusal::NoEndpoint(_)
+            | Refusal::NoWaypoint(_) => Reply::HostUnreachable,
             _ => Reply::GeneralFailure,
         }
     }
@@ -1065,6 +1069,7 @@ impl Worker {
                 Ok(Upstream::Tcp(remote))
             }
             Route::NoEndpoint { service } => Err(Refusal::NoEndpoint(service)),
+            Route::NoWaypoint { waypoint } => Err(Refusal::NoWaypoint(waypoint)),
         }
     }
 
@@ -1490,7 +1495,7 @@ fn outbound_labels<'a>(source: Option<&'a Workload>, route: Route<'a>) -> Labels
             service,
             ..
         } => (PeerRef::workload(destination), service, Security::MutualTls),
-        Route::Passthrough { .. } | Route::NoEndpoint { .. } => {
+        Route::Passthrough { .. } | Route::NoEndpoint { .. } | Route::NoWaypoint { .. } => {
             (PeerRef::UNKNOWN, None, Security::None)
         }
     };

@@ -161,6 +161,28 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// The value of the first series of `family` whose labels include every one of `labels`.
+pub fn series(text: &str, family: &str, labels: &[(&str, &str)]) -> Option<u64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Node `node`'s metrics, as Prometheus scrapes them.
+pub fn scrape(lab: &Lab, node: usize) -> String {
+    let (status, body) = lab
+        .http_get(node, 15020, "/stats/prometheus")
+        .expect("scrape");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
 /// An HBONE client speaking to node 2's data plane directly from node 1's namespace, with a
 /// certificate from the lab's CA: for requests a well-behaved peer would not send.
 pub mod raw_hbone {
@@ -248,25 +270,45 @@ pub mod raw_hbone {
         }
     }
 
-    pub fn client_config(lab: &Lab, client: Client) -> Arc<rustls::ClientConfig> {
+    /// A certificate for `id` from the lab's mesh CA, valid from `from` until `until`, with
+    /// the mesh's trust bundle.
+    pub fn mesh_identity_between(
+        lab: &Lab,
+        id: &str,
+        from: SystemTime,
+        until: SystemTime,
+    ) -> (mesh_snapshot::schema::Identity, mesh_io::tls::TrustBundle) {
         let ca = ctrl_agent::ca::LocalCa::load(
             &lab.mesh_ca_dir().join("ca-cert.pem"),
             &lab.mesh_ca_dir().join("ca-key.pem"),
         )
         .expect("lab CA");
+        let spiffe: SpiffeId = id.parse().expect("id");
+        let cert = ca.issue_between(&spiffe, from, until).expect("issue");
+        let identity = mesh_snapshot::schema::Identity {
+            spiffe_id: spiffe.to_string(),
+            cert_chain: cert.chain,
+            private_key: cert.key_pkcs8,
+            ..Default::default()
+        };
+        let trust = mesh_io::tls::TrustBundle::new(&[ca.root_der().to_vec()]).expect("trust");
+        (identity, trust)
+    }
+
+    /// A certificate for `id` from the lab's mesh CA, valid from a minute ago for an hour.
+    pub fn mesh_identity(
+        lab: &Lab,
+        id: &str,
+    ) -> (mesh_snapshot::schema::Identity, mesh_io::tls::TrustBundle) {
         let now = SystemTime::now();
-        let (id, cert) = match client {
-            Client::Mesh(id) => {
-                let spiffe: SpiffeId = id.parse().expect("id");
-                (spiffe.clone(), ca.issue(&spiffe, now, HOUR).expect("issue"))
-            }
-            Client::Expired(id) => {
-                let spiffe: SpiffeId = id.parse().expect("id");
-                let cert = ca
-                    .issue_between(&spiffe, now - 2 * HOUR, now - HOUR)
-                    .expect("issue");
-                (spiffe, cert)
-            }
+        mesh_identity_between(lab, id, now - Duration::from_secs(60), now + HOUR)
+    }
+
+    pub fn client_config(lab: &Lab, client: Client) -> Arc<rustls::ClientConfig> {
+        let now = SystemTime::now();
+        let (identity, trust) = match client {
+            Client::Mesh(id) => mesh_identity(lab, id),
+            Client::Expired(id) => mesh_identity_between(lab, id, now - 2 * HOUR, now - HOUR),
             Client::Anonymous => {
                 let provider = mesh_io::tls::provider();
                 let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -279,13 +321,6 @@ pub mod raw_hbone {
                 return Arc::new(config);
             }
         };
-        let identity = mesh_snapshot::schema::Identity {
-            spiffe_id: id.to_string(),
-            cert_chain: cert.chain,
-            private_key: cert.key_pkcs8,
-            ..Default::default()
-        };
-        let trust = mesh_io::tls::TrustBundle::new(&[ca.root_der().to_vec()]).expect("trust");
         let server: SpiffeId = "spiffe://cluster.local/ns/default/sa/default"
             .parse()
             .expect("id");
