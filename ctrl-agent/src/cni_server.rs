@@ -5,9 +5,15 @@
 //!   them on connect, then each change.
 //!
 //! Both run on threads of their own and share state with the main loop under one lock.
+//!
+//! ADD of a captured pod is answered once the data plane listens in the pod (as istio-cni
+//! waits for ztunnel's ack): an application that starts right after would otherwise have its
+//! first connections redirected to ports no one listens on yet, and refused.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use mesh_io::ipc::{Channel, Listener};
 use mesh_io::netns::NetNs;
@@ -31,7 +37,17 @@ pub fn start(
         .name("cni-server".into())
         .spawn(move || loop {
             match cni.accept() {
-                Ok(channel) => serve_cni(&cni_shared, &wake, &channel),
+                // A plugin invocation per thread: an ADD waiting for the data plane holds up
+                // no other pod.
+                Ok(channel) => {
+                    let (shared, wake) = (cni_shared.clone(), wake.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("cni-call".into())
+                        .spawn(move || serve_cni(&shared, &wake, &channel));
+                    if let Err(e) = spawned {
+                        tracing::warn!(error = %e, "cannot start a thread for a CNI call");
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "CNI socket accept failed"),
             }
         })?;
@@ -64,12 +80,17 @@ fn serve_cni(shared: &SharedState, wake: &mpsc::Sender<()>, channel: &Channel) {
                 return;
             }
         };
-        let reply = {
+        let (mut reply, serving) = {
             let mut state = lock(shared);
             handle(&mut state, request, fds.pop())
         };
         if reply == Reply::Done {
             let _ = wake.send(());
+        }
+        // Outside the lock: the agent publishes the pod meanwhile, and the data plane opens
+        // its listeners once it has both the pod and its namespace.
+        if let Some(netns) = serving {
+            reply = await_listeners(&netns, LISTENERS_WAIT);
         }
         if channel.send_json(&reply, &[]).is_err() {
             return;
@@ -77,9 +98,20 @@ fn serve_cni(shared: &SharedState, wake: &mpsc::Sender<()>, channel: &Channel) {
     }
 }
 
-fn handle(state: &mut Shared, request: Request, netns_fd: Option<std::os::fd::OwnedFd>) -> Reply {
+/// How long ADD of a captured pod waits for the data plane's listeners in it. Far more than
+/// a publication and an adoption take (milliseconds); what runs out is a data plane that is
+/// not running, and the runtime retries the ADD.
+pub const LISTENERS_WAIT: Duration = Duration::from_secs(10);
+
+/// Answers a request; with the namespace of a newly captured pod whose ADD is to wait for the
+/// data plane's listeners.
+fn handle(
+    state: &mut Shared,
+    request: Request,
+    netns_fd: Option<std::os::fd::OwnedFd>,
+) -> (Reply, Option<NetNs>) {
     let node = state.node.clone();
-    match request {
+    let reply = match request {
         Request::Decide { namespace, name } => match &state.config {
             None => Reply::NotYet {
                 reason: "the agent has no configuration yet".into(),
@@ -102,46 +134,16 @@ fn handle(state: &mut Shared, request: Request, netns_fd: Option<std::os::fd::Ow
             netns_path,
             captured,
         } => {
-            let Some(fd) = netns_fd else {
-                return Reply::Refused {
-                    reason: "no network namespace descriptor came with the request".into(),
-                };
-            };
-            let netns = NetNs::from_fd(fd, netns_path.clone());
-            let decision = match &state.config {
-                Some(config) => enroll::decide(config, &node, &pod.namespace, &pod.name),
-                None => Capture::NotYet("the agent has no configuration yet".into()),
-            };
-            // The labels may have changed since the plugin asked: follow them now.
-            let want = match decision {
-                Capture::Yes => true,
-                Capture::No(_) => false,
-                Capture::NotYet(reason) => return Reply::NotYet { reason },
-            };
-            if want != captured {
-                let result = if want {
-                    mesh_io::redirect::install(&netns)
-                } else {
-                    mesh_io::redirect::remove(&netns)
-                };
-                if let Err(e) = result {
-                    return Reply::Refused {
-                        reason: format!("adjusting capture rules: {e}"),
-                    };
-                }
-            }
-            tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name),
-                container = %pod.container_id, captured = want, ?ips, "sandbox enrolled");
-            let previous = state.enrollments.insert(Enrolled {
-                pod,
-                ips,
-                netns_path,
-                netns,
-                captured: want,
-            });
-            drop(previous);
-            finish_change(state);
-            Reply::Done
+            return add(
+                state,
+                Enrolling {
+                    pod,
+                    ips,
+                    netns_path,
+                    captured,
+                },
+                netns_fd,
+            )
         }
         Request::Remove { pod } => {
             if let Some(gone) = state.enrollments.remove(&pod.container_id) {
@@ -175,7 +177,146 @@ fn handle(state: &mut Shared, request: Request, netns_fd: Option<std::os::fd::Ow
                 rules: None,
             },
         },
+    };
+    (reply, None)
+}
+
+/// An ADD's request.
+struct Enrolling {
+    pod: crate::cni_api::PodRef,
+    ips: Vec<std::net::IpAddr>,
+    netns_path: String,
+    captured: bool,
+}
+
+/// Enrolls a sandbox: follows the pod's labels (capture rules installed or removed), records
+/// it and hands the data planes the new set. A captured pod's namespace comes back for the
+/// caller to wait on.
+fn add(
+    state: &mut Shared,
+    request: Enrolling,
+    netns_fd: Option<std::os::fd::OwnedFd>,
+) -> (Reply, Option<NetNs>) {
+    let Enrolling {
+        pod,
+        ips,
+        netns_path,
+        captured,
+    } = request;
+    let Some(fd) = netns_fd else {
+        let reason = "no network namespace descriptor came with the request".into();
+        return (Reply::Refused { reason }, None);
+    };
+    let netns = NetNs::from_fd(fd, netns_path.clone());
+    let decision = match &state.config {
+        Some(config) => enroll::decide(config, &state.node, &pod.namespace, &pod.name),
+        None => Capture::NotYet("the agent has no configuration yet".into()),
+    };
+    // The labels may have changed since the plugin asked: follow them now.
+    let want = match decision {
+        Capture::Yes => true,
+        Capture::No(_) => false,
+        Capture::NotYet(reason) => return (Reply::NotYet { reason }, None),
+    };
+    if want != captured {
+        let result = if want {
+            mesh_io::redirect::install(&netns)
+        } else {
+            mesh_io::redirect::remove(&netns)
+        };
+        if let Err(e) = result {
+            let reason = format!("adjusting capture rules: {e}");
+            return (Reply::Refused { reason }, None);
+        }
     }
+    tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name),
+        container = %pod.container_id, captured = want, ?ips, "sandbox enrolled");
+    let serving = if want {
+        match netns.try_clone() {
+            Ok(clone) => Some(clone),
+            Err(e) => {
+                tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e,
+                    "cannot keep the pod's namespace to wait for its listeners");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let previous = state.enrollments.insert(Enrolled {
+        pod,
+        ips,
+        netns_path,
+        netns,
+        captured: want,
+    });
+    drop(previous);
+    finish_change(state);
+    (Reply::Done, serving)
+}
+
+/// Waits until the data plane listens in `netns` (all of its in-pod ports but SOCKS5, which
+/// is opt-in), up to `wait`. What the pod sends before would be refused.
+fn await_listeners(netns: &NetNs, wait: Duration) -> Reply {
+    let deadline = Instant::now() + wait;
+    let home = match NetNs::current() {
+        Ok(home) => home,
+        Err(e) => {
+            let reason = format!("cannot open this thread's own network namespace: {e}");
+            return Reply::Refused { reason };
+        }
+    };
+    let wanted = [
+        mesh_core::ports::OUTBOUND,
+        mesh_core::ports::INBOUND_PLAINTEXT,
+        mesh_core::ports::HBONE,
+    ];
+    loop {
+        match netns.run_in(&home, listening_ports) {
+            Ok(Ok(ports)) if wanted.iter().all(|p| ports.contains(p)) => return Reply::Done,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) | Err(e) => {
+                let reason = format!("cannot list the listeners in the pod's namespace: {e}");
+                return Reply::Refused { reason };
+            }
+        }
+        if Instant::now() >= deadline {
+            return Reply::NotYet {
+                reason: format!(
+                    "the data plane did not listen in the pod within {}s: is it running and \
+                     connected to the agent? (the capture rules are in place)",
+                    wait.as_secs()
+                ),
+            };
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The TCP ports something listens on in the calling thread's network namespace: its own
+/// view of /proc, both families (tcp6 is absent where IPv6 is off).
+fn listening_ports() -> std::io::Result<HashSet<u16>> {
+    let mut ports = HashSet::new();
+    for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+        let text = match std::fs::read_to_string(table) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        ports.extend(text.lines().skip(1).filter_map(listening_port));
+    }
+    Ok(ports)
+}
+
+/// The local port of a /proc/net/tcp line in state LISTEN (0A).
+fn listening_port(line: &str) -> Option<u16> {
+    let mut fields = line.split_whitespace();
+    let local = fields.nth(1)?;
+    let state = fields.nth(1)?;
+    if state != "0A" {
+        return None;
+    }
+    u16::from_str_radix(local.rsplit(':').next()?, 16).ok()
 }
 
 /// After an enrollment change: persist, let the node's probe SNAT cover the captured pods,
@@ -276,5 +417,33 @@ pub fn reconcile(state: &mut Shared) {
     } else {
         // Uids may have changed with the catalog.
         resync_all(state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_listening_sockets_count_with_their_local_port() {
+        // Lines as the kernel writes them: a listener on 0.0.0.0:15001, a connection from
+        // port 15006 (ESTABLISHED, 01), and an IPv6 listener on [::]:15008.
+        let header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode";
+        assert_eq!(listening_port(header), None);
+        let listener = "   0: 00000000:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0";
+        assert_eq!(listening_port(listener), Some(15001));
+        let connection = "   1: 0100007F:3A9E 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 4243 1 0000000000000000 20 4 30 10 -1";
+        assert_eq!(listening_port(connection), None);
+        let v6 = "   0: 00000000000000000000000000000000:3AA0 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4244 1 0000000000000000 100 0 0 10 0";
+        assert_eq!(listening_port(v6), Some(15008));
+    }
+
+    #[test]
+    fn a_listener_of_this_namespace_is_seen_and_goes_when_closed() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let port = listener.local_addr().expect("addr").port();
+        assert!(listening_ports().expect("ports").contains(&port));
+        drop(listener);
+        assert!(!listening_ports().expect("ports").contains(&port));
     }
 }

@@ -340,8 +340,14 @@ lab_test!(
         // of the removal and the return in one read: the pod, its address and its source of
         // namespace are unchanged, only the namespace is new.
         lab.signal_dataplane(0, "STOP").expect("SIGSTOP");
-        let recreated = lab.recreate_sandbox(&pod);
-        lab.signal_dataplane(0, "CONT").expect("SIGCONT");
+        // ADD answers once the data plane listens in the new namespace: it resumes while the
+        // ADD waits, after both changes reached it.
+        let recreated = std::thread::scope(|scope| {
+            let recreate = scope.spawn(|| lab.recreate_sandbox(&pod));
+            std::thread::sleep(Duration::from_secs(1));
+            lab.signal_dataplane(0, "CONT").expect("SIGCONT");
+            recreate.join().expect("recreate thread")
+        });
         let netns = recreated.expect("sandbox recreated");
         assert!(
             eventually(Duration::from_secs(10), || {
@@ -528,5 +534,63 @@ lab_test!(
             !host_probe_table_exists(&lab, 0),
             "the stopped agent removed its table"
         );
+    }
+);
+
+lab_test!(
+    add_answers_once_the_data_plane_listens_in_the_pod,
+    LabOptions::default(),
+    |mut lab| {
+        echo_server(&lab, "n2-a");
+        let pod = lab
+            .add_pod_unattached(0, "late", true, "default")
+            .expect("pod");
+        let sandbox = lab.sandbox(&pod);
+        // With node 1's data plane paused, nothing can serve the pod: ADD must not answer.
+        lab.signal_dataplane(0, "STOP").expect("SIGSTOP");
+        let (answered_early, added) = std::thread::scope(|scope| {
+            let add = scope.spawn(|| lab.cni(0).add(&sandbox));
+            std::thread::sleep(Duration::from_secs(2));
+            let early = add.is_finished();
+            lab.signal_dataplane(0, "CONT").expect("SIGCONT");
+            (early, add.join().expect("ADD thread"))
+        });
+        assert!(
+            !answered_early,
+            "ADD answered before the data plane listened in the pod"
+        );
+        added.expect("ADD succeeds once the data plane listens");
+        // So the pod's very first connection, made the moment ADD answered, is served.
+        let before = lab.total(1, "hbone_streams_accepted").expect("stats");
+        let mut first = lab
+            .connect_from("n1-late", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(roundtrip(&mut first, b"first").expect("echo"), b"first");
+        assert_eq!(
+            lab.total(1, "hbone_streams_accepted").expect("stats"),
+            before + 1,
+            "through the mesh"
+        );
+
+        // A data plane that does not come back in time: ADD gives up, retryably, saying why.
+        let other = lab
+            .add_pod_unattached(0, "later", true, "default")
+            .expect("pod");
+        lab.signal_dataplane(0, "STOP").expect("SIGSTOP");
+        let refused = lab.cni(0).add(&lab.sandbox(&other));
+        lab.signal_dataplane(0, "CONT").expect("SIGCONT");
+        let error = refused.expect_err("ADD without a data plane serving the pod");
+        assert_eq!(error.code, 11, "try again later: {error}");
+        assert!(
+            error.details.contains("did not listen in the pod"),
+            "{error}"
+        );
+        // As a runtime does after a failed ADD: DEL, then ADD again.
+        lab.cni(0).del(&lab.sandbox(&other)).expect("DEL");
+        lab.attach(&other).expect("ADD again");
+        let mut later = lab
+            .connect_from("n1-later", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(roundtrip(&mut later, b"later").expect("echo"), b"later");
     }
 );
