@@ -78,6 +78,8 @@ pub struct Shared {
     pub subscribers: Vec<mesh_io::ipc::Channel>,
     /// Enrollments changed since the last publish.
     pub dirty: bool,
+    /// Captured and released pods go here to be annotated (Kubernetes source only).
+    pub redirections: Option<crate::kube_source::redirection::RedirectionSender>,
 }
 
 pub type SharedState = Arc<Mutex<Shared>>;
@@ -122,15 +124,24 @@ impl Agent {
         for why in dropped {
             tracing::warn!(%why, "forgetting an enrollment");
         }
+        let wake = mpsc::channel();
+        let source = Source::start(options.source.clone(), wake.0.clone())?;
         let shared = Arc::new(Mutex::new(Shared {
             node: options.node.clone(),
             config: None,
             enrollments,
             subscribers: Vec::new(),
             dirty: true,
+            redirections: source.redirections(),
         }));
-        let wake = mpsc::channel();
-        let source = Source::start(options.source.clone(), wake.0.clone())?;
+        {
+            // Pods captured before a restart are served still; their annotation is set again
+            // (idempotent), in case the last agent could not set it.
+            let state = lock(&shared);
+            for e in state.enrollments.iter().filter(|e| e.captured) {
+                crate::cni_server::mark_redirection(state.redirections.as_ref(), &e.pod, true);
+            }
+        }
         Ok(Agent {
             options,
             ca,

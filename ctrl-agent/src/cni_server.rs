@@ -20,8 +20,9 @@ use mesh_io::netns::NetNs;
 use mesh_snapshot::enrollment::NetnsUpdate;
 
 use crate::agent::{lock, Shared, SharedState};
-use crate::cni_api::{Reply, Request};
+use crate::cni_api::{PodRef, Reply, Request};
 use crate::enroll::{self, Capture, Enrolled};
+use crate::kube_source::redirection::{Redirection, RedirectionSender};
 
 /// Starts both servers on their own threads.
 pub fn start(
@@ -89,8 +90,11 @@ fn serve_cni(shared: &SharedState, wake: &mpsc::Sender<()>, channel: &Channel) {
         }
         // Outside the lock: the agent publishes the pod meanwhile, and the data plane opens
         // its listeners once it has both the pod and its namespace.
-        if let Some(netns) = serving {
-            reply = await_listeners(&netns, LISTENERS_WAIT);
+        if let Some(waiting) = serving {
+            reply = await_listeners(&waiting.netns, LISTENERS_WAIT);
+            if reply == Reply::Done {
+                mark_redirection(waiting.redirections.as_ref(), &waiting.pod, true);
+            }
         }
         if channel.send_json(&reply, &[]).is_err() {
             return;
@@ -103,13 +107,30 @@ fn serve_cni(shared: &SharedState, wake: &mpsc::Sender<()>, channel: &Channel) {
 /// not running, and the runtime retries the ADD.
 pub const LISTENERS_WAIT: Duration = Duration::from_secs(10);
 
-/// Answers a request; with the namespace of a newly captured pod whose ADD is to wait for the
-/// data plane's listeners.
+/// A captured pod whose ADD waits for the data plane's listeners, and is then annotated.
+struct Waiting {
+    netns: NetNs,
+    pod: PodRef,
+    redirections: Option<RedirectionSender>,
+}
+
+/// Tells the Kubernetes source (if the agent has one) to annotate `pod` as captured or not.
+pub fn mark_redirection(redirections: Option<&RedirectionSender>, pod: &PodRef, enabled: bool) {
+    if let Some(redirections) = redirections {
+        let _ = redirections.send(Redirection {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            enabled,
+        });
+    }
+}
+
+/// Answers a request; for a newly captured pod, what its ADD waits for before answering.
 fn handle(
     state: &mut Shared,
     request: Request,
     netns_fd: Option<std::os::fd::OwnedFd>,
-) -> (Reply, Option<NetNs>) {
+) -> (Reply, Option<Waiting>) {
     let node = state.node.clone();
     let reply = match request {
         Request::Decide { namespace, name } => match &state.config {
@@ -183,20 +204,20 @@ fn handle(
 
 /// An ADD's request.
 struct Enrolling {
-    pod: crate::cni_api::PodRef,
+    pod: PodRef,
     ips: Vec<std::net::IpAddr>,
     netns_path: String,
     captured: bool,
 }
 
 /// Enrolls a sandbox: follows the pod's labels (capture rules installed or removed), records
-/// it and hands the data planes the new set. A captured pod's namespace comes back for the
-/// caller to wait on.
+/// it and hands the data planes the new set. A captured pod comes back for the caller to wait
+/// on.
 fn add(
     state: &mut Shared,
     request: Enrolling,
     netns_fd: Option<std::os::fd::OwnedFd>,
-) -> (Reply, Option<NetNs>) {
+) -> (Reply, Option<Waiting>) {
     let Enrolling {
         pod,
         ips,
@@ -233,7 +254,11 @@ fn add(
         container = %pod.container_id, captured = want, ?ips, "sandbox enrolled");
     let serving = if want {
         match netns.try_clone() {
-            Ok(clone) => Some(clone),
+            Ok(clone) => Some(Waiting {
+                netns: clone,
+                pod: pod.clone(),
+                redirections: state.redirections.clone(),
+            }),
             Err(e) => {
                 tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e,
                     "cannot keep the pod's namespace to wait for its listeners");
@@ -407,6 +432,7 @@ pub fn reconcile(state: &mut Shared) {
                     captured = want, "labels changed: capture updated in place");
                 e.captured = want;
                 changed = true;
+                mark_redirection(state.redirections.as_ref(), &e.pod, want);
             }
             Err(error) => tracing::error!(pod = %format!("{}/{}", e.pod.namespace, e.pod.name),
                 %error, "labels changed but the capture rules could not follow"),

@@ -27,6 +27,7 @@
 //! synchronous.
 
 pub mod model;
+pub mod redirection;
 pub mod world;
 
 use std::collections::BTreeSet;
@@ -89,13 +90,15 @@ impl Handoff {
 }
 
 /// Starts the watchers on their own thread. Each new model goes to `handoff`, and `wake`
-/// tells the agent loop to take it. The client is built here, so that a configuration it
+/// tells the agent loop to take it; pods' redirection changes are annotated on the same
+/// thread. The client is built here, so that a configuration it
 /// cannot use (a bad certificate, say) stops the agent's start with the reason, rather than
 /// leaving a thread that never hands anything over.
 pub fn start(
     options: KubeOptions,
     handoff: Arc<Handoff>,
     wake: mpsc::Sender<()>,
+    redirections: redirection::RedirectionReceiver,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -109,7 +112,12 @@ pub fn start(
     };
     std::thread::Builder::new()
         .name("kube-source".into())
-        .spawn(move || runtime.block_on(run(client, options, handoff, wake)))
+        .spawn(move || {
+            runtime.block_on(async move {
+                tokio::spawn(redirection::annotate(client.clone(), redirections));
+                run(client, options, handoff, wake).await;
+            })
+        })
 }
 
 async fn run(client: Client, options: KubeOptions, handoff: Arc<Handoff>, wake: mpsc::Sender<()>) {

@@ -7,6 +7,7 @@ use std::sync::{mpsc, Arc};
 
 use crate::agent::AgentError;
 use crate::config::FileConfig;
+use crate::kube_source::redirection::RedirectionSender;
 use crate::kube_source::{self, Handoff, KubeOptions};
 
 #[derive(Clone, Debug)]
@@ -26,6 +27,8 @@ pub enum Source {
     Kube {
         handoff: Arc<Handoff>,
         cluster: String,
+        /// Captured pods to annotate as Istio's CNI does.
+        redirections: RedirectionSender,
     },
 }
 
@@ -41,9 +44,24 @@ impl Source {
             SourceOptions::Kube(options) => {
                 let cluster = options.client.cluster_url.to_string();
                 let handoff = Arc::new(Handoff::default());
-                kube_source::start(*options, handoff.clone(), wake).map_err(AgentError::Start)?;
-                Ok(Source::Kube { handoff, cluster })
+                let (redirections, to_annotate) = tokio::sync::mpsc::unbounded_channel();
+                kube_source::start(*options, handoff.clone(), wake, to_annotate)
+                    .map_err(AgentError::Start)?;
+                Ok(Source::Kube {
+                    handoff,
+                    cluster,
+                    redirections,
+                })
             }
+        }
+    }
+
+    /// Where captured pods' redirection annotations go: the cluster's API server, if the
+    /// source is one.
+    pub fn redirections(&self) -> Option<RedirectionSender> {
+        match self {
+            Source::File { .. } => None,
+            Source::Kube { redirections, .. } => Some(redirections.clone()),
         }
     }
 

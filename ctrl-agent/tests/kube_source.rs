@@ -17,7 +17,7 @@ use mesh_snapshot::delta::{self, State};
 use mesh_snapshot::schema::{Protocol, Snapshot};
 use mesh_snapshot::test_support::ScratchDir;
 use mesh_snapshot::{ReadOutcome, Subscriber};
-use serde_json::json;
+use serde_json::{json, Value};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -97,10 +97,35 @@ struct Agent {
 
 impl Agent {
     fn start(server: &FakeApiServer) -> Agent {
-        let dir = ScratchDir::new().expect("scratch dir");
+        Agent::launch(server, false, ScratchDir::new().expect("scratch dir"))
+    }
+
+    /// With its CNI sockets in its scratch directory (and no probe SNAT table: the test runs
+    /// in the machine's own namespace).
+    fn start_with_cni(server: &FakeApiServer) -> Agent {
+        Agent::launch(server, true, ScratchDir::new().expect("scratch dir"))
+    }
+
+    /// Stops the process and starts it again on the same state, sockets and snapshot.
+    fn restart_with_cni(mut self, server: &FakeApiServer) -> Agent {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, ScratchDir::new().expect("scratch dir"));
+        Agent::launch(server, true, dir)
+    }
+
+    fn cni_socket(&self) -> std::path::PathBuf {
+        self.dir.path().join("cni.sock")
+    }
+
+    fn launch(server: &FakeApiServer, cni: bool, dir: ScratchDir) -> Agent {
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, server.kubeconfig()).expect("kubeconfig");
-        let log = std::fs::File::create(dir.path().join("agent.log")).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("agent.log"))
+            .expect("log file");
         let snapshot = dir.path().join("snapshot");
         let child = Command::new(env!("CARGO_BIN_EXE_ctrl-agent"))
             .args([
@@ -117,6 +142,17 @@ impl Agent {
             .arg(dir.path().join("ca"))
             .arg("--state-dir")
             .arg(dir.path().join("state"))
+            .args(if cni {
+                vec![
+                    "--cni-socket".into(),
+                    dir.path().join("cni.sock").into_os_string(),
+                    "--netns-socket".into(),
+                    dir.path().join("netns.sock").into_os_string(),
+                    "--host-probe-snat=false".into(),
+                ]
+            } else {
+                Vec::new()
+            })
             .env("KUBECONFIG", &kubeconfig)
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env_remove("CTRL_AGENT_CONFIG")
@@ -601,4 +637,143 @@ fn without_istio_security_crds_the_cluster_is_published_with_no_policies() {
     agent.until("the policies", |s| {
         s.policies.len() == 1 && s.peer_authentications.len() == 1
     });
+}
+
+/// A network namespace for a pod's sandbox (`ip netns add`: root, as CI runs), removed when
+/// dropped.
+struct PodNamespace {
+    name: String,
+}
+
+impl PodNamespace {
+    fn new() -> PodNamespace {
+        let name = format!("ctrl-agent-test-{}", std::process::id());
+        let status = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip netns add (the test needs root and iproute2)");
+        assert!(status.success(), "ip netns add {name}");
+        PodNamespace { name }
+    }
+
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+}
+
+impl Drop for PodNamespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
+    }
+}
+
+/// The redirection annotation of a stored pod.
+fn redirection(server: &FakeApiServer, key: &str) -> Option<String> {
+    let pod = server.object(PODS, key)?;
+    pod["metadata"]["annotations"]["ambient.istio.io/redirection"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// As istio-cni does: a pod is annotated `ambient.istio.io/redirection: enabled` once its
+/// ADD is answered (the data plane listens in it), and the annotation is removed when a
+/// label change releases it in place. The data plane's listeners are opened by the test in
+/// the pod's namespace, on the ports the data plane uses.
+#[test]
+fn a_captured_pod_is_annotated_as_istio_cni_does_and_unannotated_when_released() {
+    use ctrl_agent::cni_api::{PodRef, Reply, Request};
+    use mesh_io::ipc::Channel;
+    use mesh_io::netns::NetNs;
+
+    let server = FakeApiServer::start();
+    baseline(&server);
+    let mut agent = Agent::start_with_cni(&server);
+    agent.until("the cluster", |s| workload_names(s).contains(&"cart"));
+    let sandbox = PodNamespace::new();
+    let netns = NetNs::open(sandbox.path()).expect("open the pod's namespace");
+    let home = NetNs::current().expect("own namespace");
+    let _listeners: Vec<std::net::TcpListener> = [15001, 15006, 15008]
+        .into_iter()
+        .map(|port| {
+            netns
+                .run_in(&home, || std::net::TcpListener::bind(("0.0.0.0", port)))
+                .expect("enter")
+                .expect("listen")
+        })
+        .collect();
+
+    let channel = Channel::connect(&agent.cni_socket()).expect("the agent's CNI socket");
+    let add = Request::Add {
+        pod: PodRef {
+            container_id: "sandbox-1".into(),
+            namespace: "shop".into(),
+            name: "cart".into(),
+        },
+        ips: vec!["10.0.0.1".parse().expect("ip")],
+        netns_path: sandbox.path(),
+        captured: false,
+    };
+    channel.send_json(&add, &[netns.fd()]).expect("send ADD");
+    let (reply, _) = channel
+        .recv_json::<Reply>()
+        .expect("reply")
+        .expect("an answer");
+    assert_eq!(reply, Reply::Done, "{}", agent.log());
+    server.wait_for("the annotation", TIMEOUT, |s| {
+        redirection(s, "shop/cart").as_deref() == Some("enabled")
+    });
+    assert_eq!(
+        redirection(&server, "shop/web"),
+        None,
+        "only the pod captured"
+    );
+
+    // An annotation lost (a patch that never made it): a restarted agent sets it again for
+    // the pods it still captures.
+    server.apply(
+        PODS,
+        objects::pod(
+            "shop",
+            "cart",
+            "uid-cart",
+            "node-1",
+            &["10.0.0.1"],
+            json!({}),
+        ),
+    );
+    assert_eq!(redirection(&server, "shop/cart"), None);
+    let mut agent = agent.restart_with_cni(&server);
+    server.wait_for("the annotation after a restart", TIMEOUT, |s| {
+        redirection(s, "shop/cart").as_deref() == Some("enabled")
+    });
+    agent.until("the cluster", |s| workload_names(s).contains(&"cart"));
+
+    // Opted out by a label: released in place, and the annotation goes (the API server
+    // keeps other annotations across a label change, as the object here does).
+    let mut opted_out = objects::pod(
+        "shop",
+        "cart",
+        "uid-cart",
+        "node-1",
+        &["10.0.0.1"],
+        json!({"istio.io/dataplane-mode": "none"}),
+    );
+    opted_out["metadata"]["annotations"]["ambient.istio.io/redirection"] = json!("enabled");
+    server.apply(PODS, opted_out);
+    server.wait_for("the annotation's removal", TIMEOUT, |s| {
+        redirection(s, "shop/cart").is_none()
+    });
+    let cart_patches: Vec<Value> = server
+        .patches()
+        .into_iter()
+        .filter(|(pod, _)| pod == "shop/cart")
+        .map(|(_, patch)| patch["metadata"]["annotations"]["ambient.istio.io/redirection"].clone())
+        .collect();
+    assert_eq!(
+        cart_patches,
+        [json!("enabled"), json!("enabled"), Value::Null],
+        "merge patches: set, set again after the restart, then removed with null"
+    );
 }

@@ -1381,7 +1381,9 @@ impl Watching {
         adjust(&mut options);
         let handoff = Arc::new(Handoff::default());
         let (tx, wake) = mpsc::channel();
-        start(options, handoff.clone(), tx).expect("start");
+        // Nothing is captured here: no pod is annotated.
+        let (_, no_redirections) = tokio::sync::mpsc::unbounded_channel();
+        start(options, handoff.clone(), tx, no_redirections).expect("start");
         Watching { handoff, wake }
     }
 
@@ -1856,10 +1858,12 @@ fn a_client_configuration_that_cannot_be_used_fails_the_start_with_the_reason() 
     let mut client = kube::Config::new("https://10.0.0.1:443".parse().expect("url"));
     client.root_cert = Some(vec![b"not a certificate".to_vec()]);
     let (tx, _wake) = mpsc::channel();
+    let (_, no_redirections) = tokio::sync::mpsc::unbounded_channel();
     let error = start(
         KubeOptions::new(client, options()),
         Arc::new(Handoff::default()),
         tx,
+        no_redirections,
     )
     .expect_err("a root certificate that does not parse");
     assert!(

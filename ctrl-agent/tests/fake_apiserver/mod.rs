@@ -13,6 +13,9 @@
 //!   `/apis/<group>/<version>` an `APIResourceList`), each a 404 when it serves no
 //!   collection. A collection can be served at another version of its group than its path's
 //!   (which then 404s), as an Istio before 1.22 serves its security kinds at v1beta1 only.
+//! - `PATCH /api/v1/namespaces/<ns>/pods/<name>` with a JSON merge patch: applied to the
+//!   stored pod (a `MODIFIED` event), a 404 `Status` for a pod that does not exist, a 415 for
+//!   another patch type.
 //!
 //! Tests drive it: apply and delete objects (each a watch event), delete without an event
 //! and compact (a gap the watchers did not see), send bookmarks, cut open watches, expire
@@ -85,6 +88,8 @@ struct State {
     collections: BTreeMap<String, Collection>,
     /// Every request: (path, query parameters).
     requests: Vec<(String, BTreeMap<String, String>)>,
+    /// Every patch: (namespace/name, patch).
+    patches: Vec<(String, Value)>,
 }
 
 struct Inner {
@@ -187,6 +192,16 @@ impl FakeApiServer {
             c.log.push((rv, kind.into(), object));
         });
         rv
+    }
+
+    /// The stored object `key` (namespace/name) of `path`.
+    pub fn object(&self, path: &str, key: &str) -> Option<Value> {
+        self.lock().collections[path].objects.get(key).cloned()
+    }
+
+    /// The pod patches received, in order: (namespace/name, patch).
+    pub fn patches(&self) -> Vec<(String, Value)> {
+        self.lock().patches.clone()
     }
 
     /// Deletes an object: DELETED to watchers.
@@ -380,14 +395,20 @@ fn serve(inner: &Inner, mut stream: TcpStream) {
     if reader.read_line(&mut request_line).is_err() {
         return;
     }
+    let mut headers = BTreeMap::new();
     loop {
         let mut header = String::new();
         match reader.read_line(&mut header) {
             Ok(0) | Err(_) => return,
             Ok(_) if header == "\r\n" || header == "\n" => break,
-            Ok(_) => {}
+            Ok(_) => {
+                if let Some((name, value)) = header.split_once(':') {
+                    headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_owned());
+                }
+            }
         }
     }
+    let method = request_line.split_whitespace().next().unwrap_or("GET");
     let target = request_line.split_whitespace().nth(1).unwrap_or("/");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let query: BTreeMap<String, String> = query
@@ -398,6 +419,20 @@ fn serve(inner: &Inner, mut stream: TcpStream) {
             (k.to_owned(), v.to_owned())
         })
         .collect();
+    if method == "PATCH" {
+        let length = headers
+            .get("content-length")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; length];
+        if std::io::Read::read_exact(&mut reader, &mut body).is_err() {
+            return;
+        }
+        let content_type = headers.get("content-type").cloned().unwrap_or_default();
+        let (code, answer) = patch(inner, path, &content_type, &body);
+        let text = if code == 200 { "OK" } else { "Error" };
+        return respond(&mut stream, code, text, &answer);
+    }
     let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
     let delay = {
         let mut s = inner.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -434,6 +469,66 @@ fn serve(inner: &Inner, mut stream: TcpStream) {
         });
         drop(s);
         respond(&mut stream, 200, "OK", &body);
+    }
+}
+
+/// A JSON merge patch (RFC 7386) of a pod, as `kubectl annotate` and kube's
+/// `Patch::Merge` send it: applied to the stored object, which watchers see MODIFIED.
+fn patch(inner: &Inner, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+    if content_type != "application/merge-patch+json" {
+        let message = format!("the body of the request was in an unknown format: {content_type}");
+        return (415, status(415, "UnsupportedMediaType", &message));
+    }
+    let Ok(change) = serde_json::from_slice::<Value>(body) else {
+        return (400, status(400, "BadRequest", "the patch is not JSON"));
+    };
+    let Some(key) = path
+        .strip_prefix("/api/v1/namespaces/")
+        .and_then(|rest| rest.split_once("/pods/"))
+        .map(|(ns, name)| format!("{ns}/{name}"))
+    else {
+        return (
+            405,
+            status(405, "MethodNotAllowed", "only pods are patched here"),
+        );
+    };
+    let mut s = inner.state.lock().unwrap_or_else(|e| e.into_inner());
+    s.patches.push((key.clone(), change.clone()));
+    let Some(mut object) = s.collections[PODS].objects.get(&key).cloned() else {
+        return (
+            404,
+            status(404, "NotFound", &format!("pods \"{key}\" not found")),
+        );
+    };
+    merge(&mut object, &change);
+    s.revision += 1;
+    let rv = s.revision;
+    object["metadata"]["resourceVersion"] = rv.to_string().into();
+    let c = s.collections.get_mut(PODS).expect("pods");
+    c.objects.insert(key, object.clone());
+    c.log.push((rv, "MODIFIED".into(), object.clone()));
+    drop(s);
+    inner.changed.notify_all();
+    (200, object)
+}
+
+/// RFC 7386: objects merge key by key, null removes, anything else replaces.
+fn merge(target: &mut Value, change: &Value) {
+    let Value::Object(fields) = change else {
+        *target = change.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    for (key, value) in fields {
+        if value.is_null() {
+            if let Some(map) = target.as_object_mut() {
+                map.remove(key);
+            }
+        } else {
+            merge(&mut target[key.as_str()], value);
+        }
     }
 }
 
