@@ -80,6 +80,8 @@ pub struct Shared {
     pub dirty: bool,
     /// Captured and released pods go here to be annotated (Kubernetes source only).
     pub redirections: Option<crate::kube_source::redirection::RedirectionSender>,
+    /// Sandboxes whose ADD waits for the data plane's listeners: annotated once served.
+    pub awaiting: std::collections::HashSet<String>,
 }
 
 pub type SharedState = Arc<Mutex<Shared>>;
@@ -133,15 +135,8 @@ impl Agent {
             subscribers: Vec::new(),
             dirty: true,
             redirections: source.redirections(),
+            awaiting: Default::default(),
         }));
-        {
-            // Pods captured before a restart are served still; their annotation is set again
-            // (idempotent), in case the last agent could not set it.
-            let state = lock(&shared);
-            for e in state.enrollments.iter().filter(|e| e.captured) {
-                crate::cni_server::mark_redirection(state.redirections.as_ref(), &e.pod, true);
-            }
-        }
         Ok(Agent {
             options,
             ca,

@@ -92,8 +92,17 @@ fn serve_cni(shared: &SharedState, wake: &mpsc::Sender<()>, channel: &Channel) {
         // its listeners once it has both the pod and its namespace.
         if let Some(waiting) = serving {
             reply = await_listeners(&waiting.netns, LISTENERS_WAIT);
-            if reply == Reply::Done {
-                mark_redirection(waiting.redirections.as_ref(), &waiting.pod, true);
+            // Under the lock, and only if the sandbox is captured still: a label change may
+            // have released it during the wait (and asked for the annotation's removal, which
+            // must stay the last word).
+            let mut state = lock(shared);
+            state.awaiting.remove(&waiting.pod.container_id);
+            let captured = state
+                .enrollments
+                .get(&waiting.pod.container_id)
+                .is_some_and(|e| e.captured);
+            if reply == Reply::Done && captured {
+                mark_redirection(state.redirections.as_ref(), &waiting.pod, true);
             }
         }
         if channel.send_json(&reply, &[]).is_err() {
@@ -111,11 +120,10 @@ pub const LISTENERS_WAIT: Duration = Duration::from_secs(10);
 struct Waiting {
     netns: NetNs,
     pod: PodRef,
-    redirections: Option<RedirectionSender>,
 }
 
 /// Tells the Kubernetes source (if the agent has one) to annotate `pod` as captured or not.
-pub fn mark_redirection(redirections: Option<&RedirectionSender>, pod: &PodRef, enabled: bool) {
+fn mark_redirection(redirections: Option<&RedirectionSender>, pod: &PodRef, enabled: bool) {
     if let Some(redirections) = redirections {
         let _ = redirections.send(Redirection {
             namespace: pod.namespace.clone(),
@@ -254,11 +262,14 @@ fn add(
         container = %pod.container_id, captured = want, ?ips, "sandbox enrolled");
     let serving = if want {
         match netns.try_clone() {
-            Ok(clone) => Some(Waiting {
-                netns: clone,
-                pod: pod.clone(),
-                redirections: state.redirections.clone(),
-            }),
+            Ok(clone) => {
+                // Not annotated until it is served.
+                state.awaiting.insert(pod.container_id.clone());
+                Some(Waiting {
+                    netns: clone,
+                    pod: pod.clone(),
+                })
+            }
             Err(e) => {
                 tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e,
                     "cannot keep the pod's namespace to wait for its listeners");
@@ -389,7 +400,16 @@ fn resync_all(state: &mut Shared) {
     state.subscribers = kept;
 }
 
+/// A data plane that takes no message for this long (stopped, frozen) is dropped, rather than
+/// holding the shared lock, and every CNI call behind it, in a blocked send. It reconnects
+/// when it runs again and gets the full set.
+const SUBSCRIBER_SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
 fn subscribe(shared: &SharedState, channel: Channel) {
+    if let Err(e) = channel.set_timeout(Some(SUBSCRIBER_SEND_TIMEOUT)) {
+        tracing::warn!(error = %e, "cannot bound sends to a data plane; not subscribed");
+        return;
+    }
     let mut state = lock(shared);
     match send_full_set(&state, &channel) {
         Ok(()) => {
@@ -432,7 +452,6 @@ pub fn reconcile(state: &mut Shared) {
                     captured = want, "labels changed: capture updated in place");
                 e.captured = want;
                 changed = true;
-                mark_redirection(state.redirections.as_ref(), &e.pod, want);
             }
             Err(error) => tracing::error!(pod = %format!("{}/{}", e.pod.namespace, e.pod.name),
                 %error, "labels changed but the capture rules could not follow"),
@@ -443,6 +462,25 @@ pub fn reconcile(state: &mut Shared) {
     } else {
         // Uids may have changed with the catalog.
         resync_all(state);
+    }
+    converge_redirections(state, &config);
+}
+
+/// Asks for the redirection annotation of every enrolled pod whose annotation, as the cluster
+/// says, differs from its capture (Kubernetes source only): a captured pod gets it, a released
+/// one loses it. A pod whose ADD still waits for the data plane is left to that ADD.
+fn converge_redirections(state: &Shared, config: &crate::config::FileConfig) {
+    if state.redirections.is_none() {
+        return;
+    }
+    for e in state.enrollments.iter() {
+        if state.awaiting.contains(&e.pod.container_id) {
+            continue;
+        }
+        let annotated = enroll::workload_of(config, &e.pod).map(|w| w.redirection_annotated);
+        if annotated.is_some_and(|annotated| annotated != e.captured) {
+            mark_redirection(state.redirections.as_ref(), &e.pod, e.captured);
+        }
     }
 }
 

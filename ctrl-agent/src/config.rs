@@ -100,6 +100,10 @@ pub struct WorkloadSpec {
     pub generate_name: String,
     #[serde(skip)]
     pub owner_references: Vec<OwnerReferenceSpec>,
+    /// Kubernetes only: the pod carries Istio's `ambient.istio.io/redirection: enabled`,
+    /// which the agent keeps in step with whether it captures the pod.
+    #[serde(skip)]
+    pub redirection_annotated: bool,
 }
 
 /// One of a pod's owners (`metadata.ownerReferences`), as far as Istio reads it.

@@ -37,15 +37,17 @@ struct Seen {
 
 type Log = Arc<Mutex<Vec<Seen>>>;
 
-/// Starts the waypoint double on port 15008 of `pod`. `routes` maps each CONNECT target it
-/// may be sent to the pod address it forwards to; every such pod proves `upstream_id`.
+/// Starts the waypoint double on port 15008 of `pod`, proving `identity`. `routes` maps each
+/// CONNECT target it may be sent to the pod address it forwards to; every such pod proves
+/// `upstream_id`.
 fn start_waypoint(
     lab: &Lab,
     pod: &str,
+    identity: &str,
     routes: HashMap<String, SocketAddr>,
     upstream_id: &str,
 ) -> Log {
-    let (identity, trust) = raw_hbone::mesh_identity(lab, WAYPOINT_ID);
+    let (identity, trust) = raw_hbone::mesh_identity(lab, identity);
     let server = mesh_io::tls::server_config(&identity, &trust, "cluster.local").expect("server");
     let client = mesh_io::tls::client_config(&identity, &trust, upstream_id.parse().expect("id"))
         .expect("client");
@@ -239,11 +241,16 @@ lab_test!(
     |mut lab| {
         lab.add_pod(1, "wp", false, "waypoint")
             .expect("waypoint pod");
+        lab.add_pod(1, "wp2", false, "waypoint")
+            .expect("a second waypoint pod");
         perf::load::serve_echo(lab.listen_in("n2-a", ECHO_PORT).expect("listen")).expect("echo");
         let service = SocketAddr::from((SERVICE_VIP, 80));
         let pod = lab.addr("n2-a", ECHO_PORT);
         let routes = HashMap::from([(service.to_string(), pod), (pod.to_string(), pod)]);
-        let seen = start_waypoint(&lab, "n2-wp", routes, CLIENT_ID);
+        let seen = start_waypoint(&lab, "n2-wp", WAYPOINT_ID, routes.clone(), CLIENT_ID);
+        // In the second pod, a waypoint that cannot prove the waypoint's identity.
+        let impostor = "spiffe://cluster.local/ns/default/sa/impostor";
+        let seen_by_impostor = start_waypoint(&lab, "n2-wp2", impostor, routes, CLIENT_ID);
 
         // The service's traffic goes through the waypoint, which alone n2-a admits; the pod
         // dialled by its own address (the default waypoint takes service traffic only) goes
@@ -292,6 +299,12 @@ lab_test!(
             client: CLIENT_ID.into(),
         };
         assert_eq!(*seen.lock().expect("log"), [through, direct]);
+
+        // A waypoint pod that proves another identity than the waypoint's is refused before
+        // it sees anything.
+        apply_everywhere(&lab, &config_with_waypoint(&lab, "n2-wp2", true, ""));
+        assert!(!echoes(&lab, service), "through an impostor");
+        assert!(seen_by_impostor.lock().expect("log").is_empty());
 
         // A waypoint with no pod: connections are refused, not sent around it.
         apply_everywhere(&lab, &config_with_waypoint(&lab, "", true, ""));

@@ -41,6 +41,8 @@ pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace"
 /// [`MESH_CONTROLLER`]): they are a waypoint, and have none.
 pub const MANAGED_GATEWAY_LABEL: &str = "gateway.istio.io/managed";
 pub const MESH_CONTROLLER: &str = "istio.io-mesh-controller";
+/// Gateway API's label on the resources deployed for a Gateway: its name.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 /// Istio's sidecar injector marks the pods it injected with this annotation.
 pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
 /// Istio's annotation that turns an AuthorizationPolicy into a dry run.
@@ -800,6 +802,7 @@ fn workload(
         sidecar,
         generate_name: pod.generate_name.clone(),
         owner_references: pod.owner_references.clone(),
+        redirection_annotated: pod.redirection_annotated,
     }))
 }
 
@@ -832,6 +835,11 @@ fn waypoint(
     let in_namespace = carrier
         .get(USE_WAYPOINT_NAMESPACE_LABEL)
         .map_or(namespace, String::as_str);
+    // The waypoint's own pods and Service, however deployed, carry its Gateway's name (how
+    // istiod knows a waypoint instance).
+    if in_namespace == namespace && labels.get(GATEWAY_NAME_LABEL) == Some(name) {
+        return None;
+    }
     let service = services.get(in_namespace, name);
     let Some(ip) = service
         .and_then(|s| s.spec.as_ref())

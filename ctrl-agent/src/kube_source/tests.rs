@@ -515,6 +515,15 @@ fn a_waypoint_s_own_pods_and_service_have_no_waypoint_in_a_namespace_using_it() 
                 &["10.0.0.2"],
                 managed,
             ),
+            // Deployed by another controller than Istio's: known by its Gateway's name.
+            objects::pod(
+                "shop",
+                "waypoint-other",
+                "u3",
+                "node-1",
+                &["10.0.0.3"],
+                json!({"gateway.networking.k8s.io/gateway-name": "waypoint"}),
+            ),
         ],
         services: vec![
             objects::service("shop", "cart", &["10.96.0.1"], &[("http", 80, json!(8080))]),
@@ -532,6 +541,7 @@ fn a_waypoint_s_own_pods_and_service_have_no_waypoint_in_a_namespace_using_it() 
     assert_eq!(of_workload("cart"), via);
     assert_eq!(of_service("cart"), via);
     assert_eq!(of_workload("waypoint-7d9f"), Some(None));
+    assert_eq!(of_workload("waypoint-other"), Some(None));
     assert_eq!(of_service("waypoint"), Some(None));
 }
 
@@ -1224,6 +1234,7 @@ fn a_store_keeps_what_the_model_reads_and_an_event_that_changes_none_of_it_chang
             uid: Some("a".into()),
             labels: [("app".to_owned(), "a".to_owned())].into(),
             sidecar: false,
+            redirection_annotated: false,
             node_name: Some("node-1".into()),
             host_network: false,
             service_account_name: Some("a-sa".into()),

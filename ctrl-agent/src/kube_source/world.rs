@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::model::{DRY_RUN_ANNOTATION, SERVICE_NAME_LABEL, SIDECAR_STATUS_ANNOTATION};
+use super::redirection::REDIRECTION_ANNOTATION;
 use crate::config::OwnerReferenceSpec;
 
 /// The objects of one kind, by `namespace/name`. Each object is shared and replaced, never
@@ -116,7 +117,7 @@ impl Kind {
                         &[Read("phase", &[]), Read("podIP", &[]), Read("podIPs", &[])],
                     ),
                 ],
-                annotations: &[SIDECAR_STATUS_ANNOTATION],
+                annotations: &[SIDECAR_STATUS_ANNOTATION, REDIRECTION_ANNOTATION],
                 deletion: true,
                 owners: true,
             },
@@ -215,6 +216,8 @@ pub struct StoredPod {
     pub labels: BTreeMap<String, String>,
     /// Carries Istio's sidecar-injection status annotation.
     pub sidecar: bool,
+    /// Carries `ambient.istio.io/redirection: enabled`.
+    pub redirection_annotated: bool,
     pub node_name: Option<String>,
     pub host_network: bool,
     pub service_account_name: Option<String>,
@@ -243,14 +246,16 @@ impl Kept for StoredPod {
             ips.extend(status.pod_ip);
         }
         let meta = pod.metadata;
+        let annotations = meta.annotations.unwrap_or_default();
         Ok(StoredPod {
             name: meta.name.unwrap_or_default(),
             namespace: meta.namespace,
             uid: meta.uid,
             labels: meta.labels.unwrap_or_default(),
-            sidecar: meta
-                .annotations
-                .is_some_and(|a| a.contains_key(SIDECAR_STATUS_ANNOTATION)),
+            sidecar: annotations.contains_key(SIDECAR_STATUS_ANNOTATION),
+            redirection_annotated: annotations
+                .get(REDIRECTION_ANNOTATION)
+                .is_some_and(|v| v == "enabled"),
             node_name: spec.node_name,
             host_network: spec.host_network == Some(true),
             service_account_name: spec.service_account_name,

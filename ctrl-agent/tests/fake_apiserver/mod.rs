@@ -13,9 +13,9 @@
 //!   `/apis/<group>/<version>` an `APIResourceList`), each a 404 when it serves no
 //!   collection. A collection can be served at another version of its group than its path's
 //!   (which then 404s), as an Istio before 1.22 serves its security kinds at v1beta1 only.
-//! - `PATCH /api/v1/namespaces/<ns>/pods/<name>` with a JSON merge patch: applied to the
-//!   stored pod (a `MODIFIED` event), a 404 `Status` for a pod that does not exist, a 415 for
-//!   another patch type.
+//! - `PATCH /api/v1/namespaces/<ns>/pods/<name>[/status]` with a JSON merge patch: applied to
+//!   the stored pod (a `MODIFIED` event), a 404 `Status` for a pod that does not exist, a 415
+//!   for another patch type.
 //!
 //! Tests drive it: apply and delete objects (each a watch event), delete without an event
 //! and compact (a gap the watchers did not see), send bookmarks, cut open watches, expire
@@ -88,8 +88,10 @@ struct State {
     collections: BTreeMap<String, Collection>,
     /// Every request: (path, query parameters).
     requests: Vec<(String, BTreeMap<String, String>)>,
-    /// Every patch: (namespace/name, patch).
-    patches: Vec<(String, Value)>,
+    /// Every patch: (path, patch, status code answered).
+    patches: Vec<(String, Value, u16)>,
+    /// Patches still to fail with a 500, as an API server that is restarting answers.
+    failing_patches: u32,
 }
 
 struct Inner {
@@ -199,9 +201,14 @@ impl FakeApiServer {
         self.lock().collections[path].objects.get(key).cloned()
     }
 
-    /// The pod patches received, in order: (namespace/name, patch).
-    pub fn patches(&self) -> Vec<(String, Value)> {
+    /// The pod patches received, in order: (path, patch, status code answered).
+    pub fn patches(&self) -> Vec<(String, Value, u16)> {
         self.lock().patches.clone()
+    }
+
+    /// Fails the next `count` patches with a 500.
+    pub fn fail_patches(&self, count: u32) {
+        self.lock().failing_patches = count;
     }
 
     /// Deletes an object: DELETED to watchers.
@@ -485,7 +492,7 @@ fn patch(inner: &Inner, path: &str, content_type: &str, body: &[u8]) -> (u16, Va
     let Some(key) = path
         .strip_prefix("/api/v1/namespaces/")
         .and_then(|rest| rest.split_once("/pods/"))
-        .map(|(ns, name)| format!("{ns}/{name}"))
+        .map(|(ns, name)| format!("{ns}/{}", name.trim_end_matches("/status")))
     else {
         return (
             405,
@@ -493,14 +500,20 @@ fn patch(inner: &Inner, path: &str, content_type: &str, body: &[u8]) -> (u16, Va
         );
     };
     let mut s = inner.state.lock().unwrap_or_else(|e| e.into_inner());
-    s.patches.push((key.clone(), change.clone()));
+    if s.failing_patches > 0 {
+        s.failing_patches -= 1;
+        s.patches.push((path.to_owned(), change, 500));
+        return (500, status(500, "InternalError", "etcd is restarting"));
+    }
     let Some(mut object) = s.collections[PODS].objects.get(&key).cloned() else {
+        s.patches.push((path.to_owned(), change, 404));
         return (
             404,
             status(404, "NotFound", &format!("pods \"{key}\" not found")),
         );
     };
     merge(&mut object, &change);
+    s.patches.push((path.to_owned(), change, 200));
     s.revision += 1;
     let rv = s.revision;
     object["metadata"]["resourceVersion"] = rv.to_string().into();

@@ -1659,6 +1659,30 @@ mod tests {
     }
 
     #[test]
+    fn waypoints_set_and_removed_by_deltas_route_as_a_rebuild_does() {
+        let mut reference = with_waypoint();
+        let index = Index::build(reference.clone(), Generation::default()).expect("builds");
+        let tunnel = |index: &Index, dst: &str| hbone_parts(index.route_outbound(addr(dst), 0)).2;
+        let index = apply_both(&index, &mut reference, |s| {
+            s.services[0].waypoint = "10.96.0.20:15008".into();
+            s.workloads[2].waypoint = "10.0.3.3:15008".into();
+        });
+        assert_eq!(tunnel(&index, "10.96.0.10:80"), addr("10.0.3.2:15008"));
+        assert_eq!(tunnel(&index, "10.0.2.3:8080"), addr("10.0.3.3:15008"));
+        // The waypoint's pods change: routes follow without touching the service using it.
+        let index = apply_both(&index, &mut reference, |s| {
+            s.workloads[4].ips = vec![vec![10, 0, 3, 12]];
+        });
+        assert_eq!(tunnel(&index, "10.96.0.10:80"), addr("10.0.3.12:15008"));
+        let index = apply_both(&index, &mut reference, |s| {
+            s.services[0].waypoint.clear();
+            s.workloads[2].waypoint.clear();
+        });
+        assert_eq!(tunnel(&index, "10.96.0.10:80"), addr("10.0.2.2:15008"));
+        assert_eq!(tunnel(&index, "10.0.2.3:8080"), addr("10.0.2.3:15008"));
+    }
+
+    #[test]
     fn a_malformed_waypoint_address_refuses_the_snapshot() {
         for bad in ["waypoint.default:15008", "10.96.0.20", "10.96.0.20:0"] {
             let mut s = snapshot();
