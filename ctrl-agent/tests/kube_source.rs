@@ -29,17 +29,7 @@ fn baseline(server: &FakeApiServer) {
         objects::namespace("shop", json!({"istio.io/dataplane-mode": "ambient"})),
     );
     server.apply(NAMESPACES, objects::namespace("legacy", json!({})));
-    server.apply(
-        PODS,
-        objects::pod(
-            "shop",
-            "cart",
-            "uid-cart",
-            "node-1",
-            &["10.0.0.1"],
-            json!({}),
-        ),
-    );
+    server.apply(PODS, cart(json!({})));
     server.apply(
         PODS,
         objects::pod("shop", "web", "uid-web", "node-2", &["10.0.0.2"], json!({})),
@@ -86,6 +76,11 @@ fn baseline(server: &FakeApiServer) {
             json!({"mtls": {"mode": "STRICT"}}),
         ),
     );
+}
+
+/// The baseline's pod on this node (in namespace shop, captured there), with `labels`.
+fn cart(labels: Value) -> Value {
+    objects::pod("shop", "cart", "uid-cart", "node-1", &["10.0.0.1"], labels)
 }
 
 /// The agent process, killed when dropped; its log is kept for failure messages.
@@ -733,31 +728,14 @@ fn a_captured_pod_is_annotated_as_istio_cni_does_and_unannotated_when_released()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    server.apply(
-        PODS,
-        objects::pod(
-            "shop",
-            "cart",
-            "uid-cart",
-            "node-1",
-            &["10.0.0.1"],
-            json!({}),
-        ),
-    );
+    server.apply(PODS, cart(json!({})));
     server.wait_for("the annotation set again", TIMEOUT, |s| {
         s.patches().len() == 4 && redirection(s, "shop/cart").as_deref() == Some("enabled")
     });
 
     // Opted out by a label: released in place, and the annotation goes (the API server
     // keeps other annotations across a label change, as the object here does).
-    let mut opted_out = objects::pod(
-        "shop",
-        "cart",
-        "uid-cart",
-        "node-1",
-        &["10.0.0.1"],
-        json!({"istio.io/dataplane-mode": "none"}),
-    );
+    let mut opted_out = cart(json!({"istio.io/dataplane-mode": "none"}));
     opted_out["metadata"]["annotations"]["ambient.istio.io/redirection"] = json!("enabled");
     server.apply(PODS, opted_out);
     server.wait_for("the annotation's removal", TIMEOUT, |s| {

@@ -367,20 +367,6 @@ impl Lab {
         self.add_pod_in(node, name, enrolled, "default", service_account)
     }
 
-    /// A pod the agents know (it is in the config) but no runtime has attached yet: what a
-    /// pod is between its scheduling and its CNI ADD.
-    pub fn add_pod_unattached(
-        &mut self,
-        node: usize,
-        name: &str,
-        enrolled: bool,
-        service_account: &str,
-    ) -> anyhow::Result<Pod> {
-        let pod = self.create_pod(node, name, enrolled, "default", service_account)?;
-        self.apply("")?;
-        Ok(pod)
-    }
-
     /// Like [`Lab::add_pod`], in a given Kubernetes namespace.
     pub fn add_pod_in(
         &mut self,
@@ -390,10 +376,24 @@ impl Lab {
         namespace: &str,
         service_account: &str,
     ) -> anyhow::Result<Pod> {
-        let pod = self.create_pod(node, name, enrolled, namespace, service_account)?;
         // The agents must know the pod (it is in the catalog) before CNI asks about it.
-        self.apply("")?;
+        let pod = self.add_pod_unattached(node, name, enrolled, namespace, service_account)?;
         self.attach(&pod)?;
+        Ok(pod)
+    }
+
+    /// A pod the agents know (it is in the config) but no runtime has attached yet: what a
+    /// pod is between its scheduling and its CNI ADD.
+    pub fn add_pod_unattached(
+        &mut self,
+        node: usize,
+        name: &str,
+        enrolled: bool,
+        namespace: &str,
+        service_account: &str,
+    ) -> anyhow::Result<Pod> {
+        let pod = self.create_pod(node, name, enrolled, namespace, service_account)?;
+        self.apply("")?;
         Ok(pod)
     }
 

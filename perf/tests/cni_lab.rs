@@ -543,7 +543,7 @@ lab_test!(
     |mut lab| {
         echo_server(&lab, "n2-a");
         let pod = lab
-            .add_pod_unattached(0, "late", true, "default")
+            .add_pod_unattached(0, "late", true, "default", "default")
             .expect("pod");
         let sandbox = lab.sandbox(&pod);
         // With node 1's data plane paused, nothing can serve the pod: ADD must not answer.
@@ -574,7 +574,7 @@ lab_test!(
 
         // A data plane that does not come back in time: ADD gives up, retryably, saying why.
         let other = lab
-            .add_pod_unattached(0, "later", true, "default")
+            .add_pod_unattached(0, "later", true, "default", "default")
             .expect("pod");
         lab.signal_dataplane(0, "STOP").expect("SIGSTOP");
         let refused = lab.cni(0).add(&lab.sandbox(&other));

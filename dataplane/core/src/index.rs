@@ -1684,30 +1684,27 @@ mod tests {
 
     #[test]
     fn a_malformed_waypoint_address_refuses_the_snapshot() {
+        let refused = |s: Snapshot| Index::build(s, Generation::default()).err();
         for bad in ["waypoint.default:15008", "10.96.0.20", "10.96.0.20:0"] {
-            let mut s = snapshot();
-            s.workloads[1].waypoint = bad.into();
+            let (mut on_workload, mut on_service) = (snapshot(), snapshot());
+            on_workload.workloads[1].waypoint = bad.into();
+            on_service.services[0].waypoint = bad.into();
+            let culprits = (refused(on_workload), refused(on_service));
             assert!(
                 matches!(
-                    Index::build(s, Generation::default()),
-                    Err(IndexError::Workload {
-                        field: "waypoint",
-                        ..
-                    })
+                    culprits,
+                    (
+                        Some(IndexError::Workload {
+                            field: "waypoint",
+                            ..
+                        }),
+                        Some(IndexError::Service {
+                            field: "waypoint",
+                            ..
+                        })
+                    )
                 ),
-                "workload waypoint {bad:?}"
-            );
-            let mut s = snapshot();
-            s.services[0].waypoint = bad.into();
-            assert!(
-                matches!(
-                    Index::build(s, Generation::default()),
-                    Err(IndexError::Service {
-                        field: "waypoint",
-                        ..
-                    })
-                ),
-                "service waypoint {bad:?}"
+                "{bad:?}: {culprits:?}"
             );
         }
     }
