@@ -162,18 +162,7 @@ fn handle(
             ips,
             netns_path,
             captured,
-        } => {
-            return add(
-                state,
-                Enrolling {
-                    pod,
-                    ips,
-                    netns_path,
-                    captured,
-                },
-                netns_fd,
-            )
-        }
+        } => return add(state, pod, ips, netns_path, captured, netns_fd),
         Request::Remove { pod } => {
             if let Some(gone) = state.enrollments.remove(&pod.container_id) {
                 tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name),
@@ -210,28 +199,17 @@ fn handle(
     (reply, None)
 }
 
-/// An ADD's request.
-struct Enrolling {
-    pod: PodRef,
-    ips: Vec<std::net::IpAddr>,
-    netns_path: String,
-    captured: bool,
-}
-
 /// Enrolls a sandbox: follows the pod's labels (capture rules installed or removed), records
 /// it and hands the data planes the new set. A captured pod comes back for the caller to wait
 /// on.
 fn add(
     state: &mut Shared,
-    request: Enrolling,
+    pod: PodRef,
+    ips: Vec<std::net::IpAddr>,
+    netns_path: String,
+    captured: bool,
     netns_fd: Option<std::os::fd::OwnedFd>,
 ) -> (Reply, Option<Waiting>) {
-    let Enrolling {
-        pod,
-        ips,
-        netns_path,
-        captured,
-    } = request;
     let Some(fd) = netns_fd else {
         let reason = "no network namespace descriptor came with the request".into();
         return (Reply::Refused { reason }, None);

@@ -91,9 +91,9 @@ impl Handoff {
 
 /// Starts the watchers on their own thread. Each new model goes to `handoff`, and `wake`
 /// tells the agent loop to take it; pods' redirection changes are annotated on the same
-/// thread. The client is built here, so that a configuration it
-/// cannot use (a bad certificate, say) stops the agent's start with the reason, rather than
-/// leaving a thread that never hands anything over.
+/// thread. The client is built here, so that a configuration it cannot use (a bad
+/// certificate, say) stops the agent's start with the reason, rather than leaving a thread
+/// that never hands anything over.
 pub fn start(
     options: KubeOptions,
     handoff: Arc<Handoff>,
