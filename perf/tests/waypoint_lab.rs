@@ -217,14 +217,6 @@ fn apply_everywhere(lab: &Lab, config: &str) {
     }
 }
 
-/// Whether a fresh connection from n1-a to `to` carries an echo.
-fn echoes(lab: &Lab, to: SocketAddr) -> bool {
-    match lab.connect_from("n1-a", to) {
-        Ok(mut s) => roundtrip(&mut s, b"knock").is_ok_and(|b| b == b"knock"),
-        Err(_) => false,
-    }
-}
-
 /// Only the waypoint may reach n2-a: the usual way to make a waypoint's policies binding.
 const ONLY_THE_WAYPOINT: &str = "policies:
   - name: only-via-waypoint
@@ -259,8 +251,8 @@ lab_test!(
             &lab,
             &config_with_waypoint(&lab, "n2-wp", false, ONLY_THE_WAYPOINT),
         );
-        assert!(echoes(&lab, service), "through the waypoint");
-        assert!(!echoes(&lab, pod), "around the waypoint");
+        assert!(echoes(&lab, "n1-a", service), "through the waypoint");
+        assert!(!echoes(&lab, "n1-a", pod), "around the waypoint");
         let through = Seen {
             authority: service.to_string(),
             client: CLIENT_ID.into(),
@@ -293,7 +285,10 @@ lab_test!(
             &lab,
             &config_with_waypoint(&lab, "n2-wp", true, ONLY_THE_WAYPOINT),
         );
-        assert!(echoes(&lab, pod), "to the pod, through the waypoint");
+        assert!(
+            echoes(&lab, "n1-a", pod),
+            "to the pod, through the waypoint"
+        );
         let direct = Seen {
             authority: pod.to_string(),
             client: CLIENT_ID.into(),
@@ -303,13 +298,16 @@ lab_test!(
         // A waypoint pod that proves another identity than the waypoint's is refused before
         // it sees anything.
         apply_everywhere(&lab, &config_with_waypoint(&lab, "n2-wp2", true, ""));
-        assert!(!echoes(&lab, service), "through an impostor");
+        assert!(!echoes(&lab, "n1-a", service), "through an impostor");
         assert!(seen_by_impostor.lock().expect("log").is_empty());
 
         // A waypoint with no pod: connections are refused, not sent around it.
         apply_everywhere(&lab, &config_with_waypoint(&lab, "", true, ""));
-        assert!(!echoes(&lab, service), "the service, without its waypoint");
-        assert!(!echoes(&lab, pod), "the pod, without its waypoint");
+        assert!(
+            !echoes(&lab, "n1-a", service),
+            "the service, without its waypoint"
+        );
+        assert!(!echoes(&lab, "n1-a", pod), "the pod, without its waypoint");
         assert_eq!(seen.lock().expect("log").len(), 2);
         // Counted as failed for want of an upstream, and logged with the reason (the access
         // log is written by its own thread: give it a moment).

@@ -76,6 +76,14 @@ pub fn reset_on_close(stream: &TcpStream) {
         .expect("linger");
 }
 
+/// Whether a fresh connection from pod `from` to `to` carries an echo.
+pub fn echoes(lab: &Lab, from: &str, to: SocketAddr) -> bool {
+    match lab.connect_from(from, to) {
+        Ok(mut s) => roundtrip(&mut s, b"knock").is_ok_and(|b| b == b"knock"),
+        Err(_) => false,
+    }
+}
+
 /// Polls `check` until it holds or `timeout` passes.
 pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
