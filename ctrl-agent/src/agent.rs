@@ -126,6 +126,7 @@ impl Agent {
         for why in dropped {
             tracing::warn!(%why, "forgetting an enrollment");
         }
+        refresh_capture_rules(&enrollments);
         let wake = mpsc::channel();
         let source = Source::start(options.source.clone(), wake.0.clone())?;
         let shared = Arc::new(Mutex::new(Shared {
@@ -437,3 +438,15 @@ fn previous_certificates(
 
 #[cfg(test)]
 mod tests;
+
+/// Installs this agent's capture rules again in every pod captured before it started: pods
+/// captured by an older agent get what this one installs (its policy routing, say). One nft
+/// transaction per pod; connections already open keep their conntrack state.
+fn refresh_capture_rules(enrollments: &Enrollments) {
+    for e in enrollments.iter().filter(|e| e.captured) {
+        if let Err(error) = mesh_io::redirect::install(&e.netns) {
+            tracing::warn!(pod = %format!("{}/{}", e.pod.namespace, e.pod.name), %error,
+                "cannot refresh the capture rules of a captured pod; it keeps the ones it has");
+        }
+    }
+}

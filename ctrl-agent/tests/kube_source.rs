@@ -622,8 +622,8 @@ fn without_istio_security_crds_the_cluster_is_published_with_no_policies() {
     });
 }
 
-/// A network namespace for a pod's sandbox (`ip netns add`: root, as CI runs), removed when
-/// dropped.
+/// A network namespace for a pod's sandbox (`ip netns add`: root, as CI runs), its loopback
+/// up, removed when dropped.
 struct PodNamespace {
     name: String,
 }
@@ -636,6 +636,12 @@ impl PodNamespace {
             .status()
             .expect("ip netns add (the test needs root and iproute2)");
         assert!(status.success(), "ip netns add {name}");
+        // As the runtime leaves a sandbox before the chained plugins run (its loopback).
+        let status = Command::new("ip")
+            .args(["-n", &name, "link", "set", "lo", "up"])
+            .status()
+            .expect("ip link set lo up");
+        assert!(status.success(), "lo up in {name}");
         PodNamespace { name }
     }
 

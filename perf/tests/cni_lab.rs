@@ -331,6 +331,44 @@ lab_test!(
 );
 
 lab_test!(
+    a_pod_captured_without_policy_routing_is_served_and_gets_it_when_the_agent_restarts,
+    LabOptions::default(),
+    |mut lab| {
+        const WHO: u16 = 9100;
+        address_reporter(&lab, "n2-a", WHO);
+        let client = lab.pod("n1-a").ip.to_string();
+        let server = lab.pod("n2-a").ip.to_string();
+        let seen = |lab: &Lab| seen_by_app(lab, "n1-a", lab.addr("n2-a", WHO));
+        assert_eq!(seen(&lab), client);
+
+        // What an agent from before original-source preservation left in a pod: the capture
+        // rules without the policy routing. A data plane that finds the pod so connects from
+        // the pod's own address, and the connection still works.
+        let ns = lab.pod("n2-a").netns.clone();
+        for family in ["-4", "-6"] {
+            perf::sys::run("ip", &["-n", &ns, family, "rule", "del", "pref", "32764"])
+                .expect("rule removed");
+        }
+        lab.restart_dataplane(1).expect("data plane restart");
+        lab.wait_serving(1, Duration::from_secs(20))
+            .expect("serving again");
+        assert_eq!(seen(&lab), server);
+        assert!(lab
+            .process_log("dataplane", 1)
+            .contains("no policy routing for original sources in this pod"));
+
+        // The agent restarts (an upgrade): it installs its rules again in every captured pod,
+        // and the data plane, handed the namespaces again, takes the client's address.
+        lab.restart_agent(1).expect("agent restart");
+        assert!(
+            eventually(Duration::from_secs(10), || seen(&lab) == client),
+            "the application sees its client again"
+        );
+        assert!(lab.total(1, "hbone_streams_accepted").expect("stats") >= 2);
+    }
+);
+
+lab_test!(
     a_recreated_sandbox_is_served_in_its_new_namespace,
     LabOptions::default(),
     |lab| {

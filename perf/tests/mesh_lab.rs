@@ -350,6 +350,29 @@ lab_test!(
 );
 
 lab_test!(
+    applications_see_their_clients_own_addresses,
+    LabOptions::default(),
+    |lab| {
+        const WHO: u16 = 9100;
+        address_reporter(&lab, "n2-a", WHO);
+        let seen_by_app = |from: &str| seen_by_app(&lab, from, lab.addr("n2-a", WHO));
+        // A meshed client on the other node: HBONE to node 2's data plane, which connects to
+        // the application from the client's address. The application's reply must find its
+        // way back to the data plane for the answer to arrive at all.
+        assert_eq!(seen_by_app("n1-a"), lab.pod("n1-a").ip.to_string());
+        assert_eq!(lab.total(1, "hbone_streams_accepted").expect("stats"), 1);
+        // Clients outside the mesh, from the other node and from this one: plaintext taken
+        // in on 15006, passed on from the client's address as well.
+        assert_eq!(seen_by_app("n1-b"), lab.pod("n1-b").ip.to_string());
+        assert_eq!(seen_by_app("n2-b"), lab.pod("n2-b").ip.to_string());
+        assert_eq!(
+            lab.total(1, "inbound_plaintext_accepted").expect("stats"),
+            2
+        );
+    }
+);
+
+lab_test!(
     the_bytes_between_nodes_are_tls_not_the_payload,
     LabOptions::default(),
     |lab| {

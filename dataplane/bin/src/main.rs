@@ -70,6 +70,11 @@ struct Args {
     /// Give up on a TCP connect, TLS handshake or tunnel dial after this long.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
+    /// Connect to applications from the data plane's address in the pod rather than from
+    /// their clients' (the default needs CAP_NET_ADMIN and the agent's policy routing in
+    /// each pod; without either, this is what happens anyway).
+    #[arg(long, env = "DATAPLANE_NO_ORIGINAL_SOURCE")]
+    no_original_source: bool,
     /// ctrl-agent's socket handing over the network namespaces of pods enrolled through CNI.
     #[arg(long, env = "DATAPLANE_NETNS_SOCKET")]
     netns_socket: Option<PathBuf>,
@@ -162,6 +167,7 @@ fn main() -> anyhow::Result<()> {
             },
             handshake_timeout: args.connect_timeout,
             connect_timeout: args.connect_timeout,
+            original_source: !args.no_original_source,
         },
     })?;
     Ok(())

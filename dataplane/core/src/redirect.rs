@@ -6,6 +6,15 @@
 //! the kubelet's health probes: the node SNATs those to [`PROBE_SOURCE_V4`] /
 //! [`PROBE_SOURCE_V6`] (the agent's host table), so they reach the application directly, as in
 //! Istio ambient. A probe has no mesh identity and STRICT mTLS would refuse it otherwise.
+//!
+//! The data plane connects to a pod's application from the client's own address (as
+//! ztunnel does), so the application sees who called it. The address is not the pod's, so the
+//! application's replies would be routed out of the pod: connections the data plane opens to
+//! the pod itself (its mark, seen arriving over loopback) get connection mark
+//! [`ORIGINAL_SOURCE_MARK`], the application's packets on them carry it back as their packet
+//! mark, and a policy routing rule (`fwmark` [`ORIGINAL_SOURCE_MARK`]/[`MARK_MASK`], table
+//! [`ORIGINAL_SOURCE_TABLE`], where every address is local) hands them back to the data plane.
+//! The values are Istio's, so a node's runbooks read the same.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -18,6 +27,17 @@ pub const PROBE_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
 pub const PROBE_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(
     0xfd16, 0x9254, 0x7127, 0x1337, 0xffff, 0xffff, 0xffff, 0xffff,
 );
+
+/// Connection mark (and, on the application's replies, packet mark) of the data plane's
+/// connections to the pod's own application.
+pub const ORIGINAL_SOURCE_MARK: u32 = 0x111;
+/// The bits of the packet and connection marks the rules own; the rest are left to others.
+pub const MARK_MASK: u32 = 0xfff;
+/// Routing table in the pod's namespace where every address is local (`local default dev lo`).
+pub const ORIGINAL_SOURCE_TABLE: u8 = 100;
+/// Priority of the rule sending [`ORIGINAL_SOURCE_MARK`] to that table: after the local table
+/// (0), before the main one (32766).
+pub const ORIGINAL_SOURCE_RULE_PRIORITY: u32 = 32764;
 
 /// Name of the nftables table the rules live in; deleting it removes every rule we added.
 pub const TABLE: &str = "meshdp";
@@ -46,6 +66,14 @@ table inet {TABLE} {{
     tcp dport {hbone} return
     meta l4proto tcp redirect to :{inbound}
   }}
+  chain mark-own-connections {{
+    type filter hook prerouting priority mangle; policy accept;
+    meta mark & {mask:#x} == {mark:#x} ct mark set ct mark & {keep:#x} | {original:#x}
+  }}
+  chain route-replies-home {{
+    type route hook output priority mangle; policy accept;
+    ct mark & {mask:#x} == {original:#x} meta mark set meta mark & {keep:#x} | {original:#x}
+  }}
 }}
 ",
         mark = DATAPLANE_MARK,
@@ -54,6 +82,9 @@ table inet {TABLE} {{
         inbound = ports::INBOUND_PLAINTEXT,
         probe_v4 = PROBE_SOURCE_V4,
         probe_v6 = PROBE_SOURCE_V6,
+        mask = MARK_MASK,
+        keep = !MARK_MASK,
+        original = ORIGINAL_SOURCE_MARK,
     )
 }
 
@@ -73,6 +104,14 @@ pub fn ruleset_is_complete(listing: &str) -> bool {
         &format!("tcp dport {} return", ports::HBONE),
         &format!("redirect to :{}", ports::OUTBOUND),
         &format!("redirect to :{}", ports::INBOUND_PLAINTEXT),
+        &format!(
+            "ct mark set ct mark & {:#010x} | {ORIGINAL_SOURCE_MARK:#010x}",
+            !MARK_MASK | ORIGINAL_SOURCE_MARK
+        ),
+        &format!(
+            "meta mark set meta mark & {:#010x} | {ORIGINAL_SOURCE_MARK:#010x}",
+            !MARK_MASK | ORIGINAL_SOURCE_MARK
+        ),
     ]
     .iter()
     .all(|needle| listing.contains(needle))
@@ -103,6 +142,16 @@ mod tests {
 \t\ttcp dport 15008 return
 \t\tmeta l4proto tcp redirect to :15006
 \t}
+
+\tchain mark-own-connections {
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tmeta mark & 0x00000fff == 0x00000539 ct mark set ct mark & 0xfffff111 | 0x00000111
+\t}
+
+\tchain route-replies-home {
+\t\ttype route hook output priority mangle; policy accept;
+\t\tct mark & 0x00000fff == 0x00000111 meta mark set meta mark & 0xfffff111 | 0x00000111
+\t}
 }";
 
     #[test]
@@ -112,6 +161,35 @@ mod tests {
         assert!(!ruleset_is_complete(&without_mark));
         let without_inbound = LISTED.replace("redirect to :15006", "");
         assert!(!ruleset_is_complete(&without_inbound));
+        // What an agent from before original-source preservation installed.
+        let before_original_source = LISTED
+            .split("\tchain mark-own-connections")
+            .next()
+            .expect("listing");
+        assert!(!ruleset_is_complete(before_original_source));
+    }
+
+    #[test]
+    fn the_applications_replies_to_the_data_planes_own_connections_are_marked_home() {
+        let rules = pod_ruleset();
+        let marking = rules
+            .split("chain mark-own-connections")
+            .nth(1)
+            .expect("connection marking chain");
+        assert!(marking.contains("hook prerouting"));
+        assert!(
+            marking.contains("meta mark & 0xfff == 0x539 ct mark set ct mark & 0xfffff000 | 0x111")
+        );
+        let restoring = rules
+            .split("chain route-replies-home")
+            .nth(1)
+            .expect("mark restoring chain");
+        // A route chain: changing the mark there makes the kernel route the packet again.
+        assert!(restoring.contains("type route hook output"));
+        assert!(restoring
+            .contains("ct mark & 0xfff == 0x111 meta mark set meta mark & 0xfffff000 | 0x111"));
+        assert_eq!(DATAPLANE_MARK & MARK_MASK, DATAPLANE_MARK);
+        assert_eq!(ORIGINAL_SOURCE_MARK & MARK_MASK, ORIGINAL_SOURCE_MARK);
     }
 
     #[test]

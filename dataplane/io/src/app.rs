@@ -62,7 +62,14 @@ pub enum AppError {
 }
 
 /// Runs the data plane until SIGTERM or SIGINT.
-pub fn run(config: Config) -> Result<(), AppError> {
+pub fn run(mut config: Config) -> Result<(), AppError> {
+    if config.worker.original_source {
+        if let Err(error) = crate::sockets::may_connect_transparently() {
+            tracing::warn!(%error,
+                "cannot connect from clients' addresses (IP_TRANSPARENT needs CAP_NET_ADMIN): applications see connections from their own address");
+            config.worker.original_source = false;
+        }
+    }
     let driver = runtime::resolve(config.driver).map_err(AppError::Driver)?;
     match crate::sockets::raise_nofile_limit() {
         Ok(n) => tracing::debug!(open_files = n, "raised the open-files limit"),
@@ -118,6 +125,7 @@ pub fn run(config: Config) -> Result<(), AppError> {
         access_log = config.access_log.enabled,
         access_log_sample = config.access_log.sample,
         socks5 = config.worker.socks5,
+        original_source = config.worker.original_source,
         "starting data plane"
     );
 

@@ -16,6 +16,7 @@ pub mod netns_sync;
 pub mod pool;
 pub mod redirect;
 pub mod relay;
+pub mod routing;
 pub mod runtime;
 pub mod sockets;
 pub mod splice;

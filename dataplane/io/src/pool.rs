@@ -20,7 +20,7 @@ use rustls::ClientConfig;
 use crate::bufio::ReadBuffered;
 use crate::local;
 use crate::netns::NetNs;
-use crate::sockets::{finish_connect, start_connect};
+use crate::sockets::{finish_connect, start_connect, Source};
 use crate::stats::WorkerStats;
 use crate::{h2glue, tls};
 
@@ -284,7 +284,7 @@ impl HbonePool {
         let socket = spec
             .netns
             .run_in(&self.home, || {
-                start_connect(key.tunnel, Some(key.source_ip), DATAPLANE_MARK)
+                start_connect(key.tunnel, Source::Local(key.source_ip), DATAPLANE_MARK)
             })
             .map_err(|e| format!("entering {}: {e}", spec.netns.path()))?
             .map_err(|e| format!("socket: {e}"))?;

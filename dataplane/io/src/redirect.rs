@@ -1,5 +1,6 @@
 //! Installing, removing and checking the pod redirect rules (`mesh_core::redirect`) inside a
-//! pod's network namespace, with the `nft` tool run from a thread entered into it.
+//! pod's network namespace, with the `nft` tool run from a thread entered into it, and the
+//! policy routing that goes with them ([`crate::routing`]).
 
 use std::io::{self, Write};
 use std::process::{Child, Command, Stdio};
@@ -7,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use mesh_core::redirect;
 
 use crate::netns::NetNs;
+use crate::routing;
 
 /// Runs `nft` inside `netns` with `stdin` as its input; `args` e.g. `["-f", "-"]`.
 /// Runs `nft` in `netns` (from a thread that enters it), feeding it `stdin`.
@@ -48,21 +50,37 @@ fn finish_nft(mut child: Child, args: &[&str], stdin: &str) -> io::Result<String
     }
 }
 
-/// Installs (or reinstalls) the capture rules; one nft transaction, so never half applied.
+/// Installs (or reinstalls) the policy routing, then the capture rules (one nft transaction,
+/// replacing what was there). A failure leaves the capture as it was: at most the routing,
+/// which nothing uses without the rules, is new.
 pub fn install(netns: &NetNs) -> io::Result<()> {
+    let home = NetNs::current()?;
+    netns
+        .run_in(&home, routing::install)
+        .and_then(|r| r)
+        .map_err(|e| io::Error::new(e.kind(), format!("policy routing: {e}")))?;
     nft_in(netns, &["-f", "-"], &redirect::pod_ruleset()).map(drop)
 }
 
-/// Removes the capture rules; harmless if they are not there.
+/// Removes the capture rules and the policy routing; harmless if they are not there.
 pub fn remove(netns: &NetNs) -> io::Result<()> {
+    let home = NetNs::current()?;
+    netns
+        .run_in(&home, routing::remove)
+        .and_then(|r| r)
+        .map_err(|e| io::Error::new(e.kind(), format!("policy routing: {e}")))?;
     nft_in(netns, &["-f", "-"], &redirect::pod_ruleset_removal()).map(drop)
 }
 
-/// Whether the capture rules are in place (both chains, both redirects, the mark exemption).
+/// Whether the capture is in place: both nat chains, both redirects, the mark exemption, the
+/// connection marking, and the policy routing.
 pub fn check(netns: &NetNs) -> io::Result<bool> {
     match nft_in(netns, &["list", "table", "inet", redirect::TABLE], "") {
-        Ok(listing) => Ok(redirect::ruleset_is_complete(&listing)),
-        // No such table.
-        Err(_) => Ok(false),
+        Ok(listing) if redirect::ruleset_is_complete(&listing) => {
+            let home = NetNs::current()?;
+            netns.run_in(&home, routing::installed)?
+        }
+        // Incomplete, or no such table.
+        Ok(_) | Err(_) => Ok(false),
     }
 }

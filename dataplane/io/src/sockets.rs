@@ -35,11 +35,23 @@ pub fn migrate_queued_connections() -> io::Result<()> {
     std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")
 }
 
+/// Where a connection the data plane opens comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Wherever the kernel's routing says.
+    Any,
+    /// One of the namespace's own addresses.
+    Local(IpAddr),
+    /// An address that is not the namespace's (IP_TRANSPARENT): the client's, when the data
+    /// plane connects to a pod's application on the client's behalf.
+    Transparent(IpAddr),
+}
+
 /// Starts a non-blocking connect from a fresh socket carrying `mark` (so the pod's redirect
-/// rules let it through), optionally from a given source address.
+/// rules let it through), from `source`.
 pub fn start_connect(
     target: SocketAddr,
-    source: Option<IpAddr>,
+    source: Source,
     mark: u32,
 ) -> io::Result<std::net::TcpStream> {
     let socket = Socket::new(
@@ -50,7 +62,15 @@ pub fn start_connect(
     socket.set_nonblocking(true)?;
     socket.set_mark(mark)?;
     socket.set_nodelay(true)?;
-    if let Some(ip) = source {
+    let bind = match source {
+        Source::Any => None,
+        Source::Local(ip) => Some(ip),
+        Source::Transparent(ip) => {
+            set_transparent(socket.as_raw_fd(), ip.is_ipv6())?;
+            Some(ip)
+        }
+    };
+    if let Some(ip) = bind {
         // Let connect pick the port, so binding the address does not reserve ports early.
         set_bind_address_no_port(socket.as_raw_fd())?;
         socket.bind(&SocketAddr::new(ip, 0).into())?;
@@ -72,6 +92,21 @@ pub async fn finish_connect(stream: std::net::TcpStream) -> io::Result<monoio::n
         0 => Ok(stream),
         errno => Err(io::Error::from_raw_os_error(errno)),
     }
+}
+
+fn set_transparent(fd: RawFd, v6: bool) -> io::Result<()> {
+    if v6 {
+        setsockopt(fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, &1i32)
+    } else {
+        setsockopt(fd, libc::SOL_IP, libc::IP_TRANSPARENT, &1i32)
+    }
+}
+
+/// Whether this process may open sockets from addresses that are not its own (IP_TRANSPARENT
+/// needs CAP_NET_ADMIN or CAP_NET_RAW).
+pub fn may_connect_transparently() -> io::Result<()> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    set_transparent(socket.as_raw_fd(), false)
 }
 
 fn set_bind_address_no_port(fd: RawFd) -> io::Result<()> {

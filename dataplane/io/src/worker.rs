@@ -33,8 +33,10 @@ use crate::netns::NetNs;
 use crate::netns_sync::NetnsRegistry;
 use crate::pool::{DialSpec, HbonePool, Lease, PoolKey, PoolTimers};
 use crate::relay;
+use crate::routing;
 use crate::sockets::{
     finish_connect, migrate_queued_connections, original_dst, reuseport_listener, start_connect,
+    Source,
 };
 use crate::splice::Pipes;
 use crate::stats::WorkerStats;
@@ -62,6 +64,9 @@ pub struct WorkerSettings {
     pub pool: PoolTimers,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Connect to a pod's application from the client's address, where the pod's namespace
+    /// has the policy routing for it (`mesh_io::routing`).
+    pub original_source: bool,
 }
 
 impl Default for WorkerSettings {
@@ -71,6 +76,7 @@ impl Default for WorkerSettings {
             pool: PoolTimers::default(),
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            original_source: true,
         }
     }
 }
@@ -104,6 +110,9 @@ struct Pod {
     stop: Vec<(Canceller, Rc<Cell<bool>>)>,
     /// Each listener's address and descriptor (owned by its accept loop), for a handover.
     sockets: Vec<(SocketAddr, RawFd)>,
+    /// The namespace routes the application's replies to a client's address back to us, so
+    /// connections to the application may come from the client's address.
+    original_source: bool,
 }
 
 impl Pod {
@@ -309,6 +318,7 @@ impl Worker {
                 Control::Reconcile => {
                     let view = self.view();
                     self.reconcile_pods(&view);
+                    self.recheck_original_source();
                 }
                 Control::AccessLog(settings) => self.log.set(settings),
                 Control::Drain => {
@@ -546,6 +556,51 @@ impl Worker {
             .set(self.failed_pods.borrow().len() as u64);
     }
 
+    /// Whether the pod's namespace has the policy routing that lets connections to its
+    /// application come from clients' addresses.
+    fn routes_replies_home(&self, uid: &str, netns: &NetNs) -> bool {
+        match netns.run_in(&self.home, routing::installed).and_then(|r| r) {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::info!(worker = self.id, pod = %uid,
+                    "no policy routing for original sources in this pod (captured by an older agent?): its applications see connections from their own address");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(worker = self.id, pod = %uid, error = %e,
+                    "cannot read the pod's policy routing: its applications see connections from their own address");
+                false
+            }
+        }
+    }
+
+    /// Looks again at pods that had no policy routing: a restarted agent installs its rules
+    /// again in every captured pod before it hands their namespaces over, which brings us
+    /// here. Not done on every adoption: pods without routing stay few and rare.
+    fn recheck_original_source(&self) {
+        if !self.settings.original_source {
+            return;
+        }
+        let lacking: Vec<(String, Rc<NetNs>)> = self
+            .pods
+            .borrow()
+            .iter()
+            .filter(|(_, pod)| !pod.original_source)
+            .map(|(uid, pod)| (uid.clone(), pod.netns.clone()))
+            .collect();
+        for (uid, netns) in lacking {
+            // Quietly: the pod's opening said what it lacked.
+            let found = netns.run_in(&self.home, routing::installed);
+            if matches!(found, Ok(Ok(true))) {
+                if let Some(pod) = self.pods.borrow_mut().get_mut(&uid) {
+                    pod.original_source = true;
+                }
+                tracing::info!(worker = self.id, pod = %uid,
+                    "policy routing for original sources now in place");
+            }
+        }
+    }
+
     /// Whether a pod's listeners sit in a namespace that is no longer the pod's: the runtime
     /// recreated its sandbox, and the removal and the return reached us as one change.
     fn namespace_replaced(&self, uid: &str, pod: &Pod) -> bool {
@@ -626,12 +681,15 @@ impl Worker {
             tracing::warn!(worker = self.id, pod = %uid, error = %e,
                 "cannot set tcp_migrate_req: connections queued on this pod's listeners when a process's listener closes (end of an upgrade) are reset");
         }
+        let original_source =
+            self.settings.original_source && self.routes_replies_home(uid, &netns);
         let mut pod = Pod {
             source: source.clone(),
             identity: netns.identity().ok(),
             netns: netns.clone(),
             stop: Vec::new(),
             sockets: Vec::new(),
+            original_source,
         };
         let mut taken_over = 0;
         for (kind, addr) in addrs {
@@ -732,6 +790,22 @@ impl Worker {
 
     fn pod_netns(&self, uid: &str) -> Option<Rc<NetNs>> {
         self.pods.borrow().get(uid).map(|p| p.netns.clone())
+    }
+
+    /// Where a connection to `uid`'s application on behalf of a client at `client` comes
+    /// from: the client's address where the pod routes replies to it back to us (as ztunnel
+    /// does), so the application sees who called it.
+    fn source_for_app(&self, uid: &str, client: IpAddr, app: SocketAddr) -> Source {
+        let routed = self
+            .pods
+            .borrow()
+            .get(uid)
+            .is_some_and(|p| p.original_source);
+        if routed && client.is_ipv4() == app.is_ipv4() {
+            Source::Transparent(client)
+        } else {
+            Source::Any
+        }
     }
 
     async fn outbound(self: Rc<Self>, stream: TcpStream, peer: SocketAddr, uid: Rc<str>) {
@@ -975,9 +1049,14 @@ impl Worker {
     }
 
     /// Connects to `target` from inside `netns`; the socket comes back ready to relay.
-    async fn connect_in(&self, netns: &NetNs, target: SocketAddr) -> Result<TcpStream, Refusal> {
+    async fn connect_in(
+        &self,
+        netns: &NetNs,
+        target: SocketAddr,
+        source: Source,
+    ) -> Result<TcpStream, Refusal> {
         let socket = netns
-            .run_in(&self.home, || start_connect(target, None, DATAPLANE_MARK))
+            .run_in(&self.home, || start_connect(target, source, DATAPLANE_MARK))
             .and_then(|r| r)
             .map_err(|e| Refusal::Connect(target, e))?;
         match monoio::time::timeout(self.settings.connect_timeout, finish_connect(socket)).await {
@@ -1064,7 +1143,7 @@ impl Worker {
                 }
             }
             Route::Passthrough { target } => {
-                let remote = self.connect_in(&netns, target).await?;
+                let remote = self.connect_in(&netns, target, Source::Any).await?;
                 self.stats.passthrough_connections.inc();
                 Ok(Upstream::Tcp(remote))
             }
@@ -1197,7 +1276,8 @@ impl Worker {
         // The sockets move into the relay within this block, which ends before the relay is
         // awaited: only the relay future stays in the task while the connection is open.
         let totals = {
-            let app = match Box::pin(self.connect_in(&netns, dst)).await {
+            let source = self.source_for_app(&uid, peer.ip(), dst);
+            let app = match Box::pin(self.connect_in(&netns, dst, source)).await {
                 Ok(app) => app,
                 Err(error) => {
                     tracing::debug!(pod = %uid, %peer, %dst, %error, "plaintext inbound failed");
@@ -1408,7 +1488,8 @@ impl Worker {
             }
             reason = decision.reason;
             live = self.track(&uid, connection, false);
-            let connected = Box::pin(self.connect_in(&netns, target))
+            let source = self.source_for_app(&uid, peer.ip(), target);
+            let connected = Box::pin(self.connect_in(&netns, target, source))
                 .await
                 .and_then(|app| relay::TcpSide::new(app).map_err(|e| Refusal::Connect(target, e)));
             let app = match connected {

@@ -36,6 +36,30 @@ pub fn echo_server(lab: &Lab, pod: &str) {
     load::serve_echo(lab.listen_in(pod, ECHO).expect("listen")).expect("echo server");
 }
 
+/// An application in `pod` that answers each connection on `port` with the address the
+/// connection came from, and closes it.
+pub fn address_reporter(lab: &Lab, pod: &str, port: u16) {
+    let listener = lab.listen_in(pod, port).expect("listen");
+    std::thread::spawn(move || {
+        for mut connection in listener.incoming().flatten() {
+            if let Ok(peer) = connection.peer_addr() {
+                let _ = connection.write_all(peer.ip().to_string().as_bytes());
+            }
+        }
+    });
+}
+
+/// The address an [`address_reporter`] at `to` saw a connection from pod `from` come from.
+pub fn seen_by_app(lab: &Lab, from: &str, to: SocketAddr) -> String {
+    let mut stream = lab.connect_from(from, to).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("answer");
+    answer
+}
+
 pub fn roundtrip(stream: &mut TcpStream, payload: &[u8]) -> std::io::Result<Vec<u8>> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.write_all(payload)?;
