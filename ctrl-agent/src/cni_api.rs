@@ -30,9 +30,16 @@ pub enum Request {
         ips: Vec<IpAddr>,
         netns_path: String,
         captured: bool,
+        /// The network (the CNI config's `name`) the sandbox is attached to, so that GC of
+        /// another network never releases it. Empty from plugins before GC was handled.
+        #[serde(default)]
+        network: String,
     },
     /// The sandbox is going away.
     Remove { pod: PodRef },
+    /// CNI GC: of the sandboxes attached to `network`, only those in `valid` (container ids)
+    /// still exist; the agent releases the others, as if their DEL had come.
+    Collect { network: String, valid: Vec<String> },
     /// What the agent knows about a sandbox.
     Status { container_id: String },
 }

@@ -13,7 +13,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use mesh_io::ipc::{Channel, Listener};
 use mesh_io::netns::NetNs;
@@ -24,12 +24,30 @@ use crate::cni_api::{PodRef, Reply, Request};
 use crate::enroll::{self, Capture, Enrolled};
 use crate::kube_source::redirection::{Redirection, RedirectionSender};
 
+/// How the CNI server treats the plugin's requests.
+#[derive(Clone, Copy, Debug)]
+pub struct CniSettings {
+    /// GC leaves alone sandboxes enrolled this recently: the runtime's list of valid
+    /// attachments may predate an ADD that was still under way. Well above an ADD's length
+    /// (the plugin gives up after 30 s).
+    pub gc_grace: Duration,
+}
+
+impl Default for CniSettings {
+    fn default() -> Self {
+        CniSettings {
+            gc_grace: Duration::from_secs(60),
+        }
+    }
+}
+
 /// Starts both servers on their own threads.
 pub fn start(
     shared: SharedState,
     wake: mpsc::Sender<()>,
     cni_socket: &Path,
     netns_socket: &Path,
+    settings: CniSettings,
 ) -> std::io::Result<()> {
     let cni = Listener::bind(cni_socket)?;
     let netns = Listener::bind(netns_socket)?;
@@ -44,7 +62,7 @@ pub fn start(
                     let (shared, wake) = (cni_shared.clone(), wake.clone());
                     let spawned = std::thread::Builder::new()
                         .name("cni-call".into())
-                        .spawn(move || serve_cni(&shared, &wake, &channel));
+                        .spawn(move || serve_cni(&shared, &wake, &channel, settings));
                     if let Err(e) = spawned {
                         tracing::warn!(error = %e, "cannot start a thread for a CNI call");
                     }
@@ -64,7 +82,12 @@ pub fn start(
 }
 
 /// Answers one plugin invocation (a few requests on one connection).
-fn serve_cni(shared: &SharedState, wake: &mpsc::Sender<()>, channel: &Channel) {
+fn serve_cni(
+    shared: &SharedState,
+    wake: &mpsc::Sender<()>,
+    channel: &Channel,
+    settings: CniSettings,
+) {
     let _ = channel.set_timeout(Some(std::time::Duration::from_secs(30)));
     loop {
         let (request, mut fds) = match channel.recv_json::<Request>() {
@@ -83,7 +106,7 @@ fn serve_cni(shared: &SharedState, wake: &mpsc::Sender<()>, channel: &Channel) {
         };
         let (mut reply, serving) = {
             let mut state = lock(shared);
-            handle(&mut state, request, fds.pop())
+            handle(&mut state, request, fds.pop(), settings)
         };
         if reply == Reply::Done {
             let _ = wake.send(());
@@ -138,6 +161,7 @@ fn handle(
     state: &mut Shared,
     request: Request,
     netns_fd: Option<std::os::fd::OwnedFd>,
+    settings: CniSettings,
 ) -> (Reply, Option<Waiting>) {
     let node = state.node.clone();
     let reply = match request {
@@ -162,23 +186,37 @@ fn handle(
             ips,
             netns_path,
             captured,
-        } => return add(state, pod, ips, netns_path, captured, netns_fd),
+            network,
+        } => {
+            let sandbox = Sandbox {
+                pod,
+                ips,
+                netns_path,
+                network,
+            };
+            return add(state, sandbox, captured, netns_fd);
+        }
         Request::Remove { pod } => {
-            if let Some(gone) = state.enrollments.remove(&pod.container_id) {
-                tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name),
-                    container = %pod.container_id, "sandbox removed");
-                // The namespace may be on its way out with its rules; a failure is only said.
-                if gone.captured {
-                    if let Err(e) = mesh_io::redirect::remove(&gone.netns) {
-                        tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name),
-                            error = %e, "cannot remove the capture rules of a removed sandbox");
-                    }
-                }
-                if gone.captured {
-                    if let Some(uid) = uid_of(state, &gone) {
-                        broadcast(state, &NetnsUpdate::Remove { uid }, None);
-                    }
-                }
+            if release(state, &pod.container_id, "sandbox removed") {
+                finish_change(state);
+            }
+            Reply::Done
+        }
+        Request::Collect { network, valid } => {
+            let valid: HashSet<&str> = valid.iter().map(String::as_str).collect();
+            let stale =
+                state
+                    .enrollments
+                    .stale(&network, &valid, SystemTime::now(), settings.gc_grace);
+            let mut released = false;
+            for container_id in stale {
+                released |= release(
+                    state,
+                    &container_id,
+                    "sandbox the runtime no longer lists (CNI GC) released",
+                );
+            }
+            if released {
                 finish_change(state);
             }
             Reply::Done
@@ -199,17 +237,51 @@ fn handle(
     (reply, None)
 }
 
+/// Forgets a sandbox, as its DEL asks: its capture rules go, and the data planes close its
+/// listeners. Whether it was known.
+fn release(state: &mut Shared, container_id: &str, why: &str) -> bool {
+    let Some(gone) = state.enrollments.remove(container_id) else {
+        return false;
+    };
+    let pod = &gone.pod;
+    tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name),
+        container = %container_id, "{why}");
+    if gone.captured {
+        // The namespace may be on its way out with its rules; a failure is only said.
+        if let Err(e) = mesh_io::redirect::remove(&gone.netns) {
+            tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name),
+                error = %e, "cannot remove the capture rules of a released sandbox");
+        }
+        if let Some(uid) = uid_of(state, &gone) {
+            broadcast(state, &NetnsUpdate::Remove { uid }, None);
+        }
+    }
+    true
+}
+
+/// What ADD says about a sandbox.
+struct Sandbox {
+    pod: PodRef,
+    ips: Vec<std::net::IpAddr>,
+    netns_path: String,
+    network: String,
+}
+
 /// Enrolls a sandbox: follows the pod's labels (capture rules installed or removed), records
 /// it and hands the data planes the new set. A captured pod comes back for the caller to wait
 /// on.
 fn add(
     state: &mut Shared,
-    pod: PodRef,
-    ips: Vec<std::net::IpAddr>,
-    netns_path: String,
+    sandbox: Sandbox,
     captured: bool,
     netns_fd: Option<std::os::fd::OwnedFd>,
 ) -> (Reply, Option<Waiting>) {
+    let Sandbox {
+        pod,
+        ips,
+        netns_path,
+        network,
+    } = sandbox;
     let Some(fd) = netns_fd else {
         let reason = "no network namespace descriptor came with the request".into();
         return (Reply::Refused { reason }, None);
@@ -263,6 +335,8 @@ fn add(
         netns_path,
         netns,
         captured: want,
+        network,
+        enrolled_at: SystemTime::now(),
     });
     drop(previous);
     finish_change(state);

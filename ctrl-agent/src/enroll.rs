@@ -3,11 +3,12 @@
 //! so that a restarted agent serves the same pods again without any CNI call, and never
 //! mistakes a reused namespace path for the pod that used to own it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::net::IpAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mesh_io::netns::NetNs;
 use serde::{Deserialize, Serialize};
@@ -77,6 +78,11 @@ pub struct Enrolled {
     pub netns_path: String,
     pub netns: NetNs,
     pub captured: bool,
+    /// The CNI network it is attached to (empty: enrolled by a plugin that did not say).
+    pub network: String,
+    /// When its ADD came: GC spares sandboxes younger than its grace, whose ADD the
+    /// runtime's list may not have caught.
+    pub enrolled_at: SystemTime,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -87,6 +93,11 @@ struct Persisted {
     netns_dev: u64,
     netns_ino: u64,
     captured: bool,
+    #[serde(default)]
+    network: String,
+    /// Seconds since the Unix epoch; 0 (the epoch) for records from before it was kept.
+    #[serde(default)]
+    enrolled_at: u64,
 }
 
 pub struct Enrollments {
@@ -132,6 +143,8 @@ impl Enrollments {
                             netns_path: r.netns_path,
                             netns,
                             captured: r.captured,
+                            network: r.network,
+                            enrolled_at: UNIX_EPOCH + Duration::from_secs(r.enrolled_at),
                         },
                     );
                 }
@@ -157,6 +170,11 @@ impl Enrollments {
                     netns_dev,
                     netns_ino,
                     captured: e.captured,
+                    network: e.network.clone(),
+                    enrolled_at: e
+                        .enrolled_at
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
                 }
             })
             .collect();
@@ -190,6 +208,26 @@ impl Enrollments {
 
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Enrolled> {
         self.pods.values_mut()
+    }
+
+    /// CNI GC: the sandboxes attached to `network` that the runtime no longer lists in
+    /// `valid`, leaving out those enrolled less than `grace` before `now` (their ADD may have
+    /// been under way when the runtime made its list). Sandboxes of other networks, or whose
+    /// network is not known, are never stale.
+    pub fn stale(
+        &self,
+        network: &str,
+        valid: &HashSet<&str>,
+        now: SystemTime,
+        grace: Duration,
+    ) -> Vec<String> {
+        self.pods
+            .values()
+            .filter(|e| !network.is_empty() && e.network == network)
+            .filter(|e| !valid.contains(e.pod.container_id.as_str()))
+            .filter(|e| now.duration_since(e.enrolled_at).unwrap_or_default() >= grace)
+            .map(|e| e.pod.container_id.clone())
+            .collect()
     }
 
     /// The captured sandbox of a pod, if any.
@@ -344,6 +382,8 @@ workloads:
             netns_path: live.into(),
             netns: NetNs::open(live).expect("netns"),
             captured: true,
+            network: "k8s-pod-network".into(),
+            enrolled_at: SystemTime::now(),
         });
         e.save().expect("save");
         // Add a record whose namespace no longer exists.
@@ -357,8 +397,49 @@ workloads:
         std::fs::write(&state, serde_json::to_vec(&records).expect("json")).expect("write");
 
         let (reloaded, dropped) = Enrollments::load(&state);
-        assert!(reloaded.get("alive").is_some_and(|p| p.captured));
+        assert!(reloaded
+            .get("alive")
+            .is_some_and(|p| p.captured && p.network == "k8s-pod-network"));
         assert!(reloaded.get("gone").is_none());
         assert_eq!(dropped.len(), 1, "{dropped:?}");
+    }
+
+    #[test]
+    fn gc_releases_only_old_enough_sandboxes_of_its_network_missing_from_the_list() {
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("dir");
+        let (mut e, _) = Enrollments::load(&dir.path().join("enrollments.json"));
+        let now = SystemTime::now();
+        let grace = Duration::from_secs(60);
+        let long_ago = now - Duration::from_secs(3600);
+        for (id, network, at) in [
+            ("listed", "pods", long_ago),
+            ("lost-del", "pods", long_ago),
+            ("just-added", "pods", now - Duration::from_secs(5)),
+            ("other-network", "storage", long_ago),
+            ("older-plugin", "", long_ago),
+        ] {
+            e.insert(Enrolled {
+                pod: PodRef {
+                    container_id: id.into(),
+                    namespace: "shop".into(),
+                    name: id.into(),
+                },
+                ips: Vec::new(),
+                netns_path: "/proc/self/ns/net".into(),
+                netns: NetNs::open("/proc/self/ns/net").expect("netns"),
+                captured: true,
+                network: network.into(),
+                enrolled_at: at,
+            });
+        }
+        let valid: HashSet<&str> = ["listed"].into();
+        assert_eq!(e.stale("pods", &valid, now, grace), vec!["lost-del"]);
+        // Once old enough, the sandbox whose ADD the list may have missed goes too.
+        let later = now + grace;
+        let mut stale = e.stale("pods", &valid, later, grace);
+        stale.sort();
+        assert_eq!(stale, vec!["just-added", "lost-del"]);
+        // A network without a name collects nothing, not even sandboxes without one.
+        assert!(e.stale("", &valid, later, grace).is_empty());
     }
 }

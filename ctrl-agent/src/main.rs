@@ -103,6 +103,11 @@ struct Args {
         default_value = "/var/run/mesh/netns.sock"
     )]
     netns_socket: PathBuf,
+    /// CNI GC releases the sandboxes the runtime no longer lists, except those enrolled less
+    /// than this long ago (their ADD may have been under way when the runtime listed).
+    #[arg(long, env = "CTRL_AGENT_CNI_GC_GRACE", default_value = "60s",
+        value_parser = humantime::parse_duration)]
+    cni_gc_grace: Duration,
     /// Where enrollments are remembered across restarts.
     #[arg(
         long,
@@ -218,15 +223,22 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(cni_socket) = &args.cni_socket {
         let (shared, wake) = agent.handles();
-        ctrl_agent::cni_server::start(shared, wake, cni_socket, &args.netns_socket).with_context(
-            || {
-                format!(
-                    "CNI sockets {} and {}",
-                    cni_socket.display(),
-                    args.netns_socket.display()
-                )
+        ctrl_agent::cni_server::start(
+            shared,
+            wake,
+            cni_socket,
+            &args.netns_socket,
+            ctrl_agent::cni_server::CniSettings {
+                gc_grace: args.cni_gc_grace,
             },
-        )?;
+        )
+        .with_context(|| {
+            format!(
+                "CNI sockets {} and {}",
+                cni_socket.display(),
+                args.netns_socket.display()
+            )
+        })?;
         tracing::info!(cni = %cni_socket.display(), netns = %args.netns_socket.display(),
             "CNI enrollment enabled");
     }

@@ -706,6 +706,7 @@ fn a_captured_pod_is_annotated_as_istio_cni_does_and_unannotated_when_released()
         ips: vec!["10.0.0.1".parse().expect("ip")],
         netns_path: sandbox.path(),
         captured: false,
+        network: "k8s-pod-network".into(),
     };
     channel.send_json(&add, &[netns.fd()]).expect("send ADD");
     let (reply, _) = channel

@@ -90,6 +90,49 @@ impl Runtime {
         Ok(())
     }
 
+    /// The runtime loses a sandbox without DEL (it crashed mid-way, say): it no longer lists
+    /// it, and no plugin hears of it until GC.
+    pub fn forget(&self, sandbox: &Sandbox) {
+        if let Ok(mut cache) = self.results.lock() {
+            cache.remove(&sandbox.container_id);
+        }
+    }
+
+    /// CNI 1.1 GC, as a runtime sends it to each plugin of the network: the attachments it
+    /// still knows in `cni.dev/valid-attachments`, `CNI_COMMAND` alone in the environment.
+    /// Only our plugin is called: Debian's reference plugins here predate GC (and this lab's
+    /// network is declared 1.0.0 for them), so the call says 1.1.0 to ours alone. `network`
+    /// overrides the network's name (GC of another network).
+    pub fn gc(&self, network: Option<&str>) -> Result<(), CniError> {
+        let valid: Vec<Value> = self
+            .results
+            .lock()
+            .map(|c| {
+                c.keys()
+                    .map(|id| json!({"containerID": id, "ifname": "eth0"}))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut config = self.plugin(MESH_PLUGIN).ok_or_else(|| CniError {
+            plugin: MESH_PLUGIN.into(),
+            command: "GC".into(),
+            code: 999,
+            msg: "no mesh-cni in the network".into(),
+            details: String::new(),
+        })?;
+        config["cniVersion"] = json!("1.1.0");
+        config["name"] = network.map_or_else(|| self.conflist["name"].clone(), |n| json!(n));
+        config["cni.dev/valid-attachments"] = Value::Array(valid);
+        let stdin = serde_json::to_vec(&config).unwrap_or_default();
+        self.exec(
+            MESH_PLUGIN,
+            "GC",
+            &[("CNI_COMMAND", "GC".to_owned())],
+            &stdin,
+        )
+        .map(drop)
+    }
+
     /// The config of the plugin of this `type` in the list.
     pub fn plugin(&self, plugin_type: &str) -> Option<Value> {
         self.plugins()

@@ -69,6 +69,8 @@ pub struct LabOptions {
     pub driver: String,
     /// Extra flags for both data planes.
     pub dataplane_args: Vec<String>,
+    /// Extra flags for both agents.
+    pub agent_args: Vec<String>,
     /// Pin data-plane workers to cores. Off by default: both simulated nodes share this
     /// machine's cores, and pinning both nodes' worker 0 to core 0 would make them fight.
     pub pin: bool,
@@ -84,6 +86,7 @@ impl Default for LabOptions {
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             driver: "auto".into(),
             dataplane_args: Vec::new(),
+            agent_args: Vec::new(),
             pin: false,
             rogue_client_ca: false,
             cert_ttl: "24h".into(),
@@ -724,6 +727,7 @@ impl Lab {
             cmd.arg("--extra-root")
                 .arg(self.mesh_ca_dir().join("ca-cert.pem"));
         }
+        cmd.args(&self.options.agent_args);
         self.agents[node] = Some(self.spawn_logged(&mut cmd, "ctrl-agent", node)?);
         Ok(())
     }

@@ -189,6 +189,52 @@ lab_test!(
 );
 
 lab_test!(
+    gc_releases_the_sandboxes_the_runtime_lost_and_nothing_else,
+    LabOptions {
+        agent_args: vec!["--cni-gc-grace".into(), "3s".into()],
+        ..LabOptions::default()
+    },
+    |mut lab| {
+        echo_server(&lab, "n2-a");
+        let listeners = |lab: &Lab| lab.total(1, "listeners").expect("stats");
+        let one_pod = listeners(&lab);
+        assert!(one_pod > 0);
+        let lost = lab.add_pod(1, "c", true, "default").expect("pod");
+        assert!(captured(&lab, "n2-c"));
+        assert!(eventually(Duration::from_secs(5), || listeners(&lab) == 2 * one_pod));
+        // The runtime loses the sandbox without DEL (a crash, say): the agent would keep its
+        // namespace open, captured and served, for good.
+        lab.cni(1).forget(&lab.sandbox(&lost));
+
+        // GC right away: the sandbox is too young to go, its ADD may have been under way
+        // when the runtime listed what it knows.
+        lab.cni(1).gc(None).expect("GC");
+        assert!(captured(&lab, "n2-c"), "spared within the grace");
+        std::thread::sleep(Duration::from_secs(3));
+        // GC of another network releases nothing of this one's.
+        lab.cni(1)
+            .gc(Some("another-network"))
+            .expect("GC of another network");
+        assert!(captured(&lab, "n2-c"), "not another network's to collect");
+
+        lab.cni(1).gc(None).expect("GC");
+        assert!(!captured(&lab, "n2-c"), "its capture rules are gone");
+        assert!(
+            eventually(Duration::from_secs(5), || listeners(&lab) == one_pod),
+            "the data plane closed its listeners"
+        );
+        let state = std::fs::read_to_string(lab.dir.join("state-node-2/enrollments.json"))
+            .expect("the agent's enrollments");
+        assert!(!state.contains(&lab.sandbox(&lost).container_id));
+        // The sandboxes the runtime still lists are untouched.
+        assert!(state.contains(&lab.sandbox(lab.pod("n2-a")).container_id));
+        assert!(captured(&lab, "n2-a"));
+        assert!(echoes(&lab, "n1-a", lab.addr("n2-a", ECHO)));
+        assert!(lab.total(1, "hbone_streams_accepted").expect("stats") >= 1);
+    }
+);
+
+lab_test!(
     bad_invocations_get_cni_error_json_and_leave_no_rules,
     LabOptions::default(),
     |mut lab| {

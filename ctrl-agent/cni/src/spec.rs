@@ -166,6 +166,8 @@ pub fn invocation(env: impl Fn(&str) -> Option<String>) -> Result<Invocation, Er
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub cni_version: String,
+    /// The network's name (`name`): GC concerns only the sandboxes attached to it.
+    pub network: String,
     pub agent_socket: PathBuf,
     pub agent_wait: Duration,
     /// The result of the plugins before us, passed on unchanged.
@@ -307,6 +309,11 @@ pub fn config(stdin: &[u8]) -> Result<Config, Error> {
     };
     Ok(Config {
         cni_version: version.to_owned(),
+        network: object
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
         agent_socket,
         agent_wait,
         prev_result: object.get("prevResult").cloned(),
