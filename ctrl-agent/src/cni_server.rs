@@ -13,7 +13,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use mesh_io::ipc::{Channel, Listener};
 use mesh_io::netns::NetNs;
@@ -197,7 +197,7 @@ fn handle(
             return add(state, sandbox, captured, netns_fd);
         }
         Request::Remove { pod } => {
-            if release(state, &pod.container_id, "sandbox removed") {
+            if release(state, &pod.container_id, Rules::Remove, "sandbox removed") {
                 finish_change(state);
             }
             Reply::Done
@@ -207,13 +207,17 @@ fn handle(
             let stale =
                 state
                     .enrollments
-                    .stale(&network, &valid, SystemTime::now(), settings.gc_grace);
+                    .stale(&network, &valid, Instant::now(), settings.gc_grace);
             let mut released = false;
             for container_id in stale {
+                // Its rules stay: if the runtime's list was wrong and the pod lives on, its
+                // traffic is refused rather than let around the mesh. A namespace that is
+                // gone takes them along.
                 released |= release(
                     state,
                     &container_id,
-                    "sandbox the runtime no longer lists (CNI GC) released",
+                    Rules::Keep,
+                    "sandbox the runtime no longer lists (CNI GC) released; its capture rules stay",
                 );
             }
             if released {
@@ -237,9 +241,16 @@ fn handle(
     (reply, None)
 }
 
-/// Forgets a sandbox, as its DEL asks: its capture rules go, and the data planes close its
-/// listeners. Whether it was known.
-fn release(state: &mut Shared, container_id: &str, why: &str) -> bool {
+/// What becomes of a released sandbox's capture rules.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rules {
+    Remove,
+    Keep,
+}
+
+/// Forgets a sandbox: the data planes close its listeners, and its namespace is no longer
+/// held open. Whether it was known.
+fn release(state: &mut Shared, container_id: &str, rules: Rules, why: &str) -> bool {
     let Some(gone) = state.enrollments.remove(container_id) else {
         return false;
     };
@@ -247,10 +258,12 @@ fn release(state: &mut Shared, container_id: &str, why: &str) -> bool {
     tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name),
         container = %container_id, "{why}");
     if gone.captured {
-        // The namespace may be on its way out with its rules; a failure is only said.
-        if let Err(e) = mesh_io::redirect::remove(&gone.netns) {
-            tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name),
-                error = %e, "cannot remove the capture rules of a released sandbox");
+        if rules == Rules::Remove {
+            // The namespace may be on its way out with its rules; a failure is only said.
+            if let Err(e) = mesh_io::redirect::remove(&gone.netns) {
+                tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name),
+                    error = %e, "cannot remove the capture rules of a released sandbox");
+            }
         }
         if let Some(uid) = uid_of(state, &gone) {
             broadcast(state, &NetnsUpdate::Remove { uid }, None);
@@ -336,7 +349,7 @@ fn add(
         netns,
         captured: want,
         network,
-        enrolled_at: SystemTime::now(),
+        enrolled_at: Instant::now(),
     });
     drop(previous);
     finish_change(state);

@@ -8,7 +8,7 @@ use std::io;
 use std::net::IpAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use mesh_io::netns::NetNs;
 use serde::{Deserialize, Serialize};
@@ -80,9 +80,10 @@ pub struct Enrolled {
     pub captured: bool,
     /// The CNI network it is attached to (empty: enrolled by a plugin that did not say).
     pub network: String,
-    /// When its ADD came: GC spares sandboxes younger than its grace, whose ADD the
-    /// runtime's list may not have caught.
-    pub enrolled_at: SystemTime,
+    /// When its ADD came (for sandboxes from before the agent started: when it started):
+    /// GC spares sandboxes younger than its grace, whose ADD the runtime's list may not have
+    /// caught. Monotonic: a clock stepped at boot must not age a fresh sandbox.
+    pub enrolled_at: Instant,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -95,9 +96,6 @@ struct Persisted {
     captured: bool,
     #[serde(default)]
     network: String,
-    /// Seconds since the Unix epoch; 0 (the epoch) for records from before it was kept.
-    #[serde(default)]
-    enrolled_at: u64,
 }
 
 pub struct Enrollments {
@@ -144,7 +142,7 @@ impl Enrollments {
                             netns,
                             captured: r.captured,
                             network: r.network,
-                            enrolled_at: UNIX_EPOCH + Duration::from_secs(r.enrolled_at),
+                            enrolled_at: Instant::now(),
                         },
                     );
                 }
@@ -171,10 +169,6 @@ impl Enrollments {
                     netns_ino,
                     captured: e.captured,
                     network: e.network.clone(),
-                    enrolled_at: e
-                        .enrolled_at
-                        .duration_since(UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs()),
                 }
             })
             .collect();
@@ -218,14 +212,14 @@ impl Enrollments {
         &self,
         network: &str,
         valid: &HashSet<&str>,
-        now: SystemTime,
+        now: Instant,
         grace: Duration,
     ) -> Vec<String> {
         self.pods
             .values()
             .filter(|e| !network.is_empty() && e.network == network)
             .filter(|e| !valid.contains(e.pod.container_id.as_str()))
-            .filter(|e| now.duration_since(e.enrolled_at).unwrap_or_default() >= grace)
+            .filter(|e| now.saturating_duration_since(e.enrolled_at) >= grace)
             .map(|e| e.pod.container_id.clone())
             .collect()
     }
@@ -383,7 +377,7 @@ workloads:
             netns: NetNs::open(live).expect("netns"),
             captured: true,
             network: "k8s-pod-network".into(),
-            enrolled_at: SystemTime::now(),
+            enrolled_at: Instant::now(),
         });
         e.save().expect("save");
         // Add a record whose namespace no longer exists.
@@ -408,9 +402,9 @@ workloads:
     fn gc_releases_only_old_enough_sandboxes_of_its_network_missing_from_the_list() {
         let dir = mesh_snapshot::test_support::ScratchDir::new().expect("dir");
         let (mut e, _) = Enrollments::load(&dir.path().join("enrollments.json"));
-        let now = SystemTime::now();
         let grace = Duration::from_secs(60);
-        let long_ago = now - Duration::from_secs(3600);
+        let long_ago = Instant::now();
+        let now = long_ago + Duration::from_secs(3600);
         for (id, network, at) in [
             ("listed", "pods", long_ago),
             ("lost-del", "pods", long_ago),

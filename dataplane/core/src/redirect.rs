@@ -68,7 +68,7 @@ table inet {TABLE} {{
   }}
   chain mark-own-connections {{
     type filter hook prerouting priority mangle; policy accept;
-    meta mark & {mask:#x} == {mark:#x} ct mark set ct mark & {keep:#x} | {original:#x}
+    ct state new meta mark & {mask:#x} == {mark:#x} ct mark set ct mark & {keep:#x} | {original:#x}
   }}
   chain route-replies-home {{
     type route hook output priority mangle; policy accept;
@@ -145,7 +145,7 @@ mod tests {
 
 \tchain mark-own-connections {
 \t\ttype filter hook prerouting priority mangle; policy accept;
-\t\tmeta mark & 0x00000fff == 0x00000539 ct mark set ct mark & 0xfffff111 | 0x00000111
+\t\tct state new meta mark & 0x00000fff == 0x00000539 ct mark set ct mark & 0xfffff111 | 0x00000111
 \t}
 
 \tchain route-replies-home {
@@ -177,9 +177,11 @@ mod tests {
             .nth(1)
             .expect("connection marking chain");
         assert!(marking.contains("hook prerouting"));
-        assert!(
-            marking.contains("meta mark & 0xfff == 0x539 ct mark set ct mark & 0xfffff000 | 0x111")
-        );
+        // Only a connection's first packet: a packet of ours that joined another connection
+        // (a port clash with a client's redirected one) must not mark that connection.
+        assert!(marking.contains(
+            "ct state new meta mark & 0xfff == 0x539 ct mark set ct mark & 0xfffff000 | 0x111"
+        ));
         let restoring = rules
             .split("chain route-replies-home")
             .nth(1)

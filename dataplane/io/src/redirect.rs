@@ -51,36 +51,38 @@ fn finish_nft(mut child: Child, args: &[&str], stdin: &str) -> io::Result<String
 }
 
 /// Installs (or reinstalls) the policy routing, then the capture rules (one nft transaction,
-/// replacing what was there). A failure leaves the capture as it was: at most the routing,
-/// which nothing uses without the rules, is new.
+/// replacing what was there). The routing is best effort: where a family cannot have it,
+/// the data plane connects from the pod's own address (it checks which families do), so
+/// only a failure of the rules fails the capture, and leaves it as it was.
 pub fn install(netns: &NetNs) -> io::Result<()> {
     let home = NetNs::current()?;
-    netns
-        .run_in(&home, routing::install)
-        .and_then(|r| r)
-        .map_err(|e| io::Error::new(e.kind(), format!("policy routing: {e}")))?;
+    if let Err(error) = netns.run_in(&home, routing::install).and_then(|r| r) {
+        tracing::warn!(netns = %netns.path(), %error,
+            "no policy routing for original sources: applications in this pod see connections from their own address");
+    }
     nft_in(netns, &["-f", "-"], &redirect::pod_ruleset()).map(drop)
 }
 
-/// Removes the capture rules and the policy routing; harmless if they are not there.
+/// Removes the capture rules, then the policy routing (never the other way round: rules
+/// without the routing would send the application's replies out of the pod); harmless if
+/// they are not there. Both are tried; the first failure is reported.
 pub fn remove(netns: &NetNs) -> io::Result<()> {
+    let rules = nft_in(netns, &["-f", "-"], &redirect::pod_ruleset_removal()).map(drop);
     let home = NetNs::current()?;
-    netns
+    let routing = netns
         .run_in(&home, routing::remove)
         .and_then(|r| r)
-        .map_err(|e| io::Error::new(e.kind(), format!("policy routing: {e}")))?;
-    nft_in(netns, &["-f", "-"], &redirect::pod_ruleset_removal()).map(drop)
+        .map_err(|e| io::Error::new(e.kind(), format!("policy routing: {e}")));
+    rules.and(routing)
 }
 
-/// Whether the capture is in place: both nat chains, both redirects, the mark exemption, the
-/// connection marking, and the policy routing.
+/// Whether the capture is in place: both nat chains, both redirects, the mark exemption and
+/// the connection marking. (The policy routing is not capture: without it the data plane
+/// connects from the pod's own address.)
 pub fn check(netns: &NetNs) -> io::Result<bool> {
     match nft_in(netns, &["list", "table", "inet", redirect::TABLE], "") {
-        Ok(listing) if redirect::ruleset_is_complete(&listing) => {
-            let home = NetNs::current()?;
-            netns.run_in(&home, routing::installed)?
-        }
-        // Incomplete, or no such table.
-        Ok(_) | Err(_) => Ok(false),
+        Ok(listing) => Ok(redirect::ruleset_is_complete(&listing)),
+        // No such table.
+        Err(_) => Ok(false),
     }
 }

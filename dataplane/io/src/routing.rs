@@ -15,7 +15,6 @@ use mesh_core::redirect::{
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
-const FAMILIES: [u8; 2] = [libc::AF_INET as u8, libc::AF_INET6 as u8];
 const NLMSG_HEADER: usize = 16;
 /// `struct fib_rule_hdr` and `struct rtmsg` are both 12 bytes.
 const BODY: usize = 12;
@@ -29,51 +28,116 @@ const RTA_TABLE: u16 = 15;
 /// The loopback device is always the first in a network namespace.
 const LOOPBACK_INDEX: u32 = 1;
 
-/// Adds the rule and the route in both families; what is already there stays.
-pub fn install() -> io::Result<()> {
-    let netlink = Netlink::open()?;
-    for family in FAMILIES {
-        netlink
-            .ask(&route(family, libc::RTM_NEWROUTE, CREATE), &[libc::EEXIST])
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ENETDOWN) => io::Error::new(e.kind(), format!("loopback is down: {e}")),
-                _ => e,
-            })?;
-        netlink.ask(&rule(family, libc::RTM_NEWRULE, CREATE), &[libc::EEXIST])?;
-    }
-    Ok(())
+/// The families whose replies the pod's namespace routes back to the data plane.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Routed {
+    pub v4: bool,
+    pub v6: bool,
 }
 
-/// Removes the rule and the route in both families; harmless if they are not there.
+impl Routed {
+    /// Whether replies to a client at `ip` come back to the data plane.
+    pub fn covers(self, ip: std::net::IpAddr) -> bool {
+        if ip.is_ipv4() {
+            self.v4
+        } else {
+            self.v6
+        }
+    }
+
+    fn set(&mut self, family: u8, value: bool) {
+        if family == V4 {
+            self.v4 = value;
+        } else {
+            self.v6 = value;
+        }
+    }
+}
+
+const V4: u8 = libc::AF_INET as u8;
+const V6: u8 = libc::AF_INET6 as u8;
+
+/// Adds the rule and the route, per family; what is already there stays, and a foreign
+/// default route in our table is replaced. IPv6 is left out where the namespace's loopback
+/// has none (the kernel would refuse it). Capture does not depend on this: where a family
+/// could not be added (said in the error), the data plane connects from the pod's own
+/// address.
+pub fn install() -> io::Result<Routed> {
+    let netlink = Netlink::open()?;
+    let mut routed = Routed::default();
+    let mut failures = Vec::new();
+    for family in families() {
+        let added = netlink
+            .ask(&route(family, libc::RTM_NEWROUTE, REPLACE), &[])
+            .and_then(|()| netlink.ask(&rule(family, libc::RTM_NEWRULE, CREATE), &[libc::EEXIST]));
+        match added {
+            Ok(()) => routed.set(family, true),
+            Err(e) => {
+                let name = if family == V4 { "IPv4" } else { "IPv6" };
+                let hint = if e.raw_os_error() == Some(libc::ENETDOWN) {
+                    " (the pod's loopback is down)"
+                } else {
+                    ""
+                };
+                failures.push(format!("{name}: {e}{hint}"));
+            }
+        }
+    }
+    if failures.is_empty() {
+        Ok(routed)
+    } else {
+        Err(io::Error::other(failures.join("; ")))
+    }
+}
+
+/// Removes the rule and the route in both families; harmless if they are not there. Tries
+/// everything, and reports the first failure.
 pub fn remove() -> io::Result<()> {
     let netlink = Netlink::open()?;
-    for family in FAMILIES {
-        netlink.ask(&rule(family, libc::RTM_DELRULE, 0), &[libc::ENOENT])?;
-        netlink.ask(
+    let mut first = None;
+    for family in [V4, V6] {
+        let rule = netlink.ask(
+            &rule(family, libc::RTM_DELRULE, 0),
+            &[libc::ENOENT, libc::EAFNOSUPPORT],
+        );
+        let route = netlink.ask(
             &route(family, libc::RTM_DELROUTE, 0),
-            &[libc::ESRCH, libc::ENOENT],
-        )?;
+            &[libc::ESRCH, libc::ENOENT, libc::EAFNOSUPPORT],
+        );
+        first = first.or(rule.err()).or(route.err());
     }
-    Ok(())
+    first.map_or(Ok(()), Err)
 }
 
-/// Whether the rule and the route are both in place, in both families.
-pub fn installed() -> io::Result<bool> {
+/// The families that have both the rule and the route in place.
+pub fn installed() -> io::Result<Routed> {
     let netlink = Netlink::open()?;
-    for family in FAMILIES {
+    let mut routed = Routed::default();
+    for family in families() {
         let rules = netlink.dump(&request(libc::RTM_GETRULE, DUMP, &body(family)))?;
-        if !rules.iter().any(|m| is_our_rule(m)) {
-            return Ok(false);
-        }
         let routes = netlink.dump(&request(libc::RTM_GETROUTE, DUMP, &body(family)))?;
-        if !routes.iter().any(|m| is_our_route(m)) {
-            return Ok(false);
-        }
+        routed.set(
+            family,
+            rules.iter().any(|m| is_our_rule(m, family))
+                && routes.iter().any(|m| is_our_route(m, family)),
+        );
     }
-    Ok(true)
+    Ok(routed)
+}
+
+/// IPv4, and IPv6 where the calling thread's namespace has it on its loopback.
+fn families() -> Vec<u8> {
+    let v6 = std::fs::read_to_string("/proc/sys/net/ipv6/conf/lo/disable_ipv6")
+        .is_ok_and(|v| v.trim() == "0");
+    if v6 {
+        vec![V4, V6]
+    } else {
+        vec![V4]
+    }
 }
 
 const CREATE: u16 = (libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
+const REPLACE: u16 = (libc::NLM_F_CREATE | libc::NLM_F_REPLACE) as u16;
 const DUMP: u16 = libc::NLM_F_DUMP as u16;
 
 /// `fib_rule_hdr` or `rtmsg` with only the family set.
@@ -151,19 +215,23 @@ fn u32_attribute(payload: &[u8], kind: u16) -> Option<u32> {
         .and_then(|(_, v)| Some(u32::from_ne_bytes(v.try_into().ok()?)))
 }
 
-/// A rule dumped by the kernel (its payload after the netlink header) is ours.
-fn is_our_rule(payload: &[u8]) -> bool {
+/// A rule dumped by the kernel (its payload after the netlink header) is ours, of `family`
+/// (a kernel without a family answers a dump as if for all of them).
+fn is_our_rule(payload: &[u8], family: u8) -> bool {
     let table = u32_attribute(payload, FRA_TABLE).or_else(|| payload.get(4).map(|&t| u32::from(t)));
-    payload.get(7) == Some(&FR_ACT_TO_TBL)
+    payload.first() == Some(&family)
+        && payload.get(7) == Some(&FR_ACT_TO_TBL)
         && table == Some(u32::from(ORIGINAL_SOURCE_TABLE))
         && u32_attribute(payload, FRA_FWMARK) == Some(ORIGINAL_SOURCE_MARK)
         && u32_attribute(payload, FRA_FWMASK) == Some(MARK_MASK)
 }
 
-/// A route dumped by the kernel is the local default route of our table, through loopback.
-fn is_our_route(payload: &[u8]) -> bool {
+/// A route dumped by the kernel is the local default route of our table, through loopback,
+/// of `family`.
+fn is_our_route(payload: &[u8], family: u8) -> bool {
     let table = u32_attribute(payload, RTA_TABLE).or_else(|| payload.get(4).map(|&t| u32::from(t)));
-    payload.get(1) == Some(&0)
+    payload.first() == Some(&family)
+        && payload.get(1) == Some(&0)
         && payload.get(7) == Some(&libc::RTN_LOCAL)
         && table == Some(u32::from(ORIGINAL_SOURCE_TABLE))
         && u32_attribute(payload, RTA_OIF) == Some(LOOPBACK_INDEX)
@@ -265,74 +333,125 @@ mod tests {
 
     #[test]
     fn a_rule_request_reads_back_as_ours_and_a_neighbour_does_not() {
-        let ours = rule(libc::AF_INET as u8, libc::RTM_NEWRULE, CREATE);
+        let ours = rule(V4, libc::RTM_NEWRULE, CREATE);
         assert_eq!(ours.len(), NLMSG_HEADER + BODY + 4 * 8);
-        assert!(is_our_rule(&ours[NLMSG_HEADER..]));
+        assert!(is_our_rule(&ours[NLMSG_HEADER..], V4));
+        assert!(!is_our_rule(&ours[NLMSG_HEADER..], V6), "another family's");
         let mut other_mark = ours.clone();
         let at = other_mark.len() - 3 * 8 + 4; // the fwmark's value
         other_mark[at..at + 4].copy_from_slice(&0x222u32.to_ne_bytes());
-        assert!(!is_our_rule(&other_mark[NLMSG_HEADER..]));
-        let route = route(libc::AF_INET6 as u8, libc::RTM_NEWROUTE, CREATE);
-        assert!(is_our_route(&route[NLMSG_HEADER..]));
-        assert!(!is_our_rule(&route[NLMSG_HEADER..]));
+        assert!(!is_our_rule(&other_mark[NLMSG_HEADER..], V4));
+        let route = route(V6, libc::RTM_NEWROUTE, REPLACE);
+        assert!(is_our_route(&route[NLMSG_HEADER..], V6));
+        assert!(!is_our_route(&route[NLMSG_HEADER..], V4));
+        assert!(!is_our_rule(&route[NLMSG_HEADER..], V6));
     }
 
-    /// The real kernel: a network namespace of its own (root, as in CI), compared with what
-    /// `ip` (iproute2) lists.
+    /// A namespace of its own (`ip netns add`: root, as in CI), removed afterwards.
+    struct Scratch {
+        name: String,
+        netns: NetNs,
+        home: NetNs,
+    }
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let name = format!("meshdp-routing-{tag}-{}", std::process::id());
+            ip(&["netns", "add", &name]);
+            let netns = NetNs::open(format!("/run/netns/{name}")).expect("netns");
+            Scratch {
+                name,
+                netns,
+                home: NetNs::current().expect("own netns"),
+            }
+        }
+
+        fn inside<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+            self.netns.run_in(&self.home, f).expect("enter")
+        }
+
+        /// `ip` inside the namespace.
+        fn ip(&self, args: &[&str]) -> String {
+            let mut full = vec!["-n", &self.name];
+            full.extend_from_slice(args);
+            ip(&full)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.name])
+                .status();
+        }
+    }
+
+    fn ip(args: &[&str]) -> String {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .expect("ip (iproute2) runs");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    const BOTH: Routed = Routed { v4: true, v6: true };
+
+    /// The real kernel, compared with what `ip` (iproute2) lists.
     #[test]
     fn installs_checks_and_removes_the_rule_and_route_in_a_fresh_namespace() {
-        let name = format!("meshdp-routing-{}", std::process::id());
-        let run = |args: &[&str]| {
-            let out = std::process::Command::new("ip")
-                .args(args)
-                .output()
-                .expect("ip (iproute2) runs");
-            assert!(out.status.success(), "ip {args:?}: {out:?}");
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
-        run(&["netns", "add", &name]);
+        let ns = Scratch::new("both");
         // As the runtime leaves a pod's namespace: a local route needs its device up.
-        run(&["-n", &name, "link", "set", "lo", "up"]);
-        let result = std::panic::catch_unwind(|| {
-            let netns = NetNs::open(format!("/run/netns/{name}")).expect("netns");
-            let home = NetNs::current().expect("own netns");
-            let inside = |f: fn() -> io::Result<bool>| {
-                netns.run_in(&home, f).expect("enter").expect("netlink")
-            };
-            assert!(!inside(installed), "a fresh namespace has no such rule");
-            for _ in 0..2 {
-                inside(|| install().map(|()| true));
-            }
-            assert!(inside(installed));
-            let exec = |args: &[&str]| {
-                let mut full = vec!["netns", "exec", &name, "ip"];
-                full.extend_from_slice(args);
-                run(&full)
-            };
-            for family in ["-4", "-6"] {
-                let rules = exec(&[family, "rule", "show"]);
-                assert!(
-                    rules.contains("32764:\tfrom all fwmark 0x111/0xfff lookup 100"),
-                    "{family} rules: {rules}"
-                );
-                let routes = exec(&[family, "route", "show", "table", "100"]);
-                assert!(
-                    routes.contains("local default dev lo"),
-                    "{family} routes: {routes}"
-                );
-            }
-            // Someone deletes the v6 rule: no longer complete.
-            exec(&["-6", "rule", "del", "pref", "32764"]);
-            assert!(!inside(installed));
-            for _ in 0..2 {
-                inside(|| remove().map(|()| true));
-            }
-            assert!(!exec(&["-4", "rule", "show"]).contains("fwmark 0x111"));
-            assert_eq!(exec(&["-4", "route", "show", "table", "100"]).trim(), "");
-        });
-        run(&["netns", "del", &name]);
-        if let Err(panic) = result {
-            std::panic::resume_unwind(panic);
+        ns.ip(&["link", "set", "lo", "up"]);
+        assert_eq!(ns.inside(installed).expect("dump"), Routed::default());
+        for _ in 0..2 {
+            assert_eq!(ns.inside(install).expect("install"), BOTH);
         }
+        assert_eq!(ns.inside(installed).expect("dump"), BOTH);
+        for family in ["-4", "-6"] {
+            let rules = ns.ip(&[family, "rule", "show"]);
+            assert!(
+                rules.contains("32764:\tfrom all fwmark 0x111/0xfff lookup 100"),
+                "{family} rules: {rules}"
+            );
+            let routes = ns.ip(&[family, "route", "show", "table", "100"]);
+            assert!(
+                routes.contains("local default dev lo"),
+                "{family} routes: {routes}"
+            );
+        }
+        // Someone deletes the v6 rule: only v4 is complete.
+        ns.ip(&["-6", "rule", "del", "pref", "32764"]);
+        let v4_only = Routed {
+            v4: true,
+            v6: false,
+        };
+        assert_eq!(ns.inside(installed).expect("dump"), v4_only);
+        for _ in 0..2 {
+            ns.inside(remove).expect("remove");
+        }
+        assert!(!ns.ip(&["-4", "rule", "show"]).contains("fwmark 0x111"));
+        assert_eq!(ns.ip(&["-4", "route", "show", "table", "100"]).trim(), "");
+        assert_eq!(ns.inside(installed).expect("dump"), Routed::default());
+    }
+
+    #[test]
+    fn a_namespace_without_ipv6_gets_ipv4_and_a_down_loopback_is_named() {
+        let ns = Scratch::new("v4");
+        // Down loopback (a runtime that brings it up concurrently with the chain): nothing
+        // can be routed to it yet, and the error says why.
+        let down = ns.inside(install).expect_err("loopback down");
+        assert!(down.to_string().contains("loopback is down"), "{down}");
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns.inside(|| std::fs::write("/proc/sys/net/ipv6/conf/lo/disable_ipv6", "1"))
+            .expect("disable IPv6 on lo");
+        let v4_only = Routed {
+            v4: true,
+            v6: false,
+        };
+        assert_eq!(ns.inside(install).expect("IPv4 only"), v4_only);
+        assert_eq!(ns.inside(installed).expect("dump"), v4_only);
+        ns.inside(remove).expect("remove");
+        assert_eq!(ns.inside(installed).expect("dump"), Routed::default());
     }
 }

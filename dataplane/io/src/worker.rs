@@ -33,7 +33,7 @@ use crate::netns::NetNs;
 use crate::netns_sync::NetnsRegistry;
 use crate::pool::{DialSpec, HbonePool, Lease, PoolKey, PoolTimers};
 use crate::relay;
-use crate::routing;
+use crate::routing::{self, Routed};
 use crate::sockets::{
     finish_connect, migrate_queued_connections, original_dst, reuseport_listener, start_connect,
     Source,
@@ -110,9 +110,9 @@ struct Pod {
     stop: Vec<(Canceller, Rc<Cell<bool>>)>,
     /// Each listener's address and descriptor (owned by its accept loop), for a handover.
     sockets: Vec<(SocketAddr, RawFd)>,
-    /// The namespace routes the application's replies to a client's address back to us, so
-    /// connections to the application may come from the client's address.
-    original_source: bool,
+    /// The families for which the namespace routes the application's replies to a client's
+    /// address back to us, so connections to the application may come from it.
+    original_source: Routed,
 }
 
 impl Pod {
@@ -556,27 +556,28 @@ impl Worker {
             .set(self.failed_pods.borrow().len() as u64);
     }
 
-    /// Whether the pod's namespace has the policy routing that lets connections to its
-    /// application come from clients' addresses.
-    fn routes_replies_home(&self, uid: &str, netns: &NetNs) -> bool {
+    /// The families for which the pod's namespace has the policy routing that lets
+    /// connections to its application come from clients' addresses.
+    fn routes_replies_home(&self, uid: &str, netns: &NetNs) -> Routed {
         match netns.run_in(&self.home, routing::installed).and_then(|r| r) {
-            Ok(true) => true,
-            Ok(false) => {
-                tracing::info!(worker = self.id, pod = %uid,
-                    "no policy routing for original sources in this pod (captured by an older agent?): its applications see connections from their own address");
-                false
+            Ok(routed) => {
+                if routed == Routed::default() {
+                    tracing::info!(worker = self.id, pod = %uid,
+                        "no policy routing for original sources in this pod (captured by an older agent?): its applications see connections from their own address");
+                }
+                routed
             }
             Err(e) => {
                 tracing::warn!(worker = self.id, pod = %uid, error = %e,
                     "cannot read the pod's policy routing: its applications see connections from their own address");
-                false
+                Routed::default()
             }
         }
     }
 
-    /// Looks again at pods that had no policy routing: a restarted agent installs its rules
-    /// again in every captured pod before it hands their namespaces over, which brings us
-    /// here. Not done on every adoption: pods without routing stay few and rare.
+    /// Looks again at pods that had no policy routing at all: a restarted agent installs its
+    /// rules again in every captured pod before it hands their namespaces over, which brings
+    /// us here. Not done on every adoption: such pods stay few and rare.
     fn recheck_original_source(&self) {
         if !self.settings.original_source {
             return;
@@ -585,18 +586,19 @@ impl Worker {
             .pods
             .borrow()
             .iter()
-            .filter(|(_, pod)| !pod.original_source)
+            .filter(|(_, pod)| pod.original_source == Routed::default())
             .map(|(uid, pod)| (uid.clone(), pod.netns.clone()))
             .collect();
         for (uid, netns) in lacking {
             // Quietly: the pod's opening said what it lacked.
-            let found = netns.run_in(&self.home, routing::installed);
-            if matches!(found, Ok(Ok(true))) {
-                if let Some(pod) = self.pods.borrow_mut().get_mut(&uid) {
-                    pod.original_source = true;
+            if let Ok(Ok(routed)) = netns.run_in(&self.home, routing::installed) {
+                if routed != Routed::default() {
+                    if let Some(pod) = self.pods.borrow_mut().get_mut(&uid) {
+                        pod.original_source = routed;
+                    }
+                    tracing::info!(worker = self.id, pod = %uid, ?routed,
+                        "policy routing for original sources now in place");
                 }
-                tracing::info!(worker = self.id, pod = %uid,
-                    "policy routing for original sources now in place");
             }
         }
     }
@@ -681,8 +683,11 @@ impl Worker {
             tracing::warn!(worker = self.id, pod = %uid, error = %e,
                 "cannot set tcp_migrate_req: connections queued on this pod's listeners when a process's listener closes (end of an upgrade) are reset");
         }
-        let original_source =
-            self.settings.original_source && self.routes_replies_home(uid, &netns);
+        let original_source = if self.settings.original_source {
+            self.routes_replies_home(uid, &netns)
+        } else {
+            Routed::default()
+        };
         let mut pod = Pod {
             source: source.clone(),
             identity: netns.identity().ok(),
@@ -800,7 +805,7 @@ impl Worker {
             .pods
             .borrow()
             .get(uid)
-            .is_some_and(|p| p.original_source);
+            .is_some_and(|p| p.original_source.covers(client));
         if routed && client.is_ipv4() == app.is_ipv4() {
             Source::Transparent(client)
         } else {
