@@ -1,6 +1,7 @@
-//! The Kubernetes source: watches Pods, Services, EndpointSlices, Namespaces and Istio's
-//! AuthorizationPolicy and PeerAuthentication with kube's watcher, and hands the agent loop a
-//! new model (`FileConfig`, as the file source produces) whenever the cluster changed.
+//! The Kubernetes source: watches Pods, Services, EndpointSlices, Namespaces, Istio's
+//! AuthorizationPolicy and PeerAuthentication, and the Gateway API's Gateway and GatewayClass
+//! (waypoints) with kube's watcher, and hands the agent loop a new model (`FileConfig`, as
+//! the file source produces) whenever the cluster changed.
 //!
 //! List/watch behaviour, mostly kube's watcher:
 //! - each kind is listed, then watched from the list's resourceVersion with bookmarks on, and
@@ -13,11 +14,12 @@
 //!   malformed object is skipped with a warning rather than failing its kind's list; only
 //!   what the model reads of an object is stored, and an event that changed none of it
 //!   changes nothing (a relist that found everything as it was included);
-//! - a 404 on listing an Istio kind is told apart with API discovery: a kind served at no
-//!   version (its CRD is not installed) counts as empty; one served only at other versions
-//!   than the one read (an Istio before 1.22 serves v1beta1 only) is an error, and its kind
-//!   stays unlisted, so nothing is handed over rather than a cluster without its policies;
-//!   either way the list is retried, so a CRD installed or upgraded later is picked up.
+//! - a 404 on listing a kind defined by a CRD (Istio's, the Gateway API's) is told apart with
+//!   API discovery: a kind served at no version (its CRD is not installed) counts as empty;
+//!   one served only at other versions than the one read (an Istio before 1.22 serves
+//!   v1beta1 only) is an error, and its kind stays unlisted, so nothing is handed over rather
+//!   than a cluster without its policies or waypoints; either way the list is retried, so a
+//!   CRD installed or upgraded later is picked up.
 //!
 //! Nothing is handed over until every kind has completed its initial list, nor while any
 //! kind is relisting: readers never see a partial cluster. A burst of events is one
@@ -28,6 +30,7 @@
 
 pub mod model;
 pub mod redirection;
+pub mod waypoints;
 pub mod world;
 
 use std::collections::BTreeSet;
@@ -45,10 +48,7 @@ use kube::{Api, Client};
 
 use crate::config::FileConfig;
 use model::{Model, ModelOptions, Modeler};
-use world::{Applied, Kind, Update, World};
-
-pub const ISTIO_SECURITY_GROUP: &str = "security.istio.io";
-pub const ISTIO_SECURITY_VERSION: &str = "v1";
+use world::{ApiGroupVersion, Applied, Kind, Update, World};
 
 #[derive(Clone, Debug)]
 pub struct KubeOptions {
@@ -122,23 +122,7 @@ pub fn start(
 
 async fn run(client: Client, options: KubeOptions, handoff: Arc<Handoff>, wake: mpsc::Sender<()>) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Update>(1024);
-    for (kind, resource) in [
-        (Kind::Namespaces, ApiResource::erase::<Namespace>(&())),
-        (Kind::Pods, ApiResource::erase::<Pod>(&())),
-        (Kind::Services, ApiResource::erase::<Service>(&())),
-        (
-            Kind::EndpointSlices,
-            ApiResource::erase::<EndpointSlice>(&()),
-        ),
-        (
-            Kind::AuthorizationPolicies,
-            istio_resource("AuthorizationPolicy", "authorizationpolicies"),
-        ),
-        (
-            Kind::PeerAuthentications,
-            istio_resource("PeerAuthentication", "peerauthentications"),
-        ),
-    ] {
+    for (kind, resource) in watched() {
         let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
         tokio::spawn(watch(api, kind, tx.clone()));
     }
@@ -204,9 +188,37 @@ async fn run(client: Client, options: KubeOptions, handoff: Arc<Handoff>, wake: 
     }
 }
 
-fn istio_resource(kind: &str, plural: &str) -> ApiResource {
-    let gvk = GroupVersionKind::gvk(ISTIO_SECURITY_GROUP, ISTIO_SECURITY_VERSION, kind);
-    ApiResource::from_gvk_with_plural(&gvk, plural)
+/// Every kind watched, and where the API server serves it.
+fn watched() -> [(Kind, ApiResource); 8] {
+    [
+        (Kind::Namespaces, ApiResource::erase::<Namespace>(&())),
+        (Kind::Pods, ApiResource::erase::<Pod>(&())),
+        (Kind::Services, ApiResource::erase::<Service>(&())),
+        (
+            Kind::EndpointSlices,
+            ApiResource::erase::<EndpointSlice>(&()),
+        ),
+        (
+            Kind::AuthorizationPolicies,
+            crd_resource(Kind::AuthorizationPolicies, "AuthorizationPolicy"),
+        ),
+        (
+            Kind::PeerAuthentications,
+            crd_resource(Kind::PeerAuthentications, "PeerAuthentication"),
+        ),
+        (Kind::Gateways, crd_resource(Kind::Gateways, "Gateway")),
+        (
+            Kind::GatewayClasses,
+            crd_resource(Kind::GatewayClasses, "GatewayClass"),
+        ),
+    ]
+}
+
+/// A kind defined by a CRD, at the group and version it is read at.
+fn crd_resource(kind: Kind, type_name: &str) -> ApiResource {
+    let ApiGroupVersion { group, version } = kind.crd().expect("a kind defined by a CRD");
+    let gvk = GroupVersionKind::gvk(group, version, type_name);
+    ApiResource::from_gvk_with_plural(&gvk, kind.name())
 }
 
 /// The API server's status code in a watcher error, if it sent one.
@@ -220,7 +232,7 @@ fn status_code(error: &watcher::Error) -> Option<u16> {
     }
 }
 
-/// Where the API server serves an Istio security kind, asked after a 404 on its list.
+/// Where the API server serves a kind defined by a CRD, asked after a 404 on its list.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Served {
     /// At no version (not even the group is served): its CRD is not installed, so no object
@@ -232,10 +244,14 @@ enum Served {
     AtVersionRead,
 }
 
-/// Asks the API server's discovery where `plural` of the Istio security group is served.
+/// Asks the API server's discovery where `plural` of group `at.group` is served.
 /// `Err` is a failure to ask (not an answer), to be retried.
-async fn discover(client: &Client, plural: &str) -> Result<Served, kube::Error> {
-    let request = http::Request::get(format!("/apis/{ISTIO_SECURITY_GROUP}"))
+async fn discover(
+    client: &Client,
+    at: ApiGroupVersion,
+    plural: &str,
+) -> Result<Served, kube::Error> {
+    let request = http::Request::get(format!("/apis/{}", at.group))
         .body(Vec::new())
         .map_err(kube::Error::HttpError)?;
     let group: APIGroup = match client.request(request).await {
@@ -261,24 +277,31 @@ async fn discover(client: &Client, plural: &str) -> Result<Served, kube::Error> 
     }
     Ok(if versions.is_empty() {
         Served::Nowhere
-    } else if versions.iter().any(|v| v == ISTIO_SECURITY_VERSION) {
+    } else if versions.iter().any(|v| v == at.version) {
         Served::AtVersionRead
     } else {
         Served::OnlyAt(versions)
     })
 }
 
-/// What a 404 on the initial list of Istio's `kind` means for the world: `Absent` only when
+/// What a 404 on the initial list of a CRD's `kind` means for the world: `Absent` only when
 /// discovery finds the kind served nowhere. Anything else leaves the kind unlisted (the list
-/// is retried), so that policies that exist but cannot be read are never published as none.
-/// `told` is the last finding logged, so that a retry finding the same logs nothing.
-async fn not_served(client: &Client, kind: Kind, told: &mut Option<Served>) -> Option<Update> {
-    let served = match discover(client, kind.name()).await {
+/// is retried), so that policies or waypoints that exist but cannot be read are never
+/// published as none. `told` is the last finding logged, so that a retry finding the same
+/// logs nothing.
+async fn not_served(
+    client: &Client,
+    kind: Kind,
+    at: ApiGroupVersion,
+    told: &mut Option<Served>,
+) -> Option<Update> {
+    let read_at = format!("{}/{}", at.group, at.version);
+    let served = match discover(client, at, kind.name()).await {
         Ok(served) => served,
         Err(error) => {
             tracing::warn!(kind = kind.name(), %error,
-                "not served at {ISTIO_SECURITY_GROUP}/{ISTIO_SECURITY_VERSION}, and API \
-                 discovery failed; not treated as empty, retrying");
+                "not served at {read_at}, and API discovery failed; not treated as empty, \
+                 retrying");
             return None;
         }
     };
@@ -286,14 +309,15 @@ async fn not_served(client: &Client, kind: Kind, told: &mut Option<Served>) -> O
         match &served {
             Served::Nowhere => tracing::warn!(
                 kind = kind.name(),
-                "no Istio security CRD of this kind is installed, so there are no such \
-                 policies; treated as empty, retrying"
+                "no CRD of this kind is installed at {}, so there are no such objects; \
+                 treated as empty, retrying",
+                at.group
             ),
             Served::OnlyAt(versions) => tracing::error!(kind = kind.name(),
                 served_versions = ?versions,
-                "the API server serves this kind only at other versions than \
-                 {ISTIO_SECURITY_GROUP}/{ISTIO_SECURITY_VERSION} (Istio before 1.22?): its \
-                 policies cannot be read, so nothing is published until they can; retrying"),
+                "the API server serves this kind only at other versions than {read_at} \
+                 (an Istio before 1.22, or a Gateway API before 1.0?): its objects cannot \
+                 be read, so nothing is published until they can; retrying"),
             Served::AtVersionRead => tracing::info!(
                 kind = kind.name(),
                 "not found, but discovery says it is served; retrying"
@@ -326,11 +350,12 @@ async fn watch(api: Api<DynamicObject>, kind: Kind, tx: tokio::sync::mpsc::Sende
             let update = match item {
                 Ok(event) => {
                     if matches!(event, watcher::Event::InitDone) {
-                        if let Some(Served::OnlyAt(_)) = told {
+                        if let (Some(Served::OnlyAt(_)), Some(at)) = (&told, kind.crd()) {
                             tracing::info!(
                                 kind = kind.name(),
-                                "served at {ISTIO_SECURITY_GROUP}/{ISTIO_SECURITY_VERSION} now: \
-                                 its policies are read"
+                                "served at {}/{} now: its objects are read",
+                                at.group,
+                                at.version
                             );
                         }
                         // A later 404 is news again.
@@ -348,12 +373,13 @@ async fn watch(api: Api<DynamicObject>, kind: Kind, tx: tokio::sync::mpsc::Sende
                         gone = true;
                         break;
                     }
-                    Some(404)
-                        if kind.is_istio_security()
-                            && matches!(error, watcher::Error::InitialListFailed(_)) =>
-                    {
+                    Some(404) if matches!(error, watcher::Error::InitialListFailed(_)) => {
+                        let Some(at) = kind.crd() else {
+                            tracing::warn!(kind = kind.name(), %error, "watch failed; retrying with backoff");
+                            continue;
+                        };
                         let client = api.clone().into_client();
-                        match not_served(&client, kind, &mut told).await {
+                        match not_served(&client, kind, at, &mut told).await {
                             Some(update) => update,
                             None => continue,
                         }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use fake_apiserver::{objects, FakeApiServer};
 use fake_apiserver::{
-    AUTHORIZATION_POLICIES, ENDPOINT_SLICES, ISTIO_SECURITY_GROUP, NAMESPACES,
-    PEER_AUTHENTICATIONS, PODS, SERVICES,
+    AUTHORIZATION_POLICIES, ENDPOINT_SLICES, GATEWAYS, GATEWAY_CLASSES, ISTIO_SECURITY_GROUP,
+    NAMESPACES, PEER_AUTHENTICATIONS, PODS, SERVICES,
 };
 use mesh_snapshot::delta::{self, State};
 use mesh_snapshot::schema::{Protocol, Snapshot};
@@ -620,6 +620,86 @@ fn without_istio_security_crds_the_cluster_is_published_with_no_policies() {
     agent.until("the policies", |s| {
         s.policies.len() == 1 && s.peer_authentications.len() == 1
     });
+}
+
+/// The waypoint the snapshot gives a workload (`ip:port`), empty for none.
+fn waypoint_of<'s>(snap: &'s Snapshot, name: &str) -> Option<&'s str> {
+    let workload = snap.workloads.iter().find(|w| w.name == name)?;
+    Some(workload.waypoint.as_str())
+}
+
+/// Waypoints as istiod knows them: a cluster without the Gateway API is published with none;
+/// once the CRDs are installed a Gateway is picked up, and it becomes the pods' waypoint
+/// when Istio gives it an address, not before.
+#[test]
+fn waypoints_are_gateways_and_a_cluster_without_the_gateway_api_has_none() {
+    let server = FakeApiServer::start();
+    baseline(&server);
+    server.apply(
+        NAMESPACES,
+        objects::namespace(
+            "shop",
+            json!({"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "waypoint"}),
+        ),
+    );
+    let mut waypoint_service = objects::service(
+        "shop",
+        "waypoint",
+        &["10.96.0.77"],
+        &[("mesh", 15008, json!(15008))],
+    );
+    waypoint_service["metadata"]["labels"] =
+        json!({"gateway.istio.io/managed": "istio.io-mesh-controller"});
+    server.apply(SERVICES, waypoint_service);
+    server.set_missing(GATEWAYS, true);
+    server.set_missing(GATEWAY_CLASSES, true);
+    let mut agent = Agent::start(&server);
+    // With its certificate, so that no later publication is expected.
+    let snap = agent.until("the first publication", |s| !s.identities.is_empty());
+    assert_eq!(workload_names(&snap), ["batch", "cart", "old", "web"]);
+    assert_eq!(
+        waypoint_of(&snap, "web"),
+        Some(""),
+        "no Gateway, no waypoint"
+    );
+    assert!(agent.errors("").is_empty(), "{}", agent.log());
+
+    // The Gateway API is installed; the waypoint's Gateway exists but is not ready yet.
+    let lists_before = server.lists(GATEWAYS);
+    server.set_missing(GATEWAYS, false);
+    server.set_missing(GATEWAY_CLASSES, false);
+    server.apply(
+        GATEWAY_CLASSES,
+        objects::gateway_class("istio-waypoint", json!({})),
+    );
+    let gateway = |address| {
+        objects::waypoint_gateway(
+            "shop",
+            "waypoint",
+            json!({"istio.io/waypoint-for": "all"}),
+            address,
+        )
+    };
+    server.apply(GATEWAYS, gateway(None));
+    server.wait_for("the Gateways listed", TIMEOUT, |s| {
+        s.lists(GATEWAYS) > lists_before
+    });
+    agent.holds(
+        Duration::from_millis(1500),
+        Some(&snap),
+        "a Gateway without an address changed the snapshot",
+    );
+
+    // Istio writes its address once the waypoint has a ready pod.
+    server.apply(
+        GATEWAYS,
+        gateway(Some(objects::hostname_address("shop", "waypoint"))),
+    );
+    let snap = agent.until("the waypoint", |s| {
+        waypoint_of(s, "web") == Some("10.96.0.77:15008")
+    });
+    assert_eq!(waypoint_of(&snap, "cart"), Some("10.96.0.77:15008"));
+    assert_eq!(waypoint_of(&snap, "old"), Some(""), "legacy uses none");
 }
 
 /// A network namespace for a pod's sandbox (`ip netns add`: root, as CI runs), its loopback

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tower_test::mock::{self, Handle};
 
 use super::world::{Kind, Update};
-use super::{istio_resource, watch};
+use super::{crd_resource, watch};
 
 type ApiHandle = Handle<Request<Body>, Response<Body>>;
 
@@ -267,7 +267,7 @@ async fn answer(api: &mut ApiHandle, path: &str, code: u16, body: Value) {
 
 #[test]
 fn a_404_on_the_policies_counts_as_empty_only_when_discovery_finds_them_served_nowhere() {
-    let resource = istio_resource("AuthorizationPolicy", "authorizationpolicies");
+    let resource = crd_resource(Kind::AuthorizationPolicies, "AuthorizationPolicy");
     with_watch(
         Kind::AuthorizationPolicies,
         resource,

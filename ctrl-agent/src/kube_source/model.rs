@@ -30,7 +30,8 @@ use crate::config::{
 };
 use crate::enroll;
 
-use super::world::{Store, StoredPod, StoredSlice, World};
+use super::waypoints::{self, Addressed, Waypoint, WaypointAddress};
+use super::world::{StoredPod, StoredSlice, World};
 
 /// Istio's label naming the waypoint a pod, service or namespace uses (`none`: no waypoint,
 /// even if the namespace has one).
@@ -51,30 +52,6 @@ pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Waypoints take HBONE on this port of their service's address (as ztunnel dials them).
 pub const WAYPOINT_HBONE_PORT: u16 = 15008;
-/// Istio's label on a waypoint (its Gateway, which Istio copies to the Service it generates)
-/// saying which traffic it takes: `service` (the default), `workload`, `all` or `none`.
-pub const WAYPOINT_FOR_LABEL: &str = "istio.io/waypoint-for";
-
-/// The traffic a waypoint may take: addressed to a service's VIP, or to a pod's address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Addressed {
-    ToService,
-    ToWorkload,
-}
-
-impl Addressed {
-    /// Whether a waypoint with these labels takes this traffic.
-    fn taken_by(self, waypoint_labels: &BTreeMap<String, String>) -> bool {
-        let takes = waypoint_labels
-            .get(WAYPOINT_FOR_LABEL)
-            .map_or("service", String::as_str);
-        match self {
-            Addressed::ToService => matches!(takes, "service" | "all"),
-            Addressed::ToWorkload => matches!(takes, "workload" | "all"),
-        }
-    }
-}
-
 /// For maps with an entry per pod, rebuilt at every model: the keys come from the API server,
 /// and std's SipHash was about a tenth of a model of 100k pods in a profile.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -99,6 +76,10 @@ pub struct Model {
 /// model: a scan per object would make a model of n pods cost O(n^2).
 struct Lookups<'a> {
     namespace_labels: HashMap<&'a str, &'a BTreeMap<String, String>>,
+    /// By the Gateway's `namespace/name`.
+    waypoints: HashMap<String, Waypoint>,
+    /// Gateways that could not be read.
+    problems: Vec<String>,
 }
 
 /// EndpointSlices by (namespace, service name), in the store's order.
@@ -111,7 +92,12 @@ impl<'a> Lookups<'a> {
             .objects()
             .filter_map(|n| Some((n.metadata.name.as_deref()?, n.labels())))
             .collect();
-        Lookups { namespace_labels }
+        let (waypoints, problems) = waypoints::index(world);
+        Lookups {
+            namespace_labels,
+            waypoints,
+            problems,
+        }
     }
 
     fn namespace_labels(&self, namespace: &str) -> Option<&'a BTreeMap<String, String>> {
@@ -162,9 +148,10 @@ pub struct Modeler {
     modeled_services: Option<ModeledServices>,
     /// Who claims each address and uid among `pods`, and the model's uids.
     owners: Ownership,
-    /// The namespaces' and services' store revisions `pods` and `services` were translated
+    /// The store revisions of what a pod's or service's translation looks up (namespaces,
+    /// services, gateways, gateway classes) that `pods` and `services` were translated
     /// against.
-    context: Option<(u64, u64)>,
+    context: Option<[u64; 4]>,
     /// The pods' store revision `pods` follows.
     pods_revision: Option<u64>,
 }
@@ -267,7 +254,12 @@ impl Modeler {
     }
 
     pub fn model(&mut self, world: &World) -> Model {
-        let context = (world.namespaces.revision(), world.services.revision());
+        let context = [
+            world.namespaces.revision(),
+            world.services.revision(),
+            world.gateways.revision(),
+            world.gateway_classes.revision(),
+        ];
         if self.context != Some(context) {
             self.pods.clear();
             self.services.clear();
@@ -408,7 +400,7 @@ fn model_with(
     changed_pods: Option<Vec<&str>>,
 ) -> Model {
     let lookups = Lookups::new(world);
-    let mut problems = Vec::new();
+    let mut problems = lookups.problems.clone();
     let namespaces: Vec<NamespaceSpec> = world
         .namespaces
         .objects()
@@ -780,13 +772,7 @@ fn workload(
         Ok(()) => ProtocolSpec::Hbone,
         Err(_) => ProtocolSpec::Tcp,
     };
-    let waypoint = waypoint(
-        &labels,
-        ns_labels,
-        &namespace,
-        &world.services,
-        Addressed::ToWorkload,
-    );
+    let waypoint = waypoint(&labels, &namespace, world, lookups, Addressed::ToWorkload);
     Ok(Some(WorkloadSpec {
         uid,
         name: pod.name.clone(),
@@ -807,22 +793,24 @@ fn workload(
 }
 
 /// The waypoint named by `istio.io/use-waypoint` on the object, else on its namespace, as
-/// the address ztunnel would dial: the waypoint service's cluster IP, HBONE port. `none` on
-/// the object opts out of its namespace's waypoint. A waypoint whose service is unknown (yet)
-/// is no waypoint, nor is one that does not take `traffic` (`istio.io/waypoint-for`: by
-/// default a waypoint takes traffic to services, not to pods' own addresses). A waypoint's
-/// own pods and Service have none, as in istiod ("waypoints do not have waypoints"): else, in
-/// a namespace using it, traffic to the waypoint would be sent to the waypoint again.
+/// the address ztunnel would dial: the waypoint's Service's cluster IP (or the Gateway's
+/// address), HBONE port. `none` on the object opts out of its namespace's waypoint. As in
+/// istiod, it is no waypoint (traffic goes direct) while its Gateway is unknown or has no
+/// address yet, when the Gateway does not let the object's namespace use it, or when it
+/// does not take `traffic`. A waypoint's own pods and Service have none ("waypoints do not
+/// have waypoints"): else, in a namespace using it, traffic to the waypoint would be sent to
+/// the waypoint again.
 fn waypoint(
     labels: &BTreeMap<String, String>,
-    namespace_labels: Option<&BTreeMap<String, String>>,
     namespace: &str,
-    services: &Store<Service>,
+    world: &World,
+    lookups: &Lookups<'_>,
     traffic: Addressed,
 ) -> Option<SocketAddr> {
     if labels.get(MANAGED_GATEWAY_LABEL).map(String::as_str) == Some(MESH_CONTROLLER) {
         return None;
     }
+    let namespace_labels = lookups.namespace_labels(namespace);
     let carrier = if labels.contains_key(USE_WAYPOINT_LABEL) {
         labels
     } else {
@@ -840,19 +828,31 @@ fn waypoint(
     if in_namespace == namespace && labels.get(GATEWAY_NAME_LABEL) == Some(name) {
         return None;
     }
-    let service = services.get(in_namespace, name);
-    let Some(ip) = service
-        .and_then(|s| s.spec.as_ref())
-        .and_then(|s| cluster_ips(s).ok())
-        .and_then(|ips| ips.into_iter().next())
-    else {
-        tracing::debug!(waypoint = %format!("{in_namespace}/{name}"),
-            "waypoint has no service with a cluster IP (yet)");
+    let key = format!("{in_namespace}/{name}");
+    let Some(waypoint) = lookups.waypoints.get(&key) else {
+        tracing::debug!(waypoint = %key, "no Gateway with an address (yet): not a waypoint");
         return None;
     };
-    if !service.is_some_and(|s| traffic.taken_by(s.labels())) {
+    if !waypoint.allows(in_namespace, namespace, namespace_labels) {
+        tracing::debug!(waypoint = %key, namespace,
+            "the Gateway's HBONE listener does not allow this namespace");
         return None;
     }
+    if !waypoint.takes(traffic) {
+        return None;
+    }
+    let ip = match &waypoint.address {
+        WaypointAddress::Ip(ip) => Some(*ip),
+        WaypointAddress::Hostname(hostname) => waypoints::service_of_hostname(hostname)
+            .and_then(|(ns, name)| world.services.get(ns, name)?.spec.as_ref())
+            .and_then(|spec| cluster_ips(spec).ok()?.into_iter().next()),
+        WaypointAddress::Unusable => None,
+    };
+    let Some(ip) = ip else {
+        tracing::debug!(waypoint = %key, address = ?waypoint.address,
+            "the Gateway's address is no Service with a cluster IP (yet)");
+        return None;
+    };
     Some(SocketAddr::new(ip, WAYPOINT_HBONE_PORT))
 }
 
@@ -919,12 +919,11 @@ fn service(
     if ports.is_empty() {
         return Ok(None);
     }
-    let ns_labels = lookups.namespace_labels(&namespace);
     let waypoint = waypoint(
         svc.labels(),
-        ns_labels,
         &namespace,
-        &world.services,
+        world,
+        lookups,
         Addressed::ToService,
     );
     Ok(Some(ServiceBase {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use kube::api::DynamicObject;
 use kube::runtime::watcher::Event;
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::model::{self, ModelOptions};
@@ -51,11 +52,13 @@ struct Cluster {
     slices: Vec<Value>,
     policies: Vec<Value>,
     peer_authentications: Vec<Value>,
+    gateways: Vec<Value>,
+    gateway_classes: Vec<Value>,
 }
 
 impl Cluster {
     /// Every kind's objects, as the API server serves them.
-    fn served(&self) -> [(Kind, &'static str, &'static str, &[Value]); 6] {
+    fn served(&self) -> [(Kind, &'static str, &'static str, &[Value]); 8] {
         [
             (Kind::Namespaces, "v1", "Namespace", &self.namespaces),
             (Kind::Pods, "v1", "Pod", &self.pods),
@@ -78,6 +81,18 @@ impl Cluster {
                 "PeerAuthentication",
                 &self.peer_authentications,
             ),
+            (
+                Kind::Gateways,
+                "gateway.networking.k8s.io/v1",
+                "Gateway",
+                &self.gateways,
+            ),
+            (
+                Kind::GatewayClasses,
+                "gateway.networking.k8s.io/v1",
+                "GatewayClass",
+                &self.gateway_classes,
+            ),
         ]
     }
 
@@ -98,7 +113,7 @@ impl Cluster {
 
     /// The world with every object whole, as served.
     fn whole_world(&self) -> World {
-        let [namespaces, pods, services, slices, policies, peer_authentications] =
+        let [namespaces, pods, services, slices, policies, peer_authentications, gateways, gateway_classes] =
             self.served().map(|(_, api_version, type_name, objects)| {
                 let with_type = |o: &Value| {
                     let mut o = o.clone();
@@ -115,6 +130,8 @@ impl Cluster {
         listed(&mut w.endpoint_slices, slices);
         listed(&mut w.authorization_policies, policies);
         listed(&mut w.peer_authentications, peer_authentications);
+        listed(&mut w.gateways, gateways);
+        listed(&mut w.gateway_classes, gateway_classes);
         w
     }
 
@@ -361,17 +378,50 @@ fn istio_labels_enroll_namespaces_and_pods_and_none_or_a_sidecar_opts_a_pod_out(
     );
 }
 
-/// A waypoint service labelled with the traffic it takes (`istio.io/waypoint-for`), if any.
-fn waypoint_service(namespace: &str, name: &str, vip: &str, takes: Option<&str>) -> Value {
+/// A ready waypoint as Istio deploys one: its Gateway (labelled with the traffic it takes, if
+/// given), whose status names the Service Istio generates for it, and that Service.
+fn waypoint(namespace: &str, name: &str, vip: &str, takes: Option<&str>) -> [Value; 2] {
+    let labels = match takes {
+        Some(takes) => json!({"istio.io/waypoint-for": takes}),
+        None => json!({}),
+    };
+    let gateway = objects::waypoint_gateway(
+        namespace,
+        name,
+        labels,
+        Some(objects::hostname_address(namespace, name)),
+    );
     let mut service = objects::service(namespace, name, &[vip], &[("mesh", 15008, json!(15008))]);
-    if let Some(takes) = takes {
-        service["metadata"]["labels"] = json!({"istio.io/waypoint-for": takes});
-    }
-    service
+    service["metadata"]["labels"] = json!({
+        "gateway.istio.io/managed": "istio.io-mesh-controller",
+        "gateway.networking.k8s.io/gateway-name": name,
+    });
+    [gateway, service]
+}
+
+/// Lets the namespaces `namespaces` (as in a Gateway's `allowedRoutes.namespaces`) use the
+/// waypoint's Gateway.
+fn allow_routes_from(gateway: &mut Value, namespaces: Value) {
+    gateway["spec"]["listeners"][0]["allowedRoutes"] = json!({"namespaces": namespaces});
 }
 
 #[test]
-fn use_waypoint_names_the_waypoint_service_and_none_opts_out() {
+fn use_waypoint_names_a_ready_gateway_and_none_opts_out() {
+    let [shop_gateway, shop_service] = waypoint("shop", "shop-wp", "10.96.0.10", Some("all"));
+    // Addressed by IP, in another namespace, open to all.
+    let mut shared = objects::waypoint_gateway(
+        "mesh",
+        "wp",
+        json!({"istio.io/waypoint-for": "workload"}),
+        Some(json!({"type": "IPAddress", "value": "fd00::10"})),
+    );
+    allow_routes_from(&mut shared, json!({"from": "All"}));
+    // In another namespace, open to its own only (the default).
+    let [closed, closed_service] = waypoint("mesh", "closed", "10.96.0.20", Some("all"));
+    let not_ready = objects::waypoint_gateway("shop", "not-ready", json!({}), None);
+    let pod = |name: &str, uid: &str, ip: &str, labels: Value| {
+        objects::pod("shop", name, uid, "node-1", &[ip], labels)
+    };
     let cluster = Cluster {
         namespaces: vec![
             objects::namespace(
@@ -381,36 +431,58 @@ fn use_waypoint_names_the_waypoint_service_and_none_opts_out() {
             objects::namespace("mesh", json!({})),
         ],
         pods: vec![
-            objects::pod("shop", "cart", "u1", "node-1", &["10.0.0.1"], json!({})),
-            objects::pod(
-                "shop",
+            pod("cart", "u1", "10.0.0.1", json!({})),
+            pod(
                 "direct",
                 "u2",
-                "node-1",
-                &["10.0.0.2"],
+                "10.0.0.2",
                 json!({"istio.io/use-waypoint": "none"}),
             ),
-            objects::pod(
-                "shop",
+            pod(
                 "shared",
                 "u3",
-                "node-1",
-                &["10.0.0.3"],
+                "10.0.0.3",
                 json!({"istio.io/use-waypoint": "wp", "istio.io/use-waypoint-namespace": "mesh"}),
+            ),
+            pod(
+                "refused",
+                "u4",
+                "10.0.0.4",
+                json!({"istio.io/use-waypoint": "closed", "istio.io/use-waypoint-namespace": "mesh"}),
+            ),
+            // Its own label wins over the namespace's, even while it names no waypoint yet.
+            pod(
+                "early",
+                "u5",
+                "10.0.0.5",
+                json!({"istio.io/use-waypoint": "not-ready"}),
             ),
         ],
         services: vec![
-            waypoint_service("shop", "shop-wp", "10.96.0.10", Some("all")),
-            waypoint_service("mesh", "wp", "fd00::10", Some("workload")),
+            shop_service,
+            closed_service,
+            objects::service("shop", "cart", &["10.96.0.1"], &[("http", 80, json!(8080))]),
         ],
+        gateways: vec![shop_gateway, shared, closed, not_ready],
         ..Cluster::default()
     };
     let m = cluster.model();
+    assert!(m.problems.is_empty(), "{:?}", m.problems);
     let waypoint = |name| workload(&m.config, name).and_then(|w| w.waypoint);
     assert_eq!(waypoint("cart"), Some(addr("10.96.0.10:15008")));
     assert_eq!(waypoint("direct"), None);
     assert_eq!(waypoint("shared"), Some(addr("[fd00::10]:15008")));
-    let svc = m.config.services.iter().find(|s| s.name == "shop-wp");
+    assert_eq!(
+        waypoint("refused"),
+        None,
+        "mesh/closed allows its own namespace only"
+    );
+    assert_eq!(
+        waypoint("early"),
+        None,
+        "a Gateway without an address is no waypoint yet"
+    );
+    let svc = m.config.services.iter().find(|s| s.name == "cart");
     assert_eq!(
         svc.and_then(|s| s.waypoint),
         Some(addr("10.96.0.10:15008")),
@@ -418,20 +490,70 @@ fn use_waypoint_names_the_waypoint_service_and_none_opts_out() {
     );
 }
 
-/// As in Istio: a waypoint takes traffic addressed to services unless its
-/// `istio.io/waypoint-for` says otherwise; `workload` takes traffic to pods' own addresses
-/// only, `all` both, `none` neither.
+/// As in istiod: without the Gateway, or before Istio gave it an address, the label names no
+/// waypoint and traffic goes direct; the Service alone (as older releases of this agent
+/// read) is not a waypoint.
 #[test]
-fn a_waypoint_takes_the_traffic_its_waypoint_for_label_names() {
+fn a_waypoint_is_its_gateway_once_it_has_an_address() {
+    let [gateway, service] = waypoint("shop", "wp", "10.96.0.10", Some("all"));
+    let mut cluster = Cluster {
+        namespaces: vec![objects::namespace(
+            "shop",
+            json!({"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "wp"}),
+        )],
+        pods: vec![objects::pod(
+            "shop",
+            "cart",
+            "u1",
+            "node-1",
+            &["10.0.0.1"],
+            json!({}),
+        )],
+        services: vec![service],
+        ..Cluster::default()
+    };
+    let via = |cluster: &Cluster| {
+        let m = cluster.model();
+        workload(&m.config, "cart").and_then(|w| w.waypoint)
+    };
+    assert_eq!(via(&cluster), None, "only the Service");
+    let mut not_ready = gateway.clone();
+    not_ready["status"]
+        .as_object_mut()
+        .expect("a status")
+        .remove("addresses");
+    cluster.gateways = vec![not_ready];
+    assert_eq!(via(&cluster), None, "not ready");
+    cluster.gateways = vec![gateway.clone()];
+    assert_eq!(via(&cluster), Some(addr("10.96.0.10:15008")), "ready");
+    // A hostname that is no Service's, and one of another form: nowhere to send to.
+    let mut elsewhere = gateway;
+    elsewhere["status"]["addresses"] = json!([objects::hostname_address("shop", "gone")]);
+    cluster.gateways = vec![elsewhere.clone()];
+    assert_eq!(via(&cluster), None, "no such Service");
+    elsewhere["status"]["addresses"] = json!([{"type": "Hostname", "value": "wp.example.com"}]);
+    cluster.gateways = vec![elsewhere];
+    assert_eq!(via(&cluster), None, "not a Service's hostname");
+}
+
+/// As in istiod: a waypoint takes traffic addressed to services unless `istio.io/waypoint-for`
+/// on its Gateway, else on its GatewayClass, says otherwise; `workload` takes traffic to
+/// pods' own addresses only, `all` both, `none` neither.
+#[test]
+fn a_waypoint_takes_the_traffic_its_gateway_or_class_names() {
+    // (the Gateway's label, its class's label)
     let takes = [
-        None,
-        Some("service"),
-        Some("workload"),
-        Some("all"),
-        Some("none"),
+        (None, None),
+        (Some("service"), None),
+        (Some("workload"), None),
+        (Some("all"), None),
+        (Some("none"), None),
+        (None, Some("workload")),
+        (Some("service"), Some("workload")),
+        (None, Some("all")),
     ];
     let mut cluster = Cluster::default();
-    for (i, label) in takes.iter().enumerate() {
+    for (i, (gateway_label, class_label)) in takes.iter().enumerate() {
         let ns = format!("ns{i}");
         cluster.namespaces.push(objects::namespace(
             &ns,
@@ -445,12 +567,19 @@ fn a_waypoint_takes_the_traffic_its_waypoint_for_label_names() {
             &[&format!("10.0.0.{}", i + 1)],
             json!({}),
         ));
-        cluster.services.push(waypoint_service(
-            &ns,
-            "wp",
-            &format!("10.96.0.{}", i + 100),
-            *label,
-        ));
+        let [mut gateway, service] =
+            waypoint(&ns, "wp", &format!("10.96.0.{}", i + 100), *gateway_label);
+        let class = format!("class-{i}");
+        gateway["spec"]["gatewayClassName"] = class.clone().into();
+        let class_labels = match class_label {
+            Some(takes) => json!({"istio.io/waypoint-for": takes}),
+            None => json!({}),
+        };
+        cluster
+            .gateway_classes
+            .push(objects::gateway_class(&class, class_labels));
+        cluster.gateways.push(gateway);
+        cluster.services.push(service);
         cluster.services.push(objects::service(
             &ns,
             "app",
@@ -481,10 +610,59 @@ fn a_waypoint_takes_the_traffic_its_waypoint_for_label_names() {
             (true, false),
             (false, true),
             (true, true),
-            (false, false)
+            (false, false),
+            (false, true),
+            (true, false),
+            (true, true),
         ],
         "(service's traffic, pod's own traffic) through the waypoint, for {takes:?}"
     );
+}
+
+/// `allowedRoutes.namespaces.from: Selector` on the Gateway's HBONE listener: the namespaces
+/// its label selector matches may use the waypoint; without a selector, none.
+#[test]
+fn a_waypoint_s_selector_says_which_other_namespaces_may_use_it() {
+    let [mut gateway, service] = waypoint("mesh", "wp", "10.96.0.10", Some("all"));
+    let selector = json!({"from": "Selector", "selector": {
+        "matchLabels": {"team": "shop"},
+        "matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["untrusted"]}],
+    }});
+    allow_routes_from(&mut gateway, selector);
+    let uses = |labels: Value| {
+        let mut labels = labels;
+        labels["istio.io/dataplane-mode"] = "ambient".into();
+        labels["istio.io/use-waypoint"] = "wp".into();
+        labels["istio.io/use-waypoint-namespace"] = "mesh".into();
+        labels
+    };
+    let mut cluster = Cluster {
+        namespaces: vec![
+            objects::namespace("mesh", json!({})),
+            objects::namespace("a", uses(json!({"team": "shop"}))),
+            objects::namespace("b", uses(json!({"team": "shop", "tier": "untrusted"}))),
+            objects::namespace("c", uses(json!({"team": "web"}))),
+        ],
+        pods: ["a", "b", "c"]
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let ip = format!("10.0.0.{}", i + 1);
+                objects::pod(ns, ns, &format!("u{i}"), "node-1", &[&ip], json!({}))
+            })
+            .collect(),
+        services: vec![service],
+        gateways: vec![gateway.clone()],
+        ..Cluster::default()
+    };
+    let using = |cluster: &Cluster| {
+        let m = cluster.model();
+        ["a", "b", "c"].map(|name| workload(&m.config, name).and_then(|w| w.waypoint).is_some())
+    };
+    assert_eq!(using(&cluster), [true, false, false]);
+    allow_routes_from(&mut gateway, json!({"from": "Selector"}));
+    cluster.gateways = vec![gateway];
+    assert_eq!(using(&cluster), [false, false, false], "no selector: none");
 }
 
 #[test]
@@ -493,13 +671,7 @@ fn a_waypoint_s_own_pods_and_service_have_no_waypoint_in_a_namespace_using_it() 
         "gateway.istio.io/managed": "istio.io-mesh-controller",
         "istio.io/waypoint-for": "all",
     });
-    let mut waypoint_service = objects::service(
-        "shop",
-        "waypoint",
-        &["10.96.0.10"],
-        &[("mesh", 15008, json!(15008))],
-    );
-    waypoint_service["metadata"]["labels"] = managed.clone();
+    let [gateway, waypoint_service] = waypoint("shop", "waypoint", "10.96.0.10", Some("all"));
     let cluster = Cluster {
         namespaces: vec![objects::namespace(
             "shop",
@@ -529,6 +701,7 @@ fn a_waypoint_s_own_pods_and_service_have_no_waypoint_in_a_namespace_using_it() 
             objects::service("shop", "cart", &["10.96.0.1"], &[("http", 80, json!(8080))]),
             waypoint_service,
         ],
+        gateways: vec![gateway],
         ..Cluster::default()
     };
     let m = cluster.model();
@@ -545,9 +718,41 @@ fn a_waypoint_s_own_pods_and_service_have_no_waypoint_in_a_namespace_using_it() 
     assert_eq!(of_service("waypoint"), Some(None));
 }
 
+/// A Gateway that does not read is named, and is no waypoint; the rest is published.
+#[test]
+fn a_gateway_that_does_not_read_is_named_and_no_waypoint() {
+    let [mut gateway, service] = waypoint("shop", "wp", "10.96.0.10", Some("all"));
+    gateway["spec"]["listeners"][0]["port"] = "fifteen thousand".into();
+    let cluster = Cluster {
+        namespaces: vec![objects::namespace(
+            "shop",
+            json!({"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "wp"}),
+        )],
+        pods: vec![objects::pod(
+            "shop",
+            "cart",
+            "u1",
+            "node-1",
+            &["10.0.0.1"],
+            json!({}),
+        )],
+        services: vec![service],
+        gateways: vec![gateway],
+        ..Cluster::default()
+    };
+    let m = cluster.model();
+    assert_eq!(workload(&m.config, "cart").map(|w| w.waypoint), Some(None));
+    assert_eq!(m.problems.len(), 1, "{:?}", m.problems);
+    assert!(
+        m.problems[0].starts_with("gateway shop/wp: spec.listeners[0].port: invalid type"),
+        "{:?}",
+        m.problems
+    );
+}
+
 /// The model a `Modeler` keeps up to date equals the model built from scratch, through a
-/// long run of pod, namespace, service and EndpointSlice events; and it translates again
-/// only what it must.
+/// long run of pod, namespace, service, Gateway and EndpointSlice events; and it translates
+/// again only what it must.
 #[test]
 fn a_model_kept_up_to_date_equals_one_built_from_scratch() {
     let namespaces = ["shop", "pay", "mesh"];
@@ -621,6 +826,8 @@ fn a_model_kept_up_to_date_equals_one_built_from_scratch() {
     };
     let (mut retranslated, mut reused, mut services_kept) = (0, 0, 0);
     let (mut address_clashes, mut uid_clashes) = (0, 0);
+    // Models in which shop's pods went through the waypoint, and models in which they did not.
+    let mut via_waypoint = [0, 0];
     for step in 0..300 {
         let touched_pod = next(40);
         let kind = next(10);
@@ -657,19 +864,24 @@ fn a_model_kept_up_to_date_equals_one_built_from_scratch() {
                 false
             }
             8 => {
-                // The waypoint's service comes and goes.
-                let wp = objects::service(
-                    "shop",
-                    "wp",
-                    &["10.96.0.9"],
-                    &[("mesh", 15008, json!(15008))],
-                );
+                // The waypoint's Service comes and goes, and its Gateway is ready, not
+                // ready, or gone.
+                let [gateway, service] = waypoint("shop", "wp", "10.96.0.9", Some("all"));
                 let event = if next(2) == 0 {
-                    Event::Apply(dynamic("v1", "Service", wp))
+                    Event::Apply(dynamic("v1", "Service", service))
                 } else {
-                    Event::Delete(dynamic("v1", "Service", wp))
+                    Event::Delete(dynamic("v1", "Service", service))
                 };
                 world.apply(Update::Event(Kind::Services, event));
+                let mut not_ready = gateway.clone();
+                not_ready["status"]["addresses"] = json!([]);
+                let gateway_api = "gateway.networking.k8s.io/v1";
+                let event = match next(3) {
+                    0 => Event::Apply(dynamic(gateway_api, "Gateway", gateway)),
+                    1 => Event::Apply(dynamic(gateway_api, "Gateway", not_ready)),
+                    _ => Event::Delete(dynamic(gateway_api, "Gateway", gateway)),
+                };
+                world.apply(Update::Event(Kind::Gateways, event));
                 false
             }
             _ => {
@@ -704,12 +916,13 @@ fn a_model_kept_up_to_date_equals_one_built_from_scratch() {
         let fresh = model::model(&world, &options());
         assert_eq!(kept.config, fresh.config, "step {step}");
         assert_eq!(kept.problems, fresh.problems, "step {step}");
+        via_waypoint[usize::from(kept.config.workloads.iter().any(|w| w.waypoint.is_some()))] += 1;
         for problem in &kept.problems {
             address_clashes += usize::from(problem.contains("an address is also"));
             uid_clashes += usize::from(problem.contains("its uid is also"));
         }
-        // Pods the event did not touch keep the spec they had, unless a namespace or
-        // service changed (then every pod is translated again).
+        // Pods the event did not touch keep the spec they had, unless a namespace, service
+        // or Gateway changed (then every pod is translated again).
         let touched_name = format!("pod-u{touched_pod}");
         for w in kept
             .config
@@ -753,6 +966,10 @@ fn a_model_kept_up_to_date_equals_one_built_from_scratch() {
         "{reused} reused, {retranslated} not"
     );
     assert!(services_kept > 10, "{services_kept} services kept");
+    assert!(
+        via_waypoint.iter().all(|&models| models > 20),
+        "{via_waypoint:?} models without and with the waypoint"
+    );
     assert!(
         address_clashes > 100 && uid_clashes > 10,
         "{address_clashes} address and {uid_clashes} uid clashes seen"
@@ -1144,7 +1361,7 @@ fn a_relist_replaces_a_store_whole_and_the_world_waits_for_every_kind() {
     };
     let pods = |event| Update::Event(Kind::Pods, event);
     let mut world = World::default();
-    assert_eq!(world.waiting_for().len(), 6);
+    assert_eq!(world.waiting_for().len(), 8);
     assert_eq!(world.apply(pods(Event::Init)), Applied::Nothing);
     world.apply(pods(Event::InitApply(pod("a"))));
     world.apply(pods(Event::InitApply(pod("b"))));
@@ -1157,14 +1374,20 @@ fn a_relist_replaces_a_store_whole_and_the_world_waits_for_every_kind() {
         Kind::Services,
         Kind::EndpointSlices,
         Kind::AuthorizationPolicies,
+        Kind::GatewayClasses,
     ] {
         world.apply(Update::Event(kind, Event::Init));
         world.apply(Update::Event(kind, Event::InitDone));
     }
-    assert_eq!(world.waiting_for(), ["peerauthentications"]);
-    // The CRD is not installed: the rest of the cluster goes out without it.
+    assert_eq!(world.waiting_for(), ["peerauthentications", "gateways"]);
+    // The CRDs are not installed: the rest of the cluster goes out without them.
     assert_eq!(
         world.apply(Update::Absent(Kind::PeerAuthentications)),
+        Applied::Changed
+    );
+    assert_eq!(world.waiting_for(), ["gateways"]);
+    assert_eq!(
+        world.apply(Update::Absent(Kind::Gateways)),
         Applied::Changed
     );
     assert!(world.waiting_for().is_empty());
@@ -1883,4 +2106,48 @@ fn a_client_configuration_that_cannot_be_used_fails_the_start_with_the_reason() 
             .starts_with("cannot build the Kubernetes client: "),
         "{error}"
     );
+}
+
+/// The Helm chart's ClusterRole lets the agent get, list and watch every kind it watches: a
+/// kind it may not list (403) stays unlisted, and then nothing is published at all.
+#[test]
+fn the_chart_lets_the_agent_list_and_watch_every_kind_it_watches() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/mesh-dataplane/templates/rbac.yaml"
+    );
+    let template = std::fs::read_to_string(path).expect("the chart's rbac.yaml");
+    // The template's `{{ }}` lines are metadata; the rules are plain YAML.
+    let yaml: String = template
+        .lines()
+        .filter(|l| !l.contains("{{"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let role: Value = serde_yaml::Deserializer::from_str(&yaml)
+        .map(|doc| Value::deserialize(doc).expect("YAML"))
+        .find(|doc| doc["kind"] == "ClusterRole")
+        .expect("a ClusterRole");
+    let rules = role["rules"].as_array().expect("rules");
+    for (kind, resource) in watched() {
+        let allowed = |verb: &str| {
+            rules.iter().any(|rule| {
+                let has = |field: &str, wanted: &str| {
+                    rule[field]
+                        .as_array()
+                        .is_some_and(|v| v.iter().any(|x| x == wanted))
+                };
+                has("apiGroups", &resource.group)
+                    && has("resources", &resource.plural)
+                    && has("verbs", verb)
+            })
+        };
+        for verb in ["get", "list", "watch"] {
+            assert!(
+                allowed(verb),
+                "{kind:?}: {verb} {}/{} is not in the chart's ClusterRole",
+                resource.group,
+                resource.plural
+            );
+        }
+    }
 }

@@ -158,6 +158,37 @@ impl Kind {
                 deletion: false,
                 owners: false,
             },
+            // What makes a Gateway a waypoint, where it is, and who may use it: Istio
+            // updates a Gateway's status conditions often, and those are not read.
+            Kind::Gateways => Reads {
+                body: &[
+                    Read(
+                        "spec",
+                        &[
+                            Read("gatewayClassName", &[]),
+                            Read(
+                                "listeners",
+                                &[
+                                    Read("port", &[]),
+                                    Read("protocol", &[]),
+                                    Read("allowedRoutes", &[Read("namespaces", &[])]),
+                                ],
+                            ),
+                        ],
+                    ),
+                    Read("status", &[Read("addresses", &[])]),
+                ],
+                annotations: &[],
+                deletion: false,
+                owners: false,
+            },
+            // Only its labels (`istio.io/waypoint-for`) are read.
+            Kind::GatewayClasses => Reads {
+                body: &[],
+                annotations: &[],
+                deletion: false,
+                owners: false,
+            },
         }
     }
 }
@@ -582,6 +613,9 @@ pub struct World {
     pub endpoint_slices: Store<StoredSlice>,
     pub authorization_policies: Store<DynamicObject>,
     pub peer_authentications: Store<DynamicObject>,
+    /// Gateway API Gateways: a waypoint is one (see `model::Waypoint`).
+    pub gateways: Store<DynamicObject>,
+    pub gateway_classes: Store<DynamicObject>,
 }
 
 /// One watcher's news. Every kind is watched as untyped objects and converted here one
@@ -594,7 +628,7 @@ pub struct World {
 #[allow(clippy::large_enum_variant)]
 pub enum Update {
     Event(Kind, Event<DynamicObject>),
-    /// The API server serves this Istio kind at no version (a 404 on its list, and
+    /// The API server serves this optional kind at no version (a 404 on its list, and
     /// discovery finds it nowhere): its CRD is not installed, so no such object exists. Not
     /// sent for a kind served at other versions only: its objects exist but cannot be read,
     /// and it stays unlisted (holding back publishing) instead.
@@ -610,16 +644,36 @@ pub enum Kind {
     EndpointSlices,
     AuthorizationPolicies,
     PeerAuthentications,
+    Gateways,
+    GatewayClasses,
+}
+
+/// Istio's security kinds' API group and the version read (Istio 1.22 and later serve v1).
+pub const ISTIO_SECURITY: ApiGroupVersion = ApiGroupVersion {
+    group: "security.istio.io",
+    version: "v1",
+};
+/// The Gateway API's group and the version read (GA since Gateway API 1.0; what Istio reads).
+pub const GATEWAY_API: ApiGroupVersion = ApiGroupVersion {
+    group: "gateway.networking.k8s.io",
+    version: "v1",
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiGroupVersion {
+    pub group: &'static str,
+    pub version: &'static str,
 }
 
 impl Kind {
-    /// Istio's security.istio.io kinds: CRDs, which a cluster may lack or serve at other
-    /// versions than the one read.
-    pub fn is_istio_security(self) -> bool {
-        matches!(
-            self,
-            Kind::AuthorizationPolicies | Kind::PeerAuthentications
-        )
+    /// Where a kind defined by a CRD is read: a cluster may lack it, or serve it at other
+    /// versions than the one read. `None` for the core kinds, always served.
+    pub fn crd(self) -> Option<ApiGroupVersion> {
+        match self {
+            Kind::AuthorizationPolicies | Kind::PeerAuthentications => Some(ISTIO_SECURITY),
+            Kind::Gateways | Kind::GatewayClasses => Some(GATEWAY_API),
+            Kind::Namespaces | Kind::Pods | Kind::Services | Kind::EndpointSlices => None,
+        }
     }
 
     /// The kind's plural, as its collection's path and API discovery name it.
@@ -631,6 +685,8 @@ impl Kind {
             Kind::EndpointSlices => "endpointslices",
             Kind::AuthorizationPolicies => "authorizationpolicies",
             Kind::PeerAuthentications => "peerauthentications",
+            Kind::Gateways => "gateways",
+            Kind::GatewayClasses => "gatewayclasses",
         }
     }
 }
@@ -647,10 +703,14 @@ impl World {
                     self.authorization_policies.apply_untyped(kind, event)
                 }
                 Kind::PeerAuthentications => self.peer_authentications.apply_untyped(kind, event),
+                Kind::Gateways => self.gateways.apply_untyped(kind, event),
+                Kind::GatewayClasses => self.gateway_classes.apply_untyped(kind, event),
             },
             Update::Absent(kind) => match kind {
                 Kind::AuthorizationPolicies => self.authorization_policies.absent(),
                 Kind::PeerAuthentications => self.peer_authentications.absent(),
+                Kind::Gateways => self.gateways.absent(),
+                Kind::GatewayClasses => self.gateway_classes.absent(),
                 // Core kinds are always served: never sent for them.
                 _ => Applied::Nothing,
             },
@@ -670,6 +730,8 @@ impl World {
                 self.authorization_policies.ready(),
             ),
             (Kind::PeerAuthentications, self.peer_authentications.ready()),
+            (Kind::Gateways, self.gateways.ready()),
+            (Kind::GatewayClasses, self.gateway_classes.ready()),
         ]
         .into_iter()
         .filter(|(_, ready)| !ready)

@@ -37,11 +37,13 @@ pub const SERVICES: &str = "/api/v1/services";
 pub const ENDPOINT_SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 pub const AUTHORIZATION_POLICIES: &str = "/apis/security.istio.io/v1/authorizationpolicies";
 pub const PEER_AUTHENTICATIONS: &str = "/apis/security.istio.io/v1/peerauthentications";
+pub const GATEWAYS: &str = "/apis/gateway.networking.k8s.io/v1/gateways";
+pub const GATEWAY_CLASSES: &str = "/apis/gateway.networking.k8s.io/v1/gatewayclasses";
 /// Discovery of Istio's security group: the versions it serves.
 pub const ISTIO_SECURITY_GROUP: &str = "/apis/security.istio.io";
 
 /// (collection path, apiVersion, kind) of every collection served.
-const COLLECTIONS: [(&str, &str, &str); 6] = [
+const COLLECTIONS: [(&str, &str, &str); 8] = [
     (NAMESPACES, "v1", "Namespace"),
     (PODS, "v1", "Pod"),
     (SERVICES, "v1", "Service"),
@@ -55,6 +57,12 @@ const COLLECTIONS: [(&str, &str, &str); 6] = [
         PEER_AUTHENTICATIONS,
         "security.istio.io/v1",
         "PeerAuthentication",
+    ),
+    (GATEWAYS, "gateway.networking.k8s.io/v1", "Gateway"),
+    (
+        GATEWAY_CLASSES,
+        "gateway.networking.k8s.io/v1",
+        "GatewayClass",
     ),
 ];
 
@@ -596,7 +604,7 @@ fn discovery(s: &State, path: &str) -> Option<(u16, Value)> {
                 .iter()
                 .filter(|(v, _, _)| v == version)
                 .map(|(_, plural, kind)| {
-                    json!({"name": plural, "singularName": "", "namespaced": true,
+                    json!({"name": plural, "singularName": "", "namespaced": *plural != "gatewayclasses",
                            "kind": kind, "verbs": ["get", "list", "watch"]})
                 })
                 .collect();

@@ -243,3 +243,54 @@ pub fn authorization_policy(ns: &str, name: &str, spec: Value) -> Value {
 pub fn peer_authentication(ns: &str, name: &str, spec: Value) -> Value {
     istio(ns, name, format!("pa-{name}"), spec)
 }
+
+/// A waypoint's Gateway as `istioctl waypoint apply` makes it, with its labels, and the
+/// status Istio writes once the waypoint has a ready pod: its Service's hostname (`address`
+/// `None`: not ready yet) and the conditions (not read by the mesh).
+pub fn waypoint_gateway(ns: &str, name: &str, labels: Value, address: Option<Value>) -> Value {
+    let mut gateway = served(
+        json!({
+            "metadata": {"name": name, "namespace": ns, "uid": format!("gw-{ns}-{name}"),
+                         "generation": 1, "labels": labels},
+            "spec": {
+                "gatewayClassName": "istio-waypoint",
+                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+            },
+            "status": {"conditions": [
+                {"type": "Accepted", "status": "True", "reason": "Accepted",
+                 "observedGeneration": 1, "lastTransitionTime": "2026-11-01T10:00:02Z",
+                 "message": "Resource accepted"},
+                {"type": "Programmed", "status": if address.is_some() { "True" } else { "False" },
+                 "reason": "Programmed", "observedGeneration": 1,
+                 "lastTransitionTime": "2026-11-01T10:00:05Z", "message": "Resource programmed"},
+            ]},
+        }),
+        json!([manager(
+            "istioctl",
+            None,
+            json!({"f:spec": {"f:gatewayClassName": {}}})
+        )]),
+    );
+    if let Some(address) = address {
+        gateway["status"]["addresses"] = json!([address]);
+    }
+    gateway
+}
+
+/// `{type: Hostname, value: <name>.<ns>.svc.cluster.local}`, as Istio writes a waypoint's.
+pub fn hostname_address(ns: &str, service: &str) -> Value {
+    json!({"type": "Hostname", "value": format!("{service}.{ns}.svc.cluster.local")})
+}
+
+/// A GatewayClass (cluster-scoped), as Istio installs `istio-waypoint`.
+pub fn gateway_class(name: &str, labels: Value) -> Value {
+    served(
+        json!({
+            "metadata": {"name": name, "uid": format!("gc-{name}"), "labels": labels},
+            "spec": {"controllerName": "istio.io/mesh-controller",
+                     "description": "The default Istio waypoint GatewayClass"},
+            "status": {"conditions": [{"type": "Accepted", "status": "True"}]},
+        }),
+        json!([manager("pilot-discovery", None, json!({"f:spec": {}}))]),
+    )
+}

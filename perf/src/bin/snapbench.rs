@@ -660,6 +660,17 @@ fn kube_world(size: usize) -> ctrl_agent::kube_source::world::World {
         "PeerAuthentication",
         &mut std::iter::empty(),
     );
+    for (kind, type_name) in [
+        (Kind::Gateways, "Gateway"),
+        (Kind::GatewayClasses, "GatewayClass"),
+    ] {
+        list(
+            kind,
+            "gateway.networking.k8s.io/v1",
+            type_name,
+            &mut std::iter::empty(),
+        );
+    }
     world
 }
 
