@@ -168,6 +168,8 @@ fn main() -> anyhow::Result<()> {
             handshake_timeout: args.connect_timeout,
             connect_timeout: args.connect_timeout,
             original_source: !args.no_original_source,
+            // Checked against the kernel at start.
+            migrate_queued: true,
         },
     })?;
     Ok(())

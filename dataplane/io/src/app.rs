@@ -70,6 +70,14 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
             config.worker.original_source = false;
         }
     }
+    if config.worker.migrate_queued && !crate::sockets::kernel_migrates_queued_connections() {
+        tracing::warn!(
+            "this kernel has no net.ipv4.tcp_migrate_req (Linux 5.14): connections queued on \
+             pods' listeners when the old process's listeners close at the end of an upgrade \
+             are reset"
+        );
+        config.worker.migrate_queued = false;
+    }
     let driver = runtime::resolve(config.driver).map_err(AppError::Driver)?;
     match crate::sockets::raise_nofile_limit() {
         Ok(n) => tracing::debug!(open_files = n, "raised the open-files limit"),

@@ -32,7 +32,14 @@ pub fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener>
 /// same group stay: the old process's at the end of an upgrade (those it opened after the
 /// handover, beside the new process's own).
 pub fn migrate_queued_connections() -> io::Result<()> {
-    std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")
+    std::fs::write(MIGRATE_REQ_SYSCTL, "1")
+}
+
+const MIGRATE_REQ_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Whether the kernel has `tcp_migrate_req` (every network namespace has it, or none).
+pub fn kernel_migrates_queued_connections() -> bool {
+    std::path::Path::new(MIGRATE_REQ_SYSCTL).exists()
 }
 
 /// Where a connection the data plane opens comes from.

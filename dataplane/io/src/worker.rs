@@ -67,6 +67,9 @@ pub struct WorkerSettings {
     /// Connect to a pod's application from the client's address, where the pod's namespace
     /// has the policy routing for it (`mesh_io::routing`).
     pub original_source: bool,
+    /// Set `tcp_migrate_req` in each pod's namespace: off on kernels without it (before
+    /// 5.14), where the data plane says so once at start instead of at every pod.
+    pub migrate_queued: bool,
 }
 
 impl Default for WorkerSettings {
@@ -77,6 +80,7 @@ impl Default for WorkerSettings {
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             original_source: true,
+            migrate_queued: true,
         }
     }
 }
@@ -676,9 +680,16 @@ impl Worker {
         }
         // Once set in a pod's namespace this stays; every worker's open sets it again (one
         // write), so no worker depends on another having opened the pod first.
-        if let Err(e) = netns
-            .run_in(&self.home, migrate_queued_connections)
-            .and_then(|r| r)
+        let migrated = || {
+            netns
+                .run_in(&self.home, migrate_queued_connections)
+                .and_then(|r| r)
+        };
+        if let Err(e) = self
+            .settings
+            .migrate_queued
+            .then(migrated)
+            .unwrap_or(Ok(()))
         {
             tracing::warn!(worker = self.id, pod = %uid, error = %e,
                 "cannot set tcp_migrate_req: connections queued on this pod's listeners when a process's listener closes (end of an upgrade) are reset");
