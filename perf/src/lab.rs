@@ -1119,6 +1119,34 @@ impl Lab {
         Ok(stream)
     }
 
+    /// Connects from a pod from local port `port`, as an application that binds its port.
+    pub fn connect_from_port(
+        &self,
+        pod: &str,
+        addr: SocketAddr,
+        port: u16,
+    ) -> anyhow::Result<TcpStream> {
+        let netns = self.netns(&self.pod(pod).netns)?;
+        let stream = netns
+            .run_in(&self.home, || -> std::io::Result<TcpStream> {
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(addr),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
+                let any: SocketAddr = match addr {
+                    SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, port).into(),
+                    SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, port).into(),
+                };
+                socket.bind(&any.into())?;
+                socket.connect_timeout(&addr.into(), Duration::from_secs(10))?;
+                Ok(socket.into())
+            })?
+            .with_context(|| format!("connecting from {pod} port {port} to {addr}"))?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
     /// Connects from a pod, as an application in it would (subject to its redirect rules).
     pub fn connect_from(&self, pod: &str, addr: SocketAddr) -> anyhow::Result<TcpStream> {
         let stream = self.connect_in(&self.pod(pod).netns, addr)?;

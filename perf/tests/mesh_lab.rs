@@ -373,6 +373,46 @@ lab_test!(
 );
 
 lab_test!(
+    a_client_port_the_data_plane_would_reuse_toward_the_app_costs_no_stall,
+    LabOptions::default(),
+    |lab| {
+        echo_server(&lab, "n2-a");
+        // Taken in on 15006, a client's connection stays in the pod's connection tracking
+        // as client:port -> app. The data plane's own connection to the app, from the
+        // client's address, must not pick that port: its SYN would join the client's
+        // connection and never be answered.
+        let echo = lab.addr("n2-a", ECHO);
+        let mut held = lab.connect_from_port("n2-b", echo, 40000).expect("held");
+        assert_eq!(roundtrip(&mut held, b"held").expect("echo"), b"held");
+        // Now the data plane has two ports to connect from in the pod, and connect() tries
+        // the even one first: every new connection from that client meets the clash.
+        run_in(
+            &lab,
+            "n2-a",
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv4.ip_local_port_range=40000 40001",
+                "net.ipv4.tcp_tw_reuse=1",
+            ],
+        );
+        for i in 0..3 {
+            let started = std::time::Instant::now();
+            let mut again = lab.connect_from("n2-b", echo).expect("connect");
+            let answer = roundtrip(&mut again, b"again");
+            assert_eq!(
+                answer.as_deref().ok(),
+                Some(&b"again"[..]),
+                "connection {i}: {answer:?} after {:?}",
+                started.elapsed()
+            );
+        }
+        assert_eq!(roundtrip(&mut held, b"still").expect("echo"), b"still");
+        assert_eq!(lab.total(1, "app_connect_retries").expect("stats"), 3);
+    }
+);
+
+lab_test!(
     the_bytes_between_nodes_are_tls_not_the_payload,
     LabOptions::default(),
     |lab| {

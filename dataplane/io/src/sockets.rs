@@ -93,10 +93,16 @@ pub fn start_connect(
 /// Waits for a connect started by [`start_connect`] and reports its outcome.
 pub async fn finish_connect(stream: std::net::TcpStream) -> io::Result<monoio::net::TcpStream> {
     let stream = monoio::net::TcpStream::from_std(stream)?;
+    connected(&stream).await?;
+    Ok(stream)
+}
+
+/// Waits for the connect under way on `stream` to succeed or fail. A caller that gives up
+/// waiting still holds the socket (and its port).
+pub async fn connected(stream: &monoio::net::TcpStream) -> io::Result<()> {
     stream.writable(false).await?;
-    let fd = stream.as_raw_fd();
-    match take_socket_error(fd)? {
-        0 => Ok(stream),
+    match take_socket_error(stream.as_raw_fd())? {
+        0 => Ok(()),
         errno => Err(io::Error::from_raw_os_error(errno)),
     }
 }

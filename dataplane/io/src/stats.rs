@@ -194,6 +194,10 @@ worker_stats! {
     hbone_dial_failures,
     /// Upstream TCP connects that failed.
     upstream_connect_failures,
+    /// Connects to a pod's application from a client's address given up after a second
+    /// without an answer and tried again from another port: the first port was in use in the
+    /// pod's connection tracking (by one of that client's own connections to the application).
+    app_connect_retries,
     /// Pooled connections open or opening (gauge).
     pool_connections as gauge,
     /// Streams in use on pooled connections (gauge).

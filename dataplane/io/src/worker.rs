@@ -35,8 +35,7 @@ use crate::pool::{DialSpec, HbonePool, Lease, PoolKey, PoolTimers};
 use crate::relay;
 use crate::routing::{self, Routed};
 use crate::sockets::{
-    finish_connect, migrate_queued_connections, original_dst, reuseport_listener, start_connect,
-    Source,
+    connected, migrate_queued_connections, original_dst, reuseport_listener, start_connect, Source,
 };
 use crate::splice::Pipes;
 use crate::stats::WorkerStats;
@@ -57,6 +56,12 @@ pub enum Control {
     Handover(flume::Sender<Vec<HandedListener>>),
     Shutdown,
 }
+
+/// How long a connect to a pod's application from a client's address waits for an answer
+/// before it is tried again from another port (see `Worker::connect_in`), and how many tries
+/// it gets; the last waits out the connect timeout.
+const APP_CONNECT_ATTEMPT: Duration = Duration::from_secs(1);
+const APP_CONNECT_ATTEMPTS: usize = 3;
 
 #[derive(Clone, Copy, Debug)]
 pub struct WorkerSettings {
@@ -1065,28 +1070,50 @@ impl Worker {
     }
 
     /// Connects to `target` from inside `netns`; the socket comes back ready to relay.
+    ///
+    /// From a client's address (original source), the port the kernel picks may be that of
+    /// one of the client's own connections to the application, which the pod's connection
+    /// tracking still holds (taken in on 15006: client:port -> app). Our SYN then joins that
+    /// connection and is never answered. An application in the same namespace answers a
+    /// SYN at once, so after a second without an answer (when the kernel would send the SYN
+    /// again anyway) the connect is tried again from a new socket, while the silent ones keep
+    /// their ports so that the kernel picks another.
     async fn connect_in(
         &self,
         netns: &NetNs,
         target: SocketAddr,
         source: Source,
     ) -> Result<TcpStream, Refusal> {
-        let socket = netns
-            .run_in(&self.home, || start_connect(target, source, DATAPLANE_MARK))
-            .and_then(|r| r)
-            .map_err(|e| Refusal::Connect(target, e))?;
-        match monoio::time::timeout(self.settings.connect_timeout, finish_connect(socket)).await {
-            Ok(Ok(stream)) => Ok(stream),
-            Ok(Err(e)) => {
-                self.stats.upstream_connect_failures.inc();
-                Err(Refusal::Connect(target, e))
-            }
-            Err(_) => {
-                self.stats.upstream_connect_failures.inc();
-                Err(Refusal::Connect(
-                    target,
-                    std::io::Error::from(std::io::ErrorKind::TimedOut),
-                ))
+        let failed = |e: std::io::Error| {
+            self.stats.upstream_connect_failures.inc();
+            Refusal::Connect(target, e)
+        };
+        let deadline = Instant::now() + self.settings.connect_timeout;
+        let mut silent: Vec<TcpStream> = Vec::new();
+        loop {
+            let stream = netns
+                .run_in(&self.home, || start_connect(target, source, DATAPLANE_MARK))
+                .and_then(|r| r)
+                .and_then(TcpStream::from_std)
+                .map_err(|e| Refusal::Connect(target, e))?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let may_retry =
+                matches!(source, Source::Transparent(_)) && silent.len() + 1 < APP_CONNECT_ATTEMPTS;
+            let wait = if may_retry {
+                remaining.min(APP_CONNECT_ATTEMPT)
+            } else {
+                remaining
+            };
+            match monoio::time::timeout(wait, connected(&stream)).await {
+                Ok(Ok(())) => return Ok(stream),
+                Ok(Err(e)) => return Err(failed(e)),
+                Err(_) if may_retry && wait < remaining => {
+                    self.stats.app_connect_retries.inc();
+                    tracing::debug!(worker = self.id, %target, ?source,
+                        "no answer from the application within a second; connecting again from another port");
+                    silent.push(stream);
+                }
+                Err(_) => return Err(failed(std::io::ErrorKind::TimedOut.into())),
             }
         }
     }
