@@ -843,7 +843,9 @@ fn waypoint(
     }
     let ip = match &waypoint.address {
         WaypointAddress::Ip(ip) => Some(*ip),
+        // As ztunnel looks it up: a Service of the Gateway's namespace by that hostname.
         WaypointAddress::Hostname(hostname) => waypoints::service_of_hostname(hostname)
+            .filter(|(ns, _)| *ns == in_namespace)
             .and_then(|(ns, name)| world.services.get(ns, name)?.spec.as_ref())
             .and_then(|spec| cluster_ips(spec).ok()?.into_iter().next()),
         WaypointAddress::Unusable => None,

@@ -532,8 +532,42 @@ fn a_waypoint_is_its_gateway_once_it_has_an_address() {
     cluster.gateways = vec![elsewhere.clone()];
     assert_eq!(via(&cluster), None, "no such Service");
     elsewhere["status"]["addresses"] = json!([{"type": "Hostname", "value": "wp.example.com"}]);
-    cluster.gateways = vec![elsewhere];
+    cluster.gateways = vec![elsewhere.clone()];
     assert_eq!(via(&cluster), None, "not a Service's hostname");
+    // ztunnel looks the hostname up among the Gateway's namespace's services.
+    let mut other_namespace = objects::service(
+        "mesh",
+        "wp",
+        &["10.96.0.30"],
+        &[("mesh", 15008, json!(15008))],
+    );
+    other_namespace["metadata"]["labels"] = json!({});
+    cluster.services.push(other_namespace);
+    elsewhere["status"]["addresses"] = json!([objects::hostname_address("mesh", "wp")]);
+    cluster.gateways = vec![elsewhere.clone()];
+    assert_eq!(via(&cluster), None, "another namespace's Service");
+    // A hostname is preferred to an address, wherever it is listed; an address that does
+    // not parse is passed over.
+    elsewhere["status"]["addresses"] = json!([
+        {"type": "IPAddress", "value": "10.96.0.99"},
+        objects::hostname_address("shop", "wp"),
+    ]);
+    cluster.gateways = vec![elsewhere.clone()];
+    assert_eq!(
+        via(&cluster),
+        Some(addr("10.96.0.10:15008")),
+        "the hostname"
+    );
+    elsewhere["status"]["addresses"] = json!([
+        {"type": "IPAddress", "value": "not-an-address"},
+        {"value": "10.96.0.99"},
+    ]);
+    cluster.gateways = vec![elsewhere];
+    assert_eq!(
+        via(&cluster),
+        Some(addr("10.96.0.99:15008")),
+        "the first address that parses (the type defaults to IPAddress)"
+    );
 }
 
 /// As in istiod: a waypoint takes traffic addressed to services unless `istio.io/waypoint-for`
@@ -826,7 +860,8 @@ fn a_model_kept_up_to_date_equals_one_built_from_scratch() {
     };
     let (mut retranslated, mut reused, mut services_kept) = (0, 0, 0);
     let (mut address_clashes, mut uid_clashes) = (0, 0);
-    // Models in which shop's pods went through the waypoint, and models in which they did not.
+    // Models in which shop's pods or service went through the waypoint, and models in which
+    // they did not.
     let mut via_waypoint = [0, 0];
     for step in 0..300 {
         let touched_pod = next(40);
@@ -864,24 +899,41 @@ fn a_model_kept_up_to_date_equals_one_built_from_scratch() {
                 false
             }
             8 => {
-                // The waypoint's Service comes and goes, and its Gateway is ready, not
-                // ready, or gone.
-                let [gateway, service] = waypoint("shop", "wp", "10.96.0.9", Some("all"));
-                let event = if next(2) == 0 {
-                    Event::Apply(dynamic("v1", "Service", service))
-                } else {
-                    Event::Delete(dynamic("v1", "Service", service))
-                };
-                world.apply(Update::Event(Kind::Services, event));
-                let mut not_ready = gateway.clone();
-                not_ready["status"]["addresses"] = json!([]);
+                // One at a time (so that each must retranslate by itself): the waypoint's
+                // Service comes or goes, its Gateway becomes ready, not ready, or goes, or
+                // its class changes which traffic it takes.
+                let [gateway, service] = waypoint("shop", "wp", "10.96.0.9", None);
                 let gateway_api = "gateway.networking.k8s.io/v1";
-                let event = match next(3) {
-                    0 => Event::Apply(dynamic(gateway_api, "Gateway", gateway)),
-                    1 => Event::Apply(dynamic(gateway_api, "Gateway", not_ready)),
-                    _ => Event::Delete(dynamic(gateway_api, "Gateway", gateway)),
+                let update = match next(3) {
+                    0 => {
+                        let event = if next(2) == 0 {
+                            Event::Apply(dynamic("v1", "Service", service))
+                        } else {
+                            Event::Delete(dynamic("v1", "Service", service))
+                        };
+                        Update::Event(Kind::Services, event)
+                    }
+                    1 => {
+                        let mut not_ready = gateway.clone();
+                        not_ready["status"]["addresses"] = json!([]);
+                        let event = match next(3) {
+                            0 => Event::Apply(dynamic(gateway_api, "Gateway", gateway)),
+                            1 => Event::Apply(dynamic(gateway_api, "Gateway", not_ready)),
+                            _ => Event::Delete(dynamic(gateway_api, "Gateway", gateway)),
+                        };
+                        Update::Event(Kind::Gateways, event)
+                    }
+                    _ => {
+                        let takes = ["all", "workload", "service"][next(3)];
+                        let class = objects::gateway_class(
+                            "istio-waypoint",
+                            json!({"istio.io/waypoint-for": takes}),
+                        );
+                        let class = dynamic(gateway_api, "GatewayClass", class);
+                        Update::Event(Kind::GatewayClasses, Event::Apply(class))
+                    }
                 };
-                world.apply(Update::Event(Kind::Gateways, event));
+                world.apply(update);
                 false
             }
             _ => {
@@ -916,7 +968,9 @@ fn a_model_kept_up_to_date_equals_one_built_from_scratch() {
         let fresh = model::model(&world, &options());
         assert_eq!(kept.config, fresh.config, "step {step}");
         assert_eq!(kept.problems, fresh.problems, "step {step}");
-        via_waypoint[usize::from(kept.config.workloads.iter().any(|w| w.waypoint.is_some()))] += 1;
+        let through_waypoint = kept.config.workloads.iter().any(|w| w.waypoint.is_some())
+            || kept.config.services.iter().any(|s| s.waypoint.is_some());
+        via_waypoint[usize::from(through_waypoint)] += 1;
         for problem in &kept.problems {
             address_clashes += usize::from(problem.contains("an address is also"));
             uid_clashes += usize::from(problem.contains("its uid is also"));

@@ -1076,8 +1076,8 @@ impl Worker {
     /// tracking still holds (taken in on 15006: client:port -> app). Our SYN then joins that
     /// connection and is never answered. An application in the same namespace answers a
     /// SYN at once, so after a second without an answer (when the kernel would send the SYN
-    /// again anyway) the connect is tried again from a new socket, while the silent ones keep
-    /// their ports so that the kernel picks another.
+    /// again anyway) another socket connects too, while the silent ones stay open, so that
+    /// the kernel picks another port, and in the race: the first to connect is used.
     async fn connect_in(
         &self,
         netns: &NetNs,
@@ -1088,31 +1088,55 @@ impl Worker {
             self.stats.upstream_connect_failures.inc();
             Refusal::Connect(target, e)
         };
-        let deadline = Instant::now() + self.settings.connect_timeout;
-        let mut silent: Vec<TcpStream> = Vec::new();
-        loop {
-            let stream = netns
+        let start = || {
+            netns
                 .run_in(&self.home, || start_connect(target, source, DATAPLANE_MARK))
                 .and_then(|r| r)
                 .and_then(TcpStream::from_std)
-                .map_err(|e| Refusal::Connect(target, e))?;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let may_retry =
-                matches!(source, Source::Transparent(_)) && silent.len() + 1 < APP_CONNECT_ATTEMPTS;
-            let wait = if may_retry {
-                remaining.min(APP_CONNECT_ATTEMPT)
-            } else {
-                remaining
+        };
+        // None: a timeout too long to add to the clock, waited out without a deadline.
+        let deadline = Instant::now().checked_add(self.settings.connect_timeout);
+        let mut attempts = vec![start().map_err(|e| Refusal::Connect(target, e))?];
+        let mut may_retry = matches!(source, Source::Transparent(_));
+        loop {
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let retry_due = may_retry && attempts.len() < APP_CONNECT_ATTEMPTS;
+            let wait = match remaining {
+                Some(remaining) if retry_due => remaining.min(APP_CONNECT_ATTEMPT),
+                Some(remaining) => remaining,
+                None if retry_due => APP_CONNECT_ATTEMPT,
+                None => Duration::MAX,
             };
-            match monoio::time::timeout(wait, connected(&stream)).await {
-                Ok(Ok(())) => return Ok(stream),
-                Ok(Err(e)) => return Err(failed(e)),
-                Err(_) if may_retry && wait < remaining => {
-                    self.stats.app_connect_retries.inc();
-                    tracing::debug!(worker = self.id, %target, ?source,
-                        "no answer from the application within a second; connecting again from another port");
-                    silent.push(stream);
+            let racing = futures_util::future::select_all(
+                attempts.iter().map(|stream| Box::pin(connected(stream))),
+            );
+            let outcome = monoio::time::timeout(wait, racing)
+                .await
+                .map(|(result, index, _others)| (result, index));
+            match outcome {
+                Ok((Ok(()), winner)) => return Ok(attempts.swap_remove(winner)),
+                Ok((Err(e), loser)) => {
+                    // Refused (nothing listens) or broken: the others would be too, except a
+                    // silent one whose clash ended; the last one's error is the answer.
+                    drop(attempts.swap_remove(loser));
+                    if attempts.is_empty() {
+                        return Err(failed(e));
+                    }
                 }
+                Err(_) if retry_due && remaining.is_none_or(|r| wait < r) => match start() {
+                    Ok(stream) => {
+                        self.stats.app_connect_retries.inc();
+                        tracing::debug!(worker = self.id, %target, ?source,
+                            "no answer from the application within a second; connecting again from another port");
+                        attempts.push(stream);
+                    }
+                    // No port left (the silent ones hold them), say: wait on those.
+                    Err(error) => {
+                        tracing::debug!(worker = self.id, %target, %error,
+                            "cannot connect again; waiting on the connects under way");
+                        may_retry = false;
+                    }
+                },
                 Err(_) => return Err(failed(std::io::ErrorKind::TimedOut.into())),
             }
         }
