@@ -490,13 +490,10 @@ fn use_waypoint_names_a_ready_gateway_and_none_opts_out() {
     );
 }
 
-/// As in istiod: without the Gateway, or before Istio gave it an address, the label names no
-/// waypoint and traffic goes direct; the Service alone (as older releases of this agent
-/// read) is not a waypoint.
-#[test]
-fn a_waypoint_is_its_gateway_once_it_has_an_address() {
-    let [gateway, service] = waypoint("shop", "wp", "10.96.0.10", Some("all"));
-    let mut cluster = Cluster {
+/// Namespace shop, captured and using waypoint `wp`, with one pod (cart), the waypoint's
+/// Service and these Gateways.
+fn shop_using_waypoint_wp(service: Value, gateways: Vec<Value>) -> Cluster {
+    Cluster {
         namespaces: vec![objects::namespace(
             "shop",
             json!({"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "wp"}),
@@ -510,8 +507,18 @@ fn a_waypoint_is_its_gateway_once_it_has_an_address() {
             json!({}),
         )],
         services: vec![service],
+        gateways,
         ..Cluster::default()
-    };
+    }
+}
+
+/// As in istiod: without the Gateway, or before Istio gave it an address, the label names no
+/// waypoint and traffic goes direct; the Service alone (as older releases of this agent
+/// read) is not a waypoint.
+#[test]
+fn a_waypoint_is_its_gateway_once_it_has_an_address() {
+    let [gateway, service] = waypoint("shop", "wp", "10.96.0.10", Some("all"));
+    let mut cluster = shop_using_waypoint_wp(service, Vec::new());
     let via = |cluster: &Cluster| {
         let m = cluster.model();
         workload(&m.config, "cart").and_then(|w| w.waypoint)
@@ -757,23 +764,7 @@ fn a_waypoint_s_own_pods_and_service_have_no_waypoint_in_a_namespace_using_it() 
 fn a_gateway_that_does_not_read_is_named_and_no_waypoint() {
     let [mut gateway, service] = waypoint("shop", "wp", "10.96.0.10", Some("all"));
     gateway["spec"]["listeners"][0]["port"] = "fifteen thousand".into();
-    let cluster = Cluster {
-        namespaces: vec![objects::namespace(
-            "shop",
-            json!({"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "wp"}),
-        )],
-        pods: vec![objects::pod(
-            "shop",
-            "cart",
-            "u1",
-            "node-1",
-            &["10.0.0.1"],
-            json!({}),
-        )],
-        services: vec![service],
-        gateways: vec![gateway],
-        ..Cluster::default()
-    };
+    let cluster = shop_using_waypoint_wp(service, vec![gateway]);
     let m = cluster.model();
     assert_eq!(workload(&m.config, "cart").map(|w| w.waypoint), Some(None));
     assert_eq!(m.problems.len(), 1, "{:?}", m.problems);
