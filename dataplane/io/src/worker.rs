@@ -1096,17 +1096,47 @@ impl Worker {
         };
         // None: a timeout too long to add to the clock, waited out without a deadline.
         let deadline = Instant::now().checked_add(self.settings.connect_timeout);
-        let mut attempts = vec![start().map_err(|e| Refusal::Connect(target, e))?];
+        let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        // How long to wait, and whether a retry is due after it (rather than the deadline).
+        let wait_for = |retry_allowed: bool| match remaining() {
+            Some(left) if retry_allowed && APP_CONNECT_ATTEMPT < left => {
+                (APP_CONNECT_ATTEMPT, true)
+            }
+            Some(left) => (left, false),
+            None if retry_allowed => (APP_CONNECT_ATTEMPT, true),
+            None => (Duration::MAX, false),
+        };
+        let first = start().map_err(|e| Refusal::Connect(target, e))?;
         let mut may_retry = matches!(source, Source::Transparent(_));
+        // Nearly always the first socket connects at once: it is awaited alone, allocating
+        // nothing.
+        let (wait, retry_due) = wait_for(may_retry);
+        match monoio::time::timeout(wait, connected(&first)).await {
+            Ok(Ok(())) => return Ok(first),
+            Ok(Err(e)) => return Err(failed(e)),
+            Err(_) if retry_due => {}
+            Err(_) => return Err(failed(std::io::ErrorKind::TimedOut.into())),
+        }
+        let mut attempts = vec![first];
+        let mut retry_now = true;
         loop {
-            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            let retry_due = may_retry && attempts.len() < APP_CONNECT_ATTEMPTS;
-            let wait = match remaining {
-                Some(remaining) if retry_due => remaining.min(APP_CONNECT_ATTEMPT),
-                Some(remaining) => remaining,
-                None if retry_due => APP_CONNECT_ATTEMPT,
-                None => Duration::MAX,
-            };
+            if retry_now && may_retry && attempts.len() < APP_CONNECT_ATTEMPTS {
+                match start() {
+                    Ok(stream) => {
+                        self.stats.app_connect_retries.inc();
+                        tracing::debug!(worker = self.id, %target, ?source,
+                            "no answer from the application within a second; connecting again from another port");
+                        attempts.push(stream);
+                    }
+                    // No port left (the silent ones hold them), say: wait on those.
+                    Err(error) => {
+                        tracing::debug!(worker = self.id, %target, %error,
+                            "cannot connect again; waiting on the connects under way");
+                        may_retry = false;
+                    }
+                }
+            }
+            let (wait, retry_due) = wait_for(may_retry && attempts.len() < APP_CONNECT_ATTEMPTS);
             let racing = futures_util::future::select_all(
                 attempts.iter().map(|stream| Box::pin(connected(stream))),
             );
@@ -1122,21 +1152,9 @@ impl Worker {
                     if attempts.is_empty() {
                         return Err(failed(e));
                     }
+                    retry_now = false;
                 }
-                Err(_) if retry_due && remaining.is_none_or(|r| wait < r) => match start() {
-                    Ok(stream) => {
-                        self.stats.app_connect_retries.inc();
-                        tracing::debug!(worker = self.id, %target, ?source,
-                            "no answer from the application within a second; connecting again from another port");
-                        attempts.push(stream);
-                    }
-                    // No port left (the silent ones hold them), say: wait on those.
-                    Err(error) => {
-                        tracing::debug!(worker = self.id, %target, %error,
-                            "cannot connect again; waiting on the connects under way");
-                        may_retry = false;
-                    }
-                },
+                Err(_) if retry_due => retry_now = true,
                 Err(_) => return Err(failed(std::io::ErrorKind::TimedOut.into())),
             }
         }
