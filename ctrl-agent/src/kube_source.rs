@@ -363,21 +363,19 @@ async fn watch(api: Api<DynamicObject>, kind: Kind, tx: tokio::sync::mpsc::Sende
                     }
                     Update::Event(kind, event)
                 }
-                Err(error) => match status_code(&error) {
+                Err(error) => match (status_code(&error), kind.crd()) {
                     // kube relists by itself after a 410 ERROR event, but an HTTP 410 when
                     // (re)starting a watch leaves it retrying the same resourceVersion for
                     // ever: start a fresh watcher (a relist) for either.
-                    Some(410) => {
+                    (Some(410), _) => {
                         tracing::info!(kind = kind.name(), %error,
                             "resourceVersion too old: relisting");
                         gone = true;
                         break;
                     }
-                    Some(404) if matches!(error, watcher::Error::InitialListFailed(_)) => {
-                        let Some(at) = kind.crd() else {
-                            tracing::warn!(kind = kind.name(), %error, "watch failed; retrying with backoff");
-                            continue;
-                        };
+                    (Some(404), Some(at))
+                        if matches!(error, watcher::Error::InitialListFailed(_)) =>
+                    {
                         let client = api.clone().into_client();
                         match not_served(&client, kind, at, &mut told).await {
                             Some(update) => update,

@@ -35,8 +35,10 @@ pub enum Addressed {
 #[derive(Debug)]
 pub struct Waypoint {
     pub address: WaypointAddress,
-    /// `istio.io/waypoint-for`, from the Gateway or its class; `service` if neither says.
-    takes: String,
+    /// What `istio.io/waypoint-for` (from the Gateway or its class, `service` if neither
+    /// says) lets it take: traffic to services' VIPs, to pods' own addresses.
+    takes_services: bool,
+    takes_workloads: bool,
     attach: Attachment,
 }
 
@@ -157,8 +159,7 @@ fn waypoint(gateway: &DynamicObject, world: &World) -> Result<Option<Waypoint>, 
         .labels()
         .get(WAYPOINT_FOR_LABEL)
         .or_else(|| class_labels?.get(WAYPOINT_FOR_LABEL))
-        .map_or("service", String::as_str)
-        .to_owned();
+        .map_or("service", String::as_str);
     let routes = body
         .spec
         .listeners
@@ -172,7 +173,8 @@ fn waypoint(gateway: &DynamicObject, world: &World) -> Result<Option<Waypoint>, 
     };
     Ok(Some(Waypoint {
         address,
-        takes,
+        takes_services: matches!(takes, "service" | "all"),
+        takes_workloads: matches!(takes, "workload" | "all"),
         attach,
     }))
 }
@@ -181,8 +183,8 @@ impl Waypoint {
     /// Whether it takes `traffic`.
     pub fn takes(&self, traffic: Addressed) -> bool {
         match traffic {
-            Addressed::ToService => matches!(self.takes.as_str(), "service" | "all"),
-            Addressed::ToWorkload => matches!(self.takes.as_str(), "workload" | "all"),
+            Addressed::ToService => self.takes_services,
+            Addressed::ToWorkload => self.takes_workloads,
         }
     }
 

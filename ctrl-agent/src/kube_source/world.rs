@@ -613,7 +613,7 @@ pub struct World {
     pub endpoint_slices: Store<StoredSlice>,
     pub authorization_policies: Store<DynamicObject>,
     pub peer_authentications: Store<DynamicObject>,
-    /// Gateway API Gateways: a waypoint is one (see `model::Waypoint`).
+    /// Gateway API Gateways: a waypoint is one (see `waypoints::Waypoint`).
     pub gateways: Store<DynamicObject>,
     pub gateway_classes: Store<DynamicObject>,
 }

@@ -685,17 +685,14 @@ impl Worker {
         }
         // Once set in a pod's namespace this stays; every worker's open sets it again (one
         // write), so no worker depends on another having opened the pod first.
-        let migrated = || {
+        let migrated = if self.settings.migrate_queued {
             netns
                 .run_in(&self.home, migrate_queued_connections)
                 .and_then(|r| r)
+        } else {
+            Ok(())
         };
-        if let Err(e) = self
-            .settings
-            .migrate_queued
-            .then(migrated)
-            .unwrap_or(Ok(()))
-        {
+        if let Err(e) = migrated {
             tracing::warn!(worker = self.id, pod = %uid, error = %e,
                 "cannot set tcp_migrate_req: connections queued on this pod's listeners when a process's listener closes (end of an upgrade) are reset");
         }
