@@ -27,9 +27,22 @@ const BULK_CHUNK: usize = 256 * 1024;
 const ECHO_BUF: usize = 64 * 1024;
 /// Connections opened at once by `hold` (each proven with a one-byte echo).
 const HOLD_CONCURRENCY: usize = 64;
-/// How long after the last scheduled request a fixed-rate run waits for responses; what has
-/// not arrived by then counts as unanswered, so a stuck connection cannot hang the run.
+/// How long the generator waits for what it is owed: a fixed-rate run's responses after the
+/// last scheduled request, a sink's byte count after the end of a bulk run, a connection's
+/// one-byte echo. What has not arrived by then counts as unanswered, so a stuck connection
+/// cannot hang the run.
 const ANSWER_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs `work` until `deadline`; past it the work is dropped and the answer is `TimedOut`, so
+/// a connection that is never answered counts as a failure instead of hanging the run.
+async fn by<T>(
+    deadline: Instant,
+    work: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    monoio::time::timeout_at(deadline.into(), work)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+}
 
 fn histogram() -> io::Result<Histogram<u64>> {
     // Nanoseconds, 1 ns to 60 s, 3 significant digits.
@@ -76,21 +89,28 @@ fn own_cpu() -> f64 {
     sys::cpu_seconds(std::process::id()).unwrap_or(0.0)
 }
 
-/// Echo on `echo_port` and sink on `sink_port`, on `threads` threads, until the process ends.
-/// Echo: every byte back until the client half-closes, then half-close. Sink: read to EOF,
-/// answer with the byte count (8 bytes, little endian).
+/// Echo on `echo_port` and sink on `sink_port`, on `threads` threads, until the process ends;
+/// a port of 0 is one the kernel picks. `ready` gets the ports served, once every thread's
+/// listener is bound. Echo: every byte back until the client half-closes, then half-close.
+/// Sink: read to EOF, answer with the byte count (8 bytes, little endian).
 pub fn serve(
     driver: Driver,
     threads: usize,
     echo_port: u16,
     sink_port: u16,
-    ready: impl FnOnce(),
+    ready: impl FnOnce(u16, u16),
 ) -> io::Result<()> {
-    // Bind every thread's listeners before saying ready, so no connection is refused.
+    // Bind every thread's listeners before saying ready, so no connection is refused. A port
+    // the kernel picks is picked once, by the first bind, which never lands on a port already
+    // bound (SO_REUSEPORT or not); the other threads join it. Picking a free port and binding
+    // it later instead could join another server's SO_REUSEPORT group on the same port.
+    let (mut echo_port, mut sink_port) = (echo_port, sink_port);
     let mut listeners = Vec::new();
     for _ in 0..threads.max(1) {
         let echo = sockets::reuseport_listener(SocketAddr::from(([0, 0, 0, 0], echo_port)))?;
         let sink = sockets::reuseport_listener(SocketAddr::from(([0, 0, 0, 0], sink_port)))?;
+        echo_port = echo.local_addr()?.port();
+        sink_port = sink.local_addr()?.port();
         listeners.push((echo, sink));
     }
     let handles: Vec<_> = listeners
@@ -108,7 +128,7 @@ pub fn serve(
             })
         })
         .collect();
-    ready();
+    ready(echo_port, sink_port);
     for h in handles {
         let _ = h.join();
     }
@@ -219,8 +239,11 @@ async fn stream_to_sink(to: SocketAddr, until: Instant) -> io::Result<u64> {
         sent += res? as u64;
     }
     conn.shutdown().await?;
-    let (res, ack) = conn.read_exact(vec![0u8; 8]).await;
-    res?;
+    let ack = by(until + ANSWER_GRACE, async {
+        let (res, ack) = conn.read_exact(vec![0u8; 8]).await;
+        res.map(|_| ack)
+    })
+    .await?;
     let confirmed = u64::from_le_bytes(ack[..8].try_into().unwrap_or_default());
     if confirmed != sent {
         return Err(io::Error::other(format!(
@@ -593,18 +616,21 @@ pub fn connection_rate(
     })
 }
 
-/// Connect, one byte each way, and (on drop) close.
+/// Connect, one byte each way, and (on drop) close; what takes longer than `ANSWER_GRACE`
+/// fails.
 async fn exchange_one(to: SocketAddr, byte: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-    let mut conn = match connect(to).await {
-        Ok(c) => c,
-        Err(e) => return (Err(e), byte),
+    let exchange = async {
+        let mut conn = connect(to).await?;
+        let (res, byte) = conn.write_all(byte).await;
+        res?;
+        let (res, byte) = conn.read_exact(byte).await;
+        res.map(|_| byte)
     };
-    let (res, byte) = conn.write_all(byte).await;
-    if let Err(e) = res {
-        return (Err(e), byte);
+    match by(Instant::now() + ANSWER_GRACE, exchange).await {
+        Ok(byte) => (Ok(()), byte),
+        // The buffer went with the failed exchange.
+        Err(e) => (Err(e), vec![0u8; 1]),
     }
-    let (res, byte) = conn.read_exact(byte).await;
-    (res.map(|_| ()), byte)
 }
 
 /// Opens `count` connections to an echo server, each proven with a one-byte echo, then calls
@@ -617,14 +643,14 @@ pub fn hold(driver: Driver, to: SocketAddr, count: usize, hold: impl FnOnce()) -
             let batch = HOLD_CONCURRENCY.min(count - opened);
             let tasks: Vec<_> = (0..batch)
                 .map(|_| {
-                    monoio::spawn(async move {
+                    monoio::spawn(by(Instant::now() + ANSWER_GRACE, async move {
                         let mut conn = connect(to).await?;
                         let (res, byte) = conn.write_all(vec![b'h']).await;
                         res?;
                         let (res, _) = conn.read_exact(byte).await;
                         res?;
                         io::Result::Ok(conn)
-                    })
+                    }))
                 })
                 .collect();
             for t in tasks {
@@ -646,22 +672,15 @@ mod tests {
         runtime::resolve(runtime::DriverChoice::Auto).expect("a driver")
     }
 
-    /// Starts echo and sink servers on free loopback ports in this process.
+    /// Starts echo and sink servers on ports of their own, in this process.
     fn servers() -> (SocketAddr, SocketAddr) {
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("free port")
-                .port()
-        };
-        let (echo, sink) = (free(), free());
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            serve(driver(), 2, echo, sink, move || {
-                let _ = tx.send(());
+            serve(driver(), 2, 0, 0, move |echo, sink| {
+                let _ = tx.send((echo, sink));
             })
         });
-        rx.recv_timeout(Duration::from_secs(5)).expect("servers up");
+        let (echo, sink) = rx.recv_timeout(Duration::from_secs(5)).expect("servers up");
         (
             SocketAddr::from(([127, 0, 0, 1], echo)),
             SocketAddr::from(([127, 0, 0, 1], sink)),
@@ -860,5 +879,35 @@ mod tests {
         let mut held_while = false;
         hold(driver(), echo, 200, || held_while = true).expect("hold");
         assert!(held_while);
+    }
+
+    #[test]
+    fn a_connection_never_answered_fails_instead_of_hanging_the_run() {
+        // Accepts, reads, never writes, and keeps the connection open past the grace.
+        let to = server(|mut conn, _| {
+            use std::io::Read;
+            let mut buf = [0u8; 64];
+            let _ = conn.read(&mut buf);
+            std::thread::sleep(ANSWER_GRACE * 2);
+        });
+        let (rate_tx, rate_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = rate_tx.send(connection_rate(driver(), to, 1, Duration::from_millis(10)));
+        });
+        let (hold_tx, hold_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = hold_tx.send(hold(driver(), to, 1, || ()));
+        });
+        let bound = ANSWER_GRACE + Duration::from_secs(5);
+        let r = rate_rx
+            .recv_timeout(bound)
+            .expect("the run ends once the exchange has waited its grace")
+            .expect("conns");
+        assert_eq!((r.connections, r.failures), (0, 1), "{r:?}");
+        let held = hold_rx.recv_timeout(bound).expect("hold gives up too");
+        assert_eq!(
+            held.map_err(|e| e.kind()).err(),
+            Some(io::ErrorKind::TimedOut)
+        );
     }
 }

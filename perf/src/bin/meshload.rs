@@ -118,7 +118,7 @@ fn main() -> anyhow::Result<()> {
             sink,
             threads,
         } => {
-            gen::serve(driver, threads, echo, sink, || {
+            gen::serve(driver, threads, echo, sink, |_, _| {
                 print_line(&format!(
                     "{{\"serving\":true,\"driver\":\"{}\"}}",
                     driver.name()
