@@ -86,9 +86,8 @@ pub struct WorkloadSpec {
     pub netns: Option<PathBuf>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// The waypoint that takes traffic addressed to this pod's own address: `ip:port`, a
-    /// waypoint service's VIP (or a waypoint pod's address) and its HBONE port.
-    pub waypoint: Option<SocketAddr>,
+    /// The waypoint that takes traffic addressed to this pod's own address.
+    pub waypoint: Option<WaypointSpec>,
     /// The pod runs Istio's sidecar (Kubernetes: the `sidecar.istio.io/status` annotation):
     /// the sidecar captures its traffic, so ambient does not, whatever the labels say.
     #[serde(default)]
@@ -145,7 +144,50 @@ pub struct ServiceSpec {
     #[serde(default)]
     pub endpoints: Vec<String>,
     /// The waypoint that takes traffic addressed to this service's VIPs (as for workloads).
-    pub waypoint: Option<SocketAddr>,
+    pub waypoint: Option<WaypointSpec>,
+}
+
+/// A waypoint as a workload or service names it: `ip:port`, a waypoint service's VIP (or a
+/// waypoint pod's address) and its HBONE port; or a hostname (`wp.ns.svc.cluster.local`)
+/// for a waypoint that has no address yet, whose traffic is refused until it has one, as
+/// ztunnel refuses it (the Kubernetes source names one so when a Gateway's address names a
+/// Service that does not exist).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(try_from = "String")]
+pub enum WaypointSpec {
+    At(SocketAddr),
+    Unresolved(String),
+}
+
+impl TryFrom<String> for WaypointSpec {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        if let Ok(address) = text.parse::<SocketAddr>() {
+            return Ok(WaypointSpec::At(address));
+        }
+        // A dotted name whose last label is not all digits, so that an address missing its
+        // port (`10.96.0.20`) is an error rather than a waypoint that refuses everything.
+        let label_ok = |label: &str| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        };
+        let is_hostname = text.len() <= 253
+            && text.split('.').all(label_ok)
+            && text
+                .rsplit('.')
+                .next()
+                .is_some_and(|last| !last.bytes().all(|b| b.is_ascii_digit()));
+        if is_hostname {
+            Ok(WaypointSpec::Unresolved(text))
+        } else {
+            Err(format!("{text:?} is neither ip:port nor a hostname"))
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use mesh_snapshot::schema::{
 
 use crate::config::{
     ActionSpec, FileConfig, MtlsModeSpec, OwnerReferenceSpec, PolicySpec, ProtocolSpec,
-    SelectorSpec, ServiceSpec, WorkloadSpec,
+    SelectorSpec, ServiceSpec, WaypointSpec, WorkloadSpec,
 };
 
 fn selector(s: &Option<SelectorSpec>) -> std::collections::BTreeMap<String, String> {
@@ -144,7 +144,8 @@ fn workload(w: &WorkloadSpec, config: &FileConfig, node: &str, enrolled: &Enroll
             ProtocolSpec::Hbone => Protocol::Hbone,
             ProtocolSpec::Tcp => Protocol::Tcp,
         } as i32,
-        waypoint: w.waypoint.map(|a| a.to_string()).unwrap_or_default(),
+        waypoint: waypoint_address(&w.waypoint),
+        unresolved_waypoint: unresolved_waypoint(&w.waypoint),
         netns_path: if local {
             w.netns
                 .as_ref()
@@ -285,6 +286,22 @@ fn differing<'a, T, K: Hash + Eq>(
     (changed, removed)
 }
 
+/// The snapshot's two waypoint fields (one set at most): the address, and the hostname of
+/// a waypoint that has none.
+fn waypoint_address(waypoint: &Option<WaypointSpec>) -> String {
+    match waypoint {
+        Some(WaypointSpec::At(address)) => address.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn unresolved_waypoint(waypoint: &Option<WaypointSpec>) -> String {
+    match waypoint {
+        Some(WaypointSpec::Unresolved(hostname)) => hostname.clone(),
+        _ => String::new(),
+    }
+}
+
 /// One service as the snapshot carries it.
 fn service(s: &ServiceSpec, config: &FileConfig) -> Service {
     Service {
@@ -304,7 +321,8 @@ fn service(s: &ServiceSpec, config: &FileConfig) -> Service {
             })
             .collect(),
         endpoints: s.endpoints.clone(),
-        waypoint: s.waypoint.map(|a| a.to_string()).unwrap_or_default(),
+        waypoint: waypoint_address(&s.waypoint),
+        unresolved_waypoint: unresolved_waypoint(&s.waypoint),
     }
 }
 

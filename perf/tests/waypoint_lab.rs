@@ -327,5 +327,30 @@ lab_test!(
             "{}",
             lab.process_log("dataplane", 0)
         );
+
+        // A waypoint known by hostname only (its Gateway names a Service that does not exist
+        // yet): refused too, as ztunnel refuses it, though its pod is up.
+        let hostname = "waypoint.default.svc.cluster.local";
+        let by_hostname = config_with_waypoint(&lab, "n2-wp", true, "").replace(WAYPOINT, hostname);
+        apply_everywhere(&lab, &by_hostname);
+        assert!(!echoes(&lab, "n1-a", service), "the service, by hostname");
+        assert!(!echoes(&lab, "n1-a", pod), "the pod, by hostname");
+        assert_eq!(seen.lock().expect("log").len(), 2);
+        assert!(eventually(Duration::from_secs(5), || {
+            series(
+                &scrape(&lab, 0),
+                "istio_tcp_connections_failed_total",
+                &[("reporter", "source"), ("response_flags", "UH")],
+            ) == Some(4)
+        }));
+        let reason = format!("waypoint {hostname} has no address yet");
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                let log = lab.process_log("dataplane", 0);
+                log.lines().filter(|l| l.contains(&reason)).count() == 2
+            }),
+            "{}",
+            lab.process_log("dataplane", 0)
+        );
     }
 );

@@ -74,6 +74,26 @@ fn a_complete_file_parses() {
     );
 }
 
+#[test]
+fn a_waypoint_is_an_address_or_a_hostname_without_one() {
+    let cfg = FileConfig::parse(
+        "services:
+  - {name: s, vips: [10.96.0.1], ports: [{port: 80}], waypoint: '10.96.0.20:15008'}
+  - {name: t, vips: [10.96.0.2], ports: [{port: 80}], waypoint: wp.shop.svc.cluster.local}
+  - {name: u, vips: [10.96.0.3], ports: [{port: 80}], waypoint: '[fd00::20]:15008'}",
+    )
+    .expect("valid");
+    let waypoints: Vec<_> = cfg.services.iter().map(|s| s.waypoint.clone()).collect();
+    assert_eq!(
+        waypoints,
+        [
+            Some(WaypointSpec::At("10.96.0.20:15008".parse().expect("addr"))),
+            Some(WaypointSpec::Unresolved("wp.shop.svc.cluster.local".into())),
+            Some(WaypointSpec::At("[fd00::20]:15008".parse().expect("addr"))),
+        ]
+    );
+}
+
 fn error_for(yaml: &str) -> ConfigError {
     FileConfig::parse(yaml).expect_err("must be refused")
 }
@@ -167,6 +187,16 @@ fn errors_name_the_field_and_the_problem() {
             "unknown variant `PERMIT`",
         ),
         ("workloads: 7", "workloads", "invalid type"),
+        (
+            "workloads: [{uid: a, name: a, ips: [10.0.0.1], node: n, waypoint: 10.96.0.20}]",
+            "workloads[0].waypoint",
+            "\"10.96.0.20\" is neither ip:port nor a hostname",
+        ),
+        (
+            "services: [{name: s, vips: [10.96.0.1], ports: [{port: 80}], waypoint: Waypoint.shop}]",
+            "services[0].waypoint",
+            "is neither ip:port nor a hostname",
+        ),
         (
             "peerAuthentications: [{name: p, portLevelMtls: {80: {mode: STRICT}}}]",
             "peerAuthentications[0].portLevelMtls",

@@ -26,7 +26,8 @@ use serde::de::DeserializeOwned;
 use crate::cni_api::DATAPLANE_MODE_LABEL;
 use crate::config::{
     ActionSpec, FileConfig, MtlsModeSpec, MtlsSpec, NamespaceSpec, PeerAuthenticationSpec,
-    PolicySpec, ProtocolSpec, RuleSpec, SelectorSpec, ServicePortSpec, ServiceSpec, WorkloadSpec,
+    PolicySpec, ProtocolSpec, RuleSpec, SelectorSpec, ServicePortSpec, ServiceSpec, WaypointSpec,
+    WorkloadSpec,
 };
 use crate::enroll;
 
@@ -794,9 +795,10 @@ fn workload(
 
 /// The waypoint named by `istio.io/use-waypoint` on the object, else on its namespace, as
 /// the address ztunnel would dial: the waypoint's Service's cluster IP (or the Gateway's
-/// address), HBONE port. `none` on the object opts out of its namespace's waypoint. As in
-/// istiod, it is no waypoint (traffic goes direct) while its Gateway is unknown or has no
-/// address yet, when the Gateway does not let the object's namespace use it, or when it
+/// address), HBONE port; or, when the Gateway's address is a hostname naming no Service with
+/// a cluster IP, that hostname (refused). `none` on the object opts out of its namespace's
+/// waypoint. As in istiod, it is no waypoint (traffic goes direct) while its Gateway is
+/// unknown or has no address yet, when the Gateway does not let the object's namespace use it, or when it
 /// does not take `traffic`. A waypoint's own pods and Service have none ("waypoints do not
 /// have waypoints"): else, in a namespace using it, traffic to the waypoint would be sent to
 /// the waypoint again.
@@ -806,7 +808,7 @@ fn waypoint(
     world: &World,
     lookups: &Lookups<'_>,
     traffic: Addressed,
-) -> Option<SocketAddr> {
+) -> Option<WaypointSpec> {
     if labels.get(MANAGED_GATEWAY_LABEL).map(String::as_str) == Some(MESH_CONTROLLER) {
         return None;
     }
@@ -842,20 +844,30 @@ fn waypoint(
         return None;
     }
     let ip = match &waypoint.address {
-        WaypointAddress::Ip(ip) => Some(*ip),
-        // As ztunnel looks it up: a Service of the Gateway's namespace by that hostname.
-        WaypointAddress::Hostname(hostname) => waypoints::service_of_hostname(hostname)
-            .filter(|(ns, _)| *ns == in_namespace)
-            .and_then(|(ns, name)| world.services.get(ns, name)?.spec.as_ref())
-            .and_then(|spec| cluster_ips(spec).ok()?.into_iter().next()),
-        WaypointAddress::Unusable => None,
+        WaypointAddress::Ip(ip) => *ip,
+        // As ztunnel looks it up: a Service of the Gateway's namespace by that hostname. A
+        // hostname naming none is still the waypoint, which ztunnel refuses to send to until
+        // it resolves: so traffic is refused rather than sent around the waypoint.
+        WaypointAddress::Hostname(hostname) => {
+            let ip = waypoints::service_of_hostname(hostname)
+                .filter(|(ns, _)| *ns == in_namespace)
+                .and_then(|(ns, name)| world.services.get(ns, name)?.spec.as_ref())
+                .and_then(|spec| cluster_ips(spec).ok()?.into_iter().next());
+            match ip {
+                Some(ip) => ip,
+                None => {
+                    tracing::debug!(waypoint = %key, hostname,
+                        "the Gateway's hostname names no Service with a cluster IP (yet)");
+                    return Some(WaypointSpec::Unresolved(hostname.clone()));
+                }
+            }
+        }
+        WaypointAddress::Unusable => {
+            tracing::debug!(waypoint = %key, "the Gateway has no address of a known type");
+            return None;
+        }
     };
-    let Some(ip) = ip else {
-        tracing::debug!(waypoint = %key, address = ?waypoint.address,
-            "the Gateway's address is no Service with a cluster IP (yet)");
-        return None;
-    };
-    Some(SocketAddr::new(ip, WAYPOINT_HBONE_PORT))
+    Some(WaypointSpec::At(SocketAddr::new(ip, WAYPOINT_HBONE_PORT)))
 }
 
 fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<Vec<IpAddr>, String> {

@@ -3,7 +3,7 @@
 //! watchers themselves against the kube-apiserver double in `tests/fake_apiserver`.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,9 @@ use serde_json::{json, Value};
 use super::model::{self, ModelOptions};
 use super::world::{Applied, Kept, Kind, Store, StoredPod, Update, World};
 use super::*;
-use crate::config::{ActionSpec, MtlsModeSpec, OwnerReferenceSpec, ProtocolSpec, WorkloadSpec};
+use crate::config::{
+    ActionSpec, MtlsModeSpec, OwnerReferenceSpec, ProtocolSpec, WaypointSpec, WorkloadSpec,
+};
 use mesh_snapshot::view::WorkloadView;
 
 #[path = "../../tests/fake_apiserver/mod.rs"]
@@ -168,8 +170,9 @@ fn workload<'a>(config: &'a FileConfig, name: &str) -> Option<&'a WorkloadSpec> 
         .map(|w| &**w)
 }
 
-fn addr(s: &str) -> SocketAddr {
-    s.parse().expect("address")
+/// A waypoint at an address.
+fn at(s: &str) -> WaypointSpec {
+    WaypointSpec::At(s.parse().expect("address"))
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -468,10 +471,10 @@ fn use_waypoint_names_a_ready_gateway_and_none_opts_out() {
     };
     let m = cluster.model();
     assert!(m.problems.is_empty(), "{:?}", m.problems);
-    let waypoint = |name| workload(&m.config, name).and_then(|w| w.waypoint);
-    assert_eq!(waypoint("cart"), Some(addr("10.96.0.10:15008")));
+    let waypoint = |name| workload(&m.config, name).and_then(|w| w.waypoint.clone());
+    assert_eq!(waypoint("cart"), Some(at("10.96.0.10:15008")));
     assert_eq!(waypoint("direct"), None);
-    assert_eq!(waypoint("shared"), Some(addr("[fd00::10]:15008")));
+    assert_eq!(waypoint("shared"), Some(at("[fd00::10]:15008")));
     assert_eq!(
         waypoint("refused"),
         None,
@@ -484,8 +487,8 @@ fn use_waypoint_names_a_ready_gateway_and_none_opts_out() {
     );
     let svc = m.config.services.iter().find(|s| s.name == "cart");
     assert_eq!(
-        svc.and_then(|s| s.waypoint),
-        Some(addr("10.96.0.10:15008")),
+        svc.and_then(|s| s.waypoint.clone()),
+        Some(at("10.96.0.10:15008")),
         "services follow their namespace's label too"
     );
 }
@@ -521,7 +524,7 @@ fn a_waypoint_is_its_gateway_once_it_has_an_address() {
     let mut cluster = shop_using_waypoint_wp(service, Vec::new());
     let via = |cluster: &Cluster| {
         let m = cluster.model();
-        workload(&m.config, "cart").and_then(|w| w.waypoint)
+        workload(&m.config, "cart").and_then(|w| w.waypoint.clone())
     };
     assert_eq!(via(&cluster), None, "only the Service");
     let mut not_ready = gateway.clone();
@@ -532,15 +535,24 @@ fn a_waypoint_is_its_gateway_once_it_has_an_address() {
     cluster.gateways = vec![not_ready];
     assert_eq!(via(&cluster), None, "not ready");
     cluster.gateways = vec![gateway.clone()];
-    assert_eq!(via(&cluster), Some(addr("10.96.0.10:15008")), "ready");
+    assert_eq!(via(&cluster), Some(at("10.96.0.10:15008")), "ready");
     // A hostname that is no Service's, and one of another form: nowhere to send to.
     let mut elsewhere = gateway;
     elsewhere["status"]["addresses"] = json!([objects::hostname_address("shop", "gone")]);
     cluster.gateways = vec![elsewhere.clone()];
-    assert_eq!(via(&cluster), None, "no such Service");
+    let unresolved = |hostname: &str| Some(WaypointSpec::Unresolved(hostname.to_owned()));
+    assert_eq!(
+        via(&cluster),
+        unresolved("gone.shop.svc.cluster.local"),
+        "no such Service: refused, as ztunnel refuses it, not sent around the waypoint"
+    );
     elsewhere["status"]["addresses"] = json!([{"type": "Hostname", "value": "wp.example.com"}]);
     cluster.gateways = vec![elsewhere.clone()];
-    assert_eq!(via(&cluster), None, "not a Service's hostname");
+    assert_eq!(
+        via(&cluster),
+        unresolved("wp.example.com"),
+        "not a Service's hostname"
+    );
     // ztunnel looks the hostname up among the Gateway's namespace's services.
     let mut other_namespace = objects::service(
         "mesh",
@@ -552,7 +564,11 @@ fn a_waypoint_is_its_gateway_once_it_has_an_address() {
     cluster.services.push(other_namespace);
     elsewhere["status"]["addresses"] = json!([objects::hostname_address("mesh", "wp")]);
     cluster.gateways = vec![elsewhere.clone()];
-    assert_eq!(via(&cluster), None, "another namespace's Service");
+    assert_eq!(
+        via(&cluster),
+        unresolved("wp.mesh.svc.cluster.local"),
+        "another namespace's Service"
+    );
     // A hostname is preferred to an address, wherever it is listed; an address that does
     // not parse is passed over.
     elsewhere["status"]["addresses"] = json!([
@@ -560,11 +576,7 @@ fn a_waypoint_is_its_gateway_once_it_has_an_address() {
         objects::hostname_address("shop", "wp"),
     ]);
     cluster.gateways = vec![elsewhere.clone()];
-    assert_eq!(
-        via(&cluster),
-        Some(addr("10.96.0.10:15008")),
-        "the hostname"
-    );
+    assert_eq!(via(&cluster), Some(at("10.96.0.10:15008")), "the hostname");
     elsewhere["status"]["addresses"] = json!([
         {"type": "IPAddress", "value": "not-an-address"},
         {"value": "10.96.0.99"},
@@ -572,7 +584,7 @@ fn a_waypoint_is_its_gateway_once_it_has_an_address() {
     cluster.gateways = vec![elsewhere];
     assert_eq!(
         via(&cluster),
-        Some(addr("10.96.0.99:15008")),
+        Some(at("10.96.0.99:15008")),
         "the first address that parses (the type defaults to IPAddress)"
     );
 }
@@ -639,8 +651,8 @@ fn a_waypoint_takes_the_traffic_its_gateway_or_class_names() {
                 .iter()
                 .find(|s| s.namespace == ns && s.name == "app");
             (
-                service.and_then(|s| s.waypoint).is_some(),
-                pod.and_then(|w| w.waypoint).is_some(),
+                service.and_then(|s| s.waypoint.clone()).is_some(),
+                pod.and_then(|w| w.waypoint.clone()).is_some(),
             )
         })
         .collect();
@@ -698,7 +710,11 @@ fn a_waypoint_s_selector_says_which_other_namespaces_may_use_it() {
     };
     let using = |cluster: &Cluster| {
         let m = cluster.model();
-        ["a", "b", "c"].map(|name| workload(&m.config, name).and_then(|w| w.waypoint).is_some())
+        ["a", "b", "c"].map(|name| {
+            workload(&m.config, name)
+                .and_then(|w| w.waypoint.clone())
+                .is_some()
+        })
     };
     assert_eq!(using(&cluster), [true, false, false]);
     allow_routes_from(&mut gateway, json!({"from": "Selector"}));
@@ -746,12 +762,12 @@ fn a_waypoint_s_own_pods_and_service_have_no_waypoint_in_a_namespace_using_it() 
         ..Cluster::default()
     };
     let m = cluster.model();
-    let of_workload = |name| workload(&m.config, name).map(|w| w.waypoint);
+    let of_workload = |name| workload(&m.config, name).map(|w| w.waypoint.clone());
     let of_service = |name: &str| {
         let s = m.config.services.iter().find(|s| s.name == name);
-        s.map(|s| s.waypoint)
+        s.map(|s| s.waypoint.clone())
     };
-    let via = Some(Some(addr("10.96.0.10:15008")));
+    let via = Some(Some(at("10.96.0.10:15008")));
     assert_eq!(of_workload("cart"), via);
     assert_eq!(of_service("cart"), via);
     assert_eq!(of_workload("waypoint-7d9f"), Some(None));
@@ -766,7 +782,10 @@ fn a_gateway_that_does_not_read_is_named_and_no_waypoint() {
     gateway["spec"]["listeners"][0]["port"] = "fifteen thousand".into();
     let cluster = shop_using_waypoint_wp(service, vec![gateway]);
     let m = cluster.model();
-    assert_eq!(workload(&m.config, "cart").map(|w| w.waypoint), Some(None));
+    assert_eq!(
+        workload(&m.config, "cart").map(|w| w.waypoint.clone()),
+        Some(None)
+    );
     assert_eq!(m.problems.len(), 1, "{:?}", m.problems);
     assert!(
         m.problems[0].starts_with("gateway shop/wp: spec.listeners[0].port: invalid type"),

@@ -47,10 +47,27 @@ pub struct Workload {
     /// Istio's workload name (metric labels): the owner-derived name the agent sent (a
     /// Deployment's for its pods, shared by them), else the pod's name.
     pub workload_name: Arc<str>,
-    /// The waypoint that takes traffic addressed to this workload (its service's VIP, or a
-    /// pod, and HBONE port). Boxed: most workloads have none, and every workload pays for the
-    /// field.
-    pub waypoint: Option<Box<SocketAddr>>,
+    /// The waypoint that takes traffic addressed to this workload. Boxed: most workloads have
+    /// none, and every workload pays for the field.
+    pub waypoint: Option<Box<Waypoint>>,
+}
+
+/// A waypoint as a workload or service names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Waypoint {
+    /// Its service's VIP, or a pod's address, and HBONE port.
+    At(SocketAddr),
+    /// Known by hostname only, with no address yet: its traffic is refused until it has one.
+    Unresolved(Box<str>),
+}
+
+impl std::fmt::Display for Waypoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Waypoint::At(address) => address.fmt(f),
+            Waypoint::Unresolved(hostname) => f.write_str(hostname),
+        }
+    }
 }
 
 /// A service as metrics name it.
@@ -78,7 +95,7 @@ struct Service {
     /// VIP:port frontends with their target ports.
     frontends: Vec<(SocketAddr, u16)>,
     /// The waypoint that takes traffic addressed to this service.
-    waypoint: Option<SocketAddr>,
+    waypoint: Option<Waypoint>,
     /// Endpoint uids as the snapshot lists them. A connection looks its endpoint up by uid
     /// when it picks one, as ztunnel does: so a workload that comes, goes or changes touches
     /// no service, and an index keeps no map from workloads back to services.
@@ -144,6 +161,9 @@ pub enum Route<'a> {
     /// The destination's waypoint has no pod to send to. Nothing goes around it: the
     /// waypoint is where the destination's L7 policies are enforced.
     NoWaypoint { waypoint: SocketAddr },
+    /// The destination's waypoint is known by hostname only, with no address yet: refused
+    /// for the same reason.
+    UnresolvedWaypoint { hostname: &'a str },
 }
 
 /// A service as the admin dump shows it.
@@ -154,7 +174,7 @@ pub struct ServiceSummary<'a> {
     pub frontends: Vec<SocketAddr>,
     /// How many of its endpoints this index has a workload for.
     pub endpoints: usize,
-    pub waypoint: Option<SocketAddr>,
+    pub waypoint: Option<&'a Waypoint>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -338,7 +358,8 @@ fn parse_workload(
         )
     };
     let protocol = Protocol::try_from(w.protocol).unwrap_or(Protocol::Hbone);
-    let waypoint = parse_waypoint(w.waypoint).map_err(|problem| bad("waypoint", problem))?;
+    let waypoint = parse_waypoint(w.waypoint, w.unresolved_waypoint)
+        .map_err(|problem| bad("waypoint", problem))?;
     // Straight into its shared allocation: a workload is about 200 bytes, moved once.
     Ok((
         Arc::new(Workload {
@@ -359,14 +380,19 @@ fn parse_workload(
     ))
 }
 
-/// A waypoint address as the snapshot carries it: `ip:port`, or empty for none.
-fn parse_waypoint(address: &str) -> Result<Option<SocketAddr>, String> {
-    if address.is_empty() {
-        return Ok(None);
-    }
-    match address.parse::<SocketAddr>() {
-        Ok(waypoint) if waypoint.port() != 0 => Ok(Some(waypoint)),
-        _ => Err(format!("{address:?} is not an ip:port")),
+/// A waypoint as the snapshot carries it: an address (`ip:port`), or a hostname that has
+/// none yet; both empty for none.
+fn parse_waypoint(address: &str, unresolved: &str) -> Result<Option<Waypoint>, String> {
+    match (address, unresolved) {
+        ("", "") => Ok(None),
+        ("", hostname) => Ok(Some(Waypoint::Unresolved(hostname.into()))),
+        (address, "") => match address.parse::<SocketAddr>() {
+            Ok(waypoint) if waypoint.port() != 0 => Ok(Some(Waypoint::At(waypoint))),
+            _ => Err(format!("{address:?} is not an ip:port")),
+        },
+        (address, hostname) => Err(format!(
+            "both an address ({address:?}) and an unresolved hostname ({hostname:?})"
+        )),
     }
 }
 
@@ -486,7 +512,8 @@ fn parse_service(s: &ServiceView<'_>) -> Result<Service, IndexError> {
     }
     let listed = Listed::new(&s.endpoints)
         .ok_or_else(|| bad("endpoints", "more than 4 GiB of uids".to_owned()))?;
-    let waypoint = parse_waypoint(s.waypoint).map_err(|problem| bad("waypoint", problem))?;
+    let waypoint = parse_waypoint(s.waypoint, s.unresolved_waypoint)
+        .map_err(|problem| bad("waypoint", problem))?;
     let hostname = if s.hostname.is_empty() {
         format!("{}.{}.svc.cluster.local", s.name, s.namespace)
     } else {
@@ -880,7 +907,7 @@ impl Index {
                     name: &s.name,
                     frontends,
                     endpoints: present.count(),
-                    waypoint: s.waypoint,
+                    waypoint: s.waypoint.as_ref(),
                 }
             })
             .collect()
@@ -964,7 +991,7 @@ impl Index {
     /// without one reaches its endpoints directly even when they have one).
     pub fn route_outbound(&self, dst: SocketAddr, pick: u64) -> Route<'_> {
         if let Some((service, target_port)) = self.by_vip.get(&dst) {
-            if let Some(waypoint) = service.waypoint {
+            if let Some(waypoint) = &service.waypoint {
                 return self.via_waypoint(waypoint, dst, Some(&service.name), pick);
             }
             let Some(workload) = self.endpoint(service, pick) else {
@@ -991,7 +1018,7 @@ impl Index {
         }
         match self.workload_by_ip(dst.ip()) {
             Some(workload) => match workload.waypoint.as_deref() {
-                Some(waypoint) => self.via_waypoint(*waypoint, dst, None, pick),
+                Some(waypoint) => self.via_waypoint(waypoint, dst, None, pick),
                 None => self.route_to_workload(workload, dst),
             },
             None => Route::Passthrough { target: dst },
@@ -1004,11 +1031,15 @@ impl Index {
     /// themselves whether or not they are enrolled.
     fn via_waypoint<'a>(
         &'a self,
-        waypoint: SocketAddr,
+        waypoint: &'a Waypoint,
         target: SocketAddr,
         service: Option<&'a ServiceName>,
         pick: u64,
     ) -> Route<'a> {
+        let waypoint = match waypoint {
+            Waypoint::At(address) => *address,
+            Waypoint::Unresolved(hostname) => return Route::UnresolvedWaypoint { hostname },
+        };
         let (pod, port) = match self.by_vip.get(&waypoint) {
             Some((waypoint_service, port)) => (self.endpoint(waypoint_service, pick), *port),
             None => (self.workload_by_ip(waypoint.ip()), waypoint.port()),
@@ -1600,7 +1631,7 @@ mod tests {
             .find(|s| s.name.name == "server");
         assert_eq!(
             server.and_then(|s| s.waypoint),
-            Some(addr("10.96.0.20:15008"))
+            Some(&Waypoint::At(addr("10.96.0.20:15008")))
         );
     }
 
@@ -1674,12 +1705,55 @@ mod tests {
             s.workloads[4].ips = vec![vec![10, 0, 3, 12]];
         });
         assert_eq!(tunnel(&index, "10.96.0.10:80"), addr("10.0.3.12:15008"));
+        // The waypoint loses its address: refused, not sent around it; and gets it back.
+        let unresolved = "waypoint.default.svc.cluster.local";
+        let index = apply_both(&index, &mut reference, |s| {
+            s.services[0].waypoint.clear();
+            s.services[0].unresolved_waypoint = unresolved.into();
+        });
+        assert_eq!(
+            index.route_outbound(addr("10.96.0.10:80"), 0),
+            Route::UnresolvedWaypoint {
+                hostname: unresolved
+            }
+        );
+        let index = apply_both(&index, &mut reference, |s| {
+            s.services[0].unresolved_waypoint.clear();
+            s.services[0].waypoint = "10.96.0.20:15008".into();
+        });
+        assert_eq!(tunnel(&index, "10.96.0.10:80"), addr("10.0.3.12:15008"));
         let index = apply_both(&index, &mut reference, |s| {
             s.services[0].waypoint.clear();
             s.workloads[2].waypoint.clear();
         });
         assert_eq!(tunnel(&index, "10.96.0.10:80"), addr("10.0.2.2:15008"));
         assert_eq!(tunnel(&index, "10.0.2.3:8080"), addr("10.0.2.3:15008"));
+    }
+
+    #[test]
+    fn a_waypoint_known_only_by_hostname_refuses_rather_than_being_bypassed() {
+        let mut s = with_waypoint();
+        s.services[0].unresolved_waypoint = "wp.default.svc.cluster.local".into();
+        s.workloads[1].unresolved_waypoint = "wp.default.svc.cluster.local".into();
+        let index = Index::build(s, Generation::default()).expect("builds");
+        for dialled in ["10.96.0.10:80", "10.0.2.2:8080"] {
+            assert_eq!(
+                index.route_outbound(addr(dialled), 0),
+                Route::UnresolvedWaypoint {
+                    hostname: "wp.default.svc.cluster.local"
+                },
+                "{dialled}"
+            );
+        }
+        // The admin dump names it.
+        let server = index
+            .services()
+            .into_iter()
+            .find(|s| s.name.name == "server");
+        assert_eq!(
+            server.and_then(|s| s.waypoint).map(ToString::to_string),
+            Some("wp.default.svc.cluster.local".to_owned())
+        );
     }
 
     #[test]
@@ -1707,6 +1781,17 @@ mod tests {
                 "{bad:?}: {culprits:?}"
             );
         }
+        // An address and an unresolved hostname at once: which one the agent meant is unknown.
+        let mut both = snapshot();
+        both.services[0].waypoint = "10.96.0.20:15008".into();
+        both.services[0].unresolved_waypoint = "wp.default.svc.cluster.local".into();
+        assert!(matches!(
+            refused(both),
+            Some(IndexError::Service {
+                field: "waypoint",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -237,6 +237,8 @@ enum Refusal {
     NoEndpoint(SocketAddr),
     #[error("waypoint {0} has no pod to send to")]
     NoWaypoint(SocketAddr),
+    #[error("waypoint {0} has no address yet (its hostname names no service with a VIP)")]
+    UnresolvedWaypoint(Box<str>),
     #[error("source has no address of the tunnel's family")]
     NoSourceAddress,
     #[error("TLS setup: {0}")]
@@ -265,7 +267,8 @@ impl Refusal {
             Refusal::Peer(ConnectOutcome::Denied) => "DENY",
             Refusal::Peer(ConnectOutcome::NoUpstream)
             | Refusal::NoEndpoint(_)
-            | Refusal::NoWaypoint(_) => "UH",
+            | Refusal::NoWaypoint(_)
+            | Refusal::UnresolvedWaypoint(_) => "UH",
             Refusal::UnknownSource(_) | Refusal::NoNamespace(_) | Refusal::NoSourceAddress => "NR",
             _ => "UF",
         }
@@ -279,7 +282,8 @@ impl Refusal {
             }
             Refusal::Peer(ConnectOutcome::NoUpstream)
             | Refusal::NoEndpoint(_)
-            | Refusal::NoWaypoint(_) => Reply::HostUnreachable,
+            | Refusal::NoWaypoint(_)
+            | Refusal::UnresolvedWaypoint(_) => Reply::HostUnreachable,
             _ => Reply::GeneralFailure,
         }
     }
@@ -1231,6 +1235,9 @@ impl Worker {
             }
             Route::NoEndpoint { service } => Err(Refusal::NoEndpoint(service)),
             Route::NoWaypoint { waypoint } => Err(Refusal::NoWaypoint(waypoint)),
+            Route::UnresolvedWaypoint { hostname } => {
+                Err(Refusal::UnresolvedWaypoint(hostname.into()))
+            }
         }
     }
 
@@ -1658,9 +1665,10 @@ fn outbound_labels<'a>(source: Option<&'a Workload>, route: Route<'a>) -> Labels
             service,
             ..
         } => (PeerRef::workload(destination), service, Security::MutualTls),
-        Route::Passthrough { .. } | Route::NoEndpoint { .. } | Route::NoWaypoint { .. } => {
-            (PeerRef::UNKNOWN, None, Security::None)
-        }
+        Route::Passthrough { .. }
+        | Route::NoEndpoint { .. }
+        | Route::NoWaypoint { .. }
+        | Route::UnresolvedWaypoint { .. } => (PeerRef::UNKNOWN, None, Security::None),
     };
     LabelsRef {
         reporter: Reporter::Source,

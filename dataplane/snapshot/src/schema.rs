@@ -92,6 +92,13 @@ pub struct Workload {
     /// empty workload-name label): the reader uses `name`.
     #[prost(string, tag = "15")]
     pub workload_name: String,
+    /// The hostname of this workload's waypoint when it has no address yet (its Gateway names
+    /// a Service that does not exist, or has no cluster IP): the workload's traffic is refused
+    /// until it has one, as ztunnel refuses it, rather than sent around the waypoint. Set only
+    /// when `waypoint` is empty. A separate field so that an older reader, which ignores it,
+    /// reads the rest of the snapshot as before.
+    #[prost(string, tag = "16")]
+    pub unresolved_waypoint: String,
 }
 
 /// Istio's canonical service and revision for a workload, from the labels Istio reads, in
@@ -214,6 +221,9 @@ pub struct Service {
     pub endpoints: Vec<String>,
     #[prost(string, tag = "7")]
     pub waypoint: String,
+    /// As for workloads: the waypoint's hostname while it has no address.
+    #[prost(string, tag = "8")]
+    pub unresolved_waypoint: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, prost::Enumeration)]

@@ -257,6 +257,7 @@ pub struct WorkloadView<'a> {
     pub canonical_revision: &'a str,
     /// As sent; read through [`WorkloadView::workload_name`], which falls back to the name.
     workload_name: &'a str,
+    pub unresolved_waypoint: &'a str,
 }
 
 impl<'a> WorkloadView<'a> {
@@ -286,6 +287,7 @@ impl<'a> WorkloadView<'a> {
                 13 => w.canonical_service = reader.string(wire)?,
                 14 => w.canonical_revision = reader.string(wire)?,
                 15 => w.workload_name = reader.string(wire)?,
+                16 => w.unresolved_waypoint = reader.string(wire)?,
                 _ => reader.skip(tag, wire, BUDGET)?,
             }
         }
@@ -333,6 +335,7 @@ impl<'a> From<&'a schema::Workload> for WorkloadView<'a> {
             canonical_service: &w.canonical_service,
             canonical_revision: &w.canonical_revision,
             workload_name: &w.workload_name,
+            unresolved_waypoint: &w.unresolved_waypoint,
         }
     }
 }
@@ -361,6 +364,7 @@ pub struct ServiceView<'a> {
     pub ports: SmallVec<[schema::ServicePort; 1]>,
     pub endpoints: Vec<&'a str>,
     pub waypoint: &'a str,
+    pub unresolved_waypoint: &'a str,
 }
 
 impl<'a> ServiceView<'a> {
@@ -380,6 +384,7 @@ impl<'a> ServiceView<'a> {
                     .push(service_port(reader.message(wire, BUDGET)?, BUDGET - 1)?),
                 6 => s.endpoints.push(reader.string(wire)?),
                 7 => s.waypoint = reader.string(wire)?,
+                8 => s.unresolved_waypoint = reader.string(wire)?,
                 _ => reader.skip(tag, wire, BUDGET)?,
             }
         }
@@ -402,6 +407,7 @@ impl<'a> From<&'a schema::Service> for ServiceView<'a> {
             ports: s.ports.iter().cloned().collect(),
             endpoints: s.endpoints.iter().map(String::as_str).collect(),
             waypoint: &s.waypoint,
+            unresolved_waypoint: &s.unresolved_waypoint,
         }
     }
 }

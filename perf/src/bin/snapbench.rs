@@ -136,6 +136,7 @@ fn workload(i: usize) -> Workload {
         canonical_revision,
         // Its Deployment's: the name less the ReplicaSet hash and pod suffix.
         workload_name: format!("app-{}", i / PODS_PER_SERVICE),
+        unresolved_waypoint: String::new(),
     }
 }
 
@@ -158,6 +159,7 @@ fn snapshot(size: usize, ca: &ctrl_agent::ca::LocalCa) -> anyhow::Result<Snapsho
                     .map(|w| w.uid.clone())
                     .collect(),
                 waypoint: String::new(),
+                unresolved_waypoint: String::new(),
             }
         })
         .collect();

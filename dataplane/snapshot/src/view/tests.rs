@@ -24,6 +24,7 @@ fn sample() -> Snapshot {
         canonical_service: "client".into(),
         canonical_revision: "v2".into(),
         workload_name: "client".into(),
+        unresolved_waypoint: "waypoint.default.svc.cluster.local".into(),
     };
     let plain = Workload {
         uid: "uid-2".into(),
@@ -56,6 +57,7 @@ fn sample() -> Snapshot {
             ],
             endpoints: vec!["uid-2".into(), "uid-gone".into()],
             waypoint: "10.0.9.9:15008".into(),
+            unresolved_waypoint: "waypoint.prod.svc.cluster.local".into(),
         }],
         policies: vec![AuthorizationPolicy {
             name: "allow".into(),
@@ -99,6 +101,7 @@ fn owned_workload(w: &WorkloadView<'_>) -> Workload {
         canonical_revision: w.canonical_revision.into(),
         // As sent, so that the two readers are compared on the wire's value.
         workload_name: w.workload_name.into(),
+        unresolved_waypoint: w.unresolved_waypoint.into(),
     }
 }
 
@@ -111,6 +114,7 @@ fn owned_service(s: &ServiceView<'_>) -> Service {
         ports: s.ports.to_vec(),
         endpoints: s.endpoints.iter().map(|uid| (*uid).to_owned()).collect(),
         waypoint: s.waypoint.into(),
+        unresolved_waypoint: s.unresolved_waypoint.into(),
     }
 }
 
