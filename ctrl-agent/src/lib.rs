@@ -14,3 +14,4 @@ pub mod kube_source;
 pub mod probes;
 pub mod source;
 pub mod translate;
+pub mod uninstall;

@@ -17,6 +17,7 @@ use ctrl_agent::istio_ca::{IstioCaClient, IstioCaConfig, DEFAULT_CLUSTER_ID, DEF
 use ctrl_agent::kube_source::model::ModelOptions;
 use ctrl_agent::kube_source::KubeOptions;
 use ctrl_agent::source::SourceOptions;
+use ctrl_agent::uninstall::Departure;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum SourceKind {
@@ -131,6 +132,14 @@ struct Args {
     /// Default: the agent's own namespace.
     #[arg(long, env = "CTRL_AGENT_HOST_NETNS")]
     host_netns: Option<PathBuf>,
+    /// This agent's pod (the downward API's metadata.name and metadata.namespace, as the
+    /// chart sets them). At a clean shutdown the agent reads the DaemonSet that runs the pod:
+    /// only an uninstall (the DaemonSet deleted) removes the host probe table; a restart or
+    /// an upgrade leaves it to the next agent. Without them a shutdown is taken as a restart.
+    #[arg(long, env = "POD_NAME", requires = "pod_namespace")]
+    pod_name: Option<String>,
+    #[arg(long, env = "POD_NAMESPACE", requires = "pod_name")]
+    pod_namespace: Option<String>,
     #[arg(long)]
     log_json: bool,
 }
@@ -248,11 +257,53 @@ fn main() -> anyhow::Result<()> {
     }
     agent.run(args.poll_interval, stop);
     if host_probes {
-        ctrl_agent::probes::stop(&shared);
+        let pod = args.pod_namespace.as_deref().zip(args.pod_name.as_deref());
+        ctrl_agent::probes::stop(&shared, departure(pod));
     }
     tracing::info!("ctrl-agent stopped; the data plane keeps serving the last snapshot");
     Ok(())
 }
+
+/// Whether this shutdown is an uninstall or a restart (see `ctrl_agent::uninstall`), given
+/// the agent's pod as (namespace, name). An answer the API cannot give within a few seconds
+/// (the pod's grace period is short) is taken as a restart: rules left in place only SNAT the
+/// node's own connections, while rules removed under a running data plane refuse probes.
+fn departure(pod: Option<(&str, &str)>) -> Departure {
+    let Some((namespace, name)) = pod else {
+        tracing::info!("no --pod-name/--pod-namespace: the shutdown is taken as a restart");
+        return Departure::Restart;
+    };
+    let ask = async {
+        let client = kube::Client::try_from(kube::Config::infer().await?)?;
+        let answer = ctrl_agent::uninstall::departure(client, namespace, name).await?;
+        anyhow::Ok(answer)
+    };
+    let answer = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                tokio::time::timeout(DEPARTURE_TIMEOUT, ask)
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in {DEPARTURE_TIMEOUT:?}")))
+            })
+        });
+    match answer {
+        Ok(departure) => {
+            tracing::info!(pod = %format!("{namespace}/{name}"), ?departure,
+                "read this agent's DaemonSet");
+            departure
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not tell an uninstall from a restart; \
+                taken as a restart");
+            Departure::Restart
+        }
+    }
+}
+
+const DEPARTURE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// kube's standard search: KUBECONFIG or ~/.kube/config, else the pod's service account.
 fn kube_config() -> anyhow::Result<kube::Config> {

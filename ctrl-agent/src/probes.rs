@@ -24,6 +24,7 @@ use mesh_core::redirect::{PROBE_SOURCE_V4, PROBE_SOURCE_V6};
 use mesh_io::netns::NetNs;
 
 use crate::agent::{lock, SharedState};
+use crate::uninstall::Departure;
 
 /// Our host table; distinct from Istio's (`istio-*`) so both can live on one node.
 pub const TABLE: &str = "mesh-host-probes";
@@ -182,14 +183,19 @@ pub fn start(shared: &SharedState, host: Option<NetNs>) {
     }
 }
 
-/// On a clean shutdown: removes the table (the captured pods' probes are no longer ours).
-pub fn stop(shared: &SharedState) {
+/// On a clean shutdown: an uninstall removes the table; a restart leaves it, since the pods
+/// stay captured and served by the data plane, so that their probes keep passing until the
+/// next agent replaces it.
+pub fn stop(shared: &SharedState, departure: Departure) {
     let rules = lock(shared).enrollments.take_host_probes();
-    if let Some(rules) = rules {
-        match rules.remove() {
+    let Some(rules) = rules else { return };
+    match departure {
+        Departure::Restart => tracing::info!(table = %format!("inet {TABLE}"),
+            "host probe SNAT left for the next agent"),
+        Departure::Uninstall => match rules.remove() {
             Ok(()) => tracing::info!(table = %format!("inet {TABLE}"), "host probe SNAT removed"),
             Err(error) => tracing::warn!(%error, "host probe SNAT left in place"),
-        }
+        },
     }
 }
 

@@ -2187,31 +2187,34 @@ fn the_chart_lets_the_agent_list_and_watch_every_kind_it_watches() {
         .filter(|l| !l.contains("{{"))
         .map(|l| format!("{l}\n"))
         .collect();
-    let role: Value = serde_yaml::Deserializer::from_str(&yaml)
+    let documents: Vec<Value> = serde_yaml::Deserializer::from_str(&yaml)
         .map(|doc| Value::deserialize(doc).expect("YAML"))
-        .find(|doc| doc["kind"] == "ClusterRole")
-        .expect("a ClusterRole");
-    let rules = role["rules"].as_array().expect("rules");
+        .collect();
+    let allows = |role_kind: &str, group: &str, plural: &str, verb: &str| {
+        let role = documents
+            .iter()
+            .find(|doc| doc["kind"] == role_kind)
+            .unwrap_or_else(|| panic!("a {role_kind}"));
+        role["rules"].as_array().expect("rules").iter().any(|rule| {
+            let has = |field: &str, wanted: &str| {
+                rule[field]
+                    .as_array()
+                    .is_some_and(|v| v.iter().any(|x| x == wanted))
+            };
+            has("apiGroups", group) && has("resources", plural) && has("verbs", verb)
+        })
+    };
     for (kind, resource) in watched() {
-        let allowed = |verb: &str| {
-            rules.iter().any(|rule| {
-                let has = |field: &str, wanted: &str| {
-                    rule[field]
-                        .as_array()
-                        .is_some_and(|v| v.iter().any(|x| x == wanted))
-                };
-                has("apiGroups", &resource.group)
-                    && has("resources", &resource.plural)
-                    && has("verbs", verb)
-            })
-        };
         for verb in ["get", "list", "watch"] {
             assert!(
-                allowed(verb),
+                allows("ClusterRole", &resource.group, &resource.plural, verb),
                 "{kind:?}: {verb} {}/{} is not in the chart's ClusterRole",
                 resource.group,
                 resource.plural
             );
         }
     }
+    // At shutdown (`crate::uninstall`): its own pod, and its DaemonSet in its namespace.
+    assert!(allows("ClusterRole", "", "pods", "get"));
+    assert!(allows("Role", "apps", "daemonsets", "get"));
 }

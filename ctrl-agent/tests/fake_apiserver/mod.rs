@@ -8,6 +8,7 @@
 //!   newer than N. A resourceVersion older than the compaction point gets an `ERROR` event
 //!   with a `Status` of code 410 (reason Expired), as the real server sends, or, when asked,
 //!   an HTTP 410.
+//! - `GET <prefix>/namespaces/<ns>/<plural>/<name>`: that object, or a 404 `Status`.
 //! - An unknown collection is a 404 with a `Status`, like a CRD that is not installed.
 //! - Discovery of a group's kinds (`/apis/<group>` an `APIGroup` naming the versions served,
 //!   `/apis/<group>/<version>` an `APIResourceList`), each a 404 when it serves no
@@ -39,11 +40,13 @@ pub const AUTHORIZATION_POLICIES: &str = "/apis/security.istio.io/v1/authorizati
 pub const PEER_AUTHENTICATIONS: &str = "/apis/security.istio.io/v1/peerauthentications";
 pub const GATEWAYS: &str = "/apis/gateway.networking.k8s.io/v1/gateways";
 pub const GATEWAY_CLASSES: &str = "/apis/gateway.networking.k8s.io/v1/gatewayclasses";
+/// Not watched: the agent reads its own DaemonSet at shutdown (`GET` of one object).
+pub const DAEMON_SETS: &str = "/apis/apps/v1/daemonsets";
 /// Discovery of Istio's security group: the versions it serves.
 pub const ISTIO_SECURITY_GROUP: &str = "/apis/security.istio.io";
 
 /// (collection path, apiVersion, kind) of every collection served.
-const COLLECTIONS: [(&str, &str, &str); 8] = [
+const COLLECTIONS: [(&str, &str, &str); 9] = [
     (NAMESPACES, "v1", "Namespace"),
     (PODS, "v1", "Pod"),
     (SERVICES, "v1", "Service"),
@@ -59,6 +62,7 @@ const COLLECTIONS: [(&str, &str, &str); 8] = [
         "PeerAuthentication",
     ),
     (GATEWAYS, "gateway.networking.k8s.io/v1", "Gateway"),
+    (DAEMON_SETS, "apps/v1", "DaemonSet"),
     (
         GATEWAY_CLASSES,
         "gateway.networking.k8s.io/v1",
@@ -457,6 +461,28 @@ fn serve(inner: &Inner, mut stream: TcpStream) {
             let text = if code == 200 { "OK" } else { "Not Found" };
             return respond(&mut stream, code, text, &body);
         }
+        if let Some((collection, key)) = named(path) {
+            let found = s.collections.get(&collection).and_then(|c| {
+                let object = c.objects.get(&key)?;
+                let mut object = object.clone();
+                object["apiVersion"] = c.api_version.clone().into();
+                object["kind"] = c.kind.clone().into();
+                Some(object)
+            });
+            drop(s);
+            return match found {
+                Some(object) => respond(&mut stream, 200, "OK", &object),
+                None => {
+                    let message = format!("{key} not found");
+                    respond(
+                        &mut stream,
+                        404,
+                        "Not Found",
+                        &status(404, "NotFound", &message),
+                    )
+                }
+            };
+        }
         match s.collections.get(path) {
             Some(c) if !c.missing && c.served_at.is_none() => c.list_delay,
             _ => {
@@ -484,6 +510,19 @@ fn serve(inner: &Inner, mut stream: TcpStream) {
         });
         drop(s);
         respond(&mut stream, 200, "OK", &body);
+    }
+}
+
+/// `<prefix>/namespaces/<ns>/<plural>/<name>` (`GET` of one object): its collection's path
+/// (`<prefix>/<plural>`) and key (`<ns>/<name>`).
+fn named(path: &str) -> Option<(String, String)> {
+    let (prefix, rest) = path.split_once("/namespaces/")?;
+    let mut parts = rest.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(ns), Some(plural), Some(name), None) => {
+            Some((format!("{prefix}/{plural}"), format!("{ns}/{name}")))
+        }
+        _ => None,
     }
 }
 

@@ -1,0 +1,116 @@
+//! Telling an uninstall from a restart at shutdown, against the kube-apiserver double
+//! (`fake_apiserver`: no real API server can be installed on this machine), which serves the
+//! agent's pod and its DaemonSet as `GET` of one object.
+
+mod fake_apiserver;
+
+use ctrl_agent::uninstall::{departure, Departure};
+use fake_apiserver::{FakeApiServer, DAEMON_SETS, PODS};
+use serde_json::{json, Value};
+
+const NAMESPACE: &str = "mesh-system";
+const POD: &str = "mesh-dataplane-x7k2p";
+
+/// The agent's pod, controlled by DaemonSet `mesh-dataplane` when `owned`.
+fn agent_pod(owned: bool) -> Value {
+    let owners = if owned {
+        json!([
+            {"apiVersion": "apps/v1", "kind": "ControllerRevision", "name": "rev",
+             "uid": "uid-rev", "controller": false},
+            {"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "mesh-dataplane",
+             "uid": "uid-ds", "controller": true, "blockOwnerDeletion": true},
+        ])
+    } else {
+        json!([])
+    };
+    json!({
+        "metadata": {"name": POD, "namespace": NAMESPACE, "uid": "uid-pod",
+                     "resourceVersion": "1", "ownerReferences": owners},
+        "spec": {"nodeName": "node-1", "containers": [{"name": "ctrl-agent", "image": "mesh"}]},
+    })
+}
+
+fn daemon_set(deleting: bool) -> Value {
+    let mut ds = json!({
+        "metadata": {"name": "mesh-dataplane", "namespace": NAMESPACE, "uid": "uid-ds",
+                     "resourceVersion": "1"},
+        "spec": {"selector": {"matchLabels": {"app": "mesh"}},
+                 "template": {"metadata": {"labels": {"app": "mesh"}},
+                              "spec": {"containers": [{"name": "ctrl-agent", "image": "mesh"}]}}},
+    });
+    if deleting {
+        ds["metadata"]["deletionTimestamp"] = "2026-12-03T10:00:00Z".into();
+        ds["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
+    }
+    ds
+}
+
+fn ask(server: &FakeApiServer) -> Result<Departure, kube::Error> {
+    ask_at(&server.url())
+}
+
+/// A kube client is made inside its runtime (it spawns onto it).
+fn ask_at(url: &str) -> Result<Departure, kube::Error> {
+    let config = kube::Config::new(url.parse().expect("url"));
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let client = kube::Client::try_from(config)?;
+            departure(client, NAMESPACE, POD).await
+        })
+}
+
+#[test]
+fn only_a_daemon_set_deleted_or_being_deleted_means_an_uninstall() {
+    let server = FakeApiServer::start();
+    server.apply(PODS, agent_pod(true));
+    server.apply(DAEMON_SETS, daemon_set(false));
+    assert_eq!(
+        ask(&server).expect("answer"),
+        Departure::Restart,
+        "rolling update"
+    );
+    server.apply(DAEMON_SETS, daemon_set(true));
+    assert_eq!(
+        ask(&server).expect("answer"),
+        Departure::Uninstall,
+        "helm uninstall: the DaemonSet is being deleted (foreground)"
+    );
+    server.delete(DAEMON_SETS, &format!("{NAMESPACE}/mesh-dataplane"));
+    assert_eq!(
+        ask(&server).expect("answer"),
+        Departure::Uninstall,
+        "the DaemonSet is gone"
+    );
+    // The agent read its own pod, then the DaemonSet named by the pod's controller.
+    assert!(server.requests(&format!("/api/v1/namespaces/{NAMESPACE}/pods/{POD}")) >= 3);
+    assert!(
+        server.requests(&format!(
+            "/apis/apps/v1/namespaces/{NAMESPACE}/daemonsets/mesh-dataplane"
+        )) >= 3
+    );
+}
+
+#[test]
+fn a_pod_no_daemon_set_controls_or_that_is_gone_is_a_restart() {
+    let server = FakeApiServer::start();
+    server.apply(PODS, agent_pod(false));
+    assert_eq!(
+        ask(&server).expect("answer"),
+        Departure::Restart,
+        "run by hand"
+    );
+    server.delete(PODS, &format!("{NAMESPACE}/{POD}"));
+    assert_eq!(ask(&server).expect("answer"), Departure::Restart, "no pod");
+}
+
+#[test]
+fn an_api_that_refuses_is_an_error_not_an_answer() {
+    let server = FakeApiServer::start();
+    let url = server.url();
+    drop(server);
+    let answer = ask_at(&url);
+    assert!(answer.is_err(), "{answer:?}");
+}
