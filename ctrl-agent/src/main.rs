@@ -134,8 +134,9 @@ struct Args {
     host_netns: Option<PathBuf>,
     /// This agent's pod (the downward API's metadata.name and metadata.namespace, as the
     /// chart sets them). At a clean shutdown the agent reads the DaemonSet that runs the pod:
-    /// only an uninstall (the DaemonSet deleted) removes the host probe table; a restart or
-    /// an upgrade leaves it to the next agent. Without them a shutdown is taken as a restart.
+    /// only an uninstall (the DaemonSet deleted, or no answer from the API) removes the host
+    /// probe table; a restart or an upgrade leaves it to the next agent. Without them a
+    /// shutdown is taken as a restart.
     #[arg(long, env = "POD_NAME", requires = "pod_namespace")]
     pod_name: Option<String>,
     #[arg(long, env = "POD_NAMESPACE", requires = "pod_name")]
@@ -265,31 +266,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Whether this shutdown is an uninstall or a restart (see `ctrl_agent::uninstall`), given
-/// the agent's pod as (namespace, name). An answer the API cannot give within a few seconds
-/// (the pod's grace period is short) is taken as a restart: rules left in place only SNAT the
-/// node's own connections, while rules removed under a running data plane refuse probes.
+/// the agent's pod as (namespace, name). Only a DaemonSet the API shows alive makes it a
+/// restart: an API that cannot answer is taken as an uninstall, as Istio's node agent takes
+/// it, since `helm uninstall` may take the agent's RBAC away before its pod stops.
 fn departure(pod: Option<(&str, &str)>) -> Departure {
     let Some((namespace, name)) = pod else {
         tracing::info!("no --pod-name/--pod-namespace: the shutdown is taken as a restart");
         return Departure::Restart;
     };
-    let ask = async {
-        let client = kube::Client::try_from(kube::Config::infer().await?)?;
-        let answer = ctrl_agent::uninstall::departure(client, namespace, name).await?;
-        anyhow::Ok(answer)
-    };
-    let answer = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(anyhow::Error::from)
-        .and_then(|runtime| {
-            runtime.block_on(async {
-                tokio::time::timeout(DEPARTURE_TIMEOUT, ask)
-                    .await
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in {DEPARTURE_TIMEOUT:?}")))
-            })
-        });
-    match answer {
+    match ctrl_agent::uninstall::ask(namespace, name) {
         Ok(departure) => {
             tracing::info!(pod = %format!("{namespace}/{name}"), ?departure,
                 "read this agent's DaemonSet");
@@ -297,13 +282,11 @@ fn departure(pod: Option<(&str, &str)>) -> Departure {
         }
         Err(error) => {
             tracing::warn!(%error, "could not tell an uninstall from a restart; \
-                taken as a restart");
-            Departure::Restart
+                taken as an uninstall");
+            Departure::Uninstall
         }
     }
 }
-
-const DEPARTURE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// kube's standard search: KUBECONFIG or ~/.kube/config, else the pod's service account.
 fn kube_config() -> anyhow::Result<kube::Config> {

@@ -5,6 +5,8 @@
 //! Istio's node agent does (istio/istio#54180), the agent looks at the DaemonSet that runs its
 //! pod: deleted or being deleted means an uninstall, still there means a new pod will follow.
 
+use std::time::Duration;
+
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
@@ -20,8 +22,8 @@ pub enum Departure {
 }
 
 /// Reads `namespace/pod` and its controlling DaemonSet. A pod that no longer exists, or that
-/// no DaemonSet controls, is taken as a restart: removing rules a successor still needs
-/// refuses probes, while rules left behind only SNAT the node's own connections.
+/// no DaemonSet controls (run by hand), is taken as a restart. An error is for the caller to
+/// weigh.
 pub async fn departure(
     client: kube::Client,
     namespace: &str,
@@ -50,5 +52,35 @@ pub async fn departure(
     Ok(match daemon_set {
         Some(ds) if ds.metadata.deletion_timestamp.is_none() => Departure::Restart,
         _ => Departure::Uninstall,
+    })
+}
+
+/// How long a shutdown waits for [`ask`]: a pod's grace period is short (30 s by default),
+/// and the API may be the very thing that is down.
+pub const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// [`departure`] from a thread with no runtime (at shutdown), with the client configured as
+/// kube infers it (kubeconfig, else the pod's service account), given up after
+/// [`ASK_TIMEOUT`].
+pub fn ask(namespace: &str, pod: &str) -> Result<Departure, String> {
+    let timeout = ASK_TIMEOUT;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    // The client is made inside the runtime: it spawns onto it.
+    let asked = async {
+        let config = kube::Config::infer()
+            .await
+            .map_err(|e| format!("Kubernetes client configuration: {e}"))?;
+        let client = kube::Client::try_from(config).map_err(|e| format!("client: {e}"))?;
+        departure(client, namespace, pod)
+            .await
+            .map_err(|e| format!("reading pod {namespace}/{pod} and its DaemonSet: {e}"))
+    };
+    runtime.block_on(async {
+        tokio::time::timeout(timeout, asked)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer from the API within {timeout:?}")))
     })
 }

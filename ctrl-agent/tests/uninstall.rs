@@ -5,45 +5,10 @@
 mod fake_apiserver;
 
 use ctrl_agent::uninstall::{departure, Departure};
-use fake_apiserver::{FakeApiServer, DAEMON_SETS, PODS};
-use serde_json::{json, Value};
+use fake_apiserver::{objects, FakeApiServer, DAEMON_SETS, PODS};
 
-const NAMESPACE: &str = "mesh-system";
-const POD: &str = "mesh-dataplane-x7k2p";
-
-/// The agent's pod, controlled by DaemonSet `mesh-dataplane` when `owned`.
-fn agent_pod(owned: bool) -> Value {
-    let owners = if owned {
-        json!([
-            {"apiVersion": "apps/v1", "kind": "ControllerRevision", "name": "rev",
-             "uid": "uid-rev", "controller": false},
-            {"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "mesh-dataplane",
-             "uid": "uid-ds", "controller": true, "blockOwnerDeletion": true},
-        ])
-    } else {
-        json!([])
-    };
-    json!({
-        "metadata": {"name": POD, "namespace": NAMESPACE, "uid": "uid-pod",
-                     "resourceVersion": "1", "ownerReferences": owners},
-        "spec": {"nodeName": "node-1", "containers": [{"name": "ctrl-agent", "image": "mesh"}]},
-    })
-}
-
-fn daemon_set(deleting: bool) -> Value {
-    let mut ds = json!({
-        "metadata": {"name": "mesh-dataplane", "namespace": NAMESPACE, "uid": "uid-ds",
-                     "resourceVersion": "1"},
-        "spec": {"selector": {"matchLabels": {"app": "mesh"}},
-                 "template": {"metadata": {"labels": {"app": "mesh"}},
-                              "spec": {"containers": [{"name": "ctrl-agent", "image": "mesh"}]}}},
-    });
-    if deleting {
-        ds["metadata"]["deletionTimestamp"] = "2026-12-03T10:00:00Z".into();
-        ds["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
-    }
-    ds
-}
+const NAMESPACE: &str = objects::MESH_NAMESPACE;
+const POD: &str = objects::MESH_POD;
 
 fn ask(server: &FakeApiServer) -> Result<Departure, kube::Error> {
     ask_at(&server.url())
@@ -65,14 +30,14 @@ fn ask_at(url: &str) -> Result<Departure, kube::Error> {
 #[test]
 fn only_a_daemon_set_deleted_or_being_deleted_means_an_uninstall() {
     let server = FakeApiServer::start();
-    server.apply(PODS, agent_pod(true));
-    server.apply(DAEMON_SETS, daemon_set(false));
+    server.apply(PODS, objects::mesh_pod(true));
+    server.apply(DAEMON_SETS, objects::mesh_daemon_set(false));
     assert_eq!(
         ask(&server).expect("answer"),
         Departure::Restart,
         "rolling update"
     );
-    server.apply(DAEMON_SETS, daemon_set(true));
+    server.apply(DAEMON_SETS, objects::mesh_daemon_set(true));
     assert_eq!(
         ask(&server).expect("answer"),
         Departure::Uninstall,
@@ -96,7 +61,7 @@ fn only_a_daemon_set_deleted_or_being_deleted_means_an_uninstall() {
 #[test]
 fn a_pod_no_daemon_set_controls_or_that_is_gone_is_a_restart() {
     let server = FakeApiServer::start();
-    server.apply(PODS, agent_pod(false));
+    server.apply(PODS, objects::mesh_pod(false));
     assert_eq!(
         ask(&server).expect("answer"),
         Departure::Restart,

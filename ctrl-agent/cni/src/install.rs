@@ -1,7 +1,17 @@
 //! `mesh-cni install`: what the chart's installer container runs on every node. It copies this
 //! binary into the node's CNI bin directory, chains the plugin at the end of the node's primary
 //! network configuration, keeps it chained when the primary plugin rewrites its file, and on
-//! SIGTERM takes the plugin out of the chain again, leaving the file as it found it.
+//! SIGTERM takes the plugin out of the chain again, leaving the file as it found it; unless
+//! the stop is a restart (`--pod-name`, below).
+//!
+//! Given its pod (`--pod-name`, `--pod-namespace`), the installer tells an uninstall from a
+//! restart at SIGTERM by the pod's DaemonSet, as the agent does (`ctrl_agent::uninstall`).
+//! A restart or an upgrade leaves the plugin chained: a pod created while the agent is away
+//! then waits for it (ADD answers "try again"), where an unchained plugin would let it start
+//! outside the mesh. Only a DaemonSet the API shows alive means a restart: an API that cannot
+//! answer unchains, as Istio's installer does, since `helm uninstall` may take the RBAC away
+//! before the pod stops, and a plugin left chained without its agent would hold up every new
+//! pod on the node. Without a pod (run by hand) SIGTERM unchains.
 //!
 //! The runtime uses the first configuration file in the directory by name (libcni's order), so
 //! that is the one chained. A single-plugin `.conf` is rewritten as a `.conflist` beside it
@@ -18,6 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ctrl_agent::uninstall::Departure;
 use serde_json::{json, Value};
 
 pub const PLUGIN_TYPE: &str = "mesh-cni";
@@ -37,6 +48,8 @@ pub struct Options {
     pub exclude_namespaces: Vec<String>,
     /// Check the chain this often while running.
     pub interval: Duration,
+    /// This installer's pod (namespace, name), to tell an uninstall from a restart.
+    pub pod: Option<(String, String)>,
 }
 
 /// Parses `install|uninstall [--bin-dir D] [--conf-dir D] [--agent-socket P]
@@ -52,7 +65,9 @@ pub fn parse(args: &[String]) -> Result<(String, Options, bool), String> {
         mesh_namespace: None,
         exclude_namespaces: vec![DEFAULT_EXCLUDED.to_owned()],
         interval: Duration::from_secs(2),
+        pod: None,
     };
+    let (mut pod_name, mut pod_namespace) = (None, None);
     let mut once = false;
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -92,6 +107,8 @@ pub fn parse(args: &[String]) -> Result<(String, Options, bool), String> {
                     .map_err(|_| "--interval-ms takes a number".to_owned())?;
                 options.interval = Duration::from_millis(ms.max(10));
             }
+            "--pod-name" => pod_name = Some(value()?),
+            "--pod-namespace" => pod_namespace = Some(value()?),
             "--once" if inline.is_none() => once = true,
             _ => return Err(format!("unknown flag {arg}")),
         }
@@ -101,6 +118,13 @@ pub fn parse(args: &[String]) -> Result<(String, Options, bool), String> {
         // could never start it again.
         return Err("install needs --mesh-namespace (the namespace the mesh runs in)".into());
     }
+    options.pod = match (pod_namespace, pod_name) {
+        (Some(namespace), Some(name)) if !namespace.is_empty() && !name.is_empty() => {
+            Some((namespace, name))
+        }
+        (None, None) => None,
+        _ => return Err("--pod-name and --pod-namespace go together, neither empty".into()),
+    };
     Ok((mode, options, once))
 }
 
@@ -283,8 +307,17 @@ pub fn unchain(options: &Options) -> Result<(), String> {
     Ok(())
 }
 
-/// Installs, then keeps the chain in place until SIGTERM/SIGINT, then unchains.
+/// Installs, then keeps the chain in place until SIGTERM/SIGINT, then unchains unless the stop
+/// is a restart.
 pub fn run(options: &Options, once: bool) -> Result<(), String> {
+    // Before chaining: a SIGTERM that comes right after must still be handled.
+    let stop = Arc::new(AtomicBool::new(false));
+    if !once {
+        for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(signal, stop.clone())
+                .map_err(|e| format!("installing signal handler: {e}"))?;
+        }
+    }
     install_binary(options)?;
     chain(options)?;
     eprintln!(
@@ -295,11 +328,6 @@ pub fn run(options: &Options, once: bool) -> Result<(), String> {
     if once {
         return Ok(());
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, stop.clone())
-            .map_err(|e| format!("installing signal handler: {e}"))?;
-    }
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(options.interval);
         match chain(options) {
@@ -308,7 +336,26 @@ pub fn run(options: &Options, once: bool) -> Result<(), String> {
             Err(e) => eprintln!("mesh-cni: cannot chain: {e}"),
         }
     }
-    unchain(options)?;
-    eprintln!("mesh-cni: removed from the chain");
+    let Some((namespace, name)) = &options.pod else {
+        unchain(options)?;
+        eprintln!("mesh-cni: removed from the chain");
+        return Ok(());
+    };
+    match ctrl_agent::uninstall::ask(namespace, name) {
+        Ok(Departure::Restart) => eprintln!(
+            "mesh-cni: a restart (the DaemonSet stays): left chained; pods created until the \
+             agent is back wait for it"
+        ),
+        Ok(Departure::Uninstall) => {
+            unchain(options)?;
+            eprintln!("mesh-cni: the DaemonSet is going away: removed from the chain");
+        }
+        Err(e) => {
+            unchain(options)?;
+            eprintln!(
+                "mesh-cni: cannot tell an uninstall from a restart ({e}): removed from the chain"
+            );
+        }
+    }
     Ok(())
 }

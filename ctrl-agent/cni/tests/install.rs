@@ -7,6 +7,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+// The kube-apiserver double (no real API server can be installed here), for the installer's
+// question at SIGTERM: is its DaemonSet going away?
+#[path = "../../tests/fake_apiserver/mod.rs"]
+mod fake_apiserver;
+use fake_apiserver::{objects, FakeApiServer, DAEMON_SETS, PODS};
+
 const BRIDGE_LIST: &str = r#"{
   "cniVersion": "1.0.0",
   "name": "k8s-pod-network",
@@ -227,6 +233,73 @@ fn the_running_installer_rechains_after_a_rewrite_and_unchains_on_sigterm() {
         serde_json::from_str::<Value>(&rewritten).expect("json")
     );
     assert_eq!(node.files(), ["10-bridge.conflist"]);
+}
+
+/// The installer as the chart runs it, given its pod and the API at `kubeconfig`: stopped
+/// with SIGTERM once chained; whether it left the plugin chained.
+fn stopped_in_a_pod_leaves_it_chained(node: &Node, kubeconfig: &Path) -> bool {
+    let list = node.conf().join("10-bridge.conflist");
+    std::fs::write(&list, BRIDGE_LIST).expect("write");
+    let chained = || {
+        std::fs::read(&list)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|v| plugin_types(&v).last().map(String::as_str) == Some("mesh-cni"))
+    };
+    let mut installer = Command::new(env!("CARGO_BIN_EXE_mesh-cni"))
+        .args(node.args("install"))
+        .args(["--interval-ms", "50"])
+        .args(["--pod-name", objects::MESH_POD])
+        .args(["--pod-namespace", objects::MESH_NAMESPACE])
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("CNI_COMMAND")
+        .spawn()
+        .expect("spawn mesh-cni install");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !chained() {
+        assert!(Instant::now() < deadline, "never chained");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &installer.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = installer.wait().expect("installer exits");
+    assert!(exit.success(), "installer exited with {exit}");
+    chained()
+}
+
+#[test]
+fn given_its_pod_the_installer_unchains_only_when_its_daemon_set_goes_away() {
+    let node = Node::new("departure");
+    let server = FakeApiServer::start();
+    let kubeconfig = node.root.join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig()).expect("kubeconfig");
+    server.apply(PODS, objects::mesh_pod(true));
+    server.apply(DAEMON_SETS, objects::mesh_daemon_set(false));
+    assert!(
+        stopped_in_a_pod_leaves_it_chained(&node, &kubeconfig),
+        "a rolling update: pods created meanwhile must wait for the agent, not start outside \
+         the mesh"
+    );
+    server.apply(DAEMON_SETS, objects::mesh_daemon_set(true));
+    assert!(
+        !stopped_in_a_pod_leaves_it_chained(&node, &kubeconfig),
+        "helm uninstall: the DaemonSet is being deleted"
+    );
+    assert_eq!(
+        read(&node.conf().join("10-bridge.conflist")),
+        read_str(BRIDGE_LIST)
+    );
+    // An API that cannot answer (uninstalled RBAC answers so): unchained, as Istio does,
+    // rather than leaving every new pod on the node waiting for an agent that is gone.
+    drop(server);
+    assert!(!stopped_in_a_pod_leaves_it_chained(&node, &kubeconfig));
+}
+
+fn read_str(json: &str) -> Value {
+    serde_json::from_str(json).expect("json")
 }
 
 #[test]

@@ -294,3 +294,44 @@ pub fn gateway_class(name: &str, labels: Value) -> Value {
         json!([manager("pilot-discovery", None, json!({"f:spec": {}}))]),
     )
 }
+
+/// The mesh's own release namespace, and the name of the DaemonSet pod that runs the agent
+/// (and the CNI installer) on this node.
+pub const MESH_NAMESPACE: &str = "mesh-system";
+pub const MESH_POD: &str = "mesh-dataplane-x7k2p";
+
+/// The mesh's pod on this node, controlled by DaemonSet `mesh-dataplane` when `owned`.
+pub fn mesh_pod(owned: bool) -> Value {
+    let owners = if owned {
+        json!([
+            {"apiVersion": "apps/v1", "kind": "ControllerRevision", "name": "rev",
+             "uid": "uid-rev", "controller": false},
+            {"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "mesh-dataplane",
+             "uid": "uid-ds", "controller": true, "blockOwnerDeletion": true},
+        ])
+    } else {
+        json!([])
+    };
+    json!({
+        "metadata": {"name": MESH_POD, "namespace": MESH_NAMESPACE, "uid": "uid-mesh-pod",
+                     "resourceVersion": "1", "ownerReferences": owners},
+        "spec": {"nodeName": "node-1", "containers": [{"name": "ctrl-agent", "image": "mesh"}]},
+    })
+}
+
+/// DaemonSet `mesh-dataplane`; `deleting`: as `helm uninstall` leaves it while its pods go
+/// (a deletion timestamp, foreground deletion).
+pub fn mesh_daemon_set(deleting: bool) -> Value {
+    let mut ds = json!({
+        "metadata": {"name": "mesh-dataplane", "namespace": MESH_NAMESPACE, "uid": "uid-ds",
+                     "resourceVersion": "1"},
+        "spec": {"selector": {"matchLabels": {"app": "mesh"}},
+                 "template": {"metadata": {"labels": {"app": "mesh"}},
+                              "spec": {"containers": [{"name": "ctrl-agent", "image": "mesh"}]}}},
+    });
+    if deleting {
+        ds["metadata"]["deletionTimestamp"] = "2026-12-03T10:00:00Z".into();
+        ds["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
+    }
+    ds
+}
