@@ -1,11 +1,12 @@
 //! Telling an uninstall from a restart at shutdown, against the kube-apiserver double
 //! (`fake_apiserver`: no real API server can be installed on this machine), which serves the
-//! agent's pod and its DaemonSet as `GET` of one object.
+//! agent's pod, its DaemonSet and its node as `GET` of one object.
 
 mod fake_apiserver;
 
 use ctrl_agent::uninstall::{departure, Departure};
-use fake_apiserver::{objects, FakeApiServer, DAEMON_SETS, PODS};
+use fake_apiserver::{objects, FakeApiServer, DAEMON_SETS, NODES, PODS};
+use serde_json::json;
 
 const NAMESPACE: &str = objects::MESH_NAMESPACE;
 const POD: &str = objects::MESH_POD;
@@ -32,11 +33,21 @@ fn only_a_daemon_set_deleted_or_being_deleted_means_an_uninstall() {
     let server = FakeApiServer::start();
     server.apply(PODS, objects::mesh_pod(true));
     server.apply(DAEMON_SETS, objects::mesh_daemon_set(false));
+    let node = |pool: &str| objects::node(objects::MESH_NODE, json!({"pool": pool}));
+    server.apply(NODES, node("mesh"));
     assert_eq!(
         ask(&server).expect("answer"),
         Departure::Restart,
         "rolling update"
     );
+    // The node leaves the DaemonSet's node selector: its pod goes, and no other follows.
+    server.apply(NODES, node("batch"));
+    assert_eq!(
+        ask(&server).expect("answer"),
+        Departure::Uninstall,
+        "no longer placed on this node"
+    );
+    server.apply(NODES, node("mesh"));
     server.apply(DAEMON_SETS, objects::mesh_daemon_set(true));
     assert_eq!(
         ask(&server).expect("answer"),

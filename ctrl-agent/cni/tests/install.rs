@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 // question at SIGTERM: is its DaemonSet going away?
 #[path = "../../tests/fake_apiserver/mod.rs"]
 mod fake_apiserver;
-use fake_apiserver::{objects, FakeApiServer, DAEMON_SETS, PODS};
+use fake_apiserver::{objects, FakeApiServer, DAEMON_SETS, NODES, PODS};
 
 const BRIDGE_LIST: &str = r#"{
   "cniVersion": "1.0.0",
@@ -278,6 +278,10 @@ fn given_its_pod_the_installer_unchains_only_when_its_daemon_set_goes_away() {
     std::fs::write(&kubeconfig, server.kubeconfig()).expect("kubeconfig");
     server.apply(PODS, objects::mesh_pod(true));
     server.apply(DAEMON_SETS, objects::mesh_daemon_set(false));
+    server.apply(
+        NODES,
+        objects::node(objects::MESH_NODE, json!({"pool": "mesh"})),
+    );
     assert!(
         stopped_in_a_pod_leaves_it_chained(&node, &kubeconfig),
         "a rolling update: pods created meanwhile must wait for the agent, not start outside \

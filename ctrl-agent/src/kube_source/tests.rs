@@ -2214,7 +2214,9 @@ fn the_chart_lets_the_agent_list_and_watch_every_kind_it_watches() {
             );
         }
     }
-    // At shutdown (`crate::uninstall`): its own pod, and its DaemonSet in its namespace.
+    // At shutdown (`crate::uninstall`): its own pod and node, and its DaemonSet in its
+    // namespace.
     assert!(allows("ClusterRole", "", "pods", "get"));
+    assert!(allows("ClusterRole", "", "nodes", "get"));
     assert!(allows("Role", "apps", "daemonsets", "get"));
 }

@@ -8,7 +8,8 @@
 //!   newer than N. A resourceVersion older than the compaction point gets an `ERROR` event
 //!   with a `Status` of code 410 (reason Expired), as the real server sends, or, when asked,
 //!   an HTTP 410.
-//! - `GET <prefix>/namespaces/<ns>/<plural>/<name>`: that object, or a 404 `Status`.
+//! - `GET <prefix>/namespaces/<ns>/<plural>/<name>` (or `<collection>/<name>`, cluster
+//!   scoped): that object, or a 404 `Status`.
 //! - An unknown collection is a 404 with a `Status`, like a CRD that is not installed.
 //! - Discovery of a group's kinds (`/apis/<group>` an `APIGroup` naming the versions served,
 //!   `/apis/<group>/<version>` an `APIResourceList`), each a 404 when it serves no
@@ -40,13 +41,15 @@ pub const AUTHORIZATION_POLICIES: &str = "/apis/security.istio.io/v1/authorizati
 pub const PEER_AUTHENTICATIONS: &str = "/apis/security.istio.io/v1/peerauthentications";
 pub const GATEWAYS: &str = "/apis/gateway.networking.k8s.io/v1/gateways";
 pub const GATEWAY_CLASSES: &str = "/apis/gateway.networking.k8s.io/v1/gatewayclasses";
-/// Not watched: the agent reads its own DaemonSet at shutdown (`GET` of one object).
+/// Not watched: at shutdown the agent reads its own DaemonSet and its node (`GET` of one
+/// object).
 pub const DAEMON_SETS: &str = "/apis/apps/v1/daemonsets";
+pub const NODES: &str = "/api/v1/nodes";
 /// Discovery of Istio's security group: the versions it serves.
 pub const ISTIO_SECURITY_GROUP: &str = "/apis/security.istio.io";
 
 /// (collection path, apiVersion, kind) of every collection served.
-const COLLECTIONS: [(&str, &str, &str); 9] = [
+const COLLECTIONS: [(&str, &str, &str); 10] = [
     (NAMESPACES, "v1", "Namespace"),
     (PODS, "v1", "Pod"),
     (SERVICES, "v1", "Service"),
@@ -63,6 +66,7 @@ const COLLECTIONS: [(&str, &str, &str); 9] = [
     ),
     (GATEWAYS, "gateway.networking.k8s.io/v1", "Gateway"),
     (DAEMON_SETS, "apps/v1", "DaemonSet"),
+    (NODES, "v1", "Node"),
     (
         GATEWAY_CLASSES,
         "gateway.networking.k8s.io/v1",
@@ -461,7 +465,18 @@ fn serve(inner: &Inner, mut stream: TcpStream) {
             let text = if code == 200 { "OK" } else { "Not Found" };
             return respond(&mut stream, code, text, &body);
         }
-        if let Some((collection, key)) = named(path) {
+        let one = if s.collections.contains_key(path) {
+            None
+        } else {
+            named(path).or_else(|| {
+                // Cluster-scoped: `<collection>/<name>`.
+                let (collection, name) = path.rsplit_once('/')?;
+                s.collections
+                    .contains_key(collection)
+                    .then(|| (collection.to_owned(), name.to_owned()))
+            })
+        };
+        if let Some((collection, key)) = one {
             let found = s.collections.get(&collection).and_then(|c| {
                 let object = c.objects.get(&key)?;
                 let mut object = object.clone();

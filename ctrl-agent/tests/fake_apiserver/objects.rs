@@ -315,19 +315,28 @@ pub fn mesh_pod(owned: bool) -> Value {
     json!({
         "metadata": {"name": MESH_POD, "namespace": MESH_NAMESPACE, "uid": "uid-mesh-pod",
                      "resourceVersion": "1", "ownerReferences": owners},
-        "spec": {"nodeName": "node-1", "containers": [{"name": "ctrl-agent", "image": "mesh"}]},
+        "spec": {"nodeName": MESH_NODE, "containers": [{"name": "ctrl-agent", "image": "mesh"}]},
     })
 }
 
+/// The node the mesh's pod runs on.
+pub const MESH_NODE: &str = "node-1";
+
+pub fn node(name: &str, labels: Value) -> Value {
+    json!({"metadata": {"name": name, "uid": format!("uid-{name}"), "resourceVersion": "1",
+                        "labels": labels}})
+}
+
 /// DaemonSet `mesh-dataplane`; `deleting`: as `helm uninstall` leaves it while its pods go
-/// (a deletion timestamp, foreground deletion).
+/// (a deletion timestamp, foreground deletion). Its pods go to nodes labelled `pool: mesh`.
 pub fn mesh_daemon_set(deleting: bool) -> Value {
     let mut ds = json!({
         "metadata": {"name": "mesh-dataplane", "namespace": MESH_NAMESPACE, "uid": "uid-ds",
                      "resourceVersion": "1"},
         "spec": {"selector": {"matchLabels": {"app": "mesh"}},
                  "template": {"metadata": {"labels": {"app": "mesh"}},
-                              "spec": {"containers": [{"name": "ctrl-agent", "image": "mesh"}]}}},
+                              "spec": {"nodeSelector": {"pool": "mesh"},
+                                       "containers": [{"name": "ctrl-agent", "image": "mesh"}]}}},
     });
     if deleting {
         ds["metadata"]["deletionTimestamp"] = "2026-12-03T10:00:00Z".into();
