@@ -164,6 +164,9 @@ impl TryFrom<String> for WaypointSpec {
 
     fn try_from(text: String) -> Result<Self, String> {
         if let Ok(address) = text.parse::<SocketAddr>() {
+            if address.port() == 0 {
+                return Err(format!("{text:?}: port 0 is no waypoint's"));
+            }
             return Ok(WaypointSpec::At(address));
         }
         // A dotted name whose last label is not all digits, so that an address missing its

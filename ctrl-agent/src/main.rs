@@ -17,7 +17,7 @@ use ctrl_agent::istio_ca::{IstioCaClient, IstioCaConfig, DEFAULT_CLUSTER_ID, DEF
 use ctrl_agent::kube_source::model::ModelOptions;
 use ctrl_agent::kube_source::KubeOptions;
 use ctrl_agent::source::SourceOptions;
-use ctrl_agent::uninstall::Departure;
+use ctrl_agent::uninstall::{Departure, NodeRules};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum SourceKind {
@@ -133,10 +133,10 @@ struct Args {
     #[arg(long, env = "CTRL_AGENT_HOST_NETNS")]
     host_netns: Option<PathBuf>,
     /// This agent's pod (the downward API's metadata.name and metadata.namespace, as the
-    /// chart sets them). At a clean shutdown the agent reads the DaemonSet that runs the pod:
-    /// only an uninstall (the DaemonSet deleted, or no answer from the API) removes the host
-    /// probe table; a restart or an upgrade leaves it to the next agent. Without them a
-    /// shutdown is taken as a restart.
+    /// chart sets them). At a clean shutdown the agent reads the DaemonSet that runs the pod
+    /// (`ctrl_agent::uninstall`): a restart or an upgrade that keeps the host probe table
+    /// leaves it to the next agent; anything else (an uninstall, the feature turned off, an
+    /// API that cannot answer) removes it. Without them a shutdown is taken as a restart.
     #[arg(long, env = "POD_NAME", requires = "pod_namespace")]
     pod_name: Option<String>,
     #[arg(long, env = "POD_NAMESPACE", requires = "pod_name")]
@@ -265,16 +265,16 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether this shutdown is an uninstall or a restart (see `ctrl_agent::uninstall`), given
-/// the agent's pod as (namespace, name). Only a DaemonSet the API shows alive makes it a
-/// restart: an API that cannot answer is taken as an uninstall, as Istio's node agent takes
-/// it, since `helm uninstall` may take the agent's RBAC away before its pod stops.
+/// Whether this shutdown leaves the host probe table to a successor (see
+/// `ctrl_agent::uninstall`), given the agent's pod as (namespace, name). An API that cannot
+/// answer is taken as an uninstall, as Istio's node agent takes it, since `helm uninstall`
+/// takes the agent's RBAC away right after its DaemonSet.
 fn departure(pod: Option<(&str, &str)>) -> Departure {
     let Some((namespace, name)) = pod else {
         tracing::info!("no --pod-name/--pod-namespace: the shutdown is taken as a restart");
         return Departure::Restart;
     };
-    match ctrl_agent::uninstall::ask(namespace, name) {
+    match ctrl_agent::uninstall::ask(namespace, name, NodeRules::HostProbeTable) {
         Ok(departure) => {
             tracing::info!(pod = %format!("{namespace}/{name}"), ?departure,
                 "read this agent's DaemonSet");

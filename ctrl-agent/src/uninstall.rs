@@ -5,7 +5,8 @@
 //! Istio's node agent does (istio/istio#54180), the agent looks at the DaemonSet that runs its
 //! pod: deleted or being deleted means an uninstall, still there means a new pod will follow,
 //! unless the DaemonSet no longer places pods on this node (its node selector or required node
-//! affinity changed: istio/istio#58768), which is an uninstall from this node.
+//! affinity changed: istio/istio#58768), or no longer keeps these rules (an upgrade turned the
+//! feature off), which is an uninstall of them from this node.
 
 use std::time::Duration;
 
@@ -15,30 +16,57 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, Pod, PodSpec};
 use kube::api::Api;
 
-/// What became of the DaemonSet running this agent's pod.
+/// The DaemonSet annotation listing the node rules its pods keep up (comma-separated
+/// [`NodeRules`] names), as the chart renders it from its values. A restart leaves only the
+/// rules its DaemonSet still lists: an upgrade that turns a feature off (`cni.enabled=false`,
+/// say) is, for that feature's rules, an uninstall.
+pub const NODE_RULES_ANNOTATION: &str = "mesh-dataplane.dev/node-rules";
+
+/// Node-level state a process of the DaemonSet sets up and, on an uninstall, takes away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeRules {
+    /// mesh-cni chained into the node's CNI configuration (the installer).
+    CniChain,
+    /// The host probe SNAT table `inet mesh-host-probes` (the agent).
+    HostProbeTable,
+}
+
+impl NodeRules {
+    pub fn name(self) -> &'static str {
+        match self {
+            NodeRules::CniChain => "cni-chain",
+            NodeRules::HostProbeTable => "host-probe-table",
+        }
+    }
+}
+
+/// What becomes of this process's node rules when it stops.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Departure {
-    /// The DaemonSet is gone, being deleted, or no longer places pods on this node: nothing
-    /// will replace this agent.
+    /// Nothing of the DaemonSet will keep them up on this node: it is gone or being deleted,
+    /// no longer places pods here, no longer lists them, or the pod is no DaemonSet's (any
+    /// more). Take them away.
     Uninstall,
-    /// The DaemonSet stays (a restart or an upgrade), or the pod was not started by one (run
-    /// by hand): what this agent set up is for its successor.
+    /// The DaemonSet stays, places pods here and lists them: a restart or an upgrade, whose
+    /// next pod takes them over. Leave them.
     Restart,
 }
 
-/// Reads `namespace/pod` and its controlling DaemonSet. A pod that no longer exists, or that
-/// no DaemonSet controls (run by hand), is taken as a restart. An error is for the caller to
-/// weigh.
+/// Reads `namespace/pod`, its controlling DaemonSet and its node. Only a DaemonSet the API
+/// shows alive, placing pods on this node and listing `rules` in [`NODE_RULES_ANNOTATION`]
+/// makes a restart; a pod that is gone (force-deleted) or that no DaemonSet controls
+/// (orphaned, or run by hand) makes an uninstall. An error is for the caller to weigh.
 pub async fn departure(
     client: kube::Client,
     namespace: &str,
     pod: &str,
+    rules: NodeRules,
 ) -> Result<Departure, kube::Error> {
     let Some(pod) = Api::<Pod>::namespaced(client.clone(), namespace)
         .get_opt(pod)
         .await?
     else {
-        return Ok(Departure::Restart);
+        return Ok(Departure::Uninstall);
     };
     let owner = pod
         .metadata
@@ -47,22 +75,29 @@ pub async fn departure(
         .into_iter()
         .find(|owner| owner.kind == "DaemonSet" && owner.controller == Some(true));
     let Some(owner) = owner else {
-        return Ok(Departure::Restart);
+        return Ok(Departure::Uninstall);
     };
     let daemon_set = Api::<DaemonSet>::namespaced(client.clone(), namespace)
         .get_opt(&owner.name)
         .await?;
     // One of the same name that is not being deleted (a reinstall, even) has a successor
-    // of ours on this node, which the rules serve, if it still places pods here.
+    // of ours on this node, if it still places pods here and keeps these rules.
     let Some(ds) = daemon_set.filter(|ds| ds.metadata.deletion_timestamp.is_none()) else {
+        return Ok(Departure::Uninstall);
+    };
+    let listed = ds
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(NODE_RULES_ANNOTATION))
+        .is_some_and(|list| list.split(',').any(|name| name.trim() == rules.name()));
+    let Some(template) = ds.spec.template.spec.filter(|_| listed) else {
         return Ok(Departure::Uninstall);
     };
     let node_name = pod.spec.and_then(|spec| spec.node_name).unwrap_or_default();
     let node = Api::<Node>::all(client).get_opt(&node_name).await?;
-    let template = ds.spec.template.spec;
-    Ok(match (node, template) {
-        (Some(node), Some(template)) if places_on(&template, &node) => Departure::Restart,
-        (Some(_), None) => Departure::Restart,
+    Ok(match node {
+        Some(node) if places_on(&template, &node) => Departure::Restart,
         _ => Departure::Uninstall,
     })
 }
@@ -135,7 +170,7 @@ pub const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 /// [`departure`] from a thread with no runtime (at shutdown), with the client configured as
 /// kube infers it (kubeconfig, else the pod's service account), given up after
 /// [`ASK_TIMEOUT`].
-pub fn ask(namespace: &str, pod: &str) -> Result<Departure, String> {
+pub fn ask(namespace: &str, pod: &str, rules: NodeRules) -> Result<Departure, String> {
     let timeout = ASK_TIMEOUT;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -147,7 +182,7 @@ pub fn ask(namespace: &str, pod: &str) -> Result<Departure, String> {
             .await
             .map_err(|e| format!("Kubernetes client configuration: {e}"))?;
         let client = kube::Client::try_from(config).map_err(|e| format!("client: {e}"))?;
-        departure(client, namespace, pod)
+        departure(client, namespace, pod, rules)
             .await
             .map_err(|e| format!("reading pod {namespace}/{pod} and its DaemonSet: {e}"))
     };
@@ -176,6 +211,19 @@ mod tests {
     fn required(terms: Value) -> Value {
         json!({"affinity": {"nodeAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}})
+    }
+
+    /// The chart renders the annotation with these names, as its values turn them on.
+    #[test]
+    fn the_chart_annotates_its_daemon_set_with_the_node_rules_by_these_names() {
+        let template = include_str!("../../charts/mesh-dataplane/templates/daemonset.yaml");
+        assert!(template.contains(&format!("{NODE_RULES_ANNOTATION}: ")));
+        for rules in [NodeRules::CniChain, NodeRules::HostProbeTable] {
+            assert!(
+                template.contains(&format!("append $nodeRules \"{}\"", rules.name())),
+                "{rules:?}"
+            );
+        }
     }
 
     #[test]

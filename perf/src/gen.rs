@@ -229,28 +229,30 @@ pub fn bulk(
     })
 }
 
+/// Streams until `until`, then half-closes and waits for the sink's count; a sink that stops
+/// reading, or never answers, fails the stream `ANSWER_GRACE` after `until`.
 async fn stream_to_sink(to: SocketAddr, until: Instant) -> io::Result<u64> {
-    let mut conn = connect(to).await?;
-    let mut chunk = vec![0x5au8; BULK_CHUNK];
-    let mut sent = 0u64;
-    while Instant::now() < until {
-        let (res, c) = conn.write_all(chunk).await;
-        chunk = c;
-        sent += res? as u64;
-    }
-    conn.shutdown().await?;
-    let ack = by(until + ANSWER_GRACE, async {
+    by(until + ANSWER_GRACE, async {
+        let mut conn = connect(to).await?;
+        let mut chunk = vec![0x5au8; BULK_CHUNK];
+        let mut sent = 0u64;
+        while Instant::now() < until {
+            let (res, c) = conn.write_all(chunk).await;
+            chunk = c;
+            sent += res? as u64;
+        }
+        conn.shutdown().await?;
         let (res, ack) = conn.read_exact(vec![0u8; 8]).await;
-        res.map(|_| ack)
+        res?;
+        let confirmed = u64::from_le_bytes(ack[..8].try_into().unwrap_or_default());
+        if confirmed != sent {
+            return Err(io::Error::other(format!(
+                "sink confirmed {confirmed} bytes of {sent} sent"
+            )));
+        }
+        Ok(confirmed)
     })
-    .await?;
-    let confirmed = u64::from_le_bytes(ack[..8].try_into().unwrap_or_default());
-    if confirmed != sent {
-        return Err(io::Error::other(format!(
-            "sink confirmed {confirmed} bytes of {sent} sent"
-        )));
-    }
-    Ok(confirmed)
+    .await
 }
 
 /// Open-loop request/response at a fixed offered rate.

@@ -8,10 +8,11 @@
 //! restart at SIGTERM by the pod's DaemonSet, as the agent does (`ctrl_agent::uninstall`).
 //! A restart or an upgrade leaves the plugin chained: a pod created while the agent is away
 //! then waits for it (ADD answers "try again"), where an unchained plugin would let it start
-//! outside the mesh. Only a DaemonSet the API shows alive means a restart: an API that cannot
-//! answer unchains, as Istio's installer does, since `helm uninstall` may take the RBAC away
-//! before the pod stops, and a plugin left chained without its agent would hold up every new
-//! pod on the node. Without a pod (run by hand) SIGTERM unchains.
+//! outside the mesh. Only a DaemonSet the API shows alive, placing pods on this node and still
+//! keeping the chain (`cni.enabled`) means a restart. Anything else unchains, an API that
+//! cannot answer included, as Istio's installer does: `helm uninstall` takes the RBAC away
+//! right after the DaemonSet, and a plugin left chained without its agent would hold up every
+//! new pod on the node. Without a pod (run by hand) SIGTERM unchains.
 //!
 //! The runtime uses the first configuration file in the directory by name (libcni's order), so
 //! that is the one chained. A single-plugin `.conf` is rewritten as a `.conflist` beside it
@@ -28,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ctrl_agent::uninstall::Departure;
+use ctrl_agent::uninstall::{Departure, NodeRules};
 use serde_json::{json, Value};
 
 pub const PLUGIN_TYPE: &str = "mesh-cni";
@@ -341,7 +342,7 @@ pub fn run(options: &Options, once: bool) -> Result<(), String> {
         eprintln!("mesh-cni: removed from the chain");
         return Ok(());
     };
-    match ctrl_agent::uninstall::ask(namespace, name) {
+    match ctrl_agent::uninstall::ask(namespace, name, NodeRules::CniChain) {
         Ok(Departure::Restart) => eprintln!(
             "mesh-cni: a restart (the DaemonSet stays): left chained; pods created until the \
              agent is back wait for it"

@@ -193,6 +193,11 @@ fn errors_name_the_field_and_the_problem() {
             "\"10.96.0.20\" is neither ip:port nor a hostname",
         ),
         (
+            "services: [{name: s, vips: [10.96.0.1], ports: [{port: 80}], waypoint: '10.96.0.20:0'}]",
+            "services[0].waypoint",
+            "port 0",
+        ),
+        (
             "services: [{name: s, vips: [10.96.0.1], ports: [{port: 80}], waypoint: Waypoint.shop}]",
             "services[0].waypoint",
             "is neither ip:port nor a hostname",

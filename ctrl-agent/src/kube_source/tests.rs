@@ -581,11 +581,23 @@ fn a_waypoint_is_its_gateway_once_it_has_an_address() {
         {"type": "IPAddress", "value": "not-an-address"},
         {"value": "10.96.0.99"},
     ]);
-    cluster.gateways = vec![elsewhere];
+    cluster.gateways = vec![elsewhere.clone()];
     assert_eq!(
         via(&cluster),
         Some(at("10.96.0.99:15008")),
         "the first address that parses (the type defaults to IPAddress)"
+    );
+    // An empty hostname (the CRD forbids it) is no address: never an empty "unresolved"
+    // waypoint, which the snapshot could not tell from none.
+    elsewhere["status"]["addresses"] = json!([
+        {"type": "Hostname", "value": ""},
+        {"type": "IPAddress", "value": "10.96.0.99"},
+    ]);
+    cluster.gateways = vec![elsewhere];
+    assert_eq!(
+        via(&cluster),
+        Some(at("10.96.0.99:15008")),
+        "empty hostname"
     );
 }
 

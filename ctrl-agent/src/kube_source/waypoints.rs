@@ -142,7 +142,10 @@ fn waypoint(gateway: &DynamicObject, world: &World) -> Result<Option<Waypoint>, 
         return Ok(None);
     }
     let addresses = &body.status.addresses;
-    let hostname = addresses.iter().find(|a| a.address_type == "Hostname");
+    // An empty hostname (which the CRD's schema forbids) is no address at all.
+    let hostname = addresses
+        .iter()
+        .find(|a| a.address_type == "Hostname" && !a.value.is_empty());
     let address = match hostname {
         Some(hostname) => WaypointAddress::Hostname(hostname.value.clone()),
         None => addresses

@@ -327,12 +327,15 @@ pub fn node(name: &str, labels: Value) -> Value {
                         "labels": labels}})
 }
 
-/// DaemonSet `mesh-dataplane`; `deleting`: as `helm uninstall` leaves it while its pods go
-/// (a deletion timestamp, foreground deletion). Its pods go to nodes labelled `pool: mesh`.
+/// DaemonSet `mesh-dataplane`, keeping both kinds of node rules; `deleting`: a deletion
+/// timestamp, as a foreground deletion leaves it while its pods go (`helm uninstall` deletes
+/// in the background: the DaemonSet is simply gone). Its pods go to nodes labelled
+/// `pool: mesh`.
 pub fn mesh_daemon_set(deleting: bool) -> Value {
     let mut ds = json!({
         "metadata": {"name": "mesh-dataplane", "namespace": MESH_NAMESPACE, "uid": "uid-ds",
-                     "resourceVersion": "1"},
+                     "resourceVersion": "1",
+                     "annotations": {"mesh-dataplane.dev/node-rules": "cni-chain,host-probe-table"}},
         "spec": {"selector": {"matchLabels": {"app": "mesh"}},
                  "template": {"metadata": {"labels": {"app": "mesh"}},
                               "spec": {"nodeSelector": {"pool": "mesh"},

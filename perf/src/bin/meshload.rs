@@ -118,9 +118,9 @@ fn main() -> anyhow::Result<()> {
             sink,
             threads,
         } => {
-            gen::serve(driver, threads, echo, sink, |_, _| {
+            gen::serve(driver, threads, echo, sink, |echo, sink| {
                 print_line(&format!(
-                    "{{\"serving\":true,\"driver\":\"{}\"}}",
+                    "{{\"serving\":true,\"driver\":\"{}\",\"echo\":{echo},\"sink\":{sink}}}",
                     driver.name()
                 ))
             })?;
