@@ -32,9 +32,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Serves TLS sinks on `port` until the process ends: read to close_notify, answer with the
-/// byte count (8 bytes, little endian), close.
-pub fn serve(port: u16, cert: &Path, key: &Path, ready: impl FnOnce()) -> anyhow::Result<()> {
+/// Serves TLS sinks on `port` (0: one the kernel picks, which `ready` gets) until the process
+/// ends: read to close_notify, answer with the byte count (8 bytes, little endian), close.
+pub fn serve(port: u16, cert: &Path, key: &Path, ready: impl FnOnce(u16)) -> anyhow::Result<()> {
     let certs = CertificateDer::pem_file_iter(cert)
         .with_context(|| format!("reading {}", cert.display()))?
         .collect::<Result<Vec<_>, _>>()?;
@@ -47,7 +47,7 @@ pub fn serve(port: u16, cert: &Path, key: &Path, ready: impl FnOnce()) -> anyhow
             .with_single_cert(certs, key)?,
     );
     let listener = TcpListener::bind(("0.0.0.0", port))?;
-    ready();
+    ready(listener.local_addr()?.port());
     for conn in listener.incoming().flatten() {
         let config = config.clone();
         std::thread::spawn(move || {
@@ -137,18 +137,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tls-baseline-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let (cert, key) = write_cert(&dir).expect("cert");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("port")
-            .port();
         let (tx, rx) = std::sync::mpsc::channel();
         let (c, k) = (cert.clone(), key.clone());
         std::thread::spawn(move || {
-            serve(port, &c, &k, move || {
-                let _ = tx.send(());
+            serve(0, &c, &k, move |port| {
+                let _ = tx.send(port);
             })
         });
-        rx.recv_timeout(Duration::from_secs(5)).expect("server up");
+        let port = rx.recv_timeout(Duration::from_secs(5)).expect("server up");
         let to = SocketAddr::from(([127, 0, 0, 1], port));
         let r = bulk(to, &cert, Duration::from_millis(200)).expect("bulk");
         assert!(r.bytes >= CHUNK as u64);

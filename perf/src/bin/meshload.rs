@@ -127,7 +127,9 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Cmd::TlsServe { port, cert, key } => {
-            tls_baseline::serve(port, &cert, &key, || print_line("{\"serving\":true}"))?;
+            tls_baseline::serve(port, &cert, &key, |port| {
+                print_line(&format!("{{\"serving\":true,\"port\":{port}}}"))
+            })?;
             return Ok(());
         }
         Cmd::Bulk {
