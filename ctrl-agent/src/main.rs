@@ -137,9 +137,9 @@ struct Args {
     /// (`ctrl_agent::uninstall`): a restart or an upgrade that keeps the host probe table
     /// leaves it to the next agent; anything else (an uninstall, the feature turned off, an
     /// API that cannot answer) removes it. Without them a shutdown is taken as a restart.
-    #[arg(long, env = "POD_NAME", requires = "pod_namespace")]
+    #[arg(long, env = "CTRL_AGENT_POD_NAME", requires = "pod_namespace")]
     pod_name: Option<String>,
-    #[arg(long, env = "POD_NAMESPACE", requires = "pod_name")]
+    #[arg(long, env = "CTRL_AGENT_POD_NAMESPACE", requires = "pod_name")]
     pod_namespace: Option<String>,
     #[arg(long)]
     log_json: bool,
