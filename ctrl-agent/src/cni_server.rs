@@ -12,7 +12,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use mesh_io::ipc::{Channel, Listener};
@@ -52,17 +52,25 @@ pub fn start(
     let cni = Listener::bind(cni_socket)?;
     let netns = Listener::bind(netns_socket)?;
     let cni_shared = shared.clone();
+    let slots = Arc::new(Slots::new(MAX_CNI_CALLS));
     std::thread::Builder::new()
         .name("cni-server".into())
         .spawn(move || loop {
+            // At most MAX_CNI_CALLS at once: further plugins wait in the socket's backlog
+            // (and, past it, retry), rather than each costing a thread.
+            let slot = slots.acquire();
             match cni.accept() {
                 // A plugin invocation per thread: an ADD waiting for the data plane holds up
                 // no other pod.
                 Ok(channel) => {
                     let (shared, wake) = (cni_shared.clone(), wake.clone());
-                    let spawned = std::thread::Builder::new()
-                        .name("cni-call".into())
-                        .spawn(move || serve_cni(&shared, &wake, &channel, settings));
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("cni-call".into())
+                            .spawn(move || {
+                                serve_cni(&shared, &wake, &channel, settings);
+                                drop(slot);
+                            });
                     if let Err(e) = spawned {
                         tracing::warn!(error = %e, "cannot start a thread for a CNI call");
                     }
@@ -79,6 +87,44 @@ pub fn start(
             }
         })?;
     Ok(())
+}
+
+/// Plugin invocations served at once. A node starts pods a few at a time (the kubelet and
+/// the runtime bound it); this bounds the agent's threads when something calls in a loop.
+const MAX_CNI_CALLS: usize = 64;
+
+/// A counting semaphore: `acquire` waits for a free slot; the slot frees when its guard drops
+/// (a call's thread ending, however it ends).
+struct Slots {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+struct Slot(Arc<Slots>);
+
+impl Slots {
+    fn new(count: usize) -> Slots {
+        Slots {
+            free: Mutex::new(count),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn acquire(self: &Arc<Self>) -> Slot {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
+        *free -= 1;
+        Slot(self.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 /// Answers one plugin invocation (a few requests on one connection).
@@ -552,6 +598,50 @@ fn converge_redirections(state: &Shared, config: &crate::config::FileConfig) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether a slot comes within `wait` (the waiting thread then frees it at once).
+    fn acquired_within(slots: &Arc<Slots>, wait: Duration) -> bool {
+        let (tx, rx) = mpsc::channel();
+        let waiting = slots.clone();
+        std::thread::spawn(move || {
+            let slot = waiting.acquire();
+            let _ = tx.send(());
+            drop(slot);
+        });
+        rx.recv_timeout(wait).is_ok()
+    }
+
+    #[test]
+    fn calls_past_the_limit_wait_for_a_slot_and_a_finished_call_frees_one() {
+        let slots = Arc::new(Slots::new(2));
+        let (first, second) = (slots.acquire(), slots.acquire());
+        let (tx, rx) = mpsc::channel();
+        let waiting = slots.clone();
+        std::thread::spawn(move || {
+            let slot = waiting.acquire();
+            let _ = tx.send(());
+            drop(slot);
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "a third call got a slot while two were taken"
+        );
+        drop(first);
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the freed slot goes to the waiting call");
+        // A call whose thread panics frees its slot too.
+        let panicking = slots.clone();
+        let _ = std::thread::spawn(move || {
+            let _slot = panicking.acquire();
+            panic!("a call that panics");
+        })
+        .join();
+        assert!(
+            acquired_within(&slots, Duration::from_secs(5)),
+            "the panicked call's slot is free (one of two is held)"
+        );
+        drop(second);
+    }
 
     #[test]
     fn only_listening_sockets_count_with_their_local_port() {
