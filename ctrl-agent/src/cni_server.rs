@@ -599,8 +599,9 @@ fn converge_redirections(state: &Shared, config: &crate::config::FileConfig) {
 mod tests {
     use super::*;
 
-    /// Whether a slot comes within `wait` (the waiting thread then frees it at once).
-    fn acquired_within(slots: &Arc<Slots>, wait: Duration) -> bool {
+    /// A call waiting for a slot on a thread of its own: the receiver hears once it has one
+    /// (and it frees it at once).
+    fn waiter(slots: &Arc<Slots>) -> mpsc::Receiver<()> {
         let (tx, rx) = mpsc::channel();
         let waiting = slots.clone();
         std::thread::spawn(move || {
@@ -608,20 +609,14 @@ mod tests {
             let _ = tx.send(());
             drop(slot);
         });
-        rx.recv_timeout(wait).is_ok()
+        rx
     }
 
     #[test]
     fn calls_past_the_limit_wait_for_a_slot_and_a_finished_call_frees_one() {
         let slots = Arc::new(Slots::new(2));
         let (first, second) = (slots.acquire(), slots.acquire());
-        let (tx, rx) = mpsc::channel();
-        let waiting = slots.clone();
-        std::thread::spawn(move || {
-            let slot = waiting.acquire();
-            let _ = tx.send(());
-            drop(slot);
-        });
+        let rx = waiter(&slots);
         assert!(
             rx.recv_timeout(Duration::from_millis(200)).is_err(),
             "a third call got a slot while two were taken"
@@ -637,7 +632,7 @@ mod tests {
         })
         .join();
         assert!(
-            acquired_within(&slots, Duration::from_secs(5)),
+            waiter(&slots).recv_timeout(Duration::from_secs(5)).is_ok(),
             "the panicked call's slot is free (one of two is held)"
         );
         drop(second);

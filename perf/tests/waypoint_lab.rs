@@ -217,6 +217,26 @@ fn apply_everywhere(lab: &Lab, config: &str) {
     }
 }
 
+/// Node 1 counted `failed` connections in all as failed for want of an upstream (`UH`), and
+/// logged two with `reason` (the access log is written by its own thread: give it a moment).
+fn refused_for_want_of_an_upstream(lab: &Lab, failed: u64, reason: &str) {
+    assert!(eventually(Duration::from_secs(5), || {
+        series(
+            &scrape(lab, 0),
+            "istio_tcp_connections_failed_total",
+            &[("reporter", "source"), ("response_flags", "UH")],
+        ) == Some(failed)
+    }));
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let log = lab.process_log("dataplane", 0);
+            log.lines().filter(|l| l.contains(reason)).count() == 2
+        }),
+        "{}",
+        lab.process_log("dataplane", 0)
+    );
+}
+
 /// Only the waypoint may reach n2-a: the usual way to make a waypoint's policies binding.
 const ONLY_THE_WAYPOINT: &str = "policies:
   - name: only-via-waypoint
@@ -309,23 +329,10 @@ lab_test!(
         );
         assert!(!echoes(&lab, "n1-a", pod), "the pod, without its waypoint");
         assert_eq!(seen.lock().expect("log").len(), 2);
-        // Counted as failed for want of an upstream, and logged with the reason (the access
-        // log is written by its own thread: give it a moment).
-        assert!(eventually(Duration::from_secs(5), || {
-            series(
-                &scrape(&lab, 0),
-                "istio_tcp_connections_failed_total",
-                &[("reporter", "source"), ("response_flags", "UH")],
-            ) == Some(2)
-        }));
-        let reason = format!("waypoint {WAYPOINT} has no pod to send to");
-        assert!(
-            eventually(Duration::from_secs(5), || {
-                let log = lab.process_log("dataplane", 0);
-                log.lines().filter(|l| l.contains(&reason)).count() == 2
-            }),
-            "{}",
-            lab.process_log("dataplane", 0)
+        refused_for_want_of_an_upstream(
+            &lab,
+            2,
+            &format!("waypoint {WAYPOINT} has no pod to send to"),
         );
 
         // A waypoint known by hostname only (its Gateway names a Service that does not exist
@@ -336,21 +343,10 @@ lab_test!(
         assert!(!echoes(&lab, "n1-a", service), "the service, by hostname");
         assert!(!echoes(&lab, "n1-a", pod), "the pod, by hostname");
         assert_eq!(seen.lock().expect("log").len(), 2);
-        assert!(eventually(Duration::from_secs(5), || {
-            series(
-                &scrape(&lab, 0),
-                "istio_tcp_connections_failed_total",
-                &[("reporter", "source"), ("response_flags", "UH")],
-            ) == Some(4)
-        }));
-        let reason = format!("waypoint {hostname} has no address yet");
-        assert!(
-            eventually(Duration::from_secs(5), || {
-                let log = lab.process_log("dataplane", 0);
-                log.lines().filter(|l| l.contains(&reason)).count() == 2
-            }),
-            "{}",
-            lab.process_log("dataplane", 0)
+        refused_for_want_of_an_upstream(
+            &lab,
+            4,
+            &format!("waypoint {hostname} has no address yet"),
         );
     }
 );

@@ -89,6 +89,33 @@ impl Drop for Node {
     }
 }
 
+/// Whether `list` ends with our plugin.
+fn chained(list: &Path) -> bool {
+    std::fs::read(list)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .is_some_and(|v| plugin_types(&v).last().map(String::as_str) == Some("mesh-cni"))
+}
+
+/// SIGTERM, as the kubelet stops the container; the installer must exit cleanly.
+fn stop(mut installer: Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &installer.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = installer.wait().expect("installer exits");
+    assert!(exit.success(), "installer exited with {exit}");
+}
+
+fn wait_for(what: &str, done: &dyn Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn read(path: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).expect("read config")).expect("config is JSON")
 }
@@ -192,20 +219,8 @@ fn the_running_installer_rechains_after_a_rewrite_and_unchains_on_sigterm() {
     let node = Node::new("watch");
     let list = node.conf().join("10-bridge.conflist");
     std::fs::write(&list, BRIDGE_LIST).expect("write");
-    let mut installer = node.spawn();
-    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !done() {
-            assert!(Instant::now() < deadline, "timed out waiting until {what}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    let chained = || {
-        std::fs::read(&list)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .is_some_and(|v| plugin_types(&v).last().map(String::as_str) == Some("mesh-cni"))
-    };
+    let installer = node.spawn();
+    let chained = || chained(&list);
     wait_for("the plugin is chained", &chained);
 
     // The primary plugin restarts and writes its file again, with a new subnet.
@@ -217,14 +232,7 @@ fn the_running_installer_rechains_after_a_rewrite_and_unchains_on_sigterm() {
         json!("10.244.7.0/24")
     );
 
-    // SIGTERM, as the kubelet stops the container.
-    let status = Command::new("kill")
-        .args(["-TERM", &installer.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let exit = installer.wait().expect("installer exits");
-    assert!(exit.success(), "installer exited with {exit}");
+    stop(installer);
     // The primary's newer content stays; only our entry is gone.
     let after = read(&list);
     assert_eq!(plugin_types(&after), ["bridge", "portmap"]);
@@ -240,13 +248,7 @@ fn the_running_installer_rechains_after_a_rewrite_and_unchains_on_sigterm() {
 fn stopped_in_a_pod_leaves_it_chained(node: &Node, kubeconfig: &Path) -> bool {
     let list = node.conf().join("10-bridge.conflist");
     std::fs::write(&list, BRIDGE_LIST).expect("write");
-    let chained = || {
-        std::fs::read(&list)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .is_some_and(|v| plugin_types(&v).last().map(String::as_str) == Some("mesh-cni"))
-    };
-    let mut installer = Command::new(env!("CARGO_BIN_EXE_mesh-cni"))
+    let installer = Command::new(env!("CARGO_BIN_EXE_mesh-cni"))
         .args(node.args("install"))
         .args(["--interval-ms", "50"])
         .args(["--pod-name", objects::MESH_POD])
@@ -255,19 +257,9 @@ fn stopped_in_a_pod_leaves_it_chained(node: &Node, kubeconfig: &Path) -> bool {
         .env_remove("CNI_COMMAND")
         .spawn()
         .expect("spawn mesh-cni install");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !chained() {
-        assert!(Instant::now() < deadline, "never chained");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let status = Command::new("kill")
-        .args(["-TERM", &installer.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let exit = installer.wait().expect("installer exits");
-    assert!(exit.success(), "installer exited with {exit}");
-    chained()
+    wait_for("the plugin is chained", &|| chained(&list));
+    stop(installer);
+    chained(&list)
 }
 
 #[test]
