@@ -8,9 +8,8 @@
 //! affinity changed: istio/istio#58768), or no longer keeps these rules (an upgrade turned the
 //! feature off), which is an uninstall of them from this node.
 
-use std::time::Duration;
-
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, Pod, PodSpec};
@@ -94,7 +93,9 @@ pub async fn departure(
     let Some(template) = ds.spec.template.spec.filter(|_| listed) else {
         return Ok(Departure::Uninstall);
     };
-    let node_name = pod.spec.and_then(|spec| spec.node_name).unwrap_or_default();
+    let Some(node_name) = pod.spec.and_then(|spec| spec.node_name) else {
+        return Ok(Departure::Uninstall);
+    };
     let node = Api::<Node>::all(client).get_opt(&node_name).await?;
     Ok(match node {
         Some(node) if places_on(&template, &node) => Departure::Restart,

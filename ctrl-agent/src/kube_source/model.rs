@@ -798,10 +798,10 @@ fn workload(
 /// address), HBONE port; or, when the Gateway's address is a hostname naming no Service with
 /// a cluster IP, that hostname (refused). `none` on the object opts out of its namespace's
 /// waypoint. As in istiod, it is no waypoint (traffic goes direct) while its Gateway is
-/// unknown or has no address yet, when the Gateway does not let the object's namespace use it, or when it
-/// does not take `traffic`. A waypoint's own pods and Service have none ("waypoints do not
-/// have waypoints"): else, in a namespace using it, traffic to the waypoint would be sent to
-/// the waypoint again.
+/// unknown or has no address yet, when the Gateway does not let the object's namespace use
+/// it, or when it does not take `traffic`. A waypoint's own pods and Service have none
+/// ("waypoints do not have waypoints"): else, in a namespace using it, traffic to the
+/// waypoint would be sent to the waypoint again.
 fn waypoint(
     labels: &BTreeMap<String, String>,
     namespace: &str,
