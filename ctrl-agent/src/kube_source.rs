@@ -246,42 +246,67 @@ enum Served {
 
 /// Asks the API server's discovery where `plural` of group `at.group` is served.
 /// `Err` is a failure to ask (not an answer), to be retried.
-async fn discover(
+///
+/// Discovery takes several requests (the group, then each version's resources), and CRDs can
+/// change in between: read while a kind moves from one version to another, it would seem
+/// served nowhere, and its objects be published as none. So the group is read again after
+/// its versions, and an answer counts only if the group did not change meanwhile.
+async fn discover(client: &Client, at: ApiGroupVersion, plural: &str) -> Result<Served, String> {
+    const ATTEMPTS: usize = 3;
+    for _ in 0..ATTEMPTS {
+        let Some(group) = group_versions(client, at).await? else {
+            return Ok(Served::Nowhere);
+        };
+        // A group's versions are those of all its CRDs: which serve this kind is per version.
+        let mut versions = Vec::new();
+        for (group_version, version) in &group {
+            match client.list_api_group_resources(group_version).await {
+                Ok(list) if list.resources.iter().any(|r| r.name == plural) => {
+                    versions.push(version.clone());
+                }
+                Ok(_) => {}
+                // Dropped since the group was read: serves nothing.
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(error) => return Err(error.to_string()),
+            }
+        }
+        if group_versions(client, at).await?.as_ref() != Some(&group) {
+            continue;
+        }
+        return Ok(if versions.is_empty() {
+            Served::Nowhere
+        } else if versions.iter().any(|v| v == at.version) {
+            Served::AtVersionRead
+        } else {
+            Served::OnlyAt(versions)
+        });
+    }
+    Err(format!(
+        "the {} group changed during each of {ATTEMPTS} discoveries",
+        at.group
+    ))
+}
+
+/// The (groupVersion, version) pairs `at.group` serves now; `None` when it serves none (no
+/// CRD of the group is installed).
+async fn group_versions(
     client: &Client,
     at: ApiGroupVersion,
-    plural: &str,
-) -> Result<Served, kube::Error> {
+) -> Result<Option<Vec<(String, String)>>, String> {
     let request = http::Request::get(format!("/apis/{}", at.group))
         .body(Vec::new())
-        .map_err(kube::Error::HttpError)?;
-    let group: APIGroup = match client.request(request).await {
-        Ok(group) => group,
-        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(Served::Nowhere),
-        Err(error) => return Err(error),
-    };
-    // A group's versions are those of all its CRDs: which serve this kind is per version.
-    let mut versions = Vec::new();
-    for version in group.versions {
-        match client
-            .list_api_group_resources(&version.group_version)
-            .await
-        {
-            Ok(list) if list.resources.iter().any(|r| r.name == plural) => {
-                versions.push(version.version);
-            }
-            Ok(_) => {}
-            // Dropped since the group was read: serves nothing.
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(error) => return Err(error),
-        }
+        .map_err(|e| e.to_string())?;
+    match client.request::<APIGroup>(request).await {
+        Ok(group) => Ok(Some(
+            group
+                .versions
+                .into_iter()
+                .map(|v| (v.group_version, v.version))
+                .collect(),
+        )),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
+        Err(error) => Err(error.to_string()),
     }
-    Ok(if versions.is_empty() {
-        Served::Nowhere
-    } else if versions.iter().any(|v| v == at.version) {
-        Served::AtVersionRead
-    } else {
-        Served::OnlyAt(versions)
-    })
 }
 
 /// What a 404 on the initial list of a CRD's `kind` means for the world: `Absent` only when

@@ -281,13 +281,51 @@ fn a_404_on_the_policies_counts_as_empty_only_when_discovery_finds_them_served_n
             policies_not_found(&mut api).await;
             let group = json!({"kind": "APIGroup", "apiVersion": "v1", "name": "security.istio.io",
             "versions": [{"groupVersion": "security.istio.io/v1beta1", "version": "v1beta1"}]});
-            answer(&mut api, GROUP, 200, group).await;
+            answer(&mut api, GROUP, 200, group.clone()).await;
             let resources = json!({"kind": "APIResourceList", "apiVersion": "v1",
             "groupVersion": "security.istio.io/v1beta1",
             "resources": [{"name": "authorizationpolicies", "singularName": "",
                            "namespaced": true, "kind": "AuthorizationPolicy",
                            "verbs": ["get", "list", "watch"]}]});
             answer(&mut api, &format!("{GROUP}/v1beta1"), 200, resources).await;
+            // Read again, unchanged: the answer stands.
+            answer(&mut api, GROUP, 200, group.clone()).await;
+
+            // The kind moves to v1 while discovery reads: the group's one version no longer
+            // has it, which alone would mean "served nowhere", but the group changed
+            // meanwhile, so discovery reads again and finds it at v1 (retried, not empty).
+            policies_not_found(&mut api).await;
+            answer(&mut api, GROUP, 200, group).await;
+            let without = |version: &str| {
+                json!({"kind": "APIResourceList", "apiVersion": "v1",
+                "groupVersion": format!("security.istio.io/{version}"), "resources": []})
+            };
+            answer(
+                &mut api,
+                &format!("{GROUP}/v1beta1"),
+                200,
+                without("v1beta1"),
+            )
+            .await;
+            let both = json!({"kind": "APIGroup", "apiVersion": "v1", "name": "security.istio.io",
+            "versions": [{"groupVersion": "security.istio.io/v1", "version": "v1"},
+                         {"groupVersion": "security.istio.io/v1beta1", "version": "v1beta1"}]});
+            answer(&mut api, GROUP, 200, both.clone()).await;
+            answer(&mut api, GROUP, 200, both.clone()).await;
+            let at_v1 = json!({"kind": "APIResourceList", "apiVersion": "v1",
+            "groupVersion": "security.istio.io/v1",
+            "resources": [{"name": "authorizationpolicies", "singularName": "",
+                           "namespaced": true, "kind": "AuthorizationPolicy",
+                           "verbs": ["get", "list", "watch"]}]});
+            answer(&mut api, &format!("{GROUP}/v1"), 200, at_v1).await;
+            answer(
+                &mut api,
+                &format!("{GROUP}/v1beta1"),
+                200,
+                without("v1beta1"),
+            )
+            .await;
+            answer(&mut api, GROUP, 200, both).await;
 
             // The group is not served at all: no Istio security CRDs, so no policies.
             policies_not_found(&mut api).await;
@@ -312,6 +350,7 @@ fn a_404_on_the_policies_counts_as_empty_only_when_discovery_finds_them_served_n
             assert_eq!(
                 seen,
                 [
+                    "init",
                     "init",
                     "init",
                     "init",
