@@ -265,6 +265,18 @@ async fn answer(api: &mut ApiHandle, path: &str, code: u16, body: Value) {
     reply(respond, code, body.to_string().into_bytes());
 }
 
+/// The `APIResourceList` of security.istio.io/`version`, with the policies when `policies`.
+fn resources(version: &str, policies: bool) -> Value {
+    let listed = if policies {
+        json!([{"name": "authorizationpolicies", "singularName": "", "namespaced": true,
+                "kind": "AuthorizationPolicy", "verbs": ["get", "list", "watch"]}])
+    } else {
+        json!([])
+    };
+    json!({"kind": "APIResourceList", "apiVersion": "v1",
+           "groupVersion": format!("security.istio.io/{version}"), "resources": listed})
+}
+
 #[test]
 fn a_404_on_the_policies_counts_as_empty_only_when_discovery_finds_them_served_nowhere() {
     let resource = crd_resource(Kind::AuthorizationPolicies, "AuthorizationPolicy");
@@ -282,12 +294,8 @@ fn a_404_on_the_policies_counts_as_empty_only_when_discovery_finds_them_served_n
             let group = json!({"kind": "APIGroup", "apiVersion": "v1", "name": "security.istio.io",
             "versions": [{"groupVersion": "security.istio.io/v1beta1", "version": "v1beta1"}]});
             answer(&mut api, GROUP, 200, group.clone()).await;
-            let resources = json!({"kind": "APIResourceList", "apiVersion": "v1",
-            "groupVersion": "security.istio.io/v1beta1",
-            "resources": [{"name": "authorizationpolicies", "singularName": "",
-                           "namespaced": true, "kind": "AuthorizationPolicy",
-                           "verbs": ["get", "list", "watch"]}]});
-            answer(&mut api, &format!("{GROUP}/v1beta1"), 200, resources).await;
+            let v1beta1 = format!("{GROUP}/v1beta1");
+            answer(&mut api, &v1beta1, 200, resources("v1beta1", true)).await;
             // Read again, unchanged: the answer stands.
             answer(&mut api, GROUP, 200, group.clone()).await;
 
@@ -296,35 +304,14 @@ fn a_404_on_the_policies_counts_as_empty_only_when_discovery_finds_them_served_n
             // meanwhile, so discovery reads again and finds it at v1 (retried, not empty).
             policies_not_found(&mut api).await;
             answer(&mut api, GROUP, 200, group).await;
-            let without = |version: &str| {
-                json!({"kind": "APIResourceList", "apiVersion": "v1",
-                "groupVersion": format!("security.istio.io/{version}"), "resources": []})
-            };
-            answer(
-                &mut api,
-                &format!("{GROUP}/v1beta1"),
-                200,
-                without("v1beta1"),
-            )
-            .await;
+            answer(&mut api, &v1beta1, 200, resources("v1beta1", false)).await;
             let both = json!({"kind": "APIGroup", "apiVersion": "v1", "name": "security.istio.io",
             "versions": [{"groupVersion": "security.istio.io/v1", "version": "v1"},
                          {"groupVersion": "security.istio.io/v1beta1", "version": "v1beta1"}]});
             answer(&mut api, GROUP, 200, both.clone()).await;
             answer(&mut api, GROUP, 200, both.clone()).await;
-            let at_v1 = json!({"kind": "APIResourceList", "apiVersion": "v1",
-            "groupVersion": "security.istio.io/v1",
-            "resources": [{"name": "authorizationpolicies", "singularName": "",
-                           "namespaced": true, "kind": "AuthorizationPolicy",
-                           "verbs": ["get", "list", "watch"]}]});
-            answer(&mut api, &format!("{GROUP}/v1"), 200, at_v1).await;
-            answer(
-                &mut api,
-                &format!("{GROUP}/v1beta1"),
-                200,
-                without("v1beta1"),
-            )
-            .await;
+            answer(&mut api, &format!("{GROUP}/v1"), 200, resources("v1", true)).await;
+            answer(&mut api, &v1beta1, 200, resources("v1beta1", false)).await;
             answer(&mut api, GROUP, 200, both).await;
 
             // The group is not served at all: no Istio security CRDs, so no policies.
