@@ -266,26 +266,19 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Whether this shutdown leaves the host probe table to a successor (see
-/// `ctrl_agent::uninstall`), given the agent's pod as (namespace, name). An API that cannot
-/// answer is taken as an uninstall, as Istio's node agent takes it, since `helm uninstall`
-/// takes the agent's RBAC away right after its DaemonSet.
+/// `ctrl_agent::uninstall`), given the agent's pod as (namespace, name).
 fn departure(pod: Option<(&str, &str)>) -> Departure {
     let Some((namespace, name)) = pod else {
         tracing::info!("no --pod-name/--pod-namespace: the shutdown is taken as a restart");
         return Departure::Restart;
     };
-    match ctrl_agent::uninstall::ask(namespace, name, NodeRules::HostProbeTable) {
-        Ok(departure) => {
-            tracing::info!(pod = %format!("{namespace}/{name}"), ?departure,
-                "read this agent's DaemonSet");
-            departure
-        }
-        Err(error) => {
-            tracing::warn!(%error, "could not tell an uninstall from a restart; \
-                taken as an uninstall");
-            Departure::Uninstall
-        }
+    let (departure, why) =
+        ctrl_agent::uninstall::at_shutdown(namespace, name, NodeRules::HostProbeTable);
+    match departure {
+        Departure::Restart => tracing::info!("{why}"),
+        Departure::Uninstall => tracing::warn!("{why}"),
     }
+    departure
 }
 
 /// kube's standard search: KUBECONFIG or ~/.kube/config, else the pod's service account.

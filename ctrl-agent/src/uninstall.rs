@@ -168,10 +168,28 @@ fn requirement_holds(requirement: &NodeSelectorRequirement, value: Option<&str>)
 /// and the API may be the very thing that is down.
 pub const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What a stopping process does with its `rules`, given its pod as (namespace, name), and
+/// why, for its log. An API that cannot answer (within [`ASK_TIMEOUT`]) is taken as an
+/// uninstall, as Istio's node agent takes it: `helm uninstall` takes the RBAC away right
+/// after the DaemonSet, and rules left without their process hold up the node (a CNI chain
+/// without its agent holds up every new pod).
+pub fn at_shutdown(namespace: &str, pod: &str, rules: NodeRules) -> (Departure, String) {
+    match ask(namespace, pod, rules) {
+        Ok(departure) => {
+            let why = format!("read pod {namespace}/{pod}'s DaemonSet: {departure:?}");
+            (departure, why)
+        }
+        Err(error) => (
+            Departure::Uninstall,
+            format!("could not tell an uninstall from a restart ({error}): taken as an uninstall"),
+        ),
+    }
+}
+
 /// [`departure`] from a thread with no runtime (at shutdown), with the client configured as
 /// kube infers it (kubeconfig, else the pod's service account), given up after
 /// [`ASK_TIMEOUT`].
-pub fn ask(namespace: &str, pod: &str, rules: NodeRules) -> Result<Departure, String> {
+fn ask(namespace: &str, pod: &str, rules: NodeRules) -> Result<Departure, String> {
     let timeout = ASK_TIMEOUT;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -342,20 +342,15 @@ pub fn run(options: &Options, once: bool) -> Result<(), String> {
         eprintln!("mesh-cni: removed from the chain");
         return Ok(());
     };
-    match ctrl_agent::uninstall::ask(namespace, name, NodeRules::CniChain) {
-        Ok(Departure::Restart) => eprintln!(
-            "mesh-cni: a restart (the DaemonSet stays): left chained; pods created until the \
-             agent is back wait for it"
-        ),
-        Ok(Departure::Uninstall) => {
-            unchain(options)?;
-            eprintln!("mesh-cni: the DaemonSet is going away: removed from the chain");
+    let (departure, why) = ctrl_agent::uninstall::at_shutdown(namespace, name, NodeRules::CniChain);
+    eprintln!("mesh-cni: {why}");
+    match departure {
+        Departure::Restart => {
+            eprintln!("mesh-cni: left chained; pods created until the agent is back wait for it")
         }
-        Err(e) => {
+        Departure::Uninstall => {
             unchain(options)?;
-            eprintln!(
-                "mesh-cni: cannot tell an uninstall from a restart ({e}): removed from the chain"
-            );
+            eprintln!("mesh-cni: removed from the chain");
         }
     }
     Ok(())
