@@ -617,14 +617,20 @@ pub struct Endpoints {
 }
 
 impl Endpoints {
-    /// Each endpoint from `inherited` if the previous process handed it over, else bound.
+    /// Each endpoint from `inherited` if the previous process handed it over from this
+    /// network namespace, else bound.
     pub fn open(
         inherited: &crate::upgrade::Inherited,
         readiness: SocketAddr,
         admin: SocketAddr,
         metrics: SocketAddr,
     ) -> std::io::Result<Endpoints> {
-        let get = |name: &str, addr: SocketAddr| match inherited.endpoint(name) {
+        // Only those listening here: after a handover across pods, the old process's are in
+        // its own pod's namespace.
+        let here = crate::netns::NetNs::current()
+            .and_then(|netns| netns.identity())
+            .ok();
+        let get = |name: &str, addr: SocketAddr| match inherited.endpoint(name, here) {
             Some(l) => Ok(l),
             None => TcpListener::bind(addr),
         };

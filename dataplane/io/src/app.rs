@@ -293,7 +293,7 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
         Ok(()) => {
             admin::start(state.clone(), endpoints, admin_stop.clone()).map_err(AppError::Admin)?;
             if let Some(channel) = predecessor {
-                if let Err(error) = channel.send_json(&upgrade::Message::Ready, &[]) {
+                if let Err(error) = channel.send_json(&inherited.ready_message(), &[]) {
                     tracing::error!(%error, "could not tell the old data plane it can drain");
                 }
                 let unclaimed = inherited.close_unclaimed();
@@ -315,17 +315,25 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
                     .map_err(AppError::Signals)?;
             }
             match next_event.recv() {
-                Ok(Event::Signal(signal)) => tracing::info!(signal, grace = ?config.drain_grace,
-                    "draining: readiness now fails, listeners close"),
-                Ok(Event::HandedOver) => {
-                    tracing::info!(grace = ?config.drain_grace,
-                        "the new data plane serves: no longer accepting, draining");
-                    // Its own threads answer on the shared endpoint sockets from now on.
-                    admin_stop.store(true, Ordering::Release);
+                Ok(Event::Signal(signal)) => {
+                    tracing::info!(signal, grace = ?config.drain_grace,
+                        "draining: readiness now fails, listeners close");
+                    Ok(Afterwards::Exit)
                 }
-                Err(_) => {}
+                Ok(Event::HandedOver(succeeded)) => {
+                    tracing::info!(grace = ?config.drain_grace,
+                        shares_endpoints = succeeded.shares_endpoints,
+                        "the new data plane serves: no longer accepting, draining");
+                    if succeeded.shares_endpoints {
+                        // Its own threads answer on the shared endpoint sockets from now on.
+                        admin_stop.store(true, Ordering::Release);
+                        Ok(Afterwards::Exit)
+                    } else {
+                        Ok(Afterwards::AwaitSignal)
+                    }
+                }
+                Err(_) => Ok(Afterwards::Exit),
             }
-            Ok(())
         }
         Err(reason) => {
             // The old process keeps everything: tell it, then close every copy this one holds
@@ -345,7 +353,21 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
             Err(AppError::TakeoverAborted(reason))
         }
     };
-    drain(&state, &senders, config.drain_grace, &next_event);
+    let await_signal = matches!(outcome, Ok(Afterwards::AwaitSignal));
+    let signalled = drain(
+        &state,
+        &senders,
+        config.drain_grace,
+        &next_event,
+        !await_signal,
+    );
+    if await_signal && !signalled {
+        // Handed over to a process in another pod: exiting would have this container
+        // restarted, and its new process would take the sockets back. Its pod's own SIGTERM
+        // ends it; meanwhile its endpoints say it drains.
+        tracing::info!("handed over to another pod's data plane: waiting for this pod's SIGTERM");
+        while !matches!(next_event.recv(), Ok(Event::Signal(_)) | Err(_)) {}
+    }
     stop.store(true, Ordering::Release);
     admin_stop.store(true, Ordering::Release);
     for tx in &senders {
@@ -357,14 +379,21 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
     let _ = watcher.join();
     logger_stop.store(true, Ordering::Release);
     let _ = logger.join();
-    outcome
+    outcome.map(|_| ())
+}
+
+/// What a process that served does once it has drained.
+enum Afterwards {
+    Exit,
+    /// Wait for a signal first (see the handover across pods).
+    AwaitSignal,
 }
 
 /// What wakes the main thread.
 enum Event {
     Signal(i32),
     /// A new process took the listening sockets over and serves.
-    HandedOver,
+    HandedOver(upgrade::Succeeded),
 }
 
 /// How long a new process may take to get ready on inherited sockets before it gives up.
@@ -436,11 +465,11 @@ impl Upgrades {
                 &self.endpoints,
                 TAKEOVER_READY_WITHIN + Duration::from_secs(5),
             ) {
-                Ok(true) => {
-                    let _ = self.events.send(Event::HandedOver);
+                Ok(Some(succeeded)) => {
+                    let _ = self.events.send(Event::HandedOver(succeeded));
                     return;
                 }
-                Ok(false) => {}
+                Ok(None) => {}
                 Err(error) => tracing::warn!(%error, "handover failed; serving on"),
             }
         }
@@ -464,13 +493,16 @@ impl Upgrades {
 }
 
 /// Readiness fails first, then every worker stops accepting and sends GOAWAY on its tunnels;
-/// open connections get until `grace` to finish (a second signal cuts it short).
+/// open connections get until `grace` to finish. A signal cuts it short, unless `signalled`
+/// is false: then the first one is the pod's own SIGTERM, which comes after a handover across
+/// pods, and only a second one does. Whether a signal came.
 fn drain(
     state: &AdminState,
     workers: &[flume::Sender<Control>],
     grace: Duration,
     events: &flume::Receiver<Event>,
-) {
+    mut signalled: bool,
+) -> bool {
     state.draining.store(true, Ordering::Release);
     for tx in workers {
         let _ = tx.send(Control::Drain);
@@ -484,7 +516,7 @@ fn drain(
             .sum();
         if open == 0 {
             tracing::info!(after = ?started.elapsed(), "drained: no connections left");
-            return;
+            return signalled;
         }
         if started.elapsed() >= grace {
             tracing::warn!(
@@ -492,11 +524,18 @@ fn drain(
                 ?grace,
                 "grace period over: closing the remaining connections"
             );
-            return;
+            return signalled;
         }
         if matches!(events.try_recv(), Ok(Event::Signal(_))) {
-            tracing::warn!(open, "second signal: closing the remaining connections now");
-            return;
+            if signalled {
+                tracing::warn!(open, "second signal: closing the remaining connections now");
+                return true;
+            }
+            tracing::info!(
+                open,
+                "the pod's SIGTERM: draining goes on until the grace ends"
+            );
+            signalled = true;
         }
         std::thread::sleep(Duration::from_millis(50));
     }

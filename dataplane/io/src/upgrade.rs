@@ -14,6 +14,13 @@
 //!
 //! If the new process cannot become ready it says `Abort`, closes its copies and exits with an
 //! error; the old one goes on serving, and answers the next handover.
+//!
+//! Across pods (a DaemonSet's rolling update with `maxSurge`), the two processes share the
+//! pods' namespaces but not their own: the admin endpoints the old one hands over listen in
+//! its pod's namespace, where the new pod's probes and scrapes never come. The new process
+//! then opens its own, closes the old one's copies and says `ReadyOwnEndpoints`; the old one
+//! keeps serving its endpoints while it drains, and waits for its own SIGTERM rather than
+//! exit (its container would be restarted and take the sockets back).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -43,6 +50,9 @@ pub enum Message {
         sockets: usize,
     },
     Ready,
+    /// Ready, with admin endpoints of its own (it runs in another network namespace, i.e.
+    /// another pod): the old process's stay the old process's.
+    ReadyOwnEndpoints,
     Abort {
         reason: String,
     },
@@ -55,7 +65,7 @@ pub struct HandedListener {
     pub fd: OwnedFd,
 }
 
-/// A pod's listening socket as the old process handed it over.
+/// A listening socket as the old process handed it over.
 struct PodSocket {
     fd: OwnedFd,
     /// The (device, inode) of the namespace it listens in; `None` if the kernel would not say.
@@ -71,7 +81,9 @@ type PositionedSockets = Vec<Option<PodSocket>>;
 #[derive(Default)]
 pub struct Inherited {
     listeners: Mutex<HashMap<(String, SocketAddr), PositionedSockets>>,
-    endpoints: Mutex<HashMap<String, OwnedFd>>,
+    endpoints: Mutex<HashMap<String, PodSocket>>,
+    /// Whether an admin endpoint was taken: the old process must then stop serving on it.
+    took_endpoints: std::sync::atomic::AtomicBool,
 }
 
 impl Inherited {
@@ -124,13 +136,37 @@ impl Inherited {
         mine
     }
 
-    /// The admin endpoint `name` ("admin", "metrics", "readiness"), if inherited.
-    pub fn endpoint(&self, name: &str) -> Option<std::net::TcpListener> {
-        self.endpoints
-            .lock()
-            .ok()?
-            .remove(name)
-            .map(std::net::TcpListener::from)
+    /// The admin endpoint `name` ("admin", "metrics", "readiness"), if inherited and
+    /// listening in this process's network namespace (`here`). One listening in another
+    /// namespace (the old process ran in another pod) is closed: this process's probes and
+    /// scrapes come to its own namespace.
+    pub fn endpoint(&self, name: &str, here: Option<(u64, u64)>) -> Option<std::net::TcpListener> {
+        let socket = self.endpoints.lock().ok()?.remove(name)?;
+        if let (Some(here), Some(there)) = (here, socket.netns) {
+            if here != there {
+                tracing::info!(
+                    endpoint = name,
+                    "the old data plane's endpoint listens in another namespace (another pod): \
+                     opening this process's own"
+                );
+                return None;
+            }
+        }
+        self.took_endpoints
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Some(std::net::TcpListener::from(socket.fd))
+    }
+
+    /// What to tell the old process once ready: whether its endpoints are this one's now.
+    pub fn ready_message(&self) -> Message {
+        if self
+            .took_endpoints
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            Message::Ready
+        } else {
+            Message::ReadyOwnEndpoints
+        }
     }
 
     /// Closes whatever no worker took (pods the new snapshot no longer has); how many.
@@ -142,24 +178,23 @@ impl Inherited {
     }
 
     fn insert(&self, pod: String, endpoint: String, addr: SocketAddr, fd: OwnedFd) {
-        if pod.is_empty() {
-            if let Ok(mut e) = self.endpoints.lock() {
-                e.insert(endpoint, fd);
-            }
-            return;
-        }
         let netns = match NetNs::of_socket(fd.as_fd()).and_then(|netns| netns.identity()) {
             Ok(identity) => Some(identity),
             Err(error) => {
-                tracing::warn!(%pod, %addr, %error,
+                tracing::warn!(%pod, %endpoint, %addr, %error,
                     "cannot tell which namespace an inherited socket listens in; using it as is");
                 None
             }
         };
+        let socket = PodSocket { fd, netns };
+        if pod.is_empty() {
+            if let Ok(mut e) = self.endpoints.lock() {
+                e.insert(endpoint, socket);
+            }
+            return;
+        }
         if let Ok(mut l) = self.listeners.lock() {
-            l.entry((pod, addr))
-                .or_default()
-                .push(Some(PodSocket { fd, netns }));
+            l.entry((pod, addr)).or_default().push(Some(socket));
         }
     }
 }
@@ -218,15 +253,23 @@ pub fn request(path: &Path) -> std::io::Result<Option<(Channel, Inherited)>> {
     }
 }
 
+/// The new process serves: the old one stops accepting and drains.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Succeeded {
+    /// The new process answers on the old one's admin endpoints (same namespace), so the old
+    /// one must stop answering there; otherwise it keeps its own while it drains.
+    pub shares_endpoints: bool,
+}
+
 /// The old process's side, on a channel that asked for a handover: sends `listeners` (pods')
-/// and `endpoints` (admin), then waits for the verdict. `Ok(true)`: the new process serves;
+/// and `endpoints` (admin), then waits for the verdict. `Ok(Some(_))`: the new process serves;
 /// stop accepting and drain.
 pub fn hand_over(
     channel: &Channel,
     listeners: &[HandedListener],
     endpoints: &[(&str, SocketAddr, std::net::TcpListener)],
     ready_within: Duration,
-) -> std::io::Result<bool> {
+) -> std::io::Result<Option<Succeeded>> {
     for l in listeners {
         channel.send_json(
             &Message::Socket {
@@ -255,14 +298,19 @@ pub fn hand_over(
     )?;
     channel.set_timeout(Some(ready_within))?;
     match channel.recv_json::<Message>()? {
-        Some((Message::Ready, _)) => Ok(true),
+        Some((Message::Ready, _)) => Ok(Some(Succeeded {
+            shares_endpoints: true,
+        })),
+        Some((Message::ReadyOwnEndpoints, _)) => Ok(Some(Succeeded {
+            shares_endpoints: false,
+        })),
         Some((Message::Abort { reason }, _)) => {
             tracing::warn!(%reason, "the new data plane gave up; serving on");
-            Ok(false)
+            Ok(None)
         }
         other => {
             tracing::warn!(?other, "handover ended without a verdict; serving on");
-            Ok(false)
+            Ok(None)
         }
     }
 }
@@ -391,12 +439,65 @@ mod tests {
         listener
             .accept()
             .expect("accepted through the handed-over socket");
-        let admin = inherited.endpoint("admin").expect("admin endpoint");
+        let here = NetNs::current().and_then(|n| n.identity()).ok();
+        let admin = inherited.endpoint("admin", here).expect("admin endpoint");
         assert_eq!(admin.local_addr().expect("addr"), admin_addr);
-        channel.send_json(&Message::Ready, &[]).expect("ready");
-        assert!(old.join().expect("old side"));
+        channel
+            .send_json(&inherited.ready_message(), &[])
+            .expect("ready");
+        assert_eq!(
+            old.join().expect("old side"),
+            Some(Succeeded {
+                shares_endpoints: true
+            })
+        );
         // Nobody listening: a first start.
         std::fs::remove_file(&path).expect("rm");
         assert!(request(&path).expect("no error").is_none());
+    }
+
+    #[test]
+    fn endpoints_from_another_pod_s_namespace_stay_the_old_process_s() {
+        let home = NetNs::current().expect("home");
+        let here = home.identity().ok();
+        // The old process's pod: its admin endpoint listens in a namespace of its own.
+        let old_pod = fresh_netns();
+        let admin_addr: SocketAddr = "127.0.0.1:15000".parse().expect("addr");
+        let admin = old_pod
+            .run_in(&home, || std::net::TcpListener::bind(admin_addr))
+            .expect("setns")
+            .expect("bind in the old pod");
+        let inherited = Inherited::default();
+        inherited.insert(
+            String::new(),
+            "admin".into(),
+            admin_addr,
+            OwnedFd::from(admin),
+        );
+        assert!(
+            inherited.endpoint("admin", here).is_none(),
+            "took an endpoint that listens in another pod's namespace"
+        );
+        assert_eq!(inherited.ready_message(), Message::ReadyOwnEndpoints);
+
+        // The old side hears that its endpoints are still its own.
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("dir");
+        let path = dir.path().join("upgrade.sock");
+        let server = listen(&path).expect("listen");
+        let old = std::thread::spawn(move || {
+            let channel = server.accept().expect("accept");
+            channel.recv_json::<Message>().expect("recv").expect("msg");
+            hand_over(&channel, &[], &[], Duration::from_secs(5)).expect("handover")
+        });
+        let (channel, _) = request(&path).expect("request").expect("someone answered");
+        channel
+            .send_json(&inherited.ready_message(), &[])
+            .expect("ready");
+        assert_eq!(
+            old.join().expect("old side"),
+            Some(Succeeded {
+                shares_endpoints: false
+            })
+        );
     }
 }
