@@ -82,6 +82,10 @@ pub struct Shared {
     pub redirections: Option<crate::kube_source::redirection::RedirectionSender>,
     /// Sandboxes whose ADD waits for the data plane's listeners: annotated once served.
     pub awaiting: std::collections::HashSet<String>,
+    /// Another agent serves the node's CNI socket (a rolling update's next pod): this one no
+    /// longer changes enrollments, capture rules or annotations, and only keeps its own data
+    /// plane fed while that drains (`cni_server::take_over`).
+    pub handed_over: bool,
 }
 
 pub type SharedState = Arc<Mutex<Shared>>;
@@ -137,6 +141,7 @@ impl Agent {
             dirty: true,
             redirections: source.redirections(),
             awaiting: Default::default(),
+            handed_over: false,
         }));
         Ok(Agent {
             options,

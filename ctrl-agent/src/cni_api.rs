@@ -42,6 +42,10 @@ pub enum Request {
     Collect { network: String, valid: Vec<String> },
     /// What the agent knows about a sandbox.
     Status { container_id: String },
+    /// From a new agent on the node (a rolling update's next pod): stop changing the node's
+    /// enrollments, which it takes over from the state file, and answer plugins `Moved` so
+    /// that they ask again at the socket path, which the new agent binds next.
+    HandOver,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,5 +71,14 @@ pub enum Reply {
     },
     Refused {
         reason: String,
+    },
+    /// This agent handed the node's enrollments over to a new one: ask again at the socket
+    /// path (the new agent's once it has bound it). Nothing was done.
+    Moved {
+        reason: String,
+    },
+    /// The answer to `HandOver`: the state file is final; `pods` enrollments are in it.
+    HandedOver {
+        pods: usize,
     },
 }

@@ -11,7 +11,8 @@
 //! first connections redirected to ports no one listens on yet, and refused.
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,12 +32,16 @@ pub struct CniSettings {
     /// attachments may predate an ADD that was still under way. Well above an ADD's length
     /// (the plugin gives up after 30 s).
     pub gc_grace: Duration,
+    /// How long a handed-over agent waits for its successor to bind the CNI socket, or for a
+    /// successor that stopped answering there to come back, before it serves the node again.
+    pub successor_wait: Duration,
 }
 
 impl Default for CniSettings {
     fn default() -> Self {
         CniSettings {
             gc_grace: Duration::from_secs(60),
+            successor_wait: Duration::from_secs(30),
         }
     }
 }
@@ -49,35 +54,16 @@ pub fn start(
     netns_socket: &Path,
     settings: CniSettings,
 ) -> std::io::Result<()> {
-    let cni = Listener::bind(cni_socket)?;
+    let calls = Arc::new(Calls {
+        shared: shared.clone(),
+        wake,
+        settings,
+        slots: Arc::new(Slots::new(MAX_CNI_CALLS)),
+        path: cni_socket.to_owned(),
+        bound: Mutex::new(None),
+    });
+    calls.bind()?;
     let netns = Listener::bind(netns_socket)?;
-    let cni_shared = shared.clone();
-    let slots = Arc::new(Slots::new(MAX_CNI_CALLS));
-    std::thread::Builder::new()
-        .name("cni-server".into())
-        .spawn(move || loop {
-            // At most MAX_CNI_CALLS at once: further plugins wait in the socket's backlog
-            // (and, past it, retry), rather than each costing a thread.
-            let slot = slots.acquire();
-            match cni.accept() {
-                // A plugin invocation per thread: an ADD waiting for the data plane holds up
-                // no other pod.
-                Ok(channel) => {
-                    let (shared, wake) = (cni_shared.clone(), wake.clone());
-                    let spawned =
-                        std::thread::Builder::new()
-                            .name("cni-call".into())
-                            .spawn(move || {
-                                serve_cni(&shared, &wake, &channel, settings);
-                                drop(slot);
-                            });
-                    if let Err(e) = spawned {
-                        tracing::warn!(error = %e, "cannot start a thread for a CNI call");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "CNI socket accept failed"),
-            }
-        })?;
     std::thread::Builder::new()
         .name("netns-server".into())
         .spawn(move || loop {
@@ -87,6 +73,192 @@ pub fn start(
             }
         })?;
     Ok(())
+}
+
+/// The CNI socket's server: what every call needs.
+struct Calls {
+    shared: SharedState,
+    wake: mpsc::Sender<()>,
+    settings: CniSettings,
+    slots: Arc<Slots>,
+    path: PathBuf,
+    /// The inode of the socket this agent bound at `path`: another one there means another
+    /// agent took the path.
+    bound: Mutex<Option<u64>>,
+}
+
+impl Calls {
+    /// Binds the socket path (replacing whatever is there) and serves it on a thread.
+    fn bind(self: &Arc<Self>) -> std::io::Result<()> {
+        let listener = Listener::bind(&self.path)?;
+        *self.bound.lock().unwrap_or_else(|e| e.into_inner()) = inode(&self.path);
+        let calls = self.clone();
+        std::thread::Builder::new()
+            .name("cni-server".into())
+            .spawn(move || calls.accept_on(listener))?;
+        Ok(())
+    }
+
+    fn accept_on(self: Arc<Self>, listener: Listener) {
+        loop {
+            // At most MAX_CNI_CALLS at once: further plugins wait in the socket's backlog
+            // (and, past it, retry), rather than each costing a thread.
+            let slot = self.slots.acquire();
+            match listener.accept() {
+                // A plugin invocation per thread: an ADD waiting for the data plane holds up
+                // no other pod.
+                Ok(channel) => {
+                    let calls = self.clone();
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("cni-call".into())
+                            .spawn(move || {
+                                calls.serve(&channel);
+                                drop(slot);
+                            });
+                    if let Err(e) = spawned {
+                        tracing::warn!(error = %e, "cannot start a thread for a CNI call");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "CNI socket accept failed"),
+            }
+        }
+    }
+
+    /// Whether the socket path is still the one this agent bound.
+    fn owns_path(&self) -> bool {
+        let bound = *self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        bound.is_some() && inode(&self.path) == bound
+    }
+}
+
+/// The inode of the file at `path`, if any.
+fn inode(path: &Path) -> Option<u64> {
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+impl Calls {
+    /// A new agent asks for the node (`Request::HandOver`): from now on this one changes
+    /// nothing the node shares (enrollments and their file, capture rules, annotations, the
+    /// host probe sets) and answers plugins `Moved`, which ask again at the path, bound next
+    /// by the new agent. The state file is final once this returns: every change was saved
+    /// under the lock taken here.
+    fn hand_over(self: &Arc<Self>) -> Reply {
+        let (pods, first) = {
+            let mut state = lock(&self.shared);
+            let first = !state.handed_over;
+            state.handed_over = true;
+            (state.enrollments.len(), first)
+        };
+        tracing::info!(
+            pods,
+            "a new agent takes the node's CNI enrollments over: answering plugins `moved` \
+             until it serves the socket; this agent's data plane keeps what it has"
+        );
+        if first {
+            let calls = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("cni-successor".into())
+                .spawn(move || calls.watch_successor());
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot watch the new agent; it keeps the node");
+            }
+        }
+        Reply::HandedOver { pods }
+    }
+
+    /// After a handover: takes the node back if the successor never binds the socket path
+    /// within `successor_wait` (it failed to start), or stops answering there for as long
+    /// (its pod was deleted: a rollback), so that a failed upgrade does not leave the node
+    /// with no agent for CNI. Ends when this agent serves again.
+    fn watch_successor(self: Arc<Self>) {
+        let wait = self.settings.successor_wait;
+        let handed_over = Instant::now();
+        let mut unanswered_since: Option<Instant> = None;
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            if self.owns_path() {
+                if handed_over.elapsed() >= wait {
+                    tracing::warn!(waited = ?wait,
+                        "the new agent never took the CNI socket over: serving the node again");
+                    self.resume();
+                    return;
+                }
+                continue;
+            }
+            match Channel::connect(&self.path) {
+                Ok(_) => unanswered_since = None,
+                Err(e) => {
+                    let since = *unanswered_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() < wait {
+                        continue;
+                    }
+                    tracing::warn!(error = %e, waited = ?wait,
+                        "the agent that took the node over no longer answers on the CNI socket: \
+                         taking it back");
+                    match self.bind() {
+                        Ok(()) => {
+                            self.resume();
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot bind the CNI socket again");
+                            unanswered_since = None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves the node again, from the state file as the successor (if it ran) left it.
+    fn resume(&self) {
+        let mut state = lock(&self.shared);
+        for why in state.enrollments.reload() {
+            tracing::warn!(%why, "forgetting an enrollment");
+        }
+        state.handed_over = false;
+        finish_change(&mut state);
+        let _ = self.wake.send(());
+    }
+}
+
+/// A new agent's first step, before it reads the state file: asks the agent serving
+/// `cni_socket` (the previous pod of a rolling update) to hand the node over, so that the two
+/// never change enrollments at once. Nothing listening there is a first start; an agent that
+/// does not know the request (an older version) is taken over without its word.
+pub fn take_over(cni_socket: &Path) {
+    let channel = match Channel::connect(cni_socket) {
+        Ok(channel) => channel,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, socket = %cni_socket.display(),
+                "cannot reach the CNI socket's current agent; taking it over without its word");
+            return;
+        }
+    };
+    let answer = channel
+        .set_timeout(Some(Duration::from_secs(30)))
+        .and_then(|()| channel.send_json(&Request::HandOver, &[]))
+        .and_then(|()| channel.recv_json::<Reply>());
+    match answer {
+        Ok(Some((Reply::HandedOver { pods }, _))) => {
+            tracing::info!(
+                pods,
+                "the running agent handed the node's CNI enrollments over"
+            )
+        }
+        other => tracing::warn!(answer = ?other,
+            "the running agent did not hand the node over (an older version?): taking it over \
+             without its word"),
+    }
 }
 
 /// Plugin invocations served at once. A node starts pods a few at a time (the kubelet and
@@ -127,55 +299,58 @@ impl Drop for Slot {
     }
 }
 
-/// Answers one plugin invocation (a few requests on one connection).
-fn serve_cni(
-    shared: &SharedState,
-    wake: &mpsc::Sender<()>,
-    channel: &Channel,
-    settings: CniSettings,
-) {
-    let _ = channel.set_timeout(Some(std::time::Duration::from_secs(30)));
-    loop {
-        let (request, mut fds) = match channel.recv_json::<Request>() {
-            Ok(Some(r)) => r,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "bad request on the CNI socket");
-                let _ = channel.send_json(
-                    &Reply::Refused {
-                        reason: e.to_string(),
-                    },
-                    &[],
-                );
+impl Calls {
+    /// Answers one plugin invocation (a few requests on one connection).
+    fn serve(self: &Arc<Self>, channel: &Channel) {
+        let (shared, wake, settings) = (&self.shared, &self.wake, self.settings);
+        let _ = channel.set_timeout(Some(std::time::Duration::from_secs(30)));
+        loop {
+            let (request, mut fds) = match channel.recv_json::<Request>() {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "bad request on the CNI socket");
+                    let _ = channel.send_json(
+                        &Reply::Refused {
+                            reason: e.to_string(),
+                        },
+                        &[],
+                    );
+                    return;
+                }
+            };
+            if request == Request::HandOver {
+                let reply = self.hand_over();
+                let _ = channel.send_json(&reply, &[]);
                 return;
             }
-        };
-        let (mut reply, serving) = {
-            let mut state = lock(shared);
-            handle(&mut state, request, fds.pop(), settings)
-        };
-        if reply == Reply::Done {
-            let _ = wake.send(());
-        }
-        // Outside the lock: the agent publishes the pod meanwhile, and the data plane opens
-        // its listeners once it has both the pod and its namespace.
-        if let Some(waiting) = serving {
-            reply = await_listeners(&waiting.netns, LISTENERS_WAIT);
-            // Under the lock, and only if the sandbox is captured still: a label change may
-            // have released it during the wait (and asked for the annotation's removal, which
-            // must stay the last word).
-            let mut state = lock(shared);
-            state.awaiting.remove(&waiting.pod.container_id);
-            let captured = state
-                .enrollments
-                .get(&waiting.pod.container_id)
-                .is_some_and(|e| e.captured);
-            if reply == Reply::Done && captured {
-                mark_redirection(state.redirections.as_ref(), &waiting.pod, true);
+            let (mut reply, serving) = {
+                let mut state = lock(shared);
+                handle(&mut state, request, fds.pop(), settings)
+            };
+            if reply == Reply::Done {
+                let _ = wake.send(());
             }
-        }
-        if channel.send_json(&reply, &[]).is_err() {
-            return;
+            // Outside the lock: the agent publishes the pod meanwhile, and the data plane opens
+            // its listeners once it has both the pod and its namespace.
+            if let Some(waiting) = serving {
+                reply = await_listeners(&waiting.netns, LISTENERS_WAIT);
+                // Under the lock, and only if the sandbox is captured still: a label change may
+                // have released it during the wait (and asked for the annotation's removal, which
+                // must stay the last word).
+                let mut state = lock(shared);
+                state.awaiting.remove(&waiting.pod.container_id);
+                let captured = state
+                    .enrollments
+                    .get(&waiting.pod.container_id)
+                    .is_some_and(|e| e.captured);
+                if reply == Reply::Done && captured {
+                    mark_redirection(state.redirections.as_ref(), &waiting.pod, true);
+                }
+            }
+            if channel.send_json(&reply, &[]).is_err() {
+                return;
+            }
         }
     }
 }
@@ -209,6 +384,11 @@ fn handle(
     netns_fd: Option<std::os::fd::OwnedFd>,
     settings: CniSettings,
 ) -> (Reply, Option<Waiting>) {
+    if state.handed_over {
+        tracing::info!(?request, "answered `moved`: the node is handed over");
+        let reason = "this agent handed the node over to a new one: ask again".into();
+        return (Reply::Moved { reason }, None);
+    }
     let node = state.node.clone();
     let reply = match request {
         Request::Decide { namespace, name } => match &state.config {
@@ -271,6 +451,10 @@ fn handle(
             }
             Reply::Done
         }
+        // Answered by `Calls::hand_over` before the state is locked.
+        Request::HandOver => Reply::Refused {
+            reason: "a handover is not a sandbox request".into(),
+        },
         Request::Status { container_id } => match state.enrollments.get(&container_id) {
             Some(e) => Reply::Status {
                 known: true,
@@ -540,6 +724,11 @@ pub fn reconcile(state: &mut Shared) {
     let Some(config) = state.config.clone() else {
         return;
     };
+    if state.handed_over {
+        // The new agent follows the labels; this one's data plane only needs the uids.
+        resync_all(state);
+        return;
+    }
     let node = state.node.clone();
     let mut changed = false;
     for e in state.enrollments.iter_mut() {

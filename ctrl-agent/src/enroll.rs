@@ -155,6 +155,24 @@ impl Enrollments {
         (out, dropped)
     }
 
+    /// Reads the persisted list again (another agent changed it), keeping the host probe
+    /// rules this one holds. Returns what was dropped, why.
+    pub fn reload(&mut self) -> Vec<String> {
+        let (mut fresh, dropped) = Enrollments::load(&self.state_path);
+        fresh.host_probes = self.host_probes.take();
+        *self = fresh;
+        dropped
+    }
+
+    /// How many sandboxes are enrolled.
+    pub fn len(&self) -> usize {
+        self.pods.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty()
+    }
+
     pub fn save(&self) -> io::Result<()> {
         let records: Vec<Persisted> = self
             .pods

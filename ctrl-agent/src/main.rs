@@ -109,6 +109,12 @@ struct Args {
     #[arg(long, env = "CTRL_AGENT_CNI_GC_GRACE", default_value = "60s",
         value_parser = humantime::parse_duration)]
     cni_gc_grace: Duration,
+    /// After handing the node over to a new agent (a rolling update's next pod), how long to
+    /// wait for it to serve the CNI socket, or for it to answer there again once it stopped,
+    /// before this agent takes the node back (a failed upgrade, a rollback).
+    #[arg(long, env = "CTRL_AGENT_CNI_SUCCESSOR_WAIT", default_value = "30s",
+        value_parser = humantime::parse_duration)]
+    cni_successor_wait: Duration,
     /// Where enrollments are remembered across restarts.
     #[arg(
         long,
@@ -205,6 +211,10 @@ fn main() -> anyhow::Result<()> {
     };
     tracing::info!(node = %args.node, snapshot = %args.snapshot.display(),
         cert_ttl = ?args.cert_ttl, "starting ctrl-agent");
+    if let Some(cni_socket) = &args.cni_socket {
+        // Before the state file is read: the previous pod's agent stops changing it.
+        ctrl_agent::cni_server::take_over(cni_socket);
+    }
     let agent = Agent::new(
         AgentOptions {
             source,
@@ -240,6 +250,7 @@ fn main() -> anyhow::Result<()> {
             &args.netns_socket,
             ctrl_agent::cni_server::CniSettings {
                 gc_grace: args.cni_gc_grace,
+                successor_wait: args.cni_successor_wait,
             },
         )
         .with_context(|| {

@@ -113,9 +113,8 @@ fn dispatch(invocation: &Invocation, config: &Config) -> Result<Option<serde_jso
     }
 }
 
-/// Connects to the agent, waiting up to `wait` for it (a node that is still booting).
-fn agent(config: &Config, wait: Duration) -> Result<Channel, Error> {
-    let deadline = Instant::now() + wait;
+/// Connects to the agent, waiting until `deadline` for it (a node that is still booting).
+fn agent(config: &Config, deadline: Instant) -> Result<Channel, Error> {
     loop {
         match Channel::connect(&config.agent_socket) {
             Ok(channel) => {
@@ -130,6 +129,38 @@ fn agent(config: &Config, wait: Duration) -> Result<Channel, Error> {
                 ))
             }
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// Asks the agent, waiting up to `wait` for one that answers: none may listen yet (a node
+/// still booting), or the one listening may have handed the node over to its successor (a
+/// rolling update), which binds the socket path next.
+fn call(
+    config: &Config,
+    wait: Duration,
+    request: &Request,
+    netns: Option<&NetNs>,
+) -> Result<Reply, Error> {
+    let started = Instant::now();
+    let mut deadline = started + wait;
+    loop {
+        let channel = agent(config, deadline)?;
+        match ask(&channel, request, netns)? {
+            Reply::Moved { reason } => {
+                // A successor is on its way: worth the plugin's whole wait, even for a DEL
+                // (which the successor would otherwise never hear of).
+                deadline = deadline.max(started + config.agent_wait);
+                if Instant::now() >= deadline {
+                    return Err(Error::new(
+                        Code::TryAgainLater,
+                        "ctrl-agent is handing the node over to a new agent; the runtime should retry",
+                        reason,
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            reply => return Ok(reply),
         }
     }
 }
@@ -167,7 +198,6 @@ fn add(invocation: &Invocation, config: &Config) -> Result<serde_json::Value, Er
         )
     })?;
     let ips = spec::prev_result_ips(prev)?;
-    let channel = agent(config, config.agent_wait)?;
     let netns = NetNs::open(&invocation.netns).map_err(|e| {
         Error::new(
             Code::IoFailure,
@@ -176,8 +206,9 @@ fn add(invocation: &Invocation, config: &Config) -> Result<serde_json::Value, Er
         )
     })?;
     // The agent decides and installs the rules from its own container: nodes need no `nft`.
-    let reply = ask(
-        &channel,
+    let reply = call(
+        config,
+        config.agent_wait,
         &Request::Add {
             pod: pod_ref(invocation),
             ips,
@@ -206,19 +237,13 @@ fn add(invocation: &Invocation, config: &Config) -> Result<serde_json::Value, Er
 fn del(invocation: &Invocation, config: &Config) -> Result<(), Error> {
     // DEL must succeed for pods we never saw or already forgot; if the agent is down, its
     // restart reconciles (the namespace will be gone).
-    match agent(config, Duration::from_secs(2)) {
-        Ok(channel) => match ask(
-            &channel,
-            &Request::Remove {
-                pod: pod_ref(invocation),
-            },
-            None,
-        ) {
-            Ok(Reply::Done) => {}
-            Ok(other) => eprintln!("mesh-cni: DEL: unexpected reply {other:?}"),
-            Err(e) => eprintln!("mesh-cni: DEL: {}", e.msg),
-        },
-        Err(e) => eprintln!("mesh-cni: DEL without the agent: {}", e.details),
+    let request = Request::Remove {
+        pod: pod_ref(invocation),
+    };
+    match call(config, Duration::from_secs(2), &request, None) {
+        Ok(Reply::Done) => {}
+        Ok(other) => eprintln!("mesh-cni: DEL: unexpected reply {other:?}"),
+        Err(e) => eprintln!("mesh-cni: DEL without the agent: {}: {}", e.msg, e.details),
     }
     Ok(())
 }
@@ -235,12 +260,11 @@ fn gc(config: &Config) -> Result<(), Error> {
             "the agent releases only the sandboxes of the network named",
         ));
     }
-    let channel = agent(config, Duration::from_secs(2))?;
     let request = Request::Collect {
         network: config.network.clone(),
         valid: attachments.iter().map(|a| a.container_id.clone()).collect(),
     };
-    match ask(&channel, &request, None)? {
+    match call(config, Duration::from_secs(2), &request, None)? {
         Reply::Done => Ok(()),
         Reply::Refused { reason } => Err(Error::new(
             Code::AgentRefused,
@@ -252,9 +276,9 @@ fn gc(config: &Config) -> Result<(), Error> {
 }
 
 fn check(invocation: &Invocation, config: &Config) -> Result<(), Error> {
-    let channel = agent(config, config.agent_wait)?;
-    let (known, captured, rules) = match ask(
-        &channel,
+    let (known, captured, rules) = match call(
+        config,
+        config.agent_wait,
         &Request::Status {
             container_id: invocation.container_id.clone(),
         },
