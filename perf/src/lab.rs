@@ -189,6 +189,9 @@ pub fn install_interrupt_cleanup() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a data plane logs once it serves on sockets taken over from another.
+const TOOK_OVER: &str = "took over from the old data plane";
+
 pub struct Lab {
     runtimes: Vec<Runtime>,
     pub prefix: String,
@@ -199,6 +202,9 @@ pub struct Lab {
     pub pods: Vec<Pod>,
     agents: [Option<Child>; 2],
     dataplanes: [Option<Child>; 2],
+    /// Per node, how many DaemonSet pods replaced the first one (`rolling_update`): each has
+    /// its own snapshot region and namespace socket, and its data plane its own namespace.
+    pod_generations: [u32; 2],
     others: Vec<Child>,
     cleanup: Arc<Cleanup>,
     home: NetNs,
@@ -273,6 +279,7 @@ impl Lab {
             pods: Vec::new(),
             agents: [None, None],
             dataplanes: [None, None],
+            pod_generations: [0, 0],
             others: Vec::new(),
             cleanup,
             home: NetNs::current()?,
@@ -521,7 +528,29 @@ impl Lab {
     }
 
     fn netns_socket(&self, node: usize) -> PathBuf {
-        self.dir.join(format!("{}.netns.sock", NODE_NAMES[node]))
+        self.dir.join(format!(
+            "{}{}.netns.sock",
+            NODE_NAMES[node],
+            self.pod_suffix(node)
+        ))
+    }
+
+    /// What sets the files of a node's current DaemonSet pod apart (its emptyDir, in a
+    /// cluster): nothing for the first.
+    fn pod_suffix(&self, node: usize) -> String {
+        match self.pod_generations[node] {
+            0 => String::new(),
+            g => format!(".g{g}"),
+        }
+    }
+
+    /// The namespace a node's data plane runs in: the node's own for the first DaemonSet pod
+    /// (as with host networking), one of its own for each pod a rolling update brings.
+    pub fn dataplane_netns(&self, node: usize) -> String {
+        match self.pod_generations[node] {
+            0 => self.node_netns(node),
+            g => format!("{}-g{g}", self.node_netns(node)),
+        }
     }
 
     /// Waits until `node`'s data plane is ready with listeners in every captured pod of the
@@ -670,7 +699,11 @@ impl Lab {
     }
 
     fn snapshot_path(&self, node: usize) -> PathBuf {
-        self.dir.join(format!("{}.snapshot", NODE_NAMES[node]))
+        self.dir.join(format!(
+            "{}{}.snapshot",
+            NODE_NAMES[node],
+            self.pod_suffix(node)
+        ))
     }
 
     fn log(&self, name: &str) -> anyhow::Result<std::fs::File> {
@@ -699,6 +732,23 @@ impl Lab {
     }
 
     pub fn start_agent(&mut self, node: usize) -> anyhow::Result<()> {
+        let mut cmd = self.agent_command(node);
+        self.agents[node] = Some(self.spawn_logged(&mut cmd, "ctrl-agent", node)?);
+        Ok(())
+    }
+
+    /// The agent of a node's next DaemonSet pod, started beside the running one, whose data
+    /// plane never comes: what a rolling update whose new pod never gets ready leaves. It
+    /// takes the node's enrollments over like any new pod's agent. Its log goes with the
+    /// node's agent's; the caller owns the process.
+    pub fn surge_agent(&mut self, node: usize) -> anyhow::Result<Child> {
+        self.pod_generations[node] += 1;
+        let mut cmd = self.agent_command(node);
+        self.pod_generations[node] -= 1;
+        self.spawn_logged(&mut cmd, "ctrl-agent", node)
+    }
+
+    fn agent_command(&self, node: usize) -> Command {
         // Outside the node's namespace, as in the DaemonSet's pod: its host probe SNAT table
         // goes to the node's namespace, which it is given as the chart gives it the node's.
         let mut cmd = Command::new(&self.bins.ctrl_agent);
@@ -728,8 +778,7 @@ impl Lab {
                 .arg(self.mesh_ca_dir().join("ca-cert.pem"));
         }
         cmd.args(&self.options.agent_args);
-        self.agents[node] = Some(self.spawn_logged(&mut cmd, "ctrl-agent", node)?);
-        Ok(())
+        cmd
     }
 
     /// Kills a node's agent and starts it again (its enrollments come back from its state).
@@ -794,7 +843,7 @@ impl Lab {
     }
 
     fn start_dataplane(&mut self, node: usize) -> anyhow::Result<()> {
-        let ns = self.node_netns(node);
+        let ns = self.dataplane_netns(node);
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &ns])
             .arg(&self.bins.dataplane)
@@ -823,22 +872,48 @@ impl Lab {
     /// running one's listening sockets over (`--upgrade-socket`), and returns once the new
     /// one serves. The old process, returned, drains its connections and exits by itself.
     pub fn upgrade_dataplane(&mut self, node: usize) -> anyhow::Result<Child> {
-        const TOOK_OVER: &str = "took over from the old data plane";
-        let before = self
-            .process_log("dataplane", node)
-            .matches(TOOK_OVER)
-            .count();
+        let before = self.takeovers(node);
         let old = self.dataplanes[node]
             .take()
             .ok_or_else(|| anyhow::anyhow!("no data plane on {}", NODE_NAMES[node]))?;
         self.start_dataplane(node)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self
-            .process_log("dataplane", node)
+        self.await_takeover(node, before)?;
+        Ok(old)
+    }
+
+    /// A DaemonSet's rolling update with `maxSurge` on one node: a new pod's agent and data
+    /// plane start beside the running ones, with a snapshot region, a namespace socket and a
+    /// network namespace of their own, and the node's CNI socket, state directory and upgrade
+    /// socket in common. The new agent takes the node's enrollments over; the new data plane
+    /// takes the listening sockets over. Returns once it serves, with the old pod's agent and
+    /// data plane, which keep running until signalled, as an old pod does until deleted.
+    pub fn rolling_update(&mut self, node: usize) -> anyhow::Result<(Child, Child)> {
+        let before = self.takeovers(node);
+        let old_agent = self.agents[node]
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no agent on {}", NODE_NAMES[node]))?;
+        let old_dataplane = self.dataplanes[node]
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no data plane on {}", NODE_NAMES[node]))?;
+        self.pod_generations[node] += 1;
+        self.ns_add(&self.dataplane_netns(node))?;
+        self.start_agent(node)?;
+        self.start_dataplane(node)?;
+        self.await_takeover(node, before)?;
+        Ok((old_agent, old_dataplane))
+    }
+
+    /// How many takeovers a node's data planes have logged.
+    fn takeovers(&self, node: usize) -> usize {
+        self.process_log("dataplane", node)
             .matches(TOOK_OVER)
             .count()
-            == before
-        {
+    }
+
+    /// Waits until a node's new data plane says it took over (the count was `before`).
+    fn await_takeover(&mut self, node: usize, before: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.takeovers(node) == before {
             self.check_dataplane_running(node)?;
             if Instant::now() > deadline {
                 bail!(
@@ -849,7 +924,7 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(old)
+        Ok(())
     }
 
     /// Sends a signal (e.g. "STOP", "CONT") to a node's data plane.
@@ -950,7 +1025,7 @@ impl Lab {
         path: &str,
     ) -> anyhow::Result<(u16, String)> {
         let mut stream = self.connect_in(
-            &self.node_netns(node),
+            &self.dataplane_netns(node),
             SocketAddr::from(([127, 0, 0, 1], port)),
         )?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;

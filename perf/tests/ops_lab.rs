@@ -298,12 +298,149 @@ lab_test!(
     }
 );
 
+/// Connections from n1-a to n2-a's echo server while `upgrade` runs on node 2 (its 15008
+/// listeners), then on node 1 (its 15001): three threads open fresh ones (connect, 1 KiB each
+/// way, close) and two long-lived ones, opened before, stay busy. Fails if any connection
+/// failed, or too few were made. Returns what `upgrade` returned for node 2 and node 1, and
+/// the long-lived connections, still open.
+fn under_load<T: Send>(
+    lab: &mut Lab,
+    what: &str,
+    mut upgrade: impl FnMut(&mut Lab, usize) -> T,
+) -> (T, T, Vec<std::net::TcpStream>) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Mutex;
+    let stop = AtomicBool::new(false);
+    let made = AtomicU64::new(0);
+    let failures = Mutex::new(Vec::<String>::new());
+    let mut long_lived: Vec<_> = (0..2)
+        .map(|_| {
+            lab.connect_from("n1-a", lab.addr("n2-a", ECHO))
+                .expect("connect")
+        })
+        .collect();
+    // The load runs from pod n1-a's namespace on threads of its own, while the lab (which
+    // the upgrades change) stays with this thread.
+    let client_ns = mesh_io::netns::NetNs::open(lab.pod("n1-a").netns_path()).expect("netns");
+    let home = mesh_io::netns::NetNs::current().expect("netns");
+    let server = lab.addr("n2-a", ECHO);
+    let one_exchange = || -> std::io::Result<()> {
+        let connect = || std::net::TcpStream::connect_timeout(&server, Duration::from_secs(10));
+        exchange_on(client_ns.run_in(&home, connect)??, 1024)
+    };
+    let (server_side, client_side) = std::thread::scope(|s| {
+        let (stop, made, failures, one_exchange) = (&stop, &made, &failures, &one_exchange);
+        for _ in 0..3 {
+            s.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match one_exchange() {
+                        Ok(()) => {
+                            made.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => failures.lock().expect("lock").push(format!("new: {e}")),
+                    }
+                }
+            });
+        }
+        for conn in long_lived.iter_mut() {
+            s.spawn(move || {
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let message = format!("ping {n}");
+                    match roundtrip(conn, message.as_bytes()) {
+                        Ok(reply) if reply == message.as_bytes() => {}
+                        Ok(reply) => failures
+                            .lock()
+                            .expect("lock")
+                            .push(format!("long-lived: wrong reply {reply:?}")),
+                        Err(e) => {
+                            failures
+                                .lock()
+                                .expect("lock")
+                                .push(format!("long-lived: {e}"));
+                            return;
+                        }
+                    }
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+        }
+        // Stops the load even if an upgrade fails, or the scope would wait for it forever.
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop_on_drop = StopOnDrop(stop);
+        std::thread::sleep(Duration::from_millis(700));
+        let before = made.load(Ordering::Relaxed);
+        let server_side = upgrade(lab, 1);
+        std::thread::sleep(Duration::from_millis(700));
+        let client_side = upgrade(lab, 0);
+        std::thread::sleep(Duration::from_millis(700));
+        stop.store(true, Ordering::Relaxed);
+        assert!(
+            made.load(Ordering::Relaxed) > before,
+            "no connections were made during the {what}s"
+        );
+        (server_side, client_side)
+    });
+    let failures = failures.into_inner().expect("lock");
+    assert!(
+        failures.is_empty(),
+        "{} of {} connection attempts failed: {:?}",
+        failures.len(),
+        made.load(Ordering::Relaxed) + failures.len() as u64,
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        made.load(Ordering::Relaxed) >= 20,
+        "too little load to say anything"
+    );
+    eprintln!(
+        "{} connections made during two {what}s, none refused or reset",
+        made.load(Ordering::Relaxed)
+    );
+    (server_side, client_side, long_lived)
+}
+
+/// HBONE streams node 2's current data plane accepted (both workers).
+fn streams_accepted(lab: &Lab) -> u64 {
+    let text = scrape(lab, 1);
+    ["0", "1"]
+        .iter()
+        .map(|w| {
+            series(
+                &text,
+                "meshdp_hbone_streams_accepted_total",
+                &[("worker", w)],
+            )
+            .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Waits up to 15 s for a process this test holds to exit; its status.
+fn exited(name: &str, child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the {name} did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 lab_test!(
     an_upgrade_under_load_refuses_and_resets_nothing,
     LabOptions::default(),
     |lab| {
-        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-        use std::sync::Mutex;
         let mut lab = lab;
         echo_server(&lab, "n2-a");
         // The old process's listeners that the new one did not inherit (a pod that came during
@@ -312,120 +449,18 @@ lab_test!(
             let migrate = run_in(&lab, pod, "cat", &["/proc/sys/net/ipv4/tcp_migrate_req"]);
             assert_eq!(migrate.trim(), "1", "{pod}");
         }
-        let stop = AtomicBool::new(false);
-        let made = AtomicU64::new(0);
-        let failures = Mutex::new(Vec::<String>::new());
-        // Two long-lived connections, opened before both upgrades, kept busy throughout.
-        let mut long_lived: Vec<_> = (0..2)
-            .map(|_| {
-                lab.connect_from("n1-a", lab.addr("n2-a", ECHO))
-                    .expect("connect")
-            })
-            .collect();
-        // The load runs from pod n1-a's namespace on threads of its own, while the lab (which
-        // the upgrades change) stays with this thread.
-        let client_ns = mesh_io::netns::NetNs::open(lab.pod("n1-a").netns_path()).expect("netns");
-        let home = mesh_io::netns::NetNs::current().expect("netns");
-        let server = lab.addr("n2-a", ECHO);
-        let one_exchange = || -> std::io::Result<()> {
-            let connect = || std::net::TcpStream::connect_timeout(&server, Duration::from_secs(10));
-            exchange_on(client_ns.run_in(&home, connect)??, 1024)
-        };
-        let (old_server_side, old_client_side) = std::thread::scope(|s| {
-            let (stop, made, failures, one_exchange) = (&stop, &made, &failures, &one_exchange);
-            for _ in 0..3 {
-                s.spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        // A fresh connection each time: connect, 1 KiB each way, close.
-                        match one_exchange() {
-                            Ok(()) => {
-                                made.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(e) => failures.lock().expect("lock").push(format!("new: {e}")),
-                        }
-                    }
-                });
-            }
-            for conn in long_lived.iter_mut() {
-                s.spawn(move || {
-                    let mut n = 0u32;
-                    while !stop.load(Ordering::Relaxed) {
-                        let message = format!("ping {n}");
-                        match roundtrip(conn, message.as_bytes()) {
-                            Ok(reply) if reply == message.as_bytes() => {}
-                            Ok(reply) => failures
-                                .lock()
-                                .expect("lock")
-                                .push(format!("long-lived: wrong reply {reply:?}")),
-                            Err(e) => {
-                                failures
-                                    .lock()
-                                    .expect("lock")
-                                    .push(format!("long-lived: {e}"));
-                                return;
-                            }
-                        }
-                        n += 1;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                });
-            }
-            // Stops the load even if an upgrade fails, or the scope would wait for it forever.
-            struct StopOnDrop<'a>(&'a AtomicBool);
-            impl Drop for StopOnDrop<'_> {
-                fn drop(&mut self) {
-                    self.0.store(true, Ordering::Relaxed);
-                }
-            }
-            let _stop_on_drop = StopOnDrop(stop);
-            std::thread::sleep(Duration::from_millis(700));
-            let before = made.load(Ordering::Relaxed);
-            // The destination node first (its 15008 listeners), then the source node (15001).
-            let old_server_side = lab.upgrade_dataplane(1).expect("upgrade node 2");
-            std::thread::sleep(Duration::from_millis(700));
-            let old_client_side = lab.upgrade_dataplane(0).expect("upgrade node 1");
-            std::thread::sleep(Duration::from_millis(700));
-            stop.store(true, Ordering::Relaxed);
-            assert!(
-                made.load(Ordering::Relaxed) > before,
-                "no connections were made during the upgrades"
-            );
-            (old_server_side, old_client_side)
-        });
-        let failures = failures.into_inner().expect("lock");
-        assert!(
-            failures.is_empty(),
-            "{} of {} connection attempts failed: {:?}",
-            failures.len(),
-            made.load(Ordering::Relaxed) + failures.len() as u64,
-            &failures[..failures.len().min(5)]
-        );
-        assert!(
-            made.load(Ordering::Relaxed) >= 20,
-            "too little load to say anything"
-        );
-        eprintln!(
-            "{} connections made during two upgrades, none refused or reset",
-            made.load(Ordering::Relaxed)
-        );
+        let (old_server_side, old_client_side, mut long_lived) =
+            under_load(&mut lab, "upgrade", |lab, node| {
+                lab.upgrade_dataplane(node)
+                    .unwrap_or_else(|e| panic!("upgrade node {}: {e:#}", node + 1))
+            });
         // New connections are the new processes' now.
-        let streams = |lab: &Lab| {
-            series(
-                &scrape(lab, 1),
-                "meshdp_hbone_streams_accepted_total",
-                &[("worker", "0")],
-            )
-            .unwrap_or(0)
-                + series(
-                    &scrape(lab, 1),
-                    "meshdp_hbone_streams_accepted_total",
-                    &[("worker", "1")],
-                )
-                .unwrap_or(0)
-        };
-        let before = streams(&lab);
+        let before = streams_accepted(&lab);
         exchange(&lab, "n1-a", "n2-a", ECHO, 10).expect("after the upgrades");
-        assert!(streams(&lab) > before, "the new node-2 process served it");
+        assert!(
+            streams_accepted(&lab) > before,
+            "the new node-2 process served it"
+        );
         // The old processes still carry the long-lived connections, which still work...
         for conn in long_lived.iter_mut() {
             assert_eq!(roundtrip(conn, b"still here").expect("echo"), b"still here");
@@ -433,17 +468,7 @@ lab_test!(
         // ...and exit once those are closed.
         drop(long_lived);
         for (name, mut old) in [("node 2", old_server_side), ("node 1", old_client_side)] {
-            let deadline = std::time::Instant::now() + Duration::from_secs(15);
-            let status = loop {
-                if let Some(status) = old.try_wait().expect("wait") {
-                    break status;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the old {name} data plane did not finish draining"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            };
+            let status = exited(&format!("old {name} data plane"), &mut old);
             assert!(status.success(), "old {name} data plane: {status}");
         }
         for node in [0, 1] {
@@ -454,6 +479,190 @@ lab_test!(
             );
             assert!(log.contains("drained: no connections left"), "{log}");
         }
+    }
+);
+
+lab_test!(
+    a_rolling_update_across_pods_refuses_and_resets_nothing,
+    LabOptions::default(),
+    |lab| {
+        let mut lab = lab;
+        echo_server(&lab, "n2-a");
+        // Each node's next DaemonSet pod starts beside the running one (maxSurge): its agent
+        // takes the node's enrollments over, its data plane the listening sockets.
+        let (old_server_side, old_client_side, mut long_lived) =
+            under_load(&mut lab, "rolling update", |lab, node| {
+                lab.rolling_update(node)
+                    .unwrap_or_else(|e| panic!("rolling update of node {}: {e:#}", node + 1))
+            });
+        for node in [0, 1] {
+            let agent_log = lab.process_log("ctrl-agent", node);
+            assert!(
+                agent_log.contains("the running agent handed the node's CNI enrollments over"),
+                "{agent_log}"
+            );
+            // The new data plane answers on endpoints of its own, in its own pod's namespace.
+            let log = lab.process_log("dataplane", node);
+            assert!(log.contains("opening this process's own"), "{log}");
+        }
+        lab.wait_ready(1, Duration::from_secs(10))
+            .expect("the new pod's readiness answers in its own namespace");
+        let before = streams_accepted(&lab);
+        exchange(&lab, "n1-a", "n2-a", ECHO, 10).expect("after the rolling update");
+        assert!(
+            streams_accepted(&lab) > before,
+            "the new node-2 pod served it"
+        );
+        for conn in long_lived.iter_mut() {
+            assert_eq!(roundtrip(conn, b"still here").expect("echo"), b"still here");
+        }
+        drop(long_lived);
+
+        // A pod that comes while both pods run is the new agent's: the old one answers the
+        // plugin `moved`, which asks again.
+        let pod = lab
+            .add_pod(1, "c", true, "default")
+            .expect("a pod during the overlap");
+        lab.wait_serving(1, Duration::from_secs(20))
+            .expect("served by the new pod");
+        echo_server(&lab, "n2-c");
+        exchange(&lab, "n1-a", "n2-c", ECHO, 10).expect("to the pod that came meanwhile");
+
+        // The old pods' data planes drained, and wait for their own SIGTERM rather than exit
+        // (a container that exits is restarted, and would take the sockets back).
+        let (mut old_agents, mut old_dataplanes) = (Vec::new(), Vec::new());
+        for (node, (agent, dataplane)) in [(1, old_server_side), (0, old_client_side)] {
+            old_agents.push((node, agent));
+            old_dataplanes.push((node, dataplane));
+        }
+        for (node, dataplane) in &old_dataplanes {
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            while !lab
+                .process_log("dataplane", *node)
+                .contains("handed over to another pod's data plane: waiting for this pod's SIGTERM")
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the old data plane of node {} did not drain",
+                    node + 1
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            assert!(
+                running(dataplane.id()),
+                "the old data plane exited by itself"
+            );
+        }
+        for (node, mut process) in old_dataplanes.into_iter().chain(old_agents) {
+            perf::sys::run("kill", &["-TERM", &process.id().to_string()]).expect("kill");
+            let status = exited(&format!("old process of node {}", node + 1), &mut process);
+            assert!(
+                status.success(),
+                "old process of node {}: {status}",
+                node + 1
+            );
+        }
+        // The old agent left the state file as the new one wrote it: a restart of the new
+        // agent serves the pod that came during the overlap.
+        lab.restart_agent(1).expect("restart the new agent");
+        lab.wait_serving(1, Duration::from_secs(20))
+            .expect("serving");
+        exchange(&lab, "n1-a", "n2-c", ECHO, 10).expect("after the old pods went");
+        drop(pod);
+    }
+);
+
+/// Waits up to 20 s for `text` in a node's agent log.
+fn await_agent_log(lab: &Lab, node: usize, text: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !lab.process_log("ctrl-agent", node).contains(text) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {text:?} in the agent log:\n{}",
+            lab.process_log("ctrl-agent", node)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+lab_test!(
+    a_handed_over_agent_takes_the_node_back_when_no_successor_serves_it,
+    LabOptions {
+        agent_args: vec!["--cni-successor-wait".into(), "2s".into()],
+        ..LabOptions::default()
+    },
+    |lab| {
+        use ctrl_agent::cni_api::{Reply, Request};
+        use mesh_io::ipc::Channel;
+        let mut lab = lab;
+        let socket = lab.cni_socket(1);
+        let ask = |request: &Request| -> Reply {
+            let channel = Channel::connect(&socket).expect("connect");
+            channel
+                .set_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            channel.send_json(request, &[]).expect("send");
+            channel
+                .recv_json::<Reply>()
+                .expect("recv")
+                .expect("a reply")
+                .0
+        };
+        let status = Request::Status {
+            container_id: "none".into(),
+        };
+        // A successor that asks for the node and is never heard of again (it crashed before
+        // binding the socket): meanwhile plugins are told to ask again...
+        assert!(
+            matches!(ask(&Request::HandOver), Reply::HandedOver { pods } if pods == 2),
+            "the handover"
+        );
+        assert!(matches!(ask(&status), Reply::Moved { .. }), "not moved");
+        // ...and a pod that comes meanwhile is served once the agent takes the node back:
+        // its plugin keeps asking.
+        let late = lab
+            .add_pod(1, "c", true, "default")
+            .expect("a pod while the node is handed over");
+        await_agent_log(&lab, 1, "the new agent never took the CNI socket over");
+        let log = lab.process_log("ctrl-agent", 1);
+        assert!(
+            log.lines()
+                .any(|l| l.contains("answered `moved`") && l.contains("request=Add {")),
+            "the late pod's ADD came after the agent took the node back: the test proved \
+             nothing\n{log}"
+        );
+        lab.wait_serving(1, Duration::from_secs(20))
+            .expect("served after the agent took the node back");
+        echo_server(&lab, "n2-c");
+        exchange(&lab, "n1-a", "n2-c", ECHO, 10).expect("to the late pod");
+
+        // A successor that took the node and went (its pod deleted in a rollback before it
+        // got ready): the agent takes the socket back once it stops answering there.
+        let mut successor = lab.surge_agent(1).expect("the next pod's agent");
+        await_agent_log(
+            &lab,
+            1,
+            "the running agent handed the node's CNI enrollments over",
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while matches!(ask(&status), Reply::Moved { .. }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the successor never bound the socket"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        successor.kill().expect("kill the successor");
+        successor.wait().expect("reap");
+        await_agent_log(&lab, 1, "taking it back");
+        let after = lab
+            .add_pod(1, "d", true, "default")
+            .expect("a pod after the rollback");
+        lab.wait_serving(1, Duration::from_secs(20))
+            .expect("served by the first agent again");
+        echo_server(&lab, "n2-d");
+        exchange(&lab, "n1-a", "n2-d", ECHO, 10).expect("to the pod after the rollback");
+        drop((late, after));
     }
 );
 
