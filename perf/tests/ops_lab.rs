@@ -488,6 +488,12 @@ lab_test!(
     |lab| {
         let mut lab = lab;
         echo_server(&lab, "n2-a");
+        // From a pod outside the mesh: only node 2's data plane carries it. Held open past the
+        // old node-2 pod's SIGTERM.
+        let mut held = lab
+            .connect_from("n1-b", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(roundtrip(&mut held, b"before").expect("echo"), b"before");
         // Each node's next DaemonSet pod starts beside the running one (maxSurge): its agent
         // takes the node's enrollments over, its data plane the listening sockets.
         let (old_server_side, old_client_side, mut long_lived) =
@@ -528,39 +534,60 @@ lab_test!(
         echo_server(&lab, "n2-c");
         exchange(&lab, "n1-a", "n2-c", ECHO, 10).expect("to the pod that came meanwhile");
 
-        // The old pods' data planes drained, and wait for their own SIGTERM rather than exit
+        // Node 1's old data plane drained, and waits for its pod's SIGTERM rather than exit
         // (a container that exits is restarted, and would take the sockets back).
-        let (mut old_agents, mut old_dataplanes) = (Vec::new(), Vec::new());
-        for (node, (agent, dataplane)) in [(1, old_server_side), (0, old_client_side)] {
-            old_agents.push((node, agent));
-            old_dataplanes.push((node, dataplane));
-        }
-        for (node, dataplane) in &old_dataplanes {
-            let deadline = std::time::Instant::now() + Duration::from_secs(15);
-            while !lab
-                .process_log("dataplane", *node)
-                .contains("handed over to another pod's data plane: waiting for this pod's SIGTERM")
-            {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the old data plane of node {} did not drain",
-                    node + 1
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
+        let (old_agent_2, mut old_dataplane_2) = old_server_side;
+        let (old_agent_1, mut old_dataplane_1) = old_client_side;
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !lab
+            .process_log("dataplane", 0)
+            .contains("handed over to another pod's data plane: waiting for this pod's SIGTERM")
+        {
             assert!(
-                running(dataplane.id()),
-                "the old data plane exited by itself"
+                std::time::Instant::now() < deadline,
+                "the old data plane of node 1 did not drain"
             );
+            std::thread::sleep(Duration::from_millis(50));
         }
-        for (node, mut process) in old_dataplanes.into_iter().chain(old_agents) {
+        assert!(
+            running(old_dataplane_1.id()),
+            "the old data plane exited by itself"
+        );
+        let terminate = |process: &std::process::Child| {
             perf::sys::run("kill", &["-TERM", &process.id().to_string()]).expect("kill");
-            let status = exited(&format!("old process of node {}", node + 1), &mut process);
+        };
+        terminate(&old_dataplane_1);
+        let status = exited("old data plane of node 1", &mut old_dataplane_1);
+        assert!(status.success(), "old data plane of node 1: {status}");
+        // Node 2's still carries the held connection: its pod's SIGTERM, which comes soon
+        // after the handover, leaves the drain its grace.
+        terminate(&old_dataplane_2);
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !lab
+            .process_log("dataplane", 1)
+            .contains("the pod's SIGTERM: draining goes on")
+        {
             assert!(
-                status.success(),
-                "old process of node {}: {status}",
-                node + 1
+                std::time::Instant::now() < deadline,
+                "no word of the SIGTERM"
             );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            roundtrip(&mut held, b"after the SIGTERM").expect("echo"),
+            b"after the SIGTERM"
+        );
+        assert!(
+            running(old_dataplane_2.id()),
+            "the SIGTERM cut the drain short"
+        );
+        drop(held);
+        let status = exited("old data plane of node 2", &mut old_dataplane_2);
+        assert!(status.success(), "old data plane of node 2: {status}");
+        for (node, mut agent) in [(1, old_agent_1), (2, old_agent_2)] {
+            terminate(&agent);
+            let status = exited(&format!("old agent of node {node}"), &mut agent);
+            assert!(status.success(), "old agent of node {node}: {status}");
         }
         // The old agent left the state file as the new one wrote it: a restart of the new
         // agent serves the pod that came during the overlap.
