@@ -155,7 +155,8 @@ fn read_json(path: &Path) -> Result<Value, String> {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let tmp = path.with_extension("mesh-cni-tmp");
+    // Per process: during a surging rolling update two installers run on the node.
+    let tmp = path.with_extension(format!("mesh-cni-tmp-{}", std::process::id()));
     fs::write(&tmp, bytes)
         .and_then(|()| fs::rename(&tmp, path))
         .map_err(|e| format!("writing {}: {e}", path.display()))
@@ -185,7 +186,9 @@ fn is_ours(plugin: &Value) -> bool {
 pub fn install_binary(options: &Options) -> Result<(), String> {
     let me = std::env::current_exe().map_err(|e| format!("finding this binary: {e}"))?;
     let target = options.bin_dir.join(PLUGIN_TYPE);
-    let tmp = options.bin_dir.join(format!(".{PLUGIN_TYPE}.tmp"));
+    let tmp = options
+        .bin_dir
+        .join(format!(".{PLUGIN_TYPE}.{}.tmp", std::process::id()));
     fs::copy(&me, &tmp)
         .and_then(|_| fs::rename(&tmp, &target))
         .map_err(|e| format!("copying {} to {}: {e}", me.display(), target.display()))
