@@ -348,5 +348,21 @@ lab_test!(
             4,
             &format!("waypoint {hostname} has no address yet"),
         );
+        // The config dump says so, apart from an address.
+        let (status, body) = lab.http_get(0, 15000, "/config_dump").expect("dump");
+        assert_eq!(status, 200);
+        let dump: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let waypoint = dump["services"]
+            .as_array()
+            .expect("services")
+            .iter()
+            .find_map(|s| {
+                s["waypoint"]
+                    .as_object()
+                    .filter(|w| w.contains_key("hostname"))
+            })
+            .unwrap_or_else(|| panic!("no service with an unresolved waypoint: {dump:#}"));
+        assert_eq!(waypoint["hostname"], hostname);
+        assert!(waypoint["address"].is_null(), "{waypoint:?}");
     }
 );

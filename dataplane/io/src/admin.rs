@@ -124,7 +124,7 @@ impl AdminState {
                         mesh_core::index::NetnsSource::Path(p) => p.clone(),
                         mesh_core::index::NetnsSource::Agent => "from ctrl-agent (CNI)".into(),
                     },
-                    "waypoint": w.waypoint.as_deref().map(ToString::to_string),
+                    "waypoint": waypoint_json(w.waypoint.as_deref()),
                 })
             })
             .collect();
@@ -152,7 +152,7 @@ impl AdminState {
                     "hostname": s.name.hostname,
                     "vips": s.frontends.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "endpoints": s.endpoints,
-                    "waypoint": s.waypoint.map(|w| w.to_string()),
+                    "waypoint": waypoint_json(s.waypoint),
                 })
             })
             .collect();
@@ -332,6 +332,20 @@ impl AdminState {
 }
 
 /// The value of `key` in a query string (no percent-decoding: values here are plain words).
+/// A waypoint in the config dump: its address, or the hostname it is known by while that
+/// names no service with a VIP (its traffic is then refused).
+fn waypoint_json(waypoint: Option<&mesh_core::index::Waypoint>) -> Value {
+    match waypoint {
+        None => Value::Null,
+        Some(mesh_core::index::Waypoint::At(address)) => json!({ "address": address.to_string() }),
+        Some(mesh_core::index::Waypoint::Unresolved(hostname)) => json!({
+            "hostname": &**hostname,
+            "address": null,
+            "traffic": "refused until the hostname names a service with a VIP",
+        }),
+    }
+}
+
 fn query_value(query: &str, key: &str) -> Option<String> {
     query
         .split('&')
