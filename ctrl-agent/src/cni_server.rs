@@ -228,16 +228,9 @@ impl Calls {
 /// never change enrollments at once. Nothing listening there is a first start; an agent that
 /// does not know the request (an older version) is taken over without its word.
 pub fn take_over(cni_socket: &Path) {
-    let channel = match Channel::connect(cni_socket) {
-        Ok(channel) => channel,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return
-        }
+    let channel = match Channel::connect_if_listening(cni_socket) {
+        Ok(Some(channel)) => channel,
+        Ok(None) => return,
         Err(e) => {
             tracing::warn!(error = %e, socket = %cni_socket.display(),
                 "cannot reach the CNI socket's current agent; taking it over without its word");

@@ -47,6 +47,24 @@ impl Channel {
         Ok(Channel(socket))
     }
 
+    /// Connects to whoever listens at `path`; `Ok(None)` when no one does (no socket file, or
+    /// one its process left behind): a first start, for a process that takes over from a
+    /// running one.
+    pub fn connect_if_listening(path: &Path) -> io::Result<Option<Channel>> {
+        match Channel::connect(path) {
+            Ok(channel) => Ok(Some(channel)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.0.set_read_timeout(timeout)?;
         self.0.set_write_timeout(timeout)

@@ -202,17 +202,8 @@ impl Inherited {
 /// The new process's side: asks the process listening on `path` for its sockets. `Ok(None)`
 /// when nothing listens there (a first start).
 pub fn request(path: &Path) -> std::io::Result<Option<(Channel, Inherited)>> {
-    let channel = match Channel::connect(path) {
-        Ok(c) => c,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
-        }
-        Err(e) => return Err(e),
+    let Some(channel) = Channel::connect_if_listening(path)? else {
+        return Ok(None);
     };
     channel.set_timeout(Some(Duration::from_secs(30)))?;
     channel.send_json(&Message::Handover, &[])?;
@@ -442,11 +433,8 @@ mod tests {
         let here = NetNs::current().and_then(|n| n.identity()).ok();
         let admin = inherited.endpoint("admin", here).expect("admin endpoint");
         assert_eq!(admin.local_addr().expect("addr"), admin_addr);
-        channel
-            .send_json(&inherited.ready_message(), &[])
-            .expect("ready");
         assert_eq!(
-            old.join().expect("old side"),
+            verdict(&channel, &inherited, old),
             Some(Succeeded {
                 shares_endpoints: true
             })
@@ -454,6 +442,18 @@ mod tests {
         // Nobody listening: a first start.
         std::fs::remove_file(&path).expect("rm");
         assert!(request(&path).expect("no error").is_none());
+    }
+
+    /// The new side says it is ready, as `inherited` has it; what the old side made of it.
+    fn verdict(
+        channel: &Channel,
+        inherited: &Inherited,
+        old: std::thread::JoinHandle<Option<Succeeded>>,
+    ) -> Option<Succeeded> {
+        channel
+            .send_json(&inherited.ready_message(), &[])
+            .expect("ready");
+        old.join().expect("old side")
     }
 
     #[test]
@@ -490,11 +490,8 @@ mod tests {
             hand_over(&channel, &[], &[], Duration::from_secs(5)).expect("handover")
         });
         let (channel, _) = request(&path).expect("request").expect("someone answered");
-        channel
-            .send_json(&inherited.ready_message(), &[])
-            .expect("ready");
         assert_eq!(
-            old.join().expect("old side"),
+            verdict(&channel, &inherited, old),
             Some(Succeeded {
                 shares_endpoints: false
             })
