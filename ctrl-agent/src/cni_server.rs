@@ -61,6 +61,7 @@ pub fn start(
         slots: Arc::new(Slots::new(MAX_CNI_CALLS)),
         path: cni_socket.to_owned(),
         bound: Mutex::new(None),
+        handed_over_at: Mutex::new(None),
     });
     calls.bind()?;
     let netns = Listener::bind(netns_socket)?;
@@ -85,6 +86,8 @@ struct Calls {
     /// The inode of the socket this agent bound at `path`: another one there means another
     /// agent took the path.
     bound: Mutex<Option<u64>>,
+    /// When a new agent last asked for the node (`HandOver`).
+    handed_over_at: Mutex<Option<Instant>>,
 }
 
 impl Calls {
@@ -144,12 +147,19 @@ impl Calls {
     /// by the new agent. The state file is final once this returns: every change was saved
     /// under the lock taken here.
     fn hand_over(self: &Arc<Self>) -> Reply {
-        let (pods, first) = {
+        let pods = {
             let mut state = lock(&self.shared);
-            let first = !state.handed_over;
             state.handed_over = true;
-            (state.enrollments.len(), first)
+            state.enrollments.len()
         };
+        // The successor's wait counts from its last request: one restarted by the kubelet
+        // asks again.
+        let first = self
+            .handed_over_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(Instant::now())
+            .is_none();
         tracing::info!(
             pods,
             "a new agent takes the node's CNI enrollments over: answering plugins `moved` \
@@ -167,57 +177,69 @@ impl Calls {
         Reply::HandedOver { pods }
     }
 
-    /// After a handover: takes the node back if the successor never binds the socket path
-    /// within `successor_wait` (it failed to start), or stops answering there for as long
-    /// (its pod was deleted: a rollback), so that a failed upgrade does not leave the node
-    /// with no agent for CNI. Ends when this agent serves again.
+    /// After a first handover, for the agent's life: takes the node back if the successor
+    /// never binds the socket path within `successor_wait` of the last `HandOver` (it failed
+    /// to start), or stops answering there for as long (its pod was deleted: a rollback), so
+    /// that a failed upgrade does not leave the node with no agent for CNI; and hands it over
+    /// again whenever another agent answers at the path, so that two agents never both
+    /// change the node for long.
     fn watch_successor(self: Arc<Self>) {
         let wait = self.settings.successor_wait;
-        let handed_over = Instant::now();
         let mut unanswered_since: Option<Instant> = None;
         loop {
             std::thread::sleep(Duration::from_millis(500));
+            let handed_over = lock(&self.shared).handed_over;
             if self.owns_path() {
-                if handed_over.elapsed() >= wait {
+                unanswered_since = None;
+                let asked = *self
+                    .handed_over_at
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if handed_over && asked.is_some_and(|at| at.elapsed() >= wait) {
                     tracing::warn!(waited = ?wait,
                         "the new agent never took the CNI socket over: serving the node again");
                     self.resume();
-                    return;
                 }
                 continue;
             }
-            match Channel::connect(&self.path) {
-                Ok(_) => unanswered_since = None,
-                Err(e) => {
-                    let since = *unanswered_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() < wait {
-                        continue;
-                    }
-                    tracing::warn!(error = %e, waited = ?wait,
-                        "the agent that took the node over no longer answers on the CNI socket: \
-                         taking it back");
-                    match self.bind() {
-                        Ok(()) => {
-                            self.resume();
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot bind the CNI socket again");
-                            unanswered_since = None;
-                        }
-                    }
+            if Channel::connect(&self.path).is_ok() {
+                unanswered_since = None;
+                if !handed_over {
+                    tracing::warn!(
+                        "another agent serves the CNI socket: leaving the node to it again"
+                    );
+                    lock(&self.shared).handed_over = true;
                 }
+                continue;
+            }
+            let since = *unanswered_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < wait {
+                continue;
+            }
+            unanswered_since = None;
+            // Once more, right before the path is replaced: a successor may have just bound.
+            if Channel::connect(&self.path).is_ok() {
+                continue;
+            }
+            tracing::warn!(waited = ?wait,
+                "the agent that took the node over no longer answers on the CNI socket: \
+                 taking it back");
+            match self.bind() {
+                Ok(()) => self.resume(),
+                Err(e) => tracing::error!(error = %e, "cannot bind the CNI socket again"),
             }
         }
     }
 
-    /// Serves the node again, from the state file as the successor (if it ran) left it.
+    /// Serves the node again, from the state file as the successor (if it ran) left it, with
+    /// the labels as they are now (changes while handed over were not followed).
     fn resume(&self) {
         let mut state = lock(&self.shared);
         for why in state.enrollments.reload() {
             tracing::warn!(%why, "forgetting an enrollment");
         }
         state.handed_over = false;
+        reconcile(&mut state);
         finish_change(&mut state);
         let _ = self.wake.send(());
     }
@@ -337,7 +359,8 @@ impl Calls {
                     .enrollments
                     .get(&waiting.pod.container_id)
                     .is_some_and(|e| e.captured);
-                if reply == Reply::Done && captured {
+                // Nor once the node is handed over: the new agent annotates.
+                if reply == Reply::Done && captured && !state.handed_over {
                     mark_redirection(state.redirections.as_ref(), &waiting.pod, true);
                 }
             }

@@ -533,6 +533,34 @@ lab_test!(
             .expect("served by the new pod");
         echo_server(&lab, "n2-c");
         exchange(&lab, "n1-a", "n2-c", ECHO, 10).expect("to the pod that came meanwhile");
+        // A relabel during the overlap is followed by the new agent alone: the old one, whose
+        // enrollments lack n2-c, would otherwise rewrite the state file without it.
+        let followed = |lab: &Lab| {
+            lab.process_log("ctrl-agent", 1)
+                .lines()
+                .filter(|l| l.contains("labels changed: capture updated in place"))
+                .count()
+        };
+        let before = followed(&lab);
+        lab.set_enrolled("n2-a", false)
+            .expect("n2-a out of the mesh");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while followed(&lab) == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the relabel was not followed"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Both agents look at the labels every 100 ms.
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(
+            followed(&lab),
+            before + 1,
+            "both agents followed the relabel"
+        );
+        lab.set_enrolled("n2-a", true)
+            .expect("n2-a back in the mesh");
 
         // Node 1's old data plane drained, and waits for its pod's SIGTERM rather than exit
         // (a container that exits is restarted, and would take the sockets back).
@@ -596,6 +624,53 @@ lab_test!(
             .expect("serving");
         exchange(&lab, "n1-a", "n2-c", ECHO, 10).expect("after the old pods went");
         drop(pod);
+    }
+);
+
+lab_test!(
+    a_drained_data_plane_exits_to_be_restarted_when_its_successor_pod_goes,
+    LabOptions::default(),
+    |lab| {
+        let mut lab = lab;
+        let (mut old_agent, mut old_dataplane) = lab.rolling_update(1).expect("rolling update");
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !lab
+            .process_log("dataplane", 1)
+            .contains("waiting for this pod's SIGTERM")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the old data plane did not drain"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The new pod is deleted (a rollback) while the old one stays: its data plane goes
+        // without a word. The drained one must not wait for a SIGTERM that will not come: it
+        // exits with an error, which has its container restarted, and a fresh start serves.
+        lab.signal_dataplane(1, "KILL")
+            .expect("kill the new data plane");
+        std::thread::sleep(Duration::from_secs(5));
+        assert!(
+            running(old_dataplane.id()),
+            "gave up on its successor too soon"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = old_dataplane.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the old data plane still waits for a SIGTERM with no successor"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(!status.success(), "exited as if all were well: {status}");
+        assert!(lab
+            .process_log("dataplane", 1)
+            .contains("has not answered on the upgrade socket"));
+        old_agent.kill().expect("kill");
+        old_agent.wait().expect("reap");
     }
 );
 

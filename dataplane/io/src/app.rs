@@ -59,6 +59,11 @@ pub enum AppError {
     Takeover(std::io::Error),
     #[error("gave up taking over; the running data plane keeps serving: {0}")]
     TakeoverAborted(String),
+    #[error(
+        "the data plane this one handed over to (in another pod) has not answered on the \
+         upgrade socket for {0:?}: exiting, so that a restart serves the node again"
+    )]
+    SuccessorGone(Duration),
 }
 
 /// Runs the data plane until SIGTERM or SIGINT.
@@ -361,13 +366,15 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
         &next_event,
         !await_signal,
     );
-    if await_signal && !signalled {
+    let outcome = if await_signal && !signalled {
         // Handed over to a process in another pod: exiting would have this container
         // restarted, and its new process would take the sockets back. Its pod's own SIGTERM
         // ends it; meanwhile its endpoints say it drains.
         tracing::info!("handed over to another pod's data plane: waiting for this pod's SIGTERM");
-        while !matches!(next_event.recv(), Ok(Event::Signal(_)) | Err(_)) {}
-    }
+        await_own_sigterm(&next_event, config.upgrade_socket.as_deref()).map(|()| Afterwards::Exit)
+    } else {
+        outcome
+    };
     stop.store(true, Ordering::Release);
     admin_stop.store(true, Ordering::Release);
     for tx in &senders {
@@ -380,6 +387,38 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
     logger_stop.store(true, Ordering::Release);
     let _ = logger.join();
     outcome.map(|_| ())
+}
+
+/// How long a data plane that handed over to another pod waits once nothing answers on the
+/// upgrade socket any more (that pod deleted, by a rollback say) before it exits, so that its
+/// container is restarted and serves the node again.
+const SUCCESSOR_GONE_AFTER: Duration = Duration::from_secs(10);
+
+/// Waits for a signal, or until the successor has been gone for [`SUCCESSOR_GONE_AFTER`].
+fn await_own_sigterm(
+    events: &flume::Receiver<Event>,
+    upgrade_socket: Option<&std::path::Path>,
+) -> Result<(), AppError> {
+    let mut gone_since: Option<Instant> = None;
+    loop {
+        match events.recv_timeout(Duration::from_secs(1)) {
+            Ok(Event::Signal(_)) | Err(flume::RecvTimeoutError::Disconnected) => return Ok(()),
+            Ok(Event::HandedOver(_)) | Err(flume::RecvTimeoutError::Timeout) => {}
+        }
+        let Some(path) = upgrade_socket else {
+            continue;
+        };
+        // A connection without a message: the successor's upgrade thread takes it as a probe.
+        match crate::ipc::Channel::connect_if_listening(path) {
+            Ok(Some(_)) | Err(_) => gone_since = None,
+            Ok(None) => {
+                let since = *gone_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= SUCCESSOR_GONE_AFTER {
+                    return Err(AppError::SuccessorGone(SUCCESSOR_GONE_AFTER));
+                }
+            }
+        }
+    }
 }
 
 /// What a process that served does once it has drained.
@@ -449,6 +488,8 @@ impl Upgrades {
             let _ = channel.set_timeout(Some(Duration::from_secs(30)));
             match channel.recv_json::<upgrade::Message>() {
                 Ok(Some((upgrade::Message::Handover, _))) => {}
+                // A predecessor that handed over to this process, checking that it runs.
+                Ok(None) => continue,
                 other => {
                     tracing::warn!(?other, "not a handover request on the upgrade socket");
                     continue;
