@@ -566,17 +566,12 @@ lab_test!(
         // (a container that exits is restarted, and would take the sockets back).
         let (old_agent_2, mut old_dataplane_2) = old_server_side;
         let (old_agent_1, mut old_dataplane_1) = old_client_side;
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while !lab
-            .process_log("dataplane", 0)
-            .contains("handed over to another pod's data plane: waiting for this pod's SIGTERM")
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the old data plane of node 1 did not drain"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        await_log(
+            &lab,
+            "dataplane",
+            0,
+            "handed over to another pod's data plane: waiting for this pod's SIGTERM",
+        );
         assert!(
             running(old_dataplane_1.id()),
             "the old data plane exited by itself"
@@ -590,17 +585,7 @@ lab_test!(
         // Node 2's still carries the held connection: its pod's SIGTERM, which comes soon
         // after the handover, leaves the drain its grace.
         terminate(&old_dataplane_2);
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while !lab
-            .process_log("dataplane", 1)
-            .contains("the pod's SIGTERM: draining goes on")
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no word of the SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        await_log(&lab, "dataplane", 1, "the pod's SIGTERM: draining goes on");
         assert_eq!(
             roundtrip(&mut held, b"after the SIGTERM").expect("echo"),
             b"after the SIGTERM"
@@ -633,17 +618,7 @@ lab_test!(
     |lab| {
         let mut lab = lab;
         let (mut old_agent, mut old_dataplane) = lab.rolling_update(1).expect("rolling update");
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while !lab
-            .process_log("dataplane", 1)
-            .contains("waiting for this pod's SIGTERM")
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the old data plane did not drain"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        await_log(&lab, "dataplane", 1, "waiting for this pod's SIGTERM");
         // The new pod is deleted (a rollback) while the old one stays: its data plane goes
         // without a word. The drained one must not wait for a SIGTERM that will not come: it
         // exits with an error, which has its container restarted, and a fresh start serves.
@@ -674,14 +649,15 @@ lab_test!(
     }
 );
 
-/// Waits up to 20 s for `text` in a node's agent log.
-fn await_agent_log(lab: &Lab, node: usize, text: &str) {
+/// Waits up to 20 s for `text` in the log of a node's `process` ("ctrl-agent", "dataplane").
+fn await_log(lab: &Lab, process: &str, node: usize, text: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !lab.process_log("ctrl-agent", node).contains(text) {
+    while !lab.process_log(process, node).contains(text) {
         assert!(
             std::time::Instant::now() < deadline,
-            "no {text:?} in the agent log:\n{}",
-            lab.process_log("ctrl-agent", node)
+            "no {text:?} in the {process} log of node {}:\n{}",
+            node + 1,
+            lab.process_log(process, node)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -725,7 +701,12 @@ lab_test!(
         let late = lab
             .add_pod(1, "c", true, "default")
             .expect("a pod while the node is handed over");
-        await_agent_log(&lab, 1, "the new agent never took the CNI socket over");
+        await_log(
+            &lab,
+            "ctrl-agent",
+            1,
+            "the new agent never took the CNI socket over",
+        );
         let log = lab.process_log("ctrl-agent", 1);
         assert!(
             log.lines()
@@ -741,8 +722,9 @@ lab_test!(
         // A successor that took the node and went (its pod deleted in a rollback before it
         // got ready): the agent takes the socket back once it stops answering there.
         let mut successor = lab.surge_agent(1).expect("the next pod's agent");
-        await_agent_log(
+        await_log(
             &lab,
+            "ctrl-agent",
             1,
             "the running agent handed the node's CNI enrollments over",
         );
@@ -756,7 +738,7 @@ lab_test!(
         }
         successor.kill().expect("kill the successor");
         successor.wait().expect("reap");
-        await_agent_log(&lab, 1, "taking it back");
+        await_log(&lab, "ctrl-agent", 1, "taking it back");
         let after = lab
             .add_pod(1, "d", true, "default")
             .expect("a pod after the rollback");
