@@ -133,14 +133,7 @@ impl Calls {
         let bound = *self.bound.lock().unwrap_or_else(|e| e.into_inner());
         bound.is_some() && inode(&self.path) == bound
     }
-}
 
-/// The inode of the file at `path`, if any.
-fn inode(path: &Path) -> Option<u64> {
-    std::fs::metadata(path).ok().map(|m| m.ino())
-}
-
-impl Calls {
     /// A new agent asks for the node (`Request::HandOver`): from now on this one changes
     /// nothing the node shares (enrollments and their file, capture rules, annotations, the
     /// host probe sets) and answers plugins `Moved`, which ask again at the path, bound next
@@ -243,6 +236,11 @@ impl Calls {
         finish_change(&mut state);
         let _ = self.wake.send(());
     }
+}
+
+/// The inode of the file at `path`, if any.
+fn inode(path: &Path) -> Option<u64> {
+    std::fs::metadata(path).ok().map(|m| m.ino())
 }
 
 /// A new agent's first step, before it reads the state file: asks the agent serving
