@@ -903,6 +903,44 @@ impl Lab {
         Ok((old_agent, old_dataplane))
     }
 
+    /// A rollback on one node after [`Lab::rolling_update`], once its old data plane
+    /// (`predecessor`) waits: the new pod is deleted and the old one stays. Sends the new data
+    /// plane its pod's SIGTERM, waits for the predecessor to exit (as it does when told its
+    /// successor leaves), and starts the old pod's data plane again in the old pod's namespace,
+    /// as the kubelet restarts a container that exited. Returns once that process took over,
+    /// with the new pod's data plane (draining by then) and the predecessor's exit status.
+    /// The node's current agent stays the new pod's. Not followed by another rolling update
+    /// in the lab (its generation's namespace exists already).
+    pub fn roll_back_dataplane(
+        &mut self,
+        node: usize,
+        predecessor: &mut Child,
+    ) -> anyhow::Result<(Child, std::process::ExitStatus)> {
+        let before = self.takeovers(node);
+        let mut leaving = self.dataplanes[node]
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no data plane on {}", NODE_NAMES[node]))?;
+        sys::run("kill", &["-TERM", &leaving.id().to_string()])?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(status) = predecessor.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = leaving.kill();
+                bail!(
+                    "the old data plane on {} did not exit when its successor left",
+                    NODE_NAMES[node]
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.pod_generations[node] -= 1;
+        self.start_dataplane(node)?;
+        self.await_takeover(node, before)?;
+        Ok((leaving, status))
+    }
+
     /// How many takeovers a node's data planes have logged.
     fn takeovers(&self, node: usize) -> usize {
         self.process_log("dataplane", node)

@@ -649,6 +649,85 @@ lab_test!(
     }
 );
 
+lab_test!(
+    a_rollback_during_a_rolling_update_hands_the_node_back_without_refusing,
+    LabOptions::default(),
+    |lab| {
+        let mut lab = lab;
+        echo_server(&lab, "n2-a");
+        // Both nodes mid-update: the new pods serve, the old data planes drained and wait for
+        // their pods' SIGTERM.
+        let mut predecessors = Vec::new();
+        for node in 0..2 {
+            let (agent, dataplane) = lab.rolling_update(node).expect("rolling update");
+            await_log(&lab, "dataplane", node, "waiting for this pod's SIGTERM");
+            predecessors.push((agent, dataplane));
+        }
+        // The update is rolled back: each new pod is deleted while the old one stays. The new
+        // data plane keeps accepting and tells the waiting one, which exits; its restarted
+        // container takes the sockets back before the new one stops accepting.
+        let (server_side, client_side, held) = under_load(&mut lab, "rollback", |lab, node| {
+            lab.roll_back_dataplane(node, &mut predecessors[node].1)
+                .expect("rollback")
+        });
+        let mut leavers = Vec::new();
+        for (node, (leaving, status)) in [(0, client_side), (1, server_side)] {
+            assert!(
+                !status.success(),
+                "node {}: the old data plane exited as if all were well: {status}",
+                node + 1
+            );
+            let log = lab.process_log("dataplane", node);
+            for line in [
+                "handing the node back to it",
+                "is leaving, its pod deleted",
+                "the restarted predecessor took the node back: draining",
+            ] {
+                assert!(
+                    log.contains(line),
+                    "node {}: no {line:?} in:\n{log}",
+                    node + 1
+                );
+            }
+            leavers.push((node, leaving));
+        }
+        // The connections opened before the rollback went through the leaving data planes,
+        // which drain them rather than cut them; they exit once those are done.
+        let mut held = held;
+        for stream in held.iter_mut() {
+            assert_eq!(
+                roundtrip(stream, b"after the rollback").expect("echo"),
+                b"after the rollback"
+            );
+        }
+        for (node, leaving) in &leavers {
+            assert!(
+                running(leaving.id()),
+                "node {}: the leaving data plane cut its connections",
+                node + 1
+            );
+        }
+        drop(held);
+        for (node, mut leaving) in leavers {
+            let status = exited(
+                &format!("leaving data plane of node {}", node + 1),
+                &mut leaving,
+            );
+            assert!(
+                status.success(),
+                "leaving data plane of node {}: {status}",
+                node + 1
+            );
+        }
+        exchange(&lab, "n1-a", "n2-a", ECHO, 10).expect("after the rollback");
+        for (node, (mut agent, _)) in predecessors.into_iter().enumerate() {
+            perf::sys::run("kill", &["-TERM", &agent.id().to_string()]).expect("kill");
+            let status = exited(&format!("old agent of node {}", node + 1), &mut agent);
+            assert!(status.success(), "old agent of node {}: {status}", node + 1);
+        }
+    }
+);
+
 /// Waits up to 20 s for `text` in the log of a node's `process` ("ctrl-agent", "dataplane").
 fn await_log(lab: &Lab, process: &str, node: usize, text: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

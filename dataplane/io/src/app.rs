@@ -64,6 +64,11 @@ pub enum AppError {
          upgrade socket for {0:?}: exiting, so that a restart serves the node again"
     )]
     SuccessorGone(Duration),
+    #[error(
+        "the data plane this one handed over to (in another pod) is leaving, its pod deleted: \
+         exiting, so that a restart takes the node back from it"
+    )]
+    SuccessorLeaving,
 }
 
 /// Runs the data plane until SIGTERM or SIGINT.
@@ -297,8 +302,14 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
     let outcome = match takeover {
         Ok(()) => {
             admin::start(state.clone(), endpoints, admin_stop.clone()).map_err(AppError::Admin)?;
+            let waiting_predecessor = Arc::new(WaitingPredecessor::default());
             if let Some(channel) = predecessor {
-                if let Err(error) = channel.send_json(&inherited.ready_message(), &[]) {
+                let ready = inherited.ready_message();
+                if ready == upgrade::Message::ReadyOwnEndpoints {
+                    // Across pods: the old process drains, then waits for its pod's SIGTERM.
+                    waiting_predecessor.heard();
+                }
+                if let Err(error) = channel.send_json(&ready, &[]) {
                     tracing::error!(%error, "could not tell the old data plane it can drain");
                 }
                 let unclaimed = inherited.close_unclaimed();
@@ -313,6 +324,7 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
                     workers: senders.clone(),
                     endpoints: endpoint_copies,
                     events: events.clone(),
+                    predecessor: waiting_predecessor.clone(),
                 };
                 std::thread::Builder::new()
                     .name("upgrade".into())
@@ -320,9 +332,24 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
                     .map_err(AppError::Signals)?;
             }
             match next_event.recv() {
+                Ok(Event::Signal(signal)) if waiting_predecessor.waits() => {
+                    tracing::info!(signal, within = ?HAND_BACK_WITHIN,
+                        "the pod's SIGTERM while the data plane this one took over from waits in its pod: handing the node back to it, accepting until it has taken over");
+                    state.draining.store(true, Ordering::Release);
+                    waiting_predecessor.leaving.store(true, Ordering::Release);
+                    if let Some(succeeded) = await_hand_back(&next_event) {
+                        if succeeded.shares_endpoints {
+                            admin_stop.store(true, Ordering::Release);
+                        }
+                    }
+                    Ok(Afterwards::Exit)
+                }
                 Ok(Event::Signal(signal)) => {
                     tracing::info!(signal, grace = ?config.drain_grace,
                         "draining: readiness now fails, listeners close");
+                    // A predecessor that is still draining asks once it is done: it should
+                    // not wait for a SIGTERM then, but restart and serve.
+                    waiting_predecessor.leaving.store(true, Ordering::Release);
                     Ok(Afterwards::Exit)
                 }
                 Ok(Event::HandedOver(succeeded)) => {
@@ -359,19 +386,28 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
         }
     };
     let await_signal = matches!(outcome, Ok(Afterwards::AwaitSignal));
+    // Handed over to a process in another pod: watch it from now on, while draining too, so
+    // that it can tell this one to take the node back (see `SuccessorWatch`).
+    let mut successor = config
+        .upgrade_socket
+        .as_deref()
+        .filter(|_| await_signal)
+        .map(SuccessorWatch::new);
     let signalled = drain(
         &state,
         &senders,
         config.drain_grace,
         &next_event,
-        !await_signal,
+        successor.as_mut(),
     );
-    let outcome = if await_signal && !signalled {
+    let outcome = if let Some(verdict) = successor.as_ref().and_then(SuccessorWatch::verdict) {
+        Err(verdict)
+    } else if await_signal && !signalled {
         // Handed over to a process in another pod: exiting would have this container
         // restarted, and its new process would take the sockets back. Its pod's own SIGTERM
         // ends it; meanwhile its endpoints say it drains.
         tracing::info!("handed over to another pod's data plane: waiting for this pod's SIGTERM");
-        await_own_sigterm(&next_event, config.upgrade_socket.as_deref()).map(|()| Afterwards::Exit)
+        await_own_sigterm(&next_event, successor.as_mut()).map(|()| Afterwards::Exit)
     } else {
         outcome
     };
@@ -394,30 +430,172 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
 /// container is restarted and serves the node again.
 const SUCCESSOR_GONE_AFTER: Duration = Duration::from_secs(10);
 
-/// Waits for a signal, or until the successor has been gone for [`SUCCESSOR_GONE_AFTER`].
+/// Waits for a signal, or until the successor says it leaves or has been gone for
+/// [`SUCCESSOR_GONE_AFTER`].
 fn await_own_sigterm(
     events: &flume::Receiver<Event>,
-    upgrade_socket: Option<&std::path::Path>,
+    mut successor: Option<&mut SuccessorWatch<'_>>,
 ) -> Result<(), AppError> {
-    let mut gone_since: Option<Instant> = None;
     loop {
+        if let Some(verdict) = successor.as_deref_mut().and_then(SuccessorWatch::check) {
+            return Err(verdict);
+        }
         match events.recv_timeout(Duration::from_secs(1)) {
             Ok(Event::Signal(_)) | Err(flume::RecvTimeoutError::Disconnected) => return Ok(()),
             Ok(Event::HandedOver(_)) | Err(flume::RecvTimeoutError::Timeout) => {}
         }
-        let Some(path) = upgrade_socket else {
-            continue;
-        };
-        // A connection without a message: the successor's upgrade thread takes it as a probe.
-        match crate::ipc::Channel::connect_if_listening(path) {
-            Ok(Some(_)) | Err(_) => gone_since = None,
+    }
+}
+
+/// How a process that handed over to another pod's keeps asking, once a second, whether that
+/// one still serves. Its answer `Leaving` (its pod deleted, a rollback say), or nothing on the
+/// upgrade socket for [`SUCCESSOR_GONE_AFTER`], means this process should exit so that its
+/// container restarts and takes the node back. Heard while draining, it is kept until the
+/// drain ends: the connections this process still carries are not cut for it.
+struct SuccessorWatch<'a> {
+    path: &'a std::path::Path,
+    asked: Option<Instant>,
+    gone_since: Option<Instant>,
+    verdict: Option<SuccessorVerdict>,
+}
+
+#[derive(Clone, Copy)]
+enum SuccessorVerdict {
+    Leaving,
+    Gone,
+}
+
+impl From<SuccessorVerdict> for AppError {
+    fn from(verdict: SuccessorVerdict) -> AppError {
+        match verdict {
+            SuccessorVerdict::Leaving => AppError::SuccessorLeaving,
+            SuccessorVerdict::Gone => AppError::SuccessorGone(SUCCESSOR_GONE_AFTER),
+        }
+    }
+}
+
+impl<'a> SuccessorWatch<'a> {
+    fn new(path: &'a std::path::Path) -> Self {
+        SuccessorWatch {
+            path,
+            asked: None,
+            gone_since: None,
+            verdict: None,
+        }
+    }
+
+    /// Asks, at most once a second; the reason to exit, once there is one.
+    fn check(&mut self) -> Option<AppError> {
+        let asked_lately = self
+            .asked
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(1));
+        if self.verdict.is_none() && !asked_lately {
+            self.asked = Some(Instant::now());
+            self.ask();
+        }
+        self.verdict()
+    }
+
+    fn ask(&mut self) {
+        match crate::ipc::Channel::connect_if_listening(self.path) {
+            Err(_) => self.gone_since = None,
+            Ok(Some(channel)) => {
+                self.gone_since = None;
+                if successor_leaves(&channel) {
+                    tracing::info!("the data plane this one handed over to is leaving");
+                    self.verdict = Some(SuccessorVerdict::Leaving);
+                }
+            }
             Ok(None) => {
-                let since = *gone_since.get_or_insert_with(Instant::now);
+                let since = *self.gone_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= SUCCESSOR_GONE_AFTER {
-                    return Err(AppError::SuccessorGone(SUCCESSOR_GONE_AFTER));
+                    self.verdict = Some(SuccessorVerdict::Gone);
                 }
             }
         }
+    }
+
+    fn verdict(&self) -> Option<AppError> {
+        self.verdict.map(AppError::from)
+    }
+}
+
+/// Asks the process this one handed over to whether it is leaving. One that does not know the
+/// question (an older release) closes the connection: it serves as far as this one can tell.
+fn successor_leaves(channel: &crate::ipc::Channel) -> bool {
+    let _ = channel.set_timeout(Some(Duration::from_secs(1)));
+    channel.send_json(&upgrade::Message::Waiting, &[]).is_ok()
+        && matches!(
+            channel.recv_json::<upgrade::Message>(),
+            Ok(Some((upgrade::Message::Leaving, _)))
+        )
+}
+
+/// How long a process whose pod is deleted keeps accepting while the predecessor it told to
+/// take the node back restarts (its container's restart, then a takeover of some 300 ms).
+/// With the default 30 s drain this fits the chart's 45 s termination grace.
+const HAND_BACK_WITHIN: Duration = Duration::from_secs(10);
+
+/// How recently a predecessor must have said it waits for this process to hand the node back
+/// to it rather than drain: it asks every second.
+const PREDECESSOR_HEARD_WITHIN: Duration = Duration::from_secs(3);
+
+/// A predecessor in another pod that handed over to this process and waits, drained, for its
+/// own pod's SIGTERM, as the upgrade thread hears of it.
+#[derive(Default)]
+struct WaitingPredecessor {
+    /// When it last asked (`Waiting`).
+    heard: Mutex<Option<Instant>>,
+    /// This process's pod is being deleted: the predecessor is told to take the node back.
+    leaving: AtomicBool,
+}
+
+impl WaitingPredecessor {
+    fn waits(&self) -> bool {
+        self.heard
+            .lock()
+            .map(|heard| heard.is_some_and(|at| at.elapsed() <= PREDECESSOR_HEARD_WITHIN))
+            .unwrap_or(false)
+    }
+
+    fn heard(&self) {
+        if let Ok(mut heard) = self.heard.lock() {
+            *heard = Some(Instant::now());
+        }
+    }
+
+    /// Notes the question and answers it.
+    fn answer(&self) -> upgrade::Message {
+        self.heard();
+        if self.leaving.load(Ordering::Acquire) {
+            upgrade::Message::Leaving
+        } else {
+            upgrade::Message::Serving
+        }
+    }
+}
+
+/// After the pod's SIGTERM, with a predecessor told to take the node back: waits for its
+/// handover, at most [`HAND_BACK_WITHIN`], or until a second signal. The handover, if any.
+fn await_hand_back(events: &flume::Receiver<Event>) -> Option<upgrade::Succeeded> {
+    match events.recv_timeout(HAND_BACK_WITHIN) {
+        Ok(Event::HandedOver(succeeded)) => {
+            tracing::info!("the restarted predecessor took the node back: draining");
+            Some(succeeded)
+        }
+        Ok(Event::Signal(signal)) => {
+            tracing::warn!(
+                signal,
+                "second signal: draining without handing the node back"
+            );
+            None
+        }
+        Err(flume::RecvTimeoutError::Timeout) => {
+            tracing::warn!(within = ?HAND_BACK_WITHIN,
+                "no data plane took the node back: draining, listeners close");
+            None
+        }
+        Err(flume::RecvTimeoutError::Disconnected) => None,
     }
 }
 
@@ -463,6 +641,7 @@ struct Upgrades {
     workers: Vec<flume::Sender<Control>>,
     endpoints: Vec<(&'static str, SocketAddr, std::net::TcpListener)>,
     events: flume::Sender<Event>,
+    predecessor: Arc<WaitingPredecessor>,
 }
 
 impl Upgrades {
@@ -488,7 +667,14 @@ impl Upgrades {
             let _ = channel.set_timeout(Some(Duration::from_secs(30)));
             match channel.recv_json::<upgrade::Message>() {
                 Ok(Some((upgrade::Message::Handover, _))) => {}
-                // A predecessor that handed over to this process, checking that it runs.
+                Ok(Some((upgrade::Message::Waiting, _))) => {
+                    let answer = self.predecessor.answer();
+                    if let Err(error) = channel.send_json(&answer, &[]) {
+                        tracing::debug!(%error, "could not answer the waiting predecessor");
+                    }
+                    continue;
+                }
+                // An older predecessor, checking that this process runs.
                 Ok(None) => continue,
                 other => {
                     tracing::warn!(?other, "not a handover request on the upgrade socket");
@@ -534,16 +720,18 @@ impl Upgrades {
 }
 
 /// Readiness fails first, then every worker stops accepting and sends GOAWAY on its tunnels;
-/// open connections get until `grace` to finish. A signal cuts it short, unless `signalled`
-/// is false: then the first one is the pod's own SIGTERM, which comes after a handover across
-/// pods, and only a second one does. Whether a signal came.
+/// open connections get until `grace` to finish. A signal cuts it short, unless this process
+/// handed over to another pod's (`successor`, which it keeps asking meanwhile): then the
+/// first one is the pod's own SIGTERM, which comes after such a handover, and only a second
+/// one does. Whether a signal came.
 fn drain(
     state: &AdminState,
     workers: &[flume::Sender<Control>],
     grace: Duration,
     events: &flume::Receiver<Event>,
-    mut signalled: bool,
+    mut successor: Option<&mut SuccessorWatch<'_>>,
 ) -> bool {
+    let mut signalled = successor.is_none();
     state.draining.store(true, Ordering::Release);
     for tx in workers {
         let _ = tx.send(Control::Drain);
@@ -567,6 +755,9 @@ fn drain(
             );
             return signalled;
         }
+        if let Some(successor) = successor.as_deref_mut() {
+            successor.check();
+        }
         if matches!(events.try_recv(), Ok(Event::Signal(_))) {
             if signalled {
                 tracing::warn!(open, "second signal: closing the remaining connections now");
@@ -579,5 +770,78 @@ fn drain(
             signalled = true;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_predecessor_counts_as_waiting_only_while_it_keeps_asking() {
+        let predecessor = WaitingPredecessor::default();
+        assert!(!predecessor.waits(), "nobody asked yet");
+        assert_eq!(predecessor.answer(), upgrade::Message::Serving);
+        assert!(predecessor.waits());
+        predecessor.leaving.store(true, Ordering::Release);
+        assert_eq!(predecessor.answer(), upgrade::Message::Leaving);
+        if let Ok(mut heard) = predecessor.heard.lock() {
+            *heard = Instant::now().checked_sub(PREDECESSOR_HEARD_WITHIN * 2);
+        }
+        assert!(!predecessor.waits(), "it stopped asking: gone");
+    }
+
+    /// A successor on a real unix socket that answers one question with `answer`, or closes
+    /// the connection without a word when there is none (an older release).
+    fn successor(
+        path: &std::path::Path,
+        answer: Option<upgrade::Message>,
+    ) -> std::thread::JoinHandle<()> {
+        let listener = upgrade::listen(path).expect("listen");
+        std::thread::spawn(move || {
+            let channel = listener.accept().expect("accept");
+            let asked = channel.recv_json::<upgrade::Message>().expect("question");
+            assert!(
+                matches!(asked, Some((upgrade::Message::Waiting, _))),
+                "{asked:?}"
+            );
+            if let Some(answer) = answer {
+                channel.send_json(&answer, &[]).expect("answer");
+            }
+        })
+    }
+
+    #[test]
+    fn the_waiting_process_exits_when_its_successor_says_it_leaves() {
+        let dir = std::env::temp_dir().join(format!("successor-watch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("upgrade.sock");
+
+        let serving = successor(&path, Some(upgrade::Message::Serving));
+        let mut watch = SuccessorWatch::new(&path);
+        assert!(watch.check().is_none(), "a serving successor");
+        serving.join().expect("successor");
+
+        let older = successor(&path, None);
+        let mut watch = SuccessorWatch::new(&path);
+        assert!(
+            watch.check().is_none(),
+            "an older successor, which does not answer"
+        );
+        older.join().expect("successor");
+
+        let leaving = successor(&path, Some(upgrade::Message::Leaving));
+        let mut watch = SuccessorWatch::new(&path);
+        assert!(matches!(watch.check(), Some(AppError::SuccessorLeaving)));
+        leaving.join().expect("successor");
+        // The verdict stays: nothing more is asked.
+        assert!(matches!(watch.check(), Some(AppError::SuccessorLeaving)));
+
+        // Nobody listening: gone, but not yet for long enough to give up.
+        std::fs::remove_file(&path).expect("remove");
+        let mut watch = SuccessorWatch::new(&path);
+        assert!(watch.check().is_none());
+        assert!(watch.gone_since.is_some());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

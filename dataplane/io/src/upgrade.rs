@@ -21,6 +21,13 @@
 //! then opens its own, closes the old one's copies and says `ReadyOwnEndpoints`; the old one
 //! keeps serving its endpoints while it drains, and waits for its own SIGTERM rather than
 //! exit (its container would be restarted and take the sockets back).
+//!
+//! While it waits, the old process asks the new one every second whether it is leaving
+//! (`Waiting`, answered `Serving` or `Leaving`). The new pod may be deleted first (a rollback
+//! during the rolling update): the new process then keeps accepting, answers `Leaving`, and
+//! the old one exits so that its container restarts. The restarted process takes the sockets
+//! back through an ordinary handover, and the new one drains only then, so no connection
+//! finds the pods without listeners.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -35,7 +42,8 @@ use crate::ipc::{Channel, Listener};
 use crate::netns::NetNs;
 
 /// Messages of the handover, in order: Handover (new -> old), Socket* and Done (old -> new),
-/// Ready or Abort (new -> old).
+/// Ready or Abort (new -> old). Apart from a handover: Waiting (a drained predecessor -> the
+/// process serving), answered Serving or Leaving.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub enum Message {
     Handover,
@@ -56,6 +64,14 @@ pub enum Message {
     Abort {
         reason: String,
     },
+    /// From a process that handed over across pods and waits for its pod's SIGTERM: is the
+    /// process it handed over to still serving?
+    Waiting,
+    /// Yes.
+    Serving,
+    /// No: its pod is being deleted. The waiting one should exit, so that its restarted
+    /// container takes the node back.
+    Leaving,
 }
 
 /// A listening socket a worker hands over.
