@@ -76,6 +76,13 @@ pub fn start(
     Ok(())
 }
 
+/// A socket this agent bound at the CNI socket's path.
+struct Bound {
+    /// Its inode there: another one at the path means another agent took the path.
+    inode: Option<u64>,
+    listener: Arc<Listener>,
+}
+
 /// The CNI socket's server: what every call needs.
 struct Calls {
     shared: SharedState,
@@ -83,9 +90,8 @@ struct Calls {
     settings: CniSettings,
     slots: Arc<Slots>,
     path: PathBuf,
-    /// The inode of the socket this agent bound at `path`: another one there means another
-    /// agent took the path.
-    bound: Mutex<Option<u64>>,
+    /// The socket this agent last bound at `path`.
+    bound: Mutex<Option<Bound>>,
     /// When a new agent last asked for the node (`HandOver`).
     handed_over_at: Mutex<Option<Instant>>,
 }
@@ -93,8 +99,23 @@ struct Calls {
 impl Calls {
     /// Binds the socket path (replacing whatever is there) and serves it on a thread.
     fn bind(self: &Arc<Self>) -> std::io::Result<()> {
-        let listener = Listener::bind(&self.path)?;
-        *self.bound.lock().unwrap_or_else(|e| e.into_inner()) = inode(&self.path);
+        let listener = Arc::new(Listener::bind(&self.path)?);
+        let bound = Bound {
+            inode: inode(&self.path),
+            listener: listener.clone(),
+        };
+        let replaced = self
+            .bound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(bound);
+        if let Some(replaced) = replaced {
+            // Bound before another agent took the path, so nobody can reach it: its accept
+            // thread wakes with an error and ends, giving its call slot back.
+            if let Err(e) = replaced.listener.shut_down() {
+                tracing::warn!(error = %e, "cannot close the CNI socket another agent replaced");
+            }
+        }
         let calls = self.clone();
         std::thread::Builder::new()
             .name("cni-server".into())
@@ -102,7 +123,7 @@ impl Calls {
         Ok(())
     }
 
-    fn accept_on(self: Arc<Self>, listener: Listener) {
+    fn accept_on(self: Arc<Self>, listener: Arc<Listener>) {
         loop {
             // At most MAX_CNI_CALLS at once: further plugins wait in the socket's backlog
             // (and, past it, retry), rather than each costing a thread.
@@ -123,14 +144,32 @@ impl Calls {
                         tracing::warn!(error = %e, "cannot start a thread for a CNI call");
                     }
                 }
+                Err(_) if !self.listens_on(&listener) => {
+                    tracing::debug!("the replaced CNI socket's accept thread ends");
+                    return;
+                }
                 Err(e) => tracing::warn!(error = %e, "CNI socket accept failed"),
             }
         }
     }
 
+    /// Whether `listener` is the socket this agent bound last.
+    fn listens_on(&self, listener: &Arc<Listener>) -> bool {
+        self.bound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|bound| Arc::ptr_eq(&bound.listener, listener))
+    }
+
     /// Whether the socket path is still the one this agent bound.
     fn owns_path(&self) -> bool {
-        let bound = *self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        let bound = self
+            .bound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|bound| bound.inode);
         bound.is_some() && inode(&self.path) == bound
     }
 

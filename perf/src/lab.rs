@@ -979,6 +979,11 @@ impl Lab {
         self.snapshot_path(node)
     }
 
+    /// Pid of a node's agent.
+    pub fn agent_pid(&self, node: usize) -> Option<u32> {
+        self.agents[node].as_ref().map(Child::id)
+    }
+
     /// Pid of a node's data plane (`ip netns exec` execs it in place, so the child is it).
     pub fn dataplane_pid(&self, node: usize) -> Option<u32> {
         self.dataplanes[node].as_ref().map(Child::id)

@@ -825,6 +825,17 @@ lab_test!(
             .expect("served by the first agent again");
         echo_server(&lab, "n2-d");
         exchange(&lab, "n1-a", "n2-d", ECHO, 10).expect("to the pod after the rollback");
+        // The socket bound before the successor took the path is closed, and its accept
+        // thread gone with the call slot it held: one accept thread, on the socket bound now.
+        let agent = lab.agent_pid(1).expect("agent");
+        let accepting = thread_cpus(agent)
+            .into_iter()
+            .filter(|(name, _)| name == "cni-server")
+            .count();
+        assert_eq!(
+            accepting, 1,
+            "accept threads in the agent after taking the socket back"
+        );
         drop((late, after));
     }
 );

@@ -813,9 +813,8 @@ mod tests {
 
     #[test]
     fn the_waiting_process_exits_when_its_successor_says_it_leaves() {
-        let dir = std::env::temp_dir().join(format!("successor-watch-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("upgrade.sock");
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("dir");
+        let path = dir.path().join("upgrade.sock");
 
         let serving = successor(&path, Some(upgrade::Message::Serving));
         let mut watch = SuccessorWatch::new(&path);
@@ -842,6 +841,5 @@ mod tests {
         let mut watch = SuccessorWatch::new(&path);
         assert!(watch.check().is_none());
         assert!(watch.gone_since.is_some());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

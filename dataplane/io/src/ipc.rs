@@ -38,6 +38,12 @@ impl Listener {
         let (socket, _) = self.0.accept()?;
         Ok(Channel(socket))
     }
+
+    /// Stops listening: an `accept` blocked on another thread returns an error (EINVAL), and so
+    /// does every later one.
+    pub fn shut_down(&self) -> io::Result<()> {
+        self.0.shutdown(std::net::Shutdown::Both)
+    }
 }
 
 impl Channel {
@@ -245,5 +251,24 @@ mod tests {
         let mut text = String::new();
         received.read_to_string(&mut text).expect("read");
         assert_eq!(text, "passed by descriptor");
+    }
+
+    #[test]
+    fn shutting_a_listener_down_wakes_the_thread_blocked_in_accept() {
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("dir");
+        let listener =
+            std::sync::Arc::new(Listener::bind(&dir.path().join("l.sock")).expect("bind"));
+        let (done, woke) = std::sync::mpsc::channel();
+        let blocked = listener.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(blocked.accept().is_err());
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        listener.shut_down().expect("shut down");
+        assert_eq!(
+            woke.recv_timeout(Duration::from_secs(5)),
+            Ok(true),
+            "accept still blocked, or returned a connection"
+        );
     }
 }
