@@ -46,6 +46,9 @@ pub enum Request {
     /// enrollments, which it takes over from the state file, and answer plugins `Moved` so
     /// that they ask again at the socket path, which the new agent binds next.
     HandOver,
+    /// From the agent that handed the node over to this one, while it waits: is this one
+    /// leaving? Answered `Serving` or `Leaving`.
+    Waiting,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,4 +84,9 @@ pub enum Reply {
     HandedOver {
         pods: usize,
     },
+    /// The answer to `Waiting`: this agent serves the node.
+    Serving,
+    /// The answer to `Waiting`: this agent is stopping while the one that handed the node
+    /// over to it still runs (its pod deleted by a rollback, say): take the node back now.
+    Leaving,
 }

@@ -13,6 +13,7 @@
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,14 +47,61 @@ impl Default for CniSettings {
     }
 }
 
-/// Starts both servers on their own threads.
+/// The CNI server, for the agent's shutdown.
+pub struct CniServer(Arc<Calls>);
+
+/// How recently the agent that handed the node over to this one must have asked (`Waiting`;
+/// it asks twice a second) for this one to hand the node back at its shutdown.
+const PREDECESSOR_ASKED_WITHIN: Duration = Duration::from_secs(2);
+/// How long a stopping agent waits for its predecessor to take the node back.
+const HAND_BACK_WITHIN: Duration = Duration::from_secs(3);
+
+impl CniServer {
+    /// At this agent's shutdown: if the agent that handed the node over to it still runs (a
+    /// rollback deletes the new pod and keeps the old one), hands the node back. Plugins are
+    /// answered `moved` from now on; the predecessor, told `Leaving` at its next question,
+    /// binds the socket and serves. Waits for it, at most [`HAND_BACK_WITHIN`]. Without this
+    /// it would take the node back only after `--cni-successor-wait` without an answer.
+    pub fn hand_back(&self) {
+        let calls = &self.0;
+        let asked = *calls
+            .predecessor_asked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let predecessor_gone = asked.is_none_or(|at| at.elapsed() > PREDECESSOR_ASKED_WITHIN);
+        if predecessor_gone || !calls.owns_path() {
+            return;
+        }
+        lock(&calls.shared).handed_over = true;
+        calls.leaving.store(true, Ordering::Release);
+        tracing::info!(
+            "stopping while the agent that handed the node over to this one still runs: \
+             handing the node back to it, answering plugins `moved` meanwhile"
+        );
+        let deadline = Instant::now() + HAND_BACK_WITHIN;
+        while calls.owns_path() {
+            if Instant::now() >= deadline {
+                tracing::warn!(waited = ?HAND_BACK_WITHIN,
+                    "the previous agent did not take the node back; it will once this one no \
+                     longer answers on the CNI socket");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::info!("the previous agent took the node back");
+    }
+}
+
+/// Starts both servers on their own threads. `handed_over_by_predecessor`: what
+/// [`take_over`] returned.
 pub fn start(
     shared: SharedState,
     wake: mpsc::Sender<()>,
     cni_socket: &Path,
     netns_socket: &Path,
     settings: CniSettings,
-) -> std::io::Result<()> {
+    handed_over_by_predecessor: Option<Instant>,
+) -> std::io::Result<CniServer> {
     let calls = Arc::new(Calls {
         shared: shared.clone(),
         wake,
@@ -61,6 +109,8 @@ pub fn start(
         slots: Arc::new(Slots::new(MAX_CNI_CALLS)),
         path: cni_socket.to_owned(),
         bound: Mutex::new(None),
+        predecessor_asked: Mutex::new(handed_over_by_predecessor),
+        leaving: AtomicBool::new(false),
         handed_over_at: Mutex::new(None),
     });
     calls.bind()?;
@@ -73,7 +123,7 @@ pub fn start(
                 Err(e) => tracing::warn!(error = %e, "namespace socket accept failed"),
             }
         })?;
-    Ok(())
+    Ok(CniServer(calls))
 }
 
 /// A socket this agent bound at the CNI socket's path.
@@ -92,6 +142,10 @@ struct Calls {
     path: PathBuf,
     /// The socket this agent last bound at `path`.
     bound: Mutex<Option<Bound>>,
+    /// When the agent that handed the node over to this one last asked whether this one is
+    /// leaving (`Waiting`), and whether it is.
+    predecessor_asked: Mutex<Option<Instant>>,
+    leaving: AtomicBool,
     /// When a new agent last asked for the node (`HandOver`).
     handed_over_at: Mutex<Option<Instant>>,
 }
@@ -150,6 +204,20 @@ impl Calls {
                 }
                 Err(e) => tracing::warn!(error = %e, "CNI socket accept failed"),
             }
+        }
+    }
+
+    /// Answers `Waiting`: notes that the predecessor still runs, and tells it whether to
+    /// take the node back.
+    fn answer_predecessor(&self) -> Reply {
+        *self
+            .predecessor_asked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        if self.leaving.load(Ordering::Acquire) {
+            Reply::Leaving
+        } else {
+            Reply::Serving
         }
     }
 
@@ -234,7 +302,20 @@ impl Calls {
                 }
                 continue;
             }
-            if Channel::connect(&self.path).is_ok() {
+            let successor = ask_successor(&self.path);
+            if successor == Some(Reply::Leaving) {
+                unanswered_since = None;
+                tracing::info!(
+                    "the agent that took the node over is leaving (its pod deleted): taking \
+                     the node back"
+                );
+                match self.bind() {
+                    Ok(()) => self.resume(),
+                    Err(e) => tracing::error!(error = %e, "cannot bind the CNI socket again"),
+                }
+                continue;
+            }
+            if successor.is_some() {
                 unanswered_since = None;
                 if !handed_over {
                     tracing::warn!(
@@ -277,6 +358,20 @@ impl Calls {
     }
 }
 
+/// What the agent at the CNI socket says to `Waiting`; `None` when no one answers there. An
+/// older agent refuses the request, and one that answers nothing still listens: both serve.
+fn ask_successor(path: &Path) -> Option<Reply> {
+    let channel = Channel::connect(path).ok()?;
+    let _ = channel.set_timeout(Some(Duration::from_secs(2)));
+    let reply = channel
+        .send_json(&Request::Waiting, &[])
+        .and_then(|()| channel.recv_json::<Reply>());
+    match reply {
+        Ok(Some((Reply::Leaving, _))) => Some(Reply::Leaving),
+        _ => Some(Reply::Serving),
+    }
+}
+
 /// The inode of the file at `path`, if any.
 fn inode(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.ino())
@@ -286,14 +381,17 @@ fn inode(path: &Path) -> Option<u64> {
 /// `cni_socket` (the previous pod of a rolling update) to hand the node over, so that the two
 /// never change enrollments at once. Nothing listening there is a first start; an agent that
 /// does not know the request (an older version) is taken over without its word.
-pub fn take_over(cni_socket: &Path) {
+///
+/// Returns when the running agent handed the node over, if it did: it then waits, and asks
+/// this one whether it is leaving (`CniServer::hand_back`).
+pub fn take_over(cni_socket: &Path) -> Option<Instant> {
     let channel = match Channel::connect_if_listening(cni_socket) {
         Ok(Some(channel)) => channel,
-        Ok(None) => return,
+        Ok(None) => return None,
         Err(e) => {
             tracing::warn!(error = %e, socket = %cni_socket.display(),
                 "cannot reach the CNI socket's current agent; taking it over without its word");
-            return;
+            return None;
         }
     };
     let answer = channel
@@ -305,11 +403,15 @@ pub fn take_over(cni_socket: &Path) {
             tracing::info!(
                 pods,
                 "the running agent handed the node's CNI enrollments over"
-            )
+            );
+            Some(Instant::now())
         }
-        other => tracing::warn!(answer = ?other,
-            "the running agent did not hand the node over (an older version?): taking it over \
-             without its word"),
+        other => {
+            tracing::warn!(answer = ?other,
+                "the running agent did not hand the node over (an older version?): taking it \
+                 over without its word");
+            None
+        }
     }
 }
 
@@ -373,6 +475,11 @@ impl Calls {
             };
             if request == Request::HandOver {
                 let reply = self.hand_over();
+                let _ = channel.send_json(&reply, &[]);
+                return;
+            }
+            if request == Request::Waiting {
+                let reply = self.answer_predecessor();
                 let _ = channel.send_json(&reply, &[]);
                 return;
             }
@@ -504,9 +611,10 @@ fn handle(
             }
             Reply::Done
         }
-        // Answered by `Calls::hand_over` before the state is locked.
-        Request::HandOver => Reply::Refused {
-            reason: "a handover is not a sandbox request".into(),
+        // Answered by `Calls::hand_over` and `Calls::answer_predecessor` before the state is
+        // locked.
+        Request::HandOver | Request::Waiting => Reply::Refused {
+            reason: "not a sandbox request".into(),
         },
         Request::Status { container_id } => match state.enrollments.get(&container_id) {
             Some(e) => Reply::Status {

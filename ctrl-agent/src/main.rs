@@ -211,10 +211,11 @@ fn main() -> anyhow::Result<()> {
     };
     tracing::info!(node = %args.node, snapshot = %args.snapshot.display(),
         cert_ttl = ?args.cert_ttl, "starting ctrl-agent");
-    if let Some(cni_socket) = &args.cni_socket {
-        // Before the state file is read: the previous pod's agent stops changing it.
-        ctrl_agent::cni_server::take_over(cni_socket);
-    }
+    // Before the state file is read: the previous pod's agent stops changing it.
+    let handed_over_by_predecessor = args
+        .cni_socket
+        .as_deref()
+        .and_then(ctrl_agent::cni_server::take_over);
     let agent = Agent::new(
         AgentOptions {
             source,
@@ -241,9 +242,16 @@ fn main() -> anyhow::Result<()> {
     } else if args.cni_socket.is_some() {
         tracing::info!("host probe SNAT turned off: kubelet probes to captured pods meet the mesh");
     }
+    // Before the CNI socket serves: a SIGTERM from then on must reach the shutdown below
+    // (which may hand the node back) rather than end the process where it stands.
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    let mut cni_server = None;
     if let Some(cni_socket) = &args.cni_socket {
         let (shared, wake) = agent.handles();
-        ctrl_agent::cni_server::start(
+        let server = ctrl_agent::cni_server::start(
             shared,
             wake,
             cni_socket,
@@ -252,6 +260,7 @@ fn main() -> anyhow::Result<()> {
                 gc_grace: args.cni_gc_grace,
                 successor_wait: args.cni_successor_wait,
             },
+            handed_over_by_predecessor,
         )
         .with_context(|| {
             format!(
@@ -262,12 +271,12 @@ fn main() -> anyhow::Result<()> {
         })?;
         tracing::info!(cni = %cni_socket.display(), netns = %args.netns_socket.display(),
             "CNI enrollment enabled");
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, stop.clone())?;
+        cni_server = Some(server);
     }
     agent.run(args.poll_interval, stop);
+    if let Some(server) = &cni_server {
+        server.hand_back();
+    }
     if host_probes {
         let pod = args.pod_namespace.as_deref().zip(args.pod_name.as_deref());
         ctrl_agent::probes::stop(&shared, departure(pod));

@@ -836,7 +836,65 @@ lab_test!(
             accepting, 1,
             "accept threads in the agent after taking the socket back"
         );
-        drop((late, after));
+
+        // A successor whose pod gets SIGTERM while this agent still runs (a rollback after the
+        // new pod got ready): it hands the node back at once, without the successor wait.
+        let handovers = |lab: &Lab| {
+            lab.process_log("ctrl-agent", 1)
+                .matches("the running agent handed the node's CNI enrollments over")
+                .count()
+        };
+        let handed_before = handovers(&lab);
+        let mut successor = lab.surge_agent(1).expect("the next pod's agent");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while handovers(&lab) == handed_before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the successor never asked for the node"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while matches!(ask(&status), Reply::Moved { .. }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the successor never bound the socket"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let waited_out = |lab: &Lab| {
+            lab.process_log("ctrl-agent", 1)
+                .matches("no longer answers on the CNI socket")
+                .count()
+        };
+        let before = waited_out(&lab);
+        perf::sys::run("kill", &["-TERM", &successor.id().to_string()]).expect("kill");
+        let status_of_successor = exited("successor agent", &mut successor);
+        assert!(
+            status_of_successor.success(),
+            "successor agent: {status_of_successor}"
+        );
+        let log = lab.process_log("ctrl-agent", 1);
+        for line in [
+            "handing the node back to it",
+            "the previous agent took the node back",
+            "the agent that took the node over is leaving (its pod deleted): taking the node back",
+        ] {
+            assert!(log.contains(line), "no {line:?} in:\n{log}");
+        }
+        assert_eq!(
+            waited_out(&lab),
+            before,
+            "taken back only after the successor wait"
+        );
+        let last = lab
+            .add_pod(1, "e", true, "default")
+            .expect("a pod after the second rollback");
+        lab.wait_serving(1, Duration::from_secs(20))
+            .expect("served by the first agent again");
+        echo_server(&lab, "n2-e");
+        exchange(&lab, "n1-a", "n2-e", ECHO, 10).expect("to the pod after the second rollback");
+        drop((late, after, last));
     }
 );
 
