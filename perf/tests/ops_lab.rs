@@ -422,19 +422,24 @@ fn streams_accepted(lab: &Lab) -> u64 {
         .sum()
 }
 
+/// Waits up to `within` for a process this test holds to exit; its status.
+fn exits_within(
+    within: Duration,
+    name: &str,
+    child: &mut std::process::Child,
+) -> std::process::ExitStatus {
+    let mut status = None;
+    let exited = eventually(within, || {
+        status = child.try_wait().expect("wait");
+        status.is_some()
+    });
+    assert!(exited, "the {name} did not exit");
+    status.expect("exited")
+}
+
 /// Waits up to 15 s for a process this test holds to exit; its status.
 fn exited(name: &str, child: &mut std::process::Child) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the {name} did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    exits_within(Duration::from_secs(15), name, child)
 }
 
 lab_test!(
@@ -544,14 +549,10 @@ lab_test!(
         let before = followed(&lab);
         lab.set_enrolled("n2-a", false)
             .expect("n2-a out of the mesh");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while followed(&lab) == before {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the relabel was not followed"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        assert!(
+            eventually(Duration::from_secs(10), || followed(&lab) > before),
+            "the relabel was not followed"
+        );
         // Both agents look at the labels every 100 ms.
         std::thread::sleep(Duration::from_secs(1));
         assert_eq!(
@@ -629,17 +630,11 @@ lab_test!(
             running(old_dataplane.id()),
             "gave up on its successor too soon"
         );
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = old_dataplane.try_wait().expect("wait") {
-                break status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the old data plane still waits for a SIGTERM with no successor"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = exits_within(
+            Duration::from_secs(20),
+            "old data plane, which waits for a SIGTERM with no successor,",
+            &mut old_dataplane,
+        );
         assert!(!status.success(), "exited as if all were well: {status}");
         assert!(lab
             .process_log("dataplane", 1)
@@ -730,16 +725,14 @@ lab_test!(
 
 /// Waits up to 20 s for `text` in the log of a node's `process` ("ctrl-agent", "dataplane").
 fn await_log(lab: &Lab, process: &str, node: usize, text: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !lab.process_log(process, node).contains(text) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no {text:?} in the {process} log of node {}:\n{}",
-            node + 1,
-            lab.process_log(process, node)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        eventually(Duration::from_secs(20), || lab
+            .process_log(process, node)
+            .contains(text)),
+        "no {text:?} in the {process} log of node {}:\n{}",
+        node + 1,
+        lab.process_log(process, node)
+    );
 }
 
 lab_test!(
@@ -767,6 +760,16 @@ lab_test!(
         };
         let status = Request::Status {
             container_id: "none".into(),
+        };
+        // A successor agent binds the socket: plugins are no longer told to ask again.
+        let successor_binds = || {
+            assert!(
+                eventually(Duration::from_secs(20), || !matches!(
+                    ask(&status),
+                    Reply::Moved { .. }
+                )),
+                "the successor never bound the socket"
+            )
         };
         // A successor that asks for the node and is never heard of again (it crashed before
         // binding the socket): meanwhile plugins are told to ask again...
@@ -807,14 +810,7 @@ lab_test!(
             1,
             "the running agent handed the node's CNI enrollments over",
         );
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while matches!(ask(&status), Reply::Moved { .. }) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the successor never bound the socket"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        successor_binds();
         successor.kill().expect("kill the successor");
         successor.wait().expect("reap");
         await_log(&lab, "ctrl-agent", 1, "taking it back");
@@ -846,22 +842,11 @@ lab_test!(
         };
         let handed_before = handovers(&lab);
         let mut successor = lab.surge_agent(1).expect("the next pod's agent");
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while handovers(&lab) == handed_before {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the successor never asked for the node"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while matches!(ask(&status), Reply::Moved { .. }) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the successor never bound the socket"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        assert!(
+            eventually(Duration::from_secs(20), || handovers(&lab) > handed_before),
+            "the successor never asked for the node"
+        );
+        successor_binds();
         let waited_out = |lab: &Lab| {
             lab.process_log("ctrl-agent", 1)
                 .matches("no longer answers on the CNI socket")
