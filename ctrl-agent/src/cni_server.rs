@@ -51,8 +51,9 @@ impl Default for CniSettings {
 pub struct CniServer(Arc<Calls>);
 
 /// How recently the agent that handed the node over to this one must have asked (`Waiting`;
-/// it asks twice a second) for this one to hand the node back at its shutdown.
-const PREDECESSOR_ASKED_WITHIN: Duration = Duration::from_secs(2);
+/// it asks twice a second, and may wait up to 2 s for an answer) for this one to hand the
+/// node back at its shutdown.
+const PREDECESSOR_ASKED_WITHIN: Duration = Duration::from_secs(3);
 /// How long a stopping agent waits for its predecessor to take the node back.
 const HAND_BACK_WITHIN: Duration = Duration::from_secs(3);
 
@@ -143,8 +144,9 @@ struct Calls {
     /// The socket this agent last bound at `path`.
     bound: Mutex<Option<Bound>>,
     /// When the agent that handed the node over to this one last asked whether this one is
-    /// leaving (`Waiting`), and whether it is.
+    /// leaving (`Waiting`).
     predecessor_asked: Mutex<Option<Instant>>,
+    /// Set at shutdown: the answer to `Waiting` becomes `Leaving`.
     leaving: AtomicBool,
     /// When a new agent last asked for the node (`HandOver`).
     handed_over_at: Mutex<Option<Instant>>,

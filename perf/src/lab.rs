@@ -928,6 +928,7 @@ impl Lab {
             }
             if Instant::now() > deadline {
                 let _ = leaving.kill();
+                let _ = leaving.wait();
                 bail!(
                     "the old data plane on {} did not exit when its successor left",
                     NODE_NAMES[node]

@@ -307,6 +307,8 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
                 let ready = inherited.ready_message();
                 if ready == upgrade::Message::ReadyOwnEndpoints {
                     // Across pods: the old process drains, then waits for its pod's SIGTERM.
+                    // Heard from now, so that a SIGTERM before its first question (a second
+                    // away) still hands the node back.
                     waiting_predecessor.heard();
                 }
                 if let Err(error) = channel.send_json(&ready, &[]) {
@@ -347,8 +349,8 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
                 Ok(Event::Signal(signal)) => {
                     tracing::info!(signal, grace = ?config.drain_grace,
                         "draining: readiness now fails, listeners close");
-                    // A predecessor that is still draining asks once it is done: it should
-                    // not wait for a SIGTERM then, but restart and serve.
+                    // A predecessor still in its pod asks once a second: it should not wait for
+                    // a SIGTERM then, but restart and serve.
                     waiting_predecessor.leaving.store(true, Ordering::Release);
                     Ok(Afterwards::Exit)
                 }
@@ -400,7 +402,13 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
         &next_event,
         successor.as_mut(),
     );
-    let outcome = if let Some(verdict) = successor.as_ref().and_then(SuccessorWatch::verdict) {
+    // A process whose own pod was stopped meanwhile (both pods deleted, an uninstall) ends
+    // as stopped, whatever became of its successor: nothing will restart it.
+    let verdict = successor
+        .as_ref()
+        .and_then(SuccessorWatch::verdict)
+        .filter(|_| !signalled);
+    let outcome = if let Some(verdict) = verdict {
         Err(verdict)
     } else if await_signal && !signalled {
         // Handed over to a process in another pod: exiting would have this container

@@ -27,7 +27,9 @@
 //! during the rolling update): the new process then keeps accepting, answers `Leaving`, and
 //! the old one exits so that its container restarts. The restarted process takes the sockets
 //! back through an ordinary handover, and the new one drains only then, so no connection
-//! finds the pods without listeners.
+//! finds the pods without listeners. The new one waits 10 s for that: an old process still
+//! draining long connections finishes that first, and a kubelet backing off the container's
+//! restart waits longer, and then the pods' listeners close meanwhile.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
