@@ -294,12 +294,7 @@ pub fn watch(
                 // A region with nothing in it yet is the agent still listing its sources, not
                 // an error: readiness says so meanwhile.
                 let waiting = matches!(error, RegionError::Empty { .. });
-                if matches!(
-                    error,
-                    RegionError::Checksum { .. }
-                        | RegionError::Record { .. }
-                        | RegionError::Length { .. }
-                ) {
+                if error.is_corrupt() {
                     status.refused.fetch_add(1, Ordering::AcqRel);
                 } else if !waiting {
                     status.read_errors.fetch_add(1, Ordering::AcqRel);

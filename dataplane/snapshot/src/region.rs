@@ -4,8 +4,9 @@
 //! ```text
 //! offset 0     header (one page): magic, layout version, epoch, slot capacity,
 //!              published generation, active slot, futex wake word, superseded flag
-//! offset 4096  slot 0: seq, base generation, base length, base crc32c, log length,
-//!              then the base payload, then log records (slot capacity bytes in all)
+//! offset 4096  slot 0: seq, base generation, stored base length, base crc32c, log length,
+//!              decoded base length, base codec, then the stored base, then log records
+//!              (slot capacity bytes in all)
 //! ...          slot 1: same
 //! log record:  length u32, crc32c u32, generation u64, payload, padding to 8 bytes
 //! ```
@@ -17,7 +18,11 @@
 //! one-pod change costs a record, not a re-encode of the world.
 //!
 //! A complete snapshot (first publish, compaction of a long log, a change too big for the log)
-//! goes to the slot that is not active, seqlock style: `seq` odd, payload, length, checksum,
+//! is stored LZ4-compressed (a block, or as is where that does not shrink it): a snapshot
+//! repeats its namespaces, nodes, accounts and label keys on every workload, and the region
+//! must hold two bases at once during a compaction. Its checksum covers the stored bytes, the
+//! decoded length and the codec, and is checked before anything is decompressed. It goes to
+//! the slot that is not active, seqlock style: `seq` odd, payload, length, checksum,
 //! `seq` even, then `active` flips. The slot left behind has its `seq` made odd and its pages
 //! returned to the kernel, so in steady state only one slot occupies memory. A reader keeps a
 //! copy only if its slot's `seq` was even and unchanged around the copy and every checksum
@@ -38,8 +43,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use memmap2::{Mmap, MmapMut, MmapOptions};
 
 pub const MAGIC: [u8; 8] = *b"MESHSNAP";
-/// Version of the byte layout described above (not of the protobuf schema). 2 added the log.
-pub const LAYOUT_VERSION: u32 = 2;
+/// Version of the byte layout described above (not of the protobuf schema). 2 added the log,
+/// 3 the compressed base.
+pub const LAYOUT_VERSION: u32 = 3;
 const HEADER_SIZE: usize = 4096;
 const SLOT_HEADER_SIZE: usize = 64;
 /// Default payload capacity per slot. The file is sparse on tmpfs, so unused capacity costs
@@ -68,6 +74,15 @@ const S_GENERATION: usize = 8;
 const S_LEN: usize = 16;
 const S_CRC: usize = 24;
 const S_LOG_LEN: usize = 32;
+const S_DECODED_LEN: usize = 40;
+const S_CODEC: usize = 48;
+
+/// How a slot stores its base.
+const CODEC_STORED: u32 = 0;
+const CODEC_LZ4_BLOCK: u32 = 1;
+/// An LZ4 block decodes to at most this many times its length (a match of 255 + 4 bytes needs
+/// a byte of length): a larger decoded length is refused before anything is allocated.
+const LZ4_MAX_RATIO: u64 = 255;
 
 // Log record header, read from a private copy (not shared memory), little endian.
 const RECORD_HEADER_SIZE: usize = 16;
@@ -109,6 +124,12 @@ pub enum RegionError {
         len: u64,
         capacity: u64,
     },
+    #[error("snapshot region {path}: generation {generation}'s base does not decode: {problem}")]
+    Decode {
+        path: PathBuf,
+        generation: u64,
+        problem: String,
+    },
     #[error("snapshot region {path}: publisher kept rewriting the slot; will retry")]
     Busy { path: PathBuf },
     #[error("snapshot region {path}: log record after generation {after} is malformed: {problem}")]
@@ -117,6 +138,20 @@ pub enum RegionError {
         after: u64,
         problem: String,
     },
+}
+
+impl RegionError {
+    /// Whether the error is bytes no publisher should have written (a refused generation),
+    /// as opposed to a region that cannot be read for now.
+    pub fn is_corrupt(&self) -> bool {
+        matches!(
+            self,
+            RegionError::Checksum { .. }
+                | RegionError::Record { .. }
+                | RegionError::Length { .. }
+                | RegionError::Decode { .. }
+        )
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RegionError + '_ {
@@ -308,8 +343,14 @@ impl Publisher {
         self.log_len
     }
 
+    /// Bytes the last complete snapshot takes in its slot (compressed).
+    pub fn base_bytes(&self) -> u64 {
+        self.base_len
+    }
+
     /// Whether the log has grown enough that the next quiet moment should [`compact`] it:
-    /// every reader that starts late replays the whole log.
+    /// every reader that starts late replays the whole log, and a compaction holds the log
+    /// and two bases at once, so the log is bounded by the stored (compressed) base.
     ///
     /// [`compact`]: Publisher::compact
     pub fn wants_compaction(&self) -> bool {
@@ -370,10 +411,15 @@ impl Publisher {
     }
 
     fn write_base(&mut self, payload: &[u8], generation: u64) -> Result<(), RegionError> {
-        if payload.len() as u64 > self.options.slot_capacity {
+        // Compressed straight into the slot where LZ4's worst case fits there; otherwise
+        // through a buffer first, to learn whether the result fits the slots at all.
+        let room = lz4_flex::block::get_maximum_output_size(payload.len()) as u64;
+        let staged = (room > self.options.slot_capacity).then(|| stage_base(payload));
+        let need = staged.as_ref().map_or(0, |(_, stored)| stored.len() as u64);
+        if need > self.options.slot_capacity {
             // Outgrown: move to a bigger file. Readers see a new inode and epoch.
             let mut capacity = self.options.slot_capacity.max(1 << 20);
-            while capacity < payload.len() as u64 {
+            while capacity < need {
                 capacity *= 2;
             }
             // Kept only once the file exists: a publisher that failed to grow goes on with the
@@ -399,8 +445,21 @@ impl Publisher {
         seq.store(start, Ordering::Relaxed);
         fence(Ordering::Release);
         let data_at = offset + SLOT_HEADER_SIZE;
-        let len = payload.len();
-        self.map[data_at..data_at + len].copy_from_slice(payload);
+        let slot_data = &mut self.map[data_at..data_at + capacity as usize];
+        let (codec, len) = match &staged {
+            Some((codec, stored)) => {
+                slot_data[..stored.len()].copy_from_slice(stored);
+                (*codec, stored.len())
+            }
+            None => match lz4_flex::block::compress_into(payload, slot_data) {
+                Ok(len) if len < payload.len() => (CODEC_LZ4_BLOCK, len),
+                _ => {
+                    slot_data[..payload.len()].copy_from_slice(payload);
+                    (CODEC_STORED, payload.len())
+                }
+            },
+        };
+        let crc = base_checksum(&slot_data[..len], payload.len() as u64, codec);
         let layout = self.layout();
         layout
             .u64_at(offset + S_GENERATION)
@@ -409,8 +468,12 @@ impl Publisher {
             .u64_at(offset + S_LEN)
             .store(len as u64, Ordering::Relaxed);
         layout
-            .u32_at(offset + S_CRC)
-            .store(crc32c::crc32c(payload), Ordering::Relaxed);
+            .u64_at(offset + S_DECODED_LEN)
+            .store(payload.len() as u64, Ordering::Relaxed);
+        layout
+            .u32_at(offset + S_CODEC)
+            .store(codec, Ordering::Relaxed);
+        layout.u32_at(offset + S_CRC).store(crc, Ordering::Relaxed);
         layout
             .u64_at(offset + S_LOG_LEN)
             .store(0, Ordering::Relaxed);
@@ -482,6 +545,44 @@ impl Publisher {
             .store(0, Ordering::Release);
         self.log_len = 0;
         self.announce(next);
+    }
+
+    /// Fuzzing hook: makes both slots' base checksums match whatever their headers and bytes
+    /// say (where the lengths fit the file), so that arbitrary bases reach the decoder.
+    #[doc(hidden)]
+    pub fn seal_slots_for_fuzzing(file: &mut [u8]) {
+        let Some(capacity) = file
+            .get(H_SLOT_CAPACITY..H_SLOT_CAPACITY + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_ne_bytes)
+            .filter(|c| *c <= MAX_SLOT_CAPACITY && c.is_multiple_of(8))
+        else {
+            return;
+        };
+        for slot in 0..2 {
+            let at = Layout::slot_offset(slot, capacity);
+            let field = |file: &[u8], offset: usize, len: usize| {
+                let mut bytes = [0u8; 8];
+                bytes[..len].copy_from_slice(file.get(at + offset..at + offset + len)?);
+                Some(u64::from_ne_bytes(bytes))
+            };
+            let (Some(len), Some(decoded_len), Some(codec)) = (
+                field(file, S_LEN, 8),
+                field(file, S_DECODED_LEN, 8),
+                field(file, S_CODEC, 4),
+            ) else {
+                continue;
+            };
+            let data = at + SLOT_HEADER_SIZE;
+            let Some(stored) = usize::try_from(len)
+                .ok()
+                .and_then(|len| file.get(data..data.checked_add(len)?))
+            else {
+                continue;
+            };
+            let crc = base_checksum(stored, decoded_len, codec as u32);
+            file[at + S_CRC..at + S_CRC + 4].copy_from_slice(&crc.to_ne_bytes());
+        }
     }
 
     /// Test hook: flips a byte of the newest log record's payload, as a stray write would.
@@ -769,12 +870,8 @@ impl Subscriber {
         let stalled = match &outcome {
             Ok((_, header_ahead)) => *header_ahead,
             // The next publication or compaction changes these, and `wait` sees it.
-            Err(
-                RegionError::Empty { .. }
-                | RegionError::Checksum { .. }
-                | RegionError::Record { .. }
-                | RegionError::Length { .. },
-            ) => false,
+            Err(error) if error.is_corrupt() => false,
+            Err(RegionError::Empty { .. }) => false,
             Err(_) => true,
         };
         self.stalled_at_wake = stalled.then_some(wake_before);
@@ -815,6 +912,10 @@ impl Subscriber {
             }
             let base_generation = layout.u64_at(offset + S_GENERATION).load(Ordering::Relaxed);
             let base_len = layout.u64_at(offset + S_LEN).load(Ordering::Relaxed);
+            let decoded_len = layout
+                .u64_at(offset + S_DECODED_LEN)
+                .load(Ordering::Relaxed);
+            let codec = layout.u32_at(offset + S_CODEC).load(Ordering::Relaxed);
             let expected = layout.u32_at(offset + S_CRC).load(Ordering::Relaxed);
             let log_len = layout.u64_at(offset + S_LOG_LEN).load(Ordering::Acquire);
             // Bounded by the capacity (itself bounded) before any arithmetic, so no length a
@@ -866,8 +967,8 @@ impl Subscriber {
             self.position.refuse(Some((slot, before)));
             let mut applied = held.unwrap_or(0);
             let base = match base {
-                Some(payload) => {
-                    let found = crc32c::crc32c(&payload);
+                Some(stored) => {
+                    let found = base_checksum(&stored, decoded_len, codec);
                     if found != expected {
                         return Err(RegionError::Checksum {
                             path: self.path.clone(),
@@ -876,6 +977,13 @@ impl Subscriber {
                             expected,
                         });
                     }
+                    let payload = decode_base(stored, decoded_len, codec).map_err(|problem| {
+                        RegionError::Decode {
+                            path: self.path.clone(),
+                            generation: base_generation,
+                            problem,
+                        }
+                    })?;
                     applied = base_generation;
                     Some(Published {
                         generation: base_generation,
@@ -958,6 +1066,53 @@ impl Subscriber {
             }
             (None, _) => std::thread::sleep(timeout.min(Duration::from_millis(100))),
         }
+    }
+}
+
+/// A base as it will be stored: an LZ4 block, or the payload as is where that is no smaller.
+fn stage_base(payload: &[u8]) -> (u32, std::borrow::Cow<'_, [u8]>) {
+    let compressed = lz4_flex::block::compress(payload);
+    if compressed.len() < payload.len() {
+        (CODEC_LZ4_BLOCK, compressed.into())
+    } else {
+        (CODEC_STORED, payload.into())
+    }
+}
+
+/// The base's checksum: its stored bytes, then how they decode, so that a header torn or
+/// corrupted there is refused before it sizes an allocation.
+fn base_checksum(stored: &[u8], decoded_len: u64, codec: u32) -> u32 {
+    let crc = crc32c::crc32c_append(crc32c::crc32c(stored), &decoded_len.to_le_bytes());
+    crc32c::crc32c_append(crc, &codec.to_le_bytes())
+}
+
+/// The snapshot a checksummed base stores.
+fn decode_base(stored: Vec<u8>, decoded_len: u64, codec: u32) -> Result<Vec<u8>, String> {
+    match codec {
+        CODEC_STORED if decoded_len == stored.len() as u64 => Ok(stored),
+        CODEC_STORED => Err(format!(
+            "{} bytes stored as is claim to be {decoded_len}",
+            stored.len()
+        )),
+        CODEC_LZ4_BLOCK => {
+            let most = (stored.len() as u64).saturating_mul(LZ4_MAX_RATIO);
+            let len = usize::try_from(decoded_len)
+                .ok()
+                .filter(|_| decoded_len <= most)
+                .ok_or_else(|| {
+                    format!("{} LZ4 bytes cannot decode to {decoded_len}", stored.len())
+                })?;
+            let mut decoded = vec![0u8; len];
+            let written = lz4_flex::block::decompress_into(&stored, &mut decoded)
+                .map_err(|e| format!("LZ4: {e}"))?;
+            if written != len {
+                return Err(format!(
+                    "LZ4 block decodes to {written} bytes, header says {decoded_len}"
+                ));
+            }
+            Ok(decoded)
+        }
+        other => Err(format!("unknown codec {other}")),
     }
 }
 

@@ -30,7 +30,7 @@ use mesh_snapshot::schema::{
     Action, AuthorizationPolicy, Identity, Protocol, Rule, RuleSource, Service, ServicePort,
     Workload,
 };
-use mesh_snapshot::{Appended, Publisher, Snapshot};
+use mesh_snapshot::{Appended, Publisher, ReadOutcome, Snapshot};
 use perf::gen;
 use perf::report::{self, Provenance};
 use perf::sys;
@@ -102,21 +102,60 @@ fn namespace(i: usize) -> String {
     format!("ns-{}", i / PODS_PER_NAMESPACE)
 }
 
+/// A fixed pseudo-random stream (splitmix64): ids look like a cluster's (random UUIDs, random
+/// name suffixes), which matters to how well the region compresses them, yet every run
+/// publishes the same bytes.
+fn mix(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A generated name part as Kubernetes makes them: `len` characters of its alphabet (no
+/// vowels, no look-alikes), as in a ReplicaSet's hash or a pod's suffix.
+fn name_part(seed: u64, len: usize) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut x = mix(seed);
+    (0..len)
+        .map(|_| {
+            let c = ALPHABET[(x % ALPHABET.len() as u64) as usize];
+            x /= ALPHABET.len() as u64;
+            c as char
+        })
+        .collect()
+}
+
+/// A pod's uid: a random (version 4) UUID, as the API server assigns.
+fn pod_uid(i: usize) -> String {
+    let (a, b) = (mix(i as u64 ^ 0x5eed), mix(!(i as u64)));
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        0x8000 | (b >> 48) & 0x3fff,
+        b & 0xffff_ffff_ffff
+    )
+}
+
 /// A pod as the agent publishes it: labels for this node's pods only (their policies select
 /// by label), canonical names for every pod.
 fn workload(i: usize) -> Workload {
     let node = i / PODS_PER_NODE;
-    let name = format!("app-{}-7d9f8b6c5-{:05x}", i / PODS_PER_SERVICE, i & 0xfffff);
+    let service = i / PODS_PER_SERVICE;
+    let template_hash = name_part(service as u64 | 1 << 40, 9);
+    let name = format!("app-{service}-{template_hash}-{}", name_part(i as u64, 5));
     let labels = [
-        ("app".to_owned(), format!("app-{}", i / PODS_PER_SERVICE)),
+        ("app".to_owned(), format!("app-{service}")),
         ("version".to_owned(), "v1".to_owned()),
-        ("pod-template-hash".to_owned(), "7d9f8b6c5".to_owned()),
+        ("pod-template-hash".to_owned(), template_hash),
     ]
     .into();
     let (canonical_service, canonical_revision) =
         mesh_snapshot::schema::canonical_names(&name, &labels);
     Workload {
-        uid: format!("{:08x}-1c5e-4e8b-9f6a-{:012x}", i, i * 7919),
+        uid: pod_uid(i),
         name,
         namespace: namespace(i),
         service_account: service_account(i),
@@ -247,6 +286,17 @@ struct SizeResult {
     adopt_drop_ms: f64,
     /// The same index dropped plainly, its workloads freed in hash order, for the ratio.
     adopt_drop_hash_order_ms: f64,
+    /// A complete snapshot written into a region slot (LZ4-compressed) and checksummed: the
+    /// agent's side of a full publish or compaction. Median of three, timed alone.
+    base_write_ms: f64,
+    /// The same payload copied as is and checksummed, as the region stored it before (layout
+    /// 2), for the ratio.
+    base_write_as_is_ms: f64,
+    /// The region's base read by a new subscriber: copied out, checksummed, decompressed
+    /// (the first part of a data plane's full adopt). Median of three, timed alone.
+    base_read_ms: f64,
+    /// The same payload copied out as is and checksummed (layout 2's read), for the ratio.
+    base_read_as_is_ms: f64,
     one_pod_change_samples: usize,
     /// Encoding the one-pod delta and appending it to the region (the agent's side).
     one_pod_publish_p50_us: f64,
@@ -852,9 +902,43 @@ fn kube_event_cost(size: usize) -> anyhow::Result<KubeEventCost> {
 /// The index of a complete snapshot built from its payload in place (what the watcher does
 /// when it adopts a base) and through prost (the way before), and its free as the data
 /// plane's free thread does it when a base replaced it (`Index::release`) and as a plain
-/// drop, each timed alone.
-fn adopt_parts(snap: &Snapshot) -> anyhow::Result<AdoptParts> {
+/// drop, each timed alone. Also the region's compressed base written and read, against a
+/// plain copy and checksum of the same payload (the layout before compression).
+fn adopt_parts(snap: &Snapshot, dir: &std::path::Path) -> anyhow::Result<AdoptParts> {
     let payload = mesh_snapshot::encode(snap);
+    let path = dir.join(format!("snapbench-{}-parts.region", std::process::id()));
+    let mut publisher = Publisher::create(&path, PublishOptions::default())?;
+    let (mut writes, mut writes_as_is, mut reads, mut reads_as_is) =
+        (vec![], vec![], vec![], vec![]);
+    for _ in 0..3 {
+        let t = Instant::now();
+        publisher.publish(&payload)?;
+        writes.push(t.elapsed());
+        let t = Instant::now();
+        let mut subscriber = mesh_snapshot::Subscriber::new(&path);
+        let read = subscriber.read()?;
+        reads.push(t.elapsed());
+        anyhow::ensure!(
+            matches!(&read, ReadOutcome::New { base: Some(b), .. } if b.payload == payload),
+            "the region gave back another payload"
+        );
+        drop(read);
+        let t = Instant::now();
+        let copy = payload.to_vec();
+        std::hint::black_box(crc32c::crc32c(&copy));
+        writes_as_is.push(t.elapsed());
+        drop(copy);
+        let t = Instant::now();
+        let copy = payload.to_vec();
+        std::hint::black_box(crc32c::crc32c(&copy));
+        reads_as_is.push(t.elapsed());
+    }
+    drop(publisher);
+    let _ = std::fs::remove_file(&path);
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
     let t = Instant::now();
     let decoded = mesh_snapshot::decode(&payload).context("decode")?;
     let index = Index::build(decoded, Generation::default()).context("index")?;
@@ -875,6 +959,10 @@ fn adopt_parts(snap: &Snapshot) -> anyhow::Result<AdoptParts> {
         through_prost,
         release,
         hash_order_drop: t.elapsed(),
+        base_write: median(writes),
+        base_write_as_is: median(writes_as_is),
+        base_read: median(reads),
+        base_read_as_is: median(reads_as_is),
     })
 }
 
@@ -883,6 +971,10 @@ struct AdoptParts {
     through_prost: Duration,
     release: Duration,
     hash_order_drop: Duration,
+    base_write: Duration,
+    base_write_as_is: Duration,
+    base_read: Duration,
+    base_read_as_is: Duration,
 }
 
 /// The delta a watch event on one pod turns into.
@@ -962,7 +1054,8 @@ fn measure(
     let compacted = mesh_snapshot::encode(&snap);
     publisher.compact(&compacted)?;
     let compact = t.elapsed();
-    let region_peak_bytes = before_compaction + compacted.len() as u64;
+    // Until the old slot is released, the region holds both bases and the old log.
+    let region_peak_bytes = before_compaction + publisher.base_bytes();
     drop(compacted);
     let region_bytes = allocated(&path)?;
     let pod = size / 3;
@@ -996,7 +1089,7 @@ fn measure(
     }
     let worker_round_trips = dataplane.stop()?;
     let (route_by_ip_ns, route_by_vip_ns, hashmap_lookup_ns) = route_costs(&snap)?;
-    let parts = adopt_parts(&snap)?;
+    let parts = adopt_parts(&snap, &args.dir)?;
     let kube_event = if size <= args.kube_max {
         Some(kube_event_cost(size)?)
     } else {
@@ -1024,6 +1117,10 @@ fn measure(
         prost_decode_build_ms: ms(parts.through_prost),
         adopt_drop_ms: ms(parts.release),
         adopt_drop_hash_order_ms: ms(parts.hash_order_drop),
+        base_write_ms: ms(parts.base_write),
+        base_write_as_is_ms: ms(parts.base_write_as_is),
+        base_read_ms: ms(parts.base_read),
+        base_read_as_is_ms: ms(parts.base_read_as_is),
         one_pod_change_samples: samples,
         one_pod_publish_p50_us: report::median(publishes),
         one_pod_change_p50_ms: report::median(latencies.clone()),
@@ -1139,6 +1236,19 @@ fn main() -> anyhow::Result<()> {
             s.adopt_drop_hash_order_ms,
             s.adopt_drop_ms / s.adopt_drop_hash_order_ms,
             s.changes_after_replace_max_ms
+        );
+    }
+    for s in &report.sizes {
+        println!(
+            "{:>10} workloads: the region's base, compressed / as is (copy and checksum), timed \
+             alone: written {:.1} / {:.1} ms (x{:.2}), read {:.1} / {:.1} ms (x{:.2})",
+            s.workloads,
+            s.base_write_ms,
+            s.base_write_as_is_ms,
+            s.base_write_ms / s.base_write_as_is_ms,
+            s.base_read_ms,
+            s.base_read_as_is_ms,
+            s.base_read_ms / s.base_read_as_is_ms,
         );
     }
     for s in &report.sizes {

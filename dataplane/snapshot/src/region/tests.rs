@@ -60,6 +60,37 @@ fn expect_deltas(sub: &mut Subscriber) -> (Version, Vec<Vec<u8>>) {
     }
 }
 
+/// Bytes LZ4 cannot shrink (xorshift), for tests about how much room a base takes.
+fn incompressible(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Text that repeats itself the way a snapshot does (namespaces, nodes, accounts per pod).
+fn snapshot_like(pods: usize) -> Vec<u8> {
+    (0..pods)
+        .flat_map(|i| {
+            format!(
+                "uid:{i:08x}-1c5e name:app-{}-7d9f8b6c5-{i:05x} ns:ns-{} sa:sa-{} \
+                 td:cluster.local node:node-{} ip:{};",
+                i / 20,
+                i / 500,
+                i / 20,
+                i % 50,
+                i * 7919
+            )
+            .into_bytes()
+        })
+        .collect()
+}
+
 fn appended(publisher: &mut Publisher, delta: &[u8]) -> Version {
     match publisher.append(delta).expect("append") {
         Appended::Published(version) => version,
@@ -128,7 +159,7 @@ fn outgrowing_the_slots_moves_to_a_bigger_file() {
     let (_dir, _, mut publisher, mut sub) = small_region();
     publisher.publish(b"small").expect("publish");
     expect_new(&mut sub);
-    let big = vec![7u8; 3 << 20];
+    let big = incompressible(3 << 20);
     publisher.publish(&big).expect("publish");
     assert_eq!(expect_new(&mut sub).1, big);
 }
@@ -246,13 +277,13 @@ fn a_publisher_that_fails_to_grow_keeps_publishing_in_the_file_it_has() {
     // Something in the way of the bigger file's temporary name makes growing fail.
     let blocker = path.with_extension(format!("tmp.{}", std::process::id()));
     std::fs::create_dir(&blocker).expect("blocker");
-    assert!(publisher.publish(&vec![7u8; 3 << 20]).is_err());
+    assert!(publisher.publish(&incompressible(3 << 20)).is_err());
     for payload in [&b"small again"[..], b"and again"] {
         publisher.publish(payload).expect("publish in the old file");
         assert_eq!(expect_new(&mut sub).1, payload);
     }
     std::fs::remove_dir(&blocker).expect("remove blocker");
-    let big = vec![7u8; 3 << 20];
+    let big = incompressible(3 << 20);
     publisher.publish(&big).expect("grow");
     assert_eq!(expect_new(&mut sub).1, big);
 }
@@ -479,7 +510,7 @@ fn a_compaction_is_invisible_to_readers_that_kept_up_and_a_base_for_those_behind
 fn a_full_log_asks_for_a_complete_snapshot_and_a_long_one_for_compaction() {
     let (_dir, path) = scratch_region();
     let mut publisher = Publisher::create(&path, small()).expect("create");
-    publisher.publish(&[1u8; 1000]).expect("publish");
+    publisher.publish(&incompressible(1000)).expect("publish");
     let mut appends = 0;
     while let Appended::Published(_) = publisher.append(&[2u8; 500]).expect("append") {
         appends += 1;
@@ -583,7 +614,7 @@ fn only_the_active_slot_keeps_its_pages() {
     use std::os::unix::fs::MetadataExt;
     let (_dir, path) = scratch_region();
     let mut publisher = Publisher::create(&path, PublishOptions::default()).expect("create");
-    let payload = vec![5u8; 8 << 20];
+    let payload = incompressible(8 << 20);
     publisher.publish(&payload).expect("publish");
     publisher.publish(&payload).expect("publish");
     publisher.compact(&payload).expect("compact");
@@ -591,6 +622,105 @@ fn only_the_active_slot_keeps_its_pages() {
     // One slot's 8 MiB plus the header and a partial page, not two slots' worth.
     assert!(allocated < 9 << 20, "{allocated} bytes allocated");
     assert_eq!(expect_new(&mut Subscriber::new(&path)).1, payload);
+}
+
+#[test]
+fn a_base_is_stored_compressed_and_read_back_whole() {
+    use std::os::unix::fs::MetadataExt;
+    let (_dir, path) = scratch_region();
+    let mut publisher = Publisher::create(&path, PublishOptions::default()).expect("create");
+    let payload = snapshot_like(100_000);
+    publisher.publish(&payload).expect("publish");
+    // The same shape of text as a snapshot's: namespaces, nodes and accounts repeat.
+    assert!(
+        publisher.base_bytes() * 3 < payload.len() as u64,
+        "{} of {} bytes stored",
+        publisher.base_bytes(),
+        payload.len()
+    );
+    let allocated = std::fs::metadata(&path).expect("stat").blocks() * 512;
+    assert!(
+        allocated < payload.len() as u64 / 3,
+        "{allocated} bytes allocated"
+    );
+    assert_eq!(expect_new(&mut Subscriber::new(&path)).1, payload);
+
+    // A base bigger than the slots that compresses into them stays in this file.
+    let (_dir2, path2) = scratch_region();
+    let mut tight = Publisher::create(&path2, small()).expect("create");
+    let mut sub = Subscriber::new(&path2);
+    tight.publish(b"first").expect("publish");
+    let (first, _) = expect_new(&mut sub);
+    let roomy = snapshot_like(100);
+    assert!(roomy.len() > 4096);
+    tight.publish(&roomy).expect("publish");
+    let (second, read) = expect_new(&mut sub);
+    assert_eq!(read, roomy);
+    assert_eq!(first.epoch, second.epoch, "no bigger file was needed");
+
+    let noise = incompressible(2000);
+    tight.publish(&noise).expect("publish");
+    assert_eq!(tight.base_bytes(), 2000, "stored as is");
+    assert_eq!(expect_new(&mut sub).1, noise);
+}
+
+#[test]
+fn a_base_that_does_not_decode_is_refused_and_the_next_good_one_is_read() {
+    let (_dir, path) = scratch_region();
+    let payload = snapshot_like(200);
+    let mut publisher = Publisher::create(&path, PublishOptions::default()).expect("create");
+    publisher.publish(&payload).expect("publish");
+    let stored = publisher.base_bytes() as usize;
+    drop(publisher);
+    let clean = std::fs::read(&path).expect("read");
+    let slot = HEADER_SIZE;
+    let field = |bytes: &[u8], at: usize| {
+        u64::from_ne_bytes(bytes[slot + at..slot + at + 8].try_into().expect("8 bytes"))
+    };
+    assert_eq!(field(&clean, S_DECODED_LEN), payload.len() as u64);
+    assert_eq!(field(&clean, S_CODEC) as u32, CODEC_LZ4_BLOCK);
+
+    // Each as a publisher's bug would write it: wrong, yet with a checksum that matches, so
+    // only the decoder can tell. None may panic or allocate what the header claims.
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut truncated_block = clean.clone();
+    truncated_block[slot + S_LEN..slot + S_LEN + 8]
+        .copy_from_slice(&(stored as u64 - 9).to_ne_bytes());
+    cases.push(("a block cut short", truncated_block));
+    for claim in [payload.len() as u64 + 1, u64::MAX, 1 << 40] {
+        let mut lying = clean.clone();
+        lying[slot + S_DECODED_LEN..slot + S_DECODED_LEN + 8].copy_from_slice(&claim.to_ne_bytes());
+        cases.push(("a decoded length the block does not have", lying));
+    }
+    let mut unknown = clean.clone();
+    unknown[slot + S_CODEC..slot + S_CODEC + 4].copy_from_slice(&7u32.to_ne_bytes());
+    cases.push(("an unknown codec", unknown));
+    let mut stored_as_is = clean.clone();
+    stored_as_is[slot + S_CODEC..slot + S_CODEC + 4].copy_from_slice(&CODEC_STORED.to_ne_bytes());
+    cases.push(("a block said to be stored as is", stored_as_is));
+    for (case, mut bytes) in cases {
+        Publisher::seal_slots_for_fuzzing(&mut bytes);
+        std::fs::write(&path, &bytes).expect("write");
+        let mut sub = Subscriber::new(&path);
+        match sub.read() {
+            Err(error @ RegionError::Decode { .. }) => assert!(error.is_corrupt(), "{case}"),
+            other => panic!("{case}: expected a decode error, got {other:?}"),
+        }
+        // Reported once; the next publication is read whole.
+        assert!(matches!(sub.read(), Ok(ReadOutcome::Unchanged)), "{case}");
+        let mut next = Publisher::create(&path, PublishOptions::default()).expect("create");
+        next.publish(&payload).expect("publish");
+        assert_eq!(expect_new(&mut sub).1, payload, "{case}");
+    }
+
+    // Without the fixed checksum, a changed codec or decoded length is a checksum error.
+    let mut torn = clean;
+    torn[slot + S_DECODED_LEN] ^= 1;
+    std::fs::write(&path, &torn).expect("write");
+    assert!(matches!(
+        Subscriber::new(&path).read(),
+        Err(RegionError::Checksum { .. })
+    ));
 }
 
 /// State of the model below after generation `g`: every generation folds into one number,
