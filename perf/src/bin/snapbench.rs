@@ -913,11 +913,11 @@ fn adopt_parts(snap: &Snapshot, dir: &std::path::Path) -> anyhow::Result<AdoptPa
     for _ in 0..3 {
         let t = Instant::now();
         publisher.publish(&payload)?;
-        writes.push(t.elapsed());
+        writes.push(ms(t.elapsed()));
         let t = Instant::now();
         let mut subscriber = mesh_snapshot::Subscriber::new(&path);
         let read = subscriber.read()?;
-        reads.push(t.elapsed());
+        reads.push(ms(t.elapsed()));
         anyhow::ensure!(
             matches!(&read, ReadOutcome::New { base: Some(b), .. } if b.payload == payload),
             "the region gave back another payload"
@@ -926,19 +926,15 @@ fn adopt_parts(snap: &Snapshot, dir: &std::path::Path) -> anyhow::Result<AdoptPa
         let t = Instant::now();
         let copy = payload.to_vec();
         std::hint::black_box(crc32c::crc32c(&copy));
-        writes_as_is.push(t.elapsed());
+        writes_as_is.push(ms(t.elapsed()));
         drop(copy);
         let t = Instant::now();
         let copy = payload.to_vec();
         std::hint::black_box(crc32c::crc32c(&copy));
-        reads_as_is.push(t.elapsed());
+        reads_as_is.push(ms(t.elapsed()));
     }
     drop(publisher);
     let _ = std::fs::remove_file(&path);
-    let median = |mut v: Vec<Duration>| {
-        v.sort();
-        v[v.len() / 2]
-    };
     let t = Instant::now();
     let decoded = mesh_snapshot::decode(&payload).context("decode")?;
     let index = Index::build(decoded, Generation::default()).context("index")?;
@@ -959,10 +955,10 @@ fn adopt_parts(snap: &Snapshot, dir: &std::path::Path) -> anyhow::Result<AdoptPa
         through_prost,
         release,
         hash_order_drop: t.elapsed(),
-        base_write: median(writes),
-        base_write_as_is: median(writes_as_is),
-        base_read: median(reads),
-        base_read_as_is: median(reads_as_is),
+        base_write_ms: report::median(writes),
+        base_write_as_is_ms: report::median(writes_as_is),
+        base_read_ms: report::median(reads),
+        base_read_as_is_ms: report::median(reads_as_is),
     })
 }
 
@@ -971,10 +967,10 @@ struct AdoptParts {
     through_prost: Duration,
     release: Duration,
     hash_order_drop: Duration,
-    base_write: Duration,
-    base_write_as_is: Duration,
-    base_read: Duration,
-    base_read_as_is: Duration,
+    base_write_ms: f64,
+    base_write_as_is_ms: f64,
+    base_read_ms: f64,
+    base_read_as_is_ms: f64,
 }
 
 /// The delta a watch event on one pod turns into.
@@ -1117,10 +1113,10 @@ fn measure(
         prost_decode_build_ms: ms(parts.through_prost),
         adopt_drop_ms: ms(parts.release),
         adopt_drop_hash_order_ms: ms(parts.hash_order_drop),
-        base_write_ms: ms(parts.base_write),
-        base_write_as_is_ms: ms(parts.base_write_as_is),
-        base_read_ms: ms(parts.base_read),
-        base_read_as_is_ms: ms(parts.base_read_as_is),
+        base_write_ms: parts.base_write_ms,
+        base_write_as_is_ms: parts.base_write_as_is_ms,
+        base_read_ms: parts.base_read_ms,
+        base_read_as_is_ms: parts.base_read_as_is_ms,
         one_pod_change_samples: samples,
         one_pod_publish_p50_us: report::median(publishes),
         one_pod_change_p50_ms: report::median(latencies.clone()),
