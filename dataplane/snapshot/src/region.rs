@@ -24,9 +24,10 @@
 //! decoded length and the codec, and is checked before anything is decompressed. It goes to
 //! the slot that is not active, seqlock style: `seq` odd, payload, length, checksum,
 //! `seq` even, then `active` flips. The slot left behind has its `seq` made odd and its pages
-//! returned to the kernel, so in steady state only one slot occupies memory. A reader keeps a
-//! copy only if its slot's `seq` was even and unchanged around the copy and every checksum
-//! matches. Nobody blocks anybody: a torn read is retried, a corrupt one refused.
+//! returned to the kernel, so in steady state only one slot occupies memory. A reader keeps
+//! what it read (the log copied, the base decoded in place) only if its slot's `seq` was even
+//! and unchanged around the read and every checksum matches. Nobody blocks anybody: a torn
+//! read is retried, a corrupt one refused.
 //!
 //! Each publisher instance creates a fresh file and renames it over the path, so a restarted
 //! agent, or a snapshot that outgrew its slots, shows up as a new inode with a new epoch; the old
@@ -491,7 +492,7 @@ impl Publisher {
         Ok(())
     }
 
-    /// Invalidates a slot no longer active and gives its pages back: a reader still copying
+    /// Invalidates a slot no longer active and gives its pages back: a reader still reading
     /// it sees `seq` change and retries on the active one.
     fn release_slot(&mut self, slot: u32) {
         let capacity = self.options.slot_capacity;
@@ -953,12 +954,22 @@ impl Subscriber {
                 });
             }
             let data_at = offset + SLOT_HEADER_SIZE;
-            let base = need_base.then(|| m.map[data_at..data_at + base_len as usize].to_vec());
+            // The base is checked and decoded where it lies, not copied out first: a copy
+            // would hold as much memory again as the region's base while the index is built.
+            // Torn bytes are harmless here (the decoder is bounded and safe); only a decode
+            // the sequence check below confirms is used.
+            let base = need_base.then(|| {
+                let stored = &m.map[data_at..data_at + base_len as usize];
+                let found = base_checksum(stored, decoded_len, codec);
+                // An unchecked header must not size an allocation.
+                let decoded = (found == expected).then(|| decode_base(stored, decoded_len, codec));
+                (found, decoded)
+            });
             let log_at = data_at + (log_start + from) as usize;
             let log = m.map[log_at..log_at + (log_len - from) as usize].to_vec();
             fence(Ordering::Acquire);
             if seq.load(Ordering::Relaxed) != before {
-                // The publisher replaced the slot while we copied; start over on the new one.
+                // The publisher replaced the slot while we read; start over on the new one.
                 continue;
             }
             // From here on the bytes are ours; anything wrong is corruption, reported once, and
@@ -967,22 +978,19 @@ impl Subscriber {
             self.position.refuse(Some((slot, before)));
             let mut applied = held.unwrap_or(0);
             let base = match base {
-                Some(stored) => {
-                    let found = base_checksum(&stored, decoded_len, codec);
-                    if found != expected {
+                Some((found, decoded)) => {
+                    let Some(decoded) = decoded else {
                         return Err(RegionError::Checksum {
                             path: self.path.clone(),
                             generation: base_generation,
                             found,
                             expected,
                         });
-                    }
-                    let payload = decode_base(stored, decoded_len, codec).map_err(|problem| {
-                        RegionError::Decode {
-                            path: self.path.clone(),
-                            generation: base_generation,
-                            problem,
-                        }
+                    };
+                    let payload = decoded.map_err(|problem| RegionError::Decode {
+                        path: self.path.clone(),
+                        generation: base_generation,
+                        problem,
                     })?;
                     applied = base_generation;
                     Some(Published {
@@ -1087,9 +1095,9 @@ fn base_checksum(stored: &[u8], decoded_len: u64, codec: u32) -> u32 {
 }
 
 /// The snapshot a checksummed base stores.
-fn decode_base(stored: Vec<u8>, decoded_len: u64, codec: u32) -> Result<Vec<u8>, String> {
+fn decode_base(stored: &[u8], decoded_len: u64, codec: u32) -> Result<Vec<u8>, String> {
     match codec {
-        CODEC_STORED if decoded_len == stored.len() as u64 => Ok(stored),
+        CODEC_STORED if decoded_len == stored.len() as u64 => Ok(stored.to_vec()),
         CODEC_STORED => Err(format!(
             "{} bytes stored as is claim to be {decoded_len}",
             stored.len()
@@ -1103,7 +1111,7 @@ fn decode_base(stored: Vec<u8>, decoded_len: u64, codec: u32) -> Result<Vec<u8>,
                     format!("{} LZ4 bytes cannot decode to {decoded_len}", stored.len())
                 })?;
             let mut decoded = vec![0u8; len];
-            let written = lz4_flex::block::decompress_into(&stored, &mut decoded)
+            let written = lz4_flex::block::decompress_into(stored, &mut decoded)
                 .map_err(|e| format!("LZ4: {e}"))?;
             if written != len {
                 return Err(format!(
