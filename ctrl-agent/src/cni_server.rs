@@ -13,12 +13,12 @@
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use mesh_io::ipc::{Channel, Listener};
 use mesh_io::netns::NetNs;
+use mesh_io::upgrade::WaitingPredecessor;
 use mesh_snapshot::enrollment::NetnsUpdate;
 
 use crate::agent::{lock, Shared, SharedState};
@@ -50,10 +50,6 @@ impl Default for CniSettings {
 /// The CNI server, for the agent's shutdown.
 pub struct CniServer(Arc<Calls>);
 
-/// How recently the agent that handed the node over to this one must have asked (`Waiting`;
-/// it asks twice a second, and may wait up to 2 s for an answer) for this one to hand the
-/// node back at its shutdown.
-const PREDECESSOR_ASKED_WITHIN: Duration = Duration::from_secs(3);
 /// How long a stopping agent waits for its predecessor to take the node back.
 const HAND_BACK_WITHIN: Duration = Duration::from_secs(3);
 
@@ -65,16 +61,11 @@ impl CniServer {
     /// it would take the node back only after `--cni-successor-wait` without an answer.
     pub fn hand_back(&self) {
         let calls = &self.0;
-        let asked = *calls
-            .predecessor_asked
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let predecessor_gone = asked.is_none_or(|at| at.elapsed() > PREDECESSOR_ASKED_WITHIN);
-        if predecessor_gone || !calls.owns_path() {
+        if !calls.predecessor.waits() || !calls.owns_path() {
             return;
         }
         lock(&calls.shared).handed_over = true;
-        calls.leaving.store(true, Ordering::Release);
+        calls.predecessor.leave();
         tracing::info!(
             "stopping while the agent that handed the node over to this one still runs: \
              handing the node back to it, answering plugins `moved` meanwhile"
@@ -110,8 +101,7 @@ pub fn start(
         slots: Arc::new(Slots::new(MAX_CNI_CALLS)),
         path: cni_socket.to_owned(),
         bound: Mutex::new(None),
-        predecessor_asked: Mutex::new(handed_over_by_predecessor),
-        leaving: AtomicBool::new(false),
+        predecessor: WaitingPredecessor::heard_at(handed_over_by_predecessor),
         handed_over_at: Mutex::new(None),
     });
     calls.bind()?;
@@ -143,11 +133,9 @@ struct Calls {
     path: PathBuf,
     /// The socket this agent last bound at `path`.
     bound: Mutex<Option<Bound>>,
-    /// When the agent that handed the node over to this one last asked whether this one is
-    /// leaving (`Waiting`).
-    predecessor_asked: Mutex<Option<Instant>>,
-    /// Set at shutdown: the answer to `Waiting` becomes `Leaving`.
-    leaving: AtomicBool,
+    /// The agent that handed the node over to this one, while it asks whether this one is
+    /// leaving (`Waiting`); told `Leaving` from this one's shutdown on.
+    predecessor: WaitingPredecessor,
     /// When a new agent last asked for the node (`HandOver`).
     handed_over_at: Mutex<Option<Instant>>,
 }
@@ -212,11 +200,7 @@ impl Calls {
     /// Answers `Waiting`: notes that the predecessor still runs, and tells it whether to
     /// take the node back.
     fn answer_predecessor(&self) -> Reply {
-        *self
-            .predecessor_asked
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-        if self.leaving.load(Ordering::Acquire) {
+        if self.predecessor.asked() {
             Reply::Leaving
         } else {
             Reply::Serving

@@ -302,7 +302,7 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
     let outcome = match takeover {
         Ok(()) => {
             admin::start(state.clone(), endpoints, admin_stop.clone()).map_err(AppError::Admin)?;
-            let waiting_predecessor = Arc::new(WaitingPredecessor::default());
+            let waiting_predecessor = Arc::new(upgrade::WaitingPredecessor::default());
             if let Some(channel) = predecessor {
                 let ready = inherited.ready_message();
                 if ready == upgrade::Message::ReadyOwnEndpoints {
@@ -338,7 +338,7 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
                     tracing::info!(signal, within = ?HAND_BACK_WITHIN,
                         "the pod's SIGTERM while the data plane this one took over from waits in its pod: handing the node back to it, accepting until it has taken over");
                     state.draining.store(true, Ordering::Release);
-                    waiting_predecessor.leaving.store(true, Ordering::Release);
+                    waiting_predecessor.leave();
                     if let Some(succeeded) = await_hand_back(&next_event) {
                         if succeeded.shares_endpoints {
                             admin_stop.store(true, Ordering::Release);
@@ -351,7 +351,7 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
                         "draining: readiness now fails, listeners close");
                     // A predecessor still in its pod asks once a second: it should not wait for
                     // a SIGTERM then, but restart and serve.
-                    waiting_predecessor.leaving.store(true, Ordering::Release);
+                    waiting_predecessor.leave();
                     Ok(Afterwards::Exit)
                 }
                 Ok(Event::HandedOver(succeeded)) => {
@@ -544,45 +544,6 @@ fn successor_leaves(channel: &crate::ipc::Channel) -> bool {
 /// With the default 30 s drain this fits the chart's 45 s termination grace.
 const HAND_BACK_WITHIN: Duration = Duration::from_secs(10);
 
-/// How recently a predecessor must have said it waits for this process to hand the node back
-/// to it rather than drain: it asks every second.
-const PREDECESSOR_HEARD_WITHIN: Duration = Duration::from_secs(3);
-
-/// A predecessor in another pod that handed over to this process and waits, drained, for its
-/// own pod's SIGTERM, as the upgrade thread hears of it.
-#[derive(Default)]
-struct WaitingPredecessor {
-    /// When it last asked (`Waiting`).
-    heard: Mutex<Option<Instant>>,
-    /// This process's pod is being deleted: the predecessor is told to take the node back.
-    leaving: AtomicBool,
-}
-
-impl WaitingPredecessor {
-    fn waits(&self) -> bool {
-        self.heard
-            .lock()
-            .map(|heard| heard.is_some_and(|at| at.elapsed() <= PREDECESSOR_HEARD_WITHIN))
-            .unwrap_or(false)
-    }
-
-    fn heard(&self) {
-        if let Ok(mut heard) = self.heard.lock() {
-            *heard = Some(Instant::now());
-        }
-    }
-
-    /// Notes the question and answers it.
-    fn answer(&self) -> upgrade::Message {
-        self.heard();
-        if self.leaving.load(Ordering::Acquire) {
-            upgrade::Message::Leaving
-        } else {
-            upgrade::Message::Serving
-        }
-    }
-}
-
 /// After the pod's SIGTERM, with a predecessor told to take the node back: waits for its
 /// handover, at most [`HAND_BACK_WITHIN`], or until a second signal. The handover, if any.
 fn await_hand_back(events: &flume::Receiver<Event>) -> Option<upgrade::Succeeded> {
@@ -649,7 +610,7 @@ struct Upgrades {
     workers: Vec<flume::Sender<Control>>,
     endpoints: Vec<(&'static str, SocketAddr, std::net::TcpListener)>,
     events: flume::Sender<Event>,
-    predecessor: Arc<WaitingPredecessor>,
+    predecessor: Arc<upgrade::WaitingPredecessor>,
 }
 
 impl Upgrades {
@@ -676,7 +637,11 @@ impl Upgrades {
             match channel.recv_json::<upgrade::Message>() {
                 Ok(Some((upgrade::Message::Handover, _))) => {}
                 Ok(Some((upgrade::Message::Waiting, _))) => {
-                    let answer = self.predecessor.answer();
+                    let answer = if self.predecessor.asked() {
+                        upgrade::Message::Leaving
+                    } else {
+                        upgrade::Message::Serving
+                    };
                     if let Err(error) = channel.send_json(&answer, &[]) {
                         tracing::debug!(%error, "could not answer the waiting predecessor");
                     }
@@ -784,20 +749,6 @@ fn drain(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_predecessor_counts_as_waiting_only_while_it_keeps_asking() {
-        let predecessor = WaitingPredecessor::default();
-        assert!(!predecessor.waits(), "nobody asked yet");
-        assert_eq!(predecessor.answer(), upgrade::Message::Serving);
-        assert!(predecessor.waits());
-        predecessor.leaving.store(true, Ordering::Release);
-        assert_eq!(predecessor.answer(), upgrade::Message::Leaving);
-        if let Ok(mut heard) = predecessor.heard.lock() {
-            *heard = Instant::now().checked_sub(PREDECESSOR_HEARD_WITHIN * 2);
-        }
-        assert!(!predecessor.waits(), "it stopped asking: gone");
-    }
 
     /// A successor on a real unix socket that answers one question with `answer`, or closes
     /// the connection without a word when there is none (an older release).

@@ -35,8 +35,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -336,9 +337,80 @@ pub fn listen(path: &Path) -> std::io::Result<Listener> {
     Listener::bind(path)
 }
 
+/// A predecessor (in another pod) that handed the node over to this process and waits,
+/// drained, to be given it back should this process's pod be deleted first: a rollback during
+/// a rolling update. The data plane's predecessor asks on the upgrade socket, the agent's on
+/// the CNI socket (`Waiting`); both are answered from here.
+#[derive(Default)]
+pub struct WaitingPredecessor {
+    /// When it last asked, or handed over (it asks from then on).
+    heard: Mutex<Option<Instant>>,
+    /// This process is leaving: the predecessor is told to take the node back.
+    leaving: AtomicBool,
+}
+
+impl WaitingPredecessor {
+    /// How recently a predecessor must have asked to count as waiting. A data plane asks once
+    /// a second; an agent twice a second, but may take up to 2 s for a reply.
+    pub const HEARD_WITHIN: Duration = Duration::from_secs(3);
+
+    /// A predecessor that handed over at `at` (and asks from then on); none for `None`.
+    pub fn heard_at(at: Option<Instant>) -> WaitingPredecessor {
+        WaitingPredecessor {
+            heard: Mutex::new(at),
+            leaving: AtomicBool::new(false),
+        }
+    }
+
+    /// Notes that the predecessor was just heard from.
+    pub fn heard(&self) {
+        *self.heard.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// Whether a predecessor still waits (it asked within [`Self::HEARD_WITHIN`]).
+    pub fn waits(&self) -> bool {
+        self.heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() <= Self::HEARD_WITHIN)
+    }
+
+    /// From now on the predecessor is told to take the node back.
+    pub fn leave(&self) {
+        self.leaving.store(true, Ordering::Release);
+    }
+
+    /// Notes its question, and answers whether this process is leaving.
+    pub fn asked(&self) -> bool {
+        self.heard();
+        self.leaving.load(Ordering::Acquire)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_predecessor_counts_as_waiting_only_while_it_keeps_asking() {
+        let predecessor = WaitingPredecessor::default();
+        assert!(!predecessor.waits(), "nobody asked yet");
+        assert!(
+            !predecessor.asked(),
+            "answered `Leaving` before this process leaves"
+        );
+        assert!(predecessor.waits());
+        predecessor.leave();
+        assert!(predecessor.asked(), "not told to take the node back");
+        *predecessor.heard.lock().expect("lock") =
+            Instant::now().checked_sub(WaitingPredecessor::HEARD_WITHIN * 2);
+        assert!(!predecessor.waits(), "it stopped asking: gone");
+        let handed_over = WaitingPredecessor::heard_at(Some(Instant::now()));
+        assert!(
+            handed_over.waits(),
+            "waits from its handover, before its first question"
+        );
+    }
 
     fn socket() -> OwnedFd {
         OwnedFd::from(std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
