@@ -678,7 +678,12 @@ fn a_base_that_does_not_decode_is_refused_and_the_next_good_one_is_read() {
         u64::from_ne_bytes(bytes[slot + at..slot + at + 8].try_into().expect("8 bytes"))
     };
     assert_eq!(field(&clean, S_DECODED_LEN), payload.len() as u64);
-    assert_eq!(field(&clean, S_CODEC) as u32, CODEC_LZ4_BLOCK);
+    let codec = u32::from_ne_bytes(
+        clean[slot + S_CODEC..slot + S_CODEC + 4]
+            .try_into()
+            .expect("4 bytes"),
+    );
+    assert_eq!(codec, CODEC_LZ4_BLOCK);
 
     // Each as a publisher's bug would write it: wrong, yet with a checksum that matches, so
     // only the decoder can tell. None may panic or allocate what the header claims.
