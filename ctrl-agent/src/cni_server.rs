@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use mesh_io::ipc::{Channel, Listener};
 use mesh_io::netns::NetNs;
-use mesh_io::upgrade::WaitingPredecessor;
+use mesh_io::upgrade::{OlderSuccessor, WaitingPredecessor};
 use mesh_snapshot::enrollment::NetnsUpdate;
 
 use crate::agent::{lock, Shared, SharedState};
@@ -272,6 +272,7 @@ impl Calls {
     fn watch_successor(self: Arc<Self>) {
         let wait = self.settings.successor_wait;
         let mut unanswered_since: Option<Instant> = None;
+        let mut older = OlderSuccessor::default();
         loop {
             std::thread::sleep(Duration::from_millis(500));
             let handed_over = lock(&self.shared).handed_over;
@@ -288,7 +289,7 @@ impl Calls {
                 }
                 continue;
             }
-            let successor = ask_successor(&self.path);
+            let successor = ask_successor(&self.path, &mut older);
             if successor == Some(Reply::Leaving) {
                 unanswered_since = None;
                 tracing::info!(
@@ -344,16 +345,28 @@ impl Calls {
     }
 }
 
-/// What the agent at the CNI socket says to `Waiting`; `None` when no one answers there. An
-/// older agent refuses the request, and one that answers nothing still listens: both serve.
-fn ask_successor(path: &Path) -> Option<Reply> {
+/// What the agent at the CNI socket says to `Waiting`; `None` when no one answers there. One
+/// that answers nothing still listens: it serves. An older agent refuses the request (and logs
+/// it as a bad one): it serves, and is only connected to from then on.
+fn ask_successor(path: &Path, older: &mut OlderSuccessor) -> Option<Reply> {
     let channel = Channel::connect(path).ok()?;
+    if older.is_at(path) {
+        return Some(Reply::Serving);
+    }
     let _ = channel.set_timeout(Some(Duration::from_secs(2)));
     let reply = channel
         .send_json(&Request::Waiting, &[])
         .and_then(|()| channel.recv_json::<Reply>());
     match reply {
         Ok(Some((Reply::Leaving, _))) => Some(Reply::Leaving),
+        Ok(Some((Reply::Refused { .. }, _))) => {
+            tracing::info!(
+                "the agent that took the node over is an older release: it cannot hand the \
+                 node back, and is only checked for from now on"
+            );
+            older.found_at(path);
+            Some(Reply::Serving)
+        }
         _ => Some(Reply::Serving),
     }
 }
@@ -946,6 +959,47 @@ mod tests {
             drop(slot);
         });
         rx
+    }
+
+    /// An agent of an older release at `path`: it refuses what it does not know (as the
+    /// bad request it logs) on each of `connections`, and counts the requests it was sent.
+    fn older_agent(path: &Path, connections: usize) -> std::thread::JoinHandle<usize> {
+        let listener = Listener::bind(path).expect("bind");
+        std::thread::spawn(move || {
+            (0..connections)
+                .filter(|_| {
+                    let channel = listener.accept().expect("accept");
+                    let asked = matches!(channel.recv_json::<Request>(), Ok(Some(_)));
+                    if asked {
+                        let refusal = Reply::Refused {
+                            reason: "unknown variant `Waiting`".into(),
+                        };
+                        channel.send_json(&refusal, &[]).expect("refuse");
+                    }
+                    asked
+                })
+                .count()
+        })
+    }
+
+    #[test]
+    fn an_older_successor_is_asked_once_and_then_only_checked_for() {
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("dir");
+        let path = dir.path().join("cni.sock");
+        let first = older_agent(&path, 3);
+        let mut older = OlderSuccessor::default();
+        for _ in 0..3 {
+            assert_eq!(ask_successor(&path, &mut older), Some(Reply::Serving));
+        }
+        assert_eq!(first.join().expect("agent"), 1, "requests it was sent");
+
+        // A successor of its own (a new socket) is asked again.
+        let newer = older_agent(&path, 1);
+        assert_eq!(ask_successor(&path, &mut older), Some(Reply::Serving));
+        assert_eq!(newer.join().expect("agent"), 1, "requests it was sent");
+
+        std::fs::remove_file(&path).expect("remove");
+        assert_eq!(ask_successor(&path, &mut older), None, "no one listens");
     }
 
     #[test]

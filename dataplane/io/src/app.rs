@@ -465,6 +465,7 @@ struct SuccessorWatch<'a> {
     asked: Option<Instant>,
     gone_since: Option<Instant>,
     verdict: Option<SuccessorVerdict>,
+    older: upgrade::OlderSuccessor,
 }
 
 #[derive(Clone, Copy)]
@@ -489,6 +490,7 @@ impl<'a> SuccessorWatch<'a> {
             asked: None,
             gone_since: None,
             verdict: None,
+            older: upgrade::OlderSuccessor::default(),
         }
     }
 
@@ -507,11 +509,23 @@ impl<'a> SuccessorWatch<'a> {
     fn ask(&mut self) {
         match crate::ipc::Channel::connect_if_listening(self.path) {
             Err(_) => self.gone_since = None,
+            // Connected: it runs, and that is all an older one is asked.
+            Ok(Some(_)) if self.older.is_at(self.path) => self.gone_since = None,
             Ok(Some(channel)) => {
                 self.gone_since = None;
-                if successor_leaves(&channel) {
-                    tracing::info!("the data plane this one handed over to is leaving");
-                    self.verdict = Some(SuccessorVerdict::Leaving);
+                match ask_successor(&channel) {
+                    Some(upgrade::Message::Leaving) => {
+                        tracing::info!("the data plane this one handed over to is leaving");
+                        self.verdict = Some(SuccessorVerdict::Leaving);
+                    }
+                    Some(_) => {}
+                    None => {
+                        tracing::info!(
+                            "the data plane this one handed over to is an older release: it \
+                             cannot hand the node back, and is only checked for from now on"
+                        );
+                        self.older.found_at(self.path);
+                    }
                 }
             }
             Ok(None) => {
@@ -528,15 +542,19 @@ impl<'a> SuccessorWatch<'a> {
     }
 }
 
-/// Asks the process this one handed over to whether it is leaving. One that does not know the
-/// question (an older release) closes the connection: it serves as far as this one can tell.
-fn successor_leaves(channel: &crate::ipc::Channel) -> bool {
+/// Asks the process this one handed over to whether it is leaving: its answer, `Serving` when
+/// there is no telling (no answer in time), and `None` from one that closes the connection
+/// without a word, as an older release does with a question it does not know.
+fn ask_successor(channel: &crate::ipc::Channel) -> Option<upgrade::Message> {
     let _ = channel.set_timeout(Some(Duration::from_secs(1)));
-    channel.send_json(&upgrade::Message::Waiting, &[]).is_ok()
-        && matches!(
-            channel.recv_json::<upgrade::Message>(),
-            Ok(Some((upgrade::Message::Leaving, _)))
-        )
+    if channel.send_json(&upgrade::Message::Waiting, &[]).is_err() {
+        return Some(upgrade::Message::Serving);
+    }
+    match channel.recv_json::<upgrade::Message>() {
+        Ok(None) => None,
+        Ok(Some((upgrade::Message::Leaving, _))) => Some(upgrade::Message::Leaving),
+        _ => Some(upgrade::Message::Serving),
+    }
 }
 
 /// How long a process whose pod is deleted keeps accepting while the predecessor it told to
@@ -770,6 +788,20 @@ mod tests {
         })
     }
 
+    /// An older successor on a real unix socket: it serves two connections, closing each
+    /// without a word, and counts the questions it was sent on them.
+    fn older_successor(path: &std::path::Path) -> std::thread::JoinHandle<usize> {
+        let listener = upgrade::listen(path).expect("listen");
+        std::thread::spawn(move || {
+            (0..2)
+                .filter(|_| {
+                    let channel = listener.accept().expect("accept");
+                    matches!(channel.recv_json::<upgrade::Message>(), Ok(Some(_)))
+                })
+                .count()
+        })
+    }
+
     #[test]
     fn the_waiting_process_exits_when_its_successor_says_it_leaves() {
         let dir = mesh_snapshot::test_support::ScratchDir::new().expect("dir");
@@ -780,13 +812,14 @@ mod tests {
         assert!(watch.check().is_none(), "a serving successor");
         serving.join().expect("successor");
 
-        let older = successor(&path, None);
+        // An older successor, which closes the connection without a word: asked once, then
+        // only connected to (its accept loop sees the connection close, and logs nothing).
+        let older = older_successor(&path);
         let mut watch = SuccessorWatch::new(&path);
-        assert!(
-            watch.check().is_none(),
-            "an older successor, which does not answer"
-        );
-        older.join().expect("successor");
+        assert!(watch.check().is_none(), "an older successor serves");
+        watch.asked = None;
+        assert!(watch.check().is_none(), "an older successor serves");
+        assert_eq!(older.join().expect("successor"), 1, "questions it got");
 
         let leaving = successor(&path, Some(upgrade::Message::Leaving));
         let mut watch = SuccessorWatch::new(&path);

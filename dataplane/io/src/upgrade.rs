@@ -29,7 +29,8 @@
 //! back through an ordinary handover, and the new one drains only then, so no connection
 //! finds the pods without listeners. The new one waits 10 s for that: an old process still
 //! draining long connections finishes that first, and a kubelet backing off the container's
-//! restart waits longer, and then the pods' listeners close meanwhile.
+//! restart waits longer, and then the pods' listeners close meanwhile. A successor of an older
+//! release, which does not know the question, is asked once and then only connected to.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -385,6 +386,35 @@ impl WaitingPredecessor {
         self.heard();
         self.leaving.load(Ordering::Acquire)
     }
+}
+
+/// The socket of a successor that does not know `Waiting` (an older release, after a
+/// downgrade): it logs every such question as a bad request, so from then on it is only
+/// connected to, which tells that it runs, as older releases checked.
+#[derive(Default)]
+pub struct OlderSuccessor {
+    /// The socket file's inode and creation time: a successor of its own binds a new one (and
+    /// a freed inode number may be given out again at once).
+    socket: Option<(u64, i64, i64)>,
+}
+
+impl OlderSuccessor {
+    /// Whether the socket at `path` is the older successor's.
+    pub fn is_at(&self, path: &Path) -> bool {
+        self.socket.is_some() && socket_file(path) == self.socket
+    }
+
+    /// The successor at `path` did not know the question.
+    pub fn found_at(&mut self, path: &Path) {
+        self.socket = socket_file(path);
+    }
+}
+
+fn socket_file(path: &Path) -> Option<(u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
 #[cfg(test)]
