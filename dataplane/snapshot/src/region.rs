@@ -955,9 +955,9 @@ impl Subscriber {
             }
             let data_at = offset + SLOT_HEADER_SIZE;
             // The base is checked and decoded where it lies, not copied out first: a copy
-            // would hold as much memory again as the region's base while the index is built.
-            // Torn bytes are harmless here (the decoder is bounded and safe); only a decode
-            // the sequence check below confirms is used.
+            // costs a pass over it and as much memory again while it is decoded. Torn bytes
+            // are harmless here (the decoder is bounded and safe); only a decode the sequence
+            // check below confirms is used.
             let base = need_base.then(|| {
                 let stored = &m.map[data_at..data_at + base_len as usize];
                 let found = base_checksum(stored, decoded_len, codec);
