@@ -11,14 +11,13 @@
 //! first connections redirected to ports no one listens on yet, and refused.
 
 use std::collections::HashSet;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use mesh_io::ipc::{Channel, Listener};
 use mesh_io::netns::NetNs;
-use mesh_io::upgrade::{OlderSuccessor, WaitingPredecessor};
+use mesh_io::upgrade::{OlderSuccessor, SocketFile, WaitingPredecessor};
 use mesh_snapshot::enrollment::NetnsUpdate;
 
 use crate::agent::{lock, Shared, SharedState};
@@ -119,8 +118,8 @@ pub fn start(
 
 /// A socket this agent bound at the CNI socket's path.
 struct Bound {
-    /// Its inode there: another one at the path means another agent took the path.
-    inode: Option<u64>,
+    /// Its file there: another one at the path means another agent took the path.
+    file: Option<SocketFile>,
     listener: Arc<Listener>,
 }
 
@@ -145,7 +144,7 @@ impl Calls {
     fn bind(self: &Arc<Self>) -> std::io::Result<()> {
         let listener = Arc::new(Listener::bind(&self.path)?);
         let bound = Bound {
-            inode: inode(&self.path),
+            file: SocketFile::at(&self.path),
             listener: listener.clone(),
         };
         let replaced = self
@@ -223,8 +222,8 @@ impl Calls {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .and_then(|bound| bound.inode);
-        bound.is_some() && inode(&self.path) == bound
+            .and_then(|bound| bound.file);
+        bound.is_some() && SocketFile::at(&self.path) == bound
     }
 
     /// A new agent asks for the node (`Request::HandOver`): from now on this one changes
@@ -369,11 +368,6 @@ fn ask_successor(path: &Path, older: &mut OlderSuccessor) -> Option<Reply> {
         }
         _ => Some(Reply::Serving),
     }
-}
-
-/// The inode of the file at `path`, if any.
-fn inode(path: &Path) -> Option<u64> {
-    std::fs::metadata(path).ok().map(|m| m.ino())
 }
 
 /// A new agent's first step, before it reads the state file: asks the agent serving

@@ -393,28 +393,41 @@ impl WaitingPredecessor {
 /// connected to, which tells that it runs, as older releases checked.
 #[derive(Default)]
 pub struct OlderSuccessor {
-    /// The socket file's inode and creation time: a successor of its own binds a new one (and
-    /// a freed inode number may be given out again at once).
-    socket: Option<(u64, i64, i64)>,
+    socket: Option<SocketFile>,
 }
 
 impl OlderSuccessor {
     /// Whether the socket at `path` is the older successor's.
     pub fn is_at(&self, path: &Path) -> bool {
-        self.socket.is_some() && socket_file(path) == self.socket
+        self.socket.is_some() && SocketFile::at(path) == self.socket
     }
 
     /// The successor at `path` did not know the question.
     pub fn found_at(&mut self, path: &Path) {
-        self.socket = socket_file(path);
+        self.socket = SocketFile::at(path);
     }
 }
 
-fn socket_file(path: &Path) -> Option<(u64, i64, i64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path)
-        .ok()
-        .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
+/// Which file a unix socket path names: a process that binds the path anew makes another
+/// one. The creation time is part of it because a freed inode number may be given out again
+/// at once, and the device because the directory may be mounted over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketFile {
+    dev: u64,
+    ino: u64,
+    ctime: (i64, i64),
+}
+
+impl SocketFile {
+    /// The file at `path` now, if there is one.
+    pub fn at(path: &Path) -> Option<SocketFile> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| SocketFile {
+            dev: m.dev(),
+            ino: m.ino(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
 }
 
 #[cfg(test)]
