@@ -409,13 +409,15 @@ impl OlderSuccessor {
 }
 
 /// Which file a unix socket path names: a process that binds the path anew makes another
-/// one. The creation time is part of it because a freed inode number may be given out again
-/// at once, and the device because the directory may be mounted over.
+/// one. Its birth time (statx, where the filesystem records one: ext4, tmpfs and others do) is
+/// part of it because a freed inode number may be given out again at once; not the change
+/// time, which a chmod of the socket moves. The device is, because the directory may be
+/// mounted over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SocketFile {
     dev: u64,
     ino: u64,
-    ctime: (i64, i64),
+    born: Option<std::time::SystemTime>,
 }
 
 impl SocketFile {
@@ -425,7 +427,7 @@ impl SocketFile {
         std::fs::metadata(path).ok().map(|m| SocketFile {
             dev: m.dev(),
             ino: m.ino(),
-            ctime: (m.ctime(), m.ctime_nsec()),
+            born: m.created().ok(),
         })
     }
 }
@@ -433,6 +435,30 @@ impl SocketFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_file_is_the_same_after_a_chmod_and_another_once_bound_anew() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("dir");
+        let path = dir.path().join("s.sock");
+        assert_eq!(SocketFile::at(&path), None, "no file yet");
+        let first = Listener::bind(&path).expect("bind");
+        let bound = SocketFile::at(&path);
+        assert!(bound.is_some());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).expect("chmod");
+        assert_eq!(
+            SocketFile::at(&path),
+            bound,
+            "a chmod leaves it the same file"
+        );
+        let _second = Listener::bind(&path).expect("bind anew");
+        assert_ne!(
+            SocketFile::at(&path),
+            bound,
+            "bound anew by another process"
+        );
+        drop(first);
+    }
 
     #[test]
     fn a_predecessor_counts_as_waiting_only_while_it_keeps_asking() {
