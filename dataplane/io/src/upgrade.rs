@@ -442,6 +442,7 @@ mod tests {
         let dir = mesh_snapshot::test_support::ScratchDir::new().expect("dir");
         let path = dir.path().join("s.sock");
         assert_eq!(SocketFile::at(&path), None, "no file yet");
+        // Held to the end, as a serving process holds its socket: its inode stays taken.
         let first = Listener::bind(&path).expect("bind");
         let bound = SocketFile::at(&path);
         assert!(bound.is_some());
