@@ -12,8 +12,11 @@
 mod common;
 
 use std::collections::HashMap;
+use std::future::poll_fn;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +25,7 @@ use common::*;
 use mesh_io::netns::NetNs;
 use monoio::io::IntoPollIo;
 use perf::lab::{Lab, LabOptions, ECHO_PORT, SERVICE_VIP};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/default/sa/waypoint";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/default";
@@ -37,6 +41,15 @@ struct Seen {
 
 type Log = Arc<Mutex<Vec<Seen>>>;
 
+/// The waypoint double, running.
+struct Waypoint {
+    seen: Log,
+    /// How many of the next tunnels it sends away as soon as they are set up: GOAWAY with
+    /// last stream id 0 (nothing processed), as a draining peer does with a tunnel it took as
+    /// it stopped accepting.
+    going_away: Arc<AtomicUsize>,
+}
+
 /// Starts the waypoint double on port 15008 of `pod`, proving `identity`. `routes` maps each
 /// CONNECT target it may be sent to the pod address it forwards to; every such pod proves
 /// `upstream_id`.
@@ -46,7 +59,7 @@ fn start_waypoint(
     identity: &str,
     routes: HashMap<String, SocketAddr>,
     upstream_id: &str,
-) -> Log {
+) -> Waypoint {
     let (identity, trust) = raw_hbone::mesh_identity(lab, identity);
     let server = mesh_io::tls::server_config(&identity, &trust, "cluster.local").expect("server");
     let client = mesh_io::tls::client_config(&identity, &trust, upstream_id.parse().expect("id"))
@@ -54,8 +67,11 @@ fn start_waypoint(
     let listener = lab.listen_in(pod, 15008).expect("listen");
     listener.set_nonblocking(true).expect("nonblocking");
     let netns = NetNs::open(lab.pod(pod).netns_path()).expect("waypoint namespace");
-    let seen = Log::default();
-    let log = seen.clone();
+    let waypoint = Waypoint {
+        seen: Log::default(),
+        going_away: Arc::default(),
+    };
+    let (log, going_away) = (waypoint.seen.clone(), waypoint.going_away.clone());
     std::thread::spawn(move || {
         let home = NetNs::current().expect("home namespace");
         // Its upstream connections leave from the waypoint's pod, as a waypoint's do.
@@ -65,11 +81,12 @@ fn start_waypoint(
                     .enable_timer()
                     .build()
                     .expect("runtime");
-                rt.block_on(serve(listener, server, client, Rc::new(routes), log));
+                let routes = Rc::new(routes);
+                rt.block_on(serve(listener, server, client, routes, log, going_away));
             })
             .expect("enter the waypoint's namespace");
     });
-    seen
+    waypoint
 }
 
 async fn serve(
@@ -78,15 +95,17 @@ async fn serve(
     client: Arc<rustls::ClientConfig>,
     routes: Rc<HashMap<String, SocketAddr>>,
     log: Log,
+    going_away: Arc<AtomicUsize>,
 ) {
     let listener = monoio::net::TcpListener::from_std(listener).expect("listener");
     let acceptor = tokio_rustls::TlsAcceptor::from(server);
     while let Ok((tcp, _)) = listener.accept().await {
-        let (acceptor, client, routes, log) = (
+        let (acceptor, client, routes, log, going_away) = (
             acceptor.clone(),
             client.clone(),
             routes.clone(),
             log.clone(),
+            going_away.clone(),
         );
         monoio::spawn(async move {
             let Ok(io) = tcp.into_poll_io() else { return };
@@ -96,6 +115,13 @@ async fn serve(
             let Ok(peer) = mesh_io::tls::peer_identity(tls.get_ref().1) else {
                 return;
             };
+            let sent_away = going_away
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if sent_away {
+                send_away(tls).await;
+                return;
+            }
             let Ok(mut tunnel) = mesh_io::h2glue::server_builder()
                 .handshake::<_, Bytes>(tls)
                 .await
@@ -112,6 +138,39 @@ async fn serve(
                 monoio::spawn(forward(request, respond, to, client.clone()));
             }
         });
+    }
+}
+
+/// Sends a tunnel away as a draining peer does one it took as it stopped accepting: its
+/// SETTINGS, then GOAWAY with last stream id 0 (nothing processed); then reads until the
+/// client closes. Raw frames (RFC 9113 section 4.1: 24-bit length, type, flags, stream id),
+/// since h2's server closes right after a GOAWAY of its own, and a request then in flight
+/// from the client meets a reset that discards the GOAWAY unread.
+async fn send_away<S: AsyncRead + AsyncWrite + Unpin>(mut tls: S) {
+    const SETTINGS: [u8; 9] = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+    const GOAWAY_NOTHING_PROCESSED: [u8; 17] =
+        [0, 0, 8, 0x7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let frames = [&SETTINGS[..], &GOAWAY_NOTHING_PROCESSED[..]].concat();
+    let mut written = 0;
+    while written < frames.len() {
+        match poll_fn(|cx| Pin::new(&mut tls).poll_write(cx, &frames[written..])).await {
+            Ok(n) if n > 0 => written += n,
+            _ => return,
+        }
+    }
+    if poll_fn(|cx| Pin::new(&mut tls).poll_flush(cx))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut read = tokio::io::ReadBuf::new(&mut buf);
+        let polled = poll_fn(|cx| Pin::new(&mut tls).poll_read(cx, &mut read)).await;
+        if polled.is_err() || read.filled().is_empty() {
+            return;
+        }
     }
 }
 
@@ -259,10 +318,10 @@ lab_test!(
         let service = SocketAddr::from((SERVICE_VIP, 80));
         let pod = lab.addr("n2-a", ECHO_PORT);
         let routes = HashMap::from([(service.to_string(), pod), (pod.to_string(), pod)]);
-        let seen = start_waypoint(&lab, "n2-wp", WAYPOINT_ID, routes.clone(), CLIENT_ID);
+        let seen = start_waypoint(&lab, "n2-wp", WAYPOINT_ID, routes.clone(), CLIENT_ID).seen;
         // In the second pod, a waypoint that cannot prove the waypoint's identity.
         let impostor = "spiffe://cluster.local/ns/default/sa/impostor";
-        let seen_by_impostor = start_waypoint(&lab, "n2-wp2", impostor, routes, CLIENT_ID);
+        let seen_by_impostor = start_waypoint(&lab, "n2-wp2", impostor, routes, CLIENT_ID).seen;
 
         // The service's traffic goes through the waypoint, which alone n2-a admits; the pod
         // dialled by its own address (the default waypoint takes service traffic only) goes
@@ -364,5 +423,46 @@ lab_test!(
             .unwrap_or_else(|| panic!("no service with an unresolved waypoint: {dump:#}"));
         assert_eq!(waypoint["hostname"], hostname);
         assert!(waypoint["address"].is_null(), "{waypoint:?}");
+    }
+);
+
+lab_test!(
+    a_connect_its_peer_did_not_take_is_sent_again_on_other_tunnels,
+    LabOptions::default(),
+    |mut lab| {
+        lab.add_pod(1, "wp", false, "waypoint")
+            .expect("waypoint pod");
+        perf::load::serve_echo(lab.listen_in("n2-a", ECHO_PORT).expect("listen")).expect("echo");
+        let service = SocketAddr::from((SERVICE_VIP, 80));
+        let routes = HashMap::from([(service.to_string(), lab.addr("n2-a", ECHO_PORT))]);
+        let waypoint = start_waypoint(&lab, "n2-wp", WAYPOINT_ID, routes, CLIENT_ID);
+        apply_everywhere(&lab, &config_with_waypoint(&lab, "n2-wp", false, ""));
+        let retries = |lab: &Lab| lab.total(0, "hbone_connect_retries").expect("stats");
+
+        // A peer that sends every tunnel away is not dialled for ever: after four tunnels the
+        // client's connection is refused. (First, while no tunnel is pooled that the double
+        // would serve.)
+        waypoint.going_away.store(4, Ordering::SeqCst);
+        assert!(
+            !echoes(&lab, "n1-a", service),
+            "through four tunnels sent away"
+        );
+        assert_eq!(waypoint.going_away.load(Ordering::SeqCst), 0);
+        assert_eq!(retries(&lab), 3);
+        assert!(waypoint.seen.lock().expect("log").is_empty());
+
+        // A peer that drains sends away every tunnel it has, and may take a fresh one as it
+        // stops accepting: the client's connection goes through on the third tunnel, taken
+        // once, with the bytes it sent while the first two were tried.
+        waypoint.going_away.store(2, Ordering::SeqCst);
+        assert!(
+            echoes(&lab, "n1-a", service),
+            "through two tunnels sent away"
+        );
+        assert_eq!(waypoint.going_away.load(Ordering::SeqCst), 0);
+        assert_eq!(retries(&lab), 5);
+        assert_eq!(waypoint.seen.lock().expect("log").len(), 1, "taken once");
+        assert!(echoes(&lab, "n1-a", service), "and after");
+        assert_eq!(retries(&lab), 5);
     }
 );

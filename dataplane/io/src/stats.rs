@@ -158,6 +158,9 @@ worker_stats! {
     hbone_connections_accepted,
     /// CONNECT streams sent (client side).
     hbone_streams_opened,
+    /// CONNECTs sent again on another tunnel because the peer did not take them on the one
+    /// before (it refused the stream, or the tunnel went away first).
+    hbone_connect_retries,
     /// CONNECT streams received (server side).
     hbone_streams_accepted,
     /// CONNECT requests refused with 400.

@@ -31,7 +31,7 @@ use crate::local::{Broadcast, Trigger};
 use crate::metrics::{LabelsRef, PeerRef, Reporter, Security, TcpCounters, WorkerMetrics};
 use crate::netns::NetNs;
 use crate::netns_sync::NetnsRegistry;
-use crate::pool::{DialSpec, HbonePool, Lease, PoolKey, PoolTimers};
+use crate::pool::{DialSpec, HbonePool, Lease, PoolError, PoolKey, PoolTimers};
 use crate::relay;
 use crate::routing::{self, Routed};
 use crate::sockets::{
@@ -62,6 +62,12 @@ pub enum Control {
 /// it gets; the last waits out the connect timeout.
 const APP_CONNECT_ATTEMPT: Duration = Duration::from_secs(1);
 const APP_CONNECT_ATTEMPTS: usize = 3;
+
+/// Tunnels a CONNECT its peer never processed is sent on, the first included. Each refusal
+/// retires its tunnel, so every try goes to another; one replay is not always enough, since
+/// a draining peer sends away every tunnel it has, and may also take a fresh one as it stops
+/// accepting. Bounded, so that a peer sending every tunnel away is not dialled for ever.
+const UNPROCESSED_TRIES: usize = 4;
 
 #[derive(Clone, Copy, Debug)]
 pub struct WorkerSettings {
@@ -1202,30 +1208,37 @@ impl Worker {
                 };
                 // A pooled tunnel whose peer is going away (GOAWAY: it drains, e.g. during
                 // its upgrade) refuses new streams; a stream the peer did not process is
-                // replayed once, early bytes included, on a fresh tunnel.
-                let mut retried = false;
+                // sent again, early bytes included, on another tunnel.
+                let mut tries = 1;
                 loop {
-                    let lease = self
-                        .pool
-                        .lease(
-                            key.clone(),
-                            DialSpec {
-                                netns: netns.clone(),
-                                tls: tls.clone(),
-                            },
-                        )
-                        .await
-                        .map_err(|e| Refusal::Pool(e.to_string()))?;
-                    match self.connect_over(&lease, target, client, tcp, early).await {
-                        Ok((send, recv)) => return Ok(Upstream::Hbone { lease, send, recv }),
-                        Err(Refusal::Unprocessed(error)) if !retried => {
-                            tracing::debug!(%error, tunnel = %tunnel,
-                                "tunnel refused the stream; retrying on a new one");
-                            self.pool.retire(&lease);
-                            retried = true;
+                    let spec = DialSpec {
+                        netns: netns.clone(),
+                        tls: tls.clone(),
+                    };
+                    let unprocessed = match self.pool.lease(key.clone(), spec).await {
+                        Ok(lease) => {
+                            match self.connect_over(&lease, target, client, tcp, early).await {
+                                Ok((send, recv)) => {
+                                    return Ok(Upstream::Hbone { lease, send, recv })
+                                }
+                                Err(Refusal::Unprocessed(error)) => {
+                                    self.pool.retire(&lease);
+                                    Refusal::Unprocessed(error)
+                                }
+                                Err(other) => return Err(other),
+                            }
                         }
-                        Err(other) => return Err(other),
+                        // The tunnel granted closed before the stream could go on it.
+                        Err(PoolError::Gone) => Refusal::Pool(PoolError::Gone.to_string()),
+                        Err(other) => return Err(Refusal::Pool(other.to_string())),
+                    };
+                    if tries == UNPROCESSED_TRIES {
+                        return Err(unprocessed);
                     }
+                    tracing::debug!(error = %unprocessed, tunnel = %tunnel, tries,
+                        "the peer did not take the stream; sending it on another tunnel");
+                    self.stats.hbone_connect_retries.inc();
+                    tries += 1;
                 }
             }
             Route::Passthrough { target } => {
