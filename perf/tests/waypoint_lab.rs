@@ -164,14 +164,7 @@ async fn send_away<S: AsyncRead + AsyncWrite + Unpin>(mut tls: S) {
     {
         return;
     }
-    let mut buf = [0u8; 4096];
-    loop {
-        let mut read = tokio::io::ReadBuf::new(&mut buf);
-        let polled = poll_fn(|cx| Pin::new(&mut tls).poll_read(cx, &mut read)).await;
-        if polled.is_err() || read.filled().is_empty() {
-            return;
-        }
-    }
+    read_until_closed(&mut tls).await;
 }
 
 fn answer(status: u16) -> http::Response<()> {

@@ -1229,7 +1229,7 @@ impl Worker {
                             }
                         }
                         // The tunnel granted closed before the stream could go on it.
-                        Err(PoolError::Gone) => Refusal::Pool(PoolError::Gone.to_string()),
+                        Err(gone @ PoolError::Gone) => Refusal::Pool(gone.to_string()),
                         Err(other) => return Err(Refusal::Pool(other.to_string())),
                     };
                     if tries == UNPROCESSED_TRIES {

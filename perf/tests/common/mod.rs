@@ -450,29 +450,29 @@ pub fn run_in(lab: &Lab, pod: &str, program: &str, args: &[&str]) -> String {
 /// data plane kept the connection open, or an error if it still had after `patience`.
 pub fn silent_after_tls(lab: &Lab, patience: Duration) -> Result<Duration, String> {
     use raw_hbone::*;
-    use tokio::io::AsyncRead;
     let client = Client::Mesh("spiffe://cluster.local/ns/default/sa/default");
     over_tls(lab, client, |mut tls_stream| async move {
         let started = std::time::Instant::now();
         // The server's SETTINGS arrive first; read until it closes.
-        let until_closed = async {
-            let mut buf = [0u8; 4096];
-            loop {
-                let mut read = tokio::io::ReadBuf::new(&mut buf);
-                let polled = std::future::poll_fn(|cx| {
-                    std::pin::Pin::new(&mut tls_stream).poll_read(cx, &mut read)
-                })
-                .await;
-                if polled.is_err() || read.filled().is_empty() {
-                    return;
-                }
-            }
-        };
-        match monoio::time::timeout(patience, until_closed).await {
+        match monoio::time::timeout(patience, read_until_closed(&mut tls_stream)).await {
             Ok(()) => Ok(started.elapsed()),
             Err(_) => Err(format!("still open after {patience:?}")),
         }
     })
+}
+
+/// Reads (and drops) what `stream` brings until its peer closes it or it fails.
+pub async fn read_until_closed(stream: &mut (impl tokio::io::AsyncRead + Unpin)) {
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut read = tokio::io::ReadBuf::new(&mut buf);
+        let polled =
+            std::future::poll_fn(|cx| std::pin::Pin::new(&mut *stream).poll_read(cx, &mut read))
+                .await;
+        if polled.is_err() || read.filled().is_empty() {
+            return;
+        }
+    }
 }
 
 /// The JSON result a benchmark saved into `dir` (its only `.json`), with its path.
