@@ -1,5 +1,6 @@
-//! A single-threaded oneshot channel: the pool hands a connection to a waiting task on the same
-//! worker, so nothing here needs atomics or locks.
+//! Single-threaded signalling between a worker's tasks: a oneshot channel (the pool hands a
+//! connection to a waiting task), switches tasks wait on, and a count of running tasks. All on
+//! one worker, so nothing here needs atomics or locks.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -163,5 +164,94 @@ impl Subscription<'_> {
 impl Drop for Subscription<'_> {
     fn drop(&mut self) {
         self.broadcast.wakers.borrow_mut().remove(&self.id);
+    }
+}
+
+/// How many tasks of one kind run on a worker (its accept loops), for one task that waits until
+/// none does.
+#[derive(Default)]
+pub struct TaskCount {
+    running: Cell<usize>,
+    waiter: RefCell<Option<Waker>>,
+}
+
+impl TaskCount {
+    /// Counts a task until the guard it returns is dropped.
+    pub fn enter(self: &Rc<Self>) -> TaskCountGuard {
+        self.running.set(self.running.get() + 1);
+        TaskCountGuard(self.clone())
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.get()
+    }
+
+    /// Resolves once no counted task runs.
+    pub async fn none_running(&self) {
+        std::future::poll_fn(|cx| {
+            if self.running.get() == 0 {
+                Poll::Ready(())
+            } else {
+                *self.waiter.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+pub struct TaskCountGuard(Rc<TaskCount>);
+
+impl Drop for TaskCountGuard {
+    fn drop(&mut self) {
+        let left = self.0.running.get() - 1;
+        self.0.running.set(left);
+        if left == 0 {
+            if let Some(w) = self.0.waiter.borrow_mut().take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::task::Wake;
+
+    /// A waker that notes it was woken.
+    struct Flag(AtomicBool);
+
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_waiter_wakes_only_when_the_last_counted_task_ends() {
+        let count = Rc::new(TaskCount::default());
+        let first = count.enter();
+        let second = count.enter();
+        let flag = Arc::new(Flag(Default::default()));
+        let waker = Waker::from(flag.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut wait = Box::pin(count.none_running());
+        assert!(wait.as_mut().poll(&mut cx).is_pending(), "two still run");
+        drop(first);
+        assert!(!flag.0.load(Ordering::SeqCst), "woken while one still runs");
+        assert_eq!(count.running(), 1);
+        drop(second);
+        assert!(flag.0.load(Ordering::SeqCst), "not woken");
+        assert!(wait.as_mut().poll(&mut cx).is_ready());
+        assert!(
+            Box::pin(TaskCount::default().none_running())
+                .as_mut()
+                .poll(&mut cx)
+                .is_ready(),
+            "nothing counted: nothing to wait for"
+        );
     }
 }

@@ -27,7 +27,7 @@ use monoio::net::{TcpListener, TcpStream};
 
 use crate::accesslog::{AccessLogSettings, Record, WorkerLog};
 use crate::bufio::ReadBuffered;
-use crate::local::{Broadcast, Trigger};
+use crate::local::{Broadcast, TaskCount, Trigger};
 use crate::metrics::{LabelsRef, PeerRef, Reporter, Security, TcpCounters, WorkerMetrics};
 use crate::netns::NetNs;
 use crate::netns_sync::NetnsRegistry;
@@ -65,8 +65,9 @@ const APP_CONNECT_ATTEMPTS: usize = 3;
 
 /// Tunnels a CONNECT its peer never processed is sent on, the first included. Each refusal
 /// retires its tunnel, so every try goes to another; one replay is not always enough, since
-/// a draining peer sends away every tunnel it has, and may also take a fresh one as it stops
-/// accepting. Bounded, so that a peer sending every tunnel away is not dialled for ever.
+/// a draining peer sends away every tunnel it has, and one that sends GOAWAY before its
+/// accepts end (older releases of this one) may also take a fresh one and send it away.
+/// Bounded, so that a peer sending every tunnel away is not dialled for ever.
 const UNPROCESSED_TRIES: usize = 4;
 
 #[derive(Clone, Copy, Debug)]
@@ -172,7 +173,11 @@ pub struct Worker {
     next_live: Cell<u64>,
     metrics: WorkerMetrics,
     log: WorkerLog,
-    /// Fired when the process drains: no new listeners, GOAWAY on accepted tunnels.
+    /// Set when the process drains: listeners close and no new ones open.
+    stopped_accepting: Cell<bool>,
+    /// The accept loops still running (a cancelled one may still take a connection).
+    accept_loops: Rc<TaskCount>,
+    /// Fired once a draining worker's accept loops have ended: GOAWAY on accepted tunnels.
     draining: Broadcast,
     /// Empty pipes for the plain TCP relays' splices.
     pipes: Pipes,
@@ -322,6 +327,8 @@ impl Worker {
             next_live: Cell::new(0),
             metrics,
             log,
+            stopped_accepting: Cell::new(false),
+            accept_loops: Rc::default(),
             draining: Broadcast::default(),
             pipes,
         }))
@@ -342,10 +349,11 @@ impl Worker {
                 Control::AccessLog(settings) => self.log.set(settings),
                 Control::Drain => {
                     tracing::info!(worker = self.id, "draining: listeners closed");
-                    self.draining.fire();
+                    self.stopped_accepting.set(true);
                     for pod in self.pods.borrow_mut().values_mut() {
                         pod.stop_accepting();
                     }
+                    monoio::spawn(self.clone().goaway_once_accepts_end());
                     self.failed_pods.borrow_mut().clear();
                     self.stats.listeners.set(0);
                     self.stats.listener_failures.set(0);
@@ -514,7 +522,7 @@ impl Worker {
 
     /// Opens listeners for new local pods and closes those of pods that left.
     fn reconcile_pods(self: &Rc<Self>, view: &View) {
-        if self.draining.fired() {
+        if self.stopped_accepting.get() {
             return;
         }
         let wanted: HashMap<&str, (&NetnsSource, &[IpAddr])> = view
@@ -784,6 +792,7 @@ impl Worker {
         cancel: monoio::io::CancelHandle,
         stopped: Rc<Cell<bool>>,
     ) {
+        let _running = self.accept_loops.enter();
         loop {
             match listener.cancelable_accept(cancel.clone()).await {
                 Ok((stream, peer)) => {
@@ -808,6 +817,22 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Sends GOAWAY on the accepted tunnels once no accept of this worker can take another.
+    /// With io_uring a cancelled accept reaches the kernel only when the worker next parks,
+    /// and the socket stays open in the process taking over: an accept still armed can take a
+    /// client's fresh tunnel after the GOAWAYs went out, and that tunnel would be sent away
+    /// before its first stream (a client that does not replay loses the connection). Bounded,
+    /// should the kernel be slow to answer the cancellations.
+    async fn goaway_once_accepts_end(self: Rc<Self>) {
+        const ACCEPTS_END_WITHIN: Duration = Duration::from_millis(500);
+        let ended = monoio::time::timeout(ACCEPTS_END_WITHIN, self.accept_loops.none_running());
+        if ended.await.is_err() {
+            tracing::warn!(worker = self.id, running = self.accept_loops.running(),
+                "accept loops still running {ACCEPTS_END_WITHIN:?} after their cancellation; GOAWAY goes out now");
+        }
+        self.draining.fire();
     }
 
     fn next_pick(&self) -> u64 {
@@ -1752,5 +1777,99 @@ async fn read_parsed<T>(
             }
             Err(e) => return Err(e.reply()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accesslog::AccessLogger;
+    use crate::metrics::MetricsRegistry;
+    use crate::runtime::{self, Driver};
+
+    /// A draining worker's GOAWAY sends peers' next tunnels elsewhere, so it goes out only
+    /// when none of its accepts can take one any more: a tunnel taken after it would be sent
+    /// away before its first stream.
+    fn goaway_waits_for_the_accept_loops(driver: Driver) {
+        let ran = runtime::block_on(driver, || async {
+            let stats = Arc::new(WorkerStats::default());
+            let (_registry, metrics) = MetricsRegistry::new(1);
+            let (_logger, logs) =
+                AccessLogger::new(std::slice::from_ref(&stats), AccessLogSettings::default());
+            let shared = Shared {
+                registry: Arc::default(),
+                inherited: Arc::default(),
+                workers: 1,
+            };
+            let (metrics, log) = (
+                metrics.into_iter().next().expect("one worker's metrics"),
+                logs.into_iter().next().expect("one worker's log"),
+            );
+            let worker = Worker::new(0, stats, WorkerSettings::default(), shared, metrics, log)
+                .expect("worker");
+            // One pod's listener with its accept armed, as open_pod leaves it.
+            let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            socket.set_nonblocking(true).expect("nonblocking");
+            let listener = TcpListener::from_std(socket).expect("listener");
+            let (canceller, stopped) = (Canceller::new(), Rc::new(Cell::new(false)));
+            monoio::spawn(worker.clone().accept_loop(
+                listener,
+                Kind::Hbone,
+                Rc::from("pod"),
+                canceller.handle(),
+                stopped.clone(),
+            ));
+            let pod = Pod {
+                source: NetnsSource::None,
+                netns: worker.home.clone(),
+                identity: None,
+                stop: vec![(canceller, stopped)],
+                sockets: Vec::new(),
+                original_source: Routed::default(),
+            };
+            worker.pods.borrow_mut().insert("pod".into(), pod);
+            monoio::time::sleep(Duration::from_millis(20)).await;
+            assert_eq!(worker.accept_loops.running(), 1, "the accept loop runs");
+
+            // An accepted tunnel's view of the drain: how many accept loops still ran when
+            // it was told to send GOAWAY.
+            let at_goaway = Rc::new(Cell::new(None));
+            monoio::spawn({
+                let (worker, at_goaway) = (worker.clone(), at_goaway.clone());
+                async move {
+                    let draining = worker.draining.subscribe();
+                    std::future::poll_fn(|cx| draining.poll_fired(cx)).await;
+                    at_goaway.set(Some(worker.accept_loops.running()));
+                }
+            });
+            let (control, receiver) = flume::unbounded();
+            let run = monoio::spawn(worker.clone().run(receiver));
+            control.send(Control::Drain).expect("worker runs");
+            for _ in 0..200 {
+                if at_goaway.get().is_some() {
+                    break;
+                }
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+            control.send(Control::Shutdown).expect("worker runs");
+            run.await;
+            at_goaway.get()
+        })
+        .expect("runtime");
+        assert_eq!(
+            ran,
+            Some(0),
+            "GOAWAY went out while an accept loop could still take a tunnel (None: never)"
+        );
+    }
+
+    #[test]
+    fn goaway_waits_for_the_accept_loops_io_uring() {
+        goaway_waits_for_the_accept_loops(Driver::IoUring);
+    }
+
+    #[test]
+    fn goaway_waits_for_the_accept_loops_epoll() {
+        goaway_waits_for_the_accept_loops(Driver::Epoll);
     }
 }
