@@ -302,15 +302,15 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
     let outcome = match takeover {
         Ok(()) => {
             admin::start(state.clone(), endpoints, admin_stop.clone()).map_err(AppError::Admin)?;
-            let waiting_predecessor = Arc::new(upgrade::WaitingPredecessor::default());
+            let ready = inherited.ready_message();
+            // Across pods the old process drains, then waits for its pod's SIGTERM. Heard from
+            // now, so that a SIGTERM before its first question (a second away) still hands the
+            // node back.
+            let across_pods = predecessor.is_some() && ready == upgrade::Message::ReadyOwnEndpoints;
+            let waiting_predecessor = Arc::new(upgrade::WaitingPredecessor::heard_at(
+                across_pods.then(Instant::now),
+            ));
             if let Some(channel) = predecessor {
-                let ready = inherited.ready_message();
-                if ready == upgrade::Message::ReadyOwnEndpoints {
-                    // Across pods: the old process drains, then waits for its pod's SIGTERM.
-                    // Heard from now, so that a SIGTERM before its first question (a second
-                    // away) still hands the node back.
-                    waiting_predecessor.heard();
-                }
                 if let Err(error) = channel.send_json(&ready, &[]) {
                     tracing::error!(%error, "could not tell the old data plane it can drain");
                 }

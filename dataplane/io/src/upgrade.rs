@@ -342,7 +342,6 @@ pub fn listen(path: &Path) -> std::io::Result<Listener> {
 /// drained, to be given it back should this process's pod be deleted first: a rollback during
 /// a rolling update. The data plane's predecessor asks on the upgrade socket, the agent's on
 /// the CNI socket (`Waiting`); both are answered from here.
-#[derive(Default)]
 pub struct WaitingPredecessor {
     /// When it last asked, or handed over (it asks from then on).
     heard: Mutex<Option<Instant>>,
@@ -463,7 +462,7 @@ mod tests {
 
     #[test]
     fn a_predecessor_counts_as_waiting_only_while_it_keeps_asking() {
-        let predecessor = WaitingPredecessor::default();
+        let predecessor = WaitingPredecessor::heard_at(None);
         assert!(!predecessor.waits(), "nobody asked yet");
         assert!(
             !predecessor.asked(),
