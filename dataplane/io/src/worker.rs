@@ -348,8 +348,10 @@ impl Worker {
                 }
                 Control::AccessLog(settings) => self.log.set(settings),
                 Control::Drain => {
+                    if self.stopped_accepting.replace(true) {
+                        continue; // already draining: one task waits for the accept loops
+                    }
                     tracing::info!(worker = self.id, "draining: listeners closed");
-                    self.stopped_accepting.set(true);
                     for pod in self.pods.borrow_mut().values_mut() {
                         pod.stop_accepting();
                     }
