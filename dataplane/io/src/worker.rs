@@ -1835,27 +1835,21 @@ mod tests {
 
             // An accepted tunnel's view of the drain: how many accept loops still ran when
             // it was told to send GOAWAY.
-            let at_goaway = Rc::new(Cell::new(None));
-            monoio::spawn({
-                let (worker, at_goaway) = (worker.clone(), at_goaway.clone());
+            let at_goaway = monoio::spawn({
+                let worker = worker.clone();
                 async move {
                     let draining = worker.draining.subscribe();
                     std::future::poll_fn(|cx| draining.poll_fired(cx)).await;
-                    at_goaway.set(Some(worker.accept_loops.running()));
+                    worker.accept_loops.running()
                 }
             });
             let (control, receiver) = flume::unbounded();
             let run = monoio::spawn(worker.clone().run(receiver));
             control.send(Control::Drain).expect("worker runs");
-            for _ in 0..200 {
-                if at_goaway.get().is_some() {
-                    break;
-                }
-                monoio::time::sleep(Duration::from_millis(10)).await;
-            }
+            let at_goaway = monoio::time::timeout(Duration::from_secs(2), at_goaway).await;
             control.send(Control::Shutdown).expect("worker runs");
             run.await;
-            at_goaway.get()
+            at_goaway.ok()
         })
         .expect("runtime");
         assert_eq!(
