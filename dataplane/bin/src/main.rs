@@ -92,6 +92,11 @@ struct Args {
     #[arg(long, env = "DATAPLANE_MALLOC_RETAIN_MIB",
         default_value_t = mesh_io::runtime::DEFAULT_MALLOC_RETAIN_MIB)]
     malloc_retain_mib: usize,
+    /// Keep glibc's fastbins (small freed blocks parked unmerged). Off by default: a complete
+    /// snapshot build then does not merge the blocks of the index it replaces first
+    /// (bench-results/README.md). Ignored with the mimalloc feature.
+    #[arg(long, env = "DATAPLANE_MALLOC_FASTBINS")]
+    malloc_fastbins: bool,
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -129,6 +134,10 @@ fn main() -> anyhow::Result<()> {
     #[cfg(not(feature = "mimalloc"))]
     if args.malloc_retain_mib > 0 {
         mesh_io::runtime::retain_freed_memory(args.malloc_retain_mib << 20)?;
+    }
+    #[cfg(not(feature = "mimalloc"))]
+    if !args.malloc_fastbins {
+        mesh_io::runtime::merge_freed_blocks_at_once()?;
     }
     let cores = args.cores.unwrap_or_default();
     let default_workers = if cores.is_empty() {
