@@ -132,13 +132,11 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let log_level = mesh_io::logs::init(args.log_json);
     #[cfg(not(feature = "mimalloc"))]
-    if args.malloc_retain_mib > 0 {
-        mesh_io::runtime::retain_freed_memory(args.malloc_retain_mib << 20)?;
+    mesh_io::runtime::MallocPolicy {
+        retain_bytes: args.malloc_retain_mib << 20,
+        fastbins: args.malloc_fastbins,
     }
-    #[cfg(not(feature = "mimalloc"))]
-    if !args.malloc_fastbins {
-        mesh_io::runtime::merge_freed_blocks_at_once()?;
-    }
+    .apply()?;
     let cores = args.cores.unwrap_or_default();
     let default_workers = if cores.is_empty() {
         std::thread::available_parallelism().map_or(1, |n| n.get())

@@ -89,12 +89,45 @@ where
     }
 }
 
+/// How the data plane sets glibc malloc up, before its workers start (each setting measured in
+/// bench-results/README.md). `Default` is the data plane's default; snapbench applies it too,
+/// so that it measures the heap the data plane has.
+#[derive(Clone, Copy, Debug)]
+pub struct MallocPolicy {
+    /// Freed memory kept per arena instead of trimmed back to the kernel; 0 for glibc's
+    /// adaptive defaults (`retain_freed_memory`).
+    pub retain_bytes: usize,
+    /// Keep glibc's fastbins (`merge_freed_blocks_at_once` otherwise).
+    pub fastbins: bool,
+}
+
+impl Default for MallocPolicy {
+    fn default() -> Self {
+        MallocPolicy {
+            retain_bytes: DEFAULT_MALLOC_RETAIN_MIB << 20,
+            fastbins: false,
+        }
+    }
+}
+
+impl MallocPolicy {
+    pub fn apply(self) -> std::io::Result<()> {
+        if self.retain_bytes > 0 {
+            retain_freed_memory(self.retain_bytes)?;
+        }
+        if !self.fastbins {
+            merge_freed_blocks_at_once()?;
+        }
+        Ok(())
+    }
+}
+
 /// Turns glibc's fastbins off: a small block freed past the thread's cache is merged with its
 /// free neighbours when it is freed, instead of parked unmerged until a larger request makes
 /// malloc merge the whole heap at once. A replaced snapshot index is hundreds of thousands of
 /// small blocks freed on a thread of its own; with fastbins, the next complete build paid for
 /// merging them on its first larger allocation, in the adopt's time (bench-results/README.md).
-pub fn merge_freed_blocks_at_once() -> std::io::Result<()> {
+fn merge_freed_blocks_at_once() -> std::io::Result<()> {
     // SAFETY: mallopt takes two integers and only changes the allocator's parameters.
     #[allow(unsafe_code)]
     let ok = unsafe { libc::mallopt(libc::M_MXFAST, 0) == 1 };
@@ -107,14 +140,14 @@ pub fn merge_freed_blocks_at_once() -> std::io::Result<()> {
     }
 }
 
-/// The data plane's default for `retain_freed_memory`, in MiB (measured in bench-results).
+/// The data plane's default for `MallocPolicy::retain_bytes`, in MiB.
 pub const DEFAULT_MALLOC_RETAIN_MIB: usize = 64;
 
 /// Makes glibc malloc keep up to `bytes` of freed memory per arena instead of trimming it
 /// back to the kernel, and serve allocations below `bytes / 16` from its heaps rather than
 /// fresh mmaps. Call before the workers start. Both thresholds are fixed (glibc otherwise
 /// adapts them), so memory kept after a burst is bounded and predictable.
-pub fn retain_freed_memory(bytes: usize) -> std::io::Result<()> {
+fn retain_freed_memory(bytes: usize) -> std::io::Result<()> {
     let clamp = |v: usize| libc::c_int::try_from(v).unwrap_or(libc::c_int::MAX);
     // SAFETY: mallopt takes two integers and only changes the allocator's parameters.
     #[allow(unsafe_code)]
@@ -237,8 +270,10 @@ mod tests {
     }
 
     #[test]
-    fn small_blocks_freed_past_the_thread_cache_are_not_parked_in_fastbins() {
-        merge_freed_blocks_at_once().expect("glibc takes the setting");
+    fn by_default_small_blocks_freed_past_the_thread_cache_are_not_parked_in_fastbins() {
+        MallocPolicy::default()
+            .apply()
+            .expect("glibc takes the settings");
         // Blocks that others' frees parked before the setting may still be merged away by
         // then, so the count can only fall; with fastbins on, these frees would park 48 KiB.
         let before = parked_in_fastbins();

@@ -1136,10 +1136,8 @@ fn measure(
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    // The data plane's allocator settings (its `--malloc-retain-mib` and `--malloc-fastbins`
-    // defaults).
-    runtime::retain_freed_memory(runtime::DEFAULT_MALLOC_RETAIN_MIB << 20)?;
-    runtime::merge_freed_blocks_at_once()?;
+    // The data plane's allocator, as it runs by default.
+    runtime::MallocPolicy::default().apply()?;
     let run = Provenance::now();
     let ca = ctrl_agent::ca::LocalCa::generate(TRUST_DOMAIN)?;
     let driver = runtime::resolve(args.driver).map_err(anyhow::Error::msg)?;
