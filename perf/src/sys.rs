@@ -54,16 +54,33 @@ pub fn run_with_input(program: &str, args: &[&str], input: &str) -> anyhow::Resu
     Ok(())
 }
 
+/// Fields of a `stat` file under /proc, counted from the one after the command name
+/// (the state is field 0).
+fn stat_fields<const N: usize>(path: &str, wanted: [usize; N]) -> Option<[u64; N]> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The command name may contain spaces; fields resume after the closing parenthesis.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+    let mut values = [0; N];
+    for (value, at) in values.iter_mut().zip(wanted) {
+        *value = fields.get(at)?.parse().ok()?;
+    }
+    Some(values)
+}
+
 /// CPU time (user + system, all threads) of a process, in seconds.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces; fields resume after the closing parenthesis.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
+    let [utime, stime] = stat_fields(&format!("/proc/{pid}/stat"), [11, 12])?;
     // USER_HZ is 100 on every Linux ABI this runs on.
-    Some((utime + stime) / 100.0)
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// Minor page faults of this process (all its threads, ended ones included) and of the
+/// calling thread: each is a page of memory the kernel handed over at its first touch.
+pub fn minor_faults() -> Option<(u64, u64)> {
+    const MINFLT: usize = 7;
+    let [process] = stat_fields("/proc/self/stat", [MINFLT])?;
+    let [thread] = stat_fields("/proc/thread-self/stat", [MINFLT])?;
+    Some((process, thread))
 }
 
 /// Voluntary context switches of a process, summed over its threads: how often they blocked.

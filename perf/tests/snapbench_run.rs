@@ -43,6 +43,15 @@ fn snapbench_measures_every_size_and_saves_the_result() {
             "{s}"
         );
         assert!(n("adopt_full_ms") > 0.0, "{s}");
+        // A first adopt builds its index in memory the data plane had not touched before,
+        // and the report says what a page fault costs here, to weigh those faults by.
+        assert!(n("adopt_full_page_faults") > 0.0, "{s}");
+        assert!(n("page_fault_us") > 0.0, "{s}");
+        assert_eq!(
+            s["adopt_replace_page_faults"].as_array().map(Vec::len),
+            s["adopt_replace_samples_ms"].as_array().map(Vec::len),
+            "{s}"
+        );
         assert_eq!(s["one_pod_change_samples"].as_u64(), Some(5));
         assert!(n("one_pod_publish_p50_us") > 0.0);
         assert!(n("one_pod_change_p50_ms") > 0.0);

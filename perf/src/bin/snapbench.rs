@@ -273,6 +273,15 @@ struct SizeResult {
     /// `adopt_replace_samples_ms`, in the order they were taken.
     adopt_replace_ms: f64,
     adopt_replace_samples_ms: Vec<f64>,
+    /// Minor page faults in the data plane's threads during the first adopt: pages of fresh
+    /// memory the index and its build took (a huge page counts once; a later build reuses
+    /// much of what earlier ones freed).
+    adopt_full_page_faults: u64,
+    /// The same for each resync, in order.
+    adopt_replace_page_faults: Vec<u64>,
+    /// What one page fault costs on this machine (`page_fault_us`): times the counts above,
+    /// the share of an adopt spent taking fresh memory from the kernel.
+    page_fault_us: f64,
     /// The adopt's big part, timed alone on the bench thread after the run: the index built
     /// from the complete payload, its workloads and services read in place (as the watcher
     /// does).
@@ -434,8 +443,9 @@ impl DataPlane {
         &mut self,
         publisher: &mut Publisher,
         payload: &[u8],
-    ) -> anyhow::Result<(Duration, Duration)> {
+    ) -> anyhow::Result<FullAdopt> {
         let (count, sum) = self.status.adopt_durations.full.count_and_sum();
+        let faults_before = faults_elsewhere()?;
         let started = Instant::now();
         let version = publisher.publish(payload)?;
         let published_at = Instant::now();
@@ -450,7 +460,11 @@ impl DataPlane {
             );
             std::thread::sleep(Duration::from_micros(100));
         }
-        Ok((published_at - started, seen.max(timed().1 - sum)))
+        Ok(FullAdopt {
+            publish: published_at - started,
+            adopt: seen.max(timed().1 - sum),
+            page_faults: faults_elsewhere()? - faults_before,
+        })
     }
 
     /// Waits until every worker holds `generation`; returns when the last one got it, as the
@@ -487,6 +501,65 @@ impl DataPlane {
         }
         Ok(round_trips)
     }
+}
+
+/// A complete snapshot published and adopted.
+struct FullAdopt {
+    /// The publisher writing it.
+    publish: Duration,
+    /// From the publication to every worker holding it.
+    adopt: Duration,
+    /// Pages the data plane's threads touched for the first time meanwhile.
+    page_faults: u64,
+}
+
+/// Minor page faults of this process's other threads: while the bench thread publishes and
+/// waits, the data plane's (the watcher, its build threads, the workers).
+fn faults_elsewhere() -> anyhow::Result<u64> {
+    let (process, this_thread) = sys::minor_faults().context("page faults from /proc")?;
+    Ok(process - this_thread)
+}
+
+/// What one minor page fault costs here, in microseconds: 64 MiB of fresh heap taken in 16
+/// KiB blocks on a thread of its own (as a build thread takes its heap), one byte written
+/// per page, timed and divided by the faults it took. Median of three, each sample's blocks
+/// held until the last is taken, so that none reuses another's pages. On a VM a fault can
+/// cost several times what it does on bare metal, and a first adopt touches every page of the
+/// index it builds.
+fn page_fault_us() -> anyhow::Result<f64> {
+    const BLOCK: usize = 16 << 10;
+    const PAGE: usize = 4096;
+    let mut samples = Vec::new();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let sample = std::thread::spawn(|| -> anyhow::Result<(f64, Vec<Vec<u8>>)> {
+            let (_, before) = sys::minor_faults().context("page faults from /proc")?;
+            let t = Instant::now();
+            let mut blocks: Vec<Vec<u8>> = Vec::with_capacity((64 << 20) / BLOCK);
+            for _ in 0..blocks.capacity() {
+                let mut block = Vec::<u8>::with_capacity(BLOCK);
+                for byte in block.spare_capacity_mut().iter_mut().step_by(PAGE) {
+                    byte.write(1);
+                }
+                blocks.push(block);
+            }
+            let took = t.elapsed();
+            let (_, after) = sys::minor_faults().context("page faults from /proc")?;
+            // Most pages must have been fresh, or the figure is malloc's, not the kernel's.
+            anyhow::ensure!(
+                (after - before) as usize >= (64 << 20) / PAGE / 2,
+                "64 MiB of fresh heap took only {} page faults",
+                after - before
+            );
+            Ok((took.as_secs_f64() * 1e6 / (after - before) as f64, blocks))
+        });
+        let (us, blocks) = sample
+            .join()
+            .map_err(|_| anyhow::anyhow!("the fault timing thread panicked"))??;
+        samples.push(us);
+        held.push(blocks);
+    }
+    Ok(report::median(samples))
 }
 
 /// One worker: an echo server and a ping-pong client on loopback keep its event loop busy,
@@ -1012,7 +1085,7 @@ fn measure(
 
     let before = rss();
     let mut dataplane = DataPlane::start(&path, args.workers, driver, !args.idle_workers)?;
-    let (publish, adopt) = dataplane.publish_full(&mut publisher, &payload)?;
+    let first = dataplane.publish_full(&mut publisher, &payload)?;
     drop(payload);
     let held = rss() - before;
 
@@ -1065,12 +1138,14 @@ fn measure(
     // once: the replaced index is freed (tens of milliseconds at 100k) while they arrive.
     let replacement = mesh_snapshot::encode(&snap);
     let mut resyncs = Vec::with_capacity(args.resyncs.max(1));
+    let mut resync_faults = Vec::with_capacity(args.resyncs.max(1));
     for _ in 0..args.resyncs.max(1) {
-        let (_, took) = dataplane.publish_full(&mut publisher, &replacement)?;
-        resyncs.push(ms(took));
+        let resync = dataplane.publish_full(&mut publisher, &replacement)?;
+        resyncs.push(ms(resync.adopt));
+        resync_faults.push(resync.page_faults);
         // The replaced index is freed on the data plane's free thread meanwhile (about half
         // a build): let it finish, as it would between two real resyncs.
-        std::thread::sleep(took);
+        std::thread::sleep(resync.adopt);
     }
     drop(replacement);
     let mut changes_after_replace = Duration::ZERO;
@@ -1086,6 +1161,7 @@ fn measure(
     let worker_round_trips = dataplane.stop()?;
     let (route_by_ip_ns, route_by_vip_ns, hashmap_lookup_ns) = route_costs(&snap)?;
     let parts = adopt_parts(&snap, &args.dir)?;
+    let page_fault_us = page_fault_us()?;
     let kube_event = if size <= args.kube_max {
         Some(kube_event_cost(size)?)
     } else {
@@ -1105,10 +1181,13 @@ fn measure(
         region_peak_bytes,
         dataplane_bytes_per_workload: held / size as f64,
         encode_ms: ms(encode),
-        publish_ms: ms(publish),
-        adopt_full_ms: ms(adopt),
+        publish_ms: ms(first.publish),
+        adopt_full_ms: ms(first.adopt),
         adopt_replace_ms: report::median(resyncs.clone()),
         adopt_replace_samples_ms: resyncs,
+        adopt_full_page_faults: first.page_faults,
+        adopt_replace_page_faults: resync_faults,
+        page_fault_us,
         adopt_build_ms: ms(parts.in_place),
         prost_decode_build_ms: ms(parts.through_prost),
         adopt_drop_ms: ms(parts.release),
@@ -1258,6 +1337,22 @@ fn main() -> anyhow::Result<()> {
              the table shows their median",
             s.workloads,
             samples.join(", ")
+        );
+    }
+    for s in &report.sizes {
+        let faults: Vec<String> = s
+            .adopt_replace_page_faults
+            .iter()
+            .map(|f| f.to_string())
+            .collect();
+        println!(
+            "{:>10} workloads: page faults in the data plane's threads: first adopt {} (about {:.1} \
+             ms at {:.2} us each, timed alone), resyncs in order {}",
+            s.workloads,
+            s.adopt_full_page_faults,
+            s.adopt_full_page_faults as f64 * s.page_fault_us / 1e3,
+            s.page_fault_us,
+            faults.join(", ")
         );
     }
     for s in &report.sizes {
