@@ -520,44 +520,26 @@ fn faults_elsewhere() -> anyhow::Result<u64> {
     Ok(process - this_thread)
 }
 
-/// What one minor page fault costs here, in microseconds: 64 MiB of fresh heap taken in 16
-/// KiB blocks on a thread of its own (as a build thread takes its heap), one byte written
-/// per page, timed and divided by the faults it took. Median of three, each sample's blocks
-/// held until the last is taken, so that none reuses another's pages. On a VM a fault can
-/// cost several times what it does on bare metal, and a first adopt touches every page of the
-/// index it builds.
+/// What one minor page fault costs here, in microseconds: 64 MiB of fresh anonymous memory
+/// (as malloc's heaps get it from the kernel), one byte written per page, timed and divided
+/// by the faults it took; median of three. On a VM a fault can cost several times what it
+/// does on bare metal, and a first adopt touches every page of the index it builds.
 fn page_fault_us() -> anyhow::Result<f64> {
-    const BLOCK: usize = 16 << 10;
+    const SIZE: usize = 64 << 20;
     const PAGE: usize = 4096;
     let mut samples = Vec::new();
-    let mut held = Vec::new();
     for _ in 0..3 {
-        let sample = std::thread::spawn(|| -> anyhow::Result<(f64, Vec<Vec<u8>>)> {
-            let (_, before) = sys::minor_faults().context("page faults from /proc")?;
-            let t = Instant::now();
-            let mut blocks: Vec<Vec<u8>> = Vec::with_capacity((64 << 20) / BLOCK);
-            for _ in 0..blocks.capacity() {
-                let mut block = Vec::<u8>::with_capacity(BLOCK);
-                for byte in block.spare_capacity_mut().iter_mut().step_by(PAGE) {
-                    byte.write(1);
-                }
-                blocks.push(block);
-            }
-            let took = t.elapsed();
-            let (_, after) = sys::minor_faults().context("page faults from /proc")?;
-            // Most pages must have been fresh, or the figure is malloc's, not the kernel's.
-            anyhow::ensure!(
-                (after - before) as usize >= (64 << 20) / PAGE / 2,
-                "64 MiB of fresh heap took only {} page faults",
-                after - before
-            );
-            Ok((took.as_secs_f64() * 1e6 / (after - before) as f64, blocks))
-        });
-        let (us, blocks) = sample
-            .join()
-            .map_err(|_| anyhow::anyhow!("the fault timing thread panicked"))??;
-        samples.push(us);
-        held.push(blocks);
+        let mut fresh = memmap2::MmapMut::map_anon(SIZE)?;
+        let (_, before) = sys::minor_faults().context("page faults from /proc")?;
+        let t = Instant::now();
+        for byte in fresh.iter_mut().step_by(PAGE) {
+            *byte = 1;
+        }
+        let took = t.elapsed();
+        let (_, after) = sys::minor_faults().context("page faults from /proc")?;
+        std::hint::black_box(&fresh);
+        anyhow::ensure!(after > before, "64 MiB of fresh memory took no page fault");
+        samples.push(took.as_secs_f64() * 1e6 / (after - before) as f64);
     }
     Ok(report::median(samples))
 }
