@@ -271,38 +271,77 @@ pub struct Index {
 #[derive(Default)]
 struct Interner {
     strings: HashSet<Arc<str>, foldhash::fast::RandomState>,
-    identities: HashMap<IdentityParts, SpiffeId, foldhash::fast::RandomState>,
+    /// By the addresses of their interned parts (trust domain, namespace, service account):
+    /// `strings` holds one allocation per value for the interner's life, so equal addresses
+    /// are equal strings, and no part is hashed again.
+    identities: HashMap<[usize; 3], SpiffeId, foldhash::fast::RandomState>,
+    /// Per field, the last value interned, and the last identity. The Kubernetes source
+    /// publishes pods in `namespace/name` order, so a Deployment's pods follow one another and
+    /// repeat these; a hit costs one comparison, not a hash lookup.
+    recent: [Option<Arc<str>>; Field::COUNT],
+    recent_identity: Option<([usize; 3], SpiffeId)>,
 }
 
-/// Trust domain, namespace, service account.
-type IdentityParts = (Arc<str>, Arc<str>, Arc<str>);
+/// The workload fields a build interns.
+#[derive(Clone, Copy)]
+enum Field {
+    TrustDomain,
+    Namespace,
+    ServiceAccount,
+    CanonicalService,
+    CanonicalRevision,
+    WorkloadName,
+    Node,
+}
+
+impl Field {
+    const COUNT: usize = Field::Node as usize + 1;
+}
 
 impl Interner {
-    fn string(&mut self, s: &str) -> Arc<str> {
-        if let Some(known) = self.strings.get(s) {
-            return known.clone();
+    fn string(&mut self, field: Field, s: &str) -> Arc<str> {
+        let recent = &mut self.recent[field as usize];
+        if let Some(last) = recent.as_ref().filter(|last| ***last == *s) {
+            return last.clone();
         }
-        let shared: Arc<str> = s.into();
-        self.strings.insert(shared.clone());
+        let shared = match self.strings.get(s) {
+            Some(known) => known.clone(),
+            None => {
+                let shared: Arc<str> = s.into();
+                self.strings.insert(shared.clone());
+                shared
+            }
+        };
+        *recent = Some(shared.clone());
         shared
     }
 
     fn identity(
         &mut self,
         trust_domain: &str,
-        namespace: &Arc<str>,
+        namespace: &str,
         service_account: &str,
     ) -> Result<SpiffeId, SpiffeIdError> {
-        let key = (
-            self.string(trust_domain),
-            namespace.clone(),
-            self.string(service_account),
-        );
-        if let Some(known) = self.identities.get(&key) {
-            return Ok(known.clone());
+        let parts = [
+            self.string(Field::TrustDomain, trust_domain),
+            self.string(Field::Namespace, namespace),
+            self.string(Field::ServiceAccount, service_account),
+        ];
+        let key = parts
+            .each_ref()
+            .map(|part| Arc::as_ptr(part).cast::<u8>() as usize);
+        if let Some((_, id)) = self.recent_identity.as_ref().filter(|(k, _)| *k == key) {
+            return Ok(id.clone());
         }
-        let id = SpiffeId::new(&key.0, &key.1, &key.2)?;
-        self.identities.insert(key, id.clone());
+        let id = match self.identities.get(&key) {
+            Some(known) => known.clone(),
+            None => {
+                let id = SpiffeId::new(&parts[0], &parts[1], &parts[2])?;
+                self.identities.insert(key, id.clone());
+                id
+            }
+        };
+        self.recent_identity = Some((key, id.clone()));
         Ok(id)
     }
 }
@@ -324,9 +363,9 @@ fn parse_workload(
         .iter()
         .map(|b| ip_from_bytes(b).ok_or_else(|| bad("ips", format!("{} bytes", b.len()))))
         .collect::<Result<Addresses, _>>()?;
-    let namespace = interner.string(w.namespace);
+    let namespace = interner.string(Field::Namespace, w.namespace);
     let identity = interner
-        .identity(w.trust_domain, &namespace, w.service_account)
+        .identity(w.trust_domain, w.namespace, w.service_account)
         .map_err(|e| IndexError::Workload {
             uid: w.uid.to_owned(),
             field: "identity",
@@ -350,11 +389,14 @@ fn parse_workload(
     };
     let (canonical_service, canonical_revision) = if w.canonical_service.is_empty() {
         let (service, revision) = schema::canonical_names(w.name, &labels);
-        (interner.string(&service), interner.string(&revision))
+        (
+            interner.string(Field::CanonicalService, &service),
+            interner.string(Field::CanonicalRevision, &revision),
+        )
     } else {
         (
-            interner.string(w.canonical_service),
-            interner.string(w.canonical_revision),
+            interner.string(Field::CanonicalService, w.canonical_service),
+            interner.string(Field::CanonicalRevision, w.canonical_revision),
         )
     };
     let protocol = Protocol::try_from(w.protocol).unwrap_or(Protocol::Hbone);
@@ -365,14 +407,14 @@ fn parse_workload(
         Arc::new(Workload {
             canonical_service,
             canonical_revision,
-            workload_name: interner.string(w.workload_name()),
+            workload_name: interner.string(Field::WorkloadName, w.workload_name()),
             protocol,
             uid: w.uid.into(),
             name: w.name.to_owned(),
             namespace,
             identity,
             ips,
-            node: interner.string(w.node),
+            node: interner.string(Field::Node, w.node),
             netns,
             waypoint: waypoint.map(Box::new),
         }),
@@ -402,45 +444,88 @@ fn parse_waypoint(address: &str, unresolved: &str) -> Result<Option<Waypoint>, S
 /// at 100k and 1M (bench-results/README.md).
 const PARALLEL_PARSE_FROM: usize = 16 * 1024;
 
-/// At most this many threads parse a build's workloads (the watcher's and helpers).
+/// At most this many threads parse a build's workloads and services (the watcher's and
+/// helpers).
 const PARSE_THREADS: usize = 4;
 
-/// A parsed workload with its labels (kept for local workloads only).
-type Parsed = (Arc<Workload>, BTreeMap<String, String>);
+/// What parsing a build's workloads gives: all of them in order, and the local ones again
+/// with the labels their policies are resolved from.
+#[derive(Debug, Default)]
+struct Parsed {
+    workloads: Vec<Arc<Workload>>,
+    locals: Vec<Local>,
+}
 
-/// Parses every workload, each run on its own thread (the calling thread takes the first),
-/// and returns them in order. The first malformed workload in snapshot order refuses the
-/// whole, as it would on one thread.
-fn parse_workloads<'a, W>(mut runs: Vec<W>, node: &str) -> Result<Vec<Parsed>, IndexError>
-where
-    W: ExactSizeIterator<Item = Result<WorkloadView<'a>, DecodeError>> + Send,
-{
+/// Runs `each` on every run, each on its own thread (the calling thread takes the first), and
+/// returns their results in run order.
+fn in_runs<I: Send, R: Send>(mut runs: Vec<I>, each: &(impl Fn(I) -> R + Sync)) -> Vec<R> {
     if runs.len() > 1 {
         // This thread takes the first half, a helper the rest (which halves it again).
         let rest = runs.split_off(runs.len() / 2);
-        let (first, rest) = join(
-            true,
-            || parse_workloads(runs, node),
-            || parse_workloads(rest, node),
-        );
-        let mut all = first?;
-        all.extend(rest?);
-        return Ok(all);
+        let (mut first, rest) = join(true, || in_runs(runs, each), || in_runs(rest, each));
+        first.extend(rest);
+        return first;
     }
-    let Some(run) = runs.pop() else {
-        return Ok(Vec::new());
+    runs.into_iter().map(each).collect()
+}
+
+/// Parses every workload, the runs in parallel, and returns them in order. The first
+/// malformed workload in snapshot order refuses the whole, as it would on one thread.
+fn parse_workloads<'a, W>(runs: Vec<W>, node: &str) -> Result<Parsed, IndexError>
+where
+    W: ExactSizeIterator<Item = Result<WorkloadView<'a>, DecodeError>> + Send,
+{
+    let parse_run = |run: W| -> Result<Parsed, IndexError> {
+        // Each run has its own interner: a shared string is allocated once per run.
+        let mut interner = Interner::default();
+        let mut parsed = Parsed {
+            workloads: Vec::with_capacity(run.len()),
+            locals: Vec::new(),
+        };
+        for w in run {
+            let (workload, labels) =
+                parse_workload(w.map_err(payload_error)?, node, &mut interner)?;
+            if workload.netns != NetnsSource::None {
+                parsed.locals.push(Local {
+                    workload: workload.clone(),
+                    labels,
+                });
+            }
+            parsed.workloads.push(workload);
+        }
+        Ok(parsed)
     };
-    // Each run has its own interner: a shared string is allocated once per run.
-    let mut interner = Interner::default();
-    let mut parsed = Vec::with_capacity(run.len());
-    for w in run {
-        parsed.push(parse_workload(
-            w.map_err(payload_error)?,
-            node,
-            &mut interner,
-        )?);
+    let mut runs = in_runs(runs, &parse_run).into_iter();
+    let mut all = runs.next().transpose()?.unwrap_or_default();
+    for run in runs {
+        let run = run?;
+        all.workloads.extend(run.workloads);
+        all.locals.extend(run.locals);
     }
-    Ok(parsed)
+    Ok(all)
+}
+
+/// Services with their keys.
+type Keyed = Vec<(Arc<str>, Arc<Service>)>;
+
+/// Parses every service, the runs in parallel, and returns them in order with their keys, or
+/// the first malformed one in snapshot order.
+fn parse_services<'a, S>(runs: Vec<S>) -> Result<Keyed, IndexError>
+where
+    S: ExactSizeIterator<Item = Result<ServiceView<'a>, DecodeError>> + Send,
+{
+    let parse_run = |run: S| -> Result<Keyed, IndexError> {
+        run.map(|s| {
+            let s = s.map_err(payload_error)?;
+            Ok((Arc::<str>::from(s.key()), Arc::new(parse_service(&s)?)))
+        })
+        .collect()
+    };
+    let mut all = Vec::new();
+    for run in in_runs(runs, &parse_run) {
+        all.extend(run?);
+    }
+    Ok(all)
 }
 
 fn payload_error(error: DecodeError) -> IndexError {
@@ -540,7 +625,7 @@ impl Index {
         Index::built(
             snapshot,
             vec![workloads.iter().map(|w| Ok(w.into()))],
-            services.iter().map(|s| Ok(s.into())),
+            vec![services.iter().map(|s| Ok(s.into()))],
             generation,
         )
     }
@@ -557,16 +642,20 @@ impl Index {
         } else {
             1
         };
-        let parts = view.workload_parts(threads).collect();
-        Index::built(rest, parts, view.services(), generation)
+        Index::built(
+            rest,
+            view.workload_parts(threads).collect(),
+            view.service_parts(threads).collect(),
+            generation,
+        )
     }
 
     /// An index of `rest` (a snapshot without its workloads and services) with `workloads`
-    /// and `services`.
+    /// and `services`, each in consecutive runs that are parsed in parallel.
     fn built<'a>(
         rest: Snapshot,
         workloads: Vec<impl ExactSizeIterator<Item = Result<WorkloadView<'a>, DecodeError>> + Send>,
-        services: impl ExactSizeIterator<Item = Result<ServiceView<'a>, DecodeError>> + Send,
+        services: Vec<impl ExactSizeIterator<Item = Result<ServiceView<'a>, DecodeError>> + Send>,
         generation: Generation,
     ) -> Result<Index, IndexError> {
         let mut empty = Index::empty();
@@ -595,7 +684,7 @@ impl Index {
         let services = std::mem::take(&mut delta.services);
         let mut next = self.clone().applied(
             vec![workloads.iter().map(|w| Ok(w.into()))],
-            services.iter().map(|s| Ok(s.into())),
+            vec![services.iter().map(|s| Ok(s.into()))],
             delta,
             generation,
         )?;
@@ -618,13 +707,13 @@ impl Index {
         }
     }
 
-    /// Applies `workloads` (changed or new, in consecutive runs that are parsed in parallel),
-    /// `services` (changed or new) and the rest of `delta`, whose own workload and service
-    /// lists are not read.
+    /// Applies `workloads` and `services` (changed or new, each in consecutive runs that are
+    /// parsed in parallel) and the rest of `delta`, whose own workload and service lists are
+    /// not read.
     fn applied<'a>(
         self,
         workloads: Vec<impl ExactSizeIterator<Item = Result<WorkloadView<'a>, DecodeError>> + Send>,
-        services: impl ExactSizeIterator<Item = Result<ServiceView<'a>, DecodeError>> + Send,
+        services: Vec<impl ExactSizeIterator<Item = Result<ServiceView<'a>, DecodeError>> + Send>,
         delta: Delta,
         generation: Generation,
     ) -> Result<Index, IndexError> {
@@ -640,20 +729,24 @@ impl Index {
         // two at a time.
         let parallel = workloads.len() > 1;
         let count = workloads.iter().map(ExactSizeIterator::len).sum();
+        let service_count = services.iter().map(ExactSizeIterator::len).sum();
         next.by_uid.reserve(count);
         next.by_ip.reserve(count);
-        next.services.reserve(services.len());
-        next.by_vip.reserve(services.len());
-        let mut parsed = parse_workloads(workloads, &next.node)?;
+        next.services.reserve(service_count);
+        next.by_vip.reserve(service_count);
+        let Parsed { workloads, locals } = parse_workloads(workloads, &next.node)?;
+        // A malformed service is reported after a uid or an address twice, the order one
+        // thread meets them in.
+        let incoming = parse_services(services);
 
         // Workloads: every changed or removed one leaves first (with its addresses), so that
         // two pods swapping addresses in one delta is not a conflict.
-        let mut local_changed = false;
+        let mut local_changed = !locals.is_empty();
         let leaving = delta
             .removed_workloads
             .iter()
             .map(String::as_str)
-            .chain(parsed.iter().map(|(w, _)| &*w.uid));
+            .chain(workloads.iter().map(|w| &*w.uid));
         for uid in leaving.take_while(|_| !from_empty) {
             if let Some(old) = next.by_uid.remove(uid) {
                 for ip in &old.ips {
@@ -667,65 +760,24 @@ impl Index {
                 }
             }
         }
-        // Then each goes in by uid while the services are read.
-        let (by_uid, incoming) = join(
+        // Then each goes in by uid (with the services: the old version of each changed or
+        // removed one leaves with its frontends, and the new ones go in) while they go in by
+        // address.
+        let (by_uid, by_ip) = join(
             parallel,
             || -> Result<(), IndexError> {
-                for (workload, labels) in &mut parsed {
+                for local in locals {
+                    next.local.insert(local.workload.uid.clone(), local);
+                }
+                for workload in &workloads {
                     let uid = workload.uid.clone();
-                    if workload.netns != NetnsSource::None {
-                        let local = Local {
-                            workload: workload.clone(),
-                            labels: std::mem::take(labels),
-                        };
-                        next.local.insert(uid.clone(), local);
-                        local_changed = true;
-                    }
                     if next.by_uid.insert(uid.clone(), workload.clone()).is_some() {
                         return Err(IndexError::DuplicateUid(uid.to_string()));
                     }
                 }
-                Ok(())
-            },
-            || {
-                services
-                    .map(|s| {
-                        let s = s.map_err(payload_error)?;
-                        Ok((Arc::<str>::from(s.key()), Arc::new(parse_service(&s)?)))
-                    })
-                    .collect::<Result<Vec<_>, IndexError>>()
-            },
-        );
-        by_uid?;
-        let by_ip = |by_ip: &mut Map<IpAddr, Arc<Workload>>| -> Result<(), IndexError> {
-            for (workload, _) in parsed {
-                for ip in &workload.ips {
-                    if let Some(other) = by_ip.insert(*ip, workload.clone()) {
-                        return Err(IndexError::DuplicateIp {
-                            ip: *ip,
-                            first: other.uid.to_string(),
-                            second: workload.uid.to_string(),
-                        });
-                    }
-                }
-            }
-            Ok(())
-        };
-        // Errors come in the order one thread meets them: a uid twice, then an address
-        // twice, then a malformed service.
-        let incoming = match incoming {
-            Ok(incoming) => incoming,
-            Err(error) => {
-                by_ip(&mut next.by_ip)?;
-                return Err(error);
-            }
-        };
-
-        // Services: the old version of each changed or removed one leaves with its frontends,
-        // and the new ones go in, while the workloads go in by address.
-        let ((), by_ip) = join(
-            parallel,
-            || {
+                let Ok(incoming) = &incoming else {
+                    return Ok(());
+                };
                 let leaving = delta
                     .removed_services
                     .iter()
@@ -744,13 +796,29 @@ impl Index {
                         }
                     }
                 }
-                for (key, service) in &incoming {
+                for (key, service) in incoming {
                     put_service(&mut next.services, &mut next.by_vip, key, service);
                 }
+                Ok(())
             },
-            || by_ip(&mut next.by_ip),
+            || -> Result<(), IndexError> {
+                for workload in &workloads {
+                    for ip in &workload.ips {
+                        if let Some(other) = next.by_ip.insert(*ip, workload.clone()) {
+                            return Err(IndexError::DuplicateIp {
+                                ip: *ip,
+                                first: other.uid.to_string(),
+                                second: workload.uid.to_string(),
+                            });
+                        }
+                    }
+                }
+                Ok(())
+            },
         );
+        by_uid?;
         by_ip?;
+        incoming?;
 
         // Identities and trust roots: small, rebuilt whole when touched.
         if !delta.identities.is_empty() || !delta.removed_identities.is_empty() {
@@ -1264,20 +1332,33 @@ mod tests {
 
     #[test]
     fn a_build_large_enough_to_parse_on_several_threads_is_the_one_thread_build() {
-        let snap = with_many_workloads(PARALLEL_PARSE_FROM + 100);
+        let mut snap = with_many_workloads(PARALLEL_PARSE_FROM + 100);
+        // Local pods in every run, with the labels their policies are resolved from.
+        for i in (7..PARALLEL_PARSE_FROM + 100).step_by(5000) {
+            let w = &mut snap.workloads[4 + i];
+            w.node = "n1".into();
+            w.netns_path = format!("/run/netns/pod-{i}");
+            w.labels = [("app".to_owned(), format!("app-{i}"))].into();
+        }
         let payload = mesh_snapshot::encode(&snap);
         let in_place = Index::build_encoded(&payload, Generation::default()).expect("builds");
         let decoded = Index::build(snap, Generation::default()).expect("builds");
         assert_eq!(contents(&in_place), contents(&decoded));
+        assert_eq!(in_place.local_workloads().count(), 5);
         // Three runs whatever this machine's core count: the same workloads, in order.
         let view = SnapshotView::decode(&payload).expect("decodes");
-        let debug = |parsed: Vec<Parsed>| -> Vec<String> {
-            parsed.iter().map(|p| format!("{p:?}")).collect()
-        };
         let in_runs = parse_workloads(view.workload_parts(3).collect(), "n1").expect("parses");
         let in_one = parse_workloads(vec![view.workloads()], "n1").expect("parses");
-        assert_eq!(in_runs.len(), PARALLEL_PARSE_FROM + 104);
-        assert_eq!(debug(in_runs), debug(in_one));
+        assert_eq!(in_runs.workloads.len(), PARALLEL_PARSE_FROM + 104);
+        let local_uids = |parsed: &Parsed| -> Vec<String> {
+            let uids = parsed.locals.iter().map(|l| l.workload.uid.to_string());
+            uids.collect()
+        };
+        assert_eq!(
+            local_uids(&in_runs),
+            ["client", "pod-7", "pod-5007", "pod-10007", "pod-15007"]
+        );
+        assert_eq!(format!("{in_runs:?}"), format!("{in_one:?}"));
     }
 
     /// `with_many_workloads` with services listing the added pods ten at a time; the last one
@@ -1306,14 +1387,15 @@ mod tests {
         snap
     }
 
-    /// The index of `snap` built as a large build is: workloads parsed in three runs, the
-    /// other steps two at a time, whatever this machine's core count.
+    /// The index of `snap` built as a large build is: workloads and services parsed in three
+    /// runs each, the other steps two at a time, whatever this machine's core count.
     fn built_in_parallel(snap: &Snapshot) -> Result<Index, IndexError> {
         let payload = mesh_snapshot::encode(snap);
         let mut view = SnapshotView::decode(&payload).map_err(payload_error)?;
         let rest = std::mem::take(&mut view.rest);
-        let runs = view.workload_parts(3).collect();
-        Index::built(rest, runs, view.services(), Generation::default())
+        let workloads = view.workload_parts(3).collect();
+        let services = view.service_parts(3).collect();
+        Index::built(rest, workloads, services, Generation::default())
     }
 
     #[test]
@@ -1408,6 +1490,20 @@ mod tests {
             refusals(&bad_service),
             Some(IndexError::Service { field: "ports", .. })
         ));
+        // Services are parsed in runs too (of 550 here): the first malformed one in snapshot
+        // order is named, whichever run holds it.
+        let named = |bad: &[usize]| match refusals(&|s| {
+            for &b in bad {
+                let name = format!("app-{b}");
+                let service = s.services.iter_mut().find(|s| s.name == name);
+                service.expect("generated").ports[0].port = 70_000;
+            }
+        }) {
+            Some(IndexError::Service { name, .. }) => name,
+            other => panic!("refused: {other:?}"),
+        };
+        assert_eq!(named(&[1500, 900]), "default/app-900");
+        assert_eq!(named(&[1500, 100]), "default/app-100");
     }
 
     #[test]

@@ -224,10 +224,7 @@ impl<'a> SnapshotView<'a> {
     ) -> impl Iterator<
         Item = impl ExactSizeIterator<Item = Result<WorkloadView<'a>, DecodeError>> + Send + '_,
     > + '_ {
-        let run = self.workloads.len().div_ceil(parts.max(1)).max(1);
-        self.workloads
-            .chunks(run)
-            .map(|chunk| chunk.iter().map(|bytes| WorkloadView::parse(bytes)))
+        runs(&self.workloads, parts).map(|run| run.iter().map(|bytes| WorkloadView::parse(bytes)))
     }
 
     pub fn services(
@@ -235,6 +232,21 @@ impl<'a> SnapshotView<'a> {
     ) -> impl ExactSizeIterator<Item = Result<ServiceView<'a>, DecodeError>> + '_ {
         self.services.iter().map(|bytes| ServiceView::parse(bytes))
     }
+
+    /// The services in runs, as [`SnapshotView::workload_parts`].
+    pub fn service_parts(
+        &self,
+        parts: usize,
+    ) -> impl Iterator<
+        Item = impl ExactSizeIterator<Item = Result<ServiceView<'a>, DecodeError>> + Send + '_,
+    > + '_ {
+        runs(&self.services, parts).map(|run| run.iter().map(|bytes| ServiceView::parse(bytes)))
+    }
+}
+
+/// `records` in `parts` consecutive runs of nearly equal length.
+fn runs<'s, 'a>(records: &'s [&'a [u8]], parts: usize) -> std::slice::Chunks<'s, &'a [u8]> {
+    records.chunks(records.len().div_ceil(parts.max(1)).max(1))
 }
 
 /// `schema::Workload` with borrowed strings.
