@@ -27,29 +27,39 @@ use crate::ports;
 /// allocation per pod less, and no pointer to follow when the address map is filled).
 pub type Addresses = smallvec::SmallVec<[IpAddr; 1]>;
 
-/// A workload as the data path needs it: parsed addresses and identity. Strings that many
-/// workloads repeat (namespace, node, identity, canonical names) are shared within an index
-/// build, and the uid is the one the maps are keyed by: four allocations per pod fewer.
+/// A workload as the data path needs it: parsed addresses and identity. The uid is the one
+/// the maps are keyed by, and what a pod has in common with its owner's other pods is one
+/// shared [`Owner`]: about 80 bytes per pod less than each pod holding those fields
+/// (bench-results/README.md).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
     pub uid: Arc<str>,
     pub name: String,
-    pub namespace: Arc<str>,
-    pub identity: SpiffeId,
+    pub owner: Arc<Owner>,
     pub ips: Addresses,
+    /// Shared within an index build, as the owner's strings are.
     pub node: Arc<str>,
     pub protocol: Protocol,
     /// Where the data plane finds this pod's network namespace (pods of this node only).
     pub netns: NetnsSource,
+    /// The waypoint that takes traffic addressed to this workload. Boxed: most workloads have
+    /// none, and every workload pays for the field.
+    pub waypoint: Option<Box<Waypoint>>,
+}
+
+/// What a pod has in common with the other pods of its owner (a Deployment's, say): one
+/// allocation per distinct set within an index build, its strings shared too. A pod without
+/// an owner has one of its own.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub namespace: Arc<str>,
+    pub identity: SpiffeId,
     /// Istio's canonical service and revision, from the workload's labels (metric labels).
     pub canonical_service: Arc<str>,
     pub canonical_revision: Arc<str>,
     /// Istio's workload name (metric labels): the owner-derived name the agent sent (a
-    /// Deployment's for its pods, shared by them), else the pod's name.
+    /// Deployment's for its pods), else the pod's name.
     pub workload_name: Arc<str>,
-    /// The waypoint that takes traffic addressed to this workload. Boxed: most workloads have
-    /// none, and every workload pays for the field.
-    pub waypoint: Option<Box<Waypoint>>,
 }
 
 /// A waypoint as a workload or service names it.
@@ -266,92 +276,117 @@ pub struct Index {
     local_authz: Arc<HashMap<Arc<str>, (Applicable, PeerAuth)>>,
 }
 
-/// Shares the strings a build meets many times (namespaces, nodes, identities, canonical
-/// names): one allocation per distinct value instead of one per workload.
+/// Shares what a build meets many times: strings (namespaces, nodes, identities' parts,
+/// canonical names), identities and owners, one allocation per distinct value instead of one
+/// per workload.
 #[derive(Default)]
-struct Interner {
+struct Interner<'a> {
     strings: HashSet<Arc<str>, foldhash::fast::RandomState>,
     /// By the addresses of their interned parts (trust domain, namespace, service account):
     /// `strings` holds one allocation per value for the interner's life, so equal addresses
     /// are equal strings, and no part is hashed again.
     identities: HashMap<[usize; 3], SpiffeId, foldhash::fast::RandomState>,
-    /// Per field, the last value interned, and the last identity. The Kubernetes source
-    /// publishes pods in `namespace/name` order, so a Deployment's pods follow one another and
-    /// repeat these; a hit costs one comparison, not a hash lookup.
-    recent: [Option<Arc<str>>; Field::COUNT],
-    recent_identity: Option<([usize; 3], SpiffeId)>,
+    /// By the addresses of their interned fields (in `OwnerFields` order), as identities are.
+    owners: HashMap<[usize; 6], Arc<Owner>, foldhash::fast::RandomState>,
+    /// The last owner, by its fields as the snapshot has them, and the last node. The
+    /// Kubernetes source publishes pods in `namespace/name` order, so a Deployment's pods
+    /// follow one another: a hit costs a few comparisons and one count update.
+    recent_owner: Option<(OwnerFields<'a>, Arc<Owner>)>,
+    recent_node: Option<Arc<str>>,
 }
 
-/// The workload fields a build interns.
-#[derive(Clone, Copy)]
-enum Field {
-    TrustDomain,
-    Namespace,
-    ServiceAccount,
-    CanonicalService,
-    CanonicalRevision,
-    WorkloadName,
-    Node,
+/// An owner's fields as a workload carries them: namespace, trust domain, service account,
+/// canonical service and revision, workload name.
+type OwnerFields<'a> = [&'a str; 6];
+
+/// An interned string's address: its identity within one interner.
+fn address(s: &Arc<str>) -> usize {
+    Arc::as_ptr(s).cast::<u8>() as usize
 }
 
-impl Field {
-    const COUNT: usize = Field::Node as usize + 1;
-}
-
-impl Interner {
-    fn string(&mut self, field: Field, s: &str) -> Arc<str> {
-        let recent = &mut self.recent[field as usize];
-        if let Some(last) = recent.as_ref().filter(|last| ***last == *s) {
-            return last.clone();
+impl<'a> Interner<'a> {
+    fn string(&mut self, s: &str) -> Arc<str> {
+        if let Some(known) = self.strings.get(s) {
+            return known.clone();
         }
-        let shared = match self.strings.get(s) {
-            Some(known) => known.clone(),
-            None => {
-                let shared: Arc<str> = s.into();
-                self.strings.insert(shared.clone());
-                shared
-            }
-        };
-        *recent = Some(shared.clone());
+        let shared: Arc<str> = s.into();
+        self.strings.insert(shared.clone());
         shared
     }
 
-    fn identity(
-        &mut self,
-        trust_domain: &str,
-        namespace: &str,
-        service_account: &str,
-    ) -> Result<SpiffeId, SpiffeIdError> {
-        let parts = [
-            self.string(Field::TrustDomain, trust_domain),
-            self.string(Field::Namespace, namespace),
-            self.string(Field::ServiceAccount, service_account),
-        ];
-        let key = parts
-            .each_ref()
-            .map(|part| Arc::as_ptr(part).cast::<u8>() as usize);
-        if let Some((_, id)) = self.recent_identity.as_ref().filter(|(k, _)| *k == key) {
-            return Ok(id.clone());
+    fn node(&mut self, node: &str) -> Arc<str> {
+        if let Some(last) = self.recent_node.as_ref().filter(|last| ***last == *node) {
+            return last.clone();
         }
-        let id = match self.identities.get(&key) {
+        let shared = self.string(node);
+        self.recent_node = Some(shared.clone());
+        shared
+    }
+
+    /// The owner with `fields`, or with the canonical names `resolved` here in place of the
+    /// (empty) ones in `fields`.
+    fn owner(
+        &mut self,
+        fields: OwnerFields<'a>,
+        resolved: Option<(&str, &str)>,
+    ) -> Result<Arc<Owner>, SpiffeIdError> {
+        let recent = self.recent_owner.as_ref();
+        if let Some((_, owner)) = recent.filter(|(last, _)| resolved.is_none() && *last == fields) {
+            return Ok(owner.clone());
+        }
+        let mut named = fields;
+        if let Some((service, revision)) = resolved {
+            named[3] = service;
+            named[4] = revision;
+        }
+        let parts = named.map(|s| self.string(s));
+        let key = parts.each_ref().map(address);
+        let owner = match self.owners.get(&key) {
             Some(known) => known.clone(),
             None => {
-                let id = SpiffeId::new(&parts[0], &parts[1], &parts[2])?;
-                self.identities.insert(key, id.clone());
-                id
+                let [namespace, trust_domain, service_account, canonical_service, canonical_revision, workload_name] =
+                    parts;
+                let identity = self.identity(&trust_domain, &namespace, &service_account)?;
+                let owner = Arc::new(Owner {
+                    namespace,
+                    identity,
+                    canonical_service,
+                    canonical_revision,
+                    workload_name,
+                });
+                self.owners.insert(key, owner.clone());
+                owner
             }
         };
-        self.recent_identity = Some((key, id.clone()));
+        if resolved.is_none() {
+            self.recent_owner = Some((fields, owner.clone()));
+        }
+        Ok(owner)
+    }
+
+    /// The identity of interned parts.
+    fn identity(
+        &mut self,
+        trust_domain: &Arc<str>,
+        namespace: &Arc<str>,
+        service_account: &Arc<str>,
+    ) -> Result<SpiffeId, SpiffeIdError> {
+        let key = [trust_domain, namespace, service_account].map(address);
+        if let Some(known) = self.identities.get(&key) {
+            return Ok(known.clone());
+        }
+        let id = SpiffeId::new(trust_domain, namespace, service_account)?;
+        self.identities.insert(key, id.clone());
         Ok(id)
     }
 }
 
 /// Parses and checks one workload of the snapshot for a node; returns it with its labels,
 /// which the caller keeps for local workloads only (their policies are resolved from them).
-fn parse_workload(
-    w: WorkloadView<'_>,
+fn parse_workload<'a>(
+    w: WorkloadView<'a>,
     node: &str,
-    interner: &mut Interner,
+    interner: &mut Interner<'a>,
 ) -> Result<(Arc<Workload>, BTreeMap<String, String>), IndexError> {
     let bad = |field, problem: String| IndexError::Workload {
         uid: w.uid.to_owned(),
@@ -363,14 +398,6 @@ fn parse_workload(
         .iter()
         .map(|b| ip_from_bytes(b).ok_or_else(|| bad("ips", format!("{} bytes", b.len()))))
         .collect::<Result<Addresses, _>>()?;
-    let namespace = interner.string(Field::Namespace, w.namespace);
-    let identity = interner
-        .identity(w.trust_domain, w.namespace, w.service_account)
-        .map_err(|e| IndexError::Workload {
-            uid: w.uid.to_owned(),
-            field: "identity",
-            problem: e.to_string(),
-        })?;
     let netns = if w.node != node {
         NetnsSource::None
     } else if w.netns_from_agent {
@@ -387,34 +414,36 @@ fn parse_workload(
     } else {
         BTreeMap::new()
     };
-    let (canonical_service, canonical_revision) = if w.canonical_service.is_empty() {
-        let (service, revision) = schema::canonical_names(w.name, &labels);
-        (
-            interner.string(Field::CanonicalService, &service),
-            interner.string(Field::CanonicalRevision, &revision),
+    let resolved = w
+        .canonical_service
+        .is_empty()
+        .then(|| schema::canonical_names(w.name, &labels));
+    let fields = [
+        w.namespace,
+        w.trust_domain,
+        w.service_account,
+        w.canonical_service,
+        w.canonical_revision,
+        w.workload_name(),
+    ];
+    let owner = interner
+        .owner(
+            fields,
+            resolved.as_ref().map(|(s, r)| (s.as_str(), r.as_str())),
         )
-    } else {
-        (
-            interner.string(Field::CanonicalService, w.canonical_service),
-            interner.string(Field::CanonicalRevision, w.canonical_revision),
-        )
-    };
+        .map_err(|e| bad("identity", e.to_string()))?;
     let protocol = Protocol::try_from(w.protocol).unwrap_or(Protocol::Hbone);
     let waypoint = parse_waypoint(w.waypoint, w.unresolved_waypoint)
         .map_err(|problem| bad("waypoint", problem))?;
-    // Straight into its shared allocation: a workload is about 200 bytes, moved once.
+    // Straight into its shared allocation: a workload is over 100 bytes, moved once.
     Ok((
         Arc::new(Workload {
-            canonical_service,
-            canonical_revision,
-            workload_name: interner.string(Field::WorkloadName, w.workload_name()),
-            protocol,
             uid: w.uid.into(),
             name: w.name.to_owned(),
-            namespace,
-            identity,
+            owner,
             ips,
-            node: interner.string(Field::Node, w.node),
+            node: interner.node(w.node),
+            protocol,
             netns,
             waypoint: waypoint.map(Box::new),
         }),
@@ -892,11 +921,11 @@ impl Index {
                 (
                     uid.clone(),
                     (
-                        self.policies.applicable(&w.namespace, &local.labels),
+                        self.policies.applicable(&w.owner.namespace, &local.labels),
                         PeerAuth::resolve(
                             &peer_authentications,
                             &root,
-                            &w.namespace,
+                            &w.owner.namespace,
                             &local.labels,
                         ),
                     ),
@@ -1554,6 +1583,39 @@ mod tests {
     }
 
     #[test]
+    fn pods_with_the_same_owner_fields_share_one_owner_and_the_others_get_their_own() {
+        let mut snap = snapshot();
+        let template = snap.workloads[1].clone();
+        let pod = |uid: &str, last: u8, revision: &str| W {
+            uid: uid.into(),
+            name: uid.into(),
+            ips: vec![vec![10, 0, 9, last]],
+            canonical_service: "cart".into(),
+            canonical_revision: revision.into(),
+            workload_name: "cart".into(),
+            ..template.clone()
+        };
+        // a2 comes after b1: the owner of a1 is found again by its fields, not only as the
+        // last one met.
+        snap.workloads
+            .extend([pod("a1", 1, "v1"), pod("b1", 2, "v2"), pod("a2", 3, "v1")]);
+        let payload = mesh_snapshot::encode(&snap);
+        let built = [
+            Index::build(snap, Generation::default()).expect("builds"),
+            Index::build_encoded(&payload, Generation::default()).expect("builds"),
+        ];
+        for index in built {
+            let owner = |uid| index.workload_by_uid(uid).expect("built").owner.clone();
+            assert!(Arc::ptr_eq(&owner("a1"), &owner("a2")));
+            assert!(!Arc::ptr_eq(&owner("a1"), &owner("b1")));
+            assert_eq!(&*owner("a2").canonical_revision, "v1");
+            assert_eq!(&*owner("b1").canonical_revision, "v2");
+            assert_eq!(owner("a1").identity, owner("b1").identity);
+            assert_eq!(&*owner("b1").workload_name, "cart");
+        }
+    }
+
+    #[test]
     fn canonical_names_come_from_the_agent_or_else_from_the_labels() {
         let mut snap = snapshot();
         snap.workloads[1].canonical_service = "server".into();
@@ -1564,8 +1626,8 @@ mod tests {
         let names = |uid: &str| {
             let w = index.workload_by_uid(uid).expect("indexed");
             (
-                w.canonical_service.to_string(),
-                w.canonical_revision.to_string(),
+                w.owner.canonical_service.to_string(),
+                w.owner.canonical_revision.to_string(),
             )
         };
         assert_eq!(names("server-a"), ("server".into(), "v3".into()));
@@ -1583,7 +1645,7 @@ mod tests {
         for index in [decoded, in_place] {
             let name = |uid: &str| {
                 let w = index.workload_by_uid(uid).expect("indexed");
-                w.workload_name.to_string()
+                w.owner.workload_name.to_string()
             };
             assert_eq!(name("server-a"), "server");
             assert_eq!(name("server-b"), "server-b", "none sent: the pod's name");
@@ -1679,7 +1741,7 @@ mod tests {
                 tunnel,
                 service,
             } => (
-                destination.identity.to_string(),
+                destination.owner.identity.to_string(),
                 target,
                 tunnel,
                 service.map(|s| s.name.clone()),

@@ -110,13 +110,13 @@ impl AdminState {
             return json!({"generation": 0, "workloads": [], "identities": []});
         };
         let mut workloads: Vec<&mesh_core::index::Workload> = index.workloads().collect();
-        workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        workloads.sort_by(|a, b| (&a.owner.namespace, &a.name).cmp(&(&b.owner.namespace, &b.name)));
         let workloads: Vec<Value> = workloads
             .into_iter()
             .map(|w| {
                 json!({
-                    "uid": &*w.uid, "name": w.name, "namespace": &*w.namespace,
-                    "identity": w.identity.to_string(),
+                    "uid": &*w.uid, "name": w.name, "namespace": &*w.owner.namespace,
+                    "identity": w.owner.identity.to_string(),
                     "ips": w.ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
                     "node": &*w.node, "protocol": format!("{:?}", w.protocol),
                     "netns": match &w.netns {

@@ -67,11 +67,11 @@ impl<'a> PeerRef<'a> {
     /// their Deployment), not its pod name.
     pub fn workload(w: &'a Workload) -> PeerRef<'a> {
         PeerRef {
-            workload: &w.workload_name,
-            namespace: &w.namespace,
-            principal: Some(&w.identity),
-            canonical_service: &w.canonical_service,
-            canonical_revision: &w.canonical_revision,
+            workload: &w.owner.workload_name,
+            namespace: &w.owner.namespace,
+            principal: Some(&w.owner.identity),
+            canonical_service: &w.owner.canonical_service,
+            canonical_revision: &w.owner.canonical_revision,
         }
     }
 
@@ -536,21 +536,32 @@ pub fn escape(value: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_core::index::Owner;
 
     fn workload(name: &str) -> Workload {
         Workload {
             uid: name.into(),
             name: name.into(),
-            namespace: "default".into(),
-            identity: SpiffeId::new("cluster.local", "default", name).expect("identity"),
+            owner: Arc::new(Owner {
+                namespace: "default".into(),
+                identity: SpiffeId::new("cluster.local", "default", name).expect("identity"),
+                canonical_service: name.into(),
+                canonical_revision: "latest".into(),
+                workload_name: name.into(),
+            }),
             ips: Default::default(),
             node: "node".into(),
             protocol: mesh_snapshot::schema::Protocol::Hbone,
             netns: mesh_core::index::NetnsSource::None,
-            canonical_service: name.into(),
-            canonical_revision: "latest".into(),
-            workload_name: name.into(),
             waypoint: None,
+        }
+    }
+
+    /// The pod `pod` of the Deployment `deployment` (its workload name).
+    fn pod_of(deployment: &str, pod: &str) -> Workload {
+        Workload {
+            name: pod.into(),
+            ..workload(deployment)
         }
     }
 
@@ -611,16 +622,8 @@ mod tests {
     #[test]
     fn workload_labels_are_istios_workload_names_not_pod_names() {
         let (registry, workers) = MetricsRegistry::new(1);
-        let client = Workload {
-            name: "cart-7d9f8b6c5-x2x4z".into(),
-            workload_name: "cart".into(),
-            ..workload("cart")
-        };
-        let server = Workload {
-            name: "db-0".into(),
-            workload_name: "db".into(),
-            ..workload("db")
-        };
+        let client = pod_of("cart", "cart-7d9f8b6c5-x2x4z");
+        let server = pod_of("db", "db-0");
         let labels = mutual_tls(Reporter::Source, &client, &server);
         workers[0].counters(labels).opened.inc();
         let mut text = String::new();

@@ -113,7 +113,7 @@ fn server_configs(
         return servers;
     };
     for workload in index.local_workloads() {
-        let id = &workload.identity;
+        let id = &workload.owner.identity;
         if servers.contains_key(id) {
             continue;
         }

@@ -886,7 +886,7 @@ impl Worker {
         let source = view.index.workload_by_uid(uid);
         let route = view.index.route_outbound(dst, self.next_pick());
         let destination_identity = match route {
-            Route::Hbone { destination, .. } => Some(&destination.identity),
+            Route::Hbone { destination, .. } => Some(&destination.owner.identity),
             _ => None,
         };
         // Labels and log entries are built where they are used, not kept in bindings: what is
@@ -897,7 +897,7 @@ impl Worker {
                 "outbound",
                 uid,
                 peer,
-                source.map(|w| &w.identity),
+                source.map(|w| &w.owner.identity),
                 dst,
                 destination_identity,
             )
@@ -1225,11 +1225,11 @@ impl Worker {
                     .find(|ip| ip.is_ipv4() == tunnel.is_ipv4())
                     .ok_or(Refusal::NoSourceAddress)?;
                 let tls = view
-                    .client_config(&source.identity, &destination.identity)
+                    .client_config(&source.owner.identity, &destination.owner.identity)
                     .map_err(|e| Refusal::Tls(e.to_string()))?;
                 let key = PoolKey {
-                    source: source.identity.clone(),
-                    destination: destination.identity.clone(),
+                    source: source.owner.identity.clone(),
+                    destination: destination.owner.identity.clone(),
                     tunnel,
                     source_ip,
                 };
@@ -1351,7 +1351,7 @@ impl Worker {
                 peer,
                 None,
                 dst,
-                local.map(|w| &w.identity),
+                local.map(|w| &w.owner.identity),
             )
         };
         // Refused before policy: a connection back to the data plane itself (it would loop),
@@ -1436,7 +1436,7 @@ impl Worker {
         let Some(workload) = view.index.workload_by_uid(&uid) else {
             return;
         };
-        let Some(config) = view.server_config(&workload.identity) else {
+        let Some(config) = view.server_config(&workload.owner.identity) else {
             tracing::warn!(pod = %uid, %peer, "inbound HBONE but no certificate for this pod");
             return;
         };
@@ -1569,7 +1569,7 @@ impl Worker {
                 peer,
                 Some(&client),
                 target,
-                local.map(|w| &w.identity),
+                local.map(|w| &w.owner.identity),
             )
         };
         // What the relay needs beyond its own future; set once the app is connected.
@@ -1731,7 +1731,7 @@ fn inbound_labels<'a>(
     let known = view.index.workload_by_ip(peer.ip());
     let source = match (known, verified) {
         // The address's workload, if the identity it proved is that workload's.
-        (Some(w), Some(id)) if w.identity == *id => PeerRef::workload(w),
+        (Some(w), Some(id)) if w.owner.identity == *id => PeerRef::workload(w),
         (_, Some(id)) => PeerRef::identity(id),
         // Plaintext: the address says which workload, but nothing proves a principal.
         (Some(w), None) => PeerRef {
