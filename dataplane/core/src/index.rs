@@ -48,8 +48,8 @@ pub struct Workload {
 }
 
 /// What a pod has in common with the other pods of its owner (a Deployment's, say): one
-/// allocation per distinct set within an index build, its strings shared too. A pod without
-/// an owner has one of its own.
+/// allocation per distinct set within an index build (within each of its parse runs, on a
+/// large one), its strings shared too. A pod without an owner has one of its own.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Owner {
     pub namespace: Arc<str>,
@@ -344,14 +344,13 @@ impl<'a> Interner<'a> {
         let owner = match self.owners.get(&key) {
             Some(known) => known.clone(),
             None => {
-                let [namespace, trust_domain, service_account, canonical_service, canonical_revision, workload_name] =
-                    parts;
-                let identity = self.identity(&trust_domain, &namespace, &service_account)?;
+                let [namespace, domain, account, service, revision, workload_name] = parts;
+                let identity = self.identity(&domain, &namespace, &account)?;
                 let owner = Arc::new(Owner {
                     namespace,
                     identity,
-                    canonical_service,
-                    canonical_revision,
+                    canonical_service: service,
+                    canonical_revision: revision,
                     workload_name,
                 });
                 self.owners.insert(key, owner.clone());
