@@ -75,11 +75,12 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 /// Minor page faults of this process (all its threads, ended ones included) and of the
-/// calling thread: each is a page of memory the kernel handed over at its first touch.
+/// calling thread: each is a page of memory the kernel handed over at its first touch. The
+/// thread is read first, so the process's count, read after it, is never the smaller.
 pub fn minor_faults() -> Option<(u64, u64)> {
     const MINFLT: usize = 7;
-    let [process] = stat_fields("/proc/self/stat", [MINFLT])?;
     let [thread] = stat_fields("/proc/thread-self/stat", [MINFLT])?;
+    let [process] = stat_fields("/proc/self/stat", [MINFLT])?;
     Some((process, thread))
 }
 

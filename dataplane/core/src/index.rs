@@ -478,7 +478,7 @@ const PARSE_THREADS: usize = 4;
 
 /// What parsing a build's workloads gives: all of them in order, and the local ones again
 /// with the labels their policies are resolved from.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Parsed {
     workloads: Vec<Arc<Workload>>,
     locals: Vec<Local>,
@@ -523,9 +523,11 @@ where
         }
         Ok(parsed)
     };
-    let mut runs = in_runs(runs, &parse_run).into_iter();
-    let mut all = runs.next().transpose()?.unwrap_or_default();
-    for run in runs {
+    let mut all = Parsed {
+        workloads: Vec::with_capacity(runs.iter().map(ExactSizeIterator::len).sum()),
+        locals: Vec::new(),
+    };
+    for run in in_runs(runs, &parse_run) {
         let run = run?;
         all.workloads.extend(run.workloads);
         all.locals.extend(run.locals);
@@ -560,17 +562,38 @@ fn payload_error(error: DecodeError) -> IndexError {
     IndexError::Payload(error.to_string())
 }
 
-/// Puts a service in by key and by each of its frontends.
-fn put_service(
+/// Takes out the services that leave (`removed`, and the old versions of `incoming`) with
+/// the frontends that still route to them, then puts `incoming` in by key and by each of its
+/// frontends.
+fn replace_services(
     services: &mut Map<Arc<str>, Arc<Service>>,
     by_vip: &mut Map<SocketAddr, (Arc<Service>, u16)>,
-    key: &Arc<str>,
-    service: &Arc<Service>,
+    removed: &[String],
+    incoming: Keyed,
 ) {
-    for (frontend, target) in &service.frontends {
-        by_vip.insert(*frontend, (service.clone(), *target));
+    let leaving = removed
+        .iter()
+        .map(String::as_str)
+        .chain(incoming.iter().map(|(key, _)| &**key));
+    for key in leaving {
+        let Some(old) = services.remove(key) else {
+            continue;
+        };
+        for (frontend, _) in &old.frontends {
+            if by_vip
+                .get(frontend)
+                .is_some_and(|(s, _)| Arc::ptr_eq(s, &old))
+            {
+                by_vip.remove(frontend);
+            }
+        }
     }
-    services.insert(key.clone(), service.clone());
+    for (key, service) in incoming {
+        for (frontend, target) in &service.frontends {
+            by_vip.insert(*frontend, (service.clone(), *target));
+        }
+        services.insert(key, service);
+    }
 }
 
 /// Runs `a` and `b`: on the calling thread and a helper at once when `parallel`, else one
@@ -765,7 +788,10 @@ impl Index {
         let Parsed { workloads, locals } = parse_workloads(workloads, &next.node)?;
         // A malformed service is reported after a uid or an address twice, the order one
         // thread meets them in.
-        let incoming = parse_services(services);
+        let (incoming, malformed_service) = match parse_services(services) {
+            Ok(incoming) => (incoming, None),
+            Err(error) => (Vec::new(), Some(error)),
+        };
 
         // Workloads: every changed or removed one leaves first (with its addresses), so that
         // two pods swapping addresses in one delta is not a conflict.
@@ -788,9 +814,7 @@ impl Index {
                 }
             }
         }
-        // Then each goes in by uid (with the services: the old version of each changed or
-        // removed one leaves with its frontends, and the new ones go in) while they go in by
-        // address.
+        // Then each goes in by uid, and the services after them, while they go in by address.
         let (by_uid, by_ip) = join(
             parallel,
             || -> Result<(), IndexError> {
@@ -798,35 +822,20 @@ impl Index {
                     next.local.insert(local.workload.uid.clone(), local);
                 }
                 for workload in &workloads {
-                    let uid = workload.uid.clone();
-                    if next.by_uid.insert(uid.clone(), workload.clone()).is_some() {
-                        return Err(IndexError::DuplicateUid(uid.to_string()));
+                    if next
+                        .by_uid
+                        .insert(workload.uid.clone(), workload.clone())
+                        .is_some()
+                    {
+                        return Err(IndexError::DuplicateUid(workload.uid.to_string()));
                     }
                 }
-                let Ok(incoming) = &incoming else {
-                    return Ok(());
-                };
-                let leaving = delta
-                    .removed_services
-                    .iter()
-                    .map(String::as_str)
-                    .chain(incoming.iter().map(|(key, _)| &**key));
-                for key in leaving {
-                    if let Some(old) = next.services.remove(key) {
-                        for (frontend, _) in &old.frontends {
-                            if next
-                                .by_vip
-                                .get(frontend)
-                                .is_some_and(|(s, _)| Arc::ptr_eq(s, &old))
-                            {
-                                next.by_vip.remove(frontend);
-                            }
-                        }
-                    }
-                }
-                for (key, service) in incoming {
-                    put_service(&mut next.services, &mut next.by_vip, key, service);
-                }
+                replace_services(
+                    &mut next.services,
+                    &mut next.by_vip,
+                    &delta.removed_services,
+                    incoming,
+                );
                 Ok(())
             },
             || -> Result<(), IndexError> {
@@ -846,7 +855,9 @@ impl Index {
         );
         by_uid?;
         by_ip?;
-        incoming?;
+        if let Some(error) = malformed_service {
+            return Err(error);
+        }
 
         // Identities and trust roots: small, rebuilt whole when touched.
         if !delta.identities.is_empty() || !delta.removed_identities.is_empty() {
