@@ -593,6 +593,55 @@ lab_test!(
 );
 
 lab_test!(
+    with_one_stream_per_tunnel_and_no_idle_time_every_connection_gets_a_fresh_tunnel,
+    LabOptions {
+        dataplane_args: vec![
+            "--pool-max-streams".into(),
+            "1".into(),
+            "--pool-idle-timeout".into(),
+            "0s".into(),
+        ],
+        ..LabOptions::default()
+    },
+    |lab| {
+        echo_server(&lab, "n2-a");
+        // Two at once: the second cannot share the first one's tunnel.
+        let mut first = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        let mut second = lab
+            .connect_from("n1-a", lab.addr("n2-a", ECHO))
+            .expect("connect");
+        assert_eq!(roundtrip(&mut first, b"one").expect("echo"), b"one");
+        assert_eq!(roundtrip(&mut second, b"two").expect("echo"), b"two");
+        assert_eq!(lab.total(0, "pool_connections").expect("stats"), 2);
+        drop((first, second));
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                lab.total(0, "pool_connections").expect("stats") == 0
+            }),
+            "tunnels outlived their streams"
+        );
+        // One after the other: each closes with its stream, so none is reused.
+        for round in 0..3u8 {
+            let mut client = lab
+                .connect_from("n1-a", lab.addr("n2-a", ECHO))
+                .expect("connect");
+            assert_eq!(roundtrip(&mut client, &[round]).expect("echo"), [round]);
+            drop(client);
+            assert!(
+                eventually(Duration::from_secs(5), || {
+                    lab.total(0, "pool_connections").expect("stats") == 0
+                }),
+                "the tunnel of connection {round} was kept"
+            );
+        }
+        assert_eq!(lab.total(0, "hbone_connections_dialed").expect("stats"), 5);
+        assert_eq!(lab.total(0, "hbone_dial_failures").expect("stats"), 0);
+    }
+);
+
+lab_test!(
     a_tunnel_whose_peer_stops_answering_pings_is_dropped,
     LabOptions {
         dataplane_args: vec![

@@ -59,6 +59,7 @@ fn the_standard_suite_measures_every_scenario_beside_its_baseline() {
         "one bulk stream",
         "open loop",
         "new connections",
+        "a fresh mTLS handshake each",
         "holding 300 idle connections",
         "worker sweep",
     ] {
@@ -67,6 +68,8 @@ fn the_standard_suite_measures_every_scenario_beside_its_baseline() {
     for row in [
         "one plain TLS 1.3 stream, Gbit/s",
         "sleeps/req, node-1 data plane",
+        "new connections/s, fresh handshake each",
+        "connect to reply p99, us (fresh)",
     ] {
         assert!(stdout.contains(row), "no {row:?} row:\n{stdout}");
     }
@@ -137,6 +140,11 @@ fn the_standard_suite_measures_every_scenario_beside_its_baseline() {
         assert_eq!(f(c, &["failures"]), 0.0);
         assert!(f(c, &["mesh_per_s"]) > 0.0 && f(c, &["direct_per_s"]) > 0.0);
     }
+    // Every mesh connection of the fresh-handshake scenario dialled a tunnel of its own.
+    let fresh = &r["fresh_handshake_rate"];
+    assert_eq!(f(fresh, &["failures"]), 0.0);
+    assert!(f(fresh, &["mesh_per_s"]) > 0.0 && f(fresh, &["direct_per_s"]) > 0.0);
+    assert_eq!(f(fresh, &["handshakes_per_connection"]), 1.0);
     assert_eq!(f(&r, &["memory", "held_connections"]), 300.0);
     for node in 0..2 {
         let n = node.to_string();
@@ -166,6 +174,11 @@ fn the_standard_suite_measures_every_scenario_beside_its_baseline() {
         .lines()
         .find(|l| l.contains("one stream mesh / plain TLS"))
         .expect("TLS ratio row");
+    assert!(line.trim_end().ends_with("x1.000"), "{line}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("new connections/s mesh, fresh handshake each"))
+        .expect("the fresh-handshake rate");
     assert!(line.trim_end().ends_with("x1.000"), "{line}");
     let line = text
         .lines()

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use mesh_io::accesslog::AccessLogSettings;
 use mesh_io::app::{self, Config};
-use mesh_io::pool::PoolTimers;
+use mesh_io::pool::PoolSettings;
 use mesh_io::runtime::DriverChoice;
 use mesh_io::worker::WorkerSettings;
 
@@ -59,7 +59,14 @@ struct Args {
     /// written.
     #[arg(long, default_value_t = 1.0, value_parser = parse_fraction)]
     access_log_sample: f64,
-    /// Close pooled HBONE connections idle this long.
+    /// Streams one pooled HBONE connection carries before the pool dials another (1 to 100,
+    /// what the peer allows). With `--pool-idle-timeout 0s`, 1 gives every connection a fresh
+    /// mTLS handshake (the perf lab's fresh-handshake scenario).
+    #[arg(long, default_value_t = mesh_core::hbone::settings::MAX_STREAMS,
+          value_parser = clap::value_parser!(u32).range(1..=mesh_core::hbone::settings::MAX_STREAMS as i64))]
+    pool_max_streams: u32,
+    /// Close pooled HBONE connections idle this long. `0s` closes each one as soon as its last
+    /// stream ends instead of keeping it for the next.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pool_idle_timeout: Duration,
     /// PING pooled connections this often; drop them if no PONG within --ping-timeout.
@@ -166,7 +173,8 @@ fn main() -> anyhow::Result<()> {
         netns_socket: args.netns_socket,
         worker: WorkerSettings {
             socks5: args.socks5,
-            pool: PoolTimers {
+            pool: PoolSettings {
+                max_streams: args.pool_max_streams,
                 idle_timeout: args.pool_idle_timeout,
                 ping_interval: args.ping_interval,
                 ping_timeout: args.ping_timeout,

@@ -4,7 +4,8 @@
 //! to dial, who waits, and what to close. Rules (DESIGN section 4):
 //! - a burst to a fresh key dials one connection and everyone else waits for it;
 //! - at most `max_streams` streams per connection; the overflow gets another connection;
-//! - a connection with no streams for `idle_timeout` is released;
+//! - a connection with no streams for `idle_timeout` is released; with a zero timeout, as soon
+//!   as its last stream ends, so that every connection dials (and handshakes) afresh;
 //! - a retired connection (certificate rotated, peer going away) takes no new streams and is
 //!   closed when its last stream ends.
 
@@ -155,7 +156,22 @@ impl<K: Hash + Eq + Clone> Pool<K> {
             }
             state.ready.push(id);
         }
-        self.grant_waiters(&key, id)
+        let mut actions = self.grant_waiters(&key, id);
+        self.close_if_unused(id, &mut actions);
+        actions
+    }
+
+    /// With a zero idle timeout, a ready connection without streams is closed now rather than
+    /// at the next sweep, so that the next stream dials afresh (a dial whose waiters gave up).
+    fn close_if_unused(&mut self, id: ConnId, actions: &mut Actions) {
+        let unused = self
+            .conns
+            .get(&id)
+            .is_some_and(|c| c.phase == Phase::Ready && c.streams == 0);
+        if unused && self.config.idle_timeout.is_zero() {
+            self.remove(id);
+            actions.close = Some(id);
+        }
     }
 
     fn grant_waiters(&mut self, key: &K, id: ConnId) -> Actions {
@@ -178,11 +194,15 @@ impl<K: Hash + Eq + Clone> Pool<K> {
                 actions.granted.push((waiter, id));
             }
         }
-        let more = !state.waiters.is_empty() && state.connecting.is_none();
-        if more {
-            actions.dial = Some(self.start_dial(key));
-        }
+        actions.dial = self.dial_for_waiters(key);
         actions
+    }
+
+    /// Starts a dial for `key` if callers wait for it and none is under way.
+    fn dial_for_waiters(&mut self, key: &K) -> Option<ConnId> {
+        let state = self.keys.get(key)?;
+        let needed = !state.waiters.is_empty() && state.connecting.is_none();
+        needed.then(|| self.start_dial(key))
     }
 
     /// The dial of `id` failed: everyone waiting on its key is told.
@@ -220,6 +240,15 @@ impl<K: Hash + Eq + Clone> Pool<K> {
                 }
             }
             Phase::Retired | Phase::Connecting => Actions::default(),
+            Phase::Ready if conn.streams == 0 && self.config.idle_timeout.is_zero() => {
+                // Not reused, not even by a waiter: that one has (or now gets) a dial of its own.
+                self.remove(id);
+                Actions {
+                    close: Some(id),
+                    dial: self.dial_for_waiters(&key),
+                    ..Actions::default()
+                }
+            }
             Phase::Ready => {
                 let actions = self.grant_waiters(&key, id);
                 if let Some(conn) = self.conns.get_mut(&id) {

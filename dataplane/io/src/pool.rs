@@ -41,16 +41,20 @@ pub struct DialSpec {
 }
 
 #[derive(Clone, Copy, Debug)]
-pub struct PoolTimers {
+pub struct PoolSettings {
+    /// Streams per connection before the pool dials another (at most what the peer allows,
+    /// `settings::MAX_STREAMS`).
+    pub max_streams: u32,
     pub idle_timeout: Duration,
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
     pub dial_timeout: Duration,
 }
 
-impl Default for PoolTimers {
+impl Default for PoolSettings {
     fn default() -> Self {
-        PoolTimers {
+        PoolSettings {
+            max_streams: mesh_core::hbone::settings::MAX_STREAMS,
             idle_timeout: Duration::from_secs(300),
             ping_interval: Duration::from_secs(30),
             ping_timeout: Duration::from_secs(10),
@@ -89,7 +93,7 @@ impl Inner {
 
 pub struct HbonePool {
     inner: RefCell<Inner>,
-    timers: PoolTimers,
+    settings: PoolSettings,
     home: Rc<NetNs>,
     stats: Arc<WorkerStats>,
 }
@@ -128,18 +132,18 @@ impl Drop for WaitGuard<'_> {
 }
 
 impl HbonePool {
-    pub fn new(timers: PoolTimers, home: Rc<NetNs>, stats: Arc<WorkerStats>) -> Rc<HbonePool> {
+    pub fn new(settings: PoolSettings, home: Rc<NetNs>, stats: Arc<WorkerStats>) -> Rc<HbonePool> {
         Rc::new(HbonePool {
             inner: RefCell::new(Inner {
                 state: Pool::new(PoolConfig {
-                    max_streams: mesh_core::hbone::settings::MAX_STREAMS,
-                    idle_timeout: timers.idle_timeout,
+                    max_streams: settings.max_streams,
+                    idle_timeout: settings.idle_timeout,
                 }),
                 senders: HashMap::new(),
                 waiters: HashMap::new(),
                 dial_specs: HashMap::new(),
             }),
-            timers,
+            settings,
             home,
             stats,
         })
@@ -239,13 +243,13 @@ impl HbonePool {
             let spec = pool.inner.borrow().dial_specs.get(&key).cloned();
             let result = match spec {
                 Some(spec) => {
-                    match monoio::time::timeout(pool.timers.dial_timeout, pool.dial(&key, &spec))
+                    match monoio::time::timeout(pool.settings.dial_timeout, pool.dial(&key, &spec))
                         .await
                     {
                         Ok(r) => r,
                         Err(_) => Err(format!(
                             "no tunnel to {} within {:?}",
-                            key.tunnel, pool.timers.dial_timeout
+                            key.tunnel, pool.settings.dial_timeout
                         )),
                     }
                 }
@@ -310,18 +314,19 @@ impl HbonePool {
     /// Runs the connection until it ends or stops answering PINGs, then forgets it.
     async fn drive(self: &Rc<Self>, conn: ConnId, mut connection: ClientConn) {
         let ping_pong = connection.ping_pong();
-        let timers = self.timers;
+        let settings = self.settings;
         let liveness = async move {
             let Some(mut pp) = ping_pong else {
                 return std::future::pending::<String>().await;
             };
             loop {
-                monoio::time::sleep(timers.ping_interval).await;
-                match monoio::time::timeout(timers.ping_timeout, pp.ping(h2::Ping::opaque())).await
+                monoio::time::sleep(settings.ping_interval).await;
+                match monoio::time::timeout(settings.ping_timeout, pp.ping(h2::Ping::opaque()))
+                    .await
                 {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => return format!("PING failed: {e}"),
-                    Err(_) => return format!("no PONG within {:?}", timers.ping_timeout),
+                    Err(_) => return format!("no PONG within {:?}", settings.ping_timeout),
                 }
             }
         };
@@ -343,7 +348,7 @@ impl HbonePool {
 
     /// Closes connections idle past the timeout; runs until the worker stops.
     pub async fn sweep_idle(self: Rc<Self>) {
-        let period = (self.timers.idle_timeout / 4).max(Duration::from_millis(100));
+        let period = (self.settings.idle_timeout / 4).max(Duration::from_millis(100));
         loop {
             monoio::time::sleep(period).await;
             let expired = {
@@ -458,12 +463,12 @@ mod tests {
 
     fn pool(idle_timeout: Duration) -> (Rc<HbonePool>, Arc<WorkerStats>) {
         let stats = Arc::new(WorkerStats::default());
-        let timers = PoolTimers {
+        let settings = PoolSettings {
             idle_timeout,
-            ..PoolTimers::default()
+            ..PoolSettings::default()
         };
         let home = Rc::new(NetNs::current().expect("own namespace"));
-        (HbonePool::new(timers, home, stats.clone()), stats)
+        (HbonePool::new(settings, home, stats.clone()), stats)
     }
 
     /// Pod `i`'s key: each pod has its own address (any 127/8 address can be bound).
@@ -536,7 +541,7 @@ mod tests {
         block_on(async {
             let (client_tls, server_tls) = configs();
             let tunnel = tunnel_peer(server_tls);
-            let (pool, stats) = pool(PoolTimers::default().idle_timeout);
+            let (pool, stats) = pool(PoolSettings::default().idle_timeout);
             let spec = DialSpec {
                 netns: pod_netns(),
                 tls: client_tls,
@@ -555,7 +560,7 @@ mod tests {
             let closed = std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
                 .expect("a free port");
-            let (pool, _) = pool(PoolTimers::default().idle_timeout);
+            let (pool, _) = pool(PoolSettings::default().idle_timeout);
             let pods: Vec<Rc<NetNs>> = (0..PODS).map(|_| pod_netns()).collect();
             for (i, netns) in (1..).zip(&pods) {
                 let spec = DialSpec {

@@ -31,7 +31,7 @@ use crate::local::{Broadcast, TaskCount, Trigger};
 use crate::metrics::{LabelsRef, PeerRef, Reporter, Security, TcpCounters, WorkerMetrics};
 use crate::netns::NetNs;
 use crate::netns_sync::NetnsRegistry;
-use crate::pool::{DialSpec, HbonePool, Lease, PoolError, PoolKey, PoolTimers};
+use crate::pool::{DialSpec, HbonePool, Lease, PoolError, PoolKey, PoolSettings};
 use crate::relay;
 use crate::routing::{self, Routed};
 use crate::sockets::{
@@ -73,7 +73,7 @@ const UNPROCESSED_TRIES: usize = 4;
 #[derive(Clone, Copy, Debug)]
 pub struct WorkerSettings {
     pub socks5: bool,
-    pub pool: PoolTimers,
+    pub pool: PoolSettings,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
     /// Connect to a pod's application from the client's address, where the pod's namespace
@@ -88,7 +88,7 @@ impl Default for WorkerSettings {
     fn default() -> Self {
         WorkerSettings {
             socks5: false,
-            pool: PoolTimers::default(),
+            pool: PoolSettings::default(),
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             original_source: true,

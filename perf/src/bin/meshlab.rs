@@ -15,8 +15,8 @@ use perf::gen::{BulkResult, ConnRateResult, RateResult};
 use perf::lab::{self, Lab, LabOptions, ECHO_PORT, SINK_PORT, TLS_SINK_PORT};
 use perf::load::Latency;
 use perf::report::{
-    self, AbReport, AbSide, ConnRate, FixedRate, Memory, NodeMemory, ProcessCpu, Provenance,
-    RateRun, Ratios, Report, SweepPoint, Throughput,
+    self, AbReport, AbSide, ConnRate, FixedRate, FreshHandshakeRate, Memory, NodeMemory,
+    ProcessCpu, Provenance, RateRun, Ratios, Report, SweepPoint, Throughput,
 };
 use perf::tls_baseline::TlsBulkResult;
 use perf::{bins, sys};
@@ -502,21 +502,73 @@ fn connection_rates(
                 Ok(())
             })?;
         }
-        let rate =
-            |runs: &[ConnRateResult]| report::median(runs.iter().map(|r| r.per_second()).collect());
-        let latency = |runs: &[ConnRateResult]| {
-            Latency::median(&runs.iter().map(|r| r.latency).collect::<Vec<_>>())
-        };
-        out.push(ConnRate {
-            threads,
-            direct_per_s: rate(&direct),
-            mesh_per_s: rate(&mesh),
-            direct_latency: latency(&direct),
-            mesh_latency: latency(&mesh),
-            failures: direct.iter().chain(&mesh).map(|r| r.failures).sum(),
-        });
+        out.push(conn_rate(threads, &direct, &mesh));
     }
     Ok(out)
+}
+
+/// Medians over rounds of alternating direct and mesh connection-rate runs.
+fn conn_rate(threads: usize, direct: &[ConnRateResult], mesh: &[ConnRateResult]) -> ConnRate {
+    let rate =
+        |runs: &[ConnRateResult]| report::median(runs.iter().map(|r| r.per_second()).collect());
+    let latency = |runs: &[ConnRateResult]| {
+        Latency::median(&runs.iter().map(|r| r.latency).collect::<Vec<_>>())
+    };
+    ConnRate {
+        threads,
+        direct_per_s: rate(direct),
+        mesh_per_s: rate(mesh),
+        direct_latency: latency(direct),
+        mesh_latency: latency(mesh),
+        failures: direct.iter().chain(mesh).map(|r| r.failures).sum(),
+    }
+}
+
+/// Node 1's data-plane flags for the fresh-handshake scenario: a tunnel per stream, closed
+/// when the stream ends.
+const FRESH_TUNNEL_ARGS: [&str; 4] = ["--pool-max-streams", "1", "--pool-idle-timeout", "0s"];
+
+/// New-connection rate when every mesh connection needs a fresh mTLS handshake, direct and
+/// mesh alternating, one client thread. Node 1's data plane restarts with
+/// [`FRESH_TUNNEL_ARGS`] for it and restarts as it was afterwards; its dial counter says how
+/// many tunnels the mesh connections took.
+fn fresh_handshake_rate(
+    bench: &mut Bench,
+    progress: &mut Progress,
+    rounds: usize,
+    seconds: f64,
+) -> anyhow::Result<FreshHandshakeRate> {
+    let usual = bench.lab.options.dataplane_args.clone();
+    bench
+        .lab
+        .options
+        .dataplane_args
+        .extend(FRESH_TUNNEL_ARGS.map(String::from));
+    let restarted = bench.lab.restart_dataplane(0);
+    bench.lab.options.dataplane_args = usual;
+    let measured = restarted.and_then(|()| {
+        let lab = &bench.lab;
+        let dialled_before = lab.total(0, "hbone_connections_dialed")?;
+        let (mut direct, mut mesh) = (Vec::new(), Vec::new());
+        for round in 1..=rounds {
+            let what =
+                format!("new connections, a fresh mTLS handshake each, round {round}/{rounds}");
+            progress.step(&what, 2.0 * seconds, || -> anyhow::Result<()> {
+                direct.push(bench.conns("n1-b", lab.addr("n2-b", ECHO_PORT), 1, seconds)?);
+                mesh.push(bench.conns("n1-a", lab.addr("n2-a", ECHO_PORT), 1, seconds)?);
+                Ok(())
+            })?;
+        }
+        let dialled = lab.total(0, "hbone_connections_dialed")? - dialled_before;
+        let attempted: u64 = mesh.iter().map(|r| r.connections + r.failures).sum();
+        Ok(FreshHandshakeRate {
+            rate: conn_rate(1, &direct, &mesh),
+            handshakes_per_connection: dialled as f64 / attempted.max(1) as f64,
+        })
+    });
+    // Back to pooled tunnels for the scenarios after this one, also when it failed.
+    bench.lab.restart_dataplane(0)?;
+    measured
 }
 
 /// RSS per held connection, as the growth between holding half of `count` and all of it:
@@ -944,7 +996,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let total = r * bulk_seconds
         + r * RATE_LOADS.len() as f64 * rate_seconds
         + if conn_seconds > 0.0 {
-            2.0 * r * 2.0 * conn_seconds
+            // Pooled with 1 and 4 threads, then fresh handshakes with 1.
+            3.0 * r * 2.0 * conn_seconds
         } else {
             0.0
         }
@@ -1061,6 +1114,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    // After the memory figures, which count the heap node 1 kept from the scenarios before:
+    // this one restarts node 1's data plane.
+    let fresh_handshake_rate = if conn_seconds > 0.0 {
+        Some(fresh_handshake_rate(
+            &mut bench,
+            &mut progress,
+            rounds,
+            conn_seconds,
+        )?)
+    } else {
+        None
+    };
     // Last: it restarts the data planes.
     let worker_sweep = if args.sweep {
         worker_sweep(&mut bench, &mut progress, &args)?
@@ -1108,6 +1173,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         mesh_latency,
         fixed_rates,
         connection_rates,
+        fresh_handshake_rate,
         worker_sweep,
         memory,
         tuning: args.tuning.clone(),

@@ -134,6 +134,75 @@ fn idle_connections_are_released_after_the_timeout_and_busy_ones_are_kept() {
 }
 
 #[test]
+fn with_a_zero_idle_timeout_a_connection_closes_when_its_last_stream_ends() {
+    let mut p = Pool::new(PoolConfig {
+        max_streams: 2,
+        idle_timeout: Duration::ZERO,
+    });
+    let now = Instant::now();
+    let (first, dial) = wait(p.checkout(&KEY));
+    let (second, none) = wait(p.checkout(&KEY));
+    assert!(none.is_none(), "one dial at a time per key");
+    let conn = dial.expect("dial");
+    assert_eq!(
+        p.connected(conn, now).granted,
+        vec![(first, conn), (second, conn)]
+    );
+
+    assert_eq!(
+        p.release(conn, now).close,
+        None,
+        "kept while a stream uses it"
+    );
+    let last = p.release(conn, now);
+    assert_eq!(
+        last.close,
+        Some(conn),
+        "closed once unused, not left for the sweep"
+    );
+    assert_eq!(p.connections(), 0);
+    assert_eq!(p.take_forgotten(), vec![KEY]);
+    let (_, fresh) = wait(p.checkout(&KEY));
+    assert!(fresh.is_some(), "the next stream dials a new connection");
+}
+
+#[test]
+fn with_a_zero_idle_timeout_a_freed_connection_is_not_handed_to_a_waiter() {
+    let mut p = Pool::new(PoolConfig {
+        max_streams: 1,
+        idle_timeout: Duration::ZERO,
+    });
+    let now = Instant::now();
+    let (first, dial) = wait(p.checkout(&KEY));
+    let old = dial.expect("dial");
+    p.connected(old, now);
+    let (second, dial) = wait(p.checkout(&KEY));
+    let own = dial.expect("the full connection makes the second caller dial");
+
+    let released = p.release(old, now);
+    assert!(released.granted.is_empty(), "the waiter keeps its own dial");
+    assert_eq!(released.close, Some(old));
+    assert_eq!(released.dial, None, "its dial is under way");
+    assert_eq!(p.connected(own, now).granted, vec![(second, own)]);
+    assert_ne!(first, second);
+}
+
+#[test]
+fn with_a_zero_idle_timeout_a_dial_nobody_waits_for_any_more_is_closed_at_once() {
+    let mut p = Pool::new(PoolConfig {
+        max_streams: 2,
+        idle_timeout: Duration::ZERO,
+    });
+    let (waiter, dial) = wait(p.checkout(&KEY));
+    p.cancel(waiter);
+    let conn = dial.expect("dial");
+    let connected = p.connected(conn, Instant::now());
+    assert!(connected.granted.is_empty());
+    assert_eq!(connected.close, Some(conn));
+    assert_eq!(p.connections(), 0);
+}
+
+#[test]
 fn retired_connections_take_no_new_streams_and_close_when_drained() {
     let mut p = pool(100);
     let now = Instant::now();
