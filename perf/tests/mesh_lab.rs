@@ -615,13 +615,13 @@ lab_test!(
         assert_eq!(roundtrip(&mut first, b"one").expect("echo"), b"one");
         assert_eq!(roundtrip(&mut second, b"two").expect("echo"), b"two");
         assert_eq!(lab.total(0, "pool_connections").expect("stats"), 2);
-        drop((first, second));
-        assert!(
+        let no_tunnel_left = || {
             eventually(Duration::from_secs(5), || {
                 lab.total(0, "pool_connections").expect("stats") == 0
-            }),
-            "tunnels outlived their streams"
-        );
+            })
+        };
+        drop((first, second));
+        assert!(no_tunnel_left(), "tunnels outlived their streams");
         // One after the other: each closes with its stream, so none is reused.
         for round in 0..3u8 {
             let mut client = lab
@@ -630,9 +630,7 @@ lab_test!(
             assert_eq!(roundtrip(&mut client, &[round]).expect("echo"), [round]);
             drop(client);
             assert!(
-                eventually(Duration::from_secs(5), || {
-                    lab.total(0, "pool_connections").expect("stats") == 0
-                }),
+                no_tunnel_left(),
                 "the tunnel of connection {round} was kept"
             );
         }
