@@ -5,7 +5,8 @@
 //! - a burst to a fresh key dials one connection and everyone else waits for it;
 //! - at most `max_streams` streams per connection; the overflow gets another connection;
 //! - a connection with no streams for `idle_timeout` is released; with a zero timeout, as soon
-//!   as its last stream ends, so that every connection dials (and handshakes) afresh;
+//!   as its last stream ends, not even handed to a waiter (with `max_streams` 1, every stream
+//!   then dials and handshakes afresh);
 //! - a retired connection (certificate rotated, peer going away) takes no new streams and is
 //!   closed when its last stream ends.
 
