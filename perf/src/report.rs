@@ -671,7 +671,7 @@ impl Report {
         if let Some(f) = &self.fresh_handshake_rate {
             row(
                 &mut t,
-                "  tunnels dialled per connection (fresh)",
+                "  handshakes per connection (fresh)",
                 "-".into(),
                 format!("{:.2}", f.handshakes_per_connection),
                 String::new(),
