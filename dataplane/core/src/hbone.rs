@@ -130,7 +130,11 @@ pub fn connect_request(
         .build()
         .unwrap_or_default();
     let forwarded = format!("for=\"{client}\"");
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+    if let Ok(mut v) = HeaderValue::from_str(&forwarded) {
+        // Never indexed: the client's port makes every value new, so indexing it would put
+        // an entry in both ends' HPACK tables for each stream (churning out the reusable
+        // ones) and keep the tables at their size limit for the life of each tunnel.
+        v.set_sensitive(true);
         req.headers_mut().insert(FORWARDED, v);
     }
     if let Some(tp) = traceparent {
@@ -182,6 +186,8 @@ mod tests {
         assert_eq!(got.target, target);
         assert_eq!(got.forwarded_for, Some(client));
         assert_eq!(req.headers()[FORWARDED], "for=\"10.9.9.9:41000\"");
+        // Sent never-indexed: HPACK tables at both ends stay free of one-off client ports.
+        assert!(req.headers()[FORWARDED].is_sensitive());
 
         let v6: SocketAddr = "[fd00::7]:443".parse().expect("addr");
         let req = connect_request(v6, client, None);

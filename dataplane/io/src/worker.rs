@@ -5,6 +5,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
@@ -169,7 +170,7 @@ pub struct Worker {
     pick: Cell<u64>,
     settings: WorkerSettings,
     /// Inbound connections in progress, re-checked against every new snapshot's policy.
-    live: RefCell<HashMap<u64, Live>>,
+    live: RefCell<HashMap<u64, Rc<Live>>>,
     next_live: Cell<u64>,
     metrics: WorkerMetrics,
     log: WorkerLog,
@@ -192,19 +193,27 @@ struct Accounting {
     local_is_client: bool,
 }
 
-/// An inbound connection as authorization saw it, and the switch that closes it.
+/// An inbound connection as authorization saw it, and the switch that closes it. One
+/// allocation, shared by the registry and the connection's task: the registry's table holds
+/// pointers, so its spare capacity costs a pointer per slot, not a whole entry.
 struct Live {
     uid: Rc<str>,
     connection: authz::Connection,
     plaintext: bool,
-    stop: Rc<Trigger>,
+    stop: Trigger,
 }
 
 /// Removes a connection from the live registry when its handler ends.
 struct LiveGuard<'a> {
     worker: &'a Worker,
     id: u64,
-    stop: Rc<Trigger>,
+    live: Rc<Live>,
+}
+
+impl LiveGuard<'_> {
+    fn stop(&self) -> &Trigger {
+        &self.live.stop
+    }
 }
 
 impl Drop for LiveGuard<'_> {
@@ -479,20 +488,17 @@ impl Worker {
     ) -> LiveGuard<'_> {
         let id = self.next_live.get();
         self.next_live.set(id + 1);
-        let stop = Rc::new(Trigger::default());
-        self.live.borrow_mut().insert(
-            id,
-            Live {
-                uid: uid.clone(),
-                connection,
-                plaintext,
-                stop: stop.clone(),
-            },
-        );
+        let live = Rc::new(Live {
+            uid: uid.clone(),
+            connection,
+            plaintext,
+            stop: Trigger::default(),
+        });
+        self.live.borrow_mut().insert(id, live.clone());
         LiveGuard {
             worker: self,
             id,
-            stop,
+            live,
         }
     }
 
@@ -863,93 +869,107 @@ impl Worker {
         }
     }
 
-    async fn outbound(self: Rc<Self>, stream: TcpStream, peer: SocketAddr, uid: Rc<str>) {
-        let _active = ActiveGuard::new(&self.stats);
+    /// The task is `forward`'s future itself: a wrapper around it would keep a second copy of
+    /// the socket and the addresses in every open connection's task.
+    fn outbound(
+        self: Rc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        uid: Rc<str>,
+    ) -> impl Future<Output = ()> + 'static {
         self.stats.outbound_accepted.inc();
-        let Some(dst) = redirected_destination(&stream, peer, &uid) else {
-            return;
-        };
-        self.forward(stream, peer, &uid, dst, false).await;
+        match redirected_destination(&stream, peer, &uid) {
+            Some(dst) => Either::Left(self.forward(stream, peer, uid, dst, false)),
+            None => Either::Right(std::future::ready(())),
+        }
     }
 
     /// Routes an outbound connection, opens its upstream (boxed: setup is short and large;
     /// only the relay should stay resident), answers a SOCKS5 client, and relays.
-    async fn forward(
-        &self,
+    ///
+    /// Not an `async fn`, which would keep each argument twice in the task for as long as the
+    /// connection is open (once as passed, once moved into its body); the block keeps one.
+    #[allow(clippy::manual_async_fn)]
+    fn forward(
+        self: Rc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
-        uid: &str,
+        uid: Rc<str>,
         dst: SocketAddr,
         socks: bool,
-    ) {
-        let view = self.view();
-        let source = view.index.workload_by_uid(uid);
-        let route = view.index.route_outbound(dst, self.next_pick());
-        let destination_identity = match route {
-            Route::Hbone { destination, .. } => Some(&destination.owner.identity),
-            _ => None,
-        };
-        // Labels and log entries are built where they are used, not kept in bindings: what is
-        // live across the relay below is part of every open connection's task.
-        let entry = |result: String| Record {
-            result,
-            ..self.entry(
-                "outbound",
-                uid,
-                peer,
-                source.map(|w| &w.owner.identity),
-                dst,
-                destination_identity,
-            )
-        };
-        // What the relay needs beyond its own future; set once the upstream is open.
-        let accounting;
-        let _lease;
-        let never = Trigger::default();
-        // The setup runs in its own (boxed) future and its results are moved into the relay
-        // within this block: only the relay future stays in the task while the connection is
-        // open.
-        let totals = {
-            let opened = self.open_outbound(stream, &view, uid, route, peer, dst, socks, &entry);
-            let Some((tcp, upstream, early)) = Box::pin(opened).await else {
-                return;
+    ) -> impl Future<Output = ()> + 'static {
+        async move {
+            let _active = ActiveGuard::new(&self.stats);
+            let view = self.view();
+            let source = view.index.workload_by_uid(&uid);
+            let route = view.index.route_outbound(dst, self.next_pick());
+            let destination_identity = match route {
+                Route::Hbone { destination, .. } => Some(&destination.owner.identity),
+                _ => None,
             };
-            accounting = self.account(outbound_labels(source, route));
-            let meters = self.meters(&accounting);
-            match upstream {
-                Upstream::Hbone { lease, send, recv } => {
-                    _lease = Some(lease);
-                    Either::Left(relay::tcp_h2(tcp, send, recv, early, meters, &never))
-                }
-                Upstream::Tcp(remote) => {
-                    _lease = None;
-                    let local = match tcp.into_stream() {
-                        Ok(local) => local,
-                        Err(error) => {
-                            tracing::debug!(pod = %uid, %peer, %dst, %error,
+            // Labels and log entries are built where they are used, not kept in bindings: what is
+            // live across the relay below is part of every open connection's task.
+            let entry = |result: String| Record {
+                result,
+                ..self.entry(
+                    "outbound",
+                    &uid,
+                    peer,
+                    source.map(|w| &w.owner.identity),
+                    dst,
+                    destination_identity,
+                )
+            };
+            // What the relay needs beyond its own future; set once the upstream is open.
+            let accounting;
+            let _lease;
+            let never = Trigger::default();
+            // The setup runs in its own (boxed) future and its results are moved into the relay
+            // within this block: only the relay future stays in the task while the connection is
+            // open.
+            let totals = {
+                let opened =
+                    self.open_outbound(stream, &view, &uid, route, peer, dst, socks, &entry);
+                let Some((tcp, upstream, early)) = Box::pin(opened).await else {
+                    return;
+                };
+                accounting = self.account(outbound_labels(source, route));
+                let meters = self.meters(&accounting);
+                match upstream {
+                    Upstream::Hbone { lease, send, recv } => {
+                        _lease = Some(lease);
+                        Either::Left(relay::tcp_h2(tcp, send, recv, early, meters, &never))
+                    }
+                    Upstream::Tcp(remote) => {
+                        _lease = None;
+                        let local = match tcp.into_stream() {
+                            Ok(local) => local,
+                            Err(error) => {
+                                tracing::debug!(pod = %uid, %peer, %dst, %error,
                                 "cannot hand the connection to the splice relay");
-                            crate::sockets::reset_on_close(remote.as_raw_fd());
-                            let reset = relay::Totals {
-                                reset: true,
-                                ..relay::Totals::default()
-                            };
-                            return self.finish(accounting, &reset, false, entry);
-                        }
-                    };
-                    // Boxed: the larger relay would otherwise size every mesh connection's
-                    // task.
-                    Either::Right(Box::pin(relay::tcp_tcp(
-                        local,
-                        remote,
-                        &self.pipes,
-                        meters,
-                        &never,
-                    )))
+                                crate::sockets::reset_on_close(remote.as_raw_fd());
+                                let reset = relay::Totals {
+                                    reset: true,
+                                    ..relay::Totals::default()
+                                };
+                                return self.finish(accounting, &reset, false, entry);
+                            }
+                        };
+                        // Boxed: the larger relay would otherwise size every mesh connection's
+                        // task.
+                        Either::Right(Box::pin(relay::tcp_tcp(
+                            local,
+                            remote,
+                            &self.pipes,
+                            meters,
+                            &never,
+                        )))
+                    }
                 }
             }
+            .await;
+            self.finish(accounting, &totals, false, entry);
         }
-        .await;
-        self.finish(accounting, &totals, false, entry);
     }
 
     /// Everything before an outbound connection's relay: its upstream opened and a SOCKS5
@@ -1320,91 +1340,109 @@ impl Worker {
         }
     }
 
-    async fn socks5(self: Rc<Self>, stream: TcpStream, peer: SocketAddr, uid: Rc<str>) {
-        let _active = ActiveGuard::new(&self.stats);
+    /// Not an `async fn`: the socket goes into the boxed handshake here, so the task does not
+    /// keep a copy of it beside the one `forward` keeps.
+    fn socks5(
+        self: Rc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        uid: Rc<str>,
+    ) -> impl Future<Output = ()> + 'static {
         self.stats.socks5_accepted.inc();
-        if let Some((stream, dst)) = Box::pin(socks5_handshake(stream)).await {
-            self.forward(stream, peer, &uid, dst, true).await;
+        let handshake = Box::pin(socks5_handshake(stream));
+        async move {
+            if let Some((stream, dst)) = handshake.await {
+                self.forward(stream, peer, uid, dst, true).await;
+            }
         }
     }
 
-    async fn inbound_plaintext(self: Rc<Self>, stream: TcpStream, peer: SocketAddr, uid: Rc<str>) {
-        let _active = ActiveGuard::new(&self.stats);
-        self.stats.inbound_plaintext_accepted.inc();
-        let view = self.view();
-        let Some(dst) = redirected_destination(&stream, peer, &uid) else {
-            return;
-        };
-        let local = view.index.workload_by_uid(&uid);
-        let serves = local.is_some_and(|w| w.ips.contains(&dst.ip()));
-        let Some(netns) = self.pod_netns(&uid).filter(|_| serves) else {
-            tracing::debug!(pod = %uid, %peer, %dst, "plaintext inbound for an address not of this pod");
-            return;
-        };
-        let labels = || inbound_labels(&view, local, peer, None);
-        let entry = |result: &str, policy: Option<String>| Record {
-            result: result.to_owned(),
-            policy,
-            ..self.entry(
-                "inbound plaintext",
-                &uid,
-                peer,
-                None,
-                dst,
-                local.map(|w| &w.owner.identity),
-            )
-        };
-        // Refused before policy: a connection back to the data plane itself (it would loop),
-        // or plaintext where the destination requires mTLS.
-        let refusal = if ports::is_self_call(dst.port()) {
-            Some((
-                &self.stats.self_calls_refused,
-                "NR",
-                "destination is a data-plane port",
-            ))
-        } else if view.index.inbound_mtls(&uid, dst.port()) == Mtls::Strict {
-            Some((
-                &self.stats.plaintext_refused_strict,
-                "DENY",
-                "PeerAuthentication STRICT",
-            ))
-        } else {
-            None
-        };
-        if let Some((counter, flags, why)) = refusal {
-            counter.inc();
-            tracing::info!(pod = %uid, source_ip = %peer.ip(), destination = %dst,
+    /// Not an `async fn`, which would keep each argument twice in the task for as long as the
+    /// connection is open; the block keeps one.
+    #[allow(clippy::manual_async_fn)]
+    fn inbound_plaintext(
+        self: Rc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        uid: Rc<str>,
+    ) -> impl Future<Output = ()> + 'static {
+        async move {
+            let _active = ActiveGuard::new(&self.stats);
+            self.stats.inbound_plaintext_accepted.inc();
+            let view = self.view();
+            let Some(dst) = redirected_destination(&stream, peer, &uid) else {
+                return;
+            };
+            let local = view.index.workload_by_uid(&uid);
+            let serves = local.is_some_and(|w| w.ips.contains(&dst.ip()));
+            let Some(netns) = self.pod_netns(&uid).filter(|_| serves) else {
+                tracing::debug!(pod = %uid, %peer, %dst, "plaintext inbound for an address not of this pod");
+                return;
+            };
+            let labels = || inbound_labels(&view, local, peer, None);
+            let entry = |result: &str, policy: Option<String>| Record {
+                result: result.to_owned(),
+                policy,
+                ..self.entry(
+                    "inbound plaintext",
+                    &uid,
+                    peer,
+                    None,
+                    dst,
+                    local.map(|w| &w.owner.identity),
+                )
+            };
+            // Refused before policy: a connection back to the data plane itself (it would loop),
+            // or plaintext where the destination requires mTLS.
+            let refusal = if ports::is_self_call(dst.port()) {
+                Some((
+                    &self.stats.self_calls_refused,
+                    "NR",
+                    "destination is a data-plane port",
+                ))
+            } else if view.index.inbound_mtls(&uid, dst.port()) == Mtls::Strict {
+                Some((
+                    &self.stats.plaintext_refused_strict,
+                    "DENY",
+                    "PeerAuthentication STRICT",
+                ))
+            } else {
+                None
+            };
+            if let Some((counter, flags, why)) = refusal {
+                counter.inc();
+                tracing::info!(pod = %uid, source_ip = %peer.ip(), destination = %dst,
                 "plaintext refused: {why}");
-            crate::sockets::reset_on_close(stream.as_raw_fd());
-            self.refuse(labels(), flags, || entry(&format!("refused: {why}"), None));
-            return;
-        }
-        let connection = authz::Connection {
-            source: None,
-            source_ip: peer.ip(),
-            destination_ip: dst.ip(),
-            destination_port: dst.port(),
-        };
-        // Only the decision's reason is kept: the rest (a Vec) need not live in every open
-        // connection's task.
-        let policy = |reason: &Reason| Some(view.index.policies().describe(reason));
-        let reason = {
-            let decision = view.index.authorize(&uid, &connection);
-            self.log_decision(&view, &uid, &connection, &decision);
-            if !decision.allowed {
                 crate::sockets::reset_on_close(stream.as_raw_fd());
-                self.refuse(labels(), "DENY", || {
-                    entry("denied", policy(&decision.reason))
-                });
+                self.refuse(labels(), flags, || entry(&format!("refused: {why}"), None));
                 return;
             }
-            decision.reason
-        };
-        let live = self.track(&uid, connection, true);
-        let accounting;
-        // The sockets move into the relay within this block, which ends before the relay is
-        // awaited: only the relay future stays in the task while the connection is open.
-        let totals = {
+            let connection = authz::Connection {
+                source: None,
+                source_ip: peer.ip(),
+                destination_ip: dst.ip(),
+                destination_port: dst.port(),
+            };
+            // Only the decision's reason is kept: the rest (a Vec) need not live in every open
+            // connection's task.
+            let policy = |reason: &Reason| Some(view.index.policies().describe(reason));
+            let reason = {
+                let decision = view.index.authorize(&uid, &connection);
+                self.log_decision(&view, &uid, &connection, &decision);
+                if !decision.allowed {
+                    crate::sockets::reset_on_close(stream.as_raw_fd());
+                    self.refuse(labels(), "DENY", || {
+                        entry("denied", policy(&decision.reason))
+                    });
+                    return;
+                }
+                decision.reason
+            };
+            let live = self.track(&uid, connection, true);
+            let accounting;
+            // The sockets move into the relay within this block, which ends before the relay is
+            // awaited: only the relay future stays in the task while the connection is open.
+            let totals = {
             let source = self.source_for_app(&uid, peer.ip(), dst);
             let app = match Box::pin(self.connect_in(&netns, dst, source)).await {
                 Ok(app) => app,
@@ -1421,13 +1459,14 @@ impl Worker {
                 stream,
                 &self.pipes,
                 self.meters(&accounting),
-                &live.stop,
+                live.stop(),
             )
         }
         .await;
-        self.finish(accounting, &totals, live.stop.fired(), |result| {
-            entry(&result, policy(&reason))
-        });
+            self.finish(accounting, &totals, live.stop().fired(), |result| {
+                entry(&result, policy(&reason))
+            });
+        }
     }
 
     async fn inbound_hbone(self: Rc<Self>, stream: TcpStream, peer: SocketAddr, uid: Rc<str>) {
@@ -1510,18 +1549,22 @@ impl Worker {
             .await;
             let Some(next) = next else { break };
             match next {
-                Ok((request, respond)) => {
+                Ok((request, mut respond)) => {
                     // Only the target and the body outlive this point: the rest of the head
                     // need not sit in every stream's task.
-                    let target = hbone::validate_connect(&request).map(|c| c.target);
-                    monoio::spawn(self.clone().hbone_stream(
-                        target,
-                        request.into_body(),
-                        respond,
-                        uid.clone(),
-                        client.clone(),
-                        peer,
-                    ));
+                    match hbone::validate_connect(&request) {
+                        Ok(head) => drop(monoio::spawn(self.clone().hbone_stream(
+                            head.target,
+                            request.into_body(),
+                            respond,
+                            uid.clone(),
+                            client.clone(),
+                            peer,
+                        ))),
+                        Err(error) => {
+                            self.bad_hbone_request(&uid, &client, peer, &mut respond, &error)
+                        }
+                    }
                 }
                 Err(error) => {
                     tracing::debug!(pod = %uid, %peer, %error, "HBONE connection ended");
@@ -1531,118 +1574,153 @@ impl Worker {
         }
     }
 
+    /// A CONNECT whose head is not one we act on: answered 400 on the tunnel's own task, since
+    /// nothing is opened for it.
+    fn bad_hbone_request(
+        &self,
+        uid: &str,
+        client: &SpiffeId,
+        peer: SocketAddr,
+        respond: &mut SendResponse<Bytes>,
+        error: &hbone::RequestError,
+    ) {
+        self.stats.hbone_streams_accepted.inc();
+        self.stats.hbone_bad_requests.inc();
+        tracing::info!(pod = %uid, %error, "bad HBONE request");
+        send_status(respond, error.status());
+        let view = self.view();
+        let local = view.index.workload_by_uid(uid);
+        self.metrics
+            .fail(inbound_labels(&view, local, peer, Some(client)), "NR");
+    }
+
     /// One CONNECT on an accepted tunnel. `client` is the tunnel's verified identity and
     /// `peer` its address (the source pod's, since tunnels are opened from inside the pod).
-    async fn hbone_stream(
+    ///
+    /// Not an `async fn`, which would keep each argument twice in the task for as long as the
+    /// stream is open; the block keeps one.
+    #[allow(clippy::manual_async_fn)]
+    fn hbone_stream(
         self: Rc<Self>,
-        target: Result<SocketAddr, hbone::RequestError>,
+        target: SocketAddr,
         body: h2::RecvStream,
         mut respond: SendResponse<Bytes>,
         uid: Rc<str>,
         client: SpiffeId,
         peer: SocketAddr,
-    ) {
-        let _active = ActiveGuard::new(&self.stats);
-        self.stats.hbone_streams_accepted.inc();
-        // The current snapshot, not the one the tunnel was accepted under: a pooled tunnel
-        // outlives many policy changes.
-        let view = self.view();
-        let local = view.index.workload_by_uid(&uid);
-        // Built where used, not kept: what is live across the relay is in every stream's task.
-        let labels = || inbound_labels(&view, local, peer, Some(&client));
-        let target = match target {
-            Ok(target) => target,
-            Err(error) => {
-                self.stats.hbone_bad_requests.inc();
-                tracing::info!(pod = %uid, %error, "bad HBONE request");
-                send_status(&mut respond, error.status());
-                self.metrics.fail(labels(), "NR");
-                return;
-            }
-        };
-        let entry = |result: &str, policy: Option<String>| Record {
-            result: result.to_owned(),
-            policy,
-            ..self.entry(
-                "inbound",
-                &uid,
-                peer,
-                Some(&client),
-                target,
-                local.map(|w| &w.owner.identity),
-            )
-        };
-        // What the relay needs beyond its own future; set once the app is connected.
-        let (reason, live, accounting);
-        let policy = |reason: &Reason| Some(view.index.policies().describe(reason));
-        // The setup's values live in this block, which ends before the relay is awaited: only
-        // the relay future itself stays in the task while the stream is open.
-        let totals = {
-            if ports::is_self_call(target.port()) {
-                self.stats.hbone_bad_requests.inc();
-                self.stats.self_calls_refused.inc();
-                tracing::info!(pod = %uid, %target, "HBONE target is the data plane's own port");
-                send_status(&mut respond, StatusCode::BAD_REQUEST);
-                self.refuse(labels(), "NR", || {
-                    entry("target is a data-plane port", None)
-                });
-                return;
-            }
-            let serves = local.is_some_and(|w| w.ips.contains(&target.ip()));
-            let netns = match self.pod_netns(&uid) {
-                Some(n) if serves => n,
-                _ => {
-                    self.stats.hbone_bad_requests.inc();
-                    tracing::info!(pod = %uid, %target, "HBONE target is not this pod");
-                    send_status(&mut respond, StatusCode::BAD_REQUEST);
-                    self.refuse(labels(), "NR", || entry("target is not this pod", None));
+    ) -> impl Future<Output = ()> + 'static {
+        async move {
+            let _active = ActiveGuard::new(&self.stats);
+            self.stats.hbone_streams_accepted.inc();
+            // The current snapshot, not the one the tunnel was accepted under: a pooled
+            // tunnel outlives many policy changes.
+            let view = self.view();
+            let local = view.index.workload_by_uid(&uid);
+            let entry = |result: &str, policy: Option<String>| Record {
+                result: result.to_owned(),
+                policy,
+                ..self.entry(
+                    "inbound",
+                    &uid,
+                    peer,
+                    Some(&client),
+                    target,
+                    local.map(|w| &w.owner.identity),
+                )
+            };
+            let policy = |reason: &Reason| Some(view.index.policies().describe(reason));
+            // What the relay needs beyond its own future; set once the app is connected.
+            let (reason, live, accounting);
+            // Everything else lives in this block, which ends before the relay is awaited, and
+            // the admission in a boxed future of its own: only the relay future stays in the
+            // task while the stream is open.
+            let totals = {
+                let labels = || inbound_labels(&view, local, peer, Some(&client));
+                let admission = async {
+                    let mut refused = |status, flags, why: &str, policy: Option<String>| {
+                        send_status(&mut respond, status);
+                        self.refuse(labels(), flags, || entry(why, policy));
+                    };
+                    if ports::is_self_call(target.port()) {
+                        self.stats.hbone_bad_requests.inc();
+                        self.stats.self_calls_refused.inc();
+                        tracing::info!(pod = %uid, %target,
+                            "HBONE target is the data plane's own port");
+                        refused(
+                            StatusCode::BAD_REQUEST,
+                            "NR",
+                            "target is a data-plane port",
+                            None,
+                        );
+                        return None;
+                    }
+                    let serves = local.is_some_and(|w| w.ips.contains(&target.ip()));
+                    let Some(netns) = self.pod_netns(&uid).filter(|_| serves) else {
+                        self.stats.hbone_bad_requests.inc();
+                        tracing::info!(pod = %uid, %target, "HBONE target is not this pod");
+                        refused(
+                            StatusCode::BAD_REQUEST,
+                            "NR",
+                            "target is not this pod",
+                            None,
+                        );
+                        return None;
+                    };
+                    let connection = authz::Connection {
+                        source: Some(client.clone()),
+                        source_ip: peer.ip(),
+                        destination_ip: target.ip(),
+                        destination_port: target.port(),
+                    };
+                    let decision = view.index.authorize(&uid, &connection);
+                    self.log_decision(&view, &uid, &connection, &decision);
+                    if !decision.allowed {
+                        // The app never sees a connection attempt.
+                        let why = policy(&decision.reason);
+                        refused(StatusCode::UNAUTHORIZED, "DENY", "denied", why);
+                        return None;
+                    }
+                    let live = self.track(&uid, connection, false);
+                    let source = self.source_for_app(&uid, peer.ip(), target);
+                    let connected = self
+                        .connect_in(&netns, target, source)
+                        .await
+                        .and_then(|app| {
+                            relay::TcpSide::new(app).map_err(|e| Refusal::Connect(target, e))
+                        });
+                    let app = match connected {
+                        Ok(app) => app,
+                        Err(error) => {
+                            self.stats.hbone_no_upstream.inc();
+                            tracing::debug!(pod = %uid, %error, "HBONE upstream unreachable");
+                            let why = error.to_string();
+                            refused(StatusCode::SERVICE_UNAVAILABLE, "UF", &why, None);
+                            return None;
+                        }
+                    };
+                    let send = respond.send_response(Response::new(()), false).ok()?;
+                    Some((app, send, decision.reason, live))
+                };
+                let Some((app, send, admitted, tracked)) = Box::pin(admission).await else {
                     return;
-                }
-            };
-            let connection = authz::Connection {
-                source: Some(client.clone()),
-                source_ip: peer.ip(),
-                destination_ip: target.ip(),
-                destination_port: target.port(),
-            };
-            let decision = view.index.authorize(&uid, &connection);
-            self.log_decision(&view, &uid, &connection, &decision);
-            if !decision.allowed {
-                // The app never sees a connection attempt.
-                send_status(&mut respond, StatusCode::UNAUTHORIZED);
-                self.refuse(labels(), "DENY", || {
-                    entry("denied", policy(&decision.reason))
-                });
-                return;
+                };
+                (reason, live) = (admitted, tracked);
+                accounting = self.account(labels());
+                let meters = self.meters(&accounting);
+                relay::tcp_h2(
+                    app,
+                    send,
+                    body,
+                    relay::Early::default(),
+                    meters,
+                    live.stop(),
+                )
             }
-            reason = decision.reason;
-            live = self.track(&uid, connection, false);
-            let source = self.source_for_app(&uid, peer.ip(), target);
-            let connected = Box::pin(self.connect_in(&netns, target, source))
-                .await
-                .and_then(|app| relay::TcpSide::new(app).map_err(|e| Refusal::Connect(target, e)));
-            let app = match connected {
-                Ok(app) => app,
-                Err(error) => {
-                    self.stats.hbone_no_upstream.inc();
-                    tracing::debug!(pod = %uid, %error, "HBONE upstream unreachable");
-                    send_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-                    self.refuse(labels(), "UF", || entry(&error.to_string(), None));
-                    return;
-                }
-            };
-            let send = match respond.send_response(Response::new(()), false) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
-            accounting = self.account(labels());
-            let meters = self.meters(&accounting);
-            relay::tcp_h2(app, send, body, relay::Early::default(), meters, &live.stop)
+            .await;
+            self.finish(accounting, &totals, live.stop().fired(), |result| {
+                entry(&result, policy(&reason))
+            });
         }
-        .await;
-        self.finish(accounting, &totals, live.stop.fired(), |result| {
-            entry(&result, policy(&reason))
-        });
     }
 }
 
