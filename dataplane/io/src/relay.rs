@@ -512,122 +512,130 @@ impl Future for TcpH2<'_> {
 /// Relays between two TCP connections (passthrough and plaintext inbound), until both
 /// directions end or `stop` fires (both sides are then reset). The bytes stay in the kernel
 /// ([`crate::splice`]); a direction waits for readiness only when a splice would block.
-pub async fn tcp_tcp(
+///
+/// Not an `async fn`, which would keep both sockets twice for as long as they are open.
+#[allow(clippy::manual_async_fn)]
+pub fn tcp_tcp<'a>(
     local: TcpStream,
     remote: TcpStream,
-    pipes: &Pipes,
-    meters: Meters<'_>,
-    stop: &Trigger,
-) -> Totals {
-    let (sent, received) = (Cell::new(0), Cell::new(0));
-    for side in [&local, &remote] {
-        if splice::set_nonblocking(side.as_raw_fd()).is_err() {
+    pipes: &'a Pipes,
+    meters: Meters<'a>,
+    stop: &'a Trigger,
+) -> impl Future<Output = Totals> + 'a {
+    async move {
+        let (sent, received) = (Cell::new(0), Cell::new(0));
+        for side in [&local, &remote] {
+            if splice::set_nonblocking(side.as_raw_fd()).is_err() {
+                reset_on_close(local.as_raw_fd());
+                reset_on_close(remote.as_raw_fd());
+                return Totals {
+                    reset: true,
+                    ..Totals::default()
+                };
+            }
+        }
+        let ended = {
+            let mut up = pin!(forward(&local, &remote, pipes, &sent, meters.sent));
+            let mut down = pin!(forward(&remote, &local, pipes, &received, meters.received));
+            let (mut u, mut d) = (Poll::Pending, Poll::Pending);
+            poll_fn(|cx| {
+                if stop.poll_fired(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                if u.is_pending() {
+                    u = up.as_mut().poll(cx);
+                }
+                if d.is_pending() {
+                    d = down.as_mut().poll(cx);
+                }
+                let verdict = verdict(u, d);
+                if verdict.finished {
+                    Poll::Ready(Some((u, d, verdict.reset)))
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await
+        };
+        let totals = |reset| Totals {
+            sent: sent.get(),
+            received: received.get(),
+            reset,
+        };
+        let Some((up, down, reset)) = ended else {
             reset_on_close(local.as_raw_fd());
             reset_on_close(remote.as_raw_fd());
-            return Totals {
-                reset: true,
-                ..Totals::default()
-            };
+            return totals(true);
+        };
+        // A failed read resets the other side; a failed write resets the side it came from;
+        // no pipe resets both (bytes were left unsent).
+        let failed =
+            |end: Poll<End>, which: &[End]| matches!(end, Poll::Ready(e) if which.contains(&e));
+        if failed(up, &[End::SinkFailed, End::NoPipe])
+            || failed(down, &[End::SourceFailed, End::NoPipe])
+        {
+            reset_on_close(local.as_raw_fd());
         }
+        if failed(up, &[End::SourceFailed, End::NoPipe])
+            || failed(down, &[End::SinkFailed, End::NoPipe])
+        {
+            reset_on_close(remote.as_raw_fd());
+        }
+        totals(reset)
     }
-    let ended = {
-        let mut up = pin!(forward(&local, &remote, pipes, &sent, meters.sent));
-        let mut down = pin!(forward(&remote, &local, pipes, &received, meters.received));
-        let (mut u, mut d) = (Poll::Pending, Poll::Pending);
-        poll_fn(|cx| {
-            if stop.poll_fired(cx).is_ready() {
-                return Poll::Ready(None);
-            }
-            if u.is_pending() {
-                u = up.as_mut().poll(cx);
-            }
-            if d.is_pending() {
-                d = down.as_mut().poll(cx);
-            }
-            let verdict = verdict(u, d);
-            if verdict.finished {
-                Poll::Ready(Some((u, d, verdict.reset)))
-            } else {
-                Poll::Pending
-            }
-        })
-        .await
-    };
-    let totals = |reset| Totals {
-        sent: sent.get(),
-        received: received.get(),
-        reset,
-    };
-    let Some((up, down, reset)) = ended else {
-        reset_on_close(local.as_raw_fd());
-        reset_on_close(remote.as_raw_fd());
-        return totals(true);
-    };
-    // A failed read resets the other side; a failed write resets the side it came from;
-    // no pipe resets both (bytes were left unsent).
-    let failed =
-        |end: Poll<End>, which: &[End]| matches!(end, Poll::Ready(e) if which.contains(&e));
-    if failed(up, &[End::SinkFailed, End::NoPipe])
-        || failed(down, &[End::SourceFailed, End::NoPipe])
-    {
-        reset_on_close(local.as_raw_fd());
-    }
-    if failed(up, &[End::SourceFailed, End::NoPipe])
-        || failed(down, &[End::SinkFailed, End::NoPipe])
-    {
-        reset_on_close(remote.as_raw_fd());
-    }
-    totals(reset)
 }
 
 /// One direction of [`tcp_tcp`]: once `src` is readable, splice what it has into a pipe and
 /// the pipe into `dst`, until it has nothing more; until EOF (passed on as a shutdown) or a
-/// failure.
-async fn forward(
-    src: &TcpStream,
-    dst: &TcpStream,
-    pipes: &Pipes,
-    moved: &Cell<u64>,
-    meter: Meter<'_>,
-) -> End {
-    let (from, to) = (src.as_raw_fd(), dst.as_raw_fd());
-    loop {
-        if src.readable(false).await.is_err() {
-            return End::SourceFailed;
-        }
-        let Ok(pipe) = pipes.take() else {
-            return End::NoPipe;
-        };
-        let mut share = FairShare::default();
+/// failure. Not an `async fn`, which would keep its arguments twice.
+#[allow(clippy::manual_async_fn)]
+fn forward<'a>(
+    src: &'a TcpStream,
+    dst: &'a TcpStream,
+    pipes: &'a Pipes,
+    moved: &'a Cell<u64>,
+    meter: Meter<'a>,
+) -> impl Future<Output = End> + 'a {
+    async move {
+        let (from, to) = (src.as_raw_fd(), dst.as_raw_fd());
         loop {
-            match splice::fill(from, &pipe, splice::PIPE_BYTES) {
-                Ok(0) => {
-                    pipes.give(pipe);
-                    // SAFETY: shutdown on a socket this relay owns.
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        libc::shutdown(to, libc::SHUT_WR);
+            if src.readable(false).await.is_err() {
+                return End::SourceFailed;
+            }
+            let Ok(pipe) = pipes.take() else {
+                return End::NoPipe;
+            };
+            let mut share = FairShare::default();
+            loop {
+                match splice::fill(from, &pipe, splice::PIPE_BYTES) {
+                    Ok(0) => {
+                        pipes.give(pipe);
+                        // SAFETY: shutdown on a socket this relay owns.
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            libc::shutdown(to, libc::SHUT_WR);
+                        }
+                        return End::Closed;
                     }
-                    return End::Closed;
-                }
-                Ok(filled) => {
-                    if let Err(end) = empty_into(&pipe, filled, dst, moved, meter).await {
-                        // The pipe may still hold bytes: it is closed, not reused.
-                        return end;
+                    Ok(filled) => {
+                        if let Err(end) = empty_into(&pipe, filled, dst, moved, meter).await {
+                            // The pipe may still hold bytes: it is closed, not reused.
+                            return end;
+                        }
+                        if share.spent(filled) {
+                            yield_to_others().await;
+                        }
                     }
-                    if share.spent(filled) {
-                        yield_to_others().await;
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        pipes.give(pipe);
+                        return End::SourceFailed;
                     }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    pipes.give(pipe);
-                    return End::SourceFailed;
                 }
             }
+            pipes.give(pipe);
         }
-        pipes.give(pipe);
     }
 }
 
