@@ -1637,9 +1637,10 @@ impl Worker {
             let totals = {
                 let labels = || inbound_labels(&view, local, peer, Some(&client));
                 let admission = async {
-                    let mut refused = |status, flags, why: &str, policy: Option<String>| {
+                    // `denied_by` is described only for a log entry that is written.
+                    let mut refused = |status, flags, why: &str, denied_by: Option<&Reason>| {
                         send_status(&mut respond, status);
-                        self.refuse(labels(), flags, || entry(why, policy));
+                        self.refuse(labels(), flags, || entry(why, denied_by.and_then(policy)));
                     };
                     if ports::is_self_call(target.port()) {
                         self.stats.hbone_bad_requests.inc();
@@ -1676,8 +1677,8 @@ impl Worker {
                     self.log_decision(&view, &uid, &connection, &decision);
                     if !decision.allowed {
                         // The app never sees a connection attempt.
-                        let why = policy(&decision.reason);
-                        refused(StatusCode::UNAUTHORIZED, "DENY", "denied", why);
+                        let denied_by = Some(&decision.reason);
+                        refused(StatusCode::UNAUTHORIZED, "DENY", "denied", denied_by);
                         return None;
                     }
                     let live = self.track(&uid, connection, false);
