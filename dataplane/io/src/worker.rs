@@ -1924,7 +1924,8 @@ mod tests {
         );
     }
 
-    /// A worker with default settings and no pods, inside a runtime.
+    /// A worker with default settings and no pods, inside a runtime. Its metrics registry
+    /// and access logger are dropped here: what it counts and logs goes nowhere.
     fn one_worker() -> Rc<Worker> {
         let stats = Arc::new(WorkerStats::default());
         let (_registry, metrics) = MetricsRegistry::new(1);
