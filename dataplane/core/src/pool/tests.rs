@@ -3,9 +3,13 @@ use super::*;
 const KEY: &str = "client->server";
 
 fn pool(max_streams: u32) -> Pool<&'static str> {
+    pool_with_idle_timeout(max_streams, Duration::from_secs(60))
+}
+
+fn pool_with_idle_timeout(max_streams: u32, idle_timeout: Duration) -> Pool<&'static str> {
     Pool::new(PoolConfig {
         max_streams,
-        idle_timeout: Duration::from_secs(60),
+        idle_timeout,
     })
 }
 
@@ -135,10 +139,7 @@ fn idle_connections_are_released_after_the_timeout_and_busy_ones_are_kept() {
 
 #[test]
 fn with_a_zero_idle_timeout_a_connection_closes_when_its_last_stream_ends() {
-    let mut p = Pool::new(PoolConfig {
-        max_streams: 2,
-        idle_timeout: Duration::ZERO,
-    });
+    let mut p = pool_with_idle_timeout(2, Duration::ZERO);
     let now = Instant::now();
     let (first, dial) = wait(p.checkout(&KEY));
     let (second, none) = wait(p.checkout(&KEY));
@@ -168,10 +169,7 @@ fn with_a_zero_idle_timeout_a_connection_closes_when_its_last_stream_ends() {
 
 #[test]
 fn with_a_zero_idle_timeout_a_freed_connection_is_not_handed_to_a_waiter() {
-    let mut p = Pool::new(PoolConfig {
-        max_streams: 1,
-        idle_timeout: Duration::ZERO,
-    });
+    let mut p = pool_with_idle_timeout(1, Duration::ZERO);
     let now = Instant::now();
     let (first, dial) = wait(p.checkout(&KEY));
     let old = dial.expect("dial");
@@ -189,10 +187,7 @@ fn with_a_zero_idle_timeout_a_freed_connection_is_not_handed_to_a_waiter() {
 
 #[test]
 fn with_a_zero_idle_timeout_a_dial_nobody_waits_for_any_more_is_closed_at_once() {
-    let mut p = Pool::new(PoolConfig {
-        max_streams: 2,
-        idle_timeout: Duration::ZERO,
-    });
+    let mut p = pool_with_idle_timeout(2, Duration::ZERO);
     let (waiter, dial) = wait(p.checkout(&KEY));
     p.cancel(waiter);
     let conn = dial.expect("dial");
