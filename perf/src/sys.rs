@@ -105,15 +105,24 @@ pub fn voluntary_switches(pid: u32) -> Option<u64> {
 
 /// Resident set size of a process, in bytes.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:").map(|kb| kb * 1024)
+}
+
+/// The process's private resident memory (`RssAnon`): its heaps and stacks, without the
+/// pages of files and shared memory it maps, which `VmRSS` counts once per mapping.
+pub fn private_rss_bytes(pid: u32) -> Option<u64> {
+    status_kib(pid, "RssAnon:").map(|kb| kb * 1024)
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
+    status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
-        .ok()?;
-    Some(kb * 1024)
+        .ok()
 }
 
 /// Machine facts recorded with every result.

@@ -96,6 +96,7 @@ impl AdminState {
                 "adopted_unix_ms": self.watch.adopted_unix_ms.load(Ordering::Acquire),
                 "refused": self.watch.refused.load(Ordering::Acquire),
                 "read_errors": self.watch.read_errors.load(Ordering::Acquire),
+                "builds_discarded": self.watch.builds_discarded.load(Ordering::Acquire),
                 "last_error": last_error,
             },
             "totals": totals,
@@ -248,6 +249,10 @@ impl AdminState {
             (
                 "meshdp_snapshot_read_errors_total",
                 self.watch.read_errors.load(Ordering::Acquire),
+            ),
+            (
+                "meshdp_snapshot_builds_discarded_total",
+                self.watch.builds_discarded.load(Ordering::Acquire),
             ),
         ];
         for (name, value) in counters {

@@ -25,6 +25,9 @@ pub struct WatchStatus {
     pub adopted_unix_ms: AtomicU64,
     pub refused: AtomicU64,
     pub read_errors: AtomicU64,
+    /// Complete snapshots replaced by a newer one while their index was built from the
+    /// region: each build dropped, and the newer snapshot built instead.
+    pub builds_discarded: AtomicU64,
     pub adopt_durations: AdoptDurations,
     /// Last problem, for humans (admin endpoint); never on the data path.
     pub last_error: Mutex<String>,
@@ -218,8 +221,24 @@ pub fn watch(
                 if full {
                     priority.lower();
                 }
-                let adopted = adopt(current.as_deref(), version.epoch, base, deltas);
+                let adopted = adopt(current.as_deref(), version.epoch, base.as_ref(), &deltas);
                 priority.restore();
+                // A base read in place that the publisher replaced meanwhile (a newer complete
+                // snapshot): what was built from it is dropped unseen, and the next read
+                // starts from the new base at once.
+                if base.as_ref().is_some_and(|b| !b.payload.intact()) {
+                    status.builds_discarded.fetch_add(1, Ordering::AcqRel);
+                    if let Ok(index) = adopted {
+                        retired.hold(Arc::new(index));
+                    }
+                    subscriber.resync();
+                    tracing::info!(
+                        epoch = version.epoch,
+                        generation = version.generation,
+                        "the snapshot was replaced while being built; building the newer one"
+                    );
+                    continue;
+                }
                 match adopted {
                     Ok(index) => {
                         let index = Arc::new(index);
@@ -331,14 +350,14 @@ pub fn watch(
 pub fn adopt(
     current: Option<&Index>,
     epoch: u64,
-    base: Option<Published>,
-    deltas: Vec<Published>,
+    base: Option<&Published>,
+    deltas: &[Published],
 ) -> Result<Index, String> {
     match base {
-        Some(base) => on_build_thread(|| adopt_base(epoch, &base, &deltas)),
+        Some(base) => on_build_thread(|| adopt_base(epoch, base, deltas)),
         None => {
             let current = current.ok_or("changes arrived before any complete snapshot")?;
-            apply_deltas(current.clone(), epoch, &deltas)
+            apply_deltas(current.clone(), epoch, deltas)
         }
     }
 }
@@ -414,6 +433,7 @@ mod tests {
     use super::*;
     use mesh_snapshot::delta::{self, Delta};
     use mesh_snapshot::schema::{Snapshot, Workload};
+    use std::net::IpAddr;
 
     fn workload(uid: &str, last: u8) -> Workload {
         Workload {
@@ -442,7 +462,7 @@ mod tests {
     fn published(generation: u64, payload: Vec<u8>) -> Published {
         Published {
             generation,
-            payload,
+            payload: payload.into(),
         }
     }
 
@@ -518,14 +538,92 @@ mod tests {
         let _ = std::fs::remove_file(&path);
     }
 
+    /// The real watcher loop on a region whose bases are read in place, replaced while they
+    /// are built: a build from a replaced base is dropped, not handed out and not counted as
+    /// a refusal, and the newest snapshot is the one the workers end with.
+    #[test]
+    fn a_base_replaced_while_built_is_dropped_and_the_newer_one_built() {
+        let path = std::env::temp_dir().join(format!("watch-torn-{}.region", std::process::id()));
+        let mut publisher = mesh_snapshot::Publisher::create(
+            &path,
+            mesh_snapshot::region::PublishOptions::default(),
+        )
+        .expect("region");
+        let (to_worker, from_watcher) = flume::unbounded();
+        let status = Arc::new(WatchStatus::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let (path, status, stop) = (path.clone(), status.clone(), stop.clone());
+            std::thread::spawn(move || watch(path, vec![to_worker], status, stop))
+        };
+        // Large enough that a build takes milliseconds; each publication moves every pod
+        // to an address of its own, so an index shows which one it was built from.
+        let pods = 5000;
+        let snapshot = |generation: u64| Snapshot {
+            node: "n1".into(),
+            workloads: (0..pods)
+                .map(|i| Workload {
+                    ips: vec![vec![10, (generation % 250) as u8, (i >> 8) as u8, i as u8]],
+                    ..workload(&format!("pod-{i}"), 0)
+                })
+                .collect(),
+            ..Default::default()
+        };
+        // Until several builds overlapped a publication: many of them read bytes the
+        // publisher had already released or rewritten.
+        let mut last = publisher
+            .publish(&mesh_snapshot::encode(&snapshot(1)))
+            .expect("publish");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while status.builds_discarded.load(Ordering::Acquire) < 10 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fewer than 10 builds overlapped a publication in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+            let next = last.generation + 1;
+            last = publisher
+                .publish(&mesh_snapshot::encode(&snapshot(next)))
+                .expect("publish");
+        }
+        let mut handed = Vec::new();
+        let newest = loop {
+            match from_watcher.recv_timeout(Duration::from_secs(10)) {
+                Ok(Control::Adopt(index)) => {
+                    let done = index.generation().generation == last.generation;
+                    handed.push(index);
+                    if done {
+                        break handed.last().cloned().expect("just pushed");
+                    }
+                }
+                _ => panic!("the newest snapshot was never handed over"),
+            }
+        };
+        for index in &handed {
+            let generation = index.generation().generation;
+            let octet = (generation % 250) as u8;
+            let expected = IpAddr::from([10, octet, 0, 7]);
+            assert_eq!(index.workload_count(), pods, "generation {generation}");
+            assert!(
+                index.workload_by_ip(expected).is_some(),
+                "generation {generation} was built from other bytes"
+            );
+        }
+        assert_eq!(newest.generation().epoch, last.epoch);
+        assert_eq!(status.refused.load(Ordering::Acquire), 0);
+        stop.store(true, Ordering::Release);
+        watcher.join().expect("watcher");
+        let _ = std::fs::remove_file(&path);
+    }
+
     #[test]
     fn deltas_apply_on_the_current_index_and_stamp_their_generation() {
-        let first = adopt(None, 7, Some(base()), Vec::new()).expect("base");
+        let first = adopt(None, 7, Some(&base()), &[]).expect("base");
         let moved = Delta {
             workloads: vec![workload("b", 3)],
             ..Delta::default()
         };
-        let next = adopt(Some(&first), 7, None, vec![delta(2, moved)]).expect("delta");
+        let next = adopt(Some(&first), 7, None, &[delta(2, moved)]).expect("delta");
         assert_eq!(
             next.generation(),
             Generation {
@@ -539,12 +637,12 @@ mod tests {
         assert!(next
             .workload_by_ip("10.0.0.2".parse().expect("ip"))
             .is_none());
-        assert!(adopt(None, 7, None, vec![delta(2, Delta::default())]).is_err());
+        assert!(adopt(None, 7, None, &[delta(2, Delta::default())]).is_err());
     }
 
     #[test]
     fn a_log_holding_a_refused_delta_heals_once_a_later_delta_fixes_it() {
-        let first = adopt(None, 7, Some(base()), Vec::new()).expect("base");
+        let first = adopt(None, 7, Some(&base()), &[]).expect("base");
         // "c" takes a's address: refused, the current index stays.
         let clash = delta(
             2,
@@ -553,7 +651,7 @@ mod tests {
                 ..Delta::default()
             },
         );
-        assert!(adopt(Some(&first), 7, None, vec![clash]).is_err());
+        assert!(adopt(Some(&first), 7, None, &[clash]).is_err());
         // The publisher removes a; the watcher rereads from the base: base + both deltas.
         let clash = delta(
             2,
@@ -569,7 +667,7 @@ mod tests {
                 ..Delta::default()
             },
         );
-        let healed = adopt(Some(&first), 7, Some(base()), vec![clash, fix]).expect("heals");
+        let healed = adopt(Some(&first), 7, Some(&base()), &[clash, fix]).expect("heals");
         assert_eq!(healed.generation().generation, 3);
         assert_eq!(
             ips(&healed),
@@ -586,6 +684,6 @@ mod tests {
                 ..Delta::default()
             },
         );
-        assert!(adopt(Some(&first), 7, Some(base()), vec![clash]).is_err());
+        assert!(adopt(Some(&first), 7, Some(&base()), &[clash]).is_err());
     }
 }

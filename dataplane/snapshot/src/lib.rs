@@ -18,5 +18,5 @@ pub mod test_support;
 pub mod view;
 
 pub use delta::Delta;
-pub use region::{Appended, Published, Publisher, ReadOutcome, RegionError, Subscriber};
+pub use region::{Appended, Payload, Published, Publisher, ReadOutcome, RegionError, Subscriber};
 pub use schema::{decode, encode, Snapshot, SCHEMA_VERSION};

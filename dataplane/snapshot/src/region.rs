@@ -18,16 +18,19 @@
 //! one-pod change costs a record, not a re-encode of the world.
 //!
 //! A complete snapshot (first publish, compaction of a long log, a change too big for the log)
-//! is stored LZ4-compressed (a block, or as is where that does not shrink it): a snapshot
-//! repeats its namespaces, nodes, accounts and label keys on every workload, and the region
-//! must hold two bases at once during a compaction. Its checksum covers the stored bytes, the
-//! decoded length and the codec, and is checked before anything is decompressed. It goes to
-//! the slot that is not active, seqlock style: `seq` odd, payload, length, checksum,
-//! `seq` even, then `active` flips. The slot left behind has its `seq` made odd and its pages
-//! returned to the kernel, so in steady state only one slot occupies memory. A reader keeps
-//! what it read (the log copied, the base decoded in place) only if its slot's `seq` was even
-//! and unchanged around the read and every checksum matches. Nobody blocks anybody: a torn
-//! read is retried, a corrupt one refused.
+//! is stored as is up to `PublishOptions::compress_from` bytes, and LZ4-compressed above (a
+//! block, or as is where that does not shrink it): a snapshot repeats its namespaces, nodes,
+//! accounts and label keys on every workload, and at cluster scale the region must hold two
+//! bases at once during a compaction. Its checksum covers the stored bytes, the decoded length
+//! and the codec, and is checked before anything is decompressed. It goes to the slot that is
+//! not active, seqlock style: `seq` odd, payload, length, checksum, `seq` even, then `active`
+//! flips. The slot left behind has its `seq` made odd and its pages returned to the kernel, so
+//! in steady state only one slot occupies memory. A reader keeps what it read (the log copied,
+//! a compressed base decoded from where it lies) only if its slot's `seq` was even and
+//! unchanged around the read and every checksum matches. A base stored as is is not copied at
+//! all: the reader hands out the mapped bytes, and whoever reads them checks
+//! [`Payload::intact`] afterwards, which holds while that slot's `seq` is unchanged. Nobody
+//! blocks anybody: a torn read is retried, a corrupt one refused.
 //!
 //! Each publisher instance creates a fresh file and renames it over the path, so a restarted
 //! agent, or a snapshot that outgrew its slots, shows up as a new inode with a new epoch; the old
@@ -39,6 +42,7 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use memmap2::{Mmap, MmapMut, MmapOptions};
@@ -52,6 +56,12 @@ const SLOT_HEADER_SIZE: usize = 64;
 /// Default payload capacity per slot. The file is sparse on tmpfs, so unused capacity costs
 /// no memory; it only bounds how large a snapshot can grow before the file is recreated.
 pub const DEFAULT_SLOT_CAPACITY: u64 = 64 << 20;
+/// Default size from which a complete snapshot is stored compressed (about 175k workloads).
+/// Below it the region is at most about 80 MiB even during a compaction with a full log (2.5
+/// bases), a third of the chart's 256 MiB, and a reader builds straight from the mapping: at
+/// 100k workloads, LZ4 and the fresh memory it decodes into were about 10 ms of a full adopt
+/// (bench-results/README.md). Above it, compression is what keeps 1M workloads under 256 MiB.
+pub const DEFAULT_COMPRESS_FROM: u64 = 32 << 20;
 /// Largest slot capacity a reader accepts; keeps every offset computation far from overflow.
 const MAX_SLOT_CAPACITY: u64 = 1 << 40;
 /// Torn reads in a row before a read gives up for now (the publisher is mid-write each time).
@@ -219,6 +229,9 @@ pub struct PublishOptions {
     /// Owner (uid, gid) of the file: the data plane's user. The file is mode 0600 because it
     /// holds private keys.
     pub owner: Option<(u32, u32)>,
+    /// A complete snapshot of at least this many bytes is stored LZ4-compressed; a smaller one
+    /// as is.
+    pub compress_from: u64,
 }
 
 impl Default for PublishOptions {
@@ -226,6 +239,7 @@ impl Default for PublishOptions {
         PublishOptions {
             slot_capacity: DEFAULT_SLOT_CAPACITY,
             owner: None,
+            compress_from: DEFAULT_COMPRESS_FROM,
         }
     }
 }
@@ -412,11 +426,16 @@ impl Publisher {
     }
 
     fn write_base(&mut self, payload: &[u8], generation: u64) -> Result<(), RegionError> {
+        let compress = payload.len() as u64 >= self.options.compress_from;
         // Compressed straight into the slot where LZ4's worst case fits there; otherwise
         // through a buffer first, to learn whether the result fits the slots at all.
         let room = lz4_flex::block::get_maximum_output_size(payload.len()) as u64;
-        let staged = (room > self.options.slot_capacity).then(|| stage_base(payload));
-        let need = staged.as_ref().map_or(0, |(_, stored)| stored.len() as u64);
+        let staged = (compress && room > self.options.slot_capacity).then(|| stage_base(payload));
+        let need = match &staged {
+            Some((_, stored)) => stored.len() as u64,
+            None if compress => 0,
+            None => payload.len() as u64,
+        };
         if need > self.options.slot_capacity {
             // Outgrown: move to a bigger file. Readers see a new inode and epoch.
             let mut capacity = self.options.slot_capacity.max(1 << 20);
@@ -447,19 +466,21 @@ impl Publisher {
         fence(Ordering::Release);
         let data_at = offset + SLOT_HEADER_SIZE;
         let slot_data = &mut self.map[data_at..data_at + capacity as usize];
-        let (codec, len) = match &staged {
+        let compressed = match &staged {
             Some((codec, stored)) => {
                 slot_data[..stored.len()].copy_from_slice(stored);
-                (*codec, stored.len())
+                Some((*codec, stored.len()))
             }
-            None => match lz4_flex::block::compress_into(payload, slot_data) {
-                Ok(len) if len < payload.len() => (CODEC_LZ4_BLOCK, len),
-                _ => {
-                    slot_data[..payload.len()].copy_from_slice(payload);
-                    (CODEC_STORED, payload.len())
-                }
-            },
+            None if compress => lz4_flex::block::compress_into(payload, slot_data)
+                .ok()
+                .filter(|len| *len < payload.len())
+                .map(|len| (CODEC_LZ4_BLOCK, len)),
+            None => None,
         };
+        let (codec, len) = compressed.unwrap_or_else(|| {
+            slot_data[..payload.len()].copy_from_slice(payload);
+            (CODEC_STORED, payload.len())
+        });
         let crc = base_checksum(&slot_data[..len], payload.len() as u64, codec);
         let layout = self.layout();
         layout
@@ -681,7 +702,8 @@ fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
 }
 
 struct Mapped {
-    map: Mmap,
+    /// Shared with the bases stored as is that reads handed out.
+    map: Arc<Mmap>,
     dev: u64,
     ino: u64,
     epoch: u64,
@@ -701,7 +723,87 @@ impl Mapped {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Published {
     pub generation: u64,
-    pub payload: Vec<u8>,
+    pub payload: Payload,
+}
+
+/// A publication's bytes: a copy (log records, a decompressed base), or a base stored as is,
+/// read where it lies in the shared mapping. The publisher may replace that base while it is
+/// being read; whoever reads it checks [`Payload::intact`] after reading, and discards what
+/// it read from a payload that is no longer intact.
+pub struct Payload(Bytes);
+
+enum Bytes {
+    Copied(Vec<u8>),
+    Mapped {
+        map: Arc<Mmap>,
+        at: usize,
+        len: usize,
+        /// The slot's `seq` offset and the even value it had when the checksum matched.
+        seq_at: usize,
+        seq: u64,
+    },
+}
+
+impl Payload {
+    /// Whether the bytes are still those whose checksum the read matched: always for a copy;
+    /// for a base read in place, while its slot has not been rewritten or released since.
+    pub fn intact(&self) -> bool {
+        match &self.0 {
+            Bytes::Copied(_) => true,
+            Bytes::Mapped {
+                map, seq_at, seq, ..
+            } => {
+                let layout = Layout {
+                    base: map.as_ptr(),
+                    len: map.len(),
+                };
+                // Orders the reads of the bytes before the check, as in a read's own.
+                fence(Ordering::Acquire);
+                layout.u64_at(*seq_at).load(Ordering::Relaxed) == *seq
+            }
+        }
+    }
+
+    /// Whether the bytes are read in place from the shared mapping.
+    pub fn in_place(&self) -> bool {
+        matches!(self.0, Bytes::Mapped { .. })
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(bytes: Vec<u8>) -> Self {
+        Payload(Bytes::Copied(bytes))
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match &self.0 {
+            Bytes::Copied(bytes) => bytes,
+            Bytes::Mapped { map, at, len, .. } => &map[*at..*at + *len],
+        }
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Payload {}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let place = if self.in_place() {
+            "in place"
+        } else {
+            "copied"
+        };
+        write!(f, "Payload({} bytes, {place})", self.len())
+    }
 }
 
 /// What a read found.
@@ -826,7 +928,7 @@ impl Subscriber {
         // SAFETY: publishers never truncate a region file; a reader validates every length it
         // reads from the header against the mapping before using it.
         #[allow(unsafe_code)]
-        let map = unsafe { MmapOptions::new().map(&file) }.map_err(io_err(&path))?;
+        let map = Arc::new(unsafe { MmapOptions::new().map(&file) }.map_err(io_err(&path))?);
         if map[H_MAGIC..H_MAGIC + 8] != MAGIC {
             return Err(RegionError::Magic(path));
         }
@@ -957,7 +1059,7 @@ impl Subscriber {
             // The base is checked and decoded where it lies, not copied out first: a copy
             // costs a pass over it and as much memory again while it is decoded. Torn bytes
             // are harmless here (the decoder is bounded and safe); only a decode the sequence
-            // check below confirms is used.
+            // check below confirms is used. A base stored as is is not copied at all.
             let base = need_base.then(|| {
                 let stored = &m.map[data_at..data_at + base_len as usize];
                 let found = base_checksum(stored, decoded_len, codec);
@@ -987,11 +1089,21 @@ impl Subscriber {
                             expected,
                         });
                     };
-                    let payload = decoded.map_err(|problem| RegionError::Decode {
+                    let decoded = decoded.map_err(|problem| RegionError::Decode {
                         path: self.path.clone(),
                         generation: base_generation,
                         problem,
                     })?;
+                    let payload = match decoded {
+                        Some(copy) => Payload::from(copy),
+                        None => Payload(Bytes::Mapped {
+                            map: m.map.clone(),
+                            at: data_at,
+                            len: base_len as usize,
+                            seq_at: offset + S_SEQ,
+                            seq: before,
+                        }),
+                    };
                     applied = base_generation;
                     Some(Published {
                         generation: base_generation,
@@ -1094,10 +1206,10 @@ fn base_checksum(stored: &[u8], decoded_len: u64, codec: u32) -> u32 {
     crc32c::crc32c_append(crc, &codec.to_le_bytes())
 }
 
-/// The snapshot a checksummed base stores.
-fn decode_base(stored: &[u8], decoded_len: u64, codec: u32) -> Result<Vec<u8>, String> {
+/// The snapshot a checksummed base stores: decoded, or `None` where the stored bytes are it.
+fn decode_base(stored: &[u8], decoded_len: u64, codec: u32) -> Result<Option<Vec<u8>>, String> {
     match codec {
-        CODEC_STORED if decoded_len == stored.len() as u64 => Ok(stored.to_vec()),
+        CODEC_STORED if decoded_len == stored.len() as u64 => Ok(None),
         CODEC_STORED => Err(format!(
             "{} bytes stored as is claim to be {decoded_len}",
             stored.len()
@@ -1118,7 +1230,7 @@ fn decode_base(stored: &[u8], decoded_len: u64, codec: u32) -> Result<Vec<u8>, S
                     "LZ4 block decodes to {written} bytes, header says {decoded_len}"
                 ));
             }
-            Ok(decoded)
+            Ok(Some(decoded))
         }
         other => Err(format!("unknown codec {other}")),
     }
@@ -1187,7 +1299,7 @@ fn parse_records(log: &[u8], applied: &mut u64) -> Result<Vec<Published>, Record
             *applied = generation;
             records.push(Published {
                 generation,
-                payload: payload.to_vec(),
+                payload: payload.to_vec().into(),
             });
         }
         let step = (RECORD_HEADER_SIZE + len.next_multiple_of(8)).min(rest.len());

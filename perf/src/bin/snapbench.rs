@@ -6,8 +6,8 @@
 //! workers do.
 //!
 //! For each size: shared-memory bytes per workload (the region file's allocated pages, in
-//! steady state and at the peak of a compaction), data-plane memory per workload (RSS growth
-//! for the adopted index and views), time to adopt a full snapshot, publish-to-visible-on-
+//! steady state and at the peak of a compaction), data-plane memory per workload (private RSS
+//! growth for the adopted index and views), time to adopt a full snapshot, publish-to-visible-on-
 //! every-worker latency for a one-pod change (p50/p99), the cost of a compaction, and the cost
 //! of diffing two complete snapshots (what the file source does per change).
 
@@ -259,7 +259,10 @@ struct SizeResult {
     /// Pages occupied while a compaction has written the new base and not yet released the
     /// old slot: the old slot's pages (measured) plus the new base.
     region_peak_bytes: u64,
-    /// RSS growth for the adopted index held by the watcher and every worker's view.
+    /// Private RSS growth (`RssAnon`) for the adopted index held by the watcher and every
+    /// worker's view. Before the region stored small bases as is this was `VmRSS`, which
+    /// also counted the region's pages, twice: the publisher and the watcher map them in this
+    /// one process.
     dataplane_bytes_per_workload: f64,
     encode_ms: f64,
     publish_ms: f64,
@@ -295,17 +298,29 @@ struct SizeResult {
     adopt_drop_ms: f64,
     /// The same index dropped plainly, its workloads freed in hash order, for the ratio.
     adopt_drop_hash_order_ms: f64,
-    /// A complete snapshot written into a region slot (LZ4-compressed) and checksummed: the
+    /// A complete snapshot written into a region slot LZ4-compressed and checksummed: the
     /// agent's side of a full publish or compaction. Median of three, timed alone.
     base_write_ms: f64,
-    /// The same payload copied as is and checksummed, as the region stored it before (layout
-    /// 2), for the ratio.
+    /// The same payload written into a slot as is and checksummed, for the ratio. (Before
+    /// the region stored small bases as is: a copy and checksum outside the region.)
     base_write_as_is_ms: f64,
-    /// The region's base read by a new subscriber: copied out, checksummed, decompressed
-    /// (the first part of a data plane's full adopt). Median of three, timed alone.
+    /// The region's LZ4-compressed base read by a new subscriber: checksummed and decoded
+    /// into fresh memory (the first part of a data plane's full adopt). Median of three,
+    /// timed alone.
     base_read_ms: f64,
-    /// The same payload copied out as is and checksummed (layout 2's read), for the ratio.
+    /// The same payload stored as is, read by a new subscriber: checksummed where it lies,
+    /// not copied, for the ratio. (Before the region stored small bases as is: a copy and
+    /// checksum outside the region.)
     base_read_as_is_ms: f64,
+    /// A new subscriber's read of the LZ4 base and the index built from it, on a warm heap:
+    /// a complete adopt's critical path without the hand-off to the workers. Median of three,
+    /// timed alone, alternating with the next.
+    base_read_build_ms: f64,
+    /// The same from the base stored as is, built where it lies.
+    base_read_build_as_is_ms: f64,
+    /// How the region stores this size's base by default (`lz4` or `as is`, see
+    /// `PublishOptions::compress_from`).
+    base_stored: String,
     one_pod_change_samples: usize,
     /// Encoding the one-pod delta and appending it to the region (the agent's side).
     one_pod_publish_p50_us: f64,
@@ -601,8 +616,8 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn rss() -> f64 {
-    sys::rss_bytes(std::process::id()).unwrap_or(0) as f64
+fn private_rss() -> f64 {
+    sys::private_rss_bytes(std::process::id()).unwrap_or(0) as f64
 }
 
 fn allocated(path: &std::path::Path) -> anyhow::Result<u64> {
@@ -959,39 +974,67 @@ fn kube_event_cost(size: usize) -> anyhow::Result<KubeEventCost> {
 /// The index of a complete snapshot built from its payload in place (what the watcher does
 /// when it adopts a base) and through prost (the way before), and its free as the data
 /// plane's free thread does it when a base replaced it (`Index::release`) and as a plain
-/// drop, each timed alone. Also the region's compressed base written and read, against a
-/// plain copy and checksum of the same payload (the layout before compression).
+/// drop, each timed alone. Also the region's base written and read both ways it can be
+/// stored: LZ4-compressed, and as is (read in place).
 fn adopt_parts(snap: &Snapshot, dir: &std::path::Path) -> anyhow::Result<AdoptParts> {
     let payload = mesh_snapshot::encode(snap);
-    let path = dir.join(format!("snapbench-{}-parts.region", std::process::id()));
-    let mut publisher = Publisher::create(&path, PublishOptions::default())?;
-    let (mut writes, mut writes_as_is, mut reads, mut reads_as_is) =
-        (vec![], vec![], vec![], vec![]);
-    for _ in 0..3 {
-        let t = Instant::now();
-        publisher.publish(&payload)?;
-        writes.push(ms(t.elapsed()));
-        let t = Instant::now();
-        let mut subscriber = mesh_snapshot::Subscriber::new(&path);
-        let read = subscriber.read()?;
-        reads.push(ms(t.elapsed()));
-        anyhow::ensure!(
-            matches!(&read, ReadOutcome::New { base: Some(b), .. } if b.payload == payload),
-            "the region gave back another payload"
-        );
-        drop(read);
-        let t = Instant::now();
-        let copy = payload.to_vec();
-        std::hint::black_box(crc32c::crc32c(&copy));
-        writes_as_is.push(ms(t.elapsed()));
-        drop(copy);
-        let t = Instant::now();
-        let copy = payload.to_vec();
-        std::hint::black_box(crc32c::crc32c(&copy));
-        reads_as_is.push(ms(t.elapsed()));
+    // LZ4 first, then as is; rounds alternate between the two.
+    let mut regions = Vec::new();
+    for (name, compress_from) in [("lz4", 0), ("as-is", u64::MAX)] {
+        let path = dir.join(format!("snapbench-{}-{name}.region", std::process::id()));
+        let options = PublishOptions {
+            compress_from,
+            ..PublishOptions::default()
+        };
+        let publisher = Publisher::create(&path, options)?;
+        regions.push((path, publisher, compress_from > 0, [vec![], vec![], vec![]]));
     }
-    drop(publisher);
-    let _ = std::fs::remove_file(&path);
+    for _ in 0..3 {
+        for (path, publisher, in_place, [writes, reads, built]) in &mut regions {
+            let t = Instant::now();
+            publisher.publish(&payload)?;
+            writes.push(ms(t.elapsed()));
+            let t = Instant::now();
+            let read = mesh_snapshot::Subscriber::new(&*path).read()?;
+            reads.push(ms(t.elapsed()));
+            let ReadOutcome::New {
+                base: Some(base), ..
+            } = read
+            else {
+                anyhow::bail!("the region gave back no base");
+            };
+            anyhow::ensure!(
+                *base.payload == *payload && base.payload.in_place() == *in_place,
+                "the region gave back another payload"
+            );
+            drop(base);
+            // What a data plane's complete adopt does before handing the index out.
+            let t = Instant::now();
+            let read = mesh_snapshot::Subscriber::new(&*path).read()?;
+            let ReadOutcome::New {
+                base: Some(base), ..
+            } = read
+            else {
+                anyhow::bail!("the region gave back no base");
+            };
+            let index =
+                Index::build_encoded(&base.payload, Generation::default()).context("index")?;
+            anyhow::ensure!(base.payload.intact(), "nothing replaced the base");
+            built.push(ms(t.elapsed()));
+            index.release();
+        }
+    }
+    let mut timed = Vec::new();
+    for (path, publisher, _, [writes, reads, built]) in regions {
+        drop(publisher);
+        let _ = std::fs::remove_file(&path);
+        timed.push([writes, reads, built].map(report::median));
+    }
+    let [[base_write_ms, base_read_ms, base_read_build_ms], [base_write_as_is_ms, base_read_as_is_ms, base_read_build_as_is_ms]] =
+        timed[..]
+    else {
+        anyhow::bail!("two ways to store a base, two timings");
+    };
     let t = Instant::now();
     let decoded = mesh_snapshot::decode(&payload).context("decode")?;
     let index = Index::build(decoded, Generation::default()).context("index")?;
@@ -1012,10 +1055,12 @@ fn adopt_parts(snap: &Snapshot, dir: &std::path::Path) -> anyhow::Result<AdoptPa
         through_prost,
         release,
         hash_order_drop: t.elapsed(),
-        base_write_ms: report::median(writes),
-        base_write_as_is_ms: report::median(writes_as_is),
-        base_read_ms: report::median(reads),
-        base_read_as_is_ms: report::median(reads_as_is),
+        base_write_ms,
+        base_write_as_is_ms,
+        base_read_ms,
+        base_read_as_is_ms,
+        base_read_build_ms,
+        base_read_build_as_is_ms,
     })
 }
 
@@ -1028,6 +1073,8 @@ struct AdoptParts {
     base_write_as_is_ms: f64,
     base_read_ms: f64,
     base_read_as_is_ms: f64,
+    base_read_build_ms: f64,
+    base_read_build_as_is_ms: f64,
 }
 
 /// The delta a watch event on one pod turns into.
@@ -1067,11 +1114,11 @@ fn measure(
     let encoded_bytes = payload.len();
     let mut publisher = Publisher::create(&path, PublishOptions::default())?;
 
-    let before = rss();
+    let before = private_rss();
     let mut dataplane = DataPlane::start(&path, args.workers, driver, !args.idle_workers)?;
     let first = dataplane.publish_full(&mut publisher, &payload)?;
     drop(payload);
-    let held = rss() - before;
+    let held = private_rss() - before;
 
     // One-pod changes: a pod moves to a new IP (a restart), as a watch event would report it.
     let samples = args.changes.max(5);
@@ -1109,6 +1156,11 @@ fn measure(
     let compact = t.elapsed();
     // Until the old slot is released, the region holds both bases and the old log.
     let region_peak_bytes = before_compaction + publisher.base_bytes();
+    let base_stored = if publisher.base_bytes() == compacted.len() as u64 {
+        "as is"
+    } else {
+        "lz4"
+    };
     drop(compacted);
     let region_bytes = allocated(&path)?;
     let pod = size / 3;
@@ -1180,6 +1232,9 @@ fn measure(
         base_write_as_is_ms: parts.base_write_as_is_ms,
         base_read_ms: parts.base_read_ms,
         base_read_as_is_ms: parts.base_read_as_is_ms,
+        base_read_build_ms: parts.base_read_build_ms,
+        base_read_build_as_is_ms: parts.base_read_build_as_is_ms,
+        base_stored: base_stored.to_owned(),
         one_pod_change_samples: samples,
         one_pod_publish_p50_us: report::median(publishes),
         one_pod_change_p50_ms: report::median(latencies.clone()),
@@ -1299,8 +1354,9 @@ fn main() -> anyhow::Result<()> {
     }
     for s in &report.sizes {
         println!(
-            "{:>10} workloads: the region's base, compressed / as is (copy and checksum), timed \
-             alone: written {:.1} / {:.1} ms (x{:.2}), read {:.1} / {:.1} ms (x{:.2})",
+            "{:>10} workloads: the region's base, LZ4 / as is (read in place), timed alone: \
+             written {:.1} / {:.1} ms (x{:.2}), read {:.1} / {:.1} ms (x{:.2}), read and \
+             indexed {:.1} / {:.1} ms (x{:.2}); stored {} by default",
             s.workloads,
             s.base_write_ms,
             s.base_write_as_is_ms,
@@ -1308,6 +1364,10 @@ fn main() -> anyhow::Result<()> {
             s.base_read_ms,
             s.base_read_as_is_ms,
             s.base_read_ms / s.base_read_as_is_ms,
+            s.base_read_build_ms,
+            s.base_read_build_as_is_ms,
+            s.base_read_build_ms / s.base_read_build_as_is_ms,
+            s.base_stored,
         );
     }
     for s in &report.sizes {

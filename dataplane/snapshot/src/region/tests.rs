@@ -23,7 +23,16 @@ fn small_region() -> (ScratchDir, PathBuf, Publisher, Subscriber) {
 fn small() -> PublishOptions {
     PublishOptions {
         slot_capacity: 4096,
-        owner: None,
+        ..PublishOptions::default()
+    }
+}
+
+/// Options that compress every base that LZ4 shrinks, however small.
+fn compressing(slot_capacity: u64) -> PublishOptions {
+    PublishOptions {
+        slot_capacity,
+        compress_from: 0,
+        ..PublishOptions::default()
     }
 }
 
@@ -36,7 +45,8 @@ fn expect_new(sub: &mut Subscriber) -> (Version, Vec<u8>) {
             deltas,
         }) if deltas.is_empty() => {
             assert_eq!(base.generation, version.generation);
-            (version, base.payload)
+            assert!(base.payload.intact());
+            (version, base.payload.to_vec())
         }
         other => panic!("expected a new snapshot, got {other:?}"),
     }
@@ -54,7 +64,10 @@ fn expect_deltas(sub: &mut Subscriber) -> (Version, Vec<Vec<u8>>) {
                 deltas.last().map(|d| d.generation),
                 Some(version.generation)
             );
-            (version, deltas.into_iter().map(|d| d.payload).collect())
+            (
+                version,
+                deltas.into_iter().map(|d| d.payload.to_vec()).collect(),
+            )
         }
         other => panic!("expected deltas, got {other:?}"),
     }
@@ -321,13 +334,44 @@ fn a_publisher_rounds_its_capacity_so_readers_accept_it() {
         &path,
         PublishOptions {
             slot_capacity: 4095,
-            owner: None,
+            ..PublishOptions::default()
         },
     )
     .expect("create");
     publisher.publish(b"hello").expect("publish");
     let (_, payload) = expect_new(&mut Subscriber::new(&path));
     assert_eq!(payload, b"hello");
+}
+
+#[test]
+fn a_base_read_in_place_stays_intact_until_the_publisher_replaces_it() {
+    let (_dir, _, mut publisher, mut sub) = small_region();
+    publisher.publish(b"first base").expect("publish");
+    let base = match sub.read() {
+        Ok(ReadOutcome::New {
+            base: Some(base), ..
+        }) => base,
+        other => panic!("expected a base, got {other:?}"),
+    };
+    assert!(base.payload.in_place(), "{:?}", base.payload);
+    appended(&mut publisher, b"a delta");
+    assert!(base.payload.intact(), "a delta leaves the base alone");
+    assert_eq!(&*base.payload, b"first base");
+    publisher.compact(b"first base + a delta").expect("compact");
+    assert!(!base.payload.intact(), "the slot was released");
+
+    // The same for a base read after a compaction, replaced by a publish.
+    let base = match sub.read() {
+        Ok(ReadOutcome::New {
+            base: Some(base), ..
+        }) => base,
+        other => panic!("expected the compacted base, got {other:?}"),
+    };
+    assert!(base.payload.intact());
+    publisher.publish(b"third").expect("publish");
+    assert!(!base.payload.intact());
+    // What replaced it is read whole.
+    assert_eq!(expect_new(&mut sub).1, b"third");
 }
 
 /// Payloads describe themselves (length and fill byte derive from the generation), so a torn
@@ -341,8 +385,20 @@ fn payload_for(generation: u64) -> Vec<u8> {
 
 #[test]
 fn concurrent_readers_never_see_a_torn_snapshot() {
+    readers_never_see_a_torn_snapshot(small(), true);
+}
+
+#[test]
+fn concurrent_readers_never_see_a_torn_compressed_snapshot() {
+    readers_never_see_a_torn_snapshot(compressing(4096), false);
+}
+
+/// Readers of bases stored with `options`, read `in_place` or as decoded copies, under a
+/// publisher replacing them at full speed. A base read in place is checked only where
+/// `intact` says the publisher left it alone while it was compared, as the data plane does.
+fn readers_never_see_a_torn_snapshot(options: PublishOptions, in_place: bool) {
     let (_dir, path) = scratch_region();
-    let mut publisher = Publisher::create(&path, small()).expect("create");
+    let mut publisher = Publisher::create(&path, options).expect("create");
     publisher.publish(&payload_for(1)).expect("publish");
     let stop = Arc::new(AtomicBool::new(false));
     let readers: Vec<_> = (0..2)
@@ -361,8 +417,14 @@ fn concurrent_readers_never_see_a_torn_snapshot() {
                             deltas,
                         }) if deltas.is_empty() => {
                             assert!(version.generation > last_generation, "went backwards");
+                            assert_eq!(base.payload.in_place(), in_place);
+                            let same = *base.payload == *payload_for(version.generation);
+                            if !base.payload.intact() {
+                                sub.resync();
+                                continue;
+                            }
+                            assert!(same, "generation {} torn", version.generation);
                             last_generation = version.generation;
-                            assert_eq!(base.payload, payload_for(version.generation));
                             seen += 1;
                         }
                         Ok(ReadOutcome::Unchanged) | Err(RegionError::Busy { .. }) => {}
@@ -461,7 +523,7 @@ fn changes_are_appended_and_each_reader_gets_only_what_it_has_not_seen() {
             deltas,
         } => {
             assert_eq!((version.generation, base.generation), (4, 1));
-            assert_eq!(base.payload, b"base");
+            assert_eq!(&*base.payload, b"base");
             let generations: Vec<u64> = deltas.iter().map(|d| d.generation).collect();
             assert_eq!(generations, [2, 3, 4]);
         }
@@ -496,10 +558,7 @@ fn a_compaction_is_invisible_to_readers_that_kept_up_and_a_base_for_those_behind
             deltas,
         } => {
             assert_eq!(version.generation, 4);
-            assert_eq!(
-                (base.generation, base.payload.as_slice()),
-                (3, &b"base + 2 + 3"[..])
-            );
+            assert_eq!((base.generation, &*base.payload), (3, &b"base + 2 + 3"[..]));
             assert_eq!(deltas.len(), 1);
         }
         other => panic!("{other:?}"),
@@ -555,7 +614,7 @@ fn a_corrupt_record_is_reported_once_and_a_compaction_heals_the_reader() {
             deltas,
         } => {
             assert_eq!(version.generation, 4);
-            assert_eq!(base.payload, b"good base at 3");
+            assert_eq!(&*base.payload, b"good base at 3");
             assert_eq!(deltas.len(), 1);
         }
         other => panic!("{other:?}"),
@@ -602,7 +661,7 @@ fn resync_starts_the_next_read_from_the_base() {
             deltas,
             ..
         } => {
-            assert_eq!(base.payload, b"base");
+            assert_eq!(&*base.payload, b"base");
             assert_eq!(deltas.len(), 2);
         }
         other => panic!("{other:?}"),
@@ -628,7 +687,8 @@ fn only_the_active_slot_keeps_its_pages() {
 fn a_base_is_stored_compressed_and_read_back_whole() {
     use std::os::unix::fs::MetadataExt;
     let (_dir, path) = scratch_region();
-    let mut publisher = Publisher::create(&path, PublishOptions::default()).expect("create");
+    let mut publisher =
+        Publisher::create(&path, compressing(DEFAULT_SLOT_CAPACITY)).expect("create");
     let payload = snapshot_like(100_000);
     publisher.publish(&payload).expect("publish");
     // The same shape of text as a snapshot's: namespaces, nodes and accounts repeat.
@@ -647,7 +707,7 @@ fn a_base_is_stored_compressed_and_read_back_whole() {
 
     // A base bigger than the slots that compresses into them stays in this file.
     let (_dir2, path2) = scratch_region();
-    let mut tight = Publisher::create(&path2, small()).expect("create");
+    let mut tight = Publisher::create(&path2, compressing(4096)).expect("create");
     let mut sub = Subscriber::new(&path2);
     tight.publish(b"first").expect("publish");
     let (first, _) = expect_new(&mut sub);
@@ -668,7 +728,8 @@ fn a_base_is_stored_compressed_and_read_back_whole() {
 fn a_base_that_does_not_decode_is_refused_and_the_next_good_one_is_read() {
     let (_dir, path) = scratch_region();
     let payload = snapshot_like(200);
-    let mut publisher = Publisher::create(&path, PublishOptions::default()).expect("create");
+    let mut publisher =
+        Publisher::create(&path, compressing(DEFAULT_SLOT_CAPACITY)).expect("create");
     publisher.publish(&payload).expect("publish");
     let stored = publisher.base_bytes() as usize;
     drop(publisher);
@@ -776,17 +837,22 @@ fn readers_rebuild_exactly_the_published_state_under_a_mix_of_bases_deltas_and_c
                                 let word = |r: std::ops::Range<usize>| {
                                     u64::from_le_bytes(base.payload[r].try_into().expect("8"))
                                 };
+                                let (generation, base_state) = (word(0..8), word(8..16));
+                                // Replaced while read in place: read again, from the base.
+                                if !base.payload.intact() {
+                                    sub.resync();
+                                    continue;
+                                }
                                 assert_eq!(
-                                    word(0..8),
-                                    base.generation,
+                                    generation, base.generation,
                                     "base of another generation"
                                 );
-                                state = Some(word(8..16));
+                                state = Some(base_state);
                                 bases += 1;
                             }
                             let mut s = state.expect("a delta before any base");
                             for d in &deltas {
-                                assert_eq!(d.payload, d.generation.to_le_bytes());
+                                assert_eq!(*d.payload, d.generation.to_le_bytes());
                                 s = fold(s, d.generation);
                                 deltas_seen += 1;
                             }
