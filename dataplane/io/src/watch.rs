@@ -488,32 +488,71 @@ mod tests {
         all
     }
 
+    /// A region at a scratch path with the real watcher loop on it, handing its indexes to
+    /// a channel that the test reads as a worker would. Dropped, it stops the watcher.
+    struct Watched {
+        path: PathBuf,
+        publisher: mesh_snapshot::Publisher,
+        from_watcher: flume::Receiver<Control>,
+        status: Arc<WatchStatus>,
+        stop: Arc<AtomicBool>,
+        watcher: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Watched {
+        fn start(name: &str) -> Watched {
+            let path =
+                std::env::temp_dir().join(format!("watch-{name}-{}.region", std::process::id()));
+            let publisher = mesh_snapshot::Publisher::create(
+                &path,
+                mesh_snapshot::region::PublishOptions::default(),
+            )
+            .expect("region");
+            let (to_worker, from_watcher) = flume::unbounded();
+            let status = Arc::new(WatchStatus::default());
+            let stop = Arc::new(AtomicBool::new(false));
+            let watcher = {
+                let (path, status, stop) = (path.clone(), status.clone(), stop.clone());
+                std::thread::spawn(move || watch(path, vec![to_worker], status, stop))
+            };
+            Watched {
+                path,
+                publisher,
+                from_watcher,
+                status,
+                stop,
+                watcher: Some(watcher),
+            }
+        }
+    }
+
+    impl Drop for Watched {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Release);
+            if let Some(watcher) = self.watcher.take() {
+                // A panic there fails the test that started it, unless one already did.
+                if watcher.join().is_err() && !std::thread::panicking() {
+                    panic!("the watcher panicked");
+                }
+            }
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
     /// The real watcher loop on a real region: a worker (this thread) that drops the last
     /// index it was given does not free it; the watcher has it freed, off the data path.
     #[test]
     fn a_replaced_index_is_freed_by_the_watcher_not_by_the_worker_that_let_it_go() {
-        let path = std::env::temp_dir().join(format!("watch-retire-{}.region", std::process::id()));
-        let mut publisher = mesh_snapshot::Publisher::create(
-            &path,
-            mesh_snapshot::region::PublishOptions::default(),
-        )
-        .expect("region");
-        let (to_worker, from_watcher) = flume::unbounded();
-        let status = Arc::new(WatchStatus::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let watcher = {
-            let (path, status, stop) = (path.clone(), status.clone(), stop.clone());
-            std::thread::spawn(move || watch(path, vec![to_worker], status, stop))
-        };
-        let next_index = || match from_watcher.recv_timeout(Duration::from_secs(10)) {
+        let mut region = Watched::start("retire");
+        let next_index = || match region.from_watcher.recv_timeout(Duration::from_secs(10)) {
             Ok(Control::Adopt(index)) => index,
             _ => panic!("the watcher handed no index over"),
         };
-        publisher.publish(&base().payload).expect("publish");
+        region.publisher.publish(&base().payload).expect("publish");
         let first = next_index();
         let first_alive = Arc::downgrade(&first);
         // A second complete snapshot replaces the first.
-        publisher.publish(&base().payload).expect("publish");
+        region.publisher.publish(&base().payload).expect("publish");
         let second = next_index();
         assert_ne!(first.generation(), second.generation());
         drop(first);
@@ -533,9 +572,6 @@ mod tests {
             Arc::strong_count(&second) > 1,
             "the watcher let go of the index in use"
         );
-        stop.store(true, Ordering::Release);
-        watcher.join().expect("watcher");
-        let _ = std::fs::remove_file(&path);
     }
 
     /// The real watcher loop on a region whose bases are read in place, replaced while they
@@ -543,19 +579,8 @@ mod tests {
     /// a refusal, and the newest snapshot is the one the workers end with.
     #[test]
     fn a_base_replaced_while_built_is_dropped_and_the_newer_one_built() {
-        let path = std::env::temp_dir().join(format!("watch-torn-{}.region", std::process::id()));
-        let mut publisher = mesh_snapshot::Publisher::create(
-            &path,
-            mesh_snapshot::region::PublishOptions::default(),
-        )
-        .expect("region");
-        let (to_worker, from_watcher) = flume::unbounded();
-        let status = Arc::new(WatchStatus::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let watcher = {
-            let (path, status, stop) = (path.clone(), status.clone(), stop.clone());
-            std::thread::spawn(move || watch(path, vec![to_worker], status, stop))
-        };
+        let mut region = Watched::start("torn");
+        let (publisher, status) = (&mut region.publisher, region.status.clone());
         // Large enough that a build takes milliseconds; each publication moves every pod
         // to an address of its own, so an index shows which one it was built from.
         let pods = 5000;
@@ -588,7 +613,7 @@ mod tests {
         }
         let mut handed = Vec::new();
         let newest = loop {
-            match from_watcher.recv_timeout(Duration::from_secs(10)) {
+            match region.from_watcher.recv_timeout(Duration::from_secs(10)) {
                 Ok(Control::Adopt(index)) => {
                     let done = index.generation().generation == last.generation;
                     handed.push(index);
@@ -611,9 +636,6 @@ mod tests {
         }
         assert_eq!(newest.generation().epoch, last.epoch);
         assert_eq!(status.refused.load(Ordering::Acquire), 0);
-        stop.store(true, Ordering::Release);
-        watcher.join().expect("watcher");
-        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
