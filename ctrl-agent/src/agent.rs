@@ -372,13 +372,14 @@ fn previous_certificates(
     let mut certs = BTreeMap::new();
     let state = match mesh_snapshot::Subscriber::new(path).read() {
         Ok(mesh_snapshot::ReadOutcome::New { base, deltas, .. }) => {
-            match mesh_snapshot::delta::replay(None, base.as_ref(), &deltas) {
-                // Read in place and replaced meanwhile: another agent is publishing.
-                Ok(_) if base.as_ref().is_some_and(|b| !b.payload.intact()) => {
-                    tracing::warn!(path = %path.display(),
-                        "previous snapshot replaced while read; no certificates carried over");
-                    return certs;
-                }
+            let replayed = mesh_snapshot::delta::replay(None, base.as_ref(), &deltas);
+            // Read in place and replaced meanwhile: another agent is publishing.
+            if base.as_ref().is_some_and(|b| !b.payload.intact()) {
+                tracing::warn!(path = %path.display(),
+                    "previous snapshot replaced while read; no certificates carried over");
+                return certs;
+            }
+            match replayed {
                 Ok(state) => state,
                 Err(error) => {
                     tracing::warn!(path = %path.display(), %error,

@@ -225,8 +225,8 @@ pub fn watch(
                 priority.restore();
                 // A base read in place that the publisher replaced meanwhile (a newer complete
                 // snapshot): what was built from it is dropped unseen, and the next read
-                // starts from the new base at once.
-                if base.as_ref().is_some_and(|b| !b.payload.intact()) {
+                // starts from the new base at once (the wait below does not sleep).
+                let adopted = if base.as_ref().is_some_and(|b| !b.payload.intact()) {
                     status.builds_discarded.fetch_add(1, Ordering::AcqRel);
                     if let Ok(index) = adopted {
                         retired.hold(Arc::new(index));
@@ -237,10 +237,13 @@ pub fn watch(
                         generation = version.generation,
                         "the snapshot was replaced while being built; building the newer one"
                     );
-                    continue;
-                }
+                    None
+                } else {
+                    Some(adopted)
+                };
                 match adopted {
-                    Ok(index) => {
+                    None => {}
+                    Some(Ok(index)) => {
                         let index = Arc::new(index);
                         for worker in &workers {
                             let _ = worker.send(Control::Adopt(index.clone()));
@@ -287,7 +290,7 @@ pub fn watch(
                         }
                         last_error.clear();
                     }
-                    Err(error) => {
+                    Some(Err(error)) => {
                         status.refused.fetch_add(1, Ordering::AcqRel);
                         // What follows builds on what was refused: start again from the
                         // complete snapshot at the next publication.
