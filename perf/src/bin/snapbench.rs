@@ -1030,11 +1030,11 @@ fn adopt_parts(snap: &Snapshot, dir: &std::path::Path) -> anyhow::Result<AdoptPa
         let _ = std::fs::remove_file(&path);
         timed.push([writes, reads, built].map(report::median));
     }
-    let [[base_write_ms, base_read_ms, base_read_build_ms], [base_write_as_is_ms, base_read_as_is_ms, base_read_build_as_is_ms]] =
-        timed[..]
-    else {
+    let [lz4, as_is] = timed[..] else {
         anyhow::bail!("two ways to store a base, two timings");
     };
+    let [base_write_ms, base_read_ms, base_read_build_ms] = lz4;
+    let [base_write_as_is_ms, base_read_as_is_ms, base_read_build_as_is_ms] = as_is;
     let t = Instant::now();
     let decoded = mesh_snapshot::decode(&payload).context("decode")?;
     let index = Index::build(decoded, Generation::default()).context("index")?;
