@@ -187,6 +187,14 @@ struct Layout {
 }
 
 impl Layout {
+    /// The layout of a mapped region's bytes.
+    fn of(map: &[u8]) -> Layout {
+        Layout {
+            base: map.as_ptr(),
+            len: map.len(),
+        }
+    }
+
     fn u64_at(&self, offset: usize) -> &AtomicU64 {
         assert!(offset.is_multiple_of(8) && offset + 8 <= self.len);
         // SAFETY: in bounds and 8-aligned (mappings are page aligned, offsets are multiples of
@@ -337,10 +345,7 @@ impl Publisher {
     }
 
     fn layout(&self) -> Layout {
-        Layout {
-            base: self.map.as_ptr(),
-            len: self.map.len(),
-        }
+        Layout::of(&self.map)
     }
 
     pub fn path(&self) -> &Path {
@@ -647,10 +652,7 @@ fn mark_superseded(file: &File) {
     if map[H_MAGIC..H_MAGIC + 8] != MAGIC {
         return;
     }
-    let layout = Layout {
-        base: map.as_ptr(),
-        len: map.len(),
-    };
+    let layout = Layout::of(&map);
     layout
         .u32_at(H_FLAGS)
         .fetch_or(FLAG_SUPERSEDED, Ordering::Release);
@@ -713,10 +715,7 @@ struct Mapped {
 
 impl Mapped {
     fn layout(&self) -> Layout {
-        Layout {
-            base: self.map.as_ptr(),
-            len: self.map.len(),
-        }
+        Layout::of(&self.map)
     }
 }
 
@@ -754,10 +753,7 @@ impl Payload {
             Bytes::Mapped {
                 map, seq_at, seq, ..
             } => {
-                let layout = Layout {
-                    base: map.as_ptr(),
-                    len: map.len(),
-                };
+                let layout = Layout::of(map);
                 // Orders the reads of the bytes before the check, as in a read's own.
                 fence(Ordering::Acquire);
                 layout.u64_at(*seq_at).load(Ordering::Relaxed) == *seq
@@ -933,10 +929,7 @@ impl Subscriber {
         if map[H_MAGIC..H_MAGIC + 8] != MAGIC {
             return Err(RegionError::Magic(path));
         }
-        let layout = Layout {
-            base: map.as_ptr(),
-            len: map.len(),
-        };
+        let layout = Layout::of(&map);
         let found = layout.u32_at(H_LAYOUT).load(Ordering::Acquire);
         if found != LAYOUT_VERSION {
             return Err(RegionError::Layout { path, found });
