@@ -865,8 +865,7 @@ impl Index {
                 for workload in addressed {
                     // The list's reference goes in with the last address: for a pod with one,
                     // no count is updated on the line the uid side is reading.
-                    let ips = workload.ips.clone();
-                    let Some((&last, others)) = ips.split_last() else {
+                    let Some((&last, others)) = workload.ips.split_last() else {
                         continue;
                     };
                     for &ip in others {

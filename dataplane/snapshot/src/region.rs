@@ -726,6 +726,13 @@ pub struct Published {
     pub payload: Payload,
 }
 
+/// A seqlock reader's closing check: whether a slot's `seq` still has the even value `before`
+/// it had when the reads of its bytes began. The fence orders those reads before this load.
+fn unchanged_since(seq: &AtomicU64, before: u64) -> bool {
+    fence(Ordering::Acquire);
+    seq.load(Ordering::Relaxed) == before
+}
+
 /// A publication's bytes: a copy (log records, a decompressed base), or a base stored as is,
 /// read where it lies in the shared mapping. The publisher may replace that base while it is
 /// being read; whoever reads it checks [`Payload::intact`] after reading, and discards what
@@ -752,12 +759,7 @@ impl Payload {
             Bytes::Copied(_) => true,
             Bytes::Mapped {
                 map, seq_at, seq, ..
-            } => {
-                let layout = Layout::of(map);
-                // Orders the reads of the bytes before the check, as in a read's own.
-                fence(Ordering::Acquire);
-                layout.u64_at(*seq_at).load(Ordering::Relaxed) == *seq
-            }
+            } => unchanged_since(Layout::of(map).u64_at(*seq_at), *seq),
         }
     }
 
@@ -1035,8 +1037,7 @@ impl Subscriber {
                 || log_start + log_len > m.capacity
                 || from > log_len
             {
-                fence(Ordering::Acquire);
-                if seq.load(Ordering::Relaxed) != before {
+                if !unchanged_since(seq, before) {
                     continue;
                 }
                 // Seen, and not reported again.
@@ -1063,8 +1064,7 @@ impl Subscriber {
             });
             let log_at = data_at + (log_start + from) as usize;
             let log = m.map[log_at..log_at + (log_len - from) as usize].to_vec();
-            fence(Ordering::Acquire);
-            if seq.load(Ordering::Relaxed) != before {
+            if !unchanged_since(seq, before) {
                 // The publisher replaced the slot while we read; start over on the new one.
                 continue;
             }

@@ -989,20 +989,23 @@ fn adopt_parts(snap: &Snapshot, dir: &std::path::Path) -> anyhow::Result<AdoptPa
         let publisher = Publisher::create(&path, options)?;
         regions.push((path, publisher, compress_from > 0, [vec![], vec![], vec![]]));
     }
+    // What a data plane that starts reads: the complete snapshot.
+    let new_reader_base = |path: &std::path::Path| -> anyhow::Result<mesh_snapshot::Published> {
+        match mesh_snapshot::Subscriber::new(path).read()? {
+            ReadOutcome::New {
+                base: Some(base), ..
+            } => Ok(base),
+            _ => anyhow::bail!("the region gave back no base"),
+        }
+    };
     for _ in 0..3 {
         for (path, publisher, in_place, [writes, reads, built]) in &mut regions {
             let t = Instant::now();
             publisher.publish(&payload)?;
             writes.push(ms(t.elapsed()));
             let t = Instant::now();
-            let read = mesh_snapshot::Subscriber::new(&*path).read()?;
+            let base = new_reader_base(path)?;
             reads.push(ms(t.elapsed()));
-            let ReadOutcome::New {
-                base: Some(base), ..
-            } = read
-            else {
-                anyhow::bail!("the region gave back no base");
-            };
             anyhow::ensure!(
                 *base.payload == *payload && base.payload.in_place() == *in_place,
                 "the region gave back another payload"
@@ -1010,13 +1013,7 @@ fn adopt_parts(snap: &Snapshot, dir: &std::path::Path) -> anyhow::Result<AdoptPa
             drop(base);
             // What a data plane's complete adopt does before handing the index out.
             let t = Instant::now();
-            let read = mesh_snapshot::Subscriber::new(&*path).read()?;
-            let ReadOutcome::New {
-                base: Some(base), ..
-            } = read
-            else {
-                anyhow::bail!("the region gave back no base");
-            };
+            let base = new_reader_base(path)?;
             let index =
                 Index::build_encoded(&base.payload, Generation::default()).context("index")?;
             anyhow::ensure!(base.payload.intact(), "nothing replaced the base");
