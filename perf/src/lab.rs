@@ -94,6 +94,18 @@ impl Default for LabOptions {
     }
 }
 
+impl LabOptions {
+    /// The lab's `--driver`, unless the data planes' extra flags choose one: an A/B of the
+    /// two drivers (`meshlab ab --variant-arg=--driver=epoll`) sets it for one side only.
+    fn driver_flag(&self) -> Option<[&str; 2]> {
+        let chosen = self
+            .dataplane_args
+            .iter()
+            .any(|a| a == "--driver" || a.starts_with("--driver="));
+        (!chosen).then_some(["--driver", self.driver.as_str()])
+    }
+}
+
 /// What a tuning profile changed in a lab, or what a revert restored.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct TuningChanges {
@@ -850,7 +862,7 @@ impl Lab {
             .arg("--snapshot")
             .arg(self.snapshot_path(node))
             .args(["--workers", &self.options.workers.to_string()])
-            .args(["--driver", &self.options.driver])
+            .args(self.options.driver_flag().into_iter().flatten())
             .arg("--socks5")
             .arg("--netns-socket")
             .arg(self.netns_socket(node))
@@ -1325,5 +1337,22 @@ impl Drop for Lab {
         if let Ok(mut labs) = registry().lock() {
             labs.retain(|c| !Arc::ptr_eq(c, &self.cleanup));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_driver_among_the_data_planes_flags_replaces_the_labs_own() {
+        let mut options = LabOptions::default();
+        assert_eq!(options.driver_flag(), Some(["--driver", "auto"]));
+        for given in [["--driver=epoll"].as_slice(), &["--driver", "io-uring"]] {
+            options.dataplane_args = given.iter().map(|a| a.to_string()).collect();
+            assert_eq!(options.driver_flag(), None, "{given:?}");
+        }
+        options.dataplane_args = vec!["--drivers-license".into()];
+        assert_eq!(options.driver_flag(), Some(["--driver", "auto"]));
     }
 }
