@@ -36,7 +36,8 @@ use crate::pool::{DialSpec, HbonePool, Lease, PoolError, PoolKey, PoolSettings};
 use crate::relay;
 use crate::routing::{self, Routed};
 use crate::sockets::{
-    connected, migrate_queued_connections, original_dst, reuseport_listener, start_connect, Source,
+    connected, migrate_queued_connections, original_dst, prepare_to_accept, reuseport_listener,
+    start_connect, Source,
 };
 use crate::splice::Pipes;
 use crate::stats::WorkerStats;
@@ -761,19 +762,19 @@ impl Worker {
             }
             for socket in sockets {
                 let fd = socket.as_raw_fd();
-                let listener = match socket
-                    .set_nonblocking(true)
-                    .and_then(|()| TcpListener::from_std(socket))
-                {
-                    Ok(l) => l,
-                    Err(e) => {
-                        pod.close();
-                        return Err(std::io::Error::new(
-                            e.kind(),
-                            format!("listen on {addr}: {e}"),
-                        ));
-                    }
-                };
+                // Here, not where listeners are made: those taken over from an older process
+                // get the accept settings too.
+                let listener =
+                    match prepare_to_accept(&socket).and_then(|()| TcpListener::from_std(socket)) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            pod.close();
+                            return Err(std::io::Error::new(
+                                e.kind(),
+                                format!("listen on {addr}: {e}"),
+                            ));
+                        }
+                    };
                 let canceller = Canceller::new();
                 let stopped = Rc::new(Cell::new(false));
                 monoio::spawn(self.clone().accept_loop(
@@ -804,7 +805,6 @@ impl Worker {
         loop {
             match listener.cancelable_accept(cancel.clone()).await {
                 Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
                     // One task per connection, each kind its own future type, so a connection's
                     // task is no larger than what its own kind keeps while relaying.
                     let (w, uid) = (self.clone(), uid.clone());
@@ -1727,10 +1727,8 @@ impl Worker {
 
 /// Where a redirected connection was going before nftables sent it to us.
 fn redirected_destination(stream: &TcpStream, peer: SocketAddr, uid: &str) -> Option<SocketAddr> {
-    match stream
-        .local_addr()
-        .and_then(|local| original_dst(stream.as_raw_fd(), local))
-    {
+    // The listener is of the peer's family (IPv6 ones are v6-only): no getsockname needed.
+    match original_dst(stream.as_raw_fd(), peer.is_ipv6()) {
         Ok(dst) => Some(dst),
         Err(error) => {
             tracing::debug!(pod = %uid, %peer, %error, "no original destination");
