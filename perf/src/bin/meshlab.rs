@@ -47,9 +47,10 @@ enum Cmd {
         #[command(flatten)]
         run: RunArgs,
     },
-    /// Two data-plane variants measured within one run, rounds alternating: another build
-    /// (`--variant-dataplane`) and/or extra flags (`--variant-arg`) against this build. Both
-    /// nodes' data planes restart for each side; memory is measured with `--hold` connections.
+    /// Two data-plane variants measured within one run, rounds alternating (A B, B A, ...):
+    /// another build (`--variant-dataplane`) and/or extra flags (`--variant-arg`) against this
+    /// build. Both nodes' data planes restart for each side; memory is measured with `--hold`
+    /// connections.
     Ab {
         /// The baseline's data-plane binary (default: this build's).
         #[arg(long)]
@@ -827,10 +828,21 @@ fn ab_side(runs: &[AbFigures]) -> AbSide {
     }
 }
 
-/// Measures two variants of the mesh within one run. Every round switches to the baseline
-/// (side 0), measures, switches to the variant (side 1), measures; the lab ends switched
-/// back to the baseline. `describe` names the experiment once the rounds are done; `kind`
-/// starts the saved files' names (`tuning`, `ab`).
+/// The sides in the order a round measures them: the baseline first in odd rounds, the
+/// variant first in even ones (A B, B A, A B, ...). Neither side always runs second, and a
+/// drift over the run weighs on both alike.
+fn round_order(round: usize) -> [usize; 2] {
+    if round % 2 == 1 {
+        [0, 1]
+    } else {
+        [1, 0]
+    }
+}
+
+/// Measures two variants of the mesh within one run. Every round switches to each side in
+/// [`round_order`] and measures it; the lab ends switched back to the baseline (side 0).
+/// `describe` names the experiment once the rounds are done; `kind` starts the saved files'
+/// names (`tuning`, `ab`).
 fn ab(
     kind: &str,
     args: &RunArgs,
@@ -859,7 +871,8 @@ fn ab(
     let mut sides: [Vec<AbFigures>; 2] = [Vec::new(), Vec::new()];
     let ticks_before = sys::cpu_ticks();
     for round in 1..=rounds {
-        for (side, label) in labels.iter().enumerate() {
+        for side in round_order(round) {
+            let label = &labels[side];
             let what = format!("round {round}/{rounds}: {label}");
             let figures = progress.step(&what, side_seconds, || {
                 switch(&mut bench, side)?;
@@ -954,16 +967,14 @@ fn dataplane_ab(
     };
     let labels = [label(&baseline, &base_args), label(&variant, &variant_full)];
     let experiment = format!("data plane: {} vs {}", labels[0], labels[1]);
-    let mut current = None;
     ab(
         "ab",
         &args,
         labels,
         args.hold,
+        // Both data planes restart before every measurement, also when a round measures the
+        // side the last one did: each side starts from the same state.
         |bench, side| {
-            if current == Some(side) {
-                return Ok(());
-            }
             let (bin, flags) = if side == 0 {
                 (&baseline, &base_args)
             } else {
@@ -976,7 +987,6 @@ fn dataplane_ab(
             }
             // The first mesh connection after a restart opens the pooled tunnel.
             bench.conns("n1-a", bench.lab.addr("n2-a", ECHO_PORT), 1, 0.3)?;
-            current = Some(side);
             Ok(())
         },
         || experiment,
@@ -1227,4 +1237,15 @@ fn clean() -> anyhow::Result<()> {
     let restored = lab::restore_leftover_node_tuning()?;
     println!("restored the node-wide tuning of {restored} lab(s)");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ab_run_takes_its_sides_in_turn_and_each_goes_first_every_other_round() {
+        let orders: Vec<[usize; 2]> = (1..=4).map(round_order).collect();
+        assert_eq!(orders, [[0, 1], [1, 0], [0, 1], [1, 0]]);
+    }
 }
