@@ -98,12 +98,15 @@ impl LabOptions {
     /// The lab's `--driver`, unless the data planes' extra flags choose one: an A/B of the
     /// two drivers (`meshlab ab --variant-arg=--driver=epoll`) sets it for one side only.
     fn driver_flag(&self) -> Option<[&str; 2]> {
-        let chosen = self
-            .dataplane_args
-            .iter()
-            .any(|a| a == "--driver" || a.starts_with("--driver="));
-        (!chosen).then_some(["--driver", self.driver.as_str()])
+        (!chooses_driver(&self.dataplane_args)).then_some(["--driver", self.driver.as_str()])
     }
+}
+
+/// Whether data-plane flags choose the I/O driver themselves.
+pub fn chooses_driver(dataplane_args: &[String]) -> bool {
+    dataplane_args
+        .iter()
+        .any(|a| a == "--driver" || a.starts_with("--driver="))
 }
 
 /// What a tuning profile changed in a lab, or what a revert restored.

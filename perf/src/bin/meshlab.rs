@@ -960,8 +960,15 @@ fn dataplane_ab(
     let base_args = args.dataplane_args.clone();
     let mut variant_full = base_args.clone();
     variant_full.extend(variant_args.iter().cloned());
+    // What ran: the lab's own `--driver` too, where it passes one other than the default.
     let label = |bin: &PathBuf, extra: &[String]| {
-        format!("{} {}", bin.display(), extra.join(" "))
+        let lab_driver = (args.driver != "auto" && !lab::chooses_driver(extra))
+            .then(|| format!("--driver {}", args.driver));
+        let flags: Vec<String> = lab_driver
+            .into_iter()
+            .chain(extra.iter().cloned())
+            .collect();
+        format!("{} {}", bin.display(), flags.join(" "))
             .trim()
             .to_owned()
     };
