@@ -95,18 +95,18 @@ impl Default for LabOptions {
 }
 
 impl LabOptions {
-    /// The lab's `--driver`, unless the data planes' extra flags choose one: an A/B of the
-    /// two drivers (`meshlab ab --variant-arg=--driver=epoll`) sets it for one side only.
     fn driver_flag(&self) -> Option<[&str; 2]> {
-        (!chooses_driver(&self.dataplane_args)).then_some(["--driver", self.driver.as_str()])
+        driver_flag(&self.driver, &self.dataplane_args)
     }
 }
 
-/// Whether data-plane flags choose the I/O driver themselves.
-pub fn chooses_driver(dataplane_args: &[String]) -> bool {
-    dataplane_args
+/// The lab's `--driver` for a data plane, unless its extra flags choose one: an A/B of the
+/// two drivers (`meshlab ab --variant-arg=--driver=epoll`) sets it for one side only.
+pub fn driver_flag<'a>(driver: &'a str, dataplane_args: &[String]) -> Option<[&'a str; 2]> {
+    let chosen = dataplane_args
         .iter()
-        .any(|a| a == "--driver" || a.starts_with("--driver="))
+        .any(|a| a == "--driver" || a.starts_with("--driver="));
+    (!chosen).then_some(["--driver", driver])
 }
 
 /// What a tuning profile changed in a lab, or what a revert restored.

@@ -960,13 +960,13 @@ fn dataplane_ab(
     let base_args = args.dataplane_args.clone();
     let mut variant_full = base_args.clone();
     variant_full.extend(variant_args.iter().cloned());
-    // What ran: the lab's own `--driver` too, where it passes one other than the default.
+    // What ran: the lab's own `--driver` too (the flag it passes), unless it is the default.
     let label = |bin: &PathBuf, extra: &[String]| {
-        let lab_driver = (args.driver != "auto" && !lab::chooses_driver(extra))
-            .then(|| format!("--driver {}", args.driver));
-        let flags: Vec<String> = lab_driver
+        let lab_driver = lab::driver_flag(&args.driver, extra).filter(|[_, d]| *d != "auto");
+        let flags: Vec<&str> = lab_driver
             .into_iter()
-            .chain(extra.iter().cloned())
+            .flatten()
+            .chain(extra.iter().map(String::as_str))
             .collect();
         format!("{} {}", bin.display(), flags.join(" "))
             .trim()
