@@ -888,11 +888,19 @@ impl Lab {
     /// one serves. The old process, returned, drains its connections and exits by itself.
     pub fn upgrade_dataplane(&mut self, node: usize) -> anyhow::Result<Child> {
         let before = self.takeovers(node);
+        let old = self.begin_upgrade(node)?;
+        self.await_takeover(node, before)?;
+        Ok(old)
+    }
+
+    /// Starts an upgrade of a node's data plane: starts the new process, which asks the
+    /// running one for its sockets, and returns the old process at once, without waiting for
+    /// the new one to take over or give up.
+    pub fn begin_upgrade(&mut self, node: usize) -> anyhow::Result<Child> {
         let old = self.dataplanes[node]
             .take()
             .ok_or_else(|| anyhow::anyhow!("no data plane on {}", NODE_NAMES[node]))?;
         self.start_dataplane(node)?;
-        self.await_takeover(node, before)?;
         Ok(old)
     }
 

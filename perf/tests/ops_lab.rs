@@ -889,18 +889,24 @@ fn running(pid: u32) -> bool {
 
 lab_test!(
     an_upgrade_that_cannot_get_ready_leaves_the_old_data_plane_in_charge,
-    LabOptions::default(),
+    LabOptions {
+        dataplane_args: vec!["--upgrade-ready-within=8s".into()],
+        ..LabOptions::default()
+    },
     |lab| {
         let mut lab = lab;
         echo_server(&lab, "n2-a");
         exchange(&lab, "n1-a", "n2-a", ECHO, 10).expect("before the upgrade");
         let old = lab.dataplane_pid(1).expect("data plane");
         // With node 2's agent down, a new process cannot get the pods' namespaces (the running
-        // one keeps those it has), so it never gets ready and gives up after 60 s.
+        // one keeps those it has), so it never gets ready and gives up after its 8 s.
         lab.kill_agent(1).expect("kill agent");
-        assert!(
-            lab.upgrade_dataplane(1).is_err(),
-            "took over without the pods' namespaces"
+        let mut old_process = lab.begin_upgrade(1).expect("start the new data plane");
+        await_log(
+            &lab,
+            "dataplane",
+            1,
+            "taking over the listening sockets of the running data plane",
         );
         // Until it gives up, probes reach the old process only: always ready.
         for _ in 0..20 {
@@ -918,6 +924,7 @@ lab_test!(
             log.contains("could not take over; leaving the old data plane in charge"),
             "{log}"
         );
+        assert!(log.contains("not ready within 8s"), "{log}");
         assert!(
             log.contains("the new data plane gave up; serving on"),
             "{log}"
@@ -942,6 +949,7 @@ lab_test!(
             eventually(Duration::from_secs(15), || !running(old)),
             "the old data plane did not drain and exit"
         );
+        let _ = old_process.wait();
         lab.wait_ready(1, Duration::from_secs(10))
             .expect("ready after the upgrade");
         exchange(&lab, "n1-a", "n2-a", ECHO, 1000).expect("through the new data plane");
@@ -960,9 +968,12 @@ lab_test!(
         // (the pod's, in its first sandbox) but cannot get the pods' namespaces, so it has
         // not used them yet: the upgrade stays open.
         lab.kill_agent(0).expect("kill agent");
-        assert!(
-            lab.upgrade_dataplane(0).is_err(),
-            "took over without the pods' namespaces"
+        let mut old_process = lab.begin_upgrade(0).expect("start the new data plane");
+        await_log(
+            &lab,
+            "dataplane",
+            0,
+            "taking over the listening sockets of the running data plane",
         );
         // The runtime recreates the pod's sandbox meanwhile; paused, the new process first
         // hears of the pod's namespace once it is the new one.
@@ -977,6 +988,7 @@ lab_test!(
             "the old data plane did not hand over:\n{}",
             lab.process_log("dataplane", 0)
         );
+        let _ = old_process.wait();
         lab.wait_ready(0, Duration::from_secs(10))
             .expect("ready after the upgrade");
         assert!(

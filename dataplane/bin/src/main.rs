@@ -89,6 +89,12 @@ struct Args {
     /// listening sockets over, and this one drains (see the README).
     #[arg(long, env = "DATAPLANE_UPGRADE_SOCKET")]
     upgrade_socket: Option<PathBuf>,
+    /// How long a new process may take to get ready on the sockets it took over (its pods'
+    /// namespaces and snapshot in hand) before it gives up and leaves the running one in
+    /// charge, 1s to 1h. The running process tells it its own, and the shorter one holds.
+    #[arg(long, env = "DATAPLANE_UPGRADE_READY_WITHIN", default_value = "60s",
+          value_parser = parse_ready_window)]
+    upgrade_ready_within: Duration,
     /// Log lines as JSON instead of text.
     #[arg(long)]
     log_json: bool,
@@ -111,6 +117,14 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
         .ok()
         .filter(|f| (0.0..=1.0).contains(f))
         .ok_or_else(|| format!("{s:?} is not a number from 0 to 1"))
+}
+
+fn parse_ready_window(s: &str) -> Result<Duration, String> {
+    let within = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&within) {
+        return Err(format!("{s:?} is not from 1s to 1h"));
+    }
+    Ok(within)
 }
 
 fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
@@ -170,6 +184,7 @@ fn main() -> anyhow::Result<()> {
         },
         log_level: Some(log_level),
         upgrade_socket: args.upgrade_socket,
+        upgrade_ready_within: args.upgrade_ready_within,
         netns_socket: args.netns_socket,
         worker: WorkerSettings {
             socks5: args.socks5,

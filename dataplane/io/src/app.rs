@@ -40,6 +40,9 @@ pub struct Config {
     /// Where a newer process asks this one for its sockets (and where this one asks a
     /// running one at start): upgrades without resets.
     pub upgrade_socket: Option<PathBuf>,
+    /// How long a new process may take to get ready on inherited sockets before it gives up
+    /// (and, told to the new process, how long this one waits for that when it hands over).
+    pub upgrade_ready_within: Duration,
     /// ctrl-agent's socket for the namespaces of pods enrolled through CNI.
     pub netns_socket: Option<PathBuf>,
     pub worker: WorkerSettings,
@@ -148,16 +151,18 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
     );
 
     // A running data plane on the upgrade socket hands its listening sockets over.
-    let (predecessor, inherited) = match &config.upgrade_socket {
+    let (predecessor, inherited, ready_within) = match &config.upgrade_socket {
         Some(path) => match upgrade::request(path).map_err(AppError::Takeover)? {
-            Some((channel, inherited)) => (Some(channel), inherited),
-            None => (None, Inherited::default()),
+            Some(takeover) => {
+                let ready_within = takeover.ready_within(config.upgrade_ready_within);
+                tracing::info!(?ready_within, old_waits = ?takeover.old_waits,
+                    "taking over the listening sockets of the running data plane");
+                (Some(takeover.channel), takeover.inherited, ready_within)
+            }
+            None => (None, Inherited::default(), config.upgrade_ready_within),
         },
-        None => (None, Inherited::default()),
+        None => (None, Inherited::default(), config.upgrade_ready_within),
     };
-    if predecessor.is_some() {
-        tracing::info!("taking over the listening sockets of the running data plane");
-    }
     let inherited = Arc::new(inherited);
     let registry = Arc::new(NetnsRegistry::default());
     let stats: Vec<Arc<WorkerStats>> = (0..config.workers)
@@ -296,7 +301,7 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
     // Taking over: the admin endpoints and the upgrade socket stay the old process's until
     // this one is ready, so probes and scrapes never reach a process that may still give up.
     let takeover = match &predecessor {
-        Some(_) => await_ready(&state, &next_event),
+        Some(_) => await_ready(&state, &next_event, ready_within),
         None => Ok(()),
     };
     let outcome = match takeover {
@@ -327,6 +332,7 @@ pub fn run(mut config: Config) -> Result<(), AppError> {
                     endpoints: endpoint_copies,
                     events: events.clone(),
                     predecessor: waiting_predecessor.clone(),
+                    ready_within: config.upgrade_ready_within,
                 };
                 std::thread::Builder::new()
                     .name("upgrade".into())
@@ -600,18 +606,19 @@ enum Event {
     HandedOver(upgrade::Succeeded),
 }
 
-/// How long a new process may take to get ready on inherited sockets before it gives up.
-const TAKEOVER_READY_WITHIN: Duration = Duration::from_secs(60);
-
 /// The new process's half of an upgrade, once its workers run on the inherited sockets: waits
 /// until it is ready. The reason to give up instead: not ready in time, or told to stop.
-fn await_ready(state: &AdminState, events: &flume::Receiver<Event>) -> Result<(), String> {
-    let deadline = Instant::now() + TAKEOVER_READY_WITHIN;
+fn await_ready(
+    state: &AdminState,
+    events: &flume::Receiver<Event>,
+    within: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + within;
     loop {
         match state.readiness() {
             Ok(()) => return Ok(()),
             Err(why) if Instant::now() >= deadline => {
-                return Err(format!("not ready within {TAKEOVER_READY_WITHIN:?}: {why}"))
+                return Err(format!("not ready within {within:?}: {why}"))
             }
             Err(_) => {}
         }
@@ -629,6 +636,8 @@ struct Upgrades {
     endpoints: Vec<(&'static str, SocketAddr, std::net::TcpListener)>,
     events: flume::Sender<Event>,
     predecessor: Arc<upgrade::WaitingPredecessor>,
+    /// How long a new process may take to get ready (it is told so).
+    ready_within: Duration,
 }
 
 impl Upgrades {
@@ -677,12 +686,7 @@ impl Upgrades {
                 sockets = listeners.len(),
                 "handing the listening sockets to a new data plane"
             );
-            match upgrade::hand_over(
-                &channel,
-                &listeners,
-                &self.endpoints,
-                TAKEOVER_READY_WITHIN + Duration::from_secs(5),
-            ) {
+            match upgrade::hand_over(&channel, &listeners, &self.endpoints, self.ready_within) {
                 Ok(Some(succeeded)) => {
                     let _ = self.events.send(Event::HandedOver(succeeded));
                     return;

@@ -60,6 +60,10 @@ pub enum Message {
     },
     Done {
         sockets: usize,
+        /// How long the old process waits for `Ready` or `Abort`, less [`VERDICT_MARGIN`].
+        /// Releases before this field waited [`UNSTATED_READY_WITHIN`].
+        #[serde(default)]
+        ready_within_ms: Option<u64>,
     },
     Ready,
     /// Ready, with admin endpoints of its own (it runs in another network namespace, i.e.
@@ -219,9 +223,32 @@ impl Inherited {
     }
 }
 
+/// How long an old process that does not say waits for the new one to get ready.
+pub const UNSTATED_READY_WITHIN: Duration = Duration::from_secs(60);
+
+/// Beyond the ready window it states, how long the old process waits for the verdict: the
+/// new process's `Abort` at the end of the window still arrives in time.
+pub const VERDICT_MARGIN: Duration = Duration::from_secs(5);
+
+/// The new process's side of a handover, the sockets received.
+pub struct Takeover {
+    pub channel: Channel,
+    pub inherited: Inherited,
+    /// How long the old process waits for the new one to get ready.
+    pub old_waits: Duration,
+}
+
+impl Takeover {
+    /// How long this process may take to get ready, its own window being `own`: no longer
+    /// than the old process waits, or both would serve, each believing the other had stopped.
+    pub fn ready_within(&self, own: Duration) -> Duration {
+        own.min(self.old_waits)
+    }
+}
+
 /// The new process's side: asks the process listening on `path` for its sockets. `Ok(None)`
 /// when nothing listens there (a first start).
-pub fn request(path: &Path) -> std::io::Result<Option<(Channel, Inherited)>> {
+pub fn request(path: &Path) -> std::io::Result<Option<Takeover>> {
     let Some(channel) = Channel::connect_if_listening(path)? else {
         return Ok(None);
     };
@@ -251,8 +278,17 @@ pub fn request(path: &Path) -> std::io::Result<Option<(Channel, Inherited)>> {
                 inherited.insert(pod, endpoint, addr, fd);
                 received += 1;
             }
-            Message::Done { sockets } if sockets == received => {
-                return Ok(Some((channel, inherited)))
+            Message::Done {
+                sockets,
+                ready_within_ms,
+            } if sockets == received => {
+                let old_waits =
+                    ready_within_ms.map_or(UNSTATED_READY_WITHIN, Duration::from_millis);
+                return Ok(Some(Takeover {
+                    channel,
+                    inherited,
+                    old_waits,
+                }));
             }
             other => {
                 return Err(std::io::Error::new(
@@ -273,8 +309,9 @@ pub struct Succeeded {
 }
 
 /// The old process's side, on a channel that asked for a handover: sends `listeners` (pods')
-/// and `endpoints` (admin), then waits for the verdict. `Ok(Some(_))`: the new process serves;
-/// stop accepting and drain.
+/// and `endpoints` (admin), then waits for the verdict, `ready_within` (which the new process
+/// is told) and [`VERDICT_MARGIN`]. `Ok(Some(_))`: the new process serves; stop accepting and
+/// drain.
 pub fn hand_over(
     channel: &Channel,
     listeners: &[HandedListener],
@@ -304,10 +341,11 @@ pub fn hand_over(
     channel.send_json(
         &Message::Done {
             sockets: listeners.len() + endpoints.len(),
+            ready_within_ms: Some(u64::try_from(ready_within.as_millis()).unwrap_or(u64::MAX)),
         },
         &[],
     )?;
-    channel.set_timeout(Some(ready_within))?;
+    channel.set_timeout(Some(ready_within + VERDICT_MARGIN))?;
     match channel.recv_json::<Message>()? {
         Some((Message::Ready, _)) => Ok(Some(Succeeded {
             shares_endpoints: true,
@@ -578,7 +616,21 @@ mod tests {
             let endpoints = [("admin", admin_addr, admin)];
             hand_over(&channel, &listeners, &endpoints, Duration::from_secs(5)).expect("handover")
         });
-        let (channel, inherited) = request(&path).expect("request").expect("someone answered");
+        let takeover = request(&path).expect("request").expect("someone answered");
+        // The old side says how long it waits: a new process that would wait longer keeps to
+        // that, one that would wait less to its own.
+        assert_eq!(takeover.old_waits, Duration::from_secs(5));
+        assert_eq!(
+            takeover.ready_within(Duration::from_secs(60)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            takeover.ready_within(Duration::from_secs(2)),
+            Duration::from_secs(2)
+        );
+        let Takeover {
+            channel, inherited, ..
+        } = takeover;
         let mut pods = inherited.take("p", pod_addr, 0, 1, None);
         assert_eq!(pods.len(), 1);
         // The same listening socket: a connection to it is accepted through the new copy.
@@ -601,6 +653,52 @@ mod tests {
         // Nobody listening: a first start.
         std::fs::remove_file(&path).expect("rm");
         assert!(request(&path).expect("no error").is_none());
+    }
+
+    #[test]
+    fn the_ready_window_travels_between_releases_that_do_and_do_not_state_it() {
+        // Releases before `ready_within_ms` sent and expected `Done` with the count alone.
+        #[derive(Debug, Serialize, Deserialize, PartialEq)]
+        enum OlderRelease {
+            Done { sockets: usize },
+        }
+        let older = serde_json::to_string(&OlderRelease::Done { sockets: 3 }).expect("encode");
+        assert_eq!(
+            serde_json::from_str::<Message>(&older).expect("an older release's Done"),
+            Message::Done {
+                sockets: 3,
+                ready_within_ms: None
+            }
+        );
+        let newer = serde_json::to_string(&Message::Done {
+            sockets: 3,
+            ready_within_ms: Some(10_000),
+        })
+        .expect("encode");
+        assert_eq!(
+            serde_json::from_str::<OlderRelease>(&newer)
+                .expect("this release's Done, read by an older one"),
+            OlderRelease::Done { sockets: 3 }
+        );
+
+        // A new process taking over from an older release keeps to what that one waited.
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("dir");
+        let path = dir.path().join("upgrade.sock");
+        let server = listen(&path).expect("listen");
+        let old = std::thread::spawn(move || {
+            let channel = server.accept().expect("accept");
+            channel.recv_json::<Message>().expect("recv").expect("msg");
+            channel
+                .send_json(&OlderRelease::Done { sockets: 0 }, &[])
+                .expect("an older release's Done");
+            channel
+        });
+        let takeover = request(&path).expect("request").expect("someone answered");
+        assert_eq!(
+            takeover.ready_within(Duration::from_secs(300)),
+            UNSTATED_READY_WITHIN
+        );
+        drop(old.join().expect("old side"));
     }
 
     /// The new side says it is ready, as `inherited` has it; what the old side made of it.
@@ -648,9 +746,9 @@ mod tests {
             channel.recv_json::<Message>().expect("recv").expect("msg");
             hand_over(&channel, &[], &[], Duration::from_secs(5)).expect("handover")
         });
-        let (channel, _) = request(&path).expect("request").expect("someone answered");
+        let takeover = request(&path).expect("request").expect("someone answered");
         assert_eq!(
-            verdict(&channel, &inherited, old),
+            verdict(&takeover.channel, &inherited, old),
             Some(Succeeded {
                 shares_endpoints: false
             })
