@@ -129,11 +129,14 @@ impl AccessLogger {
                 n += 1;
             }
         }
+        crate::logs::flush_lines();
         n
     }
 
-    /// Drains every 100 ms until `stop`, then once more.
+    /// Drains every 100 ms until `stop`, then once more. Each drain's lines go to stderr in
+    /// one write.
     pub fn run(self, stop: Arc<std::sync::atomic::AtomicBool>) {
+        crate::logs::batch_lines_on_this_thread(std::io::stderr());
         while !stop.load(std::sync::atomic::Ordering::Acquire) {
             if self.drain() == 0 {
                 std::thread::sleep(Duration::from_millis(100));

@@ -2,8 +2,11 @@
 //! every process on a node: `RUST_LOG` filters (default `info`), stderr, JSON on request, and
 //! a filter that can be changed while the process runs (the admin endpoint's `/logging`).
 
-use std::io::IsTerminal;
+use std::cell::RefCell;
+use std::io::{IsTerminal, Write};
 use std::sync::{Arc, Mutex};
+
+use tracing_subscriber::fmt::MakeWriter;
 
 type Reload = dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync;
 
@@ -47,7 +50,7 @@ pub fn init(json: bool) -> LogLevel {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(Lines(std::io::stderr));
     let reload: Arc<Reload> = if json {
         let logs = logs.json().with_filter_reloading();
         let handle = logs.reload_handle();
@@ -64,5 +67,203 @@ pub fn init(json: bool) -> LogLevel {
     LogLevel {
         reload,
         current: Arc::new(Mutex::new(directives)),
+    }
+}
+
+/// A thread's lines waiting for [`flush_lines`], and where they go then.
+struct Pending {
+    bytes: Vec<u8>,
+    out: Box<dyn Write>,
+}
+
+/// Beyond this, a batching thread's lines go out before its flush.
+const BATCH_LIMIT: usize = 64 << 10;
+
+thread_local! {
+    static PENDING: RefCell<Option<Pending>> = const { RefCell::new(None) };
+}
+
+/// From now on, the lines this thread logs wait and go to `out` together at [`flush_lines`]
+/// (or once 64 KiB wait), one write instead of one per line. For the access logger, which
+/// writes a line per connection: each of its drains is then one syscall, and one wakeup of
+/// whatever reads the process's stderr.
+pub fn batch_lines_on_this_thread(out: impl Write + 'static) {
+    PENDING.with(|p| {
+        *p.borrow_mut() = Some(Pending {
+            bytes: Vec::new(),
+            out: Box::new(out),
+        })
+    });
+}
+
+/// Writes the lines this thread has waiting, if it batches.
+pub fn flush_lines() {
+    PENDING.with(|p| {
+        if let Some(pending) = p.borrow_mut().as_mut() {
+            pending.flush();
+        }
+    });
+}
+
+/// The most a write to a pipe (a container's stderr) carries without another writer's bytes
+/// landing inside it: PIPE_BUF.
+const ATOMIC_WRITE: usize = libc::PIPE_BUF;
+
+impl Pending {
+    /// Writes whole lines, as many as fit in one atomic write each, so that no other thread's
+    /// line lands inside one of them. A line longer than that goes alone, as it would unbatched.
+    fn flush(&mut self) {
+        let mut rest = &self.bytes[..];
+        while !rest.is_empty() {
+            let fits = &rest[..rest.len().min(ATOMIC_WRITE)];
+            let end = match fits.iter().rposition(|&b| b == b'\n') {
+                Some(last) => last + 1,
+                None => rest
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(rest.len(), |first| first + 1),
+            };
+            // As with a line written directly, a log sink that fails loses the lines.
+            let _ = self.out.write_all(&rest[..end]);
+            rest = &rest[end..];
+        }
+        self.bytes.clear();
+    }
+}
+
+/// The log format's writer: `M`'s, except on a thread that batches its lines.
+#[derive(Clone, Copy)]
+pub struct Lines<M>(pub M);
+
+impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for Lines<M> {
+    type Writer = LineWriter<M::Writer>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        LineWriter(self.0.make_writer())
+    }
+}
+
+pub struct LineWriter<W>(W);
+
+impl<W: Write> Write for LineWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let batched = PENDING.with(|p| match p.borrow_mut().as_mut() {
+            Some(pending) => {
+                pending.bytes.extend_from_slice(buf);
+                if pending.bytes.len() >= BATCH_LIMIT {
+                    pending.flush();
+                }
+                true
+            }
+            None => false,
+        });
+        if batched {
+            Ok(buf.len())
+        } else {
+            self.0.write(buf)
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every write it receives, kept apart.
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut writes) = self.0.lock() {
+                writes.push(buf.to_vec());
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Writes {
+        fn taken(&self) -> Vec<String> {
+            self.0
+                .lock()
+                .map(|mut w| {
+                    w.drain(..)
+                        .map(|b| String::from_utf8_lossy(&b).into())
+                        .collect()
+                })
+                .unwrap_or_default()
+        }
+    }
+
+    #[test]
+    fn a_batching_thread_writes_its_lines_together_and_others_line_by_line() {
+        let sink = Writes::default();
+        let make = {
+            let sink = sink.clone();
+            move || sink.clone()
+        };
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(Lines(make))
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("one");
+            tracing::info!("two");
+            assert_eq!(sink.taken().len(), 2, "a line per write on other threads");
+
+            batch_lines_on_this_thread(sink.clone());
+            for n in 0..3 {
+                tracing::info!(n, "connection");
+            }
+            assert!(sink.taken().is_empty(), "written before the flush");
+            flush_lines();
+            let writes = sink.taken();
+            assert_eq!(writes.len(), 1, "{writes:?}");
+            assert_eq!(writes[0].lines().count(), 3, "{writes:?}");
+            assert!(writes[0].contains("connection n=2"), "{writes:?}");
+            flush_lines();
+            assert!(sink.taken().is_empty(), "an empty flush writes nothing");
+
+            // A long drain does not wait for its end without bound, and goes out in whole
+            // lines, each write small enough that no other writer's bytes land inside it.
+            let line = "x".repeat(1000);
+            for _ in 0..100 {
+                tracing::info!(%line);
+            }
+            let early = sink.taken();
+            let early_bytes: usize = early.iter().map(String::len).sum();
+            assert!(
+                early_bytes >= BATCH_LIMIT,
+                "64 KiB went out before the flush"
+            );
+            flush_lines();
+            let writes: Vec<String> = early.into_iter().chain(sink.taken()).collect();
+            for write in &writes {
+                assert!(
+                    write.len() <= ATOMIC_WRITE && write.ends_with('\n'),
+                    "{write:?}"
+                );
+            }
+            let lines: usize = writes.iter().map(|w| w.lines().count()).sum();
+            assert_eq!(lines, 100, "lines lost or doubled");
+            assert!(writes.len() <= 50, "{} writes for 100 lines", writes.len());
+
+            // A line longer than one atomic write goes alone, whole.
+            let long = "y".repeat(ATOMIC_WRITE * 2);
+            tracing::info!("short");
+            tracing::info!(%long);
+            tracing::info!("short");
+            flush_lines();
+            let writes = sink.taken();
+            assert_eq!(writes.len(), 3, "{writes:?}");
+            assert!(writes[1].contains(&long) && writes[1].ends_with('\n'));
+        });
     }
 }
