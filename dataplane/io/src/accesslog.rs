@@ -133,8 +133,8 @@ impl AccessLogger {
         n
     }
 
-    /// Drains every 100 ms until `stop`, then once more. Each drain's lines go to stderr in
-    /// one write.
+    /// Drains every 100 ms until `stop`, then once more. Lines go to stderr packed into
+    /// writes of up to PIPE_BUF ([`crate::logs::batch_lines_on_this_thread`]).
     pub fn run(self, stop: Arc<std::sync::atomic::AtomicBool>) {
         crate::logs::batch_lines_on_this_thread(std::io::stderr());
         while !stop.load(std::sync::atomic::Ordering::Acquire) {

@@ -41,7 +41,7 @@ pub struct Config {
     /// running one at start): upgrades without resets.
     pub upgrade_socket: Option<PathBuf>,
     /// How long a new process may take to get ready on inherited sockets before it gives up
-    /// (and, told to the new process, how long this one waits for that when it hands over).
+    /// (and, when this one hands over, the window it tells the new process).
     pub upgrade_ready_within: Duration,
     /// ctrl-agent's socket for the namespaces of pods enrolled through CNI.
     pub netns_socket: Option<PathBuf>,

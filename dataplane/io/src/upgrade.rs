@@ -60,8 +60,9 @@ pub enum Message {
     },
     Done {
         sockets: usize,
-        /// How long the old process waits for `Ready` or `Abort`, less [`VERDICT_MARGIN`].
-        /// Releases before this field waited [`UNSTATED_READY_WITHIN`].
+        /// How long the new process may take to get ready: the old one waits at least that
+        /// long for `Ready` or `Abort`. Releases before this field waited
+        /// [`UNSTATED_READY_WITHIN`].
         #[serde(default)]
         ready_within_ms: Option<u64>,
     },
@@ -226,15 +227,15 @@ impl Inherited {
 /// How long an old process that does not say waits for the new one to get ready.
 pub const UNSTATED_READY_WITHIN: Duration = Duration::from_secs(60);
 
-/// Beyond the ready window it states, how long the old process waits for the verdict: the
-/// new process's `Abort` at the end of the window still arrives in time.
+/// Beyond the ready window, how long the old process waits for the verdict: the new
+/// process's `Abort` at the end of the window still arrives in time.
 pub const VERDICT_MARGIN: Duration = Duration::from_secs(5);
 
 /// The new process's side of a handover, the sockets received.
 pub struct Takeover {
     pub channel: Channel,
     pub inherited: Inherited,
-    /// How long the old process waits for the new one to get ready.
+    /// How long the old process waits for the new one to get ready (at least).
     pub old_waits: Duration,
 }
 
@@ -309,9 +310,8 @@ pub struct Succeeded {
 }
 
 /// The old process's side, on a channel that asked for a handover: sends `listeners` (pods')
-/// and `endpoints` (admin), then waits for the verdict, `ready_within` (which the new process
-/// is told) and [`VERDICT_MARGIN`]. `Ok(Some(_))`: the new process serves; stop accepting and
-/// drain.
+/// and `endpoints` (admin), tells the new process to get ready within `ready_within`, then
+/// waits for the verdict. `Ok(Some(_))`: the new process serves; stop accepting and drain.
 pub fn hand_over(
     channel: &Channel,
     listeners: &[HandedListener],
@@ -345,7 +345,11 @@ pub fn hand_over(
         },
         &[],
     )?;
-    channel.set_timeout(Some(ready_within + VERDICT_MARGIN))?;
+    // A new process of an older release does not read the window and may take 60 s; one of
+    // this release gives up by `ready_within` and says so, which ends the wait sooner.
+    channel.set_timeout(Some(
+        ready_within.max(UNSTATED_READY_WITHIN) + VERDICT_MARGIN,
+    ))?;
     match channel.recv_json::<Message>()? {
         Some((Message::Ready, _)) => Ok(Some(Succeeded {
             shares_endpoints: true,
