@@ -599,19 +599,32 @@ mod tests {
         assert_eq!(inherited.take("unknown", addr, 0, 1, None).len(), 1);
     }
 
-    #[test]
-    fn a_handover_carries_every_socket_and_the_verdict() {
-        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("dir");
+    /// An old side on a fresh upgrade socket in `dir`: once asked for a handover, `answer`
+    /// runs on the channel. The new side's takeover and the old side's thread.
+    fn handover<T: Send + 'static>(
+        dir: &mesh_snapshot::test_support::ScratchDir,
+        answer: impl FnOnce(Channel) -> T + Send + 'static,
+    ) -> (Takeover, std::thread::JoinHandle<T>) {
         let path = dir.path().join("upgrade.sock");
         let server = listen(&path).expect("listen");
-        let pod_socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let pod_addr = pod_socket.local_addr().expect("addr");
-        let admin = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let admin_addr = admin.local_addr().expect("addr");
         let old = std::thread::spawn(move || {
             let channel = server.accept().expect("accept");
             let (asked, _) = channel.recv_json::<Message>().expect("recv").expect("msg");
             assert_eq!(asked, Message::Handover);
+            answer(channel)
+        });
+        let takeover = request(&path).expect("request").expect("someone answered");
+        (takeover, old)
+    }
+
+    #[test]
+    fn a_handover_carries_every_socket_and_the_verdict() {
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("dir");
+        let pod_socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let pod_addr = pod_socket.local_addr().expect("addr");
+        let admin = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let admin_addr = admin.local_addr().expect("addr");
+        let (takeover, old) = handover(&dir, move |channel| {
             let listeners = [HandedListener {
                 pod: "p".into(),
                 addr: pod_addr,
@@ -620,7 +633,6 @@ mod tests {
             let endpoints = [("admin", admin_addr, admin)];
             hand_over(&channel, &listeners, &endpoints, Duration::from_secs(5)).expect("handover")
         });
-        let takeover = request(&path).expect("request").expect("someone answered");
         // The old side says how long it waits: a new process that would wait longer keeps to
         // that, one that would wait less to its own.
         assert_eq!(takeover.old_waits, Duration::from_secs(5));
@@ -655,6 +667,7 @@ mod tests {
             })
         );
         // Nobody listening: a first start.
+        let path = dir.path().join("upgrade.sock");
         std::fs::remove_file(&path).expect("rm");
         assert!(request(&path).expect("no error").is_none());
     }
@@ -687,17 +700,12 @@ mod tests {
 
         // A new process taking over from an older release keeps to what that one waited.
         let dir = mesh_snapshot::test_support::ScratchDir::new().expect("dir");
-        let path = dir.path().join("upgrade.sock");
-        let server = listen(&path).expect("listen");
-        let old = std::thread::spawn(move || {
-            let channel = server.accept().expect("accept");
-            channel.recv_json::<Message>().expect("recv").expect("msg");
+        let (takeover, old) = handover(&dir, |channel| {
             channel
                 .send_json(&OlderRelease::Done { sockets: 0 }, &[])
                 .expect("an older release's Done");
             channel
         });
-        let takeover = request(&path).expect("request").expect("someone answered");
         assert_eq!(
             takeover.ready_within(Duration::from_secs(300)),
             UNSTATED_READY_WITHIN
@@ -743,14 +751,9 @@ mod tests {
 
         // The old side hears that its endpoints are still its own.
         let dir = mesh_snapshot::test_support::ScratchDir::new().expect("dir");
-        let path = dir.path().join("upgrade.sock");
-        let server = listen(&path).expect("listen");
-        let old = std::thread::spawn(move || {
-            let channel = server.accept().expect("accept");
-            channel.recv_json::<Message>().expect("recv").expect("msg");
+        let (takeover, old) = handover(&dir, |channel| {
             hand_over(&channel, &[], &[], Duration::from_secs(5)).expect("handover")
         });
-        let takeover = request(&path).expect("request").expect("someone answered");
         assert_eq!(
             verdict(&takeover.channel, &inherited, old),
             Some(Succeeded {
