@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use mesh_io::procfs::{stat_fields, Process};
+
 /// Whether this process runs as root (effective uid 0).
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -54,24 +56,9 @@ pub fn run_with_input(program: &str, args: &[&str], input: &str) -> anyhow::Resu
     Ok(())
 }
 
-/// Fields of a `stat` file under /proc, counted from the one after the command name
-/// (the state is field 0).
-fn stat_fields<const N: usize>(path: &str, wanted: [usize; N]) -> Option<[u64; N]> {
-    let stat = std::fs::read_to_string(path).ok()?;
-    // The command name may contain spaces; fields resume after the closing parenthesis.
-    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
-    let mut values = [0; N];
-    for (value, at) in values.iter_mut().zip(wanted) {
-        *value = fields.get(at)?.parse().ok()?;
-    }
-    Some(values)
-}
-
 /// CPU time (user + system, all threads) of a process, in seconds.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let [utime, stime] = stat_fields(&format!("/proc/{pid}/stat"), [11, 12])?;
-    // USER_HZ is 100 on every Linux ABI this runs on.
-    Some((utime + stime) as f64 / 100.0)
+    Process::Pid(pid).cpu_seconds()
 }
 
 /// Minor page faults of this process (all its threads, ended ones included) and of the
@@ -105,24 +92,13 @@ pub fn voluntary_switches(pid: u32) -> Option<u64> {
 
 /// Resident set size of a process, in bytes.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
-    status_kib(pid, "VmRSS:").map(|kb| kb * 1024)
+    Process::Pid(pid).status_bytes("VmRSS:")
 }
 
 /// The process's private resident memory (`RssAnon`): its heaps and stacks, without the
 /// pages of files and shared memory it maps, which `VmRSS` counts once per mapping.
 pub fn private_rss_bytes(pid: u32) -> Option<u64> {
-    status_kib(pid, "RssAnon:").map(|kb| kb * 1024)
-}
-
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    Process::Pid(pid).status_bytes("RssAnon:")
 }
 
 /// Machine facts recorded with every result.

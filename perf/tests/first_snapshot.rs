@@ -12,9 +12,11 @@ use std::time::{Duration, Instant};
 use mesh_snapshot::region::PublishOptions;
 use mesh_snapshot::{Publisher, Snapshot};
 
-/// Ports of their own, apart from the lab's (which run in namespaces anyway).
-const READINESS: &str = "127.0.0.1:35021";
-const METRICS: &str = "127.0.0.1:35020";
+/// Ports of their own, apart from the lab's (which run in namespaces anyway), and below the
+/// ephemeral range (32768-60999), where a connection of another test could hold one.
+const READINESS: &str = "127.0.0.1:25021";
+const METRICS: &str = "127.0.0.1:25020";
+const ADMIN: &str = "127.0.0.1:25000";
 
 struct Killed(Child);
 
@@ -44,14 +46,18 @@ fn readiness() -> Option<u16> {
     get(READINESS, "/healthz/ready").map(|(status, _)| status)
 }
 
-/// The value of a counter without labels, as Prometheus scrapes it.
-fn counter(name: &str) -> u64 {
+/// The value of a series, as Prometheus scrapes it.
+fn value(name: &str) -> f64 {
     let (status, body) = get(METRICS, "/stats/prometheus").expect("metrics answer");
     assert_eq!(status, 200, "{body}");
     body.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {name} in {body}"))
+}
+
+fn counter(name: &str) -> u64 {
+    value(name) as u64
 }
 
 #[test]
@@ -68,7 +74,7 @@ fn a_data_plane_waits_asleep_for_the_first_snapshot_and_then_serves() {
         .args(["--snapshot", region.to_str().expect("path")])
         .args(["--workers", "1", "--no-pin"])
         .args(["--readiness-addr", READINESS])
-        .args(["--admin-addr", "127.0.0.1:35000"])
+        .args(["--admin-addr", ADMIN])
         .args(["--metrics-addr", METRICS])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).expect("log file"))
@@ -76,6 +82,7 @@ fn a_data_plane_waits_asleep_for_the_first_snapshot_and_then_serves() {
         .expect("start the data plane");
     let dataplane = Killed(dataplane);
     let pid = dataplane.0.id();
+    let started = std::time::SystemTime::now();
 
     let deadline = Instant::now() + Duration::from_secs(20);
     while readiness().is_none() {
@@ -131,6 +138,42 @@ fn a_data_plane_waits_asleep_for_the_first_snapshot_and_then_serves() {
         1
     );
     assert_eq!(counter("meshdp_snapshot_changes_adopt_seconds_count"), 0);
+
+    // The process's own figures, as an SRE's dashboards read them from any Prometheus
+    // client: they are this process's, as /proc shows it from outside.
+    let rss = perf::sys::rss_bytes(pid).expect("the data plane's RSS") as f64;
+    let scraped = value("process_resident_memory_bytes");
+    assert!(
+        scraped > rss / 2.0 && scraped < rss * 2.0,
+        "scraped RSS {scraped}, /proc {rss}"
+    );
+    let private = value("meshdp_memory_private_bytes");
+    assert!(
+        private > 0.0 && private <= scraped,
+        "{private} of {scraped}"
+    );
+    let cpu_scraped = value("process_cpu_seconds_total");
+    assert!(
+        cpu_scraped <= cpu() + 0.01,
+        "{cpu_scraped} s, /proc {} s",
+        cpu()
+    );
+    let since_epoch = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs_f64()
+    };
+    let start = value("process_start_time_seconds");
+    assert!(
+        (start - since_epoch(started)).abs() < 5.0,
+        "started at {start}, spawned at {}",
+        since_epoch(started)
+    );
+    assert!(
+        value("process_threads") >= 3.0,
+        "a worker, the watcher, the endpoints"
+    );
+    assert!(value("process_open_fds") >= 3.0, "listeners and the region");
     drop(dataplane);
     let _ = std::fs::remove_dir_all(&dir);
 }

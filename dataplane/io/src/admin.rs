@@ -183,7 +183,8 @@ impl AdminState {
     }
 
     /// Everything in Prometheus text format: Istio's `istio_tcp_*` series, then this data
-    /// plane's own per-worker counters and the snapshot's state.
+    /// plane's own per-worker counters and the snapshot's state, then the process's CPU,
+    /// memory, threads and descriptors.
     pub fn prometheus(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
         self.metrics.render(&mut out);
@@ -271,6 +272,7 @@ impl AdminState {
             "# TYPE meshdp_driver_info gauge\nmeshdp_driver_info{{driver=\"{}\"}} 1",
             escape(self.driver.name())
         );
+        crate::procfs::render_process_metrics(&mut out);
         out
     }
 

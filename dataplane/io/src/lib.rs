@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod netns;
 pub mod netns_sync;
 pub mod pool;
+pub mod procfs;
 pub mod redirect;
 pub mod relay;
 pub mod routing;
