@@ -38,21 +38,16 @@ impl Process {
         Some(boot as f64 + ticks as f64 / clock_ticks_per_second())
     }
 
-    /// A line of its `status` file given in kB (`VmRSS:`, `RssAnon:`, ...), in bytes.
-    pub fn status_bytes(self, field: &str) -> Option<u64> {
-        self.status_number(field).map(|kib| kib * 1024)
+    /// Its `status` file.
+    pub fn status(self) -> Option<Status> {
+        std::fs::read_to_string(self.file("status"))
+            .ok()
+            .map(Status)
     }
 
-    /// The first number on a line of its `status` file (`Threads:`, ...).
-    pub fn status_number(self, field: &str) -> Option<u64> {
-        let status = std::fs::read_to_string(self.file("status")).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
+    /// A line of its `status` file given in kB (`VmRSS:`, `RssAnon:`, ...), in bytes.
+    pub fn status_bytes(self, field: &str) -> Option<u64> {
+        self.status()?.bytes(field)
     }
 
     /// Open file descriptors.
@@ -70,6 +65,27 @@ impl Process {
             .next()?
             .parse()
             .ok()
+    }
+}
+
+/// A process's `status` file, read once.
+pub struct Status(String);
+
+impl Status {
+    /// The first number on a line (`Threads:`, ...).
+    pub fn number(&self, field: &str) -> Option<u64> {
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(field))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// A line given in kB (`VmRSS:`, `RssAnon:`, ...), in bytes.
+    pub fn bytes(&self, field: &str) -> Option<u64> {
+        self.number(field).map(|kib| kib * 1024)
     }
 }
 
@@ -104,36 +120,25 @@ fn clock_ticks_per_second() -> f64 {
 /// which `process_resident_memory_bytes` counts too and ctrl-agent holds as well).
 pub fn render_process_metrics(out: &mut String) {
     let me = Process::Current;
+    let status = me.status();
+    let bytes = |field| status.as_ref()?.bytes(field).map(|b| b as f64);
     let series = [
         ("process_cpu_seconds_total", "counter", me.cpu_seconds()),
-        (
-            "process_resident_memory_bytes",
-            "gauge",
-            me.status_bytes("VmRSS:").map(|b| b as f64),
-        ),
-        (
-            "process_virtual_memory_bytes",
-            "gauge",
-            me.status_bytes("VmSize:").map(|b| b as f64),
-        ),
+        ("process_resident_memory_bytes", "gauge", bytes("VmRSS:")),
+        ("process_virtual_memory_bytes", "gauge", bytes("VmSize:")),
         ("process_open_fds", "gauge", me.open_fds().map(|n| n as f64)),
         ("process_max_fds", "gauge", me.max_fds().map(|n| n as f64)),
         (
             "process_threads",
             "gauge",
-            me.status_number("Threads:").map(|n| n as f64),
+            status
+                .as_ref()
+                .and_then(|s| s.number("Threads:"))
+                .map(|n| n as f64),
         ),
         ("process_start_time_seconds", "gauge", me.start_time_unix()),
-        (
-            "meshdp_memory_private_bytes",
-            "gauge",
-            me.status_bytes("RssAnon:").map(|b| b as f64),
-        ),
-        (
-            "meshdp_memory_shared_bytes",
-            "gauge",
-            me.status_bytes("RssShmem:").map(|b| b as f64),
-        ),
+        ("meshdp_memory_private_bytes", "gauge", bytes("RssAnon:")),
+        ("meshdp_memory_shared_bytes", "gauge", bytes("RssShmem:")),
     ];
     // A figure the kernel would not give is left out rather than shown as 0.
     for (name, kind, value) in series {
