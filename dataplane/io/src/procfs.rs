@@ -22,7 +22,7 @@ impl Process {
     /// CPU time (user + system, all threads, ended ones included), in seconds.
     pub fn cpu_seconds(self) -> Option<f64> {
         let [utime, stime] = stat_fields(&self.file("stat"), [UTIME, STIME])?;
-        Some((utime + stime) as f64 / clock_ticks_per_second())
+        Some((utime + stime) as f64 / USER_HZ)
     }
 
     /// When it started, in seconds since the Unix epoch.
@@ -35,7 +35,7 @@ impl Process {
             .trim()
             .parse()
             .ok()?;
-        Some(boot as f64 + ticks as f64 / clock_ticks_per_second())
+        Some(boot as f64 + ticks as f64 / USER_HZ)
     }
 
     /// Its `status` file.
@@ -109,9 +109,7 @@ pub fn stat_fields<const N: usize>(path: &str, wanted: [usize; N]) -> Option<[u6
 
 /// USER_HZ, the unit of the times in `stat`: the kernel converts to it for user space, and it
 /// is 100 on every Linux ABI this runs on (x86-64, arm64).
-fn clock_ticks_per_second() -> f64 {
-    100.0
-}
+const USER_HZ: f64 = 100.0;
 
 /// This process's figures as Prometheus' standard process series (the names the Prometheus
 /// client libraries use, and Istio's ztunnel exports), then its memory split in two: what is
