@@ -21,7 +21,6 @@ use monoio::net::{TcpListener, TcpStream};
 use serde::{Deserialize, Serialize};
 
 use crate::load::Latency;
-use crate::sys;
 
 const BULK_CHUNK: usize = 256 * 1024;
 const ECHO_BUF: usize = 64 * 1024;
@@ -86,7 +85,9 @@ async fn connect(to: SocketAddr) -> io::Result<TcpStream> {
 
 /// CPU seconds this process has used so far (user + system, all threads).
 fn own_cpu() -> f64 {
-    sys::cpu_seconds(std::process::id()).unwrap_or(0.0)
+    mesh_io::procfs::Process::Current
+        .cpu_seconds()
+        .unwrap_or(0.0)
 }
 
 /// Echo on `echo_port` and sink on `sink_port`, on `threads` threads, until the process ends;

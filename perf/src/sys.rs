@@ -2,16 +2,17 @@
 
 use std::process::Command;
 
-use mesh_io::procfs::{stat_fields, Process};
+use mesh_io::procfs::{stat_fields, Process, Status};
 
 /// Whether this process runs as root (effective uid 0).
 pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
+    Process::Current
+        .status()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+            s.field("Uid:")?
+                .split_whitespace()
+                .nth(1)
+                .map(|euid| euid == "0")
         })
         .unwrap_or(false)
 }
@@ -56,11 +57,6 @@ pub fn run_with_input(program: &str, args: &[&str], input: &str) -> anyhow::Resu
     Ok(())
 }
 
-/// CPU time (user + system, all threads) of a process, in seconds.
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    Process::Pid(pid).cpu_seconds()
-}
-
 /// Minor page faults of this process (all its threads, ended ones included) and of the
 /// calling thread: each is a page of memory the kernel handed over at its first touch. The
 /// thread is read first, so the process's count, read after it, is never the smaller.
@@ -78,27 +74,11 @@ pub fn voluntary_switches(pid: u32) -> Option<u64> {
     let mut total = 0;
     for task in tasks.flatten() {
         // A thread that ended meanwhile has nothing left to count.
-        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
-            continue;
-        };
-        total += status
-            .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
+        total += Status::read(task.path().join("status"))
+            .and_then(|status| status.number("voluntary_ctxt_switches:"))
             .unwrap_or(0);
     }
     Some(total)
-}
-
-/// Resident set size of a process, in bytes.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
-    Process::Pid(pid).status_bytes("VmRSS:")
-}
-
-/// The process's private resident memory (`RssAnon`): its heaps and stacks, without the
-/// pages of files and shared memory it maps, which `VmRSS` counts once per mapping.
-pub fn private_rss_bytes(pid: u32) -> Option<u64> {
-    Process::Pid(pid).status_bytes("RssAnon:")
 }
 
 /// Machine facts recorded with every result.

@@ -94,7 +94,9 @@ pub fn bulk(to: SocketAddr, ca: &Path, duration: Duration) -> anyhow::Result<Tls
             .with_root_certificates(roots)
             .with_no_client_auth(),
     );
-    let cpu = crate::sys::cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let cpu = mesh_io::procfs::Process::Current
+        .cpu_seconds()
+        .unwrap_or(0.0);
     let tcp = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
     tcp.set_nodelay(true)?;
     let name = ServerName::try_from(SERVER_NAME)?;
@@ -124,7 +126,10 @@ pub fn bulk(to: SocketAddr, ca: &Path, duration: Duration) -> anyhow::Result<Tls
         bytes: confirmed,
         seconds,
         cipher_suite,
-        client_cpu_s: crate::sys::cpu_seconds(std::process::id()).unwrap_or(0.0) - cpu,
+        client_cpu_s: mesh_io::procfs::Process::Current
+            .cpu_seconds()
+            .unwrap_or(0.0)
+            - cpu,
     })
 }
 

@@ -9,6 +9,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mesh_io::procfs::Process;
 use mesh_snapshot::region::PublishOptions;
 use mesh_snapshot::{Publisher, Snapshot};
 
@@ -94,7 +95,11 @@ fn a_data_plane_waits_asleep_for_the_first_snapshot_and_then_serves() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(readiness(), Some(503), "ready without a snapshot");
-    let cpu = || perf::sys::cpu_seconds(pid).expect("the data plane's CPU time");
+    let cpu = || {
+        Process::Pid(pid)
+            .cpu_seconds()
+            .expect("the data plane's CPU time")
+    };
     let before = cpu();
     std::thread::sleep(Duration::from_secs(2));
     let waiting = cpu() - before;
@@ -141,7 +146,9 @@ fn a_data_plane_waits_asleep_for_the_first_snapshot_and_then_serves() {
 
     // The process's own figures, as an SRE's dashboards read them from any Prometheus
     // client: they are this process's, as /proc shows it from outside.
-    let rss = perf::sys::rss_bytes(pid).expect("the data plane's RSS") as f64;
+    let rss = Process::Pid(pid)
+        .status_bytes("VmRSS:")
+        .expect("the data plane's RSS") as f64;
     let scraped = value("process_resident_memory_bytes");
     assert!(
         scraped > rss / 2.0 && scraped < rss * 2.0,

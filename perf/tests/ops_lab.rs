@@ -1013,12 +1013,12 @@ fn thread_cpus(pid: u32) -> Vec<(String, String)> {
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
         let dir = task.expect("task").path();
         let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let status = mesh_io::procfs::Status::read(dir.join("status"));
         let cpus = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .as_ref()
+            .and_then(|s| s.field("Cpus_allowed_list:"))
             .unwrap_or_default();
-        out.push((name.trim().to_owned(), cpus.trim().to_owned()));
+        out.push((name.trim().to_owned(), cpus.to_owned()));
     }
     out
 }
@@ -1032,11 +1032,9 @@ lab_test!(
     },
     |lab| {
         // One worker, pinned to the first allowed core; everything else belongs on the rest.
-        let own = std::fs::read_to_string("/proc/self/status").expect("status");
+        let own = mesh_io::procfs::Process::Current.status().expect("status");
         let allowed = kernel_tuning::planner::parse_list(
-            own.lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-                .expect("Cpus_allowed_list"),
+            own.field("Cpus_allowed_list:").expect("Cpus_allowed_list"),
         );
         assert!(allowed.len() >= 2, "needs two cores, has {allowed:?}");
         let (first, rest) = (

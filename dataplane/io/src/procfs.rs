@@ -40,9 +40,7 @@ impl Process {
 
     /// Its `status` file.
     pub fn status(self) -> Option<Status> {
-        std::fs::read_to_string(self.file("status"))
-            .ok()
-            .map(Status)
+        Status::read(self.file("status"))
     }
 
     /// A line of its `status` file given in kB (`VmRSS:`, `RssAnon:`, ...), in bytes.
@@ -72,15 +70,22 @@ impl Process {
 pub struct Status(String);
 
 impl Status {
-    /// The first number on a line (`Threads:`, ...).
-    pub fn number(&self, field: &str) -> Option<u64> {
+    /// A `status` file: a process's, or one of its threads' (`/proc/<pid>/task/<tid>/status`).
+    pub fn read(path: impl AsRef<std::path::Path>) -> Option<Status> {
+        std::fs::read_to_string(path).ok().map(Status)
+    }
+
+    /// What a line says after its name (`Uid:`, `Cpus_allowed_list:`, ...).
+    pub fn field(&self, name: &str) -> Option<&str> {
         self.0
             .lines()
-            .find_map(|l| l.strip_prefix(field))?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    }
+
+    /// The first number on a line (`Threads:`, ...).
+    pub fn number(&self, name: &str) -> Option<u64> {
+        self.field(name)?.split_whitespace().next()?.parse().ok()
     }
 
     /// A line given in kB (`VmRSS:`, `RssAnon:`, ...), in bytes.

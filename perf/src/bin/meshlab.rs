@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use mesh_io::procfs::Process;
 use perf::gen::{BulkResult, ConnRateResult, RateResult};
 use perf::lab::{self, Lab, LabOptions, ECHO_PORT, SINK_PORT, TLS_SINK_PORT};
 use perf::load::Latency;
@@ -265,7 +266,10 @@ impl Bench {
         f: impl FnOnce() -> anyhow::Result<(T, f64)>,
     ) -> anyhow::Result<(T, ProcessCpu)> {
         let dataplanes: Vec<Option<u32>> = (0..2).map(|n| self.lab.dataplane_pid(n)).collect();
-        let read = |pid: Option<u32>| pid.and_then(sys::cpu_seconds).unwrap_or(0.0);
+        let read = |pid: Option<u32>| {
+            pid.and_then(|pid| Process::Pid(pid).cpu_seconds())
+                .unwrap_or(0.0)
+        };
         let sleeps = |pid: Option<u32>| pid.and_then(sys::voluntary_switches).unwrap_or(0) as f64;
         let before: Vec<f64> = dataplanes.iter().map(|p| read(*p)).collect();
         let sleeps_before: Vec<f64> = dataplanes.iter().map(|p| sleeps(*p)).collect();
@@ -579,7 +583,7 @@ fn memory(lab: &Lab, count: usize) -> anyhow::Result<Memory> {
     let pids: Vec<u32> = (0..2).filter_map(|n| lab.dataplane_pid(n)).collect();
     let rss = || -> Vec<u64> {
         pids.iter()
-            .map(|p| sys::rss_bytes(*p).unwrap_or(0))
+            .map(|p| Process::Pid(*p).status_bytes("VmRSS:").unwrap_or(0))
             .collect()
     };
     let idle = rss();

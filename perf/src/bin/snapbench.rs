@@ -617,7 +617,9 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn private_rss() -> f64 {
-    sys::private_rss_bytes(std::process::id()).unwrap_or(0) as f64
+    mesh_io::procfs::Process::Current
+        .status_bytes("RssAnon:")
+        .unwrap_or(0) as f64
 }
 
 fn allocated(path: &std::path::Path) -> anyhow::Result<u64> {
