@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls_pki_types::UnixTime;
 
@@ -26,6 +26,7 @@ use crate::ca::IssuedCert;
 use crate::channel::{Publication, SnapshotChannel};
 use crate::config::{ConfigError, FileConfig, ProtocolSpec};
 use crate::enroll::Enrollments;
+use crate::metrics::{AgentMetrics, Published};
 use crate::source::{Source, SourceOptions};
 use crate::translate::{self, Enrolled};
 
@@ -86,6 +87,8 @@ pub struct Shared {
     /// longer changes enrollments, capture rules or annotations, and only keeps its own data
     /// plane fed while that drains (`cni_server::take_over`).
     pub handed_over: bool,
+    /// The agent's own figures (`metrics`), counted by every thread of it.
+    pub metrics: Arc<AgentMetrics>,
 }
 
 pub type SharedState = Arc<Mutex<Shared>>;
@@ -107,6 +110,7 @@ pub struct Agent {
     wake: (mpsc::Sender<()>, mpsc::Receiver<()>),
     /// The model and enrollments the channel's published state was translated from.
     published_from: Option<(Arc<FileConfig>, Enrolled)>,
+    metrics: Arc<AgentMetrics>,
 }
 
 impl Agent {
@@ -132,7 +136,8 @@ impl Agent {
         }
         refresh_capture_rules(&enrollments);
         let wake = mpsc::channel();
-        let source = Source::start(options.source.clone(), wake.0.clone())?;
+        let metrics = Arc::new(AgentMetrics::default());
+        let source = Source::start(options.source.clone(), wake.0.clone(), metrics.clone())?;
         let shared = Arc::new(Mutex::new(Shared {
             node: options.node.clone(),
             config: None,
@@ -142,6 +147,7 @@ impl Agent {
             redirections: source.redirections(),
             awaiting: Default::default(),
             handed_over: false,
+            metrics: metrics.clone(),
         }));
         Ok(Agent {
             options,
@@ -153,7 +159,18 @@ impl Agent {
             certs,
             wake,
             published_from: None,
+            metrics,
         })
+    }
+
+    /// What the agent counts about itself, for `metrics::serve`.
+    pub fn metrics(&self) -> Arc<AgentMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Whether the model comes from the cluster (which has list/watch figures of its own).
+    pub fn watches_a_cluster(&self) -> bool {
+        self.source.redirections().is_some()
     }
 
     /// The state the CNI server shares, and how it asks the loop to publish.
@@ -165,7 +182,13 @@ impl Agent {
     /// the file was refused; what was published before stays.
     pub fn tick(&mut self, now: SystemTime) -> Result<Tick, AgentError> {
         let mut changed = false;
-        if let Some(config) = self.source.poll()? {
+        let polled = self.source.poll();
+        match &polled {
+            Ok(Some(_)) => self.metrics.source_checked(false),
+            Err(_) => self.metrics.source_checked(true),
+            Ok(None) => {}
+        }
+        if let Some(config) = polled? {
             let mut shared = lock(&self.shared);
             shared.config = Some(config);
             // Labels may have moved pods in or out of the mesh.
@@ -204,6 +227,7 @@ impl Agent {
             .filter_map(|w| config.identity(w).ok())
             .collect();
         drop(shared);
+        let wanted_count = wanted.len();
         let mut changed = false;
         let before = self.certs.len();
         self.certs.retain(|id, _| wanted.contains(id));
@@ -221,11 +245,15 @@ impl Agent {
                     Ok(cert) => {
                         tracing::info!(identity = %id, not_after_unix = cert.not_after_unix, "certificate issued");
                         self.renewals.issued(&id, now, &cert);
+                        self.metrics.certificate_issued();
                         self.certs.insert(id, cert);
                         changed = true;
                         continue;
                     }
-                    Err(error) => self.renewals.failed(&id, now, &error, self.certs.get(&id)),
+                    Err(error) => {
+                        self.metrics.certificate_failed();
+                        self.renewals.failed(&id, now, &error, self.certs.get(&id));
+                    }
                 }
             }
             if self
@@ -236,13 +264,17 @@ impl Agent {
                 tracing::error!(identity = %id,
                     "certificate expired and could not be renewed; dropped until one is issued");
                 self.certs.remove(&id);
+                self.metrics.certificate_expired();
                 changed = true;
             }
         }
+        self.metrics
+            .certificates_held(wanted_count, self.certs.values().map(|c| c.not_after_unix));
         changed
     }
 
     fn publish(&mut self) -> Result<Tick, AgentError> {
+        let began = Instant::now();
         // The CNI server waits on this lock: hold it only to take what the translation reads
         // (about 150 ms of translation at 100k pods).
         let (config, enrolled) = {
@@ -306,15 +338,16 @@ impl Agent {
         };
         // What the published state was translated from; unknown after a failed write.
         self.published_from = None;
-        let publication = publication?;
+        let publication = publication.inspect_err(|_| self.metrics.publish_failed())?;
         self.published_from = Some((config, enrolled));
-        self.report(publication)
+        self.report(publication, began.elapsed())
     }
 
-    fn report(&self, publication: Publication) -> Result<Tick, AgentError> {
+    fn report(&self, publication: Publication, took: Duration) -> Result<Tick, AgentError> {
         match publication {
             Publication::Unchanged => Ok(Tick::Unchanged),
             Publication::Delta { version, changes } => {
+                self.metrics.published(Published::Change, version, took);
                 tracing::info!(
                     generation = version.generation,
                     changes,
@@ -323,6 +356,7 @@ impl Agent {
                 Ok(Tick::Published(version))
             }
             Publication::Full(version) => {
+                self.metrics.published(Published::Complete, version, took);
                 let state = self.channel.state();
                 let count = |f: fn(&State) -> usize| state.map_or(0, f);
                 tracing::info!(

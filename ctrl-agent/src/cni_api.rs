@@ -51,6 +51,32 @@ pub enum Request {
     Waiting,
 }
 
+impl Request {
+    /// Each request's `op`, as it goes on the wire, in the order of [`Request::op_index`].
+    pub const OPS: [&'static str; 7] = [
+        "decide",
+        "add",
+        "remove",
+        "collect",
+        "status",
+        "hand_over",
+        "waiting",
+    ];
+
+    /// Where this request's `op` is in [`Request::OPS`].
+    pub fn op_index(&self) -> usize {
+        match self {
+            Request::Decide { .. } => 0,
+            Request::Add { .. } => 1,
+            Request::Remove { .. } => 2,
+            Request::Collect { .. } => 3,
+            Request::Status { .. } => 4,
+            Request::HandOver => 5,
+            Request::Waiting => 6,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
@@ -89,4 +115,34 @@ pub enum Reply {
     /// The answer to `Waiting`: this agent is stopping while the one that handed the node
     /// over to it still runs (its pod deleted by a rollback, say): take the node back now.
     Leaving,
+}
+
+impl Reply {
+    /// Each reply's `reply`, as it goes on the wire, in the order of [`Reply::name_index`].
+    pub const NAMES: [&'static str; 9] = [
+        "decision",
+        "not_yet",
+        "done",
+        "status",
+        "refused",
+        "moved",
+        "handed_over",
+        "serving",
+        "leaving",
+    ];
+
+    /// Where this reply's name is in [`Reply::NAMES`].
+    pub fn name_index(&self) -> usize {
+        match self {
+            Reply::Decision { .. } => 0,
+            Reply::NotYet { .. } => 1,
+            Reply::Done => 2,
+            Reply::Status { .. } => 3,
+            Reply::Refused { .. } => 4,
+            Reply::Moved { .. } => 5,
+            Reply::HandedOver { .. } => 6,
+            Reply::Serving => 7,
+            Reply::Leaving => 8,
+        }
+    }
 }

@@ -450,6 +450,7 @@ impl Calls {
     /// Answers one plugin invocation (a few requests on one connection).
     fn serve(self: &Arc<Self>, channel: &Channel) {
         let (shared, wake, settings) = (&self.shared, &self.wake, self.settings);
+        let metrics = lock(shared).metrics.clone();
         let _ = channel.set_timeout(Some(std::time::Duration::from_secs(30)));
         loop {
             let (request, mut fds) = match channel.recv_json::<Request>() {
@@ -468,14 +469,17 @@ impl Calls {
             };
             if request == Request::HandOver {
                 let reply = self.hand_over();
+                metrics.cni_answered(&request, &reply);
                 let _ = channel.send_json(&reply, &[]);
                 return;
             }
             if request == Request::Waiting {
                 let reply = self.answer_predecessor();
+                metrics.cni_answered(&request, &reply);
                 let _ = channel.send_json(&reply, &[]);
                 return;
             }
+            let op = request.op_index();
             let (mut reply, serving) = {
                 let mut state = lock(shared);
                 handle(&mut state, request, fds.pop(), settings)
@@ -501,6 +505,7 @@ impl Calls {
                     mark_redirection(state.redirections.as_ref(), &waiting.pod, true);
                 }
             }
+            metrics.cni_answered_op(op, &reply);
             if channel.send_json(&reply, &[]).is_err() {
                 return;
             }

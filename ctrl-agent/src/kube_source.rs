@@ -47,6 +47,7 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
 
 use crate::config::FileConfig;
+use crate::metrics::AgentMetrics;
 use model::{Model, ModelOptions, Modeler};
 use world::{ApiGroupVersion, Applied, Kind, Update, World};
 
@@ -99,6 +100,7 @@ pub fn start(
     handoff: Arc<Handoff>,
     wake: mpsc::Sender<()>,
     redirections: redirection::RedirectionReceiver,
+    metrics: Arc<AgentMetrics>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -115,16 +117,22 @@ pub fn start(
         .spawn(move || {
             runtime.block_on(async move {
                 tokio::spawn(redirection::annotate(client.clone(), redirections));
-                run(client, options, handoff, wake).await;
+                run(client, options, handoff, wake, metrics).await;
             })
         })
 }
 
-async fn run(client: Client, options: KubeOptions, handoff: Arc<Handoff>, wake: mpsc::Sender<()>) {
+async fn run(
+    client: Client,
+    options: KubeOptions,
+    handoff: Arc<Handoff>,
+    wake: mpsc::Sender<()>,
+    metrics: Arc<AgentMetrics>,
+) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Update>(1024);
     for (kind, resource) in watched() {
         let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-        tokio::spawn(watch(api, kind, tx.clone()));
+        tokio::spawn(watch(api, kind, tx.clone(), metrics.clone()));
     }
     drop(tx);
 
@@ -155,6 +163,7 @@ async fn run(client: Client, options: KubeOptions, handoff: Arc<Handoff>, wake: 
             continue;
         }
         let waiting = world.waiting_for();
+        metrics.kinds_waiting(&waiting);
         if !waiting.is_empty() {
             tracing::debug!(?waiting, "not publishing until these kinds are listed");
             continue;
@@ -356,7 +365,12 @@ async fn not_served(
 
 /// Runs kube's watcher for one kind for ever, forwarding its events. Objects stay untyped
 /// here (see `Update`).
-async fn watch(api: Api<DynamicObject>, kind: Kind, tx: tokio::sync::mpsc::Sender<Update>) {
+async fn watch(
+    api: Api<DynamicObject>,
+    kind: Kind,
+    tx: tokio::sync::mpsc::Sender<Update>,
+    metrics: Arc<AgentMetrics>,
+) {
     // Bookmarks are on by default in kube's watcher config; said here because resuming
     // cheaply after a dropped watch depends on them.
     let config = watcher::Config {
@@ -374,6 +388,13 @@ async fn watch(api: Api<DynamicObject>, kind: Kind, tx: tokio::sync::mpsc::Sende
         while let Some(item) = stream.next().await {
             let update = match item {
                 Ok(event) => {
+                    match &event {
+                        watcher::Event::Init => metrics.list_started(kind),
+                        watcher::Event::InitApply(_)
+                        | watcher::Event::Apply(_)
+                        | watcher::Event::Delete(_) => metrics.objects_received(kind, 1),
+                        watcher::Event::InitDone => {}
+                    }
                     if matches!(event, watcher::Event::InitDone) {
                         if let (Some(Served::OnlyAt(_)), Some(at)) = (&told, kind.crd()) {
                             tracing::info!(
@@ -407,7 +428,9 @@ async fn watch(api: Api<DynamicObject>, kind: Kind, tx: tokio::sync::mpsc::Sende
                             None => continue,
                         }
                     }
+                    // Counted: a 410 is a relist and a 404 an absent CRD, both expected.
                     _ => {
+                        metrics.watch_failed(kind);
                         tracing::warn!(kind = kind.name(), %error, "watch failed; retrying with backoff");
                         continue;
                     }

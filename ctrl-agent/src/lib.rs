@@ -11,6 +11,7 @@ pub mod config;
 pub mod enroll;
 pub mod istio_ca;
 pub mod kube_source;
+pub mod metrics;
 pub mod probes;
 pub mod source;
 pub mod translate;

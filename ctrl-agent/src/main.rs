@@ -138,6 +138,12 @@ struct Args {
     /// Default: the agent's own namespace.
     #[arg(long, env = "CTRL_AGENT_HOST_NETNS")]
     host_netns: Option<PathBuf>,
+    /// Where to serve the agent's own metrics (`/metrics`, Prometheus text: publications,
+    /// the cluster's watches, certificates, CNI requests, the process) and its readiness
+    /// (`/healthz/ready`: a snapshot was published). Off unless given; the chart serves them
+    /// on 15014.
+    #[arg(long, env = "CTRL_AGENT_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// This agent's pod (the downward API's metadata.name and metadata.namespace, as the
     /// chart sets them). At a clean shutdown the agent reads the DaemonSet that runs the pod
     /// (`ctrl_agent::uninstall`): a restart or an upgrade that keeps the host probe table
@@ -211,6 +217,13 @@ fn main() -> anyhow::Result<()> {
     };
     tracing::info!(node = %args.node, snapshot = %args.snapshot.display(),
         cert_ttl = ?args.cert_ttl, "starting ctrl-agent");
+    // Before anything changes (the region, the node's CNI socket): a port in use stops here.
+    let metrics_listener = args
+        .metrics_addr
+        .map(|addr| {
+            std::net::TcpListener::bind(addr).with_context(|| format!("--metrics-addr {addr}"))
+        })
+        .transpose()?;
     // Before the state file is read: the previous pod's agent stops changing it.
     let handed_over_by_predecessor = args
         .cni_socket
@@ -247,6 +260,17 @@ fn main() -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone())?;
+    }
+    if let Some(listener) = metrics_listener {
+        let bound = ctrl_agent::metrics::serve(
+            listener,
+            agent.metrics(),
+            Some(shared.clone()),
+            agent.watches_a_cluster(),
+            stop.clone(),
+        )
+        .context("serving the metrics")?;
+        tracing::info!(%bound, "metrics on /metrics, readiness on /healthz/ready");
     }
     let mut cni_server = None;
     if let Some(cni_socket) = &args.cni_socket {

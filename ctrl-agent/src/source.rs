@@ -9,6 +9,7 @@ use crate::agent::AgentError;
 use crate::config::FileConfig;
 use crate::kube_source::redirection::RedirectionSender;
 use crate::kube_source::{self, Handoff, KubeOptions};
+use crate::metrics::AgentMetrics;
 
 #[derive(Clone, Debug)]
 pub enum SourceOptions {
@@ -35,7 +36,11 @@ pub enum Source {
 impl Source {
     /// Opens the source; the Kubernetes one starts its watchers, which call `wake` when they
     /// have a new model.
-    pub fn start(options: SourceOptions, wake: mpsc::Sender<()>) -> Result<Source, AgentError> {
+    pub fn start(
+        options: SourceOptions,
+        wake: mpsc::Sender<()>,
+        metrics: Arc<AgentMetrics>,
+    ) -> Result<Source, AgentError> {
         match options {
             SourceOptions::File(path) => Ok(Source::File {
                 path,
@@ -45,7 +50,7 @@ impl Source {
                 let cluster = options.client.cluster_url.to_string();
                 let handoff = Arc::new(Handoff::default());
                 let (redirections, to_annotate) = tokio::sync::mpsc::unbounded_channel();
-                kube_source::start(*options, handoff.clone(), wake, to_annotate)
+                kube_source::start(*options, handoff.clone(), wake, to_annotate, metrics)
                     .map_err(AgentError::Start)?;
                 Ok(Source::Kube {
                     handoff,
@@ -71,10 +76,18 @@ impl Source {
         match self {
             Source::File { path, last_seen } => {
                 let shown = path.display().to_string();
-                let bytes = std::fs::read(&*path).map_err(|source| AgentError::Read {
-                    path: shown.clone(),
-                    source,
-                })?;
+                let bytes = match std::fs::read(&*path) {
+                    Ok(bytes) => bytes,
+                    Err(source) => {
+                        // The file is read again in full when it is back, even unchanged:
+                        // that is when the source is good again.
+                        *last_seen = None;
+                        return Err(AgentError::Read {
+                            path: shown,
+                            source,
+                        });
+                    }
+                };
                 if last_seen.as_deref() == Some(bytes.as_slice()) {
                     return Ok(None);
                 }

@@ -125,6 +125,7 @@ impl Agent {
             .arg(dir.path().join("ca"))
             .arg("--state-dir")
             .arg(dir.path().join("state"))
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .args(if cni {
                 vec![
                     "--cni-socket".into(),
@@ -159,6 +160,48 @@ impl Agent {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// `GET path` on the agent's metrics endpoint (its port is in the log): status and body.
+    fn get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let end = Instant::now() + TIMEOUT;
+        let addr = loop {
+            let log = self.log();
+            let bound = log
+                .lines()
+                .filter(|l| l.contains("metrics on /metrics"))
+                .find_map(|l| l.split("bound=").nth(1)?.split_whitespace().next())
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
+            match bound {
+                Some(addr) => break addr,
+                None if Instant::now() > end => panic!("no metrics endpoint in the log:\n{log}"),
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+        write!(conn, "GET {path} HTTP/1.1\r\nhost: agent\r\n\r\n").expect("send");
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).expect("answer");
+        let status = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not HTTP: {answer}"));
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        (status, body.to_owned())
+    }
+
+    /// The value of `series` (name and labels as written) on the agent's `/metrics`.
+    fn metric(&self, series: &str) -> f64 {
+        let (status, text) = self.get("/metrics");
+        assert_eq!(status, 200, "{text}");
+        let prefix = format!("{series} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+            .parse()
+            .expect("a number")
     }
 
     /// The log's ERROR lines that contain `text`.
@@ -294,7 +337,23 @@ fn nothing_is_published_until_every_initial_list_is_done() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Not ready, and it says what it waits for.
+    let (status, why) = agent.get("/healthz/ready");
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains("listing authorizationpolicies"), "{why}");
+    assert!(!why.contains("pods"), "{why}");
+    assert_eq!(
+        agent.metric("meshagent_kube_listed{kind=\"authorizationpolicies\"}"),
+        0.0
+    );
+    assert_eq!(agent.metric("meshagent_kube_listed{kind=\"pods\"}"), 1.0);
     let first = agent.until("the first publication", |_| true);
+    let (status, ready) = agent.get("/healthz/ready");
+    assert_eq!((status, ready.as_str()), (200, "ready\n"));
+    assert_eq!(
+        agent.metric("meshagent_kube_listed{kind=\"authorizationpolicies\"}"),
+        1.0
+    );
     assert_eq!(workload_names(&first), ["batch", "cart", "old", "web"]);
     assert_eq!(first.services.len(), 1);
     assert_eq!(
@@ -432,6 +491,31 @@ fn a_410_during_the_watch_relists_and_what_was_deleted_in_the_gap_is_gone() {
     let snap = agent.until("web gone", |s| !workload_names(s).contains(&"web"));
     assert_eq!(workload_names(&snap), ["batch", "cart", "old"]);
     assert_eq!(server.lists(PODS), 2, "one relist");
+    // The agent's own figures say the same: two lists of pods, both complete, no failure.
+    assert_eq!(
+        agent.metric("meshagent_kube_lists_total{kind=\"pods\"}"),
+        2.0
+    );
+    assert_eq!(agent.metric("meshagent_kube_listed{kind=\"pods\"}"), 1.0);
+    assert_eq!(
+        agent.metric("meshagent_kube_watch_errors_total{kind=\"pods\"}"),
+        0.0
+    );
+    // cart is this node's one pod in the mesh: one certificate, and when it runs out.
+    let snap = agent.until("cart's certificate", |s| !s.identities.is_empty());
+    assert_eq!(agent.metric("meshagent_identities_wanted"), 1.0);
+    assert_eq!(agent.metric("meshagent_certificates"), 1.0);
+    assert_eq!(
+        agent.metric("meshagent_certificate_earliest_expiry_timestamp_seconds"),
+        snap.identities[0].not_after_unix as f64
+    );
+    assert_eq!(agent.metric("meshagent_certificate_failures_total"), 0.0);
+    assert!(agent.metric("meshagent_snapshot_publications_total{kind=\"change\"}") >= 1.0);
+    assert_eq!(
+        agent.metric("meshagent_snapshot_publications_total{kind=\"complete\"}"),
+        1.0,
+        "the relist changed one pod: a change, not a new complete snapshot"
+    );
     // And the relisted store keeps following the watch.
     server.apply(
         PODS,
@@ -794,6 +878,15 @@ fn a_captured_pod_is_annotated_as_istio_cni_does_and_unannotated_when_released()
         .expect("reply")
         .expect("an answer");
     assert_eq!(reply, Reply::Done, "{}", agent.log());
+    // The agent counts the call and the pod it now captures.
+    assert_eq!(
+        agent.metric("meshagent_cni_requests_total{op=\"add\",reply=\"done\"}"),
+        1.0
+    );
+    assert_eq!(
+        agent.metric("meshagent_enrolled_pods{captured=\"true\"}"),
+        1.0
+    );
     server.wait_for("the annotation", TIMEOUT, |s| {
         redirection(s, "shop/cart").as_deref() == Some("enabled")
     });

@@ -92,12 +92,51 @@ fn a_bad_file_is_refused_with_the_field_named_and_the_last_good_snapshot_stays()
         other => panic!("expected a config error, got {other:?}"),
     }
     assert!(read(&mut sub).is_none(), "nothing new was published");
+    // The SRE's view: the source is refused now, it went bad once, and the agent is still
+    // ready (the data plane has the last good snapshot).
+    let scraped = |agent: &Agent, series: &str| scraped(&agent.metrics(), series);
+    assert_eq!(scraped(&agent, "meshagent_source_refused"), 1.0);
+    assert_eq!(scraped(&agent, "meshagent_source_refusals_total"), 1.0);
+    assert_eq!(agent.metrics().readiness(), Ok(()));
+    // Still bad at the next tick: the same refusal, not another.
+    assert_eq!(
+        agent.tick(now).expect("unchanged bad file"),
+        Tick::Unchanged
+    );
+    assert_eq!(scraped(&agent, "meshagent_source_refusals_total"), 1.0);
 
     let fixed = CONFIG.replace("10.0.2.2", "10.0.2.3");
-    std::fs::write(dir.path().join("mesh.yaml"), fixed).expect("write");
+    std::fs::write(dir.path().join("mesh.yaml"), &fixed).expect("write");
     assert!(matches!(agent.tick(now).expect("tick"), Tick::Published(v) if v.generation == 2));
     let snap = read(&mut sub).expect("generation 2");
     assert_eq!(snap.workloads[1].ips, vec![vec![10, 0, 2, 3]]);
+    assert_eq!(scraped(&agent, "meshagent_source_refused"), 0.0);
+    assert_eq!(scraped(&agent, "meshagent_snapshot_generation"), 2.0);
+
+    // A file that goes away is refused at every tick until it is back, and its return (the
+    // same bytes as before) makes the source good again.
+    std::fs::remove_file(dir.path().join("mesh.yaml")).expect("remove");
+    assert!(matches!(agent.tick(now), Err(AgentError::Read { .. })));
+    assert!(matches!(agent.tick(now), Err(AgentError::Read { .. })));
+    assert_eq!(scraped(&agent, "meshagent_source_refused"), 1.0);
+    assert_eq!(scraped(&agent, "meshagent_source_refusals_total"), 2.0);
+    std::fs::write(dir.path().join("mesh.yaml"), &fixed).expect("write");
+    assert_eq!(
+        agent.tick(now).expect("tick"),
+        Tick::Unchanged,
+        "nothing changed"
+    );
+    assert_eq!(scraped(&agent, "meshagent_source_refused"), 0.0);
+}
+
+/// The value of an unlabelled `series` as the agent's `/metrics` shows it.
+fn scraped(metrics: &crate::metrics::AgentMetrics, series: &str) -> f64 {
+    let text = metrics.render(None, false);
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{series} ")))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .parse()
+        .expect("a number")
 }
 
 #[test]
@@ -445,6 +484,20 @@ mod istio {
         let snap = read(&mut sub).expect("republished");
         assert!(snap.identities.is_empty(), "{:?}", snap.identities);
         assert_eq!(snap.workloads.len(), 2, "routing is still published");
+        // What the SRE paged about it sees: three issued, the failed renewals, one identity
+        // without a certificate, the expiry.
+        let metrics = agent.metrics();
+        assert_eq!(
+            scraped(&metrics, "meshagent_certificates_issued_total"),
+            3.0
+        );
+        assert!(scraped(&metrics, "meshagent_certificate_failures_total") >= 2.0);
+        assert_eq!(
+            scraped(&metrics, "meshagent_certificates_expired_total"),
+            1.0
+        );
+        assert_eq!(scraped(&metrics, "meshagent_identities_wanted"), 1.0);
+        assert_eq!(scraped(&metrics, "meshagent_certificates"), 0.0);
     }
 
     #[test]

@@ -17,6 +17,8 @@ use tower_test::mock::{self, Handle};
 
 use super::world::{Kind, Update};
 use super::{crd_resource, watch};
+use crate::metrics::AgentMetrics;
+use std::sync::Arc;
 
 type ApiHandle = Handle<Request<Body>, Response<Body>>;
 
@@ -127,16 +129,16 @@ async fn answer_list(
 }
 
 /// Runs `test` with a pods watch loop on kube's mock service.
-fn with_pods_watch<F, Fut>(test: F)
+fn with_pods_watch<F, Fut>(test: F) -> Arc<AgentMetrics>
 where
     F: FnOnce(ApiHandle, mpsc::Receiver<Update>) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    with_watch(Kind::Pods, ApiResource::erase::<Pod>(&()), test);
+    with_watch(Kind::Pods, ApiResource::erase::<Pod>(&()), test)
 }
 
-/// Runs `test` with a watch loop of `kind` on kube's mock service.
-fn with_watch<F, Fut>(kind: Kind, resource: ApiResource, test: F)
+/// Runs `test` with a watch loop of `kind` on kube's mock service; what the loop counted.
+fn with_watch<F, Fut>(kind: Kind, resource: ApiResource, test: F) -> Arc<AgentMetrics>
 where
     F: FnOnce(ApiHandle, mpsc::Receiver<Update>) -> Fut,
     Fut: std::future::Future<Output = ()>,
@@ -150,10 +152,23 @@ where
         let client = Client::new(service, "default");
         let api = Api::<DynamicObject>::all_with(client, &resource);
         let (tx, rx) = mpsc::channel(16);
-        let watching = tokio::spawn(watch(api, kind, tx));
+        let metrics = Arc::new(AgentMetrics::default());
+        let watching = tokio::spawn(watch(api, kind, tx, metrics.clone()));
         test(handle, rx).await;
         watching.abort();
-    });
+        metrics
+    })
+}
+
+/// The value of one series of `kind` (`meshagent_kube_<family>{kind="..."}`) as scraped.
+fn scraped(metrics: &AgentMetrics, family: &str, kind: Kind) -> u64 {
+    let text = metrics.render(None, true);
+    let series = format!("meshagent_kube_{family}{{kind=\"{}\"}} ", kind.name());
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .parse()
+        .expect("a number")
 }
 
 #[test]
@@ -193,7 +208,7 @@ fn a_list_then_a_watch_from_its_version_with_bookmarks_then_a_resume_from_the_la
 
 #[test]
 fn an_http_410_on_resuming_a_watch_relists_and_the_relist_replaces_the_kind() {
-    with_pods_watch(|mut api, mut updates| async move {
+    let metrics = with_pods_watch(|mut api, mut updates| async move {
         answer_list(&mut api, &mut updates, "100", "a").await;
         let (query, respond) = next_request(&mut api).await;
         assert_eq!(param(&query, "resourceVersion"), Some("100"), "{query}");
@@ -208,11 +223,16 @@ fn an_http_410_on_resuming_a_watch_relists_and_the_relist_replaces_the_kind() {
         let (query, _respond) = next_request(&mut api).await;
         assert_eq!(param(&query, "resourceVersion"), Some("300"), "{query}");
     });
+    // What an SRE sees: the relist, both objects, no failure (a 410 is expected).
+    assert_eq!(scraped(&metrics, "lists_total", Kind::Pods), 2);
+    assert_eq!(scraped(&metrics, "objects_received_total", Kind::Pods), 2);
+    assert_eq!(scraped(&metrics, "watch_errors_total", Kind::Pods), 0);
+    assert_eq!(scraped(&metrics, "lists_total", Kind::Services), 0);
 }
 
 #[test]
 fn a_failed_list_is_retried_and_a_404_of_a_core_kind_is_not_taken_for_empty() {
-    with_pods_watch(|mut api, mut updates| async move {
+    let metrics = with_pods_watch(|mut api, mut updates| async move {
         let (_, respond) = next_request(&mut api).await;
         reply(
             respond,
@@ -242,6 +262,13 @@ fn a_failed_list_is_retried_and_a_404_of_a_core_kind_is_not_taken_for_empty() {
         // kube's watcher announces each list attempt (Init) before making it.
         assert_eq!(seen, ["init", "init", "init", "init-apply a", "init-done"]);
     });
+    assert_eq!(
+        scraped(&metrics, "watch_errors_total", Kind::Pods),
+        2,
+        "the 500 and the 404"
+    );
+    assert_eq!(scraped(&metrics, "lists_total", Kind::Pods), 3);
+    assert_eq!(scraped(&metrics, "objects_received_total", Kind::Pods), 1);
 }
 
 const POLICIES: &str = "/apis/security.istio.io/v1/authorizationpolicies";

@@ -1693,7 +1693,14 @@ impl Watching {
         let (tx, wake) = mpsc::channel();
         // Nothing is captured here: no pod is annotated.
         let (_, no_redirections) = tokio::sync::mpsc::unbounded_channel();
-        start(options, handoff.clone(), tx, no_redirections).expect("start");
+        start(
+            options,
+            handoff.clone(),
+            tx,
+            no_redirections,
+            Default::default(),
+        )
+        .expect("start");
         Watching { handoff, wake }
     }
 
@@ -2174,6 +2181,7 @@ fn a_client_configuration_that_cannot_be_used_fails_the_start_with_the_reason() 
         Arc::new(Handoff::default()),
         tx,
         no_redirections,
+        Default::default(),
     )
     .expect_err("a root certificate that does not parse");
     assert!(

@@ -666,6 +666,18 @@ pub struct ApiGroupVersion {
 }
 
 impl Kind {
+    /// Every kind, in declaration order (`kind as usize` indexes it).
+    pub const ALL: [Kind; 8] = [
+        Kind::Namespaces,
+        Kind::Pods,
+        Kind::Services,
+        Kind::EndpointSlices,
+        Kind::AuthorizationPolicies,
+        Kind::PeerAuthentications,
+        Kind::Gateways,
+        Kind::GatewayClasses,
+    ];
+
     /// Where a kind defined by a CRD is read: a cluster may lack it, or serve it at other
     /// versions than the one read. `None` for the core kinds, always served.
     pub fn crd(self) -> Option<ApiGroupVersion> {

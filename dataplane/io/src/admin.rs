@@ -272,7 +272,7 @@ impl AdminState {
             "# TYPE meshdp_driver_info gauge\nmeshdp_driver_info{{driver=\"{}\"}} 1",
             escape(self.driver.name())
         );
-        crate::procfs::render_process_metrics(&mut out);
+        crate::procfs::render_process_metrics("meshdp", &mut out);
         out
     }
 

@@ -117,14 +117,17 @@ pub fn stat_fields<const N: usize>(path: &str, wanted: [usize; N]) -> Option<[u6
 const USER_HZ: f64 = 100.0;
 
 /// This process's figures as Prometheus' standard process series (the names the Prometheus
-/// client libraries use, and Istio's ztunnel exports), then its memory split in two: what is
-/// its own (`meshdp_memory_private_bytes`: heaps and stacks) and what it maps from shared
-/// memory (`meshdp_memory_shared_bytes`: mostly the snapshot region's pages it has read,
-/// which `process_resident_memory_bytes` counts too and ctrl-agent holds as well).
-pub fn render_process_metrics(out: &mut String) {
+/// client libraries use, and Istio's ztunnel exports), then its memory split in two under
+/// `prefix` (`meshdp`, `meshagent`): what is its own (`<prefix>_memory_private_bytes`: heaps and
+/// stacks) and what it maps from shared memory (`<prefix>_memory_shared_bytes`: mostly the
+/// snapshot region's pages it has touched, which `process_resident_memory_bytes` counts too and
+/// the other process holds as well).
+pub fn render_process_metrics(prefix: &str, out: &mut String) {
     let me = Process::Current;
     let status = me.status();
     let bytes = |field| status.as_ref()?.bytes(field).map(|b| b as f64);
+    let private = format!("{prefix}_memory_private_bytes");
+    let shared = format!("{prefix}_memory_shared_bytes");
     let series = [
         ("process_cpu_seconds_total", "counter", me.cpu_seconds()),
         ("process_resident_memory_bytes", "gauge", bytes("VmRSS:")),
@@ -140,8 +143,8 @@ pub fn render_process_metrics(out: &mut String) {
                 .map(|n| n as f64),
         ),
         ("process_start_time_seconds", "gauge", me.start_time_unix()),
-        ("meshdp_memory_private_bytes", "gauge", bytes("RssAnon:")),
-        ("meshdp_memory_shared_bytes", "gauge", bytes("RssShmem:")),
+        (&private, "gauge", bytes("RssAnon:")),
+        (&shared, "gauge", bytes("RssShmem:")),
     ];
     // A figure the kernel would not give is left out rather than shown as 0.
     for (name, kind, value) in series {
@@ -185,7 +188,7 @@ mod tests {
         let thread = std::thread::spawn(move || parked.recv());
 
         let mut text = String::new();
-        render_process_metrics(&mut text);
+        render_process_metrics("meshdp", &mut text);
         assert!(
             value(&text, "process_cpu_seconds_total") >= before + 0.05,
             "{text}"
