@@ -413,4 +413,4 @@ pub fn serve(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

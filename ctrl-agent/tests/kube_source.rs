@@ -196,12 +196,8 @@ impl Agent {
     fn metric(&self, series: &str) -> f64 {
         let (status, text) = self.get("/metrics");
         assert_eq!(status, 200, "{text}");
-        let prefix = format!("{series} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
+        mesh_io::stats::series_value(&text, series)
             .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-            .parse()
-            .expect("a number")
     }
 
     /// The log's ERROR lines that contain `text`.

@@ -131,12 +131,7 @@ fn a_bad_file_is_refused_with_the_field_named_and_the_last_good_snapshot_stays()
 
 /// The value of an unlabelled `series` as the agent's `/metrics` shows it.
 fn scraped(metrics: &crate::metrics::AgentMetrics, series: &str) -> f64 {
-    let text = metrics.render(None, false);
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{series} ")))
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-        .parse()
-        .expect("a number")
+    crate::metrics::tests::value(&metrics.render(None, false), series)
 }
 
 #[test]

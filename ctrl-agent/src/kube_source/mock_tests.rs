@@ -162,13 +162,8 @@ where
 
 /// The value of one series of `kind` (`meshagent_kube_<family>{kind="..."}`) as scraped.
 fn scraped(metrics: &AgentMetrics, family: &str, kind: Kind) -> u64 {
-    let text = metrics.render(None, true);
-    let series = format!("meshagent_kube_{family}{{kind=\"{}\"}} ", kind.name());
-    text.lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-        .parse()
-        .expect("a number")
+    let series = format!("meshagent_kube_{family}{{kind=\"{}\"}}", kind.name());
+    crate::metrics::tests::value(&metrics.render(None, true), &series) as u64
 }
 
 #[test]

@@ -1,13 +1,8 @@
 use super::*;
 
 /// The value of `series` (name and labels, as written) in Prometheus text.
-fn value(text: &str, series: &str) -> f64 {
-    let prefix = format!("{series} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-        .parse()
-        .unwrap_or_else(|e| panic!("{series}: {e}"))
+pub(crate) fn value(text: &str, series: &str) -> f64 {
+    mesh_io::stats::series_value(text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
 }
 
 #[test]

@@ -160,13 +160,7 @@ mod tests {
 
     /// The value of an unlabelled series in Prometheus text.
     fn value(text: &str, name: &str) -> f64 {
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no {name} in\n{text}"));
-        line[name.len() + 1..]
-            .parse()
-            .unwrap_or_else(|e| panic!("{line}: {e}"))
+        crate::stats::series_value(text, name).unwrap_or_else(|| panic!("no {name} in\n{text}"))
     }
 
     #[test]

@@ -104,6 +104,14 @@ impl DurationHistogram {
     }
 }
 
+/// The value of `series` (its name and labels exactly as rendered, e.g.
+/// `meshagent_kube_listed{kind="pods"}`) in Prometheus text, as a scraper reads it; `None` if
+/// it is not there. For tests and tools that check what an endpoint shows.
+pub fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 macro_rules! worker_stats {
     ($($(#[doc = $doc:literal])* $name:ident $(as $kind:ident)?),* $(,)?) => {
         /// One worker's counters, aligned so no two workers share a cache line.
