@@ -787,7 +787,9 @@ impl Lab {
             .arg("--netns-socket")
             .arg(self.netns_socket(node))
             .arg("--state-dir")
-            .arg(self.dir.join(format!("state-{}", NODE_NAMES[node])));
+            .arg(self.dir.join(format!("state-{}", NODE_NAMES[node])))
+            // Any free port: the agents share the host's namespace (`agent_metrics`).
+            .args(["--metrics-addr", "127.0.0.1:0"]);
         if self.ca_dir(node) != self.mesh_ca_dir() {
             cmd.arg("--extra-root")
                 .arg(self.mesh_ca_dir().join("ca-cert.pem"));
@@ -1011,6 +1013,30 @@ impl Lab {
     /// Pid of a node's data plane (`ip netns exec` execs it in place, so the child is it).
     pub fn dataplane_pid(&self, node: usize) -> Option<u32> {
         self.dataplanes[node].as_ref().map(Child::id)
+    }
+
+    /// A node's agent's `/metrics` (Prometheus text), at the address its latest start logged.
+    pub fn agent_metrics(&self, node: usize) -> anyhow::Result<String> {
+        let log = self.process_log("ctrl-agent", node);
+        let addr: SocketAddr = log
+            .lines()
+            .rev()
+            .filter(|l| l.contains("metrics on /metrics"))
+            .find_map(|l| l.split("bound=").nth(1)?.split_whitespace().next())
+            .ok_or_else(|| anyhow::anyhow!("no metrics address in the agent's log"))?
+            .parse()?;
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        match response.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
+            _ => bail!("the agent's /metrics answered: {response}"),
+        }
     }
 
     /// Everything a node's process ("dataplane" or "ctrl-agent") has logged so far.

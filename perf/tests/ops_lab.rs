@@ -102,6 +102,20 @@ lab_test!(
         )
         .is_some());
         assert!(text.contains("meshdp_snapshot_generation "), "{text}");
+        // The data plane holds what the agent published last: the same epoch and generation
+        // on both processes' endpoints (what an SRE compares to see a node caught up).
+        let versions = |node: usize| {
+            let agent = lab.agent_metrics(node).expect("the agent's metrics");
+            let dataplane = scrape(&lab, node);
+            let get = |text: &str, name: &str| mesh_io::stats::series_value(text, name);
+            (
+                get(&agent, "meshagent_snapshot_epoch"),
+                get(&agent, "meshagent_snapshot_generation"),
+                get(&dataplane, "meshdp_snapshot_epoch"),
+                get(&dataplane, "meshdp_snapshot_generation"),
+            )
+        };
+        let generation_before = versions(1).1;
 
         // A refused connection: counted as failed on both sides, and logged with the policy.
         lab.apply(
@@ -117,6 +131,28 @@ lab_test!(
         .expect("policy");
         let _listener = lab.listen_in("n2-a", 9100).expect("listen");
         assert!(exchange(&lab, "n1-a", "n2-a", 9100, 10).is_err(), "denied");
+        for node in [0, 1] {
+            assert!(
+                eventually(Duration::from_secs(5), || {
+                    let (agent_epoch, agent_generation, epoch, generation) = versions(node);
+                    agent_epoch.is_some() && agent_epoch == epoch && agent_generation == generation
+                }),
+                "node {node}: the data plane is not at the agent's version: {:?}",
+                versions(node)
+            );
+        }
+        assert!(
+            versions(1).1 > generation_before,
+            "the policy was a new generation"
+        );
+        let agent = lab.agent_metrics(1).expect("the agent's metrics");
+        assert!(
+            mesh_io::stats::series_value(
+                &agent,
+                "meshagent_snapshot_publications_total{kind=\"change\"}"
+            ) >= Some(1.0),
+            "{agent}"
+        );
         assert!(eventually(Duration::from_secs(5), || {
             let denied = [("response_flags", "DENY"), ("destination_workload", "n2-a")];
             series(
