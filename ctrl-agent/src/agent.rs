@@ -344,6 +344,7 @@ impl Agent {
     }
 
     fn report(&self, publication: Publication, took: Duration) -> Result<Tick, AgentError> {
+        self.metrics.region(self.channel.footprint());
         match publication {
             Publication::Unchanged => Ok(Tick::Unchanged),
             Publication::Delta { version, changes } => {

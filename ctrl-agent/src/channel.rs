@@ -14,6 +14,22 @@ pub struct SnapshotChannel {
     publisher: Publisher,
     /// What the region holds now (base plus log).
     state: Option<State>,
+    /// Logs rewritten as a base so far.
+    compactions: u64,
+}
+
+/// How much of the region the published state takes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Footprint {
+    /// The complete snapshot as stored (compressed when large).
+    pub base_bytes: u64,
+    /// Changes appended since.
+    pub log_bytes: u64,
+    /// What one slot holds, base and log together.
+    pub slot_capacity: u64,
+    /// The file's pages in memory (tmpfs), both slots.
+    pub file_bytes: u64,
+    pub compactions: u64,
 }
 
 /// What one publication did (not to be confused with a region record, `mesh_snapshot::Published`).
@@ -33,7 +49,20 @@ impl SnapshotChannel {
         Ok(SnapshotChannel {
             publisher: Publisher::create(path, options)?,
             state: None,
+            compactions: 0,
         })
+    }
+
+    /// How much of the region is used.
+    pub fn footprint(&self) -> Footprint {
+        Footprint {
+            base_bytes: self.publisher.base_bytes(),
+            log_bytes: self.publisher.log_bytes(),
+            slot_capacity: self.publisher.slot_capacity(),
+            // Unknown only if fstat fails on an open file; shown as 0 rather than stale.
+            file_bytes: self.publisher.file_bytes().unwrap_or(0),
+            compactions: self.compactions,
+        }
     }
 
     /// What readers hold now, if anything was published.
@@ -102,6 +131,7 @@ impl SnapshotChannel {
         if let Some(state) = &self.state {
             let payload = mesh_snapshot::encode(&state.snapshot());
             let version = self.publisher.compact(&payload)?;
+            self.compactions += 1;
             tracing::info!(
                 generation = version.generation,
                 bytes = payload.len(),
@@ -170,6 +200,47 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(replayed.as_ref(), channel.state());
+    }
+
+    #[test]
+    fn the_footprint_follows_the_base_the_log_and_compactions() {
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
+        let mut channel =
+            SnapshotChannel::create(&dir.path().join("snapshot"), PublishOptions::default())
+                .expect("create");
+        channel.publish_state(state(&[1, 2])).expect("publish");
+        let first = channel.footprint();
+        assert!(first.base_bytes > 0, "{first:?}");
+        assert_eq!(first.log_bytes, 0);
+        assert_eq!(first.compactions, 0);
+        assert_eq!(
+            first.slot_capacity,
+            mesh_snapshot::region::DEFAULT_SLOT_CAPACITY
+        );
+        // Sparse: the header and the base's pages, not two whole slots.
+        assert!(first.file_bytes >= first.base_bytes, "{first:?}");
+        assert!(first.file_bytes < first.slot_capacity, "{first:?}");
+
+        // Changes of about 10 KB each (a workload renamed back and forth) until the log is
+        // rewritten as a base.
+        let mut renamed = state(&[1, 2]);
+        let mut log_grew = false;
+        for round in 0..1000 {
+            let name = if round % 2 == 0 { 'a' } else { 'b' };
+            let mut next = renamed.snapshot();
+            next.workloads[0].name = name.to_string().repeat(10_000);
+            renamed = State::from(next);
+            channel.publish_state(renamed.clone()).expect("publish");
+            let now = channel.footprint();
+            if now.compactions == 1 {
+                assert!(log_grew, "the log grew first");
+                assert_eq!(now.log_bytes, 0, "{now:?}");
+                assert!(now.base_bytes > first.base_bytes, "{now:?}");
+                return;
+            }
+            log_grew |= now.log_bytes > 100_000;
+        }
+        panic!("never compacted: {:?}", channel.footprint());
     }
 
     #[test]

@@ -20,6 +20,7 @@ use mesh_io::stats::DurationHistogram;
 use mesh_snapshot::region::Version;
 
 use crate::agent::{lock, SharedState};
+use crate::channel::Footprint;
 use crate::cni_api::{Reply, Request};
 use crate::kube_source::world::Kind;
 
@@ -56,6 +57,12 @@ pub struct AgentMetrics {
     generation: AtomicU64,
     /// 0 until the first publication.
     last_publish_unix_ms: AtomicU64,
+    /// The region after the last publication (`Footprint`).
+    base_bytes: AtomicU64,
+    log_bytes: AtomicU64,
+    slot_capacity: AtomicU64,
+    region_file_bytes: AtomicU64,
+    compactions: AtomicU64,
     /// Identities of this node's pods that want a certificate, and those that have one.
     identities_wanted: AtomicU64,
     certificates: AtomicU64,
@@ -82,6 +89,11 @@ impl Default for AgentMetrics {
             epoch: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             last_publish_unix_ms: AtomicU64::new(0),
+            base_bytes: AtomicU64::new(0),
+            log_bytes: AtomicU64::new(0),
+            slot_capacity: AtomicU64::new(0),
+            region_file_bytes: AtomicU64::new(0),
+            compactions: AtomicU64::new(0),
             identities_wanted: AtomicU64::new(0),
             certificates: AtomicU64::new(0),
             earliest_expiry_unix: AtomicI64::new(i64::MAX),
@@ -120,6 +132,19 @@ impl AgentMetrics {
         self.generation.store(version.generation, Ordering::Relaxed);
         self.last_publish_unix_ms
             .store(unix_ms(SystemTime::now()), Ordering::Release);
+    }
+
+    /// How much of the region the state published last takes.
+    pub fn region(&self, footprint: Footprint) {
+        for (figure, value) in [
+            (&self.base_bytes, footprint.base_bytes),
+            (&self.log_bytes, footprint.log_bytes),
+            (&self.slot_capacity, footprint.slot_capacity),
+            (&self.region_file_bytes, footprint.file_bytes),
+            (&self.compactions, footprint.compactions),
+        ] {
+            figure.store(value, Ordering::Relaxed);
+        }
     }
 
     pub fn publish_failed(&self) {
@@ -275,6 +300,20 @@ impl AgentMetrics {
             ),
             ("meshagent_certificates", load(&self.certificates) as f64),
         ];
+        for (name, value) in [
+            ("meshagent_snapshot_base_bytes", &self.base_bytes),
+            ("meshagent_snapshot_log_bytes", &self.log_bytes),
+            (
+                "meshagent_snapshot_slot_capacity_bytes",
+                &self.slot_capacity,
+            ),
+            (
+                "meshagent_snapshot_region_memory_bytes",
+                &self.region_file_bytes,
+            ),
+        ] {
+            gauges.push((name, load(value) as f64));
+        }
         // Left out until there is one: a 0 would read as "published in 1970", "expired".
         if last_ms != 0 {
             gauges.push((
@@ -297,6 +336,7 @@ impl AgentMetrics {
                 &self.publish_failures,
             ),
             ("meshagent_source_refusals_total", &self.source_refusals),
+            ("meshagent_snapshot_compactions_total", &self.compactions),
             (
                 "meshagent_certificates_issued_total",
                 &self.certificates_issued,

@@ -68,6 +68,15 @@ fn publishes_routing_for_all_and_namespaces_and_keys_for_this_node_only() {
     assert!(!snap.identities[0].private_key.is_empty());
     assert_eq!(snap.trust_roots.len(), 1);
     assert_eq!(agent.tick(now).expect("tick"), Tick::Unchanged);
+    // The region's use, as scraped: the base written, and the file's pages hold it.
+    let metrics = agent.metrics();
+    let base = scraped(&metrics, "meshagent_snapshot_base_bytes");
+    assert!(base > 0.0);
+    assert!(scraped(&metrics, "meshagent_snapshot_region_memory_bytes") >= base);
+    assert_eq!(
+        scraped(&metrics, "meshagent_snapshot_slot_capacity_bytes"),
+        mesh_snapshot::region::DEFAULT_SLOT_CAPACITY as f64
+    );
 }
 
 #[test]

@@ -26,6 +26,13 @@ fn publications_certificates_and_refusals_are_scraped_as_they_happened() {
     metrics.published(Published::Change, version(2), Duration::from_micros(200));
     metrics.published(Published::Change, version(3), Duration::from_micros(300));
     metrics.publish_failed();
+    metrics.region(Footprint {
+        base_bytes: 17_000_000,
+        log_bytes: 4096,
+        slot_capacity: 64 << 20,
+        file_bytes: 18_000_000,
+        compactions: 3,
+    });
     metrics.certificates_held(3, [2_000_000_000, 1_900_000_000].into_iter());
     metrics.certificate_issued();
     metrics.certificate_issued();
@@ -59,6 +66,11 @@ fn publications_certificates_and_refusals_are_scraped_as_they_happened() {
         ("meshagent_snapshot_epoch", 7.0),
         ("meshagent_snapshot_generation", 3.0),
         ("meshagent_snapshot_publish_failures_total", 1.0),
+        ("meshagent_snapshot_base_bytes", 17e6),
+        ("meshagent_snapshot_log_bytes", 4096.0),
+        ("meshagent_snapshot_slot_capacity_bytes", 67_108_864.0),
+        ("meshagent_snapshot_region_memory_bytes", 18e6),
+        ("meshagent_snapshot_compactions_total", 3.0),
         ("meshagent_identities_wanted", 3.0),
         ("meshagent_certificates", 2.0),
         (

@@ -369,6 +369,19 @@ impl Publisher {
         self.base_len
     }
 
+    /// Bytes each of the two slots holds, base and log together: a complete snapshot that
+    /// does not fit cannot be published.
+    pub fn slot_capacity(&self) -> u64 {
+        self.options.slot_capacity
+    }
+
+    /// Memory the region's file takes on its filesystem (the pages written so far: it is
+    /// sparse, and on tmpfs this is what counts against the volume's size limit).
+    pub fn file_bytes(&self) -> std::io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.file.metadata()?.blocks() * 512)
+    }
+
     /// Whether the log has grown enough that the next quiet moment should [`compact`] it:
     /// every reader that starts late replays the whole log, and a compaction holds the log
     /// and two bases at once, so the log is bounded by the stored (compressed) base.
