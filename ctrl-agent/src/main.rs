@@ -140,8 +140,8 @@ struct Args {
     host_netns: Option<PathBuf>,
     /// Where to serve the agent's own metrics (`/metrics`, Prometheus text: publications,
     /// the cluster's watches, certificates, CNI requests, the process) and its readiness
-    /// (`/healthz/ready`: a snapshot was published). Off unless given; the chart serves them
-    /// on 15014.
+    /// (`/healthz/ready`: a snapshot was published), and `/logging` to change the log filter
+    /// (from the loopback only). Off unless given; the chart serves them on 15014.
     #[arg(long, env = "CTRL_AGENT_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
     /// This agent's pod (the downward API's metadata.name and metadata.namespace, as the
@@ -159,7 +159,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    mesh_io::logs::init(args.log_json);
+    let log_level = mesh_io::logs::init(args.log_json);
     let ca: CertificateAuthority = match &args.ca_address {
         None => {
             tracing::info!(ca_dir = %args.ca_dir.display(), "certificates from the local CA");
@@ -262,14 +262,14 @@ fn main() -> anyhow::Result<()> {
         signal_hook::flag::register(signal, stop.clone())?;
     }
     if let Some(listener) = metrics_listener {
-        let bound = ctrl_agent::metrics::serve(
-            listener,
-            agent.metrics(),
-            Some(shared.clone()),
-            agent.watches_a_cluster(),
-            stop.clone(),
-        )
-        .context("serving the metrics")?;
+        let endpoint = ctrl_agent::metrics::Endpoint {
+            metrics: agent.metrics(),
+            shared: Some(shared.clone()),
+            kube: agent.watches_a_cluster(),
+            log_level: Some(log_level),
+        };
+        let bound = ctrl_agent::metrics::serve(listener, endpoint, stop.clone())
+            .context("serving the metrics")?;
         tracing::info!(%bound, "metrics on /metrics, readiness on /healthz/ready");
     }
     let mut cni_server = None;

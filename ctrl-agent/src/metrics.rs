@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use mesh_io::logs::LogLevel;
 use mesh_io::stats::DurationHistogram;
 use mesh_snapshot::region::Version;
 
@@ -420,36 +421,70 @@ impl AgentMetrics {
 }
 
 /// Serves `/metrics` (also `/stats/prometheus`, the data plane's path) and `/healthz/ready` on
-/// `listener` until `stop` is set. (Bound by the caller before the agent replaces the region,
-/// so that a port in use stops the start before anything changed.)
+/// `listener` until `stop` is set, and `/logging` (`GET`: the filter in force; `POST
+/// ?level=<RUST_LOG filter>`: a new one) to clients on the pod's loopback only, as the data
+/// plane's admin port does: the port faces the pod network. (Bound by the caller before the
+/// agent replaces the region, so that a port in use stops the start before anything changed.)
 pub fn serve(
     listener: TcpListener,
-    metrics: Arc<AgentMetrics>,
-    shared: Option<SharedState>,
-    kube: bool,
+    endpoint: Endpoint,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<SocketAddr> {
     let bound = listener.local_addr()?;
-    let handler = move |r: &mesh_io::admin::Request<'_>| match r.path {
-        "/metrics" | "/stats/prometheus" => (
-            200,
-            "text/plain; version=0.0.4",
-            metrics.render(shared.as_ref(), kube),
-        ),
-        "/healthz/ready" => match metrics.readiness() {
-            Ok(()) => (200, "text/plain", "ready\n".to_owned()),
-            Err(why) => (503, "text/plain", format!("{why}\n")),
-        },
-        _ => (
-            404,
-            "text/plain",
-            "endpoints: GET /metrics /stats/prometheus /healthz/ready\n".to_owned(),
-        ),
-    };
     std::thread::Builder::new()
         .name("metrics".into())
-        .spawn(move || mesh_io::admin::serve(listener, Arc::new(handler), stop))?;
+        .spawn(move || {
+            mesh_io::admin::serve(listener, Arc::new(move |r| endpoint.respond(r)), stop)
+        })?;
     Ok(bound)
+}
+
+/// What the agent's endpoint answers from.
+pub struct Endpoint {
+    pub metrics: Arc<AgentMetrics>,
+    /// The agent's state, for the enrollments.
+    pub shared: Option<SharedState>,
+    /// Whether the source is a cluster (its list/watch figures are shown).
+    pub kube: bool,
+    /// `None`: the filter cannot change in this process.
+    pub log_level: Option<LogLevel>,
+}
+
+impl Endpoint {
+    fn respond(&self, r: &mesh_io::admin::Request<'_>) -> (u16, &'static str, String) {
+        match (r.method, r.path) {
+            (_, "/metrics" | "/stats/prometheus") => (
+                200,
+                "text/plain; version=0.0.4",
+                self.metrics.render(self.shared.as_ref(), self.kube),
+            ),
+            (_, "/healthz/ready") => match self.metrics.readiness() {
+                Ok(()) => (200, "text/plain", "ready\n".to_owned()),
+                Err(why) => (503, "text/plain", format!("{why}\n")),
+            },
+            (_, "/logging") if !r.peer.is_loopback() => (
+                403,
+                "text/plain",
+                "/logging answers clients on the pod's loopback only (kubectl port-forward)\n"
+                    .to_owned(),
+            ),
+            (method, "/logging") => match &self.log_level {
+                Some(level) => level.answer(if method == "POST" { r.query } else { "" }),
+                None => (
+                    503,
+                    "text/plain",
+                    "log level is fixed in this process\n".to_owned(),
+                ),
+            },
+            _ => (
+                404,
+                "text/plain",
+                "endpoints: GET /metrics /stats/prometheus /healthz/ready /logging; \
+                 POST /logging?level=<filter> (from loopback)\n"
+                    .to_owned(),
+            ),
+        }
+    }
 }
 
 #[cfg(test)]

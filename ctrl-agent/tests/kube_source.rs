@@ -164,6 +164,11 @@ impl Agent {
 
     /// `GET path` on the agent's metrics endpoint (its port is in the log): status and body.
     fn get(&self, path: &str) -> (u16, String) {
+        self.request("GET", path)
+    }
+
+    /// A bodiless request on the agent's metrics endpoint: status and body.
+    fn request(&self, method: &str, path: &str) -> (u16, String) {
         use std::io::{Read, Write};
         let end = Instant::now() + TIMEOUT;
         let addr = loop {
@@ -180,7 +185,7 @@ impl Agent {
             }
         };
         let mut conn = std::net::TcpStream::connect(addr).expect("connect");
-        write!(conn, "GET {path} HTTP/1.1\r\nhost: agent\r\n\r\n").expect("send");
+        write!(conn, "{method} {path} HTTP/1.1\r\nhost: agent\r\n\r\n").expect("send");
         let mut answer = String::new();
         conn.read_to_string(&mut answer).expect("answer");
         let status = answer
@@ -346,6 +351,25 @@ fn nothing_is_published_until_every_initial_list_is_done() {
     let first = agent.until("the first publication", |_| true);
     let (status, ready) = agent.get("/healthz/ready");
     assert_eq!((status, ready.as_str()), (200, "ready\n"));
+    // The log filter changes at runtime (the test connects from the loopback), and the
+    // agent logs at the new level.
+    assert_eq!(
+        agent.get("/logging"),
+        (200, "info,ctrl_agent=debug\n".into())
+    );
+    assert_eq!(
+        agent.request("POST", "/logging?level=info,ctrl_agent=trace"),
+        (200, "info,ctrl_agent=trace\n".into())
+    );
+    assert_eq!(
+        agent.get("/logging"),
+        (200, "info,ctrl_agent=trace\n".into())
+    );
+    assert!(
+        agent.log().contains("log filter changed"),
+        "{}",
+        agent.log()
+    );
     assert_eq!(
         agent.metric("meshagent_kube_listed{kind=\"authorizationpolicies\"}"),
         1.0

@@ -215,3 +215,45 @@ fn cni_requests_are_counted_by_the_op_and_reply_names_the_wire_uses() {
         .count();
     assert_eq!(series, 2, "only what happened:\n{text}");
 }
+
+#[test]
+fn the_endpoint_keeps_the_log_filter_to_the_loopback() {
+    let endpoint = Endpoint {
+        metrics: Arc::new(AgentMetrics::default()),
+        shared: None,
+        kube: false,
+        log_level: None,
+    };
+    let request = |method, path, peer: &str| mesh_io::admin::Request {
+        method,
+        path,
+        query: "level=debug",
+        peer: peer.parse().expect("address"),
+    };
+    // From the pod network (a scraper, another pod): metrics yes, the log filter no.
+    let (status, _, text) = endpoint.respond(&request("GET", "/metrics", "10.0.0.7"));
+    assert_eq!(status, 200);
+    assert!(text.contains("meshagent_snapshot_generation 0"), "{text}");
+    assert_eq!(
+        endpoint.respond(&request("POST", "/logging", "10.0.0.7")).0,
+        403
+    );
+    assert_eq!(
+        endpoint.respond(&request("GET", "/logging", "fd00::7")).0,
+        403
+    );
+    // From the loopback it gets through (to a process whose filter is fixed here).
+    assert_eq!(
+        endpoint
+            .respond(&request("POST", "/logging", "127.0.0.1"))
+            .0,
+        503
+    );
+    assert_eq!(endpoint.respond(&request("GET", "/logging", "::1")).0, 503);
+    let (status, _, why) = endpoint.respond(&request("GET", "/healthz/ready", "10.0.0.7"));
+    assert_eq!((status, why.as_str()), (503, "no snapshot published yet\n"));
+    assert_eq!(
+        endpoint.respond(&request("GET", "/nothing", "127.0.0.1")).0,
+        404
+    );
+}

@@ -278,22 +278,13 @@ impl AdminState {
 
     /// `POST /logging?level=<RUST_LOG filter>`; without a level, reports the current one.
     fn logging(&self, query: &str) -> (u16, &'static str, String) {
-        let Some(level) = &self.log_level else {
-            return (
+        match &self.log_level {
+            Some(level) => level.answer(query),
+            None => (
                 503,
                 "text/plain",
                 "log level is fixed in this process\n".into(),
-            );
-        };
-        match query_value(query, "level") {
-            None => (200, "text/plain", format!("{}\n", level.current())),
-            Some(directives) => match level.set(&directives) {
-                Ok(()) => {
-                    tracing::info!(filter = %directives, "log filter changed");
-                    (200, "text/plain", format!("{directives}\n"))
-                }
-                Err(e) => (400, "text/plain", format!("{e}\n")),
-            },
+            ),
         }
     }
 
@@ -353,7 +344,7 @@ fn waypoint_json(waypoint: Option<&mesh_core::index::Waypoint>) -> Value {
     }
 }
 
-fn query_value(query: &str, key: &str) -> Option<String> {
+pub(crate) fn query_value(query: &str, key: &str) -> Option<String> {
     query
         .split('&')
         .filter_map(|pair| pair.split_once('='))
@@ -361,11 +352,14 @@ fn query_value(query: &str, key: &str) -> Option<String> {
         .map(|(_, v)| v.replace('+', " "))
 }
 
-/// A request: method, path, query string.
+/// A request: method, path, query string, and where it came from.
 pub struct Request<'a> {
     pub method: &'a str,
     pub path: &'a str,
     pub query: &'a str,
+    /// The client's address: a port facing the pod network may keep some paths to clients
+    /// on the pod's own loopback (`kubectl port-forward`, `kubectl exec`).
+    pub peer: IpAddr,
 }
 
 type Handler = dyn Fn(&Request<'_>) -> (u16, &'static str, String) + Send + Sync;
@@ -571,6 +565,7 @@ fn read_head<R: BufRead>(
 
 fn answer(conn: TcpStream, handler: &Handler, limits: &Limits) -> std::io::Result<()> {
     let accepted = Instant::now();
+    let peer = conn.peer_addr()?.ip();
     let _ = conn.set_nonblocking(false);
     let mut reader = BufReader::new(Deadline {
         conn: &conn,
@@ -589,6 +584,7 @@ fn answer(conn: TcpStream, handler: &Handler, limits: &Limits) -> std::io::Resul
                         method,
                         path,
                         query,
+                        peer,
                     })
                 }
                 _ => (405, "text/plain", "GET or POST only\n".into()),
@@ -603,6 +599,7 @@ fn answer(conn: TcpStream, handler: &Handler, limits: &Limits) -> std::io::Resul
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         414 => "URI Too Long",

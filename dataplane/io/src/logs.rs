@@ -41,6 +41,21 @@ impl LogLevel {
         }
         Ok(())
     }
+
+    /// The admin endpoints' `/logging`: with `level=<RUST_LOG filter>` in `query`, sets it;
+    /// without, reports the one in force.
+    pub fn answer(&self, query: &str) -> (u16, &'static str, String) {
+        match crate::admin::query_value(query, "level") {
+            None => (200, "text/plain", format!("{}\n", self.current())),
+            Some(directives) => match self.set(&directives) {
+                Ok(()) => {
+                    tracing::info!(filter = %directives, "log filter changed");
+                    (200, "text/plain", format!("{directives}\n"))
+                }
+                Err(e) => (400, "text/plain", format!("{e}\n")),
+            },
+        }
+    }
 }
 
 /// Installs the global subscriber; `json` selects one JSON object per line for log shippers.
