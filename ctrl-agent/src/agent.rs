@@ -251,7 +251,7 @@ impl Agent {
                         continue;
                     }
                     Err(error) => {
-                        self.metrics.certificate_failed();
+                        self.metrics.certificate_failed(&error);
                         self.renewals.failed(&id, now, &error, self.certs.get(&id));
                     }
                 }

@@ -21,6 +21,7 @@ use mesh_io::stats::DurationHistogram;
 use mesh_snapshot::region::Version;
 
 use crate::agent::{lock, SharedState};
+use crate::ca::CaError;
 use crate::channel::Footprint;
 use crate::cni_api::{Reply, Request};
 use crate::kube_source::world::Kind;
@@ -70,7 +71,8 @@ pub struct AgentMetrics {
     /// The earliest expiry among the certificates held, in Unix seconds; `i64::MAX` for none.
     earliest_expiry_unix: AtomicI64,
     certificates_issued: AtomicU64,
-    certificate_failures: AtomicU64,
+    /// By `CaError::reason_index`.
+    certificate_failures: [AtomicU64; CaError::REASONS.len()],
     certificates_expired: AtomicU64,
     kinds: [KindFigures; Kind::ALL.len()],
     /// By request operation and reply, as `cni_api` names them.
@@ -99,7 +101,7 @@ impl Default for AgentMetrics {
             certificates: AtomicU64::new(0),
             earliest_expiry_unix: AtomicI64::new(i64::MAX),
             certificates_issued: AtomicU64::new(0),
-            certificate_failures: AtomicU64::new(0),
+            certificate_failures: Default::default(),
             certificates_expired: AtomicU64::new(0),
             kinds: Default::default(),
             cni: Default::default(),
@@ -181,8 +183,8 @@ impl AgentMetrics {
         self.certificates_issued.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn certificate_failed(&self) {
-        self.certificate_failures.fetch_add(1, Ordering::Relaxed);
+    pub fn certificate_failed(&self, error: &CaError) {
+        self.certificate_failures[error.reason_index()].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn certificate_expired(&self) {
@@ -343,15 +345,19 @@ impl AgentMetrics {
                 &self.certificates_issued,
             ),
             (
-                "meshagent_certificate_failures_total",
-                &self.certificate_failures,
-            ),
-            (
                 "meshagent_certificates_expired_total",
                 &self.certificates_expired,
             ),
         ] {
             let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", load(value));
+        }
+        let _ = writeln!(out, "# TYPE meshagent_certificate_failures_total counter");
+        for (reason, count) in CaError::REASONS.iter().zip(&self.certificate_failures) {
+            let _ = writeln!(
+                out,
+                "meshagent_certificate_failures_total{{reason=\"{reason}\"}} {}",
+                load(count)
+            );
         }
         if kube {
             self.render_kinds(&mut out);

@@ -282,7 +282,7 @@ mod istio {
     use rustls_pki_types::CertificateDer;
 
     use super::*;
-    use crate::istio_ca::fake_istiod::{FakeIstiod, TestPki, SERVER_NAME, TOKEN};
+    use crate::istio_ca::fake_istiod::{FakeIstiod, Mode, TestPki, SERVER_NAME, TOKEN};
     use crate::istio_ca::{IstioCaClient, IstioCaConfig};
 
     fn agent(dir: &Path, fake: &FakeIstiod, roots_pem: &str, ttl: Duration) -> Agent {
@@ -495,13 +495,59 @@ mod istio {
             scraped(&metrics, "meshagent_certificates_issued_total"),
             3.0
         );
-        assert!(scraped(&metrics, "meshagent_certificate_failures_total") >= 2.0);
+        let failures = |reason| {
+            scraped(
+                &metrics,
+                &format!("meshagent_certificate_failures_total{{reason=\"{reason}\"}}"),
+            )
+        };
+        assert!(failures("unreachable") >= 2.0, "istiod was down twice");
+        assert_eq!(failures("refused"), 0.0);
         assert_eq!(
             scraped(&metrics, "meshagent_certificates_expired_total"),
             1.0
         );
         assert_eq!(scraped(&metrics, "meshagent_identities_wanted"), 1.0);
         assert_eq!(scraped(&metrics, "meshagent_certificates"), 0.0);
+    }
+
+    #[test]
+    fn certificate_failures_are_counted_by_what_an_operator_does_about_them() {
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("scratch dir");
+        let pki = Arc::new(TestPki::new("istiod"));
+        let fake = FakeIstiod::start(pki.clone());
+        // istiod does not trust this node's account to ask for its pods (a missing
+        // CA_TRUSTED_NODE_ACCOUNTS entry, say).
+        fake.set_mode(Mode::Fail(
+            crate::istio_ca::Code::PERMISSION_DENIED,
+            "not a trusted node account".into(),
+        ));
+        let mut agent = agent(dir.path(), &fake, &pki.root_pem, DAY);
+        let t0 = SystemTime::now();
+        agent
+            .tick(t0)
+            .expect("routing is published without the certificate");
+        // Then it answers with a certificate for a key the agent did not ask for.
+        fake.set_mode(Mode::OtherKey);
+        agent
+            .tick(t0 + Duration::from_secs(3600))
+            .expect("tick after the backoff");
+        assert_eq!(fake.requests().len(), 2);
+        let metrics = agent.metrics();
+        for (reason, count) in [
+            ("refused", 1.0),
+            ("bad_answer", 1.0),
+            ("unreachable", 0.0),
+            ("local", 0.0),
+        ] {
+            let series = format!("meshagent_certificate_failures_total{{reason=\"{reason}\"}}");
+            assert_eq!(scraped(&metrics, &series), count, "{series}");
+        }
+        assert_eq!(scraped(&metrics, "meshagent_identities_wanted"), 1.0);
+        assert_eq!(scraped(&metrics, "meshagent_certificates"), 0.0);
+        assert!(!metrics
+            .render(None, false)
+            .contains("meshagent_certificate_earliest_expiry_timestamp_seconds"));
     }
 
     #[test]

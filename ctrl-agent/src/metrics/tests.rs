@@ -36,7 +36,7 @@ fn publications_certificates_and_refusals_are_scraped_as_they_happened() {
     metrics.certificates_held(3, [2_000_000_000, 1_900_000_000].into_iter());
     metrics.certificate_issued();
     metrics.certificate_issued();
-    metrics.certificate_failed();
+    metrics.certificate_failed(&CaError::Time);
     // Refused twice in a row counts once: the source went bad once.
     metrics.source_checked(true);
     metrics.source_checked(true);
@@ -78,7 +78,14 @@ fn publications_certificates_and_refusals_are_scraped_as_they_happened() {
             1_900_000_000.0,
         ),
         ("meshagent_certificates_issued_total", 2.0),
-        ("meshagent_certificate_failures_total", 1.0),
+        (
+            "meshagent_certificate_failures_total{reason=\"local\"}",
+            1.0,
+        ),
+        (
+            "meshagent_certificate_failures_total{reason=\"unreachable\"}",
+            0.0,
+        ),
         ("meshagent_source_refusals_total", 1.0),
         ("meshagent_source_refused", 1.0),
     ] {
