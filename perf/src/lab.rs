@@ -1025,17 +1025,10 @@ impl Lab {
             .find_map(|l| l.split("bound=").nth(1)?.split_whitespace().next())
             .ok_or_else(|| anyhow::anyhow!("no metrics address in the agent's log"))?
             .parse()?;
-        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        match response.split_once("\r\n\r\n") {
-            Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
-            _ => bail!("the agent's /metrics answered: {response}"),
+        let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        match http_exchange(stream, "GET", "/metrics")? {
+            (200, body) => Ok(body),
+            (status, body) => bail!("the agent's /metrics answered {status}: {body}"),
         }
     }
 
@@ -1117,27 +1110,11 @@ impl Lab {
         method: &str,
         path: &str,
     ) -> anyhow::Result<(u16, String)> {
-        let mut stream = self.connect_in(
+        let stream = self.connect_in(
             &self.dataplane_netns(node),
             SocketAddr::from(([127, 0, 0, 1], port)),
         )?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((status, body))
+        http_exchange(stream, method, path)
     }
 
     /// The data plane's /stats JSON.
@@ -1375,6 +1352,32 @@ impl Drop for Lab {
             labs.retain(|c| !Arc::ptr_eq(c, &self.cleanup));
         }
     }
+}
+
+/// A bodiless HTTP/1.1 request on `stream`, read until the server closes: the status (0 if
+/// the answer is not HTTP) and the body.
+fn http_exchange(
+    mut stream: std::net::TcpStream,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 #[cfg(test)]
