@@ -159,11 +159,12 @@ async fn run(
             }
         }
         unmodeled |= changed;
+        // After every burst, changed or not: a relist that begins or ends may change nothing.
+        let waiting = world.waiting_for();
+        metrics.kinds_waiting(&waiting);
         if !unmodeled {
             continue;
         }
-        let waiting = world.waiting_for();
-        metrics.kinds_waiting(&waiting);
         if !waiting.is_empty() {
             tracing::debug!(?waiting, "not publishing until these kinds are listed");
             continue;

@@ -1,7 +1,8 @@
 //! The agent's own health, for the SRE who has to tell whether a node's mesh is being fed: what
 //! it published and when, whether the cluster's watches are listed, whether this node's pods
 //! have certificates and when the first of them expires, what CNI asked, and the process's
-//! CPU and memory. Served in Prometheus text with a readiness check (`--metrics-addr`).
+//! CPU and memory. Served in Prometheus text with a readiness check (`--metrics-addr`), beside
+//! the log filter for clients on the loopback.
 //!
 //! The data plane keeps serving its last snapshot when the agent stalls, so its own metrics
 //! cannot show a stalled agent: a cluster change that never arrives looks the same as no
@@ -468,7 +469,8 @@ impl Endpoint {
                 Ok(()) => (200, "text/plain", "ready\n".to_owned()),
                 Err(why) => (503, "text/plain", format!("{why}\n")),
             },
-            (_, "/logging") if !r.peer.is_loopback() => (
+            // Canonical: a dual-stack listener sees 127.0.0.1 as ::ffff:127.0.0.1.
+            (_, "/logging") if !r.peer.to_canonical().is_loopback() => (
                 403,
                 "text/plain",
                 "/logging answers clients on the pod's loopback only (kubectl port-forward)\n"

@@ -507,7 +507,16 @@ fn a_410_during_the_watch_relists_and_what_was_deleted_in_the_gap_is_gone() {
     // web goes with no event the watch could deliver, and the history is compacted: the
     // open watch ends with ERROR 410 Expired.
     server.delete_in_gap(PODS, "shop/web");
+    // The relist takes a while: meanwhile the agent says the pods are not listed, and stays
+    // ready (the data plane serves what was published).
+    server.set_list_delay(PODS, Duration::from_millis(1500));
     server.expire_watches(PODS);
+    let end = Instant::now() + TIMEOUT;
+    while agent.metric("meshagent_kube_listed{kind=\"pods\"}") != 0.0 {
+        assert!(Instant::now() < end, "never relisting:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(agent.get("/healthz/ready").0, 200);
     let snap = agent.until("web gone", |s| !workload_names(s).contains(&"web"));
     assert_eq!(workload_names(&snap), ["batch", "cart", "old"]);
     assert_eq!(server.lists(PODS), 2, "one relist");
@@ -529,7 +538,10 @@ fn a_410_during_the_watch_relists_and_what_was_deleted_in_the_gap_is_gone() {
         agent.metric("meshagent_certificate_earliest_expiry_timestamp_seconds"),
         snap.identities[0].not_after_unix as f64
     );
-    assert_eq!(agent.metric("meshagent_certificate_failures_total"), 0.0);
+    for reason in ["unreachable", "refused", "bad_answer", "local"] {
+        let series = format!("meshagent_certificate_failures_total{{reason=\"{reason}\"}}");
+        assert_eq!(agent.metric(&series), 0.0, "{series}");
+    }
     assert!(agent.metric("meshagent_snapshot_publications_total{kind=\"change\"}") >= 1.0);
     assert_eq!(
         agent.metric("meshagent_snapshot_publications_total{kind=\"complete\"}"),

@@ -257,6 +257,19 @@ fn the_endpoint_keeps_the_log_filter_to_the_loopback() {
         503
     );
     assert_eq!(endpoint.respond(&request("GET", "/logging", "::1")).0, 503);
+    assert_eq!(
+        endpoint
+            .respond(&request("GET", "/logging", "::ffff:127.0.0.1"))
+            .0,
+        503,
+        "the loopback as a dual-stack listener sees it"
+    );
+    assert_eq!(
+        endpoint
+            .respond(&request("GET", "/logging", "::ffff:10.0.0.7"))
+            .0,
+        403
+    );
     let (status, _, why) = endpoint.respond(&request("GET", "/healthz/ready", "10.0.0.7"));
     assert_eq!((status, why.as_str()), (503, "no snapshot published yet\n"));
     assert_eq!(
