@@ -170,7 +170,7 @@ impl Agent {
 
     /// Whether the model comes from the cluster (which has list/watch figures of its own).
     pub fn watches_a_cluster(&self) -> bool {
-        self.source.redirections().is_some()
+        self.source.is_cluster()
     }
 
     /// The state the CNI server shares, and how it asks the loop to publish.

@@ -469,13 +469,13 @@ impl Calls {
             };
             if request == Request::HandOver {
                 let reply = self.hand_over();
-                metrics.cni_answered(&request, &reply);
+                metrics.cni_answered(request.op_index(), &reply);
                 let _ = channel.send_json(&reply, &[]);
                 return;
             }
             if request == Request::Waiting {
                 let reply = self.answer_predecessor();
-                metrics.cni_answered(&request, &reply);
+                metrics.cni_answered(request.op_index(), &reply);
                 let _ = channel.send_json(&reply, &[]);
                 return;
             }
@@ -505,7 +505,7 @@ impl Calls {
                     mark_redirection(state.redirections.as_ref(), &waiting.pod, true);
                 }
             }
-            metrics.cni_answered_op(op, &reply);
+            metrics.cni_answered(op, &reply);
             if channel.send_json(&reply, &[]).is_err() {
                 return;
             }

@@ -219,13 +219,9 @@ impl AgentMetrics {
         }
     }
 
-    /// A CNI request and the reply it got.
-    pub fn cni_answered(&self, request: &Request, reply: &Reply) {
-        self.cni_answered_op(request.op_index(), reply);
-    }
-
-    /// A CNI request, by its [`Request::op_index`], and the reply it got.
-    pub fn cni_answered_op(&self, op: usize, reply: &Reply) {
+    /// A CNI request, by its [`Request::op_index`] (taken before the request is consumed),
+    /// and the reply it got.
+    pub fn cni_answered(&self, op: usize, reply: &Reply) {
         if let Some(row) = self.cni.get(op) {
             row[reply.name_index()].fetch_add(1, Ordering::Relaxed);
         }

@@ -70,6 +70,11 @@ impl Source {
         }
     }
 
+    /// Whether the model comes from a cluster's API server.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Source::Kube { .. })
+    }
+
     /// The new model, if the source changed since the last call. An error means the file
     /// was refused (it is not reported again until it changes).
     pub fn poll(&mut self) -> Result<Option<Arc<FileConfig>>, AgentError> {

@@ -198,9 +198,10 @@ fn cni_requests_are_counted_by_the_op_and_reply_names_the_wire_uses() {
         assert_eq!(wire["reply"], Reply::NAMES[reply.name_index()], "{wire}");
     }
 
-    metrics.cni_answered(&requests[1], &Reply::Done);
-    metrics.cni_answered(&requests[1], &Reply::Done);
-    metrics.cni_answered(&requests[1], &replies[1]);
+    let add = requests[1].op_index();
+    metrics.cni_answered(add, &Reply::Done);
+    metrics.cni_answered(add, &Reply::Done);
+    metrics.cni_answered(add, &replies[1]);
     let text = metrics.render(None, false);
     assert_eq!(
         value(
