@@ -475,7 +475,7 @@ fn serve_with(listener: TcpListener, handler: Arc<Handler>, stop: Arc<AtomicBool
             .name(name.clone())
             .spawn(move || {
                 let _slot = slot;
-                let _ = answer(conn, &*handler, &limits);
+                let _ = answer(conn, peer.ip(), &*handler, &limits);
             });
     }
 }
@@ -563,9 +563,13 @@ fn read_head<R: BufRead>(
     Ok(Ok((request_line, body_len)))
 }
 
-fn answer(conn: TcpStream, handler: &Handler, limits: &Limits) -> std::io::Result<()> {
+fn answer(
+    conn: TcpStream,
+    peer: IpAddr,
+    handler: &Handler,
+    limits: &Limits,
+) -> std::io::Result<()> {
     let accepted = Instant::now();
-    let peer = conn.peer_addr()?.ip();
     let _ = conn.set_nonblocking(false);
     let mut reader = BufReader::new(Deadline {
         conn: &conn,
