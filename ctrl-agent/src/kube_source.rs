@@ -393,20 +393,19 @@ async fn watch(
                         watcher::Event::Init => metrics.list_started(kind),
                         watcher::Event::InitApply(_)
                         | watcher::Event::Apply(_)
-                        | watcher::Event::Delete(_) => metrics.objects_received(kind, 1),
-                        watcher::Event::InitDone => {}
-                    }
-                    if matches!(event, watcher::Event::InitDone) {
-                        if let (Some(Served::OnlyAt(_)), Some(at)) = (&told, kind.crd()) {
-                            tracing::info!(
-                                kind = kind.name(),
-                                "served at {}/{} now: its objects are read",
-                                at.group,
-                                at.version
-                            );
+                        | watcher::Event::Delete(_) => metrics.object_received(kind),
+                        watcher::Event::InitDone => {
+                            if let (Some(Served::OnlyAt(_)), Some(at)) = (&told, kind.crd()) {
+                                tracing::info!(
+                                    kind = kind.name(),
+                                    "served at {}/{} now: its objects are read",
+                                    at.group,
+                                    at.version
+                                );
+                            }
+                            // A later 404 is news again.
+                            told = None;
                         }
-                        // A later 404 is news again.
-                        told = None;
                     }
                     Update::Event(kind, event)
                 }

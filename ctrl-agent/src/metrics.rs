@@ -198,10 +198,10 @@ impl AgentMetrics {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn objects_received(&self, kind: Kind, n: u64) {
+    pub fn object_received(&self, kind: Kind) {
         self.kinds[kind as usize]
             .events
-            .fetch_add(n, Ordering::Relaxed);
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn watch_failed(&self, kind: Kind) {
@@ -364,7 +364,7 @@ impl AgentMetrics {
             let (captured, passed) = {
                 let state = lock(shared);
                 let captured = state.enrollments.iter().filter(|e| e.captured).count();
-                (captured, state.enrollments.iter().count() - captured)
+                (captured, state.enrollments.len() - captured)
             };
             let _ = writeln!(
                 out,
