@@ -1,7 +1,7 @@
 //! The crypto reference for throughput: one plain TLS 1.3 stream between the same two pods,
-//! with the same rustls provider (ring) and key type (ECDSA P-256) as the mesh, but no HTTP/2,
-//! no proxying and no second hop. Blocking sockets: a single stream needs no event loop, and
-//! this keeps the reference free of our own machinery.
+//! with the mesh's own rustls provider (ring, the same cipher suites in the same order) and key
+//! type (ECDSA P-256), but no HTTP/2, no proxying and no second hop. Blocking sockets: a single
+//! stream needs no event loop, and this keeps the reference free of our own machinery.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -28,10 +28,6 @@ pub fn write_cert(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((cert_path, key_path))
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// Serves TLS sinks on `port` (0: one the kernel picks, which `ready` gets) until the process
 /// ends: read to close_notify, answer with the byte count (8 bytes, little endian), close.
 pub fn serve(port: u16, cert: &Path, key: &Path, ready: impl FnOnce(u16)) -> anyhow::Result<()> {
@@ -41,7 +37,7 @@ pub fn serve(port: u16, cert: &Path, key: &Path, ready: impl FnOnce(u16)) -> any
     let key =
         PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading {}", key.display()))?;
     let config = Arc::new(
-        rustls::ServerConfig::builder_with_provider(provider())
+        rustls::ServerConfig::builder_with_provider(mesh_io::tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_no_client_auth()
             .with_single_cert(certs, key)?,
@@ -89,7 +85,7 @@ pub fn bulk(to: SocketAddr, ca: &Path, duration: Duration) -> anyhow::Result<Tls
         roots.add(cert?)?;
     }
     let config = Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider())
+        rustls::ClientConfig::builder_with_provider(mesh_io::tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(roots)
             .with_no_client_auth(),
@@ -153,7 +149,11 @@ mod tests {
         let to = SocketAddr::from(([127, 0, 0, 1], port));
         let r = bulk(to, &cert, Duration::from_millis(200)).expect("bulk");
         assert!(r.bytes >= CHUNK as u64);
-        assert!(r.cipher_suite.starts_with("TLS13_"), "{r:?}");
+        // The reference negotiates what the mesh negotiates between two of its own nodes: the
+        // mesh's first suite, not ring's default order (which starts with AES-256).
+        let mesh_first = format!("{:?}", mesh_io::tls::provider().cipher_suites[0].suite());
+        assert_eq!(r.cipher_suite, mesh_first, "{r:?}");
+        assert_eq!(r.cipher_suite, "TLS13_AES_128_GCM_SHA256");
         // A client that trusts another root refuses the server.
         let other = dir.join("other");
         std::fs::create_dir_all(&other).expect("dir");
