@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use mesh_snapshot::delta::{self, Delta};
 use mesh_snapshot::schema::{self, DecodeError, Protocol, Snapshot};
@@ -623,6 +623,23 @@ fn place_address(
     }
 }
 
+/// What every thread started for a build runs first, as the process set it (the data plane
+/// asks for huge pages on the thread's malloc heap there). Set once, before any build.
+static BUILD_THREAD_START: OnceLock<fn()> = OnceLock::new();
+
+/// Sets what every thread started for a build runs first; a second call changes nothing.
+pub fn set_build_thread_start(start: fn()) {
+    let _ = BUILD_THREAD_START.set(start);
+}
+
+/// Runs what [`set_build_thread_start`] set, if anything. The build's own helpers call it, and
+/// so does a caller that starts a thread of its own for a build.
+pub fn build_thread_started() {
+    if let Some(start) = BUILD_THREAD_START.get() {
+        start();
+    }
+}
+
 /// Runs `a` and `b`: on the calling thread and a helper at once when `parallel`, else one
 /// after the other. The helper inherits the calling thread's scheduling class: the watcher
 /// leaves its real-time class before a whole build, so helpers never run above the workers.
@@ -635,7 +652,10 @@ where
         return (a, b());
     }
     std::thread::scope(|scope| {
-        let helper = scope.spawn(b);
+        let helper = scope.spawn(|| {
+            build_thread_started();
+            b()
+        });
         let a = a();
         match helper.join() {
             Ok(b) => (a, b),
@@ -1464,6 +1484,23 @@ mod tests {
         let workloads = view.workload_parts(3).collect();
         let services = view.service_parts(3).collect();
         Index::built(rest, workloads, services, Generation::default())
+    }
+
+    static BUILD_THREADS_STARTED: std::sync::atomic::AtomicUsize =
+        std::sync::atomic::AtomicUsize::new(0);
+
+    #[test]
+    fn every_helper_of_a_parallel_build_runs_the_process_s_thread_start_first() {
+        use std::sync::atomic::Ordering;
+        set_build_thread_start(|| {
+            BUILD_THREADS_STARTED.fetch_add(1, Ordering::Relaxed);
+        });
+        let before = BUILD_THREADS_STARTED.load(Ordering::Relaxed);
+        built_in_parallel(&with_many_services(PARALLEL_PARSE_FROM + 100)).expect("builds");
+        // Workloads and services in three runs each (two helpers each), then the two maps
+        // (one helper). Other tests' builds in this process can only add to the count.
+        let started = BUILD_THREADS_STARTED.load(Ordering::Relaxed) - before;
+        assert!(started >= 5, "{started} helper starts");
     }
 
     #[test]
