@@ -472,6 +472,10 @@ fn parse_waypoint(address: &str, unresolved: &str) -> Result<Option<Waypoint>, S
 /// at 100k and 1M (bench-results/README.md).
 const PARALLEL_PARSE_FROM: usize = 16 * 1024;
 
+/// An encoded snapshot from which a build counts as large for [`set_build_thread_start`]:
+/// about 11k workloads at the 184 bytes each that snapbench's clusters take.
+pub const LARGE_BUILD_BYTES: usize = 2 << 20;
+
 /// At most this many threads parse a build's workloads and services (the watcher's and
 /// helpers).
 const PARSE_THREADS: usize = 4;
@@ -623,18 +627,20 @@ fn place_address(
     }
 }
 
-/// What every thread started for a build runs first, as the process set it (the data plane
-/// asks for huge pages on the thread's malloc heap there). Set once, before any build.
+/// What every thread that takes part in a large build runs before its share, as the process
+/// set it (the data plane puts the thread's malloc heap on huge pages there). Set once,
+/// before any build.
 static BUILD_THREAD_START: OnceLock<fn()> = OnceLock::new();
 
-/// Sets what every thread started for a build runs first; a second call changes nothing.
+/// Sets what every thread that takes part in a large build runs first: the thread that
+/// builds from an encoded snapshot of [`LARGE_BUILD_BYTES`] or more, and each helper of a
+/// build parsed in parallel. A second call changes nothing. Small builds skip it: a huge page
+/// for a heap that holds a few workloads would cost more memory than the build.
 pub fn set_build_thread_start(start: fn()) {
     let _ = BUILD_THREAD_START.set(start);
 }
 
-/// Runs what [`set_build_thread_start`] set, if anything. The build's own helpers call it, and
-/// so does a caller that starts a thread of its own for a build.
-pub fn build_thread_started() {
+fn build_thread_started() {
     if let Some(start) = BUILD_THREAD_START.get() {
         start();
     }
@@ -731,6 +737,10 @@ impl Index {
     /// [`Index::build`] from an encoded snapshot (as the region holds it), reading its
     /// workloads and services in place: only what the index keeps is allocated.
     pub fn build_encoded(payload: &[u8], generation: Generation) -> Result<Index, IndexError> {
+        // Before the view's own allocations, so that they are on the prepared heap too.
+        if payload.len() >= LARGE_BUILD_BYTES {
+            build_thread_started();
+        }
         let mut view = SnapshotView::decode(payload).map_err(payload_error)?;
         let rest = std::mem::take(&mut view.rest);
         let threads = if view.workloads().len() >= PARALLEL_PARSE_FROM {
@@ -1489,18 +1499,49 @@ mod tests {
     static BUILD_THREADS_STARTED: std::sync::atomic::AtomicUsize =
         std::sync::atomic::AtomicUsize::new(0);
 
+    thread_local! {
+        static THIS_THREAD_STARTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// The thread start these tests set: counts starts, and marks the thread it ran on.
+    fn count_build_thread_start() {
+        BUILD_THREADS_STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        THIS_THREAD_STARTED.with(|started| started.set(true));
+    }
+
     #[test]
     fn every_helper_of_a_parallel_build_runs_the_process_s_thread_start_first() {
         use std::sync::atomic::Ordering;
-        set_build_thread_start(|| {
-            BUILD_THREADS_STARTED.fetch_add(1, Ordering::Relaxed);
-        });
+        set_build_thread_start(count_build_thread_start);
         let before = BUILD_THREADS_STARTED.load(Ordering::Relaxed);
         built_in_parallel(&with_many_services(PARALLEL_PARSE_FROM + 100)).expect("builds");
         // Workloads and services in three runs each (two helpers each), then the two maps
         // (one helper). Other tests' builds in this process can only add to the count.
         let started = BUILD_THREADS_STARTED.load(Ordering::Relaxed) - before;
         assert!(started >= 5, "{started} helper starts");
+    }
+
+    #[test]
+    fn the_building_thread_runs_the_thread_start_for_a_large_build_only() {
+        set_build_thread_start(count_build_thread_start);
+        let started_on_a_thread_by = |workloads: usize| {
+            let payload = mesh_snapshot::encode(&with_many_workloads(workloads));
+            let large = payload.len() >= LARGE_BUILD_BYTES;
+            let started = std::thread::spawn(move || {
+                Index::build_encoded(&payload, Generation::default()).expect("builds");
+                THIS_THREAD_STARTED.with(std::cell::Cell::get)
+            })
+            .join()
+            .expect("the build's thread");
+            (large, started)
+        };
+        assert_eq!(started_on_a_thread_by(100), (false, false));
+        let workloads = LARGE_BUILD_BYTES / 32;
+        assert_eq!(
+            started_on_a_thread_by(workloads),
+            (true, true),
+            "{workloads} workloads"
+        );
     }
 
     #[test]

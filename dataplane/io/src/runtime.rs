@@ -134,8 +134,8 @@ fn tunables_ask_for_thp_heap(tunables: Option<&str>) -> bool {
     })
 }
 
-/// What every thread of a complete snapshot build runs first when glibc's heap is on huge
-/// pages: the same for the thread's own heap, where the build's workloads go.
+/// What every thread of a large complete snapshot build runs first when glibc's heap is on
+/// huge pages: the same for the thread's own heap, where the build's workloads go.
 fn huge_pages_for_build_thread() {
     match thread_heap_on_huge_pages() {
         Ok(true) => {}

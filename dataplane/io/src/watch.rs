@@ -377,10 +377,7 @@ fn on_build_thread<T: Send>(build: impl Fn() -> Result<T, String> + Sync) -> Res
     std::thread::scope(|scope| {
         let spawned = std::thread::Builder::new()
             .name("snapshot-build".into())
-            .spawn_scoped(scope, || {
-                mesh_core::index::build_thread_started();
-                build()
-            });
+            .spawn_scoped(scope, &build);
         match spawned {
             Ok(thread) => thread.join().unwrap_or_else(|panic| {
                 let reason = panic
