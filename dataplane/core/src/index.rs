@@ -474,7 +474,7 @@ const PARALLEL_PARSE_FROM: usize = 16 * 1024;
 
 /// An encoded snapshot from which a build counts as large for [`set_build_thread_start`]:
 /// about 11k workloads at the 184 bytes each that snapbench's clusters take.
-pub const LARGE_BUILD_BYTES: usize = 2 << 20;
+const LARGE_BUILD_BYTES: usize = 2 << 20;
 
 /// At most this many threads parse a build's workloads and services (the watcher's and
 /// helpers).
@@ -633,8 +633,8 @@ fn place_address(
 static BUILD_THREAD_START: OnceLock<fn()> = OnceLock::new();
 
 /// Sets what every thread that takes part in a large build runs first: the thread that
-/// builds from an encoded snapshot of [`LARGE_BUILD_BYTES`] or more, and each helper of a
-/// build parsed in parallel. A second call changes nothing. Small builds skip it: a huge page
+/// builds from an encoded snapshot of 2 MiB or more (`LARGE_BUILD_BYTES`), and each helper of
+/// a build parsed in parallel. A second call changes nothing. Small builds skip it: a huge page
 /// for a heap that holds a few workloads would cost more memory than the build.
 pub fn set_build_thread_start(start: fn()) {
     let _ = BUILD_THREAD_START.set(start);

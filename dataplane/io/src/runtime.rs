@@ -158,7 +158,7 @@ const THREAD_HEAP_BYTES: usize = 64 << 20;
 /// `mprotect` calls change nothing, and the heap's memory comes 2 MiB per fault. Pages are
 /// still only taken when touched. Returns whether the thread's heap was found (checked
 /// against /proc/self/maps) and changed.
-pub fn thread_heap_on_huge_pages() -> std::io::Result<bool> {
+fn thread_heap_on_huge_pages() -> std::io::Result<bool> {
     // Larger than glibc's per-thread cache takes (1 KiB), which may hold blocks of another
     // heap freed on this thread, and smaller than a block it maps on its own: so a block of
     // this thread's heap.
@@ -218,7 +218,8 @@ fn is_thread_heap(maps: &str, base: usize) -> bool {
         if stop <= covered {
             continue;
         }
-        // A gap, or a mapping that began before `base` (not a heap of its own).
+        // A gap, a mapping that began before `base` (not a heap of its own), or one that is
+        // not private and anonymous.
         if start != covered || named || inode != "0" || !perms.ends_with('p') {
             return false;
         }
@@ -468,6 +469,8 @@ mod tests {
     fn a_thread_s_heap_is_on_huge_pages_also_where_it_grows() {
         let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
             .expect("a kernel with transparent huge pages");
+        // A new thread gets a heap of its own while the process has fewer arenas than glibc's
+        // limit (8 per core); this test process stays far below it.
         std::thread::spawn(move || {
             assert_eq!(thread_heap_on_huge_pages().ok(), Some(true));
             // 8 MB in blocks from this thread's heap, allocated after: the heap grew into its
