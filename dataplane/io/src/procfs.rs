@@ -176,7 +176,7 @@ mod tests {
                 x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
             }
         }
-        let touched = vec![1u8; 16 << 20];
+        let touched = std::hint::black_box(vec![1u8; 16 << 20]);
         let file = std::fs::File::open("/proc/self/stat").expect("open");
         let (stop, parked) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || parked.recv());
