@@ -41,7 +41,10 @@ pub enum CaError {
 }
 
 impl CaError {
-    /// Each [`CaError::reason`], in the order of [`CaError::reason_index`].
+    /// What an operator does about a failure, in a word, in the order of
+    /// [`CaError::reason_index`]: the CA is down or cut off (`unreachable`), it said no
+    /// (`refused`: the token, istiod's trusted node accounts), its answer was unusable
+    /// (`bad_answer`), or the problem is on this node (`local`: a file, the local CA).
     pub const REASONS: [&'static str; 4] = ["unreachable", "refused", "bad_answer", "local"];
 
     /// The remote CA could not be reached at all (so no identity can be issued for now).
@@ -49,7 +52,7 @@ impl CaError {
         matches!(self, CaError::Istio(e) if e.is_transport())
     }
 
-    /// Where [`CaError::reason`] is in [`CaError::REASONS`].
+    /// Where this failure's reason is in [`CaError::REASONS`].
     pub fn reason_index(&self) -> usize {
         use crate::istio_ca::IstioCaError as E;
         match self {
@@ -64,14 +67,6 @@ impl CaError {
             ) => 2,
             _ => 3,
         }
-    }
-
-    /// What an operator does about it, in a word: the CA is down or cut off
-    /// (`unreachable`), it said no (`refused`: the token, istiod's trusted node accounts),
-    /// its answer was unusable (`bad_answer`), or the problem is on this node (`local`: a
-    /// file, the local CA).
-    pub fn reason(&self) -> &'static str {
-        Self::REASONS[self.reason_index()]
     }
 }
 

@@ -472,14 +472,9 @@ impl Endpoint {
                 "/logging answers clients on the pod's loopback only (kubectl port-forward)\n"
                     .to_owned(),
             ),
-            (method, "/logging") => match &self.log_level {
-                Some(level) => level.answer(if method == "POST" { r.query } else { "" }),
-                None => (
-                    503,
-                    "text/plain",
-                    "log level is fixed in this process\n".to_owned(),
-                ),
-            },
+            (method, "/logging") => {
+                mesh_io::logs::answer_logging(self.log_level.as_ref(), method, r.query)
+            }
             _ => (
                 404,
                 "text/plain",

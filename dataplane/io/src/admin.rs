@@ -276,18 +276,6 @@ impl AdminState {
         out
     }
 
-    /// `POST /logging?level=<RUST_LOG filter>`; without a level, reports the current one.
-    fn logging(&self, query: &str) -> (u16, &'static str, String) {
-        match &self.log_level {
-            Some(level) => level.answer(query),
-            None => (
-                503,
-                "text/plain",
-                "log level is fixed in this process\n".into(),
-            ),
-        }
-    }
-
     /// `POST /access_log?enabled=true|false&sample=0..1`: changed on every worker.
     fn set_access_log(&self, query: &str) -> (u16, &'static str, String) {
         let Ok(mut settings) = self.access_log.lock() else {
@@ -700,8 +688,9 @@ pub fn start(
         ("GET", "/config_dump") => (200, "application/json", state.config_dump().to_string()),
         ("GET", "/stats/prometheus") => (200, "text/plain; version=0.0.4", state.prometheus()),
         ("GET", "/healthz/ready") => state.ready_response(),
-        ("GET", "/logging") => state.logging(""),
-        ("POST", "/logging") => state.logging(r.query),
+        (method @ ("GET" | "POST"), "/logging") => {
+            crate::logs::answer_logging(state.log_level.as_ref(), method, r.query)
+        }
         ("GET", "/access_log") => state.set_access_log(""),
         ("POST", "/access_log") => state.set_access_log(r.query),
         _ => (

@@ -41,20 +41,35 @@ impl LogLevel {
         }
         Ok(())
     }
+}
 
-    /// The admin endpoints' `/logging`: with `level=<RUST_LOG filter>` in `query`, sets it;
-    /// without, reports the one in force.
-    pub fn answer(&self, query: &str) -> (u16, &'static str, String) {
-        match crate::admin::query_value(query, "level") {
-            None => (200, "text/plain", format!("{}\n", self.current())),
-            Some(directives) => match self.set(&directives) {
-                Ok(()) => {
-                    tracing::info!(filter = %directives, "log filter changed");
-                    (200, "text/plain", format!("{directives}\n"))
-                }
-                Err(e) => (400, "text/plain", format!("{e}\n")),
-            },
-        }
+/// The admin endpoints' `/logging`, in the data plane and in ctrl-agent: `POST
+/// ?level=<RUST_LOG filter>` sets the filter; `GET` (or a `POST` without a level) reports the
+/// one in force. `level` is `None` in a process whose filter cannot change.
+pub fn answer_logging(
+    level: Option<&LogLevel>,
+    method: &str,
+    query: &str,
+) -> (u16, &'static str, String) {
+    let Some(level) = level else {
+        return (
+            503,
+            "text/plain",
+            "log level is fixed in this process\n".into(),
+        );
+    };
+    let asked = (method == "POST")
+        .then(|| crate::admin::query_value(query, "level"))
+        .flatten();
+    match asked {
+        None => (200, "text/plain", format!("{}\n", level.current())),
+        Some(directives) => match level.set(&directives) {
+            Ok(()) => {
+                tracing::info!(filter = %directives, "log filter changed");
+                (200, "text/plain", format!("{directives}\n"))
+            }
+            Err(e) => (400, "text/plain", format!("{e}\n")),
+        },
     }
 }
 

@@ -206,13 +206,7 @@ fn is_thread_heap(maps: &str, base: usize) -> bool {
             return false;
         };
         let named = fields.next().is_some();
-        let Some((start, stop)) = range.split_once('-') else {
-            return false;
-        };
-        let (Ok(start), Ok(stop)) = (
-            usize::from_str_radix(start, 16),
-            usize::from_str_radix(stop, 16),
-        ) else {
+        let Some((start, stop)) = mapped_range(range) else {
             return false;
         };
         if stop <= covered {
@@ -229,6 +223,15 @@ fn is_thread_heap(maps: &str, base: usize) -> bool {
         }
     }
     false
+}
+
+/// The addresses of a /proc/<pid>/maps (or smaps) range field, `start-end` in hex.
+fn mapped_range(field: &str) -> Option<(usize, usize)> {
+    let (start, end) = field.split_once('-')?;
+    Some((
+        usize::from_str_radix(start, 16).ok()?,
+        usize::from_str_radix(end, 16).ok()?,
+    ))
 }
 
 /// Turns glibc's fastbins off: a small block freed past the thread's cache is merged with its
@@ -437,16 +440,7 @@ mod tests {
         let mut current: Option<Mapping> = None;
         for line in smaps.lines() {
             let mut fields = line.split_ascii_whitespace();
-            let range = fields
-                .next()
-                .and_then(|r| r.split_once('-'))
-                .and_then(|(a, b)| {
-                    Some((
-                        usize::from_str_radix(a, 16).ok()?,
-                        usize::from_str_radix(b, 16).ok()?,
-                    ))
-                });
-            if let Some((start, end)) = range {
+            if let Some((start, end)) = fields.next().and_then(mapped_range) {
                 current = (start..end).contains(&address).then(|| Mapping {
                     start,
                     end,
