@@ -58,6 +58,17 @@ struct Args {
     /// least 1); the table shows their median.
     #[arg(long, default_value_t = 5)]
     resyncs: usize,
+    /// Pause after each resync, in milliseconds. By default as long as the resync took, which
+    /// lets the data plane free the replaced index. A pause of seconds lets the node's free
+    /// memory go cold first (on a VM with free page reporting, freed 2 MiB blocks go back to
+    /// the host after about 2 s), as between two real resyncs.
+    #[arg(long)]
+    resync_pause_ms: Option<u64>,
+    /// Pause before the first complete snapshot of each size, in milliseconds: the memory the
+    /// bench just freed goes cold too, as for a data plane started on a node that has been up
+    /// a while. By default none.
+    #[arg(long, default_value_t = 0)]
+    first_pause_ms: u64,
     /// Workers do not carry traffic while they adopt (separates the channel's own cost from
     /// competition for the cores).
     #[arg(long)]
@@ -76,6 +87,18 @@ struct Args {
     out: PathBuf,
     #[arg(long)]
     no_save: bool,
+}
+
+/// The pauses that differ from the defaults, for the report's method line.
+fn pauses(args: &Args) -> String {
+    let mut said = String::new();
+    if args.first_pause_ms > 0 {
+        said += &format!(", {} ms pause before the first adopt", args.first_pause_ms);
+    }
+    if let Some(ms) = args.resync_pause_ms {
+        said += &format!(", {ms} ms pause after each resync");
+    }
+    said
 }
 
 /// One-pod changes published right after a complete snapshot replaced the index.
@@ -1115,6 +1138,7 @@ fn measure(
 
     let before = private_rss();
     let mut dataplane = DataPlane::start(&path, args.workers, driver, !args.idle_workers)?;
+    std::thread::sleep(Duration::from_millis(args.first_pause_ms));
     let first = dataplane.publish_full(&mut publisher, &payload)?;
     drop(payload);
     let held = private_rss() - before;
@@ -1180,7 +1204,10 @@ fn measure(
         resync_faults.push(resync.page_faults);
         // The replaced index is freed on the data plane's free thread meanwhile (about half
         // a build): let it finish, as it would between two real resyncs.
-        std::thread::sleep(resync.adopt);
+        std::thread::sleep(
+            args.resync_pause_ms
+                .map_or(resync.adopt, Duration::from_millis),
+        );
     }
     drop(replacement);
     let mut changes_after_replace = Duration::ZERO;
@@ -1283,7 +1310,7 @@ fn main() -> anyhow::Result<()> {
             } else {
                 "on 4 KiB pages (the chart's data plane runs with GLIBC_TUNABLES=glibc.malloc.hugetlb=1)"
             }
-        ),
+        ) + &pauses(&args),
         sizes,
     };
     println!(
