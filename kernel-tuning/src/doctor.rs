@@ -176,11 +176,31 @@ const PAGE_REPORTING_MIN_FREE_MS: &str = "/sys/module/page_reporting/parameters/
 /// virtio's balloon feature bit for free page reporting (VIRTIO_BALLOON_F_REPORTING).
 const BALLOON_REPORTING_BIT: usize = 5;
 
-/// On a virtual machine whose balloon device has free page reporting, the guest hands free
-/// memory back to the host, and the host must fault it in again when the guest reuses it. A
-/// full snapshot adopt allocates its index on fresh memory, so this shows as adopt times that
-/// vary from run to run. A trade (host memory for first-touch speed), so never a warning.
-fn free_page_reporting(root: &Root) -> Check {
+/// A balloon device's free page reporting, where it is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FreePageReporting {
+    /// The smallest free block handed back, as a power of two of 4 KiB pages; `None` where the
+    /// kernel does not say (its default is the page allocator's block, order 9 on x86-64).
+    pub order: Option<u32>,
+}
+
+/// A transparent huge page's order (2 MiB of 4 KiB pages).
+const HUGE_PAGE_ORDER: u32 = 9;
+
+impl FreePageReporting {
+    /// Whether the free blocks a huge page is taken from are the ones handed back. The page
+    /// allocator takes a 4 KiB page from blocks too small to be reported first, but a 2 MiB
+    /// page from a free 2 MiB block: at order 9 that block has been handed back once it was
+    /// free for a moment, and the host faults its 512 pages in again, one by one, while the
+    /// guest clears it. On the lab VM, 64 MiB of fresh huge pages took 113-155 ms that way
+    /// against 33-47 ms in 4 KiB pages (bench-results/README.md).
+    pub fn takes_back_huge_pages(&self) -> bool {
+        self.order.is_none_or(|order| order <= HUGE_PAGE_ORDER)
+    }
+}
+
+/// The node's free page reporting, or `None` where no balloon device reports free pages.
+pub fn free_page_reporting_of(root: &Root) -> Option<FreePageReporting> {
     let driver = "sys/bus/virtio/drivers/virtio_balloon";
     let reporting = std::fs::read_dir(root.path(driver))
         .into_iter()
@@ -195,19 +215,31 @@ fn free_page_reporting(root: &Root) -> Check {
             root.read(&features)
                 .is_some_and(|bits| bits.as_bytes().get(BALLOON_REPORTING_BIT) == Some(&b'1'))
         });
-    let mut found = match (reporting, root.read_setting(PAGE_REPORTING_ORDER)) {
-        (false, _) => "off (no balloon device reports free pages)".to_owned(),
-        (true, Some(order)) => match order.parse::<u32>() {
-            Ok(order) if order < 20 => {
-                format!(
-                    "on: free blocks of {} KiB and up (order {order})",
-                    4 << order
-                )
-            }
-            _ => format!("on (order {order})"),
-        },
-        (true, None) => "on".to_owned(),
+    reporting.then(|| FreePageReporting {
+        order: root
+            .read_setting(PAGE_REPORTING_ORDER)
+            .and_then(|order| order.parse().ok()),
+    })
+}
+
+/// On a virtual machine whose balloon device has free page reporting, the guest hands free
+/// memory back to the host, and the host must fault it in again when the guest reuses it. A
+/// full snapshot adopt allocates its index on fresh memory, so this shows as adopt times that
+/// vary from run to run. A trade (host memory for first-touch speed), so never a warning.
+fn free_page_reporting(root: &Root) -> Check {
+    let reporting = free_page_reporting_of(root);
+    let mut found = match reporting {
+        None => "off (no balloon device reports free pages)".to_owned(),
+        Some(FreePageReporting {
+            order: Some(order @ ..20),
+        }) => format!(
+            "on: free blocks of {} KiB and up (order {order})",
+            4 << order
+        ),
+        Some(FreePageReporting { order: Some(order) }) => format!("on (order {order})"),
+        Some(FreePageReporting { order: None }) => "on".to_owned(),
     };
+    let reporting = reporting.is_some();
     if let (true, Some(ms)) = (reporting, root.read_setting(PAGE_REPORTING_MIN_FREE_MS)) {
         found.push_str(&format!(", once free {ms} ms"));
     }
@@ -216,7 +248,7 @@ fn free_page_reporting(root: &Root) -> Check {
         found,
         "off where snapshot adopt times matter or are compared",
         Verdict::Info,
-        "the guest hands free memory back to the host, which must fault it in again when the guest reuses it, and a full snapshot adopt builds its index on fresh memory. In the lab a 1M resync took 2.8-3.6 s with memory handed back at once and 1.17-1.28 s with this kernel's min_free_ms at 60000; idle 100k adopts took 68-275 ms at order 9 and 85-118 ms at order 10 (bench-results/README.md). How much memory the guest keeps from the host is the host operator's trade",
+        "the guest hands free memory back to the host, which must fault it in again when the guest reuses it, and a full snapshot adopt builds its index on fresh memory. In the lab a 1M resync took 2.8-3.6 s with memory handed back at once and 1.17-1.28 s with this kernel's min_free_ms at 60000; idle 100k adopts took 68-275 ms at order 9 and 85-118 ms at order 10 (bench-results/README.md). At order 9 the data plane keeps its heap off huge pages, which the host would fault in 4 KiB at a time. How much memory the guest keeps from the host is the host operator's trade",
     )
 }
 
@@ -342,10 +374,14 @@ mod tests {
             found_after(&features, "0110010100000000\n"),
             "on: free blocks of 2048 KiB and up (order 9)"
         );
+        let takes_back_huge_pages =
+            || free_page_reporting_of(&root).map(|r| r.takes_back_huge_pages());
+        assert_eq!(takes_back_huge_pages(), Some(true));
         assert_eq!(
             found_after(&order, "10\n"),
             "on: free blocks of 4096 KiB and up (order 10)"
         );
+        assert_eq!(takes_back_huge_pages(), Some(false));
         // The lab kernel's delay before a free block is handed back, shown where it exists.
         assert_eq!(
             found_after(&min_free, "0\n"),
@@ -356,6 +392,7 @@ mod tests {
         assert_eq!(found_after(&features, "0110000100000000\n"), off);
         std::fs::remove_dir_all(dir.join("sys/bus")).expect("remove");
         assert_eq!(free_page_reporting(&root).found, off);
+        assert_eq!(takes_back_huge_pages(), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -3,6 +3,8 @@
 
 use std::future::Future;
 
+use kernel_tuning::doctor::{free_page_reporting_of, FreePageReporting};
+use kernel_tuning::sysfs::Root;
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 
 /// What the operator asked for.
@@ -111,17 +113,81 @@ impl Default for MallocPolicy {
 }
 
 impl MallocPolicy {
-    pub fn apply(self) -> std::io::Result<()> {
+    /// Sets malloc up; returns which pages the heap is on.
+    pub fn apply(self) -> std::io::Result<HeapPages> {
         if self.retain_bytes > 0 {
             retain_freed_memory(self.retain_bytes)?;
         }
         if !self.fastbins {
             merge_freed_blocks_at_once()?;
         }
-        if tunables_ask_for_thp_heap(std::env::var("GLIBC_TUNABLES").ok().as_deref()) {
-            mesh_core::index::set_build_thread_start(huge_pages_for_build_thread);
+        let pages = heap_pages(
+            std::env::var("GLIBC_TUNABLES").ok().as_deref(),
+            free_page_reporting_of(&Root::default()),
+        );
+        match pages {
+            HeapPages::Huge => {
+                mesh_core::index::set_build_thread_start(huge_pages_for_build_thread)
+            }
+            HeapPages::SmallOnReportingNode => {
+                keep_process_off_huge_pages()?;
+                tracing::info!(
+                    "heap on 4 KiB pages although GLIBC_TUNABLES asks for huge pages: this \
+                     node's balloon takes free 2 MiB blocks back, and the host would fault a \
+                     fresh huge page in 4 KiB at a time"
+                );
+            }
+            HeapPages::Small => {}
         }
-        Ok(())
+        Ok(pages)
+    }
+}
+
+/// Which pages the data plane's heap is on, as [`MallocPolicy::apply`] leaves it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeapPages {
+    /// 4 KiB pages: `GLIBC_TUNABLES` does not ask for huge pages.
+    Small,
+    /// Transparent huge pages, the heaps of large builds' threads included.
+    Huge,
+    /// 4 KiB pages although `GLIBC_TUNABLES` asks for huge pages: on a node whose balloon
+    /// takes free 2 MiB blocks back (free page reporting at order 9), a fresh huge page costs
+    /// the host 512 faults while the guest clears it. A cold 100k first adopt took x1.35 of
+    /// its time on 4 KiB pages there (bench-results/README.md). The whole process is kept off
+    /// huge pages (PR_SET_THP_DISABLE): glibc has already advised its main heap.
+    SmallOnReportingNode,
+}
+
+impl HeapPages {
+    /// What a report says of it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            HeapPages::Small => "heap on 4 KiB pages",
+            HeapPages::Huge => "heap on huge pages (GLIBC_TUNABLES, as the chart runs the data plane)",
+            HeapPages::SmallOnReportingNode => {
+                "heap on 4 KiB pages although GLIBC_TUNABLES asks for huge pages (free page reporting at order 9)"
+            }
+        }
+    }
+}
+
+fn keep_process_off_huge_pages() -> std::io::Result<()> {
+    // SAFETY: PR_SET_THP_DISABLE takes integers only and changes no memory.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn heap_pages(tunables: Option<&str>, reporting: Option<FreePageReporting>) -> HeapPages {
+    if !tunables_ask_for_thp_heap(tunables) {
+        HeapPages::Small
+    } else if reporting.is_some_and(|r| r.takes_back_huge_pages()) {
+        HeapPages::SmallOnReportingNode
+    } else {
+        HeapPages::Huge
     }
 }
 
@@ -379,6 +445,25 @@ mod tests {
         unsafe {
             libc::mallinfo2().fsmblks
         }
+    }
+
+    #[test]
+    fn a_node_that_takes_free_huge_pages_back_keeps_the_heap_on_small_pages() {
+        let asked = Some("glibc.malloc.hugetlb=1");
+        let at = |order| Some(FreePageReporting { order });
+        assert_eq!(heap_pages(asked, None), HeapPages::Huge);
+        assert_eq!(heap_pages(asked, at(Some(10))), HeapPages::Huge);
+        assert_eq!(
+            heap_pages(asked, at(Some(9))),
+            HeapPages::SmallOnReportingNode
+        );
+        // The kernel's default order is the huge page's.
+        assert_eq!(heap_pages(asked, at(None)), HeapPages::SmallOnReportingNode);
+        assert_eq!(heap_pages(None, at(Some(9))), HeapPages::Small);
+        assert_eq!(
+            heap_pages(Some("glibc.malloc.hugetlb=0"), None),
+            HeapPages::Small
+        );
     }
 
     #[test]

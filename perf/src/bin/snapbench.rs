@@ -1281,7 +1281,7 @@ fn measure(
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // The data plane's allocator, as it runs by default.
-    runtime::MallocPolicy::default().apply()?;
+    let heap = runtime::MallocPolicy::default().apply()?;
     let run = Provenance::now();
     let ca = ctrl_agent::ca::LocalCa::generate(TRUST_DOMAIN)?;
     let driver = runtime::resolve(args.driver).map_err(anyhow::Error::msg)?;
@@ -1296,20 +1296,14 @@ fn main() -> anyhow::Result<()> {
         method: format!(
             "one-pod changes appended as deltas to the region's log, applied to a persistent \
              index; adopt = the data plane's watcher (futex wake, read, decode, index) + every \
-             worker's view, workers {} ({} driver), heap {}",
+             worker's view, workers {} ({} driver), {}",
             if args.idle_workers {
                 "idle"
             } else {
                 "carrying 1 KiB ping-pong on loopback"
             },
             driver.name(),
-            // The chart runs the data plane with it; this process has it only if started so.
-            if std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains(perf::lab::HUGE_PAGE_HEAP))
-            {
-                "on huge pages (GLIBC_TUNABLES, as the chart runs the data plane)"
-            } else {
-                "on 4 KiB pages (the chart's data plane runs with GLIBC_TUNABLES=glibc.malloc.hugetlb=1)"
-            }
+            heap.describe()
         ) + &pauses(&args),
         sizes,
     };
