@@ -191,9 +191,10 @@ impl FreePageReporting {
     /// Whether the free blocks a huge page is taken from are the ones handed back. The page
     /// allocator takes a 4 KiB page from blocks too small to be reported first, but a 2 MiB
     /// page from a free 2 MiB block: at order 9 that block has been handed back once it was
-    /// free for a moment, and the host faults its 512 pages in again, one by one, while the
-    /// guest clears it. On the lab VM, 64 MiB of fresh huge pages took 113-155 ms that way
-    /// against 33-47 ms in 4 KiB pages (bench-results/README.md).
+    /// free for a moment, and the host must fault it in again while the guest clears it. On
+    /// the lab VM, 64 MiB of fresh huge pages took 113-161 ms that way (about 4 ms each, as
+    /// if the host faulted each in 4 KiB at a time) against 32-49 ms in 4 KiB pages
+    /// (bench-results/README.md).
     pub fn takes_back_huge_pages(&self) -> bool {
         self.order.is_none_or(|order| order <= HUGE_PAGE_ORDER)
     }

@@ -133,8 +133,8 @@ impl MallocPolicy {
                 keep_process_off_huge_pages()?;
                 tracing::info!(
                     "heap on 4 KiB pages although GLIBC_TUNABLES asks for huge pages: this \
-                     node's balloon takes free 2 MiB blocks back, and the host would fault a \
-                     fresh huge page in 4 KiB at a time"
+                     node's balloon takes free 2 MiB blocks back, and the host must fault a \
+                     fresh huge page in again while it is cleared"
                 );
             }
             HeapPages::Small => {}
@@ -151,10 +151,11 @@ pub enum HeapPages {
     /// Transparent huge pages, the heaps of large builds' threads included.
     Huge,
     /// 4 KiB pages although `GLIBC_TUNABLES` asks for huge pages: on a node whose balloon
-    /// takes free 2 MiB blocks back (free page reporting at order 9), a fresh huge page costs
-    /// the host 512 faults while the guest clears it. A cold 100k first adopt took x1.35 of
-    /// its time on 4 KiB pages there (bench-results/README.md). The whole process is kept off
-    /// huge pages (PR_SET_THP_DISABLE): glibc has already advised its main heap.
+    /// takes free 2 MiB blocks back (free page reporting at order 9), the host must fault a
+    /// fresh huge page in again while the guest clears it (about 4 ms each on the lab VM). A
+    /// cold 100k first adopt took x0.64 of its time there on 4 KiB pages, a 1M one x1.28
+    /// (bench-results/README.md). The whole process is kept off huge pages
+    /// (PR_SET_THP_DISABLE), since glibc has already advised its main heap.
     SmallOnReportingNode,
 }
 
