@@ -189,7 +189,7 @@ const HUGE_PAGE_ORDER: u32 = 9;
 
 impl FreePageReporting {
     /// Whether the free blocks a huge page is taken from are the ones handed back. The page
-    /// allocator takes a 4 KiB page from blocks too small to be reported first, but a 2 MiB
+    /// allocator prefers blocks too small to be reported for a 4 KiB page, but a 2 MiB
     /// page from a free 2 MiB block: at order 9 that block has been handed back once it was
     /// free for a moment, and the host must fault it in again while the guest clears it. On
     /// the lab VM, 64 MiB of fresh huge pages took 113-161 ms that way (about 4 ms each, as
@@ -249,7 +249,7 @@ fn free_page_reporting(root: &Root) -> Check {
         found,
         "off where snapshot adopt times matter or are compared",
         Verdict::Info,
-        "the guest hands free memory back to the host, which must fault it in again when the guest reuses it, and a full snapshot adopt builds its index on fresh memory. In the lab a 1M resync took 2.8-3.6 s with memory handed back at once and 1.17-1.28 s with this kernel's min_free_ms at 60000; idle 100k adopts took 68-275 ms at order 9 and 85-118 ms at order 10 (bench-results/README.md). At order 9 the data plane keeps its heap off huge pages, which the host would fault in 4 KiB at a time. How much memory the guest keeps from the host is the host operator's trade",
+        "the guest hands free memory back to the host, which must fault it in again when the guest reuses it, and a full snapshot adopt builds its index on fresh memory. In the lab a 1M resync took 2.8-3.6 s with memory handed back at once and 1.17-1.28 s with this kernel's min_free_ms at 60000; idle 100k adopts took 68-275 ms at order 9 and 85-118 ms at order 10 (bench-results/README.md). At order 9 the data plane keeps its heap off huge pages, since each fresh one is a reported block the host must fault in again (about 4 ms each in the lab). How much memory the guest keeps from the host is the host operator's trade",
     )
 }
 

@@ -166,7 +166,7 @@ impl HeapPages {
             HeapPages::Small => "heap on 4 KiB pages",
             HeapPages::Huge => "heap on huge pages (GLIBC_TUNABLES, as the chart runs the data plane)",
             HeapPages::SmallOnReportingNode => {
-                "heap on 4 KiB pages although GLIBC_TUNABLES asks for huge pages (free page reporting at order 9)"
+                "heap on 4 KiB pages although GLIBC_TUNABLES asks for huge pages (free page reporting at order 9 or below)"
             }
         }
     }

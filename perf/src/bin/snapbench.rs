@@ -60,8 +60,8 @@ struct Args {
     resyncs: usize,
     /// Pause after each resync, in milliseconds. By default as long as the resync took, which
     /// lets the data plane free the replaced index. A pause of seconds lets the node's free
-    /// memory go cold first (on a VM with free page reporting, freed 2 MiB blocks go back to
-    /// the host after about 2 s), as between two real resyncs.
+    /// memory go cold first (on the lab VM, whose balloon reports free pages, a freed 2 MiB
+    /// block is the host's again within about a second), as between two real resyncs.
     #[arg(long)]
     resync_pause_ms: Option<u64>,
     /// Pause before the first complete snapshot of each size, in milliseconds: the memory the
