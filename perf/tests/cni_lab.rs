@@ -359,6 +359,19 @@ lab_test!(
             lab.restart_agent(node).expect("agent restart");
         }
         assert_eq!(roundtrip(&mut before, b"two").expect("still open"), b"two");
+        // Each data plane took the restarted agent's complete snapshot (a new epoch) in by
+        // comparing it with the index it held, not by building the world again.
+        for node in 0..2 {
+            let compared = || lab.stats(node).expect("stats")["snapshot"]["compared"].as_u64();
+            assert!(
+                eventually(Duration::from_secs(10), || compared() >= Some(1)),
+                "node {node}: {:?}",
+                lab.stats(node).expect("stats")["snapshot"]
+            );
+            assert!(lab
+                .process_log("dataplane", node)
+                .contains("compared_changed_workloads="));
+        }
         let log = std::fs::read_to_string(lab.dir.join("ctrl-agent-node-1.log")).expect("log");
         assert!(
             !log.contains("forgetting an enrollment"),

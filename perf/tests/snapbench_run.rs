@@ -55,6 +55,33 @@ fn snapbench_measures_every_size_and_saves_the_result() {
             s["adopt_replace_samples_ms"].as_array().map(Vec::len),
             "{s}"
         );
+        // A resync of the world held is compared with the index, every one of them; a world
+        // in which every pod changed, as many times, is built, except where all its pods are
+        // fewer than a comparison takes (1,024).
+        let resyncs = s["adopt_replace_samples_ms"].as_array().map_or(0, Vec::len);
+        assert!(resyncs >= 1, "{s}");
+        assert_eq!(
+            s["adopt_replace_compared"].as_u64(),
+            Some(resyncs as u64),
+            "{s}"
+        );
+        assert_eq!(
+            s["adopt_rebuild_samples_ms"].as_array().map(Vec::len),
+            Some(resyncs),
+            "{s}"
+        );
+        assert_eq!(
+            s["adopt_rebuild_page_faults"].as_array().map(Vec::len),
+            Some(resyncs),
+            "{s}"
+        );
+        assert!(n("adopt_rebuild_ms") > 0.0, "{s}");
+        let compared_rebuilds = if workloads <= 1024 { resyncs } else { 0 };
+        assert_eq!(
+            s["adopt_rebuild_compared"].as_u64(),
+            Some(compared_rebuilds as u64),
+            "{s}"
+        );
         assert_eq!(s["one_pod_change_samples"].as_u64(), Some(5));
         assert!(n("one_pod_publish_p50_us") > 0.0);
         assert!(n("one_pod_change_p50_ms") > 0.0);

@@ -11,16 +11,18 @@
 //! worker can tell in O(1) whether they changed.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::num::NonZeroU64;
 use std::sync::{Arc, OnceLock};
 
 use mesh_snapshot::delta::{self, Delta};
 use mesh_snapshot::schema::{self, DecodeError, Protocol, Snapshot};
-use mesh_snapshot::view::{ServiceView, SnapshotView, WorkloadView};
+use mesh_snapshot::view::{self, ServiceView, SnapshotView, WorkloadView};
 
 use crate::authz::{self, Applicable, Decision, Mtls, PeerAuth, Policies};
 use crate::identity::{SpiffeId, SpiffeIdError};
-use crate::layered::Layered;
+use crate::layered::{Layered, FOLD_MIN};
 use crate::ports;
 
 /// A workload's addresses: one (or two, dual-stack) nearly always, held inline (an
@@ -110,6 +112,7 @@ struct Service {
     /// when it picks one, as ztunnel does: so a workload that comes, goes or changes touches
     /// no service, and an index keeps no map from workloads back to services.
     listed: Listed,
+    record: Fingerprint,
 }
 
 /// A service's endpoint uids, in order: two allocations per service (the joined uids and where
@@ -248,6 +251,51 @@ pub struct Generation {
 /// persistent B-tree's lookups cost ten std hash lookups at 100k-1M entries (snapbench).
 type Map<K, V> = Layered<K, V>;
 
+/// A hash of the encoded record a workload or service was read from, seeded once per process;
+/// `None` for one a delta brought (decoded, so no record). A complete snapshot is compared
+/// with the index it replaces through these (see [`Index::rebase_encoded`]). A changed record
+/// that hashed as the one it replaces would keep the old: about one chance in 2^64 per
+/// changed record, from a seed no publisher knows.
+type Fingerprint = Option<NonZeroU64>;
+
+fn fingerprint(record: &[u8]) -> Fingerprint {
+    static SEED: OnceLock<foldhash::quality::RandomState> = OnceLock::new();
+    if record.is_empty() {
+        return None;
+    }
+    let hash = SEED.get_or_init(Default::default).hash_one(record);
+    NonZeroU64::new(hash).or(Some(NonZeroU64::MIN))
+}
+
+/// A workload as the uid map holds it: with its record's fingerprint.
+#[derive(Clone, Debug)]
+struct Known {
+    workload: Arc<Workload>,
+    record: Fingerprint,
+}
+
+/// What [`Index::rebase_encoded`] made, and how much differed.
+#[derive(Debug)]
+pub struct Rebased {
+    pub index: Index,
+    pub changes: Changes,
+}
+
+/// Records a complete snapshot changed, added or removed against the index it replaced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub workloads: usize,
+    pub services: usize,
+}
+
+/// The keys in `keys` that `kept` does not keep, as a delta names them.
+fn absent<'k, K: ToString + 'k>(
+    keys: impl Iterator<Item = &'k K>,
+    kept: impl Fn(&K) -> bool,
+) -> Vec<String> {
+    keys.filter(|k| !kept(k)).map(ToString::to_string).collect()
+}
+
 /// A local workload with what its authorization is resolved from.
 #[derive(Clone, Debug)]
 struct Local {
@@ -261,7 +309,7 @@ pub struct Index {
     node: String,
     root_namespace: String,
     source: String,
-    by_uid: Map<Arc<str>, Arc<Workload>>,
+    by_uid: Map<Arc<str>, Known>,
     by_ip: Map<IpAddr, Arc<Workload>>,
     services: Map<Arc<str>, Arc<Service>>,
     /// (vip, service port) -> (service, target port).
@@ -487,7 +535,7 @@ const PARSE_THREADS: usize = 4;
 /// pass over cold counts, 2-5 ms at 100k on the build's critical path.
 #[derive(Debug)]
 struct Parsed {
-    workloads: Vec<Arc<Workload>>,
+    workloads: Vec<Known>,
     addressed: Vec<Arc<Workload>>,
     locals: Vec<Local>,
 }
@@ -520,8 +568,9 @@ where
             locals: Vec::new(),
         };
         for w in run {
-            let (workload, labels) =
-                parse_workload(w.map_err(payload_error)?, node, &mut interner)?;
+            let w = w.map_err(payload_error)?;
+            let record = fingerprint(w.record);
+            let (workload, labels) = parse_workload(w, node, &mut interner)?;
             if workload.netns != NetnsSource::None {
                 parsed.locals.push(Local {
                     workload: workload.clone(),
@@ -529,7 +578,7 @@ where
                 });
             }
             parsed.addressed.push(workload.clone());
-            parsed.workloads.push(workload);
+            parsed.workloads.push(Known { workload, record });
         }
         Ok(parsed)
     };
@@ -717,6 +766,7 @@ fn parse_service(s: &ServiceView<'_>) -> Result<Service, IndexError> {
         frontends,
         waypoint,
         listed,
+        record: fingerprint(s.record),
     })
 }
 
@@ -756,6 +806,152 @@ impl Index {
             view.service_parts(threads).collect(),
             generation,
         )
+    }
+
+    /// This index's successor for a complete snapshot (`payload`, as the region holds it),
+    /// made by comparing rather than building: workloads and services whose records are
+    /// byte for byte those this index read stay shared with it, and the rest go in as a delta
+    /// brings them. What a data plane meets when the agent restarts (a new epoch, mostly the
+    /// world it had) or compacts its log while this reader was behind; a build would read
+    /// every record again and hold two whole indexes at once.
+    ///
+    /// `None` when comparing does not pay or cannot tell, and the caller builds (a build also
+    /// names whatever is malformed, in snapshot order): another node or root namespace, a uid
+    /// or service listed twice, a record that does not read, more changed workloads than an
+    /// eighth of this index's or [`FOLD_MIN`], whichever is more (past that its maps are copied
+    /// anyway, see `layered`), or changes a build would refuse.
+    pub fn rebase_encoded(&self, payload: &[u8], generation: Generation) -> Option<Rebased> {
+        let mut view = SnapshotView::decode(payload).ok()?;
+        let rest = std::mem::take(&mut view.rest);
+        if rest.node != self.node || rest.root_namespace != self.root_namespace {
+            return None;
+        }
+        let budget = (self.by_uid.len() / 8).max(FOLD_MIN);
+
+        // Workloads: a record whose uid this index holds with the same fingerprint is kept.
+        let records = view.workload_records();
+        let mut listed: HashSet<&str, foldhash::fast::RandomState> =
+            HashSet::with_capacity_and_hasher(records.len(), Default::default());
+        let mut changed = Vec::new();
+        let mut still_listed = 0;
+        for record in records {
+            let uid = view::workload_uid(record).ok()?;
+            if !listed.insert(uid) {
+                return None;
+            }
+            if let Some(known) = self.by_uid.get(uid) {
+                still_listed += 1;
+                if known.record.is_some() && known.record == fingerprint(record) {
+                    continue;
+                }
+            }
+            if changed.len() == budget {
+                return None;
+            }
+            changed.push(view::workload(record).ok()?);
+        }
+        let mut delta = Delta::default();
+        if still_listed < self.by_uid.len() {
+            delta.removed_workloads = self
+                .by_uid
+                .iter()
+                .filter(|(uid, _)| !listed.contains(&***uid))
+                .map(|(uid, _)| uid.to_string())
+                .collect();
+        }
+        if changed.len() + delta.removed_workloads.len() > budget {
+            return None;
+        }
+
+        // Services, the same way by key.
+        let records = view.service_records();
+        let mut listed: HashSet<String, foldhash::fast::RandomState> =
+            HashSet::with_capacity_and_hasher(records.len(), Default::default());
+        let mut changed_services = Vec::new();
+        for record in records {
+            let (namespace, name) = view::service_namespace_name(record).ok()?;
+            let key = delta::namespaced_key(namespace, name);
+            let unchanged = self
+                .services
+                .get(key.as_str())
+                .is_some_and(|s| s.record.is_some() && s.record == fingerprint(record));
+            if !listed.insert(key) {
+                return None;
+            }
+            if !unchanged {
+                changed_services.push(view::service(record).ok()?);
+            }
+        }
+        delta.removed_services = self
+            .services
+            .iter()
+            .filter(|(key, _)| !listed.contains(&***key))
+            .map(|(key, _)| key.to_string())
+            .collect();
+
+        // The rest is small: what differs from this index's goes in (the last of a key wins,
+        // as in a build), and what it lacks leaves.
+        let policies: BTreeMap<String, schema::AuthorizationPolicy> = rest
+            .policies
+            .into_iter()
+            .map(|p| (delta::policy_key(&p), p))
+            .collect();
+        delta.removed_policies = absent(self.policy_sources.keys(), |k| policies.contains_key(k));
+        delta.policies = policies
+            .into_iter()
+            .filter(|(key, p)| self.policy_sources.get(key) != Some(p))
+            .map(|(_, p)| p)
+            .collect();
+        let peer_authentications: BTreeMap<String, schema::PeerAuthentication> = rest
+            .peer_authentications
+            .into_iter()
+            .map(|p| (delta::peer_authentication_key(&p), p))
+            .collect();
+        delta.removed_peer_authentications = absent(self.peer_authentications.keys(), |k| {
+            peer_authentications.contains_key(k)
+        });
+        delta.peer_authentications = peer_authentications
+            .into_iter()
+            .filter(|(key, p)| self.peer_authentications.get(key) != Some(p))
+            .map(|(_, p)| p)
+            .collect();
+        let mut identities = HashMap::with_capacity(rest.identities.len());
+        for id in rest.identities {
+            identities.insert(id.spiffe_id.parse::<SpiffeId>().ok()?, id);
+        }
+        if identities != *self.identities {
+            delta.removed_identities =
+                absent(self.identities.keys(), |id| identities.contains_key(id));
+            delta.identities = identities
+                .into_iter()
+                .filter(|(id, identity)| self.identities.get(id) != Some(identity))
+                .map(|(_, identity)| identity)
+                .collect();
+        }
+        if rest.trust_roots != *self.trust_roots {
+            delta.replace_trust_roots = true;
+            delta.trust_roots = rest.trust_roots;
+        }
+
+        let changes = Changes {
+            workloads: changed.len() + delta.removed_workloads.len(),
+            services: changed_services.len() + delta.removed_services.len(),
+        };
+        let mut next = self
+            .clone()
+            .applied(
+                vec![changed.into_iter().map(Ok)],
+                vec![changed_services.into_iter().map(Ok)],
+                delta,
+                generation,
+            )
+            .ok()?;
+        next.source = rest.source;
+        next.fold_maps(false);
+        Some(Rebased {
+            index: next,
+            changes,
+        })
     }
 
     /// An index of `rest` (a snapshot without its workloads and services) with `workloads`
@@ -861,10 +1057,10 @@ impl Index {
             .removed_workloads
             .iter()
             .map(String::as_str)
-            .chain(workloads.iter().map(|w| &*w.uid));
+            .chain(workloads.iter().map(|w| &*w.workload.uid));
         for uid in leaving.take_while(|_| !from_empty) {
             if let Some(old) = next.by_uid.remove(uid) {
-                for ip in &old.ips {
+                for ip in &old.workload.ips {
                     next.by_ip.remove(ip);
                 }
                 // Only touch the local map when it holds the pod: an unchanged map tells
@@ -883,10 +1079,10 @@ impl Index {
                 for local in locals {
                     next.local.insert(local.workload.uid.clone(), local);
                 }
-                for workload in workloads {
-                    let uid = workload.uid.clone();
-                    if let Some(first) = next.by_uid.insert(uid, workload) {
-                        return Err(IndexError::DuplicateUid(first.uid.to_string()));
+                for known in workloads {
+                    let uid = known.workload.uid.clone();
+                    if let Some(first) = next.by_uid.insert(uid, known) {
+                        return Err(IndexError::DuplicateUid(first.workload.uid.to_string()));
                     }
                 }
                 Ok(())
@@ -1048,8 +1244,8 @@ impl Index {
             return;
         };
         // Those a later generation still holds are only let go.
-        workloads.retain(|w| Arc::strong_count(w) == 1);
-        workloads.sort_unstable_by_key(|w| Arc::as_ptr(w) as usize);
+        workloads.retain(|known| Arc::strong_count(&known.workload) == 1);
+        workloads.sort_unstable_by_key(|known| Arc::as_ptr(&known.workload) as usize);
         drop(workloads);
     }
 
@@ -1058,7 +1254,7 @@ impl Index {
     }
     /// Every workload, in no particular order.
     pub fn workloads(&self) -> impl Iterator<Item = &Workload> {
-        self.by_uid.values().map(|w| &**w)
+        self.by_uid.values().map(|known| &*known.workload)
     }
     /// Every service, in no particular order.
     pub fn services(&self) -> Vec<ServiceSummary<'_>> {
@@ -1094,7 +1290,7 @@ impl Index {
     }
 
     pub fn workload_by_uid(&self, uid: &str) -> Option<&Workload> {
-        self.by_uid.get(uid).map(|w| &**w)
+        self.by_uid.get(uid).map(|known| &*known.workload)
     }
 
     /// Certificate chain and key for a local identity.
@@ -1231,8 +1427,8 @@ impl Index {
         if n == 0 {
             return None;
         }
-        if let Some(workload) = self.by_uid.get(listed.get((pick % n) as usize)) {
-            return Some(workload);
+        if let Some(known) = self.by_uid.get(listed.get((pick % n) as usize)) {
+            return Some(&known.workload);
         }
         let present = || listed.iter().filter_map(|uid| self.by_uid.get(uid));
         let count = present().count() as u64;
@@ -1241,7 +1437,7 @@ impl Index {
         }
         present()
             .nth(((pick / n) % count) as usize)
-            .map(|workload| &**workload)
+            .map(|known| &*known.workload)
     }
 
     fn route_to_workload<'a>(&'a self, workload: &'a Workload, target: SocketAddr) -> Route<'a> {
@@ -1359,7 +1555,7 @@ mod tests {
     #[test]
     fn a_released_index_frees_its_own_workloads_and_leaves_a_later_generation_whole() {
         let first = Index::build(snapshot(), Generation::default()).expect("builds");
-        let watched = Arc::downgrade(first.by_uid.get("server-a").expect("server-a"));
+        let watched = Arc::downgrade(&first.by_uid.get("server-a").expect("server-a").workload);
         // The next generation shares the first one's workloads.
         let delta = Delta {
             workloads: vec![workload(
@@ -2302,5 +2498,249 @@ mod tests {
             });
         }
         assert!(index.by_ip.overlay_len() < crate::layered::FOLD_MIN);
+    }
+
+    /// `index`'s successor for `reference` after `change`, by comparing; checked against a
+    /// build of the same bytes.
+    fn rebase_both(
+        index: &Index,
+        reference: &mut Snapshot,
+        change: impl FnOnce(&mut Snapshot),
+    ) -> Rebased {
+        change(reference);
+        let payload = mesh_snapshot::encode(reference);
+        let generation = Generation {
+            epoch: 2,
+            generation: 7,
+        };
+        let rebased = index
+            .rebase_encoded(&payload, generation)
+            .expect("compares");
+        let built = Index::build_encoded(&payload, generation).expect("builds");
+        assert_eq!(observable(&rebased.index), observable(&built));
+        assert_eq!(rebased.index.generation(), generation);
+        assert_eq!(rebased.index.source(), built.source());
+        assert_eq!(rebased.index.policy_sources, built.policy_sources);
+        assert_eq!(
+            rebased.index.peer_authentications,
+            built.peer_authentications
+        );
+        let decisions = |index: &Index| -> Vec<String> {
+            let mut seen = Vec::new();
+            for local in index.local_workloads() {
+                for peer in ["sa-client", "sa-pod", "other"] {
+                    let connection = authz::Connection {
+                        source: format!("spiffe://cluster.local/ns/default/sa/{peer}")
+                            .parse()
+                            .ok(),
+                        source_ip: "10.0.2.2".parse().expect("ip"),
+                        destination_ip: local.ips[0],
+                        destination_port: 8080,
+                    };
+                    seen.push(format!(
+                        "{} {peer} {:?} {:?}",
+                        local.uid,
+                        index.authorize(&local.uid, &connection),
+                        index.inbound_mtls(&local.uid, 8080)
+                    ));
+                }
+            }
+            seen.sort();
+            seen
+        };
+        assert_eq!(decisions(&rebased.index), decisions(&built));
+        rebased
+    }
+
+    #[test]
+    fn a_complete_snapshot_compared_with_the_index_gives_what_a_build_gives() {
+        let mut reference = with_many_services(200);
+        reference.source = "agent 1".into();
+        let index = Index::build_encoded(&mesh_snapshot::encode(&reference), Generation::default())
+            .expect("builds");
+
+        // The same world again (an agent restart): nothing read in, everything shared.
+        let same = rebase_both(&index, &mut reference, |_| {});
+        assert_eq!(same.changes, Changes::default());
+        assert!(same.index.same_local_workloads(&index));
+        assert!(same.index.same_authorization(&index));
+        assert!(same.index.same_tls_material(&index));
+        assert_eq!(same.index.by_uid.overlay_len(), 0);
+
+        // In another order, with a new source: still nothing to read.
+        let reordered = rebase_both(&index, &mut reference, |s| {
+            s.workloads.reverse();
+            s.services.reverse();
+            s.source = "agent 2".into();
+        });
+        assert_eq!(reordered.changes, Changes::default());
+
+        // Pods come, go and change (one takes a leaver's address); a service changes its
+        // port, one goes, one comes; the local pod's namespace path changes.
+        let churned = rebase_both(&reordered.index, &mut reference, |s| {
+            let leaver = s
+                .workloads
+                .iter()
+                .position(|w| w.uid == "pod-5")
+                .expect("pod-5");
+            let freed = s.workloads.remove(leaver).ips;
+            s.workloads.retain(|w| w.uid != "pod-6");
+            let pod = s
+                .workloads
+                .iter_mut()
+                .find(|w| w.uid == "pod-7")
+                .expect("pod-7");
+            pod.ips = freed;
+            let mut newcomer = pod.clone();
+            newcomer.uid = "not-yet".into();
+            newcomer.ips = vec![vec![10, 201, 0, 1]];
+            s.workloads.push(newcomer);
+            let client = s
+                .workloads
+                .iter_mut()
+                .find(|w| w.uid == "client")
+                .expect("client");
+            client.netns_path = "/run/netns/c2".into();
+            s.services[0].ports[0].port = 8000;
+            s.services.remove(1);
+            s.services.push(SnapService {
+                name: "late".into(),
+                namespace: "default".into(),
+                vips: vec![vec![10, 98, 0, 1]],
+                ports: vec![ServicePort {
+                    port: 443,
+                    target_port: 0,
+                }],
+                endpoints: vec!["pod-7".into()],
+                ..Default::default()
+            });
+        });
+        assert_eq!(
+            churned.changes,
+            Changes {
+                workloads: 5,
+                services: 3
+            },
+            "pod-5 and pod-6 gone, pod-7 and the client changed, not-yet new; \
+             a service changed, one gone, one new"
+        );
+        assert!(!churned.index.same_local_workloads(&reordered.index));
+
+        // Policies, peer authentications, identities and trust roots change.
+        let secured = rebase_both(&churned.index, &mut reference, |s| {
+            s.policies.push(schema::AuthorizationPolicy {
+                name: "only-client".into(),
+                namespace: "default".into(),
+                action: schema::Action::Allow as i32,
+                rules: vec![schema::Rule {
+                    from: vec![schema::RuleSource {
+                        principals: vec!["cluster.local/ns/default/sa/sa-client".into()],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+            s.peer_authentications.push(schema::PeerAuthentication {
+                name: "strict".into(),
+                namespace: "default".into(),
+                mode: schema::MtlsMode::Strict as i32,
+                ..Default::default()
+            });
+            s.identities.push(Identity {
+                spiffe_id: "spiffe://cluster.local/ns/default/sa/sa-pod".into(),
+                ..Default::default()
+            });
+            s.trust_roots = vec![vec![1, 2, 3]];
+        });
+        assert!(!secured.index.same_authorization(&churned.index));
+        assert!(!secured.index.same_tls_material(&churned.index));
+        assert_eq!(secured.index.identities().count(), 2);
+
+        // And leave again.
+        let plain = rebase_both(&secured.index, &mut reference, |s| {
+            s.policies.clear();
+            s.peer_authentications.clear();
+            s.identities.truncate(1);
+        });
+        assert_eq!(plain.index.identities().count(), 1);
+    }
+
+    #[test]
+    fn a_snapshot_that_comparing_cannot_take_is_left_to_a_build() {
+        let reference = with_many_services(9 * FOLD_MIN);
+        let index = Index::build_encoded(&mesh_snapshot::encode(&reference), Generation::default())
+            .expect("builds");
+        let compare = |change: &dyn Fn(&mut Snapshot)| {
+            let mut next = reference.clone();
+            change(&mut next);
+            index
+                .rebase_encoded(&mesh_snapshot::encode(&next), Generation::default())
+                .map(|r| r.changes)
+        };
+        assert_eq!(compare(&|_| {}), Some(Changes::default()));
+        // More than an eighth of the workloads changed: a build is cheaper than an overlay.
+        assert!(index.workload_count() / 8 > FOLD_MIN);
+        let many = index.workload_count() / 8 + 1;
+        assert_eq!(
+            compare(&|s| {
+                for w in s.workloads.iter_mut().take(many) {
+                    w.name.push_str("-renamed");
+                }
+            }),
+            None
+        );
+        assert!(compare(&|s| {
+            for w in s.workloads.iter_mut().take(many - 1) {
+                w.name.push_str("-renamed");
+            }
+        })
+        .is_some());
+        // Another node's view, or a uid or service listed twice: a build decides.
+        assert_eq!(compare(&|s| s.node = "n2".into()), None);
+        assert_eq!(compare(&|s| s.root_namespace = "istio-config".into()), None);
+        assert_eq!(
+            compare(&|s| {
+                let twin = s.workloads[3].clone();
+                s.workloads.push(twin);
+            }),
+            None
+        );
+        assert_eq!(
+            compare(&|s| {
+                let mut twin = s.services[2].clone();
+                twin.ports[0].port = 81;
+                s.services.insert(2, twin);
+            }),
+            None
+        );
+        // A changed pod that a build refuses (its address is another's) is refused by a
+        // build, with the culprit named, not half taken.
+        let mut clash = reference.clone();
+        clash.workloads[4].ips = clash.workloads[5].ips.clone();
+        let payload = mesh_snapshot::encode(&clash);
+        assert!(index
+            .rebase_encoded(&payload, Generation::default())
+            .is_none());
+        assert!(matches!(
+            Index::build_encoded(&payload, Generation::default()),
+            Err(IndexError::DuplicateIp { .. })
+        ));
+        // A workload a delta brought has no record to compare: it is read in again.
+        let mut reference = reference.clone();
+        let before = reference.clone();
+        reference.workloads[4].protocol = Protocol::Tcp as i32;
+        let delta = delta::diff(&before, &reference).expect("a delta");
+        let applied = index.apply(delta, Generation::default()).expect("applies");
+        let again = applied
+            .rebase_encoded(&mesh_snapshot::encode(&reference), Generation::default())
+            .expect("compares");
+        assert_eq!(
+            again.changes,
+            Changes {
+                workloads: 1,
+                services: 0
+            }
+        );
     }
 }

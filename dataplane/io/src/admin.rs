@@ -97,6 +97,7 @@ impl AdminState {
                 "refused": self.watch.refused.load(Ordering::Acquire),
                 "read_errors": self.watch.read_errors.load(Ordering::Acquire),
                 "builds_discarded": self.watch.builds_discarded.load(Ordering::Acquire),
+                "compared": self.watch.compared.load(Ordering::Acquire),
                 "last_error": last_error,
             },
             "totals": totals,
@@ -254,6 +255,10 @@ impl AdminState {
             (
                 "meshdp_snapshot_builds_discarded_total",
                 self.watch.builds_discarded.load(Ordering::Acquire),
+            ),
+            (
+                "meshdp_snapshot_compared_adopts_total",
+                self.watch.compared.load(Ordering::Acquire),
             ),
         ];
         for (name, value) in counters {

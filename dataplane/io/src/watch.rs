@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use mesh_core::index::{Generation, Index};
+use mesh_core::index::{Changes, Generation, Index};
 use mesh_snapshot::{Published, ReadOutcome, RegionError, Subscriber};
 
 use crate::runtime::{self, ThreadClass};
@@ -28,6 +28,9 @@ pub struct WatchStatus {
     /// Complete snapshots replaced by a newer one while their index was built from the
     /// region: each build dropped, and the newer snapshot built instead.
     pub builds_discarded: AtomicU64,
+    /// Complete snapshots taken in by comparing them with the current index (an agent restart,
+    /// a compaction while behind) rather than built whole.
+    pub compared: AtomicU64,
     pub adopt_durations: AdoptDurations,
     /// Last problem, for humans (admin endpoint); never on the data path.
     pub last_error: Mutex<String>,
@@ -246,8 +249,8 @@ pub fn watch(
                 // starts from the new base at once (the wait below does not sleep).
                 let adopted = if base.as_ref().is_some_and(|b| !b.payload.intact()) {
                     status.builds_discarded.fetch_add(1, Ordering::AcqRel);
-                    if let Ok(index) = adopted {
-                        retired.hold(Arc::new(index));
+                    if let Ok(adopted) = adopted {
+                        retired.hold(Arc::new(adopted.index));
                     }
                     subscriber.resync();
                     tracing::info!(
@@ -261,8 +264,11 @@ pub fn watch(
                 };
                 match adopted {
                     None => {}
-                    Some(Ok(index)) => {
+                    Some(Ok(Adopted { index, compared })) => {
                         let index = Arc::new(index);
+                        if compared.is_some() {
+                            status.compared.fetch_add(1, Ordering::AcqRel);
+                        }
                         for worker in &workers {
                             let _ = worker.send(Control::Adopt(index.clone()));
                         }
@@ -292,6 +298,8 @@ pub fn watch(
                                 bytes,
                                 took_ms,
                                 source = index.source(),
+                                compared_changed_workloads = compared.map(|c| c.workloads),
+                                compared_changed_services = compared.map(|c| c.services),
                                 "snapshot adopted"
                             );
                         } else {
@@ -368,8 +376,18 @@ pub fn watch(
     retired.finish();
 }
 
-/// The index for what a read returned: built from the base when there is one (first read, new
-/// epoch, resync), else the current index; then every delta applied in order. Each delta's
+/// An index adopted from a read.
+#[derive(Debug)]
+pub struct Adopted {
+    pub index: Index,
+    /// What differed, when a complete snapshot was compared with the current index rather
+    /// than built whole.
+    pub compared: Option<Changes>,
+}
+
+/// The index for what a read returned: from the base when there is one (first read, new
+/// epoch, resync, compaction while behind; compared with the current index when there is
+/// one, else built), else the current index; then every delta applied in order. Each delta's
 /// generation is stamped on the index it produces.
 ///
 /// When a read with a base has a delta that does not apply (an earlier refusal the log still
@@ -381,12 +399,16 @@ pub fn adopt(
     epoch: u64,
     base: Option<&Published>,
     deltas: &[Published],
-) -> Result<Index, String> {
+) -> Result<Adopted, String> {
     match base {
-        Some(base) => on_build_thread(|| adopt_base(epoch, base, deltas)),
+        Some(base) => on_build_thread(|| adopt_base(current, epoch, base, deltas)),
         None => {
             let current = current.ok_or("changes arrived before any complete snapshot")?;
-            apply_deltas(current.clone(), epoch, deltas)
+            let index = apply_deltas(current.clone(), epoch, deltas)?;
+            Ok(Adopted {
+                index,
+                compared: None,
+            })
         }
     }
 }
@@ -419,18 +441,33 @@ fn on_build_thread<T: Send>(build: impl Fn() -> Result<T, String> + Sync) -> Res
 }
 
 /// [`adopt`] with a complete snapshot.
-fn adopt_base(epoch: u64, base: &Published, deltas: &[Published]) -> Result<Index, String> {
+fn adopt_base(
+    current: Option<&Index>,
+    epoch: u64,
+    base: &Published,
+    deltas: &[Published],
+) -> Result<Adopted, String> {
     let stamp = |generation| Generation { epoch, generation };
-    let built =
-        Index::build_encoded(&base.payload, stamp(base.generation)).map_err(|e| e.to_string());
+    let rebased = current.and_then(|c| c.rebase_encoded(&base.payload, stamp(base.generation)));
+    let compared = rebased.as_ref().map(|r| r.changes);
+    let built = match rebased {
+        Some(rebased) => Ok(rebased.index),
+        None => {
+            Index::build_encoded(&base.payload, stamp(base.generation)).map_err(|e| e.to_string())
+        }
+    };
     match built.and_then(|index| apply_deltas(index, epoch, deltas)) {
-        Ok(index) => Ok(index),
+        Ok(index) => Ok(Adopted { index, compared }),
         Err(_) if !deltas.is_empty() => {
             let state = mesh_snapshot::delta::replay(None, Some(base), deltas)
                 .map_err(|e| e.to_string())?
                 .ok_or("a base that replays to nothing")?;
             let newest = deltas.last().map_or(base.generation, |d| d.generation);
-            Index::build(state.snapshot(), stamp(newest)).map_err(|e| e.to_string())
+            let index = Index::build(state.snapshot(), stamp(newest)).map_err(|e| e.to_string())?;
+            Ok(Adopted {
+                index,
+                compared: None,
+            })
         }
         Err(error) => Err(error),
     }
@@ -709,13 +746,40 @@ mod tests {
     }
 
     #[test]
-    fn deltas_apply_on_the_current_index_and_stamp_their_generation() {
+    fn a_complete_snapshot_of_the_world_held_is_compared_not_built_and_its_deltas_follow() {
         let first = adopt(None, 7, Some(&base()), &[]).expect("base");
+        assert_eq!(first.compared, None, "nothing to compare with: built");
+        // The agent restarts (epoch 8) with the same world, and a pod moves right after.
         let moved = Delta {
             workloads: vec![workload("b", 3)],
             ..Delta::default()
         };
-        let next = adopt(Some(&first), 7, None, &[delta(2, moved)]).expect("delta");
+        let next = adopt(Some(&first.index), 8, Some(&base()), &[delta(2, moved)]).expect("adopts");
+        assert_eq!(next.compared, Some(Changes::default()));
+        assert_eq!(
+            next.index.generation(),
+            Generation {
+                epoch: 8,
+                generation: 2
+            }
+        );
+        assert!(next
+            .index
+            .workload_by_ip("10.0.0.3".parse().expect("ip"))
+            .is_some());
+        assert!(next.index.same_tls_material(&first.index));
+    }
+
+    #[test]
+    fn deltas_apply_on_the_current_index_and_stamp_their_generation() {
+        let first = adopt(None, 7, Some(&base()), &[]).expect("base").index;
+        let moved = Delta {
+            workloads: vec![workload("b", 3)],
+            ..Delta::default()
+        };
+        let next = adopt(Some(&first), 7, None, &[delta(2, moved)])
+            .expect("delta")
+            .index;
         assert_eq!(
             next.generation(),
             Generation {
@@ -734,7 +798,7 @@ mod tests {
 
     #[test]
     fn a_log_holding_a_refused_delta_heals_once_a_later_delta_fixes_it() {
-        let first = adopt(None, 7, Some(&base()), &[]).expect("base");
+        let first = adopt(None, 7, Some(&base()), &[]).expect("base").index;
         // "c" takes a's address: refused, the current index stays.
         let clash = delta(
             2,
@@ -759,7 +823,9 @@ mod tests {
                 ..Delta::default()
             },
         );
-        let healed = adopt(Some(&first), 7, Some(&base()), &[clash, fix]).expect("heals");
+        let healed = adopt(Some(&first), 7, Some(&base()), &[clash, fix])
+            .expect("heals")
+            .index;
         assert_eq!(healed.generation().generation, 3);
         assert_eq!(
             ips(&healed),

@@ -242,6 +242,54 @@ impl<'a> SnapshotView<'a> {
     > + '_ {
         runs(&self.services, parts).map(|run| run.iter().map(|bytes| ServiceView::parse(bytes)))
     }
+
+    /// Each workload's encoded bytes, in snapshot order, unread.
+    pub fn workload_records(&self) -> &[&'a [u8]] {
+        &self.workloads
+    }
+
+    /// Each service's encoded bytes, in snapshot order, unread.
+    pub fn service_records(&self) -> &[&'a [u8]] {
+        &self.services
+    }
+}
+
+/// Reads one workload record (one of [`SnapshotView::workload_records`]).
+pub fn workload(record: &[u8]) -> Result<WorkloadView<'_>, DecodeError> {
+    WorkloadView::parse(record)
+}
+
+/// Reads one service record (one of [`SnapshotView::service_records`]).
+pub fn service(record: &[u8]) -> Result<ServiceView<'_>, DecodeError> {
+    ServiceView::parse(record)
+}
+
+/// A workload record's uid, read without the rest: the last value of field 1, as a full
+/// read gives it. Other fields are skipped unchecked, so a record this accepts may still be
+/// refused by [`workload`].
+pub fn workload_uid(record: &[u8]) -> Result<&str, DecodeError> {
+    let [uid] = strings_in(record, [1])?;
+    Ok(uid)
+}
+
+/// A service record's namespace and name (fields 2 and 1), read as [`workload_uid`] reads.
+pub fn service_namespace_name(record: &[u8]) -> Result<(&str, &str), DecodeError> {
+    let [namespace, name] = strings_in(record, [2, 1])?;
+    Ok((namespace, name))
+}
+
+/// The last value of each string field `tags` names in a message, empty where absent.
+fn strings_in<const N: usize>(record: &[u8], tags: [u32; N]) -> Result<[&str; N], DecodeError> {
+    let mut found = [""; N];
+    let mut reader = Reader::new(record);
+    while !reader.is_empty() {
+        let (tag, wire) = reader.key()?;
+        match tags.iter().position(|t| *t == tag) {
+            Some(at) => found[at] = reader.string(wire)?,
+            None => reader.skip(tag, wire, RECURSION_LIMIT - 1)?,
+        }
+    }
+    Ok(found)
 }
 
 /// `records` in `parts` consecutive runs of nearly equal length.
@@ -270,6 +318,8 @@ pub struct WorkloadView<'a> {
     /// As sent; read through [`WorkloadView::workload_name`], which falls back to the name.
     workload_name: &'a str,
     pub unresolved_waypoint: &'a str,
+    /// The encoded workload this view reads; empty for a view of a decoded one.
+    pub record: &'a [u8],
 }
 
 impl<'a> WorkloadView<'a> {
@@ -277,7 +327,10 @@ impl<'a> WorkloadView<'a> {
         // Inside a snapshot's repeated field: one level down.
         const BUDGET: u32 = RECURSION_LIMIT - 1;
         let mut reader = Reader::new(bytes);
-        let mut w = WorkloadView::default();
+        let mut w = WorkloadView {
+            record: bytes,
+            ..WorkloadView::default()
+        };
         while !reader.is_empty() {
             let (tag, wire) = reader.key()?;
             match tag {
@@ -348,6 +401,7 @@ impl<'a> From<&'a schema::Workload> for WorkloadView<'a> {
             canonical_revision: &w.canonical_revision,
             workload_name: &w.workload_name,
             unresolved_waypoint: &w.unresolved_waypoint,
+            record: &[],
         }
     }
 }
@@ -377,13 +431,18 @@ pub struct ServiceView<'a> {
     pub endpoints: Vec<&'a str>,
     pub waypoint: &'a str,
     pub unresolved_waypoint: &'a str,
+    /// The encoded service this view reads; empty for a view of a decoded one.
+    pub record: &'a [u8],
 }
 
 impl<'a> ServiceView<'a> {
     fn parse(bytes: &'a [u8]) -> Result<Self, DecodeError> {
         const BUDGET: u32 = RECURSION_LIMIT - 1;
         let mut reader = Reader::new(bytes);
-        let mut s = ServiceView::default();
+        let mut s = ServiceView {
+            record: bytes,
+            ..ServiceView::default()
+        };
         while !reader.is_empty() {
             let (tag, wire) = reader.key()?;
             match tag {
@@ -420,6 +479,7 @@ impl<'a> From<&'a schema::Service> for ServiceView<'a> {
             endpoints: s.endpoints.iter().map(String::as_str).collect(),
             waypoint: &s.waypoint,
             unresolved_waypoint: &s.unresolved_waypoint,
+            record: &[],
         }
     }
 }

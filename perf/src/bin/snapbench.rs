@@ -54,11 +54,13 @@ struct Args {
     /// slowest; of 50 it would be the slowest one.
     #[arg(long, default_value_t = 500)]
     changes: usize,
-    /// Complete snapshots published, one at a time, over a held index (resyncs) per size (at
-    /// least 1); the table shows their median.
+    /// Complete snapshots of the world the data plane holds published, one at a time, over
+    /// its index (resyncs: an agent restart, a compaction it was behind for) per size (at
+    /// least 1), and as many of a world where every pod changed (rebuilds: the data plane
+    /// cannot compare and builds beside the held index); the table shows their medians.
     #[arg(long, default_value_t = 5)]
     resyncs: usize,
-    /// Pause after each resync, in milliseconds. By default as long as the resync took, which
+    /// Pause after each resync and rebuild, in milliseconds. By default as long as it took, which
     /// lets the data plane free the replaced index. A pause of seconds lets the node's free
     /// memory go cold first (on the lab VM, whose balloon reports free pages, a freed 2 MiB
     /// block is the host's again within about a second), as between two real resyncs.
@@ -96,7 +98,7 @@ fn pauses(args: &Args) -> String {
         said += &format!(", {} ms pause before the first adopt", args.first_pause_ms);
     }
     if let Some(ms) = args.resync_pause_ms {
-        said += &format!(", {ms} ms pause after each resync");
+        said += &format!(", {ms} ms pause after each resync and rebuild");
     }
     said
 }
@@ -293,12 +295,21 @@ struct SizeResult {
     /// and each worker's view. At least the watcher's own read-to-hand-over time (see
     /// `DataPlane::publish_full`).
     adopt_full_ms: f64,
-    /// The same for a complete snapshot that replaces a held index (an agent restart's
-    /// resync, or a log too long to append to): the data plane holds the old index while it
-    /// builds the new one, on a heap that has served the earlier builds. The median of
-    /// `adopt_replace_samples_ms`, in the order they were taken.
+    /// The same for a complete snapshot of the world the data plane holds, over its index (an
+    /// agent restart's resync, a log too long to append to), which the data plane compares
+    /// with its index (result files from before `adopt_rebuild_ms` existed timed a build
+    /// beside it here). The median of `adopt_replace_samples_ms`, in the order taken.
     adopt_replace_ms: f64,
     adopt_replace_samples_ms: Vec<f64>,
+    /// How many of those the data plane took in by comparing (`meshdp_snapshot_compared_adopts_total`).
+    adopt_replace_compared: usize,
+    /// The same for a complete snapshot in which every pod changed (its protocol flipped):
+    /// built beside the held index, on a heap that has served the earlier builds (compared
+    /// instead where every pod is fewer than the data plane's comparison takes, 1,024).
+    adopt_rebuild_ms: f64,
+    adopt_rebuild_compared: usize,
+    adopt_rebuild_samples_ms: Vec<f64>,
+    adopt_rebuild_page_faults: Vec<u64>,
     /// Minor page faults in the data plane's threads during the first adopt: pages of fresh
     /// memory the index and its build took (a huge page counts once; a later build reuses
     /// much of what earlier ones freed).
@@ -525,6 +536,11 @@ impl DataPlane {
             .map(|&(_, at)| at)
             .max()
             .unwrap_or_else(Instant::now))
+    }
+
+    /// Complete snapshots the watcher took in by comparing them with its index.
+    fn compared(&self) -> u64 {
+        self.status.compared.load(Ordering::Acquire)
     }
 
     fn stop(mut self) -> anyhow::Result<u64> {
@@ -1193,23 +1209,54 @@ fn measure(
     let version = append_to_log(&mut publisher, &delta, "a compaction")?;
     let change_after_compaction = dataplane.visible(version.generation)? - t;
 
-    // A complete snapshot that replaces the index (as a resync does), then pod changes at
-    // once: the replaced index is freed (tens of milliseconds at 100k) while they arrive.
-    let replacement = mesh_snapshot::encode(&snap);
-    let mut resyncs = Vec::with_capacity(args.resyncs.max(1));
-    let mut resync_faults = Vec::with_capacity(args.resyncs.max(1));
-    for _ in 0..args.resyncs.max(1) {
-        let resync = dataplane.publish_full(&mut publisher, &replacement)?;
-        resyncs.push(ms(resync.adopt));
-        resync_faults.push(resync.page_faults);
-        // The replaced index is freed on the data plane's free thread meanwhile (about half
-        // a build): let it finish, as it would between two real resyncs.
-        std::thread::sleep(
-            args.resync_pause_ms
-                .map_or(resync.adopt, Duration::from_millis),
-        );
+    // Complete snapshots that replace the index, then pod changes at once: the replaced
+    // index is freed (tens of milliseconds at 100k when it was built whole) while they arrive.
+    // First worlds in which every pod changed (built beside the held index), then the world
+    // held (compared with it).
+    let mut flipped = snap.clone();
+    for w in &mut flipped.workloads {
+        w.protocol = if w.protocol == Protocol::Hbone as i32 {
+            Protocol::Tcp as i32
+        } else {
+            Protocol::Hbone as i32
+        };
     }
-    drop(replacement);
+    let worlds = [
+        mesh_snapshot::encode(&flipped),
+        mesh_snapshot::encode(&snap),
+    ];
+    drop(flipped);
+    let rounds = args.resyncs.max(1);
+    // The replaced index is freed on the data plane's free thread after each (about half a
+    // build when it was built whole): let it finish, as it would between two real resyncs.
+    let pause = |took: Duration| {
+        std::thread::sleep(args.resync_pause_ms.map_or(took, Duration::from_millis));
+    };
+    let [flipped, same] = &worlds;
+    let compared_before = dataplane.compared();
+    let (mut rebuilds, mut rebuild_faults) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let world = if round % 2 == 0 { flipped } else { same };
+        let adopted = dataplane.publish_full(&mut publisher, world)?;
+        rebuilds.push(ms(adopted.adopt));
+        rebuild_faults.push(adopted.page_faults);
+        pause(adopted.adopt);
+    }
+    let rebuilds_compared = dataplane.compared() - compared_before;
+    if rounds % 2 == 1 {
+        // Back to the held world (a build, not counted), which the resyncs repeat.
+        pause(dataplane.publish_full(&mut publisher, same)?.adopt);
+    }
+    let compared_before = dataplane.compared();
+    let (mut resyncs, mut resync_faults) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let adopted = dataplane.publish_full(&mut publisher, same)?;
+        resyncs.push(ms(adopted.adopt));
+        resync_faults.push(adopted.page_faults);
+        pause(adopted.adopt);
+    }
+    let resyncs_compared = dataplane.compared() - compared_before;
+    drop(worlds);
     let mut changes_after_replace = Duration::ZERO;
     for n in 0..CHANGES_AFTER_REPLACE {
         let pod = (size / 5 + n) % size;
@@ -1247,6 +1294,11 @@ fn measure(
         adopt_full_ms: ms(first.adopt),
         adopt_replace_ms: report::median(resyncs.clone()),
         adopt_replace_samples_ms: resyncs,
+        adopt_replace_compared: resyncs_compared as usize,
+        adopt_rebuild_ms: report::median(rebuilds.clone()),
+        adopt_rebuild_compared: rebuilds_compared as usize,
+        adopt_rebuild_samples_ms: rebuilds,
+        adopt_rebuild_page_faults: rebuild_faults,
         adopt_full_page_faults: first.page_faults,
         adopt_replace_page_faults: resync_faults,
         page_fault_us,
@@ -1317,13 +1369,14 @@ fn main() -> anyhow::Result<()> {
     );
     println!("{}", report.run.machine.node_line());
     println!(
-        "{:>10}{:>10}{:>10}{:>10}{:>10}{:>10}{:>11}{:>12}{:>12}{:>12}{:>11}",
+        "{:>10}{:>10}{:>10}{:>10}{:>10}{:>10}{:>11}{:>11}{:>12}{:>12}{:>12}{:>11}",
         "workloads",
         "shm MiB",
         "shm B/wl",
         "dp B/wl",
         "adopt ms",
         "resync ms",
+        "rebuild ms",
         "publish us",
         "change p50",
         "change p99",
@@ -1332,13 +1385,14 @@ fn main() -> anyhow::Result<()> {
     );
     for s in &report.sizes {
         println!(
-            "{:>10}{:>10.1}{:>10.0}{:>10.0}{:>10.1}{:>10.1}{:>11.1}{:>10.3}ms{:>10.3}ms{:>12.1}{:>11.1}",
+            "{:>10}{:>10.1}{:>10.0}{:>10.0}{:>10.1}{:>10.1}{:>11.1}{:>11.1}{:>10.3}ms{:>10.3}ms{:>12.1}{:>11.1}",
             s.workloads,
             s.region_bytes as f64 / (1 << 20) as f64,
             s.region_bytes_per_workload,
             s.dataplane_bytes_per_workload,
             s.adopt_full_ms,
             s.adopt_replace_ms,
+            s.adopt_rebuild_ms,
             s.one_pod_publish_p50_us,
             s.one_pod_change_p50_ms,
             s.one_pod_change_p99_ms,
@@ -1390,33 +1444,38 @@ fn main() -> anyhow::Result<()> {
             s.base_stored,
         );
     }
+    let listed = |values: &[f64]| -> String {
+        let shown: Vec<String> = values.iter().map(|v| format!("{v:.1}")).collect();
+        shown.join(", ")
+    };
+    let counted = |values: &[u64]| -> String {
+        let shown: Vec<String> = values.iter().map(u64::to_string).collect();
+        shown.join(", ")
+    };
     for s in &report.sizes {
-        let samples: Vec<String> = s
-            .adopt_replace_samples_ms
-            .iter()
-            .map(|ms| format!("{ms:.1}"))
-            .collect();
         println!(
-            "{:>10} workloads: resyncs (a complete snapshot over a held index), in order: {} ms; \
-             the table shows their median",
+            "{:>10} workloads: resyncs (the world held, over its index; {} of {} compared, not \
+             built), in order: {} ms; rebuilds (every pod changed; {} of {} compared), in order: \
+             {} ms; the table shows their medians",
             s.workloads,
-            samples.join(", ")
+            s.adopt_replace_compared,
+            s.adopt_replace_samples_ms.len(),
+            listed(&s.adopt_replace_samples_ms),
+            s.adopt_rebuild_compared,
+            s.adopt_rebuild_samples_ms.len(),
+            listed(&s.adopt_rebuild_samples_ms)
         );
     }
     for s in &report.sizes {
-        let faults: Vec<String> = s
-            .adopt_replace_page_faults
-            .iter()
-            .map(|f| f.to_string())
-            .collect();
         println!(
             "{:>10} workloads: page faults in the data plane's threads: first adopt {} (about {:.1} \
-             ms at {:.2} us each, timed alone), resyncs in order {}",
+             ms at {:.2} us each, timed alone), resyncs in order {}, rebuilds in order {}",
             s.workloads,
             s.adopt_full_page_faults,
             s.adopt_full_page_faults as f64 * s.page_fault_us / 1e3,
             s.page_fault_us,
-            faults.join(", ")
+            counted(&s.adopt_replace_page_faults),
+            counted(&s.adopt_rebuild_page_faults)
         );
     }
     for s in &report.sizes {
@@ -1446,6 +1505,10 @@ fn main() -> anyhow::Result<()> {
             bars.push((
                 format!("{} wl: resync (median), ms", s.workloads),
                 s.adopt_replace_ms,
+            ));
+            bars.push((
+                format!("{} wl: rebuild (median), ms", s.workloads),
+                s.adopt_rebuild_ms,
             ));
             bars.push((
                 format!("{} wl: one-pod change p99, ms", s.workloads),
