@@ -1,13 +1,15 @@
 //! A complete snapshot compared with the index a data plane holds (`Index::rebase_encoded`,
 //! what it does on an agent restart) must never take in what a build refuses, and what it
-//! takes in must be what a build gives. The first byte picks the payload: the input as it is,
-//! or the held snapshot's encoding with the input appended (protobuf merges the two: the held
-//! world plus records and fields the fuzzer adds), so that unchanged records meet their
-//! fingerprints.
+//! takes in must be what a build gives. The first byte picks the payload from the rest: the
+//! bytes as they are; the held snapshot's encoding with them appended (protobuf merges the
+//! two: the held world plus records and fields the fuzzer adds); or them read as a delta,
+//! applied to the held world, and the result encoded (records changed, added and removed
+//! among unchanged ones, which meet their fingerprints).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use mesh_core::index::{Generation, Index};
+use mesh_snapshot::delta::{Delta, State};
 use mesh_snapshot::schema::{
     AuthorizationPolicy, Identity, Protocol, Service, ServicePort, Snapshot, Workload,
 };
@@ -93,16 +95,39 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let mut payload = Vec::new();
-    if mode & 1 == 1 {
-        payload = mesh_snapshot::encode(&held());
-    }
-    payload.extend_from_slice(rest);
+    let payload = match mode % 3 {
+        0 => rest.to_vec(),
+        1 => {
+            let mut payload = mesh_snapshot::encode(&held());
+            payload.extend_from_slice(rest);
+            payload
+        }
+        _ => {
+            // Any schema version: the delta only shapes the world, whose encoding is checked.
+            let Ok(mut delta) = <Delta as prost::Message>::decode(rest) else {
+                return;
+            };
+            // A uid shorter than three bytes names a held workload (by its length), so that
+            // changes and removals land on held records, which a fuzzer would not guess.
+            let held_uid = |uid: &mut String| {
+                if let Some(named) = ["a", "b", "c"].get(uid.len()) {
+                    *uid = (*named).to_owned();
+                }
+            };
+            delta.workloads.iter_mut().for_each(|w| held_uid(&mut w.uid));
+            delta.removed_workloads.iter_mut().for_each(held_uid);
+            let mut state = State::from(held());
+            state.apply(&delta);
+            mesh_snapshot::encode(&state.snapshot())
+        }
+    };
     let generation = Generation {
         epoch: 2,
         generation: 1,
     };
-    let held = Index::build(held(), Generation::default()).expect("the held snapshot builds");
+    // Built from its encoding, as the data plane builds: so its records have fingerprints.
+    let held = Index::build_encoded(&mesh_snapshot::encode(&held()), Generation::default())
+        .expect("the held snapshot builds");
     if let Some(rebased) = held.rebase_encoded(&payload, generation) {
         let built = Index::build_encoded(&payload, generation)
             .expect("a comparison took in what a build refuses");
