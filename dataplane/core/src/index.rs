@@ -288,6 +288,21 @@ pub struct Changes {
     pub services: usize,
 }
 
+/// What comparing one run of workload records with an index found: the changed (and new)
+/// ones, each record's uid hash and position in the snapshot, and how many uids the index
+/// holds.
+struct ComparedRun<'a> {
+    changed: Vec<WorkloadView<'a>>,
+    uids: Vec<(u64, u32)>,
+    still_listed: usize,
+}
+
+/// A uid's hash for finding uids listed twice or gone by sorting, not by a set: equal hashes
+/// are told apart by their strings.
+fn uid_hash(uid: &str) -> u64 {
+    foldhash::fast::FixedState::default().hash_one(uid)
+}
+
 /// The keys in `keys` that `kept` does not keep, as a delta names them.
 fn absent<'k, K: ToString + 'k>(
     keys: impl Iterator<Item = &'k K>,
@@ -808,6 +823,36 @@ impl Index {
         )
     }
 
+    /// Compares one run of workload records (the first at `first` in the snapshot) with this
+    /// index. `None` when a record does not read or the run alone changes more than `budget`.
+    fn compare_run<'a>(
+        &self,
+        first: usize,
+        run: &[&'a [u8]],
+        budget: usize,
+    ) -> Option<ComparedRun<'a>> {
+        let mut compared = ComparedRun {
+            changed: Vec::new(),
+            uids: Vec::with_capacity(run.len()),
+            still_listed: 0,
+        };
+        for (at, record) in (first..).zip(run) {
+            let uid = view::workload_uid(record).ok()?;
+            compared.uids.push((uid_hash(uid), u32::try_from(at).ok()?));
+            if let Some(known) = self.by_uid.get(uid) {
+                compared.still_listed += 1;
+                if known.record.is_some() && known.record == fingerprint(record) {
+                    continue;
+                }
+            }
+            if compared.changed.len() == budget {
+                return None;
+            }
+            compared.changed.push(view::workload(record).ok()?);
+        }
+        Some(compared)
+    }
+
     /// This index's successor for a complete snapshot (`payload`, as the region holds it),
     /// made by comparing rather than building: workloads and services whose records are
     /// byte for byte those this index read stay shared with it, and the rest go in as a delta
@@ -829,33 +874,59 @@ impl Index {
         let budget = (self.by_uid.len() / 8).max(FOLD_MIN);
 
         // Workloads: a record whose uid this index holds with the same fingerprint is kept.
+        // Looking each uid up is most of a comparison (cache misses), so a large snapshot is
+        // compared in runs on several threads, as a build parses it.
         let records = view.workload_records();
-        let mut listed: HashSet<&str, foldhash::fast::RandomState> =
-            HashSet::with_capacity_and_hasher(records.len(), Default::default());
+        let threads = if records.len() >= PARALLEL_PARSE_FROM {
+            std::thread::available_parallelism()
+                .map_or(1, usize::from)
+                .min(PARSE_THREADS)
+        } else {
+            1
+        };
+        let chunk = records.len().div_ceil(threads).max(1);
+        let runs: Vec<(usize, &[&[u8]])> = records
+            .chunks(chunk)
+            .enumerate()
+            .map(|(n, run)| (n * chunk, run))
+            .collect();
         let mut changed = Vec::new();
+        let mut uids = Vec::with_capacity(records.len());
         let mut still_listed = 0;
-        for record in records {
-            let uid = view::workload_uid(record).ok()?;
-            if !listed.insert(uid) {
+        for run in in_runs(runs, &|(first, run)| self.compare_run(first, run, budget)) {
+            let run = run?;
+            changed.extend(run.changed);
+            uids.extend(run.uids);
+            still_listed += run.still_listed;
+        }
+        if changed.len() > budget {
+            return None;
+        }
+        // A uid listed twice is a build's to refuse. Without one, every listed uid this index
+        // holds counts once, so a count short of the index's means some left.
+        uids.sort_unstable();
+        let uid_at = |at: &(u64, u32)| view::workload_uid(records[at.1 as usize]).ok();
+        for same_hash in uids.chunk_by(|a, b| a.0 == b.0).filter(|g| g.len() > 1) {
+            let mut named: Vec<Option<&str>> = same_hash.iter().map(uid_at).collect();
+            named.sort_unstable();
+            if named.windows(2).any(|pair| pair[0] == pair[1]) {
                 return None;
             }
-            if let Some(known) = self.by_uid.get(uid) {
-                still_listed += 1;
-                if known.record.is_some() && known.record == fingerprint(record) {
-                    continue;
-                }
-            }
-            if changed.len() == budget {
-                return None;
-            }
-            changed.push(view::workload(record).ok()?);
         }
         let mut delta = Delta::default();
         if still_listed < self.by_uid.len() {
+            let listed = |uid: &str| {
+                let hash = uid_hash(uid);
+                let from = uids.partition_point(|at| at.0 < hash);
+                uids[from..]
+                    .iter()
+                    .take_while(|at| at.0 == hash)
+                    .any(|at| uid_at(at) == Some(uid))
+            };
             delta.removed_workloads = self
                 .by_uid
                 .iter()
-                .filter(|(uid, _)| !listed.contains(&***uid))
+                .filter(|(uid, _)| !listed(uid))
                 .map(|(uid, _)| uid.to_string())
                 .collect();
         }
@@ -2739,6 +2810,46 @@ mod tests {
             again.changes,
             Changes {
                 workloads: 1,
+                services: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_large_snapshot_is_compared_in_runs_that_find_twins_and_leavers_across_them() {
+        // Large enough to be compared on several threads where the machine has them (the
+        // runs split the snapshot in order: the first and last pods are in different runs).
+        let mut reference = with_many_services(PARALLEL_PARSE_FROM + 1000);
+        let index = Index::build_encoded(&mesh_snapshot::encode(&reference), Generation::default())
+            .expect("builds");
+        let compare = |snap: &Snapshot| {
+            index
+                .rebase_encoded(&mesh_snapshot::encode(snap), Generation::default())
+                .map(|r| r.changes)
+        };
+        let last = reference.workloads.len() - 1;
+        // The last pod listed again at the front: a build refuses it, so comparing leaves it.
+        let mut twin = reference.clone();
+        twin.workloads.insert(0, reference.workloads[last].clone());
+        assert_eq!(compare(&twin), None);
+        assert!(matches!(
+            Index::build_encoded(&mesh_snapshot::encode(&twin), Generation::default()),
+            Err(IndexError::DuplicateUid(_))
+        ));
+        // A twin and a leaver together keep the count of listed pods: still found.
+        twin.workloads.remove(1);
+        assert_eq!(compare(&twin), None);
+        // Leavers at both ends, and a changed pod in the middle.
+        let rebased = rebase_both(&index, &mut reference, |s| {
+            s.workloads.remove(last);
+            s.workloads.remove(4);
+            let middle = s.workloads.len() / 2;
+            s.workloads[middle].protocol = Protocol::Tcp as i32;
+        });
+        assert_eq!(
+            rebased.changes,
+            Changes {
+                workloads: 3,
                 services: 0
             }
         );

@@ -323,6 +323,9 @@ struct SizeResult {
     /// from the complete payload, its workloads and services read in place (as the watcher
     /// does).
     adopt_build_ms: f64,
+    /// The same payload compared with that index (`Index::rebase_encoded`, a resync of the
+    /// world held), timed alone: the median of three.
+    adopt_compare_ms: f64,
     /// The same index through a prost decode of the whole payload and a build from the
     /// decoded snapshot (the watcher's way before the in-place reader), for the ratio.
     prost_decode_build_ms: f64,
@@ -1081,6 +1084,21 @@ fn adopt_parts(snap: &Snapshot, dir: &std::path::Path) -> anyhow::Result<AdoptPa
     let t = Instant::now();
     let index = Index::build_encoded(&payload, Generation::default()).context("index")?;
     let in_place = t.elapsed();
+    // The same payload compared with that index (a resync of the world held), median of 3.
+    let mut compared = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let rebased = index
+            .rebase_encoded(&payload, Generation::default())
+            .context("the world held is compared, not built")?;
+        compared.push(t.elapsed());
+        anyhow::ensure!(
+            rebased.changes == Default::default(),
+            "the world held compared as changed: {:?}",
+            rebased.changes
+        );
+    }
+    compared.sort();
     let t = Instant::now();
     index.release();
     let release = t.elapsed();
@@ -1090,6 +1108,7 @@ fn adopt_parts(snap: &Snapshot, dir: &std::path::Path) -> anyhow::Result<AdoptPa
     drop(index);
     Ok(AdoptParts {
         in_place,
+        compared: compared[1],
         through_prost,
         release,
         hash_order_drop: t.elapsed(),
@@ -1104,6 +1123,7 @@ fn adopt_parts(snap: &Snapshot, dir: &std::path::Path) -> anyhow::Result<AdoptPa
 
 struct AdoptParts {
     in_place: Duration,
+    compared: Duration,
     through_prost: Duration,
     release: Duration,
     hash_order_drop: Duration,
@@ -1303,6 +1323,7 @@ fn measure(
         adopt_replace_page_faults: resync_faults,
         page_fault_us,
         adopt_build_ms: ms(parts.in_place),
+        adopt_compare_ms: ms(parts.compared),
         prost_decode_build_ms: ms(parts.through_prost),
         adopt_drop_ms: ms(parts.release),
         adopt_drop_hash_order_ms: ms(parts.hash_order_drop),
@@ -1413,13 +1434,16 @@ fn main() -> anyhow::Result<()> {
     for s in &report.sizes {
         println!(
             "{:>10} workloads: adopt parts timed alone: index built in place {:.1} ms (through \
-             prost {:.1} ms, x{:.2}), index free {:.1} ms (in hash order {:.1} ms, x{:.2}); the \
-             slowest of {CHANGES_AFTER_REPLACE} pod changes published while a replaced index \
-             is freed {:.2} ms",
+             prost {:.1} ms, x{:.2}), the same bytes compared with it {:.1} ms (x{:.2}), index \
+             free {:.1} ms (in hash order {:.1} ms, x{:.2}); the slowest of \
+             {CHANGES_AFTER_REPLACE} pod changes published while a replaced index is freed \
+             {:.2} ms",
             s.workloads,
             s.adopt_build_ms,
             s.prost_decode_build_ms,
             s.adopt_build_ms / s.prost_decode_build_ms,
+            s.adopt_compare_ms,
+            s.adopt_compare_ms / s.adopt_build_ms,
             s.adopt_drop_ms,
             s.adopt_drop_hash_order_ms,
             s.adopt_drop_ms / s.adopt_drop_hash_order_ms,
