@@ -101,7 +101,17 @@ pub fn workload_key(w: &Workload) -> String {
 
 /// How deltas name a namespaced entry.
 pub fn namespaced_key(namespace: &str, name: &str) -> String {
-    format!("{namespace}/{name}")
+    let mut key = String::with_capacity(namespace.len() + 1 + name.len());
+    write_namespaced_key(&mut key, namespace, name);
+    key
+}
+
+/// [`namespaced_key`] into `key` (cleared first), for a caller that makes many in a row.
+pub fn write_namespaced_key(key: &mut String, namespace: &str, name: &str) {
+    key.clear();
+    key.push_str(namespace);
+    key.push('/');
+    key.push_str(name);
 }
 
 pub fn service_key(s: &Service) -> String {
