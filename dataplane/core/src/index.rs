@@ -338,6 +338,23 @@ impl Named {
     }
 }
 
+/// What a delta carries to turn `held` into `wanted` (keyed by `key`, the last of a key
+/// winning, as in a build): the values that differ, and the keys that leave.
+fn differences<V: PartialEq>(
+    held: &imbl::OrdMap<String, V>,
+    wanted: Vec<V>,
+    key: fn(&V) -> String,
+) -> (Vec<V>, Vec<String>) {
+    let wanted: BTreeMap<String, V> = wanted.into_iter().map(|v| (key(&v), v)).collect();
+    let leaving = absent(held.keys(), |k| wanted.contains_key(k));
+    let differing = wanted
+        .into_iter()
+        .filter(|(k, v)| held.get(k) != Some(v))
+        .map(|(_, v)| v)
+        .collect();
+    (differing, leaving)
+}
+
 /// The keys in `keys` that `kept` does not keep, as a delta names them.
 fn absent<'k, K: ToString + 'k>(
     keys: impl Iterator<Item = &'k K>,
@@ -996,30 +1013,16 @@ impl Index {
 
         // The rest is small: what differs from this index's goes in (the last of a key wins,
         // as in a build), and what it lacks leaves.
-        let policies: BTreeMap<String, schema::AuthorizationPolicy> = rest
-            .policies
-            .into_iter()
-            .map(|p| (delta::policy_key(&p), p))
-            .collect();
-        delta.removed_policies = absent(self.policy_sources.keys(), |k| policies.contains_key(k));
-        delta.policies = policies
-            .into_iter()
-            .filter(|(key, p)| self.policy_sources.get(key) != Some(p))
-            .map(|(_, p)| p)
-            .collect();
-        let peer_authentications: BTreeMap<String, schema::PeerAuthentication> = rest
-            .peer_authentications
-            .into_iter()
-            .map(|p| (delta::peer_authentication_key(&p), p))
-            .collect();
-        delta.removed_peer_authentications = absent(self.peer_authentications.keys(), |k| {
-            peer_authentications.contains_key(k)
-        });
-        delta.peer_authentications = peer_authentications
-            .into_iter()
-            .filter(|(key, p)| self.peer_authentications.get(key) != Some(p))
-            .map(|(_, p)| p)
-            .collect();
+        (delta.policies, delta.removed_policies) =
+            differences(&self.policy_sources, rest.policies, delta::policy_key);
+        (
+            delta.peer_authentications,
+            delta.removed_peer_authentications,
+        ) = differences(
+            &self.peer_authentications,
+            rest.peer_authentications,
+            delta::peer_authentication_key,
+        );
         let mut identities = HashMap::with_capacity(rest.identities.len());
         for id in rest.identities {
             identities.insert(id.spiffe_id.parse::<SpiffeId>().ok()?, id);
