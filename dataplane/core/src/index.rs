@@ -965,12 +965,8 @@ impl Index {
         }
         let mut delta = Delta::default();
         if still_listed < self.by_uid.len() {
-            delta.removed_workloads = self
-                .by_uid
-                .iter()
-                .filter(|(uid, _)| !uids.lists(uid, uid_at))
-                .map(|(uid, _)| uid.to_string())
-                .collect();
+            let held = self.by_uid.iter().map(|(uid, _)| uid);
+            delta.removed_workloads = absent(held, |uid| uids.lists(uid, uid_at));
         }
         if changed.len() + delta.removed_workloads.len() > budget {
             return None;
@@ -1003,12 +999,8 @@ impl Index {
             return None;
         }
         if still_listed < self.services.len() {
-            delta.removed_services = self
-                .services
-                .iter()
-                .filter(|(key, _)| !keys.lists(key, key_at))
-                .map(|(key, _)| key.to_string())
-                .collect();
+            let held = self.services.iter().map(|(key, _)| key);
+            delta.removed_services = absent(held, |key| keys.lists(key, key_at));
         }
 
         // The rest is small: what differs from this index's goes in (the last of a key wins,
