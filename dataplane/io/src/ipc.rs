@@ -21,16 +21,28 @@ pub struct Channel(Socket);
 pub struct Listener(Socket);
 
 impl Listener {
-    /// Listens at `path` (replacing a stale socket file), reachable by root only (mode 0600).
+    /// Listens at `path` (replacing a socket file there), reachable by root only (mode 0600).
+    /// The socket is bound, restricted and listening under a name of its own first, then
+    /// renamed over `path` in one step: a client that connects while one agent takes the path
+    /// over from another reaches one of them, never a missing file (ENOENT), a socket not yet
+    /// listening (ECONNREFUSED) or one with wider permissions.
     pub fn bind(path: &Path) -> io::Result<Listener> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let _ = std::fs::remove_file(path);
+        let mut staged = path.as_os_str().to_owned();
+        staged.push(format!(".{}.new", std::process::id()));
+        let staged = Path::new(&staged);
+        let _ = std::fs::remove_file(staged);
         let socket = Socket::new(Domain::UNIX, Type::SEQPACKET, None)?;
-        socket.bind(&SockAddr::unix(path)?)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        socket.listen(64)?;
+        socket.bind(&SockAddr::unix(staged)?)?;
+        let listening = std::fs::set_permissions(staged, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| socket.listen(64))
+            .and_then(|()| std::fs::rename(staged, path));
+        if let Err(error) = listening {
+            let _ = std::fs::remove_file(staged);
+            return Err(error);
+        }
         Ok(Listener(socket))
     }
 
@@ -251,6 +263,49 @@ mod tests {
         let mut text = String::new();
         received.read_to_string(&mut text).expect("read");
         assert_eq!(text, "passed by descriptor");
+    }
+
+    #[test]
+    fn a_listener_taking_a_path_over_leaves_no_moment_without_a_socket_there() {
+        let dir = mesh_snapshot::test_support::ScratchDir::new().expect("dir");
+        let path = dir.path().join("cni.sock");
+        let _first = Listener::bind(&path).expect("first");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // What a client meets at the path while successors take it over: a socket reachable
+        // by root only, every time it looks (before, the file was missing between the old
+        // one's removal and the new bind, and a client got ENOENT).
+        let watcher = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || -> Result<u64, String> {
+                let mut looks = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    let found = std::fs::symlink_metadata(&path).map_err(|e| e.to_string())?;
+                    let mode = found.permissions().mode();
+                    if mode & 0o777 != 0o600 {
+                        return Err(format!("mode {mode:o}"));
+                    }
+                    looks += 1;
+                }
+                Ok(looks)
+            })
+        };
+        for _ in 0..300 {
+            let successor = Listener::bind(&path).expect("a successor");
+            // Listening as soon as it is there: a connect is accepted at once.
+            let _client = Channel::connect(&path).expect("connect");
+            successor.accept().expect("accept");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let looks = watcher
+            .join()
+            .expect("watcher")
+            .expect("a socket at every look");
+        assert!(looks > 0);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["cni.sock"], "no staged name left behind");
     }
 
     #[test]
