@@ -313,7 +313,7 @@ impl Named {
         Named(hashes)
     }
 
-    /// Whether a name is listed twice (a record that no longer reads counts as one).
+    /// Whether a name is listed twice.
     fn has_twins<N: Ord>(&self, name_at: impl Fn(u32) -> Option<N>) -> bool {
         self.0
             .chunk_by(|a, b| a.0 == b.0)
@@ -325,6 +325,7 @@ impl Named {
             })
     }
 
+    /// Whether `name` is listed.
     fn lists<N: PartialEq>(&self, name: &str, name_at: impl Fn(u32) -> Option<N>) -> bool
     where
         for<'n> &'n str: PartialEq<N>,

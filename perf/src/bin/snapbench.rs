@@ -1229,10 +1229,10 @@ fn measure(
     let version = append_to_log(&mut publisher, &delta, "a compaction")?;
     let change_after_compaction = dataplane.visible(version.generation)? - t;
 
-    // Complete snapshots that replace the index, then pod changes at once: the replaced
-    // index is freed (tens of milliseconds at 100k when it was built whole) while they arrive.
-    // First worlds in which every pod changed (built beside the held index), then the world
-    // held (compared with it).
+    // Complete snapshots that replace the index: first the world held (compared with it),
+    // then worlds in which every pod changed (built beside it). Then pod changes at once,
+    // after a build: the replaced index is freed (tens of milliseconds at 100k) while they
+    // arrive.
     let mut flipped = snap.clone();
     for w in &mut flipped.workloads {
         w.protocol = if w.protocol == Protocol::Hbone as i32 {
@@ -1254,6 +1254,15 @@ fn measure(
     };
     let [flipped, same] = &worlds;
     let compared_before = dataplane.compared();
+    let (mut resyncs, mut resync_faults) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let adopted = dataplane.publish_full(&mut publisher, same)?;
+        resyncs.push(ms(adopted.adopt));
+        resync_faults.push(adopted.page_faults);
+        pause(adopted.adopt);
+    }
+    let resyncs_compared = dataplane.compared() - compared_before;
+    let compared_before = dataplane.compared();
     let (mut rebuilds, mut rebuild_faults) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let world = if round % 2 == 0 { flipped } else { same };
@@ -1264,18 +1273,9 @@ fn measure(
     }
     let rebuilds_compared = dataplane.compared() - compared_before;
     if rounds % 2 == 1 {
-        // Back to the held world (a build, not counted), which the resyncs repeat.
+        // Back to the held world (a build too, not counted), on which the changes below go.
         pause(dataplane.publish_full(&mut publisher, same)?.adopt);
     }
-    let compared_before = dataplane.compared();
-    let (mut resyncs, mut resync_faults) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        let adopted = dataplane.publish_full(&mut publisher, same)?;
-        resyncs.push(ms(adopted.adopt));
-        resync_faults.push(adopted.page_faults);
-        pause(adopted.adopt);
-    }
-    let resyncs_compared = dataplane.compared() - compared_before;
     drop(worlds);
     let mut changes_after_replace = Duration::ZERO;
     for n in 0..CHANGES_AFTER_REPLACE {

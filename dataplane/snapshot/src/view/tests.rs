@@ -304,3 +304,44 @@ fn a_snapshot_of_another_schema_version_is_refused() {
         Err(DecodeError::Version { found }) if found == SCHEMA_VERSION + 1
     ));
 }
+
+#[test]
+fn a_records_uid_and_service_key_read_alone_are_those_a_full_read_gives() {
+    let snapshot = sample();
+    let workload = snapshot.workloads[0].encode_to_vec();
+    let service = snapshot.services[0].encode_to_vec();
+    // The uid listed again at the end: the last one is the workload's, as prost has it.
+    let mut relisted = workload.clone();
+    relisted.extend_from_slice(&field(1, b"renamed"));
+    let mut checked = 0;
+    for record in [workload.clone(), relisted] {
+        for at in 0..record.len() {
+            for value in [0x00, 0x0a, 0x12, 0x7f, 0x80, record[at] ^ 0x01] {
+                let mut changed = record.clone();
+                changed[at] = value;
+                // Whatever a full read accepts, the uid read alone gives the same uid.
+                let full = WorkloadView::parse(&changed).map(|w| w.uid.to_owned());
+                if let Ok(uid) = full {
+                    assert_eq!(
+                        workload_uid(&changed).ok(),
+                        Some(uid.as_str()),
+                        "{changed:02x?}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > workload.len(), "only {checked} accepted");
+    fn read(record: &[u8]) -> Result<(&str, &str), DecodeError> {
+        ServiceView::parse(record).map(|s| (s.namespace, s.name))
+    }
+    assert_eq!(service_namespace_name(&service).ok(), read(&service).ok());
+    let mut renamed = service.clone();
+    renamed.extend_from_slice(&field(2, b"other-ns"));
+    assert_eq!(
+        service_namespace_name(&renamed).ok(),
+        Some(("other-ns", snapshot.services[0].name.as_str()))
+    );
+    assert_eq!(service_namespace_name(&renamed).ok(), read(&renamed).ok());
+}
