@@ -86,6 +86,16 @@ fn snapbench_measures_every_size_and_saves_the_result() {
         assert!(n("one_pod_publish_p50_us") > 0.0);
         assert!(n("one_pod_change_p50_ms") > 0.0);
         assert!(n("one_pod_change_p50_ms") <= n("one_pod_change_p99_ms"));
+        // The first worker holds a change no later than the last.
+        assert!(n("one_pod_change_first_worker_p50_ms") > 0.0, "{s}");
+        assert!(
+            n("one_pod_change_first_worker_p50_ms") <= n("one_pod_change_p50_ms"),
+            "{s}"
+        );
+        assert!(
+            n("one_pod_change_first_worker_p99_ms") <= n("one_pod_change_p99_ms"),
+            "{s}"
+        );
         assert!(n("change_after_compaction_ms") > 0.0);
         assert!(n("changes_after_replace_max_ms") > 0.0, "{s}");
         assert!(n("compact_ms") > 0.0 && n("file_source_diff_ms") > 0.0);
