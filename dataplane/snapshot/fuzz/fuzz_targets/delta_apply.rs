@@ -6,35 +6,18 @@
 use libfuzzer_sys::fuzz_target;
 use mesh_core::index::{Generation, Index};
 use mesh_snapshot::delta::State;
-use mesh_snapshot::schema::{Protocol, Service, ServicePort, Snapshot, Workload};
+use mesh_snapshot::schema::Snapshot;
+
+mod worlds;
 
 fn base() -> Snapshot {
-    let workload = |uid: &str, last: u8, node: &str| Workload {
-        uid: uid.into(),
-        name: uid.into(),
-        namespace: "default".into(),
-        service_account: uid.into(),
-        trust_domain: "cluster.local".into(),
-        ips: vec![vec![10, 0, 0, last]],
-        node: node.into(),
-        protocol: Protocol::Hbone as i32,
-        netns_path: if node == "n1" { "/run/netns/a".into() } else { String::new() },
-        ..Default::default()
-    };
     Snapshot {
         node: "n1".into(),
-        workloads: vec![workload("a", 1, "n1"), workload("b", 2, "n2")],
-        services: vec![Service {
-            name: "s".into(),
-            namespace: "default".into(),
-            vips: vec![vec![10, 96, 0, 1]],
-            ports: vec![ServicePort {
-                port: 80,
-                target_port: 8080,
-            }],
-            endpoints: vec!["a".into(), "b".into(), "c".into()],
-            ..Default::default()
-        }],
+        workloads: vec![
+            worlds::workload("a", 1, "n1"),
+            worlds::workload("b", 2, "n2"),
+        ],
+        services: vec![worlds::service(&["a", "b", "c"])],
         ..Default::default()
     }
 }

@@ -10,11 +10,7 @@ use mesh_core::index::{Generation, Index};
 fn contents(index: &Index) -> (Vec<String>, Vec<String>) {
     let mut workloads: Vec<String> = index.workloads().map(|w| format!("{w:?}")).collect();
     workloads.sort();
-    let mut services: Vec<String> = index
-        .services()
-        .iter()
-        .map(|s| format!("{s:?}"))
-        .collect();
+    let mut services: Vec<String> = index.services().iter().map(|s| format!("{s:?}")).collect();
     services.sort();
     (workloads, services)
 }

@@ -10,37 +10,20 @@
 use libfuzzer_sys::fuzz_target;
 use mesh_core::index::{Generation, Index};
 use mesh_snapshot::delta::{Delta, State};
-use mesh_snapshot::schema::{
-    AuthorizationPolicy, Identity, Protocol, Service, ServicePort, Snapshot, Workload,
-};
+use mesh_snapshot::schema::{AuthorizationPolicy, Identity, Snapshot};
+
+mod worlds;
 
 fn held() -> Snapshot {
-    let workload = |uid: &str, last: u8, node: &str| Workload {
-        uid: uid.into(),
-        name: uid.into(),
-        namespace: "default".into(),
-        service_account: uid.into(),
-        trust_domain: "cluster.local".into(),
-        ips: vec![vec![10, 0, 0, last]],
-        node: node.into(),
-        protocol: Protocol::Hbone as i32,
-        netns_path: if node == "n1" { "/run/netns/a".into() } else { String::new() },
-        ..Default::default()
-    };
+    let workload = worlds::workload;
     Snapshot {
         node: "n1".into(),
-        workloads: vec![workload("a", 1, "n1"), workload("b", 2, "n2"), workload("c", 3, "n2")],
-        services: vec![Service {
-            name: "s".into(),
-            namespace: "default".into(),
-            vips: vec![vec![10, 96, 0, 1]],
-            ports: vec![ServicePort {
-                port: 80,
-                target_port: 8080,
-            }],
-            endpoints: vec!["a".into(), "b".into(), "d".into()],
-            ..Default::default()
-        }],
+        workloads: vec![
+            workload("a", 1, "n1"),
+            workload("b", 2, "n2"),
+            workload("c", 3, "n2"),
+        ],
+        services: vec![worlds::service(&["a", "b", "d"])],
         policies: vec![AuthorizationPolicy {
             name: "p".into(),
             namespace: "default".into(),
@@ -74,7 +57,9 @@ fn decisions(index: &Index) -> Vec<String> {
         };
         for peer in ["a", "b", "x"] {
             let connection = mesh_core::authz::Connection {
-                source: format!("spiffe://cluster.local/ns/default/sa/{peer}").parse().ok(),
+                source: format!("spiffe://cluster.local/ns/default/sa/{peer}")
+                    .parse()
+                    .ok(),
                 source_ip: [10, 0, 0, 2].into(),
                 destination_ip: ip,
                 destination_port: 8080,
@@ -114,7 +99,10 @@ fuzz_target!(|data: &[u8]| {
                     *uid = (*named).to_owned();
                 }
             };
-            delta.workloads.iter_mut().for_each(|w| held_uid(&mut w.uid));
+            delta
+                .workloads
+                .iter_mut()
+                .for_each(|w| held_uid(&mut w.uid));
             delta.removed_workloads.iter_mut().for_each(held_uid);
             let mut state = State::from(held());
             state.apply(&delta);
