@@ -303,8 +303,11 @@ struct ComparedRun<'a> {
 /// is cache misses). Equal hashes are told apart by the names, read again from the records.
 struct Named(Vec<(u64, u32)>);
 
+/// Seeded once per process, as fingerprints are: with a fixed seed, names made to collide
+/// (a file source's uids are anyone's to choose) would turn each search into a scan.
 fn name_hash(name: &str) -> u64 {
-    foldhash::fast::FixedState::default().hash_one(name)
+    static SEED: OnceLock<foldhash::fast::RandomState> = OnceLock::new();
+    SEED.get_or_init(Default::default).hash_one(name)
 }
 
 impl Named {
@@ -596,6 +599,16 @@ const LARGE_BUILD_BYTES: usize = 2 << 20;
 /// helpers).
 const PARSE_THREADS: usize = 4;
 
+/// How many threads read `workloads` records, in a build or a comparison.
+fn threads_for(workloads: usize) -> usize {
+    if workloads < PARALLEL_PARSE_FROM {
+        return 1;
+    }
+    std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(PARSE_THREADS)
+}
+
 /// What parsing a build's workloads gives: all of them in order, twice (a reference for the
 /// uid map and one for the address map, each moved into its map), and the local ones again
 /// with the labels their policies are resolved from. A reference is taken while the workload
@@ -861,13 +874,7 @@ impl Index {
         }
         let mut view = SnapshotView::decode(payload).map_err(payload_error)?;
         let rest = std::mem::take(&mut view.rest);
-        let threads = if view.workloads().len() >= PARALLEL_PARSE_FROM {
-            std::thread::available_parallelism()
-                .map_or(1, usize::from)
-                .min(PARSE_THREADS)
-        } else {
-            1
-        };
+        let threads = threads_for(view.workloads().len());
         Index::built(
             rest,
             view.workload_parts(threads).collect(),
@@ -932,13 +939,7 @@ impl Index {
         // Looking each uid up is most of a comparison (cache misses), so a large snapshot is
         // compared in runs on several threads, as a build parses it.
         let records = view.workload_records();
-        let threads = if records.len() >= PARALLEL_PARSE_FROM {
-            std::thread::available_parallelism()
-                .map_or(1, usize::from)
-                .min(PARSE_THREADS)
-        } else {
-            1
-        };
+        let threads = threads_for(records.len());
         let chunk = records.len().div_ceil(threads).max(1);
         let runs: Vec<(usize, &[&[u8]])> = records
             .chunks(chunk)
