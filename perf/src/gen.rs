@@ -16,7 +16,7 @@ use hdrhistogram::Histogram;
 use mesh_io::runtime::{self, Driver};
 use mesh_io::sockets;
 use monoio::buf::IoBuf;
-use monoio::io::{AsyncReadRent, AsyncReadRentExt, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::io::{AsyncReadRent, AsyncReadRentExt, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::{TcpListener, TcpStream};
 use serde::{Deserialize, Serialize};
 
@@ -101,21 +101,11 @@ pub fn serve(
     sink_port: u16,
     ready: impl FnOnce(u16, u16),
 ) -> io::Result<()> {
-    // Bind every thread's listeners before saying ready, so no connection is refused. A port
-    // the kernel picks is picked once, by the first bind, which never lands on a port already
-    // bound (SO_REUSEPORT or not); the other threads join it. Picking a free port and binding
-    // it later instead could join another server's SO_REUSEPORT group on the same port.
-    let (mut echo_port, mut sink_port) = (echo_port, sink_port);
-    let mut listeners = Vec::new();
-    for _ in 0..threads.max(1) {
-        let echo = sockets::reuseport_listener(SocketAddr::from(([0, 0, 0, 0], echo_port)))?;
-        let sink = sockets::reuseport_listener(SocketAddr::from(([0, 0, 0, 0], sink_port)))?;
-        echo_port = echo.local_addr()?.port();
-        sink_port = sink.local_addr()?.port();
-        listeners.push((echo, sink));
-    }
-    let handles: Vec<_> = listeners
+    let (echo_port, echo) = listeners_per_thread(threads, echo_port)?;
+    let (sink_port, sink) = listeners_per_thread(threads, sink_port)?;
+    let handles: Vec<_> = echo
         .into_iter()
+        .zip(sink)
         .map(|(echo, sink)| {
             std::thread::spawn(move || {
                 runtime::block_on(driver, || async move {
@@ -134,6 +124,101 @@ pub fn serve(
         let _ = h.join();
     }
     Ok(())
+}
+
+/// One SO_REUSEPORT listener on `port` for each of `threads` threads, all bound before any
+/// thread serves, so no connection is refused; returns the port they share. A port of 0 is
+/// picked once, by the first bind, which never lands on a port already bound (SO_REUSEPORT
+/// or not); the other threads join it. Picking a free port and binding it later instead could
+/// join another server's SO_REUSEPORT group on the same port.
+fn listeners_per_thread(
+    threads: usize,
+    port: u16,
+) -> io::Result<(u16, Vec<std::net::TcpListener>)> {
+    let mut port = port;
+    let mut listeners = Vec::new();
+    for _ in 0..threads.max(1) {
+        let listener = sockets::reuseport_listener(SocketAddr::from(([0, 0, 0, 0], port)))?;
+        port = listener.local_addr()?.port();
+        listeners.push(listener);
+    }
+    Ok((port, listeners))
+}
+
+/// Plain TCP relays, the floor of any proxy that sits in a connection's path: every
+/// connection accepted on a route's port gets a connection of its own to the route's address,
+/// and bytes are copied both ways (read, then write, through one buffer per direction) until
+/// each side half-closes. No TLS, no HTTP/2, no policy. On `threads` threads with a
+/// SO_REUSEPORT listener per route on each, as the data plane's workers; `ready` gets the
+/// ports served, in route order, once every listener is bound. Runs until the process ends.
+pub fn relay(
+    driver: Driver,
+    threads: usize,
+    routes: &[(u16, SocketAddr)],
+    ready: impl FnOnce(&[u16]),
+) -> io::Result<()> {
+    let mut ports = Vec::new();
+    let mut per_thread: Vec<Vec<(std::net::TcpListener, SocketAddr)>> =
+        (0..threads.max(1)).map(|_| Vec::new()).collect();
+    for &(port, to) in routes {
+        let (port, listeners) = listeners_per_thread(threads, port)?;
+        ports.push(port);
+        for (mine, listener) in per_thread.iter_mut().zip(listeners) {
+            mine.push((listener, to));
+        }
+    }
+    let handles: Vec<_> = per_thread
+        .into_iter()
+        .map(|mine| {
+            std::thread::spawn(move || {
+                runtime::block_on(driver, || async move {
+                    let mut loops = Vec::new();
+                    for (listener, to) in mine {
+                        let listener = TcpListener::from_std(listener)?;
+                        loops.push(monoio::spawn(accept_loop(listener, move |conn| {
+                            relay_conn(conn, to)
+                        })));
+                    }
+                    for accepting in loops {
+                        accepting.await;
+                    }
+                    io::Result::Ok(())
+                })
+            })
+        })
+        .collect();
+    ready(&ports);
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+async fn relay_conn(conn: TcpStream, to: SocketAddr) -> io::Result<()> {
+    let upstream = connect(to).await?;
+    let (from_client, to_client) = conn.into_split();
+    let (from_upstream, to_upstream) = upstream.into_split();
+    let up = monoio::spawn(copy_until_eof(from_client, to_upstream));
+    let down = copy_until_eof(from_upstream, to_client).await;
+    up.await.and(down)
+}
+
+/// Copies until `from` reaches EOF, then half-closes `to`.
+async fn copy_until_eof(
+    mut from: impl AsyncReadRent,
+    mut to: impl AsyncWriteRent,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; BULK_CHUNK];
+    loop {
+        let (res, b) = from.read(buf).await;
+        let n = res?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        let (res, b) = to.write_all(b.slice(..n)).await;
+        res?;
+        buf = b.into_inner();
+    }
 }
 
 pub async fn accept_loop<H, Fut>(listener: TcpListener, handle: H)
@@ -688,6 +773,47 @@ mod tests {
             SocketAddr::from(([127, 0, 0, 1], echo)),
             SocketAddr::from(([127, 0, 0, 1], sink)),
         )
+    }
+
+    /// Starts relays for `routes` in this process; returns their loopback addresses.
+    fn relays(routes: Vec<(u16, SocketAddr)>) -> Vec<SocketAddr> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            relay(driver(), 2, &routes, move |ports| {
+                let _ = tx.send(ports.to_vec());
+            })
+        });
+        let ports = rx.recv_timeout(Duration::from_secs(5)).expect("relays up");
+        ports
+            .into_iter()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+            .collect()
+    }
+
+    #[test]
+    fn two_relays_in_a_row_carry_streams_requests_and_new_connections() {
+        let (echo, sink) = servers();
+        let far = relays(vec![(0, echo), (0, sink)]);
+        let near = relays(vec![(0, far[0]), (0, far[1])]);
+        let (echo, sink) = (near[0], near[1]);
+        // The sink confirms the exact count sent, after the client's half-close went through
+        // both relays.
+        let r = bulk(driver(), sink, 2, 2, Duration::from_millis(300)).expect("bulk");
+        assert!(r.bytes >= 2 * BULK_CHUNK as u64, "{r:?}");
+        let spec = RateSpec {
+            rps: 1000.0,
+            connections: 2,
+            threads: 1,
+            size: 1024,
+            warmup: Duration::from_millis(100),
+            duration: Duration::from_millis(500),
+        };
+        let r = rate(driver(), echo, spec).expect("rate");
+        assert_eq!(r.errors, 0, "{r:?}");
+        assert!(r.requests >= 450, "{r:?}");
+        let c = connection_rate(driver(), echo, 2, Duration::from_millis(300)).expect("conns");
+        assert_eq!(c.failures, 0, "{c:?}");
+        assert!(c.connections > 0, "{c:?}");
     }
 
     #[test]

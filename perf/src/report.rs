@@ -150,7 +150,13 @@ pub struct ConnRate {
     pub mesh_per_s: f64,
     pub direct_latency: Latency,
     pub mesh_latency: Latency,
-    /// Connections that failed, over all rounds (should be 0).
+    /// The same through two plain TCP relays (see [`Report::relays_throughput`]), where
+    /// measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relays_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relays_latency: Option<Latency>,
+    /// Connections that failed, over all rounds and paths (should be 0).
     pub failures: u64,
 }
 
@@ -212,6 +218,10 @@ pub struct FixedRate {
     pub bulk_gbit_per_s: Option<(f64, f64)>,
     pub direct: RateRun,
     pub mesh: RateRun,
+    /// The same load through two plain TCP relays (see [`Report::relays_throughput`]), where
+    /// measured. Its `dataplane` CPU figures are the relays'.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relays: Option<RateRun>,
 }
 
 /// How the table and the progress bar name the bulk streams beside a fixed-rate load.
@@ -325,6 +335,14 @@ pub struct Report {
     /// One stream from a mesh pod to a pod outside the mesh: node 1's data plane relays
     /// plain TCP (no TLS), node 2's is not involved.
     pub passthrough_throughput: Option<Throughput>,
+    /// One stream between the two unenrolled pods through two plain TCP relays (`meshload
+    /// relay`, one thread per core), one in each pod's namespace, where the data planes have
+    /// their listeners in enrolled pods: the same hops as the mesh path without TLS, HTTP/2,
+    /// policy or capture rules. The floor any two-proxy data plane pays on this machine; its
+    /// `dataplane` CPU figures are the relays'. The latency and connection-rate scenarios
+    /// measure the same path (`FixedRate::relays`, `ConnRate::relays_per_s`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relays_throughput: Option<Throughput>,
     pub rr_size_bytes: usize,
     /// How `direct_latency` and `mesh_latency` were measured.
     pub latency_method: String,
@@ -678,6 +696,7 @@ impl Report {
                 String::new(),
             );
         }
+        self.relays_table(&mut t);
         if let Some(mem) = &self.memory {
             for n in &mem.nodes {
                 row(
@@ -732,6 +751,133 @@ impl Report {
         t
     }
 
+    /// The floor: each measured figure through two plain TCP relays, beside direct and mesh.
+    /// "mesh vs relays" is what the mesh's own work (TLS, HTTP/2, policy, capture) costs on
+    /// top of the hops.
+    fn relays_table(&self, t: &mut String) {
+        let Some(relays) = &self.relays_throughput else {
+            return;
+        };
+        let _ = writeln!(
+            t,
+            "two plain TCP relays, one in each unenrolled pod (no TLS, HTTP/2, policy or capture): the hops of any two-proxy path"
+        );
+        let row = |t: &mut String, name: &str, cells: [String; 5]| {
+            let [d, r, m, rd, mr] = cells;
+            let _ = writeln!(t, "{name:<40}{d:>11}{r:>11}{m:>11}{rd:>18}{mr:>16}");
+        };
+        let ratio = |x: f64, of: f64| format!("x{:.2}", x / of);
+        let added = |x: f64, over: f64| format!("{:+.1} us", x - over);
+        row(
+            t,
+            "",
+            [
+                "direct",
+                "relays",
+                "mesh",
+                "relays vs direct",
+                "mesh vs relays",
+            ]
+            .map(String::from),
+        );
+        let (direct, mesh) = (&self.direct_throughput, &self.mesh_throughput);
+        row(
+            t,
+            "one stream, Gbit/s",
+            [
+                format!("{:.2}", direct.gbit_per_s),
+                format!("{:.2}", relays.gbit_per_s),
+                format!("{:.2}", mesh.gbit_per_s),
+                ratio(relays.gbit_per_s, direct.gbit_per_s),
+                ratio(mesh.gbit_per_s, relays.gbit_per_s),
+            ],
+        );
+        let per_gb =
+            |th: &Throughput, node: usize| th.cpu.dataplane_s[node] / (th.bytes as f64 / 1e9);
+        for node in 0..2 {
+            row(
+                t,
+                &format!("  CPU s per GB, node-{} proxy", node + 1),
+                [
+                    "-".into(),
+                    format!("{:.3}", per_gb(relays, node)),
+                    format!("{:.3}", per_gb(mesh, node)),
+                    String::new(),
+                    ratio(per_gb(mesh, node), per_gb(relays, node)),
+                ],
+            );
+        }
+        if let Some((f, on_relays)) = self
+            .fixed_rates
+            .first()
+            .and_then(|f| f.relays.as_ref().map(|r| (f, r)))
+        {
+            let p50 = |l: &Latency| l.p50_us;
+            let p99 = |l: &Latency| l.p99_us;
+            for (name, q) in [("p50", &p50 as &dyn Fn(&Latency) -> f64), ("p99", &p99)] {
+                let (d, r, m) = (
+                    q(&f.direct.latency),
+                    q(&on_relays.latency),
+                    q(&f.mesh.latency),
+                );
+                row(
+                    t,
+                    &format!("1 KiB at {:.0}/s {name}, us", f.offered_rps),
+                    [
+                        format!("{d:.1}"),
+                        format!("{r:.1}"),
+                        format!("{m:.1}"),
+                        added(r, d),
+                        added(m, r),
+                    ],
+                );
+            }
+            let (r, m) = (
+                &on_relays.cpu_per_1000_requests,
+                &f.mesh.cpu_per_1000_requests,
+            );
+            for node in 0..2 {
+                row(
+                    t,
+                    &format!("  CPU ms/1000 req, node-{} proxy", node + 1),
+                    [
+                        "-".into(),
+                        format!("{:.2}", r.dataplane_s[node] * 1e3),
+                        format!("{:.2}", m.dataplane_s[node] * 1e3),
+                        String::new(),
+                        ratio(m.dataplane_s[node], r.dataplane_s[node]),
+                    ],
+                );
+                // Per request: the figure is per 1000 requests.
+                row(
+                    t,
+                    &format!("  sleeps/req, node-{} proxy", node + 1),
+                    [
+                        "-".into(),
+                        format!("{:.2}", r.dataplane_sleeps[node] / 1e3),
+                        format!("{:.2}", m.dataplane_sleeps[node] / 1e3),
+                        String::new(),
+                        String::new(),
+                    ],
+                );
+            }
+        }
+        for c in &self.connection_rates {
+            let Some(r) = c.relays_per_s else { continue };
+            row(
+                t,
+                &format!("new connections/s, {} thread(s)", c.threads),
+                [
+                    format!("{:.0}", c.direct_per_s),
+                    format!("{r:.0}"),
+                    format!("{:.0}", c.mesh_per_s),
+                    ratio(r, c.direct_per_s),
+                    ratio(c.mesh_per_s, r),
+                ],
+            );
+        }
+    }
+
     /// Writes `<stem>.json`, the summary plot `<stem>.svg`, and one plot per scenario
     /// (`<stem>-<scenario>.svg`) into `dir`; returns the JSON path.
     pub fn save(&self, dir: &Path, stem: &str) -> anyhow::Result<PathBuf> {
@@ -762,6 +908,7 @@ impl Report {
         const DIRECT: (&str, &str) = ("direct (no mesh)", "#9aa5b1");
         const TLS: (&str, &str) = ("plain TLS 1.3", "#38a169");
         const MESH: (&str, &str) = ("mesh (two data planes, HBONE)", "#2b6cb0");
+        const RELAYS: (&str, &str) = ("two plain TCP relays", "#d69e2e");
         let sub = self.plot_subtitle();
         let mut plots = Vec::new();
         let tls = self.tls_throughput.as_ref().map(|t| t.gbit_per_s);
@@ -770,19 +917,25 @@ impl Report {
             vec![
                 Some(self.direct_throughput.gbit_per_s),
                 tls,
+                self.relays_throughput.as_ref().map(|r| r.gbit_per_s),
                 Some(self.mesh_throughput.gbit_per_s),
             ],
         )];
         if let Some(pass) = &self.passthrough_throughput {
             groups.push((
                 "mesh pod to outside (TCP)".to_owned(),
-                vec![None, None, Some(pass.gbit_per_s)],
+                vec![None, None, None, Some(pass.gbit_per_s)],
             ));
         }
         for p in &self.worker_sweep {
             groups.push((
                 format!("{} streams, {} worker(s)", p.streams, p.workers),
-                vec![Some(p.direct_gbit_per_s), None, Some(p.mesh_gbit_per_s)],
+                vec![
+                    Some(p.direct_gbit_per_s),
+                    None,
+                    None,
+                    Some(p.mesh_gbit_per_s),
+                ],
             ));
         }
         plots.push((
@@ -791,17 +944,38 @@ impl Report {
                 "Bulk TCP streams",
                 &sub,
                 "Gbit/s",
-                &[DIRECT, TLS, MESH],
+                &[DIRECT, TLS, RELAYS, MESH],
                 &groups,
             ),
         ));
         let mut groups = Vec::new();
         for f in &self.fixed_rates {
-            for (name, d, m) in [
-                ("p50", f.direct.latency.p50_us, f.mesh.latency.p50_us),
-                ("p90", f.direct.latency.p90_us, f.mesh.latency.p90_us),
-                ("p99", f.direct.latency.p99_us, f.mesh.latency.p99_us),
-                ("p99.9", f.direct.latency.p999_us, f.mesh.latency.p999_us),
+            let relays = |q: fn(&Latency) -> f64| f.relays.as_ref().map(|r| q(&r.latency));
+            for (name, d, r, m) in [
+                (
+                    "p50",
+                    f.direct.latency.p50_us,
+                    relays(|l| l.p50_us),
+                    f.mesh.latency.p50_us,
+                ),
+                (
+                    "p90",
+                    f.direct.latency.p90_us,
+                    relays(|l| l.p90_us),
+                    f.mesh.latency.p90_us,
+                ),
+                (
+                    "p99",
+                    f.direct.latency.p99_us,
+                    relays(|l| l.p99_us),
+                    f.mesh.latency.p99_us,
+                ),
+                (
+                    "p99.9",
+                    f.direct.latency.p999_us,
+                    relays(|l| l.p999_us),
+                    f.mesh.latency.p999_us,
+                ),
             ] {
                 groups.push((
                     format!(
@@ -810,7 +984,7 @@ impl Report {
                         f.connections,
                         if f.beside_bulk > 0 { " +bulk" } else { "" }
                     ),
-                    vec![Some(d), Some(m)],
+                    vec![Some(d), r, Some(m)],
                 ));
             }
         }
@@ -824,7 +998,7 @@ impl Report {
                     ),
                     &sub,
                     "us",
-                    &[DIRECT, MESH],
+                    &[DIRECT, RELAYS, MESH],
                     &groups,
                 ),
             ));
@@ -835,20 +1009,20 @@ impl Report {
             .map(|c| {
                 (
                     format!("{} client thread(s)", c.threads),
-                    vec![Some(c.direct_per_s), Some(c.mesh_per_s)],
+                    vec![Some(c.direct_per_s), c.relays_per_s, Some(c.mesh_per_s)],
                 )
             })
             .collect();
         if let Some(f) = &self.fresh_handshake_rate {
             groups.push((
                 "1 thread, fresh handshake each".into(),
-                vec![Some(f.rate.direct_per_s), Some(f.rate.mesh_per_s)],
+                vec![Some(f.rate.direct_per_s), None, Some(f.rate.mesh_per_s)],
             ));
         }
         for p in &self.worker_sweep {
             groups.push((
                 format!("{} thr, {} worker(s)", p.conn_threads, p.workers),
-                vec![Some(p.direct_conns_per_s), Some(p.mesh_conns_per_s)],
+                vec![Some(p.direct_conns_per_s), None, Some(p.mesh_conns_per_s)],
             ));
         }
         if !groups.is_empty() {
@@ -858,7 +1032,7 @@ impl Report {
                     "New connections per second (connect, 1 byte each way, close)",
                     &sub,
                     "/s",
-                    &[DIRECT, MESH],
+                    &[DIRECT, RELAYS, MESH],
                     &groups,
                 ),
             ));
@@ -1227,6 +1401,11 @@ pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
         Shown::Figure,
     );
     row(
+        "one stream through two plain relays, Gbit/s",
+        &["relays_throughput", "gbit_per_s"],
+        Shown::Figure,
+    );
+    row(
         "one stream mesh / plain TLS",
         &["ratios", "throughput_mesh_over_tls"],
         Shown::InRunRatio,
@@ -1244,6 +1423,11 @@ pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
     row(
         "1 KiB round trip p50 mesh, us",
         &["mesh_latency", "p50_us"],
+        Shown::Figure,
+    );
+    row(
+        "1 KiB round trip p50 through two plain relays, us",
+        &["fixed_rates", "0", "relays", "latency", "p50_us"],
         Shown::Figure,
     );
     row(
@@ -1270,6 +1454,11 @@ pub fn compare(a: &serde_json::Value, b: &serde_json::Value) -> String {
         row(
             &format!("new connections/s mesh, {threads} thread(s)"),
             &["connection_rates", &n, "mesh_per_s"],
+            Shown::Figure,
+        );
+        row(
+            &format!("new connections/s two plain relays, {threads} thread(s)"),
+            &["connection_rates", &n, "relays_per_s"],
             Shown::Figure,
         );
     }
@@ -1656,6 +1845,42 @@ mod table_tests {
         }
     }
 
+    fn bare_report() -> Report {
+        Report {
+            run: provenance(),
+            driver: "io_uring".into(),
+            workers_per_node: 1,
+            pinned: false,
+            rounds: 1,
+            steal_percent: None,
+            topology: "test".into(),
+            tuning: None,
+            direct_throughput: throughput(),
+            mesh_throughput: throughput(),
+            tls_throughput: None,
+            tls_cipher_suite: None,
+            passthrough_throughput: None,
+            relays_throughput: None,
+            rr_size_bytes: 1024,
+            latency_method: "test".into(),
+            direct_latency: latency(),
+            mesh_latency: latency(),
+            fixed_rates: Vec::new(),
+            connection_rates: Vec::new(),
+            fresh_handshake_rate: None,
+            worker_sweep: Vec::new(),
+            memory: None,
+            ratios: Ratios::of(&throughput(), &throughput(), None, &latency(), &latency()),
+            rounds_detail: Rounds {
+                direct_throughput: Vec::new(),
+                mesh_throughput: Vec::new(),
+                tls_throughput: Vec::new(),
+                direct_latency: Vec::new(),
+                mesh_latency: Vec::new(),
+            },
+        }
+    }
+
     fn ab_side(rate_errors: u64, connection_failures: u64) -> AbSide {
         AbSide {
             throughput: throughput(),
@@ -1721,6 +1946,123 @@ mod table_tests {
     }
 
     #[test]
+    fn the_relays_floor_sits_between_direct_and_mesh_with_both_ratios() {
+        let stream = |gbit_per_s: f64, proxy_cpu_s: [f64; 2]| Throughput {
+            gbit_per_s,
+            bytes: (gbit_per_s * 1e9 / 8.0) as u64,
+            seconds: 1.0,
+            dataplane_cores: proxy_cpu_s[0] + proxy_cpu_s[1],
+            cpu: ProcessCpu {
+                dataplane_s: proxy_cpu_s,
+                ..ProcessCpu::default()
+            },
+        };
+        let at = |p50_us: f64, sleeps_per_request: f64| RateRun {
+            achieved_rps: 1000.0,
+            requests: 1000,
+            errors: 0,
+            latency: Latency {
+                p50_us,
+                p99_us: 2.0 * p50_us,
+                ..latency()
+            },
+            send_lag: latency(),
+            cpu_per_1000_requests: ProcessCpu {
+                dataplane_s: [p50_us / 1e4; 2],
+                dataplane_sleeps: [sleeps_per_request * 1e3; 2],
+                ..ProcessCpu::default()
+            },
+        };
+        let report = Report {
+            direct_throughput: stream(40.0, [0.0; 2]),
+            relays_throughput: Some(stream(20.0, [0.5, 0.25])),
+            mesh_throughput: stream(5.0, [0.625, 0.5]),
+            fixed_rates: vec![FixedRate {
+                offered_rps: 1000.0,
+                connections: 1,
+                beside_bulk: 0,
+                bulk_gbit_per_s: None,
+                direct: at(100.0, 0.0),
+                mesh: at(300.0, 2.0),
+                relays: Some(at(250.0, 1.5)),
+            }],
+            connection_rates: vec![ConnRate {
+                threads: 1,
+                direct_per_s: 10000.0,
+                mesh_per_s: 3000.0,
+                direct_latency: latency(),
+                mesh_latency: latency(),
+                relays_per_s: Some(4000.0),
+                relays_latency: Some(latency()),
+                failures: 0,
+            }],
+            ..bare_report()
+        };
+        let text = report.table();
+        let floor = &text[text
+            .find("two plain TCP relays")
+            .expect("the floor section")..];
+        let cells = |start: &str| -> Vec<String> {
+            line(floor, start)
+                .trim_start_matches(start)
+                .split_whitespace()
+                .map(String::from)
+                .collect()
+        };
+        // direct, relays, mesh, relays vs direct, mesh vs relays.
+        assert_eq!(
+            cells("one stream, Gbit/s"),
+            ["40.00", "20.00", "5.00", "x0.50", "x0.25"],
+            "{text}"
+        );
+        // 0.5 CPU s over 2.5 GB through the relays, 0.625 over 0.625 GB through the mesh.
+        assert_eq!(
+            cells("  CPU s per GB, node-1 proxy"),
+            ["-", "0.200", "1.000", "x5.00"],
+            "{text}"
+        );
+        assert_eq!(
+            cells("1 KiB at 1000/s p50, us"),
+            ["100.0", "250.0", "300.0", "+150.0", "us", "+50.0", "us"],
+            "{text}"
+        );
+        // 25 ms against 30 ms per 1000 requests.
+        assert_eq!(
+            cells("  CPU ms/1000 req, node-1 proxy"),
+            ["-", "25.00", "30.00", "x1.20"],
+            "{text}"
+        );
+        assert_eq!(
+            cells("  sleeps/req, node-2 proxy"),
+            ["-", "1.50", "2.00"],
+            "{text}"
+        );
+        assert_eq!(
+            cells("new connections/s, 1 thread(s)"),
+            ["10000", "4000", "3000", "x0.40", "x0.75"],
+            "{text}"
+        );
+        let json = serde_json::to_value(&report).expect("json");
+        assert_eq!(json["relays_throughput"]["gbit_per_s"], 20.0);
+        assert_eq!(json["fixed_rates"][0]["relays"]["latency"]["p50_us"], 250.0);
+        assert_eq!(json["connection_rates"][0]["relays_per_s"], 4000.0);
+        let compared = compare(&json, &json);
+        assert!(
+            line(
+                &compared,
+                " new connections/s two plain relays, 1 thread(s)"
+            )
+            .contains("4000"),
+            "{compared}"
+        );
+        // Runs saved before the relays carry none of their keys, and show no such section.
+        let before = bare_report();
+        assert!(!before.table().contains("two plain TCP relays"));
+        let json = serde_json::to_value(&before).expect("json");
+        assert!(json.get("relays_throughput").is_none());
+    }
+
+    #[test]
     fn worker_sweep_connection_failures_are_saved_and_flagged() {
         let point = |workers, conn_failures| SweepPoint {
             workers,
@@ -1734,36 +2076,8 @@ mod table_tests {
             conn_failures,
         };
         let report = Report {
-            run: provenance(),
-            driver: "io_uring".into(),
-            workers_per_node: 1,
-            pinned: false,
-            rounds: 1,
-            steal_percent: None,
-            topology: "test".into(),
-            tuning: None,
-            direct_throughput: throughput(),
-            mesh_throughput: throughput(),
-            tls_throughput: None,
-            tls_cipher_suite: None,
-            passthrough_throughput: None,
-            rr_size_bytes: 1024,
-            latency_method: "test".into(),
-            direct_latency: latency(),
-            mesh_latency: latency(),
-            fixed_rates: Vec::new(),
-            connection_rates: Vec::new(),
-            fresh_handshake_rate: None,
             worker_sweep: vec![point(1, 0), point(2, 5)],
-            memory: None,
-            ratios: Ratios::of(&throughput(), &throughput(), None, &latency(), &latency()),
-            rounds_detail: Rounds {
-                direct_throughput: Vec::new(),
-                mesh_throughput: Vec::new(),
-                tls_throughput: Vec::new(),
-                direct_latency: Vec::new(),
-                mesh_latency: Vec::new(),
-            },
+            ..bare_report()
         };
         let text = report.table();
         assert!(

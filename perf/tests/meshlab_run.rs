@@ -84,9 +84,19 @@ fn the_standard_suite_measures_every_scenario_beside_its_baseline() {
         "tls_throughput",
         "mesh_throughput",
         "passthrough_throughput",
+        "relays_throughput",
     ] {
         assert!(f(&r, &[side, "gbit_per_s"]) > 0.0, "{side}");
     }
+    // The floor's stream runs through both relays (their CPU stands in the data planes'
+    // place), and the relays' section of the table puts every path side by side.
+    for node in ["0", "1"] {
+        assert!(f(&r, &["relays_throughput", "cpu", "dataplane_s", node]) > 0.0);
+    }
+    assert!(
+        stdout.contains("two plain TCP relays") && stdout.contains("mesh vs relays"),
+        "{stdout}"
+    );
     // Passthrough is relayed by node 1's data plane.
     assert!(f(&r, &["passthrough_throughput", "cpu", "dataplane_s", "0"]) > 0.0);
     assert!(r["tls_cipher_suite"]
@@ -128,6 +138,17 @@ fn the_standard_suite_measures_every_scenario_beside_its_baseline() {
             assert!(node_1("mesh") > node_1("direct"), "{figure} at {offered}/s");
         }
     }
+    // The headline load also runs through the relays, which wake for each request as any
+    // proxy does; the other loads do not.
+    assert_eq!(f(&rates[0], &["relays", "errors"]), 0.0);
+    assert!(f(&rates[0], &["relays", "latency", "p50_us"]) > 0.0);
+    assert!(
+        f(
+            &rates[0],
+            &["relays", "cpu_per_1000_requests", "dataplane_sleeps", "1"]
+        ) > 0.0
+    );
+    assert!(rates[1]["relays"].is_null() && rates[2]["relays"].is_null());
     // The headline latency is the first fixed rate's.
     assert_eq!(
         f(&r, &["mesh_latency", "p99_us"]),
@@ -139,6 +160,7 @@ fn the_standard_suite_measures_every_scenario_beside_its_baseline() {
     for c in conns {
         assert_eq!(f(c, &["failures"]), 0.0);
         assert!(f(c, &["mesh_per_s"]) > 0.0 && f(c, &["direct_per_s"]) > 0.0);
+        assert!(f(c, &["relays_per_s"]) > 0.0);
     }
     // Every mesh connection of the fresh-handshake scenario dialled a tunnel of its own.
     let fresh = &r["fresh_handshake_rate"];

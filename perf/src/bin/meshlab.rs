@@ -246,6 +246,8 @@ struct Bench {
     servers: Vec<(&'static str, u32)>,
     tls_server: u32,
     tls_ca: PathBuf,
+    /// The plain TCP relays in n1-b and n2-b (see `Report::relays_throughput`).
+    relays: [u32; 2],
     driver: String,
 }
 
@@ -258,45 +260,54 @@ impl Bench {
         meshload_result(self.lab.spawn_in(pod, &self.lab.bins.meshload, args)?)
     }
 
-    /// Runs `f`, reporting the CPU each process spent: the generator's own figure comes from
-    /// its result, the rest from /proc.
+    /// Runs `f` on the path to `to`, reporting the CPU each process spent: the generator's
+    /// own figure comes from its result, the rest from /proc.
     fn with_cpu<T>(
         &self,
-        server: u32,
+        to: SocketAddr,
         f: impl FnOnce() -> anyhow::Result<(T, f64)>,
     ) -> anyhow::Result<(T, ProcessCpu)> {
-        let dataplanes: Vec<Option<u32>> = (0..2).map(|n| self.lab.dataplane_pid(n)).collect();
+        let (server, middle) = self.path_of(to);
         let read = |pid: Option<u32>| {
             pid.and_then(|pid| Process::Pid(pid).cpu_seconds())
                 .unwrap_or(0.0)
         };
         let sleeps = |pid: Option<u32>| pid.and_then(sys::voluntary_switches).unwrap_or(0) as f64;
-        let before: Vec<f64> = dataplanes.iter().map(|p| read(*p)).collect();
-        let sleeps_before: Vec<f64> = dataplanes.iter().map(|p| sleeps(*p)).collect();
-        let server_before = read(Some(server));
+        let before: Vec<f64> = middle.iter().map(|p| read(*p)).collect();
+        let sleeps_before: Vec<f64> = middle.iter().map(|p| sleeps(*p)).collect();
+        let server_before = read(server);
         let (out, client_s) = f()?;
         Ok((
             out,
             ProcessCpu {
                 client_s,
-                server_s: read(Some(server)) - server_before,
-                dataplane_s: [
-                    read(dataplanes[0]) - before[0],
-                    read(dataplanes[1]) - before[1],
-                ],
+                server_s: read(server) - server_before,
+                dataplane_s: [read(middle[0]) - before[0], read(middle[1]) - before[1]],
                 dataplane_sleeps: [
-                    sleeps(dataplanes[0]) - sleeps_before[0],
-                    sleeps(dataplanes[1]) - sleeps_before[1],
+                    sleeps(middle[0]) - sleeps_before[0],
+                    sleeps(middle[1]) - sleeps_before[1],
                 ],
             },
         ))
     }
 
-    fn server_of(&self, to: SocketAddr) -> u32 {
-        self.servers
-            .iter()
-            .find(|(pod, _)| self.lab.pod(pod).ip == to.ip())
-            .map_or(0, |(_, pid)| *pid)
+    /// The server a connection to `to` ends at, and the processes in its path on node 1 and
+    /// node 2: the relays for the relays' ports (which lead to n2-b's server), else the data
+    /// planes (idle on a direct path, whose figures then show their background).
+    fn path_of(&self, to: SocketAddr) -> (Option<u32>, [Option<u32>; 2]) {
+        if [RELAY_ECHO_PORT, RELAY_SINK_PORT].contains(&to.port()) {
+            let server = self.servers.iter().find(|(pod, _)| *pod == "n2-b");
+            return (server.map(|(_, pid)| *pid), self.relays.map(Some));
+        }
+        let server = if to.port() == TLS_SINK_PORT {
+            Some(self.tls_server)
+        } else {
+            self.servers
+                .iter()
+                .find(|(pod, _)| self.lab.pod(pod).ip == to.ip())
+                .map(|(_, pid)| *pid)
+        };
+        (server, [0, 1].map(|n| self.lab.dataplane_pid(n)))
     }
 
     fn bulk(
@@ -306,7 +317,7 @@ impl Bench {
         connections: usize,
         seconds: f64,
     ) -> anyhow::Result<Throughput> {
-        let (r, cpu) = self.with_cpu(self.server_of(to), || {
+        let (r, cpu) = self.with_cpu(to, || {
             let r = bulk_result(self.spawn_bulk(pod, to, connections, seconds)?)?;
             Ok((r, r.client_cpu_s))
         })?;
@@ -342,7 +353,7 @@ impl Bench {
 
     fn tls_bulk(&self, seconds: f64) -> anyhow::Result<(Throughput, String)> {
         let to = self.lab.addr("n2-b", TLS_SINK_PORT);
-        let (r, cpu) = self.with_cpu(self.tls_server, || {
+        let (r, cpu) = self.with_cpu(to, || {
             let r: TlsBulkResult = self.meshload(
                 "n1-b",
                 &[
@@ -381,7 +392,7 @@ impl Bench {
         } else {
             None
         };
-        let (r, cpu) = self.with_cpu(self.server_of(to), || {
+        let (r, cpu) = self.with_cpu(to, || {
             let r: RateResult = self.meshload(
                 pod,
                 &[
@@ -498,22 +509,35 @@ fn connection_rates(
     let lab = &bench.lab;
     let mut out = Vec::new();
     for threads in [1, 4] {
-        let (mut direct, mut mesh) = (Vec::new(), Vec::new());
+        let (mut direct, mut mesh, mut relays) = (Vec::new(), Vec::new(), Vec::new());
         for round in 1..=rounds {
-            let what = format!("new connections, {threads} thread(s), round {round}/{rounds}");
-            progress.step(&what, 2.0 * seconds, || -> anyhow::Result<()> {
+            let what = format!(
+                "new connections, {threads} thread(s), direct, mesh, two relays (round {round}/{rounds})"
+            );
+            progress.step(&what, 3.0 * seconds, || -> anyhow::Result<()> {
                 direct.push(bench.conns("n1-b", lab.addr("n2-b", ECHO_PORT), threads, seconds)?);
                 mesh.push(bench.conns("n1-a", lab.addr("n2-a", ECHO_PORT), threads, seconds)?);
+                relays.push(bench.conns(
+                    "n1-b",
+                    lab.addr("n1-b", RELAY_ECHO_PORT),
+                    threads,
+                    seconds,
+                )?);
                 Ok(())
             })?;
         }
-        out.push(conn_rate(threads, &direct, &mesh));
+        out.push(conn_rate(threads, &direct, &mesh, Some(&relays)));
     }
     Ok(out)
 }
 
-/// Medians over rounds of alternating direct and mesh connection-rate runs.
-fn conn_rate(threads: usize, direct: &[ConnRateResult], mesh: &[ConnRateResult]) -> ConnRate {
+/// Medians over rounds of alternating direct, mesh (and relays) connection-rate runs.
+fn conn_rate(
+    threads: usize,
+    direct: &[ConnRateResult],
+    mesh: &[ConnRateResult],
+    relays: Option<&[ConnRateResult]>,
+) -> ConnRate {
     let rate =
         |runs: &[ConnRateResult]| report::median(runs.iter().map(|r| r.per_second()).collect());
     let latency = |runs: &[ConnRateResult]| {
@@ -525,7 +549,14 @@ fn conn_rate(threads: usize, direct: &[ConnRateResult], mesh: &[ConnRateResult])
         mesh_per_s: rate(mesh),
         direct_latency: latency(direct),
         mesh_latency: latency(mesh),
-        failures: direct.iter().chain(mesh).map(|r| r.failures).sum(),
+        relays_per_s: relays.map(rate),
+        relays_latency: relays.map(latency),
+        failures: direct
+            .iter()
+            .chain(mesh)
+            .chain(relays.unwrap_or_default())
+            .map(|r| r.failures)
+            .sum(),
     }
 }
 
@@ -567,7 +598,7 @@ fn fresh_handshake_rate(
         let dialled = lab.total(0, "hbone_connections_dialed")? - dialled_before;
         let attempted: u64 = mesh.iter().map(|r| r.connections + r.failures).sum();
         Ok(FreshHandshakeRate {
-            rate: conn_rate(1, &direct, &mesh),
+            rate: conn_rate(1, &direct, &mesh, None),
             handshakes_per_connection: dialled as f64 / attempted.max(1) as f64,
         })
     });
@@ -681,6 +712,40 @@ fn sweep_seconds(args: &RunArgs) -> f64 {
 }
 
 /// Brings the lab up with the server apps running.
+/// The ports of the plain TCP relays: connections to them in n1-b go through n1-b's relay
+/// and n2-b's relay to n2-b's echo and sink.
+const RELAY_ECHO_PORT: u16 = 7010;
+const RELAY_SINK_PORT: u16 = 7011;
+
+/// Starts the two relays, far end first; returns their process ids (node 1's, node 2's).
+fn start_relays(lab: &mut Lab) -> anyhow::Result<[u32; 2]> {
+    let route = |port: u16, to: SocketAddr| format!("{port}={to}");
+    let far = [
+        route(RELAY_ECHO_PORT, lab.addr("n2-b", ECHO_PORT)),
+        route(RELAY_SINK_PORT, lab.addr("n2-b", SINK_PORT)),
+    ];
+    let near = [
+        route(RELAY_ECHO_PORT, lab.addr("n2-b", RELAY_ECHO_PORT)),
+        route(RELAY_SINK_PORT, lab.addr("n2-b", RELAY_SINK_PORT)),
+    ];
+    let program = lab.bins.meshload.clone();
+    let mut pids = [0; 2];
+    for (node, pod, routes) in [(1, "n2-b", far), (0, "n1-b", near)] {
+        let mut relay = lab.spawn_in(
+            pod,
+            &program,
+            &["relay", "--route", &routes[0], "--route", &routes[1]],
+        )?;
+        let line = first_line(&mut relay)?;
+        if !line.contains("relaying") {
+            bail!("relay in {pod} failed: {line}");
+        }
+        pids[node] = relay.id();
+        lab.keep(relay);
+    }
+    Ok(pids)
+}
+
 fn start_lab(args: &RunArgs) -> anyhow::Result<(Bench, usize)> {
     let bins = bins::locate()?;
     lab::install_interrupt_cleanup()?;
@@ -703,6 +768,7 @@ fn start_lab(args: &RunArgs) -> anyhow::Result<(Bench, usize)> {
         servers.push((pod, server.id()));
         lab.keep(server);
     }
+    let relays = start_relays(&mut lab)?;
     let (cert, key) = perf::tls_baseline::write_cert(&lab.dir)?;
     let mut tls = lab.spawn_in(
         "n2-b",
@@ -728,6 +794,7 @@ fn start_lab(args: &RunArgs) -> anyhow::Result<(Bench, usize)> {
             servers,
             tls_server,
             tls_ca: cert,
+            relays,
             driver,
         },
         workers,
@@ -1012,13 +1079,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let rounds = args.rounds.max(1);
     let r = rounds as f64;
     let conn_seconds = args.conn_seconds;
-    let bulk_seconds = 4.0 * (args.seconds + 0.3);
+    let bulk_seconds = 5.0 * (args.seconds + 0.3);
     let rate_seconds = 2.0 * (args.rr_seconds + 0.9);
     let total = r * bulk_seconds
-        + r * RATE_LOADS.len() as f64 * rate_seconds
+        + r * (RATE_LOADS.len() as f64 + 0.5) * rate_seconds
         + if conn_seconds > 0.0 {
-            // Pooled with 1 and 4 threads, then fresh handshakes with 1.
-            3.0 * r * 2.0 * conn_seconds
+            // Pooled with 1 and 4 threads (direct, mesh, relays), then fresh handshakes with 1.
+            r * (2.0 * 3.0 + 2.0) * conn_seconds
         } else {
             0.0
         }
@@ -1042,11 +1109,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let ticks_before = sys::cpu_ticks();
     let (mut direct_runs, mut tls_runs, mut mesh_runs) = (Vec::new(), Vec::new(), Vec::new());
-    let mut passthrough_runs = Vec::new();
+    let (mut passthrough_runs, mut relay_runs) = (Vec::new(), Vec::new());
     let mut cipher_suite = String::new();
     for round in 1..=rounds {
         let what = format!(
-            "one bulk stream, {0}s each direct, plain TLS, mesh, passthrough (round {round}/{rounds})",
+            "one bulk stream, {0}s each direct, plain TLS, mesh, passthrough, two relays (round {round}/{rounds})",
             args.seconds
         );
         progress.step(&what, bulk_seconds, || -> anyhow::Result<()> {
@@ -1063,10 +1130,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 1,
                 args.seconds,
             )?);
+            relay_runs.push(bench.bulk(
+                "n1-b",
+                lab.addr("n1-b", RELAY_SINK_PORT),
+                1,
+                args.seconds,
+            )?);
             Ok(())
         })?;
     }
     let direct_throughput = Throughput::median(&direct_runs);
+    let relays_throughput = Throughput::median(&relay_runs);
     let tls_throughput = Throughput::median(&tls_runs);
     let mesh_throughput = Throughput::median(&mesh_runs);
     let passthrough_throughput = Throughput::median(&passthrough_runs);
@@ -1074,13 +1148,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut fixed_rates = Vec::new();
     let (mut first_direct, mut first_mesh) = (Vec::new(), Vec::new());
     for (i, load) in RATE_LOADS.iter().enumerate() {
-        let (mut direct, mut mesh) = (Vec::new(), Vec::new());
+        let (mut direct, mut mesh, mut relays) = (Vec::new(), Vec::new(), Vec::new());
+        // The headline load also runs through the two relays.
+        let with_relays = i == 0;
         for round in 1..=rounds {
             let what = format!(
                 "{RR_SIZE} B request/response at {:.0}/s over {} connection(s){}, open loop (round {round}/{rounds})",
                 load.rps, load.connections, report::beside_bulk_text(load.beside_bulk)
             );
-            progress.step(&what, rate_seconds, || -> anyhow::Result<()> {
+            let seconds = rate_seconds * if with_relays { 1.5 } else { 1.0 };
+            progress.step(&what, seconds, || -> anyhow::Result<()> {
                 let lab = &bench.lab;
                 direct.push(bench.rate(
                     "n1-b",
@@ -1094,6 +1171,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     load,
                     args.rr_seconds,
                 )?);
+                if with_relays {
+                    relays.push(bench.rate(
+                        "n1-b",
+                        lab.addr("n1-b", RELAY_ECHO_PORT),
+                        load,
+                        args.rr_seconds,
+                    )?);
+                }
                 Ok(())
             })?;
         }
@@ -1117,6 +1202,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             bulk_gbit_per_s: bulk_beside(&direct).zip(bulk_beside(&mesh)),
             direct: side(&direct),
             mesh: side(&mesh),
+            relays: with_relays.then(|| side(&relays)),
         });
     }
     let direct_latency = fixed_rates[0].direct.latency;
@@ -1184,6 +1270,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         mesh_throughput,
         tls_throughput: Some(tls_throughput),
         passthrough_throughput: Some(passthrough_throughput),
+        relays_throughput: Some(relays_throughput),
         tls_cipher_suite: Some(cipher_suite),
         rr_size_bytes: RR_SIZE,
         latency_method: format!(

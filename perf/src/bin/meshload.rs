@@ -35,6 +35,15 @@ enum Cmd {
         #[arg(long, default_value_t = cores())]
         threads: usize,
     },
+    /// Plain TCP relays (the floor of any proxy in the path), one SO_REUSEPORT listener per
+    /// route and thread, until killed.
+    Relay {
+        /// `PORT=ADDRESS`: connections to PORT are relayed to ADDRESS (repeatable).
+        #[arg(long = "route", value_parser = parse_route, required = true)]
+        routes: Vec<(u16, SocketAddr)>,
+        #[arg(long, default_value_t = cores())]
+        threads: usize,
+    },
     /// A plain TLS 1.3 sink (the crypto reference), until killed.
     TlsServe {
         #[arg(long, default_value_t = perf::lab::TLS_SINK_PORT)]
@@ -100,6 +109,19 @@ enum Cmd {
     },
 }
 
+fn parse_route(route: &str) -> Result<(u16, SocketAddr), String> {
+    let (port, to) = route
+        .split_once('=')
+        .ok_or_else(|| format!("{route:?} is not PORT=ADDRESS"))?;
+    let port = port
+        .parse()
+        .map_err(|e| format!("port {port:?} in {route:?}: {e}"))?;
+    let to = to
+        .parse()
+        .map_err(|e| format!("address {to:?} in {route:?}: {e}"))?;
+    Ok((port, to))
+}
+
 fn print_line(line: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
@@ -121,6 +143,15 @@ fn main() -> anyhow::Result<()> {
             gen::serve(driver, threads, echo, sink, |echo, sink| {
                 print_line(&format!(
                     "{{\"serving\":true,\"driver\":\"{}\",\"echo\":{echo},\"sink\":{sink}}}",
+                    driver.name()
+                ))
+            })?;
+            return Ok(());
+        }
+        Cmd::Relay { routes, threads } => {
+            gen::relay(driver, threads, &routes, |ports| {
+                print_line(&format!(
+                    "{{\"relaying\":true,\"driver\":\"{}\",\"ports\":{ports:?}}}",
                     driver.name()
                 ))
             })?;
