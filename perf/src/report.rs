@@ -1178,6 +1178,9 @@ impl Report {
 
 /// Vertical bars in groups, one colour per series (`(name, colour)`), linear scale from zero.
 /// A missing value leaves its slot empty.
+/// Room for one series' name in a plot's legend.
+const LEGEND_ENTRY_W: f64 = 220.0;
+
 pub fn grouped_bars(
     title: &str,
     subtitle: &str,
@@ -1187,7 +1190,10 @@ pub fn grouped_bars(
 ) -> String {
     let (left, top, bottom, bar_w, gap) = (60.0, 60.0, 300.0, 26.0, 34.0);
     let group_w = bar_w * series.len() as f64 + gap;
-    let width = (left + group_w * groups.len() as f64 + 20.0).max(760.0);
+    let legend_w = 10.0 + LEGEND_ENTRY_W * series.len() as f64;
+    let width = (left + group_w * groups.len() as f64 + 20.0)
+        .max(legend_w)
+        .max(760.0);
     let max = groups
         .iter()
         .flat_map(|(_, v)| v.iter().flatten())
@@ -1230,7 +1236,7 @@ pub fn grouped_bars(
         );
     }
     for (i, (name, colour)) in series.iter().enumerate() {
-        let x = 10.0 + i as f64 * 220.0;
+        let x = 10.0 + i as f64 * LEGEND_ENTRY_W;
         let _ = writeln!(
             s,
             r#"<rect x="{x}" y="352" width="12" height="12" fill="{colour}"/><text x="{}" y="362">{name}</text>"#,
