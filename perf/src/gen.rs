@@ -194,13 +194,18 @@ pub fn relay(
     Ok(())
 }
 
+/// Both directions in one task, as the data plane relays: a direction that fails ends the
+/// other too, and both sockets close, so neither end waits on a connection half gone.
 async fn relay_conn(conn: TcpStream, to: SocketAddr) -> io::Result<()> {
     let upstream = connect(to).await?;
     let (from_client, to_client) = conn.into_split();
     let (from_upstream, to_upstream) = upstream.into_split();
-    let up = monoio::spawn(copy_until_eof(from_client, to_upstream));
-    let down = copy_until_eof(from_upstream, to_client).await;
-    up.await.and(down)
+    futures_util::future::try_join(
+        copy_until_eof(from_client, to_upstream),
+        copy_until_eof(from_upstream, to_client),
+    )
+    .await
+    .map(|_| ())
 }
 
 /// Copies until `from` reaches EOF, then half-closes `to`.
@@ -814,6 +819,32 @@ mod tests {
         let c = connection_rate(driver(), echo, 2, Duration::from_millis(300)).expect("conns");
         assert_eq!(c.failures, 0, "{c:?}");
         assert!(c.connections > 0, "{c:?}");
+    }
+
+    #[test]
+    fn a_reset_behind_two_relays_ends_the_clients_connection() {
+        // The server reads the request and resets instead of answering: the client must see
+        // its connection end through both relays, not wait for an answer.
+        let to = server(|mut conn, _| {
+            use std::io::Read;
+            let mut buf = [0u8; 64];
+            let _ = conn.read(&mut buf);
+            let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+        });
+        let far = relays(vec![(0, to)]);
+        let near = relays(vec![(0, far[0])]);
+        let mut client = StdStream::connect(near[0]).expect("connect");
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        client.write_all(b"request").expect("write");
+        let mut buf = [0u8; 64];
+        let read = std::io::Read::read(&mut client, &mut buf);
+        assert!(
+            !matches!(&read, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "the client still waits: {read:?}"
+        );
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     }
 
     #[test]
