@@ -201,19 +201,20 @@ async fn relay_conn(conn: TcpStream, to: SocketAddr) -> io::Result<()> {
     let (from_client, to_client) = conn.into_split();
     let (from_upstream, to_upstream) = upstream.into_split();
     futures_util::future::try_join(
-        copy_until_eof(from_client, to_upstream),
-        copy_until_eof(from_upstream, to_client),
+        copy_until_eof(from_client, to_upstream, BULK_CHUNK),
+        copy_until_eof(from_upstream, to_client, BULK_CHUNK),
     )
     .await
     .map(|_| ())
 }
 
-/// Copies until `from` reaches EOF, then half-closes `to`.
+/// Copies until `from` reaches EOF, through a buffer of `buf_len` bytes, then half-closes `to`.
 async fn copy_until_eof(
     mut from: impl AsyncReadRent,
     mut to: impl AsyncWriteRent,
+    buf_len: usize,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; BULK_CHUNK];
+    let mut buf = vec![0u8; buf_len];
     loop {
         let (res, b) = from.read(buf).await;
         let n = res?;
@@ -243,18 +244,9 @@ where
     }
 }
 
-pub async fn echo_conn(mut conn: TcpStream) -> io::Result<()> {
-    let mut buf = vec![0u8; ECHO_BUF];
-    loop {
-        let (res, b) = conn.read(buf).await;
-        let n = res?;
-        if n == 0 {
-            return conn.shutdown().await;
-        }
-        let (res, b) = conn.write_all(b.slice(..n)).await;
-        res?;
-        buf = b.into_inner();
-    }
+pub async fn echo_conn(conn: TcpStream) -> io::Result<()> {
+    let (from, to) = conn.into_split();
+    copy_until_eof(from, to, ECHO_BUF).await
 }
 
 async fn sink_conn(mut conn: TcpStream) -> io::Result<()> {

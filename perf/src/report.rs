@@ -387,6 +387,17 @@ impl Ratios {
     }
 }
 
+/// A latency quantile's name and where a [`Latency`] holds it.
+type Quantile = (&'static str, fn(&Latency) -> f64);
+
+/// The quantiles the tables and plots show, in order.
+const QUANTILES: [Quantile; 4] = [
+    ("p50", |l| l.p50_us),
+    ("p90", |l| l.p90_us),
+    ("p99", |l| l.p99_us),
+    ("p99.9", |l| l.p999_us),
+];
+
 /// Targets from DESIGN section 8, shown beside the results.
 mod target {
     pub const GBIT: f64 = 8.7;
@@ -550,12 +561,8 @@ impl Report {
                 self.rr_size_bytes,
                 beside_bulk_text(f.beside_bulk)
             );
-            for (name, d, m) in [
-                ("p50", f.direct.latency.p50_us, f.mesh.latency.p50_us),
-                ("p90", f.direct.latency.p90_us, f.mesh.latency.p90_us),
-                ("p99", f.direct.latency.p99_us, f.mesh.latency.p99_us),
-                ("p99.9", f.direct.latency.p999_us, f.mesh.latency.p999_us),
-            ] {
+            for (name, q) in QUANTILES {
+                let (d, m) = (q(&f.direct.latency), q(&f.mesh.latency));
                 row(
                     &mut t,
                     &format!("  latency {name}, us"),
@@ -812,9 +819,7 @@ impl Report {
             .first()
             .and_then(|f| f.relays.as_ref().map(|r| (f, r)))
         {
-            let p50 = |l: &Latency| l.p50_us;
-            let p99 = |l: &Latency| l.p99_us;
-            for (name, q) in [("p50", &p50 as &dyn Fn(&Latency) -> f64), ("p99", &p99)] {
+            for (name, q) in [QUANTILES[0], QUANTILES[2]] {
                 let (d, r, m) = (
                     q(&f.direct.latency),
                     q(&on_relays.latency),
@@ -950,33 +955,7 @@ impl Report {
         ));
         let mut groups = Vec::new();
         for f in &self.fixed_rates {
-            let relays = |q: fn(&Latency) -> f64| f.relays.as_ref().map(|r| q(&r.latency));
-            for (name, d, r, m) in [
-                (
-                    "p50",
-                    f.direct.latency.p50_us,
-                    relays(|l| l.p50_us),
-                    f.mesh.latency.p50_us,
-                ),
-                (
-                    "p90",
-                    f.direct.latency.p90_us,
-                    relays(|l| l.p90_us),
-                    f.mesh.latency.p90_us,
-                ),
-                (
-                    "p99",
-                    f.direct.latency.p99_us,
-                    relays(|l| l.p99_us),
-                    f.mesh.latency.p99_us,
-                ),
-                (
-                    "p99.9",
-                    f.direct.latency.p999_us,
-                    relays(|l| l.p999_us),
-                    f.mesh.latency.p999_us,
-                ),
-            ] {
+            for (name, q) in QUANTILES {
                 groups.push((
                     format!(
                         "{name} @ {:.0}/s x{}{}",
@@ -984,7 +963,11 @@ impl Report {
                         f.connections,
                         if f.beside_bulk > 0 { " +bulk" } else { "" }
                     ),
-                    vec![Some(d), r, Some(m)],
+                    vec![
+                        Some(q(&f.direct.latency)),
+                        f.relays.as_ref().map(|r| q(&r.latency)),
+                        Some(q(&f.mesh.latency)),
+                    ],
                 ));
             }
         }
