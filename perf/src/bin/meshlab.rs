@@ -711,7 +711,6 @@ fn sweep_seconds(args: &RunArgs) -> f64 {
     4.0 + 2.0 * args.seconds + 2.0 * args.conn_seconds_always()
 }
 
-/// Brings the lab up with the server apps running.
 /// The ports of the plain TCP relays: connections to them in n1-b go through n1-b's relay
 /// and n2-b's relay to n2-b's echo and sink.
 const RELAY_ECHO_PORT: u16 = 7010;
@@ -746,6 +745,7 @@ fn start_relays(lab: &mut Lab) -> anyhow::Result<[u32; 2]> {
     Ok(pids)
 }
 
+/// Brings the lab up with the server apps and the relays running.
 fn start_lab(args: &RunArgs) -> anyhow::Result<(Bench, usize)> {
     let bins = bins::locate()?;
     lab::install_interrupt_cleanup()?;
