@@ -103,23 +103,40 @@ pub fn serve(
 ) -> io::Result<()> {
     let (echo_port, echo) = listeners_per_thread(threads, echo_port)?;
     let (sink_port, sink) = listeners_per_thread(threads, sink_port)?;
-    let handles: Vec<_> = echo
+    let per_thread = echo.into_iter().zip(sink).collect();
+    serve_on_threads(
+        driver,
+        per_thread,
+        |(echo, sink)| async move {
+            let echo = TcpListener::from_std(echo)?;
+            let sink = TcpListener::from_std(sink)?;
+            let sinks = monoio::spawn(accept_loop(sink, sink_conn));
+            accept_loop(echo, echo_conn).await;
+            sinks.await;
+            Ok(())
+        },
+        || ready(echo_port, sink_port),
+    )
+}
+
+/// Runs `serve` on each thread's share of listeners, one thread and runtime per share, until
+/// the process ends; `ready` runs once every thread has started with its share.
+fn serve_on_threads<L, F, Fut>(
+    driver: Driver,
+    per_thread: Vec<L>,
+    serve: F,
+    ready: impl FnOnce(),
+) -> io::Result<()>
+where
+    L: Send + 'static,
+    F: Fn(L) -> Fut + Send + Copy + 'static,
+    Fut: std::future::Future<Output = io::Result<()>>,
+{
+    let handles: Vec<_> = per_thread
         .into_iter()
-        .zip(sink)
-        .map(|(echo, sink)| {
-            std::thread::spawn(move || {
-                runtime::block_on(driver, || async move {
-                    let echo = TcpListener::from_std(echo)?;
-                    let sink = TcpListener::from_std(sink)?;
-                    let sinks = monoio::spawn(accept_loop(sink, sink_conn));
-                    accept_loop(echo, echo_conn).await;
-                    sinks.await;
-                    io::Result::Ok(())
-                })
-            })
-        })
+        .map(|mine| std::thread::spawn(move || runtime::block_on(driver, || serve(mine))))
         .collect();
-    ready(echo_port, sink_port);
+    ready();
     for h in handles {
         let _ = h.join();
     }
@@ -167,31 +184,24 @@ pub fn relay(
             mine.push((listener, to));
         }
     }
-    let handles: Vec<_> = per_thread
-        .into_iter()
-        .map(|mine| {
-            std::thread::spawn(move || {
-                runtime::block_on(driver, || async move {
-                    let mut loops = Vec::new();
-                    for (listener, to) in mine {
-                        let listener = TcpListener::from_std(listener)?;
-                        loops.push(monoio::spawn(accept_loop(listener, move |conn| {
-                            relay_conn(conn, to)
-                        })));
-                    }
-                    for accepting in loops {
-                        accepting.await;
-                    }
-                    io::Result::Ok(())
-                })
-            })
-        })
-        .collect();
-    ready(&ports);
-    for h in handles {
-        let _ = h.join();
-    }
-    Ok(())
+    serve_on_threads(
+        driver,
+        per_thread,
+        |mine| async move {
+            let mut loops = Vec::new();
+            for (listener, to) in mine {
+                let listener = TcpListener::from_std(listener)?;
+                loops.push(monoio::spawn(accept_loop(listener, move |conn| {
+                    relay_conn(conn, to)
+                })));
+            }
+            for accepting in loops {
+                accepting.await;
+            }
+            Ok(())
+        },
+        || ready(&ports),
+    )
 }
 
 /// Both directions in one task, as the data plane relays: a direction that fails ends the
@@ -209,12 +219,13 @@ async fn relay_conn(conn: TcpStream, to: SocketAddr) -> io::Result<()> {
 }
 
 /// Copies until `from` reaches EOF, through a buffer of `buf_len` bytes, then half-closes `to`.
+/// Reads fill the buffer's capacity, so it is never zeroed.
 async fn copy_until_eof(
     mut from: impl AsyncReadRent,
     mut to: impl AsyncWriteRent,
     buf_len: usize,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; buf_len];
+    let mut buf = Vec::with_capacity(buf_len);
     loop {
         let (res, b) = from.read(buf).await;
         let n = res?;

@@ -149,6 +149,10 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Cmd::Relay { routes, threads } => {
+            // The data plane's heap (freed buffers kept, not unmapped), so the floor does not
+            // pay an mmap and munmap per connection for its buffers where the data plane
+            // would not.
+            runtime::MallocPolicy::default().apply()?;
             gen::relay(driver, threads, &routes, |ports| {
                 print_line(&format!(
                     "{{\"relaying\":true,\"driver\":\"{}\",\"ports\":{ports:?}}}",
